@@ -1,0 +1,126 @@
+"""microstream: micro-batch structured streaming on Polars, exactly once.
+
+Write a Polars query over a stream as if it were an unbounded table; start it
+with a ``sink_*`` verb; microstream runs it every trigger over what is new and
+commits offsets to a write-ahead log so the sink sees every row once.
+
+Examples
+--------
+>>> import polars as pl
+>>> import microstream as ms
+>>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+>>> query = (
+...     stream.lazy()
+...     .filter(pl.col("amount") > 0)
+...     .with_columns(cents=(pl.col("amount") * 100).cast(pl.Int64))
+...     .sink_memory("payments")
+... )
+>>> _ = stream.add_data({"user": [1, 2], "amount": [1.5, -3.0]})
+>>> query.process_all_available()
+>>> ms.table("payments").to_dicts()
+[{'user': 1, 'amount': 1.5, 'cents': 150}]
+>>> query.stop()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from microstream.checkpoint import Checkpoint
+from microstream.exceptions import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLockedError,
+    MicrostreamError,
+    MissingDependencyError,
+    OffsetError,
+    PlanChangedError,
+    PlanError,
+    QueryTerminatedError,
+    SchemaMismatchError,
+    SinkError,
+    SourceError,
+)
+from microstream.frame import StreamFrame
+from microstream.io import read_file_sink, scan_files, scan_rate
+from microstream.progress import QueryProgress
+from microstream.query import QueryStatus, StreamingQuery
+from microstream.session import Session, StreamingQueryListener, default_session
+from microstream.trigger import Trigger
+
+if TYPE_CHECKING:
+    from connectors.memory import MemoryStream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointLockedError",
+    "MemoryStream",
+    "MicrostreamError",
+    "MissingDependencyError",
+    "OffsetError",
+    "PlanChangedError",
+    "PlanError",
+    "QueryProgress",
+    "QueryStatus",
+    "QueryTerminatedError",
+    "SchemaMismatchError",
+    "Session",
+    "SinkError",
+    "SourceError",
+    "StreamFrame",
+    "StreamingQuery",
+    "StreamingQueryListener",
+    "Trigger",
+    "active",
+    "add_listener",
+    "read_file_sink",
+    "remove_listener",
+    "scan_files",
+    "scan_rate",
+    "table",
+]
+
+
+def table(name: str) -> pl.DataFrame:
+    """The memory table written by ``sink_memory(name)``.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> ms.table("no-such-table")
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.MicrostreamError: no memory table named 'no-such-table' (known tables: ...)
+    """
+    return default_session.table(name)
+
+
+def add_listener(listener: object) -> None:
+    """Register a listener for query events (see :class:`StreamingQueryListener`)."""
+    default_session.add_listener(listener)
+
+
+def remove_listener(listener: object) -> None:
+    """Unregister a listener added with :func:`add_listener`."""
+    default_session.remove_listener(listener)
+
+
+def active() -> list[StreamingQuery]:
+    """The queries of this process that are running."""
+    return default_session.active
+
+
+def __getattr__(name: str) -> Any:
+    # MemoryStream is a connector: imported on first use, never at import time.
+    if name == "MemoryStream":
+        from microstream.registry import load_connector
+
+        return load_connector("memory")
+    msg = f"module 'microstream' has no attribute {name!r}"
+    raise AttributeError(msg)

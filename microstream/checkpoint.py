@@ -1,0 +1,354 @@
+"""The checkpoint: metadata, the write-ahead log of offsets, commits, the lock.
+
+Layout (see ``checkpoints/README.md`` for the full format)::
+
+    metadata.json            query id, format version, plan fingerprint, created
+    offsets/<batch>.json     WAL entry, written before the batch runs
+    commits/<batch>.json     written once the sink and state committed the batch
+    lock.json                owner and heartbeat of the process running the query
+    sources/<n>/...          each source's own log
+    sinks/...                the sink's own log
+    progress/<run_id>.jsonl  one progress record per batch
+
+Every record is a pydantic model written atomically as JSON. Nothing in a
+checkpoint is code: no pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from microstream.exceptions import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLockedError,
+    PlanChangedError,
+)
+from microstream.storage import Storage
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointMetadata",
+    "CommitEntry",
+    "LockRecord",
+    "OffsetEntry",
+    "PlanRecord",
+    "SourceOffsets",
+]
+
+FORMAT_VERSION = 1
+logger = logging.getLogger("microstream")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanRecord(_Record):
+    """The fingerprinted parts of a query plan.
+
+    ``sources`` and ``stateful`` must match on restart (offsets and state would
+    mean something else otherwise); ``stateless`` steps and the sink may change.
+    """
+
+    sources: list[dict[str, Any]]
+    stateful: list[dict[str, Any]] = Field(default_factory=list)
+    stateless: list[str] = Field(default_factory=list)
+    output_mode: str
+    sink: str
+
+    def incompatibilities(self, new: PlanRecord) -> list[str]:
+        """What changed in ``new`` that the checkpoint cannot follow."""
+        problems = []
+        if len(self.sources) != len(new.sources):
+            problems.append(
+                f"the number of sources changed from {len(self.sources)} to {len(new.sources)}"
+            )
+        for i, (old_src, new_src) in enumerate(zip(self.sources, new.sources)):
+            if old_src != new_src:
+                problems.append(f"source {i} changed from {old_src} to {new_src}")
+        if self.stateful != new.stateful:
+            problems.append(f"stateful operators changed from {self.stateful} to {new.stateful}")
+        if self.output_mode != new.output_mode:
+            problems.append(
+                f"output_mode changed from {self.output_mode!r} to {new.output_mode!r}"
+            )
+        return problems
+
+
+class CheckpointMetadata(_Record):
+    format_version: int = FORMAT_VERSION
+    id: str
+    name: str | None
+    created: datetime
+    plan: PlanRecord
+
+
+class SourceOffsets(_Record):
+    """One source's range ``(start, end]`` in a batch."""
+
+    index: int
+    description: str
+    start: dict[str, Any] | None
+    end: dict[str, Any]
+
+
+class OffsetEntry(_Record):
+    """A WAL entry: what batch ``batch_id`` reads, fixed before it runs."""
+
+    format_version: int = FORMAT_VERSION
+    batch_id: int
+    batch_timestamp_ms: int
+    watermark_us: int | None = None
+    sources: list[SourceOffsets]
+
+
+class CommitEntry(_Record):
+    format_version: int = FORMAT_VERSION
+    batch_id: int
+    committed_at: datetime
+    num_output_rows: int
+
+
+class LockRecord(_Record):
+    host: str
+    pid: int
+    run_id: str
+    acquired_at: float
+    heartbeat_at: float
+    timeout_s: float
+
+
+class Checkpoint:
+    """A query's checkpoint directory on any fsspec filesystem.
+
+    Parameters
+    ----------
+    url
+        Local path or fsspec URL of the checkpoint directory.
+    storage_options
+        Passed to fsspec.
+
+    Examples
+    --------
+    >>> cp = Checkpoint("memory://doctest-checkpoint")
+    >>> cp.latest_offsets() is None
+    True
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.storage = Storage(url, storage_options)
+        self.url = url
+        self._lock_state: LockRecord | None = None
+        self._heartbeat: threading.Thread | None = None
+        self._stop_heartbeat = threading.Event()
+        self.lock_lost = threading.Event()
+
+    def display(self, relative: str = "") -> str:
+        return self.storage.display(relative)
+
+    # -- metadata ---------------------------------------------------------------------
+
+    def load_or_create(self, query_name: str | None, plan: PlanRecord) -> CheckpointMetadata:
+        """The checkpoint's metadata, created for a new checkpoint.
+
+        Raises
+        ------
+        PlanChangedError
+            If the existing checkpoint was made by a query that differs in an
+            incompatible way (sources, stateful operators, output mode).
+        """
+        if self.storage.exists("metadata.json"):
+            meta = self.storage.read_model("metadata.json", CheckpointMetadata)
+            if meta.format_version > FORMAT_VERSION:
+                msg = (
+                    f"checkpoint {self.display()} has format version {meta.format_version}; "
+                    f"this microstream reads up to {FORMAT_VERSION}: upgrade microstream"
+                )
+                raise CheckpointError(msg)
+            problems = meta.plan.incompatibilities(plan)
+            if problems:
+                msg = (
+                    f"the query no longer matches checkpoint {self.display()}: "
+                    + "; ".join(problems)
+                    + ". Use a new checkpoint for the changed query (or `microstream reset`)"
+                )
+                raise PlanChangedError(msg)
+            if meta.plan.stateless != plan.stateless or meta.plan.sink != plan.sink:
+                logger.info("stateless steps or sink changed since %s; continuing", self.url)
+            return meta
+        if self.storage.list_numbered("offsets"):
+            msg = (
+                f"checkpoint {self.display()} has offsets/ but no metadata.json: it is "
+                "incomplete; restore metadata.json or start over with a new checkpoint"
+            )
+            raise CheckpointCorruptError(msg)
+        meta = CheckpointMetadata(
+            id=str(uuid.uuid4()),
+            name=query_name,
+            created=datetime.now(timezone.utc),
+            plan=plan,
+        )
+        self.storage.makedirs("")
+        self.storage.write_model("metadata.json", meta, overwrite=False)
+        return meta
+
+    def read_metadata(self) -> CheckpointMetadata:
+        if not self.storage.exists("metadata.json"):
+            msg = f"{self.display()} is not a microstream checkpoint (no metadata.json)"
+            raise CheckpointError(msg)
+        return self.storage.read_model("metadata.json", CheckpointMetadata)
+
+    # -- the log ------------------------------------------------------------------------
+
+    def latest_offsets(self) -> OffsetEntry | None:
+        ids = self.storage.list_numbered("offsets")
+        return self.read_offsets(ids[-1]) if ids else None
+
+    def read_offsets(self, batch_id: int) -> OffsetEntry:
+        entry = self.storage.read_model(f"offsets/{batch_id}.json", OffsetEntry)
+        self._check_id(entry.batch_id, batch_id, f"offsets/{batch_id}.json")
+        return entry
+
+    def write_offsets(self, entry: OffsetEntry) -> None:
+        self.storage.write_model(f"offsets/{entry.batch_id}.json", entry, overwrite=False)
+
+    def latest_commit(self) -> CommitEntry | None:
+        ids = self.storage.list_numbered("commits")
+        if not ids:
+            return None
+        entry = self.storage.read_model(f"commits/{ids[-1]}.json", CommitEntry)
+        self._check_id(entry.batch_id, ids[-1], f"commits/{ids[-1]}.json")
+        return entry
+
+    def write_commit(self, entry: CommitEntry) -> None:
+        self.storage.write_model(f"commits/{entry.batch_id}.json", entry, overwrite=False)
+
+    def _check_id(self, found: int, expected: int, relative: str) -> None:
+        if found != expected:
+            msg = (
+                f"checkpoint file {self.display(relative)} is corrupt: it holds batch "
+                f"{found}, its name says {expected}"
+            )
+            raise CheckpointCorruptError(msg)
+
+    # -- the lock ------------------------------------------------------------------------
+
+    def acquire_lock(self, run_id: str, *, timeout_s: float = 30.0) -> None:
+        """Take the checkpoint for this process, refusing a live owner.
+
+        A lock whose heartbeat is older than its timeout, or whose owner process
+        on this host is gone (SIGKILL, crash), is taken over with a warning.
+
+        Raises
+        ------
+        CheckpointLockedError
+            If another live process holds the lock.
+        """
+        now = time.time()
+        if self.storage.exists("lock.json"):
+            try:
+                current = self.storage.read_model("lock.json", LockRecord)
+            except CheckpointCorruptError:
+                logger.warning("lock file %s is unreadable; taking it over", self.display("lock.json"))
+                current = None
+            if current is not None:
+                age = now - current.heartbeat_at
+                dead = current.host == socket.gethostname() and not _pid_alive(current.pid)
+                if not dead and age < current.timeout_s:
+                    msg = (
+                        f"checkpoint {self.display()} is in use by run {current.run_id} "
+                        f"(pid {current.pid} on {current.host}, heartbeat {age:.1f}s ago); "
+                        "stop that query first, or wait "
+                        f"{current.timeout_s - age:.0f}s for its lock to expire if it is gone"
+                    )
+                    raise CheckpointLockedError(msg)
+                reason = "its process is gone" if dead else f"no heartbeat for {age:.0f}s"
+                logger.warning(
+                    "taking over the lock of checkpoint %s from run %s (pid %s on %s): %s",
+                    self.display(),
+                    current.run_id,
+                    current.pid,
+                    current.host,
+                    reason,
+                )
+        record = LockRecord(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            run_id=run_id,
+            acquired_at=now,
+            heartbeat_at=now,
+            timeout_s=timeout_s,
+        )
+        self.storage.makedirs("")
+        self.storage.write_model("lock.json", record)
+        # Two processes may have raced to the same stale lock: the last writer wins.
+        if self.storage.read_model("lock.json", LockRecord).run_id != run_id:
+            msg = f"checkpoint {self.display()} was taken by another process just now"
+            raise CheckpointLockedError(msg)
+        self._lock_state = record
+        self._stop_heartbeat.clear()
+        self.lock_lost.clear()
+        self._heartbeat = threading.Thread(
+            target=self._beat, args=(timeout_s / 3,), name="microstream-lock", daemon=True
+        )
+        self._heartbeat.start()
+
+    def check_lock(self) -> None:
+        """Raise if another process took the lock (so this one must not commit)."""
+        if self.lock_lost.is_set():
+            msg = (
+                f"lost the lock of checkpoint {self.display()} to another process; "
+                "stopping without committing"
+            )
+            raise CheckpointLockedError(msg)
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop_heartbeat.wait(interval):
+            state = self._lock_state
+            if state is None:
+                return
+            try:
+                current = self.storage.read_model("lock.json", LockRecord)
+                if current.run_id != state.run_id:
+                    self.lock_lost.set()
+                    return
+                state = state.model_copy(update={"heartbeat_at": time.time()})
+                self.storage.write_model("lock.json", state)
+                self._lock_state = state
+            except Exception:
+                logger.exception("heartbeat of checkpoint %s failed", self.display())
+
+    def release_lock(self) -> None:
+        self._stop_heartbeat.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        state, self._lock_state = self._lock_state, None
+        if state is None:
+            return
+        try:
+            current = self.storage.read_model("lock.json", LockRecord)
+            if current.run_id == state.run_id:
+                self.storage.delete("lock.json")
+        except Exception:
+            logger.warning("could not release the lock of checkpoint %s", self.display())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,70 @@
+"""The error hierarchy: one root, precise subclasses.
+
+Every message names what was wrong and where (source, offset, file, column),
+and, where there is one, what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointCorruptError",
+    "CheckpointError",
+    "CheckpointLockedError",
+    "MicrostreamError",
+    "MissingDependencyError",
+    "OffsetError",
+    "PlanChangedError",
+    "PlanError",
+    "QueryTerminatedError",
+    "SchemaMismatchError",
+    "SinkError",
+    "SourceError",
+]
+
+
+class MicrostreamError(Exception):
+    """Root of every error microstream raises on purpose."""
+
+
+class PlanError(MicrostreamError):
+    """A query that cannot run on a stream, found when the query is defined."""
+
+
+class SchemaMismatchError(MicrostreamError):
+    """Data whose schema differs from the one the query was planned with."""
+
+
+class SourceError(MicrostreamError):
+    """A source failed to list or read its input."""
+
+
+class SinkError(MicrostreamError):
+    """A sink failed to write or commit a batch."""
+
+
+class OffsetError(MicrostreamError):
+    """An offset that is malformed, unknown to the source, or goes backwards."""
+
+
+class CheckpointError(MicrostreamError):
+    """The checkpoint cannot be used as it is."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint file that is truncated or not what its name says."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live process runs a query on this checkpoint."""
+
+
+class PlanChangedError(CheckpointError):
+    """The query no longer matches the plan its checkpoint was created with."""
+
+
+class QueryTerminatedError(MicrostreamError):
+    """An operation on a query that has already stopped or failed."""
+
+
+class MissingDependencyError(MicrostreamError, ImportError):
+    """An optional dependency that a connector needs is not installed."""

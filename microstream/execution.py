@@ -1,0 +1,518 @@
+"""The trigger loop: one micro-batch after another, logged ahead, committed after.
+
+This module is the whole life of a running query, readable top to bottom:
+
+1. ``start``: take the checkpoint lock, load or create the metadata (refusing
+   an incompatible plan), build the runtime sources and sink.
+2. ``recover``: if the last WAL entry ``offsets/N`` has no ``commits/N``, batch
+   N is re-run with exactly the logged ranges and batch timestamp; sinks are
+   idempotent per batch id, so its effect lands once.
+3. ``loop``: wait for the trigger; ask each source for its latest offset; if
+   anything is new, write ``offsets/N`` (atomically, never overwritten), read
+   exactly those ranges, run the plan as one Polars query, hand the result to
+   the sink with N, write ``commits/N``, let sources clean up, publish progress.
+
+Any exception stops the query with the checkpoint consistent: the WAL entry
+of the failed batch stays, so a restart re-runs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from microstream.checkpoint import (
+    Checkpoint,
+    CommitEntry,
+    OffsetEntry,
+    PlanRecord,
+    SourceOffsets,
+)
+from microstream.exceptions import CheckpointCorruptError, OffsetError, SinkError, SourceError
+from microstream.faults import FaultInjector
+from microstream.progress import (
+    BatchDurations,
+    QueryIdleEvent,
+    QueryProgress,
+    QueryProgressEvent,
+    QueryStartedEvent,
+    QueryTerminatedEvent,
+    SinkProgress,
+    SourceProgress,
+)
+from microstream.protocols import Offset, Sink, SinkContext, Source, SourceContext
+
+if TYPE_CHECKING:
+    from microstream._typing import OutputMode, QueryState
+    from microstream.plan import PlanNode
+    from microstream.protocols import SinkSpec
+    from microstream.session import Session
+    from microstream.trigger import Trigger
+
+__all__ = ["ExecutionConfig", "StreamExecution"]
+
+logger = logging.getLogger("microstream")
+
+IDLE_POLL_S = 0.01
+"""How often an idle as-fast-as-possible query looks for new data (Spark: 10 ms)."""
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """Everything a query needs to run, fixed when its sink is called."""
+
+    plan: PlanNode
+    sink: SinkSpec
+    output_mode: OutputMode
+    trigger: Trigger
+    checkpoint_url: str
+    name: str | None
+    session: Session
+    temporary_checkpoint: bool = False
+    storage_options: dict[str, str] | None = None
+    lock_timeout_s: float = 30.0
+    progress_history: int = 100
+
+
+class StreamExecution:
+    """Runs one query on a background thread (see the module docstring)."""
+
+    def __init__(self, config: ExecutionConfig):
+        self.config = config
+        self.run_id = str(uuid.uuid4())
+        self.faults = FaultInjector.from_env()
+        self.checkpoint = Checkpoint(config.checkpoint_url, config.storage_options)
+        self.state: QueryState = "initializing"
+        self.status_message = "Initializing"
+        self.is_trigger_active = False
+        self.is_data_available = False
+        self.exception: BaseException | None = None
+        self.recent_progress: deque[QueryProgress] = deque(maxlen=config.progress_history)
+        self.query_id = ""
+        self._sources: list[Source] = []
+        self._sink: Sink | None = None
+        self._committed: list[Offset] = []
+        self._next_batch_id = 0
+        self._pending: OffsetEntry | None = None
+        self._last_trigger_start: float | None = None
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._checks_started = 0
+        self._idle_after_check = -1
+        self._batches_done = 0
+        self._thread: threading.Thread | None = None
+        self._scan_sources = [scan.source for scan in config.plan.scans()]
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def plan_record(self) -> PlanRecord:
+        plan = self.config.plan
+        return PlanRecord(
+            sources=[{"kind": s.kind, **s.identity()} for s in self._scan_sources],
+            stateless=plan.stateless_steps(),
+            output_mode=self.config.output_mode,
+            sink=self.config.sink.kind,
+        )
+
+    def start(self) -> None:
+        """Prepare on the caller's thread (so set-up errors raise there), then run."""
+        cp = self.checkpoint
+        cp.acquire_lock(self.run_id, timeout_s=self.config.lock_timeout_s)
+        try:
+            meta = cp.load_or_create(self.config.name, self.plan_record())
+            self.query_id = meta.id
+            self._sources = [
+                spec.build(
+                    SourceContext(
+                        index=i,
+                        storage=cp.storage.sub(f"sources/{i}"),
+                        query_id=meta.id,
+                        faults=self.faults,
+                    )
+                )
+                for i, spec in enumerate(self._scan_sources)
+            ]
+            self._sink = self.config.sink.build(
+                SinkContext(
+                    query_id=meta.id,
+                    query_name=self.config.name,
+                    output_mode=self.config.output_mode,
+                    storage=cp.storage.sub("sinks"),
+                    session=self.config.session,
+                    faults=self.faults,
+                )
+            )
+            self._restore_position()
+        except BaseException:
+            self._close()
+            raise
+        self.state = "active"
+        self._thread = threading.Thread(
+            target=self._run, name=f"microstream-{self.config.name or self.query_id[:8]}", daemon=True
+        )
+        self._thread.start()
+
+    def _restore_position(self) -> None:
+        cp = self.checkpoint
+        latest = cp.latest_offsets()
+        commit = cp.latest_commit()
+        if latest is None:
+            if commit is not None:
+                msg = f"checkpoint {cp.display()} has commits/ but no offsets/: it is corrupt"
+                raise CheckpointCorruptError(msg)
+            self._committed = [s.initial_offset() for s in self._sources]
+            self._next_batch_id = 0
+            return
+        if len(latest.sources) != len(self._sources):
+            msg = (
+                f"checkpoint file {cp.display(f'offsets/{latest.batch_id}.json')} logs "
+                f"{len(latest.sources)} sources; the query has {len(self._sources)}"
+            )
+            raise CheckpointCorruptError(msg)
+        committed_id = commit.batch_id if commit is not None else -1
+        if committed_id == latest.batch_id:
+            self._committed = self._parse_ends(latest)
+        elif committed_id == latest.batch_id - 1:
+            # offsets/N without commits/N: batch N must be re-run as logged.
+            self._pending = latest
+            self._committed = self._parse_starts(latest)
+        else:
+            msg = (
+                f"checkpoint {cp.display()} is inconsistent: the last offsets entry is batch "
+                f"{latest.batch_id} but the last commit is batch {committed_id}"
+            )
+            raise CheckpointCorruptError(msg)
+        self._next_batch_id = latest.batch_id + 1 if self._pending is None else latest.batch_id
+
+    def _parse_ends(self, entry: OffsetEntry) -> list[Offset]:
+        return [src.parse_offset(s.end) for src, s in zip(self._sources, entry.sources)]
+
+    def _parse_starts(self, entry: OffsetEntry) -> list[Offset]:
+        return [
+            src.initial_offset() if s.start is None else src.parse_offset(s.start)
+            for src, s in zip(self._sources, entry.sources)
+        ]
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the loop to stop after the current batch and wait for it."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def join(self, timeout: float | None) -> bool:
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ("initializing", "active")
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        session = self.config.session
+        session.post(
+            "on_query_started",
+            QueryStartedEvent(
+                id=self.query_id, run_id=self.run_id, name=self.config.name, timestamp=_now()
+            ),
+        )
+        trigger = self.config.trigger
+        try:
+            if self._pending is not None:
+                self._run_batch(self._pending, recovered=True)
+                self._pending = None
+            for src, end in zip(self._sources, self._committed):
+                src.commit(end)  # idempotent: finishes clean-up a crash may have cut short
+            if trigger.kind == "available_now":
+                for src in self._sources:
+                    src.prepare_for_available_now()
+            while not self._stop.is_set():
+                self._wait_for_trigger()
+                if self._stop.is_set():
+                    break
+                ran = self._trigger_once()
+                if trigger.kind == "once" or (trigger.kind == "available_now" and not ran):
+                    break
+            self.state = "stopped"
+            self.status_message = "Stopped"
+        except BaseException as exc:
+            self.exception = exc
+            self.state = "failed"
+            self.status_message = f"Terminated with exception: {exc}"
+            logger.error("query %s failed: %s", self.config.name or self.query_id, exc)
+        finally:
+            self.is_trigger_active = False
+            self._close()
+            with self._cond:
+                self._cond.notify_all()
+            session.post(
+                "on_query_terminated",
+                QueryTerminatedEvent(
+                    id=self.query_id,
+                    run_id=self.run_id,
+                    exception=None if self.exception is None else repr(self.exception),
+                    timestamp=_now(),
+                ),
+            )
+            session.unregister_query_run(self.run_id)
+
+    def _wait_for_trigger(self) -> None:
+        trigger = self.config.trigger
+        if trigger.kind != "processing_time":
+            return
+        interval = trigger.interval.total_seconds()
+        if self._last_trigger_start is None:
+            return
+        if interval > 0:
+            due = self._last_trigger_start + interval
+        elif not self.is_data_available:
+            due = time.monotonic() + IDLE_POLL_S
+        else:
+            return
+        self.status_message = "Waiting for next trigger"
+        with self._cond:
+            while not self._stop.is_set():
+                remaining = due - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+
+    def _trigger_once(self) -> bool:
+        """One trigger: run a batch if any source has new data. Returns whether one ran."""
+        with self._cond:
+            self._checks_started += 1
+            check = self._checks_started
+        self._last_trigger_start = time.monotonic()
+        self.is_trigger_active = True
+        self.status_message = "Getting offsets from sources"
+        t0 = time.perf_counter()
+        rate_limited = self.config.trigger.kind != "once"
+        ends = []
+        for i, (src, start) in enumerate(zip(self._sources, self._committed)):
+            end = src.latest_offset(start, rate_limited=rate_limited)
+            if not end.follows_or_equals(start):
+                msg = (
+                    f"source {i} ({src.description}) returned latest offset {end.model_dump()} "
+                    f"before the committed offset {start.model_dump()}; offsets must not go back"
+                )
+                raise OffsetError(msg)
+            ends.append(end)
+        if all(end == start for end, start in zip(ends, self._committed)):
+            self.is_data_available = False
+            self.is_trigger_active = False
+            self.status_message = "Waiting for data to arrive"
+            with self._cond:
+                self._idle_after_check = max(self._idle_after_check, check)
+                self._cond.notify_all()
+            self.config.session.post(
+                "on_query_idle", QueryIdleEvent(id=self.query_id, run_id=self.run_id, timestamp=_now())
+            )
+            return False
+        self.is_data_available = True
+        entry = OffsetEntry(
+            batch_id=self._next_batch_id,
+            batch_timestamp_ms=int(time.time() * 1000),
+            sources=[
+                SourceOffsets(
+                    index=i,
+                    description=src.description,
+                    start=start.model_dump(mode="json"),
+                    end=end.model_dump(mode="json"),
+                )
+                for i, (src, start, end) in enumerate(zip(self._sources, self._committed, ends))
+            ],
+        )
+        t_wal = time.perf_counter()
+        self.faults.reach("batch.before_wal")
+        self.checkpoint.check_lock()
+        self.checkpoint.write_offsets(entry)
+        self.faults.reach("batch.after_wal")
+        offsets_ms = (t_wal - t0) * 1000
+        wal_ms = (time.perf_counter() - t_wal) * 1000
+        self._run_batch(entry, recovered=False, offsets_ms=offsets_ms, wal_ms=wal_ms)
+        return True
+
+    def _run_batch(
+        self,
+        entry: OffsetEntry,
+        *,
+        recovered: bool,
+        offsets_ms: float = 0.0,
+        wal_ms: float = 0.0,
+    ) -> None:
+        batch_id = entry.batch_id
+        started = time.perf_counter() - (offsets_ms + wal_ms) / 1000
+        self.is_trigger_active = True
+        self.status_message = f"Processing batch {batch_id}"
+        starts = self._parse_starts(entry)
+        ends = self._parse_ends(entry)
+
+        t_read = time.perf_counter()
+        inputs: dict[int, pl.LazyFrame] = {}
+        rows_in: list[int] = []
+        for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
+            if start == end:
+                df = pl.DataFrame(schema=self._scan_sources[i].schema)
+            else:
+                try:
+                    df = src.read(start, end)
+                except (SourceError, OffsetError):
+                    raise
+                except Exception as exc:
+                    msg = (
+                        f"source {i} ({src.description}) failed to read batch {batch_id} "
+                        f"range ({start.model_dump()}, {end.model_dump()}]: {exc}"
+                    )
+                    raise SourceError(msg) from exc
+            rows_in.append(df.height)
+            inputs[i] = df.lazy()
+        self.faults.reach("batch.after_read")
+
+        t_compute = time.perf_counter()
+        result = self.config.plan.to_lazy(inputs).collect()
+        self.faults.reach("batch.after_compute")
+
+        t_sink = time.perf_counter()
+        assert self._sink is not None
+        self.checkpoint.check_lock()
+        try:
+            self._sink.add_batch(batch_id, result)
+        except SinkError:
+            raise
+        except Exception as exc:
+            msg = f"sink {self._sink.description} failed to write batch {batch_id}: {exc}"
+            raise SinkError(msg) from exc
+        self.faults.reach("batch.after_sink")
+
+        t_commit = time.perf_counter()
+        self.faults.reach("batch.before_commit")
+        self.checkpoint.check_lock()
+        self.checkpoint.write_commit(
+            CommitEntry(batch_id=batch_id, committed_at=_now(), num_output_rows=result.height)
+        )
+        self.faults.reach("batch.after_commit")
+        self._committed = ends
+        self._next_batch_id = batch_id + 1
+        for src, end in zip(self._sources, ends):
+            src.commit(end)
+        t_end = time.perf_counter()
+
+        durations = BatchDurations(
+            latest_offset=offsets_ms,
+            wal=wal_ms,
+            read=(t_compute - t_read) * 1000,
+            compute=(t_sink - t_compute) * 1000,
+            sink=(t_commit - t_sink) * 1000,
+            commit=(t_end - t_commit) * 1000,
+            total=(t_end - started) * 1000,
+        )
+        self._publish_progress(entry, starts, ends, rows_in, result.height, durations, recovered)
+
+    def _publish_progress(
+        self,
+        entry: OffsetEntry,
+        starts: list[Offset],
+        ends: list[Offset],
+        rows_in: list[int],
+        rows_out: int,
+        durations: BatchDurations,
+        recovered: bool,
+    ) -> None:
+        total_in = sum(rows_in)
+        previous = self.recent_progress[-1] if self.recent_progress else None
+        total_s = max(durations.total / 1000, 1e-9)
+        if previous is not None:
+            since = (_now() - previous.timestamp).total_seconds()
+            input_rate = total_in / since if since > 0 else 0.0
+        else:
+            input_rate = total_in / total_s
+        sources = []
+        for i, src in enumerate(self._sources):
+            lag_fn: Callable[[Offset], int | None] | None = getattr(src, "lag", None)
+            sources.append(
+                SourceProgress(
+                    description=src.description,
+                    start_offset=starts[i].model_dump(mode="json"),
+                    end_offset=ends[i].model_dump(mode="json"),
+                    num_input_rows=rows_in[i],
+                    lag=lag_fn(ends[i]) if lag_fn is not None else None,
+                )
+            )
+        assert self._sink is not None
+        progress = QueryProgress(
+            id=self.query_id,
+            run_id=self.run_id,
+            name=self.config.name,
+            batch_id=entry.batch_id,
+            timestamp=_now(),
+            batch_timestamp_ms=entry.batch_timestamp_ms,
+            recovered=recovered,
+            num_input_rows=total_in,
+            num_output_rows=rows_out,
+            input_rows_per_second=input_rate,
+            processed_rows_per_second=total_in / total_s,
+            durations_ms=durations,
+            sources=sources,
+            sink=SinkProgress(description=self._sink.description, num_output_rows=rows_out),
+        )
+        self.recent_progress.append(progress)
+        try:
+            self.checkpoint.storage.append_line(
+                f"progress/{self.run_id}.jsonl", progress.model_dump_json()
+            )
+        except Exception:  # progress is for humans; never fail a committed batch on it
+            logger.warning("could not write progress of batch %s", entry.batch_id, exc_info=True)
+        with self._cond:
+            self._batches_done += 1
+            self._cond.notify_all()
+        self.config.session.post("on_query_progress", QueryProgressEvent(progress=progress))
+
+    # -- helpers for StreamingQuery ------------------------------------------------------
+
+    def process_all_available(self, timeout: float | None = None) -> bool:
+        """Block until a check for new data that started after this call found none."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._checks_started + 1
+            while self._idle_after_check < target and self.is_active:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is not None else 0.5)
+        return True
+
+    def _close(self) -> None:
+        for src in self._sources:
+            try:
+                src.stop()
+            except Exception:
+                logger.warning("source %s failed to stop", src.description, exc_info=True)
+        if self._sink is not None:
+            try:
+                self._sink.stop()
+            except Exception:
+                logger.warning("sink %s failed to stop", self._sink.description, exc_info=True)
+        self.checkpoint.release_lock()
+        if self.config.temporary_checkpoint and self.checkpoint.storage.is_local:
+            shutil.rmtree(self.checkpoint.storage.root, ignore_errors=True)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,591 @@
+"""``StreamFrame``: a stream as an unbounded LazyFrame.
+
+Every verb returns a new frame (nothing mutates) and checks, when it is
+called, that the query can run on a stream: an unknown column, a verb with no
+meaning on an unbounded stream, or an expression whose value depends on how
+the stream is cut into batches raises :class:`~microstream.PlanError` there,
+not in the middle of a running query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from microstream.exceptions import PlanError
+from microstream.execution import ExecutionConfig, StreamExecution
+from microstream.plan import (
+    MapBatchesNode,
+    PlanNode,
+    ScanNode,
+    StatelessNode,
+    StaticJoinNode,
+    StaticSide,
+    check_row_wise,
+)
+from microstream.query import StreamingQuery
+from microstream.registry import load_connector
+from microstream.session import Session, default_session
+from microstream.trigger import DEFAULT_TRIGGER, Trigger
+
+if TYPE_CHECKING:
+    from microstream._typing import FileFormat, OutputMode, StaticJoinStrategy
+    from microstream.protocols import SinkSpec, SourceSpec
+
+__all__ = ["StreamFrame"]
+
+logger = logging.getLogger("microstream")
+
+# Verbs of LazyFrame that have no meaning on an unbounded stream, and what to use.
+_UNSUPPORTED: dict[str, str] = {
+    "sort": "a stream has no end to sort up to; sort inside foreach_batch, or sort the "
+    "sink's output when you read it",
+    "tail": "a stream has no last rows; use a windowed aggregation or read the sink's output",
+    "head": "a stream has no first rows to stop at; use Trigger.once() on a bounded source, "
+    "or filter",
+    "limit": "a stream has no first rows to stop at; use filter",
+    "slice": "row positions are not defined on an unbounded stream; use filter",
+    "with_row_index": "row positions are not defined on an unbounded stream; use the source's "
+    "offsets, or a key column",
+    "reverse": "a stream has no end to reverse from",
+    "shift": "rows have no stable neighbours across micro-batches; use a windowed aggregation",
+    "gather_every": "row positions are not defined on an unbounded stream; use filter",
+    "top_k": "a stream has no final order; use a windowed aggregation",
+    "bottom_k": "a stream has no final order; use a windowed aggregation",
+    "interpolate": "interpolation needs neighbouring rows of the whole stream",
+    "collect": "a stream never ends; start it with a sink_* verb, e.g. sink_memory(name), "
+    "and read ms.table(name)",
+    "count": "a stream never ends; use group_by(...).agg(pl.len())",
+    "describe": "a stream never ends; describe the sink's output instead",
+    "pivot": "the output columns would depend on values not seen yet",
+    "merge_sorted": "a stream has no final order",
+    "max": "a stream never ends; use group_by(...).agg(...)",
+    "min": "a stream never ends; use group_by(...).agg(...)",
+    "sum": "a stream never ends; use group_by(...).agg(...)",
+    "mean": "a stream never ends; use group_by(...).agg(...)",
+    "median": "a stream never ends; use group_by(...).agg(...)",
+    "std": "a stream never ends; use group_by(...).agg(...)",
+    "var": "a stream never ends; use group_by(...).agg(...)",
+    "quantile": "a stream never ends; use group_by(...).agg(...)",
+    "null_count": "a stream never ends; use group_by(...).agg(...)",
+    "first": "a stream has no final first row; use group_by(...).agg(pl.first(...))",
+    "last": "a stream has no last row; use group_by(...).agg(pl.last(...))",
+}
+# Stateful verbs that need event time and state; they are not in this version.
+_STATEFUL: tuple[str, ...] = (
+    "group_by",
+    "group_by_dynamic",
+    "rolling",
+    "unique",
+    "join_asof",
+    "join_where",
+)
+
+
+class StreamFrame:
+    """A query over a stream, written with Polars' LazyFrame verbs.
+
+    Build one with a source (``ms.scan_files``, ``ms.scan_rate``,
+    ``ms.MemoryStream(...).lazy()``), chain verbs, and start it with a
+    ``sink_*`` verb, which returns a running :class:`~microstream.StreamingQuery`.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+    >>> big = stream.lazy().filter(pl.col("amount") > 10).select("user")
+    >>> big.collect_schema()
+    Schema({'user': Int64})
+    >>> stream.lazy().sort("user")
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.PlanError: sort() cannot run on a stream: a stream has no end to sort up to; sort inside foreach_batch, or sort the sink's output when you read it
+    """
+
+    def __init__(self, plan: PlanNode):
+        self._plan = plan
+        self._schema = plan.schema()
+
+    @classmethod
+    def from_source(cls, source: SourceSpec) -> StreamFrame:
+        """A frame that reads ``source`` (what ``scan_*`` functions return)."""
+        return cls(ScanNode(source=source, index=0))
+
+    # -- schema and plan --------------------------------------------------------------
+
+    @property
+    def plan(self) -> PlanNode:
+        """The frame's logical plan (frozen data)."""
+        return self._plan
+
+    def collect_schema(self) -> pl.Schema:
+        """The schema of the rows the query produces."""
+        return self._schema
+
+    @property
+    def schema(self) -> pl.Schema:
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._schema.names())
+
+    def explain(self) -> None:
+        """Print the plan, one node a line, the source last.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
+        >>> stream.lazy().filter(pl.col("x") > 1).explain()
+        filter([(col("x")) > (dyn int: 1)])
+          Scan[0] MemoryStream[xs]
+        """
+        print("\n".join(self._plan.explain_lines()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _UNSUPPORTED:
+            msg = f"{name}() cannot run on a stream: {_UNSUPPORTED[name]}"
+            raise PlanError(msg)
+        if name in _STATEFUL:
+            msg = (
+                f"{name}() on a stream needs event time and keyed state, which this version "
+                "of microstream does not have yet; aggregate per batch with "
+                "foreach_batch(fn) or map_batches(fn) meanwhile"
+            )
+            raise PlanError(msg)
+        msg = f"'StreamFrame' object has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    def __repr__(self) -> str:
+        return f"<StreamFrame {dict(self._schema)}>\n" + "\n".join(self._plan.explain_lines())
+
+    def _then(self, verb: str, *args: Any, **kwargs: Any) -> StreamFrame:
+        return StreamFrame(StatelessNode(self._plan, verb, args, kwargs))
+
+    # -- stateless verbs ----------------------------------------------------------------
+
+    def filter(self, *predicates: Any, **constraints: Any) -> StreamFrame:
+        """Keep the rows that match, as :meth:`polars.LazyFrame.filter`."""
+        check_row_wise("filter", [*_flatten(predicates)])
+        return self._then("filter", *predicates, **constraints)
+
+    def select(self, *exprs: Any, **named_exprs: Any) -> StreamFrame:
+        """Select or compute columns, as :meth:`polars.LazyFrame.select` (row-wise only)."""
+        check_row_wise("select", [*_flatten(exprs), *named_exprs.values()])
+        return self._then("select", *exprs, **named_exprs)
+
+    def with_columns(self, *exprs: Any, **named_exprs: Any) -> StreamFrame:
+        """Add or replace columns, as :meth:`polars.LazyFrame.with_columns` (row-wise only).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
+        >>> frame.with_columns(y=pl.col("x") + 1).columns
+        ['x', 'y']
+        """
+        check_row_wise("with_columns", [*_flatten(exprs), *named_exprs.values()])
+        return self._then("with_columns", *exprs, **named_exprs)
+
+    def drop(self, *columns: Any, strict: bool = True) -> StreamFrame:
+        """Remove columns, as :meth:`polars.LazyFrame.drop`."""
+        return self._then("drop", *columns, strict=strict)
+
+    def rename(
+        self, mapping: Mapping[str, str] | Callable[[str], str], *, strict: bool = True
+    ) -> StreamFrame:
+        """Rename columns, as :meth:`polars.LazyFrame.rename`."""
+        return self._then("rename", mapping, strict=strict)
+
+    def cast(self, dtypes: Any, *, strict: bool = True) -> StreamFrame:
+        """Cast columns, as :meth:`polars.LazyFrame.cast`."""
+        return self._then("cast", dtypes, strict=strict)
+
+    def explode(self, columns: Any, *more_columns: Any, **kwargs: Any) -> StreamFrame:
+        """One row per list element, as :meth:`polars.LazyFrame.explode`."""
+        return self._then("explode", columns, *more_columns, **kwargs)
+
+    def unnest(self, columns: Any, *more_columns: Any, **kwargs: Any) -> StreamFrame:
+        """Struct fields as columns, as :meth:`polars.LazyFrame.unnest`."""
+        return self._then("unnest", columns, *more_columns, **kwargs)
+
+    def drop_nulls(self, subset: Any = None) -> StreamFrame:
+        """Drop rows with nulls, as :meth:`polars.LazyFrame.drop_nulls`."""
+        return self._then("drop_nulls", subset)
+
+    def fill_null(self, value: Any = None, **kwargs: Any) -> StreamFrame:
+        """Replace nulls with a value; ``strategy=`` needs neighbouring rows and is refused."""
+        if kwargs.get("strategy") is not None:
+            msg = (
+                "fill_null(strategy=...) cannot run on a stream: forward/backward fill needs "
+                "the neighbouring rows of the whole stream; fill with a value instead"
+            )
+            raise PlanError(msg)
+        check_row_wise("fill_null", [value])
+        return self._then("fill_null", value, **kwargs)
+
+    def fill_nan(self, value: Any) -> StreamFrame:
+        """Replace NaN with a value, as :meth:`polars.LazyFrame.fill_nan`."""
+        check_row_wise("fill_nan", [value])
+        return self._then("fill_nan", value)
+
+    def unpivot(self, on: Any = None, *, index: Any = None, **kwargs: Any) -> StreamFrame:
+        """Wide to long, as :meth:`polars.LazyFrame.unpivot` (row-wise, so stream-safe)."""
+        return self._then("unpivot", on, index=index, **kwargs)
+
+    def pipe(self, function: Callable[..., StreamFrame], *args: Any, **kwargs: Any) -> StreamFrame:
+        """``function(self, *args, **kwargs)``: share one query function with static frames."""
+        return function(self, *args, **kwargs)
+
+    def map_batches(
+        self,
+        function: Callable[[pl.DataFrame], pl.DataFrame],
+        *,
+        schema: Mapping[str, Any] | pl.Schema | None = None,
+    ) -> StreamFrame:
+        """Apply ``function`` to every micro-batch's DataFrame.
+
+        The function sees one batch at a time, so it must treat rows
+        independently for the stream to mean what the same code means on a
+        static frame. Without ``schema`` the output schema is found by calling
+        ``function`` on an empty frame.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
+        >>> frame.map_batches(lambda df: df.with_columns(y=pl.col("x") * 10)).columns
+        ['x', 'y']
+        """
+        if schema is None:
+            try:
+                out = function(pl.DataFrame(schema=self._schema))
+            except Exception as exc:
+                msg = (
+                    f"map_batches could not find the output schema of {function!r} by calling "
+                    f"it on an empty frame ({exc}); pass schema= explicitly"
+                )
+                raise PlanError(msg) from exc
+            if not isinstance(out, pl.DataFrame):
+                msg = f"map_batches function must return a polars DataFrame; got {type(out)!r}"
+                raise PlanError(msg)
+            output_schema = out.schema
+        else:
+            output_schema = pl.Schema(schema)
+        return StreamFrame(MapBatchesNode(self._plan, function, output_schema))
+
+    def join(
+        self,
+        other: pl.DataFrame | pl.LazyFrame | Any,
+        on: Any = None,
+        how: StaticJoinStrategy = "inner",
+        *,
+        left_on: Any = None,
+        right_on: Any = None,
+        suffix: str = "_right",
+        validate: str = "m:m",
+        nulls_equal: bool = False,
+        coalesce: bool | None = None,
+    ) -> StreamFrame:
+        """Join the stream with a static table, as :meth:`polars.LazyFrame.join`.
+
+        ``other`` may be a DataFrame, a LazyFrame (evaluated every batch, so a
+        ``pl.scan_*`` sees the files as they are then), or a
+        ``deltalake.DeltaTable``, which is re-read whenever its version changes.
+        ``how`` is ``"inner"``, ``"left"``, ``"semi"``, ``"anti"`` or ``"cross"``:
+        the stream side drives the join, so ``"right"`` and ``"full"`` (which
+        emit static rows that no stream row matched *yet*) are refused.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> users = pl.DataFrame({"user": [1, 2], "country": ["NL", "FR"]})
+        >>> clicks = ms.MemoryStream({"user": pl.Int64, "url": pl.String}).lazy()
+        >>> clicks.join(users, on="user", how="left").columns
+        ['user', 'url', 'country']
+        """
+        if isinstance(other, StreamFrame):
+            msg = (
+                "join of two streams needs watermarks and join state, which this version of "
+                "microstream does not have yet; join a stream with a static DataFrame, "
+                "LazyFrame or DeltaTable"
+            )
+            raise PlanError(msg)
+        if how not in ("inner", "left", "semi", "anti", "cross"):
+            msg = (
+                f"join(how={how!r}) with a static table cannot run on a stream: it would emit "
+                "static rows that no stream row has matched *yet*, and retract them later. "
+                "Use how='inner', 'left', 'semi', 'anti' or 'cross'"
+            )
+            raise PlanError(msg)
+        side: pl.LazyFrame | StaticSide
+        if isinstance(other, pl.DataFrame):
+            side = other.lazy()
+        elif isinstance(other, pl.LazyFrame):
+            side = other
+        elif isinstance(other, StaticSide):
+            side = other
+        elif type(other).__module__.startswith("deltalake"):
+            side = load_connector("delta_static").from_table(other)
+        else:
+            msg = (
+                "join's other side must be a polars DataFrame or LazyFrame or a "
+                f"deltalake.DeltaTable; got {type(other).__name__} instead"
+            )
+            raise PlanError(msg)
+        kwargs: dict[str, Any] = {"how": how, "suffix": suffix}
+        if on is not None:
+            kwargs["on"] = on
+        if left_on is not None:
+            kwargs["left_on"] = left_on
+        if right_on is not None:
+            kwargs["right_on"] = right_on
+        if validate != "m:m":
+            kwargs["validate"] = validate
+        if nulls_equal:
+            kwargs["nulls_equal"] = nulls_equal
+        if coalesce is not None:
+            kwargs["coalesce"] = coalesce
+        return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
+
+    # -- sinks ------------------------------------------------------------------------------
+
+    def sink_memory(
+        self,
+        name: str,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        session: Session | None = None,
+    ) -> StreamingQuery:
+        """Start the query into an in-process table read with ``ms.table(name)``.
+
+        The query is named ``name`` too. Without ``checkpoint`` it uses a
+        temporary one, removed when the query stops.
+        """
+        spec = load_connector("memory_sink")(name=name, session=session)
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
+            session=session,
+        )  # fmt: skip
+
+    def sink_console(
+        self,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        num_rows: int = 20,
+    ) -> StreamingQuery:
+        """Start the query printing each batch (at most ``num_rows`` rows of it)."""
+        spec = load_connector("console")(num_rows=num_rows)
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+        )
+
+    def foreach_batch(
+        self,
+        function: Callable[[pl.DataFrame, int], object],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query calling ``function(df, batch_id)`` for every batch.
+
+        After a crash the uncommitted batch is handed over again with the same
+        id and rows: write idempotently by ``batch_id`` for exactly-once.
+        """
+        spec = load_connector("foreach_batch")(function=function)
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+        )
+
+    def _sink_files(
+        self,
+        path: str | os.PathLike[str],
+        file_format: FileFormat,
+        output_mode: OutputMode,
+        trigger: Trigger | None,
+        checkpoint: str | os.PathLike[str] | None,
+        name: str | None,
+        storage_options: dict[str, Any] | None,
+        partition_by: Sequence[str] | None,
+    ) -> StreamingQuery:
+        spec = load_connector("file_sink")(
+            path=os.fspath(path),
+            format=file_format,
+            partition_by=list(partition_by) if partition_by else None,
+            storage_options=storage_options,
+        )
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+        )
+
+    def sink_parquet(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing parquet files with a manifest (exactly-once).
+
+        A batch's files become visible to :func:`ms.read_file_sink` only once its
+        manifest entry is written; a crash leaves invisible orphans, never
+        duplicates.
+        """
+        return self._sink_files(
+            path, "parquet", output_mode, trigger, checkpoint, name, storage_options, partition_by
+        )
+
+    def sink_csv(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing CSV files with a manifest (see :meth:`sink_parquet`)."""
+        return self._sink_files(
+            path, "csv", output_mode, trigger, checkpoint, name, storage_options, partition_by
+        )
+
+    def sink_ndjson(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing NDJSON files with a manifest (see :meth:`sink_parquet`)."""
+        return self._sink_files(
+            path, "ndjson", output_mode, trigger, checkpoint, name, storage_options, partition_by
+        )
+
+    def sink_delta(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing a Delta table, exactly once per batch.
+
+        Each batch commits with a Delta application transaction (app id = the
+        query id, version = the batch id), so a batch re-run after a crash is
+        recognised and skipped. ``output_mode="complete"`` overwrites the table
+        every batch (for aggregations).
+        """
+        spec = load_connector("delta")(
+            path=os.fspath(path),
+            storage_options=storage_options,
+            partition_by=list(partition_by) if partition_by else None,
+        )
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+        )
+
+    def _start(
+        self,
+        spec: SinkSpec,
+        *,
+        output_mode: OutputMode,
+        trigger: Trigger | None,
+        checkpoint: str | os.PathLike[str] | None,
+        name: str | None,
+        session: Session | None = None,
+    ) -> StreamingQuery:
+        session = session or default_session
+        if output_mode not in ("append", "update", "complete"):
+            msg = f"output_mode must be 'append', 'update' or 'complete'; got {output_mode!r}"
+            raise PlanError(msg)
+        if output_mode not in spec.output_modes:
+            msg = (
+                f"{spec.describe()} does not support output_mode={output_mode!r}; it supports "
+                f"{sorted(spec.output_modes)}"
+            )
+            raise PlanError(msg)
+        if output_mode == "complete":
+            msg = (
+                "output_mode='complete' needs an aggregation (it re-emits the whole result "
+                "table every batch); this query has none, so its result is unbounded: "
+                "use output_mode='append'"
+            )
+            raise PlanError(msg)
+        if trigger is not None and not isinstance(trigger, Trigger):
+            msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
+            raise TypeError(msg)
+        effective = session.trigger_override or trigger or DEFAULT_TRIGGER
+        temporary = False
+        if checkpoint is not None:
+            location = os.fspath(checkpoint)
+        elif spec.durable:
+            if name is None:
+                msg = (
+                    f"{spec.describe()} needs checkpoint= (or name=, for checkpoints/<name>) "
+                    "so that a restart continues where it stopped, exactly once"
+                )
+                raise PlanError(msg)
+            location = os.path.join("checkpoints", name)
+        else:
+            location = tempfile.mkdtemp(prefix="microstream-")
+            temporary = True
+        execution = StreamExecution(
+            ExecutionConfig(
+                plan=self._plan,
+                sink=spec,
+                output_mode=output_mode,
+                trigger=effective,
+                checkpoint_url=location,
+                name=name,
+                session=session,
+                temporary_checkpoint=temporary,
+            )
+        )
+        query = StreamingQuery(execution)
+        session.register_query(query)
+        try:
+            execution.start()
+        except BaseException:
+            session.unregister_query_run(execution.run_id)
+            raise
+        return query
+
+
+def _flatten(items: Iterable[Any]) -> Iterable[Any]:
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from item
+        else:
+            yield item

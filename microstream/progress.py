@@ -1,0 +1,119 @@
+"""Progress of a query: one pydantic record per micro-batch, and listener events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "BatchDurations",
+    "QueryIdleEvent",
+    "QueryProgress",
+    "QueryProgressEvent",
+    "QueryStartedEvent",
+    "QueryTerminatedEvent",
+    "SinkProgress",
+    "SourceProgress",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class BatchDurations(_Frozen):
+    """Milliseconds spent in each phase of a batch."""
+
+    latest_offset: float = 0.0
+    wal: float = 0.0
+    read: float = 0.0
+    compute: float = 0.0
+    sink: float = 0.0
+    commit: float = 0.0
+    total: float = 0.0
+
+
+class SourceProgress(_Frozen):
+    """What one source contributed to a batch."""
+
+    description: str
+    start_offset: dict[str, Any] | None
+    end_offset: dict[str, Any]
+    latest_offset: dict[str, Any] | None = None
+    num_input_rows: int
+    lag: int | None = Field(
+        default=None, description="Units (rows, files) available but not yet in a batch."
+    )
+
+
+class SinkProgress(_Frozen):
+    """What the sink received in a batch."""
+
+    description: str
+    num_output_rows: int
+
+
+class QueryProgress(_Frozen):
+    """Progress of one micro-batch (``StreamingQuery.last_progress``).
+
+    Written as one JSON line per batch to ``progress/`` in the checkpoint.
+    """
+
+    id: str
+    run_id: str
+    name: str | None
+    batch_id: int
+    timestamp: datetime
+    batch_timestamp_ms: int
+    recovered: bool = Field(description="Whether this batch re-ran a logged, uncommitted batch.")
+    num_input_rows: int
+    num_output_rows: int
+    input_rows_per_second: float
+    processed_rows_per_second: float
+    durations_ms: BatchDurations
+    watermark: datetime | None = None
+    sources: list[SourceProgress]
+    sink: SinkProgress
+
+    def flat(self) -> dict[str, Any]:
+        """A flat dict (one row of ``progress_df()``)."""
+        row: dict[str, Any] = {
+            "batch_id": self.batch_id,
+            "timestamp": self.timestamp,
+            "recovered": self.recovered,
+            "num_input_rows": self.num_input_rows,
+            "num_output_rows": self.num_output_rows,
+            "input_rows_per_second": self.input_rows_per_second,
+            "processed_rows_per_second": self.processed_rows_per_second,
+            "watermark": self.watermark,
+        }
+        for phase, ms in self.durations_ms.model_dump().items():
+            row[f"duration_{phase}_ms"] = ms
+        row["source_lag"] = sum(s.lag or 0 for s in self.sources)
+        return row
+
+
+class QueryStartedEvent(_Frozen):
+    id: str
+    run_id: str
+    name: str | None
+    timestamp: datetime
+
+
+class QueryProgressEvent(_Frozen):
+    progress: QueryProgress
+
+
+class QueryIdleEvent(_Frozen):
+    id: str
+    run_id: str
+    timestamp: datetime
+
+
+class QueryTerminatedEvent(_Frozen):
+    id: str
+    run_id: str
+    exception: str | None
+    timestamp: datetime

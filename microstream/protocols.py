@@ -1,0 +1,184 @@
+"""The small contracts between the engine and the connectors.
+
+A *spec* is the frozen, comparable description of a source or sink that a
+query's plan holds; ``spec.build(context)`` returns the *runtime* object the
+trigger loop drives (Bytewax's split of configuration and runtime). Sources
+follow Spark's data source contract: ``initial_offset``, ``latest_offset``,
+``read(start, end)``, ``commit(end)``, ``stop``.
+
+Offsets are pydantic models serialised as JSON into the write-ahead log; a
+source must be able to re-read any logged ``(start, end]`` range exactly, which
+is what makes a re-run of an uncommitted batch produce the same rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from microstream.faults import NO_FAULTS, FaultInjector
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from microstream._typing import OutputMode
+    from microstream.session import Session
+    from microstream.storage import Storage
+
+__all__ = [
+    "Offset",
+    "Sink",
+    "SinkContext",
+    "SinkSpec",
+    "Source",
+    "SourceContext",
+    "SourceSpec",
+]
+
+
+class Offset(BaseModel):
+    """Base of every source offset: a frozen, JSON-serialisable position.
+
+    Subclasses define :meth:`follows_or_equals` so the engine can refuse an
+    offset that goes backwards, and :meth:`distance` for the lag in progress.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def follows_or_equals(self, other: Offset) -> bool:
+        """Whether this offset is at or after ``other``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def distance(self, other: Offset) -> int | None:
+        """How many units (rows, files, ...) lie between ``other`` and this offset."""
+        return None
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What the engine hands a source when it builds the runtime object.
+
+    Attributes
+    ----------
+    index
+        The source's position in the query (``sources/<index>/`` in the checkpoint).
+    storage
+        The source's own directory in the checkpoint, for logs it must keep
+        (the file source's list of files per batch, the rate source's start time).
+    query_id
+        The query's stable id.
+    """
+
+    index: int
+    storage: Storage
+    query_id: str
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("microstream"))
+    faults: FaultInjector = NO_FAULTS
+    """Call ``faults.reach("source.after_log")`` after writing a source log entry."""
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A replayable, offset-addressed stream of DataFrames (the runtime side)."""
+
+    description: str
+
+    def initial_offset(self) -> Offset:
+        """The offset before the first row this query reads."""
+        ...
+
+    def latest_offset(self, start: Offset, *, rate_limited: bool) -> Offset:
+        """The end of the next batch that starts at ``start``.
+
+        Bounded by the source's rate limit when ``rate_limited`` is true.
+        Returning ``start`` means nothing new.
+        """
+        ...
+
+    def prepare_for_available_now(self) -> None:
+        """Fix the end of the available data; later ``latest_offset`` calls stop there."""
+        ...
+
+    def read(self, start: Offset, end: Offset) -> pl.DataFrame:
+        """Exactly the rows in ``(start, end]``, with the source's schema."""
+        ...
+
+    def parse_offset(self, data: dict[str, Any]) -> Offset:
+        """The offset model of this source from its JSON form in the WAL."""
+        ...
+
+    def commit(self, end: Offset) -> None:
+        """Everything up to ``end`` is committed; the source may clean up."""
+        ...
+
+    def stop(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+class SourceSpec(Protocol):
+    """The frozen description of a source held by a query plan."""
+
+    kind: ClassVar[str]
+
+    @property
+    def schema(self) -> pl.Schema:
+        """The schema of the rows the source produces, known at plan time."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the input (fingerprinted: a change refuses the checkpoint)."""
+        ...
+
+    def describe(self) -> str:
+        """A one-line description for ``explain()``, progress and errors."""
+        ...
+
+    def build(self, context: SourceContext) -> Source:
+        """The runtime source, restored from its logs in ``context.storage``."""
+        ...
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What the engine hands a sink when it builds the runtime object."""
+
+    query_id: str
+    query_name: str | None
+    output_mode: OutputMode
+    storage: Storage
+    session: Session
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("microstream"))
+    faults: FaultInjector = NO_FAULTS
+    """Call ``faults.reach("sink.after_data")`` between writing data and committing it."""
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Where batch results go (the runtime side)."""
+
+    description: str
+
+    def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
+        """Write the result of ``batch_id``; idempotent: a replayed batch id changes nothing."""
+        ...
+
+    def stop(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+class SinkSpec(Protocol):
+    """The frozen description of a sink held by a query."""
+
+    kind: ClassVar[str]
+    output_modes: ClassVar[frozenset[str]]
+    durable: ClassVar[bool]
+    """Whether the sink outlives the process (and so needs a checkpoint for exactly-once)."""
+
+    def describe(self) -> str: ...
+
+    def build(self, context: SinkContext) -> Sink: ...

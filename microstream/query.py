@@ -1,0 +1,151 @@
+"""``StreamingQuery``: the handle to a running query."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from microstream.execution import StreamExecution
+    from microstream.progress import QueryProgress
+
+__all__ = ["QueryStatus", "StreamingQuery"]
+
+
+class QueryStatus(BaseModel):
+    """What the query is doing right now (Spark's ``StreamingQuery.status``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message: str
+    is_data_available: bool
+    is_trigger_active: bool
+    state: str
+
+
+class StreamingQuery:
+    """A started query, returned by every ``sink_*`` verb.
+
+    The query runs on a background thread, so a notebook stays usable; a job
+    calls :meth:`await_termination`. ``id`` is stored in the checkpoint and
+    stays the same across restarts; ``run_id`` is new for every start.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"x": pl.Int64})
+    >>> query = stream.lazy().filter(pl.col("x") > 1).sink_memory("big", name="big")
+    >>> _ = stream.add_data({"x": [1, 2, 3]})
+    >>> query.process_all_available()
+    >>> query.last_progress.num_input_rows, query.last_progress.num_output_rows
+    (3, 2)
+    >>> query.stop()
+    >>> query.is_active
+    False
+    """
+
+    def __init__(self, execution: StreamExecution):
+        self._execution = execution
+
+    @property
+    def id(self) -> str:
+        """Stable id, kept in the checkpoint across restarts."""
+        return self._execution.query_id
+
+    @property
+    def run_id(self) -> str:
+        """Id of this run; new every time the query starts."""
+        return self._execution.run_id
+
+    @property
+    def name(self) -> str | None:
+        return self._execution.config.name
+
+    @property
+    def checkpoint(self) -> str:
+        """Where the query's checkpoint lives."""
+        return self._execution.config.checkpoint_url
+
+    @property
+    def is_active(self) -> bool:
+        return self._execution.is_active
+
+    @property
+    def status(self) -> QueryStatus:
+        ex = self._execution
+        return QueryStatus(
+            message=ex.status_message,
+            is_data_available=ex.is_data_available,
+            is_trigger_active=ex.is_trigger_active,
+            state=ex.state,
+        )
+
+    @property
+    def last_progress(self) -> QueryProgress | None:
+        """Progress of the most recent batch, or None before the first."""
+        recent = self._execution.recent_progress
+        return recent[-1] if recent else None
+
+    @property
+    def recent_progress(self) -> list[QueryProgress]:
+        """Progress of the most recent batches (up to 100), oldest first."""
+        return list(self._execution.recent_progress)
+
+    def progress_df(self) -> pl.DataFrame:
+        """Recent progress as a DataFrame, one row per batch (for plots)."""
+        rows = [p.flat() for p in self._execution.recent_progress]
+        if not rows:
+            return pl.DataFrame(
+                schema={"batch_id": pl.Int64, "timestamp": pl.Datetime("us", "UTC")}
+            )
+        return pl.DataFrame(rows)
+
+    def exception(self) -> BaseException | None:
+        """The exception that stopped the query, if any."""
+        return self._execution.exception
+
+    def stop(self) -> None:
+        """Stop after the current batch (it commits or is re-run on restart) and wait."""
+        self._execution.stop()
+
+    def await_termination(self, timeout: float | timedelta | None = None) -> bool:
+        """Wait until the query stops; re-raise the exception that stopped it.
+
+        Returns
+        -------
+        bool
+            True if the query terminated, False if ``timeout`` (seconds) passed first.
+        """
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        done = self._execution.join(seconds)
+        if done and self._execution.exception is not None:
+            raise self._execution.exception
+        return done
+
+    def process_all_available(self, timeout: float | None = None) -> None:
+        """Block until everything available when called has been processed (for tests).
+
+        Raises the query's exception if it failed meanwhile.
+
+        Raises
+        ------
+        TimeoutError
+            If ``timeout`` seconds pass first.
+        """
+        done = self._execution.process_all_available(timeout)
+        if self._execution.exception is not None:
+            raise self._execution.exception
+        if not done:
+            msg = f"query {self.name or self.id} did not catch up within {timeout}s"
+            raise TimeoutError(msg)
+
+    def explain(self) -> None:
+        """Print the query's plan."""
+        print("\n".join(self._execution.config.plan.explain_lines()))
+
+    def __repr__(self) -> str:
+        return f"<StreamingQuery name={self.name!r} id={self.id} state={self._execution.state}>"

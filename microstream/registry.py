@@ -1,0 +1,51 @@
+"""Connectors by name, through the ``microstream.connectors`` entry points.
+
+The engine never imports a concrete connector at import time; ``scan_*`` and
+``sink_*`` look theirs up here when called, so a third-party package adds a
+connector by declaring an entry point in that group.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+
+from microstream.exceptions import MicrostreamError
+
+__all__ = ["load_connector"]
+
+# Used when the distribution's metadata is absent (running from a source tree).
+_BUILTIN = {
+    "files": "connectors.files:FileSourceSpec",
+    "rate": "connectors.rate:RateSourceSpec",
+    "memory": "connectors.memory:MemoryStream",
+    "file_sink": "connectors.file_sink:FileSinkSpec",
+    "read_file_sink": "connectors.file_sink:read_file_sink",
+    "delta": "connectors.delta:DeltaSinkSpec",
+    "delta_static": "connectors.delta:DeltaStaticTable",
+    "memory_sink": "connectors.memory:MemorySinkSpec",
+    "console": "connectors.console:ConsoleSinkSpec",
+    "foreach_batch": "connectors.foreach_batch:ForeachBatchSinkSpec",
+}
+
+
+def load_connector(name: str) -> Any:
+    """The object registered under ``name`` in the ``microstream.connectors`` group.
+
+    Examples
+    --------
+    >>> load_connector("rate").kind
+    'rate'
+    """
+    for ep in entry_points(group="microstream.connectors"):
+        if ep.name == name:
+            return ep.load()
+    target = _BUILTIN.get(name)
+    if target is None:
+        installed = {ep.name for ep in entry_points(group="microstream.connectors")}
+        known = sorted(installed | set(_BUILTIN))
+        msg = f"no connector named {name!r}; installed connectors: {', '.join(known)}"
+        raise MicrostreamError(msg)
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
