@@ -196,18 +196,22 @@ class MemorySinkSpec:
 
     def build(self, context: SinkContext) -> MemorySink:
         session = self.session or context.session
-        return MemorySink(self.name, session, replace=context.output_mode == "complete")
+        return MemorySink(
+            self.name, session, replace=context.output_mode == "complete", schema=context.schema
+        )
 
 
 class MemorySink:
     """Appends (or, in complete mode, replaces) a memory table once per batch id."""
 
-    def __init__(self, name: str, session: Session, *, replace: bool):
+    def __init__(
+        self, name: str, session: Session, *, replace: bool, schema: pl.Schema | None = None
+    ):
         self.name = name
         self.session = session
         self.replace = replace
         self.description = f"MemorySink[{name}]"
-        session.register_table(name)
+        session.register_table(name, schema)
 
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
         self.session.write_table(self.name, batch_id, data, replace=self.replace)

@@ -149,6 +149,7 @@ class StreamExecution:
                     output_mode=self.config.output_mode,
                     storage=cp.storage.sub("sinks"),
                     session=self.config.session,
+                    schema=self.config.plan.schema(),
                     faults=self.faults,
                 )
             )

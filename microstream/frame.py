@@ -299,9 +299,10 @@ class StreamFrame:
     ) -> StreamFrame:
         """Join the stream with a static table, as :meth:`polars.LazyFrame.join`.
 
-        ``other`` may be a DataFrame, a LazyFrame (evaluated every batch, so a
-        ``pl.scan_*`` sees the files as they are then), or a
-        ``deltalake.DeltaTable``, which is re-read whenever its version changes.
+        ``other`` may be a DataFrame, a LazyFrame (joined lazily every batch;
+        note that Polars' ``scan_*`` fixes its file list when created), or a
+        ``deltalake.DeltaTable``, which is re-read whenever its version changes:
+        the way to join a stream with a table that changes.
         ``how`` is ``"inner"``, ``"left"``, ``"semi"``, ``"anti"`` or ``"cross"``:
         the stream side drives the join, so ``"right"`` and ``"full"`` (which
         emit static rows that no stream row matched *yet*) are refused.

@@ -151,6 +151,8 @@ class SinkContext:
     output_mode: OutputMode
     storage: Storage
     session: Session
+    schema: pl.Schema | None = None
+    """The schema of the batches the sink will receive."""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("microstream"))
     faults: FaultInjector = NO_FAULTS
     """Call ``faults.reach("sink.after_data")`` between writing data and committing it."""

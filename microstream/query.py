@@ -126,6 +126,10 @@ class StreamingQuery:
             raise self._execution.exception
         return done
 
+    def await_termination_quietly(self, timeout: float | None = None) -> bool:
+        """Wait like :meth:`await_termination`, without raising the query's exception."""
+        return self._execution.join(timeout)
+
     def process_all_available(self, timeout: float | None = None) -> None:
         """Block until everything available when called has been processed (for tests).
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import polars as pl
@@ -64,6 +65,7 @@ class Session:
         self._table_batches: dict[str, set[int]] = {}
         self._listeners: list[object] = []
         self._queries: dict[str, StreamingQuery] = {}
+        self._finished: deque[StreamingQuery] = deque(maxlen=100)
         self.trigger_override: Trigger | None = None
         """When set (by ``microstream run --available-now``), every new query uses it."""
 
@@ -138,7 +140,15 @@ class Session:
 
     def unregister_query_run(self, run_id: str) -> None:
         with self._lock:
-            self._queries.pop(run_id, None)
+            query = self._queries.pop(run_id, None)
+            if query is not None:
+                self._finished.append(query)
+
+    @property
+    def finished(self) -> list[StreamingQuery]:
+        """The most recent queries of this process that have terminated."""
+        with self._lock:
+            return list(self._finished)
 
     @property
     def active(self) -> list[StreamingQuery]:
