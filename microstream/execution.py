@@ -107,6 +107,7 @@ class StreamExecution:
         self._last_trigger_start: float | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
+        self._wake = False
         self._checks_started = 0
         self._idle_after_check = -1
         self._batches_done = 0
@@ -291,9 +292,10 @@ class StreamExecution:
         with self._cond:
             while not self._stop.is_set():
                 remaining = due - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or (interval == 0 and self._wake):
                     break
                 self._cond.wait(remaining)
+            self._wake = False
 
     def _trigger_once(self) -> bool:
         """One trigger: run a batch if any source has new data. Returns whether one ran."""
@@ -492,6 +494,9 @@ class StreamExecution:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             target = self._checks_started + 1
+            # An as-fast-as-possible query polls when idle; no need to wait for the poll.
+            self._wake = True
+            self._cond.notify_all()
             while self._idle_after_check < target and self.is_active:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
