@@ -38,7 +38,13 @@ from microstream.checkpoint import (
     PlanRecord,
     SourceOffsets,
 )
-from microstream.exceptions import CheckpointCorruptError, OffsetError, SinkError, SourceError
+from microstream.exceptions import (
+    CheckpointCorruptError,
+    MicrostreamError,
+    OffsetError,
+    SinkError,
+    SourceError,
+)
 from microstream.faults import FaultInjector
 from microstream.progress import (
     BatchDurations,
@@ -376,8 +382,8 @@ class StreamExecution:
             else:
                 try:
                     df = src.read(start, end)
-                except (SourceError, OffsetError):
-                    raise
+                except MicrostreamError:
+                    raise  # already names the source, file or offset
                 except Exception as exc:
                     msg = (
                         f"source {i} ({src.description}) failed to read batch {batch_id} "
@@ -397,7 +403,7 @@ class StreamExecution:
         self.checkpoint.check_lock()
         try:
             self._sink.add_batch(batch_id, result)
-        except SinkError:
+        except MicrostreamError:
             raise
         except Exception as exc:
             msg = f"sink {self._sink.description} failed to write batch {batch_id}: {exc}"
