@@ -80,9 +80,7 @@ class PlanRecord(_Record):
         if self.stateful != new.stateful:
             problems.append(f"stateful operators changed from {self.stateful} to {new.stateful}")
         if self.output_mode != new.output_mode:
-            problems.append(
-                f"output_mode changed from {self.output_mode!r} to {new.output_mode!r}"
-            )
+            problems.append(f"output_mode changed from {self.output_mode!r} to {new.output_mode!r}")
         return problems
 
 
@@ -260,7 +258,9 @@ class Checkpoint:
             try:
                 current = self.storage.read_model("lock.json", LockRecord)
             except CheckpointCorruptError:
-                logger.warning("lock file %s is unreadable; taking it over", self.display("lock.json"))
+                logger.warning(
+                    "lock file %s is unreadable; taking it over", self.display("lock.json")
+                )
                 current = None
             if current is not None:
                 age = now - current.heartbeat_at

@@ -134,9 +134,7 @@ def _status(args: argparse.Namespace) -> int:
             sum(p.processed_rows_per_second for p in progress) / len(progress) if progress else None
         ),
         "last_batch_duration_ms": progress[-1].durations_ms.total if progress else None,
-        "running": (
-            lock is not None and time.time() - lock.heartbeat_at < lock.timeout_s
-        ),
+        "running": (lock is not None and time.time() - lock.heartbeat_at < lock.timeout_s),
         "owner": f"pid {lock.pid} on {lock.host}" if lock else None,
     }
     if args.json:
@@ -144,7 +142,9 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint   {report['checkpoint']}")
     print(f"query        {meta.name or '-'} (id {meta.id})")
-    print(f"plan         {', '.join(report['sources'])} -> {meta.plan.sink} ({meta.plan.output_mode})")
+    print(
+        f"plan         {', '.join(report['sources'])} -> {meta.plan.sink} ({meta.plan.output_mode})"
+    )
     print(f"running      {'yes, ' + str(report['owner']) if report['running'] else 'no'}")
     print(f"last batch   {report['last_batch']} (committed: {report['last_committed_batch']})")
     if report["pending_batch"] is not None:

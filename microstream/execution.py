@@ -166,7 +166,9 @@ class StreamExecution:
             raise
         self.state = "active"
         self._thread = threading.Thread(
-            target=self._run, name=f"microstream-{self.config.name or self.query_id[:8]}", daemon=True
+            target=self._run,
+            name=f"microstream-{self.config.name or self.query_id[:8]}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -331,7 +333,8 @@ class StreamExecution:
                 self._idle_after_check = max(self._idle_after_check, check)
                 self._cond.notify_all()
             self.config.session.post(
-                "on_query_idle", QueryIdleEvent(id=self.query_id, run_id=self.run_id, timestamp=_now())
+                "on_query_idle",
+                QueryIdleEvent(id=self.query_id, run_id=self.run_id, timestamp=_now()),
             )
             return False
         self.is_data_available = True

@@ -101,7 +101,7 @@ class StreamFrame:
     >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
     >>> big = stream.lazy().filter(pl.col("amount") > 10).select("user")
     >>> big.collect_schema()
-    Schema({'user': Int64})
+    Schema([('user', Int64)])
     >>> stream.lazy().sort("user")
     Traceback (most recent call last):
     ...
@@ -333,9 +333,7 @@ class StreamFrame:
         side: pl.LazyFrame | StaticSide
         if isinstance(other, pl.DataFrame):
             side = other.lazy()
-        elif isinstance(other, pl.LazyFrame):
-            side = other
-        elif isinstance(other, StaticSide):
+        elif isinstance(other, (pl.LazyFrame, StaticSide)):
             side = other
         elif type(other).__module__.startswith("deltalake"):
             side = load_connector("delta_static").from_table(other)

@@ -21,7 +21,7 @@ __all__ = ["read_file_sink", "scan_files", "scan_rate"]
 def scan_files(
     path: str | os.PathLike[str],
     *,
-    format: FileFormat = "parquet",  # noqa: A002 - Polars' and Spark's name for it
+    format: FileFormat = "parquet",
     schema: Mapping[str, Any] | pl.Schema | None = None,
     max_files_per_trigger: int | None = None,
     latest_first: bool = False,
@@ -59,9 +59,11 @@ def scan_files(
 
     Examples
     --------
+    >>> import fsspec
     >>> import polars as pl
     >>> import microstream as ms
-    >>> pl.DataFrame({"x": [1, 2]}).write_parquet("memory://doc-in/a.parquet")
+    >>> with fsspec.open("memory://doc-in/a.parquet", "wb") as f:
+    ...     pl.DataFrame({"x": [1, 2]}).write_parquet(f)
     >>> frame = ms.scan_files("memory://doc-in", format="parquet")
     >>> query = frame.sink_memory("doc_files")
     >>> query.process_all_available()

@@ -84,9 +84,7 @@ class PlanNode:
 
     def schema(self) -> pl.Schema:
         """The output schema, found by planning the query over empty inputs."""
-        empty = {
-            i: pl.LazyFrame(schema=scan.source.schema) for i, scan in enumerate(self.scans())
-        }
+        empty = {i: pl.LazyFrame(schema=scan.source.schema) for i, scan in enumerate(self.scans())}
         try:
             return self.to_lazy(empty).collect_schema()
         except pl.exceptions.PolarsError as exc:

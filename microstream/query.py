@@ -38,7 +38,7 @@ class StreamingQuery:
     >>> import polars as pl
     >>> import microstream as ms
     >>> stream = ms.MemoryStream({"x": pl.Int64})
-    >>> query = stream.lazy().filter(pl.col("x") > 1).sink_memory("big", name="big")
+    >>> query = stream.lazy().filter(pl.col("x") > 1).sink_memory("big")
     >>> _ = stream.add_data({"x": [1, 2, 3]})
     >>> query.process_all_available()
     >>> query.last_progress.num_input_rows, query.last_progress.num_output_rows

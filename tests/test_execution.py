@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -164,10 +165,15 @@ def test_incompatible_plan_change_is_refused(tmp_path: Path, name: str) -> None:
         ("offsets/0.json", b'{"format_version": 1, "batch_id": 0, "batch_ti'),
         ("commits/0.json", b""),
         ("metadata.json", b"not json"),
-        ("offsets/0.json", b'{"format_version": 1, "batch_id": 7, "batch_timestamp_ms": 1, "sources": []}'),  # fmt: skip
+        (
+            "offsets/0.json",
+            b'{"format_version": 1, "batch_id": 7, "batch_timestamp_ms": 1, "sources": []}',
+        ),
     ],
 )
-def test_corrupt_checkpoint_file_is_named(tmp_path: Path, name: str, relative: str, content: bytes) -> None:
+def test_corrupt_checkpoint_file_is_named(
+    tmp_path: Path, name: str, relative: str, content: bytes
+) -> None:
     cp = tmp_path / "cp"
     source = ms.MemoryStream(SCHEMA, name="s")
     query = source.lazy().sink_memory(name, checkpoint=cp)
@@ -228,7 +234,7 @@ def test_processing_time_trigger_spaces_batches(name: str) -> None:
     query.stop()
     stamps = [p.timestamp for p in query.recent_progress]
     assert len(stamps) == 3
-    gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
     assert all(gap >= 0.25 for gap in gaps), gaps
 
 
@@ -335,6 +341,8 @@ class BackwardsSource:
 
 def test_offsets_going_backwards_are_refused(name: str) -> None:
     query = ms.StreamFrame.from_source(BackwardsSource()).sink_memory(name)
-    with pytest.raises(ms.OffsetError, match=r"source 0 \(backwards\) returned latest offset \{'n': 2\}"):
+    with pytest.raises(
+        ms.OffsetError, match=r"source 0 \(backwards\) returned latest offset \{'n': 2\}"
+    ):
         query.await_termination(timeout=30)
     assert ms.table(name).height == 1

@@ -112,7 +112,9 @@ def test_delta_sink_error_names_table_and_restart_continues(tmp_path: Path) -> N
 
     def start() -> ms.StreamingQuery:
         frame = ms.scan_files(tmp_path / "in", schema=SCHEMA)
-        return frame.sink_delta(target, checkpoint=tmp_path / "cp", trigger=ms.Trigger.available_now())
+        return frame.sink_delta(
+            target, checkpoint=tmp_path / "cp", trigger=ms.Trigger.available_now()
+        )
 
     with pytest.raises(ms.SinkError, match=str(target)):
         start().await_termination(timeout=60)

@@ -18,7 +18,10 @@ BATCHES = [
     pl.DataFrame(
         {"id": [3], "user": ["cid"], "amount": [None], "tags": [["b", "c"]]}, schema=SCHEMA
     ),
-    pl.DataFrame({"id": [4, 5], "user": ["ann", "dan"], "amount": [2.5, 7.0], "tags": [["d"], None]}, schema=SCHEMA),  # fmt: skip
+    pl.DataFrame(
+        {"id": [4, 5], "user": ["ann", "dan"], "amount": [2.5, 7.0], "tags": [["d"], None]},
+        schema=SCHEMA,
+    ),
 ]
 
 
@@ -57,7 +60,9 @@ def test_explode(name: str) -> None:
 def test_unnest(name: str) -> None:
     schema = {"k": pl.Int64, "s": pl.Struct({"a": pl.Int64, "b": pl.String})}
     source = ms.MemoryStream(schema)
-    batch = pl.DataFrame({"k": [1, 2], "s": [{"a": 10, "b": "x"}, {"a": 20, "b": "y"}]}, schema=schema)
+    batch = pl.DataFrame(
+        {"k": [1, 2], "s": [{"a": 10, "b": "x"}, {"a": 20, "b": "y"}]}, schema=schema
+    )
     out = run_memory(source.lazy().unnest("s"), [batch], name)
     assert out.rows() == [(1, 10, "x"), (2, 20, "y")]
 
@@ -121,7 +126,9 @@ def test_stream_stream_join_refused() -> None:
         ("group_by", ("user",), "event time and keyed state"),
     ],
 )
-def test_unbounded_verbs_refused_with_alternative(verb: str, args: tuple[object, ...], hint: str) -> None:
+def test_unbounded_verbs_refused_with_alternative(
+    verb: str, args: tuple[object, ...], hint: str
+) -> None:
     with pytest.raises(ms.PlanError, match=verb) as info:
         getattr(stream(), verb)(*args)
     assert hint in str(info.value)
@@ -180,7 +187,9 @@ def test_complete_mode_refused_without_aggregation(name: str) -> None:
 
 def test_file_sink_refuses_complete_mode(tmp_path: pytest.TempPathFactory) -> None:
     with pytest.raises(ms.PlanError, match="does not support output_mode='complete'"):
-        stream().sink_parquet(f"{tmp_path}/out", output_mode="complete", checkpoint=f"{tmp_path}/cp")
+        stream().sink_parquet(
+            f"{tmp_path}/out", output_mode="complete", checkpoint=f"{tmp_path}/cp"
+        )
 
 
 def test_durable_sink_needs_a_checkpoint(tmp_path: pytest.TempPathFactory) -> None:

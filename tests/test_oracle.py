@@ -6,6 +6,7 @@ of the stream's output must equal ``query(all input)`` computed by Polars.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from typing import TypeVar
 
@@ -49,7 +50,9 @@ rows = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=rows, cuts=st.lists(st.integers(0, 60), max_size=8))
-def test_stream_equals_batch(data: list[tuple[int, float | None, str | None]], cuts: list[int]) -> None:
+def test_stream_equals_batch(
+    data: list[tuple[int, float | None, str | None]], cuts: list[int]
+) -> None:
     full = pl.DataFrame(
         {
             "id": list(range(len(data))),
@@ -60,7 +63,7 @@ def test_stream_equals_batch(data: list[tuple[int, float | None, str | None]], c
         schema=SCHEMA,
     )
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    batches = [full.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
+    batches = [full.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
 
     source = ms.MemoryStream(SCHEMA)
     name = f"oracle_{uuid.uuid4().hex[:8]}"
