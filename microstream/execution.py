@@ -296,7 +296,8 @@ class StreamExecution:
             due = time.monotonic() + IDLE_POLL_S
         else:
             return
-        self.status_message = "Waiting for next trigger"
+        if interval > 0:
+            self.status_message = "Waiting for next trigger"
         with self._cond:
             while not self._stop.is_set():
                 remaining = due - time.monotonic()

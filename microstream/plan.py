@@ -226,8 +226,10 @@ def check_row_wise(verb: str, exprs: list[Any]) -> None:
             msg = (
                 f"{verb}({expr}) cannot run on a stream: {what} makes each row's value depend "
                 "on the other rows of the micro-batch, so the result would change with how the "
-                "stream is split into batches. Use group_by(...).agg(...) or "
-                "group_by_dynamic(...).agg(...) for aggregates over the stream"
+                "stream is split into batches. Aggregates over the whole stream need the "
+                "stateful verbs group_by/group_by_dynamic, which this version does not have yet; "
+                "if a per-batch answer is what you want, say so with map_batches(fn) or "
+                "foreach_batch(fn)"
             )
             raise PlanError(msg)
 
