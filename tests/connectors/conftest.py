@@ -1,0 +1,38 @@
+"""Fixtures shared by the connector tests: runtime contexts over a tmp checkpoint."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from microstream.protocols import SinkContext, SourceContext
+from microstream.session import Session
+from microstream.storage import Storage
+
+
+@pytest.fixture
+def source_ctx(tmp_path: Path) -> SourceContext:
+    """The context of source 0 of query ``q``, its log under ``tmp_path/cp``."""
+    return SourceContext(
+        index=0, storage=Storage(str(tmp_path / "cp" / "sources" / "0")), query_id="q"
+    )
+
+
+@pytest.fixture
+def sink_ctx(tmp_path: Path) -> SinkContext:
+    """An append-mode sink context of query ``q``."""
+    return SinkContext(
+        query_id="q",
+        query_name=None,
+        output_mode="append",
+        storage=Storage(str(tmp_path / "cp" / "sinks")),
+        session=Session(),
+    )
+
+
+@pytest.fixture
+def memory_url() -> str:
+    """A fresh ``memory://`` directory (the memory filesystem is process-wide)."""
+    return f"memory://connectors-{uuid.uuid4().hex}"
