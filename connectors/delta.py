@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import polars as pl
 
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
-from microstream.plan import StaticSide
-from microstream.protocols import SinkContext
+from microstream.protocols import SinkContext, StaticSide
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable

@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
@@ -296,6 +296,7 @@ class StreamFrame:
         validate: str = "m:m",
         nulls_equal: bool = False,
         coalesce: bool | None = None,
+        maintain_order: Literal["none", "left", "right", "left_right", "right_left"] = "left",
     ) -> StreamFrame:
         """Join the stream with a static table, as :meth:`polars.LazyFrame.join`.
 
@@ -305,7 +306,9 @@ class StreamFrame:
         the way to join a stream with a table that changes.
         ``how`` is ``"inner"``, ``"left"``, ``"semi"``, ``"anti"`` or ``"cross"``:
         the stream side drives the join, so ``"right"`` and ``"full"`` (which
-        emit static rows that no stream row matched *yet*) are refused.
+        emit static rows that no stream row matched *yet*) are refused. Unlike
+        Polars' default, ``maintain_order="left"`` keeps the stream's arrival
+        order, so output is deterministic.
 
         Examples
         --------
@@ -344,6 +347,8 @@ class StreamFrame:
             )
             raise PlanError(msg)
         kwargs: dict[str, Any] = {"how": how, "suffix": suffix}
+        if how != "cross" and maintain_order != "none":
+            kwargs["maintain_order"] = maintain_order
         if on is not None:
             kwargs["on"] = on
         if left_on is not None:
@@ -498,18 +503,22 @@ class StreamFrame:
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
+        merge_schema: bool = False,
     ) -> StreamingQuery:
         """Start the query writing a Delta table, exactly once per batch.
 
         Each batch commits with a Delta application transaction (app id = the
         query id, version = the batch id), so a batch re-run after a crash is
         recognised and skipped. ``output_mode="complete"`` overwrites the table
-        every batch (for aggregations).
+        every batch (for aggregations). ``merge_schema=True`` lets a batch add
+        columns to the table; otherwise a batch whose schema differs is a
+        ``SinkError``.
         """
         spec = load_connector("delta")(
             path=os.fspath(path),
             storage_options=storage_options,
             partition_by=list(partition_by) if partition_by else None,
+            merge_schema=merge_schema,
         )
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name

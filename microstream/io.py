@@ -27,6 +27,8 @@ def scan_files(
     latest_first: bool = False,
     clean_source: CleanSource = "off",
     source_archive_dir: str | None = None,
+    glob: str | None = None,
+    recursive: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> StreamFrame:
     """Stream the files that arrive in a directory (any fsspec URL).
@@ -54,6 +56,10 @@ def scan_files(
         ``"archive"`` them to ``source_archive_dir``.
     source_archive_dir
         Where ``clean_source="archive"`` moves files.
+    glob
+        Only files whose name matches this pattern (e.g. ``"*.parquet"``).
+    recursive
+        Also watch subdirectories.
     storage_options
         Passed to fsspec.
 
@@ -79,6 +85,8 @@ def scan_files(
         latest_first=latest_first,
         clean_source=clean_source,
         source_archive_dir=source_archive_dir,
+        glob=glob,
+        recursive=recursive,
         storage_options=storage_options,
     )
     return StreamFrame.from_source(spec)
@@ -89,11 +97,15 @@ def scan_rate(
     *,
     num_partitions: int = 1,
     start_timestamp: datetime | None = None,
+    max_rows_per_trigger: int | None = None,
 ) -> StreamFrame:
     """A synthetic stream of ``(timestamp, value)`` rows at a fixed rate.
 
     Row ``i`` has ``value = i`` and ``timestamp = start + i / rows_per_second``
     seconds; the start time is kept in the checkpoint, so replays are exact.
+    Value ``v`` belongs to partition ``v % num_partitions``; a batch lists
+    partition 0's rows, then partition 1's, each in ascending value.
+    ``max_rows_per_trigger`` bounds a batch (not for ``Trigger.once()``).
 
     Examples
     --------
@@ -105,6 +117,7 @@ def scan_rate(
         rows_per_second=rows_per_second,
         num_partitions=num_partitions,
         start_timestamp=start_timestamp,
+        max_rows_per_trigger=max_rows_per_trigger,
     )
     return StreamFrame.from_source(spec)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from microstream.exceptions import PlanError
+from microstream.protocols import StaticSide
 
 if TYPE_CHECKING:
     from microstream.protocols import SourceSpec
@@ -32,22 +33,6 @@ __all__ = [
     "check_row_wise",
     "describe_value",
 ]
-
-
-class StaticSide:
-    """A static table joined to a stream that may change between batches.
-
-    Implementations reload their data when the underlying table changes (the
-    Delta connector re-reads a table whose version moved).
-    """
-
-    schema: pl.Schema
-
-    def describe(self) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def current(self) -> pl.LazyFrame:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 class PlanNode:

@@ -36,6 +36,7 @@ __all__ = [
     "Source",
     "SourceContext",
     "SourceSpec",
+    "StaticSide",
 ]
 
 
@@ -105,6 +106,9 @@ class Source(Protocol):
     def read(self, start: Offset, end: Offset) -> pl.DataFrame:
         """Exactly the rows in ``(start, end]``, with the source's schema."""
         ...
+
+    # Optional: ``lag(end) -> int | None``, the units (rows, files) available
+    # beyond ``end``; the engine reports it in progress when a source has it.
 
     def parse_offset(self, data: dict[str, Any]) -> Offset:
         """The offset model of this source from its JSON form in the WAL."""
@@ -184,3 +188,20 @@ class SinkSpec(Protocol):
     def describe(self) -> str: ...
 
     def build(self, context: SinkContext) -> Sink: ...
+
+
+class StaticSide:
+    """The static side of a stream-static join, for tables that change between batches.
+
+    Subclass it in a connector: ``current()`` is called once per batch and
+    returns the table as it is now (the Delta connector re-reads a table whose
+    version moved, and returns its cached frame otherwise).
+    """
+
+    schema: pl.Schema
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def current(self) -> pl.LazyFrame:  # pragma: no cover - interface
+        raise NotImplementedError
