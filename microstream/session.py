@@ -61,7 +61,7 @@ class Session:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._tables: dict[str, pl.DataFrame] = {}
+        self._tables: dict[str, list[pl.DataFrame]] = {}
         self._table_batches: dict[str, set[int]] = {}
         self._listeners: list[object] = []
         self._queries: dict[str, StreamingQuery] = {}
@@ -78,7 +78,10 @@ class Session:
                 known = ", ".join(sorted(self._tables)) or "none"
                 msg = f"no memory table named {name!r} (known tables: {known})"
                 raise MicrostreamError(msg)
-            return self._tables[name]
+            parts = self._tables[name]
+            if len(parts) > 1:  # concatenate on read, so a batch's append stays O(1)
+                parts[:] = [pl.concat(parts, how="vertical_relaxed")]
+            return parts[0]
 
     def table_names(self) -> list[str]:
         with self._lock:
@@ -87,7 +90,7 @@ class Session:
     def register_table(self, name: str, schema: pl.Schema | None = None) -> None:
         with self._lock:
             if name not in self._tables:
-                self._tables[name] = pl.DataFrame(schema=schema)
+                self._tables[name] = [pl.DataFrame(schema=schema)]
                 self._table_batches[name] = set()
 
     def write_table(self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool) -> bool:
@@ -96,11 +99,11 @@ class Session:
             seen = self._table_batches.setdefault(name, set())
             if batch_id in seen:
                 return False
-            old = self._tables.get(name)
-            if replace or old is None or old.width == 0:
-                self._tables[name] = data
+            parts = self._tables.setdefault(name, [])
+            if replace or not parts or all(p.width == 0 for p in parts):
+                parts[:] = [data]
             else:
-                self._tables[name] = pl.concat([old, data], how="vertical_relaxed")
+                parts.append(data)
             seen.add(batch_id)
             return True
 
