@@ -378,6 +378,18 @@ class StreamFrame:
 
         The query is named ``name`` too. Without ``checkpoint`` it uses a
         temporary one, removed when the query stops.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_memory("doc_memory")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_memory")["x"].to_list()
+        [1, 2]
+        >>> query.stop()
         """
         spec = load_connector("memory_sink")(name=name, session=session)
         return self._start(
@@ -394,7 +406,27 @@ class StreamFrame:
         name: str | None = None,
         num_rows: int = 20,
     ) -> StreamingQuery:
-        """Start the query printing each batch (at most ``num_rows`` rows of it)."""
+        """Start the query printing each batch (at most ``num_rows`` rows of it).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_console()
+        >>> _ = stream.add_data({"x": [7]})
+        >>> query.process_all_available()
+        Batch: 0
+        shape: (1, 1)
+        ┌─────┐
+        │ x   │
+        │ --- │
+        │ i64 │
+        ╞═════╡
+        │ 7   │
+        └─────┘
+        >>> query.stop()
+        """
         spec = load_connector("console")(num_rows=num_rows)
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
@@ -413,6 +445,22 @@ class StreamFrame:
 
         After a crash the uncommitted batch is handed over again with the same
         id and rows: write idempotently by ``batch_id`` for exactly-once.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> seen = []
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().foreach_batch(
+        ...     lambda df, batch_id: seen.append((batch_id, df.height)),
+        ...     checkpoint="memory://doc-foreach",
+        ... )
+        >>> _ = stream.add_data({"x": [1, 2, 3]})
+        >>> query.process_all_available()
+        >>> seen
+        [(0, 3)]
+        >>> query.stop()
         """
         spec = load_connector("foreach_batch")(function=function)
         return self._start(
@@ -456,6 +504,20 @@ class StreamFrame:
         A batch's files become visible to :func:`ms.read_file_sink` only once its
         manifest entry is written; a crash leaves invisible orphans, never
         duplicates.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_parquet(
+        ...     "memory://doc-parquet/out", checkpoint="memory://doc-parquet/cp"
+        ... )
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> ms.read_file_sink("memory://doc-parquet/out")["x"].to_list()
+        [1, 2]
         """
         return self._sink_files(
             path, "parquet", output_mode, trigger, checkpoint, name, storage_options, partition_by
@@ -513,6 +575,22 @@ class StreamFrame:
         every batch (for aggregations). ``merge_schema=True`` lets a batch add
         columns to the table; otherwise a batch whose schema differs is a
         ``SinkError``.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> root = tempfile.mkdtemp()
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_delta(f"{root}/table", checkpoint=f"{root}/cp")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"x": [3]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> pl.read_delta(f"{root}/table").sort("x")["x"].to_list()
+        [1, 2, 3]
         """
         spec = load_connector("delta")(
             path=os.fspath(path),
