@@ -43,7 +43,7 @@ from microstream.exceptions import (
     SinkError,
     SourceError,
 )
-from microstream.frame import StreamFrame
+from microstream.frame import StreamFrame, concat
 from microstream.io import read_file_sink, scan_files, scan_rate
 from microstream.progress import QueryProgress
 from microstream.query import QueryStatus, StreamingQuery
@@ -79,6 +79,7 @@ __all__ = [
     "Trigger",
     "active",
     "add_listener",
+    "concat",
     "read_file_sink",
     "remove_listener",
     "scan_files",

@@ -108,6 +108,9 @@ class OffsetEntry(_Record):
     batch_id: int
     batch_timestamp_ms: int
     watermark_us: int | None = None
+    """The watermark that drives emission and eviction in this batch (wm[N])."""
+    late_watermark_us: int | None = None
+    """The watermark that judges rows late in this batch (the previous batch's, wm[N-1])."""
     sources: list[SourceOffsets]
 
 
@@ -116,6 +119,9 @@ class CommitEntry(_Record):
     batch_id: int
     committed_at: datetime
     num_output_rows: int
+    watermark_us: int | None = None
+    max_event_us: list[int | None] = Field(default_factory=list)
+    """Per watermarked input, the largest event time seen up to this batch."""
 
 
 class LockRecord(_Record):

@@ -26,8 +26,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
@@ -46,6 +46,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.faults import FaultInjector
+from microstream.plan import BatchContext, ScanNode
 from microstream.progress import (
     BatchDurations,
     QueryIdleEvent,
@@ -57,10 +58,11 @@ from microstream.progress import (
     SourceProgress,
 )
 from microstream.protocols import Offset, Sink, SinkContext, Source, SourceContext
+from microstream.watermark import FLUSH_WATERMARK_US, WatermarkInput, WatermarkTracker
 
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
-    from microstream.plan import PlanNode
+    from microstream.plan import PlanNode, StatefulOperator
     from microstream.protocols import SinkSpec
     from microstream.session import Session
     from microstream.trigger import Trigger
@@ -88,6 +90,7 @@ class ExecutionConfig:
     storage_options: dict[str, str] | None = None
     lock_timeout_s: float = 30.0
     progress_history: int = 100
+    watermark_policy: Literal["min", "max"] = "min"
 
 
 class StreamExecution:
@@ -118,7 +121,18 @@ class StreamExecution:
         self._idle_after_check = -1
         self._batches_done = 0
         self._thread: threading.Thread | None = None
-        self._scan_sources = [scan.source for scan in config.plan.scans()]
+        plan = config.plan
+        self._scans = plan.scans()
+        self._scan_sources = [scan.source for scan in self._scans]
+        self._watermark_nodes = plan.watermark_nodes()
+        self._stateful_nodes = plan.stateful_nodes()
+        self._operators: dict[PlanNode, StatefulOperator] = {}
+        self.watermark = WatermarkTracker(
+            [WatermarkInput(n.delay_us, n.idle_timeout_us) for n in self._watermark_nodes],
+            policy=config.watermark_policy,
+        )
+        self._last_watermark_us = 0
+        self._flushed = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -126,6 +140,10 @@ class StreamExecution:
         plan = self.config.plan
         return PlanRecord(
             sources=[{"kind": s.kind, **s.identity()} for s in self._scan_sources],
+            stateful=[
+                *(n.fingerprint() for n in self._watermark_nodes),
+                *(n.fingerprint() for n in self._stateful_nodes),
+            ],
             stateless=plan.stateless_steps(),
             output_mode=self.config.output_mode,
             sink=self.config.sink.kind,
@@ -161,6 +179,11 @@ class StreamExecution:
                 )
             )
             self._restore_position()
+            state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
+            for i, node in enumerate(self._stateful_nodes):
+                operator = node.build_operator(f"op{i}", cp.storage.sub(f"state/op{i}"))
+                operator.load(state_version)
+                self._operators[node] = operator
         except BaseException:
             self._close()
             raise
@@ -190,6 +213,10 @@ class StreamExecution:
             )
             raise CheckpointCorruptError(msg)
         committed_id = commit.batch_id if commit is not None else -1
+        if commit is not None and commit.watermark_us is not None:
+            self.watermark.restore(commit.watermark_us, commit.max_event_us)
+            self._last_watermark_us = commit.watermark_us
+            self._flushed = commit.watermark_us >= FLUSH_WATERMARK_US
         if committed_id == latest.batch_id:
             self._committed = self._parse_ends(latest)
         elif committed_id == latest.batch_id - 1:
@@ -326,7 +353,14 @@ class StreamExecution:
                 )
                 raise OffsetError(msg)
             ends.append(end)
-        if all(end == start for end, start in zip(ends, self._committed)):
+        has_data = any(end != start for end, start in zip(ends, self._committed))
+        watermark_us: int | None = None
+        if self.watermark.enabled:
+            watermark_us = self.watermark.advance()
+            if not has_data and self._flush_due():
+                # available_now(flush=True): the input is drained; close every window.
+                watermark_us = self.watermark.current_us = FLUSH_WATERMARK_US
+        if not has_data and not self._no_data_batch_due(watermark_us):
             self.is_data_available = False
             self.is_trigger_active = False
             self.status_message = "Waiting for data to arrive"
@@ -338,10 +372,12 @@ class StreamExecution:
                 QueryIdleEvent(id=self.query_id, run_id=self.run_id, timestamp=_now()),
             )
             return False
-        self.is_data_available = True
+        self.is_data_available = has_data
         entry = OffsetEntry(
             batch_id=self._next_batch_id,
             batch_timestamp_ms=int(time.time() * 1000),
+            watermark_us=watermark_us,
+            late_watermark_us=self._last_watermark_us if watermark_us is not None else None,
             sources=[
                 SourceOffsets(
                     index=i,
@@ -362,6 +398,35 @@ class StreamExecution:
         self._run_batch(entry, recovered=False, offsets_ms=offsets_ms, wal_ms=wal_ms)
         return True
 
+    def _route_late_rows(self, batch_id: int, late: pl.DataFrame) -> None:
+        target = next((n.on_late for n in self._watermark_nodes if n.on_late is not None), None)
+        if target is None:
+            return  # dropped, and counted in progress
+        if isinstance(target, str):
+            self.config.session.register_table(target)
+            self.config.session.write_table(target, batch_id, late, replace=False)
+        else:
+            target(late, batch_id)
+
+    def _no_data_batch_due(self, watermark_us: int | None) -> bool:
+        """A batch without new rows runs when the watermark moved and state may be evicted."""
+        return (
+            watermark_us is not None
+            and bool(self._stateful_nodes)
+            and self.config.output_mode != "complete"
+            and watermark_us > self._last_watermark_us
+        )
+
+    def _flush_due(self) -> bool:
+        trigger = self.config.trigger
+        return (
+            trigger.kind == "available_now"
+            and trigger.flush
+            and not self._flushed
+            and bool(self._stateful_nodes)
+            and not self._no_data_batch_due(self.watermark.current_us)
+        )
+
     def _run_batch(
         self,
         entry: OffsetEntry,
@@ -378,7 +443,7 @@ class StreamExecution:
         ends = self._parse_ends(entry)
 
         t_read = time.perf_counter()
-        inputs: dict[int, pl.LazyFrame] = {}
+        inputs: dict[ScanNode, pl.LazyFrame] = {}
         rows_in: list[int] = []
         for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
             if start == end:
@@ -395,11 +460,20 @@ class StreamExecution:
                     )
                     raise SourceError(msg) from exc
             rows_in.append(df.height)
-            inputs[i] = df.lazy()
+            inputs[self._scans[i]] = df.lazy()
         self.faults.reach("batch.after_read")
 
         t_compute = time.perf_counter()
-        result = self.config.plan.to_lazy(inputs).collect()
+        ctx = BatchContext(
+            batch_id=batch_id,
+            late_watermark_us=entry.late_watermark_us or 0,
+            watermark_us=entry.watermark_us or 0,
+            output_mode=self.config.output_mode,
+            operators=self._operators,
+        )
+        result = self.config.plan.execute(inputs, ctx).collect()
+        if ctx.late_rows:
+            self._route_late_rows(batch_id, pl.concat(ctx.late_rows, how="diagonal_relaxed"))
         self.faults.reach("batch.after_compute")
 
         t_sink = time.perf_counter()
@@ -415,14 +489,29 @@ class StreamExecution:
         self.faults.reach("batch.after_sink")
 
         t_commit = time.perf_counter()
+        for operator in self._operators.values():
+            operator.commit(batch_id)
         self.faults.reach("batch.before_commit")
         self.checkpoint.check_lock()
+        maxima: list[int | None] = []
+        if self.watermark.enabled:
+            self.watermark.observe([ctx.max_event_us.get(n) for n in self._watermark_nodes])
+            maxima = self.watermark.maxima()
         self.checkpoint.write_commit(
-            CommitEntry(batch_id=batch_id, committed_at=_now(), num_output_rows=result.height)
+            CommitEntry(
+                batch_id=batch_id,
+                committed_at=_now(),
+                num_output_rows=result.height,
+                watermark_us=entry.watermark_us,
+                max_event_us=maxima,
+            )
         )
         self.faults.reach("batch.after_commit")
         self._committed = ends
         self._next_batch_id = batch_id + 1
+        if entry.watermark_us is not None:
+            self._last_watermark_us = entry.watermark_us
+            self._flushed = entry.watermark_us >= FLUSH_WATERMARK_US
         for src, end in zip(self._sources, ends):
             src.commit(end)
         t_end = time.perf_counter()
@@ -482,6 +571,9 @@ class StreamExecution:
             input_rows_per_second=input_rate,
             processed_rows_per_second=total_in / total_s,
             durations_ms=durations,
+            watermark=_from_us(entry.watermark_us),
+            late_watermark=_from_us(entry.late_watermark_us),
+            state_operators=[op.progress() for op in self._operators.values()],
             sources=sources,
             sink=SinkProgress(description=self._sink.description, num_output_rows=rows_out),
         )
@@ -532,3 +624,9 @@ class StreamExecution:
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _from_us(value: int | None) -> datetime | None:
+    if value is None:
+        return None
+    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=value)

@@ -13,31 +13,38 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
+from microstream.dedup import DedupNode
+from microstream.duration import parse_duration
 from microstream.exceptions import PlanError
 from microstream.execution import ExecutionConfig, StreamExecution
+from microstream.groupby import StreamDynamicGroupBy, StreamGroupBy, StreamSessionGroupBy
 from microstream.plan import (
+    ConcatNode,
     MapBatchesNode,
     PlanNode,
     ScanNode,
     StatelessNode,
     StaticJoinNode,
-    StaticSide,
+    WatermarkNode,
     check_row_wise,
 )
+from microstream.protocols import StaticSide
 from microstream.query import StreamingQuery
 from microstream.registry import load_connector
 from microstream.session import Session, default_session
 from microstream.trigger import DEFAULT_TRIGGER, Trigger
+from microstream.windows import time_dtype_check
 
 if TYPE_CHECKING:
     from microstream._typing import FileFormat, OutputMode, StaticJoinStrategy
     from microstream.protocols import SinkSpec, SourceSpec
 
-__all__ = ["StreamFrame"]
+__all__ = ["StreamFrame", "concat"]
 
 logger = logging.getLogger("microstream")
 
@@ -76,15 +83,8 @@ _UNSUPPORTED: dict[str, str] = {
     "first": "a stream has no final first row; use group_by(...).agg(pl.first(...))",
     "last": "a stream has no last row; use group_by(...).agg(pl.last(...))",
 }
-# Stateful verbs that need event time and state; they are not in this version.
-_STATEFUL: tuple[str, ...] = (
-    "group_by",
-    "group_by_dynamic",
-    "rolling",
-    "unique",
-    "join_asof",
-    "join_where",
-)
+# Stateful verbs that are not in this version.
+_STATEFUL: tuple[str, ...] = ("rolling", "join_asof", "join_where")
 
 
 class StreamFrame:
@@ -115,7 +115,7 @@ class StreamFrame:
     @classmethod
     def from_source(cls, source: SourceSpec) -> StreamFrame:
         """A frame that reads ``source`` (what ``scan_*`` functions return)."""
-        return cls(ScanNode(source=source, index=0))
+        return cls(ScanNode(source=source))
 
     # -- schema and plan --------------------------------------------------------------
 
@@ -146,7 +146,7 @@ class StreamFrame:
         >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
         >>> stream.lazy().filter(pl.col("x") > 1).explain()
         filter([(col("x")) > (dyn int: 1)])
-          Scan[0] MemoryStream[xs]
+          Scan MemoryStream[xs]
         """
         print("\n".join(self._plan.explain_lines()))
 
@@ -156,8 +156,8 @@ class StreamFrame:
             raise PlanError(msg)
         if name in _STATEFUL:
             msg = (
-                f"{name}() on a stream needs event time and keyed state, which this version "
-                "of microstream does not have yet; aggregate per batch with "
+                f"{name}() on a stream is not available in this version of microstream; "
+                "use group_by_dynamic(...) windows, or per-batch logic with "
                 "foreach_batch(fn) or map_batches(fn) meanwhile"
             )
             raise PlanError(msg)
@@ -362,6 +362,227 @@ class StreamFrame:
         if coalesce is not None:
             kwargs["coalesce"] = coalesce
         return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
+
+    # -- event time and state ------------------------------------------------------------
+
+    def with_watermark(
+        self,
+        column: str,
+        delay: str | timedelta,
+        *,
+        idle_timeout: str | timedelta | None = None,
+        on_late: str | Callable[[pl.DataFrame, int], object] | None = None,
+    ) -> StreamFrame:
+        """Declare ``column`` the event time, and how late rows may arrive.
+
+        The watermark of batch N is the largest event time seen before N minus
+        ``delay``; it never goes back. Windows close when the watermark passes
+        their end, and rows that arrive behind the previous batch's watermark
+        are late: stateful operators drop them (counted in progress), or hand
+        them to ``on_late``.
+
+        Parameters
+        ----------
+        column
+            A Datetime or Date column.
+        delay
+            How far behind the largest event time rows may still arrive (``"10s"``).
+        idle_timeout
+            When this input has sent nothing for this long (processing time), it
+            stops holding the global watermark back (with several inputs).
+        on_late
+            A memory table name (read with ``ms.table(name)``) or a function
+            ``fn(df, batch_id)`` receiving the late rows of each batch, with
+            ``batch_id``, ``operator``, ``late_watermark`` (the watermark missed)
+            and, for windows, ``window_start``/``window_end``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> events = ms.MemoryStream({"ts": pl.Datetime("us"), "n": pl.Int64}).lazy()
+        >>> events.with_watermark("ts", "10s").collect_schema()
+        Schema([('ts', Datetime(time_unit='us', time_zone=None)), ('n', Int64)])
+        """
+        time_dtype_check(self._schema, column, "with_watermark")
+        delay_us = parse_duration(delay, name="delay") // timedelta(microseconds=1)
+        idle = (
+            None
+            if idle_timeout is None
+            else parse_duration(idle_timeout, name="idle_timeout") // timedelta(microseconds=1)
+        )
+        if on_late is not None and not (isinstance(on_late, str) or callable(on_late)):
+            msg = f"on_late must be a memory table name or a function; got {on_late!r}"
+            raise PlanError(msg)
+        return StreamFrame(
+            WatermarkNode(self._plan, column, delay_us, idle_timeout_us=idle, on_late=on_late)
+        )
+
+    def group_by(self, *by: Any, maintain_order: bool = False) -> StreamGroupBy:
+        """Group the stream by keys; ``.agg(...)`` keeps one result per key, updated forever.
+
+        ``maintain_order`` is accepted for Polars compatibility; emitted rows are
+        sorted by key.
+        """
+        flat = [k for item in by for k in (item if isinstance(item, (list, tuple)) else [item])]
+        return StreamGroupBy(self, flat)
+
+    def group_by_dynamic(
+        self,
+        index_column: str,
+        *,
+        every: str | timedelta,
+        period: str | timedelta | None = None,
+        offset: str | timedelta | None = None,
+        include_boundaries: bool = False,
+        closed: str = "left",
+        label: str = "left",
+        group_by: Any = None,
+        start_by: str = "window",
+    ) -> StreamDynamicGroupBy:
+        """Event-time windows, as :meth:`polars.LazyFrame.group_by_dynamic`.
+
+        Every row goes to each window ``[k*every + offset, k*every + offset +
+        period)`` that contains it (``period`` defaults to ``every``: tumbling
+        windows). The output has Polars' columns: the ``group_by`` keys,
+        ``_lower_boundary``/``_upper_boundary`` with ``include_boundaries``, the
+        index column holding the window start, then the aggregates. Only
+        ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a
+        meaning on a stream.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"ts": pl.Datetime("us"), "n": pl.Int64})
+        >>> per_minute = (
+        ...     stream.lazy()
+        ...     .with_watermark("ts", "30s")
+        ...     .group_by_dynamic("ts", every="1m")
+        ...     .agg(pl.col("n").sum())
+        ... )
+        >>> query = per_minute.sink_memory("doc_minutes")
+        >>> _ = stream.add_data({"ts": [datetime(2024, 1, 1, 0, 0, 10), datetime(2024, 1, 1, 0, 2)],
+        ...                      "n": [1, 2]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_minutes").rows()  # the 00:00 window closed: watermark 00:01:30
+        [(datetime.datetime(2024, 1, 1, 0, 0), 1)]
+        >>> query.stop()
+        """
+        for arg, value in (("closed", closed), ("label", label), ("start_by", start_by)):
+            expected = "window" if arg == "start_by" else "left"
+            if value != expected:
+                msg = (
+                    f"group_by_dynamic({arg}={value!r}) has no meaning on a stream: windows are "
+                    f"aligned to the epoch plus offset and are [start, end); use {arg}={expected!r}"
+                )
+                raise PlanError(msg)
+        return StreamDynamicGroupBy(
+            self,
+            index_column,
+            every=every,
+            period=period,
+            offset=offset,
+            include_boundaries=include_boundaries,
+            group_by=group_by,
+        )
+
+    def group_by_session(
+        self,
+        index_column: str,
+        *,
+        gap: str | timedelta,
+        group_by: Any = None,
+    ) -> StreamSessionGroupBy:
+        """Session windows: runs of events per key at most ``gap`` apart.
+
+        A session spans ``[first event, last event + gap)``; sessions that touch
+        merge, and an event that bridges two sessions merges them. The output
+        has the keys, ``session_start``, ``session_end`` and the aggregates.
+        Output modes ``append`` (each session once, when the watermark passes
+        its end; needs ``with_watermark`` on ``index_column``) and ``update``.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> clicks = ms.MemoryStream({"ts": pl.Datetime("us"), "user": pl.String})
+        >>> sessions = (
+        ...     clicks.lazy()
+        ...     .with_watermark("ts", "0s")
+        ...     .group_by_session("ts", gap="30s", group_by="user")
+        ...     .agg(clicks=pl.len())
+        ... )
+        >>> query = sessions.sink_memory("doc_sessions")
+        >>> t = datetime(2024, 1, 1)
+        >>> _ = clicks.add_data({"ts": [t, t.replace(second=20), t.replace(minute=5)],
+        ...                      "user": ["a", "a", "a"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_sessions").select("user", "clicks").rows()
+        [('a', 2)]
+        >>> query.stop()
+        """
+        return StreamSessionGroupBy(self, index_column, gap, group_by)
+
+    def unique(
+        self,
+        subset: str | Sequence[str] | None = None,
+        *,
+        keep: Literal["first", "any"] = "first",
+        maintain_order: bool = True,
+        within: str | timedelta | None = None,
+    ) -> StreamFrame:
+        """Drop duplicate rows: emit the first row of each key once, as it arrives.
+
+        With the watermarked event-time column in ``subset`` a key is forgotten
+        once the watermark passes its event time; with ``within=`` (Spark's
+        ``dropDuplicatesWithinWatermark``) once the watermark passes its first
+        event time plus ``within``. Otherwise seen keys are kept forever.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"id": pl.Int64, "v": pl.String})
+        >>> query = stream.lazy().unique(subset="id").sink_memory("doc_unique")
+        >>> _ = stream.add_data({"id": [1, 1, 2], "v": ["a", "b", "c"]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"id": [2, 3], "v": ["d", "e"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_unique").rows()
+        [(1, 'a'), (2, 'c'), (3, 'e')]
+        >>> query.stop()
+        """
+        if keep not in ("first", "any"):
+            msg = (
+                f"unique(keep={keep!r}) cannot run on a stream: it would need rows that have "
+                "not arrived yet; use keep='first'"
+            )
+            raise PlanError(msg)
+        columns = [subset] if isinstance(subset, str) else list(subset or self.columns)
+        missing = [c for c in columns if c not in self._schema]
+        if missing:
+            msg = f"unique: no column(s) {missing}; columns are {self.columns}"
+            raise PlanError(msg)
+        marks = self._plan.watermark_nodes()
+        watermark = marks[0] if marks else None
+        within_us = None
+        if within is not None:
+            if watermark is None:
+                msg = "unique(within=...) needs with_watermark(...) upstream, like Spark's dropDuplicatesWithinWatermark"
+                raise PlanError(msg)
+            within_us = parse_duration(within, name="within") // timedelta(microseconds=1)
+        return StreamFrame(
+            DedupNode(
+                input=self._plan,
+                subset=tuple(columns),
+                watermark=watermark,
+                within_us=within_us,
+                input_schema=self._schema,
+            )
+        )
 
     # -- sinks ------------------------------------------------------------------------------
 
@@ -622,13 +843,22 @@ class StreamFrame:
                 f"{sorted(spec.output_modes)}"
             )
             raise PlanError(msg)
-        if output_mode == "complete":
+        stateful = self._plan.stateful_nodes()
+        if len(stateful) > 1:
+            msg = (
+                "this version of microstream runs one stateful operator per query; "
+                f"this query has {len(stateful)}: " + ", ".join(n.describe() for n in stateful)
+            )
+            raise PlanError(msg)
+        if not stateful and output_mode == "complete":
             msg = (
                 "output_mode='complete' needs an aggregation (it re-emits the whole result "
                 "table every batch); this query has none, so its result is unbounded: "
                 "use output_mode='append'"
             )
             raise PlanError(msg)
+        for node in stateful:
+            node.check_output_mode(output_mode)
         if trigger is not None and not isinstance(trigger, Trigger):
             msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
             raise TypeError(msg)
@@ -647,8 +877,11 @@ class StreamFrame:
         else:
             location = tempfile.mkdtemp(prefix="microstream-")
             temporary = True
+        concats = [n for n in self._plan.walk() if isinstance(n, ConcatNode)]
+        policy = concats[-1].watermark_policy if concats else "min"
         execution = StreamExecution(
             ExecutionConfig(
+                watermark_policy=policy,  # type: ignore[arg-type]
                 plan=self._plan,
                 sink=spec,
                 output_mode=output_mode,
@@ -675,3 +908,48 @@ def _flatten(items: Iterable[Any]) -> Iterable[Any]:
             yield from item
         else:
             yield item
+
+
+def concat(
+    frames: Sequence[StreamFrame],
+    *,
+    how: Literal["vertical", "vertical_relaxed", "diagonal", "diagonal_relaxed"] = "vertical",
+    watermark_policy: Literal["min", "max"] = "min",
+) -> StreamFrame:
+    """The union of several streams, as :func:`polars.concat` for frames.
+
+    Each input keeps its own source offsets (and its own watermark, if it has
+    one). With several watermarked inputs the query's watermark is the minimum
+    of theirs (``watermark_policy="max"``: the maximum, which drops more rows of
+    the slower inputs as late); an input idle for longer than its
+    ``idle_timeout`` stops holding it back.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> a = ms.MemoryStream({"x": pl.Int64})
+    >>> b = ms.MemoryStream({"x": pl.Int64})
+    >>> query = ms.concat([a.lazy(), b.lazy()]).sink_memory("doc_concat")
+    >>> _ = a.add_data({"x": [1]}); _ = b.add_data({"x": [2]})
+    >>> query.process_all_available()
+    >>> sorted(ms.table("doc_concat")["x"].to_list())
+    [1, 2]
+    >>> query.stop()
+    """
+    if len(frames) < 2:
+        msg = f"concat needs at least two streams; got {len(frames)}"
+        raise PlanError(msg)
+    for frame in frames:
+        if not isinstance(frame, StreamFrame):
+            msg = (
+                "concat combines streams; got a "
+                f"{type(frame).__name__}: join a static frame with join() instead"
+            )
+            raise PlanError(msg)
+    if watermark_policy not in ("min", "max"):
+        msg = f"watermark_policy must be 'min' or 'max'; got {watermark_policy!r}"
+        raise PlanError(msg)
+    return StreamFrame(
+        ConcatNode(tuple(f.plan for f in frames), how=how, watermark_policy=watermark_policy)
+    )

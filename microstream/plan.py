@@ -2,9 +2,10 @@
 
 A plan is data: nodes are frozen dataclasses, so a plan can be printed
 (``explain``), fingerprinted (stored in the checkpoint and compared on restart)
-and compiled, every batch, into one Polars lazy query over the batch's input.
-Stateful operators (windows, deduplication, stream-stream joins) will be more
-node kinds that own state; stateless nodes simply rewrite a LazyFrame.
+and compiled, every batch, into Polars lazy queries over the batch's input.
+Stateless nodes rewrite a LazyFrame; a stateful node (aggregation,
+deduplication) materialises its input, hands it to its runtime operator, which
+owns the state, and continues lazily from the operator's output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 
@@ -21,18 +22,75 @@ from microstream.exceptions import PlanError
 from microstream.protocols import StaticSide
 
 if TYPE_CHECKING:
+    from microstream.progress import StateOperatorProgress
     from microstream.protocols import SourceSpec
+    from microstream.storage import Storage
 
 __all__ = [
+    "BatchContext",
+    "ConcatNode",
     "MapBatchesNode",
     "PlanNode",
     "ScanNode",
+    "StatefulNode",
+    "StatefulOperator",
     "StatelessNode",
     "StaticJoinNode",
-    "StaticSide",
+    "WatermarkNode",
     "check_row_wise",
     "describe_value",
 ]
+
+
+class StatefulOperator(Protocol):
+    """The runtime of a stateful node: owns its state store, one per query run."""
+
+    operator_id: str
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        """Apply one batch's rows (late rows dropped) and return what to emit."""
+        ...
+
+    def load(self, version: int | None) -> None:
+        """Restore the state as of committed batch ``version`` (None: empty)."""
+        ...
+
+    def commit(self, version: int) -> None:
+        """Persist the state as of batch ``version``."""
+        ...
+
+    def progress(self) -> StateOperatorProgress:
+        """State size and the counts of the last batch."""
+        ...
+
+
+@dataclass
+class BatchContext:
+    """What one run of the plan over one batch needs besides the input.
+
+    ``late_watermark_us`` judges late rows (the previous batch's watermark) and
+    ``watermark_us`` drives emission and eviction at the end of this batch, as
+    Spark does since 3.4. Both are microseconds since the epoch.
+    """
+
+    batch_id: int
+    late_watermark_us: int
+    watermark_us: int
+    output_mode: str
+    operators: Mapping[PlanNode, StatefulOperator] = field(default_factory=dict)
+    planning: bool = False
+    max_event_us: dict[WatermarkNode, int | None] = field(default_factory=dict)
+    """Filled by watermark nodes: the largest event time of this batch per input."""
+    rows_per_input: dict[WatermarkNode, int] = field(default_factory=dict)
+    late_rows: list[pl.DataFrame] = field(default_factory=list)
+    """Rows stateful operators dropped as late, with why (for the ``on_late`` side output)."""
+
+
+def planning_context() -> BatchContext:
+    """A context for planning: no state, nothing late, empty inputs."""
+    return BatchContext(
+        batch_id=-1, late_watermark_us=0, watermark_us=0, output_mode="append", planning=True
+    )
 
 
 class PlanNode:
@@ -44,16 +102,27 @@ class PlanNode:
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def to_lazy(self, inputs: Mapping[int, pl.LazyFrame]) -> pl.LazyFrame:
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
         """The node as a Polars lazy query over the batch's per-source inputs."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def walk(self) -> list[PlanNode]:
+        """Every node, inputs first (a stable order: positions name sources and operators)."""
+        found: list[PlanNode] = []
+        for child in self.children():
+            found.extend(child.walk())
+        found.append(self)
+        return found
+
     def scans(self) -> list[ScanNode]:
         """Scan nodes in plan order (their position is the source index)."""
-        found: list[ScanNode] = []
-        for child in self.children():
-            found.extend(child.scans())
-        return found
+        return [n for n in self.walk() if isinstance(n, ScanNode)]
+
+    def stateful_nodes(self) -> list[StatefulNode]:
+        return [n for n in self.walk() if isinstance(n, StatefulNode)]
+
+    def watermark_nodes(self) -> list[WatermarkNode]:
+        return [n for n in self.walk() if isinstance(n, WatermarkNode)]
 
     def explain_lines(self, depth: int = 0) -> list[str]:
         lines = ["  " * depth + self.describe()]
@@ -69,9 +138,9 @@ class PlanNode:
 
     def schema(self) -> pl.Schema:
         """The output schema, found by planning the query over empty inputs."""
-        empty = {i: pl.LazyFrame(schema=scan.source.schema) for i, scan in enumerate(self.scans())}
+        empty = {scan: pl.LazyFrame(schema=scan.source.schema) for scan in self.scans()}
         try:
-            return self.to_lazy(empty).collect_schema()
+            return self.execute(empty, planning_context()).collect_schema()
         except pl.exceptions.PolarsError as exc:
             msg = f"the query cannot be planned: {exc}\nplan:\n" + "\n".join(self.explain_lines())
             raise PlanError(msg) from exc
@@ -80,16 +149,12 @@ class PlanNode:
 @dataclass(frozen=True, eq=False)
 class ScanNode(PlanNode):
     source: SourceSpec
-    index: int = 0
 
     def describe(self) -> str:
-        return f"Scan[{self.index}] {self.source.describe()}"
+        return f"Scan {self.source.describe()}"
 
-    def scans(self) -> list[ScanNode]:
-        return [self]
-
-    def to_lazy(self, inputs: Mapping[int, pl.LazyFrame]) -> pl.LazyFrame:
-        return inputs[self.index]
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        return inputs[self]
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,8 +177,8 @@ class StatelessNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def to_lazy(self, inputs: Mapping[int, pl.LazyFrame]) -> pl.LazyFrame:
-        lf = self.input.to_lazy(inputs)
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        lf = self.input.execute(inputs, ctx)
         result: pl.LazyFrame = getattr(lf, self.verb)(*self.args, **self.kwargs)
         return result
 
@@ -136,8 +201,8 @@ class MapBatchesNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def to_lazy(self, inputs: Mapping[int, pl.LazyFrame]) -> pl.LazyFrame:
-        return self.input.to_lazy(inputs).map_batches(
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        return self.input.execute(inputs, ctx).map_batches(
             self.function, schema=self.output_schema, validate_output_schema=True
         )
 
@@ -161,9 +226,97 @@ class StaticJoinNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def to_lazy(self, inputs: Mapping[int, pl.LazyFrame]) -> pl.LazyFrame:
-        other = self.other.current() if isinstance(self.other, StaticSide) else self.other
-        return self.input.to_lazy(inputs).join(other, **self.kwargs)
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        if isinstance(self.other, StaticSide):
+            other = pl.LazyFrame(schema=self.other.schema) if ctx.planning else self.other.current()
+        else:
+            other = self.other
+        return self.input.execute(inputs, ctx).join(other, **self.kwargs)
+
+
+@dataclass(frozen=True, eq=False)
+class ConcatNode(PlanNode):
+    """The union of several streams (``ms.concat``), as ``pl.concat`` does for frames."""
+
+    inputs: tuple[PlanNode, ...]
+    how: str = "vertical"
+    watermark_policy: str = "min"
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return self.inputs
+
+    def describe(self) -> str:
+        return f"concat(how={self.how!r}, watermark_policy={self.watermark_policy!r})"
+
+    def stateless_steps(self) -> list[str]:
+        return [*super().stateless_steps(), self.describe()]
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        frames = [child.execute(inputs, ctx) for child in self.inputs]
+        return pl.concat(frames, how=self.how)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, eq=False)
+class WatermarkNode(PlanNode):
+    """``with_watermark``: observes the largest event time of every batch of its input.
+
+    Rows pass through unchanged; stateful operators downstream judge them late.
+    """
+
+    input: PlanNode
+    column: str
+    delay_us: int
+    idle_timeout_us: int | None = None
+    on_late: Any = None
+    """Where late rows go: a memory table name or a function ``fn(df, batch_id)``."""
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return (self.input,)
+
+    def describe(self) -> str:
+        idle = f", idle_timeout={self.idle_timeout_us}us" if self.idle_timeout_us else ""
+        return f"with_watermark({self.column!r}, delay={self.delay_us}us{idle})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"kind": "watermark", "column": self.column, "delay_us": self.delay_us}
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        lf = self.input.execute(inputs, ctx)
+        if ctx.planning:
+            return lf
+        df = lf.collect()
+        ctx.rows_per_input[self] = df.height
+        if df.height:
+            value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
+            ctx.max_event_us[self] = None if value is None else int(value)
+        return df.lazy()
+
+
+class StatefulNode(PlanNode):
+    """A node whose result depends on earlier batches: it owns a runtime operator."""
+
+    input: PlanNode
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return (self.input,)
+
+    def output_schema(self) -> pl.Schema:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build_operator(self, operator_id: str, storage: Storage) -> StatefulOperator:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def check_output_mode(self, output_mode: str) -> None:
+        """Raise PlanError if this operator cannot produce ``output_mode``."""
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        lf = self.input.execute(inputs, ctx)
+        if ctx.planning:
+            return pl.LazyFrame(schema=self.output_schema())
+        return ctx.operators[self].process(lf.collect(), ctx).lazy()
 
 
 def describe_value(value: Any) -> str:

@@ -16,6 +16,7 @@ __all__ = [
     "QueryTerminatedEvent",
     "SinkProgress",
     "SourceProgress",
+    "StateOperatorProgress",
 ]
 
 
@@ -48,6 +49,20 @@ class SourceProgress(_Frozen):
     )
 
 
+class StateOperatorProgress(_Frozen):
+    """One stateful operator in a batch: its state and what the batch did to it."""
+
+    operator_id: str
+    kind: str
+    num_rows_total: int
+    memory_bytes: int
+    num_rows_updated: int = 0
+    num_rows_removed: int = Field(default=0, description="State rows evicted by the watermark.")
+    num_rows_dropped_late: int = Field(
+        default=0, description="Input rows (per window for sliding windows) dropped as late."
+    )
+
+
 class SinkProgress(_Frozen):
     """What the sink received in a batch."""
 
@@ -74,6 +89,8 @@ class QueryProgress(_Frozen):
     processed_rows_per_second: float
     durations_ms: BatchDurations
     watermark: datetime | None = None
+    late_watermark: datetime | None = None
+    state_operators: list[StateOperatorProgress] = Field(default_factory=list)
     sources: list[SourceProgress]
     sink: SinkProgress
 
@@ -92,6 +109,9 @@ class QueryProgress(_Frozen):
         for phase, ms in self.durations_ms.model_dump().items():
             row[f"duration_{phase}_ms"] = ms
         row["source_lag"] = sum(s.lag or 0 for s in self.sources)
+        row["state_rows"] = sum(op.num_rows_total for op in self.state_operators)
+        row["state_bytes"] = sum(op.memory_bytes for op in self.state_operators)
+        row["rows_dropped_late"] = sum(op.num_rows_dropped_late for op in self.state_operators)
         return row
 
 

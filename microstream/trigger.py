@@ -31,6 +31,7 @@ class Trigger(BaseModel):
 
     kind: Literal["processing_time", "once", "available_now"]
     interval: timedelta = timedelta(0)
+    flush: bool = False
 
     @classmethod
     def every(cls, interval: str | timedelta | float) -> Trigger:
@@ -47,13 +48,23 @@ class Trigger(BaseModel):
         return cls(kind="once")
 
     @classmethod
-    def available_now(cls) -> Trigger:
+    def available_now(cls, *, flush: bool = False) -> Trigger:
         """Process everything available at start, in rate-limited batches, then stop.
 
         The scheduled-job mode: run it from cron or an orchestrator to process
         what is new and exit.
+
+        Parameters
+        ----------
+        flush
+            Once the input is drained, advance the watermark past every event
+            (to 9999-12-31) in one last batch, so every window is emitted: a
+            bounded replay then equals the batch result. The checkpoint keeps
+            that watermark, so rows that arrive later for the same checkpoint
+            are late: use ``flush`` for backfills and Kappa replays into a
+            fresh output, not for a job that runs again on new data.
         """
-        return cls(kind="available_now")
+        return cls(kind="available_now", flush=flush)
 
     @property
     def stops_by_itself(self) -> bool:

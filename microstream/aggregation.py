@@ -1,0 +1,348 @@
+"""Stateful aggregation: ``group_by(...).agg`` and ``group_by_dynamic(...).agg`` on a stream.
+
+Rows are assigned to their windows, late (row, window) pairs are dropped
+against the previous batch's watermark, and the rest update per-group state:
+partial aggregates for expressions that decompose, the rows themselves for
+those that do not (see :mod:`microstream.aggregates`). At the end of the batch
+the operator emits by output mode, using the batch's watermark:
+
+- ``append``: each window once, when ``window_end <= watermark``, then its state goes;
+- ``update``: every group the batch changed, then closed windows go silently;
+- ``complete``: the whole result table, every batch; nothing is evicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
+from microstream.exceptions import PlanError
+from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.progress import StateOperatorProgress
+from microstream.state import StateStore
+from microstream.windows import END, START, T, WindowSpec, from_us, to_us
+
+if TYPE_CHECKING:
+    from microstream.storage import Storage
+
+__all__ = ["AggregateNode", "AggregationOperator", "late_rows_frame"]
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateNode(StatefulNode):
+    """A grouped aggregation over a stream, with or without event-time windows."""
+
+    input: PlanNode
+    keys: tuple[str, ...]
+    aggs: tuple[pl.Expr, ...]
+    window: WindowSpec | None
+    watermark: WatermarkNode | None
+    input_schema: pl.Schema
+
+    @property
+    def spec(self) -> AggregateSpec:
+        return AggregateSpec(list(self.aggs))
+
+    @property
+    def eviction(self) -> str | None:
+        """How state closes: by ``window`` end, by a time ``key``, or never (None)."""
+        if self.watermark is None:
+            return None
+        if self.window is not None and self.window.column == self.watermark.column:
+            return "window"
+        if self.window is None and self.watermark.column in self.keys:
+            return "key"
+        return None
+
+    def aggregate_schema(self) -> pl.Schema:
+        frame = pl.LazyFrame(schema=self.input_schema)
+        keys: list[str | pl.Expr] = [*self.keys] or [pl.lit(0).alias("__g")]
+        schema = frame.group_by(keys).agg(self.aggs).collect_schema()
+        return pl.Schema({k: v for k, v in schema.items() if k not in self.keys and k != "__g"})
+
+    def output_schema(self) -> pl.Schema:
+        columns: dict[str, pl.DataType] = {k: self.input_schema[k] for k in self.keys}
+        if self.window is not None:
+            dtype = self.input_schema[self.window.column]
+            if self.window.include_boundaries:
+                columns["_lower_boundary"] = dtype
+                columns["_upper_boundary"] = dtype
+            columns[self.window.column] = dtype
+        columns.update(self.aggregate_schema())
+        return pl.Schema(columns)
+
+    def describe(self) -> str:
+        aggs = ", ".join(str(a) for a in self.aggs)
+        if self.window is not None:
+            by = f", group_by={list(self.keys)}" if self.keys else ""
+            return f"group_by_dynamic({self.window.describe()}{by}).agg({aggs})"
+        return f"group_by({list(self.keys)}).agg({aggs})"
+
+    def explain_lines(self, depth: int = 0) -> list[str]:
+        pad = "  " * depth
+        evict = {
+            "window": "state evicted when window end <= watermark",
+            "key": f"state evicted when {self.watermark.column if self.watermark else ''} <= watermark",
+            None: "state kept forever (no watermark on a time key)",
+        }[self.eviction]
+        lines = [pad + self.describe(), f"{pad}  · {evict}"]
+        lines += [f"{pad}  · {line}" for line in self.spec.strategies()]
+        return lines + self.input.explain_lines(depth + 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "aggregate",
+            "keys": list(self.keys),
+            "window": self.window.describe() if self.window else None,
+            "aggs": [str(a) for a in self.aggs],
+        }
+
+    def check_output_mode(self, output_mode: str) -> None:
+        if output_mode == "append" and self.eviction is None:
+            msg = (
+                "output_mode='append' needs windows that close: add with_watermark(col, delay) "
+                "on the window's time column (group_by_dynamic) or on a time key of group_by, "
+                "so each group is emitted once when the watermark passes it; otherwise use "
+                "output_mode='update' or 'complete'"
+            )
+            raise PlanError(msg)
+
+    def build_operator(self, operator_id: str, storage: Storage) -> AggregationOperator:
+        return AggregationOperator(self, operator_id, storage)
+
+
+class AggregationOperator:
+    """Runtime of :class:`AggregateNode`: state stores, late filtering, emission."""
+
+    def __init__(self, node: AggregateNode, operator_id: str, storage: Storage):
+        self.node = node
+        self.operator_id = operator_id
+        self.spec = node.spec
+        self.key_cols = list(node.keys) + ([START, END] if node.window is not None else [])
+        self.out_schema = node.output_schema()
+        key_schema: dict[str, pl.DataType] = {k: node.input_schema[k] for k in node.keys}
+        if node.window is not None:
+            key_schema.update({START: pl.Int64(), END: pl.Int64()})
+        prepared = pl.Schema(
+            {**node.input_schema, **key_schema, ORDER_T: pl.Int64(), ORDER_S: pl.Int64()}
+        )
+        self.partials: StateStore | None = None
+        self.rows: StateStore | None = None
+        if self.spec.primitives:
+            partial_schema = (
+                pl.DataFrame(schema=prepared)
+                .group_by(self.key_cols)
+                .agg(self.spec.partial_exprs())
+                .schema
+            )
+            self.partials = StateStore(
+                storage.sub("partials"),
+                operator=f"{operator_id}/partials",
+                key_columns=self.key_cols,
+                schema=partial_schema,
+            )
+        if self.spec.needs_rows:
+            row_columns = [*self.key_cols, ORDER_T, ORDER_S]
+            row_columns += [c for c in self.spec.buffered_columns() if c not in row_columns]
+            self.rows = StateStore(
+                storage.sub("rows"),
+                operator=f"{operator_id}/rows",
+                key_columns=self.key_cols,
+                schema=pl.Schema({c: prepared[c] for c in row_columns}),
+            )
+        self._dropped_late = 0
+        self._updated = 0
+        self._removed = 0
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def load(self, version: int | None) -> None:
+        for store in self._stores():
+            store.load(version)
+
+    def commit(self, version: int) -> None:
+        for store in self._stores():
+            store.commit(version)
+
+    def progress(self) -> StateOperatorProgress:
+        return StateOperatorProgress(
+            operator_id=self.operator_id,
+            kind="window aggregation" if self.node.window else "aggregation",
+            num_rows_total=sum(s.rows for s in self._stores()),
+            memory_bytes=sum(s.bytes for s in self._stores()),
+            num_rows_updated=self._updated,
+            num_rows_removed=self._removed,
+            num_rows_dropped_late=self._dropped_late,
+        )
+
+    def _stores(self) -> list[StateStore]:
+        return [s for s in (self.partials, self.rows) if s is not None]
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        self._dropped_late = self._updated = self._removed = 0
+        pairs = self._prepare(batch, ctx)
+        if pairs.height:
+            self._update_state(pairs)
+        updated = pairs.select(self.key_cols).unique() if pairs.height else None
+        self._updated = 0 if updated is None else updated.height
+        return self._emit(ctx, updated)
+
+    def _prepare(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        node = self.node
+        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
+        time_col = (
+            node.window.column
+            if node.window
+            else (node.watermark.column if node.eviction == "key" and node.watermark else None)
+        )
+        if time_col is not None:
+            df = batch.with_columns(to_us(time_col).alias(T), seq.alias(ORDER_S))
+            df = df.with_columns(pl.col(T).alias(ORDER_T))
+        else:
+            df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
+        if node.window is not None:
+            df = node.window.assign(df)
+        # Complete mode keeps every group forever, so nothing is late (as in Spark).
+        if node.eviction is not None and ctx.output_mode != "complete":
+            bound = pl.col(END) if node.eviction == "window" else pl.col(T)
+            late = bound <= ctx.late_watermark_us
+            dropped = df.filter(late)
+            if dropped.height:
+                self._dropped_late = dropped.height
+                ctx.late_rows.append(
+                    late_rows_frame(
+                        dropped,
+                        list(batch.columns),
+                        ctx,
+                        self.operator_id,
+                        node.input_schema[time_col] if time_col else None,
+                        has_window=node.window is not None,
+                    )
+                )
+                df = df.filter(~late)
+        return df
+
+    def _update_state(self, pairs: pl.DataFrame) -> None:
+        keys = pairs.select(self.key_cols).unique()
+        if self.partials is not None:
+            batch_partials = pairs.group_by(self.key_cols).agg(self.spec.partial_exprs())
+            old = self.partials.lookup(keys)
+            merged = (
+                pl.concat([old, batch_partials], how="vertical_relaxed")
+                .group_by(self.key_cols)
+                .agg(self.spec.merge_exprs())
+                .select(self.partials.schema.names())
+                .cast(self.partials.schema)
+            )
+            self.partials.apply(upserts=merged)
+        if self.rows is not None:
+            columns = self.rows.schema.names()
+            old_rows = self.rows.lookup(keys)
+            new_rows = pairs.select(columns)
+            self.rows.apply(upserts=pl.concat([old_rows, new_rows], how="vertical_relaxed"))
+
+    def _emit(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+        mode, wm = ctx.output_mode, ctx.watermark_us
+        closed = self._closed_predicate(wm)
+        if mode == "complete":
+            return self._finalize(self._frame(self.partials), self._frame(self.rows))
+        if mode == "update":
+            if updated is None or updated.height == 0:
+                out = self._finalize(self._empty(self.partials), self._empty(self.rows))
+            else:
+                out = self._finalize(
+                    self._semi(self.partials, updated), self._semi(self.rows, updated)
+                )
+            if closed is not None:
+                removed = [s.filter_out(closed) for s in self._stores()]
+                self._removed = removed[0].height if removed else 0
+            return out
+        assert closed is not None  # append without eviction is refused at plan time
+        gone_partials = self.partials.filter_out(closed) if self.partials else None
+        gone_rows = self.rows.filter_out(closed) if self.rows else None
+        self._removed = (gone_partials if gone_partials is not None else gone_rows).height  # type: ignore[union-attr]
+        return self._finalize(gone_partials, gone_rows)
+
+    def _closed_predicate(self, wm: int) -> pl.Expr | None:
+        if self.node.eviction == "window":
+            return pl.col(END) <= wm
+        if self.node.eviction == "key" and self.node.watermark is not None:
+            return to_us(self.node.watermark.column) <= wm
+        return None
+
+    def _frame(self, store: StateStore | None) -> pl.DataFrame | None:
+        return None if store is None else store.frame
+
+    def _empty(self, store: StateStore | None) -> pl.DataFrame | None:
+        return None if store is None else store.frame.clear()
+
+    def _semi(self, store: StateStore | None, keys: pl.DataFrame) -> pl.DataFrame | None:
+        return None if store is None else store.lookup(keys)
+
+    def _finalize(self, partials: pl.DataFrame | None, rows: pl.DataFrame | None) -> pl.DataFrame:
+        """Results for the groups in ``partials``/``rows``, in the output schema."""
+        parts: list[pl.DataFrame] = []
+        if partials is not None:
+            finalized = partials.select(*self.key_cols, *self.spec.finalize_exprs())
+            parts.append(
+                finalized.select(
+                    *self.key_cols,
+                    *(item.rewritten for item in self.spec.items if item.rewritten is not None),
+                )
+            )
+        if rows is not None:
+            parts.append(
+                rows.sort([ORDER_T, ORDER_S])
+                .group_by(self.key_cols, maintain_order=True)
+                .agg(item.original for item in self.spec.buffered)
+            )
+        result = parts[0]
+        if len(parts) == 2:
+            result = result.join(parts[1], on=self.key_cols, how="left", nulls_equal=True)
+        window = self.node.window
+        columns: list[pl.Expr] = [pl.col(k) for k in self.node.keys]
+        sort_by: list[str] = list(self.node.keys)
+        if window is not None:
+            dtype = self.node.input_schema[window.column]
+            if window.include_boundaries:
+                columns += [
+                    from_us(pl.col(START), dtype).alias("_lower_boundary"),
+                    from_us(pl.col(END), dtype).alias("_upper_boundary"),
+                ]
+            columns.append(from_us(pl.col(START), dtype).alias(window.column))
+            sort_by = [window.column, *sort_by]
+        columns += [pl.col(item.output_name) for item in self.spec.items]
+        out = result.select(columns).cast(self.out_schema, strict=False)
+        return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out
+
+
+def late_rows_frame(
+    dropped: pl.DataFrame,
+    columns: Sequence[str],
+    ctx: BatchContext,
+    operator_id: str,
+    time_dtype: pl.DataType | None,
+    *,
+    has_window: bool,
+) -> pl.DataFrame:
+    """Late rows for the side output: the row, the batch, the watermark missed, the window."""
+    missed = from_us(pl.lit(ctx.late_watermark_us, pl.Int64), pl.Datetime("us")).alias(
+        "late_watermark"
+    )
+    extra: list[pl.Expr] = [
+        pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
+        pl.lit(operator_id).alias("operator"),
+        missed,
+    ]
+    if has_window and time_dtype is not None:
+        extra += [
+            from_us(pl.col(START), time_dtype).alias("window_start"),
+            from_us(pl.col(END), time_dtype).alias("window_end"),
+        ]
+    return dropped.select(*columns, *extra)

@@ -1,0 +1,234 @@
+"""``group_by`` and ``group_by_dynamic`` on a stream: the objects whose ``agg`` starts state.
+
+Polars' names and arguments: ``frame.group_by("user").agg(pl.len())``,
+``frame.group_by_dynamic("ts", every="1m", period="5m", group_by="user").agg(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from microstream.aggregation import AggregateNode
+from microstream.duration import parse_duration
+from microstream.exceptions import PlanError
+from microstream.plan import PlanNode, StatelessNode, WatermarkNode
+from microstream.sessions import SessionNode
+from microstream.windows import SessionSpec, WindowSpec, time_dtype_check
+
+if TYPE_CHECKING:
+    from microstream.frame import StreamFrame
+
+__all__ = [
+    "StreamDynamicGroupBy",
+    "StreamGroupBy",
+    "StreamSessionGroupBy",
+    "find_watermark",
+    "key_names",
+]
+
+
+def key_names(plan: PlanNode, by: Iterable[Any], verb: str) -> tuple[PlanNode, tuple[str, ...]]:
+    """Group keys as column names; expression keys are computed first with ``with_columns``."""
+    names: list[str] = []
+    computed: list[pl.Expr] = []
+    for key in by:
+        if isinstance(key, str):
+            names.append(key)
+        elif isinstance(key, pl.Expr):
+            if key.meta.is_column():
+                names.append(key.meta.output_name())
+            else:
+                computed.append(key)
+                names.append(key.meta.output_name())
+        else:
+            msg = f"{verb}: keys must be column names or expressions; got {key!r}"
+            raise PlanError(msg)
+    if computed:
+        plan = StatelessNode(plan, "with_columns", tuple(computed), {})
+    return plan, tuple(names)
+
+
+def find_watermark(plan: PlanNode, column: str | None) -> WatermarkNode | None:
+    """The ``with_watermark`` upstream of ``plan`` for ``column`` (or the only one)."""
+    marks = plan.watermark_nodes()
+    for mark in marks:
+        if mark.column == column:
+            return mark
+    return marks[0] if len(marks) == 1 and column is None else None
+
+
+def _aggs(aggs: Sequence[Any], named: dict[str, Any], verb: str) -> tuple[pl.Expr, ...]:
+    exprs: list[pl.Expr] = []
+    for agg in aggs:
+        items = agg if isinstance(agg, (list, tuple)) else [agg]
+        for item in items:
+            exprs.append(pl.col(item) if isinstance(item, str) else item)
+    exprs += [(pl.col(v) if isinstance(v, str) else v).alias(k) for k, v in named.items()]
+    if not exprs:
+        msg = f"{verb}.agg() needs at least one aggregation, e.g. pl.len()"
+        raise PlanError(msg)
+    for expr in exprs:
+        if not isinstance(expr, pl.Expr):
+            msg = f"{verb}.agg(): aggregations must be Polars expressions; got {expr!r}"
+            raise PlanError(msg)
+    return tuple(exprs)
+
+
+class StreamGroupBy:
+    """``frame.group_by(keys)``: one group per key forever (a global window).
+
+    Supports ``output_mode="update"`` and ``"complete"``; ``"append"`` only when a
+    key is the watermarked event-time column (the group closes when the
+    watermark passes it).
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"user": pl.String, "amount": pl.Float64})
+    >>> totals = stream.lazy().group_by("user").agg(pl.col("amount").sum(), n=pl.len())
+    >>> query = totals.sink_memory("doc_totals", output_mode="complete")
+    >>> _ = stream.add_data({"user": ["a", "b", "a"], "amount": [1.0, 2.0, 3.0]})
+    >>> query.process_all_available()
+    >>> ms.table("doc_totals").sort("user").rows()
+    [('a', 4.0, 2), ('b', 2.0, 1)]
+    >>> query.stop()
+    """
+
+    def __init__(self, frame: StreamFrame, by: Sequence[Any]):
+        self._frame = frame
+        self._by = by
+
+    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
+        from microstream.frame import StreamFrame
+
+        plan, keys = key_names(self._frame.plan, self._by, "group_by")
+        if not keys:
+            msg = "group_by() on a stream needs at least one key"
+            raise PlanError(msg)
+        input_schema = StreamFrame(plan).collect_schema()
+        _check_columns(input_schema, keys, "group_by")
+        watermark = None
+        for key in keys:
+            watermark = watermark or find_watermark(plan, key)
+        node = AggregateNode(
+            input=plan,
+            keys=keys,
+            aggs=_aggs(aggs, named_aggs, "group_by"),
+            window=None,
+            watermark=watermark,
+            input_schema=input_schema,
+        )
+        return StreamFrame(node)
+
+
+class StreamDynamicGroupBy:
+    """``frame.group_by_dynamic(...)``: tumbling or sliding event-time windows."""
+
+    def __init__(
+        self,
+        frame: StreamFrame,
+        index_column: str,
+        *,
+        every: str | timedelta,
+        period: str | timedelta | None,
+        offset: str | timedelta | None,
+        include_boundaries: bool,
+        group_by: Any,
+    ):
+        self._frame = frame
+        self._index = index_column
+        self._every = parse_duration(every, name="every")
+        self._period = parse_duration(period, name="period") if period is not None else None
+        self._offset = parse_duration(offset, name="offset") if offset is not None else None
+        self._include_boundaries = include_boundaries
+        if group_by is None:
+            self._by: list[Any] = []
+        elif isinstance(group_by, (str, pl.Expr)):
+            self._by = [group_by]
+        else:
+            self._by = list(group_by)
+        if self._every <= timedelta(0):
+            msg = f"group_by_dynamic: every must be positive; got {every!r}"
+            raise PlanError(msg)
+        if self._period is not None and self._period < self._every:
+            msg = (
+                f"group_by_dynamic: period ({period!r}) shorter than every ({every!r}) leaves "
+                "gaps between windows, and rows in the gaps would be lost; use period >= every"
+            )
+            raise PlanError(msg)
+
+    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
+        from microstream.frame import StreamFrame
+
+        plan, keys = key_names(self._frame.plan, self._by, "group_by_dynamic")
+        input_schema = StreamFrame(plan).collect_schema()
+        time_dtype_check(input_schema, self._index, "group_by_dynamic")
+        _check_columns(input_schema, keys, "group_by_dynamic")
+        every = _us(self._every)
+        window = WindowSpec(
+            column=self._index,
+            every_us=every,
+            period_us=_us(self._period) if self._period is not None else every,
+            offset_us=_us(self._offset) if self._offset is not None else 0,
+            include_boundaries=self._include_boundaries,
+        )
+        node = AggregateNode(
+            input=plan,
+            keys=keys,
+            aggs=_aggs(aggs, named_aggs, "group_by_dynamic"),
+            window=window,
+            watermark=find_watermark(plan, self._index),
+            input_schema=input_schema,
+        )
+        return StreamFrame(node)
+
+
+class StreamSessionGroupBy:
+    """``frame.group_by_session(col, gap=...)``: session windows per key."""
+
+    def __init__(self, frame: StreamFrame, column: str, gap: str | timedelta, group_by: Any):
+        self._frame = frame
+        self._column = column
+        self._gap = parse_duration(gap, name="gap")
+        if self._gap <= timedelta(0):
+            msg = f"group_by_session: gap must be positive; got {gap!r}"
+            raise PlanError(msg)
+        if group_by is None:
+            self._by: list[Any] = []
+        elif isinstance(group_by, (str, pl.Expr)):
+            self._by = [group_by]
+        else:
+            self._by = list(group_by)
+
+    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
+        from microstream.frame import StreamFrame
+
+        plan, keys = key_names(self._frame.plan, self._by, "group_by_session")
+        input_schema = StreamFrame(plan).collect_schema()
+        time_dtype_check(input_schema, self._column, "group_by_session")
+        _check_columns(input_schema, keys, "group_by_session")
+        node = SessionNode(
+            input=plan,
+            keys=keys,
+            aggs=_aggs(aggs, named_aggs, "group_by_session"),
+            session=SessionSpec(column=self._column, gap_us=_us(self._gap)),
+            watermark=find_watermark(plan, self._column),
+            input_schema=input_schema,
+        )
+        return StreamFrame(node)
+
+
+def _us(value: timedelta) -> int:
+    return value // timedelta(microseconds=1)
+
+
+def _check_columns(schema: pl.Schema, keys: Iterable[str], verb: str) -> None:
+    missing = [k for k in keys if k not in schema]
+    if missing:
+        msg = f"{verb}: no column(s) {missing}; columns are {list(schema.names())}"
+        raise PlanError(msg)

@@ -1,0 +1,1024 @@
+"""The keyed state of one stateful operator, persisted as Arrow IPC files.
+
+A :class:`StateStore` holds the rows of an operator's state (partial
+aggregates, buffered window rows, deduplication keys, ...) as Polars
+DataFrames split into a fixed number of key-hash partitions. After every batch
+the engine calls :meth:`StateStore.commit` with the batch id: each partition
+touched since the last commit writes what changed as ``<version>.delta.arrow``
+and every ``snapshot_every`` versions every partition writes a full
+``<version>.snapshot.arrow``, so recovery replays at most ``snapshot_every - 1``
+deltas. A checkpoint is data, never code: no pickle anywhere.
+
+Layout of the operator's directory ``state/<operator>/``::
+
+    _metadata.json                  key columns, exact schema, partitions, hash probe
+    versions/<version>.json         one per committed version, written last: the commit point
+    <partition>/<version>.delta.arrow     rows of the keys changed in that version (+ ``__deleted``)
+    <partition>/<version>.snapshot.arrow  the whole partition as of that version
+
+A version exists when, and only when, ``versions/<version>.json`` exists; it
+names its parent version, whether it is a full snapshot, which partitions wrote
+a delta (an untouched partition writes nothing) and how many rows each
+partition holds, so a load checks what it rebuilt.
+
+Key semantics: a key (the values of ``key_columns``, nulls included) may hold
+several rows. An upsert replaces *all* rows of each key it contains; a delete
+removes all rows of a key. Row order in :attr:`StateStore.frame` is
+unspecified.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from microstream.exceptions import (
+    CheckpointCorruptError,
+    CheckpointError,
+    PlanChangedError,
+    SchemaMismatchError,
+)
+from microstream.storage import Storage
+
+__all__ = ["STATE_FORMAT_VERSION", "StateMetadata", "StateStore", "StateVersion", "read_state"]
+
+STATE_FORMAT_VERSION = 1
+logger = logging.getLogger("microstream")
+
+_METADATA = "_metadata.json"
+_VERSIONS = "versions"
+_DELTA = ".delta.arrow"
+_SNAPSHOT = ".snapshot.arrow"
+_DELETED = "__deleted"  # on disk: the deletion marker column of delta files
+_HASH = "__key_hash"  # in memory only: the u64 hash of the key columns
+_PART = "__partition"
+_HASH_SEED = 0x6D73  # "ms"; recorded in the metadata
+_PROBE_ROWS = 32
+_MAX_CHUNKS = 32  # a partition is rechunked when it has grown more chunks than this
+_IPC_COMPRESSION: Final = "lz4"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StateMetadata(_Record):
+    """``state/<operator>/_metadata.json``: what the state files mean.
+
+    ``schema`` is for people; ``schema_ipc`` (an empty Arrow IPC file, base64)
+    restores the dtypes exactly. ``hash_probe`` holds the partition of each row
+    of the ``probe_ipc`` key frame under the hash that placed the rows: when a
+    Polars upgrade changes the hash, the probe no longer matches and the state
+    is re-partitioned on load.
+    """
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True
+    )
+
+    format_version: int = STATE_FORMAT_VERSION
+    operator: str
+    key_columns: list[str]
+    schema_: dict[str, str] = Field(alias="schema")
+    schema_ipc: str
+    num_partitions: int
+    snapshot_every: int
+    hash_seed: int
+    hash_probe: list[int]
+    probe_ipc: str
+    polars_version: str
+
+
+class StateVersion(_Record):
+    """``state/<operator>/versions/<version>.json``: one committed version.
+
+    Written after the version's data files, so its presence is the commit.
+    """
+
+    format_version: int = STATE_FORMAT_VERSION
+    version: int
+    parent: int | None
+    """The version this one was built on; ``None``: built on the empty state."""
+    snapshot: bool
+    """Every partition wrote ``<version>.snapshot.arrow``."""
+    partitions: list[int]
+    """Partitions that wrote ``<version>.delta.arrow`` (empty for a snapshot)."""
+    rows_per_partition: list[int]
+    hash_probe: list[int]
+
+
+class StateStore:
+    """The keyed state of one stateful operator, in key-hash partitions.
+
+    Parameters
+    ----------
+    storage
+        The operator's directory in the checkpoint, ``state/<operator>/``.
+    operator
+        The operator's name, recorded in the metadata and used in messages.
+    key_columns
+        The columns whose values form a key. Null is a valid key value.
+    schema
+        Every column of the state, key columns included, in order.
+    num_partitions
+        Fixed when the state is first committed; a later mismatch is refused.
+    snapshot_every
+        A full snapshot is written at every version divisible by this, and at
+        the latest after this many versions, which bounds recovery to that
+        many files per partition.
+    min_versions_to_retain
+        Files needed to rebuild any of the last this-many versions (by
+        version number) are kept; older ones are removed after a snapshot.
+
+    Notes
+    -----
+    Versions are batch ids. Call :meth:`load` with the last committed batch id
+    on start (``None`` for a fresh query), then per batch :meth:`apply` /
+    :meth:`filter_out` and :meth:`commit` with the batch id — every batch,
+    even one that changed nothing (it writes only a small manifest), because
+    :meth:`load` accepts only versions that were committed. Versions may skip
+    numbers. After ``load(n)``, versions above ``n`` still on disk (written by
+    a run that died before committing its batch) are discarded by the next
+    commit; committing one of their numbers again (the re-run batch)
+    overwrites its files. A store that was never loaded starts empty, and
+    refuses to commit over a directory that already holds versions.
+
+    A store is not thread-safe; the trigger loop owns it.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from microstream.storage import Storage
+    >>> storage = Storage("memory://doctest-state-store/counts")
+    >>> store = StateStore(
+    ...     storage,
+    ...     operator="counts",
+    ...     key_columns=["user"],
+    ...     schema=pl.Schema({"user": pl.String, "n": pl.Int64}),
+    ... )
+    >>> store.load(None)
+    >>> store.apply(upserts=pl.DataFrame({"user": ["a", "b"], "n": [1, 2]}))
+    >>> store.commit(0)
+    >>> store.apply(
+    ...     upserts=pl.DataFrame({"user": ["b"], "n": [5]}),
+    ...     deletes=pl.DataFrame({"user": ["a"]}),
+    ... )
+    >>> store.commit(1)
+    >>> store.frame
+    shape: (1, 2)
+    ┌──────┬─────┐
+    │ user ┆ n   │
+    │ ---  ┆ --- │
+    │ str  ┆ i64 │
+    ╞══════╪═════╡
+    │ b    ┆ 5   │
+    └──────┴─────┘
+    >>> store.load(0)
+    >>> store.frame.sort("user")["n"].to_list()
+    [1, 2]
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        operator: str,
+        key_columns: Sequence[str],
+        schema: pl.Schema | Mapping[str, pl.DataType],
+        num_partitions: int = 8,
+        snapshot_every: int = 10,
+        min_versions_to_retain: int = 100,
+    ):
+        self.storage = storage
+        self.operator = operator
+        self.schema = pl.Schema(schema)
+        self.key_columns = list(key_columns)
+        self.num_partitions = num_partitions
+        self.snapshot_every = snapshot_every
+        self.min_versions_to_retain = min_versions_to_retain
+        self._validate_arguments()
+
+        self._value_columns = [c for c in self.schema if c not in self.key_columns]
+        self._keys_hash = [*self.key_columns, _HASH]
+        self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64()})
+        self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean()})
+        self._hash_expr = _hash_expr(self.schema, self.key_columns)
+        self._schema_ipc = _encode_frame(pl.DataFrame(schema=self.schema))
+        if _decode_frame(self._schema_ipc).schema != self.schema:
+            msg = (
+                f"the state schema of operator {operator!r} does not survive an Arrow IPC "
+                f"round trip: {self.schema}; use plain Polars dtypes"
+            )
+            raise SchemaMismatchError(msg)
+        self._probe_frame = _make_probe_frame(self.schema, self.key_columns)
+        self._probe = self._partitions_of(self._probe_frame)
+
+        empty = pl.DataFrame(schema=self._mem_schema)
+        self._parts: list[pl.DataFrame] = [empty] * num_partitions
+        self._pending: dict[int, pl.DataFrame] = {}  # partition -> changed keys' rows + _DELETED
+        self._frame: pl.DataFrame | None = None
+        self._version: int | None = None
+        # (version, is a snapshot, is a base: nothing older is needed to rebuild it), from
+        # the base of the loaded version up to _version
+        self._chain: list[tuple[int, bool, bool]] = []
+        self._force_snapshot = False
+        self._opened = False
+        self._metadata_current = False
+        self._stale_versions: list[int] = []
+        self._cleaned_below = -1
+
+    def _validate_arguments(self) -> None:
+        if not self.key_columns:
+            msg = f"key_columns of operator {self.operator!r} must not be empty; got []"
+            raise ValueError(msg)
+        missing = [c for c in self.key_columns if c not in self.schema]
+        if missing:
+            msg = (
+                f"key_columns {missing} of operator {self.operator!r} are not in the state "
+                f"schema {list(self.schema)}"
+            )
+            raise ValueError(msg)
+        if len(set(self.key_columns)) != len(self.key_columns):
+            msg = f"key_columns of operator {self.operator!r} repeat a column: {self.key_columns}"
+            raise ValueError(msg)
+        reserved = [c for c in (_DELETED, _HASH, _PART) if c in self.schema]
+        if reserved:
+            msg = f"the state schema of operator {self.operator!r} uses reserved column names {reserved}"
+            raise ValueError(msg)
+        for name in ("num_partitions", "snapshot_every", "min_versions_to_retain"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                msg = f"{name} must be a positive integer; got {value!r} instead"
+                raise ValueError(msg)
+
+    # -- reading the state ---------------------------------------------------------
+
+    @property
+    def version(self) -> int | None:
+        """The version loaded or last committed (``None``: the empty initial state)."""
+        return self._version
+
+    @property
+    def frame(self) -> pl.DataFrame:
+        """The whole state, all partitions, columns in schema order (row order unspecified)."""
+        if self._frame is None:
+            self._frame = pl.concat(
+                [part.drop(_HASH) for part in self._parts], how="vertical", rechunk=False
+            )
+        return self._frame
+
+    @property
+    def rows(self) -> int:
+        """Number of rows in the state."""
+        return sum(part.height for part in self._parts)
+
+    @property
+    def bytes(self) -> int:
+        """Estimated in-memory size of the state (including an 8-byte key hash per row)."""
+        return sum(int(part.estimated_size()) for part in self._parts)
+
+    def rows_per_partition(self) -> list[int]:
+        """Number of rows in each partition, in partition order."""
+        return [part.height for part in self._parts]
+
+    @property
+    def has_pending_changes(self) -> bool:
+        """Whether :meth:`apply` or :meth:`filter_out` changed the state since the last commit."""
+        return bool(self._pending)
+
+    def lookup(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The current rows of the given keys, reading only their partitions.
+
+        Parameters
+        ----------
+        keys
+            A frame with (at least) the key columns; duplicates are ignored.
+
+        Returns
+        -------
+        DataFrame
+            Every state row whose key is in ``keys``, columns in schema order.
+        """
+        keys = self._conform(keys, "keys", self.key_columns, exact=False)
+        found = []
+        for p, wanted in self._split(keys.unique().with_columns(self._hash_expr)).items():
+            part = self._parts[p]
+            if part.height == 0:
+                continue
+            mask = part.get_column(_HASH).is_in(wanted.get_column(_HASH).implode())
+            if not mask.any():
+                continue
+            hits = part.filter(mask).join(
+                wanted.select(self.key_columns), on=self.key_columns, how="semi", nulls_equal=True
+            )
+            found.append(hits.drop(_HASH))
+        if not found:
+            return pl.DataFrame(schema=self.schema)
+        return pl.concat(found, how="vertical", rechunk=False)
+
+    # -- changing the state --------------------------------------------------------
+
+    def apply(
+        self, *, upserts: pl.DataFrame | None = None, deletes: pl.DataFrame | None = None
+    ) -> None:
+        """Replace the rows of some keys and delete others.
+
+        Parameters
+        ----------
+        upserts
+            Rows with exactly the state's columns and dtypes. For every key in
+            ``upserts``, all existing rows of that key are replaced by the
+            upsert rows of that key (a key may have several rows).
+        deletes
+            A frame with (at least) the key columns: all rows of those keys are
+            removed. A key both deleted and upserted in one call ends up with
+            its upsert rows: the upsert wins.
+
+        Raises
+        ------
+        SchemaMismatchError
+            A column is missing, extra (upserts) or of another dtype.
+        """
+        ups = self._conform(upserts, "upserts", list(self.schema), exact=True)
+        dels = self._conform(deletes, "deletes", self.key_columns, exact=False)
+        if ups.height == 0 and dels.height == 0:
+            return
+        ups_by_part = self._split(ups.with_columns(self._hash_expr))
+        dels_by_part = self._split(dels.with_columns(self._hash_expr))
+        for p in sorted(ups_by_part.keys() | dels_by_part.keys()):
+            up = ups_by_part.get(p)
+            de = dels_by_part.get(p)
+            key_frames = [f.select(self._keys_hash) for f in (up, de) if f is not None]
+            touched = pl.concat(key_frames, how="vertical").unique()
+            part = _remove_keys(self._parts[p], touched, self.key_columns)
+            changes = []
+            if up is not None:
+                part = pl.concat([part, up], how="vertical", rechunk=False)
+                changes.append(up.with_columns(pl.lit(False).alias(_DELETED)))
+            if de is not None:
+                gone = de.unique()
+                if up is not None:
+                    gone = gone.join(
+                        up.select(self.key_columns),
+                        on=self.key_columns,
+                        how="anti",
+                        nulls_equal=True,
+                    )
+                changes.append(self._deletion_markers(gone))
+            self._parts[p] = _compact(part)
+            self._record(p, touched, pl.concat(changes, how="vertical"))
+        self._frame = None
+
+    def filter_out(self, predicate: pl.Expr) -> pl.DataFrame:
+        """Evict every row matching ``predicate`` and return the evicted rows.
+
+        Rows where the predicate is null are kept. A key that keeps some rows
+        is recorded in the next delta with its remaining rows; a key that
+        loses all its rows is recorded as deleted.
+
+        Parameters
+        ----------
+        predicate
+            A boolean expression over the state's columns, e.g.
+            ``pl.col("window_end") <= watermark``.
+
+        Returns
+        -------
+        DataFrame
+            The removed rows, columns in schema order (row order unspecified).
+        """
+        removed_parts = []
+        for p, part in enumerate(self._parts):
+            if part.height == 0:
+                continue
+            mask = part.with_columns(predicate.fill_null(False).alias("__mask")).get_column(
+                "__mask"
+            )
+            if mask.dtype != pl.Boolean:
+                msg = f"filter_out predicate must be boolean; got {mask.dtype} from {predicate}"
+                raise TypeError(msg)
+            if not mask.any():
+                continue
+            removed = part.filter(mask)
+            kept = part.filter(~mask) if not mask.all() else part.clear()
+            evicted = removed.select(self._keys_hash).unique()
+            remaining = _rows_of_keys(kept, evicted, self.key_columns)
+            gone = evicted.join(
+                remaining.select(self.key_columns),
+                on=self.key_columns,
+                how="anti",
+                nulls_equal=True,
+            )
+            changes = pl.concat(
+                [
+                    remaining.with_columns(pl.lit(False).alias(_DELETED)),
+                    self._deletion_markers(gone),
+                ],
+                how="vertical",
+            )
+            self._parts[p] = kept
+            self._record(p, evicted, changes)
+            removed_parts.append(removed.drop(_HASH))
+        if not removed_parts:
+            return pl.DataFrame(schema=self.schema)
+        self._frame = None
+        return pl.concat(removed_parts, how="vertical", rechunk=False)
+
+    # -- persistence ---------------------------------------------------------------
+
+    def load(self, version: int | None) -> None:
+        """Replace the in-memory state by the committed state as of ``version``.
+
+        Parameters
+        ----------
+        version
+            A committed version (batch id), or ``None`` for the empty state.
+            Uncommitted changes are discarded.
+
+        Raises
+        ------
+        CheckpointCorruptError
+            A file needed to rebuild ``version`` is missing, unreadable, has
+            the wrong columns, or the rebuilt row counts disagree with the
+            version's manifest; ``version`` was never committed or is no longer
+            retained. The message names the file.
+        PlanChangedError
+            The stored metadata has other key columns, schema or number of
+            partitions than this store.
+        """
+        self._open()
+        empty = pl.DataFrame(schema=self._mem_schema)
+        parts = [empty] * self.num_partitions
+        chain: list[StateVersion] = []
+        if version is not None:
+            chain = self._read_chain(version)
+            oldest = chain[-1]
+            if oldest.snapshot:
+                parts = [
+                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema)
+                    for p in range(self.num_partitions)
+                ]
+            for entry in reversed(chain[:-1] if oldest.snapshot else chain):
+                for p in entry.partitions:
+                    delta = self._read_arrow(f"{p}/{entry.version}{_DELTA}", self._delta_schema)
+                    touched = delta.select(self._keys_hash).unique()
+                    kept = _remove_keys(parts[p], touched, self.key_columns)
+                    added = delta.filter(~pl.col(_DELETED)).drop(_DELETED)
+                    parts[p] = pl.concat([kept, added], how="vertical", rechunk=False)
+            target = chain[0]
+            for p, part in enumerate(parts):
+                if part.height != target.rows_per_partition[p]:
+                    msg = (
+                        f"state of operator {self.operator!r}: partition {p} has {part.height} rows "
+                        f"after rebuilding version {version}, but "
+                        f"{self.storage.display(_version_file(version))} records "
+                        f"{target.rows_per_partition[p]}; files under "
+                        f"{self.storage.display(str(p))} are inconsistent"
+                    )
+                    raise CheckpointCorruptError(msg)
+            parts = [_compact(part) for part in parts]
+        self._parts = parts
+        self._pending = {}
+        self._frame = None
+        self._version = version
+        self._chain = [
+            (m.version, m.snapshot, m.snapshot or m.parent is None) for m in reversed(chain)
+        ]
+        self._force_snapshot = False
+        self._stale_versions = [
+            v for v in self.storage.list_numbered(_VERSIONS) if version is None or v > version
+        ]
+        if chain and chain[0].hash_probe != self._probe:
+            logger.warning(
+                "state of operator %r was partitioned by another hash function (Polars %s?); "
+                "re-partitioning %d rows, a full snapshot follows at the next commit",
+                self.operator,
+                pl.__version__,
+                self.rows,
+            )
+            self._repartition()
+
+    def commit(self, version: int, *, snapshot: bool = False) -> None:
+        """Persist the changes since the last commit as ``version``.
+
+        Writes a delta file for every partition touched since the last commit
+        or, every ``snapshot_every`` versions (or when ``snapshot`` is true or
+        the state was re-partitioned), a snapshot of every partition; then the
+        version's manifest; then removes files that no retained version needs.
+
+        Parameters
+        ----------
+        version
+            The batch id. It must be greater than the current version;
+            committing the current version again with no changes in between
+            does nothing (a re-run batch). After a restart, committing a
+            version that an earlier run already wrote overwrites it.
+        snapshot
+            Write a full snapshot now.
+
+        Raises
+        ------
+        CheckpointError
+            ``version`` is below the current version, or equal to it with
+            uncommitted changes.
+        """
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            msg = f"state version must be a non-negative integer; got {version!r} instead"
+            raise ValueError(msg)
+        current = self._version
+        if current is not None and version <= current:
+            if version == current and not self._pending and not snapshot:
+                return
+            msg = (
+                f"cannot commit state version {version} of operator {self.operator!r}: the "
+                f"store is at version {current}"
+                + (" with uncommitted changes" if version == current else "")
+                + "; versions only go forward (load an earlier version to re-run a batch)"
+            )
+            raise CheckpointError(msg)
+        if not self._opened:
+            self._open()
+            if self.storage.list_numbered(_VERSIONS):
+                msg = (
+                    f"state of operator {self.operator!r} in {self.storage.display('')} has "
+                    "committed versions: call load() with the last committed batch id (or None "
+                    "to start over) before committing"
+                )
+                raise CheckpointError(msg)
+        if not self._metadata_current:
+            self.storage.write_model(_METADATA, self._metadata())
+            self._metadata_current = True
+        for stale in self._stale_versions:
+            if stale != version:
+                self.storage.delete(_version_file(stale))
+        self._stale_versions = []
+
+        deltas_to_replay = 0  # after the newest snapshot (or the empty state)
+        for _, was_snapshot, _ in reversed(self._chain):
+            if was_snapshot:
+                break
+            deltas_to_replay += 1
+        full = (
+            snapshot
+            or self._force_snapshot
+            or version % self.snapshot_every == 0
+            or deltas_to_replay + 1 >= self.snapshot_every
+        )
+        if full:
+            for p, part in enumerate(self._parts):
+                self.storage.write_bytes(f"{p}/{version}{_SNAPSHOT}", _encode(part.drop(_HASH)))
+            written: list[int] = []
+        else:
+            written = sorted(self._pending)
+            for p in written:
+                self.storage.write_bytes(
+                    f"{p}/{version}{_DELTA}", _encode(self._pending[p].drop(_HASH))
+                )
+        entry = StateVersion(
+            version=version,
+            parent=current,
+            snapshot=full,
+            partitions=written,
+            rows_per_partition=self.rows_per_partition(),
+            hash_probe=self._probe,
+        )
+        self.storage.write_model(_version_file(version), entry)
+
+        self._version = version
+        self._chain.append((version, full, full or current is None))
+        self._pending = {}
+        self._force_snapshot = False
+        self._remove_unneeded_files()
+
+    # -- internals -----------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Check the stored metadata against this store (once)."""
+        if self._opened:
+            return
+        try:
+            meta = self.storage.read_model(_METADATA, StateMetadata)
+        except FileNotFoundError:
+            meta = None
+        if meta is None:
+            if self.storage.list_numbered(_VERSIONS):
+                msg = (
+                    f"state of operator {self.operator!r} has committed versions but no "
+                    f"{self.storage.display(_METADATA)}; restore it from a backup or delete "
+                    "the checkpoint to start over"
+                )
+                raise CheckpointCorruptError(msg)
+        else:
+            self._check_metadata(meta)
+            self._probe_frame = self._decode_metadata_frame(meta.probe_ipc, "probe_ipc")
+            self._probe = self._partitions_of(self._probe_frame)
+        self._metadata_current = meta is not None and meta == self._metadata()
+        self._opened = True
+
+    def _check_metadata(self, meta: StateMetadata) -> None:
+        where = self.storage.display(_METADATA)
+        if meta.format_version > STATE_FORMAT_VERSION:
+            msg = (
+                f"{where} has state format version {meta.format_version}; this microstream "
+                f"reads version {STATE_FORMAT_VERSION} at most: upgrade microstream"
+            )
+            raise CheckpointError(msg)
+        stored_schema = self._decode_metadata_frame(meta.schema_ipc, "schema_ipc").schema
+        problems = []
+        if meta.operator != self.operator:
+            problems.append(f"operator {meta.operator!r} -> {self.operator!r}")
+        if meta.key_columns != self.key_columns:
+            problems.append(f"key_columns {meta.key_columns} -> {self.key_columns}")
+        if stored_schema != self.schema:
+            problems.append(f"schema {_describe_schema_change(stored_schema, self.schema)}")
+        if meta.num_partitions != self.num_partitions:
+            problems.append(f"num_partitions {meta.num_partitions} -> {self.num_partitions}")
+        if problems:
+            msg = (
+                f"the state in {where} was written with other settings than this query uses: "
+                + "; ".join(problems)
+                + ". Use a new checkpoint for the changed query (the number of partitions is "
+                "fixed when the state is created)"
+            )
+            raise PlanChangedError(msg)
+
+    def _decode_metadata_frame(self, data: str, field: str) -> pl.DataFrame:
+        try:
+            return _decode_frame(data)
+        except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
+            msg = (
+                f"checkpoint file {self.storage.display(_METADATA)} is corrupt: field {field} "
+                f"is not a base64 Arrow IPC file ({exc})"
+            )
+            raise CheckpointCorruptError(msg) from None
+
+    def _metadata(self) -> StateMetadata:
+        return StateMetadata(
+            operator=self.operator,
+            key_columns=self.key_columns,
+            schema={name: str(dtype) for name, dtype in self.schema.items()},
+            schema_ipc=self._schema_ipc,
+            num_partitions=self.num_partitions,
+            snapshot_every=self.snapshot_every,
+            hash_seed=_HASH_SEED,
+            hash_probe=self._probe,
+            probe_ipc=_encode_frame(self._probe_frame),
+            polars_version=pl.__version__,
+        )
+
+    def _read_chain(self, version: int) -> list[StateVersion]:
+        """Manifests from ``version`` back to its base (a snapshot or the empty state)."""
+        chain = [self._read_version(version, wanted=version)]
+        while not chain[-1].snapshot and chain[-1].parent is not None:
+            chain.append(self._read_version(chain[-1].parent, wanted=version))
+        return chain
+
+    def _read_version(self, version: int, *, wanted: int) -> StateVersion:
+        name = _version_file(version)
+        try:
+            entry = self.storage.read_model(name, StateVersion)
+        except FileNotFoundError:
+            committed = self.storage.list_numbered(_VERSIONS)
+            if version != wanted:
+                why = f"it is needed to rebuild version {wanted} but is missing"
+            elif not committed:
+                why = "no state version was ever committed"
+            elif version < committed[0]:
+                why = f"version {version} is no longer retained (oldest on disk: {committed[0]})"
+            elif version > committed[-1]:
+                why = f"version {version} was never committed (newest on disk: {committed[-1]})"
+            else:
+                why = f"version {version} is missing (versions on disk: {_ranges(committed)})"
+            msg = f"state of operator {self.operator!r}: {self.storage.display(name)}: {why}"
+            raise CheckpointCorruptError(msg) from None
+        if (
+            entry.version != version
+            or len(entry.rows_per_partition) != self.num_partitions
+            or any(not 0 <= p < self.num_partitions for p in entry.partitions)
+            or (entry.parent is not None and entry.parent >= version)
+        ):
+            msg = (
+                f"checkpoint file {self.storage.display(name)} is corrupt: it describes version "
+                f"{entry.version} (parent {entry.parent}) with {len(entry.rows_per_partition)} "
+                f"partitions; expected version {version} with {self.num_partitions}"
+            )
+            raise CheckpointCorruptError(msg)
+        return entry
+
+    def _read_arrow(self, name: str, schema: pl.Schema) -> pl.DataFrame:
+        """Read a state file; add the key hash column."""
+        where = self.storage.display(name)
+        try:
+            data = self.storage.read_bytes(name)
+        except FileNotFoundError:
+            msg = (
+                f"state file {where} of operator {self.operator!r} is missing; the version "
+                "manifests list it. Restore it from a backup or delete the checkpoint to start over"
+            )
+            raise CheckpointCorruptError(msg) from None
+        try:
+            frame = pl.read_ipc(data)
+        except Exception as exc:  # polars and arrow raise various errors on bad bytes
+            msg = (
+                f"state file {where} is corrupt or truncated ({len(data)} bytes): "
+                f"{type(exc).__name__}: {exc}"
+            )
+            raise CheckpointCorruptError(msg) from None
+        if frame.schema != schema:
+            msg = (
+                f"state file {where} does not hold the state of operator {self.operator!r}: "
+                f"{_describe_schema_change(schema, frame.schema)}"
+            )
+            raise CheckpointCorruptError(msg)
+        return frame.with_columns(self._hash_expr).select(
+            [*self.schema, _HASH, *([_DELETED] if _DELETED in schema else [])]
+        )
+
+    def _remove_unneeded_files(self) -> None:
+        """Delete files older than the base needed by the oldest retained version."""
+        assert self._version is not None
+        oldest_retained = self._version - self.min_versions_to_retain + 1
+        bases = [v for v, _, is_base in self._chain if is_base and v <= oldest_retained]
+        if not bases or bases[-1] <= self._cleaned_below:
+            return
+        keep_from = bases[-1]
+        self._chain = [entry for entry in self._chain if entry[0] >= keep_from]
+        for v in self.storage.list_numbered(_VERSIONS):
+            if v < keep_from:
+                self.storage.delete(_version_file(v))
+        for p in range(self.num_partitions):
+            for suffix in (_DELTA, _SNAPSHOT):
+                for v in self.storage.list_numbered(str(p), suffix):
+                    if v < keep_from:
+                        self.storage.delete(f"{p}/{v}{suffix}")
+        self._cleaned_below = keep_from
+
+    def _repartition(self) -> None:
+        everything = pl.concat(self._parts, how="vertical").with_columns(self._hash_expr)
+        by_part = self._split(everything)
+        empty = pl.DataFrame(schema=self._mem_schema)
+        self._parts = [by_part.get(p, empty) for p in range(self.num_partitions)]
+        self._force_snapshot = True
+        self._frame = None
+
+    def _conform(
+        self, frame: pl.DataFrame | None, what: str, columns: list[str], *, exact: bool
+    ) -> pl.DataFrame:
+        """``frame`` reduced to ``columns`` in order, dtypes checked (Null columns cast)."""
+        if frame is None:
+            return pl.DataFrame(schema={c: self.schema[c] for c in columns})
+        missing = [c for c in columns if c not in frame.schema]
+        extra = [c for c in frame.schema if c not in columns] if exact else []
+        wrong = [
+            f"{c}: {frame.schema[c]} instead of {self.schema[c]}"
+            for c in columns
+            if c in frame.schema
+            and frame.schema[c] != self.schema[c]
+            and frame.schema[c] != pl.Null
+        ]
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing columns {missing}")
+            if extra:
+                parts.append(f"unexpected columns {extra}")
+            if wrong:
+                parts.append("wrong dtypes (" + ", ".join(wrong) + ")")
+            msg = (
+                f"{what} for the state of operator {self.operator!r} do not match its schema: "
+                + "; ".join(parts)
+                + f"; expected {dict(self.schema) if exact else columns}"
+            )
+            raise SchemaMismatchError(msg)
+        casts = [c for c in columns if frame.schema[c] == pl.Null and self.schema[c] != pl.Null]
+        frame = frame.select(columns)
+        if casts:
+            frame = frame.with_columns([pl.col(c).cast(self.schema[c]) for c in casts])
+        return frame
+
+    def _partitions_of(self, keys: pl.DataFrame) -> list[int]:
+        return (
+            keys.select((self._hash_expr % self.num_partitions).cast(pl.Int64))
+            .to_series()
+            .to_list()
+        )
+
+    def _split(self, frame: pl.DataFrame) -> dict[int, pl.DataFrame]:
+        """Rows of ``frame`` (with the hash column) by partition; empty ones left out."""
+        if frame.height == 0:
+            return {}
+        if self.num_partitions == 1:
+            return {0: frame}
+        groups = frame.with_columns(
+            (pl.col(_HASH) % self.num_partitions).cast(pl.UInt32).alias(_PART)
+        ).partition_by(_PART, as_dict=True, include_key=False)
+        return {int(key[0]): part for key, part in groups.items()}
+
+    def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
+        return keys.select(
+            *[
+                pl.col(c) if c in self.key_columns else pl.lit(None, dtype=dtype).alias(c)
+                for c, dtype in self.schema.items()
+            ],
+            pl.col(_HASH),
+            pl.lit(True).alias(_DELETED),
+        )
+
+    def _record(self, p: int, touched: pl.DataFrame, changes: pl.DataFrame) -> None:
+        """Make ``changes`` the pending delta of the ``touched`` keys of partition ``p``."""
+        pending = self._pending.get(p)
+        if pending is not None and pending.height:
+            pending = pending.join(
+                touched.select(self.key_columns), on=self.key_columns, how="anti", nulls_equal=True
+            )
+            changes = pl.concat([pending, changes], how="vertical")
+        self._pending[p] = changes
+
+
+def read_state(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
+    """Read the state of one operator from its checkpoint directory.
+
+    Works from outside a running query: the key columns, schema and partitions
+    come from the directory's ``_metadata.json``. Nothing is written.
+
+    Parameters
+    ----------
+    storage
+        The operator's directory, ``<checkpoint>/state/<operator>/``.
+    version
+        The version (batch id) to read; ``None`` reads the newest version on
+        disk, which can be one batch ahead of the query's ``commits/`` if the
+        process died between committing the state and the batch.
+
+    Returns
+    -------
+    DataFrame
+        The state's rows, columns in schema order (row order unspecified).
+
+    Raises
+    ------
+    CheckpointError
+        The directory holds no state.
+    CheckpointCorruptError
+        A file needed is missing or corrupt; the message names it.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from microstream.storage import Storage
+    >>> storage = Storage("memory://doctest-read-state/dedup")
+    >>> store = StateStore(
+    ...     storage, operator="dedup", key_columns=["id"], schema={"id": pl.Int64}
+    ... )
+    >>> store.apply(upserts=pl.DataFrame({"id": [1, 2, 3]}))
+    >>> store.commit(0)
+    >>> read_state(storage).sort("id")["id"].to_list()
+    [1, 2, 3]
+    """
+    try:
+        meta = storage.read_model(_METADATA, StateMetadata)
+    except FileNotFoundError:
+        msg = f"no operator state in {storage.display('')}: {storage.display(_METADATA)} is missing"
+        raise CheckpointError(msg) from None
+    try:
+        schema = _decode_frame(meta.schema_ipc).schema
+    except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
+        msg = f"checkpoint file {storage.display(_METADATA)} is corrupt: field schema_ipc ({exc})"
+        raise CheckpointCorruptError(msg) from None
+    store = StateStore(
+        storage,
+        operator=meta.operator,
+        key_columns=meta.key_columns,
+        schema=schema,
+        num_partitions=meta.num_partitions,
+        snapshot_every=meta.snapshot_every,
+    )
+    if version is None:
+        committed = storage.list_numbered(_VERSIONS)
+        version = committed[-1] if committed else None
+    store.load(version)
+    return store.frame
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _version_file(version: int) -> str:
+    return f"{_VERSIONS}/{version}.json"
+
+
+def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
+    # A Categorical's hash follows its process-local physical codes: hash the strings.
+    fields = [
+        pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
+        for k in keys
+    ]
+    return pl.struct(fields).hash(seed=_HASH_SEED).alias(_HASH)
+
+
+def _remove_keys(part: pl.DataFrame, touched: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """``part`` without the rows of the keys in ``touched`` (key columns + hash, unique).
+
+    The hash column narrows the candidates cheaply; the key columns decide, so a
+    hash collision never removes another key's rows.
+    """
+    if part.height == 0 or touched.height == 0:
+        return part
+    mask = part.get_column(_HASH).is_in(touched.get_column(_HASH).implode())
+    candidates = int(mask.sum())
+    if candidates == 0:
+        return part
+    exact = part.filter(mask).join(touched.select(keys), on=keys, how="semi", nulls_equal=True)
+    if exact.height == candidates:
+        return part.filter(~mask)
+    hits = (
+        part.select(keys)
+        .with_row_index("__row")
+        .filter(mask)
+        .join(touched.select(keys), on=keys, how="semi", nulls_equal=True)
+        .get_column("__row")
+    )
+    return part.with_row_index("__row").filter(~pl.col("__row").is_in(hits.implode())).drop("__row")
+
+
+def _rows_of_keys(part: pl.DataFrame, wanted: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The rows of ``part`` whose key is in ``wanted`` (key columns + hash)."""
+    if part.height == 0 or wanted.height == 0:
+        return part.clear()
+    mask = part.get_column(_HASH).is_in(wanted.get_column(_HASH).implode())
+    return part.filter(mask).join(wanted.select(keys), on=keys, how="semi", nulls_equal=True)
+
+
+def _compact(part: pl.DataFrame) -> pl.DataFrame:
+    return part.rechunk() if part.n_chunks() > _MAX_CHUNKS else part
+
+
+def _encode(frame: pl.DataFrame) -> bytes:
+    buffer = frame.write_ipc(None, compression=_IPC_COMPRESSION)
+    return buffer.getvalue()
+
+
+def _encode_frame(frame: pl.DataFrame) -> str:
+    return base64.b64encode(frame.write_ipc(None).getvalue()).decode("ascii")
+
+
+def _decode_frame(data: str) -> pl.DataFrame:
+    return pl.read_ipc(base64.b64decode(data.encode("ascii"), validate=True))
+
+
+def _make_probe_frame(schema: pl.Schema, keys: list[str]) -> pl.DataFrame:
+    """A fixed frame of key values (and one all-null row) to detect a changed hash."""
+    columns = []
+    for i, name in enumerate(keys):
+        dtype = schema[name]
+        values = pl.int_range(i, i + _PROBE_ROWS, eager=True)
+        column: pl.Series | None = None
+        candidates: list[Any] = [values, values.cast(pl.String)]
+        if isinstance(dtype, pl.Enum) and len(dtype.categories):
+            cats = dtype.categories
+            candidates = [cats.gather(values % len(cats))]
+        for candidate in candidates:
+            try:
+                column = candidate.cast(dtype, strict=True)
+                break
+            except Exception:  # not castable that way: try the next representation
+                continue
+        if column is None:
+            column = pl.Series(name, [None] * _PROBE_ROWS, dtype=dtype)
+        nulls = pl.Series(name, [None], dtype=dtype)
+        columns.append(column.alias(name).append(nulls))
+    return pl.DataFrame(columns)
+
+
+def _describe_schema_change(old: pl.Schema, new: pl.Schema) -> str:
+    changes = []
+    for name in old:
+        if name not in new:
+            changes.append(f"column {name!r} ({old[name]}) missing")
+        elif old[name] != new[name]:
+            changes.append(f"column {name!r} is {new[name]} instead of {old[name]}")
+    changes.extend(f"unexpected column {name!r} ({new[name]})" for name in new if name not in old)
+    if not changes and list(old) != list(new):
+        changes.append(f"columns in order {list(new)} instead of {list(old)}")
+    return "; ".join(changes) if changes else "identical"
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    out: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)
