@@ -44,6 +44,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.frame import StreamFrame, concat
+from microstream.inspect_state import read_state
 from microstream.io import read_file_sink, scan_files, scan_rate
 from microstream.progress import QueryProgress
 from microstream.query import QueryStatus, StreamingQuery
@@ -81,6 +82,7 @@ __all__ = [
     "add_listener",
     "concat",
     "read_file_sink",
+    "read_state",
     "remove_listener",
     "scan_files",
     "scan_rate",

@@ -72,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or URL")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
     status.set_defaults(handler=_status)
+
+    state = sub.add_parser(
+        "state",
+        help="show the state of a checkpoint's stateful operators as tables",
+        description=(
+            "Read the state of each stateful operator (or one, with --operator) as of the "
+            "last committed batch, and print it as a table."
+        ),
+    )
+    state.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or URL")
+    state.add_argument("--operator", help="only this operator (op0, op1, ...)")
+    state.add_argument("--store", help="only this store of the operator (partials, rows, ...)")
+    state.add_argument("--version", type=int, help="a batch id (default: the last committed)")
+    state.add_argument("--limit", type=int, default=20, help="rows to print per store (20)")
+    state.add_argument("--csv", action="store_true", help="print all rows as CSV instead")
+    state.set_defaults(handler=_state)
     return parser
 
 
@@ -160,6 +176,32 @@ def _status(args: argparse.Namespace) -> int:
             f"{len(progress)} batches ({report['recent_input_rows']} rows); last batch took "
             f"{report['last_batch_duration_ms']:.1f} ms"
         )
+    return 0
+
+
+def _state(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from microstream.inspect_state import list_state, read_state
+
+    Checkpoint(args.checkpoint).read_metadata()  # a clear error if it is no checkpoint
+    operators = list_state(args.checkpoint)
+    if args.operator:
+        operators = {args.operator: operators.get(args.operator, [])}
+    if not any(operators.values()):
+        print("no state: the query has no stateful operator, or no batch committed yet")
+        return 0
+    for operator, stores in operators.items():
+        for store in stores:
+            if args.store and store != args.store:
+                continue
+            frame = read_state(args.checkpoint, operator=operator, store=store, version=args.version)
+            if args.csv:
+                print(frame.write_csv(), end="")
+                continue
+            print(f"{operator}/{store}: {frame.height} rows")
+            with pl.Config(tbl_rows=args.limit, tbl_cols=-1, tbl_width_chars=160):
+                print(frame.head(args.limit))
     return 0
 
 

@@ -33,9 +33,11 @@ import base64
 import binascii
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal, TypeAlias
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.ipc as pa_ipc
 from pydantic import BaseModel, ConfigDict, Field
 
 from microstream.exceptions import (
@@ -57,11 +59,16 @@ _DELTA = ".delta.arrow"
 _SNAPSHOT = ".snapshot.arrow"
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
 _HASH = "__key_hash"  # in memory only: the u64 hash of the key columns
-_PART = "__partition"
+_PART = "__partition"  # in memory only
+_ORDER = "__order"  # in memory only: position of a delta file in a replay
+_MASK = "__mask"
 _HASH_SEED = 0x6D73  # "ms"; recorded in the metadata
 _PROBE_ROWS = 32
 _MAX_CHUNKS = 32  # a partition is rechunked when it has grown more chunks than this
-_IPC_COMPRESSION: Final = "lz4"
+Compression: TypeAlias = Literal["lz4", "zstd"] | None
+# Uncompressed: cheapest to write every batch and read back zero-copy on recovery
+# (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
+_COMPRESSION: Final[Compression] = None
 
 
 class _Record(BaseModel):
@@ -204,7 +211,6 @@ class StateStore:
         self.min_versions_to_retain = min_versions_to_retain
         self._validate_arguments()
 
-        self._value_columns = [c for c in self.schema if c not in self.key_columns]
         self._keys_hash = [*self.key_columns, _HASH]
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean()})
@@ -216,12 +222,14 @@ class StateStore:
                 f"round trip: {self.schema}; use plain Polars dtypes"
             )
             raise SchemaMismatchError(msg)
+        self._pyarrow_io = _pyarrow_round_trips(self.schema)
         self._probe_frame = _make_probe_frame(self.schema, self.key_columns)
         self._probe = self._partitions_of(self._probe_frame)
 
         empty = pl.DataFrame(schema=self._mem_schema)
         self._parts: list[pl.DataFrame] = [empty] * num_partitions
-        self._pending: dict[int, pl.DataFrame] = {}  # partition -> changed keys' rows + _DELETED
+        # rows of the keys changed since the last commit (+ _HASH, _DELETED), all partitions
+        self._pending: pl.DataFrame | None = None
         self._frame: pl.DataFrame | None = None
         self._version: int | None = None
         # (version, is a snapshot, is a base: nothing older is needed to rebuild it), from
@@ -247,7 +255,7 @@ class StateStore:
         if len(set(self.key_columns)) != len(self.key_columns):
             msg = f"key_columns of operator {self.operator!r} repeat a column: {self.key_columns}"
             raise ValueError(msg)
-        reserved = [c for c in (_DELETED, _HASH, _PART) if c in self.schema]
+        reserved = [c for c in (_DELETED, _HASH, _PART, _ORDER, _MASK) if c in self.schema]
         if reserved:
             msg = f"the state schema of operator {self.operator!r} uses reserved column names {reserved}"
             raise ValueError(msg)
@@ -268,8 +276,9 @@ class StateStore:
     def frame(self) -> pl.DataFrame:
         """The whole state, all partitions, columns in schema order (row order unspecified)."""
         if self._frame is None:
+            columns = list(self.schema)
             self._frame = pl.concat(
-                [part.drop(_HASH) for part in self._parts], how="vertical", rechunk=False
+                [_project(part, columns) for part in self._parts], how="vertical", rechunk=False
             )
         return self._frame
 
@@ -290,7 +299,7 @@ class StateStore:
     @property
     def has_pending_changes(self) -> bool:
         """Whether :meth:`apply` or :meth:`filter_out` changed the state since the last commit."""
-        return bool(self._pending)
+        return self._pending is not None
 
     def lookup(self, keys: pl.DataFrame) -> pl.DataFrame:
         """The current rows of the given keys, reading only their partitions.
@@ -306,21 +315,10 @@ class StateStore:
             Every state row whose key is in ``keys``, columns in schema order.
         """
         keys = self._conform(keys, "keys", self.key_columns, exact=False)
-        found = []
-        for p, wanted in self._split(keys.unique().with_columns(self._hash_expr)).items():
-            part = self._parts[p]
-            if part.height == 0:
-                continue
-            mask = part.get_column(_HASH).is_in(wanted.get_column(_HASH).implode())
-            if not mask.any():
-                continue
-            hits = part.filter(mask).join(
-                wanted.select(self.key_columns), on=self.key_columns, how="semi", nulls_equal=True
-            )
-            found.append(hits.drop(_HASH))
-        if not found:
+        if keys.height == 0:
             return pl.DataFrame(schema=self.schema)
-        return pl.concat(found, how="vertical", rechunk=False)
+        found = self._rows_of(keys.with_columns(self._hash_expr))
+        return _project(found, list(self.schema))
 
     # -- changing the state --------------------------------------------------------
 
@@ -349,31 +347,33 @@ class StateStore:
         dels = self._conform(deletes, "deletes", self.key_columns, exact=False)
         if ups.height == 0 and dels.height == 0:
             return
-        ups_by_part = self._split(ups.with_columns(self._hash_expr))
-        dels_by_part = self._split(dels.with_columns(self._hash_expr))
-        for p in sorted(ups_by_part.keys() | dels_by_part.keys()):
-            up = ups_by_part.get(p)
-            de = dels_by_part.get(p)
-            key_frames = [f.select(self._keys_hash) for f in (up, de) if f is not None]
-            touched = pl.concat(key_frames, how="vertical").unique()
-            part = _remove_keys(self._parts[p], touched, self.key_columns)
-            changes = []
-            if up is not None:
-                part = pl.concat([part, up], how="vertical", rechunk=False)
-                changes.append(up.with_columns(pl.lit(False).alias(_DELETED)))
-            if de is not None:
-                gone = de.unique()
-                if up is not None:
-                    gone = gone.join(
-                        up.select(self.key_columns),
-                        on=self.key_columns,
-                        how="anti",
-                        nulls_equal=True,
-                    )
-                changes.append(self._deletion_markers(gone))
-            self._parts[p] = _compact(part)
-            self._record(p, touched, pl.concat(changes, how="vertical"))
-        self._frame = None
+        changes = []
+        key_frames = []
+        ups = ups.with_columns(self._hash_expr) if ups.height else self._parts[0].clear()
+        if ups.height:
+            key_frames.append(_project(ups, self._keys_hash))
+            changes.append(ups.with_columns(pl.lit(False).alias(_DELETED)))
+        if dels.height:
+            dels = dels.with_columns(self._hash_expr)
+            key_frames.append(dels)
+            gone = dels.unique()
+            if ups.height:
+                gone = gone.join(
+                    _project(ups, self.key_columns),
+                    on=self.key_columns,
+                    how="anti",
+                    nulls_equal=True,
+                )
+            changes.append(self._deletion_markers(gone))
+        keys = key_frames[0] if len(key_frames) == 1 else pl.concat(key_frames, how="vertical")
+        self._replace_keys(
+            self._parts,
+            keys,
+            self._pids(keys.get_column(_HASH)),
+            ups,
+            self._pids(ups.get_column(_HASH)),
+        )
+        self._record(keys, pl.concat(changes, how="vertical"))
 
     def filter_out(self, predicate: pl.Expr) -> pl.DataFrame:
         """Evict every row matching ``predicate`` and return the evicted rows.
@@ -393,42 +393,45 @@ class StateStore:
         DataFrame
             The removed rows, columns in schema order (row order unspecified).
         """
+        empty = pl.DataFrame(schema=self.schema)
+        nonempty = [p for p, part in enumerate(self._parts) if part.height]
+        if not nonempty:
+            return empty
+        view = pl.concat([self._parts[p] for p in nonempty], how="vertical", rechunk=False)
+        mask = view.with_columns(predicate.fill_null(False).alias(_MASK)).get_column(_MASK)
+        if mask.dtype != pl.Boolean:
+            msg = f"filter_out predicate must be boolean; got {mask.dtype} from {predicate}"
+            raise TypeError(msg)
+        if not mask.any():
+            return empty
         removed_parts = []
-        for p, part in enumerate(self._parts):
-            if part.height == 0:
+        offset = 0
+        for p in nonempty:
+            part = self._parts[p]
+            part_mask = mask.slice(offset, part.height)
+            offset += part.height
+            if not part_mask.any():
                 continue
-            mask = part.with_columns(predicate.fill_null(False).alias("__mask")).get_column(
-                "__mask"
-            )
-            if mask.dtype != pl.Boolean:
-                msg = f"filter_out predicate must be boolean; got {mask.dtype} from {predicate}"
-                raise TypeError(msg)
-            if not mask.any():
-                continue
-            removed = part.filter(mask)
-            kept = part.filter(~mask) if not mask.all() else part.clear()
-            evicted = removed.select(self._keys_hash).unique()
-            remaining = _rows_of_keys(kept, evicted, self.key_columns)
-            gone = evicted.join(
-                remaining.select(self.key_columns),
+            removed_parts.append(_take(part, part_mask))
+            self._parts[p] = part.clear() if part_mask.all() else _take(part, ~part_mask)
+        removed = pl.concat(removed_parts, how="vertical", rechunk=False)
+        # Keys that keep rows are recorded with their remaining rows, the others as deleted.
+        evicted = _project(removed, self._keys_hash)
+        remaining = self._rows_of(evicted)
+        gone = evicted.unique()
+        if remaining.height:
+            gone = gone.join(
+                _project(remaining, self.key_columns),
                 on=self.key_columns,
                 how="anti",
                 nulls_equal=True,
             )
-            changes = pl.concat(
-                [
-                    remaining.with_columns(pl.lit(False).alias(_DELETED)),
-                    self._deletion_markers(gone),
-                ],
-                how="vertical",
-            )
-            self._parts[p] = kept
-            self._record(p, evicted, changes)
-            removed_parts.append(removed.drop(_HASH))
-        if not removed_parts:
-            return pl.DataFrame(schema=self.schema)
-        self._frame = None
-        return pl.concat(removed_parts, how="vertical", rechunk=False)
+        changes = pl.concat(
+            [remaining.with_columns(pl.lit(False).alias(_DELETED)), self._deletion_markers(gone)],
+            how="vertical",
+        )
+        self._record(evicted, changes)
+        return _project(removed, list(self.schema))
 
     # -- persistence ---------------------------------------------------------------
 
@@ -461,16 +464,13 @@ class StateStore:
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
-                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema)
+                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema).with_columns(
+                        self._hash_expr
+                    )
                     for p in range(self.num_partitions)
                 ]
-            for entry in reversed(chain[:-1] if oldest.snapshot else chain):
-                for p in entry.partitions:
-                    delta = self._read_arrow(f"{p}/{entry.version}{_DELTA}", self._delta_schema)
-                    touched = delta.select(self._keys_hash).unique()
-                    kept = _remove_keys(parts[p], touched, self.key_columns)
-                    added = delta.filter(~pl.col(_DELETED)).drop(_DELETED)
-                    parts[p] = pl.concat([kept, added], how="vertical", rechunk=False)
+            replay = reversed(chain[:-1] if oldest.snapshot else chain)
+            self._replay([(entry.version, p) for entry in replay for p in entry.partitions], parts)
             target = chain[0]
             for p, part in enumerate(parts):
                 if part.height != target.rows_per_partition[p]:
@@ -484,7 +484,7 @@ class StateStore:
                     raise CheckpointCorruptError(msg)
             parts = [_compact(part) for part in parts]
         self._parts = parts
-        self._pending = {}
+        self._pending = None
         self._frame = None
         self._version = version
         self._chain = [
@@ -533,7 +533,7 @@ class StateStore:
             raise ValueError(msg)
         current = self._version
         if current is not None and version <= current:
-            if version == current and not self._pending and not snapshot:
+            if version == current and self._pending is None:
                 return
             msg = (
                 f"cannot commit state version {version} of operator {self.operator!r}: the "
@@ -570,16 +570,26 @@ class StateStore:
             or version % self.snapshot_every == 0
             or deltas_to_replay + 1 >= self.snapshot_every
         )
+        written: list[int] = []
         if full:
             for p, part in enumerate(self._parts):
-                self.storage.write_bytes(f"{p}/{version}{_SNAPSHOT}", _encode(part.drop(_HASH)))
-            written: list[int] = []
-        else:
-            written = sorted(self._pending)
-            for p in written:
-                self.storage.write_bytes(
-                    f"{p}/{version}{_DELTA}", _encode(self._pending[p].drop(_HASH))
+                data = _encode(
+                    _project(part, list(self.schema)),
+                    _COMPRESSION,
+                    pyarrow_io=self._pyarrow_io,
                 )
+                self.storage.write_bytes(f"{p}/{version}{_SNAPSHOT}", data)
+        elif self._pending is not None:
+            pending = self._pending
+            for p, changes in _split(pending, self._pids(pending.get_column(_HASH))).items():
+                data = _encode(
+                    _project(changes, list(self._delta_schema)),
+                    _COMPRESSION,
+                    pyarrow_io=self._pyarrow_io,
+                )
+                self.storage.write_bytes(f"{p}/{version}{_DELTA}", data)
+                written.append(p)
+            written.sort()
         entry = StateVersion(
             version=version,
             parent=current,
@@ -592,7 +602,7 @@ class StateStore:
 
         self._version = version
         self._chain.append((version, full, full or current is None))
-        self._pending = {}
+        self._pending = None
         self._force_snapshot = False
         self._remove_unneeded_files()
 
@@ -712,7 +722,7 @@ class StateStore:
         return entry
 
     def _read_arrow(self, name: str, schema: pl.Schema) -> pl.DataFrame:
-        """Read a state file; add the key hash column."""
+        """Read a state file, checking that it holds ``schema``."""
         where = self.storage.display(name)
         try:
             data = self.storage.read_bytes(name)
@@ -723,7 +733,7 @@ class StateStore:
             )
             raise CheckpointCorruptError(msg) from None
         try:
-            frame = pl.read_ipc(data)
+            frame = _decode(data, pyarrow_io=self._pyarrow_io)
         except Exception as exc:  # polars and arrow raise various errors on bad bytes
             msg = (
                 f"state file {where} is corrupt or truncated ({len(data)} bytes): "
@@ -736,8 +746,31 @@ class StateStore:
                 f"{_describe_schema_change(schema, frame.schema)}"
             )
             raise CheckpointCorruptError(msg)
-        return frame.with_columns(self._hash_expr).select(
-            [*self.schema, _HASH, *([_DELETED] if _DELETED in schema else [])]
+        return frame
+
+    def _replay(self, deltas: list[tuple[int, int]], parts: list[pl.DataFrame]) -> None:
+        """Apply the delta files ``(version, partition)``, oldest first, to ``parts``.
+
+        All deltas are read into one frame; for each key the rows of its newest
+        delta decide (upsert rows, or the deletion marker).
+        """
+        if not deltas:
+            return
+        frames = [
+            self._read_arrow(f"{p}/{version}{_DELTA}", self._delta_schema).with_columns(
+                pl.lit(order, pl.UInt32).alias(_ORDER), pl.lit(p, pl.UInt32).alias(_PART)
+            )
+            for order, (version, p) in enumerate(deltas)
+        ]
+        every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
+        newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
+        live = newest.filter(~pl.col(_DELETED))
+        self._replace_keys(
+            parts,
+            _project(newest, self._keys_hash),
+            newest.get_column(_PART),
+            _project(live, list(self._mem_schema)),
+            live.get_column(_PART),
         )
 
     def _remove_unneeded_files(self) -> None:
@@ -760,10 +793,12 @@ class StateStore:
         self._cleaned_below = keep_from
 
     def _repartition(self) -> None:
-        everything = pl.concat(self._parts, how="vertical").with_columns(self._hash_expr)
-        by_part = self._split(everything)
+        everything = (
+            pl.concat(self._parts, how="vertical").drop(_HASH).with_columns(self._hash_expr)
+        )
+        by_part = _split(everything, self._pids(everything.get_column(_HASH)))
         empty = pl.DataFrame(schema=self._mem_schema)
-        self._parts = [by_part.get(p, empty) for p in range(self.num_partitions)]
+        self._parts = [_compact(by_part.get(p, empty)) for p in range(self.num_partitions)]
         self._force_snapshot = True
         self._frame = None
 
@@ -797,28 +832,91 @@ class StateStore:
             )
             raise SchemaMismatchError(msg)
         casts = [c for c in columns if frame.schema[c] == pl.Null and self.schema[c] != pl.Null]
-        frame = frame.select(columns)
+        frame = _project(frame, columns)
         if casts:
             frame = frame.with_columns([pl.col(c).cast(self.schema[c]) for c in casts])
         return frame
 
     def _partitions_of(self, keys: pl.DataFrame) -> list[int]:
-        return (
-            keys.select((self._hash_expr % self.num_partitions).cast(pl.Int64))
-            .to_series()
-            .to_list()
-        )
+        """The partition of each row of ``keys`` (a frame of the key columns)."""
+        return self._pids(keys.select(self._hash_expr).to_series()).cast(pl.Int64).to_list()
 
-    def _split(self, frame: pl.DataFrame) -> dict[int, pl.DataFrame]:
-        """Rows of ``frame`` (with the hash column) by partition; empty ones left out."""
-        if frame.height == 0:
+    def _pids(self, hashes: pl.Series) -> pl.Series:
+        return (hashes % self.num_partitions).cast(pl.UInt32)
+
+    def _replace_keys(
+        self,
+        parts: list[pl.DataFrame],
+        keys: pl.DataFrame,
+        key_pids: pl.Series,
+        rows: pl.DataFrame,
+        row_pids: pl.Series,
+    ) -> None:
+        """In ``parts``, replace all rows of ``keys`` by ``rows`` (whose keys are among them).
+
+        ``keys`` holds the key columns and the hash (duplicates allowed), ``rows``
+        the memory schema; ``*_pids`` say in which partition each row lives. Only
+        the partitions of ``keys`` are touched. The hash finds the candidate rows
+        cheaply; the key columns decide, so a hash collision never removes
+        another key's rows.
+        """
+        touched = key_pids.unique().sort().to_list()
+        key_columns = _project(keys, self.key_columns)
+        candidates: dict[int, pl.DataFrame] = {}
+        for p, mask in self._locate(parts, keys.get_column(_HASH), touched).items():
+            if mask.any():
+                candidates[p] = _take(parts[p], mask)
+                parts[p] = _take(parts[p], ~mask)
+        if rows.height:
+            for p, new in _split(rows, row_pids).items():
+                parts[p] = pl.concat([parts[p], new], how="vertical", rechunk=False)
+        if candidates:
+            strays = pl.concat(list(candidates.values()), how="vertical").join(
+                key_columns, on=self.key_columns, how="anti", nulls_equal=True
+            )
+            if strays.height:  # a hash collision: put the other keys' rows back
+                for p, found in candidates.items():
+                    back = found.join(
+                        key_columns, on=self.key_columns, how="anti", nulls_equal=True
+                    )
+                    parts[p] = pl.concat([parts[p], back], how="vertical")
+        for p in touched:
+            parts[p] = _compact(parts[p])
+        self._frame = None
+
+    def _locate(
+        self, parts: list[pl.DataFrame], hashes: pl.Series, partitions: list[int]
+    ) -> dict[int, pl.Series]:
+        """For each non-empty partition listed, which of its rows have a hash in ``hashes``.
+
+        One membership test over all the listed partitions at once.
+        """
+        listed = [p for p in partitions if parts[p].height]
+        if not listed:
             return {}
-        if self.num_partitions == 1:
-            return {0: frame}
-        groups = frame.with_columns(
-            (pl.col(_HASH) % self.num_partitions).cast(pl.UInt32).alias(_PART)
-        ).partition_by(_PART, as_dict=True, include_key=False)
-        return {int(key[0]): part for key, part in groups.items()}
+        column = pl.concat([parts[p].get_column(_HASH) for p in listed], rechunk=False)
+        mask = column.is_in(hashes.implode())
+        masks = {}
+        offset = 0
+        for p in listed:
+            masks[p] = mask.slice(offset, parts[p].height)
+            offset += parts[p].height
+        return masks
+
+    def _rows_of(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """The state rows (memory schema) of ``keys`` (key columns + hash)."""
+        hashes = keys.get_column(_HASH)
+        touched = self._pids(hashes).unique().to_list()
+        found = [
+            _take(self._parts[p], mask)
+            for p, mask in self._locate(self._parts, hashes, touched).items()
+            if mask.any()
+        ]
+        if not found:
+            return pl.DataFrame(schema=self._mem_schema)
+        return pl.concat(found, how="vertical").join(
+            _project(keys, self.key_columns), on=self.key_columns, how="semi", nulls_equal=True
+        )
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
         """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
@@ -831,15 +929,16 @@ class StateStore:
             pl.lit(True).alias(_DELETED),
         )
 
-    def _record(self, p: int, touched: pl.DataFrame, changes: pl.DataFrame) -> None:
-        """Make ``changes`` the pending delta of the ``touched`` keys of partition ``p``."""
-        pending = self._pending.get(p)
+    def _record(self, keys: pl.DataFrame, changes: pl.DataFrame) -> None:
+        """Make ``changes`` the pending delta of ``keys`` (replacing earlier changes)."""
+        pending = self._pending
         if pending is not None and pending.height:
             pending = pending.join(
-                touched.select(self.key_columns), on=self.key_columns, how="anti", nulls_equal=True
+                _project(keys, self.key_columns), on=self.key_columns, how="anti", nulls_equal=True
             )
             changes = pl.concat([pending, changes], how="vertical")
-        self._pending[p] = changes
+        self._pending = changes
+        self._frame = None
 
 
 def read_state(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
@@ -923,46 +1022,58 @@ def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
     return pl.struct(fields).hash(seed=_HASH_SEED).alias(_HASH)
 
 
-def _remove_keys(part: pl.DataFrame, touched: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """``part`` without the rows of the keys in ``touched`` (key columns + hash, unique).
-
-    The hash column narrows the candidates cheaply; the key columns decide, so a
-    hash collision never removes another key's rows.
-    """
-    if part.height == 0 or touched.height == 0:
-        return part
-    mask = part.get_column(_HASH).is_in(touched.get_column(_HASH).implode())
-    candidates = int(mask.sum())
-    if candidates == 0:
-        return part
-    exact = part.filter(mask).join(touched.select(keys), on=keys, how="semi", nulls_equal=True)
-    if exact.height == candidates:
-        return part.filter(~mask)
-    hits = (
-        part.select(keys)
-        .with_row_index("__row")
-        .filter(mask)
-        .join(touched.select(keys), on=keys, how="semi", nulls_equal=True)
-        .get_column("__row")
-    )
-    return part.with_row_index("__row").filter(~pl.col("__row").is_in(hits.implode())).drop("__row")
+def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """``frame.select(columns)`` for plain column names, without a query plan."""
+    return pl.DataFrame([frame.get_column(c) for c in columns])
 
 
-def _rows_of_keys(part: pl.DataFrame, wanted: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """The rows of ``part`` whose key is in ``wanted`` (key columns + hash)."""
-    if part.height == 0 or wanted.height == 0:
-        return part.clear()
-    mask = part.get_column(_HASH).is_in(wanted.get_column(_HASH).implode())
-    return part.filter(mask).join(wanted.select(keys), on=keys, how="semi", nulls_equal=True)
+def _take(frame: pl.DataFrame, mask: pl.Series) -> pl.DataFrame:
+    """``frame.filter(mask)`` for a boolean Series, column by column."""
+    return pl.DataFrame([column.filter(mask) for column in frame.iter_columns()])
+
+
+def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
+    """The rows of ``frame`` by partition id (``pids``, one per row); empty parts left out."""
+    if frame.height == 0:
+        return {}
+    ids = pids.unique().to_list()
+    if len(ids) == 1:
+        return {ids[0]: frame}
+    return {p: _take(frame, pids == p) for p in ids}
 
 
 def _compact(part: pl.DataFrame) -> pl.DataFrame:
     return part.rechunk() if part.n_chunks() > _MAX_CHUNKS else part
 
 
-def _encode(frame: pl.DataFrame) -> bytes:
-    buffer = frame.write_ipc(None, compression=_IPC_COMPRESSION)
-    return buffer.getvalue()
+def _encode(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:
+    """``frame`` as an Arrow IPC file."""
+    if not pyarrow_io:
+        return frame.write_ipc(None, compression=compression or "uncompressed").getvalue()
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    options = pa_ipc.IpcWriteOptions(compression=compression)
+    with pa_ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def _decode(data: bytes, *, pyarrow_io: bool) -> pl.DataFrame:
+    """An Arrow IPC file as a DataFrame; raises on bad bytes."""
+    if not pyarrow_io:
+        return pl.read_ipc(data)
+    frame = pl.from_arrow(pa_ipc.open_file(pa.py_buffer(data)).read_all())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _pyarrow_round_trips(schema: pl.Schema) -> bool:
+    """Whether pyarrow (faster than Polars' IPC for small files) keeps these dtypes exactly."""
+    try:
+        frame = pl.from_arrow(pl.DataFrame(schema=schema).to_arrow())
+    except Exception:  # e.g. Int128, unknown to pyarrow
+        return False
+    return isinstance(frame, pl.DataFrame) and frame.schema == schema
 
 
 def _encode_frame(frame: pl.DataFrame) -> str:

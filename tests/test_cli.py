@@ -101,3 +101,33 @@ def test_status_of_a_non_checkpoint(tmp_path: Path) -> None:
     result = cli("status", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert "is not a microstream checkpoint" in result.stderr
+
+
+STATEFUL_JOB = """
+import polars as pl
+import microstream as ms
+
+totals = (
+    ms.scan_files("in", format="parquet", max_files_per_trigger=1)
+    .group_by("k")
+    .agg(pl.col("x").sum())
+)
+query = totals.foreach_batch(lambda df, b: None, output_mode="update", checkpoint="cp")
+"""
+
+
+def test_state_shows_operator_state(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pl.DataFrame({"k": ["a", "b"], "x": [1, 2]}).write_parquet(tmp_path / "in" / "0.parquet")
+    pl.DataFrame({"k": ["a"], "x": [5]}).write_parquet(tmp_path / "in" / "1.parquet")
+    (tmp_path / "job.py").write_text(STATEFUL_JOB)
+    assert cli("run", "job.py", "--available-now", cwd=tmp_path).returncode == 0
+    result = cli("state", "cp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "op0/partials: 2 rows" in result.stdout
+    csv = cli("state", "cp", "--csv", cwd=tmp_path).stdout.splitlines()
+    assert csv[0] == "k,agg0" and sorted(csv[1:]) == ["a,6", "b,2"]
+    first = cli("state", "cp", "--csv", "--version", "0", cwd=tmp_path).stdout.splitlines()
+    assert sorted(first[1:]) == ["a,1", "b,2"]
+    assert cli("state", "--help", cwd=tmp_path).returncode == 0
+    assert cli("state", str(tmp_path / "in"), cwd=tmp_path).returncode == 1
