@@ -29,7 +29,41 @@ from microstream.windows import END, START, T, WindowSpec, from_us, to_us
 if TYPE_CHECKING:
     from microstream.storage import Storage
 
-__all__ = ["AggregateNode", "AggregationOperator", "late_rows_frame"]
+__all__ = ["AggregateNode", "AggregationOperator", "EmitPolicy", "late_rows_frame"]
+
+LAST_EMIT, ROWS_SINCE, PENDING = "__last_emit_ms", "__rows_since_emit", "__pending"
+
+
+@dataclass(frozen=True)
+class EmitPolicy:
+    """When update mode emits a changed group (Flink's triggers, beyond Spark).
+
+    Without any trigger every changed group is emitted every batch. With
+    triggers, a changed group is emitted when one of them fires, and always
+    when the watermark passes its window's end (the on-time result); changes
+    in the ``allowed_lateness`` after that are emitted as corrections.
+    """
+
+    early_every_ms: int | None = None
+    every_n_rows: int | None = None
+    on_change: tuple[tuple[str, float], ...] = ()
+    allowed_lateness_us: int = 0
+
+    @property
+    def throttled(self) -> bool:
+        return bool(self.early_every_ms or self.every_n_rows or self.on_change)
+
+    def describe(self) -> str:
+        parts = []
+        if self.early_every_ms:
+            parts.append(f"early_every={self.early_every_ms}ms")
+        if self.every_n_rows:
+            parts.append(f"every_n_rows={self.every_n_rows}")
+        if self.on_change:
+            parts.append(f"emit_on_change={dict(self.on_change)}")
+        if self.allowed_lateness_us:
+            parts.append(f"allowed_lateness={self.allowed_lateness_us}us")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +76,7 @@ class AggregateNode(StatefulNode):
     window: WindowSpec | None
     watermark: WatermarkNode | None
     input_schema: pl.Schema
+    emit: EmitPolicy = EmitPolicy()
 
     @property
     def spec(self) -> AggregateSpec:
@@ -90,6 +125,8 @@ class AggregateNode(StatefulNode):
             None: "state kept forever (no watermark on a time key)",
         }[self.eviction]
         lines = [pad + self.describe(), f"{pad}  · {evict}"]
+        if self.emit.describe():
+            lines.append(f"{pad}  · update-mode emission: {self.emit.describe()}")
         lines += [f"{pad}  · {line}" for line in self.spec.strategies()]
         return lines + self.input.explain_lines(depth + 1)
 
@@ -99,9 +136,27 @@ class AggregateNode(StatefulNode):
             "keys": list(self.keys),
             "window": self.window.describe() if self.window else None,
             "aggs": [str(a) for a in self.aggs],
+            "emit": self.emit.describe(),
         }
 
     def check_output_mode(self, output_mode: str) -> None:
+        if (self.emit.throttled or self.emit.allowed_lateness_us) and output_mode != "update":
+            msg = (
+                f"{self.emit.describe()} shape when changed groups are emitted, which only "
+                f"output_mode='update' does (append emits each window once, complete every "
+                f"group every batch); got output_mode={output_mode!r}"
+            )
+            raise PlanError(msg)
+        if self.emit.allowed_lateness_us and self.eviction != "window":
+            msg = "allowed_lateness needs a watermarked group_by_dynamic window"
+            raise PlanError(msg)
+        for column, _ in self.emit.on_change:
+            if column not in self.aggregate_schema():
+                msg = (
+                    f"emit_on_change: {column!r} is not an aggregate of this query; aggregates "
+                    f"are {list(self.aggregate_schema().names())}"
+                )
+                raise PlanError(msg)
         if output_mode == "append" and self.eviction is None:
             msg = (
                 "output_mode='append' needs windows that close: add with_watermark(col, delay) "
@@ -154,6 +209,22 @@ class AggregationOperator:
                 key_columns=self.key_cols,
                 schema=pl.Schema({c: prepared[c] for c in row_columns}),
             )
+        self.emits: StateStore | None = None
+        if node.emit.throttled:
+            self.emits = StateStore(
+                storage.sub("emits"),
+                operator=f"{operator_id}/emits",
+                key_columns=self.key_cols,
+                schema=pl.Schema(
+                    {
+                        **{c: prepared[c] for c in self.key_cols},
+                        LAST_EMIT: pl.Int64(),
+                        ROWS_SINCE: pl.Int64(),
+                        PENDING: pl.Boolean(),
+                        **{f"__emitted_{c}": pl.Float64() for c, _ in node.emit.on_change},
+                    }
+                ),
+            )
         self._dropped_late = 0
         self._updated = 0
         self._removed = 0
@@ -180,7 +251,7 @@ class AggregationOperator:
         )
 
     def _stores(self) -> list[StateStore]:
-        return [s for s in (self.partials, self.rows) if s is not None]
+        return [s for s in (self.partials, self.rows, self.emits) if s is not None]
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -189,9 +260,11 @@ class AggregationOperator:
         pairs = self._prepare(batch, ctx)
         if pairs.height:
             self._update_state(pairs)
-        updated = pairs.select(self.key_cols).unique() if pairs.height else None
+        updated = pairs.group_by(self.key_cols).len("__n") if pairs.height else None
         self._updated = 0 if updated is None else updated.height
-        return self._emit(ctx, updated)
+        if self.emits is not None and ctx.output_mode == "update":
+            return self._emit_throttled(ctx, updated)
+        return self._emit(ctx, None if updated is None else updated.select(self.key_cols))
 
     def _prepare(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         node = self.node
@@ -210,7 +283,11 @@ class AggregationOperator:
             df = node.window.assign(df)
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":
-            bound = pl.col(END) if node.eviction == "window" else pl.col(T)
+            bound = (
+                pl.col(END) + node.emit.allowed_lateness_us
+                if node.eviction == "window"
+                else pl.col(T)
+            )
             late = bound <= ctx.late_watermark_us
             dropped = df.filter(late)
             if dropped.height:
@@ -269,9 +346,90 @@ class AggregationOperator:
         self._removed = (gone_partials if gone_partials is not None else gone_rows).height  # type: ignore[union-attr]
         return self._finalize(gone_partials, gone_rows)
 
+    def _emit_throttled(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+        """Update mode with emit triggers: emit a changed group only when a trigger fires."""
+        assert self.emits is not None
+        policy, now = self.node.emit, ctx.batch_timestamp_ms
+        on_time = self.node.eviction == "window"
+        book = self.emits.frame.clear()
+        if updated is not None and updated.height:
+            known = self.emits.lookup(updated)
+            book = (
+                updated.join(known, on=self.key_cols, how="left", nulls_equal=True)
+                .with_columns(
+                    pl.col(ROWS_SINCE).fill_null(0) + pl.col("__n"),
+                    pl.lit(True).alias(PENDING),
+                )
+                .drop("__n")
+                .select(self.emits.schema.names())
+            )
+        # Groups changed earlier but not emitted yet, whose window the watermark passed now.
+        if on_time:
+            due = self.emits.frame.filter(pl.col(PENDING) & (pl.col(END) <= ctx.watermark_us))
+            book = pl.concat([book, due], how="vertical_relaxed").unique(
+                self.key_cols, keep="first", maintain_order=True
+            )
+        if book.height == 0:
+            self._evict(ctx.watermark_us)
+            return self._finalize(self._empty(self.partials), self._empty(self.rows))
+        keys = book.select(self.key_cols)
+        current = self._finalize(self._semi(self.partials, keys), self._semi(self.rows, keys))
+        current_keyed = self._with_state_keys(current)
+        book = book.join(current_keyed, on=self.key_cols, how="left", nulls_equal=True)
+        fire = pl.lit(False)
+        if on_time:
+            fire = fire | (pl.col(END) <= ctx.watermark_us)
+        if policy.early_every_ms:
+            fire = (
+                fire
+                | pl.col(LAST_EMIT).is_null()
+                | (now - pl.col(LAST_EMIT) >= policy.early_every_ms)
+            )
+        if policy.every_n_rows:
+            fire = fire | (pl.col(ROWS_SINCE) >= policy.every_n_rows)
+        for column, threshold in policy.on_change:
+            previous = pl.col(f"__emitted_{column}")
+            moved = (pl.col(column).cast(pl.Float64) - previous).abs() > threshold
+            fire = fire | previous.is_null() | moved.fill_null(False)
+        book = book.with_columns(fire.alias("__fire"))
+        fired = book.filter(pl.col("__fire"))
+        new_book = book.with_columns(
+            pl.when(pl.col("__fire")).then(now).otherwise(pl.col(LAST_EMIT)).alias(LAST_EMIT),
+            pl.when(pl.col("__fire")).then(0).otherwise(pl.col(ROWS_SINCE)).alias(ROWS_SINCE),
+            (~pl.col("__fire")).alias(PENDING),
+            *(
+                pl.when(pl.col("__fire"))
+                .then(pl.col(c).cast(pl.Float64))
+                .otherwise(pl.col(f"__emitted_{c}"))
+                .alias(f"__emitted_{c}")
+                for c, _ in policy.on_change
+            ),
+        )
+        self.emits.apply(upserts=new_book.select(self.emits.schema.names()))
+        out = current_keyed.join(fired.select(self.key_cols), on=self.key_cols, how="semi",
+                                 nulls_equal=True).select(current.columns)  # fmt: skip
+        self._evict(ctx.watermark_us)
+        return out
+
+    def _with_state_keys(self, out: pl.DataFrame) -> pl.DataFrame:
+        """The emitted rows with the state key columns (window bounds in microseconds)."""
+        window = self.node.window
+        if window is None:
+            return out
+        return out.with_columns(
+            to_us(window.column).alias(START),
+            (to_us(window.column) + window.period_us).alias(END),
+        )
+
+    def _evict(self, wm: int) -> None:
+        closed = self._closed_predicate(wm)
+        if closed is not None:
+            removed = [s.filter_out(closed) for s in self._stores()]
+            self._removed = removed[0].height if removed else 0
+
     def _closed_predicate(self, wm: int) -> pl.Expr | None:
         if self.node.eviction == "window":
-            return pl.col(END) <= wm
+            return pl.col(END) + self.node.emit.allowed_lateness_us <= wm
         if self.node.eviction == "key" and self.node.watermark is not None:
             return to_us(self.node.watermark.column) <= wm
         return None

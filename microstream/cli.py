@@ -195,7 +195,9 @@ def _state(args: argparse.Namespace) -> int:
         for store in stores:
             if args.store and store != args.store:
                 continue
-            frame = read_state(args.checkpoint, operator=operator, store=store, version=args.version)
+            frame = read_state(
+                args.checkpoint, operator=operator, store=store, version=args.version
+            )
             if args.csv:
                 print(frame.write_csv(), end="")
                 continue

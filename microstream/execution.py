@@ -469,6 +469,7 @@ class StreamExecution:
             late_watermark_us=entry.late_watermark_us or 0,
             watermark_us=entry.watermark_us or 0,
             output_mode=self.config.output_mode,
+            batch_timestamp_ms=entry.batch_timestamp_ms,
             operators=self._operators,
         )
         result = self.config.plan.execute(inputs, ctx).collect()

@@ -22,7 +22,12 @@ from microstream.dedup import DedupNode
 from microstream.duration import parse_duration
 from microstream.exceptions import PlanError
 from microstream.execution import ExecutionConfig, StreamExecution
-from microstream.groupby import StreamDynamicGroupBy, StreamGroupBy, StreamSessionGroupBy
+from microstream.groupby import (
+    StreamDynamicGroupBy,
+    StreamGroupBy,
+    StreamSessionGroupBy,
+    emit_policy,
+)
 from microstream.plan import (
     ConcatNode,
     MapBatchesNode,
@@ -418,14 +423,25 @@ class StreamFrame:
             WatermarkNode(self._plan, column, delay_us, idle_timeout_us=idle, on_late=on_late)
         )
 
-    def group_by(self, *by: Any, maintain_order: bool = False) -> StreamGroupBy:
+    def group_by(
+        self,
+        *by: Any,
+        maintain_order: bool = False,
+        early_every: str | timedelta | None = None,
+        every_n_rows: int | None = None,
+        emit_on_change: dict[str, float] | None = None,
+    ) -> StreamGroupBy:
         """Group the stream by keys; ``.agg(...)`` keeps one result per key, updated forever.
 
         ``maintain_order`` is accepted for Polars compatibility; emitted rows are
-        sorted by key.
+        sorted by key. The emit triggers (update mode) are those of
+        :meth:`group_by_dynamic`.
         """
         flat = [k for item in by for k in (item if isinstance(item, (list, tuple)) else [item])]
-        return StreamGroupBy(self, flat)
+        emit = emit_policy(
+            early_every=early_every, every_n_rows=every_n_rows, emit_on_change=emit_on_change
+        )
+        return StreamGroupBy(self, flat, emit)
 
     def group_by_dynamic(
         self,
@@ -439,6 +455,10 @@ class StreamFrame:
         label: str = "left",
         group_by: Any = None,
         start_by: str = "window",
+        early_every: str | timedelta | None = None,
+        every_n_rows: int | None = None,
+        emit_on_change: dict[str, float] | None = None,
+        allowed_lateness: str | timedelta | None = None,
     ) -> StreamDynamicGroupBy:
         """Event-time windows, as :meth:`polars.LazyFrame.group_by_dynamic`.
 
@@ -449,6 +469,15 @@ class StreamFrame:
         index column holding the window start, then the aggregates. Only
         ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a
         meaning on a stream.
+
+        Emit triggers (``output_mode="update"``, beyond Spark, after Flink): by
+        default every group a batch changed is emitted. ``early_every="10s"``
+        emits a changed window at most that often (processing time of the
+        batch), ``every_n_rows=1000`` once that many rows arrived since its last
+        emission, ``emit_on_change={"total": 5.0}`` when the aggregate moved by
+        more than the threshold; a window is always emitted when the watermark
+        passes its end. ``allowed_lateness="5m"`` keeps a window's state that
+        long after its end and emits a correction for each late change.
 
         Examples
         --------
@@ -486,6 +515,12 @@ class StreamFrame:
             offset=offset,
             include_boundaries=include_boundaries,
             group_by=group_by,
+            emit=emit_policy(
+                early_every=early_every,
+                every_n_rows=every_n_rows,
+                emit_on_change=emit_on_change,
+                allowed_lateness=allowed_lateness,
+            ),
         )
 
     def group_by_session(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from microstream.aggregation import AggregateNode
+from microstream.aggregation import AggregateNode, EmitPolicy
 from microstream.duration import parse_duration
 from microstream.exceptions import PlanError
 from microstream.plan import PlanNode, StatelessNode, WatermarkNode
@@ -61,6 +61,36 @@ def find_watermark(plan: PlanNode, column: str | None) -> WatermarkNode | None:
     return marks[0] if len(marks) == 1 and column is None else None
 
 
+def emit_policy(
+    *,
+    early_every: str | timedelta | None = None,
+    every_n_rows: int | None = None,
+    emit_on_change: dict[str, float] | None = None,
+    allowed_lateness: str | timedelta | None = None,
+) -> EmitPolicy:
+    """Validate the emit-trigger options of the group-by verbs."""
+    if every_n_rows is not None and (not isinstance(every_n_rows, int) or every_n_rows < 1):
+        msg = f"every_n_rows must be a positive int; got {every_n_rows!r}"
+        raise PlanError(msg)
+    changes = tuple((emit_on_change or {}).items())
+    for column, threshold in changes:
+        if not isinstance(threshold, (int, float)) or threshold < 0:
+            msg = f"emit_on_change[{column!r}] must be a threshold >= 0; got {threshold!r}"
+            raise PlanError(msg)
+    return EmitPolicy(
+        early_every_ms=(
+            None if early_every is None
+            else parse_duration(early_every, name="early_every") // timedelta(milliseconds=1)
+        ),
+        every_n_rows=every_n_rows,
+        on_change=tuple((c, float(t)) for c, t in changes),
+        allowed_lateness_us=(
+            0 if allowed_lateness is None
+            else _us(parse_duration(allowed_lateness, name="allowed_lateness"))
+        ),
+    )  # fmt: skip
+
+
 def _aggs(aggs: Sequence[Any], named: dict[str, Any], verb: str) -> tuple[pl.Expr, ...]:
     exprs: list[pl.Expr] = []
     for agg in aggs:
@@ -99,9 +129,10 @@ class StreamGroupBy:
     >>> query.stop()
     """
 
-    def __init__(self, frame: StreamFrame, by: Sequence[Any]):
+    def __init__(self, frame: StreamFrame, by: Sequence[Any], emit: EmitPolicy | None = None):
         self._frame = frame
         self._by = by
+        self._emit = emit or EmitPolicy()
 
     def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
         from microstream.frame import StreamFrame
@@ -122,6 +153,7 @@ class StreamGroupBy:
             window=None,
             watermark=watermark,
             input_schema=input_schema,
+            emit=self._emit,
         )
         return StreamFrame(node)
 
@@ -139,8 +171,10 @@ class StreamDynamicGroupBy:
         offset: str | timedelta | None,
         include_boundaries: bool,
         group_by: Any,
+        emit: EmitPolicy | None = None,
     ):
         self._frame = frame
+        self._emit = emit or EmitPolicy()
         self._index = index_column
         self._every = parse_duration(every, name="every")
         self._period = parse_duration(period, name="period") if period is not None else None
@@ -184,6 +218,7 @@ class StreamDynamicGroupBy:
             window=window,
             watermark=find_watermark(plan, self._index),
             input_schema=input_schema,
+            emit=self._emit,
         )
         return StreamFrame(node)
 

@@ -40,7 +40,9 @@ def list_state(checkpoint: str | os.PathLike[str]) -> dict[str, list[str]]:
         return result
     for operator in operators:
         name = str(operator).rstrip("/").rsplit("/", 1)[-1]
-        stores = sorted(str(s).rstrip("/").rsplit("/", 1)[-1] for s in fs.ls(operator, detail=False))
+        stores = sorted(
+            str(s).rstrip("/").rsplit("/", 1)[-1] for s in fs.ls(operator, detail=False)
+        )
         result[name] = [s for s in stores if not s.startswith((".", "_"))]
     return result
 
@@ -89,7 +91,9 @@ def read_state(
     stores = list_state(checkpoint).get(operator)
     if not stores:
         known = ", ".join(list_state(checkpoint)) or "none"
-        msg = f"checkpoint {cp.display()} has no state for operator {operator!r} (operators: {known})"
+        msg = (
+            f"checkpoint {cp.display()} has no state for operator {operator!r} (operators: {known})"
+        )
         raise CheckpointError(msg)
     chosen = store or stores[0]
     if chosen not in stores:

@@ -77,6 +77,9 @@ class BatchContext:
     late_watermark_us: int
     watermark_us: int
     output_mode: str
+    batch_timestamp_ms: int = 0
+    """The batch's logged processing time: processing-time emit triggers use it, so a
+    re-run batch decides exactly as the first run did."""
     operators: Mapping[PlanNode, StatefulOperator] = field(default_factory=dict)
     planning: bool = False
     max_event_us: dict[WatermarkNode, int | None] = field(default_factory=dict)
