@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
+from microstream.duration import format_duration
 from microstream.exceptions import PlanError
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
 from microstream.progress import StateOperatorProgress
@@ -62,7 +63,7 @@ class EmitPolicy:
         if self.on_change:
             parts.append(f"emit_on_change={dict(self.on_change)}")
         if self.allowed_lateness_us:
-            parts.append(f"allowed_lateness={self.allowed_lateness_us}us")
+            parts.append(f"allowed_lateness={format_duration(self.allowed_lateness_us)}")
         return ", ".join(parts)
 
 
@@ -490,9 +491,9 @@ def late_rows_frame(
     has_window: bool,
 ) -> pl.DataFrame:
     """Late rows for the side output: the row, the batch, the watermark missed, the window."""
-    missed = from_us(pl.lit(ctx.late_watermark_us, pl.Int64), pl.Datetime("us")).alias(
-        "late_watermark"
-    )
+    missed = from_us(
+        pl.lit(ctx.late_watermark_us, pl.Int64), time_dtype or pl.Datetime("us", "UTC")
+    ).alias("late_watermark")
     extra: list[pl.Expr] = [
         pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
         pl.lit(operator_id).alias("operator"),

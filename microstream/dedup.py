@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from microstream.aggregation import late_rows_frame
+from microstream.duration import format_duration
 from microstream.exceptions import PlanError
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
 from microstream.progress import StateOperatorProgress
@@ -56,7 +57,7 @@ class DedupNode(StatefulNode):
         return self.input_schema
 
     def describe(self) -> str:
-        within = f", within={self.within_us}us" if self.within_us is not None else ""
+        within = f", within={format_duration(self.within_us)}" if self.within_us is not None else ""
         return f"unique(subset={list(self.subset)}, keep='first'{within})"
 
     def explain_lines(self, depth: int = 0) -> list[str]:
@@ -124,7 +125,14 @@ class DedupOperator:
             if dropped.height:
                 self._dropped_late = dropped.height
                 ctx.late_rows.append(
-                    late_rows_frame(dropped, columns, ctx, self.operator_id, None, has_window=False)
+                    late_rows_frame(
+                        dropped,
+                        columns,
+                        ctx,
+                        self.operator_id,
+                        node.input_schema[node.watermark.column],
+                        has_window=False,
+                    )
                 )
                 df = df.filter(~late)
             expire = pl.col(T) + node.within_us if node.expiry == "within" else pl.col(T)
@@ -132,7 +140,8 @@ class DedupOperator:
         else:
             df = df.with_columns(pl.lit(None, pl.Int64).alias(EXPIRE))
         firsts = df.unique(subset=subset, keep="first", maintain_order=True)
-        fresh = firsts.join(self.store.frame, on=subset, how="anti", nulls_equal=True)
+        seen = self.store.lookup(firsts.select(subset))  # only the partitions these keys hash to
+        fresh = firsts.join(seen, on=subset, how="anti", nulls_equal=True)
         if fresh.height:
             self.store.apply(upserts=fresh.select(self.store.schema.names()))
         self._updated = fresh.height

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
-__all__ = ["parse_duration"]
+__all__ = ["format_duration", "parse_duration"]
 
 _UNITS_US = {
     "us": 1,
@@ -72,3 +72,24 @@ def parse_duration(value: str | timedelta | float, *, name: str = "duration") ->
         msg = f"{name} must not be negative; got {value!r} instead"
         raise ValueError(msg)
     return result
+
+
+def format_duration(micros: int) -> str:
+    """A duration in microseconds as the shortest string :func:`parse_duration` reads back.
+
+    Examples
+    --------
+    >>> format_duration(90_000_000)
+    '1m30s'
+    >>> format_duration(250_000), format_duration(0)
+    ('250ms', '0s')
+    """
+    if micros == 0:
+        return "0s"
+    sign, rest, parts = ("-" if micros < 0 else ""), abs(micros), []
+    for unit in ("w", "d", "h", "m", "s", "ms", "us"):
+        size = _UNITS_US[unit]
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return sign + "".join(parts)

@@ -178,6 +178,9 @@ class StreamExecution:
                     faults=self.faults,
                 )
             )
+            for mark in self._watermark_nodes:
+                if isinstance(mark.on_late, str):  # readable before the first late row
+                    self.config.session.register_table(mark.on_late)
             self._restore_position()
             state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
             for i, node in enumerate(self._stateful_nodes):
@@ -403,7 +406,6 @@ class StreamExecution:
         if target is None:
             return  # dropped, and counted in progress
         if isinstance(target, str):
-            self.config.session.register_table(target)
             self.config.session.write_table(target, batch_id, late, replace=False)
         else:
             target(late, batch_id)

@@ -277,8 +277,17 @@ class WatermarkNode(PlanNode):
         return (self.input,)
 
     def describe(self) -> str:
-        idle = f", idle_timeout={self.idle_timeout_us}us" if self.idle_timeout_us else ""
-        return f"with_watermark({self.column!r}, delay={self.delay_us}us{idle})"
+        from microstream.duration import format_duration
+
+        idle = (
+            f", idle_timeout={format_duration(self.idle_timeout_us)}"
+            if self.idle_timeout_us
+            else ""
+        )
+        late = f", on_late={self.on_late!r}" if self.on_late is not None else ""
+        return (
+            f"with_watermark({self.column!r}, delay={format_duration(self.delay_us)}{idle}{late})"
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "watermark", "column": self.column, "delay_us": self.delay_us}

@@ -105,6 +105,7 @@ class QueryProgress(_Frozen):
             "input_rows_per_second": self.input_rows_per_second,
             "processed_rows_per_second": self.processed_rows_per_second,
             "watermark": self.watermark,
+            "late_watermark": self.late_watermark,
         }
         for phase, ms in self.durations_ms.model_dump().items():
             row[f"duration_{phase}_ms"] = ms

@@ -182,7 +182,12 @@ class SessionOperator:
                 self._dropped_late = dropped.height
                 ctx.late_rows.append(
                     late_rows_frame(
-                        dropped, list(batch.columns), ctx, self.operator_id, None, has_window=False
+                        dropped,
+                        list(batch.columns),
+                        ctx,
+                        self.operator_id,
+                        node.input_schema[node.session.column],
+                        has_window=False,
                     )
                 )
                 df = df.filter(~late)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from microstream.duration import format_duration
 from microstream.exceptions import PlanError
 
 __all__ = ["SessionSpec", "WindowSpec", "from_us", "time_dtype_check", "to_us"]
@@ -35,8 +36,8 @@ class WindowSpec:
     def describe(self) -> str:
         kind = "tumbling" if self.period_us == self.every_us else "sliding"
         return (
-            f"{kind} window on {self.column!r} every={self.every_us}us "
-            f"period={self.period_us}us offset={self.offset_us}us"
+            f"{kind} window on {self.column!r} every={format_duration(self.every_us)} "
+            f"period={format_duration(self.period_us)} offset={format_duration(self.offset_us)}"
         )
 
     def assign(self, df: pl.DataFrame) -> pl.DataFrame:
@@ -74,7 +75,7 @@ class SessionSpec:
     gap_us: int
 
     def describe(self) -> str:
-        return f"session window on {self.column!r} gap={self.gap_us}us"
+        return f"session window on {self.column!r} gap={format_duration(self.gap_us)}"
 
 
 def time_dtype_check(schema: pl.Schema, column: str, verb: str) -> pl.DataType:
