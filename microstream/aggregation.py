@@ -13,6 +13,7 @@ the operator emits by output mode, using the batch's watermark:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,15 @@ from microstream.windows import END, START, T, WindowSpec, from_us, to_us
 if TYPE_CHECKING:
     from microstream.storage import Storage
 
-__all__ = ["AggregateNode", "AggregationOperator", "EmitPolicy", "late_rows_frame"]
+__all__ = [
+    "AggregateNode",
+    "AggregationOperator",
+    "EmitPolicy",
+    "drop_null_times",
+    "late_rows_frame",
+]
+
+logger = logging.getLogger("microstream")
 
 LAST_EMIT, ROWS_SINCE, PENDING = "__last_emit_ms", "__rows_since_emit", "__pending"
 
@@ -281,6 +290,7 @@ class AggregationOperator:
         else:
             df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
         if node.window is not None:
+            df = drop_null_times(df, self.operator_id, "have no window")
             df = node.window.assign(df)
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":
@@ -289,7 +299,7 @@ class AggregationOperator:
                 if node.eviction == "window"
                 else pl.col(T)
             )
-            late = bound <= ctx.late_watermark_us
+            late = (bound <= ctx.late_watermark_us).fill_null(False)
             dropped = df.filter(late)
             if dropped.height:
                 self._dropped_late = dropped.height
@@ -479,6 +489,15 @@ class AggregationOperator:
         columns += [pl.col(item.output_name) for item in self.spec.items]
         out = result.select(columns).cast(self.out_schema, strict=False)
         return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out
+
+
+def drop_null_times(df: pl.DataFrame, operator_id: str, why: str) -> pl.DataFrame:
+    """Rows without an event time belong to no window (as in Spark): drop them, loudly."""
+    nulls = df.get_column(T).null_count()
+    if nulls:
+        logger.warning("%s: %d row(s) with a null event time %s; dropped", operator_id, nulls, why)
+        return df.filter(pl.col(T).is_not_null())
+    return df
 
 
 def late_rows_frame(

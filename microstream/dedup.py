@@ -118,9 +118,11 @@ class DedupOperator:
         columns = list(batch.columns)
         subset = list(node.subset)
         df = batch
-        if node.expiry is not None and node.watermark is not None:
+        if node.watermark is not None:
+            # As Spark: with a watermark, rows behind it are late even when the event
+            # time is not in the subset; a null event time is never late.
             df = df.with_columns(to_us(node.watermark.column).alias(T))
-            late = pl.col(T) <= ctx.late_watermark_us
+            late = (pl.col(T) <= ctx.late_watermark_us).fill_null(False)
             dropped = df.filter(late)
             if dropped.height:
                 self._dropped_late = dropped.height
@@ -135,6 +137,7 @@ class DedupOperator:
                     )
                 )
                 df = df.filter(~late)
+        if node.expiry is not None:
             expire = pl.col(T) + node.within_us if node.expiry == "within" else pl.col(T)
             df = df.with_columns(expire.alias(EXPIRE))
         else:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
-from microstream.aggregation import late_rows_frame
+from microstream.aggregation import drop_null_times, late_rows_frame
 from microstream.exceptions import PlanError
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
 from microstream.progress import StateOperatorProgress
@@ -175,6 +175,7 @@ class SessionOperator:
             to_us(node.session.column).alias(T), seq.alias(ORDER_S), pl.lit(0, pl.Int8).alias("__g")
         )
         df = df.with_columns(pl.col(T).alias(ORDER_T), pl.col(T).alias(S_START))
+        df = drop_null_times(df, self.operator_id, "belong to no session")
         if node.watermark is not None:
             late = pl.col(T) + gap <= ctx.late_watermark_us
             dropped = df.filter(late)

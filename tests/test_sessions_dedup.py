@@ -137,3 +137,38 @@ def test_unique_keep_last_is_refused() -> None:
     frame = ms.MemoryStream({"k": pl.String}).lazy()
     with pytest.raises(ms.PlanError, match="keep='last'"):
         frame.unique(keep="last")  # type: ignore[arg-type]
+
+
+def test_unique_on_a_key_drops_rows_behind_the_watermark(name: str) -> None:
+    query, out = run(
+        lambda f: f.with_watermark("ts", "0s").unique(subset="k"),
+        [rows((50, "a", 1)), rows((10, "z", 2), (60, "b", 3))],  # (10, z) is late: 10 <= 50
+        name,
+    )
+    assert emitted(out) == [(at(50), "a", 1), (at(60), "b", 3)]
+    assert sum(p.state_operators[0].num_rows_dropped_late for p in query.recent_progress) == 1
+
+
+def test_null_event_times_never_late_and_in_no_window(name: str) -> None:
+    def with_nulls(*items: tuple[float | None, str, int]) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "ts": [None if s is None else at(s) for s, _, _ in items],
+                "k": [k for _, k, _ in items],
+                "v": [v for *_, v in items],
+            },
+            schema={"ts": pl.Datetime("us"), "k": pl.String, "v": pl.Int64},
+        )
+
+    _, dedup = run(
+        lambda f: f.with_watermark("ts", "0s").unique(subset=["k"]),
+        [with_nulls((50, "a", 1)), with_nulls((None, "d", 5), (10, "z", 2))],
+        name + "d",
+    )
+    assert emitted(dedup) == [(at(50), "a", 1), (None, "d", 5)]
+    _, windows = run(
+        lambda f: f.with_watermark("ts", "0s").group_by_dynamic("ts", every="1m").agg(pl.len()),
+        [with_nulls((10, "a", 1), (None, "b", 2)), with_nulls((200, "c", 3))],
+        name + "w",
+    )
+    assert emitted(windows) == [(at(0), 1)]
