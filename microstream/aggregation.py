@@ -268,9 +268,7 @@ class AggregationOperator:
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         self._dropped_late = self._updated = self._removed = 0
         pairs = self._prepare(batch, ctx)
-        if pairs.height:
-            self._update_state(pairs)
-        updated = pairs.group_by(self.key_cols).len("__n") if pairs.height else None
+        updated = self._update_state(pairs) if pairs.height else None
         self._updated = 0 if updated is None else updated.height
         if self.emits is not None and ctx.output_mode == "update":
             return self._emit_throttled(ctx, updated)
@@ -316,13 +314,18 @@ class AggregationOperator:
                 df = df.filter(~late)
         return df
 
-    def _update_state(self, pairs: pl.DataFrame) -> None:
-        keys = pairs.select(self.key_cols).unique()
+    def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """Fold the batch into the state; returns the touched keys with their row counts."""
+        # One pass over the batch gives its partials, its keys and their row counts.
+        batch_partials = pairs.group_by(self.key_cols).agg(
+            *self.spec.partial_exprs(), pl.len().alias("__n")
+        )
+        updated = batch_partials.select(*self.key_cols, "__n")
+        keys = updated.select(self.key_cols)
         if self.partials is not None:
-            batch_partials = pairs.group_by(self.key_cols).agg(self.spec.partial_exprs())
             old = self.partials.lookup(keys)
             merged = (
-                pl.concat([old, batch_partials], how="vertical_relaxed")
+                pl.concat([old, batch_partials.drop("__n")], how="vertical_relaxed")
                 .group_by(self.key_cols)
                 .agg(self.spec.merge_exprs())
                 .select(self.partials.schema.names())
@@ -334,6 +337,7 @@ class AggregationOperator:
             old_rows = self.rows.lookup(keys)
             new_rows = pairs.select(columns)
             self.rows.apply(upserts=pl.concat([old_rows, new_rows], how="vertical_relaxed"))
+        return updated
 
     def _emit(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
         mode, wm = ctx.output_mode, ctx.watermark_us
