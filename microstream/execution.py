@@ -187,6 +187,11 @@ class StreamExecution:
                 operator = node.build_operator(f"op{i}", cp.storage.sub(f"state/op{i}"))
                 operator.load(state_version)
                 self._operators[node] = operator
+            if self.config.trigger.kind == "available_now":
+                # "Available now" means at start, on the caller's thread: data that
+                # arrives while the query thread spins up belongs to the next run.
+                for src in self._sources:
+                    src.prepare_for_available_now()
         except BaseException:
             self._close()
             raise
@@ -280,9 +285,6 @@ class StreamExecution:
                 self._pending = None
             for src, end in zip(self._sources, self._committed):
                 src.commit(end)  # idempotent: finishes clean-up a crash may have cut short
-            if trigger.kind == "available_now":
-                for src in self._sources:
-                    src.prepare_for_available_now()
             while not self._stop.is_set():
                 self._wait_for_trigger()
                 if self._stop.is_set():
