@@ -138,7 +138,11 @@ class DedupOperator:
                 )
                 df = df.filter(~late)
         if node.expiry is not None:
-            expire = pl.col(T) + node.within_us if node.expiry == "within" else pl.col(T)
+            # Spark's dropDuplicatesWithinWatermark treats a null event time as the epoch,
+            # so such a key expires at once; with the time in the subset it never does.
+            expire = (
+                pl.col(T).fill_null(0) + node.within_us if node.expiry == "within" else pl.col(T)
+            )
             df = df.with_columns(expire.alias(EXPIRE))
         else:
             df = df.with_columns(pl.lit(None, pl.Int64).alias(EXPIRE))
