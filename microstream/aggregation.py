@@ -13,8 +13,6 @@ the operator emits by output mode, using the batch's watermark:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,23 +21,15 @@ import polars as pl
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.duration import format_duration
 from microstream.exceptions import PlanError
+from microstream.operator import StoreBackedOperator, drop_null_times
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
-from microstream.progress import StateOperatorProgress
 from microstream.state import StateStore
 from microstream.windows import END, START, T, WindowSpec, from_us, to_us
 
 if TYPE_CHECKING:
     from microstream.storage import Storage
 
-__all__ = [
-    "AggregateNode",
-    "AggregationOperator",
-    "EmitPolicy",
-    "drop_null_times",
-    "late_rows_frame",
-]
-
-logger = logging.getLogger("microstream")
+__all__ = ["AggregateNode", "AggregationOperator", "EmitPolicy"]
 
 LAST_EMIT, ROWS_SINCE, PENDING = "__last_emit_ms", "__rows_since_emit", "__pending"
 
@@ -180,12 +170,13 @@ class AggregateNode(StatefulNode):
         return AggregationOperator(self, operator_id, storage)
 
 
-class AggregationOperator:
+class AggregationOperator(StoreBackedOperator):
     """Runtime of :class:`AggregateNode`: state stores, late filtering, emission."""
 
     def __init__(self, node: AggregateNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
         self.node = node
-        self.operator_id = operator_id
+        self.kind = "window aggregation" if node.window else "aggregation"
         self.spec = node.spec
         self.key_cols = list(node.keys) + ([START, END] if node.window is not None else [])
         self.out_schema = node.output_schema()
@@ -235,30 +226,6 @@ class AggregationOperator:
                     }
                 ),
             )
-        self._dropped_late = 0
-        self._updated = 0
-        self._removed = 0
-
-    # -- life cycle ------------------------------------------------------------------------
-
-    def load(self, version: int | None) -> None:
-        for store in self._stores():
-            store.load(version)
-
-    def commit(self, version: int) -> None:
-        for store in self._stores():
-            store.commit(version)
-
-    def progress(self) -> StateOperatorProgress:
-        return StateOperatorProgress(
-            operator_id=self.operator_id,
-            kind="window aggregation" if self.node.window else "aggregation",
-            num_rows_total=sum(s.rows for s in self._stores()),
-            memory_bytes=sum(s.bytes for s in self._stores()),
-            num_rows_updated=self._updated,
-            num_rows_removed=self._removed,
-            num_rows_dropped_late=self._dropped_late,
-        )
 
     def _stores(self) -> list[StateStore]:
         return [s for s in (self.partials, self.rows, self.emits) if s is not None]
@@ -297,21 +264,14 @@ class AggregationOperator:
                 if node.eviction == "window"
                 else pl.col(T)
             )
-            late = (bound <= ctx.late_watermark_us).fill_null(False)
-            dropped = df.filter(late)
-            if dropped.height:
-                self._dropped_late = dropped.height
-                ctx.late_rows.append(
-                    late_rows_frame(
-                        dropped,
-                        list(batch.columns),
-                        ctx,
-                        self.operator_id,
-                        node.input_schema[time_col] if time_col else None,
-                        has_window=node.window is not None,
-                    )
-                )
-                df = df.filter(~late)
+            df = self._drop_late(
+                df,
+                (bound <= ctx.late_watermark_us).fill_null(False),
+                ctx,
+                batch.columns,
+                node.input_schema[time_col] if time_col else None,
+                has_window=node.window is not None,
+            )
         return df
 
     def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
@@ -493,38 +453,3 @@ class AggregationOperator:
         columns += [pl.col(item.output_name) for item in self.spec.items]
         out = result.select(columns).cast(self.out_schema, strict=False)
         return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out
-
-
-def drop_null_times(df: pl.DataFrame, operator_id: str, why: str) -> pl.DataFrame:
-    """Rows without an event time belong to no window (as in Spark): drop them, loudly."""
-    nulls = df.get_column(T).null_count()
-    if nulls:
-        logger.warning("%s: %d row(s) with a null event time %s; dropped", operator_id, nulls, why)
-        return df.filter(pl.col(T).is_not_null())
-    return df
-
-
-def late_rows_frame(
-    dropped: pl.DataFrame,
-    columns: Sequence[str],
-    ctx: BatchContext,
-    operator_id: str,
-    time_dtype: pl.DataType | None,
-    *,
-    has_window: bool,
-) -> pl.DataFrame:
-    """Late rows for the side output: the row, the batch, the watermark missed, the window."""
-    missed = from_us(
-        pl.lit(ctx.late_watermark_us, pl.Int64), time_dtype or pl.Datetime("us", "UTC")
-    ).alias("late_watermark")
-    extra: list[pl.Expr] = [
-        pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
-        pl.lit(operator_id).alias("operator"),
-        missed,
-    ]
-    if has_window and time_dtype is not None:
-        extra += [
-            from_us(pl.col(START), time_dtype).alias("window_start"),
-            from_us(pl.col(END), time_dtype).alias("window_end"),
-        ]
-    return dropped.select(*columns, *extra)

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from microstream.aggregation import late_rows_frame
 from microstream.duration import format_duration
 from microstream.exceptions import PlanError
+from microstream.operator import StoreBackedOperator
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
-from microstream.progress import StateOperatorProgress
 from microstream.state import StateStore
 from microstream.windows import T, to_us
 
@@ -81,10 +80,11 @@ class DedupNode(StatefulNode):
         return DedupOperator(self, operator_id, storage)
 
 
-class DedupOperator:
+class DedupOperator(StoreBackedOperator):
     def __init__(self, node: DedupNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
         self.node = node
-        self.operator_id = operator_id
+        self.kind = "deduplication"
         schema = {c: node.input_schema[c] for c in node.subset}
         schema[EXPIRE] = pl.Int64()
         self.store = StateStore(
@@ -93,24 +93,9 @@ class DedupOperator:
             key_columns=list(node.subset),
             schema=pl.Schema(schema),
         )
-        self._dropped_late = self._updated = self._removed = 0
 
-    def load(self, version: int | None) -> None:
-        self.store.load(version)
-
-    def commit(self, version: int) -> None:
-        self.store.commit(version)
-
-    def progress(self) -> StateOperatorProgress:
-        return StateOperatorProgress(
-            operator_id=self.operator_id,
-            kind="deduplication",
-            num_rows_total=self.store.rows,
-            memory_bytes=self.store.bytes,
-            num_rows_updated=self._updated,
-            num_rows_removed=self._removed,
-            num_rows_dropped_late=self._dropped_late,
-        )
+    def _stores(self) -> list[StateStore]:
+        return [self.store]
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         node = self.node
@@ -123,20 +108,7 @@ class DedupOperator:
             # time is not in the subset; a null event time is never late.
             df = df.with_columns(to_us(node.watermark.column).alias(T))
             late = (pl.col(T) <= ctx.late_watermark_us).fill_null(False)
-            dropped = df.filter(late)
-            if dropped.height:
-                self._dropped_late = dropped.height
-                ctx.late_rows.append(
-                    late_rows_frame(
-                        dropped,
-                        columns,
-                        ctx,
-                        self.operator_id,
-                        node.input_schema[node.watermark.column],
-                        has_window=False,
-                    )
-                )
-                df = df.filter(~late)
+            df = self._drop_late(df, late, ctx, columns, node.input_schema[node.watermark.column])
         if node.expiry is not None:
             # Spark's dropDuplicatesWithinWatermark treats a null event time as the epoch,
             # so such a key expires at once; with the time in the subset it never does.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -96,18 +97,19 @@ def planning_context() -> BatchContext:
     )
 
 
-class PlanNode:
+class PlanNode(ABC):
     """Base of every plan node."""
 
     def children(self) -> tuple[PlanNode, ...]:
         return ()
 
-    def describe(self) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for ``explain()``."""
 
+    @abstractmethod
     def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
         """The node as a Polars lazy query over the batch's per-source inputs."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def walk(self) -> list[PlanNode]:
         """Every node, inputs first (a stable order: positions name sources and operators)."""
@@ -312,14 +314,17 @@ class StatefulNode(PlanNode):
     def children(self) -> tuple[PlanNode, ...]:
         return (self.input,)
 
-    def output_schema(self) -> pl.Schema:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def output_schema(self) -> pl.Schema:
+        """The schema of the rows the operator emits."""
 
-    def fingerprint(self) -> dict[str, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def fingerprint(self) -> dict[str, Any]:
+        """What the checkpoint's plan record keeps of this operator."""
 
+    @abstractmethod
     def build_operator(self, operator_id: str, storage: Storage) -> StatefulOperator:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """The runtime operator, with its state stores under ``storage``."""
 
     def check_output_mode(self, output_mode: str) -> None:
         """Raise PlanError if this operator cannot produce ``output_mode``."""

@@ -14,6 +14,7 @@ is what makes a re-run of an uncommitted batch produce the same rows.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -49,9 +50,9 @@ class Offset(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    @abstractmethod
     def follows_or_equals(self, other: Offset) -> bool:
         """Whether this offset is at or after ``other``."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def distance(self, other: Offset) -> int | None:
         """How many units (rows, files, ...) lie between ``other`` and this offset."""
@@ -190,7 +191,7 @@ class SinkSpec(Protocol):
     def build(self, context: SinkContext) -> Sink: ...
 
 
-class StaticSide:
+class StaticSide(ABC):
     """The static side of a stream-static join, for tables that change between batches.
 
     Subclass it in a connector: ``current()`` is called once per batch and
@@ -200,8 +201,10 @@ class StaticSide:
 
     schema: pl.Schema
 
-    def describe(self) -> str:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for ``explain()``."""
 
-    def current(self) -> pl.LazyFrame:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def current(self) -> pl.LazyFrame:
+        """The table as it is now (called once per batch)."""

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
-from microstream.aggregation import drop_null_times, late_rows_frame
 from microstream.exceptions import PlanError
+from microstream.operator import StoreBackedOperator, drop_null_times
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
-from microstream.progress import StateOperatorProgress
 from microstream.state import StateStore
 from microstream.windows import SessionSpec, T, from_us, to_us
 
@@ -96,7 +95,7 @@ class SessionNode(StatefulNode):
         return SessionOperator(self, operator_id, storage)
 
 
-class SessionOperator:
+class SessionOperator(StoreBackedOperator):
     """Runtime of :class:`SessionNode`.
 
     Each state key (the group keys) holds all open sessions of that key as
@@ -104,8 +103,9 @@ class SessionOperator:
     """
 
     def __init__(self, node: SessionNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
         self.node = node
-        self.operator_id = operator_id
+        self.kind = "session window aggregation"
         self.spec = node.spec
         self.keys = list(node.keys)
         self.store_keys = self.keys or ["__g"]
@@ -143,29 +143,9 @@ class SessionOperator:
                 key_columns=self.store_keys,
                 schema=pl.Schema({c: prepared[c] for c in columns}),
             )
-        self._dropped_late = self._updated = self._removed = 0
 
     def _stores(self) -> list[StateStore]:
         return [s for s in (self.sessions, self.rows) if s is not None]
-
-    def load(self, version: int | None) -> None:
-        for store in self._stores():
-            store.load(version)
-
-    def commit(self, version: int) -> None:
-        for store in self._stores():
-            store.commit(version)
-
-    def progress(self) -> StateOperatorProgress:
-        return StateOperatorProgress(
-            operator_id=self.operator_id,
-            kind="session window aggregation",
-            num_rows_total=sum(s.rows for s in self._stores()),
-            memory_bytes=sum(s.bytes for s in self._stores()),
-            num_rows_updated=self._updated,
-            num_rows_removed=self._removed,
-            num_rows_dropped_late=self._dropped_late,
-        )
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         self._dropped_late = self._updated = self._removed = 0
@@ -178,20 +158,9 @@ class SessionOperator:
         df = drop_null_times(df, self.operator_id, "belong to no session")
         if node.watermark is not None:
             late = pl.col(T) + gap <= ctx.late_watermark_us
-            dropped = df.filter(late)
-            if dropped.height:
-                self._dropped_late = dropped.height
-                ctx.late_rows.append(
-                    late_rows_frame(
-                        dropped,
-                        list(batch.columns),
-                        ctx,
-                        self.operator_id,
-                        node.input_schema[node.session.column],
-                        has_window=False,
-                    )
-                )
-                df = df.filter(~late)
+            df = self._drop_late(
+                df, late, ctx, batch.columns, node.input_schema[node.session.column]
+            )
         changed = self._merge(df, gap) if df.height else None
         closed = pl.col(S_END) <= ctx.watermark_us
         if ctx.output_mode == "update":
