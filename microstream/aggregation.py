@@ -188,6 +188,8 @@ class AggregationOperator(StoreBackedOperator):
         )
         self.partials: StateStore | None = None
         self.rows: StateStore | None = None
+        # the state of the groups the current batch touched (partials, rows)
+        self._touched: tuple[pl.DataFrame | None, pl.DataFrame | None] = (None, None)
         if self.spec.primitives:
             partial_schema = (
                 pl.DataFrame(schema=prepared)
@@ -234,6 +236,7 @@ class AggregationOperator(StoreBackedOperator):
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         self._dropped_late = self._updated = self._removed = 0
+        self._touched = (None, None)
         pairs = self._prepare(batch, ctx)
         updated = self._update_state(pairs) if pairs.height else None
         self._updated = 0 if updated is None else updated.height
@@ -292,11 +295,17 @@ class AggregationOperator(StoreBackedOperator):
                 .cast(self.partials.schema)
             )
             self.partials.apply(upserts=merged)
+        all_rows = None
         if self.rows is not None:
             columns = self.rows.schema.names()
             old_rows = self.rows.lookup(keys)
             new_rows = pairs.select(columns)
-            self.rows.apply(upserts=pl.concat([old_rows, new_rows], how="vertical_relaxed"))
+            all_rows = pl.concat([old_rows, new_rows], how="vertical_relaxed").cast(
+                self.rows.schema
+            )
+            self.rows.apply(upserts=all_rows)
+        # The state of the touched groups now, for update mode (no second lookup).
+        self._touched = (merged if self.partials is not None else None, all_rows)
         return updated
 
     def _emit(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
@@ -308,9 +317,7 @@ class AggregationOperator(StoreBackedOperator):
             if updated is None or updated.height == 0:
                 out = self._finalize(self._empty(self.partials), self._empty(self.rows))
             else:
-                out = self._finalize(
-                    self._semi(self.partials, updated), self._semi(self.rows, updated)
-                )
+                out = self._finalize(*self._touched)
             if closed is not None:
                 removed = [s.filter_out(closed) for s in self._stores()]
                 self._removed = removed[0].height if removed else 0

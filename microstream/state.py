@@ -1,8 +1,10 @@
 """The keyed state of one stateful operator, persisted as Arrow IPC files.
 
 A :class:`StateStore` holds the rows of an operator's state (partial
-aggregates, buffered window rows, deduplication keys, ...) as Polars
-DataFrames split into a fixed number of key-hash partitions. After every batch
+aggregates, buffered window rows, deduplication keys, ...) in memory as one
+:class:`~microstream.keyed_rows.KeyedRows` (sorted by key hash, so a batch
+finds its keys without scanning the state), and on disk split into a fixed
+number of key-hash partitions. After every batch
 the engine calls :meth:`StateStore.commit` with the batch id: each partition
 touched since the last commit writes what changed as ``<version>.delta.arrow``
 and every ``snapshot_every`` versions every partition writes a full
@@ -35,6 +37,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as pa_ipc
@@ -46,6 +49,7 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.keyed_rows import KeyedRows
 from microstream.storage import Storage
 
 __all__ = ["STATE_FORMAT_VERSION", "StateMetadata", "StateStore", "StateVersion", "read_state"]
@@ -59,12 +63,11 @@ _DELTA = ".delta.arrow"
 _SNAPSHOT = ".snapshot.arrow"
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
 _HASH = "__key_hash"  # in memory only: the u64 hash of the key columns
-_PART = "__partition"  # in memory only
+_PART = "__partition"  # reserved (older in-memory column)
 _ORDER = "__order"  # in memory only: position of a delta file in a replay
 _MASK = "__mask"
 _HASH_SEED = 0x6D73  # "ms"; recorded in the metadata
 _PROBE_ROWS = 32
-_MAX_CHUNKS = 32  # a partition is rechunked when it has grown more chunks than this
 Compression: TypeAlias = Literal["lz4", "zstd"] | None
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
@@ -226,8 +229,7 @@ class StateStore:
         self._probe_frame = _make_probe_frame(self.schema, self.key_columns)
         self._probe = self._partitions_of(self._probe_frame)
 
-        empty = pl.DataFrame(schema=self._mem_schema)
-        self._parts: list[pl.DataFrame] = [empty] * num_partitions
+        self._data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         # rows of the keys changed since the last commit (+ _HASH, _DELETED), all partitions
         self._pending: pl.DataFrame | None = None
         self._frame: pl.DataFrame | None = None
@@ -276,25 +278,22 @@ class StateStore:
     def frame(self) -> pl.DataFrame:
         """The whole state, all partitions, columns in schema order (row order unspecified)."""
         if self._frame is None:
-            columns = list(self.schema)
-            self._frame = pl.concat(
-                [_project(part, columns) for part in self._parts], how="vertical", rechunk=False
-            )
+            self._frame = _project(self._data.frame(), list(self.schema))
         return self._frame
 
     @property
     def rows(self) -> int:
         """Number of rows in the state."""
-        return sum(part.height for part in self._parts)
+        return self._data.height
 
     @property
     def bytes(self) -> int:
         """Estimated in-memory size of the state (including an 8-byte key hash per row)."""
-        return sum(int(part.estimated_size()) for part in self._parts)
+        return self._data.estimated_size()
 
     def rows_per_partition(self) -> list[int]:
         """Number of rows in each partition, in partition order."""
-        return [part.height for part in self._parts]
+        return self._data.rows_per_partition()
 
     @property
     def has_pending_changes(self) -> bool:
@@ -349,7 +348,11 @@ class StateStore:
             return
         changes = []
         key_frames = []
-        ups = ups.with_columns(self._hash_expr) if ups.height else self._parts[0].clear()
+        ups = (
+            ups.with_columns(self._hash_expr)
+            if ups.height
+            else pl.DataFrame(schema=self._mem_schema)
+        )
         if ups.height:
             key_frames.append(_project(ups, self._keys_hash))
             changes.append(ups.with_columns(pl.lit(False).alias(_DELETED)))
@@ -366,13 +369,8 @@ class StateStore:
                 )
             changes.append(self._deletion_markers(gone))
         keys = key_frames[0] if len(key_frames) == 1 else pl.concat(key_frames, how="vertical")
-        self._replace_keys(
-            self._parts,
-            keys,
-            self._pids(keys.get_column(_HASH)),
-            ups,
-            self._pids(ups.get_column(_HASH)),
-        )
+        self._data.replace(keys, ups)
+        self._frame = None
         self._record(keys, pl.concat(changes, how="vertical"))
 
     def filter_out(self, predicate: pl.Expr) -> pl.DataFrame:
@@ -393,28 +391,14 @@ class StateStore:
         DataFrame
             The removed rows, columns in schema order (row order unspecified).
         """
-        empty = pl.DataFrame(schema=self.schema)
-        nonempty = [p for p, part in enumerate(self._parts) if part.height]
-        if not nonempty:
-            return empty
-        view = pl.concat([self._parts[p] for p in nonempty], how="vertical", rechunk=False)
-        mask = view.with_columns(predicate.fill_null(False).alias(_MASK)).get_column(_MASK)
-        if mask.dtype != pl.Boolean:
-            msg = f"filter_out predicate must be boolean; got {mask.dtype} from {predicate}"
-            raise TypeError(msg)
-        if not mask.any():
-            return empty
-        removed_parts = []
-        offset = 0
-        for p in nonempty:
-            part = self._parts[p]
-            part_mask = mask.slice(offset, part.height)
-            offset += part.height
-            if not part_mask.any():
-                continue
-            removed_parts.append(_take(part, part_mask))
-            self._parts[p] = part.clear() if part_mask.all() else _take(part, ~part_mask)
-        removed = pl.concat(removed_parts, how="vertical", rechunk=False)
+        try:
+            removed = self._data.remove_where(predicate)
+        except TypeError as exc:
+            msg = f"filter_out predicate of operator {self.operator!r}: {exc}"
+            raise TypeError(msg) from None
+        if removed.height == 0:
+            return pl.DataFrame(schema=self.schema)
+        self._frame = None
         # Keys that keep rows are recorded with their remaining rows, the others as deleted.
         evicted = _project(removed, self._keys_hash)
         remaining = self._rows_of(evicted)
@@ -456,34 +440,45 @@ class StateStore:
             partitions than this store.
         """
         self._open()
-        empty = pl.DataFrame(schema=self._mem_schema)
-        parts = [empty] * self.num_partitions
+        data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
         if version is not None:
             chain = self._read_chain(version)
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
-                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema).with_columns(
-                        self._hash_expr
-                    )
+                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema)
                     for p in range(self.num_partitions)
                 ]
+                data = self._keyed(
+                    pl.concat(parts, how="vertical").with_columns(
+                        self._hash_expr, _file_partitions(parts)
+                    )
+                )
+            else:
+                data = self._keyed(pl.DataFrame(schema={**self._mem_schema, _PART: pl.UInt32()}))
             replay = reversed(chain[:-1] if oldest.snapshot else chain)
-            self._replay([(entry.version, p) for entry in replay for p in entry.partitions], parts)
+            self._replay([(entry.version, p) for entry in replay for p in entry.partitions], data)
+            # Count by the file each row came from: after a change of hash function the
+            # rows' current partitions differ from the files' (re-partitioned below).
+            data.compact()
+            loaded = data.frame()
+            counts = np.bincount(
+                loaded.get_column(_PART).to_numpy(), minlength=self.num_partitions
+            ).tolist()
+            data = self._keyed(loaded.drop(_PART), is_sorted=True)
             target = chain[0]
-            for p, part in enumerate(parts):
-                if part.height != target.rows_per_partition[p]:
+            for p, rows in enumerate(counts):
+                if rows != target.rows_per_partition[p]:
                     msg = (
-                        f"state of operator {self.operator!r}: partition {p} has {part.height} rows "
+                        f"state of operator {self.operator!r}: partition {p} has {rows} rows "
                         f"after rebuilding version {version}, but "
                         f"{self.storage.display(_version_file(version))} records "
                         f"{target.rows_per_partition[p]}; files under "
                         f"{self.storage.display(str(p))} are inconsistent"
                     )
                     raise CheckpointCorruptError(msg)
-            parts = [_compact(part) for part in parts]
-        self._parts = parts
+        self._data = data
         self._pending = None
         self._frame = None
         self._version = version
@@ -572,7 +567,7 @@ class StateStore:
         )
         written: list[int] = []
         if full:
-            for p, part in enumerate(self._parts):
+            for p, part in enumerate(self._data.partitions()):
                 data = _encode(
                     _project(part, list(self.schema)),
                     _COMPRESSION,
@@ -748,8 +743,8 @@ class StateStore:
             raise CheckpointCorruptError(msg)
         return frame
 
-    def _replay(self, deltas: list[tuple[int, int]], parts: list[pl.DataFrame]) -> None:
-        """Apply the delta files ``(version, partition)``, oldest first, to ``parts``.
+    def _replay(self, deltas: list[tuple[int, int]], data: KeyedRows) -> None:
+        """Apply the delta files ``(version, partition)``, oldest first, to ``data``.
 
         All deltas are read into one frame; for each key the rows of its newest
         delta decide (upsert rows, or the deletion marker).
@@ -765,13 +760,7 @@ class StateStore:
         every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
         newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
         live = newest.filter(~pl.col(_DELETED))
-        self._replace_keys(
-            parts,
-            _project(newest, self._keys_hash),
-            newest.get_column(_PART),
-            _project(live, list(self._mem_schema)),
-            live.get_column(_PART),
-        )
+        data.replace(_project(newest, self._keys_hash), _project(live, [*self._mem_schema, _PART]))
 
     def _remove_unneeded_files(self) -> None:
         """Delete files older than the base needed by the oldest retained version."""
@@ -793,12 +782,8 @@ class StateStore:
         self._cleaned_below = keep_from
 
     def _repartition(self) -> None:
-        everything = (
-            pl.concat(self._parts, how="vertical").drop(_HASH).with_columns(self._hash_expr)
-        )
-        by_part = _split(everything, self._pids(everything.get_column(_HASH)))
-        empty = pl.DataFrame(schema=self._mem_schema)
-        self._parts = [_compact(by_part.get(p, empty)) for p in range(self.num_partitions)]
+        everything = self._data.frame().drop(_HASH).with_columns(self._hash_expr)
+        self._data = self._keyed(everything)
         self._force_snapshot = True
         self._frame = None
 
@@ -844,79 +829,19 @@ class StateStore:
     def _pids(self, hashes: pl.Series) -> pl.Series:
         return (hashes % self.num_partitions).cast(pl.UInt32)
 
-    def _replace_keys(
-        self,
-        parts: list[pl.DataFrame],
-        keys: pl.DataFrame,
-        key_pids: pl.Series,
-        rows: pl.DataFrame,
-        row_pids: pl.Series,
-    ) -> None:
-        """In ``parts``, replace all rows of ``keys`` by ``rows`` (whose keys are among them).
-
-        ``keys`` holds the key columns and the hash (duplicates allowed), ``rows``
-        the memory schema; ``*_pids`` say in which partition each row lives. Only
-        the partitions of ``keys`` are touched. The hash finds the candidate rows
-        cheaply; the key columns decide, so a hash collision never removes
-        another key's rows.
-        """
-        touched = key_pids.unique().sort().to_list()
-        key_columns = _project(keys, self.key_columns)
-        candidates: dict[int, pl.DataFrame] = {}
-        for p, mask in self._locate(parts, keys.get_column(_HASH), touched).items():
-            if mask.any():
-                candidates[p] = _take(parts[p], mask)
-                parts[p] = _take(parts[p], ~mask)
-        if rows.height:
-            for p, new in _split(rows, row_pids).items():
-                parts[p] = pl.concat([parts[p], new], how="vertical", rechunk=False)
-        if candidates:
-            strays = pl.concat(list(candidates.values()), how="vertical").join(
-                key_columns, on=self.key_columns, how="anti", nulls_equal=True
-            )
-            if strays.height:  # a hash collision: put the other keys' rows back
-                for p, found in candidates.items():
-                    back = found.join(
-                        key_columns, on=self.key_columns, how="anti", nulls_equal=True
-                    )
-                    parts[p] = pl.concat([parts[p], back], how="vertical")
-        for p in touched:
-            parts[p] = _compact(parts[p])
-        self._frame = None
-
-    def _locate(
-        self, parts: list[pl.DataFrame], hashes: pl.Series, partitions: list[int]
-    ) -> dict[int, pl.Series]:
-        """For each non-empty partition listed, which of its rows have a hash in ``hashes``.
-
-        One membership test over all the listed partitions at once.
-        """
-        listed = [p for p in partitions if parts[p].height]
-        if not listed:
-            return {}
-        column = pl.concat([parts[p].get_column(_HASH) for p in listed], rechunk=False)
-        mask = column.is_in(hashes.implode())
-        masks = {}
-        offset = 0
-        for p in listed:
-            masks[p] = mask.slice(offset, parts[p].height)
-            offset += parts[p].height
-        return masks
+    def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> KeyedRows:
+        """``frame`` (memory schema) as the store's in-memory rows."""
+        return KeyedRows(
+            frame,
+            key_columns=self.key_columns,
+            hash_column=_HASH,
+            num_partitions=self.num_partitions,
+            is_sorted=is_sorted,
+        )
 
     def _rows_of(self, keys: pl.DataFrame) -> pl.DataFrame:
         """The state rows (memory schema) of ``keys`` (key columns + hash)."""
-        hashes = keys.get_column(_HASH)
-        touched = self._pids(hashes).unique().to_list()
-        found = [
-            _take(self._parts[p], mask)
-            for p, mask in self._locate(self._parts, hashes, touched).items()
-            if mask.any()
-        ]
-        if not found:
-            return pl.DataFrame(schema=self._mem_schema)
-        return pl.concat(found, how="vertical").join(
-            _project(keys, self.key_columns), on=self.key_columns, how="semi", nulls_equal=True
-        )
+        return self._data.rows_of(keys)
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
         """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
@@ -1032,6 +957,12 @@ def _take(frame: pl.DataFrame, mask: pl.Series) -> pl.DataFrame:
     return pl.DataFrame([column.filter(mask) for column in frame.iter_columns()])
 
 
+def _file_partitions(parts: list[pl.DataFrame]) -> pl.Series:
+    """A ``_PART`` column: the partition (file) of each row of ``pl.concat(parts)``."""
+    heights = [part.height for part in parts]
+    return pl.Series(_PART, np.repeat(np.arange(len(parts), dtype=np.uint32), heights))
+
+
 def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
     """The rows of ``frame`` by partition id (``pids``, one per row); empty parts left out."""
     if frame.height == 0:
@@ -1040,10 +971,6 @@ def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
     if len(ids) == 1:
         return {ids[0]: frame}
     return {p: _take(frame, pids == p) for p in ids}
-
-
-def _compact(part: pl.DataFrame) -> pl.DataFrame:
-    return part.rechunk() if part.n_chunks() > _MAX_CHUNKS else part
 
 
 def _encode(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:

@@ -21,6 +21,7 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.keyed_rows import KeyedRows
 from microstream.state import StateStore, read_state
 from microstream.storage import Storage
 
@@ -228,13 +229,26 @@ def test_constructor_arguments_are_checked(storage: Storage) -> None:
 
 def test_hash_collisions_never_remove_other_keys(storage: Storage) -> None:
     # Force every row onto one hash value: only the key columns may decide.
-    store = new_store(storage, num_partitions=1)
     same_hash = pl.lit(7, dtype=pl.UInt64).alias("__key_hash")
-    parts = [rows((1, "a", 0, 1), (2, "b", 0, 2), (1, "a", 1, 3)).with_columns(same_hash)]
-    new = rows((1, "a", 9, 9)).with_columns(same_hash)
-    zero = pl.Series([0], dtype=pl.UInt32)
-    store._replace_keys(parts, keys((1, "a")).with_columns(same_hash), zero, new, zero)
-    assert_same_rows(parts[0].drop("__key_hash"), rows((2, "b", 0, 2), (1, "a", 9, 9)))
+    data = KeyedRows(
+        rows((1, "a", 0, 1), (2, "b", 0, 2), (1, "a", 1, 3)).with_columns(same_hash),
+        key_columns=KEYS,
+        hash_column="__key_hash",
+        num_partitions=1,
+        tail_rows=1,  # the second replace merges the tail into the base
+    )
+    wanted = keys((1, "a")).with_columns(same_hash)
+    assert_same_rows(data.rows_of(wanted).drop("__key_hash"), rows((1, "a", 0, 1), (1, "a", 1, 3)))
+    data.replace(wanted, rows((1, "a", 9, 9)).with_columns(same_hash))
+    assert_same_rows(data.frame().drop("__key_hash"), rows((2, "b", 0, 2), (1, "a", 9, 9)))
+    data.replace(
+        keys((2, "b")).with_columns(same_hash), rows((2, "b", 5, 5)).with_columns(same_hash)
+    )
+    assert_same_rows(data.frame().drop("__key_hash"), rows((2, "b", 5, 5), (1, "a", 9, 9)))
+    assert data.rows_per_partition() == [2]
+    removed = data.remove_where(pl.col("v") == 9)
+    assert_same_rows(removed.drop("__key_hash"), rows((1, "a", 9, 9)))
+    assert_same_rows(data.frame().drop("__key_hash"), rows((2, "b", 5, 5)))
 
 
 def test_categorical_keys_partition_by_their_strings(storage: Storage) -> None:
@@ -581,7 +595,7 @@ def test_changed_hash_repartitions(
     expected = rows(*[(i, "a", 1, -i) if i % 2 == 0 else (i, "a", 0, i) for i in range(40)])
     assert_same_rows(store.frame, expected)
     # every row sits in the partition the current hash gives it
-    for p, part in enumerate(store._parts):
+    for p, part in enumerate(store._data.partitions()):
         assert set(store._partitions_of(part.select(KEYS))) <= {p}
     store.apply(upserts=rows(*[(i, "a", 2, 0) for i in range(40)]))  # no duplicates
     assert store.rows == 40

@@ -1,0 +1,315 @@
+"""The in-memory rows of a state store, found by key hash without scanning the state.
+
+A state store's rows live in one :class:`KeyedRows`: a *base* frame sorted by
+the 64-bit key hash, with a tombstone mask, plus a small unsorted *tail* that
+new rows are appended to. Finding the rows of ``k`` keys is a binary search in
+the base (``O(k log n)``) plus a membership test over the tail (bounded by
+``tail_rows``); removing rows flips their tombstone bits. Neither copies the
+base, so the cost of a batch follows the batch, not the size of the state.
+When the tail outgrows its limit (a quarter of the base, at least
+``tail_rows``) or tombstones cover half the base, the two are merged into a
+new sorted base: a sort paid once every ``limit / rows per batch`` batches.
+
+The hash only narrows the search: every match is confirmed on the key
+columns themselves (nulls equal), so a hash collision never mixes two keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+__all__ = ["KeyedRows"]
+
+_POSITION = "__position"
+
+
+class KeyedRows:
+    """Rows with a key and a ``hash_column``, any number of rows per key.
+
+    Parameters
+    ----------
+    frame
+        The initial rows (any further columns are kept as they are); ``hash_column`` holds the (non-null) ``UInt64`` hash
+        of ``key_columns``.
+    key_columns
+        The columns that make a key (nulls are valid key values).
+    hash_column
+        The name of the hash column.
+    num_partitions
+        Rows are counted per partition ``hash % num_partitions``.
+    tail_rows
+        The tail size above which the tail is merged into the base (or a
+        quarter of the base, if larger, up to eight times ``tail_rows``).
+    is_sorted
+        ``frame`` is already sorted by ``hash_column``.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> rows = pl.DataFrame({"k": ["a", "b"], "v": [1, 2]}).with_columns(
+    ...     pl.col("k").hash().alias("h")
+    ... )
+    >>> store = KeyedRows(rows, key_columns=["k"], hash_column="h", num_partitions=4)
+    >>> keys = pl.DataFrame({"k": ["b"]}).with_columns(pl.col("k").hash().alias("h"))
+    >>> store.rows_of(keys)["v"].to_list()
+    [2]
+    >>> store.replace(keys, keys.with_columns(v=pl.lit(5, pl.Int64)).select("k", "v", "h"))
+    >>> sorted(store.frame()["v"].to_list())
+    [1, 5]
+    >>> store.remove_where(pl.col("v") < 3)["k"].to_list()
+    ['a']
+    >>> store.height
+    1
+    """
+
+    def __init__(
+        self,
+        frame: pl.DataFrame,
+        *,
+        key_columns: Sequence[str],
+        hash_column: str,
+        num_partitions: int,
+        tail_rows: int = 131_072,
+        is_sorted: bool = False,
+    ):
+        self.key_columns = list(key_columns)
+        self.hash_column = hash_column
+        self.num_partitions = num_partitions
+        self.tail_rows = tail_rows
+        self._tail = frame.clear()
+        self._changes = 0  # bumped by every change: invalidates the search memo
+        self._memo: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._set_base(frame, is_sorted=is_sorted)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        """Number of live rows."""
+        return self._base.height - self._dead + self._tail.height
+
+    def estimated_size(self) -> int:
+        """Bytes held, tombstoned rows included (they are freed at the next merge)."""
+        return int(self._base.estimated_size() + self._tail.estimated_size())
+
+    def rows_per_partition(self) -> list[int]:
+        """Live rows per partition, in partition order."""
+        return [int(n) for n in self._counts]
+
+    def frame(self) -> pl.DataFrame:
+        """Every live row (order unspecified)."""
+        base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
+        if self._tail.height == 0:
+            return base
+        return pl.concat([base, self._tail], how="vertical", rechunk=False)
+
+    def partitions(self) -> list[pl.DataFrame]:
+        """The live rows of each partition, in partition order."""
+        every = self.frame()
+        empty = every.clear()
+        if every.height == 0:
+            return [empty] * self.num_partitions
+        pids = self._pid_expr(pl.col(self.hash_column)).alias(_POSITION)
+        by_pid = every.with_columns(pids).partition_by(
+            _POSITION, as_dict=True, maintain_order=False
+        )
+        return [
+            by_pid[(p,)].drop(_POSITION) if (p,) in by_pid else empty
+            for p in range(self.num_partitions)
+        ]
+
+    def rows_of(self, keys: pl.DataFrame) -> pl.DataFrame:
+        """Every live row whose key is in ``keys`` (key columns + hash; duplicates allowed)."""
+        base_at, tail_at = self._find(keys)
+        found = []
+        if base_at.size:
+            found.append(_gather(self._base, base_at))
+        if tail_at.size:
+            found.append(_gather(self._tail, tail_at))
+        if not found:
+            return self._base.clear()
+        return found[0] if len(found) == 1 else pl.concat(found, how="vertical")
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def replace(self, keys: pl.DataFrame, rows: pl.DataFrame) -> None:
+        """Remove every row of ``keys`` (key columns + hash), then add ``rows``."""
+        base_at, tail_at = self._find(keys)
+        self._changes += 1
+        self._kill_base(base_at)
+        if tail_at.size:
+            self._count(self._tail.get_column(self.hash_column).to_numpy()[tail_at], -1)
+            keep = np.ones(self._tail.height, dtype=bool)
+            keep[tail_at] = False
+            self._tail = self._tail.filter(pl.Series(keep))
+        if rows.height:
+            self._count(rows.get_column(self.hash_column).to_numpy(), 1)
+            self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        self._maybe_merge()
+
+    def remove_where(self, predicate: pl.Expr) -> pl.DataFrame:
+        """Remove the live rows where ``predicate`` is true (null: kept) and return them."""
+        self._changes += 1
+        removed = []
+        if self._base.height - self._dead:
+            mask = self._mask(self._base, predicate) & self._live
+            at = np.flatnonzero(mask)
+            if at.size:
+                removed.append(_gather(self._base, at))
+                self._kill_base(at)
+        if self._tail.height:
+            mask = self._mask(self._tail, predicate)
+            if mask.any():
+                series = pl.Series(mask)
+                removed.append(self._tail.filter(series))
+                self._count(removed[-1].get_column(self.hash_column).to_numpy(), -1)
+                self._tail = self._tail.filter(~series)
+        self._maybe_merge()
+        if not removed:
+            return self._base.clear()
+        return removed[0] if len(removed) == 1 else pl.concat(removed, how="vertical")
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _set_base(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> None:
+        self._changes += 1
+        self._base = (frame if is_sorted else frame.sort(self.hash_column)).rechunk()
+        self._hashes = self._base.get_column(self.hash_column).to_numpy()
+        self._live = np.ones(self._base.height, dtype=bool)
+        self._dead = 0
+        self._counts = np.zeros(self.num_partitions, dtype=np.int64)
+        self._count(self._hashes, 1)
+        if self._tail.height:
+            self._count(self._tail.get_column(self.hash_column).to_numpy(), 1)
+
+    def compact(self) -> None:
+        """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
+        if self._tail.height or self._dead:
+            base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
+            tail = self._tail
+            self._tail = tail.clear()
+            # A parallel sort of both beats Polars' merge_sorted of the two sorted runs here.
+            self._set_base(pl.concat([base, tail], how="vertical") if tail.height else base)
+
+    def _maybe_merge(self) -> None:
+        # The tail may grow to a quarter of the base (up to 8x tail_rows): a merge then
+        # comes only every ``base / 4`` new rows, so its cost per row added stays flat.
+        live = self._base.height - self._dead
+        limit = max(self.tail_rows, min(live // 4, 8 * self.tail_rows))
+        if self._tail.height > limit or self._dead > max(self.tail_rows, self._base.height // 2):
+            self.compact()
+
+    def _find(self, keys: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of the live rows of ``keys`` in the base and in the tail."""
+        if keys.height == 0:
+            return _NONE, _NONE
+        probe = _Probe(keys, self.key_columns, self.hash_column)
+        base_at, tail_at = self._candidates(probe.wanted)
+        tail_hashes = self._tail.get_column(self.hash_column).to_numpy() if tail_at.size else _NONE
+        return (
+            probe.confirm(self._base, self._hashes, base_at),
+            probe.confirm(self._tail, tail_hashes, tail_at),
+        )
+
+    def _candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions of live rows whose hash is in ``wanted`` (sorted, unique): base, tail."""
+        # An operator looks keys up and then replaces the same keys: search once.
+        memo = self._memo
+        if memo is not None and memo[0] == self._changes and np.array_equal(memo[1], wanted):
+            return memo[2], memo[3]
+        base_at = self._candidates_in_base(wanted)
+        tail_at = _NONE
+        if self._tail.height:  # a hash set over ``wanted``, one pass over the tail
+            in_tail = self._tail.get_column(self.hash_column).is_in(pl.Series(wanted).implode())
+            tail_at = np.flatnonzero(in_tail.to_numpy())
+        self._memo = (self._changes, wanted, base_at, tail_at)
+        return base_at, tail_at
+
+    def _candidates_in_base(self, wanted: np.ndarray) -> np.ndarray:
+        """Positions of live base rows whose hash is in ``wanted`` (sorted, unique)."""
+        if self._base.height == 0:
+            return _NONE
+        hashes = self._hashes
+        lo = np.searchsorted(hashes, wanted, side="left")
+        inside = lo < hashes.size
+        lo = lo[inside]
+        lo = lo[hashes[lo] == wanted[inside]]
+        if lo.size == 0:
+            return _NONE
+        last = hashes.size - 1
+        repeated = (lo < last) & (hashes[np.minimum(lo + 1, last)] == hashes[lo])
+        if not repeated.any():
+            at = lo
+        else:  # several rows per hash: expand each [lo, hi) range
+            hi = lo + 1
+            hi[repeated] = np.searchsorted(hashes, hashes[lo[repeated]], side="right")
+            counts = hi - lo
+            starts = np.cumsum(counts) - counts
+            at = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()))
+        return at[self._live[at]] if self._dead else at
+
+    def _kill_base(self, at: np.ndarray) -> None:
+        if at.size == 0:
+            return
+        self._live[at] = False
+        self._dead += int(at.size)
+        self._count(self._hashes[at], -1)
+
+    def _count(self, hashes: np.ndarray, sign: int) -> None:
+        if hashes.size:
+            pids = (hashes % np.uint64(self.num_partitions)).astype(np.int64)
+            self._counts += sign * np.bincount(pids, minlength=self.num_partitions)
+
+    def _pid_expr(self, hashes: pl.Expr) -> pl.Expr:
+        return (hashes % self.num_partitions).cast(pl.UInt32)
+
+    def _mask(self, frame: pl.DataFrame, predicate: pl.Expr) -> np.ndarray:
+        mask = frame.select(predicate.fill_null(False)).to_series()
+        if mask.dtype != pl.Boolean:
+            msg = f"the predicate must be boolean; got {mask.dtype} from {predicate}"
+            raise TypeError(msg)
+        return mask.to_numpy()
+
+
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+class _Probe:
+    """Keys being looked for: their distinct hashes, and a way to confirm candidate rows."""
+
+    def __init__(self, keys: pl.DataFrame, key_columns: list[str], hash_column: str):
+        hashes = keys.get_column(hash_column).to_numpy()
+        self.order = np.argsort(hashes, kind="stable")
+        self.sorted_hashes = hashes[self.order]
+        first = np.empty(hashes.size, dtype=bool)
+        first[:1] = True
+        np.not_equal(self.sorted_hashes[1:], self.sorted_hashes[:-1], out=first[1:])
+        self.wanted = self.sorted_hashes[first]
+        # One key row per hash: a candidate is checked against that row column by column.
+        self.one_row_per_hash = bool(first.all())
+        self.keys = keys.select(key_columns)
+        self.key_columns = key_columns
+
+    def confirm(self, frame: pl.DataFrame, hashes: np.ndarray, at: np.ndarray) -> np.ndarray:
+        """The positions among ``at`` whose key columns equal one of the keys (nulls equal)."""
+        if at.size == 0:
+            return _NONE
+        found = frame.select(self.key_columns)[pl.Series(at)]
+        if self.one_row_per_hash:
+            rows = self.order[np.searchsorted(self.sorted_hashes, hashes[at])]
+            expected = self.keys[pl.Series(rows)]
+            same = np.ones(at.size, dtype=bool)
+            for column in self.key_columns:
+                same &= found.get_column(column).eq_missing(expected.get_column(column)).to_numpy()
+            return at if same.all() else at[same]
+        found = found.with_columns(pl.Series(_POSITION, at))
+        hits = found.join(self.keys, on=self.key_columns, how="semi", nulls_equal=True)
+        return at if hits.height == found.height else hits.get_column(_POSITION).to_numpy()
+
+
+def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
+    """The rows of ``frame`` at positions ``at``, column by column."""
+    return frame[pl.Series(at)]
