@@ -139,7 +139,10 @@ def run_microstream(directory: Path, max_files: int) -> tuple[float, pl.DataFram
         t0 = time.perf_counter()
         query = (
             ms.scan_files(
-                str(directory), format="parquet", schema=SCHEMA, max_files_per_trigger=max_files
+                str(directory),
+                format="parquet",
+                schema=SCHEMA,
+                max_files_per_trigger=max_files or None,
             )
             .with_watermark("ts", WATERMARK)
             .group_by_dynamic("ts", every=EVERY, group_by="key")
@@ -196,10 +199,11 @@ def run_spark(spark, directory: Path, max_files: int) -> tuple[float, dict]:
     checkpoint = tempfile.mkdtemp(prefix="spark-windowed-")
     try:
         t0 = time.perf_counter()
+        reader = spark.readStream.schema("ts TIMESTAMP, key BIGINT, amount DOUBLE")
+        if max_files:
+            reader = reader.option("maxFilesPerTrigger", max_files)
         stream = (
-            spark.readStream.schema("ts TIMESTAMP, key BIGINT, amount DOUBLE")
-            .option("maxFilesPerTrigger", max_files)
-            .parquet(str(directory))
+            reader.parquet(str(directory))
             .withWatermark("ts", "10 seconds")
             .groupBy(sf.window("ts", "1 minute"), "key")
             .agg(sf.count("*").alias("len"), sf.sum("amount"), sf.avg("amount"))
@@ -256,7 +260,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5_000_000)
     parser.add_argument("--files", type=int, default=50)
-    parser.add_argument("--max-files", type=int, default=1, help="max files per trigger")
+    parser.add_argument(
+        "--max-files", type=int, default=1, help="max files per trigger (0: no limit, one batch)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="runs of each; medians reported")
     parser.add_argument("--skip-spark", action="store_true")
     parser.add_argument("--shuffle-partitions", type=int, default=2)

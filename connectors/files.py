@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +37,7 @@ __all__ = ["FileLogEntry", "FileOffset", "FileSource", "FileSourceSpec", "Logged
 _FORMATS = ("parquet", "csv", "ndjson", "ipc")
 _CLEAN_SOURCE = ("off", "delete", "archive")
 _INFER_ROWS = 1000
+_READ_THREADS = max(2, os.cpu_count() or 2)
 _CLEANED_FILE = "cleaned.json"
 
 
@@ -422,13 +424,16 @@ class FileSource:
                 f"{self._log.display('')} has entries 0..{self._last_logged}"
             )
             raise OffsetError(msg)
-        frames = [
-            self._read_file(logged, k)
-            for k in range(first, last + 1)
-            for logged in self._entry(k).files
-        ]
-        if not frames:
+        wanted = [(logged, k) for k in range(first, last + 1) for logged in self._entry(k).files]
+        if not wanted:
             return pl.DataFrame(schema=self.spec.schema)
+        if len(wanted) == 1:
+            frames = [self._read_file(*wanted[0])]
+        else:
+            # Polars reads release the GIL: several files at once use every core. map()
+            # keeps log order and re-raises the first file's error, naming that file.
+            with ThreadPoolExecutor(max_workers=min(len(wanted), _READ_THREADS)) as pool:
+                frames = list(pool.map(lambda item: self._read_file(*item), wanted))
         return pl.concat(frames, how="vertical")
 
     def _entry(self, k: int) -> FileLogEntry:

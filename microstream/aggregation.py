@@ -287,13 +287,15 @@ class AggregationOperator(StoreBackedOperator):
         keys = updated.select(self.key_cols)
         if self.partials is not None:
             old = self.partials.lookup(keys)
-            merged = (
-                pl.concat([old, batch_partials.drop("__n")], how="vertical_relaxed")
-                .group_by(self.key_cols)
-                .agg(self.spec.merge_exprs())
-                .select(self.partials.schema.names())
-                .cast(self.partials.schema)
-            )
+            fresh = batch_partials.drop("__n")
+            if old.height:
+                fresh = (
+                    pl.concat([old, fresh], how="vertical_relaxed")
+                    .group_by(self.key_cols)
+                    .agg(self.spec.merge_exprs())
+                )
+            # (no stored partials for these groups: the batch's partials are the state)
+            merged = fresh.select(self.partials.schema.names()).cast(self.partials.schema)
             self.partials.apply(upserts=merged)
         all_rows = None
         if self.rows is not None:
