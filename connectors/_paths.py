@@ -15,6 +15,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from microstream.exceptions import MissingDependencyError
+
 __all__ = ["DataDir", "modified_time"]
 
 
@@ -50,7 +52,14 @@ class DataDir:
         cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
     ) -> DataDir:
         """Resolve ``url`` (local path or fsspec URL) once."""
-        fs, root = fsspec.url_to_fs(os.fspath(url), **(storage_options or {}))
+        try:
+            fs, root = fsspec.url_to_fs(os.fspath(url), **(storage_options or {}))
+        except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+            msg = (
+                f"{os.fspath(url)} needs a filesystem package that is not installed ({exc}); "
+                "for s3:// run: pip install 'microstream[s3]'"
+            )
+            raise MissingDependencyError(msg) from exc
         is_local = isinstance(fs, LocalFileSystem)
         if is_local:
             root = os.path.abspath(root)

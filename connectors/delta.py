@@ -1,4 +1,4 @@
-"""Delta Lake: an exactly-once sink, and a static table for stream-static joins.
+"""Delta Lake: an exactly-once sink, table maintenance, and a static table for joins.
 
 The sink commits every batch with a Delta *application transaction*
 (``txn`` action; app id = the query id, version = the batch id) in the same
@@ -8,6 +8,14 @@ by an earlier attempt and is skipped. That is Delta's own idempotent-write
 mechanism, so exactly-once holds even if the process dies between the Delta
 commit and microstream's ``commits/N.json``.
 
+Output modes: append (add the batch's rows), complete (replace the table
+with the batch) and update (MERGE the batch on the key columns of the query's
+aggregation: matched rows are replaced, new keys inserted). Each is one Delta
+commit per batch, the transaction included.
+
+Streaming writes many small files; :func:`optimize_delta` compacts them and
+:func:`vacuum_delta` deletes the files no version needs any more.
+
 ``deltalake`` is an optional dependency, imported only when used
 (``pip install 'microstream[delta]'``).
 """
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -26,9 +35,22 @@ from microstream.exceptions import MissingDependencyError, PlanError, SinkError,
 from microstream.protocols import SinkContext, StaticSide
 
 if TYPE_CHECKING:
-    from deltalake import DeltaTable
+    from deltalake import CommitProperties, DeltaTable
 
-__all__ = ["DeltaSink", "DeltaSinkSpec", "DeltaStaticTable", "DeltaTableReader", "read_delta"]
+__all__ = [
+    "DeltaSink",
+    "DeltaSinkSpec",
+    "DeltaStaticTable",
+    "DeltaTableReader",
+    "merge_predicate",
+    "optimize_delta",
+    "read_delta",
+    "vacuum_delta",
+]
+
+
+_COMMIT_ATTEMPTS = 3
+"""Attempts at a batch's commit when concurrent commits win (each re-reads the log)."""
 
 
 def _require_deltalake() -> None:
@@ -73,27 +95,37 @@ class DeltaSinkSpec:
         Partition columns used when the table is created.
     merge_schema
         Let a batch add columns to the table (``schema_mode="merge"`` in
-        append mode, ``"overwrite"`` in complete mode). Off by default: a
-        batch whose schema differs from the table's fails with a
-        :class:`~microstream.exceptions.SinkError`, since an unexpected
-        schema change is more often a bug than an intent.
+        append mode, ``"overwrite"`` in complete mode, a schema-merging MERGE
+        in update mode). Off by default: a batch whose schema differs from
+        the table's fails with a :class:`~microstream.exceptions.SinkError`,
+        since an unexpected schema change is more often a bug than an intent.
+    target_file_size
+        Target size in bytes of the data files a batch writes (delta-rs'
+        ``target_file_size``). When the sink creates the table it is also
+        stored as the table property ``delta.targetFileSize``, which MERGE
+        (update mode) and :func:`optimize_delta` follow.
 
     Notes
     -----
     Output modes: ``"append"`` appends each batch; ``"complete"`` replaces
-    the table's content with each batch's full result. Every batch is one
-    table version, an empty batch included (a commit with no files that
-    records the batch's transaction), as Delta's Spark sink does.
+    the table's content with each batch's full result; ``"update"`` MERGEs
+    each batch into the table on the key columns of the query's aggregation
+    (the window start and the group keys of ``group_by_dynamic``, the group
+    keys of ``group_by``): a row whose key is in the table replaces it, a new
+    key is inserted. Keys match null-safely (a null key equals a null key),
+    as Polars groups them. Every batch is one table version, an empty batch
+    included (a commit with no files that records the batch's transaction),
+    as Delta's Spark sink does.
 
     Examples
     --------
     >>> spec = DeltaSinkSpec("tables/out", partition_by=["day"])
     >>> sorted(spec.output_modes)
-    ['append', 'complete']
+    ['append', 'complete', 'update']
     """
 
     kind: ClassVar[str] = "delta"
-    output_modes: ClassVar[frozenset[str]] = frozenset({"append", "complete"})
+    output_modes: ClassVar[frozenset[str]] = frozenset({"append", "complete", "update"})
     durable: ClassVar[bool] = True
 
     path: str
@@ -101,6 +133,7 @@ class DeltaSinkSpec:
     storage_options: dict[str, str] | None = field(default=None, repr=False)
     partition_by: Sequence[str] | None = None
     merge_schema: bool = False
+    target_file_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))
@@ -115,6 +148,10 @@ class DeltaSinkSpec:
             object.__setattr__(self, "partition_by", tuple(cols))
         if not isinstance(self.merge_schema, bool):
             msg = f"merge_schema must be a bool; got {self.merge_schema!r}"
+            raise ValueError(msg)
+        size = self.target_file_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            msg = f"target_file_size must be a positive number of bytes or None; got {size!r}"
             raise ValueError(msg)
 
     def describe(self) -> str:
@@ -139,10 +176,13 @@ class DeltaSink:
         self.description = spec.describe()
         if context.output_mode not in DeltaSinkSpec.output_modes:
             msg = (
-                f"{self.description} supports output_mode 'append' or 'complete'; got "
-                f"{context.output_mode!r}"
+                f"{self.description} supports output_mode 'append', 'complete' or 'update'; "
+                f"got {context.output_mode!r}"
             )
             raise SinkError(msg)
+        self.key_columns: tuple[str, ...] | None = None
+        if context.output_mode == "update":
+            self.key_columns = _update_keys(self.description, context)
         self.app_id = context.query_id
         self._mode = context.output_mode
         self._logger = context.logger
@@ -162,39 +202,84 @@ class DeltaSink:
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
         """Commit ``data`` with transaction ``(query id, batch_id)``; skip a committed batch.
 
+        A commit that loses to a concurrent one (an OPTIMIZE while a MERGE
+        runs, another writer) is retried on the new table version, up to
+        three attempts; the transaction check keeps each retry exactly once.
+
         Raises
         ------
         SinkError
             The table cannot be read or the commit fails (schema mismatch,
-            permissions, conflict); the message names the table and batch.
+            permissions, repeated conflicts); the message names the table and batch.
         """
-        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
 
-        try:
-            done = self.committed_batch()
-        except Exception as exc:
-            msg = (
-                f"{self.description}: cannot read the transaction log of {self.spec.path} "
-                f"before batch {batch_id}: {exc}"
-            )
-            raise SinkError(msg) from exc
-        if done is not None and done >= batch_id:
-            self._logger.info(
-                "%s: batch %d already committed (transaction version %d); skipped",
-                self.description,
-                batch_id,
-                done,
-            )
-            return
+        for attempt in range(1, _COMMIT_ATTEMPTS + 1):
+            try:
+                done = self.committed_batch()
+            except Exception as exc:
+                msg = (
+                    f"{self.description}: cannot read the transaction log of {self.spec.path} "
+                    f"before batch {batch_id}: {exc}"
+                )
+                raise SinkError(msg) from exc
+            if done is not None and done >= batch_id:
+                self._logger.info(
+                    "%s: batch %d already committed (transaction version %d); skipped",
+                    self.description,
+                    batch_id,
+                    done,
+                )
+                return
+            try:
+                self._write(batch_id, data)
+                break
+            except CommitFailedError as exc:
+                # A concurrent commit won (an OPTIMIZE during a MERGE, another writer):
+                # nothing of this attempt is in the table. Re-read the log and retry;
+                # the transaction check above keeps it exactly once.
+                if attempt == _COMMIT_ATTEMPTS:
+                    msg = (
+                        f"{self.description}: cannot commit batch {batch_id} to Delta table "
+                        f"{self.spec.path}: it conflicted with concurrent commits "
+                        f"{_COMMIT_ATTEMPTS} times; last: {exc}"
+                    )
+                    raise SinkError(msg) from exc
+                self._logger.warning(
+                    "%s: batch %d conflicted with a concurrent commit, retrying (%d/%d): %s",
+                    self.description,
+                    batch_id,
+                    attempt,
+                    _COMMIT_ATTEMPTS,
+                    exc,
+                )
+                time.sleep(0.05 * attempt)
+        self._faults.reach("sink.after_data")
+
+    def _write(self, batch_id: int, data: pl.DataFrame) -> None:
+        """One commit of ``data`` by output mode, carrying the batch's transaction."""
+        from deltalake import CommitProperties, Transaction, write_deltalake
+        from deltalake.exceptions import CommitFailedError
+
         target = self.spec.path if self._table is None else self._table
         table = data.to_arrow()
         partition_by = list(self.spec.partition_by) if self.spec.partition_by else None
         options = self.spec.storage_options if self._table is None else None
+        # Table properties can only be given when the table is created.
+        configuration = (
+            {"delta.targetFileSize": str(self.spec.target_file_size)}
+            if self._table is None and self.spec.target_file_size is not None
+            else None
+        )
         commit = CommitProperties(
             app_transactions=[Transaction(app_id=self.app_id, version=batch_id)]
         )
         try:
-            if self._mode == "append":
+            if self._mode == "update" and self._table is not None and data.height > 0:
+                self._merge(self._table, data, batch_id, commit)
+            elif self._mode in ("append", "update"):
+                # update mode on a new table, or with nothing to merge: the append
+                # creates the table / records the batch's transaction.
                 write_deltalake(
                     target,
                     table,
@@ -202,6 +287,8 @@ class DeltaSink:
                     partition_by=partition_by,
                     schema_mode="merge" if self.spec.merge_schema else None,
                     storage_options=options,
+                    configuration=configuration,
+                    target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
                 )
             else:
@@ -212,8 +299,12 @@ class DeltaSink:
                     partition_by=partition_by,
                     schema_mode="overwrite" if self.spec.merge_schema else None,
                     storage_options=options,
+                    configuration=configuration,
+                    target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
                 )
+        except (SinkError, CommitFailedError):
+            raise
         except Exception as exc:
             hint = ""
             if "schema" in str(exc).lower() and not self.spec.merge_schema:
@@ -223,11 +314,92 @@ class DeltaSink:
                 f"{self.spec.path}: {exc}{hint}"
             )
             raise SinkError(msg) from exc
-        self._faults.reach("sink.after_data")
+
+    def _merge(
+        self, table: DeltaTable, data: pl.DataFrame, batch_id: int, commit: CommitProperties
+    ) -> None:
+        """MERGE ``data`` on the key columns: one Delta commit, the transaction included."""
+        if not self.spec.merge_schema:
+            # delta-rs' MERGE drops source columns the table lacks without a word.
+            have = {f.name for f in table.schema().fields}
+            extra = [c for c in data.columns if c not in have]
+            missing = [c for c in have if c not in data.columns]
+            if extra or missing:
+                msg = (
+                    f"{self.description}: cannot commit batch {batch_id} to Delta table "
+                    f"{self.spec.path}: the batch's columns differ from the table's "
+                    f"(not in the table: {extra}; not in the batch: {sorted(missing)}); pass "
+                    "merge_schema=True to let batches add columns"
+                )
+                raise SinkError(msg)
+        assert self.key_columns is not None
+        (
+            table.merge(
+                data.to_arrow(),
+                predicate=merge_predicate(self.key_columns),
+                source_alias="source",
+                target_alias="target",
+                merge_schema=self.spec.merge_schema,
+                commit_properties=commit,
+            )
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
 
     def stop(self) -> None:
         """Drop the cached table handle."""
         self._table = None
+
+
+def _update_keys(description: str, context: SinkContext) -> tuple[str, ...]:
+    """The key columns update mode MERGEs on, checked against the batches' schema."""
+    keys = context.key_columns
+    if keys is None:
+        msg = (
+            f"{description}: output_mode='update' MERGEs each batch into the table on the key "
+            "columns of the query's aggregation (group_by keys, plus the window start of "
+            "group_by_dynamic), and this query has none: without an aggregation, or with "
+            "unique(), every output row is new (use output_mode='append'); a session window's "
+            "key changes when sessions merge (stream sessions with output_mode='append')"
+        )
+        raise PlanError(msg)
+    if context.schema is not None:
+        lost = [k for k in keys if k not in context.schema]
+        if lost:
+            msg = (
+                f"{description}: output_mode='update' MERGEs on the aggregation's key columns "
+                f"{list(keys)}, but the query's output lacks {lost} (columns: "
+                f"{list(context.schema.names())}); keep the keys, under their names, in the "
+                "output"
+            )
+            raise PlanError(msg)
+    return keys
+
+
+def merge_predicate(keys: Sequence[str], *, target: str = "target", source: str = "source") -> str:
+    """The MERGE condition matching rows with equal keys, nulls equal to nulls.
+
+    Each key is compared with ``IS NOT DISTINCT FROM`` (parenthesised: it binds
+    more loosely than ``AND``), names quoted with backticks. No keys (a global
+    aggregation): every row matches, the table holds one row.
+
+    Examples
+    --------
+    >>> merge_predicate(["user", "ts"])
+    '(target.`user` IS NOT DISTINCT FROM source.`user`) AND (target.`ts` IS NOT DISTINCT FROM source.`ts`)'
+    >>> merge_predicate([])
+    'true'
+    """
+    if not keys:
+        return "true"
+
+    def quote(name: str) -> str:
+        return "`" + name.replace("`", "``") + "`"
+
+    return " AND ".join(
+        f"({target}.{quote(k)} IS NOT DISTINCT FROM {source}.{quote(k)})" for k in keys
+    )
 
 
 # -- the static side of stream-static joins --------------------------------------------------------
@@ -381,3 +553,134 @@ def read_delta(
     """
     _require_deltalake()
     return pl.read_delta(os.fspath(path), version=version, storage_options=storage_options)
+
+
+# -- maintenance: the small-files problem of streaming ---------------------------------------------
+
+
+def optimize_delta(
+    path: str | os.PathLike[str],
+    *,
+    target_size: int | None = None,
+    z_order: Sequence[str] | None = None,
+    partition_filters: list[tuple[str, str, Any]] | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Compact a Delta table's small files into larger ones (Delta's OPTIMIZE).
+
+    A streaming sink writes at least one file per batch and partition, so a
+    table fed every few seconds gathers many small files, which slow every
+    reader. OPTIMIZE rewrites them into files of about ``target_size`` bytes
+    in one commit whose actions all carry ``dataChange=false``: the rows do
+    not change, so :func:`~microstream.scan_delta` streams of the table skip
+    the commit (no duplicates). It can run while a query writes the table:
+    appends do not conflict with it, and an update-mode MERGE that does is
+    retried by the sink on the new version. The old files stay on storage
+    for time travel until :func:`vacuum_delta` removes them.
+
+    Parameters
+    ----------
+    path
+        Table location.
+    target_size
+        Bytes per output file; default: the table property
+        ``delta.targetFileSize``, else 100 MB.
+    z_order
+        Columns to cluster the rows by (Z-order) while rewriting; all
+        files of the selected partitions are rewritten then.
+    partition_filters
+        Only these partitions, e.g. ``[("day", "=", "2024-01-01")]``.
+    storage_options
+        Passed to ``deltalake``.
+
+    Returns
+    -------
+    dict
+        delta-rs' metrics: ``numFilesAdded``, ``numFilesRemoved``, ...
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import polars as pl
+    >>> from deltalake import write_deltalake
+    >>> table = tempfile.mkdtemp() + "/t"
+    >>> for i in range(3):
+    ...     write_deltalake(table, pl.DataFrame({"x": [i]}).to_arrow(), mode="append")
+    >>> metrics = optimize_delta(table)
+    >>> metrics["numFilesRemoved"], metrics["numFilesAdded"]
+    (3, 1)
+    """
+    table = _existing_table(path, storage_options, "optimize")
+    optimizer = table.optimize
+    if z_order:
+        return optimizer.z_order(
+            list(z_order), partition_filters=partition_filters, target_size=target_size
+        )
+    return optimizer.compact(partition_filters=partition_filters, target_size=target_size)
+
+
+def vacuum_delta(
+    path: str | os.PathLike[str],
+    *,
+    retention_hours: int | None = None,
+    dry_run: bool = True,
+    enforce_retention_duration: bool = True,
+    storage_options: dict[str, str] | None = None,
+) -> list[str]:
+    """Delete the files of a Delta table that no version younger than the retention uses.
+
+    After :func:`optimize_delta` (or a rewrite) the replaced files stay on
+    storage for time travel; VACUUM deletes those removed from the table
+    longer than ``retention_hours`` ago. A :func:`~microstream.scan_delta`
+    query that lags further behind than the retention, or a replay of an old
+    range, then fails with a ``SourceError`` naming the missing file: keep
+    the retention longer than any stream of the table may lag.
+
+    Parameters
+    ----------
+    path
+        Table location.
+    retention_hours
+        Keep files removed less than this long ago; default: the table
+        property ``delta.deletedFileRetentionDuration``, else one week.
+    dry_run
+        Only list the files (the default, as in delta-rs); ``False`` deletes them.
+    enforce_retention_duration
+        Refuse a ``retention_hours`` below the table's retention property.
+    storage_options
+        Passed to ``deltalake``.
+
+    Returns
+    -------
+    list of str
+        The files deleted (or that would be, with ``dry_run``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import polars as pl
+    >>> from deltalake import write_deltalake
+    >>> table = tempfile.mkdtemp() + "/t"
+    >>> write_deltalake(table, pl.DataFrame({"x": [1]}).to_arrow())
+    >>> write_deltalake(table, pl.DataFrame({"x": [2]}).to_arrow(), mode="overwrite")
+    >>> len(vacuum_delta(table, retention_hours=0, enforce_retention_duration=False))
+    1
+    """
+    table = _existing_table(path, storage_options, "vacuum")
+    return table.vacuum(
+        retention_hours=retention_hours,
+        dry_run=dry_run,
+        enforce_retention_duration=enforce_retention_duration,
+    )
+
+
+def _existing_table(
+    path: str | os.PathLike[str], storage_options: dict[str, str] | None, verb: str
+) -> DeltaTable:
+    _require_deltalake()
+    location = os.fspath(path)
+    table = _open_table(location, storage_options)
+    if table is None:
+        msg = f"there is no Delta table at {location} to {verb}"
+        raise SinkError(msg)
+    return table

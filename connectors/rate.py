@@ -166,7 +166,7 @@ class RateSource:
         else:
             given = spec.start_timestamp
             self.start_us = _now_us() if given is None else _to_epoch_us(given)
-            storage.write_model(_START_FILE, _RateStart(start_us=self.start_us))
+            storage.write_model(_START_FILE, _RateStart(start_us=self.start_us), overwrite=False)
         self._fixed_end: int | None = None
 
     def _due(self) -> int:

@@ -30,9 +30,11 @@ import polars as pl
 
 from microstream.checkpoint import Checkpoint
 from microstream.exceptions import (
+    CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLockedError,
+    DataLossError,
     MicrostreamError,
     MissingDependencyError,
     OffsetError,
@@ -45,7 +47,15 @@ from microstream.exceptions import (
 )
 from microstream.frame import StreamFrame, concat
 from microstream.inspect_state import read_state
-from microstream.io import read_file_sink, scan_files, scan_rate
+from microstream.io import (
+    optimize_delta,
+    read_file_sink,
+    scan_delta,
+    scan_files,
+    scan_kafka,
+    scan_rate,
+    vacuum_delta,
+)
 from microstream.progress import QueryProgress
 from microstream.query import QueryStatus, StreamingQuery
 from microstream.session import Session, StreamingQueryListener, default_session
@@ -58,9 +68,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLockedError",
+    "DataLossError",
     "MemoryStream",
     "MicrostreamError",
     "MissingDependencyError",
@@ -81,12 +93,16 @@ __all__ = [
     "active",
     "add_listener",
     "concat",
+    "optimize_delta",
     "read_file_sink",
     "read_state",
     "remove_listener",
+    "scan_delta",
     "scan_files",
+    "scan_kafka",
     "scan_rate",
     "table",
+    "vacuum_delta",
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Literal, TypeAlias
 
 FileFormat: TypeAlias = Literal["parquet", "csv", "ndjson", "ipc"]
@@ -9,3 +11,9 @@ CleanSource: TypeAlias = Literal["off", "delete", "archive"]
 OutputMode: TypeAlias = Literal["append", "update", "complete"]
 StaticJoinStrategy: TypeAlias = Literal["inner", "left", "semi", "anti"]
 QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
+KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]
+KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
+BadRecordPolicy: TypeAlias = Literal["fail", "skip", "dead_letter"]
+KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetime | Mapping[int, int] | Mapping[str, Mapping[int, int]]"
+"""``"earliest"``, ``"latest"``, a timestamp (ms since the epoch, or a datetime), or
+explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from microstream.exceptions import (
+    CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
     CheckpointLockedError,
@@ -260,7 +261,8 @@ class Checkpoint:
             If another live process holds the lock.
         """
         now = time.time()
-        if self.storage.exists("lock.json"):
+        lock_exists = self.storage.exists("lock.json")
+        if lock_exists:
             try:
                 current = self.storage.read_model("lock.json", LockRecord)
             except CheckpointCorruptError:
@@ -297,7 +299,13 @@ class Checkpoint:
             timeout_s=timeout_s,
         )
         self.storage.makedirs("")
-        self.storage.write_model("lock.json", record)
+        try:
+            # No lock: create it write-once (a rename-free link locally, a conditional
+            # put on object stores), so of two processes starting at once one loses here.
+            self.storage.write_model("lock.json", record, overwrite=lock_exists)
+        except CheckpointConflictError:
+            msg = f"checkpoint {self.display()} was taken by another process just now"
+            raise CheckpointLockedError(msg) from None
         # Two processes may have raced to the same stale lock: the last writer wins.
         if self.storage.read_model("lock.json", LockRecord).run_id != run_id:
             msg = f"checkpoint {self.display()} was taken by another process just now"

@@ -7,9 +7,11 @@ and, where there is one, what to do about it.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointConflictError",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLockedError",
+    "DataLossError",
     "MicrostreamError",
     "MissingDependencyError",
     "OffsetError",
@@ -38,6 +40,11 @@ class SourceError(MicrostreamError):
     """A source failed to list or read its input."""
 
 
+class DataLossError(SourceError):
+    """Offsets a query needs no longer exist in the source (retention, a broker that lost
+    its data, a topic recreated); the message names the topic, partition and range."""
+
+
 class SinkError(MicrostreamError):
     """A sink failed to write or commit a batch."""
 
@@ -52,6 +59,10 @@ class CheckpointError(MicrostreamError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file that is truncated or not what its name says."""
+
+
+class CheckpointConflictError(CheckpointError):
+    """A write-once checkpoint file that another writer created first (never overwritten)."""
 
 
 class CheckpointLockedError(CheckpointError):

@@ -25,9 +25,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
@@ -46,7 +46,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.faults import FaultInjector
-from microstream.plan import BatchContext, ScanNode
+from microstream.plan import BatchContext, ScanNode, result_key_columns
 from microstream.progress import (
     BatchDurations,
     QueryIdleEvent,
@@ -63,7 +63,7 @@ from microstream.watermark import FLUSH_WATERMARK_US, WatermarkInput, WatermarkT
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
     from microstream.plan import PlanNode, StatefulOperator
-    from microstream.protocols import SinkSpec
+    from microstream.protocols import SideOutputTarget, SinkSpec
     from microstream.session import Session
     from microstream.trigger import Trigger
 
@@ -87,7 +87,8 @@ class ExecutionConfig:
     name: str | None
     session: Session
     temporary_checkpoint: bool = False
-    storage_options: dict[str, str] | None = None
+    storage_options: dict[str, Any] | None = field(default=None, repr=False)
+    """fsspec storage options for the checkpoint URL (may hold credentials: not in repr)."""
     lock_timeout_s: float = 30.0
     progress_history: int = 100
     watermark_policy: Literal["min", "max"] = "min"
@@ -133,6 +134,8 @@ class StreamExecution:
         )
         self._last_watermark_us = 0
         self._flushed = False
+        # Rows sources set aside while reading (the Kafka source's dead letters).
+        self._source_side_output = _SourceSideOutput(config.session)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -163,6 +166,7 @@ class StreamExecution:
                         storage=cp.storage.sub(f"sources/{i}"),
                         query_id=meta.id,
                         faults=self.faults,
+                        side_output=self._source_side_output,
                     )
                 )
                 for i, spec in enumerate(self._scan_sources)
@@ -175,6 +179,8 @@ class StreamExecution:
                     storage=cp.storage.sub("sinks"),
                     session=self.config.session,
                     schema=self.config.plan.schema(),
+                    # Update-mode sinks that upsert (Delta's MERGE) match rows on these.
+                    key_columns=result_key_columns(self.config.plan),
                     faults=self.faults,
                 )
             )
@@ -449,6 +455,7 @@ class StreamExecution:
         t_read = time.perf_counter()
         inputs: dict[ScanNode, pl.LazyFrame] = {}
         rows_in: list[int] = []
+        self._source_side_output.begin(batch_id)
         for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
             if start == end:
                 df = pl.DataFrame(schema=self._scan_sources[i].schema)
@@ -465,6 +472,7 @@ class StreamExecution:
                     raise SourceError(msg) from exc
             rows_in.append(df.height)
             inputs[self._scans[i]] = df.lazy()
+        self._source_side_output.route()  # dead letters, once per target and batch
         self.faults.reach("batch.after_read")
 
         t_compute = time.perf_counter()
@@ -560,6 +568,8 @@ class StreamExecution:
                     end_offset=ends[i].model_dump(mode="json"),
                     num_input_rows=rows_in[i],
                     lag=lag_fn(ends[i]) if lag_fn is not None else None,
+                    # Optional ``metrics() -> dict[str, int]``: counts since the last call.
+                    metrics=metrics_fn() if (metrics_fn := getattr(src, "metrics", None)) else {},
                 )
             )
         assert self._sink is not None
@@ -625,6 +635,46 @@ class StreamExecution:
         self.checkpoint.release_lock()
         if self.config.temporary_checkpoint and self.checkpoint.storage.is_local:
             shutil.rmtree(self.checkpoint.storage.root, ignore_errors=True)
+
+
+class _SourceSideOutput:
+    """The engine side of ``SourceContext.side_output``: rows a source set aside.
+
+    Rows emitted while a batch is read are kept per target and routed once per
+    batch (a memory table is written once per batch id), with the batch id
+    appended, like late rows.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._batch_id = -1
+        self._pending: list[tuple[SideOutputTarget, pl.DataFrame]] = []
+
+    def declare(self, target: SideOutputTarget, schema: pl.Schema) -> None:
+        if isinstance(target, str):
+            self._session.register_table(target, pl.Schema({**schema, "batch_id": pl.Int64()}))
+
+    def emit(self, target: SideOutputTarget, rows: pl.DataFrame) -> None:
+        if rows.height:
+            self._pending.append((target, rows))
+
+    def begin(self, batch_id: int) -> None:
+        self._batch_id, self._pending = batch_id, []
+
+    def route(self) -> None:
+        pending, self._pending = self._pending, []
+        targets: list[SideOutputTarget] = []
+        for target, _ in pending:
+            if not any(target is t or target == t for t in targets):
+                targets.append(target)
+        for target in targets:
+            rows = pl.concat(
+                [r for t, r in pending if t is target or t == target], how="diagonal_relaxed"
+            ).with_columns(batch_id=pl.lit(self._batch_id, pl.Int64))
+            if isinstance(target, str):
+                self._session.write_table(target, self._batch_id, rows, replace=False)
+            else:
+                target(rows, self._batch_id)
 
 
 def _now() -> datetime:

@@ -46,7 +46,7 @@ from microstream.trigger import DEFAULT_TRIGGER, Trigger
 from microstream.windows import time_dtype_check
 
 if TYPE_CHECKING:
-    from microstream._typing import FileFormat, OutputMode, StaticJoinStrategy
+    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, StaticJoinStrategy
     from microstream.protocols import SinkSpec, SourceSpec
 
 __all__ = ["StreamFrame", "concat"]
@@ -628,6 +628,7 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         session: Session | None = None,
     ) -> StreamingQuery:
         """Start the query into an in-process table read with ``ms.table(name)``.
@@ -650,7 +651,7 @@ class StreamFrame:
         spec = load_connector("memory_sink")(name=name, session=session)
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
-            session=session,
+            session=session, checkpoint_options=checkpoint_options,
         )  # fmt: skip
 
     def sink_console(
@@ -659,6 +660,7 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         num_rows: int = 20,
     ) -> StreamingQuery:
@@ -685,7 +687,12 @@ class StreamFrame:
         """
         spec = load_connector("console")(num_rows=num_rows)
         return self._start(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
         )
 
     def foreach_batch(
@@ -695,6 +702,7 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
     ) -> StreamingQuery:
         """Start the query calling ``function(df, batch_id)`` for every batch.
@@ -720,7 +728,12 @@ class StreamFrame:
         """
         spec = load_connector("foreach_batch")(function=function)
         return self._start(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
         )
 
     def _sink_files(
@@ -733,6 +746,7 @@ class StreamFrame:
         name: str | None,
         storage_options: dict[str, Any] | None,
         partition_by: Sequence[str] | None,
+        checkpoint_options: dict[str, Any] | None,
     ) -> StreamingQuery:
         spec = load_connector("file_sink")(
             path=os.fspath(path),
@@ -741,7 +755,12 @@ class StreamFrame:
             storage_options=storage_options,
         )
         return self._start(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
         )
 
     def sink_parquet(
@@ -751,6 +770,7 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
@@ -759,7 +779,10 @@ class StreamFrame:
 
         A batch's files become visible to :func:`ms.read_file_sink` only once its
         manifest entry is written; a crash leaves invisible orphans, never
-        duplicates.
+        duplicates. ``storage_options`` are fsspec options for ``path``;
+        ``checkpoint_options`` the same for ``checkpoint`` (each sink verb takes
+        it), e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for an
+        ``s3://`` checkpoint; without them s3fs reads the ``AWS_*`` environment.
 
         Examples
         --------
@@ -776,7 +799,15 @@ class StreamFrame:
         [1, 2]
         """
         return self._sink_files(
-            path, "parquet", output_mode, trigger, checkpoint, name, storage_options, partition_by
+            path,
+            "parquet",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
         )
 
     def sink_csv(
@@ -786,13 +817,22 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
         """Start the query writing CSV files with a manifest (see :meth:`sink_parquet`)."""
         return self._sink_files(
-            path, "csv", output_mode, trigger, checkpoint, name, storage_options, partition_by
+            path,
+            "csv",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
         )
 
     def sink_ndjson(
@@ -802,13 +842,22 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
         """Start the query writing NDJSON files with a manifest (see :meth:`sink_parquet`)."""
         return self._sink_files(
-            path, "ndjson", output_mode, trigger, checkpoint, name, storage_options, partition_by
+            path,
+            "ndjson",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
         )
 
     def sink_delta(
@@ -818,19 +867,26 @@ class StreamFrame:
         output_mode: OutputMode = "append",
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
         merge_schema: bool = False,
+        target_file_size: int | None = None,
     ) -> StreamingQuery:
         """Start the query writing a Delta table, exactly once per batch.
 
         Each batch commits with a Delta application transaction (app id = the
         query id, version = the batch id), so a batch re-run after a crash is
         recognised and skipped. ``output_mode="complete"`` overwrites the table
-        every batch (for aggregations). ``merge_schema=True`` lets a batch add
+        every batch (for aggregations); ``output_mode="update"`` MERGEs every
+        batch on the aggregation's keys (window start and group keys), the
+        transaction in the same commit. ``target_file_size`` (bytes) sizes the
+        data files. ``merge_schema=True`` lets a batch add
         columns to the table; otherwise a batch whose schema differs is a
-        ``SinkError``.
+        ``SinkError``. ``storage_options`` go to deltalake (``AWS_ENDPOINT_URL``,
+        ``AWS_ACCESS_KEY_ID``, ...); ``checkpoint_options`` are fsspec options for
+        ``checkpoint`` (``endpoint_url``, ``key``, ``secret``, ...).
 
         Examples
         --------
@@ -847,12 +903,125 @@ class StreamFrame:
         >>> query.stop()
         >>> pl.read_delta(f"{root}/table").sort("x")["x"].to_list()
         [1, 2, 3]
+
+        Update mode keeps one row per key, replaced as the aggregate changes:
+
+        >>> clicks = ms.MemoryStream({"user": pl.String})
+        >>> query = (
+        ...     clicks.lazy()
+        ...     .group_by("user")
+        ...     .agg(pl.len().alias("n"))
+        ...     .sink_delta(f"{root}/counts", output_mode="update", checkpoint=f"{root}/cp2")
+        ... )
+        >>> _ = clicks.add_data({"user": ["a", "b", "a"]})
+        >>> query.process_all_available()
+        >>> _ = clicks.add_data({"user": ["b"]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> pl.read_delta(f"{root}/counts").sort("user").rows()
+        [('a', 2), ('b', 2)]
         """
         spec = load_connector("delta")(
             path=os.fspath(path),
             storage_options=storage_options,
             partition_by=list(partition_by) if partition_by else None,
             merge_schema=merge_schema,
+            target_file_size=target_file_size,
+        )
+        return self._start(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def sink_kafka(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        *,
+        key: str | pl.Expr | None = None,
+        format: KafkaSinkFormat = "json",
+        avro_schema: Mapping[str, Any] | str | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
+        transactional: bool = False,
+        options: Mapping[str, Any] | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing each batch's rows as records of a Kafka topic.
+
+        Every record carries the headers ``microstream.query_id`` and
+        ``microstream.batch_id``. The producer is idempotent and a batch is
+        acknowledged before the next one starts (a failed delivery is a
+        ``SinkError``; the batch is re-run on restart).
+
+        Guarantees: by default **at-least-once** — after a crash a batch may
+        be written again, with the same ``(query id, batch id)`` headers, so
+        consumers can drop duplicates. ``transactional=True`` writes each
+        batch in one Kafka transaction committed together with the batch's
+        record, which is **exactly-once for read_committed consumers** on
+        brokers that honour transactions (real Kafka; not verifiable on the
+        Tansu test broker). See :class:`connectors.kafka.KafkaSinkSpec`.
+
+        Parameters
+        ----------
+        bootstrap_servers
+            ``"host:port[,host:port...]"``.
+        topic
+            The topic written to.
+        key
+            The record key: a column name or an expression (None: no key).
+        format
+            ``"json"`` (all columns as a JSON object), ``"avro"`` (all
+            columns, schemaless Avro) or ``"raw"`` (the ``value`` column).
+        avro_schema
+            The Avro schema of ``format="avro"`` (default: derived from the
+            batch's schema, every field nullable).
+        headers
+            Extra headers on every record.
+        transactional
+            One transaction per batch (exactly-once for read_committed
+            consumers on real Kafka).
+        options
+            librdkafka producer settings (``security.protocol``, ``sasl.*``,
+            ``ssl.*``, ``compression.type``, ``transactional.id``, ...).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.tansu import TansuBroker
+        >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+        >>> with TansuBroker() as broker:
+        ...     broker.create_topic("doc-sink")
+        ...     query = stream.lazy().sink_kafka(
+        ...         broker.bootstrap_servers, "doc-sink", key="user",
+        ...         checkpoint=tempfile.mkdtemp(),
+        ...     )
+        ...     _ = stream.add_data({"user": [1], "amount": [2.5]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        ...     [record] = broker.consume("doc-sink", 1)
+        >>> record.key(), record.value()
+        (b'1', b'{"user":1,"amount":2.5}')
+        >>> [name for name, _ in record.headers()]
+        ['microstream.query_id', 'microstream.batch_id']
+        """
+        spec = load_connector("kafka_sink")(
+            bootstrap_servers,
+            topic,
+            key=key,
+            format=format,
+            avro_schema=avro_schema,
+            headers=None if headers is None else dict(headers),
+            transactional=transactional,
+            options=None if options is None else dict(options),
         )
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
@@ -867,6 +1036,7 @@ class StreamFrame:
         checkpoint: str | os.PathLike[str] | None,
         name: str | None,
         session: Session | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
     ) -> StreamingQuery:
         session = session or default_session
         if output_mode not in ("append", "update", "complete"):
@@ -899,6 +1069,12 @@ class StreamFrame:
             raise TypeError(msg)
         effective = session.trigger_override or trigger or DEFAULT_TRIGGER
         temporary = False
+        if checkpoint_options is not None and checkpoint is None:
+            msg = (
+                "checkpoint_options are fsspec storage options for checkpoint=, which is "
+                f"missing; got checkpoint_options={sorted(checkpoint_options)} and no checkpoint"
+            )
+            raise PlanError(msg)
         if checkpoint is not None:
             location = os.fspath(checkpoint)
         elif spec.durable:
@@ -922,6 +1098,7 @@ class StreamFrame:
                 output_mode=output_mode,
                 trigger=effective,
                 checkpoint_url=location,
+                storage_options=checkpoint_options,
                 name=name,
                 session=session,
                 temporary_checkpoint=temporary,

@@ -40,6 +40,7 @@ __all__ = [
     "WatermarkNode",
     "check_row_wise",
     "describe_value",
+    "result_key_columns",
 ]
 
 
@@ -334,6 +335,27 @@ class StatefulNode(PlanNode):
         if ctx.planning:
             return pl.LazyFrame(schema=self.output_schema())
         return ctx.operators[self].process(lf.collect(), ctx).lazy()
+
+
+def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:
+    """The columns identifying a row of the query's result, for upserting sinks.
+
+    A ``group_by`` aggregation's group keys; a ``group_by_dynamic``'s window
+    start column followed by its group keys (the window start fixes the window,
+    its period being fixed). None when the result has no stable key: no
+    aggregation, sessions (merging sessions changes ``session_start``),
+    deduplication. This is the query's *last* operator's key; the sink checks
+    that the columns are still in the output.
+    """
+    # The aggregation module builds on this one; imported here, when a query starts.
+    from microstream.aggregation import AggregateNode
+
+    stateful = plan.stateful_nodes()
+    if len(stateful) != 1 or not isinstance(stateful[0], AggregateNode):
+        return None
+    node = stateful[0]
+    window = (node.window.column,) if node.window is not None else ()
+    return (*window, *node.keys)
 
 
 def describe_value(value: Any) -> str:

@@ -47,6 +47,11 @@ class SourceProgress(_Frozen):
     lag: int | None = Field(
         default=None, description="Units (rows, files) available but not yet in a batch."
     )
+    metrics: dict[str, int] = Field(
+        default_factory=dict,
+        description="Source-specific counts for this batch (Kafka: bad records skipped or "
+        "dead-lettered, offsets lost).",
+    )
 
 
 class StateOperatorProgress(_Frozen):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
+from microstream.exceptions import MicrostreamError
 from microstream.faults import NO_FAULTS, FaultInjector
 
 if TYPE_CHECKING:
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Offset",
+    "SideOutput",
+    "SideOutputTarget",
     "Sink",
     "SinkContext",
     "SinkSpec",
@@ -59,6 +63,45 @@ class Offset(BaseModel):
         return None
 
 
+SideOutputTarget: TypeAlias = "str | Callable[[pl.DataFrame, int], object]"
+"""Where side-output rows go: a memory table name (``ms.table(name)``) or a
+function called with the rows and the batch id (as ``with_watermark(on_late=)``)."""
+
+
+class SideOutput(Protocol):
+    """The engine's hook for rows a source reads but does not output (dead letters).
+
+    The engine implements it; a source gets it as ``SourceContext.side_output``.
+    """
+
+    def declare(self, target: SideOutputTarget, schema: pl.Schema) -> None:
+        """Make a memory-table target exist (empty) before its first rows arrive."""
+        ...
+
+    def emit(self, target: SideOutputTarget, rows: pl.DataFrame) -> None:
+        """Hand over rows found while reading the current batch.
+
+        The engine appends a ``batch_id`` column and routes the rows of each
+        target once per batch, after every source of the batch was read.
+        """
+        ...
+
+
+class _NoSideOutput:
+    """The side output of a source built outside a running query (unit tests)."""
+
+    def declare(self, target: SideOutputTarget, schema: pl.Schema) -> None:
+        """Nothing to prepare."""
+
+    def emit(self, target: SideOutputTarget, rows: pl.DataFrame) -> None:
+        """Refuse: without a query there is no batch to attach the rows to."""
+        msg = f"side-output rows for {target!r} need a running query; this source has none"
+        raise MicrostreamError(msg)
+
+
+NO_SIDE_OUTPUT: SideOutput = _NoSideOutput()
+
+
 @dataclass(frozen=True)
 class SourceContext:
     """What the engine hands a source when it builds the runtime object.
@@ -80,6 +123,8 @@ class SourceContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("microstream"))
     faults: FaultInjector = NO_FAULTS
     """Call ``faults.reach("source.after_log")`` after writing a source log entry."""
+    side_output: SideOutput = NO_SIDE_OUTPUT
+    """Where the source sends rows that are not part of its output (dead letters)."""
 
 
 @runtime_checkable
@@ -158,6 +203,12 @@ class SinkContext:
     session: Session
     schema: pl.Schema | None = None
     """The schema of the batches the sink will receive."""
+    key_columns: tuple[str, ...] | None = None
+    """The columns that identify a result row, for sinks that upsert in update mode
+    (the Delta sink's MERGE): the group keys of the query's aggregation, after the
+    window start column of ``group_by_dynamic``; ``()`` for a global aggregation
+    (one row). None when rows have no stable key: no aggregation (every row is
+    new), a session window (its start moves when sessions merge), ``unique()``."""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("microstream"))
     faults: FaultInjector = NO_FAULTS
     """Call ``faults.reach("sink.after_data")`` between writing data and committing it."""

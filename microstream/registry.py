@@ -24,9 +24,14 @@ _BUILTIN = {
     "read_file_sink": "connectors.file_sink:read_file_sink",
     "delta": "connectors.delta:DeltaSinkSpec",
     "delta_static": "connectors.delta:DeltaStaticTable",
+    "delta_source": "connectors.delta_source:DeltaSourceSpec",
+    "optimize_delta": "connectors.delta:optimize_delta",
+    "vacuum_delta": "connectors.delta:vacuum_delta",
     "memory_sink": "connectors.memory:MemorySinkSpec",
     "console": "connectors.console:ConsoleSinkSpec",
     "foreach_batch": "connectors.foreach_batch:ForeachBatchSinkSpec",
+    "kafka": "connectors.kafka:KafkaSourceSpec",
+    "kafka_sink": "connectors.kafka:KafkaSinkSpec",
 }
 
 

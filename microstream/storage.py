@@ -1,9 +1,17 @@
 """Atomic files on any fsspec filesystem.
 
 The write-ahead log, the source logs and the sink manifests all rest on one
-primitive: a file that appears whole under its final name or not at all. On a
-local disk that is write-to-temp then rename; on an object store a single PUT
-is already atomic, so the object is written directly under its name.
+primitive: a file that appears whole under its final name or not at all, and,
+for the files written once (``overwrite=False``), never replaced by a second
+writer. On a local disk that is write-to-temp then rename (``os.link`` for a
+write-once file: it fails if the name exists). On an object store a single PUT
+is already atomic, so the object is written directly under its name; a
+write-once file is a *conditional* PUT (fsspec's ``mode="create"``, which s3fs
+sends as ``If-None-Match: *``): the store refuses it when the object exists,
+and the refusal is a :class:`~microstream.exceptions.CheckpointConflictError`
+naming the file. Object stores have no directories, so none are created there,
+and a question about what exists is always asked of the store, never of
+fsspec's cached listings (another process may have written since).
 
 Local writes survive a crash of the process (the kernel keeps the pages) without
 fsync, as Spark's and Flink's local checkpoints do. To survive a power loss too,
@@ -23,11 +31,22 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
-from microstream.exceptions import CheckpointCorruptError, CheckpointError
+from microstream.exceptions import (
+    CheckpointConflictError,
+    CheckpointCorruptError,
+    CheckpointError,
+    MissingDependencyError,
+)
 
 __all__ = ["Storage"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss"})
+"""fsspec protocols of object stores: no directories, no rename, no append."""
+
+APPEND_SEGMENT_BYTES = 1 << 20
+"""Where no append exists, :meth:`Storage.append_line` starts a new object past this size."""
 
 
 class Storage:
@@ -39,7 +58,9 @@ class Storage:
         Any fsspec URL or local path (``"checkpoints/q1"``, ``"memory://q1"``,
         ``"s3://bucket/q1"``).
     storage_options
-        Passed to :func:`fsspec.url_to_fs`.
+        Passed to :func:`fsspec.url_to_fs` (for ``s3://``: ``endpoint_url``,
+        ``key``, ``secret``, ``client_kwargs``, ...; without them s3fs reads
+        the usual ``AWS_*`` environment variables and config files).
 
     Examples
     --------
@@ -47,6 +68,16 @@ class Storage:
     >>> store.write_bytes("a/b.json", b"{}")
     >>> store.read_bytes("a/b.json")
     b'{}'
+
+    A write-once file is never replaced:
+
+    >>> store.write_bytes("a/once.json", b"1", overwrite=False)
+    >>> store.write_bytes("a/once.json", b"2", overwrite=False)
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.CheckpointConflictError: checkpoint file memory:///doctest-storage/a/once.json already exists: another writer created it first, and it was not overwritten. Is a second process running a query on this checkpoint? Stop it, or give this query its own checkpoint
+    >>> store.read_bytes("a/once.json")
+    b'1'
     """
 
     def __init__(
@@ -58,12 +89,22 @@ class Storage:
     ):
         self.url = os.fspath(url)
         self.fsync = os.environ.get("MICROSTREAM_FSYNC", "") == "1" if fsync is None else fsync
-        fs, root = fsspec.url_to_fs(self.url, **(storage_options or {}))
+        try:
+            fs, root = fsspec.url_to_fs(self.url, **(storage_options or {}))
+        except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+            msg = (
+                f"the checkpoint location {self.url} needs a filesystem package that is not "
+                f"installed ({exc}); for s3:// run: pip install 'microstream[s3]'"
+            )
+            raise MissingDependencyError(msg) from exc
         self.fs: fsspec.AbstractFileSystem = fs
         self.root: str = root.rstrip("/")
         self.is_local = isinstance(fs, LocalFileSystem)
         if self.is_local:
             self.root = os.path.abspath(self.root)
+        self.is_object_store = _is_object_store(fs)
+        # append_line on stores without append: per file, (segment number, its content)
+        self._appends: dict[str, tuple[int, bytes]] = {}
 
     def path(self, relative: str) -> str:
         """Absolute path (in the filesystem's terms) of ``relative``."""
@@ -82,17 +123,30 @@ class Storage:
         child.fs = self.fs
         child.root = self.path(relative)
         child.is_local = self.is_local
+        child.is_object_store = self.is_object_store
         child.fsync = self.fsync
+        child._appends = {}
         return child
 
     # -- reading -----------------------------------------------------------------
 
     def exists(self, relative: str) -> bool:
-        return bool(self.fs.exists(self.path(relative)))
+        """Whether ``relative`` exists now (asked of the store, not of a cached listing)."""
+        path = self.path(relative)
+        self._forget_listing(path)
+        return bool(self.fs.exists(path))
+
+    def _forget_listing(self, path: str) -> None:
+        # fsspec's object stores cache directory listings per filesystem instance:
+        # a file another process wrote since would look absent.
+        if not self.is_local:
+            self.fs.invalidate_cache(path)
 
     def read_bytes(self, relative: str) -> bytes:
+        path = self.path(relative)
+        self._forget_listing(path)  # s3fs sizes the object from a cached listing
         try:
-            data: bytes = self.fs.cat_file(self.path(relative))
+            data: bytes = self.fs.cat_file(path)
         except PermissionError as exc:
             msg = f"cannot read checkpoint file {self.display(relative)}: permission denied"
             raise CheckpointError(msg) from exc
@@ -117,6 +171,7 @@ class Storage:
     def list_numbered(self, relative: str, suffix: str = ".json") -> list[int]:
         """Sorted batch ids of ``<n><suffix>`` files in a directory (missing dir: [])."""
         directory = self.path(relative)
+        self._forget_listing(directory)
         try:
             names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
@@ -135,6 +190,9 @@ class Storage:
     # -- writing -----------------------------------------------------------------
 
     def makedirs(self, relative: str) -> None:
+        """Create a directory; nothing on object stores, which have none."""
+        if self.is_object_store:
+            return  # s3fs would otherwise create a missing *bucket*
         try:
             self.fs.makedirs(self.path(relative), exist_ok=True)
         except PermissionError as exc:
@@ -144,41 +202,73 @@ class Storage:
     def write_bytes(self, relative: str, data: bytes, *, overwrite: bool = True) -> None:
         """Write ``data`` atomically under ``relative``.
 
-        With ``overwrite=False`` an existing file is an error (the WAL never
-        rewrites an entry).
+        With ``overwrite=False`` the file is written once: if it exists, or
+        another writer creates it meanwhile, nothing is written and
+        :class:`~microstream.exceptions.CheckpointConflictError` names it (the
+        WAL never rewrites an entry). Locally that is a hard link of the
+        temporary file, which fails on an existing name; on object stores a
+        conditional PUT (S3: ``If-None-Match: *``).
+
+        Raises
+        ------
+        CheckpointConflictError
+            ``overwrite=False`` and the file exists.
+        CheckpointError
+            Permission denied, or (object stores) the bucket does not exist.
         """
         target = self.path(relative)
         parent = target.rsplit("/", 1)[0]
         try:
+            if not self.is_local:
+                self._put(relative, data, overwrite=overwrite)
+                return
             if not overwrite and self.fs.exists(target):
-                msg = f"checkpoint file {self.display(relative)} already exists"
-                raise CheckpointError(msg)
+                raise CheckpointConflictError(self._conflict(relative))
             self.fs.makedirs(parent, exist_ok=True)
-            if self.is_local:
-                tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    if self.fsync:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                if overwrite:
-                    os.replace(tmp, target)
-                else:
-                    # link() fails if the target appeared meanwhile: no lost race.
-                    try:
-                        os.link(tmp, target)
-                    except FileExistsError:
-                        msg = f"checkpoint file {self.display(relative)} already exists"
-                        raise CheckpointError(msg) from None
-                    finally:
-                        os.unlink(tmp)
+            tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
                 if self.fsync:
-                    _fsync_dir(parent)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if overwrite:
+                os.replace(tmp, target)
             else:
-                self.fs.pipe_file(target, data)
+                # link() fails if the target appeared meanwhile: no lost race.
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise CheckpointConflictError(self._conflict(relative)) from None
+                finally:
+                    os.unlink(tmp)
+            if self.fsync:
+                _fsync_dir(parent)
         except PermissionError as exc:
             msg = f"cannot write checkpoint file {self.display(relative)}: permission denied"
             raise CheckpointError(msg) from exc
+
+    def _put(self, relative: str, data: bytes, *, overwrite: bool) -> None:
+        """One PUT: plain, or conditional on the object not existing (``overwrite=False``)."""
+        target = self.path(relative)
+        if not self.is_object_store:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            if overwrite:
+                self.fs.pipe_file(target, data)
+            else:
+                self.fs.pipe_file(target, data, mode="create")
+        except FileExistsError:
+            raise CheckpointConflictError(self._conflict(relative)) from None
+        except FileNotFoundError as exc:  # s3fs: NoSuchBucket
+            msg = f"cannot write checkpoint file {self.display(relative)}: {exc}"
+            raise CheckpointError(msg) from exc
+
+    def _conflict(self, relative: str) -> str:
+        return (
+            f"checkpoint file {self.display(relative)} already exists: another writer created "
+            "it first, and it was not overwritten. Is a second process running a query on "
+            "this checkpoint? Stop it, or give this query its own checkpoint"
+        )
 
     def write_model(self, relative: str, model: BaseModel, *, overwrite: bool = True) -> None:
         self.write_bytes(relative, model.model_dump_json(indent=1).encode(), overwrite=overwrite)
@@ -187,19 +277,61 @@ class Storage:
         self.write_bytes(relative, json.dumps(obj, indent=1, default=str).encode())
 
     def append_line(self, relative: str, line: str) -> None:
-        """Append a line (best effort on stores without append: rewrite)."""
+        """Append a line to a text file (for logs that are read whole, like progress).
+
+        Local files are appended to. Elsewhere an object can only be replaced
+        whole: the file is rewritten with the lines this :class:`Storage`
+        wrote before (read once, never again), and once it would pass
+        :data:`APPEND_SEGMENT_BYTES` the next lines go to a new file
+        ``<stem>.<n><suffix>`` beside it (``progress/<run>.1.jsonl``, ...), so
+        one line never costs more than that. Readers read every file of the
+        directory.
+
+        Examples
+        --------
+        >>> store = Storage("memory://doctest-append-line")
+        >>> store.append_line("progress/run.jsonl", '{"batch": 0}')
+        >>> store.append_line("progress/run.jsonl", '{"batch": 1}')
+        >>> store.read_bytes("progress/run.jsonl").decode().splitlines()
+        ['{"batch": 0}', '{"batch": 1}']
+        """
         target = self.path(relative)
-        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
             with open(target, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
             return
-        old = self.fs.cat_file(target) if self.fs.exists(target) else b""
-        self.fs.pipe_file(target, old + line.encode() + b"\n")
+        data = (line + "\n").encode()
+        known = self._appends.get(relative)
+        if known is None:
+            segment, content = 0, (self.fs.cat_file(target) if self.exists(relative) else b"")
+        else:
+            segment, content = known
+        if content and len(content) + len(data) > APPEND_SEGMENT_BYTES:
+            segment, content = segment + 1, b""
+        content += data
+        self._put(_segment_name(relative, segment), content, overwrite=True)
+        self._appends[relative] = (segment, content)
 
     def delete(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path(relative))
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol
+    protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
+    return any(p in OBJECT_STORE_PROTOCOLS for p in protocols)
+
+
+def _segment_name(relative: str, segment: int) -> str:
+    """``progress/r.jsonl`` for segment 0, ``progress/r.<n>.jsonl`` after."""
+    if segment == 0:
+        return relative
+    head, _, name = relative.rpartition("/")
+    stem, dot, suffix = name.partition(".")
+    renamed = f"{stem}.{segment}{dot}{suffix}" if dot else f"{stem}.{segment}"
+    return f"{head}/{renamed}" if head else renamed
 
 
 def _fsync_dir(path: str) -> None:

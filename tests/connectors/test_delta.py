@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 from deltalake import DeltaTable, write_deltalake
 from polars.testing import assert_frame_equal
 
+import microstream as ms
 from connectors.delta import DeltaSink, DeltaSinkSpec, DeltaStaticTable, read_delta
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError
 from microstream.plan import StaticSide
@@ -118,12 +122,12 @@ def test_partition_by(tmp_path: Path, sink_ctx: SinkContext) -> None:
 
 def test_unsupported_output_mode(tmp_path: Path, sink_ctx: SinkContext) -> None:
     spec = DeltaSinkSpec(str(tmp_path))
-    assert spec.output_modes == frozenset({"append", "complete"})
+    assert spec.output_modes == frozenset({"append", "complete", "update"})
     assert spec.durable and spec.kind == "delta"
     with pytest.raises(
-        SinkError, match="supports output_mode 'append' or 'complete'; got 'update'"
+        SinkError, match="supports output_mode 'append', 'complete' or 'update'; got 'bogus'"
     ):
-        spec.build(replace(sink_ctx, output_mode="update"))
+        spec.build(replace(sink_ctx, output_mode="bogus"))  # type: ignore[arg-type]
 
 
 def test_unreadable_table_is_a_sink_error(tmp_path: Path, sink_ctx: SinkContext) -> None:
@@ -143,6 +147,8 @@ def test_spec_validation() -> None:
         DeltaSinkSpec("t", partition_by=[])
     with pytest.raises(ValueError, match="merge_schema must be a bool"):
         DeltaSinkSpec("t", merge_schema="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="target_file_size must be a positive number of bytes"):
+        DeltaSinkSpec("t", target_file_size=0)
     assert DeltaSinkSpec("t", partition_by=["a"]) == DeltaSinkSpec("t", partition_by=("a",))
 
 
@@ -154,6 +160,237 @@ def test_missing_deltalake_names_the_extra(
         DeltaSinkSpec(str(tmp_path)).build(sink_ctx)
     with pytest.raises(ImportError):  # also an ImportError, for code that expects one
         read_delta(tmp_path)
+
+
+# -- update mode: MERGE on the key columns --------------------------------------------------------
+
+KEYED = pl.Schema({"k": pl.String, "w": pl.Int64, "n": pl.Int64})
+
+
+def keyed(*items: tuple[str | None, int, int]) -> pl.DataFrame:
+    return pl.DataFrame(items, schema=KEYED, orient="row")
+
+
+def update_ctx(ctx: SinkContext, keys: tuple[str, ...] | None = ("w", "k")) -> SinkContext:
+    return replace(ctx, output_mode="update", key_columns=keys, schema=pl.Schema(KEYED))
+
+
+def test_update_mode_merges_on_the_keys_null_safely(tmp_path: Path, sink_ctx: SinkContext) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, update_ctx(sink_ctx))
+    sink.add_batch(0, keyed(("a", 0, 1), ("b", 0, 2), (None, 0, 3)))  # creates the table
+    sink.add_batch(1, keyed(("a", 0, 10), (None, 0, 30), ("a", 1, 4)))  # 2 updates, 1 insert
+    expected = keyed(("a", 0, 10), ("a", 1, 4), ("b", 0, 2), (None, 0, 30))
+    assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    history = dt.history(1)[0]
+    assert history["operation"] == "MERGE"  # data and transaction in one commit
+
+    # A replayed batch is skipped, even with other rows (a re-run never changes a commit).
+    sink_for(table, update_ctx(sink_ctx)).add_batch(1, keyed(("a", 0, 99)))
+    assert DeltaTable(str(table)).version() == 1
+    assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
+
+    sink.add_batch(2, keyed())  # an empty batch still records its transaction
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (2, 2)
+
+
+def test_update_mode_needs_the_keys_in_the_output(sink_ctx: SinkContext, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match=r"output_mode='update' MERGEs .* this query has none"):
+        sink_for(tmp_path / "t", update_ctx(sink_ctx, keys=None))
+    with pytest.raises(PlanError, match=r"output lacks \['user'\]"):
+        sink_for(tmp_path / "t", update_ctx(sink_ctx, keys=("w", "user")))
+
+
+def test_update_mode_global_aggregation_has_one_row(tmp_path: Path, sink_ctx: SinkContext) -> None:
+    table = tmp_path / "t"
+    ctx = replace(update_ctx(sink_ctx, keys=()), schema=pl.Schema({"n": pl.Int64}))
+    sink = sink_for(table, ctx)
+    sink.add_batch(0, pl.DataFrame({"n": [1]}))
+    sink.add_batch(1, pl.DataFrame({"n": [5]}))
+    assert read_delta(table).rows() == [(5,)]
+
+
+def test_update_mode_schema_evolution(tmp_path: Path, sink_ctx: SinkContext) -> None:
+    table = tmp_path / "t"
+    sink_for(table, update_ctx(sink_ctx)).add_batch(0, keyed(("a", 0, 1)))
+    wider = keyed(("a", 0, 2), ("b", 0, 3)).with_columns(extra=pl.lit("x"))
+    with pytest.raises(SinkError, match=r"not in the table: \['extra'\].*merge_schema=True"):
+        sink_for(table, update_ctx(sink_ctx)).add_batch(1, wider)
+    assert DeltaTable(str(table)).transaction_version("q") == 0
+    sink_for(table, update_ctx(sink_ctx), merge_schema=True).add_batch(1, wider)
+    assert_frame_equal(read_delta(table).sort("k"), wider)
+
+
+def test_update_mode_partitions_and_file_size(tmp_path: Path, sink_ctx: SinkContext) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, update_ctx(sink_ctx), partition_by=["k"], target_file_size=1 << 20)
+    sink.add_batch(0, keyed(("a", 0, 1), ("b", 0, 2)))
+    sink.add_batch(1, keyed(("a", 0, 5)))
+    dt = DeltaTable(str(table))
+    assert dt.metadata().partition_columns == ["k"]
+    assert dt.metadata().configuration["delta.targetFileSize"] == str(1 << 20)
+    assert (table / "k=a").is_dir() and (table / "k=b").is_dir()
+    assert_frame_equal(read_delta(table).sort("k"), keyed(("a", 0, 5), ("b", 0, 2)))
+
+
+def test_update_mode_retries_a_commit_that_lost_to_optimize(
+    tmp_path: Path,
+    sink_ctx: SinkContext,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    table = tmp_path / "t"
+    for item in (("a", 0, 1), ("b", 0, 2), ("c", 0, 3)):
+        write_deltalake(str(table), keyed(item).to_arrow(), mode="append")
+    sink = sink_for(table, update_ctx(sink_ctx))
+    read_log = DeltaSink.committed_batch
+    raced: list[dict[str, Any]] = []
+
+    def race(self: DeltaSink) -> int | None:
+        done = read_log(self)
+        if not raced:  # OPTIMIZE commits between the sink's read and its MERGE
+            raced.append(ms.optimize_delta(table))
+        return done
+
+    monkeypatch.setattr(DeltaSink, "committed_batch", race)
+    with caplog.at_level(logging.WARNING, logger="microstream"):
+        sink.add_batch(0, keyed(("a", 0, 10), ("d", 0, 4)))
+    assert "batch 0 conflicted with a concurrent commit, retrying (1/3)" in caplog.text
+    assert raced[0]["numFilesRemoved"] == 3
+    dt = DeltaTable(str(table))
+    assert [h["operation"] for h in dt.history(2)] == ["MERGE", "OPTIMIZE"]
+    assert dt.transaction_version("q") == 0
+    expected = keyed(("a", 0, 10), ("b", 0, 2), ("c", 0, 3), ("d", 0, 4))
+    assert_frame_equal(read_delta(table).sort("k"), expected)
+
+
+T0 = datetime(2024, 1, 1)
+EVENTS = pl.Schema([("ts", pl.Datetime("us")), ("k", pl.String()), ("v", pl.Int64())])
+
+
+def events(*items: tuple[int, str | None, int]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [(T0 + timedelta(seconds=s), k, v) for s, k, v in items], schema=EVENTS, orient="row"
+    )
+
+
+def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
+    table, cp = tmp_path / "t", tmp_path / "cp"
+    stream = ms.MemoryStream(EVENTS, name="events")
+
+    def start() -> ms.StreamingQuery:
+        return (
+            stream.lazy()
+            .with_watermark("ts", "30s")
+            .group_by_dynamic("ts", every="1m", group_by="k")
+            .agg(pl.len().cast(pl.Int64).alias("n"), pl.col("v").sum())
+            .sink_delta(table, output_mode="update", checkpoint=cp)
+        )
+
+    query = start()
+    for batch in (
+        events((5, "a", 1), (30, "a", 2), (70, "b", 5)),  # watermark after: 40s
+        # The row of "a" at 50s updates its window [0s, 60s), which is still open
+        # (60s > 40s), in the table; the watermark then passes it (65s).
+        events((50, "a", 4), (95, None, 1)),
+        events((90, "b", 1), (59, "a", 100), (100, None, 2)),  # (59s, "a") is late: dropped
+    ):
+        stream.add_data(batch)
+        query.process_all_available(timeout=30)
+    query.stop()
+    assert query.exception() is None
+    expected = pl.DataFrame(
+        [("a", T0, 3, 7), ("b", T0 + timedelta(minutes=1), 2, 6),
+         (None, T0 + timedelta(minutes=1), 2, 3)],
+        schema={"k": pl.String, "ts": pl.Datetime("us"), "n": pl.Int64, "v": pl.Int64},
+        orient="row",
+    )  # fmt: skip
+    assert_frame_equal(read_delta(table).sort("k", nulls_last=True), expected)
+
+    # The last batch reached Delta but its commits/N.json did not land: the re-run is
+    # recognised by the table's transaction version and skipped (no second commit).
+    dt = DeltaTable(str(table))
+    version, last = dt.version(), max(int(f.stem) for f in (cp / "commits").glob("*.json"))
+    assert dt.transaction_version(json.loads((cp / "metadata.json").read_text())["id"]) == last
+    (cp / "commits" / f"{last}.json").unlink()
+    query = start()
+    query.process_all_available(timeout=30)
+    query.stop()
+    assert query.exception() is None
+    assert [(p.batch_id, p.recovered) for p in query.recent_progress][:1] == [(last, True)]
+    assert (cp / "commits" / f"{last}.json").exists()
+    assert DeltaTable(str(table)).version() == version
+    assert_frame_equal(read_delta(table).sort("k", nulls_last=True), expected)
+
+
+def test_global_group_by_update_mode(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    stream = ms.MemoryStream({"k": pl.String, "v": pl.Int64})
+    query = (
+        stream.lazy()
+        .group_by("k")
+        .agg(pl.col("v").sum(), pl.col("v").max().alias("top"))
+        .sink_delta(table, output_mode="update", checkpoint=tmp_path / "cp")
+    )
+    batches: list[dict[str, list[Any]]] = [
+        {"k": ["a", "b", None], "v": [1, 2, 3]},
+        {"k": ["a", None], "v": [10, 4]},
+        {"k": ["c"], "v": [7]},
+    ]
+    for batch in batches:
+        stream.add_data(batch)
+        query.process_all_available(timeout=30)
+    query.stop()
+    assert query.exception() is None
+    assert read_delta(table).sort("k", nulls_last=True).rows() == [
+        ("a", 11, 10),
+        ("b", 2, 2),
+        ("c", 7, 7),
+        (None, 7, 4),
+    ]
+    assert DeltaTable(str(table)).version() == 2  # one commit per batch
+
+
+def test_update_mode_refuses_a_query_without_keys(tmp_path: Path) -> None:
+    stream = ms.MemoryStream({"k": pl.String, "v": pl.Int64})
+    with pytest.raises(PlanError, match="use output_mode='append'"):
+        stream.lazy().sink_delta(tmp_path / "t", output_mode="update", checkpoint=tmp_path / "c")
+    renamed = stream.lazy().group_by("k").agg(pl.col("v").sum()).rename({"k": "key"})
+    with pytest.raises(PlanError, match=r"lacks \['k'\]"):
+        renamed.sink_delta(tmp_path / "t", output_mode="update", checkpoint=tmp_path / "c2")
+
+
+# -- maintenance -----------------------------------------------------------------------------------
+
+
+def test_optimize_and_vacuum(tmp_path: Path) -> None:
+    table = tmp_path / "t"
+    for i in range(4):
+        write_deltalake(str(table), batch(i).to_arrow(), mode="append")
+    metrics = ms.optimize_delta(table, target_size=1 << 20)
+    assert (metrics["numFilesRemoved"], metrics["numFilesAdded"]) == (4, 1)
+    dt = DeltaTable(str(table))
+    assert dt.history(1)[0]["operation"] == "OPTIMIZE"
+    assert len(dt.file_uris()) == 1
+    assert_frame_equal(read_delta(table).sort("id"), batch(0, 1, 2, 3))
+
+    listed = ms.vacuum_delta(table, retention_hours=0, enforce_retention_duration=False)
+    assert len(listed) == 4
+    assert len(list(table.glob("*.parquet"))) == 5  # dry run: nothing deleted
+    deleted = ms.vacuum_delta(
+        table, retention_hours=0, enforce_retention_duration=False, dry_run=False
+    )
+    assert sorted(deleted) == sorted(listed)
+    assert len(list(table.glob("*.parquet"))) == 1
+    assert_frame_equal(read_delta(table).sort("id"), batch(0, 1, 2, 3))
+
+    ordered = ms.optimize_delta(table, z_order=["id"])
+    assert ordered["numFilesAdded"] == ordered["numFilesRemoved"] == 1
+    with pytest.raises(SinkError, match=r"no Delta table .* to optimize"):
+        ms.optimize_delta(tmp_path / "missing")
 
 
 # -- static table ----------------------------------------------------------------------------------
