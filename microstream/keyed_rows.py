@@ -282,7 +282,7 @@ class _Probe:
 
     def __init__(self, keys: pl.DataFrame, key_columns: list[str], hash_column: str):
         hashes = keys.get_column(hash_column).to_numpy()
-        self.order = np.argsort(hashes, kind="stable")
+        self.order = np.argsort(hashes)
         self.sorted_hashes = hashes[self.order]
         first = np.empty(hashes.size, dtype=bool)
         first[:1] = True

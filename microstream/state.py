@@ -401,7 +401,12 @@ class StateStore:
         self._frame = None
         # Keys that keep rows are recorded with their remaining rows, the others as deleted.
         evicted = _project(removed, self._keys_hash)
-        remaining = self._rows_of(evicted)
+        read = set(predicate.meta.root_names())  # empty for selectors: unknown
+        if read and read <= set(self.key_columns):
+            # The predicate reads only key columns: a key lost all its rows or none.
+            remaining = pl.DataFrame(schema=self._mem_schema)
+        else:
+            remaining = self._rows_of(evicted)
         gone = evicted.unique()
         if remaining.height:
             gone = gone.join(
@@ -952,11 +957,6 @@ def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     return pl.DataFrame([frame.get_column(c) for c in columns])
 
 
-def _take(frame: pl.DataFrame, mask: pl.Series) -> pl.DataFrame:
-    """``frame.filter(mask)`` for a boolean Series, column by column."""
-    return pl.DataFrame([column.filter(mask) for column in frame.iter_columns()])
-
-
 def _file_partitions(parts: list[pl.DataFrame]) -> pl.Series:
     """A ``_PART`` column: the partition (file) of each row of ``pl.concat(parts)``."""
     heights = [part.height for part in parts]
@@ -967,10 +967,8 @@ def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
     """The rows of ``frame`` by partition id (``pids``, one per row); empty parts left out."""
     if frame.height == 0:
         return {}
-    ids = pids.unique().to_list()
-    if len(ids) == 1:
-        return {ids[0]: frame}
-    return {p: _take(frame, pids == p) for p in ids}
+    parts = frame.with_columns(pids.alias(_PART)).partition_by(_PART, as_dict=True)
+    return {int(key[0]): part.drop(_PART) for key, part in parts.items()}
 
 
 def _encode(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:
