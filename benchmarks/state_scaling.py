@@ -111,7 +111,8 @@ def source_version() -> dict[str, object]:
     changed = git("status", "--porcelain", "--", "microstream", "connectors").splitlines()
     return {
         "commit": git("rev-parse", "--short", "HEAD") or None,
-        "uncommitted_engine_files": [line[3:] for line in changed],
+        # "XY path" lines; the first line lost its leading blank to strip()
+        "uncommitted_engine_files": [line.split(maxsplit=1)[1] for line in changed],
     }
 
 

@@ -38,9 +38,11 @@ from microstream.exceptions import (
     MicrostreamError,
     MissingDependencyError,
     OffsetError,
+    OutputError,
     PlanChangedError,
     PlanError,
     QueryTerminatedError,
+    ReplayError,
     SchemaMismatchError,
     SinkError,
     SourceError,
@@ -56,9 +58,13 @@ from microstream.io import (
     scan_rate,
     vacuum_delta,
 )
+from microstream.outputs import OutputPointer, current_output, read_output, switch_output
 from microstream.progress import QueryProgress
+from microstream.progress_bar import ProgressBar
 from microstream.query import QueryStatus, StreamingQuery
+from microstream.replay import ReplayResult, replay
 from microstream.session import Session, StreamingQueryListener, default_session
+from microstream.stateful_fn import GroupState, StateContext
 from microstream.trigger import Trigger
 
 if TYPE_CHECKING:
@@ -73,19 +79,26 @@ __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
     "DataLossError",
+    "GroupState",
     "MemoryStream",
     "MicrostreamError",
     "MissingDependencyError",
     "OffsetError",
+    "OutputError",
+    "OutputPointer",
     "PlanChangedError",
     "PlanError",
+    "ProgressBar",
     "QueryProgress",
     "QueryStatus",
     "QueryTerminatedError",
+    "ReplayError",
+    "ReplayResult",
     "SchemaMismatchError",
     "Session",
     "SinkError",
     "SourceError",
+    "StateContext",
     "StreamFrame",
     "StreamingQuery",
     "StreamingQueryListener",
@@ -93,14 +106,18 @@ __all__ = [
     "active",
     "add_listener",
     "concat",
+    "current_output",
     "optimize_delta",
     "read_file_sink",
+    "read_output",
     "read_state",
     "remove_listener",
+    "replay",
     "scan_delta",
     "scan_files",
     "scan_kafka",
     "scan_rate",
+    "switch_output",
     "table",
     "vacuum_delta",
 ]

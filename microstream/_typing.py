@@ -9,6 +9,8 @@ from typing import Literal, TypeAlias
 FileFormat: TypeAlias = Literal["parquet", "csv", "ndjson", "ipc"]
 CleanSource: TypeAlias = Literal["off", "delete", "archive"]
 OutputMode: TypeAlias = Literal["append", "update", "complete"]
+GroupStateTimeout: TypeAlias = Literal["event_time", "processing_time"]
+"""The kind of timers ``map_groups_with_state(timeout=...)`` lets a function set."""
 StaticJoinStrategy: TypeAlias = Literal["inner", "left", "semi", "anti"]
 QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
 KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]

@@ -1,4 +1,4 @@
-"""The ``microstream`` command: run query files, inspect checkpoints.
+"""The ``microstream`` command: run query files, replay them, inspect checkpoints and outputs.
 
 Exit codes: 0 success, 1 a query or checkpoint error (message on stderr),
 2 bad usage, 130 interrupted.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 import time
@@ -15,8 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from microstream.checkpoint import Checkpoint, LockRecord
-from microstream.exceptions import MicrostreamError
+from microstream.exceptions import MicrostreamError, OutputError
 from microstream.progress import QueryProgress
+from microstream.progress_bar import ProgressBar
 from microstream.session import default_session
 from microstream.trigger import Trigger
 
@@ -44,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="microstream",
-        description="Micro-batch structured streaming on Polars: run queries, inspect checkpoints.",
+        description=(
+            "Micro-batch structured streaming on Polars: run queries, replay them into a new "
+            "version of their output, inspect checkpoints and outputs."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -60,9 +65,93 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--available-now",
         action="store_true",
-        help="override every query's trigger with Trigger.available_now()",
+        help="override every query's trigger with Trigger.available_now() (with a progress "
+        "bar in a terminal when the file starts one query)",
     )
     run.set_defaults(handler=_run)
+
+    replay = sub.add_parser(
+        "replay",
+        help="reprocess a query's whole input into a new version of a Delta output, then switch",
+        description=(
+            "Kappa-style reprocessing. Import FUNCTION from FILE.py (or MODULE), call it with "
+            "replay=True if it has that parameter, and run the StreamFrame it returns from the "
+            "start of its sources' retained history into a new Delta table OUTPUT/v<n> with a new "
+            "checkpoint (OUTPUT/_checkpoints/v<n>), with Trigger.available_now() and a progress "
+            "bar (share done, lag). When it has finished, OUTPUT/current.json is switched "
+            "atomically to the new table; readers resolve it with ms.current_output(OUTPUT) or "
+            "ms.read_output(OUTPUT). A failed or interrupted replay leaves the pointer where it "
+            "was; running the same command again resumes it."
+        ),
+        epilog=(
+            "example: microstream replay jobs/per_minute.py:per_minute --output tables/per_minute"
+        ),
+    )
+    replay.add_argument(
+        "query", metavar="FILE.py:FUNCTION", help="the query function (or MODULE:FUNCTION)"
+    )
+    replay.add_argument(
+        "--output", required=True, help="the output directory (pointer and versions)"
+    )
+    replay.add_argument(
+        "--output-mode",
+        choices=["append", "update", "complete"],
+        default="append",
+        help="as for sink_delta (default: append)",
+    )
+    replay.add_argument(
+        "--checkpoint", help="the replay's checkpoint (default: OUTPUT/_checkpoints/v<n>)"
+    )
+    replay.add_argument(
+        "--version", type=int, help="the version to write (default: the current one + 1)"
+    )
+    replay.add_argument(
+        "--flush",
+        action="store_true",
+        help="emit every window at the end (available_now(flush=True)); the output then "
+        "equals the batch result, but no live job can continue on its checkpoint",
+    )
+    replay.add_argument(
+        "--no-switch",
+        action="store_true",
+        help="leave readers on the current version (switch later with 'microstream output')",
+    )
+    replay.add_argument(
+        "--partition-by", nargs="+", metavar="COLUMN", help="partition the new table by these"
+    )
+    replay.add_argument("--name", help="the query's name (default: <output name>-v<n>)")
+    bar = replay.add_mutually_exclusive_group()
+    bar.add_argument(
+        "--progress", action="store_true", default=None, help="always show the progress bar"
+    )
+    bar.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="never show it (default: when stderr is a terminal)",
+    )
+    replay.set_defaults(handler=_replay)
+
+    output = sub.add_parser(
+        "output",
+        help="show which version of an output readers use, or switch it (roll back)",
+        description=(
+            "Print the pointer of a versioned output (OUTPUT/current.json): the version, its "
+            "Delta table and checkpoint, and the version before it. --switch points readers at "
+            "another table atomically; --rollback at the previous version."
+        ),
+    )
+    output.add_argument("output", metavar="OUTPUT", help="the output directory or URL")
+    output.add_argument("--json", action="store_true", help="print JSON instead of text")
+    move = output.add_mutually_exclusive_group()
+    move.add_argument("--switch", metavar="TABLE", help="switch readers to this Delta table")
+    move.add_argument(
+        "--rollback", action="store_true", help="switch readers back to the previous version"
+    )
+    output.add_argument(
+        "--checkpoint", help="with --switch: the checkpoint of the query writing TABLE"
+    )
+    output.set_defaults(handler=_output)
 
     status = sub.add_parser(
         "status",
@@ -99,8 +188,17 @@ def _run(args: argparse.Namespace) -> int:
     try:
         runpy.run_path(args.file, run_name="__main__")
         failed = False
-        for query in list(session.active):
+        active = list(session.active)
+        # One scheduled query working through a backlog: a progress bar in a terminal.
+        bar = (
+            ProgressBar(active[0])
+            if args.available_now and len(active) == 1 and sys.stderr.isatty()
+            else None
+        )
+        for query in active:
             query.await_termination_quietly()
+        if bar is not None:
+            bar.close()
         for query in session.finished:
             exc = query.exception()
             if exc is not None:
@@ -113,6 +211,83 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         session.trigger_override = None
     return 1 if failed else 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from microstream.replay import replay
+
+    if os.getcwd() not in sys.path:  # MODULE:FUNCTION from the current directory, as python -m
+        sys.path.insert(0, os.getcwd())
+    try:
+        result = replay(
+            args.query,
+            args.output,
+            output_mode=args.output_mode,
+            version=args.version,
+            checkpoint=args.checkpoint,
+            flush=args.flush,
+            switch=not args.no_switch,
+            progress=args.progress,
+            name=args.name,
+            partition_by=args.partition_by,
+        )
+    except KeyboardInterrupt:
+        print("microstream: replay interrupted; readers were not switched", file=sys.stderr)
+        return 130
+    except OutputError:
+        raise  # the message says what to do; main() prints it
+    except Exception as exc:  # the query failed: a source, the sink, a bug in its code
+        print(
+            f"microstream: error: the replay failed; readers were not switched: "
+            f"{type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"replayed {args.query} into version {result.version}: {result.num_batches} batches, "
+        f"{result.num_input_rows:,} rows in, {result.num_output_rows:,} rows out, "
+        f"{result.duration_s:.1f}s"
+    )
+    print(f"table        {result.table}")
+    print(f"checkpoint   {result.checkpoint}")
+    was = f"version {result.previous.version}" if result.previous else "no version"
+    if result.switched:
+        print(f"readers now use version {result.version} (before: {was})")
+    else:
+        print(
+            f"not switched: readers still use {was}; switch with: microstream output "
+            f"{args.output} --switch {result.table} --checkpoint {result.checkpoint}"
+        )
+    return 0
+
+
+def _output(args: argparse.Namespace) -> int:
+    from microstream.outputs import current_output, switch_output
+
+    if args.checkpoint and not args.switch:
+        print("microstream: error: --checkpoint goes with --switch TABLE", file=sys.stderr)
+        return 2
+    if args.switch:
+        switch_output(args.output, table=args.switch, checkpoint=args.checkpoint)
+    elif args.rollback:
+        previous = current_output(args.output).previous
+        if previous is None:
+            print(f"microstream: error: output {args.output} has no previous version", file=sys.stderr)  # fmt: skip
+            return 1
+        switch_output(args.output, table=previous.table, checkpoint=previous.checkpoint)
+    pointer = current_output(args.output)
+    if args.json:
+        print(pointer.model_dump_json(indent=1))
+        return 0
+    print(f"output       {args.output}")
+    print(f"version      {pointer.version} (since {pointer.switched_at.isoformat()})")
+    print(f"table        {pointer.table}")
+    print(f"checkpoint   {pointer.checkpoint or '-'}")
+    if pointer.query:
+        print(f"query        {pointer.query}{' (flushed)' if pointer.flushed else ''}")
+    if pointer.previous is not None:
+        print(f"previous     version {pointer.previous.version}: {pointer.previous.table}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

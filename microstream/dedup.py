@@ -15,7 +15,7 @@ Rows with event time ``<=`` the previous batch's watermark are late and dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
@@ -36,6 +36,8 @@ EXPIRE = "__expire_us"
 
 @dataclass(frozen=True, eq=False)
 class DedupNode(StatefulNode):
+    chainable: ClassVar[bool] = True  # emits input rows as they arrive, never revised
+
     input: PlanNode
     subset: tuple[str, ...]
     watermark: WatermarkNode | None

@@ -15,9 +15,11 @@ __all__ = [
     "MicrostreamError",
     "MissingDependencyError",
     "OffsetError",
+    "OutputError",
     "PlanChangedError",
     "PlanError",
     "QueryTerminatedError",
+    "ReplayError",
     "SchemaMismatchError",
     "SinkError",
     "SourceError",
@@ -71,6 +73,14 @@ class CheckpointLockedError(CheckpointError):
 
 class PlanChangedError(CheckpointError):
     """The query no longer matches the plan its checkpoint was created with."""
+
+
+class OutputError(MicrostreamError):
+    """A versioned output whose pointer is missing, corrupt, or moved by another writer."""
+
+
+class ReplayError(OutputError):
+    """A replay that cannot start, or that finished without an output to switch to."""
 
 
 class QueryTerminatedError(MicrostreamError):

@@ -419,13 +419,30 @@ class StreamExecution:
             target(late, batch_id)
 
     def _no_data_batch_due(self, watermark_us: int | None) -> bool:
-        """A batch without new rows runs when the watermark moved and state may be evicted."""
-        return (
+        """A batch without new rows runs when the watermark moved and state may be evicted,
+        or when an operator's timer is due (:meth:`_timers_due`)."""
+        moved = (
             watermark_us is not None
             and bool(self._stateful_nodes)
             and self.config.output_mode != "complete"
             and watermark_us > self._last_watermark_us
         )
+        return moved or self._timers_due(watermark_us)
+
+    def _timers_due(self, watermark_us: int | None) -> bool:
+        """Whether an operator with timers (``map_groups_with_state``) needs a batch now.
+
+        Such operators have ``timers_due(watermark_us, now_ms)``: an event-time
+        timer the watermark reached, a processing-time timer or a state TTL
+        that the current time reached. The batch's logged timestamp is taken
+        after this check, so it is at or after ``now_ms``.
+        """
+        now_ms = int(time.time() * 1000)
+        for operator in self._operators.values():
+            due: Callable[[int | None, int], bool] | None = getattr(operator, "timers_due", None)
+            if due is not None and due(watermark_us, now_ms):
+                return True
+        return False
 
     def _flush_due(self) -> bool:
         trigger = self.config.trigger
@@ -525,6 +542,11 @@ class StreamExecution:
         if entry.watermark_us is not None:
             self._last_watermark_us = entry.watermark_us
             self._flushed = entry.watermark_us >= FLUSH_WATERMARK_US
+        # Lag after and before the batch, asked before a source cleans up what it committed.
+        lags = [
+            (_lag(src, end), _lag(src, start))
+            for src, start, end in zip(self._sources, starts, ends)
+        ]
         for src, end in zip(self._sources, ends):
             src.commit(end)
         t_end = time.perf_counter()
@@ -538,7 +560,9 @@ class StreamExecution:
             commit=(t_end - t_commit) * 1000,
             total=(t_end - started) * 1000,
         )
-        self._publish_progress(entry, starts, ends, rows_in, result.height, durations, recovered)
+        self._publish_progress(
+            entry, starts, ends, rows_in, result.height, durations, recovered, lags
+        )
 
     def _publish_progress(
         self,
@@ -549,6 +573,7 @@ class StreamExecution:
         rows_out: int,
         durations: BatchDurations,
         recovered: bool,
+        lags: list[tuple[int | None, int | None]],
     ) -> None:
         total_in = sum(rows_in)
         previous = self.recent_progress[-1] if self.recent_progress else None
@@ -560,14 +585,19 @@ class StreamExecution:
             input_rate = total_in / total_s
         sources = []
         for i, src in enumerate(self._sources):
-            lag_fn: Callable[[Offset], int | None] | None = getattr(src, "lag", None)
+            lag, lag_before = lags[i]
             sources.append(
                 SourceProgress(
                     description=src.description,
                     start_offset=starts[i].model_dump(mode="json"),
                     end_offset=ends[i].model_dump(mode="json"),
                     num_input_rows=rows_in[i],
-                    lag=lag_fn(ends[i]) if lag_fn is not None else None,
+                    lag=lag,
+                    num_input_units=(
+                        max(0, lag_before - lag)
+                        if lag is not None and lag_before is not None
+                        else None
+                    ),
                     # Optional ``metrics() -> dict[str, int]``: counts since the last call.
                     metrics=metrics_fn() if (metrics_fn := getattr(src, "metrics", None)) else {},
                 )
@@ -675,6 +705,12 @@ class _SourceSideOutput:
                 self._session.write_table(target, self._batch_id, rows, replace=False)
             else:
                 target(rows, self._batch_id)
+
+
+def _lag(source: Source, offset: Offset) -> int | None:
+    """The source's optional ``lag(offset)``: units available beyond ``offset``."""
+    lag_fn: Callable[[Offset], int | None] | None = getattr(source, "lag", None)
+    return lag_fn(offset) if lag_fn is not None else None
 
 
 def _now() -> datetime:

@@ -302,9 +302,26 @@ class StreamFrame:
         nulls_equal: bool = False,
         coalesce: bool | None = None,
         maintain_order: Literal["none", "left", "right", "left_right", "right_left"] = "left",
+        within: str | timedelta | tuple[str | timedelta, str | timedelta] | None = None,
+        left_time: str | None = None,
+        right_time: str | None = None,
     ) -> StreamFrame:
-        """Join the stream with a static table, as :meth:`polars.LazyFrame.join`.
+        """Join the stream with a static table or with another stream, as :meth:`polars.LazyFrame.join`.
 
+        **Stream with stream.** ``other`` a StreamFrame: both sides buffer
+        their rows in state until the watermark guarantees no more matches (see
+        :mod:`microstream.joins`). ``how`` is any of ``"inner"``, ``"left"``,
+        ``"right"``, ``"full"``, ``"semi"``, ``"anti"``; ``within`` bounds
+        ``right_time - left_time``: a duration ``d`` means ``[-d, d]``, a pair
+        ``(lower, upper)`` that interval (``"-5m"`` is minus five minutes). The
+        time columns default to each side's ``with_watermark`` column. Without
+        ``within`` the state grows forever: refused for every ``how`` but
+        ``"inner"``, which warns. Outer joins emit a row with nulls for the other
+        side once the watermark passes its bound without a match; ``semi`` emits a
+        left row at its first match, ``anti`` when it expires unmatched. Output
+        mode append only (as in Spark).
+
+        **Stream with a static table.**
         ``other`` may be a DataFrame, a LazyFrame (joined lazily every batch;
         note that Polars' ``scan_*`` fixes its file list when created), or a
         ``deltalake.DeltaTable``, which is re-read whenever its version changes:
@@ -323,13 +340,39 @@ class StreamFrame:
         >>> clicks = ms.MemoryStream({"user": pl.Int64, "url": pl.String}).lazy()
         >>> clicks.join(users, on="user", how="left").columns
         ['user', 'url', 'country']
+
+        Two streams, each click with its impression of the 5 minutes before:
+
+        >>> imps = ms.MemoryStream({"ad": pl.Int64, "imp_time": pl.Datetime("us")})
+        >>> clicks = ms.MemoryStream({"ad": pl.Int64, "click_time": pl.Datetime("us")})
+        >>> joined = (
+        ...     imps.lazy()
+        ...     .with_watermark("imp_time", "1m")
+        ...     .join(
+        ...         clicks.lazy().with_watermark("click_time", "1m"),
+        ...         on="ad",
+        ...         how="left",
+        ...         within=("0s", "5m"),
+        ...     )
+        ... )
+        >>> joined.columns
+        ['ad', 'imp_time', 'click_time']
         """
         if isinstance(other, StreamFrame):
-            msg = (
-                "join of two streams needs watermarks and join state, which this version of "
-                "microstream does not have yet; join a stream with a static DataFrame, "
-                "LazyFrame or DeltaTable"
+            return self._stream_join(
+                other,
+                on=on,
+                how=how,
+                left_on=left_on,
+                right_on=right_on,
+                suffix=suffix,
+                nulls_equal=nulls_equal,
+                within=within,
+                left_time=left_time,
+                right_time=right_time,
             )
+        if within is not None or left_time is not None or right_time is not None:
+            msg = "within=, left_time= and right_time= bound joins of two streams; other is static"
             raise PlanError(msg)
         if how not in ("inner", "left", "semi", "anti", "cross"):
             msg = (
@@ -367,6 +410,53 @@ class StreamFrame:
         if coalesce is not None:
             kwargs["coalesce"] = coalesce
         return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
+
+    def _stream_join(
+        self,
+        other: StreamFrame,
+        *,
+        on: Any,
+        how: str,
+        left_on: Any,
+        right_on: Any,
+        suffix: str,
+        nulls_equal: bool,
+        within: str | timedelta | tuple[str | timedelta, str | timedelta] | None,
+        left_time: str | None,
+        right_time: str | None,
+    ) -> StreamFrame:
+        from microstream.joins import StreamJoinNode, stream_join_keys, stream_join_window
+
+        if how not in ("inner", "left", "right", "full", "semi", "anti"):
+            msg = (
+                f"join(how={how!r}) of two streams is not supported; use 'inner', 'left', "
+                "'right', 'full', 'semi' or 'anti'"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        keys_left, keys_right = stream_join_keys(left_schema, right_schema, on, left_on, right_on)
+        times = [
+            _join_time(frame, given, side)
+            for frame, given, side in ((self, left_time, "left"), (other, right_time, "right"))
+        ]
+        lower, upper = stream_join_window(within, how, times[0], times[1])
+        node = StreamJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_on=keys_left,
+            right_on=keys_right,
+            how=how,
+            suffix=suffix,
+            left_time=times[0],
+            right_time=times[1],
+            lower_us=lower,
+            upper_us=upper,
+            left_schema=left_schema,
+            right_schema=right_schema,
+            nulls_equal=nulls_equal,
+        )
+        node.output_schema()  # Polars' own refusals (e.g. duplicate columns) at plan time
+        return StreamFrame(node)
 
     # -- event time and state ------------------------------------------------------------
 
@@ -1049,12 +1139,15 @@ class StreamFrame:
             )
             raise PlanError(msg)
         stateful = self._plan.stateful_nodes()
-        if len(stateful) > 1:
-            msg = (
-                "this version of microstream runs one stateful operator per query; "
-                f"this query has {len(stateful)}: " + ", ".join(n.describe() for n in stateful)
-            )
-            raise PlanError(msg)
+        for node in stateful[:-1]:
+            if not node.chainable:
+                msg = (
+                    f"{node.describe()} cannot feed another stateful operator: its rows are "
+                    "revised or emitted long after their event time. Chains may start with "
+                    "stream joins and unique(); this query has "
+                    + " -> ".join(n.describe() for n in stateful)
+                )
+                raise PlanError(msg)
         if not stateful and output_mode == "complete":
             msg = (
                 "output_mode='complete' needs an aggregation (it re-emits the whole result "
@@ -1062,8 +1155,8 @@ class StreamFrame:
                 "use output_mode='append'"
             )
             raise PlanError(msg)
-        for node in stateful:
-            node.check_output_mode(output_mode)
+        if stateful:  # the last operator's output is the query's
+            stateful[-1].check_output_mode(output_mode)
         if trigger is not None and not isinstance(trigger, Trigger):
             msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
             raise TypeError(msg)
@@ -1112,6 +1205,15 @@ class StreamFrame:
             session.unregister_query_run(execution.run_id)
             raise
         return query
+
+
+def _join_time(frame: StreamFrame, given: str | None, side: str) -> str | None:
+    """A join side's event-time column: ``given``, else its ``with_watermark`` column."""
+    marks = frame._plan.watermark_nodes()
+    if given is None:
+        return marks[0].column if len(marks) == 1 else None
+    time_dtype_check(frame.collect_schema(), given, f"join({side}_time=)")
+    return given
 
 
 def _flatten(items: Iterable[Any]) -> Iterable[Any]:

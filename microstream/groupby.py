@@ -6,20 +6,23 @@ Polars' names and arguments: ``frame.group_by("user").agg(pl.len())``,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
+from pydantic import BaseModel
 
 from microstream.aggregation import AggregateNode, EmitPolicy
 from microstream.duration import parse_duration
 from microstream.exceptions import PlanError
 from microstream.plan import PlanNode, StatelessNode, WatermarkNode
 from microstream.sessions import SessionNode
+from microstream.stateful_fn import GroupState, StateContext, stateful_function_node
 from microstream.windows import SessionSpec, WindowSpec, time_dtype_check
 
 if TYPE_CHECKING:
+    from microstream._typing import GroupStateTimeout
     from microstream.frame import StreamFrame
 
 __all__ = [
@@ -154,6 +157,202 @@ class StreamGroupBy:
             watermark=watermark,
             input_schema=input_schema,
             emit=self._emit,
+        )
+        return StreamFrame(node)
+
+    def map_groups_with_state(
+        self,
+        function: Callable[[tuple[Any, ...], pl.DataFrame, GroupState[Any]], pl.DataFrame | None],
+        *,
+        state_schema: type[BaseModel] | pl.Schema | Mapping[str, Any],
+        output_schema: pl.Schema | Mapping[str, Any],
+        timeout: GroupStateTimeout | None = None,
+        state_ttl: str | timedelta | None = None,
+    ) -> StreamFrame:
+        """Arbitrary stateful processing: ``function(key, rows, state)`` per key and batch.
+
+        Spark's ``flatMapGroupsWithState`` / ``applyInPandasWithState``, Flink's
+        ``KeyedProcessFunction``: for what the built-in operators cannot say
+        (state machines, sessionisation rules, event patterns). Every batch the
+        function is called once for each key with new rows, with ``key`` (a
+        tuple of the key values), ``rows`` (the key's new rows, sorted by event
+        time when the input is watermarked; late rows dropped) and ``state``, a
+        :class:`~microstream.stateful_fn.GroupState` handle (``get``,
+        ``exists``, ``update``, ``remove``, timers, ``watermark``,
+        ``batch_time``). It returns the rows to emit (a DataFrame with the
+        columns of ``output_schema``, cast strictly) or None. Then it is called
+        for each key whose timer is due, with no rows and
+        ``state.has_timed_out``. See :mod:`microstream.stateful_fn` for the
+        exact order within a batch.
+
+        Parameters
+        ----------
+        function
+            ``fn(key, rows, state) -> DataFrame | None``.
+        state_schema
+            A pydantic model class (``state.get()`` returns instances; fields
+            are stored as columns — nested models as structs, lists as lists —
+            never pickled) or a Polars schema (``state.get()`` returns a dict).
+        output_schema
+            The columns and dtypes of the emitted rows.
+        timeout
+            Which timers the function may set: ``"event_time"`` (fire when the
+            watermark reaches them; needs ``with_watermark``),
+            ``"processing_time"`` (fire at the first batch whose logged
+            timestamp is at or after them), or None.
+        state_ttl
+            Remove a key whose state and timer were not changed for this long,
+            in processing time (batch timestamps; as Flink's state TTL): the
+            function is not called for it.
+
+        Returns
+        -------
+        StreamFrame
+            The function's rows. Output modes ``"append"`` and ``"update"``
+            (the function decides what to emit; ``"complete"`` is refused).
+
+        See Also
+        --------
+        map_batches_with_state : the vectorised variant, one call per batch.
+
+        Examples
+        --------
+        Count events per user, emitting the running count every 2nd event:
+
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from pydantic import BaseModel
+        >>> class Seen(BaseModel):
+        ...     n: int = 0
+        >>> def count(key, rows, state):
+        ...     seen = state.get() or Seen()
+        ...     out = []
+        ...     for _ in range(rows.height):
+        ...         seen.n += 1
+        ...         if seen.n % 2 == 0:
+        ...             out.append({"user": key[0], "n": seen.n})
+        ...     state.update(seen)
+        ...     return pl.DataFrame(out, schema={"user": pl.String, "n": pl.Int64})
+        >>> stream = ms.MemoryStream({"user": pl.String})
+        >>> counts = stream.lazy().group_by("user").map_groups_with_state(
+        ...     count, state_schema=Seen, output_schema={"user": pl.String, "n": pl.Int64}
+        ... )
+        >>> query = counts.sink_memory("doc_counts")
+        >>> _ = stream.add_data({"user": ["a", "b", "a"]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"user": ["b", "a"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_counts").rows()
+        [('a', 2), ('b', 2)]
+        >>> query.state().sort("user").rows()  # committed state: one row per user
+        [('a', 3, True, None, ...), ('b', 2, True, None, ...)]
+        >>> query.stop()
+        """
+        return self._stateful_function(
+            function, False, state_schema, output_schema, timeout, state_ttl
+        )
+
+    def map_batches_with_state(
+        self,
+        function: Callable[
+            [pl.DataFrame, pl.DataFrame, StateContext],
+            tuple[pl.DataFrame | None, pl.DataFrame | None],
+        ],
+        *,
+        state_schema: type[BaseModel] | pl.Schema | Mapping[str, Any],
+        output_schema: pl.Schema | Mapping[str, Any],
+        timeout: GroupStateTimeout | None = None,
+        state_ttl: str | timedelta | None = None,
+    ) -> StreamFrame:
+        """The vectorised :meth:`map_groups_with_state`: ``function(rows, state, ctx)`` per batch.
+
+        The same semantics, state layout, timers and TTL, without a Python
+        call per key: the function works on frames. Per batch it is called at
+        most twice: once with the keys that have new rows, then once with the
+        keys whose timer is due (``ctx.timed_out``, ``rows`` empty).
+
+        The contract:
+
+        - ``rows``: the new rows of every key called (late rows dropped),
+          sorted by event time when the input is watermarked.
+        - ``state``: one row per key called: the key columns, the state
+          columns (null when the key has none), ``_exists`` (Boolean: the key
+          has a state) and ``_timer`` (the pending timer, null if none; in a
+          timer call the timer that fired, which is gone unless ``new_state``
+          sets ``_timer`` again). Timers are Datetimes: in the event-time
+          column's dtype, or UTC for processing time.
+        - ``ctx``: a :class:`~microstream.stateful_fn.StateContext`
+          (``batch_id``, ``batch_time``, ``watermark``, ``timed_out``).
+        - returns ``(output, new_state)``, each a DataFrame or None. ``output``
+          has the columns of ``output_schema``. ``new_state`` has one row per
+          key to change, among the keys called: the key columns, the state
+          columns (the whole new state), optionally ``_remove`` (Boolean: true
+          removes the key's state; the state columns may then be left out) and
+          optionally ``_timer`` (the key's timer from now on, null for none;
+          without the column timers stay as they are). Keys left out of
+          ``new_state`` keep their state and timer.
+
+        Examples
+        --------
+        A running sum per key, emitted every batch:
+
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> def running_sum(rows, state, ctx):
+        ...     totals = (
+        ...         rows.group_by("k").agg(pl.col("v").sum())
+        ...         .join(state.select("k", "total"), on="k", how="left")
+        ...         .select("k", total=pl.col("v") + pl.col("total").fill_null(0))
+        ...     )
+        ...     return totals.sort("k"), totals
+        >>> stream = ms.MemoryStream({"k": pl.String, "v": pl.Int64})
+        >>> sums = stream.lazy().group_by("k").map_batches_with_state(
+        ...     running_sum,
+        ...     state_schema={"total": pl.Int64},
+        ...     output_schema={"k": pl.String, "total": pl.Int64},
+        ... )
+        >>> query = sums.sink_memory("doc_sums", output_mode="update")
+        >>> _ = stream.add_data({"k": ["a", "b", "a"], "v": [1, 2, 3]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"k": ["a"], "v": [10]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_sums").rows()
+        [('a', 4), ('b', 2), ('a', 14)]
+        >>> query.stop()
+        """
+        return self._stateful_function(
+            function, True, state_schema, output_schema, timeout, state_ttl
+        )
+
+    def _stateful_function(
+        self,
+        function: Callable[..., Any],
+        vectorised: bool,
+        state_schema: Any,
+        output_schema: Any,
+        timeout: GroupStateTimeout | None,
+        state_ttl: str | timedelta | None,
+    ) -> StreamFrame:
+        from microstream.frame import StreamFrame
+
+        verb = "map_batches_with_state" if vectorised else "map_groups_with_state"
+        if self._emit.throttled or self._emit.allowed_lateness_us:
+            msg = (
+                f"group_by(...).{verb}: emit triggers ({self._emit.describe()}) belong to "
+                "agg(); the function decides what to emit"
+            )
+            raise PlanError(msg)
+        plan, keys = key_names(self._frame.plan, self._by, "group_by")
+        node = stateful_function_node(
+            plan,
+            keys,
+            function,
+            vectorised=vectorised,
+            state_schema=state_schema,
+            output_schema=output_schema,
+            timeout=timeout,
+            state_ttl=state_ttl,
+            input_schema=StreamFrame(plan).collect_schema(),
         )
         return StreamFrame(node)
 

@@ -10,7 +10,7 @@ from microstream.checkpoint import Checkpoint
 from microstream.exceptions import CheckpointError
 from microstream.state import read_state as read_store
 
-__all__ = ["list_state", "read_state"]
+__all__ = ["friendly_names", "list_state", "list_stores", "read_committed_state", "read_state"]
 
 _FRIENDLY = {
     "__start": "window_start_us",
@@ -20,6 +20,9 @@ _FRIENDLY = {
     "__expire_us": "expires_at_us",
     "__ot": "order_time_us",
     "__os": "arrival_seq",
+    "__has_state": "has_state",
+    "__timer_us": "timer_us",
+    "__updated_ms": "updated_at_ms",
 }
 
 
@@ -31,7 +34,11 @@ def list_state(checkpoint: str | os.PathLike[str]) -> dict[str, list[str]]:
     >>> list_state("memory://no-state-here")
     {}
     """
-    cp = Checkpoint(os.fspath(checkpoint))
+    return list_stores(Checkpoint(os.fspath(checkpoint)))
+
+
+def list_stores(cp: Checkpoint) -> dict[str, list[str]]:
+    """:func:`list_state` of an open checkpoint (with its storage options)."""
     fs, root = cp.storage.fs, cp.storage.path("state")
     result: dict[str, list[str]] = {}
     try:
@@ -59,8 +66,10 @@ def read_state(
     Operators are named ``op0``, ``op1``, ... in plan order (``explain()``);
     each keeps one or two stores: ``partials`` (incremental aggregates) and
     ``rows`` (rows kept for aggregates that do not decompose) for windows,
-    ``sessions`` for session windows, ``keys`` for deduplication. Internal
-    columns get readable names (``window_start_us``, ...).
+    ``sessions`` for session windows, ``keys`` for deduplication, ``state``
+    for ``map_groups_with_state``. Internal columns get readable names
+    (``window_start_us``, ``timer_us``, ...). Before the first committed
+    batch the state is empty, even if an interrupted batch wrote some.
 
     Parameters
     ----------
@@ -87,10 +96,19 @@ def read_state(
     >>> ms.read_state("memory://doc-state").sort("user").rows()
     [('a', 2), ('b', 1)]
     """
-    cp = Checkpoint(os.fspath(checkpoint))
-    stores = list_state(checkpoint).get(operator)
+    return read_committed_state(
+        Checkpoint(os.fspath(checkpoint)), operator=operator, store=store, version=version
+    )
+
+
+def read_committed_state(
+    cp: Checkpoint, *, operator: str = "op0", store: str | None = None, version: int | None = None
+) -> pl.DataFrame:
+    """:func:`read_state` of an open checkpoint (``StreamingQuery.state`` reads through here)."""
+    listed = list_stores(cp)
+    stores = listed.get(operator)
     if not stores:
-        known = ", ".join(list_state(checkpoint)) or "none"
+        known = ", ".join(listed) or "none"
         msg = (
             f"checkpoint {cp.display()} has no state for operator {operator!r} (operators: {known})"
         )
@@ -99,10 +117,17 @@ def read_state(
     if chosen not in stores:
         msg = f"operator {operator!r} keeps the stores {stores}; got store={chosen!r}"
         raise CheckpointError(msg)
+    storage = cp.storage.sub(f"state/{operator}/{chosen}")
     if version is None:
         commit = cp.latest_commit()
-        version = commit.batch_id if commit is not None else None
-    frame = read_store(cp.storage.sub(f"state/{operator}/{chosen}"), version=version)
+        if commit is None:  # nothing committed: the newest version on disk is not (yet) valid
+            return friendly_names(read_store(storage).clear())
+        version = commit.batch_id
+    return friendly_names(read_store(storage, version=version))
+
+
+def friendly_names(frame: pl.DataFrame) -> pl.DataFrame:
+    """A state frame with its internal column names made readable."""
     renamed = {c: _FRIENDLY.get(c, _friendly_agg(c)) for c in frame.columns}
     return frame.rename(renamed)
 

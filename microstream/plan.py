@@ -14,8 +14,8 @@ import json
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import polars as pl
 
@@ -89,6 +89,9 @@ class BatchContext:
     rows_per_input: dict[WatermarkNode, int] = field(default_factory=dict)
     late_rows: list[pl.DataFrame] = field(default_factory=list)
     """Rows stateful operators dropped as late, with why (for the ``on_late`` side output)."""
+    results: dict[PlanNode, pl.LazyFrame] = field(default_factory=dict)
+    """Materialised results of this batch, so a node feeding two branches (both sides of
+    a self-join) runs once."""
 
 
 def planning_context() -> BatchContext:
@@ -113,10 +116,16 @@ class PlanNode(ABC):
         """The node as a Polars lazy query over the batch's per-source inputs."""
 
     def walk(self) -> list[PlanNode]:
-        """Every node, inputs first (a stable order: positions name sources and operators)."""
+        """Every node once, inputs first (a stable order: positions name sources and
+        operators). A node reached twice (one stream feeding both sides of a join) is
+        listed at its first position: it is one source, one watermark, one operator."""
         found: list[PlanNode] = []
+        seen: set[int] = set()
         for child in self.children():
-            found.extend(child.walk())
+            for node in child.walk():
+                if id(node) not in seen:
+                    seen.add(id(node))
+                    found.append(node)
         found.append(self)
         return found
 
@@ -299,12 +308,15 @@ class WatermarkNode(PlanNode):
         lf = self.input.execute(inputs, ctx)
         if ctx.planning:
             return lf
+        if self in ctx.results:
+            return ctx.results[self]
         df = lf.collect()
         ctx.rows_per_input[self] = df.height
         if df.height:
             value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
             ctx.max_event_us[self] = None if value is None else int(value)
-        return df.lazy()
+        ctx.results[self] = df.lazy()
+        return ctx.results[self]
 
 
 class StatefulNode(PlanNode):
@@ -330,11 +342,39 @@ class StatefulNode(PlanNode):
     def check_output_mode(self, output_mode: str) -> None:
         """Raise PlanError if this operator cannot produce ``output_mode``."""
 
+    chainable: ClassVar[bool] = False
+    """Whether another stateful operator may consume this one's output: true for
+    operators whose rows are final when emitted (joins, deduplication)."""
+
+    def output_delay_us(self) -> int:
+        """How much older than the watermark the event times of emitted rows may be."""
+        return 0
+
+    def context_for(self, ctx: BatchContext) -> BatchContext:
+        """``ctx`` with the watermarks this operator judges by.
+
+        Downstream of operators that emit rows older than the watermark (a join
+        emits a pair when its later row arrives), lateness and eviction are judged
+        that much later, as Spark's per-operator watermark propagation does.
+        """
+        delay = sum(n.output_delay_us() for n in self.walk()[:-1] if isinstance(n, StatefulNode))
+        if not delay:
+            return ctx
+        return replace(
+            ctx,
+            late_watermark_us=ctx.late_watermark_us - delay,
+            watermark_us=ctx.watermark_us - delay,
+        )
+
     def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        lf = self.input.execute(inputs, ctx)
         if ctx.planning:
+            self.input.execute(inputs, ctx)
             return pl.LazyFrame(schema=self.output_schema())
-        return ctx.operators[self].process(lf.collect(), ctx).lazy()
+        if self not in ctx.results:
+            lf = self.input.execute(inputs, ctx)
+            out = ctx.operators[self].process(lf.collect(), self.context_for(ctx))
+            ctx.results[self] = out.lazy()
+        return ctx.results[self]
 
 
 def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:

@@ -47,6 +47,12 @@ class SourceProgress(_Frozen):
     lag: int | None = Field(
         default=None, description="Units (rows, files) available but not yet in a batch."
     )
+    num_input_units: int | None = Field(
+        default=None,
+        description="How far the batch moved the source, in the units of ``lag`` (offsets, "
+        "files): the lag before the batch minus the lag after it. With ``lag`` it gives the "
+        "share of a backlog done (the progress bar of ``ms.replay``).",
+    )
     metrics: dict[str, int] = Field(
         default_factory=dict,
         description="Source-specific counts for this batch (Kafka: bad records skipped or "

@@ -147,6 +147,86 @@ class StreamingQuery:
             msg = f"query {self.name or self.id} did not catch up within {timeout}s"
             raise TimeoutError(msg)
 
+    def state(self, operator: str | None = None) -> pl.DataFrame:
+        """The committed state of a stateful operator, as a DataFrame.
+
+        Reads, from the checkpoint, the state as of the last batch in
+        ``commits/`` — never a batch still running or one a crash cut short —
+        through the same code as :func:`microstream.read_state`; safe to call
+        from any thread while the query runs, and after it stopped.
+
+        Parameters
+        ----------
+        operator
+            ``"op0"``, ``"op1"``, ... in plan order (``explain()``), optionally
+            with the store: ``"op0/rows"``; the operator's first store by
+            default. May be left out when the query has one stateful operator.
+
+        Returns
+        -------
+        DataFrame
+            One row per state row (for ``map_groups_with_state``: per key),
+            internal columns renamed as by ``read_state`` (``timer_us``, ...);
+            empty, with the state's columns, before the first commit.
+
+        Raises
+        ------
+        CheckpointError
+            No such operator or store; the message lists those there are.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"user": pl.String})
+        >>> query = stream.lazy().group_by("user").agg(pl.len()).sink_memory(
+        ...     "doc_query_state", output_mode="complete"
+        ... )
+        >>> _ = stream.add_data({"user": ["a", "b", "a"]})
+        >>> query.process_all_available()
+        >>> query.state().sort("user").rows()
+        [('a', 2), ('b', 1)]
+        >>> query.state("op1")
+        Traceback (most recent call last):
+        ...
+        microstream.exceptions.CheckpointError: no stateful operator 'op1' in this query; its operators and stores: op0/partials
+        >>> query.stop()
+        """
+        from microstream.checkpoint import Checkpoint
+        from microstream.exceptions import CheckpointError
+        from microstream.inspect_state import friendly_names, list_stores, read_committed_state
+        from microstream.operator import StoreBackedOperator
+
+        ex = self._execution
+        names: dict[str, list[str]] = {}  # operator -> stores, from the running operators
+        schemas: dict[str, pl.Schema] = {}
+        for i, op in enumerate(ex._operators.values()):
+            stores = op._stores() if isinstance(op, StoreBackedOperator) else []
+            names[f"op{i}"] = []
+            for store in stores:
+                op_name, _, store_name = store.operator.partition("/")
+                names.setdefault(op_name, []).append(store_name)
+                schemas[store.operator] = store.schema
+        listing = ", ".join(f"{o}/{s}" for o, stores in names.items() for s in stores) or "none"
+        if operator is None:
+            if len(names) != 1:
+                msg = f"this query has {len(names)} stateful operators; name one: {listing}"
+                raise CheckpointError(msg)
+            operator = next(iter(names))
+        op_name, _, store_name = operator.partition("/")
+        if op_name not in names or (store_name and store_name not in names[op_name]):
+            what = f"store {operator!r}" if store_name else f"stateful operator {operator!r}"
+            msg = f"no {what} in this query; its operators and stores: {listing}"
+            raise CheckpointError(msg)
+        cp = Checkpoint(ex.config.checkpoint_url, ex.config.storage_options)
+        on_disk = list_stores(cp).get(op_name, [])
+        store_name = store_name or next(iter(names[op_name] or on_disk), "")
+        commit = cp.latest_commit()
+        if commit is None or store_name not in on_disk:
+            schema = schemas.get(f"{op_name}/{store_name}", pl.Schema())
+            return friendly_names(pl.DataFrame(schema=schema))
+        return read_committed_state(cp, operator=op_name, store=store_name, version=commit.batch_id)
+
     def explain(self) -> None:
         """Print the query's plan."""
         print("\n".join(self._execution.config.plan.explain_lines()))

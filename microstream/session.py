@@ -80,7 +80,8 @@ class Session:
                 raise MicrostreamError(msg)
             parts = self._tables[name]
             if len(parts) > 1:  # concatenate on read, so a batch's append stays O(1)
-                parts[:] = [pl.concat(parts, how="vertical_relaxed")]
+                # diagonal: late rows of a join's two sides have different columns
+                parts[:] = [pl.concat(parts, how="diagonal_relaxed")]
             return parts[0]
 
     def table_names(self) -> list[str]:

