@@ -411,6 +411,81 @@ class StreamFrame:
             kwargs["coalesce"] = coalesce
         return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
 
+    def join_where(
+        self, other: StreamFrame, *predicates: pl.Expr, suffix: str = "_right"
+    ) -> StreamFrame:
+        """Inner join of two streams on predicates, as :meth:`polars.LazyFrame.join_where`.
+
+        The predicates must say how state can go: equality between a left and a
+        right column (the keys), and ``<``/``<=``/``>``/``>=`` between the two
+        sides' ``with_watermark`` columns, plus or minus a constant
+        ``pl.duration(...)``, giving a lower and an upper bound of ``right_time -
+        left_time``. Right columns whose name the left has are named with
+        ``suffix``, in the predicates too, as in Polars; the output keeps every
+        column of both sides. Runs as :meth:`join` with ``within=`` those bounds.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> imps = ms.MemoryStream({"ad_id": pl.Int64, "imp_time": pl.Datetime("us")})
+        >>> clicks = ms.MemoryStream({"click_ad_id": pl.Int64, "click_time": pl.Datetime("us")})
+        >>> joined = (
+        ...     imps.lazy()
+        ...     .with_watermark("imp_time", "1m")
+        ...     .join_where(
+        ...         clicks.lazy().with_watermark("click_time", "1m"),
+        ...         pl.col("ad_id") == pl.col("click_ad_id"),
+        ...         pl.col("click_time") >= pl.col("imp_time"),
+        ...         pl.col("click_time") <= pl.col("imp_time") + pl.duration(minutes=1),
+        ...     )
+        ... )
+        >>> joined.columns
+        ['ad_id', 'imp_time', 'click_ad_id', 'click_time']
+        """
+        from microstream.joins import StreamJoinNode, parse_join_where
+
+        if not isinstance(other, StreamFrame):
+            msg = (
+                "join_where needs a stream on both sides; join a stream with a static table "
+                "with join(...) and filter the result"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        where = parse_join_where(left_schema, right_schema, predicates, suffix)
+        for frame, column, side in (
+            (self, where.left_time, "left"),
+            (other, where.right_time, "right"),
+        ):
+            marks = [m.column for m in frame._plan.watermark_nodes()]
+            if column not in marks:
+                msg = (
+                    f"join_where bounds the {side} stream by {column!r}, which is not its "
+                    f"with_watermark column ({marks or 'none'}): the watermark could not tell "
+                    "when its rows can go"
+                )
+                raise PlanError(msg)
+        from microstream.joins import stream_join_keys
+
+        stream_join_keys(left_schema, right_schema, None, where.left_on, where.right_on)
+        node = StreamJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_on=where.left_on,
+            right_on=where.right_on,
+            how="inner",
+            suffix=suffix,
+            left_time=where.left_time,
+            right_time=where.right_time,
+            lower_us=where.lower_us,
+            upper_us=where.upper_us,
+            left_schema=left_schema,
+            right_schema=right_schema,
+            coalesce=False,
+        )
+        node.output_schema()
+        return StreamFrame(node)
+
     def _stream_join(
         self,
         other: StreamFrame,

@@ -448,3 +448,87 @@ def test_oracle_over_random_batch_splits(
         expected = pl.concat([expected, lonely.rename({"ad": "ad_right"})], how="diagonal_relaxed")
     expected = expected.select(got.columns)
     assert_frame_equal(canon(got), canon(expected), check_dtypes=False)
+
+
+# -- join_where -------------------------------------------------------------------------------
+
+
+def test_join_where_equals_polars_join_where_on_all_rows() -> None:
+    imps = ms.MemoryStream({"ad_id": pl.Int64, "ts": pl.Datetime("us"), "imp": pl.String})
+    clicks = ms.MemoryStream({"ad_id": pl.Int64, "ts": pl.Datetime("us"), "click": pl.String})
+    predicates = (
+        pl.col("ad_id") == pl.col("ad_id_right"),
+        pl.col("ts_right") > pl.col("ts"),  # strictly after
+        pl.col("ts_right") <= pl.col("ts") + timedelta(minutes=1),  # Polars refuses pl.duration here
+    )
+    joined = (
+        imps.lazy()
+        .with_watermark("ts", "10s")
+        .join_where(clicks.lazy().with_watermark("ts", "10s"), *predicates)
+    )
+    name = f"where_{uuid.uuid4().hex[:8]}"
+    query = joined.sink_memory(name)
+    left = pl.DataFrame(
+        {"ad_id": [1, 1, 2, 3], "ts": [t(0), t(1), t(2), t(3)], "imp": ["a", "b", "c", "d"]},
+        schema=imps.schema,
+    )
+    right = pl.DataFrame(
+        {
+            "ad_id": [1, 1, 2, 3, 3],
+            # 1m after a (bound, kept), at b (not strictly after), 1m+1us after c (out),
+            # 30 s after d, and 10 s before d
+            "ts": [
+                t(1),
+                t(1),
+                t(3) + timedelta(microseconds=1),
+                t(3.5),
+                t(3) - timedelta(seconds=10),
+            ],
+            "click": ["x", "y", "z", "w", "v"],
+        },
+        schema=clicks.schema,
+    )
+    for i in range(4):  # one row a side per batch, clicks of a batch before its impressions
+        clicks.add_data(right.slice(i, 1))
+        imps.add_data(left.slice(i, 1))
+        query.process_all_available()
+    clicks.add_data(right.slice(4, 1))
+    query.process_all_available()
+    query.stop()
+    got = ms.table(name)
+    expected = left.join_where(right, *predicates)
+    assert (
+        got.columns
+        == expected.columns
+        == ["ad_id", "ts", "imp", "ad_id_right", "ts_right", "click"]
+    )
+    assert_frame_equal(canon(got), canon(expected))
+    assert sorted(got.get_column("click").to_list()) == ["w", "x", "y"]
+
+
+def test_join_where_refusals() -> None:
+    left = ms.MemoryStream(IMPS).lazy().with_watermark("imp_time", "1m")
+    right = ms.MemoryStream(CLICKS).lazy().with_watermark("click_time", "1m")
+    key = pl.col("ad") == pl.col("ad_right")
+    after = pl.col("click_time") >= pl.col("imp_time")
+    before = pl.col("click_time") <= pl.col("imp_time") + pl.duration(hours=1)
+    with pytest.raises(PlanError, match="needs an equality predicate"):
+        left.join_where(right, after, before)
+    with pytest.raises(PlanError, match="needs a lower and an upper bound"):
+        left.join_where(right, key, after)
+    with pytest.raises(PlanError, match="cannot use the predicate"):
+        left.join_where(right, key, after, before, pl.col("imp") != pl.col("click"))
+    with pytest.raises(PlanError, match="cannot use"):
+        left.join_where(right, key, after, pl.col("click_time") <= pl.col("imp_time") * 2)
+    with pytest.raises(PlanError, match="neither stream"):
+        left.join_where(right, key, after, pl.col("nope") <= pl.col("imp_time"))
+    unmarked = ms.MemoryStream(CLICKS).lazy().with_watermark("click_time", "1m")
+    with pytest.raises(PlanError, match="not its with_watermark column"):
+        left.with_columns(pl.col("imp_time").alias("t2")).join_where(
+            unmarked,
+            key,
+            pl.col("click_time") >= pl.col("t2"),
+            pl.col("click_time") <= pl.col("t2") + pl.duration(hours=1),
+        )
+    joined = left.join_where(right, key, after, before)
+    assert "click_time - imp_time in [0s, 1h]" in "\n".join(joined.plan.explain_lines())
