@@ -89,7 +89,7 @@ _UNSUPPORTED: dict[str, str] = {
     "last": "a stream has no last row; use group_by(...).agg(pl.last(...))",
 }
 # Stateful verbs that are not in this version.
-_STATEFUL: tuple[str, ...] = ("rolling", "join_asof", "join_where")
+_STATEFUL: tuple[str, ...] = ("rolling",)
 
 
 class StreamFrame:
@@ -410,6 +410,89 @@ class StreamFrame:
         if coalesce is not None:
             kwargs["coalesce"] = coalesce
         return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
+
+    def join_asof(
+        self,
+        other: StreamFrame,
+        *,
+        left_on: str | None = None,
+        right_on: str | None = None,
+        on: str | None = None,
+        by_left: str | Sequence[str] | None = None,
+        by_right: str | Sequence[str] | None = None,
+        by: str | Sequence[str] | None = None,
+        strategy: str = "backward",
+        suffix: str = "_right",
+        tolerance: str | timedelta | None = None,
+        allow_exact_matches: bool = True,
+    ) -> StreamFrame:
+        """Each left row with the latest right row at or before it, as :meth:`polars.LazyFrame.join_asof`.
+
+        Both sides are streams with ``with_watermark`` on their time columns
+        (``left_on``/``right_on``, default those columns). A left row is emitted
+        once the watermark passes its time, so no right row before it can still
+        arrive; late rows of either side are dropped and counted. ``by`` (or
+        ``by_left``/``by_right``) is required: it keys the state. Only
+        ``strategy="backward"``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> trades = ms.MemoryStream({"sym": pl.String, "t": pl.Datetime("us"), "qty": pl.Int64})
+        >>> quotes = ms.MemoryStream({"sym": pl.String, "qt": pl.Datetime("us"), "px": pl.Float64})
+        >>> joined = (
+        ...     trades.lazy()
+        ...     .with_watermark("t", "1s")
+        ...     .join_asof(quotes.lazy().with_watermark("qt", "1s"), left_on="t", right_on="qt", by="sym")
+        ... )
+        >>> joined.columns
+        ['sym', 't', 'qty', 'qt', 'px']
+        """
+        from microstream.joins import StreamAsofJoinNode, _signed_us, stream_join_keys
+
+        if not isinstance(other, StreamFrame):
+            msg = "join_asof needs a stream on both sides; this version has no static join_asof"
+            raise PlanError(msg)
+        if strategy != "backward":
+            msg = (
+                f"join_asof(strategy={strategy!r}) of two streams is not supported: only "
+                "'backward' (the latest right row at or before each left row)"
+            )
+            raise PlanError(msg)
+        left_time = _join_time(self, left_on or on, "left")
+        right_time = _join_time(other, right_on or on, "right")
+        if left_time is None or right_time is None:
+            msg = "join_asof of two streams needs with_watermark on both sides (or left_on=/right_on=)"
+            raise PlanError(msg)
+
+        def names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+            return (value,) if isinstance(value, str) else tuple(value or ())
+
+        keys_left, keys_right = names(by_left or by), names(by_right or by)
+        if not keys_left or len(keys_left) != len(keys_right):
+            msg = (
+                "join_asof of two streams needs by= (or by_left= and by_right=, as many): the "
+                "keys its state is kept by"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        stream_join_keys(left_schema, right_schema, None, keys_left, keys_right)
+        node = StreamAsofJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_time=left_time,
+            right_time=right_time,
+            by_left=keys_left,
+            by_right=keys_right,
+            tolerance_us=None if tolerance is None else _signed_us(tolerance, "tolerance"),
+            suffix=suffix,
+            allow_exact_matches=allow_exact_matches,
+            left_schema=left_schema,
+            right_schema=right_schema,
+        )
+        node.output_schema()
+        return StreamFrame(node)
 
     def join_where(
         self, other: StreamFrame, *predicates: pl.Expr, suffix: str = "_right"

@@ -648,3 +648,208 @@ def _duration_us(node: Any) -> int | None:
     if unit == "Nanoseconds":
         return int(amount) // 1000
     return int(amount) * per_us[unit] if unit in per_us else None
+
+
+# -- join_asof of two streams --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StreamAsofJoinNode(StatefulNode):
+    """``left.join_asof(right, ...)`` of two streams, strategy ``"backward"``.
+
+    Each left row is emitted, with the latest right row of its ``by`` key at or
+    before its time (within ``tolerance``), once the watermark guarantees that
+    no such right row can still arrive: when ``left_time <= wm[N]`` (a right row
+    arriving later is later than ``wm[N]`` or late). Left rows wait in state until
+    then; right rows stay while a future left row could pick them: per key, the
+    rows after the watermark and the latest one at or before it (none older than
+    ``wm - tolerance``), pruned whenever the key is touched.
+    """
+
+    chainable: ClassVar[bool] = True
+
+    input: PlanNode  # the left side
+    right: PlanNode
+    left_time: str
+    right_time: str
+    by_left: tuple[str, ...]
+    by_right: tuple[str, ...]
+    tolerance_us: int | None
+    suffix: str
+    allow_exact_matches: bool
+    left_schema: pl.Schema
+    right_schema: pl.Schema
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return (self.input, self.right)
+
+    def _asof(self, left: pl.LazyFrame, right: pl.LazyFrame) -> pl.LazyFrame:
+        tolerance = None if self.tolerance_us is None else timedelta(microseconds=self.tolerance_us)
+        return left.join_asof(
+            right,
+            left_on=self.left_time,
+            right_on=self.right_time,
+            by_left=list(self.by_left),
+            by_right=list(self.by_right),
+            strategy="backward",
+            suffix=self.suffix,
+            tolerance=tolerance,
+            allow_exact_matches=self.allow_exact_matches,
+            check_sortedness=False,  # both sides are sorted by time before the join
+        )
+
+    def output_schema(self) -> pl.Schema:
+        probe = self._asof(
+            pl.LazyFrame(schema=self.left_schema), pl.LazyFrame(schema=self.right_schema)
+        )
+        return probe.collect_schema()
+
+    def describe(self) -> str:
+        tolerance = (
+            f", tolerance={format_duration(self.tolerance_us)}"
+            if self.tolerance_us is not None
+            else ""
+        )
+        return (
+            f"stream join_asof(on {self.left_time!r} >= {self.right_time!r}, "
+            f"by_left={list(self.by_left)}, by_right={list(self.by_right)}{tolerance})"
+        )
+
+    def explain_lines(self, depth: int = 0) -> list[str]:
+        lines = ["  " * depth + self.describe(), "  " * (depth + 1) + "left:"]
+        lines.extend(self.input.explain_lines(depth + 2))
+        lines.append("  " * (depth + 1) + "right:")
+        lines.extend(self.right.explain_lines(depth + 2))
+        return lines
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "stream_join_asof",
+            "left_time": self.left_time,
+            "right_time": self.right_time,
+            "by_left": list(self.by_left),
+            "by_right": list(self.by_right),
+            "tolerance_us": self.tolerance_us,
+            "left_schema": {k: str(v) for k, v in self.left_schema.items()},
+            "right_schema": {k: str(v) for k, v in self.right_schema.items()},
+        }
+
+    def check_output_mode(self, output_mode: str) -> None:
+        if output_mode != "append":
+            msg = f"a stream join_asof emits each left row once: output_mode={output_mode!r} is not supported (use 'append')"
+            raise PlanError(msg)
+
+    def build_operator(self, operator_id: str, storage: Storage) -> StreamAsofJoinOperator:
+        return StreamAsofJoinOperator(self, operator_id, storage)
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        left = self.input.execute(inputs, ctx)
+        right = self.right.execute(inputs, ctx)
+        if ctx.planning:
+            return pl.LazyFrame(schema=self.output_schema())
+        if self not in ctx.results:
+            operator = ctx.operators[self]
+            assert isinstance(operator, StreamAsofJoinOperator)
+            out = operator.process_sides(left.collect(), right.collect(), self.context_for(ctx))
+            ctx.results[self] = out.lazy()
+        return ctx.results[self]
+
+
+class StreamAsofJoinOperator(StoreBackedOperator):
+    """Runtime of :class:`StreamAsofJoinNode`: waiting left rows, candidate right rows."""
+
+    kind = "stream join_asof"
+
+    def __init__(self, node: StreamAsofJoinNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
+        self.node = node
+        self.left = StateStore(
+            storage.sub("left"),
+            operator=f"{operator_id}/left",
+            key_columns=list(node.by_left),
+            schema=node.left_schema,
+        )
+        self.right = StateStore(
+            storage.sub("right"),
+            operator=f"{operator_id}/right",
+            key_columns=list(node.by_right),
+            schema=node.right_schema,
+        )
+
+    def _stores(self) -> list[StateStore]:
+        return [self.left, self.right]
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        msg = "a stream join_asof takes two inputs: the engine calls process_sides()"
+        raise TypeError(msg)
+
+    def process_sides(
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+    ) -> pl.DataFrame:
+        node = self.node
+        self._updated = self._removed = 0
+        left, late_left = self._on_time(left, node.left_time, node.left_schema, ctx)
+        right, late_right = self._on_time(right, node.right_time, node.right_schema, ctx)
+        self._dropped_late = late_left + late_right
+        self._updated = left.height + right.height
+        self._append(self.left, left, node.by_left)
+        self._append(self.right, right, node.by_right)
+        # Left rows whose time the watermark passed: no right row before them can come.
+        wm = ctx.watermark_us
+        due = self.left.filter_out(to_us(node.left_time) <= wm)
+        out = pl.DataFrame(schema=node.output_schema())
+        if due.height:
+            keys = due.select(
+                [pl.col(a).alias(b) for a, b in zip(node.by_left, node.by_right)]
+            ).unique()
+            candidates = self.right.lookup(keys)
+            out = (
+                node._asof(due.lazy().sort(node.left_time), candidates.lazy().sort(node.right_time))
+                .collect()
+                .select(node.output_schema().names())
+            )
+        touched = pl.concat(
+            [
+                right.select(node.by_right),
+                due.select([pl.col(a).alias(b) for a, b in zip(node.by_left, node.by_right)]),
+            ],
+            how="vertical",
+        ).unique()
+        self._prune(touched, wm)
+        self._removed = due.height
+        return out
+
+    def _on_time(
+        self, df: pl.DataFrame, time: str, schema: pl.Schema, ctx: BatchContext
+    ) -> tuple[pl.DataFrame, int]:
+        self._dropped_late = 0
+        if df.height:
+            df = df.filter(pl.col(time).is_not_null())
+            df = self._drop_late(
+                df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
+            )
+        return df.select(schema.names()), self._dropped_late
+
+    def _append(self, store: StateStore, rows: pl.DataFrame, by: tuple[str, ...]) -> None:
+        if rows.height == 0:
+            return
+        old = store.lookup(rows.select(by).unique())
+        store.apply(upserts=pl.concat([old, rows], how="vertical"))
+
+    def _prune(self, keys: pl.DataFrame, wm: int) -> None:
+        """For ``keys``: keep right rows after ``wm`` and the latest at or before it."""
+        if keys.height == 0:
+            return
+        node = self.node
+        rows = self.right.lookup(keys)
+        if rows.height == 0:
+            return
+        t = to_us(node.right_time)
+        settled = t <= wm
+        latest = (t == t.filter(settled).max().over(list(node.by_right))).fill_null(False)
+        keep = ~settled | latest
+        if node.tolerance_us is not None:
+            keep = keep & (t > wm - node.tolerance_us)
+        kept = rows.filter(keep)
+        if kept.height < rows.height:
+            self.right.apply(upserts=kept, deletes=keys)

@@ -459,7 +459,8 @@ def test_join_where_equals_polars_join_where_on_all_rows() -> None:
     predicates = (
         pl.col("ad_id") == pl.col("ad_id_right"),
         pl.col("ts_right") > pl.col("ts"),  # strictly after
-        pl.col("ts_right") <= pl.col("ts") + timedelta(minutes=1),  # Polars refuses pl.duration here
+        pl.col("ts_right")
+        <= pl.col("ts") + timedelta(minutes=1),  # Polars refuses pl.duration here
     )
     joined = (
         imps.lazy()
@@ -532,3 +533,124 @@ def test_join_where_refusals() -> None:
         )
     joined = left.join_where(right, key, after, before)
     assert "click_time - imp_time in [0s, 1h]" in "\n".join(joined.plan.explain_lines())
+
+
+# -- join_asof --------------------------------------------------------------------------------
+
+TRADES = {"sym": pl.String, "t": pl.Datetime("us"), "qty": pl.Int64}
+QUOTES = {"sym": pl.String, "qt": pl.Datetime("us"), "px": pl.Float64}
+
+
+def asof_query(tolerance: str | None = None, late: str | None = None) -> tuple[Any, Any, Any]:
+    trades = ms.MemoryStream(TRADES)
+    quotes = ms.MemoryStream(QUOTES)
+    joined = (
+        trades.lazy()
+        .with_watermark("t", "1m", on_late=late)
+        .join_asof(
+            quotes.lazy().with_watermark("qt", "1m", on_late=late),
+            left_on="t",
+            right_on="qt",
+            by="sym",
+            tolerance=tolerance,
+        )
+    )
+    return trades, quotes, joined
+
+
+def test_join_asof_waits_for_the_watermark_then_takes_the_latest_quote(tmp_path: Path) -> None:
+    trades, quotes, joined = asof_query()
+    name = f"asof_{uuid.uuid4().hex[:8]}"
+    query = joined.sink_memory(name, checkpoint=str(tmp_path / "cp"))
+    # a trade at 10m; its quotes arrive later, out of order
+    trades.add_data(rows(TRADES, ("A", t(10), 1)))
+    quotes.add_data(rows(QUOTES, ("A", t(2), 100.0)))
+    query.process_all_available()
+    assert ms.table(name).height == 0  # the watermark (min of both sides) is not at 10m
+    quotes.add_data(rows(QUOTES, ("A", t(9), 109.0), ("A", t(11), 111.0), ("B", t(5), 5.0)))
+    trades.add_data(rows(TRADES, ("B", t(4), 2), ("A", t(30), 3)))
+    query.process_all_available()
+    # watermark now min(30 - 1, 11 - 1) = 10m: the trade at 10m takes the 9m quote, B's
+    # trade at 4m has no quote at or before it; the trade at 30m waits
+    quotes.add_data(rows(QUOTES, ("A", t(40), 140.0)))
+    query.process_all_available()
+    query.stop()
+    got = ms.table(name)
+    expected = pl.DataFrame(
+        [("A", t(10), 1, t(9), 109.0), ("B", t(4), 2, None, None)],
+        schema=got.schema,
+        orient="row",
+    )
+    assert_frame_equal(canon(got), canon(expected))
+    # right state, pruned when a key's quotes arrive (the 40m quote's batch ran with
+    # watermark 10m): A keeps the latest quote at or before it (9m) and the later ones;
+    # the 2m quote is gone
+    state = query.state("op0/right")
+    assert sorted(state.get_column("px").to_list()) == [5.0, 109.0, 111.0, 140.0]
+    # the watermark past everything: the trade at 30m takes the 11m quote
+    flush = joined.sink_memory(
+        f"{name}_flush",
+        checkpoint=str(tmp_path / "cp"),
+        trigger=ms.Trigger.available_now(flush=True),
+    )
+    flush.await_termination()
+    assert ms.table(f"{name}_flush").rows() == [("A", t(30), 3, t(11), 111.0)]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    left=st.lists(st.tuples(st.integers(0, 60), st.sampled_from("AB")), max_size=20),
+    right=st.lists(st.tuples(st.integers(0, 60), st.sampled_from("AB")), max_size=20),
+    cuts=st.lists(st.integers(0, 20), max_size=4),
+    tolerance=st.sampled_from([None, "5m"]),
+)
+def test_join_asof_oracle_over_random_batch_splits(
+    tmp_path: Path,
+    left: list[tuple[int, str]],
+    right: list[tuple[int, str]],
+    cuts: list[int],
+    tolerance: str | None,
+) -> None:
+    late = f"late_{uuid.uuid4().hex[:8]}"
+    trades, quotes, joined = asof_query(tolerance, late)
+    checkpoint = str(tmp_path / uuid.uuid4().hex)
+    names = [f"asof_{uuid.uuid4().hex[:8]}", f"asof_{uuid.uuid4().hex[:8]}"]
+    query = joined.sink_memory(names[0], checkpoint=checkpoint)
+    left_rows = [(s, t(m), i) for i, (m, s) in enumerate(left)]
+    right_rows = [(s, t(m), float(i)) for i, (m, s) in enumerate(right)]
+    bounds = sorted({0, *cuts, max(len(left_rows), len(right_rows))})
+    for lo, hi in itertools.pairwise(bounds):
+        if left_rows[lo:hi]:
+            trades.add_data(rows(TRADES, *left_rows[lo:hi]))
+        if right_rows[lo:hi]:
+            quotes.add_data(rows(QUOTES, *right_rows[lo:hi]))
+        query.process_all_available()
+    query.stop()
+    flush = joined.sink_memory(
+        names[1], checkpoint=checkpoint, trigger=ms.Trigger.available_now(flush=True)
+    )
+    flush.await_termination()
+    got = pl.concat([ms.table(n) for n in names])
+
+    dropped = ms.table(late)
+    lefts = rows(TRADES, *left_rows) if left_rows else pl.DataFrame(schema=TRADES)
+    rights = rows(QUOTES, *right_rows) if right_rows else pl.DataFrame(schema=QUOTES)
+    if "qty" in dropped.columns:
+        lefts = lefts.join(dropped.select("qty").drop_nulls(), on="qty", how="anti")
+    if "px" in dropped.columns:
+        rights = rights.join(dropped.select("px").drop_nulls(), on="px", how="anti")
+    # ties: Polars takes the last right row of equal time in its sorted order; compare
+    # the matched times, not which of several equal-time quotes
+    expected = lefts.sort("t").join_asof(
+        rights.sort("qt"),
+        left_on="t",
+        right_on="qt",
+        by="sym",
+        tolerance=None if tolerance is None else timedelta(minutes=5),
+        check_sortedness=False,
+    )
+    assert_frame_equal(canon(got.drop("px")), canon(expected.drop("px")), check_row_order=False)
