@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -654,3 +657,80 @@ def test_join_asof_oracle_over_random_batch_splits(
         check_sortedness=False,
     )
     assert_frame_equal(canon(got.drop("px")), canon(expected.drop("px")), check_row_order=False)
+
+
+# -- SIGKILL and restart --------------------------------------------------------------------
+
+JOIN_PIPELINE = Path(__file__).parent / "join_pipeline.py"
+
+
+def write_join_files(root: Path, files: int = 6) -> tuple[Path, Path]:
+    """Out-of-order impressions and clicks, one file per side per batch, some late."""
+    imps_dir, clicks_dir = root / "imps", root / "clicks"
+    imps_dir.mkdir(parents=True)
+    clicks_dir.mkdir(parents=True)
+    for f in range(files):
+        base = f * 4
+        imps = [(ad, t(base + (ad % 3)), f"i{f}-{ad}") for ad in range(f % 2, 8, 2)]
+        clicks = [
+            (ad, t(base + 2 + (ad % 4) - 3 * (f == 3)), f"c{f}-{ad}") for ad in range(0, 8, 3)
+        ]
+        for directory, data, schema in ((imps_dir, imps, IMPS), (clicks_dir, clicks, CLICKS)):
+            path = directory / f"part-{f:03d}.parquet"
+            rows(schema, *data).write_parquet(path)
+            os.utime(path, (1_700_000_000 + f, 1_700_000_000 + f))
+    return imps_dir, clicks_dir
+
+
+def run_join_pipeline(root: Path, inputs: tuple[Path, Path], fault: str | None = None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "MICROSTREAM_FAULTS"}
+    if fault is not None:
+        env["MICROSTREAM_FAULTS"] = fault
+    args = ["--imps", str(inputs[0]), "--clicks", str(inputs[1])]
+    args += ["--output", str(root / "out"), "--checkpoint", str(root / "cp")]
+    done = subprocess.run(
+        [sys.executable, str(JOIN_PIPELINE), *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode in (0, -9), done.stderr
+    return done.returncode
+
+
+def join_outputs(root: Path) -> dict[int, pl.DataFrame]:
+    return {
+        int(p.stem): canon(pl.read_parquet(p)) for p in sorted((root / "out").glob("*.parquet"))
+    }
+
+
+@pytest.mark.integration
+def test_sigkill_at_fault_points_then_restart_gives_identical_output(tmp_path: Path) -> None:
+    inputs = write_join_files(tmp_path / "in")
+    clean = tmp_path / "clean"
+    assert run_join_pipeline(clean, inputs) == 0
+    expected = join_outputs(clean)
+    every = pl.concat(list(expected.values()))
+    assert every.filter(pl.col("imp").is_not_null() & pl.col("click").is_not_null()).height > 0
+    assert every.filter(pl.col("imp").is_null()).height > 0  # unmatched clicks
+    assert every.filter(pl.col("click").is_null()).height > 0  # unmatched impressions
+    for fault in (
+        "batch.after_wal@3",
+        "batch.after_compute@4",
+        "batch.after_sink@2",
+        "batch.before_commit@5",
+        "batch.after_commit@3",
+        "batch.after_sink@2,batch.after_wal@1",
+    ):
+        root = tmp_path / fault.replace("@", "-").replace(",", "+")
+        first, _, second = fault.partition(",")
+        assert run_join_pipeline(root, inputs, first) == -9, fault
+        if second:  # killed again while recovering
+            assert run_join_pipeline(root, inputs, second) == -9, fault
+        assert run_join_pipeline(root, inputs) == 0, fault
+        got = join_outputs(root)
+        assert got.keys() == expected.keys(), fault
+        for batch_id, frame in expected.items():
+            assert got[batch_id].equals(frame), (fault, batch_id)
