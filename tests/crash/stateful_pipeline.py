@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,33 @@ def write_session_batch(directory: Path, df: pl.DataFrame, batch_id: int) -> Non
     os.replace(tmp, session_file(directory, batch_id))
 
 
+def run_queries(starts: Sequence[Callable[[], Any]]) -> None:
+    """Start the queries in turn (``starts`` each start one) and wait for all of them.
+
+    If one fails to start, those already started are stopped (each finishes
+    its batch) and the error propagates. Failures while running are printed to
+    stderr once every query ended, and the first is raised.
+    """
+    queries: list[Any] = []
+    try:
+        for start in starts:
+            queries.append(start())
+    except BaseException:
+        for query in queries:
+            query.stop()  # let the started ones finish their batch before the process exits
+        raise
+    failed: list[BaseException] = []
+    for query in queries:
+        try:
+            query.await_termination()
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        for error in failed:
+            print(f"query failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        raise failed[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", required=True)
@@ -107,47 +135,29 @@ def main(argv: list[str] | None = None) -> int:
     session_dir = output / "sessions"
     print("ready", flush=True)
 
-    queries: list[Any] = []
-    try:
-        queries.append(
-            windows(stream).sink_delta(
+    run_queries(
+        [
+            lambda: windows(stream).sink_delta(
                 output / "windows",
                 checkpoint=checkpoint / "windows",
                 trigger=trigger,
                 name="stateful_windows",
-            )
-        )
-        queries.append(
-            sessions(stream).foreach_batch(
+            ),
+            lambda: sessions(stream).foreach_batch(
                 lambda df, batch_id: write_session_batch(session_dir, df, batch_id),
                 output_mode="update",
                 checkpoint=checkpoint / "sessions",
                 trigger=trigger,
                 name="stateful_sessions",
-            )
-        )
-        queries.append(
-            dedup(stream).sink_parquet(
+            ),
+            lambda: dedup(stream).sink_parquet(
                 output / "dedup",
                 checkpoint=checkpoint / "dedup",
                 trigger=trigger,
                 name="stateful_dedup",
-            )
-        )
-    except BaseException:
-        for query in queries:
-            query.stop()  # let the started ones finish their batch before the process exits
-        raise
-    failed: list[BaseException] = []
-    for query in queries:
-        try:
-            query.await_termination()
-        except Exception as exc:
-            failed.append(exc)
-    if failed:
-        for exc in failed:
-            print(f"query failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        raise failed[0]
+            ),
+        ]
+    )
     print("done", flush=True)
     return 0
 

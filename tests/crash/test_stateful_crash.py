@@ -71,6 +71,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import polars as pl
 import pytest
@@ -109,15 +110,16 @@ Reading every version of every store costs ~1-2 s a scenario; these are the
 state mid-stream, after the last data batch, and after the flush (empty)."""
 
 
-def _load_pipeline() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("stateful_crash_pipeline", PIPELINE)
+def load_pipeline(path: Path, name: str) -> ModuleType:
+    """The pipeline script at ``path`` as a module named ``name`` (its ``main`` not run)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-pipeline = _load_pipeline()
+pipeline = load_pipeline(PIPELINE, "stateful_crash_pipeline")
 QUERIES: tuple[str, ...] = pipeline.QUERIES
 
 
@@ -203,17 +205,20 @@ def run_pipeline(
     kill_after_s: float | None = None,
     kill_when: Path | None = None,
     log_name: str = "run",
+    script: Path = PIPELINE,
 ) -> Run:
-    """Run the pipeline once in a subprocess.
+    """Run the pipeline ``script`` once in a subprocess.
 
     SIGKILL it ``kill_after_s`` after ``ready``, or as soon as ``kill_when`` exists.
+    ``script`` takes ``--input source --output DIR --checkpoint DIR``, prints
+    ``ready`` once its imports are done and exits 0 when every query finished.
     """
     env = {k: v for k, v in os.environ.items() if k != "MICROSTREAM_FAULTS"}
     if fault is not None:
         env["MICROSTREAM_FAULTS"] = fault
     cmd = [
         sys.executable,
-        str(PIPELINE),
+        str(script),
         "--input",
         str(source),
         "--output",
@@ -286,21 +291,17 @@ def query_id(dirs: Dirs, query: str) -> str:
     return json.loads((dirs.query_checkpoint(query) / "metadata.json").read_text())["id"]
 
 
-def read_windows(dirs: Dirs) -> pl.DataFrame | None:
-    """The Delta table's rows with the batch id (``txn`` version) of the commit that added them.
+def delta_commits(table: Path, app_id: str, query: str) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The commits of the Delta table ``table``, oldest first: each one's batch id (its
+    ``txn`` version) and its actions.
 
-    Every commit must carry exactly one ``txn`` of the query and remove nothing
-    (append mode); the table read by ``deltalake`` must hold the same rows.
+    Every commit must carry exactly one ``txn``, of the query's app id, and the
+    batch ids must be ``0..n-1`` in commit order: a batch committed twice (a
+    re-run batch that the sink's transaction check did not skip) or lost shows here.
     """
-    table = dirs.output / "windows"
     log = table / "_delta_log"
-    versions = numbered(log)
-    if not versions:
-        return None
-    app_id = query_id(dirs, "windows")
-    frames = []
-    batch_ids = []
-    for version in versions:
+    commits = []
+    for version in numbered(log):
         actions = [
             json.loads(line)
             for line in (log / f"{version:020d}.json").read_text().split("\n")
@@ -309,12 +310,30 @@ def read_windows(dirs: Dirs) -> pl.DataFrame | None:
         txns = [a["txn"] for a in actions if "txn" in a]
         require(
             len(txns) == 1 and txns[0]["appId"] == app_id,
-            f"windows: Delta commit {version} has transactions {txns}, expected one of app {app_id}",
+            f"{query}: Delta commit {version} has transactions {txns}, expected one of app {app_id}",
         )
+        commits.append((txns[0]["version"], actions))
+    batch_ids = [batch_id for batch_id, _ in commits]
+    require(
+        batch_ids == list(range(len(batch_ids))),
+        f"{query}: the Delta commits hold batches {batch_ids} in this order",
+    )
+    return commits
+
+
+def read_windows(dirs: Dirs, query: str = "windows") -> pl.DataFrame | None:
+    """The Delta table's rows with the batch id (``txn`` version) of the commit that added them.
+
+    Every commit must carry exactly one ``txn`` of the query and remove nothing
+    (append mode); the table read by ``deltalake`` must hold the same rows.
+    """
+    table = dirs.output / query
+    if not numbered(table / "_delta_log"):
+        return None
+    frames = []
+    for batch_id, actions in delta_commits(table, query_id(dirs, query), query):
         removed = [a["remove"]["path"] for a in actions if "remove" in a]
-        require(not removed, f"windows: Delta commit {version} removes files {removed}")
-        batch_id = txns[0]["version"]
-        batch_ids.append(batch_id)
+        require(not removed, f"{query}: Delta commit {batch_id} removes files {removed}")
         for action in actions:
             if "add" in action:
                 frames.append(
@@ -322,16 +341,12 @@ def read_windows(dirs: Dirs) -> pl.DataFrame | None:
                         batch_id=pl.lit(batch_id, pl.Int64)
                     )
                 )
-    require(
-        batch_ids == list(range(len(batch_ids))),
-        f"windows: the Delta commits hold batches {batch_ids} in this order",
-    )
     whole = pl.read_delta(str(table))
     empty = whole.clear().with_columns(batch_id=pl.lit(None, pl.Int64))
     rows = pl.concat(frames, how="vertical") if frames else empty
     require(
         sort_all(whole).equals(sort_all(rows.drop("batch_id"))),
-        "windows: the Delta table's rows differ from the rows its commits added",
+        f"{query}: the Delta table's rows differ from the rows its commits added",
     )
     return rows
 
@@ -403,20 +418,44 @@ READERS: dict[str, Callable[[Dirs], pl.DataFrame | None]] = {
 }
 
 
-def state_stores(dirs: Dirs) -> dict[str, Path]:
+def state_stores(dirs: Dirs, queries: Sequence[str] = QUERIES) -> dict[str, Path]:
     stores = {}
-    for query in QUERIES:
+    for query in queries:
         state = dirs.query_checkpoint(query) / "state"
         for meta in sorted(state.glob("*/*/_metadata.json")):
             stores[f"{query}/{meta.parent.parent.name}/{meta.parent.name}"] = meta.parent
     return stores
 
 
-def read_outputs(dirs: Dirs, *, states_at: Sequence[int] | None = ()) -> Outputs:
-    """Read what ``dirs`` holds; the state's rows at the versions ``states_at`` (None: all)."""
+def collect_outputs(
+    dirs: Dirs,
+    rows: dict[str, pl.DataFrame | None],
+    batches: dict[str, list[int]],
+    *,
+    states_at: Sequence[int] | None = (),
+) -> Outputs:
+    """The :class:`Outputs` of the queries of ``rows`` (their outputs read by the caller):
+    their ``offsets/``, ``commits/`` and state versions, the state's rows at ``states_at``
+    (None: all)."""
     from microstream.state import read_state
     from microstream.storage import Storage
 
+    outputs = Outputs(
+        rows=rows,
+        batches=batches,
+        offsets={q: numbered(dirs.query_checkpoint(q) / "offsets") for q in rows},
+        commits={q: numbered(dirs.query_checkpoint(q) / "commits") for q in rows},
+    )
+    for name, path in state_stores(dirs, list(rows)).items():
+        versions = numbered(path / "versions")
+        outputs.state_versions[name] = versions
+        for v in versions if states_at is None else [v for v in states_at if v in versions]:
+            outputs.states[(name, v)] = sort_all(read_state(Storage(str(path)), version=v))
+    return outputs
+
+
+def read_outputs(dirs: Dirs, *, states_at: Sequence[int] | None = ()) -> Outputs:
+    """Read what ``dirs`` holds; the state's rows at the versions ``states_at`` (None: all)."""
     # Every batch shows, those that wrote no row too: a Delta commit (whose txn
     # versions read_windows checked to be 0..n-1), a file, a manifest entry each.
     batches = {
@@ -424,18 +463,8 @@ def read_outputs(dirs: Dirs, *, states_at: Sequence[int] | None = ()) -> Outputs
         "sessions": numbered(dirs.output / "sessions", ".parquet"),
         "dedup": numbered(dirs.output / "dedup" / "_microstream_log"),
     }
-    outputs = Outputs(
-        rows={q: READERS[q](dirs) for q in QUERIES},
-        batches=batches,
-        offsets={q: numbered(dirs.query_checkpoint(q) / "offsets") for q in QUERIES},
-        commits={q: numbered(dirs.query_checkpoint(q) / "commits") for q in QUERIES},
-    )
-    for name, path in state_stores(dirs).items():
-        versions = numbered(path / "versions")
-        outputs.state_versions[name] = versions
-        for v in versions if states_at is None else [v for v in states_at if v in versions]:
-            outputs.states[(name, v)] = sort_all(read_state(Storage(str(path)), version=v))
-    return outputs
+    rows = {q: READERS[q](dirs) for q in QUERIES}
+    return collect_outputs(dirs, rows, batches, states_at=states_at)
 
 
 # -- comparing with the clean run ---------------------------------------------------------------
@@ -485,8 +514,9 @@ def check_prefix(got: Outputs, clean: Outputs) -> None:
 
     The sink may hold one batch more than ``commits/`` (written, not yet
     committed: the restart skips or rewrites it identically), never less.
+    Compares the queries of the clean run's outputs.
     """
-    for query in QUERIES:
+    for query in clean.rows:
         batches, commits = got.batches[query], got.commits[query]
         offsets = got.offsets[query]
         require(
@@ -514,7 +544,7 @@ def check_prefix(got: Outputs, clean: Outputs) -> None:
 
 def check_complete(got: Outputs, clean: Outputs) -> None:
     """After the final restart: everything equals the clean run, state included."""
-    for query in QUERIES:
+    for query in clean.rows:
         for what in ("batches", "offsets", "commits"):
             mine, theirs = getattr(got, what)[query], getattr(clean, what)[query]
             require(mine == theirs, f"{query}: {what} {mine}, the clean run has {theirs}")
@@ -638,10 +668,11 @@ def run_scenario(
                 fault=step.fault,
                 kill_after_s=None if step.kill_at is None else step.kill_at * clean.seconds,
                 log_name=f"step{i}",
+                script=clean.script,
             )
             if run.returncode == -signal.SIGKILL:
                 outcome.kills += 1
-                check_prefix(read_outputs(dirs), clean.outputs)
+                check_prefix(clean.reader(dirs), clean.outputs)
             elif run.returncode == 0:
                 require(
                     not step.must_kill,
@@ -651,12 +682,12 @@ def run_scenario(
             else:
                 msg = f"run {i} ({step.describe()}) exited {run.returncode}:\n{run.stderr[-3000:]}"
                 raise AssertionError(msg)
-        run = run_pipeline(dirs, clean.source, log_name="final")
+        run = run_pipeline(dirs, clean.source, log_name="final", script=clean.script)
         require(
             run.returncode == 0,
             f"the restart without faults exited {run.returncode}:\n{run.stderr[-3000:]}",
         )
-        check_complete(read_outputs(dirs, states_at=states_at), clean.outputs)
+        check_complete(clean.reader(dirs, states_at=states_at), clean.outputs)
     except AssertionError as exc:
         outcome.error = str(exc)
     except Exception as exc:
@@ -708,19 +739,37 @@ class Clean:
     dirs: Dirs
     seconds: float
     """How long the clean runs took from ``ready`` to their exit (the longer of two)."""
+    script: Path = PIPELINE
+    """The pipeline the scenarios run (see :func:`run_pipeline`)."""
+    reader: Callable[..., Outputs] = read_outputs
+    """Reads what a run of ``script`` left: ``reader(dirs, states_at=...)``."""
 
 
 def make_clean(base: Path, files: int) -> Clean:
     """Two never-killed runs (concurrently); they must agree, and the first is the reference."""
-    source = make_input(base / "input", files=files, seed=7)
+    return clean_reference(base, make_input(base / "input", files=files, seed=7), files)
+
+
+def clean_reference(
+    base: Path,
+    source: Path,
+    files: int,
+    *,
+    script: Path = PIPELINE,
+    reader: Callable[..., Outputs] = read_outputs,
+) -> Clean:
+    """Two never-killed runs of ``script`` on ``source`` (concurrently, under ``base``); they
+    must agree, and the first is the reference. ``files``: how many batches hold data."""
     dirs = [Dirs(base / "clean-1"), Dirs(base / "clean-2")]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        runs = list(pool.map(lambda d: run_pipeline(d, source, log_name="clean"), dirs))
+        runs = list(
+            pool.map(lambda d: run_pipeline(d, source, log_name="clean", script=script), dirs)
+        )
     for run in runs:
         assert run.returncode == 0, run.stderr[-3000:]
-    first, second = (read_outputs(d, states_at=None) for d in dirs)
+    first, second = (reader(d, states_at=None) for d in dirs)
     check_complete(second, first)  # the pipeline itself is deterministic
-    return Clean(source, files, first, dirs[0], max(run.seconds for run in runs))
+    return Clean(source, files, first, dirs[0], max(run.seconds for run in runs), script, reader)
 
 
 @pytest.fixture(scope="module")
