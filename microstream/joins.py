@@ -91,8 +91,49 @@ def join_output_schema(
     return probe.collect_schema()
 
 
+class _TwoStreamOperator(StoreBackedOperator):
+    """A join's runtime: fed both sides of a batch at once by :class:`_TwoStreamNode`."""
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        msg = f"{self.kind} takes two inputs: the engine calls process_sides()"
+        raise TypeError(msg)
+
+    def process_sides(
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+    ) -> pl.DataFrame:
+        raise AssertionError("subclasses join the two sides")  # pragma: no cover
+
+
+class _TwoStreamNode(StatefulNode):
+    """A stateful node over two streams: ``input`` (the left side) and ``right``."""
+
+    right: PlanNode
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return (self.input, self.right)
+
+    def explain_lines(self, depth: int = 0) -> list[str]:
+        lines = ["  " * depth + self.describe(), "  " * (depth + 1) + "left:"]
+        lines.extend(self.input.explain_lines(depth + 2))
+        lines.append("  " * (depth + 1) + "right:")
+        lines.extend(self.right.explain_lines(depth + 2))
+        return lines
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        left = self.input.execute(inputs, ctx)
+        right = self.right.execute(inputs, ctx)
+        if ctx.planning:
+            return pl.LazyFrame(schema=self.output_schema())
+        if self not in ctx.results:  # runs once per batch even when reached twice
+            operator = ctx.operators[self]
+            assert isinstance(operator, _TwoStreamOperator)
+            out = operator.process_sides(left.collect(), right.collect(), self.context_for(ctx))
+            ctx.results[self] = out.lazy()
+        return ctx.results[self]
+
+
 @dataclass(frozen=True, eq=False)
-class StreamJoinNode(StatefulNode):
+class StreamJoinNode(_TwoStreamNode):
     """``left.join(right, ...)`` of two streams (see the module docstring)."""
 
     chainable: ClassVar[bool] = True
@@ -117,9 +158,6 @@ class StreamJoinNode(StatefulNode):
     @property
     def bounded(self) -> bool:
         return self.lower_us is not None and self.upper_us is not None
-
-    def children(self) -> tuple[PlanNode, ...]:
-        return (self.input, self.right)
 
     def output_schema(self) -> pl.Schema:
         return join_output_schema(
@@ -156,14 +194,6 @@ class StreamJoinNode(StatefulNode):
         )
         return f"stream join(how={self.how!r}, {keys}{bound})"
 
-    def explain_lines(self, depth: int = 0) -> list[str]:
-        lines = ["  " * depth + self.describe()]
-        lines.append("  " * (depth + 1) + "left:")
-        lines.extend(self.input.explain_lines(depth + 2))
-        lines.append("  " * (depth + 1) + "right:")
-        lines.extend(self.right.explain_lines(depth + 2))
-        return lines
-
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "stream_join",
@@ -189,21 +219,8 @@ class StreamJoinNode(StatefulNode):
     def build_operator(self, operator_id: str, storage: Storage) -> StreamJoinOperator:
         return StreamJoinOperator(self, operator_id, storage)
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        left = self.input.execute(inputs, ctx)
-        right = self.right.execute(inputs, ctx)
-        if ctx.planning:
-            return pl.LazyFrame(schema=self.output_schema())
-        if self not in ctx.results:
-            operator = ctx.operators[self]
-            assert isinstance(operator, StreamJoinOperator)
-            own = self.context_for(ctx)
-            out = operator.process_sides(left.collect(), right.collect(), own)
-            ctx.results[self] = out.lazy()
-        return ctx.results[self]
 
-
-class StreamJoinOperator(StoreBackedOperator):
+class StreamJoinOperator(_TwoStreamOperator):
     """Runtime of :class:`StreamJoinNode`: one buffer per side, matching, eviction."""
 
     kind = "stream join"
@@ -227,10 +244,6 @@ class StreamJoinOperator(StoreBackedOperator):
 
     def _stores(self) -> list[StateStore]:
         return [self.left, self.right]
-
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        msg = "a stream join takes two inputs: the engine calls process_sides()"
-        raise TypeError(msg)
 
     def process_sides(
         self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
@@ -654,7 +667,7 @@ def _duration_us(node: Any) -> int | None:
 
 
 @dataclass(frozen=True, eq=False)
-class StreamAsofJoinNode(StatefulNode):
+class StreamAsofJoinNode(_TwoStreamNode):
     """``left.join_asof(right, ...)`` of two streams, strategy ``"backward"``.
 
     Each left row is emitted, with the latest right row of its ``by`` key at or
@@ -679,9 +692,6 @@ class StreamAsofJoinNode(StatefulNode):
     allow_exact_matches: bool
     left_schema: pl.Schema
     right_schema: pl.Schema
-
-    def children(self) -> tuple[PlanNode, ...]:
-        return (self.input, self.right)
 
     def _asof(self, left: pl.LazyFrame, right: pl.LazyFrame) -> pl.LazyFrame:
         tolerance = None if self.tolerance_us is None else timedelta(microseconds=self.tolerance_us)
@@ -715,13 +725,6 @@ class StreamAsofJoinNode(StatefulNode):
             f"by_left={list(self.by_left)}, by_right={list(self.by_right)}{tolerance})"
         )
 
-    def explain_lines(self, depth: int = 0) -> list[str]:
-        lines = ["  " * depth + self.describe(), "  " * (depth + 1) + "left:"]
-        lines.extend(self.input.explain_lines(depth + 2))
-        lines.append("  " * (depth + 1) + "right:")
-        lines.extend(self.right.explain_lines(depth + 2))
-        return lines
-
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "stream_join_asof",
@@ -742,20 +745,8 @@ class StreamAsofJoinNode(StatefulNode):
     def build_operator(self, operator_id: str, storage: Storage) -> StreamAsofJoinOperator:
         return StreamAsofJoinOperator(self, operator_id, storage)
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        left = self.input.execute(inputs, ctx)
-        right = self.right.execute(inputs, ctx)
-        if ctx.planning:
-            return pl.LazyFrame(schema=self.output_schema())
-        if self not in ctx.results:
-            operator = ctx.operators[self]
-            assert isinstance(operator, StreamAsofJoinOperator)
-            out = operator.process_sides(left.collect(), right.collect(), self.context_for(ctx))
-            ctx.results[self] = out.lazy()
-        return ctx.results[self]
 
-
-class StreamAsofJoinOperator(StoreBackedOperator):
+class StreamAsofJoinOperator(_TwoStreamOperator):
     """Runtime of :class:`StreamAsofJoinNode`: waiting left rows, candidate right rows."""
 
     kind = "stream join_asof"
@@ -778,10 +769,6 @@ class StreamAsofJoinOperator(StoreBackedOperator):
 
     def _stores(self) -> list[StateStore]:
         return [self.left, self.right]
-
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        msg = "a stream join_asof takes two inputs: the engine calls process_sides()"
-        raise TypeError(msg)
 
     def process_sides(
         self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
