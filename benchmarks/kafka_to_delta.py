@@ -68,6 +68,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -102,7 +103,7 @@ CLIENT_ID = b"microstream-bench"
 RAW_FETCH = 10_000  # records per consume() call, as the source asks
 
 
-def transform(frame):  # a LazyFrame or a StreamFrame: the same stateless plan on both
+def transform(frame: Any) -> Any:  # a LazyFrame or a StreamFrame: the same plan on both
     """Keep clicks and purchases of more than 1.0 (about 2/3 of events); project."""
     return frame.filter((pl.col("kind") != "view") & (pl.col("amount") > 1.0)).select(
         "id",
@@ -191,7 +192,7 @@ def crc32c_many(blobs: Sequence[bytes]) -> np.ndarray:
     lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=len(blobs))
     for length in np.unique(lengths):
         idx = np.flatnonzero(lengths == length)
-        data = np.frombuffer(b"".join(blobs[i] for i in idx), dtype=np.uint8)
+        data = np.frombuffer(b"".join(blobs[i] for i in idx.tolist()), dtype=np.uint8)
         data = data.reshape(len(idx), int(length))
         crc = np.full(len(idx), 0xFFFFFFFF, dtype=np.uint32)
         for j in range(int(length)):
@@ -352,7 +353,7 @@ def run_pipeline(
         stream = ms.scan_kafka(
             broker.bootstrap_servers,
             topic=topic,
-            format=fmt,
+            format="avro" if fmt == "avro" else "json",
             schema=AVRO_SCHEMA if fmt == "avro" else POLARS_SCHEMA,
             max_offsets_per_trigger=max_offsets,
         )
@@ -441,10 +442,10 @@ def profile_pipeline(
             proc.kill()
     stacks = []
     for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+        stack, _, samples = line.rpartition(" ")
         frames = stack.split(";")[1:]
         if any("StreamExecution._trigger_once" in f for f in frames):
-            stacks.append((frames, int(count)))
+            stacks.append((frames, int(samples)))
     total = sum(c for _, c in stacks)
     parts: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()

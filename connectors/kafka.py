@@ -6,7 +6,12 @@ each batch, and a batch reads exactly those offsets by assigning the
 partitions and seeking (no consumer-group membership, no rebalancing), so a
 re-run reads the same records. Records are consumed in bulk
 (``consume(num_messages=...)``) and decoded in bulk (see
-:mod:`connectors._kafka_codecs`). Partitions that appear later (a topic
+:mod:`connectors._kafka_codecs`); the only Python work per record is
+reading its offset (and partition) once, and its value. The consumer stays
+assigned between batches, so librdkafka fetches the next records while a
+batch is decoded, computed and written, and records consumed past a
+partition's end are kept for the next batch instead of being fetched again
+(any other start is a seek). Partitions that appear later (a topic
 that grew, a new topic matching ``pattern``) are read from their start.
 After each batch commits, the positions are committed as the offsets of a
 consumer group (``microstream-<query id>`` unless ``options`` set
@@ -20,6 +25,13 @@ or an earliest offset above it (retention) is a :class:`DataLossError`
 naming the topic, the partition and the missing range, unless
 ``fail_on_data_loss=False``: then the query continues from the earliest
 available offset, logs a warning and counts the lost offsets in progress.
+The offsets are looked up when a batch is planned (``latest_offset``) and
+when a logged batch is re-run (``read``); a batch just planned is read
+without a second look-up, and with ``Trigger.available_now()`` the ends are
+looked up once, at start (as Spark does). With ``fail_on_data_loss=True``, a
+loss after the look-up shows when the records are fetched: an
+out-of-range error, or (a broker that answers with no records) a look-up
+after ``retry_timeout`` without records, either way a :class:`DataLossError`.
 Kafka offsets alone cannot tell a topic recreated with at least as many
 records as the query had read from the old one; like Spark, this goes
 unnoticed.
@@ -41,6 +53,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
+import numpy as np
 import polars as pl
 from pydantic import Field, ValidationError
 
@@ -100,6 +113,13 @@ DEAD_LETTER_SCHEMA = pl.Schema(
 
 _FETCH_MAX = 10_000
 """Most records asked of one ``consume`` call."""
+_STASH_MAX = 100_000
+"""Records of one partition kept past its batch's end before it is unassigned (librdkafka's
+own ``queued.min.messages``: what it prefetches of a partition anyway). A broker may send
+one partition far ahead of the others (on Tansu, tens of thousands of records)."""
+_FRESH_S = 1.0
+"""Offsets looked up this recently are reused at start-up (``initial_offset`` and then
+``prepare_for_available_now`` run back to back)."""
 _REQUEST_TIMEOUT_S = 10.0
 _POLL_S = 0.2
 _MAX_BACKOFF_S = 1.0
@@ -631,6 +651,12 @@ class KafkaSource:
         self._committed: KafkaOffset | None = None
         self._confirmed: set[TopicPartitionKey] = set()
         """Partitions whose data loss was already confirmed (waited out) in this run."""
+        self._cursors: dict[TopicPartitionKey, _Cursor] = {}
+        """The assigned partitions: what was consumed of each and not read yet."""
+        self._planned: tuple[KafkaOffset, KafkaOffset] | None = None
+        """The last batch ``latest_offset`` planned, checked against fresh offsets."""
+        self._looked_up: tuple[float, dict[TopicPartitionKey, _Bounds]] | None = None
+        """When the offsets were last looked up (``time.monotonic()``), and what was found."""
         if spec.dead_letter is not None:
             self._side_output.declare(spec.dead_letter, DEAD_LETTER_SCHEMA)
 
@@ -658,6 +684,7 @@ class KafkaSource:
                         self._logger.warning("%s: %s succeeded again", self.description, what)
                     return result, losses
                 problem = "; ".join(loss.describe() for loss in losses)
+                self._forget()  # what was consumed may be of a log that is gone
                 if remaining <= 0 or all(loss.tp in self._confirmed for loss in losses):
                     self._confirmed.update(loss.tp for loss in losses)
                     return result, losses
@@ -666,6 +693,7 @@ class KafkaSource:
                     msg = f"{self.description}: cannot {what}: {exc}"
                     raise SourceError(msg) from exc
                 problem = str(exc)
+                self._forget()  # the broker may come back without what was consumed
                 if remaining <= 0:
                     msg = (
                         f"{self.description}: cannot {what} on {self.spec.bootstrap_servers}: "
@@ -716,13 +744,17 @@ class KafkaSource:
             if self._read_committed
             else IsolationLevel.READ_UNCOMMITTED
         )
-        found: dict[str, dict[TopicPartitionKey, int]] = {}
-        for name, spec in (("low", OffsetSpec.earliest()), ("high", OffsetSpec.latest())):
-            futures = self._admin.list_offsets(
+        # Both requests are sent before either answer is awaited (one round trip).
+        requests = {
+            name: self._admin.list_offsets(
                 {TopicPartition(t, p): spec for t, p in parts},
                 isolation_level=level,
                 request_timeout=timeout,
             )
+            for name, spec in (("low", OffsetSpec.earliest()), ("high", OffsetSpec.latest()))
+        }
+        found: dict[str, dict[TopicPartitionKey, int]] = {}
+        for name, futures in requests.items():
             values: dict[TopicPartitionKey, int] = {}
             for request, future in futures.items():
                 offset = future.result(timeout=timeout + 1).offset
@@ -733,6 +765,7 @@ class KafkaSource:
         bounds = {tp: _Bounds(found["low"][tp], found["high"][tp]) for tp in parts}
         for tp, b in bounds.items():
             self._seen_high[tp] = max(self._seen_high.get(tp, 0), b.high)
+        self._looked_up = (time.monotonic(), bounds)
         return bounds
 
     # -- offsets -----------------------------------------------------------------------------
@@ -862,7 +895,17 @@ class KafkaSource:
             bounds = self._fetch_bounds(timeout)
             return bounds, self._start_losses(begin, bounds)
 
-        bounds, losses = self._until_stable("look up the latest offsets", attempt)
+        if (
+            self._available_now is not None
+            and self.spec.fail_on_data_loss
+            and not self._start_losses(begin, self._bounds)
+        ):
+            # Available now: the ends were fixed at start (as Spark does), so the offsets
+            # are not looked up again for every batch; a loss since then shows when the
+            # batch's records are fetched (``_fetch``).
+            bounds, losses = self._bounds, list[_Loss]()
+        else:
+            bounds, losses = self._until_stable("look up the latest offsets", attempt)
         self._bounds = bounds
         base = begin.positions()
         resets: dict[TopicPartitionKey, int] = {}
@@ -906,16 +949,23 @@ class KafkaSource:
                 ends[tp] += n
         if not resets and ends == begin.positions() and len(base) == len(begin.positions()):
             return begin
-        return KafkaOffset(
+        planned = KafkaOffset(
             topics=_nest(ends),
             resets=_nest(resets),
             epoch=begin.epoch + (1 if resets or len(base) != len(begin.positions()) else 0),
         )
+        self._planned = None if losses else (begin, planned)
+        return planned
 
     def prepare_for_available_now(self) -> None:
         """Fix the end of every partition as it is now; later records wait for the next run."""
-        bounds, _ = self._until_stable("look up the latest offsets", self._stable_bounds)
+        recent = self._looked_up
+        if recent is not None and time.monotonic() - recent[0] < _FRESH_S:
+            bounds = recent[1]  # looked up a moment ago, by ``initial_offset``
+        else:
+            bounds, _ = self._until_stable("look up the latest offsets", self._stable_bounds)
         self._available_now = {tp: b.high for tp, b in bounds.items()}
+        self._bounds = bounds
 
     def lag(self, end: Offset) -> int | None:
         """Offsets available beyond ``end`` at the last look-up (all partitions)."""
@@ -949,116 +999,246 @@ class KafkaSource:
         }
         if not ranges:
             return pl.DataFrame(schema=self.spec.schema)
+        planned = self._planned == (begin, stop) and self.spec.fail_on_data_loss
+        if not planned:
+            # A batch planned by ``latest_offset`` of this run was checked against offsets
+            # looked up just before (a loss since then shows when fetching, see ``_fetch``);
+            # a replayed batch, or one that may have to skip lost offsets, is checked here.
+
+            def attempt(timeout: float) -> tuple[None, list[_Loss]]:
+                bounds = self._fetch_bounds(timeout)
+                return None, _range_losses(ranges, bounds)
+
+            _, losses = self._until_stable("look up the offsets of the batch", attempt)
+            if losses:
+                if self.spec.fail_on_data_loss:
+                    raise self._data_loss(losses, "in the logged range of the batch")
+                for loss in losses:
+                    self._count("offsets_lost", loss.lost())
+                    a, b = ranges[loss.tp]
+                    if loss.first == a and loss.resume is not None:
+                        ranges[loss.tp] = (loss.resume, b)  # the head was deleted
+                    else:
+                        ranges[loss.tp] = (a, loss.first)  # the tail is gone
+                    self._logger.warning(
+                        "%s: data loss: %s (fail_on_data_loss=False)",
+                        self.description,
+                        loss.describe(),
+                    )
+                ranges = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
+        records = self._fetch(ranges) if ranges else _Records.empty()
+        return self._decode(records)
+
+    # The consumer stays assigned between batches: librdkafka keeps fetching the next
+    # records while the batch is decoded, computed and written, and records consumed past
+    # a partition's end in one batch are kept (``_Cursor.stash``) for the next one, which
+    # then starts where this one ended. Any change of the assignment (a seek, a new
+    # partition, one unassigned while too far ahead) assigns every partition again at an
+    # explicit offset, its cursor's ``next``, so where each partition goes on never
+    # depends on what librdkafka had fetched ahead and drops on such a change.
+
+    def _assign(self) -> None:
+        """Assign every attached partition at its cursor's ``next`` (the whole assignment)."""
+        from confluent_kafka import TopicPartition
+
+        self._consumer.assign(
+            [TopicPartition(t, p, c.next) for (t, p), c in self._cursors.items() if not c.detached]
+        )
+
+    def _position(self, ranges: Mapping[TopicPartitionKey, tuple[int, int]]) -> None:
+        """Make the consumer deliver every partition of ``ranges`` from its range's start."""
+        changed = False
+        for tp, (a, _) in ranges.items():
+            cursor = self._cursors.get(tp)
+            if cursor is not None and cursor.start <= a <= cursor.next:
+                cursor.drop_before(a)
+                if cursor.detached:
+                    cursor.detached = False
+                    changed = True
+            else:
+                self._cursors[tp] = _Cursor(a)
+                changed = True
+        if changed:
+            self._assign()
+
+    def _forget(self, tps: Sequence[TopicPartitionKey] | None = None) -> None:
+        """Unassign ``tps`` (default: every partition) and drop what was kept of them."""
+        gone = [tp for tp in (self._cursors if tps is None else tps) if tp in self._cursors]
+        if not gone:
+            return
+        for tp in gone:
+            del self._cursors[tp]
+        with contextlib.suppress(Exception):  # a closed consumer
+            if self._cursors:
+                self._assign()
+            else:
+                self._consumer.unassign()
+
+    def _fetch(self, ranges: Mapping[TopicPartitionKey, tuple[int, int]]) -> _Records:
+        """Every record of ``ranges`` (``{tp: (first, end)}``), by bulk ``consume``."""
+        try:
+            self._position(ranges)
+            self._consume_until(ranges)
+        except BaseException:
+            self._forget()  # start clean: the next read assigns and seeks again
+            raise
+        segments = []
+        for tp in sorted(ranges):
+            segments.append((tp, *self._cursors[tp].take_until(ranges[tp][1])))
+        return _Records.join(segments)
+
+    def _consume_until(self, ranges: Mapping[TopicPartitionKey, tuple[int, int]]) -> None:
+        """Consume until every partition of ``ranges`` delivered its records up to the end."""
+        consumer = self._consumer
+        cursors = self._cursors
+        pending = {tp: b for tp, (_, b) in ranges.items() if cursors[tp].next < b}
+        single = next(iter(cursors)) if len(cursors) == 1 else None
+        deadline = time.monotonic() + self.spec.retry_timeout_s
+        while pending:
+            # As many as the pending partitions still miss (consume returns as soon as it
+            # has that many): records of other partitions, or past an end, are kept.
+            wanted = sum(b - cursors[tp].next for tp, b in pending.items())
+            batch = consumer.consume(num_messages=min(_FETCH_MAX, max(1, wanted)), timeout=_POLL_S)
+            if not batch:
+                if time.monotonic() > deadline:
+                    raise self._stalled(pending)
+                continue
+            deadline = time.monotonic() + self.spec.retry_timeout_s
+            ends: list[tuple[TopicPartitionKey, int]] = []
+            if any(m.error() is not None for m in batch):
+                batch, ends = self._errors_out(batch, pending)
+            if batch:
+                # Route the records to their partitions in bulk: one call per record for
+                # its offset (and, with several partitions, its partition), numpy for the
+                # rest.
+                offsets = np.fromiter((m.offset() for m in batch), np.int64, len(batch))
+                if single is not None:
+                    cursors[single].add(batch, offsets)
+                else:
+                    self._route(batch, offsets)
+            for tp, offset in ends:  # a range may end in a gap (transaction markers)
+                if tp in cursors:
+                    cursors[tp].reached(offset)
+            done = [tp for tp, b in pending.items() if cursors[tp].next >= b]
+            for tp in done:
+                del pending[tp]
+            # A partition far ahead of the others is unassigned (its records wait in the
+            # broker, not in memory); the batch that needs it assigns it again at ``next``.
+            full = [
+                tp
+                for tp, c in cursors.items()
+                if tp not in pending and not c.detached and len(c.stash) > _STASH_MAX
+            ]
+            if full:
+                for tp in full:
+                    cursors[tp].detached = True
+                self._assign()
+
+    def _route(self, batch: list[Message], offsets: np.ndarray) -> None:
+        """Append each record of ``batch`` to its partition's cursor (partitions interleave)."""
+        cursors = self._cursors
+        if len({t for t, _ in cursors}) == 1:
+            codes = np.fromiter((m.partition() for m in batch), np.int64, len(batch))
+            owner = {p: (t, p) for t, p in cursors}
+        else:
+            index: dict[Any, int] = {tp: i for i, tp in enumerate(cursors)}
+            codes = np.fromiter(
+                (index.get((m.topic(), m.partition()), -1) for m in batch),
+                np.int64,
+                len(batch),
+            )
+            owner = {i: tp for tp, i in index.items()}
+        if codes[0] == codes[-1] and (codes == codes[0]).all():
+            groups = [np.arange(len(batch))]
+        else:
+            order = np.argsort(codes, kind="stable")
+            groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
+        for group in groups:
+            tp = owner.get(int(codes[group[0]]))
+            if tp is None:  # a partition unassigned meanwhile: not ours any more
+                continue
+            if len(group) == len(batch):
+                cursors[tp].add(batch, offsets)
+            else:
+                cursors[tp].add([batch[i] for i in group.tolist()], offsets[group])
+
+    def _errors_out(
+        self, batch: list[Message], pending: dict[TopicPartitionKey, int]
+    ) -> tuple[list[Message], list[tuple[TopicPartitionKey, int]]]:
+        """The records of ``batch``, and the ends of partitions it reached.
+
+        Errors are handled (data loss, fatal errors); an end of partition
+        (``_PARTITION_EOF``) is returned, to be applied after the records of
+        the same call, which come before it.
+        """
+        from confluent_kafka import KafkaError
+
+        records = []
+        ends: list[tuple[TopicPartitionKey, int]] = []
+        for m in batch:
+            error = m.error()
+            if error is None:
+                records.append(m)
+                continue
+            tp = _key_of(m) if m.topic() is not None else None
+            if error.code() == KafkaError._PARTITION_EOF:
+                if tp is not None:
+                    ends.append((tp, _offset_of(m)))
+            elif tp is not None and tp not in pending:
+                self._forget([tp])  # not read in this batch: seek afresh when it is
+            elif error.code() in (KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._AUTO_OFFSET_RESET):
+                msg = (
+                    f"{self.description}: offsets of topic {m.topic()!r} partition "
+                    f"{m.partition()} went out of range while reading them: {error}"
+                )
+                raise DataLossError(msg)
+            elif not _is_transient(_as_exception(error)):
+                msg = f"{self.description}: consuming failed: {error}"
+                raise SourceError(msg)
+        return records, ends
+
+    def _stalled(self, pending: Mapping[TopicPartitionKey, int]) -> SourceError:
+        """The error for records that did not come for ``retry_timeout``: a loss, if it is one.
+
+        A broker that lost the records may answer a fetch with none (Tansu
+        does) rather than an out-of-range error: the offsets are looked up.
+        """
+        missing = {tp: (self._cursors[tp].next, b) for tp, b in pending.items()}
+        text = ", ".join(f"{t}-{p} [{a}, {b})" for (t, p), (a, b) in missing.items())
 
         def attempt(timeout: float) -> tuple[None, list[_Loss]]:
-            bounds = self._fetch_bounds(timeout)
-            return None, _range_losses(ranges, bounds)
+            return None, _range_losses(missing, self._fetch_bounds(timeout))
 
-        _, losses = self._until_stable("look up the offsets of the batch", attempt)
-        if losses:
-            if self.spec.fail_on_data_loss:
-                raise self._data_loss(losses, "in the logged range of the batch")
-            for loss in losses:
-                self._count("offsets_lost", loss.lost())
-                a, b = ranges[loss.tp]
-                if loss.first == a and loss.resume is not None:
-                    ranges[loss.tp] = (loss.resume, b)  # the head was deleted
-                else:
-                    ranges[loss.tp] = (a, loss.first)  # the tail is gone
-                self._logger.warning(
-                    "%s: data loss: %s (fail_on_data_loss=False)", self.description, loss.describe()
-                )
-            ranges = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
-        messages = self._fetch(ranges) if ranges else []
-        return self._decode(messages)
-
-    def _fetch(self, ranges: Mapping[TopicPartitionKey, tuple[int, int]]) -> list[Message]:
-        """Every record of ``ranges`` (``{tp: (first, end)}``), by bulk ``consume``."""
-        from confluent_kafka import KafkaError, TopicPartition
-
-        consumer = self._consumer
-        assignment = [TopicPartition(t, p, a) for (t, p), (a, _) in ranges.items()]
-        consumer.assign(assignment)
-        consumer.resume(assignment)  # a partition paused by an earlier read stays paused
-        pending = dict(ranges)
-        wanted = sum(b - a for a, b in ranges.values())
-        messages: list[Message] = []
-        overshoot = False
-        deadline = time.monotonic() + self.spec.retry_timeout_s
         try:
-            while pending:
-                batch = consumer.consume(
-                    num_messages=min(_FETCH_MAX, max(1, wanted)), timeout=_POLL_S
-                )
-                if not batch:
-                    if time.monotonic() > deadline:
-                        missing = ", ".join(
-                            f"{t}-{p} [{a}, {b})" for (t, p), (a, b) in pending.items()
-                        )
-                        msg = (
-                            f"{self.description}: no records from {self.spec.bootstrap_servers} "
-                            f"for {self.spec.retry_timeout_s:g}s while reading {missing}"
-                        )
-                        raise SourceError(msg)
-                    continue
-                deadline = time.monotonic() + self.spec.retry_timeout_s
-                if any(m.error() is not None for m in batch):
-                    records = []
-                    for m in batch:
-                        error = m.error()
-                        if error is None:
-                            records.append(m)
-                        elif error.code() == KafkaError._PARTITION_EOF:
-                            tp = _key_of(m)
-                            if tp in pending and _offset_of(m) >= pending[tp][1]:
-                                del pending[tp]  # the range ends in a gap (transaction markers)
-                        elif error.code() in (
-                            KafkaError.OFFSET_OUT_OF_RANGE,
-                            KafkaError._AUTO_OFFSET_RESET,
-                        ):
-                            msg = (
-                                f"{self.description}: offsets of topic {m.topic()!r} partition "
-                                f"{m.partition()} went out of range while reading them: {error}"
-                            )
-                            raise DataLossError(msg)
-                        elif not _is_transient(_as_exception(error)):
-                            msg = f"{self.description}: consuming failed: {error}"
-                            raise SourceError(msg)
-                    batch = records
-                    if not batch:
-                        continue
-                messages.extend(batch)
-                wanted -= len(batch)
-                # The last record of each partition in this call (records of a partition
-                # come in offset order): has it reached, or passed, its range's end?
-                last: dict[TopicPartitionKey, int] = {}
-                for m in reversed(batch):
-                    tp = _key_of(m)
-                    if tp not in last:
-                        last[tp] = _offset_of(m)
-                        if len(last) == len(ranges):
-                            break
-                done = []
-                for tp, off in last.items():
-                    end = ranges[tp][1]
-                    overshoot = overshoot or off >= end
-                    if tp in pending and off >= end - 1:
-                        done.append(tp)
-                        del pending[tp]
-                if done:
-                    consumer.pause([TopicPartition(t, p) for t, p in done])
-        finally:
-            consumer.unassign()
-        return _within(messages, ranges) if overshoot else messages
+            _, losses = self._until_stable(
+                "look up the offsets of records that do not come", attempt
+            )
+        except SourceError:
+            losses = []
+        if losses and self.spec.fail_on_data_loss:
+            return self._data_loss(losses, "while reading the batch")
+        if losses:
+            details = "; ".join(loss.describe() for loss in losses)
+            msg = (
+                f"{self.description}: offsets of the batch were lost while reading it: "
+                f"{details}. The query stops; a restart re-reads the batch and continues past "
+                "them (fail_on_data_loss=False)"
+            )
+            return SourceError(msg)
+        msg = (
+            f"{self.description}: no records from {self.spec.bootstrap_servers} "
+            f"for {self.spec.retry_timeout_s:g}s while reading {text}"
+        )
+        return SourceError(msg)
 
-    def _decode(self, messages: list[Message]) -> pl.DataFrame:
+    def _decode(self, records: _Records) -> pl.DataFrame:
         spec = self.spec
-        n = len(messages)
+        messages = records.messages
         meta = pl.DataFrame(
             {
-                "topic": pl.Series([m.topic() for m in messages], dtype=pl.String),
-                "partition": pl.Series([m.partition() for m in messages], dtype=pl.Int32),
-                "offset": pl.Series([m.offset() for m in messages], dtype=pl.Int64),
+                "topic": records.topics,
+                "partition": records.partitions,
+                "offset": records.offsets,
             }
         )
         if spec.include_metadata:
@@ -1082,8 +1262,6 @@ class KafkaSource:
         if decoded.index is not None:
             meta = meta[decoded.index]
         frame = pl.concat([decoded.frame, meta], how="horizontal")
-        if n and meta.get_column("partition").n_unique() + meta.get_column("topic").n_unique() > 2:
-            frame = frame.sort("topic", "partition", "offset")  # consumption interleaves partitions
         return frame.select(spec.schema.names())
 
     def _bad_records(self, bad: list[tuple[int, str]], messages: list[Message]) -> None:
@@ -1138,11 +1316,12 @@ class KafkaSource:
         if offset == self._committed or not offset.topics:
             return
         try:
+            # Its callback is served by the next ``consume`` (not ``poll``: the consumer
+            # stays assigned, and a poll would take a record).
             self._consumer.commit(
                 offsets=[TopicPartition(t, p, pos) for (t, p), pos in offset.positions().items()],
                 asynchronous=True,
             )
-            self._consumer.poll(0)  # serves the callbacks of earlier commits
         except Exception as exc:
             self._logger.warning(
                 "%s: cannot commit offsets of group %s: %s", self.description, self.group_id, exc
@@ -1163,6 +1342,98 @@ class KafkaSource:
         """Close the consumer (after serving pending commit callbacks)."""
         with contextlib.suppress(RuntimeError):  # already closed
             self._consumer.close()
+
+
+class _Cursor:
+    """One assigned partition: records consumed and not yet read by a batch.
+
+    ``stash`` holds the partition's records from offset ``start`` up to
+    ``next`` (exclusive; offsets may have gaps, e.g. transaction markers), in
+    offset order; the consumer delivers the partition's records from ``next``
+    on (once assigned again, if ``detached``).
+    """
+
+    __slots__ = ("_offsets", "detached", "next", "start", "stash")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.next = start
+        self.stash: list[Message] = []
+        self._offsets: list[np.ndarray] = []
+        self.detached = False
+        """Unassigned while its stash is full; assigned again at ``next``."""
+
+    def add(self, messages: list[Message], offsets: np.ndarray) -> None:
+        """Records the consumer delivered, in offset order."""
+        if offsets[0] < self.next:  # (never seen: a record delivered twice)
+            keep = np.flatnonzero(offsets >= self.next)
+            if not len(keep):
+                return
+            messages, offsets = [messages[i] for i in keep.tolist()], offsets[keep]
+        self.stash.extend(messages)
+        self._offsets.append(offsets)
+        self.next = int(offsets[-1]) + 1
+
+    def reached(self, offset: int) -> None:
+        """The end of the partition was at ``offset``: nothing below it is left to deliver."""
+        self.next = max(self.next, offset)
+
+    def _flat(self) -> np.ndarray:
+        if len(self._offsets) != 1:
+            self._offsets = [
+                np.concatenate(self._offsets) if self._offsets else np.empty(0, np.int64)
+            ]
+        return self._offsets[0]
+
+    def drop_before(self, offset: int) -> None:
+        """Forget the records below ``offset``."""
+        if offset > self.start:
+            offsets = self._flat()
+            k = int(np.searchsorted(offsets, offset))
+            del self.stash[:k]
+            self._offsets = [offsets[k:]]
+            self.start = offset
+
+    def take_until(self, end: int) -> tuple[list[Message], np.ndarray]:
+        """The records below ``end``, removed; the stash then starts at ``end``."""
+        offsets = self._flat()
+        k = int(np.searchsorted(offsets, end))
+        taken, self.stash = self.stash[:k], self.stash[k:]
+        self._offsets = [offsets[k:]]
+        self.start = max(self.start, end)
+        return taken, offsets[:k]
+
+
+class _Records(NamedTuple):
+    """The records of a batch, ordered by topic, partition and offset, with those columns."""
+
+    messages: list[Message]
+    topics: pl.Series
+    partitions: pl.Series
+    offsets: pl.Series
+
+    @staticmethod
+    def join(segments: Sequence[tuple[TopicPartitionKey, list[Message], np.ndarray]]) -> _Records:
+        """The records of each partition's segment, one after the other."""
+        messages: list[Message] = []
+        for _, part, _ in segments:
+            messages.extend(part)
+        lengths = np.array([len(part) for _, part, _ in segments], dtype=np.int64)
+        which = pl.Series(np.repeat(np.arange(len(segments), dtype=np.int64), lengths))
+        return _Records(
+            messages,
+            pl.Series("topic", [t for (t, _), _, _ in segments], pl.String).gather(which),
+            pl.Series("partition", [p for (_, p), _, _ in segments], pl.Int32).gather(which),
+            pl.Series(
+                "offset",
+                np.concatenate([o for _, _, o in segments]) if segments else [],
+                pl.Int64,
+            ),
+        )
+
+    @staticmethod
+    def empty() -> _Records:
+        return _Records.join([])
 
 
 def _key_of(message: Message) -> TopicPartitionKey:
@@ -1217,35 +1488,6 @@ def _range_losses(
             if first < b:
                 losses.append(_Loss(tp, first, b, None, True, why))
     return losses
-
-
-def _within(
-    messages: list[Message], ranges: Mapping[TopicPartitionKey, tuple[int, int]]
-) -> list[Message]:
-    """The messages inside their partition's range (a fetch may return records past it)."""
-    frame = pl.DataFrame(
-        {
-            "topic": [m.topic() for m in messages],
-            "partition": pl.Series([m.partition() for m in messages], dtype=pl.Int64),
-            "offset": [m.offset() for m in messages],
-        }
-    ).with_row_index("i")
-    bounds = pl.DataFrame(
-        {
-            "topic": [t for t, _ in ranges],
-            "partition": pl.Series([p for _, p in ranges], dtype=pl.Int64),
-            "first": [a for a, _ in ranges.values()],
-            "end": [b for _, b in ranges.values()],
-        }
-    )
-    keep = (
-        frame.join(bounds, on=["topic", "partition"])
-        .filter((pl.col("offset") >= pl.col("first")) & (pl.col("offset") < pl.col("end")))
-        .sort("i")
-        .get_column("i")
-        .to_list()
-    )
-    return [messages[i] for i in keep]
 
 
 def _apportion(
