@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev bench-overhead clean
+.PHONY: demo test lint typecheck install install-dev bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ typecheck: install-dev
 
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@ $(VENV)/.installed
+
+# Nexmark on every system (the bench extra brings the peers), then the latency run;
+# rewrites the table in benchmarks/README.md and benchmarks/results/nexmark.png.
+bench: $(VENV)/.installed-bench
+	$(PY) benchmarks/nexmark/run.py --readme $(BENCH_ARGS)
+	$(PY) benchmarks/nexmark/latency.py
 
 bench-overhead: install
 	$(PY) benchmarks/batch_overhead.py

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -328,6 +328,13 @@ class FileSource:
         )
         self._snapshot: frozenset[str] | None = None
         self._unlogged = 0  # new files the last listing found but left for later batches
+        # The columns read: the query's projection (parquet and ipc read no others).
+        self._schema = spec.schema
+
+    def project(self, columns: Sequence[str]) -> None:
+        """Read only ``columns`` of the schema from now on (the query reads no others)."""
+        if self.spec.format in ("parquet", "ipc"):
+            self._schema = pl.Schema({c: self.spec.schema[c] for c in columns})
 
     # -- offsets ---------------------------------------------------------------------------
 
@@ -426,7 +433,7 @@ class FileSource:
             raise OffsetError(msg)
         wanted = [(logged, k) for k in range(first, last + 1) for logged in self._entry(k).files]
         if not wanted:
-            return pl.DataFrame(schema=self.spec.schema)
+            return pl.DataFrame(schema=self._schema)
         if len(wanted) == 1:
             frames = [self._read_file(*wanted[0])]
         else:
@@ -448,10 +455,10 @@ class FileSource:
         where = f"file {shown} (source log entry {self._log.display(f'{k}.json')})"
         try:
             if self._dir.is_local:
-                df = _read(self._dir.path(logged.name), self.spec.format, self.spec.schema, shown)
+                df = _read(self._dir.path(logged.name), self.spec.format, self._schema, shown)
             else:
                 with self._dir.fs.open(self._dir.path(logged.name), "rb") as fh:
-                    df = _read(fh, self.spec.format, self.spec.schema, shown)
+                    df = _read(fh, self.spec.format, self._schema, shown)
         except SchemaMismatchError:
             raise
         except FileNotFoundError:
@@ -473,7 +480,7 @@ class FileSource:
                 "Replace or remove the corrupt file (the batch re-reads it on restart)"
             )
             raise SourceError(msg) from exc
-        return _conform(df, self.spec.schema, shown)
+        return _conform(df, self._schema, shown)
 
     # -- clean-up --------------------------------------------------------------------------
 

@@ -93,6 +93,18 @@ class AggregateNode(StatefulNode):
             return "key"
         return None
 
+    def can_chain(self) -> bool:
+        # Groups that close (by window end or a time key) are final once emitted in
+        # append mode, so they may feed another operator; emit triggers revise them.
+        return self.eviction is not None and not (
+            self.emit.throttled or self.emit.allowed_lateness_us
+        )
+
+    def output_delay_us(self) -> int:
+        # A window emitted in batch N ends in (wm[N-1], wm[N]]; its rows carry the window
+        # start, up to a period older. A time key is emitted in (wm[N-1], wm[N]] itself.
+        return self.window.period_us if self.eviction == "window" and self.window else 0
+
     def aggregate_schema(self) -> pl.Schema:
         frame = pl.LazyFrame(schema=self.input_schema)
         keys: list[str | pl.Expr] = [*self.keys] or [pl.lit(0).alias("__g")]

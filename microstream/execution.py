@@ -46,7 +46,13 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.faults import FaultInjector
-from microstream.plan import BatchContext, ScanNode, result_key_columns
+from microstream.plan import (
+    BatchContext,
+    ScanNode,
+    chained_nodes,
+    result_key_columns,
+    scan_projections,
+)
 from microstream.progress import (
     BatchDurations,
     QueryIdleEvent,
@@ -127,6 +133,8 @@ class StreamExecution:
         self._scan_sources = [scan.source for scan in self._scans]
         self._watermark_nodes = plan.watermark_nodes()
         self._stateful_nodes = plan.stateful_nodes()
+        self._chained = chained_nodes(plan)
+        self._projections = scan_projections(plan)
         self._operators: dict[PlanNode, StatefulOperator] = {}
         self.watermark = WatermarkTracker(
             [WatermarkInput(n.delay_us, n.idle_timeout_us) for n in self._watermark_nodes],
@@ -171,6 +179,12 @@ class StreamExecution:
                 )
                 for i, spec in enumerate(self._scan_sources)
             ]
+            # Sources that can read fewer columns read only those the query uses.
+            for scan, src in zip(self._scans, self._sources):
+                columns = self._projections.get(scan)
+                project = getattr(src, "project", None)
+                if columns is not None and project is not None:
+                    project(columns)
             self._sink = self.config.sink.build(
                 SinkContext(
                     query_id=meta.id,
@@ -424,7 +438,8 @@ class StreamExecution:
         moved = (
             watermark_us is not None
             and bool(self._stateful_nodes)
-            and self.config.output_mode != "complete"
+            # complete mode evicts nothing, but operators feeding others emit on watermark
+            and (self.config.output_mode != "complete" or bool(self._chained))
             and watermark_us > self._last_watermark_us
         )
         return moved or self._timers_due(watermark_us)
@@ -500,6 +515,7 @@ class StreamExecution:
             output_mode=self.config.output_mode,
             batch_timestamp_ms=entry.batch_timestamp_ms,
             operators=self._operators,
+            chained=self._chained,
         )
         result = self.config.plan.execute(inputs, ctx).collect()
         if ctx.late_rows:

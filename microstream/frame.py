@@ -38,6 +38,7 @@ from microstream.plan import (
     WatermarkNode,
     check_row_wise,
 )
+from microstream.processing_time import processing_time_node
 from microstream.protocols import StaticSide
 from microstream.query import StreamingQuery
 from microstream.registry import load_connector
@@ -617,6 +618,40 @@ class StreamFrame:
         return StreamFrame(node)
 
     # -- event time and state ------------------------------------------------------------
+
+    def with_processing_time(self, name: str = "processing_time") -> StreamFrame:
+        """Add column ``name``: the time the row's micro-batch is processed.
+
+        The value is the batch's timestamp, logged in the write-ahead log before
+        the batch runs (``query.last_progress.batch_timestamp_ms``): every row of
+        a batch has the same one, and a batch re-run after a crash or restart
+        has the value of its first run, so results stay exactly-once. The column
+        is a ``Datetime("ms")``, UTC without a time zone. Flink's ``PROCTIME()``;
+        window on it with ``with_watermark(name, "0s")`` and
+        ``group_by_dynamic(name, ...)`` for processing-time windows.
+
+        Parameters
+        ----------
+        name
+            The new column's name; one the stream already has is a ``PlanError``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().with_processing_time("seen_at").sink_memory("doc_proctime")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> out = ms.table("doc_proctime")
+        >>> out.schema
+        Schema([('x', Int64), ('seen_at', Datetime(time_unit='ms', time_zone=None))])
+        >>> stamp = query.last_progress.batch_timestamp_ms
+        >>> out["seen_at"].dt.epoch("ms").to_list() == [stamp, stamp]
+        True
+        >>> query.stop()
+        """
+        return StreamFrame(processing_time_node(self._plan, self._schema, name))
 
     def with_watermark(
         self,
@@ -1298,11 +1333,13 @@ class StreamFrame:
             raise PlanError(msg)
         stateful = self._plan.stateful_nodes()
         for node in stateful[:-1]:
-            if not node.chainable:
+            if not node.can_chain():
                 msg = (
                     f"{node.describe()} cannot feed another stateful operator: its rows are "
                     "revised or emitted long after their event time. Chains may start with "
-                    "stream joins and unique(); this query has "
+                    "stream joins, unique() and aggregations whose groups close by the "
+                    "watermark (windows, or a watermarked time key; no emit triggers), which "
+                    "then emit each group once, as in append mode; this query has "
                     + " -> ".join(n.describe() for n in stateful)
                 )
                 raise PlanError(msg)

@@ -1,7 +1,11 @@
 """Stream-stream joins: two watermarked streams joined on keys within a time bound.
 
 The semantics are Spark's symmetric hash join with an event-time range
-condition. Each side buffers its rows in a state store keyed by the join keys.
+condition. Each side buffers its rows in a state store, one key per row (the
+join keys and a row id) hashed on the join keys: a batch finds a join key's rows
+by that hash, inserts its new rows, and rewrites a kept row only when it first
+matches (outer joins, semi and anti remember that), so its cost follows the
+batch, not the rows kept.
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
@@ -229,17 +233,29 @@ class StreamJoinOperator(_TwoStreamOperator):
         super().__init__(operator_id)
         self.node = node
         extra = {ROW_ID: pl.Int64(), MATCHED: pl.Boolean()}
+        # One state key per row (join keys + row id), hashed on the join keys: a batch
+        # inserts its rows and finds a key's rows without rewriting the rows kept.
         self.left = StateStore(
             storage.sub("left"),
             operator=f"{operator_id}/left",
-            key_columns=list(node.left_on),
+            key_columns=[*node.left_on, ROW_ID],
+            hash_columns=list(node.left_on),
+            one_row_per_key=True,
             schema=pl.Schema({**node.left_schema, **extra}),
         )
         self.right = StateStore(
             storage.sub("right"),
             operator=f"{operator_id}/right",
-            key_columns=list(node.right_on),
+            key_columns=[*node.right_on, ROW_ID],
+            hash_columns=list(node.right_on),
+            one_row_per_key=True,
             schema=pl.Schema({**node.right_schema, **extra}),
+        )
+        # Whether a side's rows must remember that they matched: for the unmatched rows
+        # outer joins and anti emit, and for semi's first match.
+        self._track = (
+            node.how in ("left", "full", "semi", "anti"),
+            node.how in ("right", "full"),
         )
 
     def _stores(self) -> list[StateStore]:
@@ -255,14 +271,15 @@ class StreamJoinOperator(_TwoStreamOperator):
         self._dropped_late = late_left + late_right
         self._updated = left.height + right.height
 
-        # Every buffered row of the keys that arrived on either side.
-        left_keys = _keys(left, node.left_on, node.left_on)
-        right_keys = _keys(right, node.right_on, node.left_on)
-        keys = pl.concat([left_keys, right_keys], how="vertical").unique()
-        old_left = self.left.lookup(keys) if keys.height else self.left.frame.clear()
+        # The buffered rows a new row of the other side can pair with.
+        old_left = (
+            self.left.lookup(_keys(right, node.right_on, node.left_on))
+            if right.height and self.left.rows
+            else self.left.frame.clear()
+        )
         old_right = (
-            self.right.lookup(keys.rename(dict(zip(node.left_on, node.right_on))))
-            if keys.height
+            self.right.lookup(_keys(left, node.left_on, node.right_on))
+            if left.height and self.right.rows
             else self.right.frame.clear()
         )
         all_left = pl.concat([old_left, left], how="vertical")
@@ -270,21 +287,22 @@ class StreamJoinOperator(_TwoStreamOperator):
         pairs = self._pairs(all_left, all_right, old_left.height, old_right.height)
 
         # Flags: a row matched now or before; semi emits a left row at its first match.
-        matched_left = pairs.get_column("__left_id").unique()
-        matched_right = pairs.get_column("__right_id").unique()
-        newly_matched = all_left.filter(
-            pl.col(ROW_ID).is_in(matched_left.implode()) & ~pl.col(MATCHED)
-        )
-        all_left = all_left.with_columns(
-            pl.col(MATCHED) | pl.col(ROW_ID).is_in(matched_left.implode())
-        )
-        all_right = all_right.with_columns(
-            pl.col(MATCHED) | pl.col(ROW_ID).is_in(matched_right.implode())
-        )
-        if all_left.height:
-            self.left.apply(upserts=all_left)
-        if all_right.height:
-            self.right.apply(upserts=all_right)
+        # New rows go in with their flag; a kept row is rewritten when it first matches.
+        newly_matched = all_left.clear()
+        for side, (store, arrived, old, ids) in enumerate(
+            ((self.left, left, old_left, "__left_id"), (self.right, right, old_right, "__right_id"))
+        ):
+            if not self._track[side] or pairs.height == 0:
+                store.insert(arrived)
+                continue
+            hit = pl.col(ROW_ID).is_in(pairs.get_column(ids).unique().implode())
+            first = old.filter(hit & ~pl.col(MATCHED)).with_columns(pl.lit(True).alias(MATCHED))
+            flagged = arrived.with_columns(hit.alias(MATCHED))
+            store.insert(flagged)
+            if first.height:
+                store.apply(upserts=first)
+            if side == 0:
+                newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
 
         # Rows no future row of the other side can match leave the buffers.
         gone_left = gone_right = None

@@ -121,9 +121,13 @@ class KeyedRows:
             for p in range(self.num_partitions)
         ]
 
-    def rows_of(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """Every live row whose key is in ``keys`` (key columns + hash; duplicates allowed)."""
-        base_at, tail_at = self._find(keys)
+    def rows_of(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> pl.DataFrame:
+        """Every live row whose key is in ``keys`` (key columns + hash; duplicates allowed).
+
+        ``on``: match these columns only, the ones the hash is computed over when that
+        is fewer than the key columns (every row of a key prefix).
+        """
+        base_at, tail_at = self._find(keys, on)
         found = []
         if base_at.size:
             found.append(_gather(self._base, base_at))
@@ -148,6 +152,15 @@ class KeyedRows:
         if rows.height:
             self._count(rows.get_column(self.hash_column).to_numpy(), 1)
             self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        self._maybe_merge()
+
+    def append(self, rows: pl.DataFrame) -> None:
+        """Add ``rows``, whose keys the caller guarantees are not in the state yet."""
+        if rows.height == 0:
+            return
+        self._changes += 1
+        self._count(rows.get_column(self.hash_column).to_numpy(), 1)
+        self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
         self._maybe_merge()
 
     def remove_where(self, predicate: pl.Expr) -> pl.DataFrame:
@@ -202,11 +215,13 @@ class KeyedRows:
         if self._tail.height > limit or self._dead > max(self.tail_rows, self._base.height // 2):
             self.compact()
 
-    def _find(self, keys: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def _find(
+        self, keys: pl.DataFrame, on: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the live rows of ``keys`` in the base and in the tail."""
         if keys.height == 0:
             return _NONE, _NONE
-        probe = _Probe(keys, self.key_columns, self.hash_column)
+        probe = _Probe(keys, list(on or self.key_columns), self.hash_column)
         base_at, tail_at = self._candidates(probe.wanted)
         tail_hashes = self._tail.get_column(self.hash_column).to_numpy() if tail_at.size else _NONE
         return (

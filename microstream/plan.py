@@ -38,9 +38,11 @@ __all__ = [
     "StatelessNode",
     "StaticJoinNode",
     "WatermarkNode",
+    "chained_nodes",
     "check_row_wise",
     "describe_value",
     "result_key_columns",
+    "scan_projections",
 ]
 
 
@@ -92,6 +94,9 @@ class BatchContext:
     results: dict[PlanNode, pl.LazyFrame] = field(default_factory=dict)
     """Materialised results of this batch, so a node feeding two branches (both sides of
     a self-join) runs once."""
+    chained: frozenset[PlanNode] = frozenset()
+    """Stateful nodes whose output feeds another stateful node (:func:`chained_nodes`):
+    they run in append mode, whatever the query's, so what they emit is final."""
 
 
 def planning_context() -> BatchContext:
@@ -242,8 +247,17 @@ class StaticJoinNode(PlanNode):
         return [*self.input.stateless_steps(), self.describe()]
 
     def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        if isinstance(self.other, StaticSide):
-            other = pl.LazyFrame(schema=self.other.schema) if ctx.planning else self.other.current()
+        if ctx.planning:
+            # Never read the table to plan (scan_projections collects plans); one row of
+            # nulls, as an empty side would let Polars skip the stream's side altogether.
+            schema = (
+                self.other.schema
+                if isinstance(self.other, StaticSide)
+                else self.other.collect_schema()
+            )
+            other = pl.DataFrame(schema=schema).clear(1).lazy()
+        elif isinstance(self.other, StaticSide):
+            other = self.other.current()
         else:
             other = self.other
         return self.input.execute(inputs, ctx).join(other, **self.kwargs)
@@ -346,6 +360,11 @@ class StatefulNode(PlanNode):
     """Whether another stateful operator may consume this one's output: true for
     operators whose rows are final when emitted (joins, deduplication)."""
 
+    def can_chain(self) -> bool:
+        """Whether this node may feed another stateful node (see ``chainable``); nodes
+        whose answer depends on their arguments (an aggregation) override this."""
+        return self.chainable
+
     def output_delay_us(self) -> int:
         """How much older than the watermark the event times of emitted rows may be."""
         return 0
@@ -358,12 +377,15 @@ class StatefulNode(PlanNode):
         that much later, as Spark's per-operator watermark propagation does.
         """
         delay = sum(n.output_delay_us() for n in self.walk()[:-1] if isinstance(n, StatefulNode))
-        if not delay:
+        # An operator feeding another emits final rows only: append, whatever the query's mode.
+        mode = "append" if self in ctx.chained else ctx.output_mode
+        if not delay and mode == ctx.output_mode:
             return ctx
         return replace(
             ctx,
             late_watermark_us=ctx.late_watermark_us - delay,
             watermark_us=ctx.watermark_us - delay,
+            output_mode=mode,
         )
 
     def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
@@ -377,6 +399,66 @@ class StatefulNode(PlanNode):
         return ctx.results[self]
 
 
+def chained_nodes(plan: PlanNode) -> frozenset[PlanNode]:
+    """The stateful nodes of ``plan`` that feed another stateful node."""
+    found: set[PlanNode] = set()
+    for node in plan.stateful_nodes():
+        found.update(n for n in node.walk()[:-1] if isinstance(n, StatefulNode))
+    return frozenset(found)
+
+
+def scan_projections(plan: PlanNode) -> dict[ScanNode, tuple[str, ...] | None]:
+    """The columns the query reads of each source (None: every column).
+
+    Polars finds them: every part of the plan that is collected on its own (each
+    stateful node's inputs, each watermark's column, the result) is collected once
+    over empty probe sources, whose ``with_columns`` argument is what projection
+    pushdown asks of them. A source that feeds ``concat`` (whose inputs must keep
+    equal columns) or a plan that cannot be probed reads every column.
+    """
+    from polars.io.plugins import register_io_source
+
+    scans = plan.scans()
+    wanted: dict[ScanNode, set[str] | None] = {scan: set() for scan in scans}
+
+    def probe(scan: ScanNode) -> pl.LazyFrame:
+        schema = pl.Schema(scan.source.schema)
+
+        def source(with_columns: list[str] | None, *_: Any) -> Any:
+            found = wanted[scan]
+            if with_columns is None or found is None:
+                wanted[scan] = None
+            else:
+                found.update(with_columns)
+            yield pl.DataFrame(schema=schema).select(with_columns or list(schema))
+
+        return register_io_source(source, schema=schema)
+
+    inputs = {scan: probe(scan) for scan in scans}
+    ctx = planning_context()
+    try:
+        parts = [plan.execute(inputs, ctx)]
+        for node in plan.walk():
+            if isinstance(node, StatefulNode):
+                parts.extend(child.execute(inputs, ctx) for child in node.children())
+            elif isinstance(node, WatermarkNode):
+                parts.append(node.input.execute(inputs, ctx).select(node.column))
+            elif isinstance(node, ConcatNode):
+                for child in node.inputs:
+                    for scan in child.scans():
+                        wanted[scan] = None
+        for part in parts:
+            part.collect()
+    except Exception:  # a user function that fails on empty input, say: read everything
+        return dict.fromkeys(scans)
+    return {
+        scan: None
+        if not found or len(found) == len(scan.source.schema)
+        else tuple(c for c in scan.source.schema if c in found)
+        for scan, found in wanted.items()
+    }
+
+
 def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:
     """The columns identifying a row of the query's result, for upserting sinks.
 
@@ -384,16 +466,17 @@ def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:
     start column followed by its group keys (the window start fixes the window,
     its period being fixed). None when the result has no stable key: no
     aggregation, sessions (merging sessions changes ``session_start``),
-    deduplication. This is the query's *last* operator's key; the sink checks
-    that the columns are still in the output.
+    deduplication. This is the query's *last* operator's key (operators before
+    it in a chain emit final rows); the sink checks that the columns are still
+    in the output.
     """
     # The aggregation module builds on this one; imported here, when a query starts.
     from microstream.aggregation import AggregateNode
 
     stateful = plan.stateful_nodes()
-    if len(stateful) != 1 or not isinstance(stateful[0], AggregateNode):
+    if not stateful or not isinstance(stateful[-1], AggregateNode):
         return None
-    node = stateful[0]
+    node = stateful[-1]
     window = (node.window.column,) if node.window is not None else ()
     return (*window, *node.keys)
 

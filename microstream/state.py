@@ -95,6 +95,8 @@ class StateMetadata(_Record):
     format_version: int = STATE_FORMAT_VERSION
     operator: str
     key_columns: list[str]
+    hash_columns: list[str] | None = None
+    """The key columns the hash (and so the partition) is computed over; None: all."""
     schema_: dict[str, str] = Field(alias="schema")
     schema_ipc: str
     num_partitions: int
@@ -145,6 +147,14 @@ class StateStore:
     min_versions_to_retain
         Files needed to rebuild any of the last this-many versions (by
         version number) are kept; older ones are removed after a snapshot.
+    hash_columns
+        The key columns the hash, and so the partition, is computed over
+        (default: all). Fewer lets :meth:`lookup` find every row of a key
+        prefix: a join keeps one key per row (join keys and a row id), hashed
+        on the join keys, so new rows are inserted without rewriting old ones.
+    one_row_per_key
+        The caller never gives a key more than one row, so :meth:`filter_out`
+        need not look for rows its evicted keys keep.
 
     Notes
     -----
@@ -204,11 +214,15 @@ class StateStore:
         num_partitions: int = 8,
         snapshot_every: int = 10,
         min_versions_to_retain: int = 100,
+        hash_columns: Sequence[str] | None = None,
+        one_row_per_key: bool = False,
     ):
         self.storage = storage
         self.operator = operator
         self.schema = pl.Schema(schema)
         self.key_columns = list(key_columns)
+        self.hash_columns = list(hash_columns) if hash_columns is not None else self.key_columns
+        self.one_row_per_key = one_row_per_key
         self.num_partitions = num_partitions
         self.snapshot_every = snapshot_every
         self.min_versions_to_retain = min_versions_to_retain
@@ -217,7 +231,7 @@ class StateStore:
         self._keys_hash = [*self.key_columns, _HASH]
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean()})
-        self._hash_expr = _hash_expr(self.schema, self.key_columns)
+        self._hash_expr = _hash_expr(self.schema, self.hash_columns)
         self._schema_ipc = _encode_frame(pl.DataFrame(schema=self.schema))
         if _decode_frame(self._schema_ipc).schema != self.schema:
             msg = (
@@ -226,7 +240,7 @@ class StateStore:
             )
             raise SchemaMismatchError(msg)
         self._pyarrow_io = _pyarrow_round_trips(self.schema)
-        self._probe_frame = _make_probe_frame(self.schema, self.key_columns)
+        self._probe_frame = _make_probe_frame(self.schema, self.hash_columns)
         self._probe = self._partitions_of(self._probe_frame)
 
         self._data = self._keyed(pl.DataFrame(schema=self._mem_schema))
@@ -256,6 +270,12 @@ class StateStore:
             raise ValueError(msg)
         if len(set(self.key_columns)) != len(self.key_columns):
             msg = f"key_columns of operator {self.operator!r} repeat a column: {self.key_columns}"
+            raise ValueError(msg)
+        if not self.hash_columns or not set(self.hash_columns) <= set(self.key_columns):
+            msg = (
+                f"hash_columns of operator {self.operator!r} must be some of its key_columns "
+                f"{self.key_columns}; got {self.hash_columns}"
+            )
             raise ValueError(msg)
         reserved = [c for c in (_DELETED, _HASH, _PART, _ORDER, _MASK) if c in self.schema]
         if reserved:
@@ -306,18 +326,44 @@ class StateStore:
         Parameters
         ----------
         keys
-            A frame with (at least) the key columns; duplicates are ignored.
+            A frame with (at least) the key columns, or with the hash columns
+            only when they are fewer (then every row whose hash columns match);
+            duplicates are ignored.
 
         Returns
         -------
         DataFrame
             Every state row whose key is in ``keys``, columns in schema order.
         """
-        keys = self._conform(keys, "keys", self.key_columns, exact=False)
+        by_hash = self.hash_columns != self.key_columns and not set(self.key_columns) <= set(
+            keys.columns
+        )
+        on = self.hash_columns if by_hash else self.key_columns
+        keys = self._conform(keys, "keys", on, exact=False)
         if keys.height == 0:
             return pl.DataFrame(schema=self.schema)
-        found = self._rows_of(keys.with_columns(self._hash_expr))
+        found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
         return _project(found, list(self.schema))
+
+    def insert(self, rows: pl.DataFrame) -> None:
+        """Add rows of keys that are not in the state: :meth:`apply` without looking
+        for the keys' old rows (the caller guarantees there are none: e.g. a row id
+        among the key columns).
+
+        Parameters
+        ----------
+        rows
+            Rows with exactly the state's columns and dtypes.
+        """
+        ups = self._conform(rows, "rows", list(self.schema), exact=True)
+        if ups.height == 0:
+            return
+        ups = ups.with_columns(self._hash_expr)
+        self._data.append(ups)
+        self._frame = None
+        changes = ups.with_columns(pl.lit(False).alias(_DELETED))
+        pending = self._pending
+        self._pending = changes if pending is None else pl.concat([pending, changes])
 
     # -- changing the state --------------------------------------------------------
 
@@ -402,8 +448,8 @@ class StateStore:
         # Keys that keep rows are recorded with their remaining rows, the others as deleted.
         evicted = _project(removed, self._keys_hash)
         read = set(predicate.meta.root_names())  # empty for selectors: unknown
-        if read and read <= set(self.key_columns):
-            # The predicate reads only key columns: a key lost all its rows or none.
+        if self.one_row_per_key or (read and read <= set(self.key_columns)):
+            # One row per key, or a predicate of key columns only: a key lost all or none.
             remaining = pl.DataFrame(schema=self._mem_schema)
         else:
             remaining = self._rows_of(evicted)
@@ -645,6 +691,8 @@ class StateStore:
             problems.append(f"operator {meta.operator!r} -> {self.operator!r}")
         if meta.key_columns != self.key_columns:
             problems.append(f"key_columns {meta.key_columns} -> {self.key_columns}")
+        if (meta.hash_columns or meta.key_columns) != self.hash_columns:
+            problems.append(f"hash_columns {meta.hash_columns} -> {self.hash_columns}")
         if stored_schema != self.schema:
             problems.append(f"schema {_describe_schema_change(stored_schema, self.schema)}")
         if meta.num_partitions != self.num_partitions:
@@ -672,6 +720,7 @@ class StateStore:
         return StateMetadata(
             operator=self.operator,
             key_columns=self.key_columns,
+            hash_columns=None if self.hash_columns == self.key_columns else self.hash_columns,
             schema={name: str(dtype) for name, dtype in self.schema.items()},
             schema_ipc=self._schema_ipc,
             num_partitions=self.num_partitions,
@@ -925,6 +974,7 @@ def read_state(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
         storage,
         operator=meta.operator,
         key_columns=meta.key_columns,
+        hash_columns=meta.hash_columns,
         schema=schema,
         num_partitions=meta.num_partitions,
         snapshot_every=meta.snapshot_every,

@@ -227,6 +227,57 @@ def test_constructor_arguments_are_checked(storage: Storage) -> None:
         new_store(storage, num_partitions=0)
 
 
+def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storage) -> None:
+    # A stream join's layout: one key per row (k1, t), hashed on k1 only, so a lookup by
+    # k1 finds all of k1's rows and new rows go in without rewriting the old ones.
+    def store() -> StateStore:
+        return StateStore(
+            storage,
+            operator="op",
+            key_columns=["k1", "t"],
+            hash_columns=["k1"],
+            one_row_per_key=True,
+            schema=SCHEMA,
+            num_partitions=4,
+        )
+
+    first = store()
+    first.load(None)
+    first.insert(rows((1, "a", 1, 10), (2, "b", 2, 20), (1, "c", 3, 30), (None, "n", 4, 40)))
+    first.commit(0)
+    first.insert(rows((1, "d", 5, 50)))
+    first.apply(upserts=rows((1, "a", 1, 11)))  # one row, by its whole key
+    by_k1 = pl.DataFrame({"k1": [1, None]}, schema={"k1": pl.Int64})
+    expected = rows((1, "a", 1, 11), (1, "c", 3, 30), (1, "d", 5, 50), (None, "n", 4, 40))
+    assert_same_rows(first.lookup(by_k1), expected)
+    assert_same_rows(first.lookup(rows((1, None, 3, None))), rows((1, "c", 3, 30)))
+    assert_same_rows(
+        first.filter_out(pl.col("t") <= 3), rows((1, "a", 1, 11), (2, "b", 2, 20), (1, "c", 3, 30))
+    )
+    first.commit(1)
+    # The delta holds only what changed: the row inserted, and deletion markers for the
+    # three keys evicted (t 1's upsert included): no row of k1 that stayed is rewritten.
+    parts = [f"{p}/1.delta.arrow" for p in range(4) if "1.delta.arrow" in files(storage, p)]
+    delta = pl.concat([pl.read_ipc(storage.read_bytes(name)) for name in parts])
+    assert sorted(delta.select("t", "__deleted").rows()) == [
+        (1, True), (2, True), (3, True), (5, False)
+    ]  # fmt: skip
+    second = store()
+    second.load(1)
+    assert_same_rows(second.frame, rows((None, "n", 4, 40), (1, "d", 5, 50)))
+    second.load(0)
+    assert_same_rows(
+        second.lookup(by_k1), rows((1, "a", 1, 10), (1, "c", 3, 30), (None, "n", 4, 40))
+    )
+    assert_same_rows(read_state(storage, version=0), second.frame)
+    with pytest.raises(PlanChangedError, match=r"hash_columns \['k1'\] -> \['k1', 't'\]"):
+        StateStore(
+            storage, operator="op", key_columns=["k1", "t"], schema=SCHEMA, num_partitions=4
+        ).load(0)
+    with pytest.raises(ValueError, match=r"hash_columns .* must be some of its key_columns"):
+        StateStore(storage, operator="op", key_columns=["k1"], hash_columns=["v"], schema=SCHEMA)
+
+
 def test_hash_collisions_never_remove_other_keys(storage: Storage) -> None:
     # Force every row onto one hash value: only the key columns may decide.
     same_hash = pl.lit(7, dtype=pl.UInt64).alias("__key_hash")
