@@ -204,7 +204,7 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
     for system, runs in systems.items():
         seconds = median_of(runs, "seconds")
         figures[system] = {
-            "seconds": round(seconds, 3),
+            "seconds": round(seconds, 6),
             "events_per_s": round(events / seconds),
             "events_per_s_per_core": round(events / seconds / CORES),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
@@ -212,7 +212,7 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
         }
     ms_seconds = figures["microstream"]["seconds"]
     ratios = {
-        f"vs_{system}": round(figures[system]["seconds"] / ms_seconds, 3)
+        f"vs_{system}": round(figures[system]["seconds"] / ms_seconds, 4)
         for system in figures
         if system != "microstream"
     }

@@ -18,12 +18,12 @@ def test_run_query_reports_checked_figures(nexmark_root: Path, tmp_path: Path) -
     assert result["input_events"] == 24_000 * 46 // 50
     ms_fig, polars_fig = result["systems"]["microstream"], result["systems"]["polars"]
     assert len(ms_fig["runs_seconds"]) == 2
-    # Seconds are rounded to the millisecond in the record, the rates are not.
+    # Seconds are rounded to the microsecond in the record, rates to an event, ratios to 1e-4.
     rate = result["input_events"] / ms_fig["seconds"]
-    assert ms_fig["events_per_s"] == pytest.approx(rate, rel=1e-2)
+    assert ms_fig["events_per_s"] == pytest.approx(rate, rel=1e-3)
     expected_ratio = polars_fig["seconds"] / ms_fig["seconds"]
     assert result["microstream_ratios"].keys() == {"vs_polars"}
-    assert result["microstream_ratios"]["vs_polars"] == pytest.approx(expected_ratio, rel=1e-2)
+    assert result["microstream_ratios"]["vs_polars"] == pytest.approx(expected_ratio, abs=2e-4)
     assert result["microstream_detail"]["batches"] >= 4  # 12 files, 3 per trigger
     assert set(result["systems"]) == {"polars", "microstream"}  # no peer was given
 
