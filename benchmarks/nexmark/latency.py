@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -344,16 +345,14 @@ class Producer(threading.Thread):
         return self.rows / span_s
 
 
-_POOL: dict[str, pl.DataFrame] = {}
+@functools.lru_cache(maxsize=2)
+def _pool_of(size: int) -> pl.DataFrame:
+    return bid_pool(size)
 
 
 def shared_pool(rows: int) -> pl.DataFrame:
-    """A pool of at least ``rows`` rows (and 50k), generated once and grown when asked."""
-    wanted = max(rows, 50_000)
-    pool = _POOL.get("pool")
-    if pool is None or pool.height < wanted:
-        pool = _POOL["pool"] = bid_pool(wanted)
-    return pool
+    """A pool of at least ``rows`` rows (and 50k), generated once per power of two."""
+    return _pool_of(max(50_000, 1 << max(rows - 1, 1).bit_length()))
 
 
 # -- the sink and the progress log ------------------------------------------------------------------
