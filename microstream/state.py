@@ -1017,8 +1017,18 @@ def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
     """The rows of ``frame`` by partition id (``pids``, one per row); empty parts left out."""
     if frame.height == 0:
         return {}
-    parts = frame.with_columns(pids.alias(_PART)).partition_by(_PART, as_dict=True)
-    return {int(key[0]): part.drop(_PART) for key, part in parts.items()}
+    # One stable gather into partition order, then zero-copy slices: partition_by plus a
+    # drop per part cost ~6x more on the small frames of a batch (Polars' per-call overhead).
+    ids = pids.to_numpy()
+    counts = np.bincount(ids).tolist()
+    ordered = frame[np.argsort(ids, kind="stable")]
+    parts: dict[int, pl.DataFrame] = {}
+    start = 0
+    for pid, count in enumerate(counts):
+        if count:
+            parts[pid] = ordered.slice(start, count)
+        start += count
+    return parts
 
 
 def _encode(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:
