@@ -86,12 +86,17 @@ def table(record: dict[str, Any], source: str) -> str:
             return f"{ratios[key]:.2f}x" if key in ratios else "—"
 
         spark = rate("spark") if "spark" in systems else result["notes"].get("spark", "—")
+        peer = (
+            rate("python_peer")
+            if "python_peer" in systems
+            else result["notes"].get("python_peer", "—")
+        )
         rows.append(
             f"| {result['query']} | {result['kind']} | {result['input_events']:,} "
             f"| {rate('polars')} | {rate('microstream')} "
             f"| {_rate(systems['microstream']['events_per_s_per_core'])}/s "
             f"| {ratio('vs_polars')} | {spark} | {ratio('vs_spark')} "
-            f"| {rate('python_peer')} | {ratio('vs_python_peer')} "
+            f"| {peer} | {ratio('vs_python_peer')} "
             f"| {systems['microstream']['peak_rss_mib']} MiB | {verdict(result)} |"
         )
     machine = record["machine"]

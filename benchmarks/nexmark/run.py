@@ -159,6 +159,20 @@ class Peers:
         return self.spark.SUPPORTED.get(name) if self.spark is not None else "skipped"
 
 
+def peer_run(
+    peer: str, fn: Callable[[], float], which: str, notes: dict[str, str]
+) -> dict[str, Any] | None:
+    """One timed run of a peer; a failure (Spark out of memory, say) is noted, not fatal."""
+    try:
+        seconds, peak = measured(fn, which)
+    except Exception as exc:  # the peer's own error, reported in the results
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        notes[peer] = f"failed: {type(exc).__name__}: {first}"
+        print(f"{peer} failed: {notes[peer]}", flush=True)
+        return None
+    return {"seconds": seconds, "peak_rss_mib": peak}
+
+
 def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> dict[str, Any]:
     module = load(name)
     events = input_events(root, module.INPUTS)
@@ -190,16 +204,24 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
             "phase_totals_ms": run.phase_totals_ms,
             "output_rows": run.result.height,
         }
-        if refusal is None:
-            seconds, peak = measured(
+        if refusal is None and "spark" not in notes:
+            timed = peer_run(
+                "spark",
                 lambda: peers.spark.run(peers.spark_session, name, root, args.files_per_trigger)[0],
                 "tree",
+                notes,
             )
-            systems.setdefault("spark", []).append({"seconds": seconds, "peak_rss_mib": peak})
-        if peer_ok:
-            seconds, peak = measured(lambda: peers.python.run(name, root)[0], "new_children")
-            systems.setdefault("python_peer", []).append({"seconds": seconds, "peak_rss_mib": peak})
+            if timed is not None:
+                systems.setdefault("spark", []).append(timed)
+        if peer_ok and "python_peer" not in notes:
+            timed = peer_run(
+                "python_peer", lambda: peers.python.run(name, root)[0], "new_children", notes
+            )
+            if timed is not None:
+                systems.setdefault("python_peer", []).append(timed)
 
+    for failed in notes:  # a peer that failed in any run has no figure, only its note
+        systems.pop(failed, None)
     figures: dict[str, Any] = {}
     for system, runs in systems.items():
         seconds = median_of(runs, "seconds")
