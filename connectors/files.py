@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, ClassVar
@@ -330,6 +330,7 @@ class FileSource:
         self._unlogged = 0  # new files the last listing found but left for later batches
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
+        self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
 
     def project(self, columns: Sequence[str]) -> None:
         """Read only ``columns`` of the schema from now on (the query reads no others)."""
@@ -439,8 +440,11 @@ class FileSource:
         else:
             # Polars reads release the GIL: several files at once use every core. map()
             # keeps log order and re-raises the first file's error, naming that file.
-            with ThreadPoolExecutor(max_workers=min(len(wanted), _READ_THREADS)) as pool:
-                frames = list(pool.map(lambda item: self._read_file(*item), wanted))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=_READ_THREADS, thread_name_prefix="microstream-files"
+                )
+            frames = list(self._pool.map(lambda item: self._read_file(*item), wanted))
         return pl.concat(frames, how="vertical")
 
     def _entry(self, k: int) -> FileLogEntry:
@@ -521,35 +525,97 @@ class FileSource:
             )
 
     def stop(self) -> None:
-        """Nothing to release: files are opened per read."""
+        """Shut down the threads that read files (files themselves are opened per read)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- listing ---------------------------------------------------------------------------
 
     def _new_files(self) -> list[LoggedFile]:
-        return [
-            f
-            for f in _list_files(self._dir, self.spec.glob, self.spec.recursive)
-            if f.name not in self._seen
-        ]
+        return _list_files(self._dir, self.spec.glob, self.spec.recursive, seen=self._seen)
 
 
-def _list_files(directory: DataDir, glob: str | None, recursive: bool) -> list[LoggedFile]:
-    """The visible files of ``directory`` (no hidden ones, matching ``glob``)."""
-    fs = directory.fs
+def _list_files(
+    directory: DataDir, glob: str | None, recursive: bool, *, seen: Container[str] = frozenset()
+) -> list[LoggedFile]:
+    """The visible files of ``directory`` (no hidden ones, matching ``glob``) not in ``seen``.
+
+    Names in ``seen`` are dropped before anything else is done with them: a
+    file already taken is neither stat-ed nor described again, so a trigger
+    costs a listing of names plus work for the new files only.
+    """
     try:
-        fs.invalidate_cache(directory.root)  # object stores cache listings
-        if recursive:
-            infos = list(fs.find(directory.root, withdirs=False, detail=True).values())
-        else:
-            infos = [i for i in fs.ls(directory.root, detail=True) if i.get("type") == "file"]
+        if directory.is_local:
+            return _list_local(directory.root, glob, recursive, seen)
+        return _list_remote(directory, glob, recursive, seen)
     except FileNotFoundError:
         return []
     except Exception as exc:
         msg = f"cannot list the source directory {directory.url}: {exc}"
         raise SourceError(msg) from exc
+
+
+def _list_local(
+    root: str, glob: str | None, recursive: bool, seen: Container[str]
+) -> list[LoggedFile]:
+    """:func:`_list_files` with ``os.scandir``: names come without a ``stat`` call.
+
+    Which entries count as files is fsspec's: without ``recursive`` regular
+    files only; with it everything but a directory, and symbolic links to
+    directories are not followed.
+    """
+    files = []
+    pending = [("", root)]
+    while pending:
+        prefix, path = pending.pop()
+        try:
+            with os.scandir(path) as listing:
+                entries = list(listing)
+        except FileNotFoundError:
+            if not prefix:
+                raise  # the directory itself: nothing there yet
+            continue  # a sub-directory removed since it was listed
+        for entry in entries:
+            if entry.name.startswith((".", "_")):
+                continue
+            name = prefix + entry.name
+            try:
+                if recursive and entry.is_dir(follow_symlinks=False):
+                    pending.append((name + "/", entry.path))
+                    continue
+                if not recursive and not entry.is_file(follow_symlinks=False):
+                    continue
+                if name in seen or (glob is not None and not fnmatch.fnmatchcase(entry.name, glob)):
+                    continue
+                info = entry.stat(follow_symlinks=False)
+                size = info.st_size
+                if entry.is_symlink():  # as fsspec: the size of the target, the link's mtime
+                    try:
+                        size = entry.stat().st_size
+                    except OSError:
+                        size = 0
+            except FileNotFoundError:
+                continue  # removed since the listing
+            files.append(LoggedFile(name=name, size=size, mtime=info.st_mtime))
+    return files
+
+
+def _list_remote(
+    directory: DataDir, glob: str | None, recursive: bool, seen: Container[str]
+) -> list[LoggedFile]:
+    """:func:`_list_files` through fsspec, whose listings carry sizes and times already."""
+    fs = directory.fs
+    fs.invalidate_cache(directory.root)  # object stores cache listings
+    if recursive:
+        infos = list(fs.find(directory.root, withdirs=False, detail=True).values())
+    else:
+        infos = [i for i in fs.ls(directory.root, detail=True) if i.get("type") == "file"]
     files = []
     for info in infos:
         name = directory.relative(str(info["name"]))
+        if name in seen:
+            continue
         parts = name.split("/")
         if any(p.startswith((".", "_")) for p in parts):
             continue
@@ -565,7 +631,7 @@ def _list_files(directory: DataDir, glob: str | None, recursive: bool) -> list[L
 
 
 def _read(source: str | IO[bytes], fmt: FileFormat, schema: pl.Schema, shown: str) -> pl.DataFrame:
-    """Read one file; parquet and ipc read only the schema's columns, after a check."""
+    """Read one file; parquet and ipc read only the schema's columns (one open of the file)."""
     if fmt == "csv":
         try:
             return pl.read_csv(
@@ -581,17 +647,19 @@ def _read(source: str | IO[bytes], fmt: FileFormat, schema: pl.Schema, shown: st
     if fmt == "ndjson":
         # JSON has no per-file schema: an absent field is null, as in Spark.
         return pl.read_ndjson(source, schema=schema)
-    if fmt == "parquet":
-        found = pl.read_parquet_schema(source)
-        _check_columns(list(found), schema, shown)
+    # parquet and ipc: one open. A missing column fails the read; only then is the
+    # file's schema read, to name the column and its dtype (polars' message lacks it).
+    # The dtypes of the columns read are checked by _conform.
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(source, columns=list(schema), glob=False)
+        return pl.read_ipc(source, columns=list(schema))
+    except pl.exceptions.ColumnNotFoundError:
         if not isinstance(source, str):
             source.seek(0)
-        return pl.read_parquet(source, columns=list(schema), glob=False)
-    found = pl.read_ipc_schema(source)
-    _check_columns(list(found), schema, shown)
-    if not isinstance(source, str):
-        source.seek(0)
-    return pl.read_ipc(source, columns=list(schema))
+        found = pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
+        _check_columns(list(found), schema, shown)
+        raise
 
 
 def _check_columns(found: list[str], schema: pl.Schema, shown: str) -> None:
@@ -606,6 +674,8 @@ def _check_columns(found: list[str], schema: pl.Schema, shown: str) -> None:
 
 def _conform(df: pl.DataFrame, schema: pl.Schema, shown: str) -> pl.DataFrame:
     """``df`` with exactly ``schema``'s columns, order and dtypes (widening casts only)."""
+    if df.schema == schema:  # the usual case; Schema compares names, order and dtypes
+        return df
     _check_columns(df.columns, schema, shown)
     casts = []
     for name, expected in schema.items():

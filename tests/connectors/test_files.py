@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from connectors.files import FileLogEntry, FileOffset, FileSource, FileSourceSpec
+import connectors.files
+from connectors.files import FileLogEntry, FileOffset, FileSource, FileSourceSpec, LoggedFile
 from connectors.rate import RateOffset
 from microstream.exceptions import (
     CheckpointCorruptError,
@@ -171,6 +172,39 @@ def test_missing_directory_with_schema_is_empty(tmp_path: Path, source_ctx: Sour
     assert source.latest_offset(off(-1), rate_limited=True) == off(0)
 
 
+@pytest.mark.parametrize(
+    ("where", "recursive"), [("local", False), ("local", True), ("memory", False)]
+)
+def test_listing_describes_only_new_files(
+    tmp_path: Path,
+    source_ctx: SourceContext,
+    memory_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    recursive: bool,
+) -> None:
+    directory = str(tmp_path / "in") if where == "local" else memory_url
+    for i in range(20):
+        put(directory, f"f{i}.parquet", rows(i))
+    source = build(source_ctx, directory, recursive=recursive)
+    first = source.latest_offset(off(-1), rate_limited=True)
+    put(directory, "g.parquet", rows(20))
+    put(directory, "h.parquet", rows(21))
+
+    described: list[str] = []
+
+    def counting(**fields: Any) -> LoggedFile:
+        described.append(fields["name"])
+        return LoggedFile(**fields)
+
+    monkeypatch.setattr(connectors.files, "LoggedFile", counting)
+    second = source.latest_offset(first, rate_limited=True)
+    assert sorted(described) == ["g.parquet", "h.parquet"]  # not the 20 files already taken
+    assert source.latest_offset(second, rate_limited=True) == second
+    assert sorted(described) == ["g.parquet", "h.parquet"]
+    assert sorted(source.read(first, second)["id"].to_list()) == [20, 21]
+
+
 # -- replay after a restart ------------------------------------------------------------------------
 
 
@@ -275,12 +309,14 @@ def test_unreadable_file_for_inference(tmp_path: Path) -> None:
         FileSourceSpec(str(tmp_path), format="parquet")
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
 @pytest.mark.parametrize("fmt", ["parquet", "ipc", "csv"])
 def test_missing_column_names_file_and_column(
-    tmp_path: Path, source_ctx: SourceContext, fmt: str
+    tmp_path: Path, source_ctx: SourceContext, memory_url: str, fmt: str, where: str
 ) -> None:
-    put(str(tmp_path), f"bad.{fmt}", pl.DataFrame({"id": [1]}), fmt)
-    source = build(source_ctx, tmp_path, format=fmt)
+    directory = str(tmp_path) if where == "local" else memory_url
+    put(directory, f"bad.{fmt}", pl.DataFrame({"id": [1]}), fmt)
+    source = build(source_ctx, directory, format=fmt)
     end = source.latest_offset(off(-1), rate_limited=True)
     with pytest.raises(
         SchemaMismatchError, match=rf"bad\.{fmt} has no column 'name' \(expected dtype String\)"
@@ -343,6 +379,34 @@ def test_only_lossless_widening_is_applied(
     else:
         with pytest.raises(SchemaMismatchError, match=r"a\.parquet has column 'v' as "):
             source.read(off(-1), end)
+
+
+def test_matching_frame_is_returned_as_is() -> None:
+    df = rows(1, 2)
+    assert connectors.files._conform(df, SCHEMA, "a.parquet") is df
+    reordered = df.select("name", "id")
+    assert_frame_equal(connectors.files._conform(reordered, SCHEMA, "a.parquet"), df)
+
+
+def test_one_read_pool_per_source_shut_down_on_stop(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    for i in range(4):
+        put(str(tmp_path), f"f{i}.parquet", rows(i), mtime=1000 + i)
+    source = build(source_ctx, tmp_path, max_files_per_trigger=2)
+    first = source.latest_offset(off(-1), rate_limited=True)
+    second = source.latest_offset(first, rate_limited=True)
+    assert source.read(off(-1), first)["id"].to_list() == [0, 1]
+    pool = source._pool
+    assert pool is not None
+    assert source.read(first, second)["id"].to_list() == [2, 3]
+    assert source._pool is pool
+    source.stop()
+    assert source._pool is None
+    assert pool._shutdown
+    source.stop()  # idempotent
+    assert source.read(off(-1), second)["id"].to_list() == [0, 1, 2, 3]  # a new pool if read again
+    source.stop()
 
 
 def test_widening_and_extra_columns(tmp_path: Path, source_ctx: SourceContext) -> None:
