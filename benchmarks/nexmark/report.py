@@ -53,6 +53,13 @@ def verdict(result: dict[str, Any]) -> str:
     return "met" if not misses else "missed: " + ", ".join(misses)
 
 
+def _short(note: str | None) -> str:
+    """A peer's note in a table cell; the whole note is listed under the table."""
+    if note is None:
+        return "—"
+    return "failed" if note.startswith("failed") else "cannot run"
+
+
 def _rate(value: float) -> str:
     return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.0f}k"
 
@@ -73,7 +80,7 @@ def table(record: dict[str, Any], source: str) -> str:
     """The markdown table of one results JSON."""
     rows = [
         "| query | kind | input events | Polars batch | microstream | per core | vs batch "
-        "| Spark local[2] | vs Spark | Python peer | vs peer | peak RSS | targets |",
+        "| Spark local[2] | vs Spark | Python peer | vs peer | peak extra RSS | targets |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in record["queries"]:
@@ -85,11 +92,11 @@ def table(record: dict[str, Any], source: str) -> str:
         def ratio(key: str, ratios: dict[str, Any] = ratios) -> str:
             return f"{ratios[key]:.2f}x" if key in ratios else "—"
 
-        spark = rate("spark") if "spark" in systems else result["notes"].get("spark", "—")
+        spark = rate("spark") if "spark" in systems else _short(result["notes"].get("spark"))
         peer = (
             rate("python_peer")
             if "python_peer" in systems
-            else result["notes"].get("python_peer", "—")
+            else _short(result["notes"].get("python_peer"))
         )
         rows.append(
             f"| {result['query']} | {result['kind']} | {result['input_events']:,} "
@@ -97,17 +104,27 @@ def table(record: dict[str, Any], source: str) -> str:
             f"| {_rate(systems['microstream']['events_per_s_per_core'])}/s "
             f"| {ratio('vs_polars')} | {spark} | {ratio('vs_spark')} "
             f"| {peer} | {ratio('vs_python_peer')} "
-            f"| {systems['microstream']['peak_rss_mib']} MiB | {verdict(result)} |"
+            f"| {systems['microstream']['peak_extra_rss_mib']} MiB | {verdict(result)} |"
         )
+    notes = [
+        f"- {result['query']}, {peer.replace('_', ' ')}: {note}"
+        for result in record["queries"]
+        for peer, note in result["notes"].items()
+    ]
     machine = record["machine"]
+    spec, settings = record["settings"]["data"]["spec"], record["settings"]
     header = (
         f"Run of {record['date']} on `{record['host']}` ({machine['cores']} cores, "
         f"Python {machine['python']}, Polars {machine['polars']}, commit "
-        f"{record['source'].get('commit')}); data {record['settings']['data']['spec']}; "
-        f"median of {record['settings']['repeat']} interleaved runs; source `{source}`. "
-        "Ratios are microstream's throughput over the other system's, in the same run."
+        f"{record['source'].get('commit')}): {spec['events']:,} events in files of "
+        f"{spec['events_per_file']:,}, {settings.get('files_per_trigger')} file(s) per "
+        f"trigger, event time at {spec['rate']:,} events/s, out-of-order groups of "
+        f"{spec['out_of_order_group_size']}, seed {spec['seed']}; median of "
+        f"{settings['repeat']} interleaved runs; `{source}`. Rates are input events/s; "
+        "ratios are microstream's throughput over the other system's, in the same run."
     )
-    return header + "\n\n" + "\n".join(rows)
+    footer = "\n\nWhere a peer has no figure:\n\n" + "\n".join(notes) if notes else ""
+    return header + "\n\n" + "\n".join(rows) + footer
 
 
 def chart(record: dict[str, Any], path: Path = CHART) -> None:

@@ -15,7 +15,7 @@ parquet file per micro-batch), then for every query, interleaved ``--repeat`` ti
 Figures are events/s of input (all events the query reads, as Nexmark counts),
 events/s per core (2 cores), the ratios microstream / each other system (only
 ratios within one run compare: the machine is shared and noisy), and peak RSS
-of the process tree during each run. Results go to
+of each system's processes during each run, above their RSS before it. Results go to
 ``benchmarks/results/<date>-<host>-nexmark.json``; ``--readme`` rewrites the
 table in benchmarks/README.md and draws ``benchmarks/results/nexmark.png``
 from it (``nexmark.report``).
@@ -59,7 +59,11 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 class PeakRss:
-    """Peak resident memory of the processes a system runs in, sampled.
+    """Peak resident memory of the processes a system runs in, above what they held before.
+
+    Sampled every ``interval`` seconds; ``extra`` is the peak minus the resident
+    memory at the start, so what earlier queries left allocated in this process
+    (or Spark's idle JVM) does not count against the next one.
 
     ``which``: ``"self"`` (Polars and microstream run in this process), ``"tree"``
     (this process and every child: Spark's JVM), ``"new_children"`` (the processes
@@ -73,6 +77,7 @@ class PeakRss:
         self._process = psutil.Process()
         self._before = {child.pid for child in self._process.children(recursive=True)}
         self.peak = 0
+        self.baseline = 0
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _processes(self) -> list[psutil.Process]:
@@ -95,7 +100,12 @@ class PeakRss:
             self.peak = max(self.peak, self._rss())
             self._stop.wait(self._interval)
 
+    @property
+    def extra(self) -> int:
+        return max(self.peak - self.baseline, 0)
+
     def __enter__(self) -> PeakRss:
+        self.baseline = self.peak = self._rss()
         self._thread.start()
         return self
 
@@ -105,10 +115,10 @@ class PeakRss:
 
 
 def measured(fn: Callable[[], T], which: str = "self") -> tuple[T, int]:
-    """What ``fn`` returned and the peak RSS (MiB) of ``which`` processes (see PeakRss)."""
+    """What ``fn`` returned and the peak extra RSS (MiB) of ``which`` processes (PeakRss)."""
     with PeakRss(which) as rss:
         value = fn()
-    return value, rss.peak // 2**20
+    return value, rss.extra // 2**20
 
 
 def input_events(root: Path, inputs: tuple[str, ...]) -> int:
@@ -170,7 +180,7 @@ def peer_run(
         notes[peer] = f"failed: {type(exc).__name__}: {first}"
         print(f"{peer} failed: {notes[peer]}", flush=True)
         return None
-    return {"seconds": seconds, "peak_rss_mib": peak}
+    return {"seconds": seconds, "peak_extra_rss_mib": peak}
 
 
 def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> dict[str, Any]:
@@ -186,7 +196,7 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
     detail: dict[str, Any] = {}
     for _ in range(args.repeat):
         (seconds, expected), peak = measured(lambda: run_batch(module, root))
-        systems["polars"].append({"seconds": seconds, "peak_rss_mib": peak})
+        systems["polars"].append({"seconds": seconds, "peak_extra_rss_mib": peak})
         run, peak = measured(
             lambda: run_stream(
                 module,
@@ -196,7 +206,7 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
             )
         )
         assert_same_result(module, run.result, expected)  # a figure only counts when correct
-        systems["microstream"].append({"seconds": run.seconds, "peak_rss_mib": peak})
+        systems["microstream"].append({"seconds": run.seconds, "peak_extra_rss_mib": peak})
         detail = {
             "batches": run.batches,
             "dropped_late": run.dropped_late,
@@ -229,7 +239,7 @@ def run_query(name: str, root: Path, args: argparse.Namespace, peers: Peers) -> 
             "seconds": round(seconds, 6),
             "events_per_s": round(events / seconds),
             "events_per_s_per_core": round(events / seconds / CORES),
-            "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+            "peak_extra_rss_mib": max(r["peak_extra_rss_mib"] for r in runs),
             "runs_seconds": [round(r["seconds"], 3) for r in runs],
         }
     ms_seconds = figures["microstream"]["seconds"]

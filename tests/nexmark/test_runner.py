@@ -32,7 +32,19 @@ def test_run_query_reports_checked_figures(nexmark_root: Path, tmp_path: Path) -
         "host": "test",
         "machine": {"cores": 2, "python": "3.11", "polars": "x"},
         "source": {"commit": "abc"},
-        "settings": {"data": {"spec": {"events": 24_000}}, "repeat": 2},
+        "settings": {
+            "data": {
+                "spec": {
+                    "events": 24_000,
+                    "events_per_file": 2_000,
+                    "rate": 1_000,
+                    "out_of_order_group_size": 200,
+                    "seed": 7,
+                }
+            },
+            "repeat": 2,
+            "files_per_trigger": 3,
+        },
         "queries": [result],
     }
     text = report.table(record, "results/x.json")
