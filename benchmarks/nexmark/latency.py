@@ -95,7 +95,7 @@ from state_scaling import Profiler, source_version  # benchmarks/
 
 import microstream as ms
 from microstream.progress import QueryProgress, QueryProgressEvent
-from nexmark.schema import BID
+from nexmark.schema import BID, DOLLAR_TO_EURO
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 PHASES = ("latest_offset", "wal", "read", "compute", "sink", "commit", "total")
@@ -143,7 +143,7 @@ def q1(bids: Frame) -> Frame:
         "id",
         "auction",
         "bidder",
-        (pl.col("price") * 0.908).alias("price"),
+        (pl.col("price") * DOLLAR_TO_EURO).alias("price"),
         "date_time",
         "emitted_at",
     )

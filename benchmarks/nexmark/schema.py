@@ -53,6 +53,9 @@ BID = pl.Schema(
 
 SCHEMAS: dict[str, pl.Schema] = {"person": PERSON, "auction": AUCTION, "bid": BID}
 
+# Nexmark's dollar-to-euro rate (q1, q14 and the peers' versions of them).
+DOLLAR_TO_EURO = 0.908
+
 # Flink's Nexmark watermark: event time minus 4 s. The generator's out-of-order
 # groups stay well inside it, so no row is late unless a test asks for it.
 WATERMARK_DELAY = "4s"

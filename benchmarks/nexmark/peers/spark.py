@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from nexmark.schema import SCHEMAS
+from nexmark.schema import DOLLAR_TO_EURO, SCHEMAS
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
@@ -483,7 +483,7 @@ def q13(s: Streams) -> DataFrame:
 
 def q14(s: Streams) -> DataFrame:
     sf = _sf()
-    euros = sf.col("price") * 0.908
+    euros = sf.col("price") * DOLLAR_TO_EURO
     hour = sf.hour("date_time")
     bid_time_type = (
         sf.when((hour >= 8) & (hour <= 18), "dayTime")

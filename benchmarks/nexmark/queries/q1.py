@@ -13,6 +13,7 @@ from typing import TypeVar
 import polars as pl
 
 import microstream as ms
+from nexmark.schema import DOLLAR_TO_EURO
 
 NAME = "q1"
 TITLE = "currency conversion: price * 0.908 (dollars to euros)"
@@ -20,7 +21,6 @@ KIND = "stateless"
 INPUTS = ("bid",)
 OUTPUT_MODE = "append"
 
-DOLLAR_TO_EURO = 0.908
 
 F = TypeVar("F", ms.StreamFrame, pl.LazyFrame)
 

@@ -16,6 +16,7 @@ from typing import TypeVar
 import polars as pl
 
 import microstream as ms
+from nexmark.schema import DOLLAR_TO_EURO
 
 NAME = "q14"
 TITLE = "calculation: CASE on the hour, a price range, a char-count UDF"
@@ -23,7 +24,6 @@ KIND = "stateless"
 INPUTS = ("bid",)
 OUTPUT_MODE = "append"
 
-DOLLAR_TO_EURO = 0.908
 
 F = TypeVar("F", ms.StreamFrame, pl.LazyFrame)
 
