@@ -297,13 +297,10 @@ def main() -> None:
         except ImportError as exc:  # the bench extra is not installed
             print(f"python peer skipped: {exc}", flush=True)
 
-    results = []
-    for name in args.queries.split(","):
-        result = run_query(name, args.data, args, peers)
-        results.append(result)
-        print(report.line(result), flush=True)
-
-    record = {
+    # Every query module is imported before the first run: an edit to one mid-run can
+    # then not fail the run after an hour of measuring.
+    modules = [load(name) for name in args.queries.split(",")]
+    record: dict[str, Any] = {
         "benchmark": "nexmark",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
@@ -325,10 +322,14 @@ def main() -> None:
             "spark": None if peers.spark is None else peers.spark.versions(),
             "python_peer": None if peers.python is None else peers.python.versions(),
         },
-        "queries": results,
+        "queries": [],
     }
     out = args.out or RESULTS / f"{dt.date.today()}-{socket.gethostname()}-nexmark.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    for module in modules:
+        result = run_query(module.NAME, args.data, args, peers)
+        record["queries"].append(result)
+        print(report.line(result), flush=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")  # what was measured so far
     print(f"wrote {out}")
     if args.readme:
         report.update_readme(record, out)
