@@ -52,7 +52,6 @@ import argparse
 import collections
 import datetime as dt
 import io
-import json
 import os
 import platform
 import queue
@@ -72,7 +71,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from state_scaling import source_version  # benchmarks/
+from state_scaling import machine_info, source_version, write_result  # benchmarks/
 
 import microstream as ms
 from microstream.testing.tansu import TansuBroker
@@ -574,12 +573,7 @@ def main() -> None:
     result: dict = {
         "date": dt.date.today().isoformat(),
         "note": args.note,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared, noisy: compare ratios, not absolute figures",
-        },
+        "machine": machine_info(),
         "versions": {
             "python": platform.python_version(),
             "polars": pl.__version__,
@@ -625,16 +619,7 @@ def main() -> None:
         },
         "profile": profile,
     }
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(__file__).parent / "results" / f"{result['date']}-kafka.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    write_result(result, "kafka", args.out)
 
 
 def _version(module: str) -> str | None:

@@ -116,6 +116,27 @@ def source_version() -> dict[str, object]:
     }
 
 
+def machine_info(note: str = "shared, noisy: compare ratios, not absolute figures") -> dict:
+    """The machine block of a results JSON (taken when the run ends)."""
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "load_average_at_end": os.getloadavg(),
+        "note": note,
+    }
+
+
+def write_result(result: dict, name: str, out: str | None) -> Path:
+    """Print ``result`` and write it to ``out`` or ``results/<date>-<name>.json``."""
+    text = json.dumps(result, indent=1, default=str)
+    print(text)
+    path = Path(out) if out else Path(__file__).parent / "results" / f"{result['date']}-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"written to {path}", file=sys.stderr)
+    return path
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -390,12 +411,7 @@ def main() -> None:
     )
     result = {
         "date": dt.date.today().isoformat(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared, noisy: compare within a run",
-        },
+        "machine": machine_info("shared, noisy: compare within a run"),
         "versions": {
             "python": platform.python_version(),
             "polars": pl.__version__,
@@ -417,16 +433,7 @@ def main() -> None:
         "results": results,
         "profile": profile_summary,
     }
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(__file__).parent / "results" / f"{result['date']}-state-{args.query}.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    write_result(result, f"state-{args.query}", args.out)
 
 
 if __name__ == "__main__":

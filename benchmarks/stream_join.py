@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import statistics
 import sys
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from state_scaling import source_version  # benchmarks/
+from state_scaling import machine_info, source_version  # benchmarks/
 
 import microstream as ms
 from microstream.progress import QueryProgressEvent
@@ -180,12 +179,7 @@ def main() -> None:
     middle = sorted(range(len(details)), key=lambda i: seconds["microstream"][i])[len(details) // 2]
     result = {
         "date": dt.date.today().isoformat(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared, noisy: compare ratios, not absolute figures",
-        },
+        "machine": machine_info(),
         "versions": {
             "python": platform.python_version(),
             "polars": pl.__version__,

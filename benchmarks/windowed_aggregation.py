@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shutil
@@ -50,7 +49,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from polars.testing import assert_frame_equal
-from state_scaling import Profiler, source_version, summarize_profile  # benchmarks/
+from state_scaling import (
+    Profiler,
+    machine_info,
+    source_version,
+    summarize_profile,
+    write_result,
+)  # benchmarks/
 
 import microstream as ms
 
@@ -404,12 +409,7 @@ def main() -> None:
     stream = rps["microstream"]
     result: dict = {
         "date": dt.date.today().isoformat(),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "load_average_at_end": os.getloadavg(),
-            "note": "shared, noisy: compare ratios, not absolute figures",
-        },
+        "machine": machine_info(),
         "versions": {
             "python": platform.python_version(),
             "polars": pl.__version__,
@@ -455,16 +455,7 @@ def main() -> None:
         "spark_conf": spark_conf or None,
         "microstream_profile": profile,
     }
-    text = json.dumps(result, indent=1, default=str)
-    print(text)
-    out = (
-        Path(args.out)
-        if args.out
-        else (Path(__file__).parent / "results" / f"{result['date']}-windowed.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    print(f"written to {out}", file=sys.stderr)
+    write_result(result, "windowed", args.out)
 
 
 if __name__ == "__main__":
