@@ -50,6 +50,7 @@ from microstream.plan import (
     BatchContext,
     ScanNode,
     chained_nodes,
+    declared_width,
     result_key_columns,
     scan_projections,
 )
@@ -503,7 +504,7 @@ class StreamExecution:
                     )
                     raise SourceError(msg) from exc
             rows_in.append(df.height)
-            inputs[self._scans[i]] = df.lazy()
+            inputs[self._scans[i]] = declared_width(df, self._scan_sources[i].schema)
         self._source_side_output.route()  # dead letters, once per target and batch
         self.faults.reach("batch.after_read")
 

@@ -40,6 +40,7 @@ __all__ = [
     "WatermarkNode",
     "chained_nodes",
     "check_row_wise",
+    "declared_width",
     "describe_value",
     "result_key_columns",
     "scan_projections",
@@ -457,6 +458,28 @@ def scan_projections(plan: PlanNode) -> dict[ScanNode, tuple[str, ...] | None]:
         else tuple(c for c in scan.source.schema if c in found)
         for scan, found in wanted.items()
     }
+
+
+def declared_width(df: pl.DataFrame, schema: pl.Schema) -> pl.LazyFrame:
+    """A source's batch as the plan sees it: every declared column, in order.
+
+    A source told to read fewer columns (:func:`scan_projections`) returns
+    only those. The plan still names the others (``rename``, ``drop``, ``cast``
+    of a column the result does not use), so they come back as typed nulls:
+    the plan then resolves exactly as it would on a LazyFrame of the full
+    schema, and Polars' projection pushdown removes the placeholders again,
+    since the probe found nothing downstream reads them.
+
+    Examples
+    --------
+    >>> schema = pl.Schema({"a": pl.Int64, "b": pl.String})
+    >>> declared_width(pl.DataFrame({"a": [1]}), schema).collect_schema()
+    Schema([('a', Int64), ('b', String)])
+    """
+    if df.width == len(schema):
+        return df.lazy()
+    missing = [pl.lit(None, dtype).alias(name) for name, dtype in schema.items() if name not in df]
+    return df.lazy().with_columns(missing).select(schema.names())
 
 
 def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:
