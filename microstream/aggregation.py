@@ -271,7 +271,7 @@ class AggregationOperator(StoreBackedOperator):
             df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
         if node.window is not None:
             df = drop_null_times(df, self.operator_id, "have no window")
-            df = node.window.assign(df)
+            df = node.window.assign(df, node.input_schema[node.window.column])
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":
             bound = (

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
     "DataLossError",
+    "EventTimeError",
     "MicrostreamError",
     "MissingDependencyError",
     "OffsetError",
@@ -32,6 +33,10 @@ class MicrostreamError(Exception):
 
 class PlanError(MicrostreamError):
     """A query that cannot run on a stream, found when the query is defined."""
+
+
+class EventTimeError(MicrostreamError):
+    """An event time the query cannot place: its window would end past its dtype's range."""
 
 
 class SchemaMismatchError(MicrostreamError):

@@ -65,7 +65,12 @@ from microstream.progress import (
     SourceProgress,
 )
 from microstream.protocols import Offset, Sink, SinkContext, Source, SourceContext
-from microstream.watermark import FLUSH_WATERMARK_US, WatermarkInput, WatermarkTracker
+from microstream.watermark import (
+    FLUSH_WATERMARK_US,
+    NO_WATERMARK_US,
+    WatermarkInput,
+    WatermarkTracker,
+)
 
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
@@ -141,7 +146,7 @@ class StreamExecution:
             [WatermarkInput(n.delay_us, n.idle_timeout_us) for n in self._watermark_nodes],
             policy=config.watermark_policy,
         )
-        self._last_watermark_us = 0
+        self._last_watermark_us = NO_WATERMARK_US
         self._flushed = False
         # Rows sources set aside while reading (the Kafka source's dead letters).
         self._source_side_output = _SourceSideOutput(config.session)
@@ -511,8 +516,8 @@ class StreamExecution:
         t_compute = time.perf_counter()
         ctx = BatchContext(
             batch_id=batch_id,
-            late_watermark_us=entry.late_watermark_us or 0,
-            watermark_us=entry.watermark_us or 0,
+            late_watermark_us=_or_none(entry.late_watermark_us),
+            watermark_us=_or_none(entry.watermark_us),
             output_mode=self.config.output_mode,
             batch_timestamp_ms=entry.batch_timestamp_ms,
             operators=self._operators,
@@ -734,7 +739,16 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _or_none(watermark_us: int | None) -> int:
+    """A logged watermark for the operators: a query without one never has late rows."""
+    return NO_WATERMARK_US if watermark_us is None else watermark_us
+
+
 def _from_us(value: int | None) -> datetime | None:
-    if value is None:
+    """A watermark for progress: None before the first event, the flush one as datetime.max."""
+    if value is None or value == NO_WATERMARK_US:
         return None
-    return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=value)
+    try:
+        return datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=value)
+    except OverflowError:
+        return datetime.max.replace(tzinfo=timezone.utc)

@@ -21,6 +21,7 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.protocols import StaticSide
+from microstream.watermark import NO_WATERMARK_US
 
 if TYPE_CHECKING:
     from microstream.progress import StateOperatorProgress
@@ -103,7 +104,11 @@ class BatchContext:
 def planning_context() -> BatchContext:
     """A context for planning: no state, nothing late, empty inputs."""
     return BatchContext(
-        batch_id=-1, late_watermark_us=0, watermark_us=0, output_mode="append", planning=True
+        batch_id=-1,
+        late_watermark_us=NO_WATERMARK_US,
+        watermark_us=NO_WATERMARK_US,
+        output_mode="append",
+        planning=True,
     )
 
 
@@ -384,8 +389,8 @@ class StatefulNode(PlanNode):
             return ctx
         return replace(
             ctx,
-            late_watermark_us=ctx.late_watermark_us - delay,
-            watermark_us=ctx.watermark_us - delay,
+            late_watermark_us=_minus(ctx.late_watermark_us, delay),
+            watermark_us=_minus(ctx.watermark_us, delay),
             output_mode=mode,
         )
 
@@ -398,6 +403,11 @@ class StatefulNode(PlanNode):
             out = ctx.operators[self].process(lf.collect(), self.context_for(ctx))
             ctx.results[self] = out.lazy()
         return ctx.results[self]
+
+
+def _minus(watermark_us: int, delay_us: int) -> int:
+    """A watermark held back by ``delay_us``; "no watermark yet" stays so (no Int64 underflow)."""
+    return max(watermark_us - delay_us, NO_WATERMARK_US)
 
 
 def chained_nodes(plan: PlanNode) -> frozenset[PlanNode]:

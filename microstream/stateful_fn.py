@@ -196,7 +196,11 @@ class GroupState(Generic[S]):
 
     @property
     def watermark(self) -> datetime | None:
-        """The watermark event-time timers fire at in this batch (``wm[N]``)."""
+        """The watermark event-time timers fire at in this batch (``wm[N]``).
+
+        ``datetime.min`` before the query saw its first event (no watermark yet:
+        every time is ahead of it); None when the query has no ``with_watermark``.
+        """
         return self._context.watermark
 
     @property
@@ -336,7 +340,10 @@ class _Spec:
 
 def _datetime_of(us: int, dtype: pl.DataType) -> datetime:
     """Microseconds since the epoch as a datetime in the flavour of ``dtype``."""
-    naive = _EPOCH + timedelta(microseconds=us)
+    try:
+        naive = _EPOCH + timedelta(microseconds=us)
+    except OverflowError:  # no watermark yet (below year 1), or the flush one (past 9999)
+        naive = datetime.min if us < 0 else datetime.max
     zone = getattr(dtype, "time_zone", None)
     if zone is None:
         return naive

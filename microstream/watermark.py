@@ -5,7 +5,9 @@ Per watermarked input, ``wm_i = truncate_ms(max event time seen) - delay``
 microstream's watermarks equal Spark's). The global watermark combines the
 inputs' (``"min"`` by default, ``"max"`` as an option), skipping inputs idle
 for longer than their ``idle_timeout`` unless all are idle, and never goes
-backwards. The watermark a batch runs with is fixed before it starts and
+backwards. Before any input has seen an event there is no watermark
+(:data:`NO_WATERMARK_US`, below every representable time): nothing is late and
+nothing closes, whatever the first rows' times (1960 included). The watermark a batch runs with is fixed before it starts and
 logged in its WAL entry; the maxima it is computed from are kept in each
 commit entry, so a restart computes exactly the same next watermark.
 """
@@ -17,10 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["FLUSH_WATERMARK_US", "WatermarkInput", "WatermarkTracker"]
+__all__ = ["FLUSH_WATERMARK_US", "NO_WATERMARK_US", "WatermarkInput", "WatermarkTracker"]
 
-FLUSH_WATERMARK_US = 253_402_300_799_999_999
-"""9999-12-31 23:59:59.999999: the watermark of ``available_now(flush=True)``'s last batch."""
+NO_WATERMARK_US = -(2**63)
+"""No event seen yet: below every Int64 time, so no row is late and no window closes."""
+
+FLUSH_WATERMARK_US = 2**63 - 1
+"""The largest Int64 time: the watermark of ``available_now(flush=True)``'s last batch. It
+closes every window whose end can be represented, the year-9999 ones included."""
 
 WatermarkPolicy = Literal["min", "max"]
 
@@ -46,8 +52,8 @@ class WatermarkTracker:
     Examples
     --------
     >>> tracker = WatermarkTracker([WatermarkInput(delay_us=10_000_000)])
-    >>> tracker.current_us
-    0
+    >>> tracker.current_us == NO_WATERMARK_US
+    True
     >>> tracker.observe([70_000_123], now=0.0)
     >>> tracker.advance(now=0.0)
     60000000
@@ -56,7 +62,7 @@ class WatermarkTracker:
     def __init__(self, inputs: Sequence[WatermarkInput], policy: WatermarkPolicy = "min"):
         self.inputs = list(inputs)
         self.policy = policy
-        self.current_us = 0
+        self.current_us = NO_WATERMARK_US
 
     @property
     def enabled(self) -> bool:

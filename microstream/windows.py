@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import polars as pl
 
 from microstream.duration import format_duration
-from microstream.exceptions import PlanError
+from microstream.exceptions import EventTimeError, PlanError
 
-__all__ = ["SessionSpec", "WindowSpec", "from_us", "time_dtype_check", "to_us"]
+__all__ = ["SessionSpec", "WindowSpec", "from_us", "max_time_us", "time_dtype_check", "to_us"]
 
 START, END = "__start", "__end"
+_YEAR_10000_US = 253_402_300_800_000_000
 T = "__t"
 
 
@@ -40,8 +41,14 @@ class WindowSpec:
             f"period={format_duration(self.period_us)} offset={format_duration(self.offset_us)}"
         )
 
-    def assign(self, df: pl.DataFrame) -> pl.DataFrame:
+    def assign(self, df: pl.DataFrame, time_dtype: pl.DataType | None = None) -> pl.DataFrame:
         """One row per (row, window) pair, with ``__start``/``__end`` in microseconds.
+
+        Raises
+        ------
+        EventTimeError
+            A row's window would end past the largest time ``time_dtype`` holds
+            (year 2262 for nanoseconds): such a window could never be emitted.
 
         Examples
         --------
@@ -52,6 +59,7 @@ class WindowSpec:
         """
         every, period, offset = self.every_us, self.period_us, self.offset_us
         last_start = ((pl.col(T) - offset) // every) * every + offset
+        self._check_representable(df, last_start, time_dtype)
         if period == every:
             return df.with_columns(last_start.alias(START)).with_columns(
                 (pl.col(START) + period).alias(END)
@@ -65,6 +73,44 @@ class WindowSpec:
             .filter(pl.col(END) > pl.col(T))
             .drop("__j")
         )
+
+    def _check_representable(
+        self, df: pl.DataFrame, last_start: pl.Expr, time_dtype: pl.DataType | None
+    ) -> None:
+        # The last window of a row ends latest; past the dtype's range it would overflow.
+        limit = max_time_us(time_dtype) - self.period_us
+        beyond = df.filter(last_start > limit)
+        if beyond.height == 0:
+            return
+        us = beyond.get_column(T).head(1).item()
+        # Polars formats times to year 9999 only; further out, the microseconds say it.
+        value = (
+            beyond.get_column(self.column).head(1).cast(pl.String).item()
+            if self.column in beyond.columns and us < _YEAR_10000_US
+            else f"{us} microseconds since the epoch"
+        )
+        msg = (
+            f"group_by_dynamic on {self.column!r}: the row with {self.column}={value} belongs to a window ending after the largest time "
+            f"a {time_dtype or pl.Datetime('us')} column holds ({beyond.height} row(s) in this "
+            "batch); the window could never be emitted. Filter such rows out before the "
+            "aggregation"
+        )
+        if isinstance(time_dtype, pl.Datetime) and time_dtype.time_unit == "ns":
+            msg += f", or cast {self.column!r} to pl.Datetime('us'), which reaches year 294247"
+        raise EventTimeError(msg)
+
+
+def max_time_us(dtype: pl.DataType | None) -> int:
+    """The largest time, in microseconds since the epoch, that ``dtype`` can hold.
+
+    Examples
+    --------
+    >>> max_time_us(pl.Datetime("ns"))
+    9223372036854775
+    """
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "ns":
+        return (2**63 - 1) // 1000
+    return 2**63 - 1
 
 
 @dataclass(frozen=True)

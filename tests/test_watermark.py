@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 import microstream as ms
-from microstream.watermark import WatermarkInput, WatermarkTracker
+from microstream.watermark import NO_WATERMARK_US, WatermarkInput, WatermarkTracker
 from tests.test_windows import SCHEMA, at, rows
 
 S = 1_000_000
@@ -39,7 +39,8 @@ def test_input_without_data_holds_min_watermark_until_idle() -> None:
     t = WatermarkTracker([WatermarkInput(0), WatermarkInput(0, idle_timeout_us=1 * S)])
     t.inputs[1].last_active = 0.0
     t.observe([10 * S, None], now=0.5)
-    assert t.advance(now=0.5) == 0  # input 1 has sent nothing and is not idle yet
+    # input 1 has sent nothing and is not idle yet: still no watermark at all
+    assert t.advance(now=0.5) == NO_WATERMARK_US
     assert t.advance(now=1.5) == 10 * S  # idle for 1.5 s > 1 s: no longer holds it back
 
 
@@ -91,7 +92,7 @@ def test_watermark_logged_in_wal_and_commit(tmp_path: Path, name: str) -> None:
     query.stop()
     wal = json.loads((tmp_path / "cp" / "offsets" / "1.json").read_text())
     assert wal["watermark_us"] == epoch_us(at(60))  # 65s - 5s
-    assert wal["late_watermark_us"] == 0
+    assert wal["late_watermark_us"] == NO_WATERMARK_US  # batch 0 ran before any event
     commit = json.loads((tmp_path / "cp" / "commits" / "0.json").read_text())
     assert commit["max_event_us"] == [epoch_us(at(65))]
 

@@ -629,8 +629,10 @@ def run_microstream(query: Query, source: Path, checkpoint: Path) -> Run:
         handle.stop()
     for p in handle.recent_progress:
         wm = p.watermark
+        # Before the first event microstream has no watermark (nothing is late, 1960 rows
+        # included); Spark reports the epoch for it. The data here is after 1970.
         run.watermark_ms[p.batch_id] = (
-            None
+            0
             if wm is None
             else (wm - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
         )
