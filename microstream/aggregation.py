@@ -21,7 +21,7 @@ import polars as pl
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.duration import format_duration
 from microstream.exceptions import PlanError
-from microstream.operator import StoreBackedOperator, drop_null_times
+from microstream.operator import StoreBackedOperator
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
 from microstream.state import StateStore
 from microstream.windows import END, START, T, WindowSpec, from_us, to_us
@@ -247,7 +247,7 @@ class AggregationOperator(StoreBackedOperator):
     # -- one batch -------------------------------------------------------------------------
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        self._dropped_late = self._updated = self._removed = 0
+        self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         self._touched = (None, None)
         pairs = self._prepare(batch, ctx)
         updated = self._update_state(pairs) if pairs.height else None
@@ -270,7 +270,9 @@ class AggregationOperator(StoreBackedOperator):
         else:
             df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
         if node.window is not None:
-            df = drop_null_times(df, self.operator_id, "have no window")
+            df = self._drop_null_times(
+                df, T, ctx, batch.columns, node.input_schema[node.window.column], "has no window"
+            )
             df = node.window.assign(df, node.input_schema[node.window.column])
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":

@@ -667,7 +667,11 @@ class StreamFrame:
         ``delay``; it never goes back. Windows close when the watermark passes
         their end, and rows that arrive behind the previous batch's watermark
         are late: stateful operators drop them (counted in progress), or hand
-        them to ``on_late``.
+        them to ``on_late``. Before the first event there is no watermark: no
+        row of the first batch is late, whatever its time (1960 included).
+        Rows whose event time is null belong to no window, session or join
+        bound: they are dropped, counted (``num_rows_dropped_null_time``) and
+        handed to ``on_late`` too.
 
         Parameters
         ----------
@@ -681,8 +685,9 @@ class StreamFrame:
         on_late
             A memory table name (read with ``ms.table(name)``) or a function
             ``fn(df, batch_id)`` receiving the late rows of each batch, with
-            ``batch_id``, ``operator``, ``late_watermark`` (the watermark missed)
-            and, for windows, ``window_start``/``window_end``.
+            ``batch_id``, ``operator``, ``late_watermark`` (the watermark missed),
+            ``reason`` (``"late"`` or ``"null event time: ..."``) and, for
+            windows, ``window_start``/``window_end``.
 
         Examples
         --------
@@ -752,6 +757,14 @@ class StreamFrame:
         index column holding the window start, then the aggregates. Only
         ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a
         meaning on a stream.
+
+        Sliding windows differ from Polars by design: a stream has no first
+        row, so every window containing a row gets it, while Polars' batch
+        ``group_by_dynamic`` starts at the first row's window and leaves out the
+        earlier windows that also contain the first rows. To get the stream's
+        result from Polars, pass ``offset=offset - (ceil(period / every) - 1) *
+        every`` (``every="1m", period="3m"``: ``offset="-2m"``). Tumbling windows
+        (``period == every``) agree as they are.
 
         Emit triggers (``output_mode="update"``, beyond Spark, after Flink): by
         default every group a batch changed is emitted. ``early_every="10s"``

@@ -265,7 +265,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
     ) -> pl.DataFrame:
         node = self.node
-        self._updated = self._removed = 0
+        self._updated = self._removed = self._dropped_null_time = 0
         left, late_left = self._arrivals(left, node.left_time, node.left_schema, ctx, side=0)
         right, late_right = self._arrivals(right, node.right_time, node.right_schema, ctx, side=1)
         self._dropped_late = late_left + late_right
@@ -329,15 +329,9 @@ class StreamJoinOperator(_TwoStreamOperator):
         """A side's new rows (late ones dropped: how many) with row ids, ``matched = false``."""
         self._dropped_late = 0
         if time is not None and df.height:
-            nulls = df.get_column(time).null_count()
-            if nulls:
-                logger.warning(
-                    "%s: %d row(s) with a null %r dropped: they can never be matched in time",
-                    self.operator_id,
-                    nulls,
-                    time,
-                )
-                df = df.filter(pl.col(time).is_not_null())
+            df = self._drop_null_times(
+                df, time, ctx, list(schema), schema[time], "can never be matched in time"
+            )
             df = self._drop_late(
                 df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
             )
@@ -792,7 +786,7 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
         self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
     ) -> pl.DataFrame:
         node = self.node
-        self._updated = self._removed = 0
+        self._updated = self._removed = self._dropped_null_time = 0
         left, late_left = self._on_time(left, node.left_time, node.left_schema, ctx)
         right, late_right = self._on_time(right, node.right_time, node.right_schema, ctx)
         self._dropped_late = late_left + late_right
@@ -829,7 +823,14 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
     ) -> tuple[pl.DataFrame, int]:
         self._dropped_late = 0
         if df.height:
-            df = df.filter(pl.col(time).is_not_null())
+            df = self._drop_null_times(
+                df,
+                time,
+                ctx,
+                list(schema),
+                schema[time],
+                "has no row of the other side at or before it",
+            )
             df = self._drop_late(
                 df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
             )

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from microstream.progress import StateOperatorProgress
-from microstream.windows import END, START, T, from_us
+from microstream.windows import END, START, from_us
 
 if TYPE_CHECKING:
     from microstream.plan import BatchContext
     from microstream.state import StateStore
 
-__all__ = ["StoreBackedOperator", "drop_null_times", "late_rows_frame"]
+__all__ = ["StoreBackedOperator", "late_rows_frame"]
 
 logger = logging.getLogger("microstream")
 
@@ -28,7 +28,7 @@ class StoreBackedOperator:
 
     def __init__(self, operator_id: str):
         self.operator_id = operator_id
-        self._dropped_late = self._updated = self._removed = 0
+        self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
 
     def _stores(self) -> list[StateStore]:
         raise AssertionError("subclasses list their stores")  # pragma: no cover
@@ -50,6 +50,7 @@ class StoreBackedOperator:
             num_rows_updated=self._updated,
             num_rows_removed=self._removed,
             num_rows_dropped_late=self._dropped_late,
+            num_rows_dropped_null_time=self._dropped_null_time,
         )
 
     def _drop_late(
@@ -74,14 +75,32 @@ class StoreBackedOperator:
         )
         return df.filter(~late)
 
-
-def drop_null_times(df: pl.DataFrame, operator_id: str, why: str) -> pl.DataFrame:
-    """Rows without an event time belong to no window (as in Spark): drop them, loudly."""
-    nulls = df.get_column(T).null_count()
-    if nulls:
-        logger.warning("%s: %d row(s) with a null event time %s; dropped", operator_id, nulls, why)
-        return df.filter(pl.col(T).is_not_null())
-    return df
+    def _drop_null_times(
+        self,
+        df: pl.DataFrame,
+        time: str,
+        ctx: BatchContext,
+        columns: Sequence[str],
+        time_dtype: pl.DataType | None,
+        why: str,
+    ) -> pl.DataFrame:
+        """``df`` without rows whose event time ``time`` is null: they belong to no window
+        (as in Spark), so they are counted (``num_rows_dropped_null_time``, this batch, summed
+        over calls) and handed to the ``on_late`` side output with the reason."""
+        nulls = df.get_column(time).null_count()
+        if nulls == 0:
+            return df
+        logger.warning(
+            "%s: %d row(s) with a null event time dropped: %s", self.operator_id, nulls, why
+        )
+        self._dropped_null_time += nulls
+        dropped = df.filter(pl.col(time).is_null())
+        ctx.late_rows.append(
+            late_rows_frame(
+                dropped, columns, ctx, self.operator_id, time_dtype, has_window=False
+            ).with_columns(pl.lit(f"null event time: {why}").alias("reason"))
+        )
+        return df.filter(pl.col(time).is_not_null())
 
 
 def late_rows_frame(
@@ -93,7 +112,8 @@ def late_rows_frame(
     *,
     has_window: bool,
 ) -> pl.DataFrame:
-    """Late rows for the side output: the row, the batch, the watermark missed, the window."""
+    """Late rows for the side output: the row, the batch, the watermark missed, the window,
+    and why (``reason``: ``"late"`` here; null event times say so)."""
     missed = from_us(
         pl.lit(ctx.late_watermark_us, pl.Int64), time_dtype or pl.Datetime("us", "UTC")
     ).alias("late_watermark")
@@ -101,6 +121,7 @@ def late_rows_frame(
         pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
         pl.lit(operator_id).alias("operator"),
         missed,
+        pl.lit("late").alias("reason"),
     ]
     if has_window and time_dtype is not None:
         extra += [

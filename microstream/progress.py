@@ -72,6 +72,11 @@ class StateOperatorProgress(_Frozen):
     num_rows_dropped_late: int = Field(
         default=0, description="Input rows (per window for sliding windows) dropped as late."
     )
+    num_rows_dropped_null_time: int = Field(
+        default=0,
+        description="Input rows dropped because their event time is null (no window, session "
+        "or join bound can hold them); routed to ``on_late`` like late rows.",
+    )
 
 
 class SinkProgress(_Frozen):
@@ -124,6 +129,9 @@ class QueryProgress(_Frozen):
         row["state_rows"] = sum(op.num_rows_total for op in self.state_operators)
         row["state_bytes"] = sum(op.memory_bytes for op in self.state_operators)
         row["rows_dropped_late"] = sum(op.num_rows_dropped_late for op in self.state_operators)
+        row["rows_dropped_null_time"] = sum(
+            op.num_rows_dropped_null_time for op in self.state_operators
+        )
         return row
 
 

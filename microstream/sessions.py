@@ -21,7 +21,7 @@ import polars as pl
 
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.exceptions import PlanError
-from microstream.operator import StoreBackedOperator, drop_null_times
+from microstream.operator import StoreBackedOperator
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
 from microstream.state import StateStore
 from microstream.windows import SessionSpec, T, from_us, to_us
@@ -148,14 +148,21 @@ class SessionOperator(StoreBackedOperator):
         return [s for s in (self.sessions, self.rows) if s is not None]
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        self._dropped_late = self._updated = self._removed = 0
+        self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         node, gap = self.node, self.node.session.gap_us
         seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         df = batch.with_columns(
             to_us(node.session.column).alias(T), seq.alias(ORDER_S), pl.lit(0, pl.Int8).alias("__g")
         )
         df = df.with_columns(pl.col(T).alias(ORDER_T), pl.col(T).alias(S_START))
-        df = drop_null_times(df, self.operator_id, "belong to no session")
+        df = self._drop_null_times(
+            df,
+            T,
+            ctx,
+            batch.columns,
+            node.input_schema[node.session.column],
+            "belongs to no session",
+        )
         if node.watermark is not None:
             late = pl.col(T) + gap <= ctx.late_watermark_us
             df = self._drop_late(

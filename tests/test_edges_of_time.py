@@ -285,3 +285,75 @@ def test_a_window_past_the_dtype_range_is_an_error_naming_column_and_value() -> 
     query.stop()
     # nothing was committed: the batch is still pending, not silently skipped
     assert query.last_progress is None
+
+
+# -- null event times ----------------------------------------------------------------------------
+
+
+def test_null_event_times_are_counted_and_routed_with_the_reason() -> None:
+    late = f"late_{uuid.uuid4().hex[:8]}"
+
+    def build(frame: ms.StreamFrame) -> ms.StreamFrame:
+        return (
+            frame.with_watermark("ts", "0s", on_late=late)
+            .group_by_dynamic("ts", every="1m", group_by="k")
+            .agg(pl.len().alias("n"))
+        )
+
+    run = Run(
+        build,
+        [
+            rows((s(EPOCH, 70), "a", 1), (None, "b", 2), (None, "c", 3)),
+            rows((s(EPOCH, 5), "a", 4), (None, "d", 5)),  # 5s is late: wm is 70s
+        ],
+        late=late,
+    )
+    assert run.output().rows() == [("a", s(EPOCH, 60), 1)]
+    per_batch = [
+        (p.batch_id, op.num_rows_dropped_null_time, op.num_rows_dropped_late)
+        for p in run.progress
+        for op in p.state_operators
+        if op.num_rows_dropped_null_time or op.num_rows_dropped_late
+    ]
+    assert per_batch == [(0, 2, 0), (2, 1, 1)]  # batch 1: the no-data batch for wm 70s
+    assert sum(p.flat()["rows_dropped_null_time"] for p in run.progress) == 3
+    assert run.late is not None
+    routed = run.late.sort("v").select("v", "batch_id", "reason").rows()
+    assert routed == [
+        (2, 0, "null event time: has no window"),
+        (3, 0, "null event time: has no window"),
+        (4, 2, "late"),
+        (5, 2, "null event time: has no window"),
+    ]
+
+
+def test_null_event_times_in_sessions_and_joins_are_counted() -> None:
+    def sessions(frame: ms.StreamFrame) -> ms.StreamFrame:
+        return (
+            frame.with_watermark("ts", "0s")
+            .group_by_session("ts", gap="30s", group_by="k")
+            .agg(pl.len().alias("n"))
+        )
+
+    run = Run(sessions, [rows((EPOCH, "a", 1), (None, "a", 2))])
+    assert run.progress[0].state_operators[0].num_rows_dropped_null_time == 1
+    assert run.output().rows() == [("a", EPOCH, s(EPOCH, 30), 1)]
+
+    schema = pl.Schema({"ad": pl.String, "imp_time": pl.Datetime("us")})
+    imps = ms.MemoryStream(schema)
+    clicks = ms.MemoryStream(pl.Schema({"ad": pl.String, "click_time": pl.Datetime("us")}))
+    query = (
+        imps.lazy()
+        .with_watermark("imp_time", "0s")
+        .join(clicks.lazy().with_watermark("click_time", "0s"), on="ad", within=("0s", "5m"))
+        .sink_memory(f"join_{uuid.uuid4().hex[:8]}")
+    )
+    try:
+        imps.add_data(pl.DataFrame({"ad": ["x", "y"], "imp_time": [EPOCH, None]}, schema=schema))
+        clicks.add_data(pl.DataFrame({"ad": ["x", "y"], "click_time": [None, s(EPOCH, 9)]}))
+        query.process_all_available(timeout=30)
+    finally:
+        query.stop()
+    assert query.exception() is None
+    first = query.recent_progress[0].state_operators[0]
+    assert first.num_rows_dropped_null_time == 2  # one per side

@@ -195,3 +195,37 @@ def test_sliding_windows_equal_reference_assignment(data: Any, cuts: list[int]) 
         .sort("ts", "k")
     )
     assert_frame_equal(got, expected, check_dtypes=False)
+
+
+@SETTINGS
+@given(
+    data=events,
+    cuts=splits,
+    shape=st.sampled_from([(1, 3), (2, 3), (1, 2), (3, 7), (2, 2)]),  # (every, period) minutes
+)
+def test_sliding_windows_equal_polars_with_the_documented_offset(
+    data: Any, cuts: list[int], shape: tuple[int, int]
+) -> None:
+    """The recipe in the README and the docstring: Polars with an earlier offset."""
+    every, period = shape
+
+    def sliding(frame: Any, late_table: str) -> Any:
+        if isinstance(frame, ms.StreamFrame):
+            frame = frame.with_watermark("ts", "10m", on_late=late_table)  # nothing late
+        return frame.group_by_dynamic(
+            "ts", every=f"{every}m", period=f"{period}m", group_by="k"
+        ).agg(pl.len().alias("n"), pl.col("v").sum())
+
+    full = frame_of(data)
+    emitted, late = run_stream(full, cuts, sliding, "append")
+    assert late.height == 0
+    got = pl.concat([df for _, df in emitted])
+    offset = -(-(period // -every) - 1) * every  # -(ceil(period / every) - 1) * every
+    expected = (
+        full.sort("ts")
+        .group_by_dynamic(
+            "ts", every=f"{every}m", period=f"{period}m", offset=f"{offset}m", group_by="k"
+        )
+        .agg(pl.len().alias("n"), pl.col("v").sum())
+    )
+    check(got, expected)
