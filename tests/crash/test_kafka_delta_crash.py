@@ -90,6 +90,7 @@ import polars as pl
 import pytest
 
 from microstream.faults import FAULT_POINTS
+from microstream.watermark import NO_WATERMARK_US
 
 from .test_stateful_crash import (
     Clean,
@@ -377,12 +378,13 @@ def test_clean_run_matches_the_oracle(clean: Clean, topic: Topic) -> None:
     assert sizes["batch_id"].to_list() == list(range(DATA_BATCHES))
     assert sizes["len"].to_list() == [pipeline.MAX_OFFSETS] * DATA_BATCHES
 
-    # The watermarks (DESIGN.md section 3): wm[0] = epoch; wm[N+1] = max(wm[N], max event
+    # The watermarks (DESIGN.md section 3, issue 11): wm[0] = none yet (the smallest Int64:
+    # nothing is late); wm[N+1] = max(wm[N], max event
     # time of batches 0..N - delay); the flush batch jumps past everything; late filtering
     # in batch N uses wm[N-1].
     delay_us = DELAY // timedelta(microseconds=1)
     maxima = records.group_by("batch_id").agg(pl.col("ts").max()).sort("batch_id")
-    expected, wm, seen = [], 0, None
+    expected, wm, seen = [], NO_WATERMARK_US, None
     for batch_id in every:
         expected.append(wm)
         if batch_id < DATA_BATCHES:
@@ -392,7 +394,7 @@ def test_clean_run_matches_the_oracle(clean: Clean, topic: Topic) -> None:
     logged = [e["watermark_us"] for e in wal]
     assert logged[:-1] == expected[:-1], (logged, expected)
     assert logged[-1] > 10 * expected[-1], "the flush batch's watermark passes every event"
-    assert [e["late_watermark_us"] for e in wal] == [0, *logged[:-1]]
+    assert [e["late_watermark_us"] for e in wal] == [NO_WATERMARK_US, *logged[:-1]]
 
     ts_us = pl.col("ts").dt.epoch("us")
     late = window_end(pl.col("ts")).dt.epoch("us") <= pl.col("late_watermark_us")
