@@ -341,6 +341,31 @@ def test_csv_quoted_separator_on_a_good_file_is_read_in_bulk(
     assert_frame_equal(read_all(source), expected)
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ('id,name\n1,"a,b"\n2\n', 3),  # quoted separator, then a short row
+        ("id,name\r\n1,a\r\n2,b,c\r\n", 3),  # CRLF line ends
+        ("id,name\n1,a\n2,b\n3\n", 4),  # no quote char: counted on the raw bytes
+    ],
+)
+def test_csv_ragged_row_found_in_every_layout(
+    tmp_path: Path, source_ctx: SourceContext, text: str, line: int
+) -> None:
+    write_text(tmp_path, "r.csv", text.encode(), 1000)
+    with pytest.raises(SourceError, match=rf"r\.csv line {line}: \d fields where the header has 2"):
+        read_all(build(source_ctx, tmp_path, format="csv"))
+
+
+def test_csv_blank_lines_are_no_records(tmp_path: Path, source_ctx: SourceContext) -> None:
+    # Polars makes a blank line a row of nulls; a blank line holds no record.
+    write_text(tmp_path, "b.csv", b"id,name\r\n1,a\r\n\r\n2,b\r\n\r\n", 1000)
+    assert_frame_equal(
+        read_all(build(source_ctx, tmp_path, format="csv")),
+        rows(1, 2).with_columns(name=pl.Series(["a", "b"])),
+    )
+
+
 def test_ndjson_bad_records(tmp_path: Path, source_ctx: SourceContext) -> None:
     text = '{"id": 1, "name": "a"}\n{"id": oops\n\n{"id": "seven"}\n{"id": 4}\n'
     write_text(tmp_path, "e.ndjson", text, 1000)
