@@ -8,6 +8,7 @@ which resolves a URL once and knows how to name a file in messages.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from microstream.exceptions import MissingDependencyError
 
-__all__ = ["DataDir", "modified_time"]
+__all__ = ["DataDir", "glob_regex", "modified_time", "split_glob"]
 
 
 @dataclass(frozen=True)
@@ -124,3 +125,76 @@ def modified_time(info: dict[str, Any]) -> float:
             except ValueError:
                 continue
     return 0.0
+
+
+_GLOB_CHARS = "*?["
+
+
+def split_glob(path: str) -> tuple[str, str | None]:
+    """``path`` as the directory before its first glob character and the pattern below it.
+
+    Examples
+    --------
+    >>> split_glob("in/*.parquet")
+    ('in', '*.parquet')
+    >>> split_glob("s3://bucket/in/**/day=*/x.csv")
+    ('s3://bucket/in', '**/day=*/x.csv')
+    >>> split_glob("in")
+    ('in', None)
+    >>> split_glob("*.csv")
+    ('.', '*.csv')
+    """
+    found = [i for i in (path.find(c) for c in _GLOB_CHARS) if i >= 0]
+    if not found:
+        return path, None
+    cut = path.rfind("/", 0, min(found))
+    if cut < 0:
+        return ".", path
+    base = path[:cut] or "/"
+    if base.endswith(":/") or base.endswith(":"):
+        msg = f"the glob in {path!r} must come after a directory (e.g. 'memory://in/*.csv')"
+        raise ValueError(msg)
+    return base, path[cut + 1 :]
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regular expression a relative path must match in full, with Polars' glob rules.
+
+    ``*`` and ``?`` stay within one path segment, ``**`` spans any number of
+    directories, ``[...]`` is a character class (``[!...]`` negated).
+
+    Examples
+    --------
+    >>> bool(glob_regex("*.parquet").fullmatch("a.parquet"))
+    True
+    >>> bool(glob_regex("*.parquet").fullmatch("day=1/a.parquet"))
+    False
+    >>> [bool(glob_regex("**/*.csv").fullmatch(p)) for p in ("a.csv", "x/y/a.csv", "a.tmp")]
+    [True, True, False]
+    """
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif c == "*":
+            out.append("[^/]*")
+            i += 1
+        elif c == "?":
+            out.append("[^/]")
+            i += 1
+        elif c == "[" and (end := pattern.find("]", i + 2)) > 0:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            out.append(("[^" if negate else "[") + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(c))
+            i += 1
+    return re.compile("".join(out), re.DOTALL)

@@ -9,33 +9,88 @@ a file is never read twice.
 Producers should write a file under a hidden name (leading ``.`` or ``_``) or
 in another directory and then rename it into place: the source lists files
 as they are, and a file still being written may be taken half-written.
+
+What goes wrong is handled by policy, and never lost without a word:
+
+- a file that cannot be read (corrupt, unparsable, or not fitting the schema)
+  by ``on_bad_file``, a logged file that is gone by ``on_missing_file``; a
+  file left out is recorded in ``skipped/<k>.json`` next to its log entry, so
+  a re-run of the batch leaves it out again (the same rows);
+- a csv or ndjson record that does not parse (or a csv row with too many or
+  too few fields) by ``on_bad_record``, with the file and line;
+- columns a file has beyond the schema by ``extra_columns``, schema columns a
+  file lacks by ``missing_columns`` (Polars' names and meanings).
 """
 
 from __future__ import annotations
 
+import csv
 import fnmatch
+import io
 import os
+import re
 from collections.abc import Container, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal
 
+import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from connectors._paths import DataDir, modified_time
+from connectors._kafka_codecs import CsvDecoder, JsonDecoder, PayloadDecoder
+from connectors._paths import DataDir, glob_regex, modified_time, split_glob
 from microstream.exceptions import OffsetError, PlanError, SchemaMismatchError, SourceError
-from microstream.protocols import Offset, SourceContext
+from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
 
-    from microstream._typing import CleanSource, FileFormat
+    from microstream._typing import (
+        BadFilePolicy,
+        BadRecordPolicy,
+        CleanSource,
+        ExtraColumnsPolicy,
+        FileFormat,
+        MissingColumnsPolicy,
+        MissingFilePolicy,
+    )
 
-__all__ = ["FileLogEntry", "FileOffset", "FileSource", "FileSourceSpec", "LoggedFile"]
+__all__ = [
+    "DEAD_LETTER_SCHEMA",
+    "FileLogEntry",
+    "FileOffset",
+    "FileSource",
+    "FileSourceSpec",
+    "LoggedFile",
+    "SkippedFile",
+    "SkippedFiles",
+]
 
 _FORMATS = ("parquet", "csv", "ndjson", "ipc")
 _CLEAN_SOURCE = ("off", "delete", "archive")
+_DEFAULT_GLOBS: dict[str, tuple[str, ...]] = {
+    "parquet": ("*.parquet",),
+    "csv": ("*.csv",),
+    "ndjson": ("*.ndjson", "*.jsonl", "*.json"),
+    "ipc": ("*.arrow", "*.ipc", "*.feather"),
+}
+"""The names a format's files have; others are ignored (and reported) unless ``glob`` is given."""
+_SKIPPED_DIR = "skipped"
+_PANIC: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicException)
+"""What a Polars reader raises on bad input: errors, and panics on some inputs."""
+
+DEAD_LETTER_SCHEMA = pl.Schema(
+    {
+        "path": pl.String(),
+        "size": pl.Int64(),
+        "line": pl.Int64(),
+        "value": pl.String(),
+        "reason": pl.String(),
+    }
+)
+"""Columns of a dead-letter row (the engine appends ``batch_id``): a whole file has
+null ``line`` and ``value``; a bad record has its line number and its text."""
 _INFER_ROWS = 1000
 _READ_THREADS = max(2, os.cpu_count() or 2)
 _CLEANED_FILE = "cleaned.json"
@@ -98,6 +153,34 @@ class FileLogEntry(BaseModel):
     files: list[LoggedFile]
 
 
+class SkippedFile(BaseModel):
+    """A logged file a batch left out, and why (``skipped/<k>.json``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    """Path relative to the source directory."""
+    size: int
+    reason: str
+    missing: bool
+    """Whether the file was gone (``on_missing_file``) rather than unreadable (``on_bad_file``)."""
+    dead_letter: bool
+    """Whether it was sent to ``dead_letter`` rather than skipped."""
+
+
+class SkippedFiles(BaseModel):
+    """``skipped/<k>.json``: the files of log entry ``k`` that were left out.
+
+    Written before the batch's rows reach the sink, and read before the files
+    of entry ``k`` are: a re-run of the batch leaves out the same files, even
+    if one was repaired meanwhile.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    files: list[SkippedFile]
+
+
 class _Cleaned(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -116,7 +199,11 @@ class FileSourceSpec:
     ----------
     path
         Directory to watch: a local path or any fsspec URL (``"s3://b/in"``,
-        ``"memory://in"``).
+        ``"memory://in"``), optionally with a glob below it, as in
+        :func:`polars.scan_parquet`: ``"in/*.parquet"``, ``"in/**/*.csv"``
+        (``*`` and ``?`` within a path segment, ``**`` across directories).
+        A directory that does not exist is an error when the query starts,
+        unless ``wait_for_path``.
     format
         ``"parquet"``, ``"csv"``, ``"ndjson"`` or ``"ipc"``.
     schema
@@ -139,10 +226,57 @@ class FileSourceSpec:
         ``path`` and not inside it.
     glob
         ``fnmatch`` pattern the file names must match (``"*.parquet"``).
-        Hidden files (name starting with ``.`` or ``_``) are always ignored,
-        as Spark does, so a producer's temporary files are never taken.
+        Without it (and without a glob in ``path``) only names with the
+        format's extension are taken (parquet ``*.parquet``; csv ``*.csv``;
+        ndjson ``*.ndjson``, ``*.jsonl``, ``*.json``; ipc ``*.arrow``,
+        ``*.ipc``, ``*.feather``); any other file is logged as ignored once
+        and counted as ``files_ignored`` in progress. Hidden files (name
+        starting with ``.`` or ``_``) are always ignored, as Spark does, so a
+        producer's temporary files are never taken.
     recursive
         Also take files in sub-directories (hidden directories are skipped).
+        Not with a glob in ``path``, whose ``**`` says that.
+    on_bad_file
+        A file that cannot be read (corrupt, unparsable as a whole, a column
+        missing with ``missing_columns="raise"``, extra with
+        ``extra_columns="raise"``, or of a dtype that does not widen):
+        ``"fail"`` (a :class:`~microstream.SourceError` or
+        :class:`~microstream.SchemaMismatchError` naming the file),
+        ``"skip"`` (left out, logged, counted as ``files_skipped_bad``) or
+        ``"dead_letter"`` (one row ``path, size, reason, batch_id`` to
+        ``dead_letter``; counted as ``files_dead_lettered``). A file left out
+        is named in the batch's ``SourceProgress.skipped_files`` and recorded
+        in the source log, so a re-run of the batch leaves it out again.
+    on_missing_file
+        A file in the source log that is gone when its batch reads it (deleted
+        before the batch committed): ``"fail"`` or ``"skip"`` (recorded and
+        reported as for ``on_bad_file``; counted as ``files_skipped_missing``).
+    on_bad_record
+        csv and ndjson only: a record that does not parse (a value not of its
+        column's dtype, invalid JSON, a csv row with more or fewer fields
+        than the header): ``"fail"`` (naming the file and line), ``"skip"``
+        (counted as ``bad_records_skipped``) or ``"dead_letter"`` (rows
+        ``path, size, line, value, reason, batch_id``; counted as
+        ``bad_records_dead_lettered``), as the Kafka source does.
+    dead_letter
+        With a ``"dead_letter"`` policy: a memory table name
+        (``ms.table(name)``) or a function called with the rows and the
+        batch id. Both policies share it; columns :data:`DEAD_LETTER_SCHEMA`.
+    extra_columns
+        Columns a file has that the schema lacks: ``"ignore"`` (not read;
+        each new column is logged once and counted as
+        ``new_columns_ignored``) or ``"raise"`` (the file is bad). ndjson
+        files are checked by the keys of their first 1000 lines with
+        ``"ignore"``, of every line with ``"raise"`` (a second parse).
+    missing_columns
+        Schema columns a parquet, ipc or csv file lacks: ``"raise"`` (the
+        file is bad) or ``"insert"`` (read as nulls). An ndjson field that
+        is absent is null in that row either way (JSON has no header).
+    wait_for_path
+        Start even if the directory does not exist yet, and take its files
+        once it does (logged once); off: a missing directory is an error
+        when the query starts. An object-store prefix exists once it holds
+        a file.
     storage_options
         Passed to :func:`fsspec.url_to_fs` for ``path`` and
         ``source_archive_dir``.
@@ -177,6 +311,13 @@ class FileSourceSpec:
     source_archive_dir: str | None
     glob: str | None
     recursive: bool
+    on_bad_file: BadFilePolicy
+    on_missing_file: MissingFilePolicy
+    on_bad_record: BadRecordPolicy
+    dead_letter: SideOutputTarget | None = field(compare=False)
+    extra_columns: ExtraColumnsPolicy
+    missing_columns: MissingColumnsPolicy
+    wait_for_path: bool
     storage_options: dict[str, Any] | None = field(repr=False)  # may hold credentials
 
     def __init__(
@@ -191,6 +332,13 @@ class FileSourceSpec:
         source_archive_dir: str | os.PathLike[str] | None = None,
         glob: str | None = None,
         recursive: bool = False,
+        on_bad_file: BadFilePolicy = "fail",
+        on_missing_file: MissingFilePolicy = "fail",
+        on_bad_record: BadRecordPolicy = "fail",
+        dead_letter: SideOutputTarget | None = None,
+        extra_columns: ExtraColumnsPolicy = "ignore",
+        missing_columns: MissingColumnsPolicy = "raise",
+        wait_for_path: bool = False,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
         if format not in _FORMATS:
@@ -216,7 +364,27 @@ class FileSourceSpec:
         if glob is not None and (not isinstance(glob, str) or not glob):
             msg = f"glob must be a non-empty pattern such as '*.parquet' or None; got {glob!r}"
             raise ValueError(msg)
-        directory = DataDir.resolve(path, storage_options)
+        _check_policies(
+            format,
+            on_bad_file=on_bad_file,
+            on_missing_file=on_missing_file,
+            on_bad_record=on_bad_record,
+            dead_letter=dead_letter,
+            extra_columns=extra_columns,
+            missing_columns=missing_columns,
+        )
+        if not isinstance(wait_for_path, bool):
+            msg = f"wait_for_path must be a bool; got {wait_for_path!r}"
+            raise ValueError(msg)
+        base, pattern = split_glob(os.fspath(path))
+        if pattern is not None and recursive:
+            msg = (
+                f"recursive=True does not combine with the glob in path {os.fspath(path)!r}: "
+                "use '**' in the glob to take files in sub-directories"
+            )
+            raise ValueError(msg)
+        directory = DataDir.resolve(base, storage_options)
+        selection = _Selection.of(format, glob, pattern, recursive)
         archive = None if source_archive_dir is None else os.fspath(source_archive_dir)
         if clean_source == "archive":
             if archive is None:
@@ -230,7 +398,7 @@ class FileSourceSpec:
                 )
                 raise ValueError(msg)
             if directory.contains(archive_dir) and (
-                archive_dir.root == directory.root or recursive
+                archive_dir.root == directory.root or selection.recursive
             ):
                 msg = (
                     f"source_archive_dir must not be inside the watched directory "
@@ -245,7 +413,7 @@ class FileSourceSpec:
             raise ValueError(msg)
 
         if schema is None:
-            resolved = _infer_schema(directory, format, glob=glob, recursive=recursive)
+            resolved = _infer_schema(directory, format, selection)
         else:
             try:
                 resolved = pl.Schema(schema)
@@ -262,19 +430,119 @@ class FileSourceSpec:
         object.__setattr__(self, "source_archive_dir", archive)
         object.__setattr__(self, "glob", glob)
         object.__setattr__(self, "recursive", recursive)
+        object.__setattr__(self, "on_bad_file", on_bad_file)
+        object.__setattr__(self, "on_missing_file", on_missing_file)
+        object.__setattr__(self, "on_bad_record", on_bad_record)
+        object.__setattr__(self, "dead_letter", dead_letter)
+        object.__setattr__(self, "extra_columns", extra_columns)
+        object.__setattr__(self, "missing_columns", missing_columns)
+        object.__setattr__(self, "wait_for_path", wait_for_path)
         object.__setattr__(self, "storage_options", storage_options)
 
+    @property
+    def directory(self) -> str:
+        """The directory watched: ``path`` up to its glob, if it has one."""
+        return split_glob(self.path)[0]
+
+    @property
+    def selection(self) -> _Selection:
+        """Which of the directory's files the source takes."""
+        return _Selection.of(self.format, self.glob, split_glob(self.path)[1], self.recursive)
+
+    def _url(self) -> str:
+        base, pattern = split_glob(self.path)
+        url = DataDir.resolve(base, self.storage_options).url
+        return url if pattern is None else f"{url.rstrip('/')}/{pattern}"
+
     def identity(self) -> dict[str, Any]:
-        """The normalised directory URL and the format (a change refuses the checkpoint)."""
-        return {"path": DataDir.resolve(self.path, self.storage_options).url, "format": self.format}
+        """The normalised URL (with its glob) and the format (a change refuses the checkpoint)."""
+        return {"path": self._url(), "format": self.format}
 
     def describe(self) -> str:
         """One line: ``FileSource[parquet: /data/in]``."""
-        return f"FileSource[{self.format}: {DataDir.resolve(self.path, self.storage_options).url}]"
+        return f"FileSource[{self.format}: {self._url()}]"
 
     def build(self, context: SourceContext) -> FileSource:
         """The runtime source, with its log restored from ``context.storage``."""
         return FileSource(self, context)
+
+
+def _check_policies(
+    fmt: str,
+    *,
+    on_bad_file: str,
+    on_missing_file: str,
+    on_bad_record: str,
+    dead_letter: object,
+    extra_columns: str,
+    missing_columns: str,
+) -> None:
+    choices: dict[str, tuple[str, tuple[str, ...]]] = {
+        "on_bad_file": (on_bad_file, ("fail", "skip", "dead_letter")),
+        "on_missing_file": (on_missing_file, ("fail", "skip")),
+        "on_bad_record": (on_bad_record, ("fail", "skip", "dead_letter")),
+        "extra_columns": (extra_columns, ("ignore", "raise")),
+        "missing_columns": (missing_columns, ("insert", "raise")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            msg = f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+            raise ValueError(msg)
+    if on_bad_record != "fail" and fmt not in ("csv", "ndjson"):
+        msg = (
+            f"on_bad_record applies to csv and ndjson files, which hold records one by one; "
+            f"a {fmt} file is read whole: use on_bad_file={on_bad_record!r} instead"
+        )
+        raise ValueError(msg)
+    wants = "dead_letter" in (on_bad_file, on_bad_record)
+    if wants and not (isinstance(dead_letter, str) and dead_letter) and not callable(dead_letter):
+        msg = (
+            "on_bad_file='dead_letter' or on_bad_record='dead_letter' needs dead_letter= a "
+            f"memory table name or a function(df, batch_id); got {dead_letter!r}"
+        )
+        raise ValueError(msg)
+    if not wants and dead_letter is not None:
+        msg = (
+            "dead_letter= is used only with on_bad_file='dead_letter' or "
+            f"on_bad_record='dead_letter'; got on_bad_file={on_bad_file!r} and "
+            f"on_bad_record={on_bad_record!r}"
+        )
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which listed files the source takes (hidden ones never)."""
+
+    recursive: bool
+    name_glob: str | None
+    """``glob=``: a pattern on the file's own name."""
+    path_glob: re.Pattern[str] | None
+    """The glob of ``path``: a pattern on the path relative to the directory."""
+    default_globs: tuple[str, ...]
+    """The format's extensions, when neither glob is given; other files are reported."""
+
+    @classmethod
+    def of(cls, fmt: str, glob: str | None, pattern: str | None, recursive: bool) -> _Selection:
+        return cls(
+            recursive=recursive or (pattern is not None and ("/" in pattern or "**" in pattern)),
+            name_glob=glob,
+            path_glob=None if pattern is None else glob_regex(pattern),
+            default_globs=_DEFAULT_GLOBS[fmt] if glob is None and pattern is None else (),
+        )
+
+    def verdict(self, name: str, base: str) -> Literal["take", "pass", "ignore"]:
+        """``take``; ``pass`` over a file the user's globs exclude; ``ignore`` (and report)
+        a file the format's default extensions exclude."""
+        if self.name_glob is not None and not fnmatch.fnmatchcase(base, self.name_glob):
+            return "pass"
+        if self.path_glob is not None and not self.path_glob.fullmatch(name):
+            return "pass"
+        if self.default_globs and not any(
+            fnmatch.fnmatchcase(base.lower(), g) for g in self.default_globs
+        ):
+            return "ignore"
+        return "take"
 
 
 # -- the runtime source ----------------------------------------------------------------------------
@@ -287,16 +555,26 @@ class FileSource:
 
     - ``<k>.json`` (:class:`FileLogEntry`): the files log entry ``k`` takes,
       written once, before any batch reads them.
+    - ``skipped/<k>.json`` (:class:`SkippedFiles`): the files of entry ``k``
+      its batch left out (``on_bad_file``, ``on_missing_file``).
     - ``cleaned.json``: the last entry whose files ``clean_source`` handled.
 
     The whole log is loaded when the source is built (one small JSON file
     per batch that found new files).
+
+    Raises
+    ------
+    SourceError
+        The directory does not exist (without ``wait_for_path``) or is a
+        file; the log has a gap.
     """
 
     def __init__(self, spec: FileSourceSpec, context: SourceContext) -> None:
         self.spec = spec
         self.description = spec.describe()
-        self._dir = DataDir.resolve(spec.path, spec.storage_options)
+        self._dir = DataDir.resolve(spec.directory, spec.storage_options)
+        self._selection = spec.selection
+        self._check_directory()
         self._archive = (
             None
             if spec.source_archive_dir is None
@@ -305,6 +583,13 @@ class FileSource:
         self._log = context.storage
         self._logger = context.logger
         self._faults = context.faults
+        self._side_output = context.side_output
+        if spec.dead_letter is not None:
+            self._side_output.declare(spec.dead_letter, DEAD_LETTER_SCHEMA)
+        self._metrics: dict[str, int] = {}
+        self._skipped_names: list[str] = []
+        self._reported: set[str] = set()  # ignored files and new columns, reported once per run
+        self._waiting_reported = False
         self._entries: dict[int, FileLogEntry] = {}
         self._seen: set[str] = set()
         ids = self._log.list_numbered("")
@@ -331,6 +616,45 @@ class FileSource:
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
         self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
+
+    def _check_directory(self) -> None:
+        try:
+            exists = self._dir.fs.exists(self._dir.root)
+            is_dir = exists and self._dir.fs.isdir(self._dir.root)
+        except Exception as exc:
+            msg = f"{self.description}: cannot look up the source directory {self._dir.url}: {exc}"
+            raise SourceError(msg) from exc
+        if exists and not is_dir:
+            msg = (
+                f"{self.description}: {self._dir.url} is a file, not a directory; pass its "
+                "directory as path, or a glob such as 'dir/*.parquet'"
+            )
+            raise SourceError(msg)
+        if not exists and not self.spec.wait_for_path:
+            msg = (
+                f"{self.description}: the source directory {self._dir.url} does not exist. "
+                "Check the path, create the directory, or pass wait_for_path=True to wait "
+                "for it to be created"
+            )
+            raise SourceError(msg)
+
+    # -- what the batch left out, for progress ------------------------------------------------
+
+    def metrics(self) -> dict[str, int]:
+        """Counts since the previous call (only those not zero): ``files_skipped_bad``,
+        ``files_dead_lettered``, ``files_skipped_missing``, ``bad_records_skipped``,
+        ``bad_records_dead_lettered``, ``files_ignored``, ``new_columns_ignored``."""
+        out, self._metrics = self._metrics, {}
+        return out
+
+    def skipped_files(self) -> list[str]:
+        """The files left out (skipped or dead-lettered) since the previous call."""
+        out, self._skipped_names = self._skipped_names, []
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        if n:
+            self._metrics[name] = self._metrics.get(name, 0) + n
 
     def project(self, columns: Sequence[str]) -> None:
         """Read only ``columns`` of the schema from now on (the query reads no others)."""
@@ -414,15 +738,24 @@ class FileSource:
     def read(self, start: Offset, end: Offset) -> pl.DataFrame:
         """The rows of the files of log entries ``start + 1 .. end``, in log order.
 
+        Files recorded as left out by an earlier run of the same batch are
+        left out again, unread. A file that fails is handled by
+        ``on_bad_file`` / ``on_missing_file``; a file left out now is
+        recorded in ``skipped/<k>.json`` before the rows are returned.
+
         Raises
         ------
         OffsetError
             ``end`` before ``start`` or beyond the log.
         SchemaMismatchError
-            A file lacks a column of the schema, or has it with another dtype
-            that is not a lossless widening (``Int32`` read as ``Int64`` is).
+            With ``on_bad_file="fail"``: a file lacks a column of the schema
+            (``missing_columns="raise"``), has one it lacks
+            (``extra_columns="raise"``), or has one with another dtype that
+            is not a lossless widening (``Int32`` read as ``Int64`` is).
         SourceError
-            A logged file is gone (the range cannot be replayed) or unreadable.
+            With ``on_missing_file="fail"``: a logged file is gone; with
+            ``on_bad_file="fail"``: a file is unreadable; with
+            ``on_bad_record="fail"``: a csv or ndjson record is bad.
         """
         first = _file_offset(start, "read from").log_index + 1
         last = _file_offset(end, "read to").log_index
@@ -432,20 +765,46 @@ class FileSource:
                 f"{self._log.display('')} has entries 0..{self._last_logged}"
             )
             raise OffsetError(msg)
-        wanted = [(logged, k) for k in range(first, last + 1) for logged in self._entry(k).files]
-        if not wanted:
-            return pl.DataFrame(schema=self._schema)
-        if len(wanted) == 1:
-            frames = [self._read_file(*wanted[0])]
+        recorded = {k: self._recorded_skips(k) for k in range(first, last + 1)}
+        wanted = [
+            (logged, k)
+            for k in range(first, last + 1)
+            for logged in self._entry(k).files
+            if logged.name not in recorded[k]
+        ]
+        if len(wanted) <= 1:
+            outcomes = [self._read_file(*item) for item in wanted]
         else:
             # Polars reads release the GIL: several files at once use every core. map()
-            # keeps log order and re-raises the first file's error, naming that file.
+            # keeps log order; failures come back as values, handled below in log order.
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(
                     max_workers=_READ_THREADS, thread_name_prefix="microstream-files"
                 )
-            frames = list(self._pool.map(lambda item: self._read_file(*item), wanted))
-        return pl.concat(frames, how="vertical")
+            outcomes = list(self._pool.map(lambda item: self._read_file(*item), wanted))
+        frames = []
+        dead: list[pl.DataFrame] = []
+        skips: dict[int, list[SkippedFile]] = {}
+        for (_, k), outcome in zip(wanted, outcomes):
+            if isinstance(outcome, _FileFailed):
+                skip = self._leave_out(outcome)  # raises with the "fail" policies
+                skips.setdefault(k, []).append(skip)
+                continue
+            frames.append(outcome.frame)
+            self._report_columns(outcome)
+            if outcome.bad:
+                dead.extend(self._bad_records(outcome))
+        for k, new in skips.items():
+            record = SkippedFiles(files=[*recorded[k].values(), *new])
+            self._log.write_model(f"{_SKIPPED_DIR}/{k}.json", record)
+        for k in range(first, last + 1):
+            for skip in [*recorded[k].values(), *skips.get(k, [])]:
+                dead.extend(self._account(skip))
+        if dead and self.spec.dead_letter is not None:
+            self._side_output.emit(self.spec.dead_letter, pl.concat(dead, how="vertical"))
+        if not frames:
+            return pl.DataFrame(schema=self._schema)
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
 
     def _entry(self, k: int) -> FileLogEntry:
         entry = self._entries.get(k)
@@ -454,37 +813,117 @@ class FileSource:
             self._entries[k] = entry
         return entry
 
-    def _read_file(self, logged: LoggedFile, k: int) -> pl.DataFrame:
+    def _recorded_skips(self, k: int) -> dict[str, SkippedFile]:
+        name = f"{_SKIPPED_DIR}/{k}.json"
+        if not self._log.exists(name):
+            return {}
+        return {f.name: f for f in self._log.read_model(name, SkippedFiles).files}
+
+    def _read_file(self, logged: LoggedFile, k: int) -> _FileRead | _FileFailed:
+        """Read one file; what went wrong comes back as a :class:`_FileFailed`."""
         shown = self._dir.display(logged.name)
         where = f"file {shown} (source log entry {self._log.display(f'{k}.json')})"
         try:
             if self._dir.is_local:
-                df = _read(self._dir.path(logged.name), self.spec.format, self._schema, shown)
+                parsed = _read(self._dir.path(logged.name), self.spec, self._schema, shown)
             else:
                 with self._dir.fs.open(self._dir.path(logged.name), "rb") as fh:
-                    df = _read(fh, self.spec.format, self._schema, shown)
-        except SchemaMismatchError:
-            raise
-        except FileNotFoundError:
-            msg = (
-                f"{self.description}: {where} no longer exists, so this logged range cannot be "
-                "replayed. Files must stay until the batch that read them is committed "
-                "(clean_source does that for you); restore the file or delete the checkpoint"
-            )
-            raise SourceError(msg) from None
-        except Exception as exc:
+                    parsed = _read(fh, self.spec, self._schema, shown)
+            frame = _conform(parsed.frame, self._schema, shown, self.spec.missing_columns)
+        except SchemaMismatchError as exc:
+            return _FileFailed(logged, where, str(exc), missing=False, error=exc)
+        except FileNotFoundError as exc:
+            return _FileFailed(logged, where, "the file no longer exists", missing=True, error=exc)
+        except _PANIC as exc:
             if not self._dir.fs.exists(self._dir.path(logged.name)):
-                msg = (
-                    f"{self.description}: {where} no longer exists, so this logged range "
-                    "cannot be replayed; restore the file or delete the checkpoint"
+                return _FileFailed(
+                    logged, where, "the file no longer exists", missing=True, error=exc
                 )
-                raise SourceError(msg) from exc
-            msg = (
-                f"{self.description}: cannot read {where} as {self.spec.format}: {exc}. "
-                "Replace or remove the corrupt file (the batch re-reads it on restart)"
+            reason = f"cannot read it as {self.spec.format}: {_first_line(exc)}"
+            return _FileFailed(logged, where, reason, missing=False, error=exc)
+        return _FileRead(logged, shown, frame, parsed.bad, parsed.extra_columns)
+
+    def _leave_out(self, failed: _FileFailed) -> SkippedFile:
+        """The record of a file left out by policy; raise under the "fail" policies."""
+        spec = self.spec
+        policy = spec.on_missing_file if failed.missing else spec.on_bad_file
+        if policy == "fail":
+            raise _fail_error(failed, spec, self.description)
+        return SkippedFile(
+            name=failed.logged.name,
+            size=failed.logged.size,
+            reason=failed.reason,
+            missing=failed.missing,
+            dead_letter=policy == "dead_letter",
+        )
+
+    def _account(self, skip: SkippedFile) -> list[pl.DataFrame]:
+        """Count, log and name a file left out; its dead-letter row if it has one."""
+        shown = self._dir.display(skip.name)
+        self._skipped_names.append(shown)
+        if skip.dead_letter and self.spec.dead_letter is not None:
+            self._count("files_dead_lettered")
+            self._logger.warning(
+                "%s: file %s sent to dead_letter: %s", self.description, shown, skip.reason
             )
-            raise SourceError(msg) from exc
-        return _conform(df, self._schema, shown)
+            row = {"path": shown, "size": skip.size, "line": None, "value": None}
+            return [pl.DataFrame([{**row, "reason": skip.reason}], schema=DEAD_LETTER_SCHEMA)]
+        self._count("files_skipped_missing" if skip.missing else "files_skipped_bad")
+        self._logger.warning("%s: skipped file %s: %s", self.description, shown, skip.reason)
+        return []
+
+    def _bad_records(self, read: _FileRead) -> list[pl.DataFrame]:
+        """Apply ``on_bad_record`` to a file's bad records; their dead-letter rows."""
+        first = read.bad[0]
+        if self.spec.on_bad_record == "fail":
+            more = f" (and {len(read.bad) - 1} more in this file)" if len(read.bad) > 1 else ""
+            msg = (
+                f"{self.description}: bad record in file {read.shown} line {first.line}: "
+                f"{first.reason}{more}. Fix the file, or restart the query with "
+                "on_bad_record='skip' or 'dead_letter' to leave such records out"
+            )
+            raise SourceError(msg)
+        if self.spec.on_bad_record == "skip":
+            self._count("bad_records_skipped", len(read.bad))
+            self._logger.warning(
+                "%s: skipped %d bad record(s) of file %s; the first at line %d: %s",
+                self.description,
+                len(read.bad),
+                read.shown,
+                first.line,
+                first.reason,
+            )
+            return []
+        self._count("bad_records_dead_lettered", len(read.bad))
+        return [
+            pl.DataFrame(
+                {
+                    "path": [read.shown] * len(read.bad),
+                    "size": [read.logged.size] * len(read.bad),
+                    "line": [b.line for b in read.bad],
+                    "value": [b.value for b in read.bad],
+                    "reason": [b.reason for b in read.bad],
+                },
+                schema=DEAD_LETTER_SCHEMA,
+            )
+        ]
+
+    def _report_columns(self, read: _FileRead) -> None:
+        """Log each column a file has beyond the schema once (``extra_columns="ignore"``)."""
+        for column in read.extra_columns:
+            key = f"column:{column}"
+            if key in self._reported:
+                continue
+            self._reported.add(key)
+            self._count("new_columns_ignored")
+            self._logger.warning(
+                "%s: column %r of file %s is not in the source schema and is not read "
+                "(extra_columns='ignore'; reported once). To read it, add it to schema= "
+                "(with missing_columns='insert' for the files without it) and restart",
+                self.description,
+                column,
+                read.shown,
+            )
 
     # -- clean-up --------------------------------------------------------------------------
 
@@ -494,8 +933,11 @@ class FileSource:
         if self.spec.clean_source == "off" or last <= self._cleaned:
             return
         for k in range(self._cleaned + 1, min(last, self._last_logged) + 1):
+            # A file left out as bad stays where it is, for whoever repairs or inspects it.
+            left_out = self._recorded_skips(k)
             for logged in self._entry(k).files:
-                self._clean(logged)
+                if logged.name not in left_out:
+                    self._clean(logged)
         self._cleaned = min(last, self._last_logged)
         try:
             self._log.write_model(_CLEANED_FILE, _Cleaned(up_to=self._cleaned))
@@ -533,13 +975,46 @@ class FileSource:
     # -- listing ---------------------------------------------------------------------------
 
     def _new_files(self) -> list[LoggedFile]:
-        return _list_files(self._dir, self.spec.glob, self.spec.recursive, seen=self._seen)
+        listing = _list_files(self._dir, self._selection, seen=self._seen)
+        if listing.missing and not self._waiting_reported:
+            self._waiting_reported = True
+            self._logger.warning(
+                "%s: the source directory %s does not exist (yet); waiting for it "
+                "(wait_for_path=True)",
+                self.description,
+                self._dir.url,
+            )
+        for name in listing.ignored:
+            if name in self._reported:
+                continue
+            self._reported.add(name)
+            self._count("files_ignored")
+            self._logger.warning(
+                "%s: ignoring file %s: its name does not match %s, the names of %s files. "
+                "Pass glob= (or a glob in path) to take it; producers should write under a "
+                "name starting with '.' or '_' and rename when done",
+                self.description,
+                self._dir.display(name),
+                " or ".join(self._selection.default_globs),
+                self.spec.format,
+            )
+        return listing.files
+
+
+@dataclass(frozen=True)
+class _Listing:
+    files: list[LoggedFile]
+    """New files the source takes."""
+    ignored: list[str] = field(default_factory=list)
+    """Names the format's default extensions exclude."""
+    missing: bool = False
+    """Whether the directory does not exist."""
 
 
 def _list_files(
-    directory: DataDir, glob: str | None, recursive: bool, *, seen: Container[str] = frozenset()
-) -> list[LoggedFile]:
-    """The visible files of ``directory`` (no hidden ones, matching ``glob``) not in ``seen``.
+    directory: DataDir, selection: _Selection, *, seen: Container[str] = frozenset()
+) -> _Listing:
+    """The visible files of ``directory`` (no hidden ones, as ``selection`` says) not in ``seen``.
 
     Names in ``seen`` are dropped before anything else is done with them: a
     file already taken is neither stat-ed nor described again, so a trigger
@@ -547,25 +1022,25 @@ def _list_files(
     """
     try:
         if directory.is_local:
-            return _list_local(directory.root, glob, recursive, seen)
-        return _list_remote(directory, glob, recursive, seen)
+            return _list_local(directory.root, selection, seen)
+        return _list_remote(directory, selection, seen)
     except FileNotFoundError:
-        return []
+        return _Listing([], missing=True)
     except Exception as exc:
         msg = f"cannot list the source directory {directory.url}: {exc}"
         raise SourceError(msg) from exc
 
 
-def _list_local(
-    root: str, glob: str | None, recursive: bool, seen: Container[str]
-) -> list[LoggedFile]:
+def _list_local(root: str, selection: _Selection, seen: Container[str]) -> _Listing:
     """:func:`_list_files` with ``os.scandir``: names come without a ``stat`` call.
 
     Which entries count as files is fsspec's: without ``recursive`` regular
     files only; with it everything but a directory, and symbolic links to
     directories are not followed.
     """
+    recursive = selection.recursive
     files = []
+    ignored = []
     pending = [("", root)]
     while pending:
         prefix, path = pending.pop()
@@ -586,7 +1061,12 @@ def _list_local(
                     continue
                 if not recursive and not entry.is_file(follow_symlinks=False):
                     continue
-                if name in seen or (glob is not None and not fnmatch.fnmatchcase(entry.name, glob)):
+                if name in seen:
+                    continue
+                verdict = selection.verdict(name, entry.name)
+                if verdict != "take":
+                    if verdict == "ignore":
+                        ignored.append(name)
                     continue
                 info = entry.stat(follow_symlinks=False)
                 size = info.st_size
@@ -598,20 +1078,19 @@ def _list_local(
             except FileNotFoundError:
                 continue  # removed since the listing
             files.append(LoggedFile(name=name, size=size, mtime=info.st_mtime))
-    return files
+    return _Listing(files, ignored)
 
 
-def _list_remote(
-    directory: DataDir, glob: str | None, recursive: bool, seen: Container[str]
-) -> list[LoggedFile]:
+def _list_remote(directory: DataDir, selection: _Selection, seen: Container[str]) -> _Listing:
     """:func:`_list_files` through fsspec, whose listings carry sizes and times already."""
     fs = directory.fs
     fs.invalidate_cache(directory.root)  # object stores cache listings
-    if recursive:
+    if selection.recursive:
         infos = list(fs.find(directory.root, withdirs=False, detail=True).values())
     else:
         infos = [i for i in fs.ls(directory.root, detail=True) if i.get("type") == "file"]
     files = []
+    ignored = []
     for info in infos:
         name = directory.relative(str(info["name"]))
         if name in seen:
@@ -619,66 +1098,313 @@ def _list_remote(
         parts = name.split("/")
         if any(p.startswith((".", "_")) for p in parts):
             continue
-        if glob is not None and not fnmatch.fnmatchcase(parts[-1], glob):
+        verdict = selection.verdict(name, parts[-1])
+        if verdict != "take":
+            if verdict == "ignore":
+                ignored.append(name)
             continue
         files.append(
             LoggedFile(name=name, size=int(info.get("size") or 0), mtime=modified_time(info))
         )
-    return files
+    return _Listing(files, ignored)
 
 
 # -- reading one file ------------------------------------------------------------------------------
 
 
-def _read(source: str | IO[bytes], fmt: FileFormat, schema: pl.Schema, shown: str) -> pl.DataFrame:
-    """Read one file; parquet and ipc read only the schema's columns (one open of the file)."""
-    if fmt == "csv":
-        try:
-            return pl.read_csv(
-                source, schema=schema, extra_columns="ignore", raise_if_empty=False, glob=False
-            )
-        except pl.exceptions.SchemaError:
-            # Name the missing column and its dtype, which polars' message lacks.
-            if not isinstance(source, str):
-                source.seek(0)
-            header = pl.read_csv(source, n_rows=0, infer_schema=False, glob=False).columns
-            _check_columns(header, schema, shown)
-            raise
-    if fmt == "ndjson":
-        # JSON has no per-file schema: an absent field is null, as in Spark.
-        return pl.read_ndjson(source, schema=schema)
-    # parquet and ipc: one open. A missing column fails the read; only then is the
-    # file's schema read, to name the column and its dtype (polars' message lacks it).
-    # The dtypes of the columns read are checked by _conform.
-    try:
-        if fmt == "parquet":
-            return pl.read_parquet(source, columns=list(schema), glob=False)
-        return pl.read_ipc(source, columns=list(schema))
-    except pl.exceptions.ColumnNotFoundError:
-        if not isinstance(source, str):
-            source.seek(0)
-        found = pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
-        _check_columns(list(found), schema, shown)
-        raise
+@dataclass(frozen=True)
+class _BadRecord:
+    line: int
+    """1-based line of the file where the record starts (a csv header is line 1)."""
+    value: str
+    reason: str
 
 
-def _check_columns(found: list[str], schema: pl.Schema, shown: str) -> None:
+@dataclass(frozen=True)
+class _Parsed:
+    frame: pl.DataFrame
+    bad: list[_BadRecord] = field(default_factory=list)
+    extra_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _FileRead:
+    """A file read: its rows (schema conformed), bad records and columns beyond the schema."""
+
+    logged: LoggedFile
+    shown: str
+    frame: pl.DataFrame
+    bad: list[_BadRecord]
+    extra_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _FileFailed:
+    """A file that could not be read at all, and why."""
+
+    logged: LoggedFile
+    where: str
+    reason: str
+    missing: bool
+    error: BaseException
+
+
+def _fail_error(failed: _FileFailed, spec: FileSourceSpec, description: str) -> Exception:
+    """The error of a file that failed under the "fail" policies, with advice that works."""
+    if failed.missing:
+        msg = (
+            f"{description}: {failed.where} no longer exists, so this logged range cannot be "
+            "replayed. Files must stay until the batch that read them is committed "
+            "(clean_source does that for you). Restore the file, or restart the query with "
+            "on_missing_file='skip' to leave it out (recorded in the source log and in progress)"
+        )
+        return SourceError(msg)
+    advice = (
+        "The batch re-reads the file on restart: replace it with a valid file under the same "
+        "name, or restart the query with on_bad_file='skip' or 'dead_letter' to leave it out "
+        "(recorded in the source log and in progress)"
+    )
+    if isinstance(failed.error, SchemaMismatchError):
+        return SchemaMismatchError(f"{description}: {failed.reason}. {advice}")
+    msg = f"{description}: cannot read {failed.where} as {spec.format}: {failed.error}. {advice}"
+    error = SourceError(msg)
+    error.__cause__ = failed.error
+    return error
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _read(source: str | IO[bytes], spec: FileSourceSpec, schema: pl.Schema, shown: str) -> _Parsed:
+    """Read one file with ``spec``'s format and column policies (``schema``: the columns read).
+
+    parquet and ipc read only the schema's columns; their footer names the
+    file's other columns.
+    """
+    fmt = spec.format
+    if fmt in ("csv", "ndjson"):
+        data = source if isinstance(source, str) else source.read()
+        if fmt == "csv":
+            return _read_csv(data, schema, shown, spec)
+        return _read_ndjson(data, schema, shown, spec)
+    found = pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
+    if not isinstance(source, str):
+        source.seek(0)
+    extra = _check_header(list(found), spec, shown)
+    present = [c for c in schema if c in found]
+    if len(present) < len(schema):
+        _check_columns(list(found), schema, shown, spec.missing_columns)
+    if fmt == "parquet":
+        frame = pl.read_parquet(source, columns=present, glob=False)
+    else:
+        frame = pl.read_ipc(source, columns=present)
+    return _Parsed(frame, extra_columns=extra)
+
+
+def _check_header(found: Sequence[str], spec: FileSourceSpec, shown: str) -> tuple[str, ...]:
+    """The file's columns beyond the source schema; an error with ``extra_columns="raise"``."""
+    extra = tuple(c for c in found if c not in spec.schema)
+    if extra and spec.extra_columns == "raise":
+        msg = (
+            f"file {shown} has column(s) {list(extra)} that the source schema lacks "
+            "(extra_columns='raise'). Add them to schema=, or pass extra_columns='ignore' "
+            "to leave them out"
+        )
+        raise SchemaMismatchError(msg)
+    return extra
+
+
+def _check_columns(
+    found: list[str], schema: pl.Schema, shown: str, missing_columns: str = "raise"
+) -> None:
+    if missing_columns == "insert":
+        return
     for name, dtype in schema.items():
         if name not in found:
             msg = (
                 f"file {shown} has no column {name!r} (expected dtype {dtype}); its columns are "
-                f"{found}. Fix the file or declare the source schema without {name!r}"
+                f"{found}. Fix the file, declare the source schema without {name!r}, or pass "
+                "missing_columns='insert' to read it as null"
             )
             raise SchemaMismatchError(msg)
 
 
-def _conform(df: pl.DataFrame, schema: pl.Schema, shown: str) -> pl.DataFrame:
-    """``df`` with exactly ``schema``'s columns, order and dtypes (widening casts only)."""
+def _open(data: str | bytes) -> str | io.BytesIO:
+    return data if isinstance(data, str) else io.BytesIO(data)
+
+
+def _raw(data: str | bytes) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    with open(data, "rb") as fh:
+        return fh.read()
+
+
+def _read_csv(data: str | bytes, schema: pl.Schema, shown: str, spec: FileSourceSpec) -> _Parsed:
+    """A csv file by header name, every row checked to have the header's number of fields.
+
+    Polars pads a short row with nulls and, when columns are left out, drops
+    the fields of a long one; both are bad records here. A quick check counts
+    each line's separators (outside quotes) in bulk; a file that fails it, or
+    whose typed parse fails, is split into records with :mod:`csv` and the
+    records are parsed in bulk again, the bad ones found by bisection.
+    """
+    header = pl.read_csv(
+        _open(data), n_rows=0, infer_schema=False, glob=False, raise_if_empty=False
+    ).columns
+    if not header:  # an empty file
+        return _Parsed(pl.DataFrame(schema=schema))
+    extra = _check_header(header, spec, shown)
+    _check_columns(header, schema, shown, spec.missing_columns)
+    file_schema = pl.Schema({c: schema.get(c, pl.String()) for c in header})
+    frame: pl.DataFrame | None = None
+    if _fields_match(data, len(header)):
+        try:
+            frame = pl.read_csv(_open(data), schema=file_schema, raise_if_empty=False, glob=False)
+        except _PANIC:
+            frame = None
+    if frame is not None:
+        return _Parsed(frame.select([c for c in schema if c in file_schema]), [], extra)
+    lines, records = _csv_records(_raw(data), shown)
+    bad: list[_BadRecord] = []
+    payloads: list[bytes] = []
+    starts: list[int] = []
+    for start, stop, fields in records[1:]:  # records[0] is the header
+        text = "".join(lines[start:stop]).rstrip("\r\n")
+        if len(fields) != len(header):
+            reason = f"{len(fields)} fields where the header has {len(header)}"
+            bad.append(_BadRecord(start + 1, text, reason))
+        else:
+            payloads.append(text.encode())
+            starts.append(start)
+    good, decode_bad = _decode(
+        CsvDecoder(file_schema), payloads, starts, [p.decode() for p in payloads]
+    )
+    bad = sorted([*bad, *decode_bad], key=lambda b: b.line)
+    return _Parsed(good.select([c for c in schema if c in file_schema]), bad, extra)
+
+
+def _fields_match(data: str | bytes, width: int) -> bool:
+    """Whether every line has ``width`` fields, counted in bulk (false: check record by record).
+
+    Without quote chars, separators are counted per line on the raw bytes
+    with numpy (a fraction of the parse's cost). With them, each line is
+    counted by Polars without its quoted parts; an odd number of quotes on a
+    line (a quoted line break) sends the file to the record-by-record check,
+    as does a blank line (Polars would make it a row of nulls).
+    """
+    raw = np.frombuffer(_raw(data), dtype=np.uint8)
+    if not (raw == ord('"')).any():
+        ends = np.flatnonzero(raw == ord("\n"))
+        if len(ends) and ends[-1] == len(raw) - 1:
+            ends = ends[:-1]  # the newline that ends the last line starts no line
+        starts = np.concatenate(([0], ends + 1))
+        stops = np.concatenate((ends, [len(raw)]))
+        lengths = stops - starts
+        if len(ends) and lengths[-1] and raw[stops[-1] - 1] == ord("\r"):
+            lengths[-1] -= 1
+        crlf = np.zeros(len(lengths), dtype=bool)
+        crlf[:-1] = raw[np.maximum(ends - 1, 0)] == ord("\r")
+        if ((lengths - crlf) <= 0).any():
+            return False  # a blank line
+        per_line = np.bincount(
+            np.searchsorted(ends, np.flatnonzero(raw == ord(",")), side="right"),
+            minlength=len(starts),
+        )
+        return bool((per_line == width - 1).all())
+    try:
+        lines = pl.read_csv(
+            _open(data),
+            has_header=False,
+            separator="\x1f",
+            quote_char=None,
+            schema={"line": pl.String()},
+            glob=False,
+            raise_if_empty=False,
+        ).get_column("line")
+    except _PANIC:
+        return False
+    quotes = lines.str.count_matches('"', literal=True)
+    if ((quotes % 2) == 1).any() or lines.is_null().any():
+        return False
+    lines = lines.str.replace_all(r'"(?:[^"]|"")*"', "")
+    return bool((lines.str.count_matches(",", literal=True) == width - 1).all())
+
+
+def _csv_records(raw: bytes, shown: str) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
+    """The file's physical lines, and each record's ``(first line, end line, fields)``."""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        msg = f"file {shown} is not UTF-8 text: {exc}"
+        raise SourceError(msg) from None
+    lines = io.StringIO(text, newline="").readlines()
+    reader = csv.reader(iter(lines))
+    records = []
+    before = 0
+    try:
+        for fields in reader:
+            if fields:  # a blank line is no record
+                records.append((before, reader.line_num, fields))
+            before = reader.line_num
+    except csv.Error as exc:
+        msg = f"file {shown} line {reader.line_num}: {exc}"
+        raise SourceError(msg) from None
+    return lines, records
+
+
+def _decode(
+    decoder: PayloadDecoder, payloads: list[bytes], starts: list[int], texts: list[str]
+) -> tuple[pl.DataFrame, list[_BadRecord]]:
+    """Rows of the payloads that decode; the others as bad records (``starts``: 0-based lines)."""
+    decoded = decoder.decode(payloads)
+    bad = [_BadRecord(starts[i] + 1, texts[i], reason) for i, reason in decoded.bad]
+    return decoded.frame, bad
+
+
+def _read_ndjson(data: str | bytes, schema: pl.Schema, shown: str, spec: FileSourceSpec) -> _Parsed:
+    """An ndjson file with the schema; an absent field is null (JSON has no header), as in Spark.
+
+    A file that does not parse in bulk is split into lines, parsed in bulk
+    again, and the bad lines found by bisection.
+    """
+    try:
+        frame = pl.read_ndjson(_open(data), schema=schema)
+        bad: list[_BadRecord] = []
+        keys_from: str | bytes = data
+    except _PANIC:
+        lines = _raw(data).split(b"\n")
+        starts = [i for i, line in enumerate(lines) if line.strip()]
+        payloads = [lines[i] for i in starts]
+        texts = [p.decode(errors="replace").rstrip("\r") for p in payloads]
+        frame, bad = _decode(JsonDecoder(schema), payloads, starts, texts)
+        bad_lines = {b.line - 1 for b in bad}
+        keys_from = b"\n".join(lines[i] for i in starts if i not in bad_lines)
+    infer = None if spec.extra_columns == "raise" else _INFER_ROWS
+    try:
+        keys = pl.scan_ndjson(_open(keys_from), infer_schema_length=infer).collect_schema()
+    except _PANIC:
+        keys = pl.Schema()  # no line to infer from: no key beyond the schema to report
+    return _Parsed(frame, bad, _check_header(list(keys), spec, shown))
+
+
+def _conform(
+    df: pl.DataFrame, schema: pl.Schema, shown: str, missing_columns: str = "raise"
+) -> pl.DataFrame:
+    """``df`` with exactly ``schema``'s columns, order and dtypes (widening casts only).
+
+    A schema column ``df`` lacks is an error, or nulls with ``missing_columns="insert"``.
+    """
     if df.schema == schema:  # the usual case; Schema compares names, order and dtypes
         return df
-    _check_columns(df.columns, schema, shown)
+    _check_columns(df.columns, schema, shown, missing_columns)
     casts = []
     for name, expected in schema.items():
+        if name not in df.schema:
+            casts.append(pl.lit(None, expected).alias(name))
+            continue
         found = df.schema[name]
         if found == expected:
             continue
@@ -690,8 +1416,8 @@ def _conform(df: pl.DataFrame, schema: pl.Schema, shown: str) -> pl.DataFrame:
             )
             raise SchemaMismatchError(msg)
         casts.append(pl.col(name).cast(expected, strict=True))
-    out = df.select(list(schema))
-    return out.with_columns(casts) if casts else out
+    out = df.with_columns(casts) if casts else df
+    return out.select(list(schema))
 
 
 _SIGNED = {pl.Int8: 8, pl.Int16: 16, pl.Int32: 32, pl.Int64: 64, pl.Int128: 128}
@@ -739,13 +1465,13 @@ def _is_widening(found: pl.DataType, expected: pl.DataType) -> bool:
     return False
 
 
-def _infer_schema(
-    directory: DataDir, fmt: FileFormat, *, glob: str | None, recursive: bool
-) -> pl.Schema:
-    files = sorted(_list_files(directory, glob, recursive), key=lambda f: (f.mtime, f.name))
+def _infer_schema(directory: DataDir, fmt: FileFormat, selection: _Selection) -> pl.Schema:
+    listing = _list_files(directory, selection)
+    files = sorted(listing.files, key=lambda f: (f.mtime, f.name))
     if not files:
+        why = "the directory does not exist" if listing.missing else "no file there yet"
         msg = (
-            f"cannot infer the schema of the {fmt} files in {directory.url}: no file there yet. "
+            f"cannot infer the schema of the {fmt} files in {directory.url}: {why}. "
             "Pass schema={'column': pl.Int64, ...} to declare it"
         )
         raise PlanError(msg)

@@ -16,6 +16,14 @@ QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
 KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]
 KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
 BadRecordPolicy: TypeAlias = Literal["fail", "skip", "dead_letter"]
+BadFilePolicy: TypeAlias = Literal["fail", "skip", "dead_letter"]
+"""What the file source does with a file it cannot read (Spark's ``ignoreCorruptFiles``)."""
+MissingFilePolicy: TypeAlias = Literal["fail", "skip"]
+"""What the file source does with a logged file that is gone (Spark's ``ignoreMissingFiles``)."""
+ExtraColumnsPolicy: TypeAlias = Literal["ignore", "raise"]
+"""A file's columns that the schema lacks (as Polars' ``scan_parquet(extra_columns=)``)."""
+MissingColumnsPolicy: TypeAlias = Literal["insert", "raise"]
+"""Schema columns that a file lacks (as Polars' ``scan_parquet(missing_columns=)``)."""
 KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetime | Mapping[int, int] | Mapping[str, Mapping[int, int]]"
 """``"earliest"``, ``"latest"``, a timestamp (ms since the epoch, or a datetime), or
 explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         pl.DataFrame({"user_id": [0, 1, 2, 3, 4], "country": ["NL", "FR", "DE", "NL", "US"]}),
     )
 
+    (root / "incoming").mkdir(parents=True)  # a source directory must exist when the query starts
     payments = (
         ms.scan_files(root / "incoming", format="parquet", schema=SCHEMA)
         .filter(pl.col("amount") > 0)

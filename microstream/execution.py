@@ -622,6 +622,10 @@ class StreamExecution:
                     ),
                     # Optional ``metrics() -> dict[str, int]``: counts since the last call.
                     metrics=metrics_fn() if (metrics_fn := getattr(src, "metrics", None)) else {},
+                    # Optional ``skipped_files() -> list[str]``: files left out since the last call.
+                    skipped_files=skipped()
+                    if (skipped := getattr(src, "skipped_files", None))
+                    else [],
                 )
             )
         assert self._sink is not None

@@ -16,11 +16,15 @@ if TYPE_CHECKING:
     import polars as pl
 
     from microstream._typing import (
+        BadFilePolicy,
         BadRecordPolicy,
         CleanSource,
+        ExtraColumnsPolicy,
         FileFormat,
         KafkaFormat,
         KafkaStartingOffsets,
+        MissingColumnsPolicy,
+        MissingFilePolicy,
     )
     from microstream.protocols import SideOutputTarget
 
@@ -46,6 +50,13 @@ def scan_files(
     source_archive_dir: str | None = None,
     glob: str | None = None,
     recursive: bool = False,
+    on_bad_file: BadFilePolicy = "fail",
+    on_missing_file: MissingFilePolicy = "fail",
+    on_bad_record: BadRecordPolicy = "fail",
+    dead_letter: SideOutputTarget | None = None,
+    extra_columns: ExtraColumnsPolicy = "ignore",
+    missing_columns: MissingColumnsPolicy = "raise",
+    wait_for_path: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> StreamFrame:
     """Stream the files that arrive in a directory (any fsspec URL).
@@ -54,11 +65,15 @@ def scan_files(
     batch, so a batch re-run after a crash reads exactly the same files even if
     more arrived meanwhile. Files whose name starts with ``.`` or ``_`` are
     ignored, so producers should write to such a name and rename when done.
+    See :class:`connectors.files.FileSourceSpec` for every option.
 
     Parameters
     ----------
     path
-        The directory to watch: a local path, ``memory://...``, ``s3://...``.
+        The directory to watch: a local path, ``memory://...``, ``s3://...``,
+        optionally with a glob as in ``pl.scan_parquet`` (``"in/*.parquet"``,
+        ``"in/**/*.csv"``). It must exist when the query starts, unless
+        ``wait_for_path``.
     format
         ``"parquet"``, ``"csv"``, ``"ndjson"`` or ``"ipc"``.
     schema
@@ -75,8 +90,31 @@ def scan_files(
         Where ``clean_source="archive"`` moves files.
     glob
         Only files whose name matches this pattern (e.g. ``"*.parquet"``).
+        Without it, only names with the format's extension (``*.parquet``,
+        ``*.csv``, ``*.ndjson``/``*.jsonl``/``*.json``,
+        ``*.arrow``/``*.ipc``/``*.feather``); other files are reported once.
     recursive
         Also watch subdirectories.
+    on_bad_file
+        A file that cannot be read or does not fit the schema: ``"fail"``
+        (default), ``"skip"`` or ``"dead_letter"``; a file left out is
+        recorded in the checkpoint and named in progress (``skipped_files``).
+    on_missing_file
+        A logged file deleted before its batch committed: ``"fail"`` or ``"skip"``.
+    on_bad_record
+        csv and ndjson: a record that does not parse, or a csv row with too
+        many or too few fields: ``"fail"``, ``"skip"`` or ``"dead_letter"``.
+    dead_letter
+        For the ``"dead_letter"`` policies: a memory table name or a function
+        ``(df, batch_id)``; rows ``path, size, line, value, reason, batch_id``.
+    extra_columns
+        Columns a file has beyond the schema: ``"ignore"`` (each reported
+        once) or ``"raise"`` (a bad file).
+    missing_columns
+        Schema columns a parquet, ipc or csv file lacks: ``"raise"`` (a bad
+        file) or ``"insert"`` (nulls).
+    wait_for_path
+        Start even if the directory does not exist yet, and wait for it.
     storage_options
         Passed to fsspec.
 
@@ -104,6 +142,13 @@ def scan_files(
         source_archive_dir=source_archive_dir,
         glob=glob,
         recursive=recursive,
+        on_bad_file=on_bad_file,
+        on_missing_file=on_missing_file,
+        on_bad_record=on_bad_record,
+        dead_letter=dead_letter,
+        extra_columns=extra_columns,
+        missing_columns=missing_columns,
+        wait_for_path=wait_for_path,
         storage_options=storage_options,
     )
     return StreamFrame.from_source(spec)

@@ -56,7 +56,13 @@ class SourceProgress(_Frozen):
     metrics: dict[str, int] = Field(
         default_factory=dict,
         description="Source-specific counts for this batch (Kafka: bad records skipped or "
-        "dead-lettered, offsets lost).",
+        "dead-lettered, offsets lost; files: files and records skipped or dead-lettered, "
+        "files ignored, new columns ignored).",
+    )
+    skipped_files: list[str] = Field(
+        default_factory=list,
+        description="The files this batch left out (skipped or dead-lettered: unreadable or "
+        "gone), by path; the reasons are logged and in the file source's log.",
     )
 
 

@@ -144,14 +144,14 @@ def test_hidden_files_and_glob(tmp_path: Path, source_ctx: SourceContext) -> Non
     put(str(tmp_path), "b.data", rows(4), mtime=1003)
     (tmp_path / "sub").mkdir()
     put(str(tmp_path / "sub"), "c.parquet", rows(5), mtime=1004)
-    everything = build(source_ctx, tmp_path)
-    end = everything.latest_offset(off(-1), rate_limited=True)
-    assert everything.read(off(-1), end)["id"].to_list() == [1, 4]
+    default = build(source_ctx, tmp_path)  # the format's extension: b.data is not parquet
+    end = default.latest_offset(off(-1), rate_limited=True)
+    assert default.read(off(-1), end)["id"].to_list() == [1]
 
     ctx = replace(source_ctx, storage=source_ctx.storage.sub("other"))
-    matching = build(ctx, tmp_path, glob="*.parquet")
-    end = matching.latest_offset(off(-1), rate_limited=True)
-    assert matching.read(off(-1), end)["id"].to_list() == [1]
+    everything = build(ctx, tmp_path, glob="*")
+    end = everything.latest_offset(off(-1), rate_limited=True)
+    assert everything.read(off(-1), end)["id"].to_list() == [1, 4]
 
 
 def test_recursive_skips_hidden_directories(tmp_path: Path, source_ctx: SourceContext) -> None:
@@ -165,9 +165,16 @@ def test_recursive_skips_hidden_directories(tmp_path: Path, source_ctx: SourceCo
     assert [f.name for f in entry.files] == ["a.parquet", "day=1/b.parquet"]
 
 
-def test_missing_directory_with_schema_is_empty(tmp_path: Path, source_ctx: SourceContext) -> None:
-    source = build(source_ctx, tmp_path / "not-yet")
-    assert source.latest_offset(off(-1), rate_limited=True) == off(-1)
+def test_wait_for_path_waits_for_the_directory(
+    tmp_path: Path, source_ctx: SourceContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = build(source_ctx, tmp_path / "not-yet", wait_for_path=True)
+    with caplog.at_level(logging.WARNING, logger="microstream"):
+        assert source.latest_offset(off(-1), rate_limited=True) == off(-1)
+        assert source.latest_offset(off(-1), rate_limited=True) == off(-1)
+    waiting = [r.getMessage() for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert len(waiting) == 1  # logged once, not at every trigger
+    assert f"{tmp_path / 'not-yet'} does not exist (yet)" in waiting[0]
     put(str(tmp_path / "not-yet"), "a.parquet", rows(1))
     assert source.latest_offset(off(-1), rate_limited=True) == off(0)
 
@@ -425,7 +432,7 @@ def test_csv_unparsable_value_is_a_source_error(tmp_path: Path, source_ctx: Sour
     source = build(source_ctx, tmp_path, format="csv")
     end = source.latest_offset(off(-1), rate_limited=True)
     with pytest.raises(
-        SourceError, match=r"cannot read file .*bad\.csv \(source log entry .*0\.json\)"
+        SourceError, match=r"bad record in file .*bad\.csv line 2: .*`seven`.*on_bad_record='skip'"
     ):
         source.read(off(-1), end)
 
