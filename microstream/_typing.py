@@ -16,6 +16,10 @@ QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
 KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]
 KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
 BadRecordPolicy: TypeAlias = Literal["fail", "skip", "dead_letter"]
+ExtraColumns: TypeAlias = Literal["ignore", "raise"]
+"""What a source does with a column its schema lacks (Polars' ``extra_columns``)."""
+MissingColumns: TypeAlias = Literal["insert", "raise"]
+"""What a source does with a schema column the data lacks (Polars' ``missing_columns``)."""
 KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetime | Mapping[int, int] | Mapping[str, Mapping[int, int]]"
 """``"earliest"``, ``"latest"``, a timestamp (ms since the epoch, or a datetime), or
 explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""
