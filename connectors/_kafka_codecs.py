@@ -17,6 +17,16 @@ length cannot be computed that way (maps, non-null unions, enums, decimals,
 When a bulk parse fails, the bad records are found by bisection (halves are
 parsed in bulk again, down to single records), so one bad record in ``n``
 costs about ``2 log2(n)`` bulk parses, not ``n`` single ones.
+
+JSON and CSV payloads are also checked for columns the schema lacks (a JSON key
+holding a value, a CSV field past the schema's last column) and, on request,
+for schema columns they lack; the decoder reports the first payload holding
+each, and the source applies ``extra_columns=`` / ``missing_columns=``. The
+JSON check is one numpy pass over the batch's bytes while every key is
+accounted for: the ``":`` tokens (less those of a null) must equal the non-null
+values the schema's columns decoded, nested struct fields included. Only when
+they differ are the rows compared one by one (still in bulk), and the keys of
+the rows that differ extracted and parsed.
 """
 
 from __future__ import annotations
