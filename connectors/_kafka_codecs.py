@@ -17,6 +17,16 @@ length cannot be computed that way (maps, non-null unions, enums, decimals,
 When a bulk parse fails, the bad records are found by bisection (halves are
 parsed in bulk again, down to single records), so one bad record in ``n``
 costs about ``2 log2(n)`` bulk parses, not ``n`` single ones.
+
+JSON and CSV payloads are also checked for columns the schema lacks (a JSON key
+holding a value, a CSV field past the schema's last column) and, on request,
+for schema columns they lack; the decoder reports the first payload holding
+each, and the source applies ``extra_columns=`` / ``missing_columns=``. The
+JSON check is one numpy pass over the batch's bytes while every key is
+accounted for: the ``":`` tokens (less those of a null) must equal the non-null
+values the schema's columns decoded, nested struct fields included. Only when
+they differ are the rows compared one by one (still in bulk), and the keys of
+the rows that differ extracted and parsed.
 """
 
 from __future__ import annotations
@@ -25,15 +35,16 @@ import io
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import polars as pl
 
 from microstream.exceptions import PlanError, SinkError
 
 if TYPE_CHECKING:
-    from microstream._typing import KafkaFormat, KafkaSinkFormat
+    from microstream._typing import KafkaFormat, KafkaSinkFormat, MissingColumnsPolicy
 
 __all__ = [
     "Decoded",
@@ -65,24 +76,56 @@ class Decoded:
         payload gave a row (``frame`` row ``i`` is payload ``i``).
     bad
         ``(payload position, reason)`` of the payloads that did not decode.
+    extra
+        ``{column: payload position}``: each column the schema lacks (and
+        that was not in ``seen``), with the first good payload holding it.
+    missing
+        ``{column: payload position}``: each schema column some good payload
+        lacks, with the first such payload; checked only with
+        ``missing_columns="raise"``.
     """
 
     frame: pl.DataFrame
     index: list[int] | None
     bad: list[tuple[int, str]]
+    extra: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, int] = field(default_factory=dict)
 
 
 class PayloadDecoder(ABC):
     """Decodes record values in bulk into rows of :attr:`schema`."""
 
     schema: pl.Schema
+    missing_columns: MissingColumnsPolicy = "insert"
 
     @abstractmethod
-    def _bulk(self, payloads: Sequence[bytes]) -> pl.DataFrame:
-        """Rows of ``payloads`` (no None), one per payload, or raise."""
+    def _bulk(self, payloads: Sequence[bytes], seen: Sequence[str] = ()) -> pl.DataFrame:
+        """Rows of ``payloads`` (no None), one per payload, or raise.
 
-    def decode(self, payloads: Sequence[bytes | None]) -> Decoded:
+        ``seen``: columns outside the schema also read (as text), for decoders
+        that check for such columns.
+        """
+
+    def _check_columns(
+        self, payloads: Sequence[bytes], frame: pl.DataFrame
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """``(extra, missing)`` of :class:`Decoded`, as positions in ``payloads``.
+
+        ``frame`` holds the rows of ``payloads`` as :meth:`_bulk` read them.
+        Formats whose payloads cannot hold other columns find none.
+        """
+        return {}, {}
+
+    def describe_extra(self, column: str) -> str:
+        """How a message names an extra column reported by :meth:`decode`."""
+        return f"column {column!r}, which is not in the schema"
+
+    def decode(self, payloads: Sequence[bytes | None], *, seen: Sequence[str] = ()) -> Decoded:
         """Decode ``payloads``; a None payload (a tombstone) is a row of nulls.
+
+        ``seen`` are extra columns reported before in this run: they are not
+        reported again (and a JSON decoder reads them along, so that the rows
+        holding them stay on the cheap path of the check).
 
         Examples
         --------
@@ -99,17 +142,26 @@ class PayloadDecoder(ABC):
         else:
             work = payloads  # type: ignore[assignment]  # no None in it
         try:
-            frame = self._bulk(work) if work else pl.DataFrame(schema=self.schema)
+            frame = self._bulk(work, seen) if work else self._empty(seen)
             index: list[int] | None = None
             bad: list[tuple[int, str]] = []
         except _PANIC:
-            frames, index, bad = self._bisect(work, 0)
-            frame = pl.concat(frames) if frames else pl.DataFrame(schema=self.schema)
+            frames, index, bad = self._bisect(work, 0, seen)
+            frame = pl.concat(frames) if frames else self._empty(seen)
+        good = work if index is None else [work[i] for i in index]
+        extra, missing = self._check_columns(good, frame) if good else ({}, {})
+        if seen:
+            frame = frame.select(self.schema.names())
+        if index is not None:  # positions in ``good`` to positions in ``work``
+            extra = {c: index[i] for c, i in extra.items()}
+            missing = {c: index[i] for c, i in missing.items()}
         if positions is None:
-            return Decoded(frame, index, bad)
+            return Decoded(frame, index, bad, extra, missing)
         # Map positions in ``work`` back to payload positions, and add the tombstones.
         kept = positions if index is None else [positions[i] for i in index]
         bad = [(positions[i], why) for i, why in bad]
+        extra = {c: positions[i] for c, i in extra.items()}
+        missing = {c: positions[i] for c, i in missing.items()}
         tombstones = [i for i, p in enumerate(payloads) if p is None]
         nulls = pl.DataFrame(schema=self.schema).clear(len(tombstones))
         merged = (
@@ -118,20 +170,23 @@ class PayloadDecoder(ABC):
             .sort("__position")
         )
         order = merged.get_column("__position").to_list()
-        return Decoded(merged.drop("__position"), order, bad)
+        return Decoded(merged.drop("__position"), order, bad, extra, missing)
+
+    def _empty(self, seen: Sequence[str]) -> pl.DataFrame:
+        return pl.DataFrame(schema={**self.schema, **dict.fromkeys(seen, pl.String())})
 
     def _bisect(
-        self, payloads: Sequence[bytes], base: int
+        self, payloads: Sequence[bytes], base: int, seen: Sequence[str]
     ) -> tuple[list[pl.DataFrame], list[int], list[tuple[int, str]]]:
         """Frames of the good parts, their positions, and the bad payloads with reasons."""
         try:
-            frame = self._bulk(payloads)
+            frame = self._bulk(payloads, seen)
         except _PANIC as exc:
             if len(payloads) == 1:
                 return [], [], [(base, _reason(exc))]
             mid = len(payloads) // 2
-            f1, i1, b1 = self._bisect(payloads[:mid], base)
-            f2, i2, b2 = self._bisect(payloads[mid:], base + mid)
+            f1, i1, b1 = self._bisect(payloads[:mid], base, seen)
+            f2, i2, b2 = self._bisect(payloads[mid:], base + mid, seen)
             return f1 + f2, i1 + i2, b1 + b2
         return [frame], list(range(base, base + len(payloads))), []
 
@@ -153,45 +208,238 @@ def _check_height(frame: pl.DataFrame, expected: int, what: str) -> pl.DataFrame
 
 # -- JSON ------------------------------------------------------------------------------------------
 
+_KEY_TOKEN = r'"(?:[^"\\]|\\.)*"\s*:'
+"""A JSON object key with its colon; matched from a string's start, it never starts inside one."""
+
+
+def _joined(payloads: Sequence[bytes]) -> bytes:
+    """The payloads as NDJSON: one line each."""
+    data = b"\n".join(payloads)
+    if data.count(b"\n") != len(payloads) - 1:
+        # Raw newlines are whitespace in JSON (inside strings they are escaped):
+        # flatten pretty-printed payloads so each stays one line.
+        data = b"\n".join(p.replace(b"\n", b" ").replace(b"\r", b" ") for p in payloads)
+    return data
+
+
+def _keys_inside(value: pl.Expr, dtype: Any) -> pl.Expr | None:
+    """Per row, how many object keys with a non-null value ``value`` holds; None: none ever."""
+    if isinstance(dtype, pl.Struct):
+        parts = []
+        for f in dtype.fields:
+            child = value.struct.field(f.name)
+            inner = _keys_inside(child, f.dtype)
+            parts.append(child.is_not_null().cast(pl.Int64))
+            if inner is not None:
+                parts.append(inner)
+        return pl.sum_horizontal(*parts)
+    if isinstance(dtype, (pl.List, pl.Array)):
+        inner = _keys_inside(pl.element(), dtype.inner)
+        if inner is None:
+            return None
+        as_list = value.arr.to_list() if isinstance(dtype, pl.Array) else value
+        return as_list.list.eval(inner).list.sum().fill_null(0)
+    return None
+
 
 class JsonDecoder(PayloadDecoder):
-    """One JSON object per payload, parsed with the schema (absent fields are null)."""
+    """One JSON object per payload, parsed with the schema (absent fields are null).
 
-    def __init__(self, schema: pl.Schema) -> None:
+    A key the schema lacks counts as an extra column when it holds a value:
+    a key that is null in every payload carries nothing that is lost. A
+    schema column counts as missing from a payload only when its key is
+    absent (``"k": null`` is present).
+
+    Examples
+    --------
+    >>> decoder = JsonDecoder(pl.Schema({"x": pl.Int64}), missing_columns="raise")
+    >>> out = decoder.decode([b'{"x": 1}', b'{"x": 2, "y": 3}', b'{"y": null}'])
+    >>> out.frame["x"].to_list(), out.extra, out.missing
+    ([1, 2, None], {'y': 1}, {'x': 2})
+    """
+
+    def __init__(self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert") -> None:
         self.schema = schema
+        self.missing_columns = missing_columns
         try:  # Refuse at plan time a dtype the JSON reader cannot produce.
             pl.read_ndjson(io.BytesIO(b"{}"), schema=schema)
         except _PANIC as exc:
             msg = f"format='json' cannot read schema {schema}: {_reason(exc)}"
             raise PlanError(msg) from None
 
-    def _bulk(self, payloads: Sequence[bytes]) -> pl.DataFrame:
-        data = b"\n".join(payloads)
-        if data.count(b"\n") != len(payloads) - 1:
-            # Raw newlines are whitespace in JSON (inside strings they are escaped):
-            # flatten pretty-printed payloads so each stays one line.
-            data = b"\n".join(p.replace(b"\n", b" ").replace(b"\r", b" ") for p in payloads)
-        frame = pl.read_ndjson(io.BytesIO(data), schema=self.schema)
+    def _bulk(self, payloads: Sequence[bytes], seen: Sequence[str] = ()) -> pl.DataFrame:
+        schema = {**self.schema, **dict.fromkeys(seen, pl.String())} if seen else self.schema
+        frame = pl.read_ndjson(io.BytesIO(_joined(payloads)), schema=schema)
         return _check_height(frame, len(payloads), "JSON object")
+
+    def _check_columns(
+        self, payloads: Sequence[bytes], frame: pl.DataFrame
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        missing = self._missing(payloads, frame) if self.missing_columns == "raise" else {}
+        return self._extra(payloads, frame), missing
+
+    def _values_per_row(self, frame: pl.DataFrame) -> pl.Expr:
+        parts: list[pl.Expr] = []
+        for name, dtype in frame.schema.items():
+            parts.append(pl.col(name).is_not_null().cast(pl.Int64))
+            inner = _keys_inside(pl.col(name), dtype)
+            if inner is not None:
+                parts.append(inner.fill_null(0))
+        return pl.sum_horizontal(*parts)
+
+    def _extra(self, payloads: Sequence[bytes], frame: pl.DataFrame) -> dict[str, int]:
+        # Every key with a value is one '":' token (a null's is also a '":null' or '": null'
+        # one), so
+        # when the tokens match the values decoded, no key went unread. Keys written with
+        # a space before the colon, quotes and colons inside strings, and objects held by
+        # a String column make the counts differ: then the rows are looked at.
+        tokens = _valued_keys(b"".join(payloads))
+        nested = any(_keys_inside(pl.col(c), t) is not None for c, t in frame.schema.items())
+        if nested:
+            values = int(frame.select(self._values_per_row(frame).sum()).item())
+        else:
+            values = frame.height * frame.width - sum(frame.null_count().row(0))
+        if tokens == values:
+            return {}
+        text = _text(payloads)
+        per_row = (
+            text.str.count_matches('":', literal=True)
+            - text.str.count_matches('":null', literal=True)
+            - text.str.count_matches('": null', literal=True)
+        )
+        expected = frame.select(self._values_per_row(frame)).to_series()
+        rows = (per_row != expected).arg_true()
+        candidates = text.gather(rows)
+        found = candidates.str.extract_all(_KEY_TOKEN).explode().drop_nulls().unique()
+        names: set[str] = set()
+        for token in found.to_list():  # once per distinct key, not per record
+            try:
+                names.add(json.loads(token.rstrip()[:-1]))
+            except ValueError:
+                continue
+        unknown = sorted(names - set(frame.columns))
+        if not unknown:
+            return {}
+        held = _read_text(candidates, dict.fromkeys(unknown, pl.String()))
+        out: dict[str, int] = {}
+        for name in unknown:
+            where = held.get_column(name).is_not_null().arg_true()
+            if where.len():
+                out[name] = int(rows[where[0]])
+        return out
+
+    def _missing(self, payloads: Sequence[bytes], frame: pl.DataFrame) -> dict[str, int]:
+        names = self.schema.names()
+        rows = frame.select(pl.any_horizontal(pl.col(names).is_null())).to_series().arg_true()
+        if not rows.len():
+            return {}
+        # A null read is an absent key or a null value; with every null value made 0
+        # (in strings too, where it is harmless), only absent keys read as null.
+        text = _text(payloads).gather(rows).str.replace_all(r":(\s*)null", ":${1}0")
+        held = _read_text(text, dict.fromkeys(names, pl.String()))
+        out: dict[str, int] = {}
+        for name in names:
+            where = held.get_column(name).is_null().arg_true()
+            if where.len():
+                out[name] = int(rows[where[0]])
+        return out
+
+
+def _valued_keys(data: bytes) -> int:
+    """How many '":' tokens ``data`` holds, less those followed by ``null`` or `` null``.
+
+    numpy rather than ``bytes.count``, which slows down on a pattern that
+    starts with a byte as frequent as '"'; indices are clipped rather than
+    the data padded, as a copy of a large buffer costs more than the count.
+    """
+    a = np.frombuffer(data, dtype=np.uint8)
+    last = len(a) - 1
+    colons = np.flatnonzero(a == ord(":"))
+    keys = colons[a[np.maximum(colons - 1, 0)] == ord('"')]
+    keys = keys[keys > 0]
+    value = keys + 1 + (a[np.minimum(keys + 1, last)] == ord(" "))
+    null = value + 3 <= last
+    for k, byte in enumerate(b"null"):
+        null &= a[np.minimum(value + k, last)] == byte
+    return len(keys) - int(np.count_nonzero(null))
+
+
+def _first(mask: pl.Series) -> int:
+    """The position of the first true value (there is one)."""
+    return cast("int", mask.arg_true()[0])
+
+
+def _text(payloads: Sequence[bytes]) -> pl.Series:
+    """The payloads as one String per row, each on one line."""
+    text = pl.Series(payloads, dtype=pl.Binary).cast(pl.String)
+    if text.str.contains("[\r\n]").any():
+        text = text.str.replace_all("[\r\n]", " ")
+    return text
+
+
+def _read_text(text: pl.Series, schema: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    """JSON lines (already checked to parse) read with ``schema``."""
+    data = text.str.join("\n").item().encode()
+    return pl.read_ndjson(io.BytesIO(data), schema=schema)
 
 
 # -- CSV -------------------------------------------------------------------------------------------
 
 
 class CsvDecoder(PayloadDecoder):
-    """One CSV line per payload, no header; fields by position, missing ones null."""
+    """One CSV line per payload, no header; fields by position, missing ones null.
 
-    def __init__(self, schema: pl.Schema) -> None:
+    Fields past the schema's columns are extra columns (named ``field N``,
+    counted from 1) and are not read; a line with fewer fields than the
+    schema lacks the last columns.
+
+    Examples
+    --------
+    >>> decoder = CsvDecoder(pl.Schema({"a": pl.Int64, "b": pl.String}), missing_columns="raise")
+    >>> out = decoder.decode([b"1,x", b"2", b'3,"y,z",4'])
+    >>> out.frame.rows(), out.extra, out.missing
+    ([(1, 'x'), (2, None), (3, 'y,z')], {'field 3': 2}, {'b': 1})
+    """
+
+    def __init__(self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert") -> None:
         self.schema = schema
+        self.missing_columns = missing_columns
 
-    def _bulk(self, payloads: Sequence[bytes]) -> pl.DataFrame:
+    def _bulk(self, payloads: Sequence[bytes], seen: Sequence[str] = ()) -> pl.DataFrame:
         frame = pl.read_csv(
             io.BytesIO(b"\n".join(payloads)),
             has_header=False,
             schema=self.schema,
             raise_if_empty=False,
+            # Polars compares the first line's fields with the schema: without these, a
+            # short or long first line is refused where later ones are padded or refused.
+            missing_columns="insert",
+            extra_columns="ignore",
         )
         return _check_height(frame, len(payloads), "CSV row")
+
+    def describe_extra(self, column: str) -> str:
+        """``field 3, past the schema's 2 columns``."""
+        return f"{column}, past the schema's {len(self.schema)} columns"
+
+    def _check_columns(
+        self, payloads: Sequence[bytes], frame: pl.DataFrame
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        text = pl.Series(payloads, dtype=pl.Binary).cast(pl.String)
+        if text.str.contains('"', literal=True).any():
+            # A separator between quotes is data; a doubled quote inside a quoted
+            # field splits it in two quoted parts, both removed.
+            text = text.str.replace_all('"[^"]*"', "")
+        fields = text.str.count_matches(",", literal=True) + 1
+        n = len(self.schema)
+        most, least = cast("int", fields.max()), cast("int", fields.min())
+        extra = {f"field {k}": _first(fields >= k) for k in range(n + 1, most + 1)}
+        missing: dict[str, int] = {}
+        if self.missing_columns == "raise":
+            names = self.schema.names()
+            for k in range(least + 1, n + 1):
+                missing[names[k - 1]] = _first(fields < k)
+        return extra, missing
 
 
 # -- raw -------------------------------------------------------------------------------------------
@@ -203,10 +451,10 @@ class RawDecoder(PayloadDecoder):
     def __init__(self) -> None:
         self.schema = pl.Schema({"value": pl.Binary()})
 
-    def _bulk(self, payloads: Sequence[bytes]) -> pl.DataFrame:
+    def _bulk(self, payloads: Sequence[bytes], seen: Sequence[str] = ()) -> pl.DataFrame:
         return pl.DataFrame({"value": pl.Series(payloads, dtype=pl.Binary)})
 
-    def decode(self, payloads: Sequence[bytes | None]) -> Decoded:
+    def decode(self, payloads: Sequence[bytes | None], *, seen: Sequence[str] = ()) -> Decoded:
         """Every payload, a tombstone as null."""
         return Decoded(pl.DataFrame({"value": pl.Series(payloads, dtype=pl.Binary)}), None, [])
 
@@ -320,7 +568,7 @@ class AvroDecoder(PayloadDecoder):
         raw = json.loads(json.dumps(parsed_json))
         self._length = _encoded_len(raw, pl.struct(pl.all()), {})
 
-    def _bulk(self, payloads: Sequence[bytes]) -> pl.DataFrame:
+    def _bulk(self, payloads: Sequence[bytes], seen: Sequence[str] = ()) -> pl.DataFrame:
         if self._length is None:
             for payload in payloads:  # no length expression for this schema: check each
                 self._check_one(payload)
@@ -358,9 +606,15 @@ class AvroDecoder(PayloadDecoder):
 
 
 def make_decoder(
-    fmt: KafkaFormat, schema: Mapping[str, Any] | pl.Schema | str | None
+    fmt: KafkaFormat,
+    schema: Mapping[str, Any] | pl.Schema | str | None,
+    *,
+    missing_columns: MissingColumnsPolicy = "insert",
 ) -> PayloadDecoder:
     """The decoder of a payload format (``schema`` is an Avro schema for ``"avro"``).
+
+    ``missing_columns="raise"`` makes JSON and CSV decoders report the schema
+    columns that payloads lack (:attr:`Decoded.missing`).
 
     Raises
     ------
@@ -400,9 +654,9 @@ def make_decoder(
         msg = f"schema must map column names to polars dtypes; got {schema!r}: {exc}"
         raise PlanError(msg) from None
     if fmt == "json":
-        return JsonDecoder(polars_schema)
+        return JsonDecoder(polars_schema, missing_columns=missing_columns)
     if fmt == "csv":
-        return CsvDecoder(polars_schema)
+        return CsvDecoder(polars_schema, missing_columns=missing_columns)
     msg = f"format must be 'json', 'avro', 'raw' or 'csv'; got {fmt!r}"
     raise ValueError(msg)
 

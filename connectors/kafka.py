@@ -64,6 +64,7 @@ from microstream.exceptions import (
     MissingDependencyError,
     OffsetError,
     PlanError,
+    SchemaMismatchError,
     SinkError,
     SourceError,
 )
@@ -75,9 +76,11 @@ if TYPE_CHECKING:
 
     from microstream._typing import (
         BadRecordPolicy,
+        ExtraColumnsPolicy,
         KafkaFormat,
         KafkaSinkFormat,
         KafkaStartingOffsets,
+        MissingColumnsPolicy,
     )
     from microstream.protocols import SideOutputTarget
 
@@ -324,6 +327,20 @@ class KafkaSourceSpec:
         With ``on_bad_record="dead_letter"``: a memory table name
         (``ms.table(name)``) or a function called with the rows and the
         batch id.
+    extra_columns
+        A column the schema lacks (a JSON key holding a value; a CSV field
+        past the schema's last column): ``"ignore"`` (default: not read; the
+        first record holding each such column is logged as a warning once per
+        run, naming topic, partition and offset, and counted as
+        ``new_columns_ignored`` in the batch's source progress ``metrics``)
+        or ``"raise"`` (a :class:`~microstream.SchemaMismatchError` naming
+        the column and the record's topic, partition and offset, whatever
+        ``on_bad_record`` says). JSON and CSV only.
+    missing_columns
+        A schema column a record lacks (a JSON key absent, not null; a CSV
+        line with fewer fields): ``"insert"`` (default: null) or ``"raise"``
+        (a :class:`~microstream.SchemaMismatchError` naming the column and
+        the record, whatever ``on_bad_record`` says). JSON and CSV only.
     fail_on_data_loss
         Offsets the query needs that no longer exist are an error (default);
         False continues from the earliest available offset, logs a warning
@@ -346,6 +363,15 @@ class KafkaSourceSpec:
     PlanError
         A missing or unreadable ``schema``, or metadata columns that clash
         with the value's columns.
+
+    Notes
+    -----
+    ``extra_columns="raise"`` and ``missing_columns="raise"`` stop the query
+    rather than route the record by ``on_bad_record``: the record decodes,
+    and a schema that changed upstream would otherwise send every later
+    record to the dead letter. To keep a new column, add it to ``schema``
+    and restart (the schema is not part of the query's identity); a Delta
+    sink takes the wider batches with ``merge_schema=True``.
 
     Examples
     --------
@@ -372,6 +398,8 @@ class KafkaSourceSpec:
     include_headers: bool
     on_bad_record: BadRecordPolicy
     dead_letter: SideOutputTarget | None = field(compare=False)
+    extra_columns: ExtraColumnsPolicy
+    missing_columns: MissingColumnsPolicy
     fail_on_data_loss: bool
     retry_timeout_s: float
     options: dict[str, Any] = field(repr=False, compare=False)
@@ -392,6 +420,8 @@ class KafkaSourceSpec:
         include_headers: bool = False,
         on_bad_record: BadRecordPolicy = "fail",
         dead_letter: SideOutputTarget | None = None,
+        extra_columns: ExtraColumnsPolicy = "ignore",
+        missing_columns: MissingColumnsPolicy = "insert",
         fail_on_data_loss: bool = True,
         retry_timeout: str | timedelta | float = "30s",
         options: Mapping[str, Any] | None = None,
@@ -447,6 +477,24 @@ class KafkaSourceSpec:
                 f"dead_letter= is used only with on_bad_record='dead_letter'; got {on_bad_record!r}"
             )
             raise ValueError(msg)
+        if extra_columns not in ("ignore", "raise"):
+            msg = f"extra_columns must be 'ignore' or 'raise'; got {extra_columns!r}"
+            raise ValueError(msg)
+        if missing_columns not in ("insert", "raise"):
+            msg = f"missing_columns must be 'insert' or 'raise'; got {missing_columns!r}"
+            raise ValueError(msg)
+        if format not in ("json", "csv"):
+            for option, chosen, default in (
+                ("extra_columns", extra_columns, "ignore"),
+                ("missing_columns", missing_columns, "insert"),
+            ):
+                if chosen != default:
+                    msg = (
+                        f"{option}={chosen!r} applies to format='json' or 'csv'; got "
+                        f"format={format!r}, whose records always have the schema's columns "
+                        "(an Avro record that does not fit is a bad record)"
+                    )
+                    raise ValueError(msg)
         for flag, value in (
             ("include_metadata", include_metadata),
             ("include_headers", include_headers),
@@ -459,7 +507,7 @@ class KafkaSourceSpec:
         if options is not None and not isinstance(options, Mapping):
             msg = f"options must be a dict of librdkafka settings; got {options!r}"
             raise ValueError(msg)
-        decoder = make_decoder(format, schema)
+        decoder = make_decoder(format, schema, missing_columns=missing_columns)
         columns = dict(decoder.schema)
         extra: dict[str, pl.DataType] = {}
         if include_metadata:
@@ -485,6 +533,8 @@ class KafkaSourceSpec:
         put(self, "include_headers", include_headers)
         put(self, "on_bad_record", on_bad_record)
         put(self, "dead_letter", dead_letter)
+        put(self, "extra_columns", extra_columns)
+        put(self, "missing_columns", missing_columns)
         put(self, "fail_on_data_loss", fail_on_data_loss)
         put(self, "retry_timeout_s", retry)
         put(self, "options", dict(options or {}))
@@ -648,6 +698,8 @@ class KafkaSource:
         self._seen_high: dict[TopicPartitionKey, int] = {}
         self._available_now: dict[TopicPartitionKey, int] | None = None
         self._metrics: dict[str, int] = {}
+        self._ignored: dict[str, None] = {}
+        """Extra columns reported in this run (ordered), so each is reported once."""
         self._committed: KafkaOffset | None = None
         self._confirmed: set[TopicPartitionKey] = set()
         """Partitions whose data loss was already confirmed (waited out) in this run."""
@@ -974,7 +1026,8 @@ class KafkaSource:
 
     def metrics(self) -> dict[str, int]:
         """Counts since the previous call: ``bad_records_skipped``,
-        ``bad_records_dead_lettered``, ``offsets_lost`` (only those not zero)."""
+        ``bad_records_dead_lettered``, ``new_columns_ignored``, ``offsets_lost``
+        (only those not zero)."""
         out, self._metrics = self._metrics, {}
         return out
 
@@ -1256,9 +1309,11 @@ class KafkaSource:
                     dtype=HEADERS_DTYPE,
                 )
             )
-        decoded = spec.decoder.decode([m.value() for m in messages])
+        decoded = spec.decoder.decode([m.value() for m in messages], seen=tuple(self._ignored))
         if decoded.bad:
             self._bad_records(decoded.bad, messages)
+        if decoded.missing or decoded.extra:
+            self._schema_drift(decoded.extra, decoded.missing, messages)
         if decoded.index is not None:
             meta = meta[decoded.index]
         frame = pl.concat([decoded.frame, meta], how="horizontal")
@@ -1301,6 +1356,44 @@ class KafkaSource:
         assert spec.dead_letter is not None
         self._side_output.emit(spec.dead_letter, dead)
         self._count("bad_records_dead_lettered", len(bad))
+
+    def _schema_drift(
+        self, extra: Mapping[str, int], missing: Mapping[str, int], messages: list[Message]
+    ) -> None:
+        """Apply ``missing_columns`` and ``extra_columns`` to what the decoder found."""
+        spec = self.spec
+
+        def where(i: int) -> str:
+            m = messages[i]
+            return f"topic {m.topic()!r} partition {m.partition()} offset {m.offset()}"
+
+        if missing:
+            column, first = min(missing.items(), key=lambda item: item[1])
+            msg = (
+                f"{self.description}: the record at {where(first)} lacks column {column!r} of "
+                "the schema (missing_columns='raise'). Pass missing_columns='insert' to read "
+                "it as null, or remove the column from schema="
+            )
+            raise SchemaMismatchError(msg)
+        if spec.extra_columns == "raise":
+            column, first = min(extra.items(), key=lambda item: item[1])
+            msg = (
+                f"{self.description}: the record at {where(first)} has "
+                f"{spec.decoder.describe_extra(column)} (extra_columns='raise'). Add it to "
+                "schema= to read it, or pass extra_columns='ignore' to drop it (reported once)"
+            )
+            raise SchemaMismatchError(msg)
+        new = {c: i for c, i in extra.items() if c not in self._ignored}
+        for column, first in sorted(new.items(), key=lambda item: item[1]):
+            self._logger.warning(
+                "%s: the record at %s has %s; it is not read (extra_columns='ignore', "
+                "reported once per run). Add it to schema= to read it",
+                self.description,
+                where(first),
+                spec.decoder.describe_extra(column),
+            )
+        self._ignored.update(dict.fromkeys(new))
+        self._count("new_columns_ignored", len(new))
 
     # -- after the batch -----------------------------------------------------------------------
 

@@ -237,6 +237,8 @@ def scan_kafka(
     include_headers: bool = False,
     on_bad_record: BadRecordPolicy = "fail",
     dead_letter: SideOutputTarget | None = None,
+    extra_columns: ExtraColumnsPolicy = "ignore",
+    missing_columns: MissingColumnsPolicy = "insert",
     fail_on_data_loss: bool = True,
     retry_timeout: str | timedelta | float = "30s",
     options: Mapping[str, Any] | None = None,
@@ -280,6 +282,15 @@ def scan_kafka(
         ``dead_letter``).
     dead_letter
         A memory table name or a function ``(df, batch_id)``.
+    extra_columns
+        A column the schema lacks (JSON key with a value, CSV field past the
+        last column): ``"ignore"`` (default; logged once per run with the
+        record's topic, partition and offset, counted as
+        ``new_columns_ignored`` in progress) or ``"raise"``
+        (``SchemaMismatchError``).
+    missing_columns
+        A schema column a record lacks (JSON key absent, short CSV line):
+        ``"insert"`` (default; null) or ``"raise"`` (``SchemaMismatchError``).
     fail_on_data_loss
         Offsets that vanished from the broker are a ``DataLossError``
         (default); False continues from the earliest available offsets and
@@ -322,6 +333,8 @@ def scan_kafka(
         include_headers=include_headers,
         on_bad_record=on_bad_record,
         dead_letter=dead_letter,
+        extra_columns=extra_columns,
+        missing_columns=missing_columns,
         fail_on_data_loss=fail_on_data_loss,
         retry_timeout=retry_timeout,
         options=options,

@@ -432,6 +432,187 @@ def test_avro_record_that_does_not_fit_the_schema_is_bad() -> None:
     assert out.frame["n"].to_list() == [i for i in range(50) if i not in (10, 20)]
 
 
+# -- new and missing columns -----------------------------------------------------------------------
+
+
+def test_new_json_column_is_ignored_but_reported_once(
+    kafka_broker: TansuBroker, kafka_topic: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    kafka_broker.produce(
+        kafka_topic,
+        [
+            {"id": 0, "name": "a", "flag": None},  # a key that is always null carries nothing
+            {"id": 1, "name": "b", "coupon": "X1"},
+            {"id": 2, "name": "c", "coupon": "X2"},
+        ],
+    )
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers, topic=kafka_topic, schema=SCHEMA
+    ).sink_memory(name)
+    try:
+        query.process_all_available(timeout=30)
+        kafka_broker.produce(kafka_topic, [{"id": 3, "name": "d", "coupon": "X3"}])
+        query.process_all_available(timeout=30)
+    finally:
+        query.stop()
+    assert ms.table(name).rows() == [(0, "a"), (1, "b"), (2, "c"), (3, "d")]
+    warnings = [
+        r.getMessage() for r in caplog.records if "extra_columns='ignore'" in r.getMessage()
+    ]
+    assert warnings == [
+        f"KafkaSource[{kafka_topic}]: the record at topic '{kafka_topic}' partition 0 offset 1 "
+        "has column 'coupon', which is not in the schema; it is not read "
+        "(extra_columns='ignore', reported once per run). Add it to schema= to read it"
+    ]
+    batches = [p.sources[0].metrics for p in query.recent_progress if p.num_input_rows]
+    assert batches == [{"new_columns_ignored": 1}, {}]
+
+
+def test_extra_columns_raise_stops_whatever_on_bad_record(
+    kafka_broker: TansuBroker, kafka_topic: str, name: str
+) -> None:
+    kafka_broker.produce(
+        kafka_topic, [{"id": 0, "name": "a"}, b'{"id": 1, "name": "b", "coupon": 5}']
+    )
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers,
+        topic=kafka_topic,
+        schema=SCHEMA,
+        extra_columns="raise",
+        on_bad_record="skip",
+    ).sink_memory(name)
+    with pytest.raises(
+        ms.SchemaMismatchError,
+        match=rf"record at topic '{kafka_topic}' partition 0 offset 1 has column 'coupon', "
+        r"which is not in the schema \(extra_columns='raise'\)\. Add it to schema=",
+    ):
+        query.process_all_available(timeout=30)
+    assert ms.table(name).height == 0
+
+
+def test_missing_columns_insert_null_or_raise(
+    kafka_broker: TansuBroker, kafka_topic: str, name: str
+) -> None:
+    kafka_broker.produce(
+        kafka_topic, [{"id": 1, "name": "a"}, {"id": 2, "name": None}, {"id": 3}, {"name": "d"}]
+    )
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers, topic=kafka_topic, schema=SCHEMA
+    ).sink_memory(name)
+    query.process_all_available(timeout=30)
+    query.stop()
+    assert ms.table(name).rows() == [(1, "a"), (2, None), (3, None), (None, "d")]
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers,
+        topic=kafka_topic,
+        schema=SCHEMA,
+        missing_columns="raise",
+        on_bad_record="dead_letter",
+        dead_letter=f"{name}_dead",
+    ).sink_memory(f"{name}_strict")
+    # offset 1 holds "name": null, which is there; offset 2 lacks the key.
+    with pytest.raises(
+        ms.SchemaMismatchError,
+        match=rf"record at topic '{kafka_topic}' partition 0 offset 2 lacks column 'name' of "
+        r"the schema \(missing_columns='raise'\)",
+    ):
+        query.process_all_available(timeout=30)
+    assert ms.table(f"{name}_dead").height == 0
+
+
+def test_csv_fields_past_the_schema_and_short_lines(
+    kafka_broker: TansuBroker, kafka_topic: str, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A short first line was a bad record before (Polars compares the first line with
+    # the schema) while later short lines were padded; a long line was a bad record.
+    kafka_broker.produce(kafka_topic, [b"1", b'2,"x,y"', b"3,z,extra,more", b"4,w"])
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers, topic=kafka_topic, format="csv", schema=SCHEMA
+    ).sink_memory(name)
+    query.process_all_available(timeout=30)
+    query.stop()
+    assert ms.table(name).rows() == [(1, None), (2, "x,y"), (3, "z"), (4, "w")]
+    reported = [
+        r.getMessage() for r in caplog.records if "extra_columns='ignore'" in r.getMessage()
+    ]
+    assert [m.split(" has ")[1].split(";")[0] for m in reported] == [
+        "field 3, past the schema's 2 columns",
+        "field 4, past the schema's 2 columns",
+    ]
+    assert all("partition 0 offset 2 has" in m for m in reported)
+    assert query.last_progress is not None
+    assert query.last_progress.sources[0].metrics == {"new_columns_ignored": 2}
+    for option, match in (
+        ({"extra_columns": "raise"}, r"offset 2 has field 3, past the schema's 2 columns"),
+        ({"missing_columns": "raise"}, r"offset 0 lacks column 'name'"),
+    ):
+        query = ms.scan_kafka(
+            kafka_broker.bootstrap_servers,
+            topic=kafka_topic,
+            format="csv",
+            schema=SCHEMA,
+            **option,  # type: ignore[arg-type]
+        ).sink_memory(f"{name}_{len(match)}")
+        with pytest.raises(ms.SchemaMismatchError, match=match):
+            query.process_all_available(timeout=30)
+
+
+def test_new_column_reaches_delta_after_restart_with_merge_schema(
+    kafka_broker: TansuBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    # The path connectors/README.md documents: add the column to schema= and restart;
+    # the Delta sink takes the wider batches with merge_schema=True.
+    table, checkpoint = str(tmp_path / "table"), tmp_path / "cp"
+    kafka_broker.produce(kafka_topic, [{"id": 0, "name": "a"}, {"id": 1, "name": "b", "tag": "t1"}])
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers, topic=kafka_topic, schema=SCHEMA
+    ).sink_delta(table, checkpoint=checkpoint, trigger=ms.Trigger.available_now())
+    query.await_termination(timeout=60)
+    kafka_broker.produce(kafka_topic, [{"id": 2, "name": "c", "tag": "t2"}])
+    query = ms.scan_kafka(
+        kafka_broker.bootstrap_servers, topic=kafka_topic, schema={**SCHEMA, "tag": pl.String}
+    ).sink_delta(
+        table, checkpoint=checkpoint, merge_schema=True, trigger=ms.Trigger.available_now()
+    )
+    query.await_termination(timeout=60)
+    assert pl.read_delta(table).sort("id").rows() == [
+        (0, "a", None),
+        (1, "b", None),
+        (2, "c", "t2"),
+    ]
+
+
+def test_decoder_finds_new_and_missing_columns_in_bulk() -> None:
+    schema = {
+        "id": pl.Int64,
+        "s": pl.Struct({"a": pl.Int64, "b": pl.List(pl.Struct({"c": pl.Int64}))}),
+        "t": pl.String,
+    }
+    payloads: list[bytes | None] = [
+        b'{"id":1,"s":{"a":1,"b":[{"c":1},{"c":null}]},"t":"x\\":y"}',  # '":' in a string
+        b'{"id": 2, "s": null, "t": null}',
+        None,  # a tombstone
+        b"oops",  # a bad record
+        b'{"id" : 3, "s": {}, "t": {"new": 1}}',  # an object in a String column
+        b'{"id":4,"s":{"a":2},"t":"q","new":null}',  # null: nothing lost
+        b'{"id":5,"s":null,"t":"q",\n "new":[1]}',  # pretty-printed
+        b'{"t":"q","s":null,"a":7}',  # a nested field's name at the top; lacks "id"
+    ]
+    decoder = make_decoder("json", schema, missing_columns="raise")
+    out = decoder.decode(payloads)
+    assert [i for i, _ in out.bad] == [3]
+    assert out.frame["id"].to_list() == [1, 2, None, 3, 4, 5, None]
+    assert (out.extra, out.missing) == ({"new": 6, "a": 7}, {"id": 7})
+    seen = decoder.decode(payloads, seen=["new"])  # read along: not reported again
+    assert seen.frame.columns == ["id", "s", "t"]
+    assert (seen.extra, seen.missing) == ({"a": 7}, {"id": 7})
+    clean = make_decoder("json", schema).decode([b'{"id":1,"s":null,"t":"x"}'] * 3)
+    assert (clean.extra, clean.missing) == ({}, {})
+    csv = make_decoder("csv", SCHEMA, missing_columns="raise").decode([b"1", b'2,"a,""b""",c'])
+    assert csv.frame.rows() == [(1, None), (2, 'a,"b"')]
+    assert (csv.extra, csv.missing) == ({"field 3": 1}, {"name": 0})
+
+
 # -- data loss and broker outages ------------------------------------------------------------------
 
 
@@ -673,6 +854,12 @@ def test_source_options_are_checked() -> None:
         ms.scan_kafka("h:1", topic="a", schema={"offset": pl.Int64}, include_metadata=True)
     with pytest.raises(ValueError, match="needs dead_letter="):
         ms.scan_kafka("h:1", topic="a", schema=SCHEMA, on_bad_record="dead_letter")
+    with pytest.raises(ValueError, match="extra_columns must be 'ignore' or 'raise'; got 'drop'"):
+        ms.scan_kafka("h:1", topic="a", schema=SCHEMA, extra_columns="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="missing_columns must be 'insert' or 'raise'"):
+        ms.scan_kafka("h:1", topic="a", schema=SCHEMA, missing_columns="fill")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"extra_columns='raise' applies to format='json' or"):
+        ms.scan_kafka("h:1", topic="a", format="raw", extra_columns="raise")
 
 
 def test_loss_ranges_cover_retention_truncation_and_vanished_partitions() -> None:
