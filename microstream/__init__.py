@@ -46,6 +46,7 @@ from microstream.exceptions import (
     SchemaMismatchError,
     SinkError,
     SourceError,
+    UnboundedStateWarning,
 )
 from microstream.frame import StreamFrame, concat
 from microstream.inspect_state import read_state
@@ -103,6 +104,7 @@ __all__ = [
     "StreamingQuery",
     "StreamingQueryListener",
     "Trigger",
+    "UnboundedStateWarning",
     "active",
     "add_listener",
     "concat",
