@@ -149,8 +149,8 @@ class AggregateNode(StatefulNode):
             "window": "state evicted when window end <= watermark",
             "key": f"state evicted when {key.column if key else ''} <= watermark"
             if key is None or key.is_event_time
-            else f"state evicted when {key.column} < ({key.describe()} of the watermark's "
-            "next instant), the event-time key's bound",
+            else f"state evicted when {key.column} < {key.describe()} at the first instant "
+            "after the watermark (an event-time key)",
             None: "state kept forever (no watermark on a time key)",
         }[self.eviction]
         if self.eviction is None and self.state_ttl_ms is not None:
@@ -220,12 +220,12 @@ class AggregateNode(StatefulNode):
                     f"{self.window.column!r}, delay) before it"
                 )
             return (
-                f"{self.describe()} keeps every group forever: no key is an event time "
-                "(the with_watermark column, or a dt.truncate/dt.round/dt.offset_by/dt.date "
-                "of it or it plus a constant, computed after with_watermark). Group by such "
-                "a key (compute it after with_watermark, e.g. with_columns(hour=pl.col(ts)"
-                ".dt.truncate('1h')), or truncate before with_watermark and watermark the "
-                "truncated column), or bound the state with group_by(..., state_ttl='1h')"
+                f"{self.describe()} keeps every group forever: no key is an event time (the "
+                "with_watermark column, or a dt.truncate/dt.round/dt.offset_by/dt.date of it, "
+                "or it plus a constant duration). Truncate before with_watermark, or add such "
+                "a key after it, e.g. with_columns(hour=pl.col(<event time>).dt.truncate('1h'))"
+                " and group_by('hour', ...); or bound the state with group_by(..., "
+                "state_ttl='1h')"
             )
         if output_mode == "complete":
             return (

@@ -87,7 +87,7 @@ class EventTimeKey:
         """The key as a function of the event time, for ``explain``."""
         text = f"col({self.watermark.column!r})"
         for column, expr in self.steps:
-            text = str(expr).replace(f'col("{column}")', text)
+            text = str(expr.meta.undo_aliases()).replace(f'col("{column}")', text)
         return text
 
     def closed(self, watermark_us: int) -> pl.Expr:

@@ -116,8 +116,9 @@ class StreamGroupBy:
     """``frame.group_by(keys)``: one group per key forever (a global window).
 
     Supports ``output_mode="update"`` and ``"complete"``; ``"append"`` only when a
-    key is the watermarked event-time column (the group closes when the
-    watermark passes it).
+    key is an event-time key: the watermarked column or a non-decreasing function
+    of it (see :meth:`StreamFrame.group_by` and :mod:`microstream.event_time`),
+    whose groups close when the watermark passes them.
 
     Examples
     --------

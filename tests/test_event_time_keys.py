@@ -360,7 +360,7 @@ def growing_queries(source: ms.MemoryStream) -> dict[str, tuple[ms.StreamFrame, 
         "hour of day": (
             marked.with_columns(h=pl.col("ts").dt.hour()).group_by("h").agg(pl.len()),
             "update",
-            "truncate before with_watermark",
+            "Truncate before with_watermark",
         ),
         "unwatermarked window": (
             frame.group_by_dynamic("ts", every="1m").agg(pl.len()),
@@ -528,3 +528,17 @@ def test_state_ttl_options_are_checked(name: str) -> None:
         frame.group_by("k", state_ttl="1h").map_groups_with_state(
             lambda key, rows, state: None, state_schema={"n": pl.Int64}, output_schema={}
         )
+
+
+def test_explain_says_how_state_is_evicted() -> None:
+    source = ms.MemoryStream(SCHEMA)
+    lines = hourly(source.lazy()).plan.explain_lines()
+    assert lines[1] == (
+        "  · state evicted when hour < col('ts').dt.truncate([\"1h\"]) at the first instant "
+        "after the watermark (an event-time key)"
+    )
+    ttl = source.lazy().group_by("k", state_ttl="90s").agg(pl.len()).plan.explain_lines()
+    assert ttl[1] == (
+        "  · a key not updated for 1m30s of batch timestamps is removed (state_ttl, "
+        "processing time)"
+    )
