@@ -47,6 +47,7 @@ from microstream.exceptions import (
     SchemaMismatchError,
     SinkError,
     SourceError,
+    UnboundedStateWarning,
 )
 from microstream.frame import StreamFrame, concat
 from microstream.inspect_state import read_state
@@ -105,6 +106,7 @@ __all__ = [
     "StreamingQuery",
     "StreamingQueryListener",
     "Trigger",
+    "UnboundedStateWarning",
     "active",
     "add_listener",
     "concat",

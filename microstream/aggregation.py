@@ -9,6 +9,15 @@ the operator emits by output mode, using the batch's watermark:
 - ``append``: each window once, when ``window_end <= watermark``, then its state goes;
 - ``update``: every group the batch changed, then closed windows go silently;
 - ``complete``: the whole result table, every batch; nothing is evicted.
+
+Without windows, a ``group_by`` closes its groups when a key is an event-time
+key (:mod:`microstream.event_time`: the watermarked column or a non-decreasing
+function of it, such as its ``dt.truncate``). A global aggregation without one
+keeps its groups forever, unless ``state_ttl`` removes the keys not updated for
+that long in processing time (the batches' logged timestamps), checked at the
+start of every batch before its rows are applied, as Flink's state TTL forgets
+idle state: silently, so update mode emits nothing for an expired key, complete
+mode stops listing it, and a key that comes back starts again from nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import polars as pl
 
 from microstream.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.duration import format_duration
+from microstream.event_time import EventTimeKey
 from microstream.exceptions import PlanError
 from microstream.operator import StoreBackedOperator
 from microstream.plan import BatchContext, PlanNode, StatefulNode, WatermarkNode
@@ -32,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["AggregateNode", "AggregationOperator", "EmitPolicy"]
 
 LAST_EMIT, ROWS_SINCE, PENDING = "__last_emit_ms", "__rows_since_emit", "__pending"
+UPDATED = "__updated_ms"
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,10 @@ class AggregateNode(StatefulNode):
     watermark: WatermarkNode | None
     input_schema: pl.Schema
     emit: EmitPolicy = EmitPolicy()
+    event_key: EventTimeKey | None = None
+    """The key whose groups the watermark closes (``group_by`` only; see ``eviction``)."""
+    state_ttl_ms: int | None = None
+    """Remove a key not updated for this long, in batch timestamps (processing time)."""
 
     @property
     def spec(self) -> AggregateSpec:
@@ -84,14 +99,12 @@ class AggregateNode(StatefulNode):
 
     @property
     def eviction(self) -> str | None:
-        """How state closes: by ``window`` end, by a time ``key``, or never (None)."""
-        if self.watermark is None:
+        """How state closes: by ``window`` end, by an event-time ``key``, or never (None)."""
+        if self.window is not None:
+            if self.watermark is not None and self.window.column == self.watermark.column:
+                return "window"
             return None
-        if self.window is not None and self.window.column == self.watermark.column:
-            return "window"
-        if self.window is None and self.watermark.column in self.keys:
-            return "key"
-        return None
+        return "key" if self.event_key is not None else None
 
     def can_chain(self) -> bool:
         # Groups that close (by window end or a time key) are final once emitted in
@@ -131,11 +144,20 @@ class AggregateNode(StatefulNode):
 
     def explain_lines(self, depth: int = 0) -> list[str]:
         pad = "  " * depth
+        key = self.event_key
         evict = {
             "window": "state evicted when window end <= watermark",
-            "key": f"state evicted when {self.watermark.column if self.watermark else ''} <= watermark",
+            "key": f"state evicted when {key.column if key else ''} <= watermark"
+            if key is None or key.is_event_time
+            else f"state evicted when {key.column} < {key.describe()} at the first instant "
+            "after the watermark (an event-time key)",
             None: "state kept forever (no watermark on a time key)",
         }[self.eviction]
+        if self.eviction is None and self.state_ttl_ms is not None:
+            evict = (
+                f"a key not updated for {format_duration(self.state_ttl_ms * 1000)} of batch "
+                "timestamps is removed (state_ttl, processing time)"
+            )
         lines = [pad + self.describe(), f"{pad}  · {evict}"]
         if self.emit.describe():
             lines.append(f"{pad}  · update-mode emission: {self.emit.describe()}")
@@ -149,6 +171,8 @@ class AggregateNode(StatefulNode):
             "window": self.window.describe() if self.window else None,
             "aggs": [str(a) for a in self.aggs],
             "emit": self.emit.describe(),
+            # (only when set, so that checkpoints of queries without it keep their plan)
+            **({"state_ttl_ms": self.state_ttl_ms} if self.state_ttl_ms is not None else {}),
         }
 
     def check_output_mode(self, output_mode: str) -> None:
@@ -169,6 +193,13 @@ class AggregateNode(StatefulNode):
                     f"are {list(self.aggregate_schema().names())}"
                 )
                 raise PlanError(msg)
+        if self.state_ttl_ms is not None and output_mode == "append":
+            msg = (
+                "state_ttl removes idle groups without emitting them, and output_mode='append' "
+                "emits a group only when it closes, so an expired group's rows would be lost; "
+                "use output_mode='update' or 'complete' with state_ttl, or leave state_ttl out"
+            )
+            raise PlanError(msg)
         if output_mode == "append" and self.eviction is None:
             msg = (
                 "output_mode='append' needs windows that close: add with_watermark(col, delay) "
@@ -177,6 +208,32 @@ class AggregateNode(StatefulNode):
                 "output_mode='update' or 'complete'"
             )
             raise PlanError(msg)
+
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.state_ttl_ms is not None:
+            return None
+        if self.eviction is None:
+            if self.window is not None:
+                return (
+                    f"{self.describe()} keeps every window forever: no with_watermark on its "
+                    f"time column {self.window.column!r}; add with_watermark("
+                    f"{self.window.column!r}, delay) before it"
+                )
+            return (
+                f"{self.describe()} keeps every group forever: no key is an event time (the "
+                "with_watermark column, or a dt.truncate/dt.round/dt.offset_by/dt.date of it, "
+                "or it plus a constant duration). Truncate before with_watermark, or add such "
+                "a key after it, e.g. with_columns(hour=pl.col(<event time>).dt.truncate('1h'))"
+                " and group_by('hour', ...); or bound the state with group_by(..., "
+                "state_ttl='1h')"
+            )
+        if output_mode == "complete":
+            return (
+                f"{self.describe()} in output_mode='complete' keeps every group forever (the "
+                "whole table is re-emitted every batch); output_mode='append' or 'update' "
+                "lets the watermark evict closed groups"
+            )
+        return None
 
     def build_operator(self, operator_id: str, storage: Storage) -> AggregationOperator:
         return AggregationOperator(self, operator_id, storage)
@@ -241,20 +298,69 @@ class AggregationOperator(StoreBackedOperator):
                 ),
             )
 
+        self.updated: StateStore | None = None
+        if node.state_ttl_ms is not None:
+            self.updated = StateStore(
+                storage.sub("updated"),
+                operator=f"{operator_id}/updated",
+                key_columns=self.key_cols,
+                schema=pl.Schema({**{c: prepared[c] for c in self.key_cols}, UPDATED: pl.Int64()}),
+            )
+
+        self._oldest_update_ms: int | None = None
+
     def _stores(self) -> list[StateStore]:
-        return [s for s in (self.partials, self.rows, self.emits) if s is not None]
+        return [s for s in (self.partials, self.rows, self.emits, self.updated) if s is not None]
+
+    def load(self, version: int | None) -> None:
+        super().load(version)
+        self._refresh_oldest()
+
+    def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
+        """Whether a batch is needed without rows: some key's ``state_ttl`` ran out (so
+        complete mode stops listing it without waiting for new rows)."""
+        ttl, oldest = self.node.state_ttl_ms, self._oldest_update_ms
+        return ttl is not None and oldest is not None and oldest + ttl <= now_ms
+
+    def _refresh_oldest(self) -> None:
+        if self.updated is not None:
+            self._oldest_update_ms = self.updated.frame.get_column(UPDATED).min()  # type: ignore[assignment]
 
     # -- one batch -------------------------------------------------------------------------
 
     def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         self._touched = (None, None)
+        expired = self._expire(ctx.batch_timestamp_ms)
         pairs = self._prepare(batch, ctx)
         updated = self._update_state(pairs) if pairs.height else None
         self._updated = 0 if updated is None else updated.height
+        if self.updated is not None and updated is not None:
+            self.updated.apply(
+                upserts=updated.select(
+                    *self.key_cols, pl.lit(ctx.batch_timestamp_ms, pl.Int64).alias(UPDATED)
+                ).cast(self.updated.schema)
+            )
         if self.emits is not None and ctx.output_mode == "update":
-            return self._emit_throttled(ctx, updated)
-        return self._emit(ctx, None if updated is None else updated.select(self.key_cols))
+            out = self._emit_throttled(ctx, updated)
+        else:
+            out = self._emit(ctx, None if updated is None else updated.select(self.key_cols))
+        self._removed += expired
+        self._refresh_oldest()
+        return out
+
+    def _expire(self, now_ms: int) -> int:
+        """Forget the keys not updated for ``state_ttl`` before ``now_ms`` (the batch's
+        logged timestamp, so a re-run batch forgets the same keys); how many."""
+        if self.updated is None or self.node.state_ttl_ms is None:
+            return 0
+        gone = self.updated.filter_out(pl.col(UPDATED) + self.node.state_ttl_ms <= now_ms)
+        if gone.height:
+            keys = gone.select(self.key_cols)
+            for store in (self.partials, self.rows, self.emits):
+                if store is not None:
+                    store.apply(deletes=keys)
+        return gone.height
 
     def _prepare(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
         node = self.node
@@ -262,7 +368,7 @@ class AggregationOperator(StoreBackedOperator):
         time_col = (
             node.window.column
             if node.window
-            else (node.watermark.column if node.eviction == "key" and node.watermark else None)
+            else (node.event_key.column if node.eviction == "key" and node.event_key else None)
         )
         if time_col is not None:
             df = batch.with_columns(to_us(time_col).alias(T), seq.alias(ORDER_S))
@@ -276,14 +382,12 @@ class AggregationOperator(StoreBackedOperator):
             df = node.window.assign(df, node.input_schema[node.window.column])
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":
-            bound = (
-                pl.col(END) + node.emit.allowed_lateness_us
-                if node.eviction == "window"
-                else pl.col(T)
-            )
+            # A row is late when its window or group was already closed by wm[N-1].
+            late = self._closed_predicate(ctx.late_watermark_us)
+            assert late is not None
             df = self._drop_late(
                 df,
-                (bound <= ctx.late_watermark_us).fill_null(False),
+                late.fill_null(False),
                 ctx,
                 batch.columns,
                 node.input_schema[time_col] if time_col else None,
@@ -428,8 +532,8 @@ class AggregationOperator(StoreBackedOperator):
     def _closed_predicate(self, wm: int) -> pl.Expr | None:
         if self.node.eviction == "window":
             return pl.col(END) + self.node.emit.allowed_lateness_us <= wm
-        if self.node.eviction == "key" and self.node.watermark is not None:
-            return to_us(self.node.watermark.column) <= wm
+        if self.node.eviction == "key" and self.node.event_key is not None:
+            return self.node.event_key.closed(wm)
         return None
 
     def _frame(self, store: StateStore | None) -> pl.DataFrame | None:

@@ -78,6 +78,15 @@ class DedupNode(StatefulNode):
             msg = "unique() emits each first row once: use output_mode='append'"
             raise PlanError(msg)
 
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.expiry is not None:
+            return None
+        return (
+            f"{self.describe()} remembers every key forever: the subset has no watermarked "
+            "event-time column and within= is not given; add with_watermark(col, delay) and "
+            "put col in subset, or give within='10m' (Spark's dropDuplicatesWithinWatermark)"
+        )
+
     def build_operator(self, operator_id: str, storage: Storage) -> DedupOperator:
         return DedupOperator(self, operator_id, storage)
 

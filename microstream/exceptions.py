@@ -6,6 +6,9 @@ and, where there is one, what to do about it.
 
 from __future__ import annotations
 
+import inspect
+import os
+
 __all__ = [
     "CheckpointConflictError",
     "CheckpointCorruptError",
@@ -24,6 +27,8 @@ __all__ = [
     "SchemaMismatchError",
     "SinkError",
     "SourceError",
+    "UnboundedStateWarning",
+    "user_stacklevel",
 ]
 
 
@@ -94,3 +99,29 @@ class QueryTerminatedError(MicrostreamError):
 
 class MissingDependencyError(MicrostreamError, ImportError):
     """An optional dependency that a connector needs is not installed."""
+
+
+class UnboundedStateWarning(UserWarning):
+    """A query starts with an operator whose state can only grow (never evicted).
+
+    Not an error: a bounded key space is fine forever. Silence it with
+    ``warnings.filterwarnings("ignore", category=ms.UnboundedStateWarning)``.
+    """
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside microstream
+    (as Polars' ``find_stacklevel``): the user's line, however deep the call came from."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    level = 1
+    frame = inspect.currentframe()
+    try:
+        frame = frame.f_back if frame is not None else None  # warnings.warn's caller is 1
+        while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            package + os.sep
+        ):
+            level += 1
+            frame = frame.f_back
+    finally:
+        del frame
+    return level

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,7 +21,7 @@ import polars as pl
 
 from microstream.dedup import DedupNode
 from microstream.duration import parse_duration
-from microstream.exceptions import PlanError
+from microstream.exceptions import PlanError, UnboundedStateWarning, user_stacklevel
 from microstream.execution import ExecutionConfig, StreamExecution
 from microstream.groupby import (
     StreamDynamicGroupBy,
@@ -36,6 +37,7 @@ from microstream.plan import (
     StatelessNode,
     StaticJoinNode,
     WatermarkNode,
+    chained_nodes,
     check_row_wise,
 )
 from microstream.processing_time import processing_time_node
@@ -43,6 +45,7 @@ from microstream.protocols import StaticSide
 from microstream.query import StreamingQuery
 from microstream.registry import load_connector
 from microstream.session import Session, default_session
+from microstream.stateful_fn import state_ttl_ms
 from microstream.trigger import DEFAULT_TRIGGER, Trigger
 from microstream.windows import time_dtype_check
 
@@ -718,18 +721,83 @@ class StreamFrame:
         early_every: str | timedelta | None = None,
         every_n_rows: int | None = None,
         emit_on_change: dict[str, float] | None = None,
+        state_ttl: str | timedelta | None = None,
     ) -> StreamGroupBy:
-        """Group the stream by keys; ``.agg(...)`` keeps one result per key, updated forever.
+        """Group the stream by keys; ``.agg(...)`` keeps one result per key.
 
-        ``maintain_order`` is accepted for Polars compatibility; emitted rows are
-        sorted by key. The emit triggers (update mode) are those of
-        :meth:`group_by_dynamic`.
+        How long a group lives depends on its keys:
+
+        - an **event-time key** closes its groups with the watermark: the
+          ``with_watermark`` column, or a non-decreasing function of it
+          computed after ``with_watermark`` (``dt.truncate``, ``dt.round``,
+          ``dt.offset_by``, ``dt.date``, plus or minus a constant duration,
+          aliases and renames, and chains of these). A group is closed once no
+          row on time can reach it: for ``pl.col("ts").dt.truncate("1h")``,
+          once the watermark reaches the hour's last microsecond. Output mode
+          ``"append"`` emits each group once, when it closes; ``"update"``
+          emits the groups each batch changed and then forgets closed ones; a
+          row for a group already closed is late (counted, or sent to
+          ``on_late``), like a window's;
+        - without one (a global aggregation) every group is kept forever, and
+          the query warns when it starts (:class:`ms.UnboundedStateWarning`),
+          unless ``state_ttl`` bounds the state. Output modes ``"update"`` and
+          ``"complete"``.
+
+        Parameters
+        ----------
+        *by
+            Column names or expressions (expressions are computed first).
+        maintain_order
+            Accepted for Polars compatibility; emitted rows are sorted by key.
+        early_every, every_n_rows, emit_on_change
+            Emit triggers for ``output_mode="update"``, as in
+            :meth:`group_by_dynamic`.
+        state_ttl
+            Forget a group not updated for this long, in **processing time**:
+            the batches' logged timestamps, so a re-run batch forgets the same
+            groups. Checked at the start of every batch; as Flink's state TTL,
+            the group goes silently: ``"update"`` emits nothing for it,
+            ``"complete"`` leaves it out of the next tables, and a row for it
+            later starts a new group from nothing. Not with ``"append"``
+            (which would lose the group unemitted).
+
+        Returns
+        -------
+        StreamGroupBy
+            Call ``.agg(...)`` on it.
+
+        Examples
+        --------
+        Counts per hour and user, emitted once per hour when the watermark
+        passes the hour; the state keeps only the open hours:
+
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"ts": pl.Datetime("us"), "user": pl.String})
+        >>> hourly = (
+        ...     stream.lazy()
+        ...     .with_watermark("ts", "10m")
+        ...     .with_columns(hour=pl.col("ts").dt.truncate("1h"))
+        ...     .group_by("hour", "user")
+        ...     .agg(n=pl.len())
+        ... )
+        >>> query = hourly.sink_memory("doc_hourly")
+        >>> t = datetime(2024, 1, 1)
+        >>> _ = stream.add_data({"ts": [t.replace(minute=5), t.replace(minute=50),
+        ...                             t.replace(hour=1, minute=30)], "user": ["a", "a", "b"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_hourly").rows()  # watermark 01:20: hour 00:00 is closed
+        [(datetime.datetime(2024, 1, 1, 0, 0), 'a', 2)]
+        >>> query.last_progress.state_operators[0].num_rows_total  # hour 01:00 only
+        1
+        >>> query.stop()
         """
         flat = [k for item in by for k in (item if isinstance(item, (list, tuple)) else [item])]
         emit = emit_policy(
             early_every=early_every, every_n_rows=every_n_rows, emit_on_change=emit_on_change
         )
-        return StreamGroupBy(self, flat, emit)
+        return StreamGroupBy(self, flat, emit, state_ttl_ms(state_ttl, "group_by"))
 
     def group_by_dynamic(
         self,
@@ -1365,6 +1433,15 @@ class StreamFrame:
             raise PlanError(msg)
         if stateful:  # the last operator's output is the query's
             stateful[-1].check_output_mode(output_mode)
+        chained = chained_nodes(self._plan)
+        for node in stateful:
+            why = node.unbounded_state("append" if node in chained else output_mode)
+            if why is not None:
+                warnings.warn(
+                    f"state can only grow: {why}",
+                    UnboundedStateWarning,
+                    stacklevel=user_stacklevel(),
+                )
         if trigger is not None and not isinstance(trigger, Trigger):
             msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
             raise TypeError(msg)

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from microstream.aggregation import AggregateNode, EmitPolicy
 from microstream.duration import parse_duration
+from microstream.event_time import trace_event_time
 from microstream.exceptions import PlanError
 from microstream.plan import PlanNode, StatelessNode, WatermarkNode
 from microstream.sessions import SessionNode
@@ -115,8 +116,9 @@ class StreamGroupBy:
     """``frame.group_by(keys)``: one group per key forever (a global window).
 
     Supports ``output_mode="update"`` and ``"complete"``; ``"append"`` only when a
-    key is the watermarked event-time column (the group closes when the
-    watermark passes it).
+    key is an event-time key: the watermarked column or a non-decreasing function
+    of it (see :meth:`StreamFrame.group_by` and :mod:`microstream.event_time`),
+    whose groups close when the watermark passes them.
 
     Examples
     --------
@@ -132,10 +134,17 @@ class StreamGroupBy:
     >>> query.stop()
     """
 
-    def __init__(self, frame: StreamFrame, by: Sequence[Any], emit: EmitPolicy | None = None):
+    def __init__(
+        self,
+        frame: StreamFrame,
+        by: Sequence[Any],
+        emit: EmitPolicy | None = None,
+        state_ttl_ms: int | None = None,
+    ):
         self._frame = frame
         self._by = by
         self._emit = emit or EmitPolicy()
+        self._state_ttl_ms = state_ttl_ms
 
     def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
         from microstream.frame import StreamFrame
@@ -146,17 +155,20 @@ class StreamGroupBy:
             raise PlanError(msg)
         input_schema = StreamFrame(plan).collect_schema()
         _check_columns(input_schema, keys, "group_by")
-        watermark = None
-        for key in keys:
-            watermark = watermark or find_watermark(plan, key)
+        # The first key that is a non-decreasing function of the event time closes groups.
+        event_key = next(
+            (found for key in keys if (found := trace_event_time(plan, key)) is not None), None
+        )
         node = AggregateNode(
             input=plan,
             keys=keys,
             aggs=_aggs(aggs, named_aggs, "group_by"),
             window=None,
-            watermark=watermark,
+            watermark=None if event_key is None else event_key.watermark,
             input_schema=input_schema,
             emit=self._emit,
+            event_key=event_key,
+            state_ttl_ms=self._state_ttl_ms,
         )
         return StreamFrame(node)
 
@@ -340,6 +352,12 @@ class StreamGroupBy:
             msg = (
                 f"group_by(...).{verb}: emit triggers ({self._emit.describe()}) belong to "
                 "agg(); the function decides what to emit"
+            )
+            raise PlanError(msg)
+        if self._state_ttl_ms is not None:
+            msg = (
+                f"group_by(state_ttl=...) applies to agg(); give {verb} its own "
+                f"state_ttl: group_by(...).{verb}(fn, ..., state_ttl=...)"
             )
             raise PlanError(msg)
         plan, keys = key_names(self._frame.plan, self._by, "group_by")

@@ -65,7 +65,8 @@ def read_state(
 
     Operators are named ``op0``, ``op1``, ... in plan order (``explain()``);
     each keeps one or two stores: ``partials`` (incremental aggregates) and
-    ``rows`` (rows kept for aggregates that do not decompose) for windows,
+    ``rows`` (rows kept for aggregates that do not decompose) for windows
+    (plus ``emits`` with emit triggers, ``updated`` with ``state_ttl``),
     ``sessions`` for session windows, ``keys`` for deduplication, ``state``
     for ``map_groups_with_state``. Internal columns get readable names
     (``window_start_us``, ``timer_us``, ...). Before the first committed

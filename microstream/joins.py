@@ -220,6 +220,14 @@ class StreamJoinNode(_TwoStreamNode):
             )
             raise PlanError(msg)
 
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.bounded:
+            return None
+        return (
+            f"{self.describe()} keeps every row of both sides forever; give a time bound, "
+            "join(..., within='10m'), on with_watermark columns, so the watermark evicts them"
+        )
+
     def build_operator(self, operator_id: str, storage: Storage) -> StreamJoinOperator:
         return StreamJoinOperator(self, operator_id, storage)
 

@@ -362,6 +362,11 @@ class StatefulNode(PlanNode):
     def check_output_mode(self, output_mode: str) -> None:
         """Raise PlanError if this operator cannot produce ``output_mode``."""
 
+    def unbounded_state(self, output_mode: str) -> str | None:
+        """Why this operator's state can only grow in ``output_mode``, and the fix; None
+        when its state is bounded (evicted by the watermark, a TTL, or the user's code)."""
+        return None
+
     chainable: ClassVar[bool] = False
     """Whether another stateful operator may consume this one's output: true for
     operators whose rows are final when emitted (joins, deduplication)."""

@@ -91,6 +91,15 @@ class SessionNode(StatefulNode):
             )
             raise PlanError(msg)
 
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.watermark is not None:
+            return None
+        return (
+            f"{self.describe()} never closes a session: no with_watermark on "
+            f"{self.session.column!r}; add with_watermark({self.session.column!r}, delay) "
+            "before it"
+        )
+
     def build_operator(self, operator_id: str, storage: Storage) -> SessionOperator:
         return SessionOperator(self, operator_id, storage)
 

@@ -70,6 +70,7 @@ __all__ = [
     "StateContext",
     "StatefulFunctionNode",
     "StatefulFunctionOperator",
+    "state_ttl_ms",
     "stateful_function_node",
 ]
 
@@ -429,6 +430,17 @@ class StatefulFunctionNode(StatefulNode):
         return StatefulFunctionOperator(self, operator_id, storage)
 
 
+def state_ttl_ms(state_ttl: str | timedelta | None, verb: str) -> int | None:
+    """``state_ttl`` in milliseconds (the unit of batch timestamps), None if not given."""
+    if state_ttl is None:
+        return None
+    ttl = parse_duration(state_ttl, name="state_ttl")
+    if ttl <= timedelta(0):
+        msg = f"{verb}: state_ttl must be positive; got {state_ttl!r}"
+        raise PlanError(msg)
+    return max(1, ttl // timedelta(milliseconds=1))
+
+
 def stateful_function_node(
     plan: PlanNode,
     keys: tuple[str, ...],
@@ -484,13 +496,7 @@ def stateful_function_node(
             "timers fire when the watermark passes them"
         )
         raise PlanError(msg)
-    ttl_ms = None
-    if state_ttl is not None:
-        ttl = parse_duration(state_ttl, name="state_ttl")
-        if ttl <= timedelta(0):
-            msg = f"{verb}: state_ttl must be positive; got {state_ttl!r}"
-            raise PlanError(msg)
-        ttl_ms = max(1, ttl // timedelta(milliseconds=1))
+    ttl_ms = state_ttl_ms(state_ttl, verb)
     event_column = None
     if watermark is not None and watermark.column in input_schema:
         event_column = watermark.column
