@@ -258,7 +258,9 @@ class JsonDecoder(PayloadDecoder):
     ([1, 2, None], {'y': 1}, {'x': 2})
     """
 
-    def __init__(self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert") -> None:
+    def __init__(
+        self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert"
+    ) -> None:
         self.schema = schema
         self.missing_columns = missing_columns
         try:  # Refuse at plan time a dtype the JSON reader cannot produce.
@@ -401,7 +403,9 @@ class CsvDecoder(PayloadDecoder):
     ([(1, 'x'), (2, None), (3, 'y,z')], {'field 3': 2}, {'b': 1})
     """
 
-    def __init__(self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert") -> None:
+    def __init__(
+        self, schema: pl.Schema, *, missing_columns: MissingColumnsPolicy = "insert"
+    ) -> None:
         self.schema = schema
         self.missing_columns = missing_columns
 
