@@ -70,16 +70,29 @@ def run_stream(
 ) -> tuple[list[tuple[int, pl.DataFrame]], pl.DataFrame]:
     name = f"oracle_{uuid.uuid4().hex[:8]}"
     source = ms.MemoryStream(full.schema)
-    for batch in batches_of(full, cuts):
-        source.add_data(batch)
     emitted: list[tuple[int, pl.DataFrame]] = []
-    query = query_fn(source.lazy(), f"{name}_late").foreach_batch(
-        lambda df, batch_id: emitted.append((batch_id, df)),
-        output_mode=output_mode,
-        trigger=ms.Trigger.available_now(flush=True),
-        checkpoint=f"memory://{name}",
-    )
+
+    def start(trigger: ms.Trigger | None) -> ms.StreamingQuery:
+        return query_fn(source.lazy(), f"{name}_late").foreach_batch(
+            lambda df, batch_id: emitted.append((batch_id, df)),
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=f"memory://{name}",
+        )
+
+    # One micro-batch per slice (a source given everything at once reads it as one
+    # batch), then a restart that drains and flushes every window.
+    query = start(None)
+    try:
+        for batch in batches_of(full, cuts):
+            source.add_data(batch)
+            query.process_all_available(timeout=30)
+    finally:
+        query.stop()
+    assert query.exception() is None
+    query = start(ms.Trigger.available_now(flush=True))
     assert query.await_termination(timeout=60)
+    assert query.exception() is None
     late = ms.table(f"{name}_late")  # registered when the query starts
     if late.width == 0:  # no late rows at all
         late = pl.DataFrame(schema={**full.schema, "window_start": pl.Datetime("us")})
