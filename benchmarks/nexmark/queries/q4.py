@@ -16,8 +16,9 @@ updates and retracts as bids arrive. Here:
    each batch's highest bid per auction and instant (bids of one auction at one time
    meet the time conditions together), which halves the bids buffered at Nexmark's
    rates (the hot auction gets half of them).
-2. the maximum price per auction, grouped by ``id, category`` and the auction's
-   closing time (``expires``, under the watermarked column's name ``date_time``): a
+2. the maximum price per auction, grouped by ``id, category`` and the latest time
+   the auction can close (``date_time + MAX_AUCTION_SPAN``, at or after ``expires``;
+   the engine knows it as a non-decreasing function of the watermarked column): a
    group whose closing time the watermark passed gets no more bids (they would be
    late), so the group is final, emitted once and dropped, as in append mode.
 3. the average of those final prices per category, a global ``group_by`` in update
@@ -80,9 +81,10 @@ def stream(inputs: dict[str, ms.StreamFrame]) -> ms.StreamFrame:
             bid_time <= pl.col("date_time") + pl.lit(MAX_AUCTION_SPAN),
         )
         .filter(bid_time <= pl.col("expires"))
-        # a pair's event time is its auction's close: the group closes when the watermark passes it
-        .select("id", "category", "price", date_time=pl.col("expires"))
-        .group_by("id", "category", "date_time")
+        # the latest close an auction can have, a monotone function of the watermarked column:
+        # the group closes when the watermark passes it, when no bid of the auction can come
+        .select("id", "category", "price", closes=pl.col("date_time") + pl.lit(MAX_AUCTION_SPAN))
+        .group_by("id", "category", "closes")
         .agg(final=pl.col("price").max())
         .group_by("category")
         .agg(final=pl.col("final").mean())
