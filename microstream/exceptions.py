@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLockedError",
+    "CheckpointStorageError",
     "DataLossError",
     "MicrostreamError",
     "MissingDependencyError",
@@ -69,6 +70,10 @@ class CheckpointConflictError(CheckpointError):
 
 class CheckpointLockedError(CheckpointError):
     """Another live process runs a query on this checkpoint."""
+
+
+class CheckpointStorageError(CheckpointError):
+    """The checkpoint's storage failed: a full disk, an I/O error, an unreachable endpoint."""
 
 
 class PlanChangedError(CheckpointError):
