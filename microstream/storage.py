@@ -187,6 +187,17 @@ class Storage:
             )
             raise CheckpointCorruptError(msg) from None
 
+    def list_names(self, relative: str) -> list[str]:
+        """Sorted names of the entries of a directory (missing dir: [])."""
+        directory = self.path(relative)
+        self._forget_listing(directory)
+        try:
+            with self._failing("list checkpoint directory", relative, absent_ok=True):
+                names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(name).rstrip("/").rsplit("/", 1)[-1] for name in names)
+
     def list_numbered(self, relative: str, suffix: str = ".json") -> list[int]:
         """Sorted batch ids of ``<n><suffix>`` files in a directory (missing dir: [])."""
         directory = self.path(relative)

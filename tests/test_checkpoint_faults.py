@@ -227,3 +227,155 @@ def test_a_failed_append_leaves_no_half_line(
         '{"batch": 0}',
         '{"batch": 2}',
     ]
+
+
+# -- a WAL range that goes backwards ---------------------------------------------------------
+
+
+def test_wal_range_ending_before_its_start_is_refused_by_file_and_source(tmp_path: Path) -> None:
+    write_inputs(tmp_path / "in")
+    assert rows_query(tmp_path).await_termination(timeout=60)
+    wal = tmp_path / "cp" / "offsets" / "2.json"
+    entry = json.loads(wal.read_text())
+    assert (entry["sources"][0]["start"], entry["sources"][0]["end"]) == (
+        {"log_index": 1},
+        {"log_index": 2},
+    )
+    entry["sources"][0]["end"] = {"log_index": 0}  # a hand edit, or a corrupt copy
+    wal.write_text(json.dumps(entry))
+    (tmp_path / "cp" / "commits" / "2.json").unlink()  # so that batch 2 would be re-run
+
+    expected = (
+        f"checkpoint file {wal} is corrupt: source 0 (FileSource[parquet: {tmp_path / 'in'}]) "
+        "ends at {'log_index': 0} before its start {'log_index': 1}"
+    )
+    with pytest.raises(ms.CheckpointCorruptError, match=re.escape(expected)):
+        rows_query(tmp_path)
+    assert sorted(ms.read_file_sink(tmp_path / "out")["id"].to_list()) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_wal_range_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
+    write_inputs(tmp_path / "in")
+    assert rows_query(tmp_path).await_termination(timeout=60)
+    wal = tmp_path / "cp" / "offsets" / "2.json"
+    entry = json.loads(wal.read_text())
+    entry["sources"][0]["end"] = {"log_index": "two"}
+    wal.write_text(json.dumps(entry))
+    with pytest.raises(
+        ms.CheckpointCorruptError,
+        match=rf"checkpoint file {re.escape(str(wal))} is corrupt: .* is not a file source offset",
+    ):
+        rows_query(tmp_path)
+
+
+# -- a WAL that is gone while the sink or the state remember its batches -------------------
+
+
+def memory_to(sink: str, stream: ms.MemoryStream, tmp_path: Path) -> ms.StreamingQuery:
+    frame = stream.lazy()
+    if sink == "delta":
+        return frame.sink_delta(tmp_path / "out", checkpoint=tmp_path / "cp")
+    return frame.sink_parquet(tmp_path / "out", checkpoint=tmp_path / "cp")
+
+
+def read_output(sink: str, tmp_path: Path) -> list[int]:
+    if sink == "delta":
+        return sorted(pl.read_delta(str(tmp_path / "out"))["x"].to_list())
+    return sorted(ms.read_file_sink(tmp_path / "out")["x"].to_list())
+
+
+def run_two_batches(sink: str, stream: ms.MemoryStream, tmp_path: Path) -> str:
+    """Batches 0 (3 rows) and 1 (6 rows) into ``sink``; returns the query id."""
+    query = memory_to(sink, stream, tmp_path)
+    stream.add_data({"x": [1, 2, 3]})
+    query.process_all_available(timeout=60)
+    stream.add_data({"x": [4, 5, 6, 7, 8, 9]})
+    query.process_all_available(timeout=60)
+    query.stop()
+    assert query.exception() is None
+    assert read_output(sink, tmp_path) == list(range(1, 10))
+    return query.id
+
+
+@pytest.mark.parametrize("sink", ["delta", "files"])
+def test_wal_gone_while_the_sink_holds_batches_is_refused(sink: str, tmp_path: Path) -> None:
+    stream = ms.MemoryStream({"x": pl.Int64})
+    query_id = run_two_batches(sink, stream, tmp_path)
+    cp = tmp_path / "cp"
+    for log in ("offsets", "commits"):
+        for entry in (cp / log).iterdir():
+            entry.unlink()
+    stream.add_data({"x": [10, 11, 12, 13, 14, 15]})
+
+    # Before: batch 0 re-ran with all 15 rows and the sink skipped it as a replay (9 rows).
+    description = "DeltaSink" if sink == "delta" else "FileSink[parquet: "
+    expected = (
+        rf"checkpoint {re.escape(str(cp))} cannot continue: its write-ahead log is gone: "
+        rf"metadata.json \(query id {query_id}\) is there, but offsets/ and commits/ are empty, "
+        rf"while {re.escape(description)}.*{re.escape(str(tmp_path / 'out'))}\]? already holds "
+        r"batch 1 of this query.*Numbering batches from 0 again would make the sink skip them "
+        r"as already written and lose their rows\. Restore offsets/ and commits/ from a backup "
+        r"of the checkpoint; or, to process the input again from the start, use a new "
+        r"checkpoint location and a new output \(or delete both\)"
+    )
+    with pytest.raises(ms.CheckpointCorruptError, match=expected):
+        memory_to(sink, stream, tmp_path)
+    assert read_output(sink, tmp_path) == list(range(1, 10))
+    assert list((cp / "offsets").iterdir()) == []
+    assert not (cp / "lock.json").exists()
+
+
+def test_wal_tail_gone_while_the_sink_holds_later_batches_is_refused(tmp_path: Path) -> None:
+    stream = ms.MemoryStream({"x": pl.Int64})
+    run_two_batches("delta", stream, tmp_path)
+    cp = tmp_path / "cp"
+    (cp / "offsets" / "1.json").unlink()  # an older copy of the checkpoint, say
+    (cp / "commits" / "1.json").unlink()
+    stream.add_data({"x": [10]})
+    with pytest.raises(
+        ms.CheckpointCorruptError,
+        match=r"its write-ahead log ends at offsets/0\.json, so offsets/ and commits/ from batch "
+        r"1 on are missing \(deleted, or an older copy of the checkpoint was restored\), while "
+        r"DeltaSink\[.*\] already holds batch 1 of this query\. Numbering batches from 1 again",
+    ):
+        memory_to("delta", stream, tmp_path)
+    assert read_output("delta", tmp_path) == list(range(1, 10))
+
+
+def test_wal_gone_while_state_and_progress_remain_is_refused(tmp_path: Path) -> None:
+    stream = ms.MemoryStream({"k": pl.Int64, "x": pl.Int64})
+
+    def start() -> ms.StreamingQuery:
+        return (
+            stream.lazy()
+            .group_by("k")
+            .agg(total=pl.col("x").sum())
+            .sink_memory("wal_gone_totals", output_mode="complete", checkpoint=tmp_path / "cp")
+        )
+
+    query = start()
+    stream.add_data({"k": [1, 1, 2], "x": [1, 2, 3]})
+    query.process_all_available(timeout=60)
+    query.stop()
+    cp = tmp_path / "cp"
+    for log in ("offsets", "commits"):
+        for entry in (cp / log).iterdir():
+            entry.unlink()
+
+    expected = (
+        "its write-ahead log is gone: metadata.json (query id "
+        f"{query.id}) is there, but offsets/ and commits/ are empty, while earlier batches "
+        f"left {cp}/state/op0/partials/versions/0.json, {cp}/progress/{query.run_id}.jsonl. "
+    )
+    with pytest.raises(ms.CheckpointCorruptError, match=re.escape(expected)):
+        start()
+
+
+def test_a_checkpoint_that_never_ran_a_batch_restarts(tmp_path: Path) -> None:
+    stream = ms.MemoryStream({"x": pl.Int64})
+    memory_to("delta", stream, tmp_path).stop()  # metadata.json and an empty log
+    query = memory_to("delta", stream, tmp_path)
+    stream.add_data({"x": [1, 2]})
+    query.process_all_available(timeout=60)
+    query.stop()
+    assert read_output("delta", tmp_path) == [1, 2]
