@@ -288,14 +288,13 @@ class StreamExecution:
         where = self.checkpoint.display(f"offsets/{entry.batch_id}.json")
         for i, (src, logged) in enumerate(zip(self._sources, entry.sources)):
             try:
-                start = (
-                    src.initial_offset() if logged.start is None else src.parse_offset(logged.start)
-                )
                 end = src.parse_offset(logged.end)
+                # None: from the source's beginning, where nothing can end before.
+                start = None if logged.start is None else src.parse_offset(logged.start)
             except OffsetError as exc:
                 msg = f"checkpoint file {where} is corrupt: {exc}"
                 raise CheckpointCorruptError(msg) from exc
-            if not end.follows_or_equals(start):
+            if start is not None and not end.follows_or_equals(start):
                 msg = (
                     f"checkpoint file {where} is corrupt: source {i} ({src.description}) ends at "
                     f"{logged.end} before its start {logged.start}, and a range never goes "
