@@ -163,6 +163,21 @@ class FileSink:
             )
             raise SinkError(msg)
 
+    def committed_batch(self) -> int | None:
+        """The last batch id in the manifest (None: none yet); the manifest is this query's.
+
+        Raises
+        ------
+        SinkError
+            The manifest cannot be listed.
+        """
+        try:
+            ids = self._manifest.list_numbered("")
+        except MicrostreamError as exc:
+            msg = f"{self.description}: cannot read the manifest: {exc}"
+            raise SinkError(msg) from exc
+        return ids[-1] if ids else None
+
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
         """Write ``data`` as new files, then its manifest entry; a replayed batch is skipped.
 

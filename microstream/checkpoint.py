@@ -158,6 +158,8 @@ class Checkpoint:
         self._heartbeat: threading.Thread | None = None
         self._stop_heartbeat = threading.Event()
         self.lock_lost = threading.Event()
+        self.is_new = False
+        """Whether :meth:`load_or_create` created the checkpoint (no batch can have run)."""
 
     def display(self, relative: str = "") -> str:
         return self.storage.display(relative)
@@ -186,7 +188,7 @@ class Checkpoint:
                 msg = (
                     f"the query no longer matches checkpoint {self.display()}: "
                     + "; ".join(problems)
-                    + ". Use a new checkpoint for the changed query (or `microstream reset`)"
+                    + ". Use a new checkpoint for the changed query"
                 )
                 raise PlanChangedError(msg)
             if meta.plan.stateless != plan.stateless or meta.plan.sink != plan.sink:
@@ -206,6 +208,7 @@ class Checkpoint:
         )
         self.storage.makedirs("")
         self.storage.write_model("metadata.json", meta, overwrite=False)
+        self.is_new = True
         return meta
 
     def read_metadata(self) -> CheckpointMetadata:
@@ -238,6 +241,69 @@ class Checkpoint:
 
     def write_commit(self, entry: CommitEntry) -> None:
         self.storage.write_model(f"commits/{entry.batch_id}.json", entry, overwrite=False)
+
+    def refuse_lost_log(
+        self, query_id: str, latest: OffsetEntry | None, sink: str | None, sink_batch: int | None
+    ) -> None:
+        """Refuse a write-ahead log that no longer reaches batches that ran.
+
+        ``offsets/N`` is written before anything else of batch N, so a sink
+        holding batch N (``sink_batch``, from
+        :class:`~microstream.protocols.CommittedBatchSink`), or, with an empty
+        log, a state version or a progress record, means the log was deleted
+        or an older copy of the checkpoint restored. Numbering batches again
+        from the log's end would make the sink skip them as replays.
+
+        Raises
+        ------
+        CheckpointCorruptError
+            Naming what is missing and what shows that batches ran.
+        """
+        logged = -1 if latest is None else latest.batch_id
+        evidence = []
+        if sink is not None and sink_batch is not None and sink_batch > logged:
+            evidence.append(f"{sink} already holds batch {sink_batch} of this query")
+        if latest is None:
+            found = self._state_versions() + [
+                f"progress/{n}" for n in self.storage.list_names("progress")
+            ]
+            if found:
+                shown = ", ".join(self.display(f) for f in found[:3])
+                more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+                evidence.append(f"earlier batches left {shown}{more}")
+        if not evidence:
+            return
+        if latest is None:
+            missing = (
+                "its write-ahead log is gone: metadata.json (query id "
+                f"{query_id}) is there, but offsets/ and commits/ are empty"
+            )
+            restore = "offsets/ and commits/"
+        else:
+            missing = (
+                f"its write-ahead log ends at offsets/{logged}.json, so offsets/ and commits/ "
+                f"from batch {logged + 1} on are missing (deleted, or an older copy of the "
+                "checkpoint was restored)"
+            )
+            restore = "the missing offsets/ and commits/ files"
+        msg = (
+            f"checkpoint {self.display()} cannot continue: {missing}, while "
+            + " and ".join(evidence)
+            + f". Numbering batches from {logged + 1} again would make the sink skip them as "
+            f"already written and lose their rows. Restore {restore} from a backup of the "
+            "checkpoint; or, to process the input again from the start, use a new checkpoint "
+            "location and a new output (or delete both)"
+        )
+        raise CheckpointCorruptError(msg)
+
+    def _state_versions(self) -> list[str]:
+        """Committed state versions (``state/<op>/<store>/versions/<v>.json``), relative paths."""
+        found = []
+        for op in self.storage.list_names("state"):
+            for store in self.storage.list_names(f"state/{op}"):
+                versions = f"state/{op}/{store}/versions"
+                found += [f"{versions}/{v}.json" for v in self.storage.list_numbered(versions)]
+        return found
 
     def _check_id(self, found: int, expected: int, relative: str) -> None:
         if found != expected:

@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointLockedError",
+    "CheckpointStorageError",
     "DataLossError",
     "EventTimeError",
     "MicrostreamError",
@@ -79,6 +80,10 @@ class CheckpointConflictError(CheckpointError):
 
 class CheckpointLockedError(CheckpointError):
     """Another live process runs a query on this checkpoint."""
+
+
+class CheckpointStorageError(CheckpointError):
+    """The checkpoint's storage failed: a full disk, an I/O error, an unreachable endpoint."""
 
 
 class PlanChangedError(CheckpointError):

@@ -64,7 +64,14 @@ from microstream.progress import (
     SinkProgress,
     SourceProgress,
 )
-from microstream.protocols import Offset, Sink, SinkContext, Source, SourceContext
+from microstream.protocols import (
+    CommittedBatchSink,
+    Offset,
+    Sink,
+    SinkContext,
+    Source,
+    SourceContext,
+)
 from microstream.watermark import (
     FLUSH_WATERMARK_US,
     NO_WATERMARK_US,
@@ -233,6 +240,8 @@ class StreamExecution:
         cp = self.checkpoint
         latest = cp.latest_offsets()
         commit = cp.latest_commit()
+        if not cp.is_new:
+            self._refuse_lost_log(latest)
         if latest is None:
             if commit is not None:
                 msg = f"checkpoint {cp.display()} has commits/ but no offsets/: it is corrupt"
@@ -246,6 +255,7 @@ class StreamExecution:
                 f"{len(latest.sources)} sources; the query has {len(self._sources)}"
             )
             raise CheckpointCorruptError(msg)
+        self._check_ranges(latest)
         committed_id = commit.batch_id if commit is not None else -1
         if commit is not None and commit.watermark_us is not None:
             self.watermark.restore(commit.watermark_us, commit.max_event_us)
@@ -264,6 +274,39 @@ class StreamExecution:
             )
             raise CheckpointCorruptError(msg)
         self._next_batch_id = latest.batch_id + 1 if self._pending is None else latest.batch_id
+
+    def _refuse_lost_log(self, latest: OffsetEntry | None) -> None:
+        """Refuse a write-ahead log that lost batches the sink or the state remember."""
+        sink, held = self._sink, None
+        if isinstance(sink, CommittedBatchSink):
+            try:
+                held = sink.committed_batch()
+            except MicrostreamError:
+                raise
+            except Exception as exc:
+                msg = f"sink {sink.description} cannot tell which batches it holds: {exc}"
+                raise SinkError(msg) from exc
+        description = sink.description if sink is not None else None
+        self.checkpoint.refuse_lost_log(self.query_id, latest, description, held)
+
+    def _check_ranges(self, entry: OffsetEntry) -> None:
+        """Refuse a logged range ``(start, end]`` that ends before it starts, by file and source."""
+        where = self.checkpoint.display(f"offsets/{entry.batch_id}.json")
+        for i, (src, logged) in enumerate(zip(self._sources, entry.sources)):
+            try:
+                end = src.parse_offset(logged.end)
+                # None: from the source's beginning, where nothing can end before.
+                start = None if logged.start is None else src.parse_offset(logged.start)
+            except OffsetError as exc:
+                msg = f"checkpoint file {where} is corrupt: {exc}"
+                raise CheckpointCorruptError(msg) from exc
+            if start is not None and not end.follows_or_equals(start):
+                msg = (
+                    f"checkpoint file {where} is corrupt: source {i} ({src.description}) ends at "
+                    f"{logged.end} before its start {logged.start}, and a range never goes "
+                    "backwards. Restore the file from a backup of the checkpoint"
+                )
+                raise CheckpointCorruptError(msg)
 
     def _parse_ends(self, entry: OffsetEntry) -> list[Offset]:
         return [src.parse_offset(s.end) for src, s in zip(self._sources, entry.sources)]

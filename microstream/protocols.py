@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from microstream.storage import Storage
 
 __all__ = [
+    "CommittedBatchSink",
     "Offset",
     "SideOutput",
     "SideOutputTarget",
@@ -226,6 +227,25 @@ class Sink(Protocol):
 
     def stop(self) -> None:
         """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class CommittedBatchSink(Protocol):
+    """A sink that can tell which batches of its query it holds (optional for sinks).
+
+    The Delta sink reads its ``txn`` (app id = query id), the file sink its
+    manifest. On restart the engine asks it: ``offsets/N`` is written before
+    batch N reaches the sink, so a sink holding a batch that the write-ahead
+    log does not reach means the log was deleted or an older copy of the
+    checkpoint restored; the query is refused instead of numbering batches
+    again from there (the sink would skip them as replays and lose their rows).
+    """
+
+    description: str
+
+    def committed_batch(self) -> int | None:
+        """The last batch id of this query (``SinkContext.query_id``) it committed; None: none."""
         ...
 
 

@@ -17,14 +17,25 @@ Local writes survive a crash of the process (the kernel keeps the pages) without
 fsync, as Spark's and Flink's local checkpoints do. To survive a power loss too,
 set ``MICROSTREAM_FSYNC=1``: every file and its directory are then fsynced,
 which costs about 1.5 ms per file on a typical disk.
+
+Every checkpoint file (metadata, WAL, commits, state, source logs, sink
+manifests, progress, the lock) is read and written through this class, so a
+failing store is handled here once: a full disk, an I/O error or an
+unreachable endpoint is a :class:`~microstream.exceptions.CheckpointStorageError`
+naming the file and the storage, and a failed write leaves no temporary file
+and no partial line behind. Nothing is retried here (s3fs and botocore retry
+requests themselves): the query stops with its checkpoint consistent, and a
+restart continues from the last committed batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -35,6 +46,8 @@ from microstream.exceptions import (
     CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointStorageError,
+    MicrostreamError,
     MissingDependencyError,
 )
 
@@ -103,6 +116,10 @@ class Storage:
         if self.is_local:
             self.root = os.path.abspath(self.root)
         self.is_object_store = _is_object_store(fs)
+        self.location, self._checks = _describe_location(fs, storage_options or {})
+        """The storage in messages (``local disk``, ``S3 endpoint http://...``), and
+        what to check when it fails."""
+        self._failures = _failure_types(fs)
         # append_line on stores without append: per file, (segment number, its content)
         self._appends: dict[str, tuple[int, bytes]] = {}
 
@@ -125,6 +142,9 @@ class Storage:
         child.is_local = self.is_local
         child.is_object_store = self.is_object_store
         child.fsync = self.fsync
+        child.location = self.location
+        child._checks = self._checks
+        child._failures = self._failures
         child._appends = {}
         return child
 
@@ -134,7 +154,8 @@ class Storage:
         """Whether ``relative`` exists now (asked of the store, not of a cached listing)."""
         path = self.path(relative)
         self._forget_listing(path)
-        return bool(self.fs.exists(path))
+        with self._failing("look up checkpoint file", relative):
+            return bool(self.fs.exists(path))
 
     def _forget_listing(self, path: str) -> None:
         # fsspec's object stores cache directory listings per filesystem instance:
@@ -143,13 +164,11 @@ class Storage:
             self.fs.invalidate_cache(path)
 
     def read_bytes(self, relative: str) -> bytes:
+        """The bytes of ``relative``; ``FileNotFoundError`` if it does not exist."""
         path = self.path(relative)
         self._forget_listing(path)  # s3fs sizes the object from a cached listing
-        try:
+        with self._failing("read checkpoint file", relative, absent_ok=True):
             data: bytes = self.fs.cat_file(path)
-        except PermissionError as exc:
-            msg = f"cannot read checkpoint file {self.display(relative)}: permission denied"
-            raise CheckpointError(msg) from exc
         return data
 
     def read_model(self, relative: str, model: type[ModelT]) -> ModelT:
@@ -168,17 +187,26 @@ class Storage:
             )
             raise CheckpointCorruptError(msg) from None
 
+    def list_names(self, relative: str) -> list[str]:
+        """Sorted names of the entries of a directory (missing dir: [])."""
+        directory = self.path(relative)
+        self._forget_listing(directory)
+        try:
+            with self._failing("list checkpoint directory", relative, absent_ok=True):
+                names = self.fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(name).rstrip("/").rsplit("/", 1)[-1] for name in names)
+
     def list_numbered(self, relative: str, suffix: str = ".json") -> list[int]:
         """Sorted batch ids of ``<n><suffix>`` files in a directory (missing dir: [])."""
         directory = self.path(relative)
         self._forget_listing(directory)
         try:
-            names = self.fs.ls(directory, detail=False)
+            with self._failing("list checkpoint directory", relative, absent_ok=True):
+                names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
-        except PermissionError as exc:
-            msg = f"cannot list checkpoint directory {self.display(relative)}: permission denied"
-            raise CheckpointError(msg) from exc
         ids = []
         for name in names:
             base = str(name).rstrip("/").rsplit("/", 1)[-1]
@@ -193,11 +221,8 @@ class Storage:
         """Create a directory; nothing on object stores, which have none."""
         if self.is_object_store:
             return  # s3fs would otherwise create a missing *bucket*
-        try:
+        with self._failing("create checkpoint directory", relative):
             self.fs.makedirs(self.path(relative), exist_ok=True)
-        except PermissionError as exc:
-            msg = f"cannot create checkpoint directory {self.display(relative)}: permission denied"
-            raise CheckpointError(msg) from exc
 
     def write_bytes(self, relative: str, data: bytes, *, overwrite: bool = True) -> None:
         """Write ``data`` atomically under ``relative``.
@@ -213,39 +238,48 @@ class Storage:
         ------
         CheckpointConflictError
             ``overwrite=False`` and the file exists.
+        CheckpointStorageError
+            The store failed (disk full, I/O error, endpoint unreachable);
+            nothing was written under ``relative`` and no temporary file is left.
         CheckpointError
             Permission denied, or (object stores) the bucket does not exist.
         """
+        if not self.is_local:
+            with self._failing("write checkpoint file", relative):
+                self._put(relative, data, overwrite=overwrite)
+            return
         target = self.path(relative)
         parent = target.rsplit("/", 1)[0]
-        try:
-            if not self.is_local:
-                self._put(relative, data, overwrite=overwrite)
-                return
-            if not overwrite and self.fs.exists(target):
+        with self._failing("write checkpoint file", relative):
+            if not overwrite and os.path.exists(target):
                 raise CheckpointConflictError(self._conflict(relative))
-            self.fs.makedirs(parent, exist_ok=True)
+            os.makedirs(parent, exist_ok=True)
             tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if overwrite:
-                os.replace(tmp, target)
-            else:
-                # link() fails if the target appeared meanwhile: no lost race.
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    raise CheckpointConflictError(self._conflict(relative)) from None
+                    _write_all(fd, data)
+                    if self.fsync:
+                        os.fsync(fd)
                 finally:
+                    os.close(fd)
+                if overwrite:
+                    os.replace(tmp, target)
+                else:
+                    # link() fails if the target appeared meanwhile: no lost race.
+                    try:
+                        os.link(tmp, target)
+                    except FileExistsError:
+                        raise CheckpointConflictError(self._conflict(relative)) from None
+                    finally:
+                        os.unlink(tmp)
+            except BaseException:
+                # A full disk fails mid-file: the half-written temporary must not stay.
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
+                raise
             if self.fsync:
                 _fsync_dir(parent)
-        except PermissionError as exc:
-            msg = f"cannot write checkpoint file {self.display(relative)}: permission denied"
-            raise CheckpointError(msg) from exc
 
     def _put(self, relative: str, data: bytes, *, overwrite: bool) -> None:
         """One PUT: plain, or conditional on the object not existing (``overwrite=False``)."""
@@ -262,6 +296,44 @@ class Storage:
         except FileNotFoundError as exc:  # s3fs: NoSuchBucket
             msg = f"cannot write checkpoint file {self.display(relative)}: {exc}"
             raise CheckpointError(msg) from exc
+
+    @contextlib.contextmanager
+    def _failing(self, what: str, relative: str, *, absent_ok: bool = False) -> Iterator[None]:
+        """Turn a failure of the store into an error naming the file and the storage.
+
+        With ``absent_ok`` a ``FileNotFoundError`` passes through, for callers
+        to whom a missing file is an answer, not a failure.
+        """
+        try:
+            yield
+        except MicrostreamError:
+            raise
+        except self._failures as exc:
+            if absent_ok and isinstance(exc, FileNotFoundError):
+                raise
+            where = f"cannot {what} {self.display(relative)}"
+            if isinstance(exc, PermissionError):
+                msg = f"{where}: permission denied ({self.location})"
+                raise CheckpointError(msg) from exc
+            raise CheckpointStorageError(f"{where}: {self._diagnose(exc)}") from exc
+
+    def _diagnose(self, exc: BaseException) -> str:
+        """What failed, on which storage, and what to check."""
+        after = "; a restarted query then continues from its last committed batch"
+        code = exc.errno if isinstance(exc, OSError) else None
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+            return (
+                f"{what} ({errno.errorcode[code]}) on the {self.location}. Free space on it{after}"
+            )
+        if code == errno.EROFS:
+            return f"the {self.location} is mounted read-only. Remount it writable{after}"
+        if self.is_local:
+            return f"{exc} on the {self.location}. Check {self._checks}{after}"
+        return (
+            f"the {self.location} failed or cannot be reached ({type(exc).__name__}: {exc}). "
+            f"Check {self._checks}{after}"
+        )
 
     def _conflict(self, relative: str) -> str:
         return (
@@ -296,12 +368,27 @@ class Storage:
         ['{"batch": 0}', '{"batch": 1}']
         """
         target = self.path(relative)
-        if self.is_local:
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            with open(target, "a", encoding="utf-8") as fh:
-                fh.write(line + "\n")
-            return
         data = (line + "\n").encode()
+        with self._failing("append to checkpoint file", relative):
+            if self.is_local:
+                os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                try:
+                    size = os.fstat(fd).st_size
+                    try:
+                        _write_all(fd, data)
+                    except BaseException:
+                        # No half line: readers parse every line of the file.
+                        with contextlib.suppress(OSError):
+                            os.ftruncate(fd, size)
+                        raise
+                finally:
+                    os.close(fd)
+                return
+            self._append_object(relative, data)
+
+    def _append_object(self, relative: str, data: bytes) -> None:
+        target = self.path(relative)
         known = self._appends.get(relative)
         if known is None:
             segment, content = 0, (self.fs.cat_file(target) if self.exists(relative) else b"")
@@ -314,7 +401,11 @@ class Storage:
         self._appends[relative] = (segment, content)
 
     def delete(self, relative: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        """Remove ``relative``; nothing if it does not exist."""
+        with (
+            contextlib.suppress(FileNotFoundError),
+            self._failing("delete checkpoint file", relative, absent_ok=True),
+        ):
             self.fs.rm_file(self.path(relative))
 
 
@@ -322,6 +413,54 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol
     protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol)
     return any(p in OBJECT_STORE_PROTOCOLS for p in protocols)
+
+
+def _describe_location(fs: fsspec.AbstractFileSystem, options: dict[str, Any]) -> tuple[str, str]:
+    """The storage as messages name it (``local disk``, ``S3 endpoint http://...``),
+    and what to check when it fails."""
+    if isinstance(fs, LocalFileSystem):
+        return "local disk", "the disk"
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    reachable = "that it is up and reachable from this machine"
+    if protocol not in ("s3", "s3a"):
+        return f"{protocol}:// storage", f"{reachable}, the storage options and the credentials"
+    client_kwargs = options.get("client_kwargs") or {}
+    endpoint = (
+        options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    checks = (
+        f"{reachable}, that endpoint_url in the storage options (checkpoint_options= of a "
+        "query) or AWS_ENDPOINT_URL names it, and the credentials (key and secret in the "
+        "storage options, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+    )
+    name = f"S3 endpoint {endpoint}" if endpoint else "S3 endpoint of AWS (no endpoint_url set)"
+    return name, checks
+
+
+def _failure_types(fs: fsspec.AbstractFileSystem) -> tuple[type[BaseException], ...]:
+    """What a failing store raises: ``OSError``, and botocore's own errors on S3.
+
+    s3fs turns S3's error responses into ``OSError`` subclasses, but a
+    connection that cannot be made (``EndpointConnectionError``), a timeout or
+    missing credentials reach the caller as botocore exceptions.
+    """
+    if isinstance(fs, LocalFileSystem):
+        return (OSError,)
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _segment_name(relative: str, segment: int) -> str:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
+import threading
+import time
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -141,3 +148,130 @@ def test_checkpoint_options_need_a_checkpoint() -> None:
     stream = ms.MemoryStream({"x": pl.Int64})
     with pytest.raises(ms.PlanError, match=r"checkpoint_options .* no checkpoint"):
         stream.lazy().foreach_batch(lambda df, b: None, checkpoint_options={"key": "k"})
+
+
+FAST_FAILURE = {
+    "config_kwargs": {"connect_timeout": 1, "read_timeout": 2, "retries": {"max_attempts": 0}}
+}
+"""botocore options so that an unreachable endpoint fails in about a second, not after retries."""
+
+
+class Relay:
+    """A TCP relay to the S3 server that can be cut, as a network that goes down.
+
+    The query talks to :attr:`endpoint_url`; :meth:`cut` closes the listening
+    port and every open connection, so the next request finds nothing there.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        host, port = target_url.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint_url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection(self._target)
+            with self._lock:
+                self._connections += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self._server.close()
+        with self._lock:
+            for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+
+
+def unreachable_message(url: str, endpoint: str) -> str:
+    """The start of the error for a file of ``url`` on an S3 endpoint that is gone."""
+    return (
+        rf"cannot (?:write|read|look up|list) checkpoint (?:file|directory) {re.escape(url)}\S*: "
+        rf"the S3 endpoint {re.escape(endpoint)} failed or cannot be reached \(\w+: .*\)\. "
+        r"Check that it is up and reachable from this machine, that endpoint_url in the storage "
+        r"options \(checkpoint_options= of a query\) or AWS_ENDPOINT_URL names it, and the "
+        r"credentials"
+    )
+
+
+def test_unreachable_endpoint_at_start_is_a_checkpoint_error_naming_url_and_endpoint(
+    s3: S3Bucket,
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    options = {**s3.fsspec_options, "endpoint_url": endpoint, **FAST_FAILURE}
+    stream = ms.MemoryStream({"x": pl.Int64})
+    started = time.monotonic()
+    with pytest.raises(
+        ms.CheckpointStorageError, match=unreachable_message(s3.url("cp"), endpoint)
+    ):
+        stream.lazy().foreach_batch(
+            lambda df, batch_id: None, checkpoint=s3.url("cp"), checkpoint_options=options
+        )
+    assert time.monotonic() - started < 20
+
+
+def test_endpoint_lost_mid_run_fails_by_name_and_a_restart_is_exactly_once(
+    s3: S3Bucket, tmp_path: Path
+) -> None:
+    for i, ids in enumerate([[1, 2], [3], [4, 5, 6]]):
+        path = tmp_path / "in" / f"part-{i}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pl.DataFrame({"id": ids}, schema={"id": pl.Int64}).write_parquet(path)
+        os.utime(path, (1000 + i, 1000 + i))
+    relay = Relay(s3.endpoint_url)
+
+    def start(options: dict[str, Any]) -> ms.StreamingQuery:
+        frame = ms.scan_files(
+            tmp_path / "in", format="parquet", schema={"id": pl.Int64}, max_files_per_trigger=1
+        )
+        return frame.sink_parquet(
+            tmp_path / "out",
+            checkpoint=s3.url("cp"),
+            checkpoint_options=options,
+            trigger=ms.Trigger.available_now(),
+        )
+
+    class CutAfterFirstBatch:
+        def on_query_progress(self, event: Any) -> None:
+            if event.progress.batch_id == 0:
+                relay.cut()
+
+    listener = CutAfterFirstBatch()
+    ms.add_listener(listener)
+    try:
+        query = start({**s3.fsspec_options, "endpoint_url": relay.endpoint_url, **FAST_FAILURE})
+        with pytest.raises(ms.CheckpointStorageError) as info:
+            query.await_termination(timeout=60)
+    finally:
+        ms.remove_listener(listener)
+    assert re.match(unreachable_message(s3.url("cp"), relay.endpoint_url), str(info.value))
+    assert sorted(ms.read_file_sink(tmp_path / "out")["id"].to_list()) == [1, 2]
+
+    # The failed run could not release its lock (the network was down). A new process
+    # takes over the lock of a dead one; this test restarts in the same process, so the
+    # lock is removed as if it had expired.
+    other_client(s3).rm_file(f"{s3.name}/cp/lock.json")
+    # The network is back (here: the endpoint itself): the query continues after batch 0.
+    assert start(s3.fsspec_options).await_termination(timeout=60)
+    assert sorted(ms.read_file_sink(tmp_path / "out")["id"].to_list()) == [1, 2, 3, 4, 5, 6]
+    committed = other_client(s3).ls(f"{s3.name}/cp/commits", detail=False)
+    assert sorted(name.rsplit("/", 1)[1] for name in committed) == ["0.json", "1.json", "2.json"]
