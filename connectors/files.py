@@ -24,23 +24,28 @@ What goes wrong is handled by policy, and never lost without a word:
 
 from __future__ import annotations
 
-import csv
-import fnmatch
-import io
 import os
-import re
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from connectors._kafka_codecs import CsvDecoder, JsonDecoder, PayloadDecoder
-from connectors._paths import DataDir, glob_regex, modified_time, split_glob
-from microstream.exceptions import OffsetError, PlanError, SchemaMismatchError, SourceError
+from connectors._file_listing import LoggedFile, Selection, list_files
+from connectors._file_reading import (
+    PANIC,
+    FileFailed,
+    FileRead,
+    conform,
+    fail_error,
+    first_line,
+    infer_schema,
+    read_frame,
+)
+from connectors._paths import DataDir, split_glob
+from microstream.exceptions import OffsetError, SchemaMismatchError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
 if TYPE_CHECKING:
@@ -69,16 +74,7 @@ __all__ = [
 
 _FORMATS = ("parquet", "csv", "ndjson", "ipc")
 _CLEAN_SOURCE = ("off", "delete", "archive")
-_DEFAULT_GLOBS: dict[str, tuple[str, ...]] = {
-    "parquet": ("*.parquet",),
-    "csv": ("*.csv",),
-    "ndjson": ("*.ndjson", "*.jsonl", "*.json"),
-    "ipc": ("*.arrow", "*.ipc", "*.feather"),
-}
-"""The names a format's files have; others are ignored (and reported) unless ``glob`` is given."""
 _SKIPPED_DIR = "skipped"
-_PANIC: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicException)
-"""What a Polars reader raises on bad input: errors, and panics on some inputs."""
 
 DEAD_LETTER_SCHEMA = pl.Schema(
     {
@@ -91,7 +87,6 @@ DEAD_LETTER_SCHEMA = pl.Schema(
 )
 """Columns of a dead-letter row (the engine appends ``batch_id``): a whole file has
 null ``line`` and ``value``; a bad record has its line number and its text."""
-_INFER_ROWS = 1000
 _READ_THREADS = max(2, os.cpu_count() or 2)
 _CLEANED_FILE = "cleaned.json"
 
@@ -132,17 +127,6 @@ def _file_offset(offset: Offset, action: str) -> FileOffset:
         msg = f"cannot {action} a {type(offset).__name__} ({offset!r}): expected a FileOffset"
         raise OffsetError(msg)
     return offset
-
-
-class LoggedFile(BaseModel):
-    """One file taken by the source, as recorded in its log."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    """Path relative to the source directory."""
-    size: int
-    mtime: float
 
 
 class FileLogEntry(BaseModel):
@@ -384,7 +368,7 @@ class FileSourceSpec:
             )
             raise ValueError(msg)
         directory = DataDir.resolve(base, storage_options)
-        selection = _Selection.of(format, glob, pattern, recursive)
+        selection = Selection.of(format, glob, pattern, recursive)
         archive = None if source_archive_dir is None else os.fspath(source_archive_dir)
         if clean_source == "archive":
             if archive is None:
@@ -413,7 +397,7 @@ class FileSourceSpec:
             raise ValueError(msg)
 
         if schema is None:
-            resolved = _infer_schema(directory, format, selection)
+            resolved = infer_schema(directory, format, selection)
         else:
             try:
                 resolved = pl.Schema(schema)
@@ -445,9 +429,9 @@ class FileSourceSpec:
         return split_glob(self.path)[0]
 
     @property
-    def selection(self) -> _Selection:
+    def selection(self) -> Selection:
         """Which of the directory's files the source takes."""
-        return _Selection.of(self.format, self.glob, split_glob(self.path)[1], self.recursive)
+        return Selection.of(self.format, self.glob, split_glob(self.path)[1], self.recursive)
 
     def _url(self) -> str:
         base, pattern = split_glob(self.path)
@@ -508,41 +492,6 @@ def _check_policies(
             f"on_bad_record={on_bad_record!r}"
         )
         raise ValueError(msg)
-
-
-@dataclass(frozen=True)
-class _Selection:
-    """Which listed files the source takes (hidden ones never)."""
-
-    recursive: bool
-    name_glob: str | None
-    """``glob=``: a pattern on the file's own name."""
-    path_glob: re.Pattern[str] | None
-    """The glob of ``path``: a pattern on the path relative to the directory."""
-    default_globs: tuple[str, ...]
-    """The format's extensions, when neither glob is given; other files are reported."""
-
-    @classmethod
-    def of(cls, fmt: str, glob: str | None, pattern: str | None, recursive: bool) -> _Selection:
-        return cls(
-            recursive=recursive or (pattern is not None and ("/" in pattern or "**" in pattern)),
-            name_glob=glob,
-            path_glob=None if pattern is None else glob_regex(pattern),
-            default_globs=_DEFAULT_GLOBS[fmt] if glob is None and pattern is None else (),
-        )
-
-    def verdict(self, name: str, base: str) -> Literal["take", "pass", "ignore"]:
-        """``take``; ``pass`` over a file the user's globs exclude; ``ignore`` (and report)
-        a file the format's default extensions exclude."""
-        if self.name_glob is not None and not fnmatch.fnmatchcase(base, self.name_glob):
-            return "pass"
-        if self.path_glob is not None and not self.path_glob.fullmatch(name):
-            return "pass"
-        if self.default_globs and not any(
-            fnmatch.fnmatchcase(base.lower(), g) for g in self.default_globs
-        ):
-            return "ignore"
-        return "take"
 
 
 # -- the runtime source ----------------------------------------------------------------------------
@@ -786,7 +735,7 @@ class FileSource:
         dead: list[pl.DataFrame] = []
         skips: dict[int, list[SkippedFile]] = {}
         for (_, k), outcome in zip(wanted, outcomes):
-            if isinstance(outcome, _FileFailed):
+            if isinstance(outcome, FileFailed):
                 skip = self._leave_out(outcome)  # raises with the "fail" policies
                 skips.setdefault(k, []).append(skip)
                 continue
@@ -819,36 +768,36 @@ class FileSource:
             return {}
         return {f.name: f for f in self._log.read_model(name, SkippedFiles).files}
 
-    def _read_file(self, logged: LoggedFile, k: int) -> _FileRead | _FileFailed:
-        """Read one file; what went wrong comes back as a :class:`_FileFailed`."""
+    def _read_file(self, logged: LoggedFile, k: int) -> FileRead | FileFailed:
+        """Read one file; what went wrong comes back as a :class:`FileFailed`."""
         shown = self._dir.display(logged.name)
         where = f"file {shown} (source log entry {self._log.display(f'{k}.json')})"
         try:
             if self._dir.is_local:
-                parsed = _read(self._dir.path(logged.name), self.spec, self._schema, shown)
+                parsed = read_frame(self._dir.path(logged.name), self.spec, self._schema, shown)
             else:
                 with self._dir.fs.open(self._dir.path(logged.name), "rb") as fh:
-                    parsed = _read(fh, self.spec, self._schema, shown)
-            frame = _conform(parsed.frame, self._schema, shown, self.spec.missing_columns)
+                    parsed = read_frame(fh, self.spec, self._schema, shown)
+            frame = conform(parsed.frame, self._schema, shown, self.spec.missing_columns)
         except SchemaMismatchError as exc:
-            return _FileFailed(logged, where, str(exc), missing=False, error=exc)
+            return FileFailed(logged, where, str(exc), missing=False, error=exc)
         except FileNotFoundError as exc:
-            return _FileFailed(logged, where, "the file no longer exists", missing=True, error=exc)
-        except _PANIC as exc:
+            return FileFailed(logged, where, "the file no longer exists", missing=True, error=exc)
+        except PANIC as exc:
             if not self._dir.fs.exists(self._dir.path(logged.name)):
-                return _FileFailed(
+                return FileFailed(
                     logged, where, "the file no longer exists", missing=True, error=exc
                 )
-            reason = f"cannot read it as {self.spec.format}: {_first_line(exc)}"
-            return _FileFailed(logged, where, reason, missing=False, error=exc)
-        return _FileRead(logged, shown, frame, parsed.bad, parsed.extra_columns)
+            reason = f"cannot read it as {self.spec.format}: {first_line(exc)}"
+            return FileFailed(logged, where, reason, missing=False, error=exc)
+        return FileRead(logged, shown, frame, parsed.bad, parsed.extra_columns)
 
-    def _leave_out(self, failed: _FileFailed) -> SkippedFile:
+    def _leave_out(self, failed: FileFailed) -> SkippedFile:
         """The record of a file left out by policy; raise under the "fail" policies."""
         spec = self.spec
         policy = spec.on_missing_file if failed.missing else spec.on_bad_file
         if policy == "fail":
-            raise _fail_error(failed, spec, self.description)
+            raise fail_error(failed, spec, self.description)
         return SkippedFile(
             name=failed.logged.name,
             size=failed.logged.size,
@@ -872,7 +821,7 @@ class FileSource:
         self._logger.warning("%s: skipped file %s: %s", self.description, shown, skip.reason)
         return []
 
-    def _bad_records(self, read: _FileRead) -> list[pl.DataFrame]:
+    def _bad_records(self, read: FileRead) -> list[pl.DataFrame]:
         """Apply ``on_bad_record`` to a file's bad records; their dead-letter rows."""
         first = read.bad[0]
         if self.spec.on_bad_record == "fail":
@@ -908,7 +857,7 @@ class FileSource:
             )
         ]
 
-    def _report_columns(self, read: _FileRead) -> None:
+    def _report_columns(self, read: FileRead) -> None:
         """Log each column a file has beyond the schema once (``extra_columns="ignore"``)."""
         for column in read.extra_columns:
             key = f"column:{column}"
@@ -975,7 +924,7 @@ class FileSource:
     # -- listing ---------------------------------------------------------------------------
 
     def _new_files(self) -> list[LoggedFile]:
-        listing = _list_files(self._dir, self._selection, seen=self._seen)
+        listing = list_files(self._dir, self._selection, seen=self._seen)
         if listing.missing and not self._waiting_reported:
             self._waiting_reported = True
             self._logger.warning(
@@ -999,496 +948,3 @@ class FileSource:
                 self.spec.format,
             )
         return listing.files
-
-
-@dataclass(frozen=True)
-class _Listing:
-    files: list[LoggedFile]
-    """New files the source takes."""
-    ignored: list[str] = field(default_factory=list)
-    """Names the format's default extensions exclude."""
-    missing: bool = False
-    """Whether the directory does not exist."""
-
-
-def _list_files(
-    directory: DataDir, selection: _Selection, *, seen: Container[str] = frozenset()
-) -> _Listing:
-    """The visible files of ``directory`` (no hidden ones, as ``selection`` says) not in ``seen``.
-
-    Names in ``seen`` are dropped before anything else is done with them: a
-    file already taken is neither stat-ed nor described again, so a trigger
-    costs a listing of names plus work for the new files only.
-    """
-    try:
-        if directory.is_local:
-            return _list_local(directory.root, selection, seen)
-        return _list_remote(directory, selection, seen)
-    except FileNotFoundError:
-        return _Listing([], missing=True)
-    except Exception as exc:
-        msg = f"cannot list the source directory {directory.url}: {exc}"
-        raise SourceError(msg) from exc
-
-
-def _list_local(root: str, selection: _Selection, seen: Container[str]) -> _Listing:
-    """:func:`_list_files` with ``os.scandir``: names come without a ``stat`` call.
-
-    Which entries count as files is fsspec's: without ``recursive`` regular
-    files only; with it everything but a directory, and symbolic links to
-    directories are not followed.
-    """
-    recursive = selection.recursive
-    files = []
-    ignored = []
-    pending = [("", root)]
-    while pending:
-        prefix, path = pending.pop()
-        try:
-            with os.scandir(path) as listing:
-                entries = list(listing)
-        except FileNotFoundError:
-            if not prefix:
-                raise  # the directory itself: nothing there yet
-            continue  # a sub-directory removed since it was listed
-        for entry in entries:
-            if entry.name.startswith((".", "_")):
-                continue
-            name = prefix + entry.name
-            try:
-                if recursive and entry.is_dir(follow_symlinks=False):
-                    pending.append((name + "/", entry.path))
-                    continue
-                if not recursive and not entry.is_file(follow_symlinks=False):
-                    continue
-                if name in seen:
-                    continue
-                verdict = selection.verdict(name, entry.name)
-                if verdict != "take":
-                    if verdict == "ignore":
-                        ignored.append(name)
-                    continue
-                info = entry.stat(follow_symlinks=False)
-                size = info.st_size
-                if entry.is_symlink():  # as fsspec: the size of the target, the link's mtime
-                    try:
-                        size = entry.stat().st_size
-                    except OSError:
-                        size = 0
-            except FileNotFoundError:
-                continue  # removed since the listing
-            files.append(LoggedFile(name=name, size=size, mtime=info.st_mtime))
-    return _Listing(files, ignored)
-
-
-def _list_remote(directory: DataDir, selection: _Selection, seen: Container[str]) -> _Listing:
-    """:func:`_list_files` through fsspec, whose listings carry sizes and times already."""
-    fs = directory.fs
-    fs.invalidate_cache(directory.root)  # object stores cache listings
-    if selection.recursive:
-        infos = list(fs.find(directory.root, withdirs=False, detail=True).values())
-    else:
-        infos = [i for i in fs.ls(directory.root, detail=True) if i.get("type") == "file"]
-    files = []
-    ignored = []
-    for info in infos:
-        name = directory.relative(str(info["name"]))
-        if name in seen:
-            continue
-        parts = name.split("/")
-        if any(p.startswith((".", "_")) for p in parts):
-            continue
-        verdict = selection.verdict(name, parts[-1])
-        if verdict != "take":
-            if verdict == "ignore":
-                ignored.append(name)
-            continue
-        files.append(
-            LoggedFile(name=name, size=int(info.get("size") or 0), mtime=modified_time(info))
-        )
-    return _Listing(files, ignored)
-
-
-# -- reading one file ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _BadRecord:
-    line: int
-    """1-based line of the file where the record starts (a csv header is line 1)."""
-    value: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class _Parsed:
-    frame: pl.DataFrame
-    bad: list[_BadRecord] = field(default_factory=list)
-    extra_columns: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class _FileRead:
-    """A file read: its rows (schema conformed), bad records and columns beyond the schema."""
-
-    logged: LoggedFile
-    shown: str
-    frame: pl.DataFrame
-    bad: list[_BadRecord]
-    extra_columns: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _FileFailed:
-    """A file that could not be read at all, and why."""
-
-    logged: LoggedFile
-    where: str
-    reason: str
-    missing: bool
-    error: BaseException
-
-
-def _fail_error(failed: _FileFailed, spec: FileSourceSpec, description: str) -> Exception:
-    """The error of a file that failed under the "fail" policies, with advice that works."""
-    if failed.missing:
-        msg = (
-            f"{description}: {failed.where} no longer exists, so this logged range cannot be "
-            "replayed. Files must stay until the batch that read them is committed "
-            "(clean_source does that for you). Restore the file, or restart the query with "
-            "on_missing_file='skip' to leave it out (recorded in the source log and in progress)"
-        )
-        return SourceError(msg)
-    advice = (
-        "The batch re-reads the file on restart: replace it with a valid file under the same "
-        "name, or restart the query with on_bad_file='skip' or 'dead_letter' to leave it out "
-        "(recorded in the source log and in progress)"
-    )
-    if isinstance(failed.error, SchemaMismatchError):
-        return SchemaMismatchError(f"{description}: {failed.reason}. {advice}")
-    msg = f"{description}: cannot read {failed.where} as {spec.format}: {failed.error}. {advice}"
-    error = SourceError(msg)
-    error.__cause__ = failed.error
-    return error
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _read(source: str | IO[bytes], spec: FileSourceSpec, schema: pl.Schema, shown: str) -> _Parsed:
-    """Read one file with ``spec``'s format and column policies (``schema``: the columns read).
-
-    parquet and ipc read only the schema's columns; their footer names the
-    file's other columns.
-    """
-    fmt = spec.format
-    if fmt in ("csv", "ndjson"):
-        data = source if isinstance(source, str) else source.read()
-        if fmt == "csv":
-            return _read_csv(data, schema, shown, spec)
-        return _read_ndjson(data, schema, shown, spec)
-    found = pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
-    if not isinstance(source, str):
-        source.seek(0)
-    extra = _check_header(list(found), spec, shown)
-    present = [c for c in schema if c in found]
-    if len(present) < len(schema):
-        _check_columns(list(found), schema, shown, spec.missing_columns)
-    if fmt == "parquet":
-        frame = pl.read_parquet(source, columns=present, glob=False)
-    else:
-        frame = pl.read_ipc(source, columns=present)
-    return _Parsed(frame, extra_columns=extra)
-
-
-def _check_header(found: Sequence[str], spec: FileSourceSpec, shown: str) -> tuple[str, ...]:
-    """The file's columns beyond the source schema; an error with ``extra_columns="raise"``."""
-    extra = tuple(c for c in found if c not in spec.schema)
-    if extra and spec.extra_columns == "raise":
-        msg = (
-            f"file {shown} has column(s) {list(extra)} that the source schema lacks "
-            "(extra_columns='raise'). Add them to schema=, or pass extra_columns='ignore' "
-            "to leave them out"
-        )
-        raise SchemaMismatchError(msg)
-    return extra
-
-
-def _check_columns(
-    found: list[str], schema: pl.Schema, shown: str, missing_columns: str = "raise"
-) -> None:
-    if missing_columns == "insert":
-        return
-    for name, dtype in schema.items():
-        if name not in found:
-            msg = (
-                f"file {shown} has no column {name!r} (expected dtype {dtype}); its columns are "
-                f"{found}. Fix the file, declare the source schema without {name!r}, or pass "
-                "missing_columns='insert' to read it as null"
-            )
-            raise SchemaMismatchError(msg)
-
-
-def _open(data: str | bytes) -> str | io.BytesIO:
-    return data if isinstance(data, str) else io.BytesIO(data)
-
-
-def _raw(data: str | bytes) -> bytes:
-    if isinstance(data, bytes):
-        return data
-    with open(data, "rb") as fh:
-        return fh.read()
-
-
-def _read_csv(data: str | bytes, schema: pl.Schema, shown: str, spec: FileSourceSpec) -> _Parsed:
-    """A csv file by header name, every row checked to have the header's number of fields.
-
-    Polars pads a short row with nulls and, when columns are left out, drops
-    the fields of a long one; both are bad records here. A quick check counts
-    each line's separators (outside quotes) in bulk; a file that fails it, or
-    whose typed parse fails, is split into records with :mod:`csv` and the
-    records are parsed in bulk again, the bad ones found by bisection.
-    """
-    header = pl.read_csv(
-        _open(data), n_rows=0, infer_schema=False, glob=False, raise_if_empty=False
-    ).columns
-    if not header:  # an empty file
-        return _Parsed(pl.DataFrame(schema=schema))
-    extra = _check_header(header, spec, shown)
-    _check_columns(header, schema, shown, spec.missing_columns)
-    file_schema = pl.Schema({c: schema.get(c, pl.String()) for c in header})
-    frame: pl.DataFrame | None = None
-    if _fields_match(data, len(header)):
-        try:
-            frame = pl.read_csv(_open(data), schema=file_schema, raise_if_empty=False, glob=False)
-        except _PANIC:
-            frame = None
-    if frame is not None:
-        return _Parsed(frame.select([c for c in schema if c in file_schema]), [], extra)
-    lines, records = _csv_records(_raw(data), shown)
-    bad: list[_BadRecord] = []
-    payloads: list[bytes] = []
-    starts: list[int] = []
-    for start, stop, fields in records[1:]:  # records[0] is the header
-        text = "".join(lines[start:stop]).rstrip("\r\n")
-        if len(fields) != len(header):
-            reason = f"{len(fields)} fields where the header has {len(header)}"
-            bad.append(_BadRecord(start + 1, text, reason))
-        else:
-            payloads.append(text.encode())
-            starts.append(start)
-    good, decode_bad = _decode(
-        CsvDecoder(file_schema), payloads, starts, [p.decode() for p in payloads]
-    )
-    bad = sorted([*bad, *decode_bad], key=lambda b: b.line)
-    return _Parsed(good.select([c for c in schema if c in file_schema]), bad, extra)
-
-
-def _fields_match(data: str | bytes, width: int) -> bool:
-    """Whether every line has ``width`` fields, counted in bulk (false: check record by record).
-
-    Without quote chars, separators are counted per line on the raw bytes
-    with numpy (a fraction of the parse's cost). With them, each line is
-    counted by Polars without its quoted parts; an odd number of quotes on a
-    line (a quoted line break) sends the file to the record-by-record check,
-    as does a blank line (Polars would make it a row of nulls).
-    """
-    raw = np.frombuffer(_raw(data), dtype=np.uint8)
-    if not (raw == ord('"')).any():
-        ends = np.flatnonzero(raw == ord("\n"))
-        if len(ends) and ends[-1] == len(raw) - 1:
-            ends = ends[:-1]  # the newline that ends the last line starts no line
-        starts = np.concatenate(([0], ends + 1))
-        stops = np.concatenate((ends, [len(raw)]))
-        lengths = stops - starts
-        if len(ends) and lengths[-1] and raw[stops[-1] - 1] == ord("\r"):
-            lengths[-1] -= 1
-        crlf = np.zeros(len(lengths), dtype=bool)
-        crlf[:-1] = raw[np.maximum(ends - 1, 0)] == ord("\r")
-        if ((lengths - crlf) <= 0).any():
-            return False  # a blank line
-        per_line = np.bincount(
-            np.searchsorted(ends, np.flatnonzero(raw == ord(",")), side="right"),
-            minlength=len(starts),
-        )
-        return bool((per_line == width - 1).all())
-    try:
-        lines = pl.read_csv(
-            _open(data),
-            has_header=False,
-            separator="\x1f",
-            quote_char=None,
-            schema={"line": pl.String()},
-            glob=False,
-            raise_if_empty=False,
-        ).get_column("line")
-    except _PANIC:
-        return False
-    quotes = lines.str.count_matches('"', literal=True)
-    if ((quotes % 2) == 1).any() or lines.is_null().any():
-        return False
-    lines = lines.str.replace_all(r'"(?:[^"]|"")*"', "")
-    return bool((lines.str.count_matches(",", literal=True) == width - 1).all())
-
-
-def _csv_records(raw: bytes, shown: str) -> tuple[list[str], list[tuple[int, int, list[str]]]]:
-    """The file's physical lines, and each record's ``(first line, end line, fields)``."""
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as exc:
-        msg = f"file {shown} is not UTF-8 text: {exc}"
-        raise SourceError(msg) from None
-    lines = io.StringIO(text, newline="").readlines()
-    reader = csv.reader(iter(lines))
-    records = []
-    before = 0
-    try:
-        for fields in reader:
-            if fields:  # a blank line is no record
-                records.append((before, reader.line_num, fields))
-            before = reader.line_num
-    except csv.Error as exc:
-        msg = f"file {shown} line {reader.line_num}: {exc}"
-        raise SourceError(msg) from None
-    return lines, records
-
-
-def _decode(
-    decoder: PayloadDecoder, payloads: list[bytes], starts: list[int], texts: list[str]
-) -> tuple[pl.DataFrame, list[_BadRecord]]:
-    """Rows of the payloads that decode; the others as bad records (``starts``: 0-based lines)."""
-    decoded = decoder.decode(payloads)
-    bad = [_BadRecord(starts[i] + 1, texts[i], reason) for i, reason in decoded.bad]
-    return decoded.frame, bad
-
-
-def _read_ndjson(data: str | bytes, schema: pl.Schema, shown: str, spec: FileSourceSpec) -> _Parsed:
-    """An ndjson file with the schema; an absent field is null (JSON has no header), as in Spark.
-
-    A file that does not parse in bulk is split into lines, parsed in bulk
-    again, and the bad lines found by bisection.
-    """
-    try:
-        frame = pl.read_ndjson(_open(data), schema=schema)
-        bad: list[_BadRecord] = []
-        keys_from: str | bytes = data
-    except _PANIC:
-        lines = _raw(data).split(b"\n")
-        starts = [i for i, line in enumerate(lines) if line.strip()]
-        payloads = [lines[i] for i in starts]
-        texts = [p.decode(errors="replace").rstrip("\r") for p in payloads]
-        frame, bad = _decode(JsonDecoder(schema), payloads, starts, texts)
-        bad_lines = {b.line - 1 for b in bad}
-        keys_from = b"\n".join(lines[i] for i in starts if i not in bad_lines)
-    infer = None if spec.extra_columns == "raise" else _INFER_ROWS
-    try:
-        keys = pl.scan_ndjson(_open(keys_from), infer_schema_length=infer).collect_schema()
-    except _PANIC:
-        keys = pl.Schema()  # no line to infer from: no key beyond the schema to report
-    return _Parsed(frame, bad, _check_header(list(keys), spec, shown))
-
-
-def _conform(
-    df: pl.DataFrame, schema: pl.Schema, shown: str, missing_columns: str = "raise"
-) -> pl.DataFrame:
-    """``df`` with exactly ``schema``'s columns, order and dtypes (widening casts only).
-
-    A schema column ``df`` lacks is an error, or nulls with ``missing_columns="insert"``.
-    """
-    if df.schema == schema:  # the usual case; Schema compares names, order and dtypes
-        return df
-    _check_columns(df.columns, schema, shown, missing_columns)
-    casts = []
-    for name, expected in schema.items():
-        if name not in df.schema:
-            casts.append(pl.lit(None, expected).alias(name))
-            continue
-        found = df.schema[name]
-        if found == expected:
-            continue
-        if not _is_widening(found, expected):
-            msg = (
-                f"file {shown} has column {name!r} as {found}, but the source schema says "
-                f"{expected}; only lossless widening (e.g. Int32 to Int64) is applied. "
-                "Fix the file or change the declared schema"
-            )
-            raise SchemaMismatchError(msg)
-        casts.append(pl.col(name).cast(expected, strict=True))
-    out = df.with_columns(casts) if casts else df
-    return out.select(list(schema))
-
-
-_SIGNED = {pl.Int8: 8, pl.Int16: 16, pl.Int32: 32, pl.Int64: 64, pl.Int128: 128}
-_UNSIGNED = {pl.UInt8: 8, pl.UInt16: 16, pl.UInt32: 32, pl.UInt64: 64}
-_FLOAT = {pl.Float32: 32, pl.Float64: 64}
-_FLOAT_EXACT_INT_BITS = {32: 16, 64: 32}  # the widest ints a float holds exactly
-_TIME_UNITS = ("ms", "us", "ns")
-
-
-def _is_widening(found: pl.DataType, expected: pl.DataType) -> bool:
-    """Whether casting ``found`` to ``expected`` never loses a value.
-
-    Examples
-    --------
-    >>> _is_widening(pl.Int32(), pl.Int64())
-    True
-    >>> _is_widening(pl.Int64(), pl.Int32())
-    False
-    >>> _is_widening(pl.Int64(), pl.Float64())
-    False
-    >>> _is_widening(pl.Datetime("ms"), pl.Datetime("us"))
-    True
-    """
-    f, e = found.base_type(), expected.base_type()
-    if f is pl.Null:
-        return True
-    if f in _SIGNED:
-        bits = _SIGNED[f]
-        if e in _SIGNED:
-            return _SIGNED[e] > bits
-        return e in _FLOAT and _FLOAT_EXACT_INT_BITS[_FLOAT[e]] >= bits
-    if f in _UNSIGNED:
-        bits = _UNSIGNED[f]
-        if e in _UNSIGNED:
-            return _UNSIGNED[e] > bits
-        if e in _SIGNED:
-            return _SIGNED[e] > bits
-        return e in _FLOAT and _FLOAT_EXACT_INT_BITS[_FLOAT[e]] >= bits
-    if f is pl.Float32:
-        return e is pl.Float64
-    if isinstance(found, pl.Datetime) and isinstance(expected, pl.Datetime):
-        return found.time_zone == expected.time_zone and _TIME_UNITS.index(
-            found.time_unit
-        ) < _TIME_UNITS.index(expected.time_unit)
-    return False
-
-
-def _infer_schema(directory: DataDir, fmt: FileFormat, selection: _Selection) -> pl.Schema:
-    listing = _list_files(directory, selection)
-    files = sorted(listing.files, key=lambda f: (f.mtime, f.name))
-    if not files:
-        why = "the directory does not exist" if listing.missing else "no file there yet"
-        msg = (
-            f"cannot infer the schema of the {fmt} files in {directory.url}: {why}. "
-            "Pass schema={'column': pl.Int64, ...} to declare it"
-        )
-        raise PlanError(msg)
-    oldest = files[0].name
-    shown = directory.display(oldest)
-    try:
-        with directory.fs.open(directory.path(oldest), "rb") as fh:
-            if fmt == "parquet":
-                return pl.Schema(pl.read_parquet_schema(fh))
-            if fmt == "ipc":
-                return pl.Schema(pl.read_ipc_schema(fh))
-            if fmt == "csv":
-                return pl.read_csv(fh, n_rows=_INFER_ROWS, infer_schema_length=_INFER_ROWS).schema
-            return pl.read_ndjson(fh, n_rows=_INFER_ROWS, infer_schema_length=_INFER_ROWS).schema
-    except Exception as exc:
-        msg = (
-            f"cannot infer the schema from {shown} (the oldest {fmt} file in {directory.url}): "
-            f"{exc}. Pass schema= to declare it"
-        )
-        raise SourceError(msg) from exc

@@ -12,6 +12,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+import connectors._file_listing
+import connectors._file_reading
 import connectors.files
 from connectors.files import FileLogEntry, FileOffset, FileSource, FileSourceSpec, LoggedFile
 from connectors.rate import RateOffset
@@ -204,7 +206,7 @@ def test_listing_describes_only_new_files(
         described.append(fields["name"])
         return LoggedFile(**fields)
 
-    monkeypatch.setattr(connectors.files, "LoggedFile", counting)
+    monkeypatch.setattr(connectors._file_listing, "LoggedFile", counting)
     second = source.latest_offset(first, rate_limited=True)
     assert sorted(described) == ["g.parquet", "h.parquet"]  # not the 20 files already taken
     assert source.latest_offset(second, rate_limited=True) == second
@@ -390,9 +392,9 @@ def test_only_lossless_widening_is_applied(
 
 def test_matching_frame_is_returned_as_is() -> None:
     df = rows(1, 2)
-    assert connectors.files._conform(df, SCHEMA, "a.parquet") is df
+    assert connectors._file_reading.conform(df, SCHEMA, "a.parquet") is df
     reordered = df.select("name", "id")
-    assert_frame_equal(connectors.files._conform(reordered, SCHEMA, "a.parquet"), df)
+    assert_frame_equal(connectors._file_reading.conform(reordered, SCHEMA, "a.parquet"), df)
 
 
 def test_one_read_pool_per_source_shut_down_on_stop(
