@@ -559,8 +559,8 @@ class StreamExecution:
         t_compute = time.perf_counter()
         ctx = BatchContext(
             batch_id=batch_id,
-            late_watermark_us=_or_none(entry.late_watermark_us),
-            watermark_us=_or_none(entry.watermark_us),
+            late_watermark_us=_for_operators(entry.late_watermark_us),
+            watermark_us=_for_operators(entry.watermark_us),
             output_mode=self.config.output_mode,
             batch_timestamp_ms=entry.batch_timestamp_ms,
             operators=self._operators,
@@ -786,7 +786,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _or_none(watermark_us: int | None) -> int:
+def _for_operators(watermark_us: int | None) -> int:
     """A logged watermark for the operators: a query without one never has late rows."""
     return NO_WATERMARK_US if watermark_us is None else watermark_us
 
