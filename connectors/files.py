@@ -547,7 +547,7 @@ class FileSource:
             msg = (
                 f"{self.description}: source log {self._log.display('')} lacks entry "
                 f"{missing}.json (has {ids[:10]}...); the log was truncated by hand. Restore it "
-                "or delete the checkpoint to start over"
+                "or start over with `microstream reset CHECKPOINT`"
             )
             raise SourceError(msg)
         for k in ids:
@@ -639,7 +639,8 @@ class FileSource:
             msg = (
                 f"{self.description}: offset log_index={begin.log_index} is beyond the last "
                 f"entry ({self._last_logged}) of the source log {self._log.display('')}; the "
-                "log was lost or replaced. Restore it or delete the checkpoint to start over"
+                "log was lost or replaced. Restore it, or start over with `microstream reset "
+                "CHECKPOINT`"
             )
             raise OffsetError(msg)
         if begin.log_index < self._last_logged:

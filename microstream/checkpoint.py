@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "OffsetEntry",
     "PlanRecord",
     "SourceOffsets",
+    "reset_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -422,6 +424,53 @@ class Checkpoint:
                 self.storage.delete("lock.json")
         except Exception:
             logger.warning("could not release the lock of checkpoint %s", self.display())
+
+
+def reset_checkpoint(
+    url: str,
+    *,
+    confirm: Callable[[list[str]], bool],
+    storage_options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Delete a stopped query's checkpoint; the files deleted (none if it was declined).
+
+    The checkpoint's lock is taken first, as a query starting would take it, so a
+    running query (a live owner of the lock) is refused by name and no query can
+    start while the files go. ``confirm`` gets the files about to be deleted and
+    returns whether to go on. The query's outputs (tables, files, topics) are
+    never touched: they are not in the checkpoint.
+
+    Raises
+    ------
+    CheckpointLockedError
+        A running query holds the checkpoint (the message names its run and pid).
+    CheckpointError
+        There is no checkpoint at ``url``.
+
+    Examples
+    --------
+    >>> cp = Checkpoint("memory://doctest-reset")
+    >>> cp.storage.write_bytes("metadata.json", b"{}")
+    >>> reset_checkpoint("memory://doctest-reset", confirm=lambda files: True)
+    ['metadata.json']
+    >>> cp.storage.exists("metadata.json")
+    False
+    """
+    cp = Checkpoint(url, storage_options)
+    files = [f for f in cp.storage.files() if f != "lock.json"]
+    if not files:
+        msg = f"there is no checkpoint at {cp.display()}: nothing to reset"
+        raise CheckpointError(msg)
+    cp.acquire_lock(f"reset-{uuid.uuid4()}", timeout_s=30.0)
+    try:
+        if not confirm(files):
+            return []
+        for relative in files:
+            cp.storage.delete(relative)
+    finally:
+        cp.release_lock()
+    cp.storage.delete_tree()
+    return files
 
 
 def _pid_alive(pid: int) -> bool:

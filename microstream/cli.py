@@ -15,8 +15,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from microstream.checkpoint import Checkpoint, LockRecord
-from microstream.exceptions import MicrostreamError, OutputError
+from microstream.checkpoint import Checkpoint, LockRecord, reset_checkpoint
+from microstream.exceptions import CheckpointError, MicrostreamError, OutputError
 from microstream.progress import QueryProgress
 from microstream.progress_bar import ProgressBar
 from microstream.session import default_session
@@ -177,7 +177,52 @@ def _parser() -> argparse.ArgumentParser:
     state.add_argument("--limit", type=int, default=20, help="rows to print per store (20)")
     state.add_argument("--csv", action="store_true", help="print all rows as CSV instead")
     state.set_defaults(handler=_state)
+
+    reset = sub.add_parser(
+        "reset",
+        help="delete a stopped query's checkpoint (never its output)",
+        description=(
+            "Delete the checkpoint at CHECKPOINT so its query starts over: refused while a "
+            "query holds the checkpoint's lock; asks first unless --yes. The query's output "
+            "(tables, files, topics) is not in the checkpoint and is never touched."
+        ),
+    )
+    reset.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or URL")
+    reset.add_argument("--yes", action="store_true", help="delete without asking")
+    reset.set_defaults(handler=_reset)
     return parser
+
+
+def _reset(args: argparse.Namespace) -> int:
+    def confirm(files: list[str]) -> bool:
+        groups: dict[str, int] = {}
+        for name in files:
+            top = name.split("/", 1)[0] + ("/" if "/" in name else "")
+            groups[top] = groups.get(top, 0) + 1
+        listed = ", ".join(
+            top if top.endswith(".json") and n == 1 else f"{top} ({n} file{'s' * (n > 1)})"
+            for top, n in groups.items()
+        )
+        print(f"checkpoint {args.checkpoint}: {len(files)} files: {listed}")
+        print(
+            "not touched: the query's output (tables, files, topics are not in the checkpoint). "
+            "A query started again on this checkpoint gets a new id and reads its sources "
+            "from their starting offsets, so it writes that output again: give it a new "
+            "output, or clear the old one yourself"
+        )
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            msg = "not deleting: no terminal to ask for confirmation; pass --yes to delete"
+            raise CheckpointError(msg)
+        return input(f"delete these {len(files)} files? [y/N] ").strip().lower() in ("y", "yes")
+
+    deleted = reset_checkpoint(args.checkpoint, confirm=confirm)
+    if not deleted:
+        print("nothing deleted")
+        return 1
+    print(f"deleted checkpoint {args.checkpoint} ({len(deleted)} files)")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:

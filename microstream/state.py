@@ -778,7 +778,8 @@ class StateStore:
         except FileNotFoundError:
             msg = (
                 f"state file {where} of operator {self.operator!r} is missing; the version "
-                "manifests list it. Restore it from a backup or delete the checkpoint to start over"
+                "manifests list it. Restore it from a backup, or start over with `microstream reset "
+                "CHECKPOINT`"
             )
             raise CheckpointCorruptError(msg) from None
         try:

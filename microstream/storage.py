@@ -182,7 +182,8 @@ class Storage:
             msg = (
                 f"checkpoint file {self.display(relative)} is corrupt or truncated "
                 f"({len(raw)} bytes): {where}: {first['msg']}. Restore it from a backup "
-                "or delete the checkpoint to start over; microstream never restarts "
+                "or start over with `microstream reset CHECKPOINT` (deletes the checkpoint, never "
+                "the output); microstream never restarts "
                 "from zero on its own"
             )
             raise CheckpointCorruptError(msg) from None
@@ -399,6 +400,26 @@ class Storage:
         content += data
         self._put(_segment_name(relative, segment), content, overwrite=True)
         self._appends[relative] = (segment, content)
+
+    def files(self) -> list[str]:
+        """Every file below this storage's root, relative to it, sorted (none: [])."""
+        root = self.path("")
+        self._forget_listing(root)
+        try:
+            with self._failing("list checkpoint directory", "", absent_ok=True):
+                found = self.fs.find(root)
+        except FileNotFoundError:
+            return []
+        prefix = root.rstrip("/") + "/"
+        return sorted(str(p)[len(prefix) :] for p in found if str(p).startswith(prefix))
+
+    def delete_tree(self) -> None:
+        """Remove the root directory and everything left below it (nothing if absent)."""
+        with (
+            contextlib.suppress(FileNotFoundError),
+            self._failing("delete checkpoint directory", "", absent_ok=True),
+        ):
+            self.fs.rm(self.path(""), recursive=True)
 
     def delete(self, relative: str) -> None:
         """Remove ``relative``; nothing if it does not exist."""
