@@ -380,6 +380,17 @@ class AggregationOperator(StoreBackedOperator):
                 df, T, ctx, batch.columns, node.input_schema[node.window.column], "has no window"
             )
             df = node.window.assign(df, node.input_schema[node.window.column])
+        elif time_col is not None and ctx.output_mode != "complete":
+            # A group keyed by a null event time would never close: in append mode it would
+            # never be emitted, in update mode never evicted (complete mode keeps it, as Polars).
+            df = self._drop_null_times(
+                df,
+                T,
+                ctx,
+                batch.columns,
+                node.input_schema[time_col],
+                f"its event-time key {time_col!r} is null, a group that never closes",
+            )
         # Complete mode keeps every group forever, so nothing is late (as in Spark).
         if node.eviction is not None and ctx.output_mode != "complete":
             # A row is late when its window or group was already closed by wm[N-1].

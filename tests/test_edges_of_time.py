@@ -357,3 +357,32 @@ def test_null_event_times_in_sessions_and_joins_are_counted() -> None:
     assert query.exception() is None
     first = query.recent_progress[0].state_operators[0]
     assert first.num_rows_dropped_null_time == 2  # one per side
+
+
+@pytest.mark.parametrize("output_mode", ["append", "update"])
+def test_a_null_event_time_key_is_counted_not_kept_forever(output_mode: str) -> None:
+    late = f"late_{uuid.uuid4().hex[:8]}"
+
+    def hourly(frame: ms.StreamFrame) -> ms.StreamFrame:
+        return (
+            frame.with_watermark("ts", "0s", on_late=late)
+            .with_columns(hour=pl.col("ts").dt.truncate("1h"))
+            .group_by("hour", "k")
+            .agg(pl.col("v").sum())
+        )
+
+    run = Run(
+        hourly,
+        [rows((s(EPOCH, 10), "a", 1), (None, "a", 2)), rows((s(EPOCH, 4000), "a", 4))],
+        output_mode=output_mode,
+        late=late,
+    )
+    got = run.output().group_by("hour", "k").agg(pl.col("v").last()).sort("hour")
+    assert got.rows() == [(EPOCH, "a", 1), (s(EPOCH, 3600), "a", 4)]
+    assert sum(op.num_rows_dropped_null_time for p in run.progress for op in p.state_operators) == 1
+    assert run.late is not None
+    assert run.late.select("v", "reason").rows() == [
+        (2, "null event time: its event-time key 'hour' is null, a group that never closes")
+    ]
+    # nothing is left in state once the flush closed every hour
+    assert run.progress[-1].state_operators[0].num_rows_total == 0

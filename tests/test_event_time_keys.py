@@ -478,7 +478,9 @@ def test_state_ttl_forgets_idle_keys_in_update_mode(clock: list[float], name: st
         ("a", 1, 16), ("b", 1, 32),
     ]  # fmt: skip
     removed = [p.state_operators[0].num_rows_removed for p in query.recent_progress]
-    assert removed == [0, 0, 1, 1]  # the expired key, counted in the batch that forgot it
+    # each expired key counted once, in the batch that forgot it: the data batch, or a no-data
+    # batch the trigger loop ran for the expiry when the test moved the clock while it was idle
+    assert removed[:2] == [0, 0] and sorted(removed[2:]) == [0] * (len(removed) - 4) + [1, 1]
 
 
 def test_state_ttl_in_complete_mode_expires_without_new_rows(clock: list[float], name: str) -> None:
