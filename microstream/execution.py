@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,6 +48,7 @@ from microstream.faults import FaultInjector
 from microstream.plan import (
     BatchContext,
     ScanNode,
+    TimedOperator,
     chained_nodes,
     declared_width,
     result_key_columns,
@@ -66,9 +66,13 @@ from microstream.progress import (
 )
 from microstream.protocols import (
     CommittedBatchSink,
+    LaggingSource,
+    MeteredSource,
     Offset,
+    ProjectingSource,
     Sink,
     SinkContext,
+    SkippingSource,
     Source,
     SourceContext,
 )
@@ -195,9 +199,8 @@ class StreamExecution:
             # Sources that can read fewer columns read only those the query uses.
             for scan, src in zip(self._scans, self._sources):
                 columns = self._projections.get(scan)
-                project = getattr(src, "project", None)
-                if columns is not None and project is not None:
-                    project(columns)
+                if columns is not None and isinstance(src, ProjectingSource):
+                    src.project(columns)
             self._sink = self.config.sink.build(
                 SinkContext(
                     query_id=meta.id,
@@ -503,8 +506,7 @@ class StreamExecution:
         """
         now_ms = int(time.time() * 1000)
         for operator in self._operators.values():
-            due: Callable[[int | None, int], bool] | None = getattr(operator, "timers_due", None)
-            if due is not None and due(watermark_us, now_ms):
+            if isinstance(operator, TimedOperator) and operator.timers_due(watermark_us, now_ms):
                 return True
         return False
 
@@ -663,12 +665,8 @@ class StreamExecution:
                         if lag is not None and lag_before is not None
                         else None
                     ),
-                    # Optional ``metrics() -> dict[str, int]``: counts since the last call.
-                    metrics=metrics_fn() if (metrics_fn := getattr(src, "metrics", None)) else {},
-                    # Optional ``skipped_files() -> list[str]``: files left out since the last call.
-                    skipped_files=skipped()
-                    if (skipped := getattr(src, "skipped_files", None))
-                    else [],
+                    metrics=src.metrics() if isinstance(src, MeteredSource) else {},
+                    skipped_files=src.skipped_files() if isinstance(src, SkippingSource) else [],
                 )
             )
         assert self._sink is not None
@@ -777,9 +775,8 @@ class _SourceSideOutput:
 
 
 def _lag(source: Source, offset: Offset) -> int | None:
-    """The source's optional ``lag(offset)``: units available beyond ``offset``."""
-    lag_fn: Callable[[Offset], int | None] | None = getattr(source, "lag", None)
-    return lag_fn(offset) if lag_fn is not None else None
+    """The units available beyond ``offset``, for a source that knows (None otherwise)."""
+    return source.lag(offset) if isinstance(source, LaggingSource) else None
 
 
 def _now() -> datetime:

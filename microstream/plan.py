@@ -15,7 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import polars as pl
 
@@ -38,6 +38,7 @@ __all__ = [
     "StatefulOperator",
     "StatelessNode",
     "StaticJoinNode",
+    "TimedOperator",
     "WatermarkNode",
     "chained_nodes",
     "check_row_wise",
@@ -67,6 +68,17 @@ class StatefulOperator(Protocol):
 
     def progress(self) -> StateOperatorProgress:
         """State size and the counts of the last batch."""
+        ...
+
+
+@runtime_checkable
+class TimedOperator(Protocol):
+    """An operator that may need a batch without new rows (optional for operators):
+    an event-time timer the watermark reached, a processing-time timer or a state
+    TTL that the current time reached (``map_groups_with_state``, ``state_ttl``)."""
+
+    def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
+        """Whether a batch is due now, for ``watermark_us`` and the wall clock ``now_ms``."""
         ...
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, runtime_checkable
 
@@ -33,12 +33,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CommittedBatchSink",
+    "LaggingSource",
+    "MeteredSource",
     "Offset",
+    "ProjectingSource",
     "SideOutput",
     "SideOutputTarget",
     "Sink",
     "SinkContext",
     "SinkSpec",
+    "SkippingSource",
     "Source",
     "SourceContext",
     "SourceSpec",
@@ -154,8 +158,9 @@ class Source(Protocol):
         """Exactly the rows in ``(start, end]``, with the source's schema."""
         ...
 
-    # Optional: ``lag(end) -> int | None``, the units (rows, files) available
-    # beyond ``end``; the engine reports it in progress when a source has it.
+    # Optional capabilities, each a Protocol below: LaggingSource (lag in progress),
+    # ProjectingSource (reads only the columns the query uses), MeteredSource
+    # (counts in progress), SkippingSource (files left out, in progress).
 
     def parse_offset(self, data: dict[str, Any]) -> Offset:
         """The offset model of this source from its JSON form in the WAL."""
@@ -167,6 +172,48 @@ class Source(Protocol):
 
     def stop(self) -> None:
         """Release connections and files."""
+        ...
+
+
+@runtime_checkable
+class LaggingSource(Protocol):
+    """A source that knows how far behind a batch end is (optional for sources)."""
+
+    def lag(self, end: Offset) -> int | None:
+        """The units (rows, files) available beyond ``end``; reported in progress."""
+        ...
+
+
+@runtime_checkable
+class ProjectingSource(Protocol):
+    """A source that can read fewer columns (optional for sources).
+
+    The engine finds the columns a query uses (``scan_projections``) and calls
+    :meth:`project` once, before the first batch. Batches may then hold only
+    those columns; the engine gives the plan every declared column (the others
+    as typed nulls that Polars prunes), so the plan resolves as on a LazyFrame.
+    """
+
+    def project(self, columns: Sequence[str]) -> None:
+        """Read only ``columns`` (in schema order) from now on."""
+        ...
+
+
+@runtime_checkable
+class MeteredSource(Protocol):
+    """A source with counts of its own for progress (optional for sources)."""
+
+    def metrics(self) -> dict[str, int]:
+        """Source-specific counts since the last call (bad records, files skipped, ...)."""
+        ...
+
+
+@runtime_checkable
+class SkippingSource(Protocol):
+    """A source that may leave files out by policy and names them (optional for sources)."""
+
+    def skipped_files(self) -> list[str]:
+        """Files left out (bad or missing) since the last call; [] if none."""
         ...
 
 
