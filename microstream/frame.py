@@ -985,6 +985,66 @@ class StreamFrame:
 
     # -- sinks ------------------------------------------------------------------------------
 
+    def sink(
+        self,
+        spec: SinkSpec,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing to any sink: a connector's spec, or your own.
+
+        Every ``sink_*`` verb is this with its connector's spec. A sink spec
+        (:class:`microstream.protocols.SinkSpec`) is a frozen description with
+        ``kind``, ``output_modes``, ``durable``, ``describe()`` and
+        ``build(context)`` returning the runtime :class:`microstream.protocols.Sink`,
+        whose ``add_batch(batch_id, df)`` must be idempotent by batch id for
+        exactly-once output (a re-run batch comes with the same id and rows).
+
+        Examples
+        --------
+        >>> from dataclasses import dataclass, field
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> class ListSink:
+        ...     description = "ListSink"
+        ...     def __init__(self, out):
+        ...         self.out = out
+        ...     def add_batch(self, batch_id, df):
+        ...         self.out[batch_id] = df.rows()  # keyed by batch id: idempotent
+        ...     def stop(self):
+        ...         pass
+        >>> @dataclass(frozen=True, eq=False)
+        ... class ListSinkSpec:
+        ...     out: dict = field(default_factory=dict)
+        ...     kind = "list"
+        ...     output_modes = frozenset({"append"})
+        ...     durable = False
+        ...     def describe(self):
+        ...         return "ListSink"
+        ...     def build(self, context):
+        ...         return ListSink(self.out)
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> spec = ListSinkSpec()
+        >>> query = stream.lazy().sink(spec)
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> spec.out
+        {0: [(1,), (2,)]}
+        >>> query.stop()
+        """
+        return self._start(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
     def sink_memory(
         self,
         name: str,

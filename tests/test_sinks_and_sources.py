@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -88,3 +90,49 @@ def test_join_with_delta_table_rereads_new_versions(name: str, tmp_path: Path) -
         (2, 4.0, "ES"),
         (3, 5.0, None),
     ]
+
+
+def test_a_third_party_sink_runs_exactly_once_through_sink(tmp_path: Path) -> None:
+    """``StreamFrame.sink(spec)`` starts any sink; a re-run batch reaches it with its id."""
+    from microstream.exceptions import PlanError
+
+    class DictSink:
+        description = "DictSink"
+
+        def __init__(self, out: dict[int, list[tuple[Any, ...]]]) -> None:
+            self.out = out
+
+        def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
+            self.out[batch_id] = data.rows()
+
+        def stop(self) -> None:
+            pass
+
+    @dataclass(frozen=True, eq=False)
+    class DictSinkSpec:
+        out: dict[int, list[tuple[Any, ...]]] = field(default_factory=dict)
+        kind = "dict"
+        output_modes = frozenset({"append"})
+        durable = True
+
+        def describe(self) -> str:
+            return "DictSink"
+
+        def build(self, context: Any) -> DictSink:
+            return DictSink(self.out)
+
+    stream = ms.MemoryStream({"x": pl.Int64})
+    spec = DictSinkSpec()
+    query = (
+        stream.lazy().with_columns(y=pl.col("x") * 2).sink(spec, checkpoint=str(tmp_path / "cp"))
+    )
+    try:
+        stream.add_data({"x": [1, 2]})
+        query.process_all_available(timeout=30)
+        stream.add_data({"x": [3]})
+        query.process_all_available(timeout=30)
+    finally:
+        query.stop()
+    assert spec.out == {0: [(1, 2), (2, 4)], 1: [(3, 6)]}
+    with pytest.raises(PlanError, match=r"DictSink does not support output_mode='update'"):
+        stream.lazy().sink(spec, output_mode="update")
