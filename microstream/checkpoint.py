@@ -386,6 +386,32 @@ class Checkpoint:
         )
         self._heartbeat.start()
 
+    def remove_temporary_files(self) -> list[str]:
+        """Delete the temporary files a killed writer left (``.<name>.<hex>.tmp``); which.
+
+        Local writes go to a temporary name and are renamed into place; a process
+        killed in between leaves the temporary file. Called with the lock held, so
+        no writer of this checkpoint is running and every such file is garbage.
+        Object stores write in one PUT and leave none.
+        """
+        if not self.storage.is_local:
+            return []
+        stray = [
+            f
+            for f in self.storage.files()
+            if f.rsplit("/", 1)[-1].startswith(".") and f.endswith(".tmp")
+        ]
+        for relative in stray:
+            self.storage.delete(relative)
+        if stray:
+            logger.warning(
+                "removed %d temporary file(s) a killed run left in checkpoint %s: %s",
+                len(stray),
+                self.display(),
+                ", ".join(stray[:5]),
+            )
+        return stray
+
     def check_lock(self) -> None:
         """Raise if another process took the lock (so this one must not commit)."""
         if self.lock_lost.is_set():

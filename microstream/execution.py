@@ -182,6 +182,7 @@ class StreamExecution:
         cp = self.checkpoint
         cp.acquire_lock(self.run_id, timeout_s=self.config.lock_timeout_s)
         try:
+            cp.remove_temporary_files()
             meta = cp.load_or_create(self.config.name, self.plan_record())
             self.query_id = meta.id
             self._sources = [

@@ -379,3 +379,33 @@ def test_a_checkpoint_that_never_ran_a_batch_restarts(tmp_path: Path) -> None:
     query.process_all_available(timeout=60)
     query.stop()
     assert read_output("delta", tmp_path) == [1, 2]
+
+
+def test_temporary_files_a_killed_writer_left_are_removed_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed between writing ``.<name>.<hex>.tmp`` and renaming it leaves the
+    temporary file; the next run (holding the lock) removes it, and nothing else."""
+    stream = ms.MemoryStream({"x": pl.Int64})
+    checkpoint = tmp_path / "cp"
+
+    def start() -> ms.StreamingQuery:
+        return stream.lazy().sink_memory(f"tmp_{os.getpid()}", checkpoint=str(checkpoint))
+
+    query = start()
+    stream.add_data({"x": [1]})
+    query.process_all_available(timeout=30)
+    query.stop()
+    before = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    stray = [checkpoint / "offsets" / ".1.json.0123abcd.tmp", checkpoint / ".metadata.json.99.tmp"]
+    for path in stray:
+        path.write_bytes(b'{"half": ')
+    keep = checkpoint / "offsets" / "notes.tmp"  # not a name microstream writes: left alone
+    keep.write_text("mine")
+    query = start()
+    query.stop()
+    assert not any(p.exists() for p in stray)
+    assert keep.exists()
+    assert "removed 2 temporary file(s)" in caplog.text
+    after = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file())
+    assert set(before) <= set(after)
