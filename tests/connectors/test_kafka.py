@@ -704,7 +704,17 @@ def test_broker_down_for_a_while_is_retried(
     ).sink_memory(name)
     query.process_all_available(timeout=30)
     own_broker.stop()
-    time.sleep(2)  # the query keeps polling a broker that is down
+
+    def retried() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if "retrying for up to 20s" in r.getMessage()
+        ]
+
+    # The query keeps polling the broker that is down: wait until the source saw the outage
+    # (a request already in flight when it went down first has to time out).
+    deadline = time.monotonic() + 15
+    while not retried() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert query.is_active
     own_broker.start()
     own_broker.create_topic(topic)  # the memory engine lost it: produce it again, and more
@@ -713,8 +723,7 @@ def test_broker_down_for_a_while_is_retried(
     assert query.is_active
     query.stop()
     assert ms.table(name)["id"].to_list() == [0, 1, 2, 3, 4]
-    retried = [r.getMessage() for r in caplog.records if "retrying for up to 20s" in r.getMessage()]
-    assert retried, "the outage was not seen by the source"
+    assert retried(), "the outage was not seen by the source"
 
 
 # -- sink ------------------------------------------------------------------------------------------
