@@ -1110,7 +1110,7 @@ class StreamFrame:
         >>> query.stop()
         """
         spec = load_connector("console")(num_rows=num_rows)
-        return self._start(
+        return self.sink(
             spec,
             output_mode=output_mode,
             trigger=trigger,
@@ -1151,7 +1151,7 @@ class StreamFrame:
         >>> query.stop()
         """
         spec = load_connector("foreach_batch")(function=function)
-        return self._start(
+        return self.sink(
             spec,
             output_mode=output_mode,
             trigger=trigger,
@@ -1178,7 +1178,7 @@ class StreamFrame:
             partition_by=list(partition_by) if partition_by else None,
             storage_options=storage_options,
         )
-        return self._start(
+        return self.sink(
             spec,
             output_mode=output_mode,
             trigger=trigger,
@@ -1352,7 +1352,7 @@ class StreamFrame:
             merge_schema=merge_schema,
             target_file_size=target_file_size,
         )
-        return self._start(
+        return self.sink(
             spec,
             output_mode=output_mode,
             trigger=trigger,
@@ -1447,7 +1447,7 @@ class StreamFrame:
             transactional=transactional,
             options=None if options is None else dict(options),
         )
-        return self._start(
+        return self.sink(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
         )
 
