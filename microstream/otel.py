@@ -125,7 +125,9 @@ class OpenTelemetryListener:
         now = time.time()
         counts = metric.type == "counter"  # every counter counts things: report integers
         return [
-            self._observation(int(s.value) if counts else s.value, dict(zip(metric.labels, s.labels)))
+            self._observation(
+                int(s.value) if counts else s.value, dict(zip(metric.labels, s.labels))
+            )
             for s in self._metrics.samples(now=now)
             if s.metric is metric
         ]

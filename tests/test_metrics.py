@@ -32,7 +32,7 @@ from microstream.progress import (
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-CSV_SCHEMA = {"ts": pl.Datetime("us"), "k": pl.String, "v": pl.Int64}
+CSV_SCHEMA = pl.Schema({"ts": pl.Datetime("us"), "k": pl.String, "v": pl.Int64})
 PHASES = ("latest_offset", "wal", "read", "compute", "sink", "commit", "total")
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -175,8 +175,10 @@ def test_scrape_matches_progress_during_a_run(
 
     query.stop()
     series = wait_for(
-        lambda: (page := scrape(server.url))[("microstream_query_up", frozenset(q.items()))] == 0
-        and page,
+        lambda: (
+            (page := scrape(server.url))[("microstream_query_up", frozenset(q.items()))] == 0
+            and page
+        ),
         "up = 0",
     )
     assert value(series, "microstream_query_failed", **q) == 0.0
@@ -192,9 +194,7 @@ def test_a_failed_query_is_marked_failed(
 ) -> None:
     stream = ms.MemoryStream({"s": pl.String})
     query = (
-        stream.lazy()
-        .with_columns(n=pl.col("s").cast(pl.Int64))
-        .sink_memory(name, session=session)
+        stream.lazy().with_columns(n=pl.col("s").cast(pl.Int64)).sink_memory(name, session=session)
     )
     q = {"query_name": name, "query_id": query.id}
     wait_for(lambda: ("microstream_query_up", frozenset(q.items())) in scrape(server.url), "up")
@@ -203,9 +203,10 @@ def test_a_failed_query_is_marked_failed(
     with pytest.raises(pl.exceptions.InvalidOperationError):
         query.await_termination(timeout=30)
     series = wait_for(
-        lambda: (page := scrape(server.url))[("microstream_query_failed", frozenset(q.items()))]
-        == 1
-        and page,
+        lambda: (
+            (page := scrape(server.url))[("microstream_query_failed", frozenset(q.items()))] == 1
+            and page
+        ),
         "failed = 1",
     )
     assert value(series, "microstream_query_up", **q) == 0.0
@@ -241,9 +242,10 @@ def test_watermark_absent_before_the_first_event_time(
     )
     query.process_all_available(timeout=30)
     series = scrape(server.url)
-    assert value(series, "microstream_watermark_seconds", **q) == datetime(
-        2024, 1, 1, 0, 0, 30, tzinfo=timezone.utc
-    ).timestamp()
+    assert (
+        value(series, "microstream_watermark_seconds", **q)
+        == datetime(2024, 1, 1, 0, 0, 30, tzinfo=timezone.utc).timestamp()
+    )
     query.stop()
 
 
@@ -294,7 +296,9 @@ def test_credentials_in_source_descriptions_never_reach_labels(
         "FileSource[csv: s3://AKIAEXAMPLEKEY:s3cr3t-aws@bucket/in {'secret': 'opt-pw'}]",
         "s3://bob:naked-url-pw@bucket/raw",
     ]
-    session.post("on_query_progress", progress_event("q1", descriptions, {"bad_records_skipped": 2}))
+    session.post(
+        "on_query_progress", progress_event("q1", descriptions, {"bad_records_skipped": 2})
+    )
     page = urllib.request.urlopen(server.url, timeout=10).read().decode()
     for secret in ("hunter2", "s3cr3t", "AKIAEXAMPLEKEY", "opt-pw", "naked-url-pw", "alice", "@"):
         assert secret not in page
@@ -304,7 +308,9 @@ def test_credentials_in_source_descriptions_never_reach_labels(
     for index, kind in enumerate(kinds):
         s = {**q, "source": str(index), "source_kind": kind}
         assert value(series, "microstream_source_lag", **s) == 7
-        assert value(series, "microstream_source_events_total", **s, kind="bad_records_skipped") == 2
+        assert (
+            value(series, "microstream_source_events_total", **s, kind="bad_records_skipped") == 2
+        )
 
 
 def test_two_servers_keep_their_sessions_apart(name: str, session: ms.Session) -> None:
@@ -327,7 +333,9 @@ def test_stop_frees_the_port_and_a_taken_port_is_named(session: ms.Session) -> N
     server = ms.start_metrics_server(0, session=session)
     port = server.port
     assert port > 0 and server.url == f"http://127.0.0.1:{port}/metrics"
-    with pytest.raises(ms.MicrostreamError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}: "):
+    with pytest.raises(
+        ms.MicrostreamError, match=rf"cannot serve metrics on 127\.0\.0\.1:{port}: "
+    ):
         ms.start_metrics_server(port, session=session)
     server.stop()
     server.stop()  # twice is harmless
@@ -350,7 +358,9 @@ def test_progress_metrics_keeps_the_last_terminated_queries() -> None:
     metrics = ProgressMetrics(keep_terminated=2)
     now = datetime.now(timezone.utc)
     for i in range(3):
-        metrics.on_query_started(QueryStartedEvent(id=f"q{i}", run_id="r", name=None, timestamp=now))
+        metrics.on_query_started(
+            QueryStartedEvent(id=f"q{i}", run_id="r", name=None, timestamp=now)
+        )
         metrics.on_query_terminated(
             QueryTerminatedEvent(id=f"q{i}", run_id="r", exception=None, timestamp=now)
         )
@@ -404,11 +414,13 @@ def test_run_serves_metrics_while_the_queries_run(tmp_path: Path) -> None:
         assert line.startswith("microstream: serving metrics on http://127.0.0.1:"), line
         url = line.split(" on ", 1)[1].strip()
         series = wait_for(
-            lambda: (page := scrape(url))
-            and any(
-                name == "microstream_batches_total" and v == 3 for (name, _), v in page.items()
-            )
-            and page,
+            lambda: (
+                (page := scrape(url))
+                and any(
+                    name == "microstream_batches_total" and v == 3 for (name, _), v in page.items()
+                )
+                and page
+            ),
             "three batches",
             timeout=60,
         )
@@ -504,27 +516,35 @@ def test_opentelemetry_values_match_progress(
         assert hist.bucket_counts[0] == sum(1 for s in seconds if s <= 0.001)
     o = {**q, "operator_id": "op0", "operator_kind": "window_aggregation"}
     assert point(points, "microstream_rows_dropped_late", **o).value == 1
-    assert point(points, "microstream_state_rows", **o).value == last.state_operators[0].num_rows_total
-    assert point(points, "microstream_state_bytes", **o).value == last.state_operators[0].memory_bytes
+    assert (
+        point(points, "microstream_state_rows", **o).value == last.state_operators[0].num_rows_total
+    )
+    assert (
+        point(points, "microstream_state_bytes", **o).value == last.state_operators[0].memory_bytes
+    )
     s = {**q, "source": "0", "source_kind": "FileSource"}
     assert point(points, "microstream_source_input_rows", **s).value == 5
     assert point(points, "microstream_source_lag", **s).value == 0
     assert point(points, "microstream_source_events", **s, kind="bad_records_skipped").value == 1
 
     query.stop()
-    wait_for(
-        lambda: point(otel_points(reader), "microstream_query_up", **q).value == 0, "up = 0"
-    )
+    wait_for(lambda: point(otel_points(reader), "microstream_query_up", **q).value == 0, "up = 0")
     points = otel_points(reader)
     assert point(points, "microstream_query_failed", **q).value == 0
     # Observable instruments stop reporting a stopped query's series.
-    for gone in ("microstream_input_rows", "microstream_state_rows", "microstream_watermark_seconds"):
+    for gone in (
+        "microstream_input_rows",
+        "microstream_state_rows",
+        "microstream_watermark_seconds",
+    ):
         assert not [p for p in points.get(gone, []) if p.attributes.get("query_id") == query.id]
 
 
 def test_opentelemetry_marks_a_failed_query(name: str, session: ms.Session, reader: Any) -> None:
     stream = ms.MemoryStream({"s": pl.String})
-    query = stream.lazy().with_columns(n=pl.col("s").cast(pl.Int64)).sink_memory(name, session=session)
+    query = (
+        stream.lazy().with_columns(n=pl.col("s").cast(pl.Int64)).sink_memory(name, session=session)
+    )
     stream.add_data({"s": ["x"]})
     with pytest.raises(pl.exceptions.InvalidOperationError):
         query.await_termination(timeout=30)
