@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from microstream.progress import (
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
-CSV_SCHEMA = pl.Schema({"ts": pl.Datetime("us"), "k": pl.String, "v": pl.Int64})
+CSV_SCHEMA = pl.Schema({"ts": pl.Datetime("us"), "k": pl.String(), "v": pl.Int64()})
 PHASES = ("latest_offset", "wal", "read", "compute", "sink", "commit", "total")
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -560,3 +561,41 @@ def test_missing_opentelemetry_names_the_extra(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setitem(sys.modules, "opentelemetry", None)
     with pytest.raises(ms.MissingDependencyError, match=r"pip install 'microstream\[otel\]'"):
         ms.OpenTelemetryListener()
+
+
+def test_a_server_started_late_picks_a_query_up_at_its_next_batch(
+    name: str, session: ms.Session
+) -> None:
+    stream = ms.MemoryStream({"x": pl.Int64})
+    query = stream.lazy().sink_memory(name, session=session)
+    stream.add_data({"x": [1, 2]})
+    query.process_all_available(timeout=30)
+    with ms.start_metrics_server(0, session=session) as server:
+        q = {"query_name": name, "query_id": query.id}
+        assert ("microstream_query_up", frozenset(q.items())) not in scrape(server.url)
+        stream.add_data({"x": [3, 4, 5]})
+        query.process_all_available(timeout=30)
+        series = scrape(server.url)
+        assert value(series, "microstream_query_up", **q) == 1
+        assert value(series, "microstream_input_rows_total", **q) == 3  # counted from then on
+        assert value(series, "microstream_batches_total", **q) == 1
+        query.stop()
+
+
+def test_the_flush_watermark_is_infinite_and_has_no_lag() -> None:
+    metrics = ProgressMetrics()
+    event = progress_event("q1", ["MemoryStream"], {})
+    flushed = event.progress.model_copy(
+        update={"watermark": datetime.max.replace(tzinfo=timezone.utc)}
+    )
+    metrics.on_query_progress(QueryProgressEvent(progress=flushed))
+    names = {s.metric.name: s.value for s in metrics.samples()}
+    assert names["microstream_watermark_seconds"] == float("inf")
+    assert "microstream_event_time_lag_seconds" not in names
+
+
+def test_the_readme_table_lists_every_metric() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = re.split(r"\n##+ ", readme.split("\n### Metrics\n", 1)[1], maxsplit=1)[0]
+    rows = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    assert rows == {m.name for m in METRICS}
