@@ -61,9 +61,11 @@ from microstream.io import (
     scan_rate,
     vacuum_delta,
 )
+from microstream.otel import OpenTelemetryListener
 from microstream.outputs import OutputPointer, current_output, read_output, switch_output
 from microstream.progress import QueryProgress
 from microstream.progress_bar import ProgressBar
+from microstream.prometheus import MetricsServer, start_metrics_server
 from microstream.query import QueryStatus, StreamingQuery
 from microstream.replay import ReplayResult, replay
 from microstream.session import Session, StreamingQueryListener, default_session
@@ -86,9 +88,11 @@ __all__ = [
     "EventTimeError",
     "GroupState",
     "MemoryStream",
+    "MetricsServer",
     "MicrostreamError",
     "MissingDependencyError",
     "OffsetError",
+    "OpenTelemetryListener",
     "OutputError",
     "OutputPointer",
     "PlanChangedError",
@@ -123,6 +127,7 @@ __all__ = [
     "scan_files",
     "scan_kafka",
     "scan_rate",
+    "start_metrics_server",
     "switch_output",
     "table",
     "vacuum_delta",

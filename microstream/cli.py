@@ -68,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
         help="override every query's trigger with Trigger.available_now() (with a progress "
         "bar in a terminal when the file starts one query)",
     )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the queries' metrics for Prometheus on http://ADDR:PORT/metrics while "
+        "they run (0 picks a free port; needs microstream[metrics])",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="the address of --metrics-port (default: 127.0.0.1, this machine only; 0.0.0.0 "
+        "lets other hosts scrape it)",
+    )
     run.set_defaults(handler=_run)
 
     replay = sub.add_parser(
@@ -227,6 +241,12 @@ def _reset(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     session = default_session
+    server = None
+    if args.metrics_port is not None:
+        from microstream.prometheus import start_metrics_server
+
+        server = start_metrics_server(args.metrics_port, addr=args.metrics_addr, session=session)
+        print(f"microstream: serving metrics on {server.url}", file=sys.stderr, flush=True)
     if args.available_now:
         session.trigger_override = Trigger.available_now()
     sys.argv = [args.file]
@@ -255,6 +275,8 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     finally:
         session.trigger_override = None
+        if server is not None:
+            server.stop()
     return 1 if failed else 0
 
 
