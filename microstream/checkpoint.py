@@ -34,6 +34,7 @@ from microstream.exceptions import (
     CheckpointLockedError,
     PlanChangedError,
 )
+from microstream.progress import QueryProgress
 from microstream.storage import Storage
 
 __all__ = [
@@ -241,6 +242,30 @@ class Checkpoint:
 
     def write_commit(self, entry: CommitEntry) -> None:
         self.storage.write_model(f"commits/{entry.batch_id}.json", entry, overwrite=False)
+
+    def recent_progress(self, limit: int) -> list[QueryProgress]:
+        """The last ``limit`` progress records of ``progress/`` (every run), oldest first.
+
+        Examples
+        --------
+        >>> Checkpoint("memory://doctest-no-progress").recent_progress(10)
+        []
+        """
+        fs = self.storage.fs
+        try:
+            files = fs.ls(self.storage.path("progress"), detail=True)
+        except FileNotFoundError:
+            return []
+        records: list[QueryProgress] = []
+        for info in sorted(files, key=lambda f: f.get("mtime") or f.get("LastModified") or 0):
+            for line in fs.cat_file(info["name"]).decode().splitlines():
+                if line.strip():
+                    try:
+                        records.append(QueryProgress.model_validate_json(line))
+                    except ValueError:
+                        continue  # a torn last line of a killed run
+        records.sort(key=lambda p: (p.batch_id, p.timestamp))
+        return records[-limit:]
 
     def refuse_lost_log(
         self, query_id: str, latest: OffsetEntry | None, sink: str | None, sink_batch: int | None
