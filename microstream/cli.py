@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import runpy
+import signal
 import sys
 import threading
 import time
@@ -420,13 +421,17 @@ def _ui(args: argparse.Namespace) -> int:
         checkpoints=args.checkpoints,
     )
     print(f"microstream dashboard on {dashboard.url} (Ctrl-C stops it)", flush=True)
+    stopped = threading.Event()
+    # SIGTERM (a service manager, a container stopping) is a clean stop, like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     try:
-        threading.Event().wait()
+        while not stopped.wait(1.0):
+            pass
     except KeyboardInterrupt:
         return 130
     finally:
         dashboard.stop()
-    return 0  # pragma: no cover (the wait above ends only by an interrupt)
+    return 0
 
 
 def _recent_progress(cp: Checkpoint, limit: int) -> list[QueryProgress]:

@@ -167,7 +167,10 @@ class Dashboard:
         """Serve on a daemon thread (the process can exit while it serves)."""
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._server.serve_forever, name=f"microstream-ui-{self.port}", daemon=True
+                target=self._server.serve_forever,
+                kwargs={"poll_interval": 0.1},  # how long stop() may wait for the loop
+                name=f"microstream-ui-{self.port}",
+                daemon=True,
             )
             self._thread.start()
 

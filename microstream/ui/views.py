@@ -196,6 +196,9 @@ def progress_view(history: Sequence[QueryProgress]) -> dict[str, Any]:
         "last": None if last is None else json.loads(last.model_dump_json()),
         "watermark_lag_s": lag_s,
         "late_rows": None if last is None else last.flat()["rows_dropped_late"],
+        # A batch that only moves the watermark has no input, so none late: the recent total
+        # says whether late rows are being dropped at all.
+        "late_rows_recent": sum(p.flat()["rows_dropped_late"] for p in history),
         "charts": _charts(history),
     }
 
@@ -301,10 +304,25 @@ def _lock_state(cp: Checkpoint) -> str:
 def _recorded_plan(cp: Checkpoint) -> str:
     """The plan record of ``metadata.json``: what the checkpoint knows of its query."""
     plan = cp.read_metadata().plan
-    lines = [f"sink {plan.sink} ({plan.output_mode})"]
-    lines += [f"  {step}" for step in reversed(plan.stateless)]
-    lines += [f"  op{i}: {json.dumps(op)}" for i, op in enumerate(plan.stateful)]
-    lines += [f"  source {i}: {json.dumps(src)}" for i, src in enumerate(plan.sources)]
-    lines.append("(the plan recorded when the checkpoint was created; stateless steps and the")
-    lines.append(" sink may have changed since)")
+    lines = [
+        "recorded in metadata.json when the checkpoint was created (stateless steps and",
+        "the sink may have changed since):",
+        f"sink: {plan.sink} ({plan.output_mode})",
+    ]
+    for title, steps in (
+        ("stateless", plan.stateless),
+        ("stateful", plan.stateful),
+        ("sources", plan.sources),
+    ):
+        lines.append(f"{title}:" + ("" if steps else " none"))
+        lines += [f"  {_step(step)}" for step in steps]
     return "\n".join(lines)
+
+
+def _step(step: str | dict[str, Any]) -> str:
+    if isinstance(step, str):
+        return step
+    fields = " ".join(
+        f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in step.items() if k != "kind"
+    )
+    return f"{step.get('kind', '?')} {fields}".rstrip()

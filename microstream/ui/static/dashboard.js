@@ -100,6 +100,7 @@ async function pollQuery() {
     show("duration-" + phase, ms, fmt(ms, 1));
   }
   show("late-rows", view.late_rows, fmt(view.late_rows, 0));
+  show("late-rows-recent", view.late_rows_recent, fmt(view.late_rows_recent, 0));
   show("watermark", last && last.watermark, last && last.watermark ? last.watermark : "none yet");
   show("wall-clock", view.now, view.now);
   show("watermark-lag", view.watermark_lag_s, fmt(view.watermark_lag_s, 1));
