@@ -14,8 +14,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 __all__ = ["clock_label", "line_chart", "number_label", "stacked_bar_chart"]
 
-WIDTH, HEIGHT = 460, 190
-LEFT, RIGHT, TOP, BOTTOM = 64, 10, 26, 22
+WIDTH, HEIGHT = 460, 200
+LEFT, RIGHT, TOP, BOTTOM = 64, 10, 38, 22
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 
 Series = Sequence[tuple[str, Sequence[float | None]]]
@@ -101,7 +101,7 @@ def stacked_bar_chart(xs: Sequence[int], series: Series, *, title: str) -> str:
     parts = _frame(title, series, xs, [*totals, 0.0] if xs else [], number_label)
     if not xs or max(totals, default=0.0) <= 0:
         return _close(parts)
-    scale = _Scale(xs, [0.0, *totals])
+    scale = _Scale([min(xs) - 0.5, max(xs) + 0.5], [0.0, *totals])  # room for the end bars
     width = max(1.0, min(18.0, (WIDTH - LEFT - RIGHT) / len(xs) * 0.8))
     for i, x in enumerate(xs):
         bottom = 0.0
@@ -122,7 +122,7 @@ def stacked_bar_chart(xs: Sequence[int], series: Series, *, title: str) -> str:
 class _Scale:
     """Maps batch ids and values to pixels inside the plot area."""
 
-    def __init__(self, xs: Sequence[int], values: Sequence[float]):
+    def __init__(self, xs: Sequence[float], values: Sequence[float]):
         self.x0, self.x1 = min(xs), max(xs)
         self.y0, self.y1 = _padded(min(values), max(values))
 
@@ -158,12 +158,12 @@ def _frame(
         f'<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>',
         f'<text x="{LEFT}" y="14" font-size="12" font-weight="bold" fill="#222">{escape(title)}</text>',
     ]
-    legend_x = LEFT + 7.2 * len(title) + 16
+    legend_x = float(LEFT)  # the legend: one line under the title
     for i, (name, _) in enumerate(series):
         color = PALETTE[i % len(PALETTE)]
-        parts.append(f'<rect x="{legend_x:.0f}" y="6" width="9" height="9" fill="{color}"/>')
+        parts.append(f'<rect x="{legend_x:.0f}" y="20" width="9" height="9" fill="{color}"/>')
         parts.append(
-            f'<text x="{legend_x + 12:.0f}" y="14" font-size="10" fill="#444">{escape(name)}</text>'
+            f'<text x="{legend_x + 12:.0f}" y="28" font-size="10" fill="#444">{escape(name)}</text>'
         )
         legend_x += 12 + 6.2 * len(name) + 10
     axis_y = HEIGHT - BOTTOM

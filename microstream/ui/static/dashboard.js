@@ -18,6 +18,11 @@ function fmt(value, digits) {
   return value.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: 0 });
 }
 
+function clock(iso) {
+  // "2026-01-01T12:00:05.250000Z" -> "2026-01-01 12:00:05 UTC" (the exact value stays in data-value)
+  return iso.replace("T", " ").replace(/\.\d+/, "").replace(/(Z|\+00:00)$/, "") + " UTC";
+}
+
 function connected(ok) {
   const el = byId("connection");
   el.textContent = ok ? "live, updated every second" : "server unreachable, retrying";
@@ -101,8 +106,8 @@ async function pollQuery() {
   }
   show("late-rows", view.late_rows, fmt(view.late_rows, 0));
   show("late-rows-recent", view.late_rows_recent, fmt(view.late_rows_recent, 0));
-  show("watermark", last && last.watermark, last && last.watermark ? last.watermark : "none yet");
-  show("wall-clock", view.now, view.now);
+  show("watermark", last && last.watermark, last && last.watermark ? clock(last.watermark) : "none yet");
+  show("wall-clock", view.now, clock(view.now));
   show("watermark-lag", view.watermark_lag_s, fmt(view.watermark_lag_s, 1));
 
   const operators = byId("state-operators").tBodies[0];
