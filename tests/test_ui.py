@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -326,3 +327,29 @@ def test_cli_ui_refuses_what_is_not_a_checkpoint_or_a_remote_host(tmp_path: Path
     result = cli("--host", "0.0.0.0")
     assert result.returncode == 1
     assert "--allow-remote" in result.stderr and "unauthenticated" in result.stderr
+
+
+def test_checkpoint_progress_is_read_from_the_end_across_runs(tmp_path: Path, name: str) -> None:
+    cp, _ = stopped_checkpoint(tmp_path, name)
+    [first_file] = (cp / "progress").iterdir()
+    first_run = [
+        ms.QueryProgress.model_validate_json(x) for x in first_file.read_text().splitlines()
+    ]
+    # A later run of the same query: its own file, batch ids after the first run's.
+    n = len(first_run)
+    later = [
+        first_run[i % n].model_copy(update={"run_id": "later-run", "batch_id": n + i})
+        for i in range(300)
+    ]
+    second_file = cp / "progress" / "later-run.jsonl"
+    second_file.write_text("".join(p.model_dump_json() + "\n" for p in later))
+    mtime = first_file.stat().st_mtime + 60
+    os.utime(second_file, (mtime, mtime))
+    assert second_file.stat().st_size > 64 * 1024  # more than one read from the end
+
+    checkpoint = ms.Checkpoint(str(cp))
+    everything = checkpoint.recent_progress(10_000)
+    assert everything == [*first_run, *later]
+    assert checkpoint.recent_progress(3) == later[-3:]
+    assert checkpoint.recent_progress(299) == later[-299:]
+    assert checkpoint.recent_progress(302) == [*first_run[-2:], *later]
