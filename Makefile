@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev bench bench-overhead clean
+.PHONY: demo test lint typecheck install install-dev chromium bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,15 @@ lint: install-dev
 typecheck: install-dev
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# The dashboard's browser test (tests/test_ui_browser.py) drives headless Chromium from
+# Debian's packages; CI runs as root on a fresh Debian machine, so it is installed here.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "make: /usr/bin/chromium is missing and this is not root: the browser test will be skipped (apt-get install chromium)"; fi
+
+test: lint typecheck chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

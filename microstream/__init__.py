@@ -71,6 +71,7 @@ from microstream.replay import ReplayResult, replay
 from microstream.session import Session, StreamingQueryListener, default_session
 from microstream.stateful_fn import GroupState, StateContext
 from microstream.trigger import Trigger
+from microstream.ui import Dashboard, start_ui
 
 if TYPE_CHECKING:
     from connectors.memory import MemoryStream
@@ -84,6 +85,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointStorageError",
+    "Dashboard",
     "DataLossError",
     "EventTimeError",
     "GroupState",
@@ -128,6 +130,7 @@ __all__ = [
     "scan_kafka",
     "scan_rate",
     "start_metrics_server",
+    "start_ui",
     "switch_output",
     "table",
     "vacuum_delta",

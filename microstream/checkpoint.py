@@ -35,6 +35,7 @@ from microstream.exceptions import (
     CheckpointLockedError,
     PlanChangedError,
 )
+from microstream.progress import QueryProgress
 from microstream.storage import Storage
 
 __all__ = [
@@ -243,6 +244,53 @@ class Checkpoint:
 
     def write_commit(self, entry: CommitEntry) -> None:
         self.storage.write_model(f"commits/{entry.batch_id}.json", entry, overwrite=False)
+
+    def recent_progress(self, limit: int) -> list[QueryProgress]:
+        """The last ``limit`` progress records of ``progress/`` (every run), oldest first.
+
+        Reads the newest files from their end, and no further back than ``limit``
+        records need: a query that ran for months has a long log, and the
+        dashboard asks every second.
+
+        Examples
+        --------
+        >>> Checkpoint("memory://doctest-no-progress").recent_progress(10)
+        []
+        """
+        fs = self.storage.fs
+        try:
+            files = fs.ls(self.storage.path("progress"), detail=True)
+        except FileNotFoundError:
+            return []
+        files.sort(key=lambda f: f.get("mtime") or f.get("LastModified") or 0, reverse=True)
+        records: list[QueryProgress] = []
+        for info in files:  # newest first
+            records = self._progress_tail(info["name"], info.get("size"), limit) + records
+            if len(records) >= limit:
+                break
+        records.sort(key=lambda p: (p.batch_id, p.timestamp))
+        return records[-limit:]
+
+    def _progress_tail(self, path: str, size: int | None, limit: int) -> list[QueryProgress]:
+        """At least ``limit`` records from the end of one progress file (all, if it has fewer)."""
+        fs = self.storage.fs
+        budget = 64 * 1024
+        while True:
+            start = max(0, size - budget) if size else 0
+            data = fs.cat_file(path, start=start, end=size) if start else fs.cat_file(path)
+            lines = data.decode(errors="replace").splitlines()
+            if start:
+                lines = lines[1:]  # read from mid-line
+            records = []
+            for line in lines:
+                if line.strip():
+                    try:
+                        records.append(QueryProgress.model_validate_json(line))
+                    except ValueError:
+                        continue  # a torn last line of a killed run
+            if start == 0 or len(records) >= limit:
+                return records
+            budget *= 4
 
     def refuse_lost_log(
         self, query_id: str, latest: OffsetEntry | None, sink: str | None, sink_batch: int | None

@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import runpy
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -204,6 +206,31 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or URL")
     reset.add_argument("--yes", action="store_true", help="delete without asking")
     reset.set_defaults(handler=_reset)
+
+    ui = sub.add_parser(
+        "ui",
+        help="serve a live, read-only web dashboard of checkpoints' progress and state",
+        description=(
+            "Serve a dashboard that lists the queries of each CHECKPOINT (read from its "
+            "progress log, plan record and state, refreshed every second) until interrupted. "
+            "It only reads: no request can stop, reset or change a query. It binds to "
+            "127.0.0.1; anyone who can reach another address would see every query's plan, "
+            "progress and state, without authentication or TLS."
+        ),
+        epilog="example: microstream ui --port 8080 checkpoints/payments",
+    )
+    ui.add_argument(
+        "checkpoints", nargs="*", metavar="CHECKPOINT", help="checkpoint directories or URLs"
+    )
+    ui.add_argument("--port", type=int, default=8080, help="TCP port (8080; 0: any free one)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    ui.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (unauthenticated, read-only access to "
+        "every query's data for anyone who can reach it)",
+    )
+    ui.set_defaults(handler=_ui)
     return parser
 
 
@@ -449,22 +476,33 @@ def _state(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recent_progress(cp: Checkpoint, limit: int) -> list[QueryProgress]:
-    fs = cp.storage.fs
+def _ui(args: argparse.Namespace) -> int:
+    from microstream.ui import start_ui
+
+    for url in args.checkpoints:
+        Checkpoint(url).read_metadata()  # a clear error now if it is no checkpoint
+    dashboard = start_ui(
+        port=args.port,
+        host=args.host,
+        allow_remote=args.allow_remote,
+        checkpoints=args.checkpoints,
+    )
+    print(f"microstream dashboard on {dashboard.url} (Ctrl-C stops it)", flush=True)
+    stopped = threading.Event()
+    # SIGTERM (a service manager, a container stopping) is a clean stop, like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopped.set())
     try:
-        files = fs.ls(cp.storage.path("progress"), detail=True)
-    except FileNotFoundError:
-        return []
-    records: list[QueryProgress] = []
-    for info in sorted(files, key=lambda f: f.get("mtime") or f.get("LastModified") or 0):
-        for line in fs.cat_file(info["name"]).decode().splitlines():
-            if line.strip():
-                try:
-                    records.append(QueryProgress.model_validate_json(line))
-                except ValueError:
-                    continue  # a torn last line of a killed run
-    records.sort(key=lambda p: (p.batch_id, p.timestamp))
-    return records[-limit:]
+        while not stopped.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        dashboard.stop()
+    return 0
+
+
+def _recent_progress(cp: Checkpoint, limit: int) -> list[QueryProgress]:
+    return cp.recent_progress(limit)
 
 
 if __name__ == "__main__":  # pragma: no cover

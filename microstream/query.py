@@ -195,18 +195,9 @@ class StreamingQuery:
         from microstream.checkpoint import Checkpoint
         from microstream.exceptions import CheckpointError
         from microstream.inspect_state import friendly_names, list_stores, read_committed_state
-        from microstream.operator import StoreBackedOperator
 
         ex = self._execution
-        names: dict[str, list[str]] = {}  # operator -> stores, from the running operators
-        schemas: dict[str, pl.Schema] = {}
-        for i, op in enumerate(ex._operators.values()):
-            stores = op._stores() if isinstance(op, StoreBackedOperator) else []
-            names[f"op{i}"] = []
-            for store in stores:
-                op_name, _, store_name = store.operator.partition("/")
-                names.setdefault(op_name, []).append(store_name)
-                schemas[store.operator] = store.schema
+        names, schemas = self._state_stores()
         listing = ", ".join(f"{o}/{s}" for o, stores in names.items() for s in stores) or "none"
         if operator is None:
             if len(names) != 1:
@@ -227,9 +218,56 @@ class StreamingQuery:
             return friendly_names(pl.DataFrame(schema=schema))
         return read_committed_state(cp, operator=op_name, store=store_name, version=commit.batch_id)
 
+    def list_state(self) -> dict[str, list[str]]:
+        """The query's stateful operators and the stores each keeps, as :meth:`state` takes them.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"user": pl.String})
+        >>> query = stream.lazy().group_by("user").agg(pl.len()).sink_memory(
+        ...     "doc_list_state", output_mode="complete"
+        ... )
+        >>> query.list_state()
+        {'op0': ['partials']}
+        >>> query.stop()
+        """
+        return self._state_stores()[0]
+
+    def _state_stores(self) -> tuple[dict[str, list[str]], dict[str, pl.Schema]]:
+        from microstream.operator import StoreBackedOperator
+
+        names: dict[str, list[str]] = {}  # operator -> stores, from the running operators
+        schemas: dict[str, pl.Schema] = {}
+        for i, op in enumerate(self._execution._operators.values()):
+            stores = op._stores() if isinstance(op, StoreBackedOperator) else []
+            names[f"op{i}"] = []
+            for store in stores:
+                op_name, _, store_name = store.operator.partition("/")
+                names.setdefault(op_name, []).append(store_name)
+                schemas[store.operator] = store.schema
+        return names, schemas
+
     def explain(self) -> None:
         """Print the query's plan."""
-        print("\n".join(self._execution.config.plan.explain_lines()))
+        print(self.explain_text())
+
+    def explain_text(self) -> str:
+        """The plan :meth:`explain` prints, one node a line, as a string.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
+        >>> query = stream.lazy().filter(pl.col("x") > 1).sink_memory("doc_explain_text")
+        >>> print(query.explain_text())
+        filter([(col("x")) > (dyn int: 1)])
+          Scan MemoryStream[xs]
+        >>> query.stop()
+        """
+        return "\n".join(self._execution.config.plan.explain_lines())
 
     def __repr__(self) -> str:
         return f"<StreamingQuery name={self.name!r} id={self.id} state={self._execution.state}>"
