@@ -403,7 +403,7 @@ PARTS = (  # the first rule whose needles are all in a stack takes its samples
     ("source: other", ("KafkaSource.",)),
     ("sink: Delta write + commit", ("add_batch",)),
     ("compute (filter/projection)", ("_LocalEngine.collect",)),
-    ("checkpoint (offsets WAL, commit log)", ("microstream/checkpoint.py",)),
+    ("checkpoint (offsets WAL, commit log)", ("microstream/checkpoint/log.py",)),
 )
 
 

@@ -191,10 +191,10 @@ PARTS = (
     ("state store commit: encode, manifest, clean-up", ("StateStore.commit",)),
     ("state store: _locate (is_in over the hashes of whole partitions)", ("StateStore._locate",)),
     ("state store: _take (copies of whole partitions)", ("_take (",)),
-    ("state store: other (concat, split, joins)", ("microstream/state.py",)),
+    ("state store: other (concat, split, joins)", ("microstream/state/store.py",)),
     ("operator's own Polars work (batch partials, merge, emit)", ("StatefulNode.execute",)),
     ("sink", ("add_batch",)),
-    ("checkpoint (offsets WAL, commit log)", ("microstream/checkpoint.py",)),
+    ("checkpoint (offsets WAL, commit log)", ("microstream/checkpoint/log.py",)),
     ("source (list, read)", ("connectors/",)),
     ("progress record", ("_publish_progress",)),
 )

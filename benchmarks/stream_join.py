@@ -39,7 +39,7 @@ import polars as pl
 from state_scaling import machine_info, source_version  # benchmarks/
 
 import microstream as ms
-from microstream.progress import QueryProgressEvent
+from microstream.runtime.progress import QueryProgressEvent
 
 START = dt.datetime(2024, 1, 1)
 SPAN_US = 10 * 3_600_000_000  # ten hours of impressions

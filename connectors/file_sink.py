@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict
 
 from connectors._paths import DataDir
 from microstream._typing import FileFormat  # pydantic resolves it at runtime
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MicrostreamError, SinkError
 from microstream.protocols import SinkContext
-from microstream.storage import Storage
 
 __all__ = ["FileSink", "FileSinkManifest", "FileSinkSpec", "SinkFile", "read_file_sink"]
 
@@ -318,7 +318,7 @@ def read_file_sink(
     Examples
     --------
     >>> import polars as pl
-    >>> from microstream.session import Session
+    >>> from microstream.api.session import Session
     >>> from microstream.protocols import SinkContext
     >>> url = "memory://doctest-read-file-sink"
     >>> ctx = SinkContext(

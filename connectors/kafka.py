@@ -58,7 +58,6 @@ import polars as pl
 from pydantic import Field, ValidationError
 
 from connectors._kafka_codecs import PayloadDecoder, avro_schema_for, encode_values, make_decoder
-from microstream.duration import parse_duration
 from microstream.exceptions import (
     DataLossError,
     MissingDependencyError,
@@ -69,6 +68,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.protocols import Offset, SinkContext, SourceContext
+from microstream.time.duration import parse_duration
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -645,7 +645,7 @@ class KafkaSource:
     --------
     >>> import polars as pl
     >>> from microstream.protocols import SourceContext
-    >>> from microstream.storage import Storage
+    >>> from microstream.checkpoint.storage import Storage
     >>> from microstream.testing.tansu import TansuBroker
     >>> with TansuBroker() as broker:
     ...     broker.create_topic("doc-source")

@@ -19,8 +19,8 @@ from microstream.exceptions import OffsetError, SchemaMismatchError
 from microstream.protocols import Offset, SinkContext, SourceContext
 
 if TYPE_CHECKING:
-    from microstream.frame import StreamFrame
-    from microstream.session import Session
+    from microstream.api.frame import StreamFrame
+    from microstream.api.session import Session
 
 __all__ = ["MemoryOffset", "MemorySink", "MemorySinkSpec", "MemorySource", "MemoryStream"]
 
@@ -110,7 +110,7 @@ class MemoryStream:
 
     def lazy(self) -> StreamFrame:
         """The stream as a :class:`~microstream.StreamFrame`."""
-        from microstream.frame import StreamFrame
+        from microstream.api.frame import StreamFrame
 
         return StreamFrame.from_source(self)
 

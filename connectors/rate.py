@@ -199,7 +199,7 @@ class RateSource:
 
         Examples
         --------
-        >>> from microstream.storage import Storage
+        >>> from microstream.checkpoint.storage import Storage
         >>> from microstream.protocols import SourceContext
         >>> spec = RateSourceSpec(2, num_partitions=2, start_timestamp=datetime(2024, 1, 1))
         >>> ctx = SourceContext(index=0, storage=Storage("memory://doctest-rate"), query_id="q")

@@ -28,7 +28,21 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from microstream.checkpoint import Checkpoint
+from microstream.api.frame import StreamFrame, concat
+from microstream.api.outputs import OutputPointer, current_output, read_output, switch_output
+from microstream.api.query import QueryStatus, StreamingQuery
+from microstream.api.replay import ReplayResult, replay
+from microstream.api.scan import (
+    optimize_delta,
+    read_file_sink,
+    scan_delta,
+    scan_files,
+    scan_kafka,
+    scan_rate,
+    vacuum_delta,
+)
+from microstream.api.session import Session, StreamingQueryListener, default_session
+from microstream.checkpoint.log import Checkpoint
 from microstream.exceptions import (
     CheckpointConflictError,
     CheckpointCorruptError,
@@ -50,27 +64,13 @@ from microstream.exceptions import (
     SourceError,
     UnboundedStateWarning,
 )
-from microstream.frame import StreamFrame, concat
-from microstream.inspect_state import read_state
-from microstream.io import (
-    optimize_delta,
-    read_file_sink,
-    scan_delta,
-    scan_files,
-    scan_kafka,
-    scan_rate,
-    vacuum_delta,
-)
-from microstream.otel import OpenTelemetryListener
-from microstream.outputs import OutputPointer, current_output, read_output, switch_output
-from microstream.progress import QueryProgress
-from microstream.progress_bar import ProgressBar
-from microstream.prometheus import MetricsServer, start_metrics_server
-from microstream.query import QueryStatus, StreamingQuery
-from microstream.replay import ReplayResult, replay
-from microstream.session import Session, StreamingQueryListener, default_session
-from microstream.stateful_fn import GroupState, StateContext
-from microstream.trigger import Trigger
+from microstream.metrics.otel import OpenTelemetryListener
+from microstream.metrics.prometheus import MetricsServer, start_metrics_server
+from microstream.operators.stateful_fn import GroupState, StateContext
+from microstream.runtime.progress import QueryProgress
+from microstream.runtime.progress_bar import ProgressBar
+from microstream.state.read import read_state
+from microstream.time.trigger import Trigger
 from microstream.ui import Dashboard, start_ui
 
 if TYPE_CHECKING:

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias, runtime_ch
 from pydantic import BaseModel, ConfigDict
 
 from microstream.exceptions import MicrostreamError
-from microstream.faults import NO_FAULTS, FaultInjector
+from microstream.runtime.faults import NO_FAULTS, FaultInjector
 
 if TYPE_CHECKING:
     import polars as pl
 
     from microstream._typing import OutputMode
-    from microstream.session import Session
-    from microstream.storage import Storage
+    from microstream.api.session import Session
+    from microstream.checkpoint.storage import Storage
 
 __all__ = [
     "CommittedBatchSink",

@@ -9,7 +9,7 @@ Both sides are parquet files, one per side per batch; the join (``how="full"``,
 ``Trigger.available_now(flush=True)`` into ``foreach_batch``, which writes each
 batch to ``<output>/<batch id>.parquet`` (a temporary name, then renamed over the
 batch's file: a re-run batch replaces it). ``MICROSTREAM_FAULTS`` kills the
-process at a named point (see ``microstream/faults.py``).
+process at a named point (see ``microstream/runtime/faults.py``).
 """
 
 from __future__ import annotations

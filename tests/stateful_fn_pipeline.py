@@ -20,7 +20,7 @@ It streams the parquet files of ``--input`` (one file per batch) through the
 detector with ``Trigger.available_now(flush=True)`` into one parquet file per
 batch id under ``--output`` (written to a temporary name and renamed, so a
 re-run batch replaces its file). ``MICROSTREAM_FAULTS`` kills it at a named
-point (see ``microstream/faults.py``). It prints ``ready`` once the imports are
+point (see ``microstream/runtime/faults.py``). It prints ``ready`` once the imports are
 done and ``done`` at the end.
 """
 

@@ -11,7 +11,7 @@ from polars.testing import assert_frame_equal
 
 import microstream as ms
 from microstream.exceptions import PlanError
-from microstream.plan import result_key_columns
+from microstream.plan.nodes import result_key_columns
 
 T0 = datetime(2024, 1, 1)
 SCHEMA = {"ts": pl.Datetime("us"), "k": pl.Int64, "v": pl.Int64}

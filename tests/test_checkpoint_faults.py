@@ -20,7 +20,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream import storage as storage_module
+from microstream.checkpoint import storage as storage_module
 
 SCHEMA = {"id": pl.Int64, "user": pl.Int64, "amount": pl.Float64}
 FILES = [

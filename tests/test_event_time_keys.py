@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream import execution
-from microstream.event_time import monotone_root, trace_event_time
+from microstream.plan.event_time import monotone_root, trace_event_time
+from microstream.runtime import driver as execution
 
 T0 = datetime(2024, 1, 1)
 SCHEMA = {"ts": pl.Datetime("us"), "k": pl.String, "v": pl.Int64}

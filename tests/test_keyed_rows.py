@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from microstream.keyed_rows import KeyedRows
+from microstream.state.keyed_rows import KeyedRows
 
 SCHEMA = pl.Schema({"k": pl.Int64, "s": pl.String, "v": pl.Int64, "h": pl.UInt64})
 KEYS = ["k", "s"]

@@ -18,9 +18,9 @@ import polars as pl
 import pytest
 
 import microstream as ms
-from microstream.cli import main
-from microstream.metrics import METRICS, ProgressMetrics
-from microstream.progress import (
+from microstream.cli.main import main
+from microstream.metrics.definitions import METRICS, ProgressMetrics
+from microstream.runtime.progress import (
     BatchDurations,
     QueryProgress,
     QueryProgressEvent,

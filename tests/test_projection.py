@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream.plan import scan_projections
+from microstream.plan.nodes import scan_projections
 
 SCHEMA = pl.Schema({"k": pl.Int64, "ts": pl.Datetime("ms"), "v": pl.Int64, "padding": pl.String})
 T0 = datetime(2024, 1, 1)

@@ -9,9 +9,9 @@ import polars as pl
 import pytest
 
 import microstream as ms
-from microstream.checkpoint import Checkpoint, CommitEntry
-from microstream.state import read_state as read_newest_on_disk
-from microstream.storage import Storage
+from microstream.checkpoint.log import Checkpoint, CommitEntry
+from microstream.checkpoint.storage import Storage
+from microstream.state.store import read_state as read_newest_on_disk
 
 EVENTS = pl.Schema({"k": pl.String(), "v": pl.Int64()})
 

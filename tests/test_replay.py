@@ -21,11 +21,11 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream.cli import main
-from microstream.progress_bar import _Rendered
+from microstream.cli.main import main
+from microstream.runtime.progress_bar import _Rendered
 
 if TYPE_CHECKING:
-    from microstream.progress import QueryProgressEvent
+    from microstream.runtime.progress import QueryProgressEvent
     from microstream.testing.tansu import TansuBroker
 
 deltalake = pytest.importorskip("deltalake")

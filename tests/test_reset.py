@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 import microstream as ms
-from microstream.cli import _parser
+from microstream.cli.main import _parser
 from tests.test_cli import cli
 
 pytestmark = pytest.mark.integration
@@ -85,7 +85,7 @@ def test_reset_asks_and_without_a_terminal_needs_yes(tmp_path: Path) -> None:
 
 
 def test_reset_answered_no_and_yes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from microstream.cli import main
+    from microstream.cli.main import main
 
     run_once(tmp_path)
     before = files_under(tmp_path / "cp")

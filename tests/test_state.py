@@ -14,16 +14,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-import microstream.state as state_module
+import microstream.state.store as state_module
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointCorruptError,
     CheckpointError,
     PlanChangedError,
     SchemaMismatchError,
 )
-from microstream.keyed_rows import KeyedRows
-from microstream.state import StateStore, read_state
-from microstream.storage import Storage
+from microstream.state.keyed_rows import KeyedRows
+from microstream.state.store import StateStore, read_state
 
 SCHEMA = pl.Schema({"k1": pl.Int64, "k2": pl.String, "t": pl.Int64, "v": pl.Int64})
 KEYS = ["k1", "k2"]

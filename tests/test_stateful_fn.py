@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 import microstream as ms
 from microstream._typing import OutputMode
-from microstream.checkpoint import Checkpoint
+from microstream.checkpoint.log import Checkpoint
 from tests.stateful_fn_pipeline import SCHEMA as LOGIN_SCHEMA
 from tests.stateful_fn_pipeline import login_alerts, oracle
 
@@ -936,7 +936,7 @@ def test_vectorised_new_state_is_checked(name: str) -> None:
 def test_cli_state_shows_the_functions_state(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from microstream.cli import main
+    from microstream.cli.main import main
 
     checkpoint = str(tmp_path / "cp")
     run(sessions, SESSION_BATCHES[:2], checkpoint)

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 import microstream as ms
-from microstream.watermark import NO_WATERMARK_US, WatermarkInput, WatermarkTracker
+from microstream.time.watermark import NO_WATERMARK_US, WatermarkInput, WatermarkTracker
 from tests.test_windows import SCHEMA, at, rows
 
 S = 1_000_000

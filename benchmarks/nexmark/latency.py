@@ -94,7 +94,7 @@ import polars as pl
 from state_scaling import Profiler, source_version  # benchmarks/
 
 import microstream as ms
-from microstream.progress import QueryProgress, QueryProgressEvent
+from microstream.runtime.progress import QueryProgress, QueryProgressEvent
 from nexmark.schema import BID, DOLLAR_TO_EURO
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"

@@ -27,8 +27,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from microstream.api.session import Session, default_session
 from microstream.exceptions import MicrostreamError
-from microstream.session import Session, default_session
 from microstream.ui.views import DashboardQuery, dashboard_queries, state_view
 
 __all__ = ["Dashboard", "start_ui"]

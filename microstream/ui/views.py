@@ -19,12 +19,12 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from microstream.checkpoint import Checkpoint, LockRecord
+from microstream.api.query import StreamingQuery
+from microstream.api.session import Session
+from microstream.checkpoint.log import Checkpoint, LockRecord
 from microstream.exceptions import MicrostreamError
-from microstream.inspect_state import list_stores, read_committed_state
-from microstream.progress import BatchDurations, QueryProgress
-from microstream.query import StreamingQuery
-from microstream.session import Session
+from microstream.runtime.progress import BatchDurations, QueryProgress
+from microstream.state.read import list_stores, read_committed_state
 from microstream.ui import charts
 
 __all__ = [

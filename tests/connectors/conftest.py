@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from microstream.api.session import Session
+from microstream.checkpoint.storage import Storage
 from microstream.protocols import SinkContext, SourceContext
-from microstream.session import Session
-from microstream.storage import Storage
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from polars.testing import assert_frame_equal
 import microstream as ms
 from connectors.delta import DeltaSink, DeltaSinkSpec, DeltaStaticTable, read_delta
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError
-from microstream.plan import StaticSide
+from microstream.plan.nodes import StaticSide
 from microstream.protocols import Sink, SinkContext
 
 

@@ -97,7 +97,7 @@ def test_starting_version_and_timestamp(tmp_path: Path, tmp_path_factory: Any) -
         write(table, rows(i))
 
     def ctx() -> SourceContext:
-        from microstream.storage import Storage
+        from microstream.checkpoint.storage import Storage
 
         return SourceContext(index=0, storage=Storage(str(tmp_path_factory.mktemp("cp"))),
                              query_id="q")  # fmt: skip

@@ -16,9 +16,9 @@ from connectors.file_sink import (
     FileSinkSpec,
     read_file_sink,
 )
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import SinkError
 from microstream.protocols import Sink, SinkContext
-from microstream.storage import Storage
 
 SCHEMA = pl.Schema(
     {"id": pl.Int64(), "name": pl.String(), "ts": pl.Datetime("us"), "score": pl.Float32()}

@@ -17,6 +17,7 @@ import connectors._file_reading
 import connectors.files
 from connectors.files import FileLogEntry, FileOffset, FileSource, FileSourceSpec, LoggedFile
 from connectors.rate import RateOffset
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointCorruptError,
     OffsetError,
@@ -25,7 +26,6 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.protocols import Source, SourceContext
-from microstream.storage import Storage
 
 SCHEMA = pl.Schema({"id": pl.Int64(), "name": pl.String()})
 EXT = {"parquet": "parquet", "csv": "csv", "ndjson": "ndjson", "ipc": "arrow"}

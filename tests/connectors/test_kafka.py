@@ -22,7 +22,7 @@ from polars.testing import assert_frame_equal
 import microstream as ms
 from connectors._kafka_codecs import make_decoder
 from connectors.kafka import KafkaOffset
-from microstream.checkpoint import Checkpoint, OffsetEntry, SourceOffsets
+from microstream.checkpoint.log import Checkpoint, OffsetEntry, SourceOffsets
 from microstream.testing.tansu import TansuBroker
 
 pytest.importorskip("confluent_kafka")
@@ -936,8 +936,8 @@ def test_a_loss_while_fetching_a_planned_batch_is_a_named_data_loss(
     # here, with a consumer that never fetched before it, crashes librdkafka 2.16 against
     # Tansu now and then, with or without microstream: a plain Consumer does it too.)
     from connectors.kafka import KafkaSourceSpec
+    from microstream.checkpoint.storage import Storage
     from microstream.protocols import SourceContext
-    from microstream.storage import Storage
 
     kafka_broker.produce(kafka_topic, rows(range(5)))
     spec = KafkaSourceSpec(

@@ -25,7 +25,7 @@ checkpoint ``<checkpoint>/<query>``):
 Both use ``Trigger.available_now(flush=True)``: once the topic is drained the
 watermark jumps past every event, so every window is emitted.
 
-``MICROSTREAM_FAULTS`` (see ``microstream/faults.py``) makes the process
+``MICROSTREAM_FAULTS`` (see ``microstream/runtime/faults.py``) makes the process
 SIGKILL itself at a named point (each query counts its own visits; the first
 to reach the visit kills the process). The first line on stdout is ``ready``
 once the imports are done, the last ``done`` after both queries finished.

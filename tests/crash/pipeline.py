@@ -11,7 +11,7 @@ and a stream-static join, and starts two queries in this process over the same
 frame: one into a Delta table, one into a parquet file sink, both with
 ``Trigger.available_now()``. It waits for both and exits 0.
 
-``MICROSTREAM_FAULTS`` (see ``microstream/faults.py``) makes the process
+``MICROSTREAM_FAULTS`` (see ``microstream/runtime/faults.py``) makes the process
 SIGKILL itself at a named point; the test then restarts it and compares the
 outputs with :func:`transform` applied by plain Polars to all input at once.
 

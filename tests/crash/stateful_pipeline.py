@@ -27,7 +27,7 @@ of the whole state history: a state row lost or doubled by a crash, in any
 batch, shows in it. Without ``flush`` the windows still open at the end would
 stay in the state, out of the output's sight.
 
-``MICROSTREAM_FAULTS`` (see ``microstream/faults.py``) makes the process
+``MICROSTREAM_FAULTS`` (see ``microstream/runtime/faults.py``) makes the process
 SIGKILL itself at a named point (each query counts its own visits; the first
 query to reach the visit kills the process). The first line on stdout is
 ``ready`` once the imports are done, the last ``done`` after all three queries

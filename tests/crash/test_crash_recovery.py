@@ -52,7 +52,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from microstream.faults import FAULT_POINTS
+from microstream.runtime.faults import FAULT_POINTS
 
 pytestmark = pytest.mark.integration
 

@@ -89,8 +89,8 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import pytest
 
-from microstream.faults import FAULT_POINTS
-from microstream.watermark import NO_WATERMARK_US
+from microstream.runtime.faults import FAULT_POINTS
+from microstream.time.watermark import NO_WATERMARK_US
 
 from .test_stateful_crash import (
     Clean,

@@ -76,7 +76,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from microstream.faults import FAULT_POINTS
+from microstream.runtime.faults import FAULT_POINTS
 
 pytestmark = pytest.mark.integration
 
@@ -437,8 +437,8 @@ def collect_outputs(
     """The :class:`Outputs` of the queries of ``rows`` (their outputs read by the caller):
     their ``offsets/``, ``commits/`` and state versions, the state's rows at ``states_at``
     (None: all)."""
-    from microstream.state import read_state
-    from microstream.storage import Storage
+    from microstream.checkpoint.storage import Storage
+    from microstream.state.store import read_state
 
     outputs = Outputs(
         rows=rows,

@@ -111,7 +111,7 @@ def test_run_reports_every_load_and_the_tiny_batches(tmp_path: Path) -> None:
 
 
 def test_profile_summary_buckets_the_query_and_reader_threads(tmp_path: Path) -> None:
-    trigger = "thread (0x1);_run (microstream/execution.py:1);_trigger_once (x:2)"
+    trigger = "thread (0x1);_run (microstream/runtime/driver.py:1);_trigger_once (x:2)"
     trigger = trigger.replace("_trigger_once", "StreamExecution._trigger_once")
     raw = tmp_path / "stacks.txt"
     raw.write_text(

@@ -18,11 +18,11 @@ import pytest
 import s3fs
 
 import microstream as ms
-from microstream import storage as storage_module
-from microstream.checkpoint import Checkpoint, CommitEntry, OffsetEntry
-from microstream.cli import main as cli_main
+from microstream.checkpoint import storage as storage_module
+from microstream.checkpoint.log import Checkpoint, CommitEntry, OffsetEntry
+from microstream.checkpoint.storage import Storage
+from microstream.cli.main import main as cli_main
 from microstream.exceptions import CheckpointConflictError, CheckpointError
-from microstream.storage import Storage
 from microstream.testing.moto_s3 import S3Bucket
 
 pytestmark = pytest.mark.integration

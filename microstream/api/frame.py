@@ -1,0 +1,1622 @@
+"""``StreamFrame``: a stream as an unbounded LazyFrame.
+
+Every verb returns a new frame (nothing mutates) and checks, when it is
+called, that the query can run on a stream: an unknown column, a verb with no
+meaning on an unbounded stream, or an expression whose value depends on how
+the stream is cut into batches raises :class:`~microstream.PlanError` there,
+not in the middle of a running query.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import polars as pl
+
+from microstream.api.groupby import (
+    StreamDynamicGroupBy,
+    StreamGroupBy,
+    StreamSessionGroupBy,
+    emit_policy,
+)
+from microstream.api.query import StreamingQuery
+from microstream.api.session import Session, default_session
+from microstream.exceptions import PlanError, UnboundedStateWarning, user_stacklevel
+from microstream.operators.dedup import DedupNode
+from microstream.operators.stateful_fn import state_ttl_ms
+from microstream.plan.nodes import (
+    ConcatNode,
+    MapBatchesNode,
+    PlanNode,
+    ScanNode,
+    StatelessNode,
+    StaticJoinNode,
+    WatermarkNode,
+    chained_nodes,
+    check_row_wise,
+)
+from microstream.protocols import StaticSide
+from microstream.registry import load_connector
+from microstream.runtime.driver import ExecutionConfig, StreamExecution
+from microstream.time.duration import parse_duration
+from microstream.time.processing_time import processing_time_node
+from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
+from microstream.time.windows import time_dtype_check
+
+if TYPE_CHECKING:
+    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, StaticJoinStrategy
+    from microstream.protocols import SinkSpec, SourceSpec
+
+__all__ = ["StreamFrame", "concat"]
+
+logger = logging.getLogger("microstream")
+
+# Verbs of LazyFrame that have no meaning on an unbounded stream, and what to use.
+_UNSUPPORTED: dict[str, str] = {
+    "sort": "a stream has no end to sort up to; sort inside foreach_batch, or sort the "
+    "sink's output when you read it",
+    "tail": "a stream has no last rows; use a windowed aggregation or read the sink's output",
+    "head": "a stream has no first rows to stop at; use Trigger.once() on a bounded source, "
+    "or filter",
+    "limit": "a stream has no first rows to stop at; use filter",
+    "slice": "row positions are not defined on an unbounded stream; use filter",
+    "with_row_index": "row positions are not defined on an unbounded stream; use the source's "
+    "offsets, or a key column",
+    "reverse": "a stream has no end to reverse from",
+    "shift": "rows have no stable neighbours across micro-batches; use a windowed aggregation",
+    "gather_every": "row positions are not defined on an unbounded stream; use filter",
+    "top_k": "a stream has no final order; use a windowed aggregation",
+    "bottom_k": "a stream has no final order; use a windowed aggregation",
+    "interpolate": "interpolation needs neighbouring rows of the whole stream",
+    "collect": "a stream never ends; start it with a sink_* verb, e.g. sink_memory(name), "
+    "and read ms.table(name)",
+    "count": "a stream never ends; use group_by(...).agg(pl.len())",
+    "describe": "a stream never ends; describe the sink's output instead",
+    "pivot": "the output columns would depend on values not seen yet",
+    "merge_sorted": "a stream has no final order",
+    "max": "a stream never ends; use group_by(...).agg(...)",
+    "min": "a stream never ends; use group_by(...).agg(...)",
+    "sum": "a stream never ends; use group_by(...).agg(...)",
+    "mean": "a stream never ends; use group_by(...).agg(...)",
+    "median": "a stream never ends; use group_by(...).agg(...)",
+    "std": "a stream never ends; use group_by(...).agg(...)",
+    "var": "a stream never ends; use group_by(...).agg(...)",
+    "quantile": "a stream never ends; use group_by(...).agg(...)",
+    "null_count": "a stream never ends; use group_by(...).agg(...)",
+    "first": "a stream has no final first row; use group_by(...).agg(pl.first(...))",
+    "last": "a stream has no last row; use group_by(...).agg(pl.last(...))",
+}
+# Stateful verbs that are not in this version.
+_STATEFUL: tuple[str, ...] = ("rolling",)
+
+
+class StreamFrame:
+    """A query over a stream, written with Polars' LazyFrame verbs.
+
+    Build one with a source (``ms.scan_files``, ``ms.scan_rate``,
+    ``ms.MemoryStream(...).lazy()``), chain verbs, and start it with a
+    ``sink_*`` verb, which returns a running :class:`~microstream.StreamingQuery`.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+    >>> big = stream.lazy().filter(pl.col("amount") > 10).select("user")
+    >>> big.collect_schema()
+    Schema([('user', Int64)])
+    >>> stream.lazy().sort("user")
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.PlanError: sort() cannot run on a stream: a stream has no end to sort up to; sort inside foreach_batch, or sort the sink's output when you read it
+    """
+
+    def __init__(self, plan: PlanNode):
+        self._plan = plan
+        self._schema = plan.schema()
+
+    @classmethod
+    def from_source(cls, source: SourceSpec) -> StreamFrame:
+        """A frame that reads ``source`` (what ``scan_*`` functions return)."""
+        return cls(ScanNode(source=source))
+
+    # -- schema and plan --------------------------------------------------------------
+
+    @property
+    def plan(self) -> PlanNode:
+        """The frame's logical plan (frozen data)."""
+        return self._plan
+
+    def collect_schema(self) -> pl.Schema:
+        """The schema of the rows the query produces."""
+        return self._schema
+
+    @property
+    def schema(self) -> pl.Schema:
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._schema.names())
+
+    def explain(self) -> None:
+        """Print the plan, one node a line, the source last.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
+        >>> stream.lazy().filter(pl.col("x") > 1).explain()
+        filter([(col("x")) > (dyn int: 1)])
+          Scan MemoryStream[xs]
+        """
+        print("\n".join(self._plan.explain_lines()))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _UNSUPPORTED:
+            msg = f"{name}() cannot run on a stream: {_UNSUPPORTED[name]}"
+            raise PlanError(msg)
+        if name in _STATEFUL:
+            msg = (
+                f"{name}() on a stream is not available in this version of microstream; "
+                "use group_by_dynamic(...) windows, or per-batch logic with "
+                "foreach_batch(fn) or map_batches(fn) meanwhile"
+            )
+            raise PlanError(msg)
+        msg = f"'StreamFrame' object has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    def __repr__(self) -> str:
+        return f"<StreamFrame {dict(self._schema)}>\n" + "\n".join(self._plan.explain_lines())
+
+    def _then(self, verb: str, *args: Any, **kwargs: Any) -> StreamFrame:
+        return StreamFrame(StatelessNode(self._plan, verb, args, kwargs))
+
+    # -- stateless verbs ----------------------------------------------------------------
+
+    def filter(self, *predicates: Any, **constraints: Any) -> StreamFrame:
+        """Keep the rows that match, as :meth:`polars.LazyFrame.filter`."""
+        check_row_wise("filter", [*_flatten(predicates)])
+        return self._then("filter", *predicates, **constraints)
+
+    def select(self, *exprs: Any, **named_exprs: Any) -> StreamFrame:
+        """Select or compute columns, as :meth:`polars.LazyFrame.select` (row-wise only)."""
+        check_row_wise("select", [*_flatten(exprs), *named_exprs.values()])
+        return self._then("select", *exprs, **named_exprs)
+
+    def with_columns(self, *exprs: Any, **named_exprs: Any) -> StreamFrame:
+        """Add or replace columns, as :meth:`polars.LazyFrame.with_columns` (row-wise only).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
+        >>> frame.with_columns(y=pl.col("x") + 1).columns
+        ['x', 'y']
+        """
+        check_row_wise("with_columns", [*_flatten(exprs), *named_exprs.values()])
+        return self._then("with_columns", *exprs, **named_exprs)
+
+    def drop(self, *columns: Any, strict: bool = True) -> StreamFrame:
+        """Remove columns, as :meth:`polars.LazyFrame.drop`."""
+        return self._then("drop", *columns, strict=strict)
+
+    def rename(
+        self, mapping: Mapping[str, str] | Callable[[str], str], *, strict: bool = True
+    ) -> StreamFrame:
+        """Rename columns, as :meth:`polars.LazyFrame.rename`."""
+        return self._then("rename", mapping, strict=strict)
+
+    def cast(self, dtypes: Any, *, strict: bool = True) -> StreamFrame:
+        """Cast columns, as :meth:`polars.LazyFrame.cast`."""
+        return self._then("cast", dtypes, strict=strict)
+
+    def explode(self, columns: Any, *more_columns: Any, **kwargs: Any) -> StreamFrame:
+        """One row per list element, as :meth:`polars.LazyFrame.explode`."""
+        return self._then("explode", columns, *more_columns, **kwargs)
+
+    def unnest(self, columns: Any, *more_columns: Any, **kwargs: Any) -> StreamFrame:
+        """Struct fields as columns, as :meth:`polars.LazyFrame.unnest`."""
+        return self._then("unnest", columns, *more_columns, **kwargs)
+
+    def drop_nulls(self, subset: Any = None) -> StreamFrame:
+        """Drop rows with nulls, as :meth:`polars.LazyFrame.drop_nulls`."""
+        return self._then("drop_nulls", subset)
+
+    def fill_null(self, value: Any = None, **kwargs: Any) -> StreamFrame:
+        """Replace nulls with a value; ``strategy=`` needs neighbouring rows and is refused."""
+        if kwargs.get("strategy") is not None:
+            msg = (
+                "fill_null(strategy=...) cannot run on a stream: forward/backward fill needs "
+                "the neighbouring rows of the whole stream; fill with a value instead"
+            )
+            raise PlanError(msg)
+        check_row_wise("fill_null", [value])
+        return self._then("fill_null", value, **kwargs)
+
+    def fill_nan(self, value: Any) -> StreamFrame:
+        """Replace NaN with a value, as :meth:`polars.LazyFrame.fill_nan`."""
+        check_row_wise("fill_nan", [value])
+        return self._then("fill_nan", value)
+
+    def unpivot(self, on: Any = None, *, index: Any = None, **kwargs: Any) -> StreamFrame:
+        """Wide to long, as :meth:`polars.LazyFrame.unpivot` (row-wise, so stream-safe)."""
+        return self._then("unpivot", on, index=index, **kwargs)
+
+    def pipe(self, function: Callable[..., StreamFrame], *args: Any, **kwargs: Any) -> StreamFrame:
+        """``function(self, *args, **kwargs)``: share one query function with static frames."""
+        return function(self, *args, **kwargs)
+
+    def map_batches(
+        self,
+        function: Callable[[pl.DataFrame], pl.DataFrame],
+        *,
+        schema: Mapping[str, Any] | pl.Schema | None = None,
+    ) -> StreamFrame:
+        """Apply ``function`` to every micro-batch's DataFrame.
+
+        The function sees one batch at a time, so it must treat rows
+        independently for the stream to mean what the same code means on a
+        static frame. Without ``schema`` the output schema is found by calling
+        ``function`` on an empty frame.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
+        >>> frame.map_batches(lambda df: df.with_columns(y=pl.col("x") * 10)).columns
+        ['x', 'y']
+        """
+        if schema is None:
+            try:
+                out = function(pl.DataFrame(schema=self._schema))
+            except Exception as exc:
+                msg = (
+                    f"map_batches could not find the output schema of {function!r} by calling "
+                    f"it on an empty frame ({exc}); pass schema= explicitly"
+                )
+                raise PlanError(msg) from exc
+            if not isinstance(out, pl.DataFrame):
+                msg = f"map_batches function must return a polars DataFrame; got {type(out)!r}"
+                raise PlanError(msg)
+            output_schema = out.schema
+        else:
+            output_schema = pl.Schema(schema)
+        return StreamFrame(MapBatchesNode(self._plan, function, output_schema))
+
+    def join(
+        self,
+        other: pl.DataFrame | pl.LazyFrame | Any,
+        on: Any = None,
+        how: StaticJoinStrategy = "inner",
+        *,
+        left_on: Any = None,
+        right_on: Any = None,
+        suffix: str = "_right",
+        validate: str = "m:m",
+        nulls_equal: bool = False,
+        coalesce: bool | None = None,
+        maintain_order: Literal["none", "left", "right", "left_right", "right_left"] = "left",
+        within: str | timedelta | tuple[str | timedelta, str | timedelta] | None = None,
+        left_time: str | None = None,
+        right_time: str | None = None,
+    ) -> StreamFrame:
+        """Join the stream with a static table or with another stream, as :meth:`polars.LazyFrame.join`.
+
+        **Stream with stream.** ``other`` a StreamFrame: both sides buffer
+        their rows in state until the watermark guarantees no more matches (see
+        :mod:`microstream.operators.stream_join`). ``how`` is any of ``"inner"``, ``"left"``,
+        ``"right"``, ``"full"``, ``"semi"``, ``"anti"``; ``within`` bounds
+        ``right_time - left_time``: a duration ``d`` means ``[-d, d]``, a pair
+        ``(lower, upper)`` that interval (``"-5m"`` is minus five minutes). The
+        time columns default to each side's ``with_watermark`` column. Without
+        ``within`` the state grows forever: refused for every ``how`` but
+        ``"inner"``, which warns. Outer joins emit a row with nulls for the other
+        side once the watermark passes its bound without a match; ``semi`` emits a
+        left row at its first match, ``anti`` when it expires unmatched. Output
+        mode append only (as in Spark).
+
+        **Stream with a static table.**
+        ``other`` may be a DataFrame, a LazyFrame (joined lazily every batch;
+        note that Polars' ``scan_*`` fixes its file list when created), or a
+        ``deltalake.DeltaTable``, which is re-read whenever its version changes:
+        the way to join a stream with a table that changes.
+        ``how`` is ``"inner"``, ``"left"``, ``"semi"``, ``"anti"`` or ``"cross"``:
+        the stream side drives the join, so ``"right"`` and ``"full"`` (which
+        emit static rows that no stream row matched *yet*) are refused. Unlike
+        Polars' default, ``maintain_order="left"`` keeps the stream's arrival
+        order, so output is deterministic.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> users = pl.DataFrame({"user": [1, 2], "country": ["NL", "FR"]})
+        >>> clicks = ms.MemoryStream({"user": pl.Int64, "url": pl.String}).lazy()
+        >>> clicks.join(users, on="user", how="left").columns
+        ['user', 'url', 'country']
+
+        Two streams, each click with its impression of the 5 minutes before:
+
+        >>> imps = ms.MemoryStream({"ad": pl.Int64, "imp_time": pl.Datetime("us")})
+        >>> clicks = ms.MemoryStream({"ad": pl.Int64, "click_time": pl.Datetime("us")})
+        >>> joined = (
+        ...     imps.lazy()
+        ...     .with_watermark("imp_time", "1m")
+        ...     .join(
+        ...         clicks.lazy().with_watermark("click_time", "1m"),
+        ...         on="ad",
+        ...         how="left",
+        ...         within=("0s", "5m"),
+        ...     )
+        ... )
+        >>> joined.columns
+        ['ad', 'imp_time', 'click_time']
+        """
+        if isinstance(other, StreamFrame):
+            return self._stream_join(
+                other,
+                on=on,
+                how=how,
+                left_on=left_on,
+                right_on=right_on,
+                suffix=suffix,
+                nulls_equal=nulls_equal,
+                within=within,
+                left_time=left_time,
+                right_time=right_time,
+            )
+        if within is not None or left_time is not None or right_time is not None:
+            msg = "within=, left_time= and right_time= bound joins of two streams; other is static"
+            raise PlanError(msg)
+        if how not in ("inner", "left", "semi", "anti", "cross"):
+            msg = (
+                f"join(how={how!r}) with a static table cannot run on a stream: it would emit "
+                "static rows that no stream row has matched *yet*, and retract them later. "
+                "Use how='inner', 'left', 'semi', 'anti' or 'cross'"
+            )
+            raise PlanError(msg)
+        side: pl.LazyFrame | StaticSide
+        if isinstance(other, pl.DataFrame):
+            side = other.lazy()
+        elif isinstance(other, (pl.LazyFrame, StaticSide)):
+            side = other
+        elif type(other).__module__.startswith("deltalake"):
+            side = load_connector("delta_static").from_table(other)
+        else:
+            msg = (
+                "join's other side must be a polars DataFrame or LazyFrame or a "
+                f"deltalake.DeltaTable; got {type(other).__name__} instead"
+            )
+            raise PlanError(msg)
+        kwargs: dict[str, Any] = {"how": how, "suffix": suffix}
+        if how != "cross" and maintain_order != "none":
+            kwargs["maintain_order"] = maintain_order
+        if on is not None:
+            kwargs["on"] = on
+        if left_on is not None:
+            kwargs["left_on"] = left_on
+        if right_on is not None:
+            kwargs["right_on"] = right_on
+        if validate != "m:m":
+            kwargs["validate"] = validate
+        if nulls_equal:
+            kwargs["nulls_equal"] = nulls_equal
+        if coalesce is not None:
+            kwargs["coalesce"] = coalesce
+        return StreamFrame(StaticJoinNode(self._plan, side, kwargs))
+
+    def join_asof(
+        self,
+        other: StreamFrame,
+        *,
+        left_on: str | None = None,
+        right_on: str | None = None,
+        on: str | None = None,
+        by_left: str | Sequence[str] | None = None,
+        by_right: str | Sequence[str] | None = None,
+        by: str | Sequence[str] | None = None,
+        strategy: str = "backward",
+        suffix: str = "_right",
+        tolerance: str | timedelta | None = None,
+        allow_exact_matches: bool = True,
+    ) -> StreamFrame:
+        """Each left row with the latest right row at or before it, as :meth:`polars.LazyFrame.join_asof`.
+
+        Both sides are streams with ``with_watermark`` on their time columns
+        (``left_on``/``right_on``, default those columns). A left row is emitted
+        once the watermark passes its time, so no right row before it can still
+        arrive; late rows of either side are dropped and counted. ``by`` (or
+        ``by_left``/``by_right``) is required: it keys the state. Only
+        ``strategy="backward"``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> trades = ms.MemoryStream({"sym": pl.String, "t": pl.Datetime("us"), "qty": pl.Int64})
+        >>> quotes = ms.MemoryStream({"sym": pl.String, "qt": pl.Datetime("us"), "px": pl.Float64})
+        >>> joined = (
+        ...     trades.lazy()
+        ...     .with_watermark("t", "1s")
+        ...     .join_asof(quotes.lazy().with_watermark("qt", "1s"), left_on="t", right_on="qt", by="sym")
+        ... )
+        >>> joined.columns
+        ['sym', 't', 'qty', 'qt', 'px']
+        """
+        from microstream.operators.stream_join import (
+            StreamAsofJoinNode,
+            _signed_us,
+            stream_join_keys,
+        )
+
+        if not isinstance(other, StreamFrame):
+            msg = "join_asof needs a stream on both sides; this version has no static join_asof"
+            raise PlanError(msg)
+        if strategy != "backward":
+            msg = (
+                f"join_asof(strategy={strategy!r}) of two streams is not supported: only "
+                "'backward' (the latest right row at or before each left row)"
+            )
+            raise PlanError(msg)
+        left_time = _join_time(self, left_on or on, "left")
+        right_time = _join_time(other, right_on or on, "right")
+        if left_time is None or right_time is None:
+            msg = "join_asof of two streams needs with_watermark on both sides (or left_on=/right_on=)"
+            raise PlanError(msg)
+
+        def names(value: str | Sequence[str] | None) -> tuple[str, ...]:
+            return (value,) if isinstance(value, str) else tuple(value or ())
+
+        keys_left, keys_right = names(by_left or by), names(by_right or by)
+        if not keys_left or len(keys_left) != len(keys_right):
+            msg = (
+                "join_asof of two streams needs by= (or by_left= and by_right=, as many): the "
+                "keys its state is kept by"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        stream_join_keys(left_schema, right_schema, None, keys_left, keys_right)
+        node = StreamAsofJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_time=left_time,
+            right_time=right_time,
+            by_left=keys_left,
+            by_right=keys_right,
+            tolerance_us=None if tolerance is None else _signed_us(tolerance, "tolerance"),
+            suffix=suffix,
+            allow_exact_matches=allow_exact_matches,
+            left_schema=left_schema,
+            right_schema=right_schema,
+        )
+        node.output_schema()
+        return StreamFrame(node)
+
+    def join_where(
+        self, other: StreamFrame, *predicates: pl.Expr, suffix: str = "_right"
+    ) -> StreamFrame:
+        """Inner join of two streams on predicates, as :meth:`polars.LazyFrame.join_where`.
+
+        The predicates must say how state can go: equality between a left and a
+        right column (the keys), and ``<``/``<=``/``>``/``>=`` between the two
+        sides' ``with_watermark`` columns, plus or minus a constant
+        ``pl.duration(...)``, giving a lower and an upper bound of ``right_time -
+        left_time``. Right columns whose name the left has are named with
+        ``suffix``, in the predicates too, as in Polars; the output keeps every
+        column of both sides. Runs as :meth:`join` with ``within=`` those bounds.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> imps = ms.MemoryStream({"ad_id": pl.Int64, "imp_time": pl.Datetime("us")})
+        >>> clicks = ms.MemoryStream({"click_ad_id": pl.Int64, "click_time": pl.Datetime("us")})
+        >>> joined = (
+        ...     imps.lazy()
+        ...     .with_watermark("imp_time", "1m")
+        ...     .join_where(
+        ...         clicks.lazy().with_watermark("click_time", "1m"),
+        ...         pl.col("ad_id") == pl.col("click_ad_id"),
+        ...         pl.col("click_time") >= pl.col("imp_time"),
+        ...         pl.col("click_time") <= pl.col("imp_time") + pl.duration(minutes=1),
+        ...     )
+        ... )
+        >>> joined.columns
+        ['ad_id', 'imp_time', 'click_ad_id', 'click_time']
+        """
+        from microstream.operators.stream_join import StreamJoinNode, parse_join_where
+
+        if not isinstance(other, StreamFrame):
+            msg = (
+                "join_where needs a stream on both sides; join a stream with a static table "
+                "with join(...) and filter the result"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        where = parse_join_where(left_schema, right_schema, predicates, suffix)
+        for frame, column, side in (
+            (self, where.left_time, "left"),
+            (other, where.right_time, "right"),
+        ):
+            marks = [m.column for m in frame._plan.watermark_nodes()]
+            if column not in marks:
+                msg = (
+                    f"join_where bounds the {side} stream by {column!r}, which is not its "
+                    f"with_watermark column ({marks or 'none'}): the watermark could not tell "
+                    "when its rows can go"
+                )
+                raise PlanError(msg)
+        from microstream.operators.stream_join import stream_join_keys
+
+        stream_join_keys(left_schema, right_schema, None, where.left_on, where.right_on)
+        node = StreamJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_on=where.left_on,
+            right_on=where.right_on,
+            how="inner",
+            suffix=suffix,
+            left_time=where.left_time,
+            right_time=where.right_time,
+            lower_us=where.lower_us,
+            upper_us=where.upper_us,
+            left_schema=left_schema,
+            right_schema=right_schema,
+            coalesce=False,
+        )
+        node.output_schema()
+        return StreamFrame(node)
+
+    def _stream_join(
+        self,
+        other: StreamFrame,
+        *,
+        on: Any,
+        how: str,
+        left_on: Any,
+        right_on: Any,
+        suffix: str,
+        nulls_equal: bool,
+        within: str | timedelta | tuple[str | timedelta, str | timedelta] | None,
+        left_time: str | None,
+        right_time: str | None,
+    ) -> StreamFrame:
+        from microstream.operators.stream_join import (
+            StreamJoinNode,
+            stream_join_keys,
+            stream_join_window,
+        )
+
+        if how not in ("inner", "left", "right", "full", "semi", "anti"):
+            msg = (
+                f"join(how={how!r}) of two streams is not supported; use 'inner', 'left', "
+                "'right', 'full', 'semi' or 'anti'"
+            )
+            raise PlanError(msg)
+        left_schema, right_schema = self.collect_schema(), other.collect_schema()
+        keys_left, keys_right = stream_join_keys(left_schema, right_schema, on, left_on, right_on)
+        times = [
+            _join_time(frame, given, side)
+            for frame, given, side in ((self, left_time, "left"), (other, right_time, "right"))
+        ]
+        lower, upper = stream_join_window(within, how, times[0], times[1])
+        node = StreamJoinNode(
+            input=self._plan,
+            right=other._plan,
+            left_on=keys_left,
+            right_on=keys_right,
+            how=how,
+            suffix=suffix,
+            left_time=times[0],
+            right_time=times[1],
+            lower_us=lower,
+            upper_us=upper,
+            left_schema=left_schema,
+            right_schema=right_schema,
+            nulls_equal=nulls_equal,
+        )
+        node.output_schema()  # Polars' own refusals (e.g. duplicate columns) at plan time
+        return StreamFrame(node)
+
+    # -- event time and state ------------------------------------------------------------
+
+    def with_processing_time(self, name: str = "processing_time") -> StreamFrame:
+        """Add column ``name``: the time the row's micro-batch is processed.
+
+        The value is the batch's timestamp, logged in the write-ahead log before
+        the batch runs (``query.last_progress.batch_timestamp_ms``): every row of
+        a batch has the same one, and a batch re-run after a crash or restart
+        has the value of its first run, so results stay exactly-once. The column
+        is a ``Datetime("ms")``, UTC without a time zone. Flink's ``PROCTIME()``;
+        window on it with ``with_watermark(name, "0s")`` and
+        ``group_by_dynamic(name, ...)`` for processing-time windows.
+
+        Parameters
+        ----------
+        name
+            The new column's name; one the stream already has is a ``PlanError``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().with_processing_time("seen_at").sink_memory("doc_proctime")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> out = ms.table("doc_proctime")
+        >>> out.schema
+        Schema([('x', Int64), ('seen_at', Datetime(time_unit='ms', time_zone=None))])
+        >>> stamp = query.last_progress.batch_timestamp_ms
+        >>> out["seen_at"].dt.epoch("ms").to_list() == [stamp, stamp]
+        True
+        >>> query.stop()
+        """
+        return StreamFrame(processing_time_node(self._plan, self._schema, name))
+
+    def with_watermark(
+        self,
+        column: str,
+        delay: str | timedelta,
+        *,
+        idle_timeout: str | timedelta | None = None,
+        on_late: str | Callable[[pl.DataFrame, int], object] | None = None,
+    ) -> StreamFrame:
+        """Declare ``column`` the event time, and how late rows may arrive.
+
+        The watermark of batch N is the largest event time seen before N minus
+        ``delay``; it never goes back. Windows close when the watermark passes
+        their end, and rows that arrive behind the previous batch's watermark
+        are late: stateful operators drop them (counted in progress), or hand
+        them to ``on_late``. Before the first event there is no watermark: no
+        row of the first batch is late, whatever its time (1960 included).
+        Rows whose event time is null belong to no window, session or join
+        bound: they are dropped, counted (``num_rows_dropped_null_time``) and
+        handed to ``on_late`` too.
+
+        Parameters
+        ----------
+        column
+            A Datetime or Date column.
+        delay
+            How far behind the largest event time rows may still arrive (``"10s"``).
+        idle_timeout
+            When this input has sent nothing for this long (processing time), it
+            stops holding the global watermark back (with several inputs).
+        on_late
+            A memory table name (read with ``ms.table(name)``) or a function
+            ``fn(df, batch_id)`` receiving the late rows of each batch, with
+            ``batch_id``, ``operator``, ``late_watermark`` (the watermark missed),
+            ``reason`` (``"late"`` or ``"null event time: ..."``) and, for
+            windows, ``window_start``/``window_end``.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> events = ms.MemoryStream({"ts": pl.Datetime("us"), "n": pl.Int64}).lazy()
+        >>> events.with_watermark("ts", "10s").collect_schema()
+        Schema([('ts', Datetime(time_unit='us', time_zone=None)), ('n', Int64)])
+        """
+        time_dtype_check(self._schema, column, "with_watermark")
+        delay_us = parse_duration(delay, name="delay") // timedelta(microseconds=1)
+        idle = (
+            None
+            if idle_timeout is None
+            else parse_duration(idle_timeout, name="idle_timeout") // timedelta(microseconds=1)
+        )
+        if on_late is not None and not (isinstance(on_late, str) or callable(on_late)):
+            msg = f"on_late must be a memory table name or a function; got {on_late!r}"
+            raise PlanError(msg)
+        return StreamFrame(
+            WatermarkNode(self._plan, column, delay_us, idle_timeout_us=idle, on_late=on_late)
+        )
+
+    def group_by(
+        self,
+        *by: Any,
+        maintain_order: bool = False,
+        early_every: str | timedelta | None = None,
+        every_n_rows: int | None = None,
+        emit_on_change: dict[str, float] | None = None,
+        state_ttl: str | timedelta | None = None,
+    ) -> StreamGroupBy:
+        """Group the stream by keys; ``.agg(...)`` keeps one result per key.
+
+        How long a group lives depends on its keys:
+
+        - an **event-time key** closes its groups with the watermark: the
+          ``with_watermark`` column, or a non-decreasing function of it
+          computed after ``with_watermark`` (``dt.truncate``, ``dt.round``,
+          ``dt.offset_by``, ``dt.date``, plus or minus a constant duration,
+          aliases and renames, and chains of these). A group is closed once no
+          row on time can reach it: for ``pl.col("ts").dt.truncate("1h")``,
+          once the watermark reaches the hour's last microsecond. Output mode
+          ``"append"`` emits each group once, when it closes; ``"update"``
+          emits the groups each batch changed and then forgets closed ones; a
+          row for a group already closed is late (counted, or sent to
+          ``on_late``), like a window's;
+        - without one (a global aggregation) every group is kept forever, and
+          the query warns when it starts (:class:`ms.UnboundedStateWarning`),
+          unless ``state_ttl`` bounds the state. Output modes ``"update"`` and
+          ``"complete"``.
+
+        Parameters
+        ----------
+        *by
+            Column names or expressions (expressions are computed first).
+        maintain_order
+            Accepted for Polars compatibility; emitted rows are sorted by key.
+        early_every, every_n_rows, emit_on_change
+            Emit triggers for ``output_mode="update"``, as in
+            :meth:`group_by_dynamic`.
+        state_ttl
+            Forget a group not updated for this long, in **processing time**:
+            the batches' logged timestamps, so a re-run batch forgets the same
+            groups. Checked at the start of every batch; as Flink's state TTL,
+            the group goes silently: ``"update"`` emits nothing for it,
+            ``"complete"`` leaves it out of the next tables, and a row for it
+            later starts a new group from nothing. Not with ``"append"``
+            (which would lose the group unemitted).
+
+        Returns
+        -------
+        StreamGroupBy
+            Call ``.agg(...)`` on it.
+
+        Examples
+        --------
+        Counts per hour and user, emitted once per hour when the watermark
+        passes the hour; the state keeps only the open hours:
+
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"ts": pl.Datetime("us"), "user": pl.String})
+        >>> hourly = (
+        ...     stream.lazy()
+        ...     .with_watermark("ts", "10m")
+        ...     .with_columns(hour=pl.col("ts").dt.truncate("1h"))
+        ...     .group_by("hour", "user")
+        ...     .agg(n=pl.len())
+        ... )
+        >>> query = hourly.sink_memory("doc_hourly")
+        >>> t = datetime(2024, 1, 1)
+        >>> _ = stream.add_data({"ts": [t.replace(minute=5), t.replace(minute=50),
+        ...                             t.replace(hour=1, minute=30)], "user": ["a", "a", "b"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_hourly").rows()  # watermark 01:20: hour 00:00 is closed
+        [(datetime.datetime(2024, 1, 1, 0, 0), 'a', 2)]
+        >>> query.last_progress.state_operators[0].num_rows_total  # hour 01:00 only
+        1
+        >>> query.stop()
+        """
+        flat = [k for item in by for k in (item if isinstance(item, (list, tuple)) else [item])]
+        emit = emit_policy(
+            early_every=early_every, every_n_rows=every_n_rows, emit_on_change=emit_on_change
+        )
+        return StreamGroupBy(self, flat, emit, state_ttl_ms(state_ttl, "group_by"))
+
+    def group_by_dynamic(
+        self,
+        index_column: str,
+        *,
+        every: str | timedelta,
+        period: str | timedelta | None = None,
+        offset: str | timedelta | None = None,
+        include_boundaries: bool = False,
+        closed: str = "left",
+        label: str = "left",
+        group_by: Any = None,
+        start_by: str = "window",
+        early_every: str | timedelta | None = None,
+        every_n_rows: int | None = None,
+        emit_on_change: dict[str, float] | None = None,
+        allowed_lateness: str | timedelta | None = None,
+    ) -> StreamDynamicGroupBy:
+        """Event-time windows, as :meth:`polars.LazyFrame.group_by_dynamic`.
+
+        Every row goes to each window ``[k*every + offset, k*every + offset +
+        period)`` that contains it (``period`` defaults to ``every``: tumbling
+        windows). The output has Polars' columns: the ``group_by`` keys,
+        ``_lower_boundary``/``_upper_boundary`` with ``include_boundaries``, the
+        index column holding the window start, then the aggregates. Only
+        ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a
+        meaning on a stream.
+
+        Sliding windows differ from Polars by design: a stream has no first
+        row, so every window containing a row gets it, while Polars' batch
+        ``group_by_dynamic`` starts at the first row's window and leaves out the
+        earlier windows that also contain the first rows. To get the stream's
+        result from Polars, pass ``offset=offset - (ceil(period / every) - 1) *
+        every`` (``every="1m", period="3m"``: ``offset="-2m"``). Tumbling windows
+        (``period == every``) agree as they are.
+
+        Emit triggers (``output_mode="update"``, beyond Spark, after Flink): by
+        default every group a batch changed is emitted. ``early_every="10s"``
+        emits a changed window at most that often (processing time of the
+        batch), ``every_n_rows=1000`` once that many rows arrived since its last
+        emission, ``emit_on_change={"total": 5.0}`` when the aggregate moved by
+        more than the threshold; a window is always emitted when the watermark
+        passes its end. ``allowed_lateness="5m"`` keeps a window's state that
+        long after its end and emits a correction for each late change.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"ts": pl.Datetime("us"), "n": pl.Int64})
+        >>> per_minute = (
+        ...     stream.lazy()
+        ...     .with_watermark("ts", "30s")
+        ...     .group_by_dynamic("ts", every="1m")
+        ...     .agg(pl.col("n").sum())
+        ... )
+        >>> query = per_minute.sink_memory("doc_minutes")
+        >>> _ = stream.add_data({"ts": [datetime(2024, 1, 1, 0, 0, 10), datetime(2024, 1, 1, 0, 2)],
+        ...                      "n": [1, 2]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_minutes").rows()  # the 00:00 window closed: watermark 00:01:30
+        [(datetime.datetime(2024, 1, 1, 0, 0), 1)]
+        >>> query.stop()
+        """
+        for arg, value in (("closed", closed), ("label", label), ("start_by", start_by)):
+            expected = "window" if arg == "start_by" else "left"
+            if value != expected:
+                msg = (
+                    f"group_by_dynamic({arg}={value!r}) has no meaning on a stream: windows are "
+                    f"aligned to the epoch plus offset and are [start, end); use {arg}={expected!r}"
+                )
+                raise PlanError(msg)
+        return StreamDynamicGroupBy(
+            self,
+            index_column,
+            every=every,
+            period=period,
+            offset=offset,
+            include_boundaries=include_boundaries,
+            group_by=group_by,
+            emit=emit_policy(
+                early_every=early_every,
+                every_n_rows=every_n_rows,
+                emit_on_change=emit_on_change,
+                allowed_lateness=allowed_lateness,
+            ),
+        )
+
+    def group_by_session(
+        self,
+        index_column: str,
+        *,
+        gap: str | timedelta,
+        group_by: Any = None,
+    ) -> StreamSessionGroupBy:
+        """Session windows: runs of events per key at most ``gap`` apart.
+
+        A session spans ``[first event, last event + gap)``; sessions that touch
+        merge, and an event that bridges two sessions merges them. The output
+        has the keys, ``session_start``, ``session_end`` and the aggregates.
+        Output modes ``append`` (each session once, when the watermark passes
+        its end; needs ``with_watermark`` on ``index_column``) and ``update``.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> clicks = ms.MemoryStream({"ts": pl.Datetime("us"), "user": pl.String})
+        >>> sessions = (
+        ...     clicks.lazy()
+        ...     .with_watermark("ts", "0s")
+        ...     .group_by_session("ts", gap="30s", group_by="user")
+        ...     .agg(clicks=pl.len())
+        ... )
+        >>> query = sessions.sink_memory("doc_sessions")
+        >>> t = datetime(2024, 1, 1)
+        >>> _ = clicks.add_data({"ts": [t, t.replace(second=20), t.replace(minute=5)],
+        ...                      "user": ["a", "a", "a"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_sessions").select("user", "clicks").rows()
+        [('a', 2)]
+        >>> query.stop()
+        """
+        return StreamSessionGroupBy(self, index_column, gap, group_by)
+
+    def unique(
+        self,
+        subset: str | Sequence[str] | None = None,
+        *,
+        keep: Literal["first", "any"] = "first",
+        maintain_order: bool = True,
+        within: str | timedelta | None = None,
+    ) -> StreamFrame:
+        """Drop duplicate rows: emit the first row of each key once, as it arrives.
+
+        With the watermarked event-time column in ``subset`` a key is forgotten
+        once the watermark passes its event time; with ``within=`` (Spark's
+        ``dropDuplicatesWithinWatermark``) once the watermark passes its first
+        event time plus ``within``. Otherwise seen keys are kept forever.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"id": pl.Int64, "v": pl.String})
+        >>> query = stream.lazy().unique(subset="id").sink_memory("doc_unique")
+        >>> _ = stream.add_data({"id": [1, 1, 2], "v": ["a", "b", "c"]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"id": [2, 3], "v": ["d", "e"]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_unique").rows()
+        [(1, 'a'), (2, 'c'), (3, 'e')]
+        >>> query.stop()
+        """
+        if keep not in ("first", "any"):
+            msg = (
+                f"unique(keep={keep!r}) cannot run on a stream: it would need rows that have "
+                "not arrived yet; use keep='first'"
+            )
+            raise PlanError(msg)
+        columns = [subset] if isinstance(subset, str) else list(subset or self.columns)
+        missing = [c for c in columns if c not in self._schema]
+        if missing:
+            msg = f"unique: no column(s) {missing}; columns are {self.columns}"
+            raise PlanError(msg)
+        marks = self._plan.watermark_nodes()
+        watermark = marks[0] if marks else None
+        within_us = None
+        if within is not None:
+            if watermark is None:
+                msg = "unique(within=...) needs with_watermark(...) upstream, like Spark's dropDuplicatesWithinWatermark"
+                raise PlanError(msg)
+            within_us = parse_duration(within, name="within") // timedelta(microseconds=1)
+        return StreamFrame(
+            DedupNode(
+                input=self._plan,
+                subset=tuple(columns),
+                watermark=watermark,
+                within_us=within_us,
+                input_schema=self._schema,
+            )
+        )
+
+    # -- sinks ------------------------------------------------------------------------------
+
+    def sink(
+        self,
+        spec: SinkSpec,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing to any sink: a connector's spec, or your own.
+
+        Every ``sink_*`` verb is this with its connector's spec. A sink spec
+        (:class:`microstream.protocols.SinkSpec`) is a frozen description with
+        ``kind``, ``output_modes``, ``durable``, ``describe()`` and
+        ``build(context)`` returning the runtime :class:`microstream.protocols.Sink`,
+        whose ``add_batch(batch_id, df)`` must be idempotent by batch id for
+        exactly-once output (a re-run batch comes with the same id and rows).
+
+        Examples
+        --------
+        >>> from dataclasses import dataclass, field
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> class ListSink:
+        ...     description = "ListSink"
+        ...     def __init__(self, out):
+        ...         self.out = out
+        ...     def add_batch(self, batch_id, df):
+        ...         self.out[batch_id] = df.rows()  # keyed by batch id: idempotent
+        ...     def stop(self):
+        ...         pass
+        >>> @dataclass(frozen=True, eq=False)
+        ... class ListSinkSpec:
+        ...     out: dict = field(default_factory=dict)
+        ...     kind = "list"
+        ...     output_modes = frozenset({"append"})
+        ...     durable = False
+        ...     def describe(self):
+        ...         return "ListSink"
+        ...     def build(self, context):
+        ...         return ListSink(self.out)
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> spec = ListSinkSpec()
+        >>> query = stream.lazy().sink(spec)
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> spec.out
+        {0: [(1,), (2,)]}
+        >>> query.stop()
+        """
+        return self._start(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def sink_memory(
+        self,
+        name: str,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        session: Session | None = None,
+    ) -> StreamingQuery:
+        """Start the query into an in-process table read with ``ms.table(name)``.
+
+        The query is named ``name`` too. Without ``checkpoint`` it uses a
+        temporary one, removed when the query stops.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_memory("doc_memory")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_memory")["x"].to_list()
+        [1, 2]
+        >>> query.stop()
+        """
+        spec = load_connector("memory_sink")(name=name, session=session)
+        return self._start(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
+            session=session, checkpoint_options=checkpoint_options,
+        )  # fmt: skip
+
+    def sink_console(
+        self,
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        num_rows: int = 20,
+    ) -> StreamingQuery:
+        """Start the query printing each batch (at most ``num_rows`` rows of it).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_console()
+        >>> _ = stream.add_data({"x": [7]})
+        >>> query.process_all_available()
+        Batch: 0
+        shape: (1, 1)
+        ┌─────┐
+        │ x   │
+        │ --- │
+        │ i64 │
+        ╞═════╡
+        │ 7   │
+        └─────┘
+        >>> query.stop()
+        """
+        spec = load_connector("console")(num_rows=num_rows)
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def foreach_batch(
+        self,
+        function: Callable[[pl.DataFrame, int], object],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query calling ``function(df, batch_id)`` for every batch.
+
+        After a crash the uncommitted batch is handed over again with the same
+        id and rows: write idempotently by ``batch_id`` for exactly-once.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> seen = []
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().foreach_batch(
+        ...     lambda df, batch_id: seen.append((batch_id, df.height)),
+        ...     checkpoint="memory://doc-foreach",
+        ... )
+        >>> _ = stream.add_data({"x": [1, 2, 3]})
+        >>> query.process_all_available()
+        >>> seen
+        [(0, 3)]
+        >>> query.stop()
+        """
+        spec = load_connector("foreach_batch")(function=function)
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def _sink_files(
+        self,
+        path: str | os.PathLike[str],
+        file_format: FileFormat,
+        output_mode: OutputMode,
+        trigger: Trigger | None,
+        checkpoint: str | os.PathLike[str] | None,
+        name: str | None,
+        storage_options: dict[str, Any] | None,
+        partition_by: Sequence[str] | None,
+        checkpoint_options: dict[str, Any] | None,
+    ) -> StreamingQuery:
+        spec = load_connector("file_sink")(
+            path=os.fspath(path),
+            format=file_format,
+            partition_by=list(partition_by) if partition_by else None,
+            storage_options=storage_options,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def sink_parquet(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing parquet files with a manifest (exactly-once).
+
+        A batch's files become visible to :func:`ms.read_file_sink` only once its
+        manifest entry is written; a crash leaves invisible orphans, never
+        duplicates. ``storage_options`` are fsspec options for ``path``;
+        ``checkpoint_options`` the same for ``checkpoint`` (each sink verb takes
+        it), e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for an
+        ``s3://`` checkpoint; without them s3fs reads the ``AWS_*`` environment.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_parquet(
+        ...     "memory://doc-parquet/out", checkpoint="memory://doc-parquet/cp"
+        ... )
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> ms.read_file_sink("memory://doc-parquet/out")["x"].to_list()
+        [1, 2]
+        """
+        return self._sink_files(
+            path,
+            "parquet",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
+        )
+
+    def sink_csv(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing CSV files with a manifest (see :meth:`sink_parquet`)."""
+        return self._sink_files(
+            path,
+            "csv",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
+        )
+
+    def sink_ndjson(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing NDJSON files with a manifest (see :meth:`sink_parquet`)."""
+        return self._sink_files(
+            path,
+            "ndjson",
+            output_mode,
+            trigger,
+            checkpoint,
+            name,
+            storage_options,
+            partition_by,
+            checkpoint_options,
+        )
+
+    def sink_delta(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        partition_by: Sequence[str] | None = None,
+        merge_schema: bool = False,
+        target_file_size: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing a Delta table, exactly once per batch.
+
+        Each batch commits with a Delta application transaction (app id = the
+        query id, version = the batch id), so a batch re-run after a crash is
+        recognised and skipped. ``output_mode="complete"`` overwrites the table
+        every batch (for aggregations); ``output_mode="update"`` MERGEs every
+        batch on the aggregation's keys (window start and group keys), the
+        transaction in the same commit. ``target_file_size`` (bytes) sizes the
+        data files. ``merge_schema=True`` lets a batch add
+        columns to the table; otherwise a batch whose schema differs is a
+        ``SinkError``. ``storage_options`` go to deltalake (``AWS_ENDPOINT_URL``,
+        ``AWS_ACCESS_KEY_ID``, ...); ``checkpoint_options`` are fsspec options for
+        ``checkpoint`` (``endpoint_url``, ``key``, ``secret``, ...).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> root = tempfile.mkdtemp()
+        >>> stream = ms.MemoryStream({"x": pl.Int64})
+        >>> query = stream.lazy().sink_delta(f"{root}/table", checkpoint=f"{root}/cp")
+        >>> _ = stream.add_data({"x": [1, 2]})
+        >>> query.process_all_available()
+        >>> _ = stream.add_data({"x": [3]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> pl.read_delta(f"{root}/table").sort("x")["x"].to_list()
+        [1, 2, 3]
+
+        Update mode keeps one row per key, replaced as the aggregate changes:
+
+        >>> clicks = ms.MemoryStream({"user": pl.String})
+        >>> query = (
+        ...     clicks.lazy()
+        ...     .group_by("user")
+        ...     .agg(pl.len().alias("n"))
+        ...     .sink_delta(f"{root}/counts", output_mode="update", checkpoint=f"{root}/cp2")
+        ... )
+        >>> _ = clicks.add_data({"user": ["a", "b", "a"]})
+        >>> query.process_all_available()
+        >>> _ = clicks.add_data({"user": ["b"]})
+        >>> query.process_all_available()
+        >>> query.stop()
+        >>> pl.read_delta(f"{root}/counts").sort("user").rows()
+        [('a', 2), ('b', 2)]
+        """
+        spec = load_connector("delta")(
+            path=os.fspath(path),
+            storage_options=storage_options,
+            partition_by=list(partition_by) if partition_by else None,
+            merge_schema=merge_schema,
+            target_file_size=target_file_size,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+        )
+
+    def sink_kafka(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        *,
+        key: str | pl.Expr | None = None,
+        format: KafkaSinkFormat = "json",
+        avro_schema: Mapping[str, Any] | str | None = None,
+        headers: Mapping[str, str | bytes] | None = None,
+        transactional: bool = False,
+        options: Mapping[str, Any] | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing each batch's rows as records of a Kafka topic.
+
+        Every record carries the headers ``microstream.query_id`` and
+        ``microstream.batch_id``. The producer is idempotent and a batch is
+        acknowledged before the next one starts (a failed delivery is a
+        ``SinkError``; the batch is re-run on restart).
+
+        Guarantees: by default **at-least-once** — after a crash a batch may
+        be written again, with the same ``(query id, batch id)`` headers, so
+        consumers can drop duplicates. ``transactional=True`` writes each
+        batch in one Kafka transaction committed together with the batch's
+        record, which is **exactly-once for read_committed consumers** on
+        brokers that honour transactions (real Kafka; not verifiable on the
+        Tansu test broker). See :class:`connectors.kafka.KafkaSinkSpec`.
+
+        Parameters
+        ----------
+        bootstrap_servers
+            ``"host:port[,host:port...]"``.
+        topic
+            The topic written to.
+        key
+            The record key: a column name or an expression (None: no key).
+        format
+            ``"json"`` (all columns as a JSON object), ``"avro"`` (all
+            columns, schemaless Avro) or ``"raw"`` (the ``value`` column).
+        avro_schema
+            The Avro schema of ``format="avro"`` (default: derived from the
+            batch's schema, every field nullable).
+        headers
+            Extra headers on every record.
+        transactional
+            One transaction per batch (exactly-once for read_committed
+            consumers on real Kafka).
+        options
+            librdkafka producer settings (``security.protocol``, ``sasl.*``,
+            ``ssl.*``, ``compression.type``, ``transactional.id``, ...).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.tansu import TansuBroker
+        >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+        >>> with TansuBroker() as broker:
+        ...     broker.create_topic("doc-sink")
+        ...     query = stream.lazy().sink_kafka(
+        ...         broker.bootstrap_servers, "doc-sink", key="user",
+        ...         checkpoint=tempfile.mkdtemp(),
+        ...     )
+        ...     _ = stream.add_data({"user": [1], "amount": [2.5]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        ...     [record] = broker.consume("doc-sink", 1)
+        >>> record.key(), record.value()
+        (b'1', b'{"user":1,"amount":2.5}')
+        >>> [name for name, _ in record.headers()]
+        ['microstream.query_id', 'microstream.batch_id']
+        """
+        spec = load_connector("kafka_sink")(
+            bootstrap_servers,
+            topic,
+            key=key,
+            format=format,
+            avro_schema=avro_schema,
+            headers=None if headers is None else dict(headers),
+            transactional=transactional,
+            options=None if options is None else dict(options),
+        )
+        return self.sink(
+            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+        )
+
+    def _start(
+        self,
+        spec: SinkSpec,
+        *,
+        output_mode: OutputMode,
+        trigger: Trigger | None,
+        checkpoint: str | os.PathLike[str] | None,
+        name: str | None,
+        session: Session | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+    ) -> StreamingQuery:
+        session = session or default_session
+        if output_mode not in ("append", "update", "complete"):
+            msg = f"output_mode must be 'append', 'update' or 'complete'; got {output_mode!r}"
+            raise PlanError(msg)
+        if output_mode not in spec.output_modes:
+            msg = (
+                f"{spec.describe()} does not support output_mode={output_mode!r}; it supports "
+                f"{sorted(spec.output_modes)}"
+            )
+            raise PlanError(msg)
+        stateful = self._plan.stateful_nodes()
+        for node in stateful[:-1]:
+            if not node.can_chain():
+                msg = (
+                    f"{node.describe()} cannot feed another stateful operator: its rows are "
+                    "revised or emitted long after their event time. Chains may start with "
+                    "stream joins, unique() and aggregations whose groups close by the "
+                    "watermark (windows, or a watermarked time key; no emit triggers), which "
+                    "then emit each group once, as in append mode; this query has "
+                    + " -> ".join(n.describe() for n in stateful)
+                )
+                raise PlanError(msg)
+        if not stateful and output_mode == "complete":
+            msg = (
+                "output_mode='complete' needs an aggregation (it re-emits the whole result "
+                "table every batch); this query has none, so its result is unbounded: "
+                "use output_mode='append'"
+            )
+            raise PlanError(msg)
+        if stateful:  # the last operator's output is the query's
+            stateful[-1].check_output_mode(output_mode)
+        chained = chained_nodes(self._plan)
+        for node in stateful:
+            why = node.unbounded_state("append" if node in chained else output_mode)
+            if why is not None:
+                warnings.warn(
+                    f"state can only grow: {why}",
+                    UnboundedStateWarning,
+                    stacklevel=user_stacklevel(),
+                )
+        if trigger is not None and not isinstance(trigger, Trigger):
+            msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
+            raise TypeError(msg)
+        effective = session.trigger_override or trigger or DEFAULT_TRIGGER
+        temporary = False
+        if checkpoint_options is not None and checkpoint is None:
+            msg = (
+                "checkpoint_options are fsspec storage options for checkpoint=, which is "
+                f"missing; got checkpoint_options={sorted(checkpoint_options)} and no checkpoint"
+            )
+            raise PlanError(msg)
+        if checkpoint is not None:
+            location = os.fspath(checkpoint)
+        elif spec.durable:
+            if name is None:
+                msg = (
+                    f"{spec.describe()} needs checkpoint= (or name=, for checkpoints/<name>) "
+                    "so that a restart continues where it stopped, exactly once"
+                )
+                raise PlanError(msg)
+            location = os.path.join("checkpoints", name)
+        else:
+            location = tempfile.mkdtemp(prefix="microstream-")
+            temporary = True
+        concats = [n for n in self._plan.walk() if isinstance(n, ConcatNode)]
+        policy = concats[-1].watermark_policy if concats else "min"
+        execution = StreamExecution(
+            ExecutionConfig(
+                watermark_policy=policy,  # type: ignore[arg-type]
+                plan=self._plan,
+                sink=spec,
+                output_mode=output_mode,
+                trigger=effective,
+                checkpoint_url=location,
+                storage_options=checkpoint_options,
+                name=name,
+                session=session,
+                temporary_checkpoint=temporary,
+            )
+        )
+        query = StreamingQuery(execution)
+        session.register_query(query)
+        try:
+            execution.start()
+        except BaseException:
+            session.unregister_query_run(execution.run_id)
+            raise
+        return query
+
+
+def _join_time(frame: StreamFrame, given: str | None, side: str) -> str | None:
+    """A join side's event-time column: ``given``, else its ``with_watermark`` column."""
+    marks = frame._plan.watermark_nodes()
+    if given is None:
+        return marks[0].column if len(marks) == 1 else None
+    time_dtype_check(frame.collect_schema(), given, f"join({side}_time=)")
+    return given
+
+
+def _flatten(items: Iterable[Any]) -> Iterable[Any]:
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            yield from item
+        else:
+            yield item
+
+
+def concat(
+    frames: Sequence[StreamFrame],
+    *,
+    how: Literal["vertical", "vertical_relaxed", "diagonal", "diagonal_relaxed"] = "vertical",
+    watermark_policy: Literal["min", "max"] = "min",
+) -> StreamFrame:
+    """The union of several streams, as :func:`polars.concat` for frames.
+
+    Each input keeps its own source offsets (and its own watermark, if it has
+    one). With several watermarked inputs the query's watermark is the minimum
+    of theirs (``watermark_policy="max"``: the maximum, which drops more rows of
+    the slower inputs as late); an input idle for longer than its
+    ``idle_timeout`` stops holding it back.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> a = ms.MemoryStream({"x": pl.Int64})
+    >>> b = ms.MemoryStream({"x": pl.Int64})
+    >>> query = ms.concat([a.lazy(), b.lazy()]).sink_memory("doc_concat")
+    >>> _ = a.add_data({"x": [1]}); _ = b.add_data({"x": [2]})
+    >>> query.process_all_available()
+    >>> sorted(ms.table("doc_concat")["x"].to_list())
+    [1, 2]
+    >>> query.stop()
+    """
+    if len(frames) < 2:
+        msg = f"concat needs at least two streams; got {len(frames)}"
+        raise PlanError(msg)
+    for frame in frames:
+        if not isinstance(frame, StreamFrame):
+            msg = (
+                "concat combines streams; got a "
+                f"{type(frame).__name__}: join a static frame with join() instead"
+            )
+            raise PlanError(msg)
+    if watermark_policy not in ("min", "max"):
+        msg = f"watermark_policy must be 'min' or 'max'; got {watermark_policy!r}"
+        raise PlanError(msg)
+    return StreamFrame(
+        ConcatNode(tuple(f.plan for f in frames), how=how, watermark_policy=watermark_policy)
+    )

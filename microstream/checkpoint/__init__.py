@@ -1,0 +1,1 @@
+"""The checkpoint: atomic storage, the write-ahead log records, the lock."""

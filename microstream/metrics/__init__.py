@@ -1,0 +1,1 @@
+"""Metrics: one declaration of every metric, Prometheus and OpenTelemetry exporters."""

@@ -1,0 +1,1 @@
+"""Stateful operators, one module each: node and runtime side by side."""

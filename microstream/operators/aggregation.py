@@ -1,0 +1,593 @@
+"""Stateful aggregation: ``group_by(...).agg`` and ``group_by_dynamic(...).agg`` on a stream.
+
+Rows are assigned to their windows, late (row, window) pairs are dropped
+against the previous batch's watermark, and the rest update per-group state:
+partial aggregates for expressions that decompose, the rows themselves for
+those that do not (see :mod:`microstream.operators.aggregates`). At the end of the batch
+the operator emits by output mode, using the batch's watermark:
+
+- ``append``: each window once, when ``window_end <= watermark``, then its state goes;
+- ``update``: every group the batch changed, then closed windows go silently;
+- ``complete``: the whole result table, every batch; nothing is evicted.
+
+Without windows, a ``group_by`` closes its groups when a key is an event-time
+key (:mod:`microstream.plan.event_time`: the watermarked column or a non-decreasing
+function of it, such as its ``dt.truncate``). A global aggregation without one
+keeps its groups forever, unless ``state_ttl`` removes the keys not updated for
+that long in processing time (the batches' logged timestamps), checked at the
+start of every batch before its rows are applied, as Flink's state TTL forgets
+idle state: silently, so update mode emits nothing for an expired key, complete
+mode stops listing it, and a key that comes back starts again from nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from microstream.exceptions import PlanError
+from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
+from microstream.operators.base import StoreBackedOperator
+from microstream.plan.event_time import EventTimeKey
+from microstream.plan.nodes import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.state.store import StateStore
+from microstream.time.duration import format_duration
+from microstream.time.windows import END, START, T, WindowSpec, from_us, to_us
+
+if TYPE_CHECKING:
+    from microstream.checkpoint.storage import Storage
+
+__all__ = ["AggregateNode", "AggregationOperator", "EmitPolicy"]
+
+LAST_EMIT, ROWS_SINCE, PENDING = "__last_emit_ms", "__rows_since_emit", "__pending"
+UPDATED = "__updated_ms"
+
+
+@dataclass(frozen=True)
+class EmitPolicy:
+    """When update mode emits a changed group (Flink's triggers, beyond Spark).
+
+    Without any trigger every changed group is emitted every batch. With
+    triggers, a changed group is emitted when one of them fires, and always
+    when the watermark passes its window's end (the on-time result); changes
+    in the ``allowed_lateness`` after that are emitted as corrections.
+    """
+
+    early_every_ms: int | None = None
+    every_n_rows: int | None = None
+    on_change: tuple[tuple[str, float], ...] = ()
+    allowed_lateness_us: int = 0
+
+    @property
+    def throttled(self) -> bool:
+        return bool(self.early_every_ms or self.every_n_rows or self.on_change)
+
+    def describe(self) -> str:
+        parts = []
+        if self.early_every_ms:
+            parts.append(f"early_every={self.early_every_ms}ms")
+        if self.every_n_rows:
+            parts.append(f"every_n_rows={self.every_n_rows}")
+        if self.on_change:
+            parts.append(f"emit_on_change={dict(self.on_change)}")
+        if self.allowed_lateness_us:
+            parts.append(f"allowed_lateness={format_duration(self.allowed_lateness_us)}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class AggregateNode(StatefulNode):
+    """A grouped aggregation over a stream, with or without event-time windows."""
+
+    input: PlanNode
+    keys: tuple[str, ...]
+    aggs: tuple[pl.Expr, ...]
+    window: WindowSpec | None
+    watermark: WatermarkNode | None
+    input_schema: pl.Schema
+    emit: EmitPolicy = EmitPolicy()
+    event_key: EventTimeKey | None = None
+    """The key whose groups the watermark closes (``group_by`` only; see ``eviction``)."""
+    state_ttl_ms: int | None = None
+    """Remove a key not updated for this long, in batch timestamps (processing time)."""
+
+    @property
+    def spec(self) -> AggregateSpec:
+        return AggregateSpec(list(self.aggs))
+
+    @property
+    def eviction(self) -> str | None:
+        """How state closes: by ``window`` end, by an event-time ``key``, or never (None)."""
+        if self.window is not None:
+            if self.watermark is not None and self.window.column == self.watermark.column:
+                return "window"
+            return None
+        return "key" if self.event_key is not None else None
+
+    def can_chain(self) -> bool:
+        # Groups that close (by window end or a time key) are final once emitted in
+        # append mode, so they may feed another operator; emit triggers revise them.
+        return self.eviction is not None and not (
+            self.emit.throttled or self.emit.allowed_lateness_us
+        )
+
+    def output_delay_us(self) -> int:
+        # A window emitted in batch N ends in (wm[N-1], wm[N]]; its rows carry the window
+        # start, up to a period older. A time key is emitted in (wm[N-1], wm[N]] itself.
+        return self.window.period_us if self.eviction == "window" and self.window else 0
+
+    def aggregate_schema(self) -> pl.Schema:
+        frame = pl.LazyFrame(schema=self.input_schema)
+        keys: list[str | pl.Expr] = [*self.keys] or [pl.lit(0).alias("__g")]
+        schema = frame.group_by(keys).agg(self.aggs).collect_schema()
+        return pl.Schema({k: v for k, v in schema.items() if k not in self.keys and k != "__g"})
+
+    def output_schema(self) -> pl.Schema:
+        columns: dict[str, pl.DataType] = {k: self.input_schema[k] for k in self.keys}
+        if self.window is not None:
+            dtype = self.input_schema[self.window.column]
+            if self.window.include_boundaries:
+                columns["_lower_boundary"] = dtype
+                columns["_upper_boundary"] = dtype
+            columns[self.window.column] = dtype
+        columns.update(self.aggregate_schema())
+        return pl.Schema(columns)
+
+    def describe(self) -> str:
+        aggs = ", ".join(str(a) for a in self.aggs)
+        if self.window is not None:
+            by = f", group_by={list(self.keys)}" if self.keys else ""
+            return f"group_by_dynamic({self.window.describe()}{by}).agg({aggs})"
+        return f"group_by({list(self.keys)}).agg({aggs})"
+
+    def explain_lines(self, depth: int = 0) -> list[str]:
+        pad = "  " * depth
+        key = self.event_key
+        evict = {
+            "window": "state evicted when window end <= watermark",
+            "key": f"state evicted when {key.column if key else ''} <= watermark"
+            if key is None or key.is_event_time
+            else f"state evicted when {key.column} < {key.describe()} at the first instant "
+            "after the watermark (an event-time key)",
+            None: "state kept forever (no watermark on a time key)",
+        }[self.eviction]
+        if self.eviction is None and self.state_ttl_ms is not None:
+            evict = (
+                f"a key not updated for {format_duration(self.state_ttl_ms * 1000)} of batch "
+                "timestamps is removed (state_ttl, processing time)"
+            )
+        lines = [pad + self.describe(), f"{pad}  · {evict}"]
+        if self.emit.describe():
+            lines.append(f"{pad}  · update-mode emission: {self.emit.describe()}")
+        lines += [f"{pad}  · {line}" for line in self.spec.strategies()]
+        return lines + self.input.explain_lines(depth + 1)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "aggregate",
+            "keys": list(self.keys),
+            "window": self.window.describe() if self.window else None,
+            "aggs": [str(a) for a in self.aggs],
+            "emit": self.emit.describe(),
+            # (only when set, so that checkpoints of queries without it keep their plan)
+            **({"state_ttl_ms": self.state_ttl_ms} if self.state_ttl_ms is not None else {}),
+        }
+
+    def check_output_mode(self, output_mode: str) -> None:
+        if (self.emit.throttled or self.emit.allowed_lateness_us) and output_mode != "update":
+            msg = (
+                f"{self.emit.describe()} shape when changed groups are emitted, which only "
+                f"output_mode='update' does (append emits each window once, complete every "
+                f"group every batch); got output_mode={output_mode!r}"
+            )
+            raise PlanError(msg)
+        if self.emit.allowed_lateness_us and self.eviction != "window":
+            msg = "allowed_lateness needs a watermarked group_by_dynamic window"
+            raise PlanError(msg)
+        for column, _ in self.emit.on_change:
+            if column not in self.aggregate_schema():
+                msg = (
+                    f"emit_on_change: {column!r} is not an aggregate of this query; aggregates "
+                    f"are {list(self.aggregate_schema().names())}"
+                )
+                raise PlanError(msg)
+        if self.state_ttl_ms is not None and output_mode == "append":
+            msg = (
+                "state_ttl removes idle groups without emitting them, and output_mode='append' "
+                "emits a group only when it closes, so an expired group's rows would be lost; "
+                "use output_mode='update' or 'complete' with state_ttl, or leave state_ttl out"
+            )
+            raise PlanError(msg)
+        if output_mode == "append" and self.eviction is None:
+            msg = (
+                "output_mode='append' needs windows that close: add with_watermark(col, delay) "
+                "on the window's time column (group_by_dynamic) or on a time key of group_by, "
+                "so each group is emitted once when the watermark passes it; otherwise use "
+                "output_mode='update' or 'complete'"
+            )
+            raise PlanError(msg)
+
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.state_ttl_ms is not None:
+            return None
+        if self.eviction is None:
+            if self.window is not None:
+                return (
+                    f"{self.describe()} keeps every window forever: no with_watermark on its "
+                    f"time column {self.window.column!r}; add with_watermark("
+                    f"{self.window.column!r}, delay) before it"
+                )
+            return (
+                f"{self.describe()} keeps every group forever: no key is an event time (the "
+                "with_watermark column, or a dt.truncate/dt.round/dt.offset_by/dt.date of it, "
+                "or it plus a constant duration). Truncate before with_watermark, or add such "
+                "a key after it, e.g. with_columns(hour=pl.col(<event time>).dt.truncate('1h'))"
+                " and group_by('hour', ...); or bound the state with group_by(..., "
+                "state_ttl='1h')"
+            )
+        if output_mode == "complete":
+            return (
+                f"{self.describe()} in output_mode='complete' keeps every group forever (the "
+                "whole table is re-emitted every batch); output_mode='append' or 'update' "
+                "lets the watermark evict closed groups"
+            )
+        return None
+
+    def build_operator(self, operator_id: str, storage: Storage) -> AggregationOperator:
+        return AggregationOperator(self, operator_id, storage)
+
+
+class AggregationOperator(StoreBackedOperator):
+    """Runtime of :class:`AggregateNode`: state stores, late filtering, emission."""
+
+    def __init__(self, node: AggregateNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
+        self.node = node
+        self.kind = "window aggregation" if node.window else "aggregation"
+        self.spec = node.spec
+        self.key_cols = list(node.keys) + ([START, END] if node.window is not None else [])
+        self.out_schema = node.output_schema()
+        key_schema: dict[str, pl.DataType] = {k: node.input_schema[k] for k in node.keys}
+        if node.window is not None:
+            key_schema.update({START: pl.Int64(), END: pl.Int64()})
+        prepared = pl.Schema(
+            {**node.input_schema, **key_schema, ORDER_T: pl.Int64(), ORDER_S: pl.Int64()}
+        )
+        self.partials: StateStore | None = None
+        self.rows: StateStore | None = None
+        # the state of the groups the current batch touched (partials, rows)
+        self._touched: tuple[pl.DataFrame | None, pl.DataFrame | None] = (None, None)
+        if self.spec.primitives:
+            partial_schema = (
+                pl.DataFrame(schema=prepared)
+                .group_by(self.key_cols)
+                .agg(self.spec.partial_exprs())
+                .schema
+            )
+            self.partials = StateStore(
+                storage.sub("partials"),
+                operator=f"{operator_id}/partials",
+                key_columns=self.key_cols,
+                schema=partial_schema,
+            )
+        if self.spec.needs_rows:
+            row_columns = [*self.key_cols, ORDER_T, ORDER_S]
+            row_columns += [c for c in self.spec.buffered_columns() if c not in row_columns]
+            self.rows = StateStore(
+                storage.sub("rows"),
+                operator=f"{operator_id}/rows",
+                key_columns=self.key_cols,
+                schema=pl.Schema({c: prepared[c] for c in row_columns}),
+            )
+        self.emits: StateStore | None = None
+        if node.emit.throttled:
+            self.emits = StateStore(
+                storage.sub("emits"),
+                operator=f"{operator_id}/emits",
+                key_columns=self.key_cols,
+                schema=pl.Schema(
+                    {
+                        **{c: prepared[c] for c in self.key_cols},
+                        LAST_EMIT: pl.Int64(),
+                        ROWS_SINCE: pl.Int64(),
+                        PENDING: pl.Boolean(),
+                        **{f"__emitted_{c}": pl.Float64() for c, _ in node.emit.on_change},
+                    }
+                ),
+            )
+
+        self.updated: StateStore | None = None
+        if node.state_ttl_ms is not None:
+            self.updated = StateStore(
+                storage.sub("updated"),
+                operator=f"{operator_id}/updated",
+                key_columns=self.key_cols,
+                schema=pl.Schema({**{c: prepared[c] for c in self.key_cols}, UPDATED: pl.Int64()}),
+            )
+
+        self._oldest_update_ms: int | None = None
+
+    def _stores(self) -> list[StateStore]:
+        return [s for s in (self.partials, self.rows, self.emits, self.updated) if s is not None]
+
+    def load(self, version: int | None) -> None:
+        super().load(version)
+        self._refresh_oldest()
+
+    def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
+        """Whether a batch is needed without rows: some key's ``state_ttl`` ran out (so
+        complete mode stops listing it without waiting for new rows)."""
+        ttl, oldest = self.node.state_ttl_ms, self._oldest_update_ms
+        return ttl is not None and oldest is not None and oldest + ttl <= now_ms
+
+    def _refresh_oldest(self) -> None:
+        if self.updated is not None:
+            self._oldest_update_ms = self.updated.frame.get_column(UPDATED).min()  # type: ignore[assignment]
+
+    # -- one batch -------------------------------------------------------------------------
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
+        self._touched = (None, None)
+        expired = self._expire(ctx.batch_timestamp_ms)
+        pairs = self._prepare(batch, ctx)
+        updated = self._update_state(pairs) if pairs.height else None
+        self._updated = 0 if updated is None else updated.height
+        if self.updated is not None and updated is not None:
+            self.updated.apply(
+                upserts=updated.select(
+                    *self.key_cols, pl.lit(ctx.batch_timestamp_ms, pl.Int64).alias(UPDATED)
+                ).cast(self.updated.schema)
+            )
+        if self.emits is not None and ctx.output_mode == "update":
+            out = self._emit_throttled(ctx, updated)
+        else:
+            out = self._emit(ctx, None if updated is None else updated.select(self.key_cols))
+        self._removed += expired
+        self._refresh_oldest()
+        return out
+
+    def _expire(self, now_ms: int) -> int:
+        """Forget the keys not updated for ``state_ttl`` before ``now_ms`` (the batch's
+        logged timestamp, so a re-run batch forgets the same keys); how many."""
+        if self.updated is None or self.node.state_ttl_ms is None:
+            return 0
+        gone = self.updated.filter_out(pl.col(UPDATED) + self.node.state_ttl_ms <= now_ms)
+        if gone.height:
+            keys = gone.select(self.key_cols)
+            for store in (self.partials, self.rows, self.emits):
+                if store is not None:
+                    store.apply(deletes=keys)
+        return gone.height
+
+    def _prepare(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        node = self.node
+        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
+        time_col = (
+            node.window.column
+            if node.window
+            else (node.event_key.column if node.eviction == "key" and node.event_key else None)
+        )
+        if time_col is not None:
+            df = batch.with_columns(to_us(time_col).alias(T), seq.alias(ORDER_S))
+            df = df.with_columns(pl.col(T).alias(ORDER_T))
+        else:
+            df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
+        if node.window is not None:
+            df = self._drop_null_times(
+                df, T, ctx, batch.columns, node.input_schema[node.window.column], "has no window"
+            )
+            df = node.window.assign(df, node.input_schema[node.window.column])
+        elif time_col is not None and ctx.output_mode != "complete":
+            # A group keyed by a null event time would never close: in append mode it would
+            # never be emitted, in update mode never evicted (complete mode keeps it, as Polars).
+            df = self._drop_null_times(
+                df,
+                T,
+                ctx,
+                batch.columns,
+                node.input_schema[time_col],
+                f"its event-time key {time_col!r} is null, a group that never closes",
+            )
+        # Complete mode keeps every group forever, so nothing is late (as in Spark).
+        if node.eviction is not None and ctx.output_mode != "complete":
+            # A row is late when its window or group was already closed by wm[N-1].
+            late = self._closed_predicate(ctx.late_watermark_us)
+            assert late is not None
+            df = self._drop_late(
+                df,
+                late.fill_null(False),
+                ctx,
+                batch.columns,
+                node.input_schema[time_col] if time_col else None,
+                has_window=node.window is not None,
+            )
+        return df
+
+    def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """Fold the batch into the state; returns the touched keys with their row counts."""
+        # One pass over the batch gives its partials, its keys and their row counts.
+        batch_partials = pairs.group_by(self.key_cols).agg(
+            *self.spec.partial_exprs(), pl.len().alias("__n")
+        )
+        updated = batch_partials.select(*self.key_cols, "__n")
+        keys = updated.select(self.key_cols)
+        if self.partials is not None:
+            old = self.partials.lookup(keys)
+            fresh = batch_partials.drop("__n")
+            if old.height:
+                fresh = (
+                    pl.concat([old, fresh], how="vertical_relaxed")
+                    .group_by(self.key_cols)
+                    .agg(self.spec.merge_exprs())
+                )
+            # (no stored partials for these groups: the batch's partials are the state)
+            merged = fresh.select(self.partials.schema.names()).cast(self.partials.schema)
+            self.partials.apply(upserts=merged)
+        all_rows = None
+        if self.rows is not None:
+            columns = self.rows.schema.names()
+            old_rows = self.rows.lookup(keys)
+            new_rows = pairs.select(columns)
+            all_rows = pl.concat([old_rows, new_rows], how="vertical_relaxed").cast(
+                self.rows.schema
+            )
+            self.rows.apply(upserts=all_rows)
+        # The state of the touched groups now, for update mode (no second lookup).
+        self._touched = (merged if self.partials is not None else None, all_rows)
+        return updated
+
+    def _emit(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+        mode, wm = ctx.output_mode, ctx.watermark_us
+        closed = self._closed_predicate(wm)
+        if mode == "complete":
+            return self._finalize(self._frame(self.partials), self._frame(self.rows))
+        if mode == "update":
+            if updated is None or updated.height == 0:
+                out = self._finalize(self._empty(self.partials), self._empty(self.rows))
+            else:
+                out = self._finalize(*self._touched)
+            if closed is not None:
+                removed = [s.filter_out(closed) for s in self._stores()]
+                self._removed = removed[0].height if removed else 0
+            return out
+        assert closed is not None  # append without eviction is refused at plan time
+        gone_partials = self.partials.filter_out(closed) if self.partials else None
+        gone_rows = self.rows.filter_out(closed) if self.rows else None
+        self._removed = (gone_partials if gone_partials is not None else gone_rows).height  # type: ignore[union-attr]
+        return self._finalize(gone_partials, gone_rows)
+
+    def _emit_throttled(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+        """Update mode with emit triggers: emit a changed group only when a trigger fires."""
+        assert self.emits is not None
+        policy, now = self.node.emit, ctx.batch_timestamp_ms
+        on_time = self.node.eviction == "window"
+        book = self.emits.frame.clear()
+        if updated is not None and updated.height:
+            known = self.emits.lookup(updated)
+            book = (
+                updated.join(known, on=self.key_cols, how="left", nulls_equal=True)
+                .with_columns(
+                    pl.col(ROWS_SINCE).fill_null(0) + pl.col("__n"),
+                    pl.lit(True).alias(PENDING),
+                )
+                .drop("__n")
+                .select(self.emits.schema.names())
+            )
+        # Groups changed earlier but not emitted yet, whose window the watermark passed now.
+        if on_time:
+            due = self.emits.frame.filter(pl.col(PENDING) & (pl.col(END) <= ctx.watermark_us))
+            book = pl.concat([book, due], how="vertical_relaxed").unique(
+                self.key_cols, keep="first", maintain_order=True
+            )
+        if book.height == 0:
+            self._evict(ctx.watermark_us)
+            return self._finalize(self._empty(self.partials), self._empty(self.rows))
+        keys = book.select(self.key_cols)
+        current = self._finalize(self._semi(self.partials, keys), self._semi(self.rows, keys))
+        current_keyed = self._with_state_keys(current)
+        book = book.join(current_keyed, on=self.key_cols, how="left", nulls_equal=True)
+        fire = pl.lit(False)
+        if on_time:
+            fire = fire | (pl.col(END) <= ctx.watermark_us)
+        if policy.early_every_ms:
+            fire = (
+                fire
+                | pl.col(LAST_EMIT).is_null()
+                | (now - pl.col(LAST_EMIT) >= policy.early_every_ms)
+            )
+        if policy.every_n_rows:
+            fire = fire | (pl.col(ROWS_SINCE) >= policy.every_n_rows)
+        for column, threshold in policy.on_change:
+            previous = pl.col(f"__emitted_{column}")
+            moved = (pl.col(column).cast(pl.Float64) - previous).abs() > threshold
+            fire = fire | previous.is_null() | moved.fill_null(False)
+        book = book.with_columns(fire.alias("__fire"))
+        fired = book.filter(pl.col("__fire"))
+        new_book = book.with_columns(
+            pl.when(pl.col("__fire")).then(now).otherwise(pl.col(LAST_EMIT)).alias(LAST_EMIT),
+            pl.when(pl.col("__fire")).then(0).otherwise(pl.col(ROWS_SINCE)).alias(ROWS_SINCE),
+            (~pl.col("__fire")).alias(PENDING),
+            *(
+                pl.when(pl.col("__fire"))
+                .then(pl.col(c).cast(pl.Float64))
+                .otherwise(pl.col(f"__emitted_{c}"))
+                .alias(f"__emitted_{c}")
+                for c, _ in policy.on_change
+            ),
+        )
+        self.emits.apply(upserts=new_book.select(self.emits.schema.names()))
+        out = current_keyed.join(fired.select(self.key_cols), on=self.key_cols, how="semi",
+                                 nulls_equal=True).select(current.columns)  # fmt: skip
+        self._evict(ctx.watermark_us)
+        return out
+
+    def _with_state_keys(self, out: pl.DataFrame) -> pl.DataFrame:
+        """The emitted rows with the state key columns (window bounds in microseconds)."""
+        window = self.node.window
+        if window is None:
+            return out
+        return out.with_columns(
+            to_us(window.column).alias(START),
+            (to_us(window.column) + window.period_us).alias(END),
+        )
+
+    def _evict(self, wm: int) -> None:
+        closed = self._closed_predicate(wm)
+        if closed is not None:
+            removed = [s.filter_out(closed) for s in self._stores()]
+            self._removed = removed[0].height if removed else 0
+
+    def _closed_predicate(self, wm: int) -> pl.Expr | None:
+        if self.node.eviction == "window":
+            return pl.col(END) + self.node.emit.allowed_lateness_us <= wm
+        if self.node.eviction == "key" and self.node.event_key is not None:
+            return self.node.event_key.closed(wm)
+        return None
+
+    def _frame(self, store: StateStore | None) -> pl.DataFrame | None:
+        return None if store is None else store.frame
+
+    def _empty(self, store: StateStore | None) -> pl.DataFrame | None:
+        return None if store is None else store.frame.clear()
+
+    def _semi(self, store: StateStore | None, keys: pl.DataFrame) -> pl.DataFrame | None:
+        return None if store is None else store.lookup(keys)
+
+    def _finalize(self, partials: pl.DataFrame | None, rows: pl.DataFrame | None) -> pl.DataFrame:
+        """Results for the groups in ``partials``/``rows``, in the output schema."""
+        parts: list[pl.DataFrame] = []
+        if partials is not None:
+            finalized = partials.select(*self.key_cols, *self.spec.finalize_exprs())
+            parts.append(
+                finalized.select(
+                    *self.key_cols,
+                    *(item.rewritten for item in self.spec.items if item.rewritten is not None),
+                )
+            )
+        if rows is not None:
+            parts.append(
+                rows.sort([ORDER_T, ORDER_S])
+                .group_by(self.key_cols, maintain_order=True)
+                .agg(item.original for item in self.spec.buffered)
+            )
+        result = parts[0]
+        if len(parts) == 2:
+            result = result.join(parts[1], on=self.key_cols, how="left", nulls_equal=True)
+        window = self.node.window
+        columns: list[pl.Expr] = [pl.col(k) for k in self.node.keys]
+        sort_by: list[str] = list(self.node.keys)
+        if window is not None:
+            dtype = self.node.input_schema[window.column]
+            if window.include_boundaries:
+                columns += [
+                    from_us(pl.col(START), dtype).alias("_lower_boundary"),
+                    from_us(pl.col(END), dtype).alias("_upper_boundary"),
+                ]
+            columns.append(from_us(pl.col(START), dtype).alias(window.column))
+            sort_by = [window.column, *sort_by]
+        columns += [pl.col(item.output_name) for item in self.spec.items]
+        out = result.select(columns).cast(self.out_schema, strict=False)
+        return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out

@@ -1,0 +1,131 @@
+"""What every stateful operator runtime shares: its stores, counters and late rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from microstream.runtime.progress import StateOperatorProgress
+from microstream.time.windows import END, START, from_us
+
+if TYPE_CHECKING:
+    from microstream.plan.nodes import BatchContext
+    from microstream.state.store import StateStore
+
+__all__ = ["StoreBackedOperator", "late_rows_frame"]
+
+logger = logging.getLogger("microstream")
+
+
+class StoreBackedOperator:
+    """Load, commit and progress over an operator's state stores, and late-row routing."""
+
+    operator_id: str
+    kind: str
+
+    def __init__(self, operator_id: str):
+        self.operator_id = operator_id
+        self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
+
+    def _stores(self) -> list[StateStore]:
+        raise AssertionError("subclasses list their stores")  # pragma: no cover
+
+    def load(self, version: int | None) -> None:
+        for store in self._stores():
+            store.load(version)
+
+    def commit(self, version: int) -> None:
+        for store in self._stores():
+            store.commit(version)
+
+    def progress(self) -> StateOperatorProgress:
+        return StateOperatorProgress(
+            operator_id=self.operator_id,
+            kind=self.kind,
+            num_rows_total=sum(s.rows for s in self._stores()),
+            memory_bytes=sum(s.bytes for s in self._stores()),
+            num_rows_updated=self._updated,
+            num_rows_removed=self._removed,
+            num_rows_dropped_late=self._dropped_late,
+            num_rows_dropped_null_time=self._dropped_null_time,
+        )
+
+    def _drop_late(
+        self,
+        df: pl.DataFrame,
+        late: pl.Expr,
+        ctx: BatchContext,
+        columns: Sequence[str],
+        time_dtype: pl.DataType | None,
+        *,
+        has_window: bool = False,
+    ) -> pl.DataFrame:
+        """``df`` without its late rows, which are counted and handed to the side output."""
+        dropped = df.filter(late)
+        if dropped.height == 0:
+            return df
+        self._dropped_late = dropped.height
+        ctx.late_rows.append(
+            late_rows_frame(
+                dropped, columns, ctx, self.operator_id, time_dtype, has_window=has_window
+            )
+        )
+        return df.filter(~late)
+
+    def _drop_null_times(
+        self,
+        df: pl.DataFrame,
+        time: str,
+        ctx: BatchContext,
+        columns: Sequence[str],
+        time_dtype: pl.DataType | None,
+        why: str,
+    ) -> pl.DataFrame:
+        """``df`` without rows whose event time ``time`` is null: they belong to no window
+        (as in Spark), so they are counted (``num_rows_dropped_null_time``, this batch, summed
+        over calls) and handed to the ``on_late`` side output with the reason."""
+        nulls = df.get_column(time).null_count()
+        if nulls == 0:
+            return df
+        logger.warning(
+            "%s: %d row(s) with a null event time dropped: %s", self.operator_id, nulls, why
+        )
+        self._dropped_null_time += nulls
+        dropped = df.filter(pl.col(time).is_null())
+        ctx.late_rows.append(
+            late_rows_frame(
+                dropped, columns, ctx, self.operator_id, time_dtype, has_window=False
+            ).with_columns(pl.lit(f"null event time: {why}").alias("reason"))
+        )
+        return df.filter(pl.col(time).is_not_null())
+
+
+def late_rows_frame(
+    dropped: pl.DataFrame,
+    columns: Sequence[str],
+    ctx: BatchContext,
+    operator_id: str,
+    time_dtype: pl.DataType | None,
+    *,
+    has_window: bool,
+) -> pl.DataFrame:
+    """Late rows for the side output: the row, the batch, the watermark missed, the window,
+    and why (``reason``: ``"late"`` here; null event times say so)."""
+    missed = from_us(
+        pl.lit(ctx.late_watermark_us, pl.Int64), time_dtype or pl.Datetime("us", "UTC")
+    ).alias("late_watermark")
+    extra: list[pl.Expr] = [
+        pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
+        pl.lit(operator_id).alias("operator"),
+        missed,
+        pl.lit("late").alias("reason"),
+    ]
+    if has_window and time_dtype is not None:
+        extra += [
+            from_us(pl.col(START), time_dtype).alias("window_start"),
+            from_us(pl.col(END), time_dtype).alias("window_end"),
+        ]
+    return dropped.select(*columns, *extra)

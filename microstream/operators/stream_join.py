@@ -1,0 +1,869 @@
+"""Stream-stream joins: two watermarked streams joined on keys within a time bound.
+
+The semantics are Spark's symmetric hash join with an event-time range
+condition. Each side buffers its rows in a state store, one key per row (the
+join keys and a row id) hashed on the join keys: a batch finds a join key's rows
+by that hash, inserts its new rows, and rewrites a kept row only when it first
+matches (outer joins, semi and anti remember that), so its cost follows the
+batch, not the rows kept.
+In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
+
+1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
+   routed to the ``on_late`` side output when the query asks;
+2. the new rows of each side are matched against the other side's buffered and
+   new rows; a pair is emitted when its keys are equal and
+   ``right_time - left_time`` lies in ``[lower, upper]`` (inclusive), and at
+   least one of its rows is new, so no pair is emitted twice;
+3. rows are added to their side's buffer with a flag saying whether they ever
+   matched;
+4. a left row can match no future right row once ``left_time + upper <=
+   wm[N]`` (a future right row is later than ``wm[N]`` or late), a right row
+   once ``right_time - lower <= wm[N]``: such rows leave the buffer, and the
+   never-matched ones are emitted with nulls for the other side by outer joins
+   (``left``, ``right``, ``full``) or alone by ``anti``. ``semi`` emits a left
+   row the first time it matches.
+
+Rows of the output have the columns :meth:`polars.DataFrame.join` gives for the
+same ``how``, keys and ``suffix``: each output batch is built by one Polars join
+of the rows involved, so naming, coalescing and null filling follow Polars.
+
+A join without a time bound keeps every row forever: allowed (with a warning)
+for inner joins, refused for the others, whose unmatched rows could never be
+emitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import polars as pl
+
+from microstream.exceptions import PlanError
+from microstream.operators.base import StoreBackedOperator
+from microstream.plan.nodes import BatchContext, PlanNode, ScanNode, StatefulNode
+from microstream.state.store import StateStore
+from microstream.time.duration import format_duration
+from microstream.time.windows import to_us
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from microstream.checkpoint.storage import Storage
+
+__all__ = [
+    "StreamJoinNode",
+    "StreamJoinOperator",
+    "join_output_schema",
+    "parse_join_where",
+    "stream_join_keys",
+    "stream_join_window",
+]
+
+logger = logging.getLogger("microstream")
+
+ROW_ID = "__row_id"
+MATCHED = "__matched"
+_PAIR = "__pair"
+_NEW = "__new"
+_TIME = "__time_us"
+_STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
+
+
+def join_output_schema(
+    left: pl.Schema,
+    right: pl.Schema,
+    left_on: tuple[str, ...],
+    right_on: tuple[str, ...],
+    how: str,
+    suffix: str,
+    coalesce: bool | None = None,
+) -> pl.Schema:
+    """The schema Polars gives ``left.join(right, ...)`` (row order and values aside)."""
+    if how in ("semi", "anti"):
+        return left
+    probe = pl.LazyFrame(schema=left).join(
+        pl.LazyFrame(schema=right),
+        left_on=list(left_on),
+        right_on=list(right_on),
+        how=how,  # type: ignore[arg-type]
+        suffix=suffix,
+        coalesce=coalesce,
+    )
+    return probe.collect_schema()
+
+
+class _TwoStreamOperator(StoreBackedOperator):
+    """A join's runtime: fed both sides of a batch at once by :class:`_TwoStreamNode`."""
+
+    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+        msg = f"{self.kind} takes two inputs: the engine calls process_sides()"
+        raise TypeError(msg)
+
+    def process_sides(
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+    ) -> pl.DataFrame:
+        raise AssertionError("subclasses join the two sides")  # pragma: no cover
+
+
+class _TwoStreamNode(StatefulNode):
+    """A stateful node over two streams: ``input`` (the left side) and ``right``."""
+
+    right: PlanNode
+
+    def children(self) -> tuple[PlanNode, ...]:
+        return (self.input, self.right)
+
+    def explain_lines(self, depth: int = 0) -> list[str]:
+        lines = ["  " * depth + self.describe(), "  " * (depth + 1) + "left:"]
+        lines.extend(self.input.explain_lines(depth + 2))
+        lines.append("  " * (depth + 1) + "right:")
+        lines.extend(self.right.explain_lines(depth + 2))
+        return lines
+
+    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+        left = self.input.execute(inputs, ctx)
+        right = self.right.execute(inputs, ctx)
+        if ctx.planning:
+            return pl.LazyFrame(schema=self.output_schema())
+        if self not in ctx.results:  # runs once per batch even when reached twice
+            operator = ctx.operators[self]
+            assert isinstance(operator, _TwoStreamOperator)
+            out = operator.process_sides(left.collect(), right.collect(), self.context_for(ctx))
+            ctx.results[self] = out.lazy()
+        return ctx.results[self]
+
+
+@dataclass(frozen=True, eq=False)
+class StreamJoinNode(_TwoStreamNode):
+    """``left.join(right, ...)`` of two streams (see the module docstring)."""
+
+    chainable: ClassVar[bool] = True
+
+    input: PlanNode  # the left side (StatefulNode's single input)
+    right: PlanNode
+    left_on: tuple[str, ...]
+    right_on: tuple[str, ...]
+    how: str
+    suffix: str
+    left_time: str | None
+    right_time: str | None
+    lower_us: int | None
+    """Bound of ``right_time - left_time`` (inclusive); None: no time bound."""
+    upper_us: int | None
+    left_schema: pl.Schema
+    right_schema: pl.Schema
+    nulls_equal: bool = False
+    coalesce: bool | None = None
+    """Polars' ``coalesce`` of the key columns (``join_where`` keeps both: False)."""
+
+    @property
+    def bounded(self) -> bool:
+        return self.lower_us is not None and self.upper_us is not None
+
+    def output_schema(self) -> pl.Schema:
+        return join_output_schema(
+            self.left_schema,
+            self.right_schema,
+            self.left_on,
+            self.right_on,
+            self.how,
+            self.suffix,
+            self.coalesce,
+        )
+
+    def output_delay_us(self) -> int:
+        # An emitted row's times can be this much older than the watermark of the batch
+        # that emits it; operators downstream judge lateness that much later.
+        if not self.bounded:
+            return 0
+        assert self.lower_us is not None and self.upper_us is not None
+        return max(self.upper_us, -self.lower_us, 0)
+
+    def describe(self) -> str:
+        if self.bounded:
+            assert self.lower_us is not None and self.upper_us is not None
+            bound = (
+                f", {self.right_time} - {self.left_time} in "
+                f"[{_signed(self.lower_us)}, {_signed(self.upper_us)}]"
+            )
+        else:
+            bound = ", no time bound: state grows forever"
+        keys = (
+            f"on={list(self.left_on)}"
+            if self.left_on == self.right_on
+            else f"left_on={list(self.left_on)}, right_on={list(self.right_on)}"
+        )
+        return f"stream join(how={self.how!r}, {keys}{bound})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "stream_join",
+            "how": self.how,
+            "left_on": list(self.left_on),
+            "right_on": list(self.right_on),
+            "left_time": self.left_time,
+            "right_time": self.right_time,
+            "lower_us": self.lower_us,
+            "upper_us": self.upper_us,
+            "left_schema": {k: str(v) for k, v in self.left_schema.items()},
+            "right_schema": {k: str(v) for k, v in self.right_schema.items()},
+        }
+
+    def check_output_mode(self, output_mode: str) -> None:
+        if output_mode != "append":
+            msg = (
+                f"a stream-stream join emits each joined row once, when it is known: "
+                f"output_mode={output_mode!r} is not supported (use 'append', as in Spark)"
+            )
+            raise PlanError(msg)
+
+    def unbounded_state(self, output_mode: str) -> str | None:
+        if self.bounded:
+            return None
+        return (
+            f"{self.describe()} keeps every row of both sides forever; give a time bound, "
+            "join(..., within='10m'), on with_watermark columns, so the watermark evicts them"
+        )
+
+    def build_operator(self, operator_id: str, storage: Storage) -> StreamJoinOperator:
+        return StreamJoinOperator(self, operator_id, storage)
+
+
+class StreamJoinOperator(_TwoStreamOperator):
+    """Runtime of :class:`StreamJoinNode`: one buffer per side, matching, eviction."""
+
+    kind = "stream join"
+
+    def __init__(self, node: StreamJoinNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
+        self.node = node
+        extra = {ROW_ID: pl.Int64(), MATCHED: pl.Boolean()}
+        # One state key per row (join keys + row id), hashed on the join keys: a batch
+        # inserts its rows and finds a key's rows without rewriting the rows kept.
+        self.left = StateStore(
+            storage.sub("left"),
+            operator=f"{operator_id}/left",
+            key_columns=[*node.left_on, ROW_ID],
+            hash_columns=list(node.left_on),
+            one_row_per_key=True,
+            schema=pl.Schema({**node.left_schema, **extra}),
+        )
+        self.right = StateStore(
+            storage.sub("right"),
+            operator=f"{operator_id}/right",
+            key_columns=[*node.right_on, ROW_ID],
+            hash_columns=list(node.right_on),
+            one_row_per_key=True,
+            schema=pl.Schema({**node.right_schema, **extra}),
+        )
+        # Whether a side's rows must remember that they matched: for the unmatched rows
+        # outer joins and anti emit, and for semi's first match.
+        self._track = (
+            node.how in ("left", "full", "semi", "anti"),
+            node.how in ("right", "full"),
+        )
+
+    def _stores(self) -> list[StateStore]:
+        return [self.left, self.right]
+
+    def process_sides(
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+    ) -> pl.DataFrame:
+        node = self.node
+        self._updated = self._removed = self._dropped_null_time = 0
+        left, late_left = self._arrivals(left, node.left_time, node.left_schema, ctx, side=0)
+        right, late_right = self._arrivals(right, node.right_time, node.right_schema, ctx, side=1)
+        self._dropped_late = late_left + late_right
+        self._updated = left.height + right.height
+
+        # The buffered rows a new row of the other side can pair with.
+        old_left = (
+            self.left.lookup(_keys(right, node.right_on, node.left_on))
+            if right.height and self.left.rows
+            else self.left.frame.clear()
+        )
+        old_right = (
+            self.right.lookup(_keys(left, node.left_on, node.right_on))
+            if left.height and self.right.rows
+            else self.right.frame.clear()
+        )
+        all_left = pl.concat([old_left, left], how="vertical")
+        all_right = pl.concat([old_right, right], how="vertical")
+        pairs = self._pairs(all_left, all_right, old_left.height, old_right.height)
+
+        # Flags: a row matched now or before; semi emits a left row at its first match.
+        # New rows go in with their flag; a kept row is rewritten when it first matches.
+        newly_matched = all_left.clear()
+        for side, (store, arrived, old, ids) in enumerate(
+            ((self.left, left, old_left, "__left_id"), (self.right, right, old_right, "__right_id"))
+        ):
+            if not self._track[side] or pairs.height == 0:
+                store.insert(arrived)
+                continue
+            hit = pl.col(ROW_ID).is_in(pairs.get_column(ids).unique().implode())
+            first = old.filter(hit & ~pl.col(MATCHED)).with_columns(pl.lit(True).alias(MATCHED))
+            flagged = arrived.with_columns(hit.alias(MATCHED))
+            store.insert(flagged)
+            if first.height:
+                store.apply(upserts=first)
+            if side == 0:
+                newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
+
+        # Rows no future row of the other side can match leave the buffers.
+        gone_left = gone_right = None
+        if node.bounded:
+            assert node.lower_us is not None and node.upper_us is not None
+            assert node.left_time is not None and node.right_time is not None
+            wm = ctx.watermark_us
+            gone_left = self.left.filter_out(to_us(node.left_time) + node.upper_us <= wm)
+            gone_right = self.right.filter_out(to_us(node.right_time) - node.lower_us <= wm)
+            self._removed = gone_left.height + gone_right.height
+        return self._emit(all_left, all_right, pairs, newly_matched, gone_left, gone_right)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def _arrivals(
+        self,
+        df: pl.DataFrame,
+        time: str | None,
+        schema: pl.Schema,
+        ctx: BatchContext,
+        *,
+        side: int,
+    ) -> tuple[pl.DataFrame, int]:
+        """A side's new rows (late ones dropped: how many) with row ids, ``matched = false``."""
+        self._dropped_late = 0
+        if time is not None and df.height:
+            df = self._drop_null_times(
+                df, time, ctx, list(schema), schema[time], "can never be matched in time"
+            )
+            df = self._drop_late(
+                df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
+            )
+        # Unique per side and batch; a re-run batch gives the same ids.
+        row_id = (
+            pl.int_range(pl.len(), dtype=pl.Int64) * 2 + side + ctx.batch_id * (1 << 33)
+        ).alias(ROW_ID)
+        rows = df.select(*schema.names()).with_columns(row_id, pl.lit(False).alias(MATCHED))
+        return rows, self._dropped_late
+
+    def _pairs(
+        self, left: pl.DataFrame, right: pl.DataFrame, old_left: int, old_right: int
+    ) -> pl.DataFrame:
+        """Row-id pairs that join now: equal keys, time condition, at least one row new."""
+        node = self.node
+        probe_keys = [f"__k{i}" for i in range(len(node.left_on))]
+
+        def side(
+            frame: pl.DataFrame, on: tuple[str, ...], time: str | None, old: int
+        ) -> pl.LazyFrame:
+            columns = [pl.col(c).alias(k) for c, k in zip(on, probe_keys)]
+            if time is not None:
+                columns.append(to_us(time).alias(_TIME))
+            is_new = pl.int_range(pl.len()) >= old
+            return frame.lazy().select(*columns, pl.col(ROW_ID), is_new.alias(_NEW))
+
+        joined = side(left, node.left_on, node.left_time, old_left).join(
+            side(right, node.right_on, node.right_time, old_right),
+            on=probe_keys,
+            how="inner",
+            suffix="_r",
+            nulls_equal=node.nulls_equal,
+        )
+        condition = pl.col(_NEW) | pl.col(f"{_NEW}_r")
+        if node.bounded:
+            assert node.lower_us is not None and node.upper_us is not None
+            gap = pl.col(f"{_TIME}_r") - pl.col(_TIME)
+            condition = condition & (gap >= node.lower_us) & (gap <= node.upper_us)
+        return (
+            joined.filter(condition)
+            .select(pl.col(ROW_ID).alias("__left_id"), pl.col(f"{ROW_ID}_r").alias("__right_id"))
+            .collect()
+        )
+
+    def _emit(
+        self,
+        all_left: pl.DataFrame,
+        all_right: pl.DataFrame,
+        pairs: pl.DataFrame,
+        newly_matched: pl.DataFrame,
+        gone_left: pl.DataFrame | None,
+        gone_right: pl.DataFrame | None,
+    ) -> pl.DataFrame:
+        node = self.node
+        left_columns = list(node.left_schema)
+        if node.how == "semi":
+            return newly_matched.select(left_columns)
+        if node.how == "anti":
+            if gone_left is None:
+                return pl.DataFrame(schema=node.left_schema)
+            return gone_left.filter(~pl.col(MATCHED)).select(left_columns)
+
+        # Rows of the output, each with a pair number: a joined pair shares one, an unmatched
+        # row gets one of its own; one Polars join then builds the rows as Polars would.
+        n = pairs.height
+        pair_no = pl.int_range(pl.len(), dtype=pl.Int64)
+        numbered = pairs.with_columns(pair_no.alias(_PAIR))
+        lefts = [
+            numbered.join(all_left, left_on="__left_id", right_on=ROW_ID, how="inner").select(
+                *left_columns, _PAIR
+            )
+        ]
+        rights = [
+            numbered.join(all_right, left_on="__right_id", right_on=ROW_ID, how="inner").select(
+                *node.right_schema.names(), _PAIR
+            )
+        ]
+        if node.how in ("left", "full") and gone_left is not None:
+            lonely = gone_left.filter(~pl.col(MATCHED)).select(left_columns)
+            lefts.append(lonely.with_columns((pair_no + n).alias(_PAIR)))
+            n += lonely.height
+        if node.how in ("right", "full") and gone_right is not None:
+            lonely = gone_right.filter(~pl.col(MATCHED)).select(node.right_schema.names())
+            rights.append(lonely.with_columns((pair_no + n).alias(_PAIR)))
+        left_rows = pl.concat(lefts, how="vertical")
+        right_rows = pl.concat(rights, how="vertical")
+        out = left_rows.join(
+            right_rows,
+            left_on=[*node.left_on, _PAIR],
+            right_on=[*node.right_on, _PAIR],
+            how=node.how,  # type: ignore[arg-type]
+            suffix=node.suffix,
+            nulls_equal=True,  # pairs decided already; null keys of a pair stay paired
+            coalesce=node.coalesce,
+        )
+        return out.select(node.output_schema().names())
+
+
+def _keys(frame: pl.DataFrame, on: tuple[str, ...], names: tuple[str, ...]) -> pl.DataFrame:
+    """The distinct join keys of ``frame``, named ``names``."""
+    return frame.select([pl.col(c).alias(n) for c, n in zip(on, names)]).unique()
+
+
+def _signed(us: int) -> str:
+    return ("-" if us < 0 else "") + format_duration(abs(us))
+
+
+def stream_join_keys(
+    left: pl.Schema, right: pl.Schema, on: Any, left_on: Any, right_on: Any
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The join key columns of each side, checked: column names, same count, same dtypes."""
+
+    def names(value: Any, what: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, (str, pl.Expr)) else list(value or [])
+        out = []
+        for item in items:
+            if isinstance(item, pl.Expr):
+                roots = item.meta.root_names()
+                if not item.meta.is_column() or len(roots) != 1:
+                    msg = (
+                        f"a stream-stream join needs column names as keys ({what}); got the "
+                        f"expression {item}: add it as a column with with_columns first"
+                    )
+                    raise PlanError(msg)
+                out.append(roots[0])
+            else:
+                out.append(str(item))
+        return tuple(out)
+
+    if on is not None:
+        if left_on is not None or right_on is not None:
+            msg = "join: give either on= or left_on= and right_on=, not both"
+            raise PlanError(msg)
+        keys_left = keys_right = names(on, "on")
+    else:
+        keys_left, keys_right = names(left_on, "left_on"), names(right_on, "right_on")
+    if not keys_left or len(keys_left) != len(keys_right):
+        msg = (
+            "a stream-stream join needs equality keys on both sides (a cross join of two "
+            f"streams has unbounded state); got left keys {list(keys_left)} and right keys "
+            f"{list(keys_right)}"
+        )
+        raise PlanError(msg)
+    for side, keys, schema in (("left", keys_left, left), ("right", keys_right, right)):
+        missing = [k for k in keys if k not in schema]
+        if missing:
+            msg = f"join keys {missing} are not columns of the {side} stream {list(schema)}"
+            raise PlanError(msg)
+    wrong = [
+        f"{a} ({left[a]}) vs {b} ({right[b]})"
+        for a, b in zip(keys_left, keys_right)
+        if left[a] != right[b]
+    ]
+    if wrong:
+        msg = f"join keys must have the same dtype on both sides: {', '.join(wrong)}; cast first"
+        raise PlanError(msg)
+    return keys_left, keys_right
+
+
+def stream_join_window(
+    within: Any, how: str, left_time: str | None, right_time: str | None
+) -> tuple[int | None, int | None]:
+    """``within=`` as bounds of ``right_time - left_time`` in microseconds (None: unbounded)."""
+    if within is None:
+        if how != "inner":
+            msg = (
+                f"a {how} join of two streams needs a time bound (within=...): its unmatched "
+                "rows are emitted when the watermark passes that bound, and without one its "
+                "state would grow forever"
+            )
+            raise PlanError(msg)
+        logger.warning(
+            "stream-stream inner join without within=: every row of both sides is kept in "
+            "state forever; add a time bound to let the watermark evict them"
+        )
+        return None, None
+    if left_time is None or right_time is None:
+        side = "left" if left_time is None else "right"
+        msg = (
+            f"within= needs an event-time column on both sides; the {side} stream has no "
+            "with_watermark (or give left_time=/right_time=)"
+        )
+        raise PlanError(msg)
+    if isinstance(within, tuple):
+        if len(within) != 2:
+            msg = f"within= is a duration or a (lower, upper) pair; got {within!r}"
+            raise PlanError(msg)
+        lower, upper = (_signed_us(v, "within") for v in within)
+    else:
+        upper = _signed_us(within, "within")
+        if upper < 0:
+            msg = f"within={within!r} as one duration must not be negative"
+            raise PlanError(msg)
+        lower = -upper
+    if lower > upper:
+        msg = f"within=({within[0]!r}, {within[1]!r}): the lower bound is above the upper bound"
+        raise PlanError(msg)
+    return lower, upper
+
+
+def _signed_us(value: Any, name: str) -> int:
+    from microstream.time.duration import parse_duration
+
+    negative = isinstance(value, str) and value.strip().startswith("-")
+    if negative:
+        value = value.strip()[1:]
+    try:
+        delta = parse_duration(value, name=name)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    us = delta // _ONE_US
+    return -us if negative else us
+
+
+_ONE_US = timedelta(microseconds=1)
+
+
+# -- join_where: keys and the time bound read from the predicates ---------------------------------
+
+_FLIP = {"Lt": "Gt", "LtEq": "GtEq", "Gt": "Lt", "GtEq": "LtEq"}
+
+
+@dataclass(frozen=True)
+class WhereJoin:
+    """What ``join_where``'s predicates say: equality keys and a time bound."""
+
+    left_on: tuple[str, ...]
+    right_on: tuple[str, ...]
+    left_time: str
+    right_time: str
+    lower_us: int
+    upper_us: int
+
+
+def parse_join_where(
+    left: pl.Schema, right: pl.Schema, predicates: tuple[pl.Expr, ...], suffix: str
+) -> WhereJoin:
+    """Read ``join_where`` predicates of two streams: ``==`` between a left and a right
+    column (the keys), and comparisons of the two time columns with a constant
+    duration offset (``pl.col("t_r") <= pl.col("t_l") + pl.duration(minutes=5)``),
+    which bound ``right_time - left_time``. Anything else is a PlanError: a predicate
+    the join cannot use to evict state would keep it forever."""
+    import json
+
+    def side_of(name: str) -> tuple[str, str]:
+        if name in left:
+            return "left", name
+        if name in right:
+            return "right", name
+        if name.endswith(suffix) and name[: -len(suffix)] in right:
+            return "right", name[: -len(suffix)]
+        msg = f"join_where: {name!r} is a column of neither stream"
+        raise PlanError(msg)
+
+    def term(node: Any, text: str) -> tuple[str, str, int]:
+        """``col`` or ``col +/- duration``: (side, column, offset in us)."""
+        if "Column" in node:
+            return (*side_of(node["Column"]), 0)
+        binary = node.get("BinaryExpr")
+        if binary and binary["op"] in ("Plus", "Minus") and "Column" in binary["left"]:
+            offset = _duration_us(binary["right"])
+            if offset is not None:
+                sign = 1 if binary["op"] == "Plus" else -1
+                return (*side_of(binary["left"]["Column"]), sign * offset)
+        msg = (
+            f"join_where of two streams: cannot use {text}; compare a time column of each "
+            "side, optionally plus or minus a constant pl.duration(...)"
+        )
+        raise PlanError(msg)
+
+    keys: list[tuple[str, str]] = []
+    lower: list[int] = []
+    upper: list[int] = []
+    times: set[tuple[str, str]] = set()
+    for predicate in predicates:
+        text = str(predicate)
+        tree = json.loads(predicate.meta.serialize(format="json"))
+        binary = tree.get("BinaryExpr")
+        if binary is None or binary["op"] not in ("Eq", *_FLIP):
+            msg = (
+                f"join_where of two streams: cannot use the predicate {text}; use equality "
+                "between a left and a right column, and <, <=, >, >= between the time columns"
+            )
+            raise PlanError(msg)
+        a, b = term(binary["left"], text), term(binary["right"], text)
+        if a[0] == b[0]:
+            msg = f"join_where: {text} compares two columns of the {a[0]} stream"
+            raise PlanError(msg)
+        op = binary["op"]
+        if a[0] == "right":  # write it as left OP right
+            a, b, op = b, a, _FLIP.get(op, op)
+        if op == "Eq":
+            if a[2] or b[2]:
+                msg = f"join_where: an equality key cannot have an offset: {text}"
+                raise PlanError(msg)
+            keys.append((a[1], b[1]))
+            continue
+        times.add((a[1], b[1]))
+        # l + oa OP r + ob  <=>  r - l  OP'  oa - ob, OP' flipped
+        bound = a[2] - b[2]
+        if op in ("Lt", "LtEq"):  # r - l > / >= bound
+            lower.append(bound + (1 if op == "Lt" else 0))
+        else:  # r - l < / <= bound
+            upper.append(bound - (1 if op == "Gt" else 0))
+    if not keys:
+        msg = (
+            "join_where of two streams needs an equality predicate between a left and a "
+            "right column (a cross join of two streams has unbounded state)"
+        )
+        raise PlanError(msg)
+    if len(times) != 1 or not lower or not upper:
+        msg = (
+            "join_where of two streams needs a lower and an upper bound on the same pair of "
+            f"time columns (e.g. r >= l and r <= l + pl.duration(hours=1)); got {len(lower)} "
+            f"lower and {len(upper)} upper bound(s) over {sorted(times)}"
+        )
+        raise PlanError(msg)
+    (left_time, right_time) = times.pop()
+    return WhereJoin(
+        left_on=tuple(k for k, _ in keys),
+        right_on=tuple(k for _, k in keys),
+        left_time=left_time,
+        right_time=right_time,
+        lower_us=max(lower),
+        upper_us=min(upper),
+    )
+
+
+def _duration_us(node: Any) -> int | None:
+    """A constant duration literal (possibly aliased) in microseconds, else None."""
+    if "Alias" in node:
+        node = node["Alias"][0]
+    scalar = node.get("Literal", {}).get("Scalar", {}) if isinstance(node, dict) else {}
+    value = scalar.get("Duration") if isinstance(scalar, dict) else None
+    if not value:
+        return None
+    amount, unit = value
+    per_us = {"Microseconds": 1, "Milliseconds": 1000}
+    if unit == "Nanoseconds":
+        return int(amount) // 1000
+    return int(amount) * per_us[unit] if unit in per_us else None
+
+
+# -- join_asof of two streams --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class StreamAsofJoinNode(_TwoStreamNode):
+    """``left.join_asof(right, ...)`` of two streams, strategy ``"backward"``.
+
+    Each left row is emitted, with the latest right row of its ``by`` key at or
+    before its time (within ``tolerance``), once the watermark guarantees that
+    no such right row can still arrive: when ``left_time <= wm[N]`` (a right row
+    arriving later is later than ``wm[N]`` or late). Left rows wait in state until
+    then; right rows stay while a future left row could pick them: per key, the
+    rows after the watermark and the latest one at or before it (none older than
+    ``wm - tolerance``), pruned whenever the key is touched.
+    """
+
+    chainable: ClassVar[bool] = True
+
+    input: PlanNode  # the left side
+    right: PlanNode
+    left_time: str
+    right_time: str
+    by_left: tuple[str, ...]
+    by_right: tuple[str, ...]
+    tolerance_us: int | None
+    suffix: str
+    allow_exact_matches: bool
+    left_schema: pl.Schema
+    right_schema: pl.Schema
+
+    def _asof(self, left: pl.LazyFrame, right: pl.LazyFrame) -> pl.LazyFrame:
+        tolerance = None if self.tolerance_us is None else timedelta(microseconds=self.tolerance_us)
+        return left.join_asof(
+            right,
+            left_on=self.left_time,
+            right_on=self.right_time,
+            by_left=list(self.by_left),
+            by_right=list(self.by_right),
+            strategy="backward",
+            suffix=self.suffix,
+            tolerance=tolerance,
+            allow_exact_matches=self.allow_exact_matches,
+            check_sortedness=False,  # both sides are sorted by time before the join
+        )
+
+    def output_schema(self) -> pl.Schema:
+        probe = self._asof(
+            pl.LazyFrame(schema=self.left_schema), pl.LazyFrame(schema=self.right_schema)
+        )
+        return probe.collect_schema()
+
+    def describe(self) -> str:
+        tolerance = (
+            f", tolerance={format_duration(self.tolerance_us)}"
+            if self.tolerance_us is not None
+            else ""
+        )
+        return (
+            f"stream join_asof(on {self.left_time!r} >= {self.right_time!r}, "
+            f"by_left={list(self.by_left)}, by_right={list(self.by_right)}{tolerance})"
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "kind": "stream_join_asof",
+            "left_time": self.left_time,
+            "right_time": self.right_time,
+            "by_left": list(self.by_left),
+            "by_right": list(self.by_right),
+            "tolerance_us": self.tolerance_us,
+            "left_schema": {k: str(v) for k, v in self.left_schema.items()},
+            "right_schema": {k: str(v) for k, v in self.right_schema.items()},
+        }
+
+    def check_output_mode(self, output_mode: str) -> None:
+        if output_mode != "append":
+            msg = f"a stream join_asof emits each left row once: output_mode={output_mode!r} is not supported (use 'append')"
+            raise PlanError(msg)
+
+    def build_operator(self, operator_id: str, storage: Storage) -> StreamAsofJoinOperator:
+        return StreamAsofJoinOperator(self, operator_id, storage)
+
+
+class StreamAsofJoinOperator(_TwoStreamOperator):
+    """Runtime of :class:`StreamAsofJoinNode`: waiting left rows, candidate right rows."""
+
+    kind = "stream join_asof"
+
+    def __init__(self, node: StreamAsofJoinNode, operator_id: str, storage: Storage):
+        super().__init__(operator_id)
+        self.node = node
+        self.left = StateStore(
+            storage.sub("left"),
+            operator=f"{operator_id}/left",
+            key_columns=list(node.by_left),
+            schema=node.left_schema,
+        )
+        self.right = StateStore(
+            storage.sub("right"),
+            operator=f"{operator_id}/right",
+            key_columns=list(node.by_right),
+            schema=node.right_schema,
+        )
+
+    def _stores(self) -> list[StateStore]:
+        return [self.left, self.right]
+
+    def process_sides(
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+    ) -> pl.DataFrame:
+        node = self.node
+        self._updated = self._removed = self._dropped_null_time = 0
+        left, late_left = self._on_time(left, node.left_time, node.left_schema, ctx)
+        right, late_right = self._on_time(right, node.right_time, node.right_schema, ctx)
+        self._dropped_late = late_left + late_right
+        self._updated = left.height + right.height
+        self._append(self.left, left, node.by_left)
+        self._append(self.right, right, node.by_right)
+        # Left rows whose time the watermark passed: no right row before them can come.
+        wm = ctx.watermark_us
+        due = self.left.filter_out(to_us(node.left_time) <= wm)
+        out = pl.DataFrame(schema=node.output_schema())
+        if due.height:
+            keys = due.select(
+                [pl.col(a).alias(b) for a, b in zip(node.by_left, node.by_right)]
+            ).unique()
+            candidates = self.right.lookup(keys)
+            out = (
+                node._asof(due.lazy().sort(node.left_time), candidates.lazy().sort(node.right_time))
+                .collect()
+                .select(node.output_schema().names())
+            )
+        touched = pl.concat(
+            [
+                right.select(node.by_right),
+                due.select([pl.col(a).alias(b) for a, b in zip(node.by_left, node.by_right)]),
+            ],
+            how="vertical",
+        ).unique()
+        self._prune(touched, wm)
+        self._removed = due.height
+        return out
+
+    def _on_time(
+        self, df: pl.DataFrame, time: str, schema: pl.Schema, ctx: BatchContext
+    ) -> tuple[pl.DataFrame, int]:
+        self._dropped_late = 0
+        if df.height:
+            df = self._drop_null_times(
+                df,
+                time,
+                ctx,
+                list(schema),
+                schema[time],
+                "has no row of the other side at or before it",
+            )
+            df = self._drop_late(
+                df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
+            )
+        return df.select(schema.names()), self._dropped_late
+
+    def _append(self, store: StateStore, rows: pl.DataFrame, by: tuple[str, ...]) -> None:
+        if rows.height == 0:
+            return
+        old = store.lookup(rows.select(by).unique())
+        store.apply(upserts=pl.concat([old, rows], how="vertical"))
+
+    def _prune(self, keys: pl.DataFrame, wm: int) -> None:
+        """For ``keys``: keep right rows after ``wm`` and the latest at or before it."""
+        if keys.height == 0:
+            return
+        node = self.node
+        rows = self.right.lookup(keys)
+        if rows.height == 0:
+            return
+        t = to_us(node.right_time)
+        settled = t <= wm
+        latest = (t == t.filter(settled).max().over(list(node.by_right))).fill_null(False)
+        keep = ~settled | latest
+        if node.tolerance_us is not None:
+            keep = keep & (t > wm - node.tolerance_us)
+        kept = rows.filter(keep)
+        if kept.height < rows.height:
+            self.right.apply(upserts=kept, deletes=keys)

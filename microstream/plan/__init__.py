@@ -1,0 +1,1 @@
+"""The logical plan: frozen nodes, one per verb, and their analysis."""

@@ -1,0 +1,1 @@
+"""The runtime: the driver (trigger loop), progress, fault injection."""

@@ -1,0 +1,1 @@
+"""Keyed state: the store, its rows and schema, reading it from outside."""

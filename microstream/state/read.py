@@ -1,0 +1,138 @@
+"""Reading a query's state from outside the query: ``ms.read_state`` and ``microstream state``."""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+
+from microstream.checkpoint.log import Checkpoint
+from microstream.exceptions import CheckpointError
+from microstream.state.store import read_state as read_store
+
+__all__ = ["friendly_names", "list_state", "list_stores", "read_committed_state", "read_state"]
+
+_FRIENDLY = {
+    "__start": "window_start_us",
+    "__end": "window_end_us",
+    "__sstart": "session_start_us",
+    "__send": "session_end_us",
+    "__expire_us": "expires_at_us",
+    "__ot": "order_time_us",
+    "__os": "arrival_seq",
+    "__has_state": "has_state",
+    "__timer_us": "timer_us",
+    "__updated_ms": "updated_at_ms",
+}
+
+
+def list_state(checkpoint: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """The stateful operators of a checkpoint and the stores each keeps.
+
+    Examples
+    --------
+    >>> list_state("memory://no-state-here")
+    {}
+    """
+    return list_stores(Checkpoint(os.fspath(checkpoint)))
+
+
+def list_stores(cp: Checkpoint) -> dict[str, list[str]]:
+    """:func:`list_state` of an open checkpoint (with its storage options)."""
+    fs, root = cp.storage.fs, cp.storage.path("state")
+    result: dict[str, list[str]] = {}
+    try:
+        operators = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return result
+    for operator in operators:
+        name = str(operator).rstrip("/").rsplit("/", 1)[-1]
+        stores = sorted(
+            str(s).rstrip("/").rsplit("/", 1)[-1] for s in fs.ls(operator, detail=False)
+        )
+        result[name] = [s for s in stores if not s.startswith((".", "_"))]
+    return result
+
+
+def read_state(
+    checkpoint: str | os.PathLike[str],
+    *,
+    operator: str = "op0",
+    store: str | None = None,
+    version: int | None = None,
+) -> pl.DataFrame:
+    """The state of one stateful operator as a DataFrame, as of a committed batch.
+
+    Operators are named ``op0``, ``op1``, ... in plan order (``explain()``);
+    each keeps one or two stores: ``partials`` (incremental aggregates) and
+    ``rows`` (rows kept for aggregates that do not decompose) for windows
+    (plus ``emits`` with emit triggers, ``updated`` with ``state_ttl``),
+    ``sessions`` for session windows, ``keys`` for deduplication, ``state``
+    for ``map_groups_with_state``. Internal columns get readable names
+    (``window_start_us``, ``timer_us``, ...). Before the first committed
+    batch the state is empty, even if an interrupted batch wrote some.
+
+    Parameters
+    ----------
+    checkpoint
+        The query's checkpoint directory or URL.
+    operator
+        The operator id.
+    store
+        Which store; defaults to the operator's first.
+    version
+        The batch id; defaults to the last committed batch.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"user": pl.String})
+    >>> query = stream.lazy().group_by("user").agg(pl.len()).sink_memory(
+    ...     "doc_state", output_mode="complete", checkpoint="memory://doc-state"
+    ... )
+    >>> _ = stream.add_data({"user": ["a", "a", "b"]})
+    >>> query.process_all_available()
+    >>> query.stop()
+    >>> ms.read_state("memory://doc-state").sort("user").rows()
+    [('a', 2), ('b', 1)]
+    """
+    return read_committed_state(
+        Checkpoint(os.fspath(checkpoint)), operator=operator, store=store, version=version
+    )
+
+
+def read_committed_state(
+    cp: Checkpoint, *, operator: str = "op0", store: str | None = None, version: int | None = None
+) -> pl.DataFrame:
+    """:func:`read_state` of an open checkpoint (``StreamingQuery.state`` reads through here)."""
+    listed = list_stores(cp)
+    stores = listed.get(operator)
+    if not stores:
+        known = ", ".join(listed) or "none"
+        msg = (
+            f"checkpoint {cp.display()} has no state for operator {operator!r} (operators: {known})"
+        )
+        raise CheckpointError(msg)
+    chosen = store or stores[0]
+    if chosen not in stores:
+        msg = f"operator {operator!r} keeps the stores {stores}; got store={chosen!r}"
+        raise CheckpointError(msg)
+    storage = cp.storage.sub(f"state/{operator}/{chosen}")
+    if version is None:
+        commit = cp.latest_commit()
+        if commit is None:  # nothing committed: the newest version on disk is not (yet) valid
+            return friendly_names(read_store(storage).clear())
+        version = commit.batch_id
+    return friendly_names(read_store(storage, version=version))
+
+
+def friendly_names(frame: pl.DataFrame) -> pl.DataFrame:
+    """A state frame with its internal column names made readable."""
+    renamed = {c: _FRIENDLY.get(c, _friendly_agg(c)) for c in frame.columns}
+    return frame.rename(renamed)
+
+
+def _friendly_agg(column: str) -> str:
+    # "__agg0_sum" -> "agg0_sum": partial aggregate columns, numbered in plan order
+    return column[2:] if column.startswith("__agg") else column

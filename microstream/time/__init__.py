@@ -1,0 +1,1 @@
+"""Time: durations, triggers, watermarks, windows, processing time."""
