@@ -20,7 +20,7 @@ from microstream.protocols import Offset, SinkContext, SourceContext
 
 if TYPE_CHECKING:
     from microstream.api.frame import StreamFrame
-    from microstream.api.session import Session
+    from microstream.protocols import QuerySession
 
 __all__ = ["MemoryOffset", "MemorySink", "MemorySinkSpec", "MemorySource", "MemoryStream"]
 
@@ -189,7 +189,7 @@ class MemorySinkSpec:
     durable: ClassVar[bool] = False
 
     name: str
-    session: Session | None = None
+    session: QuerySession | None = None
 
     def describe(self) -> str:
         return f"MemorySink[{self.name}]"
@@ -205,7 +205,7 @@ class MemorySink:
     """Appends (or, in complete mode, replaces) a memory table once per batch id."""
 
     def __init__(
-        self, name: str, session: Session, *, replace: bool, schema: pl.Schema | None = None
+        self, name: str, session: QuerySession, *, replace: bool, schema: pl.Schema | None = None
     ):
         self.name = name
         self.session = session

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from microstream.api.frame import StreamFrame, concat
+from microstream.api.concat import concat
+from microstream.api.frame import StreamFrame
 from microstream.api.outputs import OutputPointer, current_output, read_output, switch_output
 from microstream.api.query import QueryStatus, StreamingQuery
 from microstream.api.replay import ReplayResult, replay

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     import polars as pl
 
     from microstream._typing import OutputMode
-    from microstream.api.session import Session
     from microstream.checkpoint.storage import Storage
 
 __all__ = [
@@ -37,6 +36,7 @@ __all__ = [
     "MeteredSource",
     "Offset",
     "ProjectingSource",
+    "QuerySession",
     "SideOutput",
     "SideOutputTarget",
     "Sink",
@@ -105,6 +105,28 @@ class _NoSideOutput:
 
 
 NO_SIDE_OUTPUT: SideOutput = _NoSideOutput()
+
+
+class QuerySession(Protocol):
+    """What the engine and the sinks need of the session a query runs in: its memory
+    tables (``sink_memory``, side outputs) and its listeners (progress events)."""
+
+    def register_table(self, name: str, schema: pl.Schema | None = None) -> None:
+        """Make table ``name`` readable (empty, with ``schema``) before its first batch."""
+        ...
+
+    def write_table(self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool) -> bool:
+        """Add (or with ``replace``, set) table ``name``'s rows for ``batch_id``, once per id;
+        whether they were written (a replayed id is not)."""
+        ...
+
+    def post(self, method: str, event: object) -> None:
+        """Call ``method(event)`` on every listener (``on_query_progress``, ...)."""
+        ...
+
+    def unregister_query_run(self, run_id: str) -> None:
+        """The run ``run_id`` ended: it is no longer among the active queries."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -248,7 +270,7 @@ class SinkContext:
     query_name: str | None
     output_mode: OutputMode
     storage: Storage
-    session: Session
+    session: QuerySession
     schema: pl.Schema | None = None
     """The schema of the batches the sink will receive."""
     key_columns: tuple[str, ...] | None = None

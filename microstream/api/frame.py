@@ -10,9 +10,6 @@ not in the middle of a running query.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -25,78 +22,36 @@ from microstream.api.groupby import (
     StreamSessionGroupBy,
     emit_policy,
 )
-from microstream.api.query import StreamingQuery
-from microstream.api.session import Session, default_session
-from microstream.exceptions import PlanError, UnboundedStateWarning, user_stacklevel
+from microstream.api.sinks import SinkVerbs
+from microstream.exceptions import PlanError
 from microstream.operators.dedup import DedupNode
 from microstream.operators.stateful_fn import state_ttl_ms
 from microstream.plan.nodes import (
-    ConcatNode,
     MapBatchesNode,
     PlanNode,
     ScanNode,
     StatelessNode,
     StaticJoinNode,
     WatermarkNode,
-    chained_nodes,
     check_row_wise,
 )
+from microstream.plan.unsupported import NOT_YET_VERBS, UNSUPPORTED_VERBS
 from microstream.protocols import StaticSide
 from microstream.registry import load_connector
-from microstream.runtime.driver import ExecutionConfig, StreamExecution
 from microstream.time.duration import parse_duration
 from microstream.time.processing_time import processing_time_node
-from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 from microstream.time.windows import time_dtype_check
 
 if TYPE_CHECKING:
-    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, StaticJoinStrategy
-    from microstream.protocols import SinkSpec, SourceSpec
+    from microstream._typing import StaticJoinStrategy
+    from microstream.protocols import SourceSpec
 
-__all__ = ["StreamFrame", "concat"]
+__all__ = ["StreamFrame"]
 
 logger = logging.getLogger("microstream")
 
-# Verbs of LazyFrame that have no meaning on an unbounded stream, and what to use.
-_UNSUPPORTED: dict[str, str] = {
-    "sort": "a stream has no end to sort up to; sort inside foreach_batch, or sort the "
-    "sink's output when you read it",
-    "tail": "a stream has no last rows; use a windowed aggregation or read the sink's output",
-    "head": "a stream has no first rows to stop at; use Trigger.once() on a bounded source, "
-    "or filter",
-    "limit": "a stream has no first rows to stop at; use filter",
-    "slice": "row positions are not defined on an unbounded stream; use filter",
-    "with_row_index": "row positions are not defined on an unbounded stream; use the source's "
-    "offsets, or a key column",
-    "reverse": "a stream has no end to reverse from",
-    "shift": "rows have no stable neighbours across micro-batches; use a windowed aggregation",
-    "gather_every": "row positions are not defined on an unbounded stream; use filter",
-    "top_k": "a stream has no final order; use a windowed aggregation",
-    "bottom_k": "a stream has no final order; use a windowed aggregation",
-    "interpolate": "interpolation needs neighbouring rows of the whole stream",
-    "collect": "a stream never ends; start it with a sink_* verb, e.g. sink_memory(name), "
-    "and read ms.table(name)",
-    "count": "a stream never ends; use group_by(...).agg(pl.len())",
-    "describe": "a stream never ends; describe the sink's output instead",
-    "pivot": "the output columns would depend on values not seen yet",
-    "merge_sorted": "a stream has no final order",
-    "max": "a stream never ends; use group_by(...).agg(...)",
-    "min": "a stream never ends; use group_by(...).agg(...)",
-    "sum": "a stream never ends; use group_by(...).agg(...)",
-    "mean": "a stream never ends; use group_by(...).agg(...)",
-    "median": "a stream never ends; use group_by(...).agg(...)",
-    "std": "a stream never ends; use group_by(...).agg(...)",
-    "var": "a stream never ends; use group_by(...).agg(...)",
-    "quantile": "a stream never ends; use group_by(...).agg(...)",
-    "null_count": "a stream never ends; use group_by(...).agg(...)",
-    "first": "a stream has no final first row; use group_by(...).agg(pl.first(...))",
-    "last": "a stream has no last row; use group_by(...).agg(pl.last(...))",
-}
-# Stateful verbs that are not in this version.
-_STATEFUL: tuple[str, ...] = ("rolling",)
 
-
-class StreamFrame:
+class StreamFrame(SinkVerbs):
     """A query over a stream, written with Polars' LazyFrame verbs.
 
     Build one with a source (``ms.scan_files``, ``ms.scan_rate``,
@@ -120,6 +75,9 @@ class StreamFrame:
     def __init__(self, plan: PlanNode):
         self._plan = plan
         self._schema = plan.schema()
+
+    def _from_plan(self, plan: PlanNode) -> StreamFrame:
+        return StreamFrame(plan)
 
     @classmethod
     def from_source(cls, source: SourceSpec) -> StreamFrame:
@@ -160,10 +118,10 @@ class StreamFrame:
         print("\n".join(self._plan.explain_lines()))
 
     def __getattr__(self, name: str) -> Any:
-        if name in _UNSUPPORTED:
-            msg = f"{name}() cannot run on a stream: {_UNSUPPORTED[name]}"
+        if name in UNSUPPORTED_VERBS:
+            msg = f"{name}() cannot run on a stream: {UNSUPPORTED_VERBS[name]}"
             raise PlanError(msg)
-        if name in _STATEFUL:
+        if name in NOT_YET_VERBS:
             msg = (
                 f"{name}() on a stream is not available in this version of microstream; "
                 "use group_by_dynamic(...) windows, or per-batch logic with "
@@ -730,7 +688,7 @@ class StreamFrame:
         every_n_rows: int | None = None,
         emit_on_change: dict[str, float] | None = None,
         state_ttl: str | timedelta | None = None,
-    ) -> StreamGroupBy:
+    ) -> StreamGroupBy[StreamFrame]:
         """Group the stream by keys; ``.agg(...)`` keeps one result per key.
 
         How long a group lives depends on its keys:
@@ -823,7 +781,7 @@ class StreamFrame:
         every_n_rows: int | None = None,
         emit_on_change: dict[str, float] | None = None,
         allowed_lateness: str | timedelta | None = None,
-    ) -> StreamDynamicGroupBy:
+    ) -> StreamDynamicGroupBy[StreamFrame]:
         """Event-time windows, as :meth:`polars.LazyFrame.group_by_dynamic`.
 
         Every row goes to each window ``[k*every + offset, k*every + offset +
@@ -901,7 +859,7 @@ class StreamFrame:
         *,
         gap: str | timedelta,
         group_by: Any = None,
-    ) -> StreamSessionGroupBy:
+    ) -> StreamSessionGroupBy[StreamFrame]:
         """Session windows: runs of events per key at most ``gap`` apart.
 
         A session spans ``[first event, last event + gap)``; sessions that touch
@@ -991,574 +949,6 @@ class StreamFrame:
             )
         )
 
-    # -- sinks ------------------------------------------------------------------------------
-
-    def sink(
-        self,
-        spec: SinkSpec,
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing to any sink: a connector's spec, or your own.
-
-        Every ``sink_*`` verb is this with its connector's spec. A sink spec
-        (:class:`microstream.protocols.SinkSpec`) is a frozen description with
-        ``kind``, ``output_modes``, ``durable``, ``describe()`` and
-        ``build(context)`` returning the runtime :class:`microstream.protocols.Sink`,
-        whose ``add_batch(batch_id, df)`` must be idempotent by batch id for
-        exactly-once output (a re-run batch comes with the same id and rows).
-
-        Examples
-        --------
-        >>> from dataclasses import dataclass, field
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> class ListSink:
-        ...     description = "ListSink"
-        ...     def __init__(self, out):
-        ...         self.out = out
-        ...     def add_batch(self, batch_id, df):
-        ...         self.out[batch_id] = df.rows()  # keyed by batch id: idempotent
-        ...     def stop(self):
-        ...         pass
-        >>> @dataclass(frozen=True, eq=False)
-        ... class ListSinkSpec:
-        ...     out: dict = field(default_factory=dict)
-        ...     kind = "list"
-        ...     output_modes = frozenset({"append"})
-        ...     durable = False
-        ...     def describe(self):
-        ...         return "ListSink"
-        ...     def build(self, context):
-        ...         return ListSink(self.out)
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> spec = ListSinkSpec()
-        >>> query = stream.lazy().sink(spec)
-        >>> _ = stream.add_data({"x": [1, 2]})
-        >>> query.process_all_available()
-        >>> spec.out
-        {0: [(1,), (2,)]}
-        >>> query.stop()
-        """
-        return self._start(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-        )
-
-    def sink_memory(
-        self,
-        name: str,
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        session: Session | None = None,
-    ) -> StreamingQuery:
-        """Start the query into an in-process table read with ``ms.table(name)``.
-
-        The query is named ``name`` too. Without ``checkpoint`` it uses a
-        temporary one, removed when the query stops.
-
-        Examples
-        --------
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> query = stream.lazy().sink_memory("doc_memory")
-        >>> _ = stream.add_data({"x": [1, 2]})
-        >>> query.process_all_available()
-        >>> ms.table("doc_memory")["x"].to_list()
-        [1, 2]
-        >>> query.stop()
-        """
-        spec = load_connector("memory_sink")(name=name, session=session)
-        return self._start(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
-            session=session, checkpoint_options=checkpoint_options,
-        )  # fmt: skip
-
-    def sink_console(
-        self,
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        num_rows: int = 20,
-    ) -> StreamingQuery:
-        """Start the query printing each batch (at most ``num_rows`` rows of it).
-
-        Examples
-        --------
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> query = stream.lazy().sink_console()
-        >>> _ = stream.add_data({"x": [7]})
-        >>> query.process_all_available()
-        Batch: 0
-        shape: (1, 1)
-        ┌─────┐
-        │ x   │
-        │ --- │
-        │ i64 │
-        ╞═════╡
-        │ 7   │
-        └─────┘
-        >>> query.stop()
-        """
-        spec = load_connector("console")(num_rows=num_rows)
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-        )
-
-    def foreach_batch(
-        self,
-        function: Callable[[pl.DataFrame, int], object],
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-    ) -> StreamingQuery:
-        """Start the query calling ``function(df, batch_id)`` for every batch.
-
-        After a crash the uncommitted batch is handed over again with the same
-        id and rows: write idempotently by ``batch_id`` for exactly-once.
-
-        Examples
-        --------
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> seen = []
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> query = stream.lazy().foreach_batch(
-        ...     lambda df, batch_id: seen.append((batch_id, df.height)),
-        ...     checkpoint="memory://doc-foreach",
-        ... )
-        >>> _ = stream.add_data({"x": [1, 2, 3]})
-        >>> query.process_all_available()
-        >>> seen
-        [(0, 3)]
-        >>> query.stop()
-        """
-        spec = load_connector("foreach_batch")(function=function)
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-        )
-
-    def _sink_files(
-        self,
-        path: str | os.PathLike[str],
-        file_format: FileFormat,
-        output_mode: OutputMode,
-        trigger: Trigger | None,
-        checkpoint: str | os.PathLike[str] | None,
-        name: str | None,
-        storage_options: dict[str, Any] | None,
-        partition_by: Sequence[str] | None,
-        checkpoint_options: dict[str, Any] | None,
-    ) -> StreamingQuery:
-        spec = load_connector("file_sink")(
-            path=os.fspath(path),
-            format=file_format,
-            partition_by=list(partition_by) if partition_by else None,
-            storage_options=storage_options,
-        )
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-        )
-
-    def sink_parquet(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        partition_by: Sequence[str] | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing parquet files with a manifest (exactly-once).
-
-        A batch's files become visible to :func:`ms.read_file_sink` only once its
-        manifest entry is written; a crash leaves invisible orphans, never
-        duplicates. ``storage_options`` are fsspec options for ``path``;
-        ``checkpoint_options`` the same for ``checkpoint`` (each sink verb takes
-        it), e.g. ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for an
-        ``s3://`` checkpoint; without them s3fs reads the ``AWS_*`` environment.
-
-        Examples
-        --------
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> query = stream.lazy().sink_parquet(
-        ...     "memory://doc-parquet/out", checkpoint="memory://doc-parquet/cp"
-        ... )
-        >>> _ = stream.add_data({"x": [1, 2]})
-        >>> query.process_all_available()
-        >>> query.stop()
-        >>> ms.read_file_sink("memory://doc-parquet/out")["x"].to_list()
-        [1, 2]
-        """
-        return self._sink_files(
-            path,
-            "parquet",
-            output_mode,
-            trigger,
-            checkpoint,
-            name,
-            storage_options,
-            partition_by,
-            checkpoint_options,
-        )
-
-    def sink_csv(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        partition_by: Sequence[str] | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing CSV files with a manifest (see :meth:`sink_parquet`)."""
-        return self._sink_files(
-            path,
-            "csv",
-            output_mode,
-            trigger,
-            checkpoint,
-            name,
-            storage_options,
-            partition_by,
-            checkpoint_options,
-        )
-
-    def sink_ndjson(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        partition_by: Sequence[str] | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing NDJSON files with a manifest (see :meth:`sink_parquet`)."""
-        return self._sink_files(
-            path,
-            "ndjson",
-            output_mode,
-            trigger,
-            checkpoint,
-            name,
-            storage_options,
-            partition_by,
-            checkpoint_options,
-        )
-
-    def sink_delta(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        storage_options: dict[str, Any] | None = None,
-        partition_by: Sequence[str] | None = None,
-        merge_schema: bool = False,
-        target_file_size: int | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing a Delta table, exactly once per batch.
-
-        Each batch commits with a Delta application transaction (app id = the
-        query id, version = the batch id), so a batch re-run after a crash is
-        recognised and skipped. ``output_mode="complete"`` overwrites the table
-        every batch (for aggregations); ``output_mode="update"`` MERGEs every
-        batch on the aggregation's keys (window start and group keys), the
-        transaction in the same commit. ``target_file_size`` (bytes) sizes the
-        data files. ``merge_schema=True`` lets a batch add
-        columns to the table; otherwise a batch whose schema differs is a
-        ``SinkError``. ``storage_options`` go to deltalake (``AWS_ENDPOINT_URL``,
-        ``AWS_ACCESS_KEY_ID``, ...); ``checkpoint_options`` are fsspec options for
-        ``checkpoint`` (``endpoint_url``, ``key``, ``secret``, ...).
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> root = tempfile.mkdtemp()
-        >>> stream = ms.MemoryStream({"x": pl.Int64})
-        >>> query = stream.lazy().sink_delta(f"{root}/table", checkpoint=f"{root}/cp")
-        >>> _ = stream.add_data({"x": [1, 2]})
-        >>> query.process_all_available()
-        >>> _ = stream.add_data({"x": [3]})
-        >>> query.process_all_available()
-        >>> query.stop()
-        >>> pl.read_delta(f"{root}/table").sort("x")["x"].to_list()
-        [1, 2, 3]
-
-        Update mode keeps one row per key, replaced as the aggregate changes:
-
-        >>> clicks = ms.MemoryStream({"user": pl.String})
-        >>> query = (
-        ...     clicks.lazy()
-        ...     .group_by("user")
-        ...     .agg(pl.len().alias("n"))
-        ...     .sink_delta(f"{root}/counts", output_mode="update", checkpoint=f"{root}/cp2")
-        ... )
-        >>> _ = clicks.add_data({"user": ["a", "b", "a"]})
-        >>> query.process_all_available()
-        >>> _ = clicks.add_data({"user": ["b"]})
-        >>> query.process_all_available()
-        >>> query.stop()
-        >>> pl.read_delta(f"{root}/counts").sort("user").rows()
-        [('a', 2), ('b', 2)]
-        """
-        spec = load_connector("delta")(
-            path=os.fspath(path),
-            storage_options=storage_options,
-            partition_by=list(partition_by) if partition_by else None,
-            merge_schema=merge_schema,
-            target_file_size=target_file_size,
-        )
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-        )
-
-    def sink_kafka(
-        self,
-        bootstrap_servers: str,
-        topic: str,
-        *,
-        key: str | pl.Expr | None = None,
-        format: KafkaSinkFormat = "json",
-        avro_schema: Mapping[str, Any] | str | None = None,
-        headers: Mapping[str, str | bytes] | None = None,
-        transactional: bool = False,
-        options: Mapping[str, Any] | None = None,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing each batch's rows as records of a Kafka topic.
-
-        Every record carries the headers ``microstream.query_id`` and
-        ``microstream.batch_id``. The producer is idempotent and a batch is
-        acknowledged before the next one starts (a failed delivery is a
-        ``SinkError``; the batch is re-run on restart).
-
-        Guarantees: by default **at-least-once** — after a crash a batch may
-        be written again, with the same ``(query id, batch id)`` headers, so
-        consumers can drop duplicates. ``transactional=True`` writes each
-        batch in one Kafka transaction committed together with the batch's
-        record, which is **exactly-once for read_committed consumers** on
-        brokers that honour transactions (real Kafka; not verifiable on the
-        Tansu test broker). See :class:`connectors.kafka.KafkaSinkSpec`.
-
-        Parameters
-        ----------
-        bootstrap_servers
-            ``"host:port[,host:port...]"``.
-        topic
-            The topic written to.
-        key
-            The record key: a column name or an expression (None: no key).
-        format
-            ``"json"`` (all columns as a JSON object), ``"avro"`` (all
-            columns, schemaless Avro) or ``"raw"`` (the ``value`` column).
-        avro_schema
-            The Avro schema of ``format="avro"`` (default: derived from the
-            batch's schema, every field nullable).
-        headers
-            Extra headers on every record.
-        transactional
-            One transaction per batch (exactly-once for read_committed
-            consumers on real Kafka).
-        options
-            librdkafka producer settings (``security.protocol``, ``sasl.*``,
-            ``ssl.*``, ``compression.type``, ``transactional.id``, ...).
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> from microstream.testing.tansu import TansuBroker
-        >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
-        >>> with TansuBroker() as broker:
-        ...     broker.create_topic("doc-sink")
-        ...     query = stream.lazy().sink_kafka(
-        ...         broker.bootstrap_servers, "doc-sink", key="user",
-        ...         checkpoint=tempfile.mkdtemp(),
-        ...     )
-        ...     _ = stream.add_data({"user": [1], "amount": [2.5]})
-        ...     query.process_all_available()
-        ...     query.stop()
-        ...     [record] = broker.consume("doc-sink", 1)
-        >>> record.key(), record.value()
-        (b'1', b'{"user":1,"amount":2.5}')
-        >>> [name for name, _ in record.headers()]
-        ['microstream.query_id', 'microstream.batch_id']
-        """
-        spec = load_connector("kafka_sink")(
-            bootstrap_servers,
-            topic,
-            key=key,
-            format=format,
-            avro_schema=avro_schema,
-            headers=None if headers is None else dict(headers),
-            transactional=transactional,
-            options=None if options is None else dict(options),
-        )
-        return self.sink(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
-        )
-
-    def _start(
-        self,
-        spec: SinkSpec,
-        *,
-        output_mode: OutputMode,
-        trigger: Trigger | None,
-        checkpoint: str | os.PathLike[str] | None,
-        name: str | None,
-        session: Session | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-    ) -> StreamingQuery:
-        session = session or default_session
-        if output_mode not in ("append", "update", "complete"):
-            msg = f"output_mode must be 'append', 'update' or 'complete'; got {output_mode!r}"
-            raise PlanError(msg)
-        if output_mode not in spec.output_modes:
-            msg = (
-                f"{spec.describe()} does not support output_mode={output_mode!r}; it supports "
-                f"{sorted(spec.output_modes)}"
-            )
-            raise PlanError(msg)
-        stateful = self._plan.stateful_nodes()
-        for node in stateful[:-1]:
-            if not node.can_chain():
-                msg = (
-                    f"{node.describe()} cannot feed another stateful operator: its rows are "
-                    "revised or emitted long after their event time. Chains may start with "
-                    "stream joins, unique() and aggregations whose groups close by the "
-                    "watermark (windows, or a watermarked time key; no emit triggers), which "
-                    "then emit each group once, as in append mode; this query has "
-                    + " -> ".join(n.describe() for n in stateful)
-                )
-                raise PlanError(msg)
-        if not stateful and output_mode == "complete":
-            msg = (
-                "output_mode='complete' needs an aggregation (it re-emits the whole result "
-                "table every batch); this query has none, so its result is unbounded: "
-                "use output_mode='append'"
-            )
-            raise PlanError(msg)
-        if stateful:  # the last operator's output is the query's
-            stateful[-1].check_output_mode(output_mode)
-        chained = chained_nodes(self._plan)
-        for node in stateful:
-            why = node.unbounded_state("append" if node in chained else output_mode)
-            if why is not None:
-                warnings.warn(
-                    f"state can only grow: {why}",
-                    UnboundedStateWarning,
-                    stacklevel=user_stacklevel(),
-                )
-        if trigger is not None and not isinstance(trigger, Trigger):
-            msg = f"trigger must be a ms.Trigger (e.g. Trigger.every('5s')); got {trigger!r}"
-            raise TypeError(msg)
-        effective = session.trigger_override or trigger or DEFAULT_TRIGGER
-        temporary = False
-        if checkpoint_options is not None and checkpoint is None:
-            msg = (
-                "checkpoint_options are fsspec storage options for checkpoint=, which is "
-                f"missing; got checkpoint_options={sorted(checkpoint_options)} and no checkpoint"
-            )
-            raise PlanError(msg)
-        if checkpoint is not None:
-            location = os.fspath(checkpoint)
-        elif spec.durable:
-            if name is None:
-                msg = (
-                    f"{spec.describe()} needs checkpoint= (or name=, for checkpoints/<name>) "
-                    "so that a restart continues where it stopped, exactly once"
-                )
-                raise PlanError(msg)
-            location = os.path.join("checkpoints", name)
-        else:
-            location = tempfile.mkdtemp(prefix="microstream-")
-            temporary = True
-        concats = [n for n in self._plan.walk() if isinstance(n, ConcatNode)]
-        policy = concats[-1].watermark_policy if concats else "min"
-        execution = StreamExecution(
-            ExecutionConfig(
-                watermark_policy=policy,  # type: ignore[arg-type]
-                plan=self._plan,
-                sink=spec,
-                output_mode=output_mode,
-                trigger=effective,
-                checkpoint_url=location,
-                storage_options=checkpoint_options,
-                name=name,
-                session=session,
-                temporary_checkpoint=temporary,
-            )
-        )
-        query = StreamingQuery(execution)
-        session.register_query(query)
-        try:
-            execution.start()
-        except BaseException:
-            session.unregister_query_run(execution.run_id)
-            raise
-        return query
-
 
 def _join_time(frame: StreamFrame, given: str | None, side: str) -> str | None:
     """A join side's event-time column: ``given``, else its ``with_watermark`` column."""
@@ -1575,48 +965,3 @@ def _flatten(items: Iterable[Any]) -> Iterable[Any]:
             yield from item
         else:
             yield item
-
-
-def concat(
-    frames: Sequence[StreamFrame],
-    *,
-    how: Literal["vertical", "vertical_relaxed", "diagonal", "diagonal_relaxed"] = "vertical",
-    watermark_policy: Literal["min", "max"] = "min",
-) -> StreamFrame:
-    """The union of several streams, as :func:`polars.concat` for frames.
-
-    Each input keeps its own source offsets (and its own watermark, if it has
-    one). With several watermarked inputs the query's watermark is the minimum
-    of theirs (``watermark_policy="max"``: the maximum, which drops more rows of
-    the slower inputs as late); an input idle for longer than its
-    ``idle_timeout`` stops holding it back.
-
-    Examples
-    --------
-    >>> import polars as pl
-    >>> import microstream as ms
-    >>> a = ms.MemoryStream({"x": pl.Int64})
-    >>> b = ms.MemoryStream({"x": pl.Int64})
-    >>> query = ms.concat([a.lazy(), b.lazy()]).sink_memory("doc_concat")
-    >>> _ = a.add_data({"x": [1]}); _ = b.add_data({"x": [2]})
-    >>> query.process_all_available()
-    >>> sorted(ms.table("doc_concat")["x"].to_list())
-    [1, 2]
-    >>> query.stop()
-    """
-    if len(frames) < 2:
-        msg = f"concat needs at least two streams; got {len(frames)}"
-        raise PlanError(msg)
-    for frame in frames:
-        if not isinstance(frame, StreamFrame):
-            msg = (
-                "concat combines streams; got a "
-                f"{type(frame).__name__}: join a static frame with join() instead"
-            )
-            raise PlanError(msg)
-    if watermark_policy not in ("min", "max"):
-        msg = f"watermark_policy must be 'min' or 'max'; got {watermark_policy!r}"
-        raise PlanError(msg)
-    return StreamFrame(
-        ConcatNode(tuple(f.plan for f in frames), how=how, watermark_policy=watermark_policy)
-    )

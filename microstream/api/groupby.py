@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import polars as pl
 from pydantic import BaseModel
@@ -24,15 +24,27 @@ from microstream.time.windows import SessionSpec, WindowSpec, time_dtype_check
 
 if TYPE_CHECKING:
     from microstream._typing import GroupStateTimeout
-    from microstream.api.frame import StreamFrame
 
 __all__ = [
+    "GroupedFrame",
     "StreamDynamicGroupBy",
     "StreamGroupBy",
     "StreamSessionGroupBy",
     "find_watermark",
     "key_names",
 ]
+
+FrameT = TypeVar("FrameT", bound="GroupedFrame")
+
+
+class GroupedFrame(Protocol):
+    """What a group-by object needs of the frame it groups (a ``StreamFrame``): its plan,
+    and a frame of the same kind over a new plan for ``agg`` to return."""
+
+    @property
+    def plan(self) -> PlanNode: ...
+
+    def _from_plan(self: FrameT, plan: PlanNode) -> FrameT: ...
 
 
 def key_names(plan: PlanNode, by: Iterable[Any], verb: str) -> tuple[PlanNode, tuple[str, ...]]:
@@ -112,7 +124,7 @@ def _aggs(aggs: Sequence[Any], named: dict[str, Any], verb: str) -> tuple[pl.Exp
     return tuple(exprs)
 
 
-class StreamGroupBy:
+class StreamGroupBy(Generic[FrameT]):
     """``frame.group_by(keys)``: one group per key forever (a global window).
 
     Supports ``output_mode="update"`` and ``"complete"``; ``"append"`` only when a
@@ -136,7 +148,7 @@ class StreamGroupBy:
 
     def __init__(
         self,
-        frame: StreamFrame,
+        frame: FrameT,
         by: Sequence[Any],
         emit: EmitPolicy | None = None,
         state_ttl_ms: int | None = None,
@@ -146,14 +158,13 @@ class StreamGroupBy:
         self._emit = emit or EmitPolicy()
         self._state_ttl_ms = state_ttl_ms
 
-    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
-        from microstream.api.frame import StreamFrame
+    def agg(self, *aggs: Any, **named_aggs: Any) -> FrameT:
 
         plan, keys = key_names(self._frame.plan, self._by, "group_by")
         if not keys:
             msg = "group_by() on a stream needs at least one key"
             raise PlanError(msg)
-        input_schema = StreamFrame(plan).collect_schema()
+        input_schema = plan.schema()
         _check_columns(input_schema, keys, "group_by")
         # The first key that is a non-decreasing function of the event time closes groups.
         event_key = next(
@@ -170,7 +181,7 @@ class StreamGroupBy:
             event_key=event_key,
             state_ttl_ms=self._state_ttl_ms,
         )
-        return StreamFrame(node)
+        return self._frame._from_plan(node)
 
     def map_groups_with_state(
         self,
@@ -180,7 +191,7 @@ class StreamGroupBy:
         output_schema: pl.Schema | Mapping[str, Any],
         timeout: GroupStateTimeout | None = None,
         state_ttl: str | timedelta | None = None,
-    ) -> StreamFrame:
+    ) -> FrameT:
         """Arbitrary stateful processing: ``function(key, rows, state)`` per key and batch.
 
         Spark's ``flatMapGroupsWithState`` / ``applyInPandasWithState``, Flink's
@@ -275,7 +286,7 @@ class StreamGroupBy:
         output_schema: pl.Schema | Mapping[str, Any],
         timeout: GroupStateTimeout | None = None,
         state_ttl: str | timedelta | None = None,
-    ) -> StreamFrame:
+    ) -> FrameT:
         """The vectorised :meth:`map_groups_with_state`: ``function(rows, state, ctx)`` per batch.
 
         The same semantics, state layout, timers and TTL, without a Python
@@ -344,8 +355,7 @@ class StreamGroupBy:
         output_schema: Any,
         timeout: GroupStateTimeout | None,
         state_ttl: str | timedelta | None,
-    ) -> StreamFrame:
-        from microstream.api.frame import StreamFrame
+    ) -> FrameT:
 
         verb = "map_batches_with_state" if vectorised else "map_groups_with_state"
         if self._emit.throttled or self._emit.allowed_lateness_us:
@@ -370,17 +380,17 @@ class StreamGroupBy:
             output_schema=output_schema,
             timeout=timeout,
             state_ttl=state_ttl,
-            input_schema=StreamFrame(plan).collect_schema(),
+            input_schema=plan.schema(),
         )
-        return StreamFrame(node)
+        return self._frame._from_plan(node)
 
 
-class StreamDynamicGroupBy:
+class StreamDynamicGroupBy(Generic[FrameT]):
     """``frame.group_by_dynamic(...)``: tumbling or sliding event-time windows."""
 
     def __init__(
         self,
-        frame: StreamFrame,
+        frame: FrameT,
         index_column: str,
         *,
         every: str | timedelta,
@@ -413,11 +423,10 @@ class StreamDynamicGroupBy:
             )
             raise PlanError(msg)
 
-    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
-        from microstream.api.frame import StreamFrame
+    def agg(self, *aggs: Any, **named_aggs: Any) -> FrameT:
 
         plan, keys = key_names(self._frame.plan, self._by, "group_by_dynamic")
-        input_schema = StreamFrame(plan).collect_schema()
+        input_schema = plan.schema()
         time_dtype_check(input_schema, self._index, "group_by_dynamic")
         _check_columns(input_schema, keys, "group_by_dynamic")
         every = _us(self._every)
@@ -437,13 +446,13 @@ class StreamDynamicGroupBy:
             input_schema=input_schema,
             emit=self._emit,
         )
-        return StreamFrame(node)
+        return self._frame._from_plan(node)
 
 
-class StreamSessionGroupBy:
+class StreamSessionGroupBy(Generic[FrameT]):
     """``frame.group_by_session(col, gap=...)``: session windows per key."""
 
-    def __init__(self, frame: StreamFrame, column: str, gap: str | timedelta, group_by: Any):
+    def __init__(self, frame: FrameT, column: str, gap: str | timedelta, group_by: Any):
         self._frame = frame
         self._column = column
         self._gap = parse_duration(gap, name="gap")
@@ -457,11 +466,10 @@ class StreamSessionGroupBy:
         else:
             self._by = list(group_by)
 
-    def agg(self, *aggs: Any, **named_aggs: Any) -> StreamFrame:
-        from microstream.api.frame import StreamFrame
+    def agg(self, *aggs: Any, **named_aggs: Any) -> FrameT:
 
         plan, keys = key_names(self._frame.plan, self._by, "group_by_session")
-        input_schema = StreamFrame(plan).collect_schema()
+        input_schema = plan.schema()
         time_dtype_check(input_schema, self._column, "group_by_session")
         _check_columns(input_schema, keys, "group_by_session")
         node = SessionNode(
@@ -472,7 +480,7 @@ class StreamSessionGroupBy:
             watermark=find_watermark(plan, self._column),
             input_schema=input_schema,
         )
-        return StreamFrame(node)
+        return self._frame._from_plan(node)
 
 
 def _us(value: timedelta) -> int:

@@ -236,17 +236,14 @@ class StreamingQuery:
         return self._state_stores()[0]
 
     def _state_stores(self) -> tuple[dict[str, list[str]], dict[str, pl.Schema]]:
-        from microstream.operators.base import StoreBackedOperator
-
         names: dict[str, list[str]] = {}  # operator -> stores, from the running operators
         schemas: dict[str, pl.Schema] = {}
         for i, op in enumerate(self._execution._operators.values()):
-            stores = op._stores() if isinstance(op, StoreBackedOperator) else []
             names[f"op{i}"] = []
-            for store in stores:
-                op_name, _, store_name = store.operator.partition("/")
+            for store, schema in op.store_schemas().items():
+                op_name, _, store_name = store.partition("/")
                 names.setdefault(op_name, []).append(store_name)
-                schemas[store.operator] = store.schema
+                schemas[store] = schema
         return names, schemas
 
     def explain(self) -> None:

@@ -106,6 +106,11 @@ class AggregateNode(StatefulNode):
             return None
         return "key" if self.event_key is not None else None
 
+    def result_key(self) -> tuple[str, ...]:
+        # The window start fixes the window (its period is fixed), then the group keys.
+        window = (self.window.column,) if self.window is not None else ()
+        return (*window, *self.keys)
+
     def can_chain(self) -> bool:
         # Groups that close (by window end or a time key) are final once emitted in
         # append mode, so they may feed another operator; emit triggers revise them.

@@ -41,6 +41,9 @@ class StoreBackedOperator:
         for store in self._stores():
             store.commit(version)
 
+    def store_schemas(self) -> dict[str, pl.Schema]:
+        return {store.operator: store.schema for store in self._stores()}
+
     def progress(self) -> StateOperatorProgress:
         return StateOperatorProgress(
             operator_id=self.operator_id,

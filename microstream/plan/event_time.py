@@ -160,7 +160,7 @@ _Trace = tuple[WatermarkNode, tuple[tuple[str, pl.Expr], ...]]
 
 
 def _trace(node: PlanNode, column: str) -> _Trace | None:
-    from microstream.time.processing_time import ProcessingTimeNode
+    from microstream.plan.processing_time import ProcessingTimeNode
 
     if isinstance(node, WatermarkNode):
         return (node, ()) if node.column == column else _trace(node.input, column)

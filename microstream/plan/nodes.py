@@ -70,6 +70,10 @@ class StatefulOperator(Protocol):
         """State size and the counts of the last batch."""
         ...
 
+    def store_schemas(self) -> dict[str, pl.Schema]:
+        """The operator's state stores (``op0/partials``, ...) and their schemas."""
+        ...
+
 
 @runtime_checkable
 class TimedOperator(Protocol):
@@ -383,6 +387,11 @@ class StatefulNode(PlanNode):
     """Whether another stateful operator may consume this one's output: true for
     operators whose rows are final when emitted (joins, deduplication)."""
 
+    def result_key(self) -> tuple[str, ...] | None:
+        """The columns identifying a row this operator emits (see :func:`result_key_columns`);
+        None (the default): its rows have no stable key."""
+        return None
+
     def can_chain(self) -> bool:
         """Whether this node may feed another stateful node (see ``chainable``); nodes
         whose answer depends on their arguments (an aggregation) override this."""
@@ -520,15 +529,8 @@ def result_key_columns(plan: PlanNode) -> tuple[str, ...] | None:
     it in a chain emit final rows); the sink checks that the columns are still
     in the output.
     """
-    # The aggregation module builds on this one; imported here, when a query starts.
-    from microstream.operators.aggregation import AggregateNode
-
     stateful = plan.stateful_nodes()
-    if not stateful or not isinstance(stateful[-1], AggregateNode):
-        return None
-    node = stateful[-1]
-    window = (node.window.column,) if node.window is not None else ()
-    return (*window, *node.keys)
+    return stateful[-1].result_key() if stateful else None
 
 
 def describe_value(value: Any) -> str:

@@ -59,6 +59,7 @@ from microstream.protocols import (
     MeteredSource,
     Offset,
     ProjectingSource,
+    QuerySession,
     Sink,
     SinkContext,
     SkippingSource,
@@ -85,7 +86,6 @@ from microstream.time.watermark import (
 
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
-    from microstream.api.session import Session
     from microstream.plan.nodes import PlanNode, StatefulOperator
     from microstream.protocols import SideOutputTarget, SinkSpec
     from microstream.time.trigger import Trigger
@@ -108,7 +108,7 @@ class ExecutionConfig:
     trigger: Trigger
     checkpoint_url: str
     name: str | None
-    session: Session
+    session: QuerySession
     temporary_checkpoint: bool = False
     storage_options: dict[str, Any] | None = field(default=None, repr=False)
     """fsspec storage options for the checkpoint URL (may hold credentials: not in repr)."""
@@ -743,7 +743,7 @@ class _SourceSideOutput:
     appended, like late rows.
     """
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: QuerySession) -> None:
         self._session = session
         self._batch_id = -1
         self._pending: list[tuple[SideOutputTarget, pl.DataFrame]] = []

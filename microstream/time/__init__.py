@@ -1,1 +1,1 @@
-"""Time: durations, triggers, watermarks, windows, processing time."""
+"""Time: durations, triggers, watermarks, windows."""
