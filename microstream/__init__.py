@@ -26,8 +26,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
-
 from microstream.api.concat import concat
 from microstream.api.frame import StreamFrame
 from microstream.api.outputs import OutputPointer, current_output, read_output, switch_output
@@ -42,7 +40,14 @@ from microstream.api.scan import (
     scan_rate,
     vacuum_delta,
 )
-from microstream.api.session import Session, StreamingQueryListener, default_session
+from microstream.api.session import (
+    Session,
+    StreamingQueryListener,
+    active,
+    add_listener,
+    remove_listener,
+    table,
+)
 from microstream.checkpoint.log import Checkpoint
 from microstream.exceptions import (
     CheckpointConflictError,
@@ -136,35 +141,6 @@ __all__ = [
     "table",
     "vacuum_delta",
 ]
-
-
-def table(name: str) -> pl.DataFrame:
-    """The memory table written by ``sink_memory(name)``.
-
-    Examples
-    --------
-    >>> import microstream as ms
-    >>> ms.table("no-such-table")
-    Traceback (most recent call last):
-    ...
-    microstream.exceptions.MicrostreamError: no memory table named 'no-such-table' (known tables: ...)
-    """
-    return default_session.table(name)
-
-
-def add_listener(listener: object) -> None:
-    """Register a listener for query events (see :class:`StreamingQueryListener`)."""
-    default_session.add_listener(listener)
-
-
-def remove_listener(listener: object) -> None:
-    """Unregister a listener added with :func:`add_listener`."""
-    default_session.remove_listener(listener)
-
-
-def active() -> list[StreamingQuery]:
-    """The queries of this process that are running."""
-    return default_session.active
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,7 @@ from microstream.plan.unsupported import NOT_YET_VERBS, UNSUPPORTED_VERBS
 from microstream.protocols import StaticSide
 from microstream.registry import load_connector
 from microstream.time.duration import parse_duration
-from microstream.time.processing_time import processing_time_node
+from microstream.plan.processing_time import processing_time_node
 from microstream.time.windows import time_dtype_check
 
 if TYPE_CHECKING:

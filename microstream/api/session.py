@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     )
     from microstream.time.trigger import Trigger
 
-__all__ = ["Session", "StreamingQueryListener"]
+__all__ = [
+    "Session",
+    "StreamingQueryListener",
+    "active",
+    "add_listener",
+    "default_session",
+    "remove_listener",
+    "table",
+]
 
 logger = logging.getLogger("microstream")
 
@@ -162,3 +170,32 @@ class Session:
 
 
 default_session = Session()
+
+
+def table(name: str) -> pl.DataFrame:
+    """The memory table written by ``sink_memory(name)``.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> ms.table("no-such-table")
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.MicrostreamError: no memory table named 'no-such-table' (known tables: ...)
+    """
+    return default_session.table(name)
+
+
+def add_listener(listener: object) -> None:
+    """Register a listener for query events (see :class:`StreamingQueryListener`)."""
+    default_session.add_listener(listener)
+
+
+def remove_listener(listener: object) -> None:
+    """Unregister a listener added with :func:`add_listener`."""
+    default_session.remove_listener(listener)
+
+
+def active() -> list[StreamingQuery]:
+    """The queries of this process that are running."""
+    return default_session.active
