@@ -35,11 +35,11 @@ from microstream.plan.nodes import (
     WatermarkNode,
     check_row_wise,
 )
+from microstream.plan.processing_time import processing_time_node
 from microstream.plan.unsupported import NOT_YET_VERBS, UNSUPPORTED_VERBS
 from microstream.protocols import StaticSide
 from microstream.registry import load_connector
 from microstream.time.duration import parse_duration
-from microstream.plan.processing_time import processing_time_node
 from microstream.time.windows import time_dtype_check
 
 if TYPE_CHECKING:
