@@ -78,7 +78,14 @@ class WindowSpec:
         self, df: pl.DataFrame, last_start: pl.Expr, time_dtype: pl.DataType | None
     ) -> None:
         # The last window of a row ends latest; past the dtype's range it would overflow.
+        # Window starts grow with the time: only when the latest row's does is there any.
         limit = max_time_us(time_dtype) - self.period_us
+        latest = df.get_column(T).max()
+        if latest is None:
+            return
+        latest_start = pl.DataFrame({T: [latest]}, schema={T: pl.Int64}).select(last_start).item()
+        if latest_start <= limit:
+            return
         beyond = df.filter(last_start > limit)
         if beyond.height == 0:
             return
