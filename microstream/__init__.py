@@ -73,6 +73,7 @@ from microstream.exceptions import (
 from microstream.metrics.otel import OpenTelemetryListener
 from microstream.metrics.prometheus import MetricsServer, start_metrics_server
 from microstream.operators.stateful_fn import GroupState, StateContext
+from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
 from microstream.state.read import read_state
@@ -95,6 +96,7 @@ __all__ = [
     "DataLossError",
     "EventTimeError",
     "GroupState",
+    "LocalRuntime",
     "MemoryStream",
     "MetricsServer",
     "MicrostreamError",
@@ -111,6 +113,7 @@ __all__ = [
     "QueryTerminatedError",
     "ReplayError",
     "ReplayResult",
+    "Runtime",
     "SchemaMismatchError",
     "Session",
     "SinkError",

@@ -9,7 +9,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from microstream.runtime.driver import StreamExecution
+    from microstream.runtime.base import QueryRun
     from microstream.runtime.progress import QueryProgress
 
 __all__ = ["QueryStatus", "StreamingQuery"]
@@ -48,7 +48,7 @@ class StreamingQuery:
     False
     """
 
-    def __init__(self, execution: StreamExecution):
+    def __init__(self, execution: QueryRun):
         self._execution = execution
 
     @property
@@ -238,9 +238,9 @@ class StreamingQuery:
     def _state_stores(self) -> tuple[dict[str, list[str]], dict[str, pl.Schema]]:
         names: dict[str, list[str]] = {}  # operator -> stores, from the running operators
         schemas: dict[str, pl.Schema] = {}
-        for i, op in enumerate(self._execution._operators.values()):
+        for i, stores in enumerate(self._execution.operator_store_schemas()):
             names[f"op{i}"] = []
-            for store, schema in op.store_schemas().items():
+            for store, schema in stores.items():
                 op_name, _, store_name = store.partition("/")
                 names.setdefault(op_name, []).append(store_name)
                 schemas[store] = schema

@@ -19,6 +19,7 @@ from microstream.exceptions import MicrostreamError
 
 if TYPE_CHECKING:
     from microstream.api.query import StreamingQuery
+    from microstream.runtime.base import Runtime
     from microstream.runtime.progress import (
         QueryIdleEvent,
         QueryProgressEvent,
@@ -76,6 +77,8 @@ class Session:
         self._finished: deque[StreamingQuery] = deque(maxlen=100)
         self.trigger_override: Trigger | None = None
         """When set (by ``microstream run --available-now``), every new query uses it."""
+        self.runtime_override: Runtime | None = None
+        """When set (by ``microstream run --runtime``), every new query runs on it."""
 
     # -- memory tables -------------------------------------------------------------
 

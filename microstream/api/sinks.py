@@ -24,7 +24,8 @@ from microstream.plan.nodes import (
     chained_nodes,
 )
 from microstream.registry import load_connector
-from microstream.runtime.driver import ExecutionConfig, StreamExecution
+from microstream.runtime.base import LocalRuntime, Runtime
+from microstream.runtime.driver import ExecutionConfig
 from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
     ) -> StreamingQuery:
         """Start the query writing to any sink: a connector's spec, or your own.
 
@@ -98,6 +100,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             checkpoint_options=checkpoint_options,
+            runtime=runtime,
         )
 
     def sink_memory(
@@ -109,6 +112,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         session: Session | None = None,
+        runtime: Runtime | None = None,
     ) -> StreamingQuery:
         """Start the query into an in-process table read with ``ms.table(name)``.
 
@@ -130,7 +134,7 @@ class SinkVerbs:
         spec = load_connector("memory_sink")(name=name, session=session)
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
-            session=session, checkpoint_options=checkpoint_options,
+            session=session, checkpoint_options=checkpoint_options, runtime=runtime,
         )  # fmt: skip
 
     def sink_console(
@@ -141,6 +145,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
         num_rows: int = 20,
     ) -> StreamingQuery:
         """Start the query printing each batch (at most ``num_rows`` rows of it).
@@ -172,6 +177,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             checkpoint_options=checkpoint_options,
+            runtime=runtime,
         )
 
     def foreach_batch(
@@ -183,6 +189,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
     ) -> StreamingQuery:
         """Start the query calling ``function(df, batch_id)`` for every batch.
 
@@ -213,6 +220,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             checkpoint_options=checkpoint_options,
+            runtime=runtime,
         )
 
     def _sink_files(
@@ -226,6 +234,7 @@ class SinkVerbs:
         storage_options: dict[str, Any] | None,
         partition_by: Sequence[str] | None,
         checkpoint_options: dict[str, Any] | None,
+        runtime: Runtime | None,
     ) -> StreamingQuery:
         spec = load_connector("file_sink")(
             path=os.fspath(path),
@@ -240,6 +249,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             checkpoint_options=checkpoint_options,
+            runtime=runtime,
         )
 
     def sink_parquet(
@@ -251,6 +261,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -287,6 +298,7 @@ class SinkVerbs:
             storage_options,
             partition_by,
             checkpoint_options,
+            runtime,
         )
 
     def sink_csv(
@@ -298,6 +310,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -312,6 +325,7 @@ class SinkVerbs:
             storage_options,
             partition_by,
             checkpoint_options,
+            runtime,
         )
 
     def sink_ndjson(
@@ -323,6 +337,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -337,6 +352,7 @@ class SinkVerbs:
             storage_options,
             partition_by,
             checkpoint_options,
+            runtime,
         )
 
     def sink_delta(
@@ -348,6 +364,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
         merge_schema: bool = False,
@@ -414,6 +431,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             checkpoint_options=checkpoint_options,
+            runtime=runtime,
         )
 
     def sink_kafka(
@@ -431,6 +449,7 @@ class SinkVerbs:
         trigger: Trigger | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         name: str | None = None,
+        runtime: Runtime | None = None,
     ) -> StreamingQuery:
         """Start the query writing each batch's rows as records of a Kafka topic.
 
@@ -503,7 +522,12 @@ class SinkVerbs:
             options=None if options is None else dict(options),
         )
         return self.sink(
-            spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            runtime=runtime,
         )
 
     def _start(
@@ -516,8 +540,10 @@ class SinkVerbs:
         name: str | None,
         session: Session | None = None,
         checkpoint_options: dict[str, Any] | None = None,
+        runtime: Runtime | None = None,
     ) -> StreamingQuery:
         session = session or default_session
+        runtime = session.runtime_override or runtime or LocalRuntime()
         if output_mode not in ("append", "update", "complete"):
             msg = f"output_mode must be 'append', 'update' or 'complete'; got {output_mode!r}"
             raise PlanError(msg)
@@ -583,7 +609,7 @@ class SinkVerbs:
             temporary = True
         concats = [n for n in self._plan.walk() if isinstance(n, ConcatNode)]
         policy = concats[-1].watermark_policy if concats else "min"
-        execution = StreamExecution(
+        run = runtime.prepare(
             ExecutionConfig(
                 watermark_policy=policy,  # type: ignore[arg-type]
                 plan=self._plan,
@@ -597,11 +623,11 @@ class SinkVerbs:
                 temporary_checkpoint=temporary,
             )
         )
-        query = StreamingQuery(execution)
+        query = StreamingQuery(run)
         session.register_query(query)
         try:
-            execution.start()
+            run.start()
         except BaseException:
-            session.unregister_query_run(execution.run_id)
+            session.unregister_query_run(run.run_id)
             raise
         return query

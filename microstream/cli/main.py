@@ -14,17 +14,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from microstream.api.session import default_session
 from microstream.checkpoint.log import Checkpoint, LockRecord, reset_checkpoint
 from microstream.exceptions import CheckpointError, MicrostreamError, OutputError
+from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
 from microstream.time.trigger import Trigger
 
 __all__ = ["main"]
+
+RUNTIMES: dict[str, Callable[[], Runtime]] = {"local": LocalRuntime}
+"""``microstream run --runtime NAME``: the runtimes by name."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="override every query's trigger with Trigger.available_now() (with a progress "
         "bar in a terminal when the file starts one query)",
+    )
+    run.add_argument(
+        "--runtime",
+        choices=sorted(RUNTIMES),
+        default=None,
+        help="run every query the file starts on this runtime, whatever its runtime= says "
+        "(local: this process, the default)",
     )
     run.add_argument(
         "--metrics-port",
@@ -276,6 +287,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"microstream: serving metrics on {server.url}", file=sys.stderr, flush=True)
     if args.available_now:
         session.trigger_override = Trigger.available_now()
+    if args.runtime is not None:
+        session.runtime_override = RUNTIMES[args.runtime]()
     sys.argv = [args.file]
     try:
         runpy.run_path(args.file, run_name="__main__")
@@ -302,6 +315,7 @@ def _run(args: argparse.Namespace) -> int:
         return 130
     finally:
         session.trigger_override = None
+        session.runtime_override = None
         if server is not None:
             server.stop()
     return 1 if failed else 0

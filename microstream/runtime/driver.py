@@ -341,6 +341,10 @@ class StreamExecution:
     def is_active(self) -> bool:
         return self.state in ("initializing", "active")
 
+    def operator_store_schemas(self) -> list[dict[str, pl.Schema]]:
+        """Per stateful operator, in plan order, its state stores and their schemas."""
+        return [op.store_schemas() for op in self._operators.values()]
+
     # -- the loop ---------------------------------------------------------------------
 
     def _run(self) -> None:
