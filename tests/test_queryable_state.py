@@ -11,7 +11,7 @@ import pytest
 import microstream as ms
 from microstream.checkpoint.log import Checkpoint, CommitEntry
 from microstream.checkpoint.storage import Storage
-from microstream.state.store import read_state as read_newest_on_disk
+from microstream.state.read import read_store as read_newest_on_disk
 
 EVENTS = pl.Schema({"k": pl.String(), "v": pl.Int64()})
 

@@ -23,7 +23,8 @@ from microstream.exceptions import (
     SchemaMismatchError,
 )
 from microstream.state.keyed_rows import KeyedRows
-from microstream.state.store import StateStore, read_state
+from microstream.state.read import read_store as read_state
+from microstream.state.store import StateStore
 
 SCHEMA = pl.Schema({"k1": pl.Int64, "k2": pl.String, "t": pl.Int64, "v": pl.Int64})
 KEYS = ["k1", "k2"]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import binascii
 import os
 
 import polars as pl
 
 from microstream.checkpoint.log import Checkpoint
-from microstream.exceptions import CheckpointError
-from microstream.state.store import read_state as read_store
+from microstream.checkpoint.storage import Storage
+from microstream.exceptions import CheckpointCorruptError, CheckpointError
+from microstream.state.format import METADATA_FILE, VERSIONS_DIR, StateMetadata, frame_from_text
+from microstream.state.store import StateStore
 
-__all__ = ["friendly_names", "list_state", "list_stores", "read_committed_state", "read_state"]
+__all__ = [
+    "friendly_names",
+    "list_state",
+    "list_stores",
+    "read_committed_state",
+    "read_state",
+    "read_store",
+]
 
 _FRIENDLY = {
     "__start": "window_start_us",
@@ -136,3 +146,72 @@ def friendly_names(frame: pl.DataFrame) -> pl.DataFrame:
 def _friendly_agg(column: str) -> str:
     # "__agg0_sum" -> "agg0_sum": partial aggregate columns, numbered in plan order
     return column[2:] if column.startswith("__agg") else column
+
+
+def read_store(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
+    """Read the state of one operator from its checkpoint directory.
+
+    Works from outside a running query: the key columns, schema and partitions
+    come from the directory's ``_metadata.json``. Nothing is written.
+
+    Parameters
+    ----------
+    storage
+        The operator's directory, ``<checkpoint>/state/<operator>/``.
+    version
+        The version (batch id) to read; ``None`` reads the newest version on
+        disk, which can be one batch ahead of the query's ``commits/`` if the
+        process died between committing the state and the batch.
+
+    Returns
+    -------
+    DataFrame
+        The state's rows, columns in schema order (row order unspecified).
+
+    Raises
+    ------
+    CheckpointError
+        The directory holds no state.
+    CheckpointCorruptError
+        A file needed is missing or corrupt; the message names it.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from microstream.checkpoint.storage import Storage
+    >>> storage = Storage("memory://doctest-read-state/dedup")
+    >>> from microstream.state.store import StateStore
+    >>> store = StateStore(
+    ...     storage, operator="dedup", key_columns=["id"], schema={"id": pl.Int64}
+    ... )
+    >>> store.apply(upserts=pl.DataFrame({"id": [1, 2, 3]}))
+    >>> store.commit(0)
+    >>> read_store(storage).sort("id")["id"].to_list()
+    [1, 2, 3]
+    """
+    try:
+        meta = storage.read_model(METADATA_FILE, StateMetadata)
+    except FileNotFoundError:
+        msg = f"no operator state in {storage.display('')}: {storage.display(METADATA_FILE)} is missing"
+        raise CheckpointError(msg) from None
+    try:
+        schema = frame_from_text(meta.schema_ipc).schema
+    except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
+        msg = (
+            f"checkpoint file {storage.display(METADATA_FILE)} is corrupt: field schema_ipc ({exc})"
+        )
+        raise CheckpointCorruptError(msg) from None
+    store = StateStore(
+        storage,
+        operator=meta.operator,
+        key_columns=meta.key_columns,
+        hash_columns=meta.hash_columns,
+        schema=schema,
+        num_partitions=meta.num_partitions,
+        snapshot_every=meta.snapshot_every,
+    )
+    if version is None:
+        committed = storage.list_numbered(VERSIONS_DIR)
+        version = committed[-1] if committed else None
+    store.load(version)
+    return store.frame

@@ -31,17 +31,13 @@ unspecified.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal, TypeAlias
+from typing import Any, Final
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.ipc as pa_ipc
-from pydantic import BaseModel, ConfigDict, Field
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
@@ -50,17 +46,29 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.state.format import (
+    DELTA_SUFFIX,
+    METADATA_FILE,
+    SNAPSHOT_SUFFIX,
+    STATE_FORMAT_VERSION,
+    VERSIONS_DIR,
+    Compression,
+    StateMetadata,
+    StateVersion,
+    decode_frame,
+    describe_schema_change,
+    encode_frame,
+    frame_from_text,
+    frame_to_text,
+    pyarrow_round_trips,
+    version_file,
+)
 from microstream.state.keyed_rows import KeyedRows
 
-__all__ = ["STATE_FORMAT_VERSION", "StateMetadata", "StateStore", "StateVersion", "read_state"]
+__all__ = ["StateStore"]
 
-STATE_FORMAT_VERSION = 1
 logger = logging.getLogger("microstream")
 
-_METADATA = "_metadata.json"
-_VERSIONS = "versions"
-_DELTA = ".delta.arrow"
-_SNAPSHOT = ".snapshot.arrow"
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
 _HASH = "__key_hash"  # in memory only: the u64 hash of the key columns
 _PART = "__partition"  # reserved (older in-memory column)
@@ -68,61 +76,9 @@ _ORDER = "__order"  # in memory only: position of a delta file in a replay
 _MASK = "__mask"
 _HASH_SEED = 0x6D73  # "ms"; recorded in the metadata
 _PROBE_ROWS = 32
-Compression: TypeAlias = Literal["lz4", "zstd"] | None
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
 _COMPRESSION: Final[Compression] = None
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class StateMetadata(_Record):
-    """``state/<operator>/_metadata.json``: what the state files mean.
-
-    ``schema`` is for people; ``schema_ipc`` (an empty Arrow IPC file, base64)
-    restores the dtypes exactly. ``hash_probe`` holds the partition of each row
-    of the ``probe_ipc`` key frame under the hash that placed the rows: when a
-    Polars upgrade changes the hash, the probe no longer matches and the state
-    is re-partitioned on load.
-    """
-
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", validate_by_name=True, serialize_by_alias=True
-    )
-
-    format_version: int = STATE_FORMAT_VERSION
-    operator: str
-    key_columns: list[str]
-    hash_columns: list[str] | None = None
-    """The key columns the hash (and so the partition) is computed over; None: all."""
-    schema_: dict[str, str] = Field(alias="schema")
-    schema_ipc: str
-    num_partitions: int
-    snapshot_every: int
-    hash_seed: int
-    hash_probe: list[int]
-    probe_ipc: str
-    polars_version: str
-
-
-class StateVersion(_Record):
-    """``state/<operator>/versions/<version>.json``: one committed version.
-
-    Written after the version's data files, so its presence is the commit.
-    """
-
-    format_version: int = STATE_FORMAT_VERSION
-    version: int
-    parent: int | None
-    """The version this one was built on; ``None``: built on the empty state."""
-    snapshot: bool
-    """Every partition wrote ``<version>.snapshot.arrow``."""
-    partitions: list[int]
-    """Partitions that wrote ``<version>.delta.arrow`` (empty for a snapshot)."""
-    rows_per_partition: list[int]
-    hash_probe: list[int]
 
 
 class StateStore:
@@ -232,14 +188,14 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean()})
         self._hash_expr = _hash_expr(self.schema, self.hash_columns)
-        self._schema_ipc = _encode_frame(pl.DataFrame(schema=self.schema))
-        if _decode_frame(self._schema_ipc).schema != self.schema:
+        self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
+        if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
                 f"the state schema of operator {operator!r} does not survive an Arrow IPC "
                 f"round trip: {self.schema}; use plain Polars dtypes"
             )
             raise SchemaMismatchError(msg)
-        self._pyarrow_io = _pyarrow_round_trips(self.schema)
+        self._pyarrow_io = pyarrow_round_trips(self.schema)
         self._probe_frame = _make_probe_frame(self.schema, self.hash_columns)
         self._probe = self._partitions_of(self._probe_frame)
 
@@ -498,7 +454,7 @@ class StateStore:
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
-                    self._read_arrow(f"{p}/{oldest.version}{_SNAPSHOT}", self.schema)
+                    self._read_arrow(f"{p}/{oldest.version}{SNAPSHOT_SUFFIX}", self.schema)
                     for p in range(self.num_partitions)
                 ]
                 data = self._keyed(
@@ -524,7 +480,7 @@ class StateStore:
                     msg = (
                         f"state of operator {self.operator!r}: partition {p} has {rows} rows "
                         f"after rebuilding version {version}, but "
-                        f"{self.storage.display(_version_file(version))} records "
+                        f"{self.storage.display(version_file(version))} records "
                         f"{target.rows_per_partition[p]}; files under "
                         f"{self.storage.display(str(p))} are inconsistent"
                     )
@@ -538,7 +494,7 @@ class StateStore:
         ]
         self._force_snapshot = False
         self._stale_versions = [
-            v for v in self.storage.list_numbered(_VERSIONS) if version is None or v > version
+            v for v in self.storage.list_numbered(VERSIONS_DIR) if version is None or v > version
         ]
         if chain and chain[0].hash_probe != self._probe:
             logger.warning(
@@ -590,7 +546,7 @@ class StateStore:
             raise CheckpointError(msg)
         if not self._opened:
             self._open()
-            if self.storage.list_numbered(_VERSIONS):
+            if self.storage.list_numbered(VERSIONS_DIR):
                 msg = (
                     f"state of operator {self.operator!r} in {self.storage.display('')} has "
                     "committed versions: call load() with the last committed batch id (or None "
@@ -598,11 +554,11 @@ class StateStore:
                 )
                 raise CheckpointError(msg)
         if not self._metadata_current:
-            self.storage.write_model(_METADATA, self._metadata())
+            self.storage.write_model(METADATA_FILE, self._metadata())
             self._metadata_current = True
         for stale in self._stale_versions:
             if stale != version:
-                self.storage.delete(_version_file(stale))
+                self.storage.delete(version_file(stale))
         self._stale_versions = []
 
         deltas_to_replay = 0  # after the newest snapshot (or the empty state)
@@ -619,21 +575,21 @@ class StateStore:
         written: list[int] = []
         if full:
             for p, part in enumerate(self._data.partitions()):
-                data = _encode(
+                data = encode_frame(
                     _project(part, list(self.schema)),
                     _COMPRESSION,
                     pyarrow_io=self._pyarrow_io,
                 )
-                self.storage.write_bytes(f"{p}/{version}{_SNAPSHOT}", data)
+                self.storage.write_bytes(f"{p}/{version}{SNAPSHOT_SUFFIX}", data)
         elif self._pending is not None:
             pending = self._pending
             for p, changes in _split(pending, self._pids(pending.get_column(_HASH))).items():
-                data = _encode(
+                data = encode_frame(
                     _project(changes, list(self._delta_schema)),
                     _COMPRESSION,
                     pyarrow_io=self._pyarrow_io,
                 )
-                self.storage.write_bytes(f"{p}/{version}{_DELTA}", data)
+                self.storage.write_bytes(f"{p}/{version}{DELTA_SUFFIX}", data)
                 written.append(p)
             written.sort()
         entry = StateVersion(
@@ -644,7 +600,7 @@ class StateStore:
             rows_per_partition=self.rows_per_partition(),
             hash_probe=self._probe,
         )
-        self.storage.write_model(_version_file(version), entry)
+        self.storage.write_model(version_file(version), entry)
 
         self._version = version
         self._chain.append((version, full, full or current is None))
@@ -659,14 +615,14 @@ class StateStore:
         if self._opened:
             return
         try:
-            meta = self.storage.read_model(_METADATA, StateMetadata)
+            meta = self.storage.read_model(METADATA_FILE, StateMetadata)
         except FileNotFoundError:
             meta = None
         if meta is None:
-            if self.storage.list_numbered(_VERSIONS):
+            if self.storage.list_numbered(VERSIONS_DIR):
                 msg = (
                     f"state of operator {self.operator!r} has committed versions but no "
-                    f"{self.storage.display(_METADATA)}; restore it from a backup or delete "
+                    f"{self.storage.display(METADATA_FILE)}; restore it from a backup or delete "
                     "the checkpoint to start over"
                 )
                 raise CheckpointCorruptError(msg)
@@ -678,7 +634,7 @@ class StateStore:
         self._opened = True
 
     def _check_metadata(self, meta: StateMetadata) -> None:
-        where = self.storage.display(_METADATA)
+        where = self.storage.display(METADATA_FILE)
         if meta.format_version > STATE_FORMAT_VERSION:
             msg = (
                 f"{where} has state format version {meta.format_version}; this microstream "
@@ -694,7 +650,7 @@ class StateStore:
         if (meta.hash_columns or meta.key_columns) != self.hash_columns:
             problems.append(f"hash_columns {meta.hash_columns} -> {self.hash_columns}")
         if stored_schema != self.schema:
-            problems.append(f"schema {_describe_schema_change(stored_schema, self.schema)}")
+            problems.append(f"schema {describe_schema_change(stored_schema, self.schema)}")
         if meta.num_partitions != self.num_partitions:
             problems.append(f"num_partitions {meta.num_partitions} -> {self.num_partitions}")
         if problems:
@@ -708,10 +664,10 @@ class StateStore:
 
     def _decode_metadata_frame(self, data: str, field: str) -> pl.DataFrame:
         try:
-            return _decode_frame(data)
+            return frame_from_text(data)
         except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
             msg = (
-                f"checkpoint file {self.storage.display(_METADATA)} is corrupt: field {field} "
+                f"checkpoint file {self.storage.display(METADATA_FILE)} is corrupt: field {field} "
                 f"is not a base64 Arrow IPC file ({exc})"
             )
             raise CheckpointCorruptError(msg) from None
@@ -727,7 +683,7 @@ class StateStore:
             snapshot_every=self.snapshot_every,
             hash_seed=_HASH_SEED,
             hash_probe=self._probe,
-            probe_ipc=_encode_frame(self._probe_frame),
+            probe_ipc=frame_to_text(self._probe_frame),
             polars_version=pl.__version__,
         )
 
@@ -739,11 +695,11 @@ class StateStore:
         return chain
 
     def _read_version(self, version: int, *, wanted: int) -> StateVersion:
-        name = _version_file(version)
+        name = version_file(version)
         try:
             entry = self.storage.read_model(name, StateVersion)
         except FileNotFoundError:
-            committed = self.storage.list_numbered(_VERSIONS)
+            committed = self.storage.list_numbered(VERSIONS_DIR)
             if version != wanted:
                 why = f"it is needed to rebuild version {wanted} but is missing"
             elif not committed:
@@ -783,7 +739,7 @@ class StateStore:
             )
             raise CheckpointCorruptError(msg) from None
         try:
-            frame = _decode(data, pyarrow_io=self._pyarrow_io)
+            frame = decode_frame(data, pyarrow_io=self._pyarrow_io)
         except Exception as exc:  # polars and arrow raise various errors on bad bytes
             msg = (
                 f"state file {where} is corrupt or truncated ({len(data)} bytes): "
@@ -793,7 +749,7 @@ class StateStore:
         if frame.schema != schema:
             msg = (
                 f"state file {where} does not hold the state of operator {self.operator!r}: "
-                f"{_describe_schema_change(schema, frame.schema)}"
+                f"{describe_schema_change(schema, frame.schema)}"
             )
             raise CheckpointCorruptError(msg)
         return frame
@@ -807,7 +763,7 @@ class StateStore:
         if not deltas:
             return
         frames = [
-            self._read_arrow(f"{p}/{version}{_DELTA}", self._delta_schema).with_columns(
+            self._read_arrow(f"{p}/{version}{DELTA_SUFFIX}", self._delta_schema).with_columns(
                 pl.lit(order, pl.UInt32).alias(_ORDER), pl.lit(p, pl.UInt32).alias(_PART)
             )
             for order, (version, p) in enumerate(deltas)
@@ -826,11 +782,11 @@ class StateStore:
             return
         keep_from = bases[-1]
         self._chain = [entry for entry in self._chain if entry[0] >= keep_from]
-        for v in self.storage.list_numbered(_VERSIONS):
+        for v in self.storage.list_numbered(VERSIONS_DIR):
             if v < keep_from:
-                self.storage.delete(_version_file(v))
+                self.storage.delete(version_file(v))
         for p in range(self.num_partitions):
-            for suffix in (_DELTA, _SNAPSHOT):
+            for suffix in (DELTA_SUFFIX, SNAPSHOT_SUFFIX):
                 for v in self.storage.list_numbered(str(p), suffix):
                     if v < keep_from:
                         self.storage.delete(f"{p}/{v}{suffix}")
@@ -921,77 +877,7 @@ class StateStore:
         self._frame = None
 
 
-def read_state(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
-    """Read the state of one operator from its checkpoint directory.
-
-    Works from outside a running query: the key columns, schema and partitions
-    come from the directory's ``_metadata.json``. Nothing is written.
-
-    Parameters
-    ----------
-    storage
-        The operator's directory, ``<checkpoint>/state/<operator>/``.
-    version
-        The version (batch id) to read; ``None`` reads the newest version on
-        disk, which can be one batch ahead of the query's ``commits/`` if the
-        process died between committing the state and the batch.
-
-    Returns
-    -------
-    DataFrame
-        The state's rows, columns in schema order (row order unspecified).
-
-    Raises
-    ------
-    CheckpointError
-        The directory holds no state.
-    CheckpointCorruptError
-        A file needed is missing or corrupt; the message names it.
-
-    Examples
-    --------
-    >>> import polars as pl
-    >>> from microstream.checkpoint.storage import Storage
-    >>> storage = Storage("memory://doctest-read-state/dedup")
-    >>> store = StateStore(
-    ...     storage, operator="dedup", key_columns=["id"], schema={"id": pl.Int64}
-    ... )
-    >>> store.apply(upserts=pl.DataFrame({"id": [1, 2, 3]}))
-    >>> store.commit(0)
-    >>> read_state(storage).sort("id")["id"].to_list()
-    [1, 2, 3]
-    """
-    try:
-        meta = storage.read_model(_METADATA, StateMetadata)
-    except FileNotFoundError:
-        msg = f"no operator state in {storage.display('')}: {storage.display(_METADATA)} is missing"
-        raise CheckpointError(msg) from None
-    try:
-        schema = _decode_frame(meta.schema_ipc).schema
-    except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
-        msg = f"checkpoint file {storage.display(_METADATA)} is corrupt: field schema_ipc ({exc})"
-        raise CheckpointCorruptError(msg) from None
-    store = StateStore(
-        storage,
-        operator=meta.operator,
-        key_columns=meta.key_columns,
-        hash_columns=meta.hash_columns,
-        schema=schema,
-        num_partitions=meta.num_partitions,
-        snapshot_every=meta.snapshot_every,
-    )
-    if version is None:
-        committed = storage.list_numbered(_VERSIONS)
-        version = committed[-1] if committed else None
-    store.load(version)
-    return store.frame
-
-
 # -- helpers ---------------------------------------------------------------------------
-
-
-def _version_file(version: int) -> str:
-    return f"{_VERSIONS}/{version}.json"
 
 
 def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
@@ -1032,44 +918,6 @@ def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
     return parts
 
 
-def _encode(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:
-    """``frame`` as an Arrow IPC file."""
-    if not pyarrow_io:
-        return frame.write_ipc(None, compression=compression or "uncompressed").getvalue()
-    table = frame.to_arrow()
-    sink = pa.BufferOutputStream()
-    options = pa_ipc.IpcWriteOptions(compression=compression)
-    with pa_ipc.new_file(sink, table.schema, options=options) as writer:
-        writer.write_table(table)
-    return bytes(sink.getvalue().to_pybytes())
-
-
-def _decode(data: bytes, *, pyarrow_io: bool) -> pl.DataFrame:
-    """An Arrow IPC file as a DataFrame; raises on bad bytes."""
-    if not pyarrow_io:
-        return pl.read_ipc(data)
-    frame = pl.from_arrow(pa_ipc.open_file(pa.py_buffer(data)).read_all())
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
-def _pyarrow_round_trips(schema: pl.Schema) -> bool:
-    """Whether pyarrow (faster than Polars' IPC for small files) keeps these dtypes exactly."""
-    try:
-        frame = pl.from_arrow(pl.DataFrame(schema=schema).to_arrow())
-    except Exception:  # e.g. Int128, unknown to pyarrow
-        return False
-    return isinstance(frame, pl.DataFrame) and frame.schema == schema
-
-
-def _encode_frame(frame: pl.DataFrame) -> str:
-    return base64.b64encode(frame.write_ipc(None).getvalue()).decode("ascii")
-
-
-def _decode_frame(data: str) -> pl.DataFrame:
-    return pl.read_ipc(base64.b64decode(data.encode("ascii"), validate=True))
-
-
 def _make_probe_frame(schema: pl.Schema, keys: list[str]) -> pl.DataFrame:
     """A fixed frame of key values (and one all-null row) to detect a changed hash."""
     columns = []
@@ -1092,19 +940,6 @@ def _make_probe_frame(schema: pl.Schema, keys: list[str]) -> pl.DataFrame:
         nulls = pl.Series(name, [None], dtype=dtype)
         columns.append(column.alias(name).append(nulls))
     return pl.DataFrame(columns)
-
-
-def _describe_schema_change(old: pl.Schema, new: pl.Schema) -> str:
-    changes = []
-    for name in old:
-        if name not in new:
-            changes.append(f"column {name!r} ({old[name]}) missing")
-        elif old[name] != new[name]:
-            changes.append(f"column {name!r} is {new[name]} instead of {old[name]}")
-    changes.extend(f"unexpected column {name!r} ({new[name]})" for name in new if name not in old)
-    if not changes and list(old) != list(new):
-        changes.append(f"columns in order {list(new)} instead of {list(old)}")
-    return "; ".join(changes) if changes else "identical"
 
 
 def _ranges(values: list[int]) -> str:

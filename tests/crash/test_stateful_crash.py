@@ -438,7 +438,7 @@ def collect_outputs(
     their ``offsets/``, ``commits/`` and state versions, the state's rows at ``states_at``
     (None: all)."""
     from microstream.checkpoint.storage import Storage
-    from microstream.state.store import read_state
+    from microstream.state.read import read_store as read_state
 
     outputs = Outputs(
         rows=rows,
