@@ -873,7 +873,7 @@ def test_source_options_are_checked() -> None:
 
 def test_loss_ranges_cover_retention_truncation_and_vanished_partitions() -> None:
     # What the broker cannot show here (Tansu has no retention or delete_records).
-    from connectors.kafka import _Bounds, _range_losses
+    from connectors.kafka.records import _Bounds, _range_losses
 
     ranges = {("t", 0): (10, 20), ("t", 1): (10, 20), ("t", 2): (10, 20), ("t", 3): (10, 20)}
     bounds = {("t", 0): _Bounds(15, 30), ("t", 1): _Bounds(0, 12), ("t", 3): _Bounds(0, 20)}
@@ -893,9 +893,9 @@ def test_batches_read_exact_ranges_with_records_kept_between_them(
 ) -> None:
     # Records consumed past a partition's end wait for the next batch; a partition with
     # more than _STASH_MAX of them is unassigned and assigned again at its position.
-    import connectors.kafka
+    import connectors.kafka.source
 
-    monkeypatch.setattr(connectors.kafka, "_STASH_MAX", 5)
+    monkeypatch.setattr(connectors.kafka.source, "_STASH_MAX", 5)
     topic = f"{name}-kept"
     kafka_broker.create_topic(topic, partitions=3)
     for p in range(3):
