@@ -81,7 +81,7 @@ from microstream.time.trigger import Trigger
 from microstream.ui import Dashboard, start_ui
 
 if TYPE_CHECKING:
-    from connectors.memory import MemoryStream
+    from microstream.registry import MemoryStream
 
 __version__ = "0.1.0"
 
@@ -149,8 +149,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # MemoryStream is a connector: imported on first use, never at import time.
     if name == "MemoryStream":
-        from microstream.registry import load_connector
+        from microstream.registry import memory_stream_class
 
-        return load_connector("memory")
+        return memory_stream_class()
     msg = f"module 'microstream' has no attribute {name!r}"
     raise AttributeError(msg)

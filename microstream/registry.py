@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microstream.exceptions import MicrostreamError
 
-__all__ = ["load_connector"]
+if TYPE_CHECKING:
+    # For type checkers only (``ms.MemoryStream`` is loaded through the registry at run
+    # time): this module is the one place the engine names the connectors package.
+    from connectors.memory import MemoryStream
+
+__all__ = ["load_connector", "memory_stream_class"]
 
 # Used when the distribution's metadata is absent (running from a source tree).
 _BUILTIN = {
@@ -54,3 +59,9 @@ def load_connector(name: str) -> Any:
         raise MicrostreamError(msg)
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+def memory_stream_class() -> type[MemoryStream]:
+    """``ms.MemoryStream``: the memory connector's class, loaded through the registry."""
+    cls: type[MemoryStream] = load_connector("memory")
+    return cls
