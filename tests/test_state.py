@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -383,6 +384,12 @@ def test_snapshot_cadence_and_untouched_partitions(storage: Storage) -> None:
         "partitions": [partition],
         "rows_per_partition": [1 if p == partition else 0 for p in range(4)],
         "hash_probe": store._probe,
+        # the CRC-32 of the one file the version wrote, verified on load
+        "checksums": {
+            f"{partition}/5.delta.arrow": zlib.crc32(
+                storage.read_bytes(f"{partition}/5.delta.arrow")
+            )
+        },
     }
     metadata = json.loads(storage.read_bytes("_metadata.json"))
     assert metadata["schema"] == {"k1": "Int64", "k2": "String", "t": "Int64", "v": "Int64"}
@@ -538,16 +545,57 @@ def test_commit_without_load_over_existing_state_is_refused(storage: Storage) ->
 # -- corruption and mismatches ----------------------------------------------------------
 
 
-def committed_store(storage: Storage) -> StateStore:
+def committed_store(storage: Storage, *, checksums: bool = True) -> StateStore:
+    """Versions 0 (a snapshot), 1 and 2 (deltas); ``checksums=False``: as versions written
+    before state files had checksums, so that the checks behind them (decoding, columns,
+    row counts) are what a damaged file meets."""
     store = new_store(storage, num_partitions=1, snapshot_every=3)
     for version in range(3):
         store.apply(upserts=rows((version, "a", 0, version)))
         store.commit(version)
-    return store  # 0 snapshot, 1 and 2 deltas
+    if not checksums:
+        for version in range(3):
+            entry = json.loads(storage.read_bytes(f"versions/{version}.json"))
+            del entry["checksums"]
+            storage.write_bytes(f"versions/{version}.json", json.dumps(entry).encode())
+    return store
+
+
+def test_a_changed_bit_in_a_state_file_is_named_never_loaded(storage: Storage) -> None:
+    committed_store(storage)
+    original = storage.read_bytes("0/1.delta.arrow")
+    one = (1).to_bytes(8, "little")  # version 1 wrote the row (1, "a", 0, 1)
+    position = original.rindex(one)
+    flipped = original[:position] + bytes([original[position] ^ 0x04]) + original[position + 1 :]
+    storage.write_bytes("0/1.delta.arrow", flipped)
+    with pytest.raises(
+        CheckpointCorruptError,
+        match=r"0/1\.delta\.arrow of operator 'op' is corrupt: its CRC-32 is [0-9a-f]{8}, the "
+        r"version that wrote it recorded [0-9a-f]{8}",
+    ):
+        new_store(storage, num_partitions=1).load(1)
+    # a file rewritten whole (a valid file of another version) is caught the same way
+    storage.write_bytes("0/1.delta.arrow", original)
+    storage.write_bytes("0/2.delta.arrow", original)
+    with pytest.raises(CheckpointCorruptError, match=r"0/2\.delta\.arrow .* CRC-32"):
+        new_store(storage, num_partitions=1).load(2)
+
+
+def test_without_checksums_a_changed_bit_loads_silently(storage: Storage) -> None:
+    """What the checksums prevent: the same flip in a version written without them
+    decodes to other state, with no error."""
+    committed_store(storage, checksums=False)
+    original = storage.read_bytes("0/1.delta.arrow")
+    position = original.rindex((1).to_bytes(8, "little"))
+    flipped = original[:position] + bytes([original[position] ^ 0x04]) + original[position + 1 :]
+    storage.write_bytes("0/1.delta.arrow", flipped)
+    store = new_store(storage, num_partitions=1)
+    store.load(1)
+    assert store.frame.rows() != [(0, "a", 0, 0), (1, "a", 0, 1)]
 
 
 def test_truncated_file_is_named(storage: Storage) -> None:
-    committed_store(storage)
+    committed_store(storage, checksums=False)
     data = storage.read_bytes("0/1.delta.arrow")
     storage.write_bytes("0/1.delta.arrow", data[: len(data) // 2])
     with pytest.raises(CheckpointCorruptError, match=r"0/1\.delta\.arrow is corrupt or truncated"):
@@ -572,7 +620,7 @@ def test_missing_file_is_named(storage: Storage) -> None:
 
 
 def test_file_with_other_columns_is_named(storage: Storage) -> None:
-    committed_store(storage)
+    committed_store(storage, checksums=False)
     other = pl.DataFrame({"k1": [1], "k2": ["a"], "t": [0], "v": [1.5], "__deleted": [False]})
     storage.write_bytes("0/1.delta.arrow", other.write_ipc(None).getvalue())
     with pytest.raises(
@@ -583,7 +631,7 @@ def test_file_with_other_columns_is_named(storage: Storage) -> None:
 
 
 def test_corrupt_manifest_and_wrong_row_count(storage: Storage) -> None:
-    committed_store(storage)
+    committed_store(storage, checksums=False)
     # a valid delta file of another version: row counts no longer add up
     storage.write_bytes("0/2.delta.arrow", storage.read_bytes("0/1.delta.arrow"))
     with pytest.raises(

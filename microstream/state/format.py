@@ -7,6 +7,7 @@ See :mod:`microstream.state.store` for the layout of ``state/<operator>/`` and
 from __future__ import annotations
 
 import base64
+import zlib
 from typing import Literal, TypeAlias
 
 import polars as pl
@@ -24,6 +25,7 @@ __all__ = [
     "StateMetadata",
     "StateRecord",
     "StateVersion",
+    "checksum",
     "decode_frame",
     "describe_schema_change",
     "encode_frame",
@@ -92,6 +94,11 @@ class StateVersion(StateRecord):
     """Partitions that wrote ``<version>.delta.arrow`` (empty for a snapshot)."""
     rows_per_partition: list[int]
     hash_probe: list[int]
+    checksums: dict[str, int] = Field(default_factory=dict)
+    """CRC-32 of each data file the version wrote, by its name in the operator's
+    directory (``"3/17.delta.arrow"``); a load verifies it, so a flipped bit or a
+    rewritten file is an error, never silently wrong state. Empty in versions written
+    before checksums existed (their files are not verified)."""
 
 
 def version_file(version: int) -> str:
@@ -147,3 +154,14 @@ def describe_schema_change(old: pl.Schema, new: pl.Schema) -> str:
     if not changes and list(old) != list(new):
         changes.append(f"columns in order {list(new)} instead of {list(old)}")
     return "; ".join(changes) if changes else "identical"
+
+
+def checksum(data: bytes) -> int:
+    """The CRC-32 a state file's bytes are checked with.
+
+    Examples
+    --------
+    >>> checksum(b"state")
+    2744374011
+    """
+    return zlib.crc32(data)

@@ -55,6 +55,7 @@ from microstream.state.format import (
     Compression,
     StateMetadata,
     StateVersion,
+    checksum,
     decode_frame,
     describe_schema_change,
     encode_frame,
@@ -451,10 +452,13 @@ class StateStore:
         chain: list[StateVersion] = []
         if version is not None:
             chain = self._read_chain(version)
+            checksums = {name: crc for entry in chain for name, crc in entry.checksums.items()}
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
-                    self._read_arrow(f"{p}/{oldest.version}{SNAPSHOT_SUFFIX}", self.schema)
+                    self._read_arrow(
+                        f"{p}/{oldest.version}{SNAPSHOT_SUFFIX}", self.schema, checksums
+                    )
                     for p in range(self.num_partitions)
                 ]
                 data = self._keyed(
@@ -465,7 +469,11 @@ class StateStore:
             else:
                 data = self._keyed(pl.DataFrame(schema={**self._mem_schema, _PART: pl.UInt32()}))
             replay = reversed(chain[:-1] if oldest.snapshot else chain)
-            self._replay([(entry.version, p) for entry in replay for p in entry.partitions], data)
+            self._replay(
+                [(entry.version, p) for entry in replay for p in entry.partitions],
+                data,
+                checksums,
+            )
             # Count by the file each row came from: after a change of hash function the
             # rows' current partitions differ from the files' (re-partitioned below).
             data.compact()
@@ -573,6 +581,7 @@ class StateStore:
             or deltas_to_replay + 1 >= self.snapshot_every
         )
         written: list[int] = []
+        checksums: dict[str, int] = {}
         if full:
             for p, part in enumerate(self._data.partitions()):
                 data = encode_frame(
@@ -580,7 +589,9 @@ class StateStore:
                     _COMPRESSION,
                     pyarrow_io=self._pyarrow_io,
                 )
-                self.storage.write_bytes(f"{p}/{version}{SNAPSHOT_SUFFIX}", data)
+                name = f"{p}/{version}{SNAPSHOT_SUFFIX}"
+                self.storage.write_bytes(name, data)
+                checksums[name] = checksum(data)
         elif self._pending is not None:
             pending = self._pending
             for p, changes in _split(pending, self._pids(pending.get_column(_HASH))).items():
@@ -589,7 +600,9 @@ class StateStore:
                     _COMPRESSION,
                     pyarrow_io=self._pyarrow_io,
                 )
-                self.storage.write_bytes(f"{p}/{version}{DELTA_SUFFIX}", data)
+                name = f"{p}/{version}{DELTA_SUFFIX}"
+                self.storage.write_bytes(name, data)
+                checksums[name] = checksum(data)
                 written.append(p)
             written.sort()
         entry = StateVersion(
@@ -599,6 +612,7 @@ class StateStore:
             partitions=written,
             rows_per_partition=self.rows_per_partition(),
             hash_probe=self._probe,
+            checksums=checksums,
         )
         self.storage.write_model(version_file(version), entry)
 
@@ -726,8 +740,11 @@ class StateStore:
             raise CheckpointCorruptError(msg)
         return entry
 
-    def _read_arrow(self, name: str, schema: pl.Schema) -> pl.DataFrame:
-        """Read a state file, checking that it holds ``schema``."""
+    def _read_arrow(
+        self, name: str, schema: pl.Schema, checksums: Mapping[str, int]
+    ) -> pl.DataFrame:
+        """Read a state file, checking its checksum (when its version recorded one) and
+        that it holds ``schema``."""
         where = self.storage.display(name)
         try:
             data = self.storage.read_bytes(name)
@@ -738,6 +755,15 @@ class StateStore:
                 "CHECKPOINT`"
             )
             raise CheckpointCorruptError(msg) from None
+        expected = checksums.get(name)
+        if expected is not None and (found := checksum(data)) != expected:
+            msg = (
+                f"state file {where} of operator {self.operator!r} is corrupt: its CRC-32 is "
+                f"{found:08x}, the version that wrote it recorded {expected:08x} (a changed "
+                "bit or a rewritten file). Restore it from a backup, or start over with "
+                "`microstream reset CHECKPOINT`"
+            )
+            raise CheckpointCorruptError(msg)
         try:
             frame = decode_frame(data, pyarrow_io=self._pyarrow_io)
         except Exception as exc:  # polars and arrow raise various errors on bad bytes
@@ -754,7 +780,9 @@ class StateStore:
             raise CheckpointCorruptError(msg)
         return frame
 
-    def _replay(self, deltas: list[tuple[int, int]], data: KeyedRows) -> None:
+    def _replay(
+        self, deltas: list[tuple[int, int]], data: KeyedRows, checksums: Mapping[str, int]
+    ) -> None:
         """Apply the delta files ``(version, partition)``, oldest first, to ``data``.
 
         All deltas are read into one frame; for each key the rows of its newest
@@ -763,7 +791,9 @@ class StateStore:
         if not deltas:
             return
         frames = [
-            self._read_arrow(f"{p}/{version}{DELTA_SUFFIX}", self._delta_schema).with_columns(
+            self._read_arrow(
+                f"{p}/{version}{DELTA_SUFFIX}", self._delta_schema, checksums
+            ).with_columns(
                 pl.lit(order, pl.UInt32).alias(_ORDER), pl.lit(p, pl.UInt32).alias(_PART)
             )
             for order, (version, p) in enumerate(deltas)
