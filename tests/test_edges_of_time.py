@@ -386,3 +386,23 @@ def test_a_null_event_time_key_is_counted_not_kept_forever(output_mode: str) -> 
     ]
     # nothing is left in state once the flush closed every hour
     assert run.progress[-1].state_operators[0].num_rows_total == 0
+
+
+def test_the_late_table_shows_no_watermark_as_null_and_prints() -> None:
+    """Null-time rows of the first batch missed no watermark: the column is null, and the
+    table prints (the Int64 sentinel used to be shown as a datetime Polars cannot format)."""
+    late = f"late_{uuid.uuid4().hex[:8]}"
+
+    def build(frame: ms.StreamFrame) -> ms.StreamFrame:
+        return (
+            frame.with_watermark("ts", "0s", on_late=late)
+            .group_by_dynamic("ts", every="1m")
+            .agg(pl.len())
+        )
+
+    run = Run(build, [rows((None, "a", 1), (EPOCH, "a", 2))], flush=False, late=late)
+    assert run.late is not None
+    assert run.late.select("v", "late_watermark", "reason").rows() == [
+        (1, None, "null event time: has no window")
+    ]
+    assert "null event time" in str(run.late)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from microstream.runtime.progress import StateOperatorProgress
+from microstream.time.watermark import FLUSH_WATERMARK_US, NO_WATERMARK_US
 from microstream.time.windows import END, START, from_us
 
 if TYPE_CHECKING:
@@ -116,9 +117,12 @@ def late_rows_frame(
     has_window: bool,
 ) -> pl.DataFrame:
     """Late rows for the side output: the row, the batch, the watermark missed, the window,
-    and why (``reason``: ``"late"`` here; null event times say so)."""
+    and why (``reason``: ``"late"`` here; null event times say so). ``late_watermark`` is
+    null when there was none yet, or it was the flush's end of time (no datetime shows it)."""
+    known = ctx.late_watermark_us not in (NO_WATERMARK_US, FLUSH_WATERMARK_US)
     missed = from_us(
-        pl.lit(ctx.late_watermark_us, pl.Int64), time_dtype or pl.Datetime("us", "UTC")
+        pl.lit(ctx.late_watermark_us if known else None, pl.Int64),
+        time_dtype or pl.Datetime("us", "UTC"),
     ).alias("late_watermark")
     extra: list[pl.Expr] = [
         pl.lit(ctx.batch_id, pl.Int64).alias("batch_id"),
