@@ -153,6 +153,10 @@ class StreamExecution:
         self._chained = chained_nodes(plan)
         self._projections = scan_projections(plan)
         self._operators: dict[PlanNode, StatefulOperator] = {}
+        self._timed: list[TimedOperator] = []
+        self._lagging: list[LaggingSource | None] = []
+        self._metered: list[MeteredSource | None] = []
+        self._skipping: list[SkippingSource | None] = []
         self.watermark = WatermarkTracker(
             [WatermarkInput(n.delay_us, n.idle_timeout_us) for n in self._watermark_nodes],
             policy=config.watermark_policy,
@@ -224,6 +228,17 @@ class StreamExecution:
                 operator = node.build_operator(f"op{i}", cp.storage.sub(f"state/op{i}"))
                 operator.load(state_version)
                 self._operators[node] = operator
+            # Optional capabilities, found once: the loop asks them every batch or poll.
+            self._timed = [op for op in self._operators.values() if isinstance(op, TimedOperator)]
+            self._lagging = [
+                src if isinstance(src, LaggingSource) else None for src in self._sources
+            ]
+            self._metered = [
+                src if isinstance(src, MeteredSource) else None for src in self._sources
+            ]
+            self._skipping = [
+                src if isinstance(src, SkippingSource) else None for src in self._sources
+            ]
             if self.config.trigger.kind == "available_now":
                 # "Available now" means at start, on the caller's thread: data that
                 # arrives while the query thread spins up belongs to the next run.
@@ -510,10 +525,7 @@ class StreamExecution:
         after this check, so it is at or after ``now_ms``.
         """
         now_ms = int(time.time() * 1000)
-        for operator in self._operators.values():
-            if isinstance(operator, TimedOperator) and operator.timers_due(watermark_us, now_ms):
-                return True
-        return False
+        return any(operator.timers_due(watermark_us, now_ms) for operator in self._timed)
 
     def _flush_due(self) -> bool:
         trigger = self.config.trigger
@@ -616,8 +628,8 @@ class StreamExecution:
             self._flushed = entry.watermark_us >= FLUSH_WATERMARK_US
         # Lag after and before the batch, asked before a source cleans up what it committed.
         lags = [
-            (_lag(src, end), _lag(src, start))
-            for src, start, end in zip(self._sources, starts, ends)
+            (None, None) if src is None else (src.lag(end), src.lag(start))
+            for src, start, end in zip(self._lagging, starts, ends)
         ]
         for src, end in zip(self._sources, ends):
             src.commit(end)
@@ -670,8 +682,10 @@ class StreamExecution:
                         if lag is not None and lag_before is not None
                         else None
                     ),
-                    metrics=src.metrics() if isinstance(src, MeteredSource) else {},
-                    skipped_files=src.skipped_files() if isinstance(src, SkippingSource) else [],
+                    metrics=metered.metrics() if (metered := self._metered[i]) else {},
+                    skipped_files=skipping.skipped_files()
+                    if (skipping := self._skipping[i])
+                    else [],
                 )
             )
         assert self._sink is not None
@@ -777,11 +791,6 @@ class _SourceSideOutput:
                 self._session.write_table(target, self._batch_id, rows, replace=False)
             else:
                 target(rows, self._batch_id)
-
-
-def _lag(source: Source, offset: Offset) -> int | None:
-    """The units available beyond ``offset``, for a source that knows (None otherwise)."""
-    return source.lag(offset) if isinstance(source, LaggingSource) else None
 
 
 def _now() -> datetime:
