@@ -31,7 +31,14 @@ from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.event_time import EventTimeKey
-from microstream.plan.nodes import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.plan.nodes import (
+    SINGLE_PARTITION,
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    StatefulNode,
+    WatermarkNode,
+)
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
 from microstream.time.windows import END, START, T, WindowSpec, from_us, to_us
@@ -168,6 +175,13 @@ class AggregateNode(StatefulNode):
             lines.append(f"{pad}  · update-mode emission: {self.emit.describe()}")
         lines += [f"{pad}  · {line}" for line in self.spec.strategies()]
         return lines + self.input.explain_lines(depth + 1)
+
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        # The group keys (an event-time key among them). A row's windows are assigned
+        # after the exchange (a sliding window takes a row into several), so the window
+        # is not a partition key: one owner holds every window of a key. Without keys,
+        # every group lives with one owner.
+        return (self.keys,) if self.keys else (SINGLE_PARTITION,)
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -333,7 +347,8 @@ class AggregationOperator(StoreBackedOperator):
 
     # -- one batch -------------------------------------------------------------------------
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        (batch,) = inputs
         self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         self._touched = (None, None)
         expired = self._expire(ctx.batch_timestamp_ms)
@@ -367,7 +382,7 @@ class AggregationOperator(StoreBackedOperator):
                     store.apply(deletes=keys)
         return gone.height
 
-    def _prepare(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+    def _prepare(self, batch: pl.DataFrame, ctx: OperatorContext) -> pl.DataFrame:
         node = self.node
         seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         time_col = (
@@ -444,7 +459,7 @@ class AggregationOperator(StoreBackedOperator):
         self._touched = (merged if self.partials is not None else None, all_rows)
         return updated
 
-    def _emit(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+    def _emit(self, ctx: OperatorContext, updated: pl.DataFrame | None) -> pl.DataFrame:
         mode, wm = ctx.output_mode, ctx.watermark_us
         closed = self._closed_predicate(wm)
         if mode == "complete":
@@ -464,7 +479,7 @@ class AggregationOperator(StoreBackedOperator):
         self._removed = (gone_partials if gone_partials is not None else gone_rows).height  # type: ignore[union-attr]
         return self._finalize(gone_partials, gone_rows)
 
-    def _emit_throttled(self, ctx: BatchContext, updated: pl.DataFrame | None) -> pl.DataFrame:
+    def _emit_throttled(self, ctx: OperatorContext, updated: pl.DataFrame | None) -> pl.DataFrame:
         """Update mode with emit triggers: emit a changed group only when a trigger fires."""
         assert self.emits is not None
         policy, now = self.node.emit, ctx.batch_timestamp_ms

@@ -1,19 +1,25 @@
-"""What every stateful operator runtime shares: its stores, counters and late rows."""
+"""What every stateful operator runtime shares: its stores, counters and late rows.
+
+An operator is called once per batch, :meth:`StoreBackedOperator.process`, with a
+read-only context; what it emits and the rows it dropped as late come back in
+one :class:`~microstream.plan.nodes.OperatorOutput`.
+"""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import polars as pl
 
+from microstream.plan.nodes import OperatorContext, OperatorOutput
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.time.watermark import FLUSH_WATERMARK_US, NO_WATERMARK_US
 from microstream.time.windows import END, START, from_us
 
 if TYPE_CHECKING:
-    from microstream.plan.nodes import BatchContext
     from microstream.state.store import StateStore
 
 __all__ = ["StoreBackedOperator", "late_rows_frame"]
@@ -21,7 +27,7 @@ __all__ = ["StoreBackedOperator", "late_rows_frame"]
 logger = logging.getLogger("microstream")
 
 
-class StoreBackedOperator:
+class StoreBackedOperator(ABC):
     """Load, commit and progress over an operator's state stores, and late-row routing."""
 
     operator_id: str
@@ -30,6 +36,20 @@ class StoreBackedOperator:
     def __init__(self, operator_id: str):
         self.operator_id = operator_id
         self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
+        self._late_rows: list[pl.DataFrame] = []
+
+    def process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> OperatorOutput:
+        """One batch: the rows to emit, and the rows dropped as late (see :meth:`_process`)."""
+        self._late_rows = []
+        try:
+            rows = self._process(inputs, ctx)
+            return OperatorOutput(rows=rows, late_rows=tuple(self._late_rows))
+        finally:
+            self._late_rows = []
+
+    @abstractmethod
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        """Apply the batch's rows (one frame per input) and return what to emit."""
 
     def _stores(self) -> list[StateStore]:
         raise AssertionError("subclasses list their stores")  # pragma: no cover
@@ -61,7 +81,7 @@ class StoreBackedOperator:
         self,
         df: pl.DataFrame,
         late: pl.Expr,
-        ctx: BatchContext,
+        ctx: OperatorContext,
         columns: Sequence[str],
         time_dtype: pl.DataType | None,
         *,
@@ -72,7 +92,7 @@ class StoreBackedOperator:
         if dropped.height == 0:
             return df
         self._dropped_late = dropped.height
-        ctx.late_rows.append(
+        self._late_rows.append(
             late_rows_frame(
                 dropped, columns, ctx, self.operator_id, time_dtype, has_window=has_window
             )
@@ -83,7 +103,7 @@ class StoreBackedOperator:
         self,
         df: pl.DataFrame,
         time: str,
-        ctx: BatchContext,
+        ctx: OperatorContext,
         columns: Sequence[str],
         time_dtype: pl.DataType | None,
         why: str,
@@ -99,7 +119,7 @@ class StoreBackedOperator:
         )
         self._dropped_null_time += nulls
         dropped = df.filter(pl.col(time).is_null())
-        ctx.late_rows.append(
+        self._late_rows.append(
             late_rows_frame(
                 dropped, columns, ctx, self.operator_id, time_dtype, has_window=False
             ).with_columns(pl.lit(f"null event time: {why}").alias("reason"))
@@ -110,7 +130,7 @@ class StoreBackedOperator:
 def late_rows_frame(
     dropped: pl.DataFrame,
     columns: Sequence[str],
-    ctx: BatchContext,
+    ctx: OperatorContext,
     operator_id: str,
     time_dtype: pl.DataType | None,
     *,

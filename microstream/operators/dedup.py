@@ -21,7 +21,13 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator
-from microstream.plan.nodes import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.plan.nodes import (
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    StatefulNode,
+    WatermarkNode,
+)
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
 from microstream.time.windows import T, to_us
@@ -70,6 +76,9 @@ class DedupNode(StatefulNode):
         }[self.expiry]
         return [pad + self.describe(), f"{pad}  · {note}", *self.input.explain_lines(depth + 1)]
 
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        return (self.subset,)  # the seen keys (every column when unique() had no subset)
+
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "unique", "subset": list(self.subset), "within_us": self.within_us}
 
@@ -108,7 +117,8 @@ class DedupOperator(StoreBackedOperator):
     def _stores(self) -> list[StateStore]:
         return [self.store]
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        (batch,) = inputs
         node = self.node
         self._dropped_late = self._updated = self._removed = 0
         columns = list(batch.columns)

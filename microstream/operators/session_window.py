@@ -22,7 +22,14 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator
-from microstream.plan.nodes import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.plan.nodes import (
+    SINGLE_PARTITION,
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    StatefulNode,
+    WatermarkNode,
+)
 from microstream.state.store import StateStore
 from microstream.time.windows import SessionSpec, T, from_us, to_us
 
@@ -68,6 +75,10 @@ class SessionNode(StatefulNode):
         lines = [pad + self.describe(), f"{pad}  · state evicted when session end <= watermark"]
         lines += [f"{pad}  · {line}" for line in self.spec.strategies()]
         return lines + self.input.explain_lines(depth + 1)
+
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        # Sessions of a key merge across batches, so the group keys alone partition them.
+        return (self.keys,) if self.keys else (SINGLE_PARTITION,)
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -156,7 +167,8 @@ class SessionOperator(StoreBackedOperator):
     def _stores(self) -> list[StateStore]:
         return [s for s in (self.sessions, self.rows) if s is not None]
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        (batch,) = inputs
         self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         node, gap = self.node, self.node.session.gap_us
         seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)

@@ -52,7 +52,13 @@ import polars as pl
 
 from microstream.exceptions import PlanError, SchemaMismatchError
 from microstream.operators.base import StoreBackedOperator
-from microstream.plan.nodes import BatchContext, PlanNode, StatefulNode, WatermarkNode
+from microstream.plan.nodes import (
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    StatefulNode,
+    WatermarkNode,
+)
 from microstream.state.schema import StateSchema
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration, parse_duration
@@ -410,6 +416,9 @@ class StatefulFunctionNode(StatefulNode):
             lines.append(f"{pad}  · rows with {self.event_column} <= previous watermark are late")
         return lines + self.input.explain_lines(depth + 1)
 
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        return (self.keys,)  # never empty: the verb requires group keys
+
     def fingerprint(self) -> dict[str, Any]:
         return {
             "kind": "map_groups_with_state",
@@ -583,7 +592,8 @@ class StatefulFunctionOperator(StoreBackedOperator):
 
     # -- one batch ----------------------------------------------------------------------
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        (batch,) = inputs
         node = self.node
         self._dropped_late = self._updated = self._removed = 0
         batch_ms = ctx.batch_timestamp_ms
@@ -614,7 +624,7 @@ class StatefulFunctionOperator(StoreBackedOperator):
             return pl.DataFrame(schema=node.output)
         return pl.concat(outputs, how="vertical")
 
-    def _due_limit(self, ctx: BatchContext) -> int | None:
+    def _due_limit(self, ctx: OperatorContext) -> int | None:
         if self.node.timeout == "event_time":
             return ctx.watermark_us
         if self.node.timeout == "processing_time":
@@ -625,7 +635,7 @@ class StatefulFunctionOperator(StoreBackedOperator):
         # The cached minimum is at or below the true one (calls only lowered it, see _apply).
         return self._next_timer_us is not None and self._next_timer_us <= limit
 
-    def _context(self, ctx: BatchContext, *, timed_out: bool) -> StateContext:
+    def _context(self, ctx: OperatorContext, *, timed_out: bool) -> StateContext:
         node = self.node
         watermark = None
         if node.watermark is not None:

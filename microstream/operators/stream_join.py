@@ -35,6 +35,7 @@ emitted.
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -43,14 +44,17 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator
-from microstream.plan.nodes import BatchContext, PlanNode, ScanNode, StatefulNode
+from microstream.plan.nodes import (
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    StatefulNode,
+)
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
 from microstream.time.windows import to_us
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from microstream.checkpoint.storage import Storage
 
 __all__ = [
@@ -96,16 +100,17 @@ def join_output_schema(
 
 
 class _TwoStreamOperator(StoreBackedOperator):
-    """A join's runtime: fed both sides of a batch at once by :class:`_TwoStreamNode`."""
+    """A join's runtime: fed both sides of a batch at once (its two inputs)."""
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        msg = f"{self.kind} takes two inputs: the engine calls process_sides()"
-        raise TypeError(msg)
+    def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
+        left, right = inputs
+        return self.process_sides(left, right, ctx)
 
+    @abstractmethod
     def process_sides(
-        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: OperatorContext
     ) -> pl.DataFrame:
-        raise AssertionError("subclasses join the two sides")  # pragma: no cover
+        """Join one batch's rows of the two sides; returns what to emit."""
 
 
 class _TwoStreamNode(StatefulNode):
@@ -122,18 +127,6 @@ class _TwoStreamNode(StatefulNode):
         lines.append("  " * (depth + 1) + "right:")
         lines.extend(self.right.explain_lines(depth + 2))
         return lines
-
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        left = self.input.execute(inputs, ctx)
-        right = self.right.execute(inputs, ctx)
-        if ctx.planning:
-            return pl.LazyFrame(schema=self.output_schema())
-        if self not in ctx.results:  # runs once per batch even when reached twice
-            operator = ctx.operators[self]
-            assert isinstance(operator, _TwoStreamOperator)
-            out = operator.process_sides(left.collect(), right.collect(), self.context_for(ctx))
-            ctx.results[self] = out.lazy()
-        return ctx.results[self]
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,6 +166,10 @@ class StreamJoinNode(_TwoStreamNode):
             self.suffix,
             self.coalesce,
         )
+
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        # The buffers are keyed (hashed) on the join keys: one owner per key, both sides.
+        return (self.left_on, self.right_on)
 
     def output_delay_us(self) -> int:
         # An emitted row's times can be this much older than the watermark of the batch
@@ -270,7 +267,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         return [self.left, self.right]
 
     def process_sides(
-        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: OperatorContext
     ) -> pl.DataFrame:
         node = self.node
         self._updated = self._removed = self._dropped_null_time = 0
@@ -330,7 +327,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         df: pl.DataFrame,
         time: str | None,
         schema: pl.Schema,
-        ctx: BatchContext,
+        ctx: OperatorContext,
         *,
         side: int,
     ) -> tuple[pl.DataFrame, int]:
@@ -734,6 +731,10 @@ class StreamAsofJoinNode(_TwoStreamNode):
         )
         return probe.collect_schema()
 
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        # The state is keyed by the ``by`` columns (the verb requires them).
+        return (self.by_left, self.by_right)
+
     def describe(self) -> str:
         tolerance = (
             f", tolerance={format_duration(self.tolerance_us)}"
@@ -791,7 +792,7 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
         return [self.left, self.right]
 
     def process_sides(
-        self, left: pl.DataFrame, right: pl.DataFrame, ctx: BatchContext
+        self, left: pl.DataFrame, right: pl.DataFrame, ctx: OperatorContext
     ) -> pl.DataFrame:
         node = self.node
         self._updated = self._removed = self._dropped_null_time = 0
@@ -827,7 +828,7 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
         return out
 
     def _on_time(
-        self, df: pl.DataFrame, time: str, schema: pl.Schema, ctx: BatchContext
+        self, df: pl.DataFrame, time: str, schema: pl.Schema, ctx: OperatorContext
     ) -> tuple[pl.DataFrame, int]:
         self._dropped_late = 0
         if df.height:

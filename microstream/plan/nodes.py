@@ -2,10 +2,11 @@
 
 A plan is data: nodes are frozen dataclasses, so a plan can be printed
 (``explain``), fingerprinted (stored in the checkpoint and compared on restart)
-and compiled, every batch, into Polars lazy queries over the batch's input.
-Stateless nodes rewrite a LazyFrame; a stateful node (aggregation,
-deduplication) materialises its input, hands it to its runtime operator, which
-owns the state, and continues lazily from the operator's output.
+and compiled once into a physical plan (:mod:`microstream.plan.physical`).
+Transform nodes rewrite LazyFrames (:meth:`TransformNode.lower`); a stateful node
+(aggregation, deduplication, a join) names the runtime operator that owns its
+state, and the keys its input is partitioned by. An operator is handed a
+read-only :class:`OperatorContext` and returns an :class:`OperatorOutput`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -29,24 +30,86 @@ if TYPE_CHECKING:
     from microstream.runtime.progress import StateOperatorProgress
 
 __all__ = [
-    "BatchContext",
+    "SINGLE_PARTITION",
     "ConcatNode",
     "MapBatchesNode",
+    "OperatorContext",
+    "OperatorOutput",
+    "PartitionKeys",
     "PlanNode",
     "ScanNode",
+    "SinglePartition",
     "StatefulNode",
     "StatefulOperator",
     "StatelessNode",
     "StaticJoinNode",
     "TimedOperator",
+    "TransformNode",
     "WatermarkNode",
     "chained_nodes",
     "check_row_wise",
     "declared_width",
     "describe_value",
+    "lower_plan",
+    "planning_context",
     "result_key_columns",
     "scan_projections",
 ]
+
+
+@dataclass(frozen=True)
+class OperatorContext:
+    """What an operator knows of the batch it runs in: read-only.
+
+    ``late_watermark_us`` judges late rows (the previous batch's watermark) and
+    ``watermark_us`` drives emission and eviction at the end of this batch, as
+    Spark does since 3.4. Both are microseconds since the epoch, already held
+    back by the operator's upstream delay (:meth:`StatefulNode.watermark_delay_us`).
+
+    Examples
+    --------
+    >>> ctx = OperatorContext(batch_id=3, late_watermark_us=0, watermark_us=10,
+    ...                       output_mode="append")
+    >>> ctx.batch_timestamp_ms
+    0
+    """
+
+    batch_id: int
+    late_watermark_us: int
+    watermark_us: int
+    output_mode: str
+    batch_timestamp_ms: int = 0
+    """The batch's logged processing time: processing-time emit triggers use it, so a
+    re-run batch decides exactly as the first run did."""
+    planning: bool = False
+    """True when the plan is only resolved over empty inputs (schema, projections):
+    nothing is read and no operator runs."""
+
+
+@dataclass(frozen=True)
+class OperatorOutput:
+    """What an operator returns for one batch: the rows to emit downstream, and the
+    rows it dropped as late or without an event time (for the ``on_late`` side
+    output), in the order it dropped them."""
+
+    rows: pl.DataFrame
+    late_rows: tuple[pl.DataFrame, ...] = ()
+
+
+class SinglePartition:
+    """The partitioning of an operator without keys: every row goes to one owner
+    (a global aggregation, a window aggregation without ``group_by`` keys). Use
+    the one instance, :data:`SINGLE_PARTITION`."""
+
+    def __repr__(self) -> str:
+        return "SINGLE_PARTITION"
+
+
+SINGLE_PARTITION = SinglePartition()
+
+PartitionKeys = tuple[str, ...] | SinglePartition
+"""How an operator's input is partitioned: hashed on these columns (never empty), or
+:data:`SINGLE_PARTITION`."""
 
 
 class StatefulOperator(Protocol):
@@ -54,8 +117,9 @@ class StatefulOperator(Protocol):
 
     operator_id: str
 
-    def process(self, batch: pl.DataFrame, ctx: BatchContext) -> pl.DataFrame:
-        """Apply one batch's rows (late rows dropped) and return what to emit."""
+    def process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> OperatorOutput:
+        """Apply one batch's rows, one frame per input of the node (two for a join), and
+        return what to emit and what was dropped as late."""
         ...
 
     def load(self, version: int | None) -> None:
@@ -86,40 +150,9 @@ class TimedOperator(Protocol):
         ...
 
 
-@dataclass
-class BatchContext:
-    """What one run of the plan over one batch needs besides the input.
-
-    ``late_watermark_us`` judges late rows (the previous batch's watermark) and
-    ``watermark_us`` drives emission and eviction at the end of this batch, as
-    Spark does since 3.4. Both are microseconds since the epoch.
-    """
-
-    batch_id: int
-    late_watermark_us: int
-    watermark_us: int
-    output_mode: str
-    batch_timestamp_ms: int = 0
-    """The batch's logged processing time: processing-time emit triggers use it, so a
-    re-run batch decides exactly as the first run did."""
-    operators: Mapping[PlanNode, StatefulOperator] = field(default_factory=dict)
-    planning: bool = False
-    max_event_us: dict[WatermarkNode, int | None] = field(default_factory=dict)
-    """Filled by watermark nodes: the largest event time of this batch per input."""
-    rows_per_input: dict[WatermarkNode, int] = field(default_factory=dict)
-    late_rows: list[pl.DataFrame] = field(default_factory=list)
-    """Rows stateful operators dropped as late, with why (for the ``on_late`` side output)."""
-    results: dict[PlanNode, pl.LazyFrame] = field(default_factory=dict)
-    """Materialised results of this batch, so a node feeding two branches (both sides of
-    a self-join) runs once."""
-    chained: frozenset[PlanNode] = frozenset()
-    """Stateful nodes whose output feeds another stateful node (:func:`chained_nodes`):
-    they run in append mode, whatever the query's, so what they emit is final."""
-
-
-def planning_context() -> BatchContext:
+def planning_context() -> OperatorContext:
     """A context for planning: no state, nothing late, empty inputs."""
-    return BatchContext(
+    return OperatorContext(
         batch_id=-1,
         late_watermark_us=NO_WATERMARK_US,
         watermark_us=NO_WATERMARK_US,
@@ -137,10 +170,6 @@ class PlanNode(ABC):
     @abstractmethod
     def describe(self) -> str:
         """One line for ``explain()``."""
-
-    @abstractmethod
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        """The node as a Polars lazy query over the batch's per-source inputs."""
 
     def walk(self) -> list[PlanNode]:
         """Every node once, inputs first (a stable order: positions name sources and
@@ -180,12 +209,22 @@ class PlanNode(ABC):
 
     def schema(self) -> pl.Schema:
         """The output schema, found by planning the query over empty inputs."""
-        empty = {scan: pl.LazyFrame(schema=scan.source.schema) for scan in self.scans()}
+        empty: dict[PlanNode, pl.LazyFrame] = {
+            scan: pl.LazyFrame(schema=scan.source.schema) for scan in self.scans()
+        }
         try:
-            return self.execute(empty, planning_context()).collect_schema()
+            return lower_plan(self, empty, planning_context()).collect_schema()
         except pl.exceptions.PolarsError as exc:
             msg = f"the query cannot be planned: {exc}\nplan:\n" + "\n".join(self.explain_lines())
             raise PlanError(msg) from exc
+
+
+class TransformNode(PlanNode):
+    """A node that rewrites LazyFrames: its result depends on this batch's rows only."""
+
+    @abstractmethod
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
+        """The node as a Polars lazy query over its inputs' lazy queries (one per child)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,12 +234,9 @@ class ScanNode(PlanNode):
     def describe(self) -> str:
         return f"Scan {self.source.describe()}"
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        return inputs[self]
-
 
 @dataclass(frozen=True, eq=False)
-class StatelessNode(PlanNode):
+class StatelessNode(TransformNode):
     """A LazyFrame verb applied as is to every batch (filter, select, ...)."""
 
     input: PlanNode
@@ -219,14 +255,13 @@ class StatelessNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        lf = self.input.execute(inputs, ctx)
-        result: pl.LazyFrame = getattr(lf, self.verb)(*self.args, **self.kwargs)
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
+        result: pl.LazyFrame = getattr(frames[0], self.verb)(*self.args, **self.kwargs)
         return result
 
 
 @dataclass(frozen=True, eq=False)
-class MapBatchesNode(PlanNode):
+class MapBatchesNode(TransformNode):
     """A user function from DataFrame to DataFrame, called once per batch."""
 
     input: PlanNode
@@ -243,14 +278,14 @@ class MapBatchesNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        return self.input.execute(inputs, ctx).map_batches(
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
+        return frames[0].map_batches(
             self.function, schema=self.output_schema, validate_output_schema=True
         )
 
 
 @dataclass(frozen=True, eq=False)
-class StaticJoinNode(PlanNode):
+class StaticJoinNode(TransformNode):
     """A join of the stream with a static DataFrame, LazyFrame or changing table."""
 
     input: PlanNode
@@ -268,7 +303,7 @@ class StaticJoinNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
         if ctx.planning:
             # Never read the table to plan (scan_projections collects plans); one row of
             # nulls, as an empty side would let Polars skip the stream's side altogether.
@@ -282,11 +317,11 @@ class StaticJoinNode(PlanNode):
             other = self.other.current()
         else:
             other = self.other
-        return self.input.execute(inputs, ctx).join(other, **self.kwargs)
+        return frames[0].join(other, **self.kwargs)
 
 
 @dataclass(frozen=True, eq=False)
-class ConcatNode(PlanNode):
+class ConcatNode(TransformNode):
     """The union of several streams (``ms.concat``), as ``pl.concat`` does for frames."""
 
     inputs: tuple[PlanNode, ...]
@@ -302,16 +337,17 @@ class ConcatNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*super().stateless_steps(), self.describe()]
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        frames = [child.execute(inputs, ctx) for child in self.inputs]
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
         return pl.concat(frames, how=self.how)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, eq=False)
-class WatermarkNode(PlanNode):
+class WatermarkNode(TransformNode):
     """``with_watermark``: observes the largest event time of every batch of its input.
 
     Rows pass through unchanged; stateful operators downstream judge them late.
+    The stage that evaluates this node collects its input once and returns the
+    largest event time and the row count (:meth:`observe`).
     """
 
     input: PlanNode
@@ -340,19 +376,15 @@ class WatermarkNode(PlanNode):
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "watermark", "column": self.column, "delay_us": self.delay_us}
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        lf = self.input.execute(inputs, ctx)
-        if ctx.planning:
-            return lf
-        if self in ctx.results:
-            return ctx.results[self]
-        df = lf.collect()
-        ctx.rows_per_input[self] = df.height
-        if df.height:
-            value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
-            ctx.max_event_us[self] = None if value is None else int(value)
-        ctx.results[self] = df.lazy()
-        return ctx.results[self]
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
+        return frames[0]
+
+    def observe(self, df: pl.DataFrame) -> int | None:
+        """The largest event time of this batch's rows ``df`` (None: no rows, or all null)."""
+        if not df.height:
+            return None
+        value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
+        return None if value is None else int(value)
 
 
 class StatefulNode(PlanNode):
@@ -374,6 +406,12 @@ class StatefulNode(PlanNode):
     @abstractmethod
     def build_operator(self, operator_id: str, storage: Storage) -> StatefulOperator:
         """The runtime operator, with its state stores under ``storage``."""
+
+    @abstractmethod
+    def partition_keys(self) -> tuple[PartitionKeys, ...]:
+        """Per input (as :meth:`children`), the columns its rows are partitioned by, so
+        that every row of one state key meets one owner: the operator's state keys as
+        they appear in its input, or :data:`SINGLE_PARTITION` when it has none."""
 
     def check_output_mode(self, output_mode: str) -> None:
         """Raise PlanError if this operator cannot produce ``output_mode``."""
@@ -401,34 +439,61 @@ class StatefulNode(PlanNode):
         """How much older than the watermark the event times of emitted rows may be."""
         return 0
 
-    def context_for(self, ctx: BatchContext) -> BatchContext:
-        """``ctx`` with the watermarks this operator judges by.
+    def watermark_delay_us(self) -> int:
+        """How much later than the query's watermarks this operator judges lateness and
+        eviction: downstream of operators that emit rows older than the watermark (a
+        join emits a pair when its later row arrives), as Spark's per-operator
+        watermark propagation does."""
+        return sum(n.output_delay_us() for n in self.walk()[:-1] if isinstance(n, StatefulNode))
 
-        Downstream of operators that emit rows older than the watermark (a join
-        emits a pair when its later row arrives), lateness and eviction are judged
-        that much later, as Spark's per-operator watermark propagation does.
-        """
-        delay = sum(n.output_delay_us() for n in self.walk()[:-1] if isinstance(n, StatefulNode))
-        # An operator feeding another emits final rows only: append, whatever the query's mode.
-        mode = "append" if self in ctx.chained else ctx.output_mode
-        if not delay and mode == ctx.output_mode:
-            return ctx
-        return replace(
-            ctx,
-            late_watermark_us=_minus(ctx.late_watermark_us, delay),
-            watermark_us=_minus(ctx.watermark_us, delay),
-            output_mode=mode,
-        )
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
-        if ctx.planning:
-            self.input.execute(inputs, ctx)
-            return pl.LazyFrame(schema=self.output_schema())
-        if self not in ctx.results:
-            lf = self.input.execute(inputs, ctx)
-            out = ctx.operators[self].process(lf.collect(), self.context_for(ctx))
-            ctx.results[self] = out.lazy()
-        return ctx.results[self]
+def operator_context(ctx: OperatorContext, delay_us: int, output_mode: str) -> OperatorContext:
+    """``ctx`` with the watermarks held back by ``delay_us`` and ``output_mode`` (an
+    operator feeding another runs in append mode, whatever the query's)."""
+    if not delay_us and output_mode == ctx.output_mode:
+        return ctx
+    return replace(
+        ctx,
+        late_watermark_us=_minus(ctx.late_watermark_us, delay_us),
+        watermark_us=_minus(ctx.watermark_us, delay_us),
+        output_mode=output_mode,
+    )
+
+
+def lower_plan(
+    plan: PlanNode, inputs: Mapping[PlanNode, pl.LazyFrame], ctx: OperatorContext
+) -> pl.LazyFrame:
+    """``plan`` as one Polars lazy query over ``inputs`` (a frame for every scan, and for
+    any node whose result is already known), for planning: a stateful node not in
+    ``inputs`` stands for an empty frame of its output schema, a watermark observes
+    nothing.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy().filter(pl.col("x") > 1)
+    >>> scan = frame.plan.scans()[0]
+    >>> lower_plan(frame.plan, {scan: pl.LazyFrame({"x": [1, 2]})}, planning_context()).collect()
+    shape: (1, 1)
+    ┌─────┐
+    │ x   │
+    │ --- │
+    │ i64 │
+    ╞═════╡
+    │ 2   │
+    └─────┘
+    """
+    known = inputs.get(plan)
+    if known is not None:
+        return known
+    if isinstance(plan, StatefulNode):
+        for child in plan.children():  # resolved, so errors in its inputs surface here
+            lower_plan(child, inputs, ctx)
+        return pl.LazyFrame(schema=plan.output_schema())
+    if not isinstance(plan, TransformNode):
+        msg = f"no input frame for {plan.describe()}"
+        raise PlanError(msg)
+    return plan.lower([lower_plan(child, inputs, ctx) for child in plan.children()], ctx)
 
 
 def _minus(watermark_us: int, delay_us: int) -> int:
@@ -471,15 +536,15 @@ def scan_projections(plan: PlanNode) -> dict[ScanNode, tuple[str, ...] | None]:
 
         return register_io_source(source, schema=schema)
 
-    inputs = {scan: probe(scan) for scan in scans}
+    inputs: dict[PlanNode, pl.LazyFrame] = {scan: probe(scan) for scan in scans}
     ctx = planning_context()
     try:
-        parts = [plan.execute(inputs, ctx)]
+        parts = [lower_plan(plan, inputs, ctx)]
         for node in plan.walk():
             if isinstance(node, StatefulNode):
-                parts.extend(child.execute(inputs, ctx) for child in node.children())
+                parts.extend(lower_plan(child, inputs, ctx) for child in node.children())
             elif isinstance(node, WatermarkNode):
-                parts.append(node.input.execute(inputs, ctx).select(node.column))
+                parts.append(lower_plan(node.input, inputs, ctx).select(node.column))
             elif isinstance(node, ConcatNode):
                 for child in node.inputs:
                     for scan in child.scans():

@@ -10,13 +10,13 @@ processing time is as deterministic as any other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
 
 from microstream.exceptions import PlanError
-from microstream.plan.nodes import BatchContext, PlanNode, ScanNode
+from microstream.plan.nodes import OperatorContext, PlanNode, TransformNode
 
 __all__ = ["PROCESSING_TIME_DTYPE", "ProcessingTimeNode", "processing_time_node"]
 
@@ -26,7 +26,7 @@ columns (and Nexmark's ``TIMESTAMP(3)``), so the two compare and window alike.""
 
 
 @dataclass(frozen=True, eq=False)
-class ProcessingTimeNode(PlanNode):
+class ProcessingTimeNode(TransformNode):
     """``with_processing_time(name)``: adds the batch's logged timestamp as column ``name``."""
 
     input: PlanNode
@@ -41,9 +41,9 @@ class ProcessingTimeNode(PlanNode):
     def stateless_steps(self) -> list[str]:
         return [*self.input.stateless_steps(), self.describe()]
 
-    def execute(self, inputs: Mapping[ScanNode, pl.LazyFrame], ctx: BatchContext) -> pl.LazyFrame:
+    def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
         stamp = pl.lit(ctx.batch_timestamp_ms, pl.Int64).cast(PROCESSING_TIME_DTYPE)
-        return self.input.execute(inputs, ctx).with_columns(stamp.alias(self.name))
+        return frames[0].with_columns(stamp.alias(self.name))
 
 
 def processing_time_node(input: PlanNode, schema: pl.Schema, name: str) -> ProcessingTimeNode:

@@ -45,7 +45,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.plan.nodes import (
-    BatchContext,
+    OperatorContext,
     ScanNode,
     TimedOperator,
     chained_nodes,
@@ -53,6 +53,7 @@ from microstream.plan.nodes import (
     result_key_columns,
     scan_projections,
 )
+from microstream.plan.physical import compile as compile_plan
 from microstream.protocols import (
     CommittedBatchSink,
     LaggingSource,
@@ -77,6 +78,7 @@ from microstream.runtime.progress import (
     SinkProgress,
     SourceProgress,
 )
+from microstream.runtime.stages import LocalStageExecutor, StageExecutor
 from microstream.time.watermark import (
     FLUSH_WATERMARK_US,
     NO_WATERMARK_US,
@@ -86,7 +88,7 @@ from microstream.time.watermark import (
 
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
-    from microstream.plan.nodes import PlanNode, StatefulOperator
+    from microstream.plan.nodes import PlanNode, StatefulNode, StatefulOperator
     from microstream.protocols import SideOutputTarget, SinkSpec
     from microstream.time.trigger import Trigger
 
@@ -120,8 +122,10 @@ class ExecutionConfig:
 class StreamExecution:
     """Runs one query on a background thread (see the module docstring)."""
 
-    def __init__(self, config: ExecutionConfig):
+    def __init__(self, config: ExecutionConfig, executor: StageExecutor | None = None):
         self.config = config
+        self.executor: StageExecutor = executor if executor is not None else LocalStageExecutor()
+        """Runs each batch's stages (the runtime's part; see runtime/stages.py)."""
         self.run_id = str(uuid.uuid4())
         self.faults = FaultInjector.from_env()
         self.checkpoint = Checkpoint(config.checkpoint_url, config.storage_options)
@@ -152,7 +156,8 @@ class StreamExecution:
         self._stateful_nodes = plan.stateful_nodes()
         self._chained = chained_nodes(plan)
         self._projections = scan_projections(plan)
-        self._operators: dict[PlanNode, StatefulOperator] = {}
+        self.physical = compile_plan(plan)  # once: every batch runs these stages
+        self._operators: dict[StatefulNode, StatefulOperator] = {}
         self._timed: list[TimedOperator] = []
         self._lagging: list[LaggingSource | None] = []
         self._metered: list[MeteredSource | None] = []
@@ -224,10 +229,11 @@ class StreamExecution:
                     self.config.session.register_table(mark.on_late)
             self._restore_position()
             state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
-            for i, node in enumerate(self._stateful_nodes):
-                operator = node.build_operator(f"op{i}", cp.storage.sub(f"state/op{i}"))
+            for stage in self.physical.operators():
+                op_id = stage.operator_id
+                operator = stage.node.build_operator(op_id, cp.storage.sub(f"state/{op_id}"))
                 operator.load(state_version)
-                self._operators[node] = operator
+                self._operators[stage.node] = operator
             # Optional capabilities, found once: the loop asks them every batch or poll.
             self._timed = [op for op in self._operators.values() if isinstance(op, TimedOperator)]
             self._lagging = [
@@ -576,18 +582,17 @@ class StreamExecution:
         self.faults.reach("batch.after_read")
 
         t_compute = time.perf_counter()
-        ctx = BatchContext(
+        ctx = OperatorContext(
             batch_id=batch_id,
             late_watermark_us=_for_operators(entry.late_watermark_us),
             watermark_us=_for_operators(entry.watermark_us),
             output_mode=self.config.output_mode,
             batch_timestamp_ms=entry.batch_timestamp_ms,
-            operators=self._operators,
-            chained=self._chained,
         )
-        result = self.config.plan.execute(inputs, ctx).collect()
-        if ctx.late_rows:
-            self._route_late_rows(batch_id, pl.concat(ctx.late_rows, how="diagonal_relaxed"))
+        output = self.executor.run(self.physical, inputs, ctx, self._operators)
+        result = output.rows
+        if output.late_rows:
+            self._route_late_rows(batch_id, pl.concat(output.late_rows, how="diagonal_relaxed"))
         self.faults.reach("batch.after_compute")
 
         t_sink = time.perf_counter()
@@ -609,7 +614,10 @@ class StreamExecution:
         self.checkpoint.check_lock()
         maxima: list[int | None] = []
         if self.watermark.enabled:
-            self.watermark.observe([ctx.max_event_us.get(n) for n in self._watermark_nodes])
+            seen = output.watermarks
+            self.watermark.observe(
+                [seen[n].max_event_us if n in seen else None for n in self._watermark_nodes]
+            )
             maxima = self.watermark.maxima()
         self.checkpoint.write_commit(
             CommitEntry(

@@ -1,0 +1,322 @@
+"""The physical plan: the stages one batch of a query runs as, compiled once.
+
+:func:`compile` cuts the logical plan (:mod:`microstream.plan.nodes`) into
+stages, listed in dependency order (a stage's inputs come before it):
+
+1. **Stateless stages**: a tree of transform nodes (``filter``, ``with_columns``,
+   static joins, ``with_watermark``, ``concat``, ``map_batches``, ...) fused into
+   one Polars lazy plan over the stage's inputs: the batch of a source (one
+   stage per source's prefix; sources that meet in a ``concat`` share one), an
+   operator's output (the steps after it), or a stage feeding several others
+   (one stream on both sides of a join), which is built once per batch. A
+   watermark node in a stage collects its input there: the stage returns the
+   largest event time it saw (:class:`WatermarkObservation`).
+2. **An exchange** before every input of a stateful operator (two for a join):
+   its rows go to the owner of their partition keys
+   (:meth:`~microstream.plan.nodes.StatefulNode.partition_keys`), or all to one
+   owner (:data:`~microstream.plan.nodes.SINGLE_PARTITION`).
+3. **An operator stage**: the stateful node with its operator id (``op0``,
+   ``op1``, ... in plan order, the names of its state in the checkpoint), the
+   watermark delay and the output mode it runs with.
+4. **The sink stage**: the query's result for the batch.
+
+A runtime executes the stages (:mod:`microstream.runtime.stages`); in one
+process an exchange is the identity, since one owner holds every key.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import polars as pl
+
+from microstream.exceptions import PlanError
+from microstream.plan.nodes import (
+    SINGLE_PARTITION,
+    OperatorContext,
+    PartitionKeys,
+    PlanNode,
+    ScanNode,
+    StatefulNode,
+    TransformNode,
+    WatermarkNode,
+    chained_nodes,
+    operator_context,
+)
+
+__all__ = [
+    "Exchange",
+    "ExchangeStage",
+    "OperatorStage",
+    "PhysicalPlan",
+    "SinkStage",
+    "Stage",
+    "StatelessStage",
+    "WatermarkObservation",
+    "compile",
+]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """Where an operator input's rows go: hashed on ``keys``, or all to one owner.
+
+    Examples
+    --------
+    >>> Exchange(("user",)).describe()
+    "Exchange(hash ['user'])"
+    >>> from microstream.plan.nodes import SINGLE_PARTITION
+    >>> Exchange(SINGLE_PARTITION).describe()
+    'Exchange(single partition)'
+    """
+
+    keys: PartitionKeys
+
+    def describe(self) -> str:
+        if self.keys is SINGLE_PARTITION:
+            return "Exchange(single partition)"
+        return f"Exchange(hash {list(self.keys)})"  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class WatermarkObservation:
+    """What a stage saw at a watermark node in one batch: its rows, the largest event
+    time (microseconds since the epoch; None without rows or with null times only)."""
+
+    rows: int
+    max_event_us: int | None
+
+
+@dataclass(frozen=True, eq=False)
+class StatelessStage:
+    """Transform nodes fused into one Polars lazy plan, ending at ``output``."""
+
+    index: int
+    output: PlanNode
+    sources: tuple[ScanNode, ...]
+    """The sources whose batch the stage reads."""
+    upstream: Mapping[PlanNode, int]
+    """The nodes computed by earlier stages (operators, shared stages), by stage index."""
+    steps: tuple[TransformNode, ...]
+    """The nodes the stage evaluates, inputs first."""
+
+    def lower(
+        self,
+        inputs: Mapping[ScanNode, pl.LazyFrame],
+        results: Sequence[pl.LazyFrame | None],
+        ctx: OperatorContext,
+    ) -> tuple[pl.LazyFrame, dict[WatermarkNode, WatermarkObservation]]:
+        """The stage's lazy plan for one batch, and what its watermark nodes saw."""
+        observed: dict[WatermarkNode, WatermarkObservation] = {}
+
+        def build(node: PlanNode) -> pl.LazyFrame:
+            if isinstance(node, ScanNode):
+                return inputs[node]
+            index = self.upstream.get(node)
+            if index is not None:
+                frame = results[index]
+                assert frame is not None, f"stage {index} runs before stage {self.index}"
+                return frame
+            assert isinstance(node, TransformNode)
+            lf = node.lower([build(child) for child in node.children()], ctx)
+            if isinstance(node, WatermarkNode) and not ctx.planning:
+                df = lf.collect()  # the watermark sees every row of its input, once
+                observed[node] = WatermarkObservation(df.height, node.observe(df))
+                lf = df.lazy()
+            return lf
+
+        return build(self.output), observed
+
+    def describe(self) -> str:
+        reads = [scan.describe() for scan in self.sources]
+        reads += [f"[{i}]" for i in sorted(set(self.upstream.values()))]
+        return " -> ".join([", ".join(reads), *(step.describe() for step in self.steps)])
+
+
+@dataclass(frozen=True, eq=False)
+class ExchangeStage:
+    """Rows of stage ``input`` routed by ``exchange`` to the owners of their keys."""
+
+    index: int
+    input: int
+    exchange: Exchange
+
+    def describe(self) -> str:
+        return f"{self.exchange.describe()} <- [{self.input}]"
+
+
+@dataclass(frozen=True, eq=False)
+class OperatorStage:
+    """A stateful operator over its exchanged inputs (one per node child)."""
+
+    index: int
+    node: StatefulNode
+    operator_id: str
+    inputs: tuple[int, ...]
+    delay_us: int
+    """How far behind the query's watermarks this operator judges (upstream emit delay)."""
+    append_only: bool
+    """It feeds another operator, so it runs in append mode (its rows are final)."""
+
+    def context(self, ctx: OperatorContext) -> OperatorContext:
+        """The batch's context as this operator sees it."""
+        mode = "append" if self.append_only else ctx.output_mode
+        return operator_context(ctx, self.delay_us, mode)
+
+    def describe(self) -> str:
+        notes = []
+        if self.delay_us:
+            from microstream.time.duration import format_duration
+
+            notes.append(f"watermark held back {format_duration(self.delay_us)}")
+        if self.append_only:
+            notes.append("append mode: feeds another operator")
+        note = f" ({'; '.join(notes)})" if notes else ""
+        inputs = ", ".join(f"[{i}]" for i in self.inputs)
+        return f"{self.operator_id} {self.node.describe()}{note} <- {inputs}"
+
+
+@dataclass(frozen=True, eq=False)
+class SinkStage:
+    """The query's result, handed to the sink."""
+
+    index: int
+    input: int
+
+    def describe(self) -> str:
+        return f"Sink <- [{self.input}]"
+
+
+Stage = StatelessStage | ExchangeStage | OperatorStage | SinkStage
+
+
+@dataclass(frozen=True, eq=False)
+class PhysicalPlan:
+    """The stages of a query in dependency order; the sink stage is last."""
+
+    logical: PlanNode
+    stages: tuple[Stage, ...]
+
+    def operators(self) -> list[OperatorStage]:
+        return [s for s in self.stages if isinstance(s, OperatorStage)]
+
+    def exchanges(self) -> list[ExchangeStage]:
+        return [s for s in self.stages if isinstance(s, ExchangeStage)]
+
+    def explain_lines(self) -> list[str]:
+        """One line per stage, ``[index]`` first; ``<- [i]`` names a stage's inputs."""
+        return [f"[{stage.index}] {stage.describe()}" for stage in self.stages]
+
+
+def compile(plan: PlanNode) -> PhysicalPlan:
+    """The physical plan of ``plan`` (see the module docstring).
+
+    Raises
+    ------
+    PlanError
+        A stateful node declares no partition keys for one of its inputs (an empty
+        tuple: it must name its keys, or say :data:`SINGLE_PARTITION`).
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"k": pl.String, "v": pl.Int64}, name="kv")
+    >>> frame = stream.lazy().filter(pl.col("v") > 0).group_by("k").agg(pl.col("v").sum())
+    >>> print("\\n".join(compile(frame.plan).explain_lines()))
+    [0] Scan MemoryStream[kv] -> filter([(col("v")) > (dyn int: 0)])
+    [1] Exchange(hash ['k']) <- [0]
+    [2] op0 group_by(['k']).agg(col("v").sum()) <- [1]
+    [3] Sink <- [2]
+    """
+    consumers: Counter[int] = Counter({id(plan): 1})  # the sink consumes the root
+    feeds_operator: set[int] = set()
+    for node in plan.walk():
+        for child in node.children():
+            consumers[id(child)] += 1
+            if isinstance(node, StatefulNode):
+                feeds_operator.add(id(child))
+
+    def is_output(node: PlanNode) -> bool:
+        if node is plan or id(node) in feeds_operator:
+            return not isinstance(node, StatefulNode)
+        # A transform read by several consumers is built once; a source's batch is
+        # simply read by each.
+        return isinstance(node, TransformNode) and consumers[id(node)] > 1
+
+    chained = chained_nodes(plan)
+    stages: list[Stage] = []
+    stage_of: dict[int, int] = {}  # node id -> index of the stage that outputs it
+    operators = 0
+    for node in plan.walk():
+        if isinstance(node, StatefulNode):
+            inputs = []
+            keys = node.partition_keys()
+            if len(keys) != len(node.children()):
+                msg = (
+                    f"{node.describe()} declares {len(keys)} partitionings for "
+                    f"{len(node.children())} inputs; give one per input"
+                )
+                raise PlanError(msg)
+            for side, (child, key) in enumerate(zip(node.children(), keys)):
+                if key is not SINGLE_PARTITION and not key:
+                    msg = (
+                        f"{node.describe()} declares no partition keys for its input {side}: "
+                        "return its state key columns, or SINGLE_PARTITION when it has none"
+                    )
+                    raise PlanError(msg)
+                stages.append(ExchangeStage(len(stages), stage_of[id(child)], Exchange(key)))
+                inputs.append(len(stages) - 1)
+            stages.append(
+                OperatorStage(
+                    index=len(stages),
+                    node=node,
+                    operator_id=f"op{operators}",
+                    inputs=tuple(inputs),
+                    delay_us=node.watermark_delay_us(),
+                    append_only=node in chained,
+                )
+            )
+            operators += 1
+            stage_of[id(node)] = len(stages) - 1
+        elif is_output(node):
+            stages.append(_stateless_stage(len(stages), node, stage_of))
+            stage_of[id(node)] = len(stages) - 1
+    stages.append(SinkStage(len(stages), stage_of[id(plan)]))
+    return PhysicalPlan(logical=plan, stages=tuple(stages))
+
+
+def _stateless_stage(
+    index: int,
+    output: PlanNode,
+    stage_of: Mapping[int, int],
+) -> StatelessStage:
+    """The stage ending at ``output``: its transform nodes back to sources and to nodes
+    earlier stages give."""
+    sources: list[ScanNode] = []
+    upstream: dict[PlanNode, int] = {}
+    steps: list[TransformNode] = []
+
+    def visit(node: PlanNode) -> None:
+        if isinstance(node, ScanNode):
+            if node not in sources:
+                sources.append(node)
+            return
+        if node is not output and (isinstance(node, StatefulNode) or id(node) in stage_of):
+            upstream[node] = stage_of[id(node)]
+            return
+        assert isinstance(node, TransformNode)
+        for child in node.children():
+            visit(child)
+        steps.append(node)
+
+    visit(output)
+    return StatelessStage(
+        index=index,
+        output=output,
+        sources=tuple(sources),
+        upstream=upstream,
+        steps=tuple(steps),
+    )

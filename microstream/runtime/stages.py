@@ -1,0 +1,127 @@
+"""Running one batch of a compiled plan: the seam where runtimes differ.
+
+The driver (:mod:`microstream.runtime.driver`) decides *what* a batch is (its
+offsets, watermark, timestamp) and commits it; a :class:`StageExecutor` runs the
+stages of the physical plan (:mod:`microstream.plan.physical`) over the batch's
+input and returns a :class:`BatchOutput`: the result rows, the rows operators
+dropped as late, and what each watermark node saw. Nothing is written into a
+shared context: every stage returns its value and the executor keeps them, per
+batch, by stage (so a stage feeding two others, one stream on both sides of a
+join, runs once).
+
+:class:`LocalStageExecutor` runs every stage in this process, where one owner
+holds every key, so an exchange is the identity (:meth:`LocalStageExecutor.exchange`).
+A cluster runtime replaces the executor: it places operator stages with the
+owners of their keys and moves rows at the exchanges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import polars as pl
+
+from microstream.plan.physical import (
+    Exchange,
+    ExchangeStage,
+    OperatorStage,
+    PhysicalPlan,
+    StatelessStage,
+    WatermarkObservation,
+)
+
+if TYPE_CHECKING:
+    from microstream.plan.nodes import (
+        OperatorContext,
+        ScanNode,
+        StatefulNode,
+        StatefulOperator,
+        WatermarkNode,
+    )
+
+__all__ = ["BatchOutput", "LocalStageExecutor", "StageExecutor"]
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    """What one batch of a plan gives: the rows for the sink, the late rows of every
+    operator (in the order they ran), and each watermark node's observation (absent:
+    the node saw no batch, which a plan never leaves out)."""
+
+    rows: pl.DataFrame
+    late_rows: tuple[pl.DataFrame, ...]
+    watermarks: Mapping[WatermarkNode, WatermarkObservation]
+
+
+class StageExecutor(Protocol):
+    """Runs the stages of one batch (the seam a runtime replaces)."""
+
+    def run(
+        self,
+        plan: PhysicalPlan,
+        inputs: Mapping[ScanNode, pl.LazyFrame],
+        ctx: OperatorContext,
+        operators: Mapping[StatefulNode, StatefulOperator],
+    ) -> BatchOutput:
+        """Run every stage of ``plan`` over ``inputs`` (each source's batch)."""
+        ...
+
+
+class LocalStageExecutor:
+    """Every stage in this process, in plan order (the default).
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.plan.nodes import OperatorContext
+    >>> from microstream.plan.physical import compile
+    >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy().filter(pl.col("x") > 1)
+    >>> scan = frame.plan.scans()[0]
+    >>> ctx = OperatorContext(batch_id=0, late_watermark_us=0, watermark_us=0, output_mode="append")
+    >>> out = LocalStageExecutor().run(
+    ...     compile(frame.plan), {scan: pl.LazyFrame({"x": [1, 2, 3]})}, ctx, {}
+    ... )
+    >>> out.rows["x"].to_list()
+    [2, 3]
+    """
+
+    def exchange(self, frame: pl.LazyFrame, exchange: Exchange) -> pl.LazyFrame:
+        """The rows ``exchange`` routes to this process: all of them (one owner)."""
+        return frame
+
+    def run(
+        self,
+        plan: PhysicalPlan,
+        inputs: Mapping[ScanNode, pl.LazyFrame],
+        ctx: OperatorContext,
+        operators: Mapping[StatefulNode, StatefulOperator],
+    ) -> BatchOutput:
+        results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
+        late: list[pl.DataFrame] = []
+        watermarks: dict[WatermarkNode, WatermarkObservation] = {}
+        for stage in plan.stages:
+            if isinstance(stage, StatelessStage):
+                frame, observed = stage.lower(inputs, results, ctx)
+                watermarks.update(observed)
+            elif isinstance(stage, ExchangeStage):
+                frame = self.exchange(_result(results, stage.input), stage.exchange)
+            elif isinstance(stage, OperatorStage):
+                batches = tuple(_result(results, i).collect() for i in stage.inputs)
+                output = operators[stage.node].process(batches, stage.context(ctx))
+                late.extend(output.late_rows)
+                frame = output.rows.lazy()
+            else:  # the sink stage, last
+                rows = _result(results, stage.input).collect()
+                return BatchOutput(rows=rows, late_rows=tuple(late), watermarks=watermarks)
+            results[stage.index] = frame
+        msg = "a physical plan ends with its sink stage"
+        raise AssertionError(msg)
+
+
+def _result(results: list[pl.LazyFrame | None], index: int) -> pl.LazyFrame:
+    frame = results[index]
+    assert frame is not None, f"stage {index} has not run"
+    return frame
