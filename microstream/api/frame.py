@@ -35,6 +35,7 @@ from microstream.plan.nodes import (
     WatermarkNode,
     check_row_wise,
 )
+from microstream.plan.physical import explain_lines
 from microstream.plan.processing_time import processing_time_node
 from microstream.plan.unsupported import NOT_YET_VERBS, UNSUPPORTED_VERBS
 from microstream.protocols import StaticSide
@@ -104,18 +105,29 @@ class StreamFrame(SinkVerbs):
         return list(self._schema.names())
 
     def explain(self) -> None:
-        """Print the plan, one node a line, the source last.
+        """Print the plan, one node a line, the source last; then the physical plan:
+        the stages each batch runs, with an exchange before every stateful operator
+        (the keys its input is partitioned by).
 
         Examples
         --------
         >>> import polars as pl
         >>> import microstream as ms
-        >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
-        >>> stream.lazy().filter(pl.col("x") > 1).explain()
-        filter([(col("x")) > (dyn int: 1)])
-          Scan MemoryStream[xs]
+        >>> stream = ms.MemoryStream({"k": pl.String, "x": pl.Int64}, name="xs")
+        >>> stream.lazy().filter(pl.col("x") > 1).group_by("k").agg(pl.len()).explain()
+        group_by(['k']).agg(len())
+          · state kept forever (no watermark on a time key)
+          · len: incremental partials [len]
+          filter([(col("x")) > (dyn int: 1)])
+            Scan MemoryStream[xs]
+        <BLANKLINE>
+        Physical plan:
+          [0] Scan MemoryStream[xs] -> filter([(col("x")) > (dyn int: 1)])
+          [1] Exchange(hash ['k']) <- [0]
+          [2] op0 group_by(['k']).agg(len()) <- [1]
+          [3] Sink <- [2]
         """
-        print("\n".join(self._plan.explain_lines()))
+        print("\n".join(explain_lines(self._plan)))
 
     def __getattr__(self, name: str) -> Any:
         if name in UNSUPPORTED_VERBS:

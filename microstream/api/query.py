@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
+from microstream.plan.physical import explain_lines
+
 if TYPE_CHECKING:
     from microstream.runtime.base import QueryRun
     from microstream.runtime.progress import QueryProgress
@@ -262,9 +264,13 @@ class StreamingQuery:
         >>> print(query.explain_text())
         filter([(col("x")) > (dyn int: 1)])
           Scan MemoryStream[xs]
+        <BLANKLINE>
+        Physical plan:
+          [0] Scan MemoryStream[xs] -> filter([(col("x")) > (dyn int: 1)])
+          [1] Sink <- [0]
         >>> query.stop()
         """
-        return "\n".join(self._execution.config.plan.explain_lines())
+        return "\n".join(explain_lines(self._execution.config.plan))
 
     def __repr__(self) -> str:
         return f"<StreamingQuery name={self.name!r} id={self.id} state={self._execution.state}>"

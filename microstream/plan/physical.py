@@ -56,6 +56,7 @@ __all__ = [
     "StatelessStage",
     "WatermarkObservation",
     "compile",
+    "explain_lines",
 ]
 
 
@@ -320,3 +321,24 @@ def _stateless_stage(
         upstream=upstream,
         steps=tuple(steps),
     )
+
+
+def explain_lines(plan: PlanNode) -> list[str]:
+    """What ``explain()`` prints: the logical plan, one node a line with the sources
+    last, then the physical plan's stages in the order they run.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> stream = ms.MemoryStream({"x": pl.Int64}, name="xs")
+    >>> print("\\n".join(explain_lines(stream.lazy().filter(pl.col("x") > 1).plan)))
+    filter([(col("x")) > (dyn int: 1)])
+      Scan MemoryStream[xs]
+    <BLANKLINE>
+    Physical plan:
+      [0] Scan MemoryStream[xs] -> filter([(col("x")) > (dyn int: 1)])
+      [1] Sink <- [0]
+    """
+    stages = ["  " + line for line in compile(plan).explain_lines()]
+    return [*plan.explain_lines(), "", "Physical plan:", *stages]
