@@ -9,16 +9,42 @@ from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from microstream.exceptions import MicrostreamError
 
 if TYPE_CHECKING:
-    # For type checkers only (``ms.MemoryStream`` is loaded through the registry at run
-    # time): this module is the one place the engine names the connectors package.
+    # For type checkers only (the objects are loaded by name at run time): this module is
+    # the one place the engine names the connectors package. The handles below carry these
+    # types, so ``ms.scan_files(...)`` is checked against ``FileSourceSpec``'s own options.
+    from connectors.delta import optimize_delta, vacuum_delta
+    from connectors.delta_source import DeltaSourceSpec
+    from connectors.file_sink import read_file_sink
+    from connectors.files import FileSourceSpec
+    from connectors.kafka import KafkaSourceSpec
     from connectors.memory import MemoryStream
+    from connectors.rate import RateSourceSpec
+    from microstream.protocols import StaticTableAdapter
 
-__all__ = ["load_connector", "memory_stream_class"]
+__all__ = [
+    "DELTA_SOURCE",
+    "FILES",
+    "KAFKA",
+    "OPTIMIZE_DELTA",
+    "RATE",
+    "READ_FILE_SINK",
+    "VACUUM_DELTA",
+    "Connector",
+    "load_connector",
+    "memory_stream_class",
+    "static_table_adapters",
+]
+
+T_co = TypeVar("T_co", covariant=True)
+
+STATIC_TABLES_GROUP = "microstream.static_tables"
+"""Entry-point group of the adapters that let ``StreamFrame.join`` take a connector's
+table object (a ``deltalake.DeltaTable``) as its static side."""
 
 # Used when the distribution's metadata is absent (running from a source tree).
 _BUILTIN = {
@@ -28,7 +54,6 @@ _BUILTIN = {
     "file_sink": "connectors.file_sink:FileSinkSpec",
     "read_file_sink": "connectors.file_sink:read_file_sink",
     "delta": "connectors.delta:DeltaSinkSpec",
-    "delta_static": "connectors.delta:DeltaStaticTable",
     "delta_source": "connectors.delta_source:DeltaSourceSpec",
     "optimize_delta": "connectors.delta:optimize_delta",
     "vacuum_delta": "connectors.delta:vacuum_delta",
@@ -38,6 +63,7 @@ _BUILTIN = {
     "kafka": "connectors.kafka:KafkaSourceSpec",
     "kafka_sink": "connectors.kafka:KafkaSinkSpec",
 }
+_BUILTIN_STATIC_TABLES = {"delta": "connectors.delta:DeltaStaticTable"}
 
 
 def load_connector(name: str) -> Any:
@@ -57,8 +83,73 @@ def load_connector(name: str) -> Any:
         known = sorted(installed | set(_BUILTIN))
         msg = f"no connector named {name!r}; installed connectors: {', '.join(known)}"
         raise MicrostreamError(msg)
+    return _import(target)
+
+
+def _import(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
+
+
+class Connector(Generic[T_co]):
+    """A registered connector object by name, loaded when asked for, with its static type.
+
+    The engine's public functions that stand for a connector (``ms.scan_files``,
+    ``ms.optimize_delta``) hold one of these instead of importing the connector, so
+    ``import microstream`` imports no connector, while type checkers still see the
+    connector's own signature.
+
+    Examples
+    --------
+    >>> RATE.name, RATE.load().kind
+    ('rate', 'rate')
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str, typed_as: T_co | None = None) -> None:
+        # typed_as: the connector object, for its static type (always None when run)
+        self.name = name
+
+    def load(self) -> T_co:
+        """The object registered under :attr:`name` (imports its module)."""
+        loaded: T_co = load_connector(self.name)
+        return loaded
+
+    def __repr__(self) -> str:
+        return f"Connector({self.name!r})"
+
+
+# The connectors the engine's own facades stand for (the scan_* functions, Delta maintenance).
+# The second argument exists for type checkers only (``TYPE_CHECKING`` is False when run):
+# it gives each handle its connector's type without importing the connector.
+FILES = Connector("files", FileSourceSpec if TYPE_CHECKING else None)
+RATE = Connector("rate", RateSourceSpec if TYPE_CHECKING else None)
+KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
+DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
+READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)
+OPTIMIZE_DELTA = Connector("optimize_delta", optimize_delta if TYPE_CHECKING else None)
+VACUUM_DELTA = Connector("vacuum_delta", vacuum_delta if TYPE_CHECKING else None)
+
+
+def static_table_adapters() -> list[StaticTableAdapter]:
+    """The adapters registered in the ``microstream.static_tables`` entry-point group.
+
+    Loaded only when ``StreamFrame.join`` meets a static side that is neither a polars
+    frame nor a :class:`~microstream.protocols.StaticSide`, so a connector's library
+    (``deltalake``) is imported only by a join that uses it.
+
+    Examples
+    --------
+    >>> [adapter.__name__ for adapter in static_table_adapters()]
+    ['DeltaStaticTable']
+    """
+    targets = dict(_BUILTIN_STATIC_TABLES)
+    installed = {ep.name: ep for ep in entry_points(group=STATIC_TABLES_GROUP)}
+    return [
+        installed[name].load() if name in installed else _import(targets[name])
+        for name in sorted(set(targets) | set(installed))
+    ]
 
 
 def memory_stream_class() -> type[MemoryStream]:
