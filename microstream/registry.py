@@ -2,14 +2,21 @@
 
 The engine never imports a concrete connector at import time; ``scan_*`` and
 ``sink_*`` look theirs up here when called, so a third-party package adds a
-connector by declaring an entry point in that group.
+connector by declaring an entry point in that group: one line in its
+``pyproject.toml``. The built-in connectors are declared the same way, in
+microstream's own ``pyproject.toml`` (the one list of them). A connector's
+table object that ``StreamFrame.join`` should take (a ``deltalake.DeltaTable``)
+is adapted by an entry point in the ``microstream.static_tables`` group.
 """
 
 from __future__ import annotations
 
 import importlib
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import tomllib
 
 from microstream.exceptions import MicrostreamError
 
@@ -46,24 +53,23 @@ STATIC_TABLES_GROUP = "microstream.static_tables"
 """Entry-point group of the adapters that let ``StreamFrame.join`` take a connector's
 table object (a ``deltalake.DeltaTable``) as its static side."""
 
-# Used when the distribution's metadata is absent (running from a source tree).
-_BUILTIN = {
-    "files": "connectors.files:FileSourceSpec",
-    "rate": "connectors.rate:RateSourceSpec",
-    "memory": "connectors.memory:MemoryStream",
-    "file_sink": "connectors.file_sink:FileSinkSpec",
-    "read_file_sink": "connectors.file_sink:read_file_sink",
-    "delta": "connectors.delta:DeltaSinkSpec",
-    "delta_source": "connectors.delta_source:DeltaSourceSpec",
-    "optimize_delta": "connectors.delta:optimize_delta",
-    "vacuum_delta": "connectors.delta:vacuum_delta",
-    "memory_sink": "connectors.memory:MemorySinkSpec",
-    "console": "connectors.console:ConsoleSinkSpec",
-    "foreach_batch": "connectors.foreach_batch:ForeachBatchSinkSpec",
-    "kafka": "connectors.kafka:KafkaSourceSpec",
-    "kafka_sink": "connectors.kafka:KafkaSinkSpec",
-}
-_BUILTIN_STATIC_TABLES = {"delta": "connectors.delta:DeltaStaticTable"}
+CONNECTORS_GROUP = "microstream.connectors"
+"""Entry-point group of sources, sinks and connector functions, by name."""
+
+_PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def _targets(group: str) -> dict[str, str]:
+    """``name -> "module:attr"`` of an entry-point group: installed distributions' entry
+    points, and, when running from microstream's source tree, its ``pyproject.toml``'s
+    (the one list of the built-in connectors; installed metadata may be older or absent)."""
+    targets = {ep.name: ep.value for ep in entry_points(group=group)}
+    if _PYPROJECT.is_file():
+        with _PYPROJECT.open("rb") as f:
+            project = tomllib.load(f).get("project", {})
+        if project.get("name") == "microstream":
+            targets.update(project.get("entry-points", {}).get(group, {}))
+    return targets
 
 
 def load_connector(name: str) -> Any:
@@ -73,15 +79,15 @@ def load_connector(name: str) -> Any:
     --------
     >>> load_connector("rate").kind
     'rate'
+    >>> load_connector("nope")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.MicrostreamError: no connector named 'nope'; installed connectors: console, ...
     """
-    for ep in entry_points(group="microstream.connectors"):
-        if ep.name == name:
-            return ep.load()
-    target = _BUILTIN.get(name)
+    targets = _targets(CONNECTORS_GROUP)
+    target = targets.get(name)
     if target is None:
-        installed = {ep.name for ep in entry_points(group="microstream.connectors")}
-        known = sorted(installed | set(_BUILTIN))
-        msg = f"no connector named {name!r}; installed connectors: {', '.join(known)}"
+        msg = f"no connector named {name!r}; installed connectors: {', '.join(sorted(targets))}"
         raise MicrostreamError(msg)
     return _import(target)
 
@@ -144,12 +150,8 @@ def static_table_adapters() -> list[StaticTableAdapter]:
     >>> [adapter.__name__ for adapter in static_table_adapters()]
     ['DeltaStaticTable']
     """
-    targets = dict(_BUILTIN_STATIC_TABLES)
-    installed = {ep.name: ep for ep in entry_points(group=STATIC_TABLES_GROUP)}
-    return [
-        installed[name].load() if name in installed else _import(targets[name])
-        for name in sorted(set(targets) | set(installed))
-    ]
+    targets = _targets(STATIC_TABLES_GROUP)
+    return [_import(targets[name]) for name in sorted(targets)]
 
 
 def memory_stream_class() -> type[MemoryStream]:

@@ -48,7 +48,15 @@ class PricesAdapter:
 
 
 def test_a_registered_adapter_lets_join_take_its_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(registry._BUILTIN_STATIC_TABLES, "prices", f"{__name__}:PricesAdapter")
+    targets = registry._targets  # as if a package declared it in microstream.static_tables
+
+    def with_prices(group: str) -> dict[str, str]:
+        extra = (
+            {"prices": f"{__name__}:PricesAdapter"} if group == "microstream.static_tables" else {}
+        )
+        return {**targets(group), **extra}
+
+    monkeypatch.setattr(registry, "_targets", with_prices)
     stream = ms.MemoryStream({"item": pl.String})
     prices = Prices({"item": ["a", "b"], "price": [1.5, 2.0]})
     query = stream.lazy().join(prices, on="item", how="left").sink_memory("hook_prices")
@@ -90,3 +98,15 @@ def test_an_output_sink_that_is_not_a_table_is_refused(monkeypatch: pytest.Monke
     monkeypatch.setattr(outputs, "OUTPUT_SINK", "memory_sink")
     with pytest.raises(OutputError, match=r"'memory_sink' sink .* cannot hold a version"):
         outputs.output_table("somewhere")
+
+
+def test_the_registry_reads_the_built_in_connectors_from_pyproject() -> None:
+    # One list of built-in connectors: pyproject.toml's entry points (no copy in the engine).
+    import tomllib
+
+    pyproject = Path(registry.__file__).resolve().parent.parent / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["project"]["entry-points"]
+    for group in (registry.CONNECTORS_GROUP, registry.STATIC_TABLES_GROUP):
+        assert declared[group].items() <= registry._targets(group).items()
+    with pytest.raises(ms.MicrostreamError, match=r"no connector named 'nope'; installed"):
+        registry.load_connector("nope")

@@ -114,10 +114,21 @@ class ToySpecWithAnOption(ToySpec):
     label: str = "none"
 
 
+def register(monkeypatch: pytest.MonkeyPatch, name: str, target: str) -> None:
+    """As if an installed package declared ``name = target`` in microstream.connectors."""
+    targets = registry._targets
+
+    def with_it(group: str) -> dict[str, str]:
+        extra = {name: target} if group == registry.CONNECTORS_GROUP else {}
+        return {**targets(group), **extra}
+
+    monkeypatch.setattr(registry, "_targets", with_it)
+
+
 def test_a_new_spec_option_reaches_the_facade_with_no_other_edit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setitem(registry._BUILTIN, "toy", f"{__name__}:ToySpec")
+    register(monkeypatch, "toy", f"{__name__}:ToySpec")
     scan_toy = source_facade(
         registry.Connector("toy"),
         name="scan_toy",
@@ -132,7 +143,7 @@ def test_a_new_spec_option_reaches_the_facade_with_no_other_edit(
         scan_toy(3, label="x")
 
     # The connector grows an option; the facade object is not touched.
-    monkeypatch.setitem(registry._BUILTIN, "toy", f"{__name__}:ToySpecWithAnOption")
+    register(monkeypatch, "toy", f"{__name__}:ToySpecWithAnOption")
     assert list(inspect.signature(scan_toy).parameters) == ["rows", "label"]
     assert inspect.signature(scan_toy).parameters["label"].default == "none"
     doc = scan_toy.__doc__
