@@ -23,6 +23,7 @@ Streaming writes many small files; :func:`optimize_delta` compacts them and
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
 from microstream.protocols import SinkContext, StaticSide
 
@@ -161,6 +163,25 @@ class DeltaSinkSpec:
     def build(self, context: SinkContext) -> DeltaSink:
         """The runtime sink (checks that ``deltalake`` is installed)."""
         return DeltaSink(self, context)
+
+    def table_exists(self, directory: Storage) -> bool:
+        """Whether ``directory`` has a Delta log (even an empty one): :class:`TableSinkSpec`.
+
+        Examples
+        --------
+        >>> DeltaSinkSpec("/no/such/table").table_exists(Storage("/no/such/table"))
+        False
+        """
+        return directory.exists("_delta_log")
+
+    def read_table(self, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        """The table's rows now (only ``columns`` if given): :class:`TableSinkSpec`."""
+        _require_deltalake()
+        return pl.read_delta(
+            self.path,
+            columns=None if columns is None else list(columns),
+            storage_options=self.storage_options,
+        )
 
 
 class DeltaSink:
@@ -510,6 +531,21 @@ class DeltaStaticTable(StaticSide):
             raise PlanError(msg) from exc
         object.__setattr__(self, "_reader", reader)
         object.__setattr__(self, "schema", frame.schema)
+
+    @classmethod
+    def claims(cls, table: object) -> bool:
+        """Whether ``table`` is a ``deltalake.DeltaTable``: :class:`StaticTableAdapter`.
+
+        A DeltaTable can only exist once ``deltalake`` is imported, so this never
+        imports it.
+
+        Examples
+        --------
+        >>> DeltaStaticTable.claims(object())
+        False
+        """
+        deltalake = sys.modules.get("deltalake")
+        return deltalake is not None and isinstance(table, deltalake.DeltaTable)
 
     @classmethod
     def from_table(cls, table: DeltaTable) -> DeltaStaticTable:

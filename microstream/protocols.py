@@ -47,6 +47,8 @@ __all__ = [
     "SourceContext",
     "SourceSpec",
     "StaticSide",
+    "StaticTableAdapter",
+    "TableSinkSpec",
 ]
 
 
@@ -348,3 +350,43 @@ class StaticSide(ABC):
     @abstractmethod
     def current(self) -> pl.LazyFrame:
         """The table as it is now (called once per batch)."""
+
+
+class StaticTableAdapter(Protocol):
+    """Lets ``StreamFrame.join`` take a connector's own table object as its static side.
+
+    A connector registers one in the ``microstream.static_tables`` entry-point group
+    (the Delta connector: :class:`connectors.delta.DeltaStaticTable`, for a
+    ``deltalake.DeltaTable``). ``join`` asks each registered adapter whether it
+    ``claims`` an object that is neither a polars frame nor a :class:`StaticSide`, and
+    joins with what ``from_table`` returns; the engine never looks at the object's type
+    itself. A class whose ``claims`` and ``from_table`` are classmethods qualifies.
+    """
+
+    def claims(self, table: object) -> bool:
+        """Whether ``table`` is this connector's table object (without importing its library)."""
+        ...
+
+    def from_table(self, table: Any) -> StaticSide:
+        """The static side that follows ``table``."""
+        ...
+
+
+@runtime_checkable
+class TableSinkSpec(SinkSpec, Protocol):
+    """A sink spec whose output is one table at one location (optional for sink specs).
+
+    A version of a versioned output (``microstream.replay``, ``ms.read_output``) is such a
+    table: replay asks the spec whether its table exists (a write began) and readers
+    read it through it, so the engine needs to know nothing of the table format. The
+    Delta sink implements it.
+    """
+
+    def table_exists(self, directory: Storage) -> bool:
+        """Whether ``directory`` (the table's location, as the engine's storage) holds this
+        sink's table or the start of one (an attempt that wrote before it was checkpointed)."""
+        ...
+
+    def read_table(self, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        """The table's rows now, only ``columns`` if given."""
+        ...

@@ -39,7 +39,7 @@ from microstream.plan.physical import explain_lines
 from microstream.plan.processing_time import processing_time_node
 from microstream.plan.unsupported import NOT_YET_VERBS, UNSUPPORTED_VERBS
 from microstream.protocols import StaticSide
-from microstream.registry import load_connector
+from microstream.registry import static_table_adapters
 from microstream.time.duration import parse_duration
 from microstream.time.windows import time_dtype_check
 
@@ -360,14 +360,8 @@ class StreamFrame(SinkVerbs):
             side = other.lazy()
         elif isinstance(other, (pl.LazyFrame, StaticSide)):
             side = other
-        elif type(other).__module__.startswith("deltalake"):
-            side = load_connector("delta_static").from_table(other)
         else:
-            msg = (
-                "join's other side must be a polars DataFrame or LazyFrame or a "
-                f"deltalake.DeltaTable; got {type(other).__name__} instead"
-            )
-            raise PlanError(msg)
+            side = _adapted_static_side(other)
         kwargs: dict[str, Any] = {"how": how, "suffix": suffix}
         if how != "cross" and maintain_order != "none":
             kwargs["maintain_order"] = maintain_order
@@ -977,3 +971,16 @@ def _flatten(items: Iterable[Any]) -> Iterable[Any]:
             yield from item
         else:
             yield item
+
+
+def _adapted_static_side(table: object) -> StaticSide:
+    """The static side a connector makes of its own table object (``deltalake.DeltaTable``)."""
+    for adapter in static_table_adapters():
+        if adapter.claims(table):
+            return adapter.from_table(table)
+    msg = (
+        "join's other side must be a polars DataFrame or LazyFrame, a StaticSide, or a "
+        "table a connector adapts (a deltalake.DeltaTable with the Delta connector); "
+        f"got {type(table).__name__} instead"
+    )
+    raise PlanError(msg)

@@ -1,11 +1,11 @@
-"""Versioned outputs: one Delta table per version, and a pointer readers resolve.
+"""Versioned outputs: one table per version, and a pointer readers resolve.
 
 A Kappa-style replay (:func:`microstream.replay`) writes a query's whole
 history into a *new* table; readers move to it only when it is complete, by
 resolving a small pointer file. An output is a directory::
 
     OUTPUT/current.json          the pointer: which version readers use now
-    OUTPUT/v1/, OUTPUT/v2/, ...  one Delta table per version
+    OUTPUT/v1/, OUTPUT/v2/, ...  one table per version (a Delta table)
     OUTPUT/_checkpoints/v2/ ...  the checkpoint of the query that wrote v2
 
 Readers call :func:`current_output` (the table's path and its checkpoint) or
@@ -16,6 +16,10 @@ a half-written file. Tables are never deleted by a switch: a reader that
 resolved the old version keeps reading it until it resolves again, and
 :func:`switch_output` can move the pointer back.
 
+The tables are written and read through the registered sink named
+:data:`OUTPUT_SINK` (the Delta sink), as a :class:`~microstream.protocols.TableSinkSpec`:
+the engine knows nothing of the table format.
+
 Paths inside the output directory are stored relative to it (``"v2"``), so
 the directory can be moved or copied whole; :func:`current_output` returns
 them resolved.
@@ -24,6 +28,7 @@ them resolved.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import OutputError
+from microstream.protocols import TableSinkSpec
+from microstream.registry import load_connector
 
 __all__ = [
     "POINTER_FILE",
@@ -47,6 +54,28 @@ POINTER_FILE = "current.json"
 
 CHECKPOINTS_DIR = "_checkpoints"
 """Where :func:`microstream.replay` puts each version's checkpoint by default."""
+
+OUTPUT_SINK = "delta"
+"""The registered sink (``microstream.connectors`` entry point) whose tables are the
+versions of an output."""
+
+
+def output_table(table: str, **options: Any) -> TableSinkSpec:
+    """The sink spec of the version table at ``table``, with the sink's ``options``.
+
+    Examples
+    --------
+    >>> output_table("/no/such/output/v1").describe()
+    'DeltaSink[/no/such/output/v1]'
+    """
+    spec = load_connector(OUTPUT_SINK)(table, **options)
+    if not isinstance(spec, TableSinkSpec):
+        msg = (
+            f"the {OUTPUT_SINK!r} sink ({type(spec).__name__}) cannot hold a version of an "
+            "output: it has no table_exists()/read_table() (microstream.protocols.TableSinkSpec)"
+        )
+        raise OutputError(msg)
+    return spec
 
 
 class OutputVersion(BaseModel):
@@ -214,7 +243,7 @@ def current_output(
 def read_output(
     output: str | os.PathLike[str],
     *,
-    columns: list[str] | None = None,
+    columns: Sequence[str] | None = None,
     storage_options: dict[str, str] | None = None,
     pointer_options: dict[str, Any] | None = None,
 ) -> pl.DataFrame:
@@ -246,7 +275,7 @@ def read_output(
     [1, 2]
     """
     pointer = current_output(output, pointer_options=pointer_options)
-    return pl.read_delta(pointer.table, columns=columns, storage_options=storage_options)
+    return output_table(pointer.table, storage_options=storage_options).read_table(columns)
 
 
 def switch_output(

