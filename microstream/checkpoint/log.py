@@ -16,6 +16,7 @@ checkpoint is code: no pickle.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -33,10 +34,12 @@ from microstream.exceptions import (
     CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointFormatError,
     CheckpointLockedError,
     PlanChangedError,
 )
 from microstream.runtime.progress import QueryProgress
+from microstream.state.key_groups import DEFAULT_KEY_GROUPS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,7 +53,7 @@ __all__ = [
     "reset_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 logger = logging.getLogger("microstream")
 
 
@@ -94,6 +97,8 @@ class CheckpointMetadata(_Record):
     name: str | None
     created: datetime
     plan: PlanRecord
+    key_groups: int = DEFAULT_KEY_GROUPS
+    """How many key groups every state store is split into; fixed at creation."""
 
 
 class SourceOffsets(_Record):
@@ -169,24 +174,31 @@ class Checkpoint:
 
     # -- metadata ---------------------------------------------------------------------
 
-    def load_or_create(self, query_name: str | None, plan: PlanRecord) -> CheckpointMetadata:
+    def load_or_create(
+        self, query_name: str | None, plan: PlanRecord, *, key_groups: int | None = None
+    ) -> CheckpointMetadata:
         """The checkpoint's metadata, created for a new checkpoint.
+
+        ``key_groups``: the number of key groups of a new checkpoint (None: the
+        default); for an existing one, None means the recorded number.
 
         Raises
         ------
         PlanChangedError
             If the existing checkpoint was made by a query that differs in an
-            incompatible way (sources, stateful operators, output mode).
+            incompatible way (sources, stateful operators, output mode, an explicit
+            ``key_groups`` other than the recorded one).
+        CheckpointFormatError
+            The checkpoint was written in format 1: the message says what to do.
         """
         if self.storage.exists("metadata.json"):
-            meta = self.storage.read_model("metadata.json", CheckpointMetadata)
-            if meta.format_version > FORMAT_VERSION:
-                msg = (
-                    f"checkpoint {self.display()} has format version {meta.format_version}; "
-                    f"this microstream reads up to {FORMAT_VERSION}: upgrade microstream"
-                )
-                raise CheckpointError(msg)
+            meta = self.read_metadata()
             problems = meta.plan.incompatibilities(plan)
+            if key_groups is not None and key_groups != meta.key_groups:
+                problems.append(
+                    f"key_groups changed from {meta.key_groups} (recorded when the checkpoint "
+                    f"was created) to {key_groups}"
+                )
             if problems:
                 msg = (
                     f"the query no longer matches checkpoint {self.display()}: "
@@ -208,16 +220,53 @@ class Checkpoint:
             name=query_name,
             created=datetime.now(timezone.utc),
             plan=plan,
+            key_groups=DEFAULT_KEY_GROUPS if key_groups is None else key_groups,
         )
         self.storage.makedirs("")
         self.storage.write_model("metadata.json", meta, overwrite=False)
         self.is_new = True
         return meta
 
+    def format_version(self) -> int | None:
+        """The format version ``metadata.json`` records (None: not a checkpoint)."""
+        try:
+            raw = self.storage.read_bytes("metadata.json")
+        except FileNotFoundError:
+            return None
+        try:
+            found = json.loads(raw).get("format_version")
+        except (ValueError, AttributeError):
+            found = None
+        return found if isinstance(found, int) else FORMAT_VERSION  # read_model names a bad file
+
     def read_metadata(self) -> CheckpointMetadata:
-        if not self.storage.exists("metadata.json"):
+        """The checkpoint's metadata; a checkpoint of another format version is refused.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Format 1 (an older microstream): the message says what to do.
+        """
+        version = self.format_version()
+        if version is None:
             msg = f"{self.display()} is not a microstream checkpoint (no metadata.json)"
             raise CheckpointError(msg)
+        if version > FORMAT_VERSION:
+            msg = (
+                f"checkpoint {self.display()} has format version {version}; "
+                f"this microstream reads up to {FORMAT_VERSION}: upgrade microstream"
+            )
+            raise CheckpointError(msg)
+        if version < FORMAT_VERSION:
+            msg = (
+                f"checkpoint {self.display()} was written by an older microstream in checkpoint "
+                f"format {version}; this one reads format {FORMAT_VERSION} (key-group state, "
+                "checksummed files) and cannot convert it. Re-run the query from the start of "
+                "its input with a new checkpoint and a new output (or delete both, e.g. "
+                f"`microstream reset {self.display()}` and the output), or keep running it with "
+                "the microstream that wrote it"
+            )
+            raise CheckpointFormatError(msg)
         return self.storage.read_model("metadata.json", CheckpointMetadata)
 
     # -- the log ------------------------------------------------------------------------

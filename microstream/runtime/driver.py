@@ -46,6 +46,7 @@ from microstream.exceptions import (
 )
 from microstream.plan.nodes import (
     BatchContext,
+    KeyGroupedOperator,
     ScanNode,
     TimedOperator,
     chained_nodes,
@@ -115,6 +116,8 @@ class ExecutionConfig:
     lock_timeout_s: float = 30.0
     progress_history: int = 100
     watermark_policy: Literal["min", "max"] = "min"
+    key_groups: int | None = None
+    """Key groups of a new checkpoint (None: the recorded number, or the default)."""
 
 
 class StreamExecution:
@@ -187,7 +190,9 @@ class StreamExecution:
         cp.acquire_lock(self.run_id, timeout_s=self.config.lock_timeout_s)
         try:
             cp.remove_temporary_files()
-            meta = cp.load_or_create(self.config.name, self.plan_record())
+            meta = cp.load_or_create(
+                self.config.name, self.plan_record(), key_groups=self.config.key_groups
+            )
             self.query_id = meta.id
             self._sources = [
                 spec.build(
@@ -226,6 +231,8 @@ class StreamExecution:
             state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
             for i, node in enumerate(self._stateful_nodes):
                 operator = node.build_operator(f"op{i}", cp.storage.sub(f"state/op{i}"))
+                if isinstance(operator, KeyGroupedOperator):
+                    operator.use_key_groups(meta.key_groups)
                 operator.load(state_version)
                 self._operators[node] = operator
             # Optional capabilities, found once: the loop asks them every batch or poll.
