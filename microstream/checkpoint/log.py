@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microstream.checkpoint.checksums import is_sealed, unseal
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointConflictError,
@@ -160,7 +161,7 @@ class Checkpoint:
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.storage = Storage(url, storage_options)
+        self.storage = Storage(url, storage_options, checksums=True)
         self.url = url
         self._lock_state: LockRecord | None = None
         self._heartbeat: threading.Thread | None = None
@@ -237,6 +238,10 @@ class Checkpoint:
             found = json.loads(raw).get("format_version")
         except (ValueError, AttributeError):
             found = None
+        # A sealed file is checked before its version is believed: a flipped digit must
+        # not turn it into a format-1 checkpoint. Format 1 had no checksums.
+        if found != 1 or is_sealed(raw):
+            unseal(raw, self.display("metadata.json"))
         return found if isinstance(found, int) else FORMAT_VERSION  # read_model names a bad file
 
     def read_metadata(self) -> CheckpointMetadata:
@@ -429,7 +434,7 @@ class Checkpoint:
         lock_exists = self.storage.exists("lock.json")
         if lock_exists:
             try:
-                current = self.storage.read_model("lock.json", LockRecord)
+                current = self.storage.read_model("lock.json", LockRecord, checksum=False)
             except CheckpointCorruptError:
                 logger.warning(
                     "lock file %s is unreadable; taking it over", self.display("lock.json")
@@ -467,12 +472,12 @@ class Checkpoint:
         try:
             # No lock: create it write-once (a rename-free link locally, a conditional
             # put on object stores), so of two processes starting at once one loses here.
-            self.storage.write_model("lock.json", record, overwrite=lock_exists)
+            self.storage.write_model("lock.json", record, overwrite=lock_exists, checksum=False)
         except CheckpointConflictError:
             msg = f"checkpoint {self.display()} was taken by another process just now"
             raise CheckpointLockedError(msg) from None
         # Two processes may have raced to the same stale lock: the last writer wins.
-        if self.storage.read_model("lock.json", LockRecord).run_id != run_id:
+        if self.storage.read_model("lock.json", LockRecord, checksum=False).run_id != run_id:
             msg = f"checkpoint {self.display()} was taken by another process just now"
             raise CheckpointLockedError(msg)
         self._lock_state = record
@@ -524,12 +529,12 @@ class Checkpoint:
             if state is None:
                 return
             try:
-                current = self.storage.read_model("lock.json", LockRecord)
+                current = self.storage.read_model("lock.json", LockRecord, checksum=False)
                 if current.run_id != state.run_id:
                     self.lock_lost.set()
                     return
                 state = state.model_copy(update={"heartbeat_at": time.time()})
-                self.storage.write_model("lock.json", state)
+                self.storage.write_model("lock.json", state, checksum=False)
                 self._lock_state = state
             except Exception:
                 logger.exception("heartbeat of checkpoint %s failed", self.display())
@@ -542,7 +547,7 @@ class Checkpoint:
         if state is None:
             return
         try:
-            current = self.storage.read_model("lock.json", LockRecord)
+            current = self.storage.read_model("lock.json", LockRecord, checksum=False)
             if current.run_id == state.run_id:
                 self.storage.delete("lock.json")
         except Exception:

@@ -406,7 +406,7 @@ def _status(args: argparse.Namespace) -> int:
     progress = _recent_progress(cp, limit=10)
     lock = None
     if cp.storage.exists("lock.json"):
-        lock = cp.storage.read_model("lock.json", LockRecord)
+        lock = cp.storage.read_model("lock.json", LockRecord, checksum=False)
     report: dict[str, Any] = {
         "checkpoint": cp.display(),
         "id": meta.id,
