@@ -266,10 +266,11 @@ class Checkpoint:
             msg = (
                 f"checkpoint {self.display()} was written by an older microstream in checkpoint "
                 f"format {version}; this one reads format {FORMAT_VERSION} (key-group state, "
-                "checksummed files) and cannot convert it. Re-run the query from the start of "
-                "its input with a new checkpoint and a new output (or delete both, e.g. "
-                f"`microstream reset {self.display()}` and the output), or keep running it with "
-                "the microstream that wrote it"
+                "checksummed files). Convert it in place with "
+                f"`microstream migrate {self.display()}` (back it up first: the microstream "
+                "that wrote it cannot read it afterwards), then start the query again; or "
+                "re-run the query from the start of its input with a new checkpoint and a new "
+                "output"
             )
             raise CheckpointFormatError(msg)
         return self.storage.read_model("metadata.json", CheckpointMetadata)

@@ -684,8 +684,9 @@ class StateStore:
             msg = f"{self.storage.display(METADATA_FILE)} has state format version {found}" + (
                 f"; this microstream reads version {STATE_FORMAT_VERSION}: upgrade microstream"
                 if newer
-                else ", written by an older microstream that this one cannot read; re-run the "
-                "query from the start of its input with a new checkpoint"
+                else ", written by an older microstream; convert its checkpoint with "
+                "`microstream migrate CHECKPOINT`, or re-run the query from the start of its "
+                "input with a new checkpoint"
             )
             raise CheckpointError(msg) if newer else CheckpointFormatError(msg)
 
