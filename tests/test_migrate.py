@@ -226,3 +226,34 @@ def test_migrate_asks_and_without_a_terminal_needs_yes(tmp_path: Path) -> None:
     assert "pass --yes to convert" in no_tty.stderr
     assert checkpoint_files(cp) == before
     assert not (cp / "lock.json").exists()
+
+
+def test_a_resumed_migration_keeps_its_choices_and_refuses_a_checkpoint_that_moved_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cp = old_checkpoint(tmp_path)
+    original = Storage.write_bytes
+    monkeypatch.setattr(Storage, "write_bytes", crash_after(original, 2))  # lock, journal
+    with pytest.raises(SimulatedCrashError):
+        migrate_module.migrate_checkpoint(str(cp), confirm=lambda plan: True, key_groups=32)
+    monkeypatch.setattr(Storage, "write_bytes", original)
+    other = cli("migrate", "cp", "--yes", "--key-groups", "16", cwd=tmp_path)
+    assert other.returncode == 1
+    assert (
+        f"checkpoint {cp} is half-way through a migration to 32 key groups; run it again "
+        "with --key-groups 32 (or without --key-groups) to finish it"
+    ) in other.stderr
+
+    newest = (cp / "commits" / "3.json").read_bytes()
+    (cp / "commits" / "3.json").unlink()
+    moved = cli("migrate", "cp", "--yes", cwd=tmp_path)
+    assert moved.returncode == 1
+    assert (
+        f"checkpoint {cp} is half-way through a migration of the state as of batch 3, but its "
+        "newest commit is now 2: a query ran on it meanwhile"
+    ) in moved.stderr
+
+    (cp / "commits" / "3.json").write_bytes(newest)
+    assert cli("migrate", "cp", "--yes", cwd=tmp_path).returncode == 0
+    assert json.loads((cp / "metadata.json").read_text())["key_groups"] == 32
+    assert not (cp / "migrating.json").exists()

@@ -15,9 +15,9 @@ A migration that stops half-way (killed, a full disk) is finished by running
 it again: a store is first written whole into ``state/<op>/<store>/migrating/``
 and only then installed (its ``_metadata.json`` last), a JSON file that already
 carries a valid checksum is left as it is, and ``migrating.json`` at the
-checkpoint's root keeps the number of key groups the first run chose. Until
-``metadata.json`` is rewritten the checkpoint is refused by both the old and the
-new microstream, so nothing runs on a half-converted checkpoint.
+checkpoint's root keeps what the first run chose (the key groups, the version).
+Until ``metadata.json`` is rewritten this microstream refuses the checkpoint as
+format 1; a re-run refuses to go on if a query committed batches meanwhile.
 """
 
 from __future__ import annotations
@@ -190,6 +190,15 @@ def _journal(cp: Checkpoint, key_groups: int | None) -> _Journal:
                 f"checkpoint {cp.display()} is half-way through a migration to "
                 f"{journal.key_groups} key groups; run it again with --key-groups "
                 f"{journal.key_groups} (or without --key-groups) to finish it"
+            )
+            raise CheckpointError(msg)
+        latest = cp.storage.list_numbered("commits")
+        if (latest[-1] if latest else None) != journal.version:
+            msg = (
+                f"checkpoint {cp.display()} is half-way through a migration of the state as of "
+                f"batch {journal.version}, but its newest commit is now "
+                f"{latest[-1] if latest else None}: a query ran on it meanwhile. Restore the "
+                "checkpoint from the copy made before migrating and run the migration again"
             )
             raise CheckpointError(msg)
         return journal
