@@ -4,6 +4,7 @@ a format-1 checkpoint is refused, saying what to do."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -68,11 +69,12 @@ def test_a_format_1_checkpoint_is_refused_saying_what_to_do(tmp_path: Path) -> N
     cp = tmp_path / "cp"
     _run(cp, {"user": ["a"]})
     meta = json.loads((cp / "metadata.json").read_text())
-    del meta["key_groups"]
+    del meta["key_groups"], meta["crc32"]  # format 1 had neither
     (cp / "metadata.json").write_text(json.dumps({**meta, "format_version": 1}))
     with pytest.raises(
         CheckpointFormatError,
         match=r"written by an older microstream in checkpoint format 1; this one reads format 2"
-        r".*Re-run the query from the start of its input with a new checkpoint",
+        rf".*Convert it in place with `microstream migrate {re.escape(str(cp))}`.*re-run the "
+        r"query from the start of its input with a new checkpoint",
     ):
         _run(cp, {"user": ["a"]})
