@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointCorruptError",
     "CheckpointError",
+    "CheckpointFormatError",
     "CheckpointLockedError",
     "CheckpointStorageError",
     "DataLossError",
@@ -72,6 +73,10 @@ class CheckpointError(MicrostreamError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint file that is truncated or not what its name says."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in an older format that this microstream cannot read."""
 
 
 class CheckpointConflictError(CheckpointError):

@@ -14,6 +14,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -21,6 +22,7 @@ from polars.testing import assert_frame_equal
 
 import microstream as ms
 from microstream.checkpoint import storage as storage_module
+from microstream.checkpoint.checksums import CHECKSUM_MEMBER, seal
 
 SCHEMA = {"id": pl.Int64, "user": pl.Int64, "amount": pl.Float64}
 FILES = [
@@ -232,6 +234,12 @@ def test_a_failed_append_leaves_no_half_line(
 # -- a WAL range that goes backwards ---------------------------------------------------------
 
 
+def write_resealed(path: Path, entry: dict[str, Any]) -> None:
+    """Write an edited JSON file of a checkpoint with a checksum that matches the edit."""
+    entry.pop(CHECKSUM_MEMBER)
+    path.write_bytes(seal(json.dumps(entry, indent=1).encode()))
+
+
 def test_wal_range_ending_before_its_start_is_refused_by_file_and_source(tmp_path: Path) -> None:
     write_inputs(tmp_path / "in")
     assert rows_query(tmp_path).await_termination(timeout=60)
@@ -242,7 +250,7 @@ def test_wal_range_ending_before_its_start_is_refused_by_file_and_source(tmp_pat
         {"log_index": 2},
     )
     entry["sources"][0]["end"] = {"log_index": 0}  # a hand edit, or a corrupt copy
-    wal.write_text(json.dumps(entry))
+    write_resealed(wal, entry)  # one with a matching checksum: the range itself is checked
     (tmp_path / "cp" / "commits" / "2.json").unlink()  # so that batch 2 would be re-run
 
     expected = (
@@ -260,7 +268,7 @@ def test_wal_range_that_does_not_parse_names_the_file(tmp_path: Path) -> None:
     wal = tmp_path / "cp" / "offsets" / "2.json"
     entry = json.loads(wal.read_text())
     entry["sources"][0]["end"] = {"log_index": "two"}
-    wal.write_text(json.dumps(entry))
+    write_resealed(wal, entry)
     with pytest.raises(
         ms.CheckpointCorruptError,
         match=rf"checkpoint file {re.escape(str(wal))} is corrupt: .* is not a file source offset",

@@ -23,6 +23,7 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.state.key_groups import key_groups
 from microstream.state.keyed_rows import KeyedRows
 from microstream.state.read import read_store as read_state
 from microstream.state.store import StateStore
@@ -79,7 +80,7 @@ def files(storage: Storage, partition: int | str) -> list[str]:
 
 
 def test_upsert_replaces_every_row_of_a_key(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=4)
+    store = new_store(storage, num_key_groups=4)
     store.apply(upserts=rows((1, "a", 0, 1), (1, "a", 1, 2), (1, "a", 2, 3), (2, "a", 0, 9)))
     store.apply(upserts=rows((1, "a", 5, 50), (3, "b", 0, 7)))
     assert_same_rows(store.frame, rows((1, "a", 5, 50), (2, "a", 0, 9), (3, "b", 0, 7)))
@@ -89,8 +90,8 @@ def test_upsert_replaces_every_row_of_a_key(storage: Storage) -> None:
     expected = rows((1, "a", 6, 60), (2, "a", 1, 10), (2, "a", 2, 11), (3, "b", 0, 7))
     assert_same_rows(store.frame, expected)
     assert store.rows == 4
-    assert sum(store.rows_per_partition()) == 4
-    assert len(store.rows_per_partition()) == 4
+    assert sum(store.rows_per_key_group()) == 4
+    assert len(store.rows_per_key_group()) == 4
     assert store.bytes > 0
     assert store.frame.columns == list(SCHEMA)
 
@@ -103,7 +104,7 @@ def test_keys_are_compared_on_every_key_column(storage: Storage) -> None:
 
 
 def test_null_keys_are_keys(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=3)
+    store = new_store(storage, num_key_groups=3)
     store.apply(
         upserts=rows((None, None, 0, 1), (None, "a", 0, 2), (1, None, 0, 3), (1, None, 1, 4))
     )
@@ -112,7 +113,7 @@ def test_null_keys_are_keys(storage: Storage) -> None:
     store.apply(deletes=keys((None, "a"), (None, None)))
     assert_same_rows(store.frame, rows((1, None, 5, 30)))
     store.commit(0)
-    again = new_store(storage, num_partitions=3)
+    again = new_store(storage, num_key_groups=3)
     again.load(0)
     assert_same_rows(again.frame, rows((1, None, 5, 30)))
 
@@ -149,7 +150,7 @@ def test_deleted_then_upserted_before_a_commit(storage: Storage) -> None:
 
 
 def test_filter_out_with_keys_on_both_sides(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=2)
+    store = new_store(storage, num_key_groups=2)
     store.apply(
         upserts=rows(
             (1, "a", 1, 10),  # key (1, a) keeps t=5
@@ -168,7 +169,7 @@ def test_filter_out_with_keys_on_both_sides(storage: Storage) -> None:
     assert store.filter_out(pl.col("t") <= 2).height == 0
     assert store.filter_out(pl.col("t") <= 2).columns == list(SCHEMA)
     store.commit(1)
-    again = new_store(storage, num_partitions=2)
+    again = new_store(storage, num_key_groups=2)
     again.load(1)
     assert_same_rows(again.frame, remaining)
     # a later upsert of the kept key still replaces all its rows
@@ -206,7 +207,7 @@ def test_schema_of_changes_is_checked(storage: Storage) -> None:
 
 
 def test_lookup_reads_rows_of_keys(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=4)
+    store = new_store(storage, num_key_groups=4)
     store.apply(upserts=rows((1, "a", 0, 1), (1, "a", 1, 2), (None, "b", 0, 3), (4, "c", 0, 4)))
     found = store.lookup(keys((1, "a"), (None, "b"), (7, "x"), (1, "a")))
     assert_same_rows(found, rows((1, "a", 0, 1), (1, "a", 1, 2), (None, "b", 0, 3)))
@@ -225,8 +226,10 @@ def test_constructor_arguments_are_checked(storage: Storage) -> None:
             key_columns=["k1"],
             schema={"k1": pl.Int64, "__deleted": pl.Boolean},
         )
-    with pytest.raises(ValueError, match="num_partitions must be a positive integer; got 0"):
-        new_store(storage, num_partitions=0)
+    with pytest.raises(
+        ValueError, match="num_key_groups must be an integer from 1 to 65536; got 0 instead"
+    ):
+        new_store(storage, num_key_groups=0)
 
 
 def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storage) -> None:
@@ -240,7 +243,7 @@ def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storag
             hash_columns=["k1"],
             one_row_per_key=True,
             schema=SCHEMA,
-            num_partitions=4,
+            num_key_groups=4,
         )
 
     first = store()
@@ -259,8 +262,7 @@ def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storag
     first.commit(1)
     # The delta holds only what changed: the row inserted, and deletion markers for the
     # three keys evicted (t 1's upsert included): no row of k1 that stayed is rewritten.
-    parts = [f"{p}/1.delta.arrow" for p in range(4) if "1.delta.arrow" in files(storage, p)]
-    delta = pl.concat([pl.read_ipc(storage.read_bytes(name)) for name in parts])
+    delta = pl.read_ipc(storage.read_bytes("deltas/1.arrow"))  # one file for every key group
     assert sorted(delta.select("t", "__deleted").rows()) == [
         (1, True), (2, True), (3, True), (5, False)
     ]  # fmt: skip
@@ -274,7 +276,7 @@ def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storag
     assert_same_rows(read_state(storage, version=0), second.frame)
     with pytest.raises(PlanChangedError, match=r"hash_columns \['k1'\] -> \['k1', 't'\]"):
         StateStore(
-            storage, operator="op", key_columns=["k1", "t"], schema=SCHEMA, num_partitions=4
+            storage, operator="op", key_columns=["k1", "t"], schema=SCHEMA, num_key_groups=4
         ).load(0)
     with pytest.raises(ValueError, match=r"hash_columns .* must be some of its key_columns"):
         StateStore(storage, operator="op", key_columns=["k1"], hash_columns=["v"], schema=SCHEMA)
@@ -320,7 +322,7 @@ def test_categorical_keys_partition_by_their_strings(storage: Storage) -> None:
 
 
 def test_recovery_to_any_version(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=4, snapshot_every=3)
+    store = new_store(storage, num_key_groups=4, snapshot_every=3)
     store.load(None)
     expected: dict[int, pl.DataFrame] = {}
     for version in range(12):
@@ -333,7 +335,7 @@ def test_recovery_to_any_version(storage: Storage) -> None:
         store.commit(version)
         expected[version] = store.frame
     for version, frame in expected.items():
-        again = new_store(storage, num_partitions=4, snapshot_every=3)
+        again = new_store(storage, num_key_groups=4, snapshot_every=3)
         again.load(version)
         assert again.version == version
         assert_same_rows(again.frame, frame)
@@ -356,63 +358,89 @@ def test_continue_after_load(storage: Storage) -> None:
     assert_same_rows(third.frame, rows((1, "a", 0, 10), (2, "a", 0, 2)))
 
 
-def test_snapshot_cadence_and_untouched_partitions(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=4, snapshot_every=3)
+def test_snapshot_cadence_one_delta_per_version_and_key_group_ranges(storage: Storage) -> None:
+    store = new_store(storage, num_key_groups=4, snapshot_every=3, snapshot_files=2)
     store.load(None)
     one_key = rows((1, "a", 0, 1))
-    partition = store._partitions_of(one_key.select(KEYS))[0]
+    group = int(key_groups(one_key, KEYS, 4)[0])
     for version in range(7):
         store.apply(upserts=one_key.with_columns(v=pl.lit(version, dtype=pl.Int64)))
         store.commit(version)
-    assert files(storage, partition) == [
-        "0.snapshot.arrow",
-        "1.delta.arrow",
-        "2.delta.arrow",
-        "3.snapshot.arrow",
-        "4.delta.arrow",
-        "5.delta.arrow",
-        "6.snapshot.arrow",
-    ]
-    for other in set(range(4)) - {partition}:  # snapshots only, no deltas
-        assert files(storage, other) == ["0.snapshot.arrow", "3.snapshot.arrow", "6.snapshot.arrow"]
+    assert files(storage, "deltas") == ["1.arrow", "2.arrow", "4.arrow", "5.arrow"]
+    assert files(storage, "snapshots") == ["0", "3", "6"]
+    for v in (0, 3, 6):  # each snapshot: two files, contiguous key-group ranges
+        assert files(storage, f"snapshots/{v}") == ["0-2.arrow", "2-4.arrow"]
     manifest = json.loads(storage.read_bytes("versions/5.json"))
     assert manifest == {
-        "format_version": 1,
+        "format_version": 2,
         "version": 5,
         "parent": 4,
         "snapshot": False,
-        "partitions": [partition],
-        "rows_per_partition": [1 if p == partition else 0 for p in range(4)],
-        "hash_probe": store._probe,
-        # the CRC-32 of the one file the version wrote, verified on load
-        "checksums": {
-            f"{partition}/5.delta.arrow": zlib.crc32(
-                storage.read_bytes(f"{partition}/5.delta.arrow")
-            )
-        },
+        "files": [
+            {
+                "name": "deltas/5.arrow",
+                "kind": "delta",
+                "key_groups": [group, group + 1],
+                "rows": 1,
+                # the CRC-32 of the file, verified on load
+                "crc32": zlib.crc32(storage.read_bytes("deltas/5.arrow")),
+            }
+        ],
+        "rows_per_key_group": [1 if g == group else 0 for g in range(4)],
     }
+    snapshot = json.loads(storage.read_bytes("versions/6.json"))
+    assert [(f["name"], f["key_groups"]) for f in snapshot["files"]] == [
+        ("snapshots/6/0-2.arrow", [0, 2]),
+        ("snapshots/6/2-4.arrow", [2, 4]),
+    ]
     metadata = json.loads(storage.read_bytes("_metadata.json"))
     assert metadata["schema"] == {"k1": "Int64", "k2": "String", "t": "Int64", "v": "Int64"}
     assert metadata["key_columns"] == KEYS
-    assert metadata["num_partitions"] == 4
-    assert metadata["hash_probe"] == store._probe
+    assert metadata["num_key_groups"] == 4
+    assert metadata["hash_algorithm"] == "ms-poly-fmix64-v1"
     # a version that changed nothing writes only its manifest; a forced snapshot writes all
     store.commit(7)
-    assert "7.delta.arrow" not in files(storage, partition)
-    assert json.loads(storage.read_bytes("versions/7.json"))["partitions"] == []
+    assert "7.arrow" not in files(storage, "deltas")
+    assert json.loads(storage.read_bytes("versions/7.json"))["files"] == []
     store.commit(8, snapshot=True)
-    assert "8.snapshot.arrow" in files(storage, partition)
-    delta = pl.read_ipc(storage.read_bytes(f"{partition}/5.delta.arrow"))
-    assert delta.schema == pl.Schema({**SCHEMA, "__deleted": pl.Boolean})
+    assert files(storage, "snapshots/8") == ["0-2.arrow", "2-4.arrow"]
+    delta = pl.read_ipc(storage.read_bytes("deltas/5.arrow"))
+    assert delta.schema == pl.Schema({**SCHEMA, "__deleted": pl.Boolean, "__key_group": pl.UInt16})
+    assert delta["__key_group"].to_list() == [group]
+
+
+def test_load_a_range_of_key_groups(storage: Storage) -> None:
+    store = new_store(storage, num_key_groups=16, snapshot_every=3, snapshot_files=4)
+    for version in range(5):  # a snapshot at 3, then a delta at 4
+        store.apply(
+            upserts=rows(*[(k, "a", version, k * 10 + version) for k in range(version, 40, 3)]),
+            deletes=keys((version + 1, "a")),
+        )
+        store.commit(version)
+    whole = store.frame
+    groups = key_groups(whole, KEYS, 16)
+    for lo, hi in ((0, 16), (0, 7), (7, 16), (5, 6), (3, 11)):
+        part = new_store(storage, num_key_groups=16)
+        part.load(4, key_groups=range(lo, hi))
+        assert_same_rows(part.frame, whole.filter(pl.Series((groups >= lo) & (groups < hi))))
+    halves = [new_store(storage, num_key_groups=16) for _ in range(2)]
+    halves[0].load(4, key_groups=range(0, 9))
+    halves[1].load(4, key_groups=range(9, 16))
+    assert_same_rows(pl.concat([h.frame for h in halves]), whole)
+    halves[0].apply(upserts=rows((99, "z", 0, 0)))
+    with pytest.raises(CheckpointError, match="loaded for key groups 0-8 only"):
+        halves[0].commit(5)
+    with pytest.raises(ValueError, match=r"key_groups must be a non-empty range"):
+        new_store(storage, num_key_groups=16).load(4, key_groups=range(3, 20))
 
 
 def test_delta_files_hold_upserts_and_deletion_markers(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=1, snapshot_every=100)
+    store = new_store(storage, num_key_groups=1, snapshot_every=100)
     store.apply(upserts=rows((1, "a", 0, 1), (2, "b", 0, 2), (2, "b", 1, 3)))
     store.commit(1)
     store.apply(upserts=rows((1, "a", 5, 5)), deletes=keys((2, "b")))
     store.commit(2)
-    delta = pl.read_ipc(storage.read_bytes("0/2.delta.arrow"))
+    delta = pl.read_ipc(storage.read_bytes("deltas/2.arrow"))
     expected = pl.DataFrame(
         {
             "k1": [1, 2],
@@ -420,14 +448,15 @@ def test_delta_files_hold_upserts_and_deletion_markers(storage: Storage) -> None
             "t": [5, None],
             "v": [5, None],
             "__deleted": [False, True],
+            "__key_group": [0, 0],
         },
-        schema={**SCHEMA, "__deleted": pl.Boolean},
+        schema={**SCHEMA, "__deleted": pl.Boolean, "__key_group": pl.UInt16},
     )
     assert_same_rows(delta, expected)
 
 
 def test_version_gaps_and_bounded_replay(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=1, snapshot_every=3)
+    store = new_store(storage, num_key_groups=1, snapshot_every=3)
     for version in (1, 2, 4, 5, 7, 8, 10):  # none divisible by 3 except 6 and 9, skipped
         store.apply(upserts=rows((version, "a", 0, version)))
         store.commit(version)
@@ -437,7 +466,7 @@ def test_version_gaps_and_bounded_replay(storage: Storage) -> None:
     }
     # at most two deltas to replay after the empty state or a snapshot (at 4 and at 8)
     assert kinds == {1: False, 2: False, 4: True, 5: False, 7: False, 8: True, 10: False}
-    again = new_store(storage, num_partitions=1, snapshot_every=3)
+    again = new_store(storage, num_key_groups=1, snapshot_every=3)
     again.load(7)
     assert sorted(again.frame["k1"].to_list()) == [1, 2, 4, 5, 7]
     with pytest.raises(CheckpointCorruptError, match=r"versions/6\.json: version 6 is missing"):
@@ -445,7 +474,7 @@ def test_version_gaps_and_bounded_replay(storage: Storage) -> None:
 
 
 def test_retention_keeps_what_retained_versions_need(storage: Storage) -> None:
-    store = new_store(storage, num_partitions=2, snapshot_every=3, min_versions_to_retain=4)
+    store = new_store(storage, num_key_groups=2, snapshot_every=3, min_versions_to_retain=4)
     expected = {}
     for version in range(15):
         store.apply(upserts=rows((version % 5, "a", version, version)))
@@ -453,21 +482,20 @@ def test_retention_keeps_what_retained_versions_need(storage: Storage) -> None:
         expected[version] = store.frame
     # retained: 11..14; 11 needs the snapshot at 9 and the deltas 10, 11
     assert storage.list_numbered("versions") == list(range(9, 15))
-    for p in range(2):
-        assert all(int(name.split(".")[0]) >= 9 for name in files(storage, p))
-    assert storage.list_numbered("0", ".snapshot.arrow") == [9, 12]
+    assert all(int(name.split(".")[0]) >= 9 for name in files(storage, "deltas"))
+    assert files(storage, "snapshots") == ["12", "9"]
     for version in range(9, 15):
-        again = new_store(storage, num_partitions=2)
+        again = new_store(storage, num_key_groups=2)
         again.load(version)
         assert_same_rows(again.frame, expected[version])
     with pytest.raises(
         CheckpointCorruptError, match=r"version 8 is no longer retained \(oldest on disk: 9\)"
     ):
-        new_store(storage, num_partitions=2).load(8)
+        new_store(storage, num_key_groups=2).load(8)
     with pytest.raises(
         CheckpointCorruptError, match=r"version 15 was never committed \(newest on disk: 14\)"
     ):
-        new_store(storage, num_partitions=2).load(15)
+        new_store(storage, num_key_groups=2).load(15)
 
 
 def test_commit_versions_only_go_forward(storage: Storage) -> None:
@@ -494,14 +522,14 @@ def test_rerun_batch_after_restart_is_idempotent(storage: Storage) -> None:
         store.apply(deletes=keys((version - 2, "a")))
         store.commit(version)
 
-    store = new_store(storage, num_partitions=4, snapshot_every=5)
+    store = new_store(storage, num_key_groups=4, snapshot_every=5)
     for version in range(4):
         run(store, version)
     first = {p: {n: storage.read_bytes(f"{p}/{n}") for n in files(storage, p)} for p in range(4)}
     manifest = storage.read_bytes("versions/3.json")
     expected = store.frame
     # the process died after committing state 3 but before commits/3: batch 3 runs again
-    again = new_store(storage, num_partitions=4, snapshot_every=5)
+    again = new_store(storage, num_key_groups=4, snapshot_every=5)
     again.load(2)
     run(again, 3)
     assert storage.read_bytes("versions/3.json") == manifest
@@ -509,7 +537,7 @@ def test_rerun_batch_after_restart_is_idempotent(storage: Storage) -> None:
         p: {n: storage.read_bytes(f"{p}/{n}") for n in files(storage, p)} for p in range(4)
     } == first
     assert_same_rows(again.frame, expected)
-    third = new_store(storage, num_partitions=4, snapshot_every=5)
+    third = new_store(storage, num_key_groups=4, snapshot_every=5)
     third.load(3)
     assert_same_rows(third.frame, expected)
 
@@ -545,178 +573,182 @@ def test_commit_without_load_over_existing_state_is_refused(storage: Storage) ->
 # -- corruption and mismatches ----------------------------------------------------------
 
 
-def committed_store(storage: Storage, *, checksums: bool = True) -> StateStore:
-    """Versions 0 (a snapshot), 1 and 2 (deltas); ``checksums=False``: as versions written
-    before state files had checksums, so that the checks behind them (decoding, columns,
-    row counts) are what a damaged file meets."""
-    store = new_store(storage, num_partitions=1, snapshot_every=3)
+def committed_store(storage: Storage) -> StateStore:
+    """Versions 0 (a snapshot, one file), 1 and 2 (deltas)."""
+    store = new_store(storage, num_key_groups=1, snapshot_every=3, snapshot_files=1)
     for version in range(3):
         store.apply(upserts=rows((version, "a", 0, version)))
         store.commit(version)
-    if not checksums:
-        for version in range(3):
-            entry = json.loads(storage.read_bytes(f"versions/{version}.json"))
-            del entry["checksums"]
-            storage.write_bytes(f"versions/{version}.json", json.dumps(entry).encode())
     return store
+
+
+def rewrite(storage: Storage, name: str, data: bytes, version: int) -> None:
+    """Replace a state file and record its new CRC-32 in its version's manifest: a
+    rewrite the checksum cannot see, so that the checks behind it (decoding, columns,
+    row counts) are what the damaged file meets."""
+    storage.write_bytes(name, data)
+    entry = json.loads(storage.read_bytes(f"versions/{version}.json"))
+    for file in entry["files"]:
+        if file["name"] == name:
+            file["crc32"] = zlib.crc32(data)
+    storage.write_bytes(f"versions/{version}.json", json.dumps(entry).encode())
 
 
 def test_a_changed_bit_in_a_state_file_is_named_never_loaded(storage: Storage) -> None:
     committed_store(storage)
-    original = storage.read_bytes("0/1.delta.arrow")
+    original = storage.read_bytes("deltas/1.arrow")
     one = (1).to_bytes(8, "little")  # version 1 wrote the row (1, "a", 0, 1)
     position = original.rindex(one)
     flipped = original[:position] + bytes([original[position] ^ 0x04]) + original[position + 1 :]
-    storage.write_bytes("0/1.delta.arrow", flipped)
+    storage.write_bytes("deltas/1.arrow", flipped)
     with pytest.raises(
         CheckpointCorruptError,
-        match=r"0/1\.delta\.arrow of operator 'op' is corrupt: its CRC-32 is [0-9a-f]{8}, the "
+        match=r"deltas/1\.arrow of operator 'op' is corrupt: its CRC-32 is [0-9a-f]{8}, the "
         r"version that wrote it recorded [0-9a-f]{8}",
     ):
-        new_store(storage, num_partitions=1).load(1)
+        new_store(storage, num_key_groups=1).load(1)
     # a file rewritten whole (a valid file of another version) is caught the same way
-    storage.write_bytes("0/1.delta.arrow", original)
-    storage.write_bytes("0/2.delta.arrow", original)
-    with pytest.raises(CheckpointCorruptError, match=r"0/2\.delta\.arrow .* CRC-32"):
-        new_store(storage, num_partitions=1).load(2)
+    storage.write_bytes("deltas/1.arrow", original)
+    storage.write_bytes("deltas/2.arrow", original)
+    with pytest.raises(CheckpointCorruptError, match=r"deltas/2\.arrow .* CRC-32"):
+        new_store(storage, num_key_groups=1).load(2)
 
 
-def test_without_checksums_a_changed_bit_loads_silently(storage: Storage) -> None:
-    """What the checksums prevent: the same flip in a version written without them
-    decodes to other state, with no error."""
-    committed_store(storage, checksums=False)
-    original = storage.read_bytes("0/1.delta.arrow")
+def test_without_its_checksum_a_changed_bit_loads_silently(storage: Storage) -> None:
+    """What the checksums prevent: the same flip, with the manifest's CRC-32 made to
+    match, decodes to other state, with no error."""
+    committed_store(storage)
+    original = storage.read_bytes("deltas/1.arrow")
     position = original.rindex((1).to_bytes(8, "little"))
     flipped = original[:position] + bytes([original[position] ^ 0x04]) + original[position + 1 :]
-    storage.write_bytes("0/1.delta.arrow", flipped)
-    store = new_store(storage, num_partitions=1)
+    rewrite(storage, "deltas/1.arrow", flipped, 1)
+    store = new_store(storage, num_key_groups=1)
     store.load(1)
     assert store.frame.rows() != [(0, "a", 0, 0), (1, "a", 0, 1)]
 
 
 def test_truncated_file_is_named(storage: Storage) -> None:
-    committed_store(storage, checksums=False)
-    data = storage.read_bytes("0/1.delta.arrow")
-    storage.write_bytes("0/1.delta.arrow", data[: len(data) // 2])
-    with pytest.raises(CheckpointCorruptError, match=r"0/1\.delta\.arrow is corrupt or truncated"):
-        new_store(storage, num_partitions=1).load(2)
-    storage.write_bytes("0/0.snapshot.arrow", b"not arrow")
-    with pytest.raises(CheckpointCorruptError, match=r"0/0\.snapshot\.arrow is corrupt"):
-        new_store(storage, num_partitions=1).load(0)
+    committed_store(storage)
+    data = storage.read_bytes("deltas/1.arrow")
+    rewrite(storage, "deltas/1.arrow", data[: len(data) // 2], 1)
+    with pytest.raises(CheckpointCorruptError, match=r"deltas/1\.arrow is corrupt or truncated"):
+        new_store(storage, num_key_groups=1).load(2)
+    rewrite(storage, "snapshots/0/0-1.arrow", b"not arrow", 0)
+    with pytest.raises(CheckpointCorruptError, match=r"snapshots/0/0-1\.arrow is corrupt"):
+        new_store(storage, num_key_groups=1).load(0)
 
 
 def test_missing_file_is_named(storage: Storage) -> None:
     committed_store(storage)
-    storage.delete("0/2.delta.arrow")
+    storage.delete("deltas/2.arrow")
     with pytest.raises(
-        CheckpointCorruptError, match=r"0/2\.delta\.arrow of operator 'op' is missing"
+        CheckpointCorruptError, match=r"deltas/2\.arrow of operator 'op' is missing"
     ):
-        new_store(storage, num_partitions=1).load(2)
+        new_store(storage, num_key_groups=1).load(2)
     storage.delete("versions/1.json")
     with pytest.raises(
         CheckpointCorruptError, match=r"versions/1\.json: it is needed to rebuild version 2"
     ):
-        new_store(storage, num_partitions=1).load(2)
+        new_store(storage, num_key_groups=1).load(2)
 
 
 def test_file_with_other_columns_is_named(storage: Storage) -> None:
-    committed_store(storage, checksums=False)
-    other = pl.DataFrame({"k1": [1], "k2": ["a"], "t": [0], "v": [1.5], "__deleted": [False]})
-    storage.write_bytes("0/1.delta.arrow", other.write_ipc(None).getvalue())
+    committed_store(storage)
+    other = pl.DataFrame(
+        {"k1": [1], "k2": ["a"], "t": [0], "v": [1.5], "__deleted": [False], "__key_group": [0]},
+        schema_overrides={"__key_group": pl.UInt16},
+    )
+    rewrite(storage, "deltas/1.arrow", other.write_ipc(None).getvalue(), 1)
     with pytest.raises(
         CheckpointCorruptError,
-        match=r"0/1\.delta\.arrow does not hold .* 'v' is Float64 instead of Int64",
+        match=r"deltas/1\.arrow does not hold .* 'v' is Float64 instead of Int64",
     ):
-        new_store(storage, num_partitions=1).load(1)
+        new_store(storage, num_key_groups=1).load(1)
 
 
 def test_corrupt_manifest_and_wrong_row_count(storage: Storage) -> None:
-    committed_store(storage, checksums=False)
+    committed_store(storage)
     # a valid delta file of another version: row counts no longer add up
-    storage.write_bytes("0/2.delta.arrow", storage.read_bytes("0/1.delta.arrow"))
+    rewrite(storage, "deltas/2.arrow", storage.read_bytes("deltas/1.arrow"), 2)
     with pytest.raises(
-        CheckpointCorruptError, match=r"partition 0 has 2 rows .*/versions/2\.json records 3"
+        CheckpointCorruptError, match=r"key group 0 has 2 rows .*/versions/2\.json records 3"
     ):
-        new_store(storage, num_partitions=1).load(2)
-    storage.write_bytes("versions/2.json", b'{"format_version": 1, "vers')
+        new_store(storage, num_key_groups=1).load(2)
+    storage.write_bytes("versions/2.json", b'{"format_version": 2, "vers')
     with pytest.raises(CheckpointCorruptError, match=r"versions/2\.json is corrupt or truncated"):
-        new_store(storage, num_partitions=1).load(2)
+        new_store(storage, num_key_groups=1).load(2)
     entry = json.loads(storage.read_bytes("versions/1.json"))
     storage.write_bytes("versions/1.json", json.dumps({**entry, "version": 7}).encode())
     with pytest.raises(
         CheckpointCorruptError, match=r"versions/1\.json is corrupt: it describes version 7"
     ):
-        new_store(storage, num_partitions=1).load(1)
+        new_store(storage, num_key_groups=1).load(1)
 
 
 def test_metadata_mismatch_is_refused(storage: Storage) -> None:
     committed_store(storage)
-    with pytest.raises(PlanChangedError, match=r"_metadata\.json .*num_partitions 1 -> 4"):
-        new_store(storage, num_partitions=4).load(2)
+    with pytest.raises(PlanChangedError, match=r"_metadata\.json .*num_key_groups 1 -> 4"):
+        new_store(storage, num_key_groups=4).load(2)
     with pytest.raises(PlanChangedError, match=r"key_columns \['k1', 'k2'\] -> \['k1'\]"):
         StateStore(
-            storage, operator="op", key_columns=["k1"], schema=SCHEMA, num_partitions=1
+            storage, operator="op", key_columns=["k1"], schema=SCHEMA, num_key_groups=1
         ).load(2)
     schema = pl.Schema({**SCHEMA, "v": pl.Float64})
     with pytest.raises(PlanChangedError, match="column 'v' is Float64 instead of Int64"):
-        StateStore(storage, operator="op", key_columns=KEYS, schema=schema, num_partitions=1).load(
+        StateStore(storage, operator="op", key_columns=KEYS, schema=schema, num_key_groups=1).load(
             2
         )
     storage.delete("_metadata.json")
     with pytest.raises(CheckpointCorruptError, match=r"no .*_metadata\.json"):
-        new_store(storage, num_partitions=1).load(2)
+        new_store(storage, num_key_groups=1).load(2)
 
 
 def test_new_snapshot_every_is_accepted(storage: Storage) -> None:
     committed_store(storage)
-    store = new_store(storage, num_partitions=1, snapshot_every=2)
+    store = new_store(storage, num_key_groups=1, snapshot_every=2)
     store.load(2)
     store.commit(3)
     assert json.loads(storage.read_bytes("_metadata.json"))["snapshot_every"] == 2
     assert_same_rows(read_state(storage), rows((0, "a", 0, 0), (1, "a", 0, 1), (2, "a", 0, 2)))
 
 
-def test_changed_hash_repartitions(
+def test_a_changed_in_memory_hash_changes_nothing_on_disk(
     storage: Storage, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Written by a "Polars" whose hash differs: simulated by another seed.
+    # Written by a "Polars" whose hash differs (simulated by another seed): the in-memory
+    # hash is never written, key groups come from the stable hash, so nothing changes.
     monkeypatch.setattr(state_module, "_HASH_SEED", 12345)
-    old = new_store(storage, num_partitions=4, snapshot_every=100)
+    old = new_store(storage, num_key_groups=4, snapshot_every=100)
     old.apply(upserts=rows(*[(i, "a", 0, i) for i in range(40)]))
     old.commit(1)
     old.apply(upserts=rows(*[(i, "a", 1, -i) for i in range(0, 40, 2)]))
     old.commit(2)
     monkeypatch.undo()
 
-    store = new_store(storage, num_partitions=4, snapshot_every=100)
+    store = new_store(storage, num_key_groups=4, snapshot_every=100)
     with caplog.at_level(logging.WARNING, logger="microstream"):
         store.load(2)
-    assert "re-partitioning 40 rows" in caplog.text
+    assert caplog.text == ""
     expected = rows(*[(i, "a", 1, -i) if i % 2 == 0 else (i, "a", 0, i) for i in range(40)])
     assert_same_rows(store.frame, expected)
-    # every row sits in the partition the current hash gives it
-    for p, part in enumerate(store._data.partitions()):
-        assert set(store._partitions_of(part.select(KEYS))) <= {p}
+    assert store.rows_per_key_group() == old.rows_per_key_group()
     store.apply(upserts=rows(*[(i, "a", 2, 0) for i in range(40)]))  # no duplicates
     assert store.rows == 40
     store.commit(3)
-    assert json.loads(storage.read_bytes("versions/3.json"))["snapshot"] is True
-    caplog.clear()
-    again = new_store(storage, num_partitions=4, snapshot_every=100)
-    with caplog.at_level(logging.WARNING, logger="microstream"):
-        again.load(3)
-    assert "re-partitioning" not in caplog.text
+    assert json.loads(storage.read_bytes("versions/3.json"))["snapshot"] is False
+    again = new_store(storage, num_key_groups=4, snapshot_every=100)
+    again.load(3)
     assert_same_rows(again.frame, rows(*[(i, "a", 2, 0) for i in range(40)]))
 
 
-def test_edited_probe_forces_a_snapshot(storage: Storage) -> None:
+def test_another_hash_algorithm_is_refused(storage: Storage) -> None:
     committed_store(storage)
-    entry = json.loads(storage.read_bytes("versions/2.json"))
-    storage.write_bytes("versions/2.json", json.dumps({**entry, "hash_probe": [1, 2, 3]}).encode())
-    store = new_store(storage, num_partitions=1, snapshot_every=100)
-    store.load(2)
-    store.commit(3)
-    assert json.loads(storage.read_bytes("versions/3.json"))["snapshot"] is True
+    meta = json.loads(storage.read_bytes("_metadata.json"))
+    storage.write_bytes(
+        "_metadata.json", json.dumps({**meta, "hash_algorithm": "other-v0"}).encode()
+    )
+    with pytest.raises(PlanChangedError, match=r"hash_algorithm 'other-v0' -> 'ms-poly-fmix64-v1'"):
+        new_store(storage, num_key_groups=1).load(2)
 
 
 def test_read_state_without_state(storage: Storage) -> None:
@@ -806,7 +838,7 @@ def test_random_histories_recover_like_the_model(
 ) -> None:
     storage = Storage(f"memory://test-state-model-{uuid.uuid4().hex}/op")
     options = {
-        "num_partitions": num_partitions,
+        "num_key_groups": num_partitions,
         "snapshot_every": snapshot_every,
         "min_versions_to_retain": retain,
     }

@@ -51,6 +51,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
     ) -> StreamingQuery:
         """Start the query writing to any sink: a connector's spec, or your own.
 
@@ -60,6 +61,11 @@ class SinkVerbs:
         ``build(context)`` returning the runtime :class:`microstream.protocols.Sink`,
         whose ``add_batch(batch_id, df)`` must be idempotent by batch id for
         exactly-once output (a re-run batch comes with the same id and rows).
+
+        ``key_groups`` (every ``sink_*`` verb takes it) is the number of key groups
+        the query's state is split into, the unit a worker loads: fixed when the
+        checkpoint is created (default 128) and recorded in it. Without it a restart
+        uses the recorded number; a different one is refused with ``PlanChangedError``.
 
         Examples
         --------
@@ -101,6 +107,7 @@ class SinkVerbs:
             name=name,
             checkpoint_options=checkpoint_options,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def sink_memory(
@@ -113,6 +120,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         session: Session | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
     ) -> StreamingQuery:
         """Start the query into an in-process table read with ``ms.table(name)``.
 
@@ -134,7 +142,7 @@ class SinkVerbs:
         spec = load_connector("memory_sink")(name=name, session=session)
         return self._start(
             spec, output_mode=output_mode, trigger=trigger, checkpoint=checkpoint, name=name,
-            session=session, checkpoint_options=checkpoint_options, runtime=runtime,
+            session=session, checkpoint_options=checkpoint_options, runtime=runtime, key_groups=key_groups,
         )  # fmt: skip
 
     def sink_console(
@@ -146,6 +154,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
         num_rows: int = 20,
     ) -> StreamingQuery:
         """Start the query printing each batch (at most ``num_rows`` rows of it).
@@ -178,6 +187,7 @@ class SinkVerbs:
             name=name,
             checkpoint_options=checkpoint_options,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def foreach_batch(
@@ -190,6 +200,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
     ) -> StreamingQuery:
         """Start the query calling ``function(df, batch_id)`` for every batch.
 
@@ -221,6 +232,7 @@ class SinkVerbs:
             name=name,
             checkpoint_options=checkpoint_options,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def _sink_files(
@@ -235,6 +247,7 @@ class SinkVerbs:
         partition_by: Sequence[str] | None,
         checkpoint_options: dict[str, Any] | None,
         runtime: Runtime | None,
+        key_groups: int | None,
     ) -> StreamingQuery:
         spec = load_connector("file_sink")(
             path=os.fspath(path),
@@ -250,6 +263,7 @@ class SinkVerbs:
             name=name,
             checkpoint_options=checkpoint_options,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def sink_parquet(
@@ -262,6 +276,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -299,6 +314,7 @@ class SinkVerbs:
             partition_by,
             checkpoint_options,
             runtime,
+            key_groups,
         )
 
     def sink_csv(
@@ -311,6 +327,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -326,6 +343,7 @@ class SinkVerbs:
             partition_by,
             checkpoint_options,
             runtime,
+            key_groups,
         )
 
     def sink_ndjson(
@@ -338,6 +356,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
     ) -> StreamingQuery:
@@ -353,6 +372,7 @@ class SinkVerbs:
             partition_by,
             checkpoint_options,
             runtime,
+            key_groups,
         )
 
     def sink_delta(
@@ -365,6 +385,7 @@ class SinkVerbs:
         checkpoint_options: dict[str, Any] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
         storage_options: dict[str, Any] | None = None,
         partition_by: Sequence[str] | None = None,
         merge_schema: bool = False,
@@ -432,6 +453,7 @@ class SinkVerbs:
             name=name,
             checkpoint_options=checkpoint_options,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def sink_kafka(
@@ -450,6 +472,7 @@ class SinkVerbs:
         checkpoint: str | os.PathLike[str] | None = None,
         name: str | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
     ) -> StreamingQuery:
         """Start the query writing each batch's rows as records of a Kafka topic.
 
@@ -528,6 +551,7 @@ class SinkVerbs:
             checkpoint=checkpoint,
             name=name,
             runtime=runtime,
+            key_groups=key_groups,
         )
 
     def _start(
@@ -541,9 +565,17 @@ class SinkVerbs:
         session: Session | None = None,
         checkpoint_options: dict[str, Any] | None = None,
         runtime: Runtime | None = None,
+        key_groups: int | None = None,
     ) -> StreamingQuery:
         session = session or default_session
         runtime = session.runtime_override or runtime or LocalRuntime()
+        if key_groups is not None and (
+            isinstance(key_groups, bool)
+            or not isinstance(key_groups, int)
+            or not 1 <= key_groups <= 65536
+        ):
+            msg = f"key_groups must be an integer from 1 to 65536; got {key_groups!r} instead"
+            raise PlanError(msg)
         if output_mode not in ("append", "update", "complete"):
             msg = f"output_mode must be 'append', 'update' or 'complete'; got {output_mode!r}"
             raise PlanError(msg)
@@ -621,6 +653,7 @@ class SinkVerbs:
                 name=name,
                 session=session,
                 temporary_checkpoint=temporary,
+                key_groups=key_groups,
             )
         )
         query = StreamingQuery(run)

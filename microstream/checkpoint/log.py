@@ -16,6 +16,7 @@ checkpoint is code: no pickle.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -28,15 +29,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from microstream.checkpoint.checksums import is_sealed, unseal
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointConflictError,
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointFormatError,
     CheckpointLockedError,
     PlanChangedError,
 )
 from microstream.runtime.progress import QueryProgress
+from microstream.state.key_groups import DEFAULT_KEY_GROUPS
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,7 +54,7 @@ __all__ = [
     "reset_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 logger = logging.getLogger("microstream")
 
 
@@ -94,6 +98,8 @@ class CheckpointMetadata(_Record):
     name: str | None
     created: datetime
     plan: PlanRecord
+    key_groups: int = DEFAULT_KEY_GROUPS
+    """How many key groups every state store is split into; fixed at creation."""
 
 
 class SourceOffsets(_Record):
@@ -155,7 +161,7 @@ class Checkpoint:
     """
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.storage = Storage(url, storage_options)
+        self.storage = Storage(url, storage_options, checksums=True)
         self.url = url
         self._lock_state: LockRecord | None = None
         self._heartbeat: threading.Thread | None = None
@@ -169,24 +175,31 @@ class Checkpoint:
 
     # -- metadata ---------------------------------------------------------------------
 
-    def load_or_create(self, query_name: str | None, plan: PlanRecord) -> CheckpointMetadata:
+    def load_or_create(
+        self, query_name: str | None, plan: PlanRecord, *, key_groups: int | None = None
+    ) -> CheckpointMetadata:
         """The checkpoint's metadata, created for a new checkpoint.
+
+        ``key_groups``: the number of key groups of a new checkpoint (None: the
+        default); for an existing one, None means the recorded number.
 
         Raises
         ------
         PlanChangedError
             If the existing checkpoint was made by a query that differs in an
-            incompatible way (sources, stateful operators, output mode).
+            incompatible way (sources, stateful operators, output mode, an explicit
+            ``key_groups`` other than the recorded one).
+        CheckpointFormatError
+            The checkpoint was written in format 1: the message says what to do.
         """
         if self.storage.exists("metadata.json"):
-            meta = self.storage.read_model("metadata.json", CheckpointMetadata)
-            if meta.format_version > FORMAT_VERSION:
-                msg = (
-                    f"checkpoint {self.display()} has format version {meta.format_version}; "
-                    f"this microstream reads up to {FORMAT_VERSION}: upgrade microstream"
-                )
-                raise CheckpointError(msg)
+            meta = self.read_metadata()
             problems = meta.plan.incompatibilities(plan)
+            if key_groups is not None and key_groups != meta.key_groups:
+                problems.append(
+                    f"key_groups changed from {meta.key_groups} (recorded when the checkpoint "
+                    f"was created) to {key_groups}"
+                )
             if problems:
                 msg = (
                     f"the query no longer matches checkpoint {self.display()}: "
@@ -208,16 +221,58 @@ class Checkpoint:
             name=query_name,
             created=datetime.now(timezone.utc),
             plan=plan,
+            key_groups=DEFAULT_KEY_GROUPS if key_groups is None else key_groups,
         )
         self.storage.makedirs("")
         self.storage.write_model("metadata.json", meta, overwrite=False)
         self.is_new = True
         return meta
 
+    def format_version(self) -> int | None:
+        """The format version ``metadata.json`` records (None: not a checkpoint)."""
+        try:
+            raw = self.storage.read_bytes("metadata.json")
+        except FileNotFoundError:
+            return None
+        try:
+            found = json.loads(raw).get("format_version")
+        except (ValueError, AttributeError):
+            found = None
+        # A sealed file is checked before its version is believed: a flipped digit must
+        # not turn it into a format-1 checkpoint. Format 1 had no checksums.
+        if found != 1 or is_sealed(raw):
+            unseal(raw, self.display("metadata.json"))
+        return found if isinstance(found, int) else FORMAT_VERSION  # read_model names a bad file
+
     def read_metadata(self) -> CheckpointMetadata:
-        if not self.storage.exists("metadata.json"):
+        """The checkpoint's metadata; a checkpoint of another format version is refused.
+
+        Raises
+        ------
+        CheckpointFormatError
+            Format 1 (an older microstream): the message says what to do.
+        """
+        version = self.format_version()
+        if version is None:
             msg = f"{self.display()} is not a microstream checkpoint (no metadata.json)"
             raise CheckpointError(msg)
+        if version > FORMAT_VERSION:
+            msg = (
+                f"checkpoint {self.display()} has format version {version}; "
+                f"this microstream reads up to {FORMAT_VERSION}: upgrade microstream"
+            )
+            raise CheckpointError(msg)
+        if version < FORMAT_VERSION:
+            msg = (
+                f"checkpoint {self.display()} was written by an older microstream in checkpoint "
+                f"format {version}; this one reads format {FORMAT_VERSION} (key-group state, "
+                "checksummed files). Convert it in place with "
+                f"`microstream migrate {self.display()}` (back it up first: the microstream "
+                "that wrote it cannot read it afterwards), then start the query again; or "
+                "re-run the query from the start of its input with a new checkpoint and a new "
+                "output"
+            )
+            raise CheckpointFormatError(msg)
         return self.storage.read_model("metadata.json", CheckpointMetadata)
 
     # -- the log ------------------------------------------------------------------------
@@ -380,7 +435,7 @@ class Checkpoint:
         lock_exists = self.storage.exists("lock.json")
         if lock_exists:
             try:
-                current = self.storage.read_model("lock.json", LockRecord)
+                current = self.storage.read_model("lock.json", LockRecord, checksum=False)
             except CheckpointCorruptError:
                 logger.warning(
                     "lock file %s is unreadable; taking it over", self.display("lock.json")
@@ -418,12 +473,12 @@ class Checkpoint:
         try:
             # No lock: create it write-once (a rename-free link locally, a conditional
             # put on object stores), so of two processes starting at once one loses here.
-            self.storage.write_model("lock.json", record, overwrite=lock_exists)
+            self.storage.write_model("lock.json", record, overwrite=lock_exists, checksum=False)
         except CheckpointConflictError:
             msg = f"checkpoint {self.display()} was taken by another process just now"
             raise CheckpointLockedError(msg) from None
         # Two processes may have raced to the same stale lock: the last writer wins.
-        if self.storage.read_model("lock.json", LockRecord).run_id != run_id:
+        if self.storage.read_model("lock.json", LockRecord, checksum=False).run_id != run_id:
             msg = f"checkpoint {self.display()} was taken by another process just now"
             raise CheckpointLockedError(msg)
         self._lock_state = record
@@ -475,12 +530,12 @@ class Checkpoint:
             if state is None:
                 return
             try:
-                current = self.storage.read_model("lock.json", LockRecord)
+                current = self.storage.read_model("lock.json", LockRecord, checksum=False)
                 if current.run_id != state.run_id:
                     self.lock_lost.set()
                     return
                 state = state.model_copy(update={"heartbeat_at": time.time()})
-                self.storage.write_model("lock.json", state)
+                self.storage.write_model("lock.json", state, checksum=False)
                 self._lock_state = state
             except Exception:
                 logger.exception("heartbeat of checkpoint %s failed", self.display())
@@ -493,7 +548,7 @@ class Checkpoint:
         if state is None:
             return
         try:
-            current = self.storage.read_model("lock.json", LockRecord)
+            current = self.storage.read_model("lock.json", LockRecord, checksum=False)
             if current.run_id == state.run_id:
                 self.storage.delete("lock.json")
         except Exception:

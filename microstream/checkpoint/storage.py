@@ -42,6 +42,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ValidationError
 
+from microstream.checkpoint.checksums import is_sealed, seal, unseal
 from microstream.exceptions import (
     CheckpointConflictError,
     CheckpointCorruptError,
@@ -74,6 +75,12 @@ class Storage:
         Passed to :func:`fsspec.url_to_fs` (for ``s3://``: ``endpoint_url``,
         ``key``, ``secret``, ``client_kwargs``, ...; without them s3fs reads
         the usual ``AWS_*`` environment variables and config files).
+    fsync
+        Whether to fsync every written file (default: ``MICROSTREAM_FSYNC=1``).
+    checksums
+        Whether :meth:`write_model` ends every JSON file with its CRC-32 and
+        :meth:`read_model` checks it (:mod:`microstream.checkpoint.checksums`);
+        on for a checkpoint's storage and every :meth:`sub` of it.
 
     Examples
     --------
@@ -99,8 +106,10 @@ class Storage:
         storage_options: dict[str, Any] | None = None,
         *,
         fsync: bool | None = None,
+        checksums: bool = False,
     ):
         self.url = os.fspath(url)
+        self.checksums = checksums
         self.fsync = os.environ.get("MICROSTREAM_FSYNC", "") == "1" if fsync is None else fsync
         try:
             fs, root = fsspec.url_to_fs(self.url, **(storage_options or {}))
@@ -142,6 +151,7 @@ class Storage:
         child.is_local = self.is_local
         child.is_object_store = self.is_object_store
         child.fsync = self.fsync
+        child.checksums = self.checksums
         child.location = self.location
         child._checks = self._checks
         child._failures = self._failures
@@ -171,9 +181,17 @@ class Storage:
             data: bytes = self.fs.cat_file(path)
         return data
 
-    def read_model(self, relative: str, model: type[ModelT]) -> ModelT:
-        """Read a JSON file as ``model``; a corrupt file is an error naming it."""
+    def read_model(
+        self, relative: str, model: type[ModelT], *, checksum: bool | None = None
+    ) -> ModelT:
+        """Read a JSON file as ``model``; a corrupt file is an error naming it.
+
+        ``checksum``: require the file's CRC-32 (default: this storage's
+        ``checksums``); a file that carries one has it checked in any case.
+        """
         raw = self.read_bytes(relative)
+        if (self.checksums if checksum is None else checksum) or is_sealed(raw):
+            raw = unseal(raw, self.display(relative))
         try:
             return model.model_validate_json(raw)
         except ValidationError as exc:
@@ -343,8 +361,22 @@ class Storage:
             "this checkpoint? Stop it, or give this query its own checkpoint"
         )
 
-    def write_model(self, relative: str, model: BaseModel, *, overwrite: bool = True) -> None:
-        self.write_bytes(relative, model.model_dump_json(indent=1).encode(), overwrite=overwrite)
+    def write_model(
+        self,
+        relative: str,
+        model: BaseModel,
+        *,
+        overwrite: bool = True,
+        checksum: bool | None = None,
+    ) -> None:
+        """Write ``model`` as indented JSON, atomically (see :meth:`write_bytes`).
+
+        ``checksum``: end the file with its CRC-32 (default: this storage's ``checksums``).
+        """
+        data = model.model_dump_json(indent=1).encode()
+        if self.checksums if checksum is None else checksum:
+            data = seal(data)
+        self.write_bytes(relative, data, overwrite=overwrite)
 
     def write_json(self, relative: str, obj: Any) -> None:
         self.write_bytes(relative, json.dumps(obj, indent=1, default=str).encode())

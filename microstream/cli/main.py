@@ -19,6 +19,7 @@ from typing import Any
 
 from microstream.api.session import default_session
 from microstream.checkpoint.log import Checkpoint, LockRecord, reset_checkpoint
+from microstream.checkpoint.migrate import MigrationPlan, migrate_checkpoint
 from microstream.exceptions import CheckpointError, MicrostreamError, OutputError
 from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
@@ -218,6 +219,29 @@ def _parser() -> argparse.ArgumentParser:
     reset.add_argument("--yes", action="store_true", help="delete without asking")
     reset.set_defaults(handler=_reset)
 
+    migrate = sub.add_parser(
+        "migrate",
+        help="convert a checkpoint of format 1 (an older microstream) to format 2, in place",
+        description=(
+            "Convert the format-1 checkpoint at CHECKPOINT to format 2 in place, so its query "
+            "continues where it stopped: every state store becomes a key-group snapshot of the "
+            "last committed batch, every JSON file gets its checksum, metadata.json is "
+            "rewritten last. Refused while a query holds the checkpoint's lock; asks first "
+            "unless --yes. Run it again to finish a migration that was interrupted. The "
+            "microstream that wrote the checkpoint cannot read it afterwards: back it up first "
+            "to be able to go back."
+        ),
+    )
+    migrate.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory or URL")
+    migrate.add_argument("--yes", action="store_true", help="convert without asking")
+    migrate.add_argument(
+        "--key-groups",
+        type=int,
+        metavar="N",
+        help="key groups of the converted state (default 128; fixed from then on)",
+    )
+    migrate.set_defaults(handler=_migrate)
+
     ui = sub.add_parser(
         "ui",
         help="serve a live, read-only web dashboard of checkpoints' progress and state",
@@ -274,6 +298,24 @@ def _reset(args: argparse.Namespace) -> int:
         print("nothing deleted")
         return 1
     print(f"deleted checkpoint {args.checkpoint} ({len(deleted)} files)")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    def confirm(plan: MigrationPlan) -> bool:
+        print(plan.describe())
+        if args.yes:
+            return True
+        if not sys.stdin.isatty():
+            msg = "not converting: no terminal to ask for confirmation; pass --yes to convert"
+            raise CheckpointError(msg)
+        return input("convert it? [y/N] ").strip().lower() in ("y", "yes")
+
+    done = migrate_checkpoint(args.checkpoint, confirm=confirm, key_groups=args.key_groups)
+    if done is None:
+        print("nothing changed")
+        return 1
+    print(f"checkpoint {args.checkpoint} is in format 2 now: its query can run again")
     return 0
 
 
@@ -406,7 +448,7 @@ def _status(args: argparse.Namespace) -> int:
     progress = _recent_progress(cp, limit=10)
     lock = None
     if cp.storage.exists("lock.json"):
-        lock = cp.storage.read_model("lock.json", LockRecord)
+        lock = cp.storage.read_model("lock.json", LockRecord, checksum=False)
     report: dict[str, Any] = {
         "checkpoint": cp.display(),
         "id": meta.id,

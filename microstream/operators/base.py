@@ -54,6 +54,11 @@ class StoreBackedOperator(ABC):
     def _stores(self) -> list[StateStore]:
         raise AssertionError("subclasses list their stores")  # pragma: no cover
 
+    def use_key_groups(self, num_key_groups: int) -> None:
+        """Split every store into the checkpoint's number of key groups (before load)."""
+        for store in self._stores():
+            store.use_key_groups(num_key_groups)
+
     def load(self, version: int | None) -> None:
         for store in self._stores():
             store.load(version)

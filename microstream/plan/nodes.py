@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SINGLE_PARTITION",
     "ConcatNode",
+    "KeyGroupedOperator",
     "MapBatchesNode",
     "OperatorContext",
     "OperatorOutput",
@@ -136,6 +137,16 @@ class StatefulOperator(Protocol):
 
     def store_schemas(self) -> dict[str, pl.Schema]:
         """The operator's state stores (``op0/partials``, ...) and their schemas."""
+        ...
+
+
+@runtime_checkable
+class KeyGroupedOperator(Protocol):
+    """An operator whose state is split into key groups (optional for operators): told
+    the checkpoint's number of key groups before its state is loaded."""
+
+    def use_key_groups(self, num_key_groups: int) -> None:
+        """Use ``num_key_groups`` key groups for every store."""
         ...
 
 

@@ -45,6 +45,7 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.plan.nodes import (
+    KeyGroupedOperator,
     OperatorContext,
     ScanNode,
     TimedOperator,
@@ -117,6 +118,8 @@ class ExecutionConfig:
     lock_timeout_s: float = 30.0
     progress_history: int = 100
     watermark_policy: Literal["min", "max"] = "min"
+    key_groups: int | None = None
+    """Key groups of a new checkpoint (None: the recorded number, or the default)."""
 
 
 class StreamExecution:
@@ -192,7 +195,9 @@ class StreamExecution:
         cp.acquire_lock(self.run_id, timeout_s=self.config.lock_timeout_s)
         try:
             cp.remove_temporary_files()
-            meta = cp.load_or_create(self.config.name, self.plan_record())
+            meta = cp.load_or_create(
+                self.config.name, self.plan_record(), key_groups=self.config.key_groups
+            )
             self.query_id = meta.id
             self._sources = [
                 spec.build(
@@ -232,6 +237,8 @@ class StreamExecution:
             for stage in self.physical.operators():
                 op_id = stage.operator_id
                 operator = stage.node.build_operator(op_id, cp.storage.sub(f"state/{op_id}"))
+                if isinstance(operator, KeyGroupedOperator):
+                    operator.use_key_groups(meta.key_groups)
                 operator.load(state_version)
                 self._operators[stage.node] = operator
             # Optional capabilities, found once: the loop asks them every batch or poll.

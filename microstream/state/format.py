@@ -7,39 +7,49 @@ See :mod:`microstream.state.store` for the layout of ``state/<operator>/`` and
 from __future__ import annotations
 
 import base64
+import itertools
 import zlib
 from typing import Literal, TypeAlias
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as pa_ipc
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
-    "DELTA_SUFFIX",
+    "DELTAS_DIR",
+    "KEY_GROUP_COLUMN",
     "METADATA_FILE",
-    "SNAPSHOT_SUFFIX",
+    "SNAPSHOTS_DIR",
     "STATE_FORMAT_VERSION",
     "VERSIONS_DIR",
     "Compression",
+    "StateFile",
     "StateMetadata",
     "StateRecord",
     "StateVersion",
     "checksum",
+    "covers_key_groups",
     "decode_frame",
+    "delta_file",
+    "describe_ranges",
     "describe_schema_change",
     "encode_frame",
     "frame_from_text",
     "frame_to_text",
     "pyarrow_round_trips",
+    "snapshot_file",
+    "split_by_key_group",
     "version_file",
 ]
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
 METADATA_FILE = "_metadata.json"
 VERSIONS_DIR = "versions"
-DELTA_SUFFIX = ".delta.arrow"
-SNAPSHOT_SUFFIX = ".snapshot.arrow"
+DELTAS_DIR = "deltas"
+KEY_GROUP_COLUMN = "__key_group"
+SNAPSHOTS_DIR = "snapshots"
 Compression: TypeAlias = Literal["lz4", "zstd"] | None
 
 
@@ -50,13 +60,11 @@ class StateRecord(BaseModel):
 
 
 class StateMetadata(StateRecord):
-    """``state/<operator>/_metadata.json``: what the state files mean.
+    """``state/<operator>/<store>/_metadata.json``: what the state files mean.
 
     ``schema`` is for people; ``schema_ipc`` (an empty Arrow IPC file, base64)
-    restores the dtypes exactly. ``hash_probe`` holds the partition of each row
-    of the ``probe_ipc`` key frame under the hash that placed the rows: when a
-    Polars upgrade changes the hash, the probe no longer matches and the state
-    is re-partitioned on load.
+    restores the dtypes exactly. ``num_key_groups`` and ``hash_algorithm`` fix
+    which key group every key's rows are in (see :mod:`microstream.state.key_groups`).
     """
 
     model_config = ConfigDict(
@@ -67,19 +75,29 @@ class StateMetadata(StateRecord):
     operator: str
     key_columns: list[str]
     hash_columns: list[str] | None = None
-    """The key columns the hash (and so the partition) is computed over; None: all."""
+    """The key columns the key group is computed over; None: all."""
     schema_: dict[str, str] = Field(alias="schema")
     schema_ipc: str
-    num_partitions: int
+    num_key_groups: int
+    hash_algorithm: str
     snapshot_every: int
-    hash_seed: int
-    hash_probe: list[int]
-    probe_ipc: str
     polars_version: str
 
 
+class StateFile(StateRecord):
+    """One data file of a version: what it holds and its checksum."""
+
+    name: str
+    """Its path in the store's directory (``deltas/5.arrow``, ``snapshots/10/0-32.arrow``)."""
+    kind: Literal["delta", "snapshot"]
+    key_groups: tuple[int, int]
+    """The key groups ``[lo, hi)`` its rows may belong to."""
+    rows: int
+    crc32: int
+
+
 class StateVersion(StateRecord):
-    """``state/<operator>/versions/<version>.json``: one committed version.
+    """``state/<operator>/<store>/versions/<version>.json``: one committed version.
 
     Written after the version's data files, so its presence is the commit.
     """
@@ -89,20 +107,23 @@ class StateVersion(StateRecord):
     parent: int | None
     """The version this one was built on; ``None``: built on the empty state."""
     snapshot: bool
-    """Every partition wrote ``<version>.snapshot.arrow``."""
-    partitions: list[int]
-    """Partitions that wrote ``<version>.delta.arrow`` (empty for a snapshot)."""
-    rows_per_partition: list[int]
-    hash_probe: list[int]
-    checksums: dict[str, int] = Field(default_factory=dict)
-    """CRC-32 of each data file the version wrote, by its name in the operator's
-    directory (``"3/17.delta.arrow"``); a load verifies it, so a flipped bit or a
-    rewritten file is an error, never silently wrong state. Empty in versions written
-    before checksums existed (their files are not verified)."""
+    """The files are a full snapshot (contiguous key-group ranges covering every group);
+    otherwise at most one delta file (none: nothing changed)."""
+    files: list[StateFile]
+    rows_per_key_group: list[int]
+    """Live rows of every key group as of this version: a load checks what it rebuilt."""
 
 
 def version_file(version: int) -> str:
     return f"{VERSIONS_DIR}/{version}.json"
+
+
+def delta_file(version: int) -> str:
+    return f"{DELTAS_DIR}/{version}.arrow"
+
+
+def snapshot_file(version: int, lo: int, hi: int) -> str:
+    return f"{SNAPSHOTS_DIR}/{version}/{lo}-{hi}.arrow"
 
 
 def encode_frame(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:
@@ -165,3 +186,38 @@ def checksum(data: bytes) -> int:
     2744374011
     """
     return zlib.crc32(data)
+
+
+def split_by_key_group(frame: pl.DataFrame, ranges: list[tuple[int, int]]) -> list[pl.DataFrame]:
+    """The rows of ``frame`` in each key-group range, each sorted by key group."""
+    groups = frame.get_column(KEY_GROUP_COLUMN).to_numpy()
+    order = np.argsort(groups, kind="stable")
+    bounds = np.searchsorted(groups[order], [lo for lo, _ in ranges] + [ranges[-1][1]])
+    ordered = frame[order] if frame.height else frame
+    return [
+        ordered.slice(int(start), int(stop - start)) for start, stop in itertools.pairwise(bounds)
+    ]
+
+
+def covers_key_groups(ranges: list[tuple[int, int]], n: int) -> bool:
+    """Whether ``ranges``, in order, are contiguous and cover ``[0, n)``."""
+    return (
+        bool(ranges)
+        and ranges[0][0] == 0
+        and ranges[-1][1] == n
+        and all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    )
+
+
+def describe_ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    out: list[str] = []
+    start = prev = values[0]
+    for v in [*values[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)

@@ -39,12 +39,16 @@ class KeyedRows:
     hash_column
         The name of the hash column.
     num_partitions
-        Rows are counted per partition ``hash % num_partitions``.
+        Rows are counted per partition: ``hash % num_partitions``, or the value of
+        ``group_column`` when given.
     tail_rows
         The tail size above which the tail is merged into the base (or a
         quarter of the base, if larger, up to eight times ``tail_rows``).
     is_sorted
         ``frame`` is already sorted by ``hash_column``.
+    group_column
+        A column holding each row's partition (``0 <= value < num_partitions``): the
+        state store's key group, which is not derived from ``hash_column``.
 
     Examples
     --------
@@ -74,8 +78,10 @@ class KeyedRows:
         num_partitions: int,
         tail_rows: int = 131_072,
         is_sorted: bool = False,
+        group_column: str | None = None,
     ):
         self.key_columns = list(key_columns)
+        self.group_column = group_column
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
@@ -112,7 +118,11 @@ class KeyedRows:
         empty = every.clear()
         if every.height == 0:
             return [empty] * self.num_partitions
-        pids = self._pid_expr(pl.col(self.hash_column)).alias(_POSITION)
+        pids = (
+            pl.col(self.group_column).cast(pl.UInt32)
+            if self.group_column is not None
+            else self._pid_expr(pl.col(self.hash_column))
+        ).alias(_POSITION)
         by_pid = every.with_columns(pids).partition_by(
             _POSITION, as_dict=True, maintain_order=False
         )
@@ -145,12 +155,12 @@ class KeyedRows:
         self._changes += 1
         self._kill_base(base_at)
         if tail_at.size:
-            self._count(self._tail.get_column(self.hash_column).to_numpy()[tail_at], -1)
+            self._count(self._pids_of(self._tail)[tail_at], -1)
             keep = np.ones(self._tail.height, dtype=bool)
             keep[tail_at] = False
             self._tail = self._tail.filter(pl.Series(keep))
         if rows.height:
-            self._count(rows.get_column(self.hash_column).to_numpy(), 1)
+            self._count(self._pids_of(rows), 1)
             self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
         self._maybe_merge()
 
@@ -159,7 +169,7 @@ class KeyedRows:
         if rows.height == 0:
             return
         self._changes += 1
-        self._count(rows.get_column(self.hash_column).to_numpy(), 1)
+        self._count(self._pids_of(rows), 1)
         self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
         self._maybe_merge()
 
@@ -178,7 +188,7 @@ class KeyedRows:
             if mask.any():
                 series = pl.Series(mask)
                 removed.append(self._tail.filter(series))
-                self._count(removed[-1].get_column(self.hash_column).to_numpy(), -1)
+                self._count(self._pids_of(removed[-1]), -1)
                 self._tail = self._tail.filter(~series)
         self._maybe_merge()
         if not removed:
@@ -193,10 +203,11 @@ class KeyedRows:
         self._hashes = self._base.get_column(self.hash_column).to_numpy()
         self._live = np.ones(self._base.height, dtype=bool)
         self._dead = 0
+        self._pids = self._pids_of(self._base)
         self._counts = np.zeros(self.num_partitions, dtype=np.int64)
-        self._count(self._hashes, 1)
+        self._count(self._pids, 1)
         if self._tail.height:
-            self._count(self._tail.get_column(self.hash_column).to_numpy(), 1)
+            self._count(self._pids_of(self._tail), 1)
 
     def compact(self) -> None:
         """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
@@ -271,12 +282,19 @@ class KeyedRows:
             return
         self._live[at] = False
         self._dead += int(at.size)
-        self._count(self._hashes[at], -1)
+        self._count(self._pids[at], -1)
 
-    def _count(self, hashes: np.ndarray, sign: int) -> None:
-        if hashes.size:
-            pids = (hashes % np.uint64(self.num_partitions)).astype(np.int64)
-            self._counts += sign * np.bincount(pids, minlength=self.num_partitions)
+    def _pids_of(self, frame: pl.DataFrame) -> np.ndarray:
+        """The partition of every row of ``frame``."""
+        if self.group_column is not None:
+            return frame.get_column(self.group_column).to_numpy()
+        hashes = frame.get_column(self.hash_column).to_numpy()
+        return hashes % np.uint64(self.num_partitions)
+
+    def _count(self, pids: np.ndarray, sign: int) -> None:
+        if pids.size:
+            counts = np.bincount(pids.astype(np.int64, copy=False), minlength=self.num_partitions)
+            self._counts += sign * counts
 
     def _pid_expr(self, hashes: pl.Expr) -> pl.Expr:
         return (hashes % self.num_partitions).cast(pl.UInt32)

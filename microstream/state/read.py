@@ -207,7 +207,7 @@ def read_store(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
         key_columns=meta.key_columns,
         hash_columns=meta.hash_columns,
         schema=schema,
-        num_partitions=meta.num_partitions,
+        num_key_groups=meta.num_key_groups,
         snapshot_every=meta.snapshot_every,
     )
     if version is None:

@@ -1,27 +1,30 @@
-"""The keyed state of one stateful operator, persisted as Arrow IPC files.
+"""The keyed state of one stateful operator, persisted as Arrow IPC files (format 2).
 
 A :class:`StateStore` holds the rows of an operator's state (partial
 aggregates, buffered window rows, deduplication keys, ...) in memory as one
-:class:`~microstream.keyed_rows.KeyedRows` (sorted by key hash, so a batch
-finds its keys without scanning the state), and on disk split into a fixed
-number of key-hash partitions. After every batch
-the engine calls :meth:`StateStore.commit` with the batch id: each partition
-touched since the last commit writes what changed as ``<version>.delta.arrow``
-and every ``snapshot_every`` versions every partition writes a full
-``<version>.snapshot.arrow``, so recovery replays at most ``snapshot_every - 1``
-deltas. A checkpoint is data, never code: no pickle anywhere.
+:class:`~microstream.state.keyed_rows.KeyedRows` (sorted by Polars' fast key
+hash, so a batch finds its keys without scanning the state). Every row also
+carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
+the key, modulo the checkpoint's number of key groups), computed once when the
+row is written. After every batch the engine calls :meth:`StateStore.commit`
+with the batch id: the changes since the last commit go to ONE delta file, and
+every ``snapshot_every`` versions the whole state goes to a snapshot split into
+contiguous key-group ranges, so recovery replays at most ``snapshot_every - 1``
+deltas and a worker owning a range of key groups reads only its files
+(:meth:`StateStore.load` with ``key_groups=``). No pickle anywhere.
 
-Layout of the operator's directory ``state/<operator>/``::
+Layout of the store's directory ``state/<operator>/<store>/``::
 
-    _metadata.json                  key columns, exact schema, partitions, hash probe
-    versions/<version>.json         one per committed version, written last: the commit point
-    <partition>/<version>.delta.arrow     rows of the keys changed in that version (+ ``__deleted``)
-    <partition>/<version>.snapshot.arrow  the whole partition as of that version
+    _metadata.json                   key columns, exact schema, key groups, hash algorithm
+    versions/<version>.json          one per committed version, written last: the commit point
+    deltas/<version>.arrow           rows of the keys changed in that version (+ ``__deleted``,
+                                     ``__key_group``), sorted by key group
+    snapshots/<version>/<lo>-<hi>.arrow  the rows of key groups lo..hi-1 as of that version
 
 A version exists when, and only when, ``versions/<version>.json`` exists; it
-names its parent version, whether it is a full snapshot, which partitions wrote
-a delta (an untouched partition writes nothing) and how many rows each
-partition holds, so a load checks what it rebuilt.
+names its parent version, whether it is a snapshot, its files with their
+key-group ranges, row counts and CRC-32s, and how many rows each key group
+holds, so a load checks what it rebuilt.
 
 Key semantics: a key (the values of ``key_columns``, nulls included) may hold
 several rows. An upsert replaces *all* rows of each key it contains; a delete
@@ -32,9 +35,11 @@ unspecified.
 from __future__ import annotations
 
 import binascii
+import builtins
+import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Final, Literal
 
 import numpy as np
 import polars as pl
@@ -43,26 +48,41 @@ from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointCorruptError,
     CheckpointError,
+    CheckpointFormatError,
     PlanChangedError,
     SchemaMismatchError,
 )
 from microstream.state.format import (
-    DELTA_SUFFIX,
+    DELTAS_DIR,
+    KEY_GROUP_COLUMN,
     METADATA_FILE,
-    SNAPSHOT_SUFFIX,
+    SNAPSHOTS_DIR,
     STATE_FORMAT_VERSION,
     VERSIONS_DIR,
     Compression,
+    StateFile,
     StateMetadata,
     StateVersion,
     checksum,
+    covers_key_groups,
     decode_frame,
+    delta_file,
+    describe_ranges,
     describe_schema_change,
     encode_frame,
     frame_from_text,
     frame_to_text,
     pyarrow_round_trips,
+    snapshot_file,
+    split_by_key_group,
     version_file,
+)
+from microstream.state.key_groups import (
+    DEFAULT_KEY_GROUPS,
+    HASH_ALGORITHM,
+    check_hashable,
+    key_group_ranges,
+    key_groups,
 )
 from microstream.state.keyed_rows import KeyedRows
 
@@ -71,12 +91,12 @@ __all__ = ["StateStore"]
 logger = logging.getLogger("microstream")
 
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-_HASH = "__key_hash"  # in memory only: the u64 hash of the key columns
-_PART = "__partition"  # reserved (older in-memory column)
+_HASH = "__key_hash"  # in memory only: Polars' (fast, unstable) u64 hash of the hash columns
+_KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 _ORDER = "__order"  # in memory only: position of a delta file in a replay
 _MASK = "__mask"
-_HASH_SEED = 0x6D73  # "ms"; recorded in the metadata
-_PROBE_ROWS = 32
+_HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
+_MAX_KEY_GROUPS = 1 << 16  # the key group is kept as a UInt16
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
 _COMPRESSION: Final[Compression] = None
@@ -95,8 +115,10 @@ class StateStore:
         The columns whose values form a key. Null is a valid key value.
     schema
         Every column of the state, key columns included, in order.
-    num_partitions
-        Fixed when the state is first committed; a later mismatch is refused.
+    num_key_groups
+        How many key groups the rows are split into (default: the recorded
+        number, or 128 for new state); fixed when the state is first committed,
+        a later mismatch is refused.
     snapshot_every
         A full snapshot is written at every version divisible by this, and at
         the latest after this many versions, which bounds recovery to that
@@ -112,6 +134,9 @@ class StateStore:
     one_row_per_key
         The caller never gives a key more than one row, so :meth:`filter_out`
         need not look for rows its evicted keys keep.
+    snapshot_files
+        A snapshot is written as this many files, each a contiguous range of
+        key groups.
 
     Notes
     -----
@@ -168,11 +193,12 @@ class StateStore:
         operator: str,
         key_columns: Sequence[str],
         schema: pl.Schema | Mapping[str, pl.DataType],
-        num_partitions: int = 8,
+        num_key_groups: int | None = None,
         snapshot_every: int = 10,
         min_versions_to_retain: int = 100,
         hash_columns: Sequence[str] | None = None,
         one_row_per_key: bool = False,
+        snapshot_files: int = 4,
     ):
         self.storage = storage
         self.operator = operator
@@ -180,14 +206,18 @@ class StateStore:
         self.key_columns = list(key_columns)
         self.hash_columns = list(hash_columns) if hash_columns is not None else self.key_columns
         self.one_row_per_key = one_row_per_key
-        self.num_partitions = num_partitions
+        self._requested_key_groups = num_key_groups
+        self.num_key_groups = DEFAULT_KEY_GROUPS if num_key_groups is None else num_key_groups
+        self.snapshot_files = snapshot_files
         self.snapshot_every = snapshot_every
         self.min_versions_to_retain = min_versions_to_retain
         self._validate_arguments()
 
-        self._keys_hash = [*self.key_columns, _HASH]
-        self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64()})
-        self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean()})
+        check_hashable(self.schema, self.hash_columns, f"operator {operator!r}")
+        self._keys_hash = [*self.key_columns, _HASH, _KG]
+        self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
+        self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
+        self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
         self._hash_expr = _hash_expr(self.schema, self.hash_columns)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
@@ -197,8 +227,6 @@ class StateStore:
             )
             raise SchemaMismatchError(msg)
         self._pyarrow_io = pyarrow_round_trips(self.schema)
-        self._probe_frame = _make_probe_frame(self.schema, self.hash_columns)
-        self._probe = self._partitions_of(self._probe_frame)
 
         self._data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         # rows of the keys changed since the last commit (+ _HASH, _DELETED), all partitions
@@ -208,6 +236,7 @@ class StateStore:
         # (version, is a snapshot, is a base: nothing older is needed to rebuild it), from
         # the base of the loaded version up to _version
         self._chain: list[tuple[int, bool, bool]] = []
+        self._key_range = (0, self.num_key_groups)
         self._force_snapshot = False
         self._opened = False
         self._metadata_current = False
@@ -234,11 +263,22 @@ class StateStore:
                 f"{self.key_columns}; got {self.hash_columns}"
             )
             raise ValueError(msg)
-        reserved = [c for c in (_DELETED, _HASH, _PART, _ORDER, _MASK) if c in self.schema]
+        reserved = [c for c in (_DELETED, _HASH, _KG, _ORDER, _MASK) if c in self.schema]
         if reserved:
             msg = f"the state schema of operator {self.operator!r} uses reserved column names {reserved}"
             raise ValueError(msg)
-        for name in ("num_partitions", "snapshot_every", "min_versions_to_retain"):
+        if not 1 <= self.num_key_groups <= _MAX_KEY_GROUPS:
+            msg = (
+                f"num_key_groups must be an integer from 1 to {_MAX_KEY_GROUPS}; got "
+                f"{self.num_key_groups!r} instead"
+            )
+            raise ValueError(msg)
+        for name in (
+            "num_key_groups",
+            "snapshot_every",
+            "min_versions_to_retain",
+            "snapshot_files",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 msg = f"{name} must be a positive integer; got {value!r} instead"
@@ -268,9 +308,16 @@ class StateStore:
         """Estimated in-memory size of the state (including an 8-byte key hash per row)."""
         return self._data.estimated_size()
 
-    def rows_per_partition(self) -> list[int]:
-        """Number of rows in each partition, in partition order."""
+    def rows_per_key_group(self) -> list[int]:
+        """Number of rows in each key group, in key-group order."""
         return self._data.rows_per_partition()
+
+    def use_key_groups(self, num_key_groups: int) -> None:
+        """Split the state into ``num_key_groups`` key groups: the checkpoint's number,
+        set before :meth:`load` (a store whose files record another is then refused)."""
+        self._requested_key_groups = num_key_groups
+        self._set_key_groups(num_key_groups)
+        self._validate_arguments()
 
     @property
     def has_pending_changes(self) -> bool:
@@ -315,7 +362,7 @@ class StateStore:
         ups = self._conform(rows, "rows", list(self.schema), exact=True)
         if ups.height == 0:
             return
-        ups = ups.with_columns(self._hash_expr)
+        ups = self._hashed(ups)
         self._data.append(ups)
         self._frame = None
         changes = ups.with_columns(pl.lit(False).alias(_DELETED))
@@ -351,16 +398,12 @@ class StateStore:
             return
         changes = []
         key_frames = []
-        ups = (
-            ups.with_columns(self._hash_expr)
-            if ups.height
-            else pl.DataFrame(schema=self._mem_schema)
-        )
+        ups = self._hashed(ups) if ups.height else pl.DataFrame(schema=self._mem_schema)
         if ups.height:
             key_frames.append(_project(ups, self._keys_hash))
             changes.append(ups.with_columns(pl.lit(False).alias(_DELETED)))
         if dels.height:
-            dels = dels.with_columns(self._hash_expr)
+            dels = self._hashed(dels)
             key_frames.append(dels)
             gone = dels.unique()
             if ups.height:
@@ -409,7 +452,7 @@ class StateStore:
             # One row per key, or a predicate of key columns only: a key lost all or none.
             remaining = pl.DataFrame(schema=self._mem_schema)
         else:
-            remaining = self._rows_of(evicted)
+            remaining = self._data.rows_of(evicted)
         gone = evicted.unique()
         if remaining.height:
             gone = gone.join(
@@ -427,7 +470,7 @@ class StateStore:
 
     # -- persistence ---------------------------------------------------------------
 
-    def load(self, version: int | None) -> None:
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
         """Replace the in-memory state by the committed state as of ``version``.
 
         Parameters
@@ -435,68 +478,62 @@ class StateStore:
         version
             A committed version (batch id), or ``None`` for the empty state.
             Uncommitted changes are discarded.
+        key_groups
+            Load only the rows of these key groups (``range(lo, hi)``), what a worker
+            owning them needs: other ranges' snapshot files are not read. Such a
+            store holds part of the state and cannot commit. Default: every group.
 
         Raises
         ------
         CheckpointCorruptError
             A file needed to rebuild ``version`` is missing, unreadable, has
-            the wrong columns, or the rebuilt row counts disagree with the
-            version's manifest; ``version`` was never committed or is no longer
+            the wrong columns or checksum, or the rebuilt row counts disagree with
+            the version's manifest; ``version`` was never committed or is no longer
             retained. The message names the file.
         PlanChangedError
             The stored metadata has other key columns, schema or number of
-            partitions than this store.
+            key groups than this store.
         """
         self._open()
+        lo, hi = self._range(key_groups)
         data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
         if version is not None:
             chain = self._read_chain(version)
-            checksums = {name: crc for entry in chain for name, crc in entry.checksums.items()}
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
-                    self._read_arrow(
-                        f"{p}/{oldest.version}{SNAPSHOT_SUFFIX}", self.schema, checksums
-                    )
-                    for p in range(self.num_partitions)
+                    self._read_file(f, self._snapshot_schema, lo, hi)
+                    for f in oldest.files
+                    if f.key_groups[0] < hi and lo < f.key_groups[1]
                 ]
-                data = self._keyed(
-                    pl.concat(parts, how="vertical").with_columns(
-                        self._hash_expr, _file_partitions(parts)
-                    )
+                base = (
+                    pl.concat(parts, how="vertical")
+                    if parts
+                    else pl.DataFrame(schema=self._snapshot_schema)
                 )
-            else:
-                data = self._keyed(pl.DataFrame(schema={**self._mem_schema, _PART: pl.UInt32()}))
+                data = self._keyed(
+                    base.with_columns(self._hash_expr).select(list(self._mem_schema))
+                )
             replay = reversed(chain[:-1] if oldest.snapshot else chain)
-            self._replay(
-                [(entry.version, p) for entry in replay for p in entry.partitions],
-                data,
-                checksums,
-            )
-            # Count by the file each row came from: after a change of hash function the
-            # rows' current partitions differ from the files' (re-partitioned below).
+            self._replay([f for entry in replay for f in entry.files], data, lo, hi)
             data.compact()
-            loaded = data.frame()
-            counts = np.bincount(
-                loaded.get_column(_PART).to_numpy(), minlength=self.num_partitions
-            ).tolist()
-            data = self._keyed(loaded.drop(_PART), is_sorted=True)
-            target = chain[0]
-            for p, rows in enumerate(counts):
-                if rows != target.rows_per_partition[p]:
+            counts = data.rows_per_partition()
+            target = chain[0].rows_per_key_group
+            for group in range(lo, hi):
+                if counts[group] != target[group]:
                     msg = (
-                        f"state of operator {self.operator!r}: partition {p} has {rows} rows "
-                        f"after rebuilding version {version}, but "
+                        f"state of operator {self.operator!r}: key group {group} has "
+                        f"{counts[group]} rows after rebuilding version {version}, but "
                         f"{self.storage.display(version_file(version))} records "
-                        f"{target.rows_per_partition[p]}; files under "
-                        f"{self.storage.display(str(p))} are inconsistent"
+                        f"{target[group]}; the files it lists are inconsistent"
                     )
                     raise CheckpointCorruptError(msg)
         self._data = data
         self._pending = None
         self._frame = None
         self._version = version
+        self._key_range = (lo, hi)
         self._chain = [
             (m.version, m.snapshot, m.snapshot or m.parent is None) for m in reversed(chain)
         ]
@@ -504,23 +541,15 @@ class StateStore:
         self._stale_versions = [
             v for v in self.storage.list_numbered(VERSIONS_DIR) if version is None or v > version
         ]
-        if chain and chain[0].hash_probe != self._probe:
-            logger.warning(
-                "state of operator %r was partitioned by another hash function (Polars %s?); "
-                "re-partitioning %d rows, a full snapshot follows at the next commit",
-                self.operator,
-                pl.__version__,
-                self.rows,
-            )
-            self._repartition()
 
     def commit(self, version: int, *, snapshot: bool = False) -> None:
         """Persist the changes since the last commit as ``version``.
 
-        Writes a delta file for every partition touched since the last commit
-        or, every ``snapshot_every`` versions (or when ``snapshot`` is true or
-        the state was re-partitioned), a snapshot of every partition; then the
-        version's manifest; then removes files that no retained version needs.
+        Writes one delta file of the changes since the last commit (none if
+        nothing changed) or, every ``snapshot_every`` versions (or when
+        ``snapshot`` is true), a snapshot in ``snapshot_files`` key-group ranges;
+        then the version's manifest; then removes files that no retained version
+        needs.
 
         Parameters
         ----------
@@ -552,6 +581,13 @@ class StateStore:
                 + "; versions only go forward (load an earlier version to re-run a batch)"
             )
             raise CheckpointError(msg)
+        if self._key_range != (0, self.num_key_groups):
+            msg = (
+                f"state of operator {self.operator!r} was loaded for key groups "
+                f"{self._key_range[0]}-{self._key_range[1] - 1} only; a store holding part of "
+                "the key groups cannot commit a version of the whole state"
+            )
+            raise CheckpointError(msg)
         if not self._opened:
             self._open()
             if self.storage.list_numbered(VERSIONS_DIR):
@@ -580,39 +616,27 @@ class StateStore:
             or version % self.snapshot_every == 0
             or deltas_to_replay + 1 >= self.snapshot_every
         )
-        written: list[int] = []
-        checksums: dict[str, int] = {}
+        files: list[StateFile] = []
         if full:
-            for p, part in enumerate(self._data.partitions()):
-                data = encode_frame(
-                    _project(part, list(self.schema)),
-                    _COMPRESSION,
-                    pyarrow_io=self._pyarrow_io,
+            frame = self._data.frame()
+            ranges = key_group_ranges(self.num_key_groups, self.snapshot_files)
+            for (lo, hi), piece in zip(ranges, split_by_key_group(frame, ranges), strict=True):
+                files.append(
+                    self._write_file(
+                        snapshot_file(version, lo, hi), piece, self._snapshot_schema, (lo, hi)
+                    )
                 )
-                name = f"{p}/{version}{SNAPSHOT_SUFFIX}"
-                self.storage.write_bytes(name, data)
-                checksums[name] = checksum(data)
         elif self._pending is not None:
-            pending = self._pending
-            for p, changes in _split(pending, self._pids(pending.get_column(_HASH))).items():
-                data = encode_frame(
-                    _project(changes, list(self._delta_schema)),
-                    _COMPRESSION,
-                    pyarrow_io=self._pyarrow_io,
-                )
-                name = f"{p}/{version}{DELTA_SUFFIX}"
-                self.storage.write_bytes(name, data)
-                checksums[name] = checksum(data)
-                written.append(p)
-            written.sort()
+            pending = self._pending.sort(_KG)
+            groups = pending.get_column(_KG)
+            span = (int(groups[0]), int(groups[-1]) + 1)
+            files.append(self._write_file(delta_file(version), pending, self._delta_schema, span))
         entry = StateVersion(
             version=version,
             parent=current,
             snapshot=full,
-            partitions=written,
-            rows_per_partition=self.rows_per_partition(),
-            hash_probe=self._probe,
-            checksums=checksums,
+            files=files,
+            rows_per_key_group=self.rows_per_key_group(),
         )
         self.storage.write_model(version_file(version), entry)
 
@@ -629,10 +653,11 @@ class StateStore:
         if self._opened:
             return
         try:
-            meta = self.storage.read_model(METADATA_FILE, StateMetadata)
+            raw = self.storage.read_bytes(METADATA_FILE)
         except FileNotFoundError:
-            meta = None
-        if meta is None:
+            raw = None
+        meta = None
+        if raw is None:
             if self.storage.list_numbered(VERSIONS_DIR):
                 msg = (
                     f"state of operator {self.operator!r} has committed versions but no "
@@ -641,20 +666,31 @@ class StateStore:
                 )
                 raise CheckpointCorruptError(msg)
         else:
+            self._refuse_other_format(raw)
+            meta = self.storage.read_model(METADATA_FILE, StateMetadata)
+            if self._requested_key_groups is None:
+                self._set_key_groups(meta.num_key_groups)
             self._check_metadata(meta)
-            self._probe_frame = self._decode_metadata_frame(meta.probe_ipc, "probe_ipc")
-            self._probe = self._partitions_of(self._probe_frame)
         self._metadata_current = meta is not None and meta == self._metadata()
         self._opened = True
 
-    def _check_metadata(self, meta: StateMetadata) -> None:
-        where = self.storage.display(METADATA_FILE)
-        if meta.format_version > STATE_FORMAT_VERSION:
-            msg = (
-                f"{where} has state format version {meta.format_version}; this microstream "
-                f"reads version {STATE_FORMAT_VERSION} at most: upgrade microstream"
+    def _refuse_other_format(self, raw: builtins.bytes) -> None:
+        try:
+            found = json.loads(raw).get("format_version")
+        except (ValueError, AttributeError):
+            return  # not JSON: read_model names the file as corrupt
+        if isinstance(found, int) and found != STATE_FORMAT_VERSION:
+            newer = found > STATE_FORMAT_VERSION
+            msg = f"{self.storage.display(METADATA_FILE)} has state format version {found}" + (
+                f"; this microstream reads version {STATE_FORMAT_VERSION}: upgrade microstream"
+                if newer
+                else ", written by an older microstream; convert its checkpoint with "
+                "`microstream migrate CHECKPOINT`, or re-run the query from the start of its "
+                "input with a new checkpoint"
             )
-            raise CheckpointError(msg)
+            raise CheckpointError(msg) if newer else CheckpointFormatError(msg)
+
+    def _check_metadata(self, meta: StateMetadata) -> None:
         stored_schema = self._decode_metadata_frame(meta.schema_ipc, "schema_ipc").schema
         problems = []
         if meta.operator != self.operator:
@@ -665,14 +701,17 @@ class StateStore:
             problems.append(f"hash_columns {meta.hash_columns} -> {self.hash_columns}")
         if stored_schema != self.schema:
             problems.append(f"schema {describe_schema_change(stored_schema, self.schema)}")
-        if meta.num_partitions != self.num_partitions:
-            problems.append(f"num_partitions {meta.num_partitions} -> {self.num_partitions}")
+        if meta.num_key_groups != self.num_key_groups:
+            problems.append(f"num_key_groups {meta.num_key_groups} -> {self.num_key_groups}")
+        if meta.hash_algorithm != HASH_ALGORITHM:
+            problems.append(f"hash_algorithm {meta.hash_algorithm!r} -> {HASH_ALGORITHM!r}")
         if problems:
             msg = (
-                f"the state in {where} was written with other settings than this query uses: "
+                f"the state in {self.storage.display(METADATA_FILE)} was written with other "
+                "settings than this query uses: "
                 + "; ".join(problems)
-                + ". Use a new checkpoint for the changed query (the number of partitions is "
-                "fixed when the state is created)"
+                + ". Use a new checkpoint for the changed query (the number of key groups is "
+                "fixed when the checkpoint is created)"
             )
             raise PlanChangedError(msg)
 
@@ -693,13 +732,42 @@ class StateStore:
             hash_columns=None if self.hash_columns == self.key_columns else self.hash_columns,
             schema={name: str(dtype) for name, dtype in self.schema.items()},
             schema_ipc=self._schema_ipc,
-            num_partitions=self.num_partitions,
+            num_key_groups=self.num_key_groups,
+            hash_algorithm=HASH_ALGORITHM,
             snapshot_every=self.snapshot_every,
-            hash_seed=_HASH_SEED,
-            hash_probe=self._probe,
-            probe_ipc=frame_to_text(self._probe_frame),
             polars_version=pl.__version__,
         )
+
+    def _set_key_groups(self, num_key_groups: int) -> None:
+        if num_key_groups == self.num_key_groups:
+            return
+        self.num_key_groups = num_key_groups
+        self._key_range = (0, num_key_groups)
+        rows = self._data.frame()
+        if rows.height:
+            rows = rows.with_columns(self._groups_of(rows))
+        self._data = self._keyed(rows)
+        if self._pending is not None:
+            self._pending = self._pending.with_columns(self._groups_of(self._pending))
+
+    def _range(self, groups: range | None) -> tuple[int, int]:
+        if groups is None:
+            return 0, self.num_key_groups
+        if groups.step != 1 or not 0 <= groups.start < groups.stop <= self.num_key_groups:
+            msg = (
+                f"key_groups must be a non-empty range(lo, hi) within range(0, "
+                f"{self.num_key_groups}) of operator {self.operator!r}; got {groups!r} instead"
+            )
+            raise ValueError(msg)
+        return groups.start, groups.stop
+
+    def _groups_of(self, frame: pl.DataFrame) -> pl.Series:
+        groups = key_groups(frame, self.hash_columns, self.num_key_groups)
+        return pl.Series(_KG, groups.astype(np.uint16))
+
+    def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` with the in-memory hash and the (stable) key group of every row."""
+        return frame.with_columns(self._hash_expr, self._groups_of(frame))
 
     def _read_chain(self, version: int) -> list[StateVersion]:
         """Manifests from ``version`` back to its base (a snapshot or the empty state)."""
@@ -723,28 +791,50 @@ class StateStore:
             elif version > committed[-1]:
                 why = f"version {version} was never committed (newest on disk: {committed[-1]})"
             else:
-                why = f"version {version} is missing (versions on disk: {_ranges(committed)})"
+                why = (
+                    f"version {version} is missing (versions on disk: {describe_ranges(committed)})"
+                )
             msg = f"state of operator {self.operator!r}: {self.storage.display(name)}: {why}"
             raise CheckpointCorruptError(msg) from None
-        if (
-            entry.version != version
-            or len(entry.rows_per_partition) != self.num_partitions
-            or any(not 0 <= p < self.num_partitions for p in entry.partitions)
-            or (entry.parent is not None and entry.parent >= version)
-        ):
+        n = self.num_key_groups
+        ranges = [f.key_groups for f in entry.files]
+        kinds = {f.kind for f in entry.files}
+        well_formed = (
+            entry.version == version
+            and len(entry.rows_per_key_group) == n
+            and (entry.parent is None or entry.parent < version)
+            and all(0 <= lo < hi <= n for lo, hi in ranges)
+            and (
+                (kinds <= {"snapshot"} and covers_key_groups(ranges, n))
+                if entry.snapshot
+                else (kinds <= {"delta"} and len(ranges) <= 1)
+            )
+        )
+        if not well_formed:
             msg = (
                 f"checkpoint file {self.storage.display(name)} is corrupt: it describes version "
-                f"{entry.version} (parent {entry.parent}) with {len(entry.rows_per_partition)} "
-                f"partitions; expected version {version} with {self.num_partitions}"
+                f"{entry.version} (parent {entry.parent}) with {len(entry.rows_per_key_group)} "
+                f"key groups and files {ranges}; expected version {version} with {n} key groups"
             )
             raise CheckpointCorruptError(msg)
         return entry
 
-    def _read_arrow(
-        self, name: str, schema: pl.Schema, checksums: Mapping[str, int]
-    ) -> pl.DataFrame:
-        """Read a state file, checking its checksum (when its version recorded one) and
-        that it holds ``schema``."""
+    def _write_file(
+        self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
+    ) -> StateFile:
+        data = encode_frame(
+            _project(frame, list(schema)), _COMPRESSION, pyarrow_io=self._pyarrow_io
+        )
+        self.storage.write_bytes(name, data)
+        kind: Literal["delta", "snapshot"] = "delta" if _DELETED in schema else "snapshot"
+        return StateFile(
+            name=name, kind=kind, key_groups=span, rows=frame.height, crc32=checksum(data)
+        )
+
+    def _read_file(self, entry: StateFile, schema: pl.Schema, lo: int, hi: int) -> pl.DataFrame:
+        """Read a state file, checking its checksum, columns and rows; keep key groups
+        ``[lo, hi)``."""
+        name = entry.name
         where = self.storage.display(name)
         try:
             data = self.storage.read_bytes(name)
@@ -755,11 +845,10 @@ class StateStore:
                 "CHECKPOINT`"
             )
             raise CheckpointCorruptError(msg) from None
-        expected = checksums.get(name)
-        if expected is not None and (found := checksum(data)) != expected:
+        if (found := checksum(data)) != entry.crc32:
             msg = (
                 f"state file {where} of operator {self.operator!r} is corrupt: its CRC-32 is "
-                f"{found:08x}, the version that wrote it recorded {expected:08x} (a changed "
+                f"{found:08x}, the version that wrote it recorded {entry.crc32:08x} (a changed "
                 "bit or a rewritten file). Restore it from a backup, or start over with "
                 "`microstream reset CHECKPOINT`"
             )
@@ -772,36 +861,36 @@ class StateStore:
                 f"{type(exc).__name__}: {exc}"
             )
             raise CheckpointCorruptError(msg) from None
-        if frame.schema != schema:
-            msg = (
-                f"state file {where} does not hold the state of operator {self.operator!r}: "
-                f"{describe_schema_change(schema, frame.schema)}"
+        if frame.schema != schema or frame.height != entry.rows:
+            msg = f"state file {where} does not hold the state of operator {self.operator!r}: " + (
+                describe_schema_change(schema, frame.schema)
+                if frame.schema != schema
+                else f"{frame.height} rows, its manifest records {entry.rows}"
             )
             raise CheckpointCorruptError(msg)
-        return frame
+        if lo <= entry.key_groups[0] and entry.key_groups[1] <= hi:
+            return frame
+        return frame.filter(pl.col(_KG).is_between(lo, hi - 1))
 
-    def _replay(
-        self, deltas: list[tuple[int, int]], data: KeyedRows, checksums: Mapping[str, int]
-    ) -> None:
-        """Apply the delta files ``(version, partition)``, oldest first, to ``data``.
+    def _replay(self, deltas: list[StateFile], data: KeyedRows, lo: int, hi: int) -> None:
+        """Apply the delta files, oldest first, to ``data`` (key groups ``[lo, hi)``).
 
         All deltas are read into one frame; for each key the rows of its newest
         delta decide (upsert rows, or the deletion marker).
         """
-        if not deltas:
-            return
         frames = [
-            self._read_arrow(
-                f"{p}/{version}{DELTA_SUFFIX}", self._delta_schema, checksums
-            ).with_columns(
-                pl.lit(order, pl.UInt32).alias(_ORDER), pl.lit(p, pl.UInt32).alias(_PART)
+            self._read_file(entry, self._delta_schema, lo, hi).with_columns(
+                pl.lit(order, pl.UInt32).alias(_ORDER)
             )
-            for order, (version, p) in enumerate(deltas)
+            for order, entry in enumerate(deltas)
+            if entry.key_groups[0] < hi and lo < entry.key_groups[1]
         ]
+        if not frames:
+            return
         every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
         newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
         live = newest.filter(~pl.col(_DELETED))
-        data.replace(_project(newest, self._keys_hash), _project(live, [*self._mem_schema, _PART]))
+        data.replace(_project(newest, self._keys_hash), _project(live, list(self._mem_schema)))
 
     def _remove_unneeded_files(self) -> None:
         """Delete files older than the base needed by the oldest retained version."""
@@ -815,18 +904,13 @@ class StateStore:
         for v in self.storage.list_numbered(VERSIONS_DIR):
             if v < keep_from:
                 self.storage.delete(version_file(v))
-        for p in range(self.num_partitions):
-            for suffix in (DELTA_SUFFIX, SNAPSHOT_SUFFIX):
-                for v in self.storage.list_numbered(str(p), suffix):
-                    if v < keep_from:
-                        self.storage.delete(f"{p}/{v}{suffix}")
+        for v in self.storage.list_numbered(DELTAS_DIR, ".arrow"):
+            if v < keep_from:
+                self.storage.delete(delta_file(v))
+        for name in self.storage.list_names(SNAPSHOTS_DIR):
+            if name.isdigit() and int(name) < keep_from:
+                self.storage.sub(f"{SNAPSHOTS_DIR}/{name}").delete_tree()
         self._cleaned_below = keep_from
-
-    def _repartition(self) -> None:
-        everything = self._data.frame().drop(_HASH).with_columns(self._hash_expr)
-        self._data = self._keyed(everything)
-        self._force_snapshot = True
-        self._frame = None
 
     def _conform(
         self, frame: pl.DataFrame | None, what: str, columns: list[str], *, exact: bool
@@ -863,26 +947,16 @@ class StateStore:
             frame = frame.with_columns([pl.col(c).cast(self.schema[c]) for c in casts])
         return frame
 
-    def _partitions_of(self, keys: pl.DataFrame) -> list[int]:
-        """The partition of each row of ``keys`` (a frame of the key columns)."""
-        return self._pids(keys.select(self._hash_expr).to_series()).cast(pl.Int64).to_list()
-
-    def _pids(self, hashes: pl.Series) -> pl.Series:
-        return (hashes % self.num_partitions).cast(pl.UInt32)
-
     def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> KeyedRows:
         """``frame`` (memory schema) as the store's in-memory rows."""
         return KeyedRows(
             frame,
             key_columns=self.key_columns,
             hash_column=_HASH,
-            num_partitions=self.num_partitions,
+            num_partitions=self.num_key_groups,
             is_sorted=is_sorted,
+            group_column=_KG,
         )
-
-    def _rows_of(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """The state rows (memory schema) of ``keys`` (key columns + hash)."""
-        return self._data.rows_of(keys)
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
         """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
@@ -892,6 +966,7 @@ class StateStore:
                 for c, dtype in self.schema.items()
             ],
             pl.col(_HASH),
+            pl.col(_KG),
             pl.lit(True).alias(_DELETED),
         )
 
@@ -922,65 +997,3 @@ def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
 def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
     """``frame.select(columns)`` for plain column names, without a query plan."""
     return pl.DataFrame([frame.get_column(c) for c in columns])
-
-
-def _file_partitions(parts: list[pl.DataFrame]) -> pl.Series:
-    """A ``_PART`` column: the partition (file) of each row of ``pl.concat(parts)``."""
-    heights = [part.height for part in parts]
-    return pl.Series(_PART, np.repeat(np.arange(len(parts), dtype=np.uint32), heights))
-
-
-def _split(frame: pl.DataFrame, pids: pl.Series) -> dict[int, pl.DataFrame]:
-    """The rows of ``frame`` by partition id (``pids``, one per row); empty parts left out."""
-    if frame.height == 0:
-        return {}
-    # One stable gather into partition order, then zero-copy slices: partition_by plus a
-    # drop per part cost ~6x more on the small frames of a batch (Polars' per-call overhead).
-    ids = pids.to_numpy()
-    counts = np.bincount(ids).tolist()
-    ordered = frame[np.argsort(ids, kind="stable")]
-    parts: dict[int, pl.DataFrame] = {}
-    start = 0
-    for pid, count in enumerate(counts):
-        if count:
-            parts[pid] = ordered.slice(start, count)
-        start += count
-    return parts
-
-
-def _make_probe_frame(schema: pl.Schema, keys: list[str]) -> pl.DataFrame:
-    """A fixed frame of key values (and one all-null row) to detect a changed hash."""
-    columns = []
-    for i, name in enumerate(keys):
-        dtype = schema[name]
-        values = pl.int_range(i, i + _PROBE_ROWS, eager=True)
-        column: pl.Series | None = None
-        candidates: list[Any] = [values, values.cast(pl.String)]
-        if isinstance(dtype, pl.Enum) and len(dtype.categories):
-            cats = dtype.categories
-            candidates = [cats.gather(values % len(cats))]
-        for candidate in candidates:
-            try:
-                column = candidate.cast(dtype, strict=True)
-                break
-            except Exception:  # not castable that way: try the next representation
-                continue
-        if column is None:
-            column = pl.Series(name, [None] * _PROBE_ROWS, dtype=dtype)
-        nulls = pl.Series(name, [None], dtype=dtype)
-        columns.append(column.alias(name).append(nulls))
-    return pl.DataFrame(columns)
-
-
-def _ranges(values: list[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
-    out: list[str] = []
-    start = prev = values[0]
-    for v in [*values[1:], None]:
-        if v is not None and v == prev + 1:
-            prev = v
-            continue
-        out.append(f"{start}-{prev}" if prev != start else f"{start}")
-        if v is not None:
-            start = prev = v
-    return ", ".join(out)

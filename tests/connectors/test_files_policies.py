@@ -27,6 +27,7 @@ from connectors.files import (
     FileSourceSpec,
     SkippedFiles,
 )
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import SchemaMismatchError, SourceError
 from microstream.protocols import SideOutputTarget, SourceContext
 
@@ -124,9 +125,8 @@ def test_bad_file_fails_and_the_advised_restart_skips_it(tmp_path: Path) -> None
     assert progress.recovered
     assert progress.sources[0].metrics == {"files_skipped_bad": 1}
     assert progress.sources[0].skipped_files == [str(data / "b.parquet")]
-    record = SkippedFiles.model_validate_json(
-        (tmp_path / "cp/sources/0/skipped/0.json").read_text()
-    )
+    # Read as the source reads it: the file's checksum checked, then its record.
+    record = Storage(str(tmp_path / "cp")).read_model("sources/0/skipped/0.json", SkippedFiles)
     assert [(f.name, f.size, f.missing, f.dead_letter) for f in record.files] == [
         ("b.parquet", 23, False, False)
     ]

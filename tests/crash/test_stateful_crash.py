@@ -820,7 +820,7 @@ def test_clean_run_exercises_state(clean: Clean) -> None:
     assert len(stores) == 5, sorted(stores)  # windows: partials+rows; sessions: 2; dedup: 1
     for name, path in stores.items():
         assert out.state_versions[name] == every, name
-        deltas = list(path.glob("*/*.delta.arrow"))
+        deltas = list(path.glob("deltas/*.arrow"))  # one file per version
         assert len(deltas) >= 5, (name, len(deltas))
         assert out.states[(name, every[-1])].height == 0, f"{name}: state left after the flush"
         assert max(out.states[(name, v)].height for v in every) > 0, name
@@ -935,7 +935,7 @@ def _chain_deltas(dirs: Dirs, query: str, store: str) -> tuple[int, list[Path]]:
         entry = json.loads((state / "versions" / f"{version}.json").read_text())
         if entry["snapshot"]:
             break
-        deltas += [state / str(p) / f"{version}.delta.arrow" for p in entry["partitions"]]
+        deltas += [state / f["name"] for f in entry["files"]]
         if entry["parent"] is None:
             break
         version = entry["parent"]

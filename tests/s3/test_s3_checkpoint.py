@@ -19,6 +19,7 @@ import s3fs
 
 import microstream as ms
 from microstream.checkpoint import storage as storage_module
+from microstream.checkpoint.checksums import seal
 from microstream.checkpoint.log import Checkpoint, CommitEntry, OffsetEntry
 from microstream.checkpoint.storage import Storage
 from microstream.cli.main import main as cli_main
@@ -44,7 +45,9 @@ def test_wal_entry_written_by_another_writer_is_never_overwritten(
     cp.write_offsets(entry(0))
     assert cp.latest_offsets() == entry(0)  # this writer has listed offsets/: 0 only
     other = other_client(s3)
-    theirs = entry(1).model_copy(update={"batch_timestamp_ms": 42}).model_dump_json().encode()
+    theirs = seal(  # as another microstream writes it: with its checksum
+        entry(1).model_copy(update={"batch_timestamp_ms": 42}).model_dump_json(indent=1).encode()
+    )
     other.pipe_file(f"{s3.name}/cp/offsets/1.json", theirs)
     # Even a client that believes the file is absent cannot replace it: the store refuses.
     monkeypatch.setattr(cp.storage.fs, "exists", lambda *args, **kwargs: False)
@@ -80,7 +83,8 @@ def test_overwritable_files_are_plain_puts(s3: S3Bucket) -> None:
 def test_listing_sees_files_written_by_another_process(s3: S3Bucket) -> None:
     cp = Checkpoint(s3.url("cp"), s3.fsspec_options)
     assert cp.latest_offsets() is None  # s3fs caches this (empty) listing
-    other_client(s3).pipe_file(f"{s3.name}/cp/offsets/0.json", entry(0).model_dump_json().encode())
+    theirs = seal(entry(0).model_dump_json(indent=1).encode())  # another microstream's entry
+    other_client(s3).pipe_file(f"{s3.name}/cp/offsets/0.json", theirs)
     assert cp.latest_offsets() == entry(0)
     assert cp.storage.exists("offsets/0.json")
 
