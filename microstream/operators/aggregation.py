@@ -338,8 +338,8 @@ class AggregationOperator(StoreBackedOperator):
     def _stores(self) -> list[StateStore]:
         return [s for s in (self.partials, self.rows, self.emits, self.updated) if s is not None]
 
-    def load(self, version: int | None) -> None:
-        super().load(version)
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
+        super().load(version, key_groups=key_groups)
         self._refresh_oldest()
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
