@@ -104,16 +104,17 @@ def detached(node: StatefulNode) -> StatefulNode:
 
 def _cut(node: PlanNode) -> PlanNode:
     clone = copy.copy(node)
-    children = {id(child) for child in node.children()}
     if dataclasses.is_dataclass(node):
         for field in dataclasses.fields(node):
             value = getattr(node, field.name)
-            if not isinstance(value, PlanNode):
-                continue
-            if id(value) in children:
-                replacement: PlanNode = _DetachedInput(value.schema())
+            if isinstance(value, WatermarkNode):
+                # Operators read their watermark's column and delay: keep the node, cut
+                # from its own input (it may also be the operator's input).
+                replacement: PlanNode = _cut(value)
+            elif isinstance(value, PlanNode):
+                replacement = _DetachedInput(value.schema())
             else:
-                replacement = _cut(value)
+                continue
             object.__setattr__(clone, field.name, replacement)
     if isinstance(clone, WatermarkNode):
         object.__setattr__(clone, "on_late", None)  # late rows are routed by the driver
