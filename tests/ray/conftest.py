@@ -38,3 +38,15 @@ def ray_cluster() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def nexmark_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small Nexmark data set (as tests/nexmark's quick mode, half the size)."""
+    from nexmark.generator import write_files
+
+    root = tmp_path_factory.mktemp("nexmark-ray")
+    write_files(
+        root, 12_000, events_per_file=1_000, seed=7, rate=1_000, out_of_order_group_size=200
+    )
+    return root
