@@ -254,7 +254,7 @@ def route(
 
     Examples
     --------
-    >>> owners = [_Owner(None, 0, 0, 64), _Owner(None, 1, 64, 128)]
+    >>> owners = [_Owner(None, 0, 0, 40), _Owner(None, 1, 40, 128)]  # a: group 38, b: 49
     >>> parts = route(pl.DataFrame({"user": ["a", "b", "a"]}), ("user",), owners, 128)
     >>> [p["user"].to_list() for p in parts]
     [['a', 'a'], ['b']]
