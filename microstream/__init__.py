@@ -77,6 +77,7 @@ from microstream.operators.stateful_fn import GroupState, StateContext
 from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
+from microstream.runtime.ray import RayRuntime
 from microstream.state.read import read_state
 from microstream.time.trigger import Trigger
 from microstream.ui import Dashboard, start_ui
@@ -113,6 +114,7 @@ __all__ = [
     "QueryProgress",
     "QueryStatus",
     "QueryTerminatedError",
+    "RayRuntime",
     "ReplayError",
     "ReplayResult",
     "Runtime",

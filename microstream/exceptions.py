@@ -30,6 +30,7 @@ __all__ = [
     "SinkError",
     "SourceError",
     "UnboundedStateWarning",
+    "WorkerError",
     "user_stacklevel",
 ]
 
@@ -105,6 +106,11 @@ class ReplayError(OutputError):
 
 class QueryTerminatedError(MicrostreamError):
     """An operation on a query that has already stopped or failed."""
+
+
+class WorkerError(MicrostreamError):
+    """A worker of a cluster runtime (a Ray actor) died or failed during a batch; the
+    batch was not committed, and a restart of the query re-runs it from the log."""
 
 
 class MissingDependencyError(MicrostreamError, ImportError):

@@ -91,8 +91,10 @@ def run_stream(
     *,
     max_files_per_trigger: int | None = 1,
     checkpoint_root: str | None = None,
+    runtime: ms.Runtime | None = None,
 ) -> StreamRun:
-    """Run the query over every file with ``available_now(flush=True)``, collecting its output."""
+    """Run the query over every file with ``available_now(flush=True)``, collecting its output
+    (on ``runtime``; default: this process)."""
     frames: list[pl.DataFrame] = []
     checkpoint = tempfile.mkdtemp(prefix=f"nexmark-{module.NAME}-", dir=checkpoint_root)
     try:
@@ -103,6 +105,7 @@ def run_stream(
             trigger=ms.Trigger.available_now(flush=True),
             checkpoint=checkpoint,
             output_mode=getattr(module, "OUTPUT_MODE", "append"),
+            runtime=runtime,
         )
         query.await_termination()
         seconds = time.perf_counter() - t0

@@ -43,6 +43,7 @@ from microstream.state.format import (
 from microstream.state.format1 import is_format1_store, read_format1_store
 from microstream.state.key_groups import DEFAULT_KEY_GROUPS
 from microstream.state.store import StateStore
+from microstream.time.windows import END, START
 
 __all__ = ["MigrationPlan", "migrate_checkpoint"]
 
@@ -248,7 +249,7 @@ def _migrate_store(storage: Storage, journal: _Journal) -> None:
             staging,
             operator=meta.operator,
             key_columns=meta.key_columns,
-            hash_columns=meta.hash_columns,
+            hash_columns=meta.hash_columns or _format2_hash_columns(meta.key_columns),
             schema=old.schema,
             num_key_groups=journal.key_groups,
             snapshot_every=meta.snapshot_every,
@@ -265,6 +266,14 @@ def _migrate_store(storage: Storage, journal: _Journal) -> None:
             storage.delete(version_file(v))
     storage.write_model(METADATA_FILE, staging.read_model(METADATA_FILE, StateMetadata))
     _remove_format1_files(storage, version)
+
+
+def _format2_hash_columns(key_columns: list[str]) -> list[str] | None:
+    """The key groups of a window aggregation's stores follow its group keys only (the
+    window bounds left out: one owner holds every window of a key); format 1 hashed
+    every key column. None: all key columns, as format 1 did."""
+    keys = [c for c in key_columns if c not in (START, END)]
+    return keys if keys and len(keys) < len(key_columns) else None
 
 
 def _remove_format1_files(storage: Storage, version: int) -> None:

@@ -24,12 +24,16 @@ from microstream.exceptions import CheckpointError, MicrostreamError, OutputErro
 from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
+from microstream.runtime.ray import RayRuntime
 from microstream.time.trigger import Trigger
 
 __all__ = ["main"]
 
-RUNTIMES: dict[str, Callable[[], Runtime]] = {"local": LocalRuntime}
-"""``microstream run --runtime NAME``: the runtimes by name."""
+RUNTIMES: dict[str, Callable[[argparse.Namespace], Runtime]] = {
+    "local": lambda args: LocalRuntime(),
+    "ray": lambda args: RayRuntime(address=args.address, num_workers=args.workers or 2),
+}
+"""``microstream run --runtime NAME``: the runtimes by name, built from the options."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +84,23 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(RUNTIMES),
         default=None,
         help="run every query the file starts on this runtime, whatever its runtime= says "
-        "(local: this process, the default)",
+        "(local: this process, the default; ray: stateful operators in Ray actors, needs "
+        "microstream[ray])",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --runtime ray: the Ray cluster to join ('auto', 'ray://host:port'; "
+        "default: the one RAY_ADDRESS names, or a new local one)",
+    )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --runtime ray: how many Ray actors share every operator's key groups "
+        "(default 2)",
     )
     run.add_argument(
         "--metrics-port",
@@ -329,8 +349,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"microstream: serving metrics on {server.url}", file=sys.stderr, flush=True)
     if args.available_now:
         session.trigger_override = Trigger.available_now()
+    if args.runtime != "ray" and (args.address is not None or args.workers is not None):
+        print("microstream: --address and --workers apply to --runtime ray", file=sys.stderr)
+        return 2
     if args.runtime is not None:
-        session.runtime_override = RUNTIMES[args.runtime]()
+        session.runtime_override = RUNTIMES[args.runtime](args)
     sys.argv = [args.file]
     try:
         runpy.run_path(args.file, run_name="__main__")

@@ -267,6 +267,9 @@ class AggregationOperator(StoreBackedOperator):
         self.kind = "window aggregation" if node.window else "aggregation"
         self.spec = node.spec
         self.key_cols = list(node.keys) + ([START, END] if node.window is not None else [])
+        # Key groups follow the group keys only, the partition keys: a row's windows are
+        # assigned after the exchange, so one owner holds every window of a key.
+        self.hash_cols = list(node.keys) if node.keys else None
         self.out_schema = node.output_schema()
         key_schema: dict[str, pl.DataType] = {k: node.input_schema[k] for k in node.keys}
         if node.window is not None:
@@ -289,6 +292,7 @@ class AggregationOperator(StoreBackedOperator):
                 storage.sub("partials"),
                 operator=f"{operator_id}/partials",
                 key_columns=self.key_cols,
+                hash_columns=self.hash_cols,
                 schema=partial_schema,
             )
         if self.spec.needs_rows:
@@ -298,6 +302,7 @@ class AggregationOperator(StoreBackedOperator):
                 storage.sub("rows"),
                 operator=f"{operator_id}/rows",
                 key_columns=self.key_cols,
+                hash_columns=self.hash_cols,
                 schema=pl.Schema({c: prepared[c] for c in row_columns}),
             )
         self.emits: StateStore | None = None
@@ -306,6 +311,7 @@ class AggregationOperator(StoreBackedOperator):
                 storage.sub("emits"),
                 operator=f"{operator_id}/emits",
                 key_columns=self.key_cols,
+                hash_columns=self.hash_cols,
                 schema=pl.Schema(
                     {
                         **{c: prepared[c] for c in self.key_cols},
@@ -323,6 +329,7 @@ class AggregationOperator(StoreBackedOperator):
                 storage.sub("updated"),
                 operator=f"{operator_id}/updated",
                 key_columns=self.key_cols,
+                hash_columns=self.hash_cols,
                 schema=pl.Schema({**{c: prepared[c] for c in self.key_cols}, UPDATED: pl.Int64()}),
             )
 
@@ -331,8 +338,8 @@ class AggregationOperator(StoreBackedOperator):
     def _stores(self) -> list[StateStore]:
         return [s for s in (self.partials, self.rows, self.emits, self.updated) if s is not None]
 
-    def load(self, version: int | None) -> None:
-        super().load(version)
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
+        super().load(version, key_groups=key_groups)
         self._refresh_oldest()
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:

@@ -20,6 +20,7 @@ from microstream.time.watermark import FLUSH_WATERMARK_US, NO_WATERMARK_US
 from microstream.time.windows import END, START, from_us
 
 if TYPE_CHECKING:
+    from microstream.state.format import StatePart
     from microstream.state.store import StateStore
 
 __all__ = ["StoreBackedOperator", "late_rows_frame"]
@@ -59,9 +60,18 @@ class StoreBackedOperator(ABC):
         for store in self._stores():
             store.use_key_groups(num_key_groups)
 
-    def load(self, version: int | None) -> None:
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
+        """Load the state as of ``version``; with ``key_groups``, of that range only (an
+        owner of the range: it then commits with :meth:`write_parts`)."""
         for store in self._stores():
-            store.load(version)
+            store.load(version, key_groups=key_groups)
+
+    def write_parts(self, version: int, *, leader: bool) -> dict[str, StatePart]:
+        """Each store's part of ``version``, by store name (the owner of a range writes
+        its files; the driver commits the parts, :func:`microstream.state.parts.commit_parts`)."""
+        return {
+            store.operator: store.write_part(version, leader=leader) for store in self._stores()
+        }
 
     def commit(self, version: int) -> None:
         for store in self._stores():

@@ -567,8 +567,8 @@ class StatefulFunctionOperator(StoreBackedOperator):
     def _stores(self) -> list[StateStore]:
         return [self.store]
 
-    def load(self, version: int | None) -> None:
-        super().load(version)
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
+        super().load(version, key_groups=key_groups)
         self._refresh_due()
 
     # -- what the trigger loop asks between batches -----------------------------------------

@@ -45,7 +45,6 @@ from microstream.exceptions import (
     SourceError,
 )
 from microstream.plan.nodes import (
-    KeyGroupedOperator,
     OperatorContext,
     ScanNode,
     TimedOperator,
@@ -234,13 +233,9 @@ class StreamExecution:
                     self.config.session.register_table(mark.on_late)
             self._restore_position()
             state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
-            for stage in self.physical.operators():
-                op_id = stage.operator_id
-                operator = stage.node.build_operator(op_id, cp.storage.sub(f"state/{op_id}"))
-                if isinstance(operator, KeyGroupedOperator):
-                    operator.use_key_groups(meta.key_groups)
-                operator.load(state_version)
-                self._operators[stage.node] = operator
+            self._operators = self.executor.start_operators(
+                self.physical, cp.storage.sub("state"), meta.key_groups, state_version
+            )
             # Optional capabilities, found once: the loop asks them every batch or poll.
             self._timed = [op for op in self._operators.values() if isinstance(op, TimedOperator)]
             self._lagging = [
@@ -753,6 +748,10 @@ class StreamExecution:
         return True
 
     def _close(self) -> None:
+        try:
+            self.executor.close()
+        except Exception:
+            logger.warning("the stage executor failed to close", exc_info=True)
         for src in self._sources:
             try:
                 src.stop()

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import polars as pl
 
+from microstream.plan.nodes import KeyGroupedOperator
 from microstream.plan.physical import (
     Exchange,
     ExchangeStage,
@@ -33,6 +34,7 @@ from microstream.plan.physical import (
 )
 
 if TYPE_CHECKING:
+    from microstream.checkpoint.storage import Storage
     from microstream.plan.nodes import (
         OperatorContext,
         ScanNode,
@@ -57,6 +59,22 @@ class BatchOutput:
 
 class StageExecutor(Protocol):
     """Runs the stages of one batch (the seam a runtime replaces)."""
+
+    def start_operators(
+        self,
+        plan: PhysicalPlan,
+        storage: Storage,
+        num_key_groups: int,
+        version: int | None,
+    ) -> dict[StatefulNode, StatefulOperator]:
+        """The runtime operators of ``plan``'s operator stages, their state (in
+        ``storage``, ``state/`` of the checkpoint) loaded as of committed ``version``
+        (None: empty), by node. Called once, when the query starts."""
+        ...
+
+    def close(self) -> None:
+        """Release what :meth:`start_operators` started (the query ended)."""
+        ...
 
     def run(
         self,
@@ -87,6 +105,26 @@ class LocalStageExecutor:
     >>> out.rows["x"].to_list()
     [2, 3]
     """
+
+    def start_operators(
+        self,
+        plan: PhysicalPlan,
+        storage: Storage,
+        num_key_groups: int,
+        version: int | None,
+    ) -> dict[StatefulNode, StatefulOperator]:
+        operators: dict[StatefulNode, StatefulOperator] = {}
+        for stage in plan.operators():
+            op_id = stage.operator_id
+            operator = stage.node.build_operator(op_id, storage.sub(op_id))
+            if isinstance(operator, KeyGroupedOperator):
+                operator.use_key_groups(num_key_groups)
+            operator.load(version)
+            operators[stage.node] = operator
+        return operators
+
+    def close(self) -> None:
+        """Nothing to release: the operators live with the driver."""
 
     def exchange(self, frame: pl.LazyFrame, exchange: Exchange) -> pl.LazyFrame:
         """The rows ``exchange`` routes to this process: all of them (one owner)."""

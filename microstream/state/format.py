@@ -9,13 +9,18 @@ from __future__ import annotations
 import base64
 import itertools
 import zlib
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as pa_ipc
 from pydantic import BaseModel, ConfigDict, Field
+
+from microstream.exceptions import CheckpointCorruptError
+
+if TYPE_CHECKING:
+    from microstream.checkpoint.storage import Storage
 
 __all__ = [
     "DELTAS_DIR",
@@ -27,6 +32,7 @@ __all__ = [
     "Compression",
     "StateFile",
     "StateMetadata",
+    "StatePart",
     "StateRecord",
     "StateVersion",
     "checksum",
@@ -35,10 +41,13 @@ __all__ = [
     "delta_file",
     "describe_ranges",
     "describe_schema_change",
+    "disjoint_in_order",
     "encode_frame",
     "frame_from_text",
     "frame_to_text",
     "pyarrow_round_trips",
+    "ranged_delta_file",
+    "read_state_file",
     "snapshot_file",
     "split_by_key_group",
     "version_file",
@@ -108,10 +117,25 @@ class StateVersion(StateRecord):
     """The version this one was built on; ``None``: built on the empty state."""
     snapshot: bool
     """The files are a full snapshot (contiguous key-group ranges covering every group);
-    otherwise at most one delta file (none: nothing changed)."""
+    otherwise delta files over disjoint key-group ranges, in order: one written by a
+    store owning every key group, or one per owner of a range (none: nothing changed)."""
     files: list[StateFile]
     rows_per_key_group: list[int]
     """Live rows of every key group as of this version: a load checks what it rebuilt."""
+
+
+class StatePart(StateRecord):
+    """What the owner of key groups ``[lo, hi)`` wrote of one version: its data files and
+    row counts. Not a file: owners return it to the driver, which lists every owner's
+    files in the version's one manifest (:func:`microstream.state.parts.commit_parts`)."""
+
+    version: int
+    parent: int | None
+    snapshot: bool
+    key_groups: tuple[int, int]
+    files: list[StateFile]
+    rows_per_key_group: list[int]
+    """Live rows of the owner's key groups ``lo .. hi-1``, in order."""
 
 
 def version_file(version: int) -> str:
@@ -120,6 +144,11 @@ def version_file(version: int) -> str:
 
 def delta_file(version: int) -> str:
     return f"{DELTAS_DIR}/{version}.arrow"
+
+
+def ranged_delta_file(version: int, lo: int, hi: int) -> str:
+    """The delta of key groups ``[lo, hi)`` of a version written by the owner of that range."""
+    return f"{DELTAS_DIR}/{version}/{lo}-{hi}.arrow"
 
 
 def snapshot_file(version: int, lo: int, hi: int) -> str:
@@ -199,6 +228,17 @@ def split_by_key_group(frame: pl.DataFrame, ranges: list[tuple[int, int]]) -> li
     ]
 
 
+def disjoint_in_order(ranges: list[tuple[int, int]]) -> bool:
+    """Whether ``ranges`` are in order and do not overlap (the delta files of a version).
+
+    Examples
+    --------
+    >>> disjoint_in_order([(0, 4), (4, 8)]), disjoint_in_order([(4, 8), (0, 4)])
+    (True, False)
+    """
+    return all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
+
+
 def covers_key_groups(ranges: list[tuple[int, int]], n: int) -> bool:
     """Whether ``ranges``, in order, are contiguous and cover ``[0, n)``."""
     return (
@@ -221,3 +261,61 @@ def describe_ranges(values: list[int]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(out)
+
+
+def read_state_file(
+    storage: Storage,
+    entry: StateFile,
+    schema: pl.Schema,
+    key_groups: tuple[int, int],
+    operator: str,
+    *,
+    pyarrow_io: bool,
+) -> pl.DataFrame:
+    """Read the state file ``entry`` of ``operator``'s store, checking its checksum,
+    columns and rows; keep the rows of ``key_groups`` ``[lo, hi)``.
+
+    Raises
+    ------
+    CheckpointCorruptError
+        The file is missing, its CRC-32 differs from the manifest's, it does not decode,
+        or it has other columns or another number of rows than the manifest records.
+    """
+    lo, hi = key_groups
+    name = entry.name
+    where = storage.display(name)
+    try:
+        data = storage.read_bytes(name)
+    except FileNotFoundError:
+        msg = (
+            f"state file {where} of operator {operator!r} is missing; the version "
+            "manifests list it. Restore it from a backup, or start over with `microstream reset "
+            "CHECKPOINT`"
+        )
+        raise CheckpointCorruptError(msg) from None
+    if (found := checksum(data)) != entry.crc32:
+        msg = (
+            f"state file {where} of operator {operator!r} is corrupt: its CRC-32 is "
+            f"{found:08x}, the version that wrote it recorded {entry.crc32:08x} (a changed "
+            "bit or a rewritten file). Restore it from a backup, or start over with "
+            "`microstream reset CHECKPOINT`"
+        )
+        raise CheckpointCorruptError(msg)
+    try:
+        frame = decode_frame(data, pyarrow_io=pyarrow_io)
+    except Exception as exc:  # polars and arrow raise various errors on bad bytes
+        msg = (
+            f"state file {where} is corrupt or truncated ({len(data)} bytes): "
+            f"{type(exc).__name__}: {exc}"
+        )
+        raise CheckpointCorruptError(msg) from None
+    if frame.schema != schema or frame.height != entry.rows:
+        msg = f"state file {where} does not hold the state of operator {operator!r}: " + (
+            describe_schema_change(schema, frame.schema)
+            if frame.schema != schema
+            else f"{frame.height} rows, its manifest records {entry.rows}"
+        )
+        raise CheckpointCorruptError(msg)
+    if lo <= entry.key_groups[0] and entry.key_groups[1] <= hi:
+        return frame
+    return frame.filter(pl.col(KEY_GROUP_COLUMN).is_between(lo, hi - 1))

@@ -62,17 +62,20 @@ from microstream.state.format import (
     Compression,
     StateFile,
     StateMetadata,
+    StatePart,
     StateVersion,
     checksum,
     covers_key_groups,
-    decode_frame,
     delta_file,
     describe_ranges,
     describe_schema_change,
+    disjoint_in_order,
     encode_frame,
     frame_from_text,
     frame_to_text,
     pyarrow_round_trips,
+    ranged_delta_file,
+    read_state_file,
     snapshot_file,
     split_by_key_group,
     version_file,
@@ -85,6 +88,7 @@ from microstream.state.key_groups import (
     key_groups,
 )
 from microstream.state.keyed_rows import KeyedRows
+from microstream.state.store_checks import conform, validate_store_arguments
 
 __all__ = ["StateStore"]
 
@@ -244,45 +248,20 @@ class StateStore:
         self._cleaned_below = -1
 
     def _validate_arguments(self) -> None:
-        if not self.key_columns:
-            msg = f"key_columns of operator {self.operator!r} must not be empty; got []"
-            raise ValueError(msg)
-        missing = [c for c in self.key_columns if c not in self.schema]
-        if missing:
-            msg = (
-                f"key_columns {missing} of operator {self.operator!r} are not in the state "
-                f"schema {list(self.schema)}"
-            )
-            raise ValueError(msg)
-        if len(set(self.key_columns)) != len(self.key_columns):
-            msg = f"key_columns of operator {self.operator!r} repeat a column: {self.key_columns}"
-            raise ValueError(msg)
-        if not self.hash_columns or not set(self.hash_columns) <= set(self.key_columns):
-            msg = (
-                f"hash_columns of operator {self.operator!r} must be some of its key_columns "
-                f"{self.key_columns}; got {self.hash_columns}"
-            )
-            raise ValueError(msg)
-        reserved = [c for c in (_DELETED, _HASH, _KG, _ORDER, _MASK) if c in self.schema]
-        if reserved:
-            msg = f"the state schema of operator {self.operator!r} uses reserved column names {reserved}"
-            raise ValueError(msg)
-        if not 1 <= self.num_key_groups <= _MAX_KEY_GROUPS:
-            msg = (
-                f"num_key_groups must be an integer from 1 to {_MAX_KEY_GROUPS}; got "
-                f"{self.num_key_groups!r} instead"
-            )
-            raise ValueError(msg)
-        for name in (
-            "num_key_groups",
-            "snapshot_every",
-            "min_versions_to_retain",
-            "snapshot_files",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                msg = f"{name} must be a positive integer; got {value!r} instead"
-                raise ValueError(msg)
+        validate_store_arguments(
+            operator=self.operator,
+            schema=self.schema,
+            key_columns=self.key_columns,
+            hash_columns=self.hash_columns,
+            counts={
+                "num_key_groups": self.num_key_groups,
+                "snapshot_every": self.snapshot_every,
+                "min_versions_to_retain": self.min_versions_to_retain,
+                "snapshot_files": self.snapshot_files,
+            },
+            reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK),
+            max_key_groups=_MAX_KEY_GROUPS,
+        )
 
     # -- reading the state ---------------------------------------------------------
 
@@ -343,7 +322,7 @@ class StateStore:
             keys.columns
         )
         on = self.hash_columns if by_hash else self.key_columns
-        keys = self._conform(keys, "keys", on, exact=False)
+        keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
         if keys.height == 0:
             return pl.DataFrame(schema=self.schema)
         found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
@@ -359,7 +338,7 @@ class StateStore:
         rows
             Rows with exactly the state's columns and dtypes.
         """
-        ups = self._conform(rows, "rows", list(self.schema), exact=True)
+        ups = conform(self.schema, self.operator, rows, "rows", list(self.schema), exact=True)
         if ups.height == 0:
             return
         ups = self._hashed(ups)
@@ -392,8 +371,10 @@ class StateStore:
         SchemaMismatchError
             A column is missing, extra (upserts) or of another dtype.
         """
-        ups = self._conform(upserts, "upserts", list(self.schema), exact=True)
-        dels = self._conform(deletes, "deletes", self.key_columns, exact=False)
+        ups = conform(self.schema, self.operator, upserts, "upserts", list(self.schema), exact=True)
+        dels = conform(
+            self.schema, self.operator, deletes, "deletes", self.key_columns, exact=False
+        )
         if ups.height == 0 and dels.height == 0:
             return
         changes = []
@@ -567,20 +548,9 @@ class StateStore:
             ``version`` is below the current version, or equal to it with
             uncommitted changes.
         """
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            msg = f"state version must be a non-negative integer; got {version!r} instead"
-            raise ValueError(msg)
         current = self._version
-        if current is not None and version <= current:
-            if version == current and self._pending is None:
-                return
-            msg = (
-                f"cannot commit state version {version} of operator {self.operator!r}: the "
-                f"store is at version {current}"
-                + (" with uncommitted changes" if version == current else "")
-                + "; versions only go forward (load an earlier version to re-run a batch)"
-            )
-            raise CheckpointError(msg)
+        if not self._check_forward(version):
+            return
         if self._key_range != (0, self.num_key_groups):
             msg = (
                 f"state of operator {self.operator!r} was loaded for key groups "
@@ -605,17 +575,7 @@ class StateStore:
                 self.storage.delete(version_file(stale))
         self._stale_versions = []
 
-        deltas_to_replay = 0  # after the newest snapshot (or the empty state)
-        for _, was_snapshot, _ in reversed(self._chain):
-            if was_snapshot:
-                break
-            deltas_to_replay += 1
-        full = (
-            snapshot
-            or self._force_snapshot
-            or version % self.snapshot_every == 0
-            or deltas_to_replay + 1 >= self.snapshot_every
-        )
+        full = self._snapshot_due(version, snapshot)
         files: list[StateFile] = []
         if full:
             frame = self._data.frame()
@@ -646,7 +606,113 @@ class StateStore:
         self._force_snapshot = False
         self._remove_unneeded_files()
 
+    def write_part(self, version: int, *, leader: bool) -> StatePart:
+        """Write this store's key-group range of ``version``; the caller commits it.
+
+        A store loaded for key groups ``[lo, hi)`` (:meth:`load` with ``key_groups=``)
+        is one *owner* of a range-owned state: every owner writes, for each version,
+        the delta of its range (``deltas/<version>/<lo>-<hi>.arrow``, none when nothing
+        changed) or its pieces of the snapshot, and returns what it wrote; once every
+        owner returned, the driver writes the version's one manifest listing all their
+        files (:func:`microstream.state.parts.commit_parts`): the commit point, as for a
+        store that owns every group. The ``leader`` (one owner per store) also keeps
+        the store's shared files: the metadata, removing versions a dead run left above
+        the loaded one, and removing files no retained version needs (for the versions
+        committed before this one, whose manifests exist).
+
+        Raises
+        ------
+        CheckpointError
+            ``version`` is not past the current version, or the store holds rows outside
+            its range (an exchange routed rows by other columns than the state's hash).
+        """
+        lo, hi = self._key_range
+        current = self._version
+        if not self._check_forward(version):
+            msg = f"state version {version} of operator {self.operator!r} was already written"
+            raise CheckpointError(msg)
+        outside = [g for g, n in enumerate(self.rows_per_key_group()) if n and not lo <= g < hi]
+        if outside:
+            msg = (
+                f"state of operator {self.operator!r} owns key groups {lo}-{hi - 1} but holds "
+                f"rows of key group {outside[0]}: its input was not routed by its key "
+                f"columns {self.hash_columns}"
+            )
+            raise CheckpointError(msg)
+        if leader:
+            if not self._metadata_current:
+                self.storage.write_model(METADATA_FILE, self._metadata())
+                self._metadata_current = True
+            for stale in self._stale_versions:
+                if stale != version:
+                    self.storage.delete(version_file(stale))
+            self._stale_versions = []
+            if current is not None:
+                self._remove_unneeded_files()
+        full = self._snapshot_due(version, False)
+        files: list[StateFile] = []
+        if full:
+            frame = self._data.frame()
+            pieces = [
+                (max(a, lo), min(b, hi))
+                for a, b in key_group_ranges(self.num_key_groups, self.snapshot_files)
+                if a < hi and lo < b
+            ]
+            for (a, b), piece in zip(pieces, split_by_key_group(frame, pieces), strict=True):
+                name = snapshot_file(version, a, b)
+                files.append(self._write_file(name, piece, self._snapshot_schema, (a, b)))
+        elif self._pending is not None:
+            name = ranged_delta_file(version, lo, hi)
+            pending = self._pending.sort(_KG)
+            files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
+        self._version = version
+        self._chain.append((version, full, full or current is None))
+        self._pending = None
+        return StatePart(
+            version=version,
+            parent=current,
+            snapshot=full,
+            key_groups=(lo, hi),
+            files=files,
+            rows_per_key_group=self.rows_per_key_group()[lo:hi],
+        )
+
     # -- internals -----------------------------------------------------------------
+
+    def _check_forward(self, version: int) -> bool:
+        """Whether ``version`` is to be written: it is past the current version (False:
+        it is the current one and nothing changed since, a re-run batch); else raise."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            msg = f"state version must be a non-negative integer; got {version!r} instead"
+            raise ValueError(msg)
+        current = self._version
+        if current is not None and version <= current:
+            if version == current and self._pending is None:
+                return False
+            msg = (
+                f"cannot commit state version {version} of operator {self.operator!r}: the "
+                f"store is at version {current}"
+                + (" with uncommitted changes" if version == current else "")
+                + "; versions only go forward (load an earlier version to re-run a batch)"
+            )
+            raise CheckpointError(msg)
+        return True
+
+    def _snapshot_due(self, version: int, snapshot: bool) -> bool:
+        """Whether ``version`` is written as a snapshot: asked, every ``snapshot_every``
+        versions, or when the deltas since the last one reach that many (the same answer
+        for every owner of a range: they share the chain of versions)."""
+        deltas_to_replay = 0  # after the newest snapshot (or the empty state)
+        for _, was_snapshot, _ in reversed(self._chain):
+            if was_snapshot:
+                break
+            deltas_to_replay += 1
+        return (
+            snapshot
+            or self._force_snapshot
+            or version % self.snapshot_every == 0
+            or deltas_to_replay + 1 >= self.snapshot_every
+        )
 
     def _open(self) -> None:
         """Check the stored metadata against this store (once)."""
@@ -807,7 +873,7 @@ class StateStore:
             and (
                 (kinds <= {"snapshot"} and covers_key_groups(ranges, n))
                 if entry.snapshot
-                else (kinds <= {"delta"} and len(ranges) <= 1)
+                else (kinds <= {"delta"} and disjoint_in_order(ranges))
             )
         )
         if not well_formed:
@@ -832,45 +898,9 @@ class StateStore:
         )
 
     def _read_file(self, entry: StateFile, schema: pl.Schema, lo: int, hi: int) -> pl.DataFrame:
-        """Read a state file, checking its checksum, columns and rows; keep key groups
-        ``[lo, hi)``."""
-        name = entry.name
-        where = self.storage.display(name)
-        try:
-            data = self.storage.read_bytes(name)
-        except FileNotFoundError:
-            msg = (
-                f"state file {where} of operator {self.operator!r} is missing; the version "
-                "manifests list it. Restore it from a backup, or start over with `microstream reset "
-                "CHECKPOINT`"
-            )
-            raise CheckpointCorruptError(msg) from None
-        if (found := checksum(data)) != entry.crc32:
-            msg = (
-                f"state file {where} of operator {self.operator!r} is corrupt: its CRC-32 is "
-                f"{found:08x}, the version that wrote it recorded {entry.crc32:08x} (a changed "
-                "bit or a rewritten file). Restore it from a backup, or start over with "
-                "`microstream reset CHECKPOINT`"
-            )
-            raise CheckpointCorruptError(msg)
-        try:
-            frame = decode_frame(data, pyarrow_io=self._pyarrow_io)
-        except Exception as exc:  # polars and arrow raise various errors on bad bytes
-            msg = (
-                f"state file {where} is corrupt or truncated ({len(data)} bytes): "
-                f"{type(exc).__name__}: {exc}"
-            )
-            raise CheckpointCorruptError(msg) from None
-        if frame.schema != schema or frame.height != entry.rows:
-            msg = f"state file {where} does not hold the state of operator {self.operator!r}: " + (
-                describe_schema_change(schema, frame.schema)
-                if frame.schema != schema
-                else f"{frame.height} rows, its manifest records {entry.rows}"
-            )
-            raise CheckpointCorruptError(msg)
-        if lo <= entry.key_groups[0] and entry.key_groups[1] <= hi:
-            return frame
-        return frame.filter(pl.col(_KG).is_between(lo, hi - 1))
+        return read_state_file(
+            self.storage, entry, schema, (lo, hi), self.operator, pyarrow_io=self._pyarrow_io
+        )
 
     def _replay(self, deltas: list[StateFile], data: KeyedRows, lo: int, hi: int) -> None:
         """Apply the delta files, oldest first, to ``data`` (key groups ``[lo, hi)``).
@@ -907,45 +937,13 @@ class StateStore:
         for v in self.storage.list_numbered(DELTAS_DIR, ".arrow"):
             if v < keep_from:
                 self.storage.delete(delta_file(v))
+        for name in self.storage.list_names(DELTAS_DIR):  # the owners' deltas/<v>/ directories
+            if name.isdigit() and int(name) < keep_from:
+                self.storage.sub(f"{DELTAS_DIR}/{name}").delete_tree()
         for name in self.storage.list_names(SNAPSHOTS_DIR):
             if name.isdigit() and int(name) < keep_from:
                 self.storage.sub(f"{SNAPSHOTS_DIR}/{name}").delete_tree()
         self._cleaned_below = keep_from
-
-    def _conform(
-        self, frame: pl.DataFrame | None, what: str, columns: list[str], *, exact: bool
-    ) -> pl.DataFrame:
-        """``frame`` reduced to ``columns`` in order, dtypes checked (Null columns cast)."""
-        if frame is None:
-            return pl.DataFrame(schema={c: self.schema[c] for c in columns})
-        missing = [c for c in columns if c not in frame.schema]
-        extra = [c for c in frame.schema if c not in columns] if exact else []
-        wrong = [
-            f"{c}: {frame.schema[c]} instead of {self.schema[c]}"
-            for c in columns
-            if c in frame.schema
-            and frame.schema[c] != self.schema[c]
-            and frame.schema[c] != pl.Null
-        ]
-        if missing or extra or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing columns {missing}")
-            if extra:
-                parts.append(f"unexpected columns {extra}")
-            if wrong:
-                parts.append("wrong dtypes (" + ", ".join(wrong) + ")")
-            msg = (
-                f"{what} for the state of operator {self.operator!r} do not match its schema: "
-                + "; ".join(parts)
-                + f"; expected {dict(self.schema) if exact else columns}"
-            )
-            raise SchemaMismatchError(msg)
-        casts = [c for c in columns if frame.schema[c] == pl.Null and self.schema[c] != pl.Null]
-        frame = _project(frame, columns)
-        if casts:
-            frame = frame.with_columns([pl.col(c).cast(self.schema[c]) for c in casts])
-        return frame
 
     def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> KeyedRows:
         """``frame`` (memory schema) as the store's in-memory rows."""

@@ -1,0 +1,113 @@
+"""The worker side of RayRuntime: one Ray actor that owns key-group ranges of operators.
+
+An :class:`OperatorWorker` runs in a Ray worker process. For every stateful
+operator the driver places on it, it builds the runtime operator from the
+operator's node exactly as the driver does locally
+(``node.build_operator(operator_id, storage)``), tells it the checkpoint's number
+of key groups and loads its state for exactly the range it owns
+(``load(version, key_groups=range(lo, hi))``, reading only the files of that range).
+Per batch it runs the operator over the rows the driver routed to it and returns
+the operator's output and progress; per committed batch it writes its range's
+state files and returns what it wrote (:meth:`StoreBackedOperator.write_parts`):
+the driver writes the one manifest per store and version once every owner did.
+
+The class is plain Python: :mod:`microstream.runtime.ray.executor` turns it into an
+actor with ``ray.remote``, so this module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from microstream.operators.base import StoreBackedOperator
+from microstream.plan.nodes import TimedOperator
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from microstream.checkpoint.storage import Storage
+    from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
+    from microstream.runtime.progress import StateOperatorProgress
+    from microstream.state.format import StatePart
+
+__all__ = ["OperatorWorker"]
+
+
+class OperatorWorker:
+    """The operators (or their key-group ranges) one Ray actor owns.
+
+    Parameters
+    ----------
+    storage
+        The checkpoint's ``state/`` directory (any fsspec URL every worker can reach).
+
+    Examples
+    --------
+    Outside Ray it is an ordinary object (the driver makes it an actor):
+
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.checkpoint.storage import Storage
+    >>> from microstream.plan.nodes import OperatorContext
+    >>> frame = ms.MemoryStream({"k": pl.String}).lazy().unique(subset=["k"])
+    >>> worker = OperatorWorker(Storage("memory://doctest-operator-worker/state"))
+    >>> node = frame.plan
+    >>> worker.open("op0", node, num_key_groups=4, key_groups=(0, 4), version=None)
+    >>> ctx = OperatorContext(batch_id=0, late_watermark_us=0, watermark_us=0,
+    ...                       output_mode="append")
+    >>> out, _ = worker.process("op0", (pl.DataFrame({"k": ["a", "a", "b"]}),), ctx)
+    >>> out.rows["k"].to_list()
+    ['a', 'b']
+    >>> sorted(worker.write_parts("op0", 0, leader=True))
+    ['op0/keys']
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.operators: dict[str, StoreBackedOperator] = {}
+
+    def pid(self) -> int:
+        """The worker's process id (crash tests kill it)."""
+        return os.getpid()
+
+    def open(
+        self,
+        operator_id: str,
+        node: StatefulNode,
+        *,
+        num_key_groups: int,
+        key_groups: tuple[int, int],
+        version: int | None,
+    ) -> None:
+        """Build ``operator_id`` from ``node`` and load its state of ``key_groups``
+        ``[lo, hi)`` as of committed ``version`` (None: empty)."""
+        operator = node.build_operator(operator_id, self.storage.sub(operator_id))
+        if not isinstance(operator, StoreBackedOperator):
+            msg = (
+                f"operator {operator_id} ({node.describe()}) keeps its state outside "
+                "microstream's state stores, so RayRuntime cannot split it by key groups; "
+                "run the query on LocalRuntime"
+            )
+            raise TypeError(msg)
+        operator.use_key_groups(num_key_groups)
+        lo, hi = key_groups
+        operator.load(version, key_groups=range(lo, hi))
+        self.operators[operator_id] = operator
+
+    def process(
+        self, operator_id: str, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext
+    ) -> tuple[OperatorOutput, StateOperatorProgress]:
+        """One batch of ``operator_id`` over this worker's rows; its output and progress."""
+        operator = self.operators[operator_id]
+        output = operator.process(inputs, ctx)
+        return output, operator.progress()
+
+    def write_parts(self, operator_id: str, version: int, *, leader: bool) -> dict[str, StatePart]:
+        """Write this worker's range of ``version`` of every store of ``operator_id``."""
+        return self.operators[operator_id].write_parts(version, leader=leader)
+
+    def timers_due(self, operator_id: str, watermark_us: int | None, now_ms: int) -> bool:
+        """Whether ``operator_id`` needs a batch without rows now, for this worker's keys."""
+        operator = self.operators[operator_id]
+        return isinstance(operator, TimedOperator) and operator.timers_due(watermark_us, now_ms)

@@ -1,0 +1,127 @@
+"""The argument and schema checks of a state store (:mod:`microstream.state.store`).
+
+Kept apart from the store so that the store module reads as what it does (hold,
+change, persist and load keyed rows); the messages name the operator, the column
+and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+
+from microstream.exceptions import SchemaMismatchError
+
+__all__ = ["conform", "validate_store_arguments"]
+
+
+def validate_store_arguments(
+    *,
+    operator: str,
+    schema: pl.Schema,
+    key_columns: Sequence[str],
+    hash_columns: Sequence[str],
+    counts: dict[str, object],
+    reserved: Sequence[str],
+    max_key_groups: int,
+) -> None:
+    """Raise ``ValueError`` naming the first wrong argument of a store.
+
+    ``counts`` are the store's positive-integer settings by name
+    (``num_key_groups``, ``snapshot_every``, ...).
+
+    Examples
+    --------
+    >>> validate_store_arguments(
+    ...     operator="op0/keys", schema=pl.Schema({"k": pl.Int64}), key_columns=["k"],
+    ...     hash_columns=["k"], counts={"snapshot_every": 0}, reserved=[], max_key_groups=8,
+    ... )
+    Traceback (most recent call last):
+    ...
+    ValueError: snapshot_every must be a positive integer; got 0 instead
+    """
+    key_columns, hash_columns = list(key_columns), list(hash_columns)
+    if not key_columns:
+        msg = f"key_columns of operator {operator!r} must not be empty; got []"
+        raise ValueError(msg)
+    missing = [c for c in key_columns if c not in schema]
+    if missing:
+        msg = (
+            f"key_columns {missing} of operator {operator!r} are not in the state "
+            f"schema {list(schema)}"
+        )
+        raise ValueError(msg)
+    if len(set(key_columns)) != len(key_columns):
+        msg = f"key_columns of operator {operator!r} repeat a column: {key_columns}"
+        raise ValueError(msg)
+    if not hash_columns or not set(hash_columns) <= set(key_columns):
+        msg = (
+            f"hash_columns of operator {operator!r} must be some of its key_columns "
+            f"{key_columns}; got {hash_columns}"
+        )
+        raise ValueError(msg)
+    used = [c for c in reserved if c in schema]
+    if used:
+        msg = f"the state schema of operator {operator!r} uses reserved column names {used}"
+        raise ValueError(msg)
+    num_key_groups = counts.get("num_key_groups")
+    if isinstance(num_key_groups, int) and not 1 <= num_key_groups <= max_key_groups:
+        msg = (
+            f"num_key_groups must be an integer from 1 to {max_key_groups}; got "
+            f"{num_key_groups!r} instead"
+        )
+        raise ValueError(msg)
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            msg = f"{name} must be a positive integer; got {value!r} instead"
+            raise ValueError(msg)
+
+
+def conform(
+    schema: pl.Schema,
+    operator: str,
+    frame: pl.DataFrame | None,
+    what: str,
+    columns: list[str],
+    *,
+    exact: bool,
+) -> pl.DataFrame:
+    """``frame`` reduced to ``columns`` in order, dtypes checked against the state's
+    ``schema`` (Null columns cast); ``what`` names the frame in the message.
+
+    Examples
+    --------
+    >>> schema = pl.Schema({"k": pl.Int64, "n": pl.Int64})
+    >>> conform(schema, "op0", pl.DataFrame({"n": [1], "k": [None]}), "rows", ["k", "n"],
+    ...         exact=True).schema
+    Schema([('k', Int64), ('n', Int64)])
+    """
+    if frame is None:
+        return pl.DataFrame(schema={c: schema[c] for c in columns})
+    missing = [c for c in columns if c not in frame.schema]
+    extra = [c for c in frame.schema if c not in columns] if exact else []
+    wrong = [
+        f"{c}: {frame.schema[c]} instead of {schema[c]}"
+        for c in columns
+        if c in frame.schema and frame.schema[c] != schema[c] and frame.schema[c] != pl.Null
+    ]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing columns {missing}")
+        if extra:
+            parts.append(f"unexpected columns {extra}")
+        if wrong:
+            parts.append("wrong dtypes (" + ", ".join(wrong) + ")")
+        msg = (
+            f"{what} for the state of operator {operator!r} do not match its schema: "
+            + "; ".join(parts)
+            + f"; expected {dict(schema) if exact else columns}"
+        )
+        raise SchemaMismatchError(msg)
+    casts = [c for c in columns if frame.schema[c] == pl.Null and schema[c] != pl.Null]
+    frame = pl.DataFrame([frame.get_column(c) for c in columns])
+    if casts:
+        frame = frame.with_columns([pl.col(c).cast(schema[c]) for c in casts])
+    return frame

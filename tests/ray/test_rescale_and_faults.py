@@ -1,0 +1,179 @@
+"""RayRuntime across restarts: a checkpoint moves from LocalRuntime to Ray and between
+numbers of workers (key groups move with their state), and a Ray worker killed with
+SIGKILL fails the batch, which a restart re-runs: the output equals a clean run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from files_pipeline import query, rows, write_files
+
+import microstream as ms
+from microstream.exceptions import WorkerError
+
+PHASES = [(0, 4), (4, 4), (8, 5), (13, 4)]
+"""Files added before each run: (first, count); 17 batches cross a snapshot (version 10)."""
+
+
+def _run_phases(root: Path, runtimes: list[ms.Runtime]) -> dict[int, pl.DataFrame]:
+    out: dict[int, pl.DataFrame] = {}
+    for n, ((first, count), runtime) in enumerate(zip(PHASES, runtimes, strict=True)):
+        write_files(root / "in", first, count)
+        q = query(root / "in", root / "cp", out, runtime, flush=n == len(PHASES) - 1)
+        assert q.await_termination(timeout=120)
+        assert q.exception() is None, q.exception()
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Any, ...]]:
+    """The output of the phases on LocalRuntime, never changed."""
+    root = tmp_path_factory.mktemp("clean")
+    out = _run_phases(root, [ms.LocalRuntime() for _ in PHASES])
+    assert len(out) >= 17 and sum(df.height for df in out.values()) > 50
+    return rows(out)
+
+
+def test_a_local_checkpoint_continues_on_ray_with_1_then_3_then_2_workers(
+    ray_cluster: Any, clean_run: list[tuple[Any, ...]], tmp_path: Path
+) -> None:
+    runtimes: list[ms.Runtime] = [
+        ms.LocalRuntime(),
+        ms.RayRuntime(num_workers=1),
+        ms.RayRuntime(num_workers=3),
+        ms.RayRuntime(num_workers=2),
+    ]
+    assert rows(_run_phases(tmp_path, runtimes)) == clean_run
+
+
+def test_a_ray_checkpoint_continues_on_local(
+    ray_cluster: Any, clean_run: list[tuple[Any, ...]], tmp_path: Path
+) -> None:
+    runtimes: list[ms.Runtime] = [
+        ms.RayRuntime(num_workers=2),
+        ms.RayRuntime(num_workers=3),
+        ms.LocalRuntime(),
+        ms.RayRuntime(num_workers=1),
+    ]
+    assert rows(_run_phases(tmp_path, runtimes)) == clean_run
+
+
+def _kill_run(
+    root: Path, workers: int, victim: int, batch: int, where: str
+) -> tuple[dict[int, pl.DataFrame], int]:
+    """All files in one run on Ray; worker ``victim`` is SIGKILLed in ``batch`` at ``where``
+    (``"before"``: between batches; ``"read"``: after the batch's rows were read, before
+    the operators; ``"sink"``: after the operators, before the state commit). Then
+    restarts until done; returns the output and the number of failed runs."""
+    write_files(root / "in", 0, 12)
+    out: dict[int, pl.DataFrame] = {}
+    target: dict[str, Any] = {"pid": None, "done": False, "calls": 0}
+
+    def kill() -> None:
+        if not target["done"] and target["pid"] is not None:
+            target["done"] = True
+            os.kill(target["pid"], signal.SIGKILL)
+
+    def before_operators(df: pl.DataFrame) -> pl.DataFrame:
+        if df.height:
+            target["calls"] += 1
+            if where == "read" and target["calls"] == batch + 1:
+                kill()
+        return df
+
+    def on_batch(batch_id: int) -> None:
+        if where == "sink" and batch_id == batch:
+            kill()
+
+    class KillAfterCommit:
+        """Kills once batch ``batch - 1`` is committed (its progress is published)."""
+
+        def on_query_progress(self, event: Any) -> None:
+            if where == "before" and event.progress.batch_id == batch - 1:
+                kill()
+
+    listener = KillAfterCommit()
+    ms.add_listener(listener)
+    try:
+        return _restart_until_done(root, workers, victim, target, out, before_operators, on_batch)
+    finally:
+        ms.remove_listener(listener)
+
+
+def _restart_until_done(
+    root: Path,
+    workers: int,
+    victim: int,
+    target: dict[str, Any],
+    out: dict[int, pl.DataFrame],
+    before_operators: Any,
+    on_batch: Any,
+) -> tuple[dict[int, pl.DataFrame], int]:
+    failures = 0
+    for _attempt in range(3):
+        q = query(
+            root / "in",
+            root / "cp",
+            out,
+            ms.RayRuntime(num_workers=workers),
+            flush=True,
+            before_operators=before_operators,
+            on_batch=on_batch,
+        )
+        if target["pid"] is None:
+            target["pid"] = q._execution.executor.worker_pids()[victim]  # type: ignore[attr-defined]
+        try:
+            assert q.await_termination(timeout=120)
+            return out, failures
+        except WorkerError as exc:
+            assert "restart the query and it re-runs the batch" in str(exc)
+            failures += 1
+    raise AssertionError("the query did not finish after restarts")
+
+
+@pytest.fixture(scope="module")
+def clean_kill_reference(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Any, ...]]:
+    root = tmp_path_factory.mktemp("clean-kill")
+    write_files(root / "in", 0, 12)
+    out: dict[int, pl.DataFrame] = {}
+    q = query(root / "in", root / "cp", out, ms.LocalRuntime(), flush=True)
+    assert q.await_termination(timeout=120) and q.exception() is None
+    return rows(out)
+
+
+@pytest.mark.parametrize(
+    ("where", "batch", "victim"), [("before", 3, 0), ("read", 5, 1), ("sink", 7, 0)]
+)
+def test_a_killed_worker_fails_the_batch_and_a_restart_gives_the_clean_output(
+    ray_cluster: Any,
+    clean_kill_reference: list[tuple[Any, ...]],
+    tmp_path: Path,
+    where: str,
+    batch: int,
+    victim: int,
+) -> None:
+    out, failures = _kill_run(tmp_path, 2, victim, batch, where)
+    assert failures == 1
+    assert rows(out) == clean_kill_reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("where", ["before", "read", "sink"])
+@pytest.mark.parametrize("batch", [1, 4, 10])
+def test_kill_matrix(
+    ray_cluster: Any,
+    clean_kill_reference: list[tuple[Any, ...]],
+    tmp_path: Path,
+    workers: int,
+    where: str,
+    batch: int,
+) -> None:
+    out, failures = _kill_run(tmp_path, workers, workers - 1, batch, where)
+    assert failures == 1
+    assert rows(out) == clean_kill_reference
