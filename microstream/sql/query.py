@@ -1,0 +1,884 @@
+"""Lowering a SQL query to StreamFrame verbs (or, over static frames only, LazyFrame verbs).
+
+A query is lowered bottom up into a :class:`Relation`: a frame and the
+:class:`~microstream.sql.expressions.Scope` of columns it makes visible.
+
+1. ``FROM``: a registered table or view, a subquery, a window TVF
+   (:mod:`microstream.sql.windows`), and joins: stream with static table
+   (``join`` with the static side), two streams (an inner ``join`` with
+   ``within=`` from the time bounds in ``ON``/``WHERE``), two static frames.
+   For an inner join, conjuncts of ``WHERE`` that name one side only are applied
+   to that side before the join, as the Python twins do.
+2. ``WHERE`` -> ``filter``; ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) = 1``
+   over a subquery -> ``unique(subset=k)`` (keep first by arrival, so ``pt``
+   must be a ``PROCTIME()`` column).
+3. ``GROUP BY`` -> ``group_by``, ``group_by_dynamic`` or ``group_by_session``;
+   aggregate arguments are computed first as columns, so each aggregate is a
+   plain ``pl.col(c).sum()``-like expression the engine folds incrementally;
+   ``HAVING`` -> ``filter`` after it.
+4. the SELECT list -> ``select``; ``DISTINCT`` -> ``unique()``; ``UNION ALL`` ->
+   ``ms.concat``. ``ORDER BY``/``LIMIT`` only over static frames.
+
+Over static frames only, the same lowering runs on ``pl.LazyFrame`` verbs (windows
+assigned row by row): the batch result of the same text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Union
+
+import polars as pl
+from sqlglot import exp
+
+from microstream.api.concat import concat
+from microstream.api.frame import StreamFrame
+from microstream.exceptions import PlanError
+from microstream.plan.nodes import PlanNode
+from microstream.plan.processing_time import ProcessingTimeNode
+from microstream.sql.expressions import (
+    AGGREGATES,
+    ExpressionLowering,
+    Field,
+    Scope,
+    interval_of,
+    sql_text,
+)
+from microstream.sql.refusals import position, refuse
+from microstream.sql.windows import (
+    LEGACY_PARTS,
+    WINDOW_COLUMNS,
+    Window,
+    legacy_window,
+    tvf_window,
+    window_aggregate,
+)
+
+__all__ = ["Frame", "QueryLowering", "Relation"]
+
+Frame = Union[StreamFrame, pl.LazyFrame]
+
+
+@dataclass(frozen=True)
+class Rank:
+    """``ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn``, waiting for ``rn = 1``."""
+
+    column: str
+    partition: tuple[str, ...]
+    order: str
+    descending: bool
+    node: exp.Expression
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A lowered ``FROM`` item or query: its frame and the columns it shows."""
+
+    frame: Frame
+    scope: Scope
+    window: Window | None = None
+    rank: Rank | None = None
+
+    @property
+    def is_stream(self) -> bool:
+        return isinstance(self.frame, StreamFrame)
+
+
+def _conjuncts(node: exp.Expression | None) -> list[exp.Expression]:
+    if node is None:
+        return []
+    if isinstance(node, exp.And):
+        return [*_conjuncts(node.this), *_conjuncts(node.expression)]
+    if isinstance(node, exp.Paren) and isinstance(node.this, exp.And):
+        return _conjuncts(node.this)
+    return [node]
+
+
+def _fields_of(frame: Frame, qualifier: str | None) -> Scope:
+    return Scope(tuple(Field(qualifier, c, c) for c in frame.collect_schema().names()))
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def _walk_plan(plan: PlanNode) -> list[PlanNode]:
+    out, stack = [], [plan]
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children())
+    return out
+
+
+class QueryLowering:
+    """Lowers queries over ``tables`` (name -> StreamFrame or LazyFrame).
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from microstream.sql.dialect import parse
+    >>> tables = {"t": pl.LazyFrame({"k": ["a", "b", "a"], "x": [1, 2, 3]})}
+    >>> q = parse("SELECT k, SUM(x) AS total FROM t WHERE x > 1 GROUP BY k")[0]
+    >>> QueryLowering(tables).query(q).frame.collect().sort("k").rows()
+    [('a', 3), ('b', 2)]
+    """
+
+    def __init__(self, tables: Mapping[str, Frame]):
+        self.tables = dict(tables)
+
+    # -- tables ---------------------------------------------------------------------
+
+    def table(self, name: str, node: exp.Expression) -> Frame:
+        for key, frame in self.tables.items():
+            if key.lower() == name.lower():
+                return frame
+        known = sorted(self.tables)
+        where = position(node)
+        at = f" (line {where[0]}, column {where[1]})" if where else ""
+        msg = (
+            f"SQL: no table {name!r}{at}; registered tables are {known}. Register one with "
+            "SQLContext.register(name, frame), CREATE TABLE, or CREATE TEMPORARY VIEW"
+        )
+        raise PlanError(msg)
+
+    # -- queries --------------------------------------------------------------------
+
+    def query(self, node: exp.Expression) -> Relation:
+        """The relation of a query (SELECT, UNION ALL, a parenthesized query)."""
+        for match in node.find_all(exp.MatchRecognize):
+            raise refuse(match, "MATCH_RECOGNIZE")
+        if isinstance(node, exp.Subquery):
+            return self.query(node.this)
+        if isinstance(node, exp.Union):
+            return self._union(node)
+        if isinstance(node, exp.Intersect):
+            raise refuse(node, "INTERSECT")
+        if isinstance(node, exp.Except):
+            raise refuse(node, "EXCEPT")
+        if isinstance(node, exp.Select):
+            return self._select(node)
+        raise refuse(node, f"statement {type(node).__name__.upper()} as a query")
+
+    def _union(self, node: exp.Union) -> Relation:
+        if node.args.get("distinct"):
+            raise refuse(node, "UNION")
+        left, right = self.query(node.this), self.query(node.expression)
+        names = [f.name for f in left.scope.fields]
+        right_names = right.frame.collect_schema().names()
+        if len(names) != len(right_names):
+            raise refuse(
+                node,
+                "UNION ALL of queries with different numbers of columns",
+                reason=f"{len(names)} and {len(right_names)}",
+            )
+        rframe = right.frame
+        if right_names != names:
+            rframe = rframe.rename(dict(zip(right_names, names)))
+        if left.is_stream != right.is_stream:
+            raise refuse(
+                node,
+                "UNION ALL of a stream and a static table",
+                alternative="join the static table to the stream instead",
+            )
+        if isinstance(left.frame, StreamFrame):
+            assert isinstance(rframe, StreamFrame)
+            frame: Frame = concat([left.frame, rframe])
+        else:
+            assert isinstance(rframe, pl.LazyFrame)
+            frame = pl.concat([left.frame, rframe], how="vertical")
+        return Relation(frame, _fields_of(frame, None))
+
+    def _select(self, select: exp.Select) -> Relation:
+        saved = dict(self.tables)
+        try:
+            for cte in (select.args.get("with") or exp.With()).expressions:
+                self.tables[cte.alias] = self.query(cte.this).frame
+            return self._select_body(select)
+        finally:
+            self.tables = saved
+
+    def _select_body(self, select: exp.Select) -> Relation:
+        group = select.args.get("group")
+        if group is not None and any(
+            group.args.get(k) for k in ("rollup", "cube", "grouping_sets")
+        ):
+            raise refuse(group, "ROLLUP/CUBE/GROUPING SETS")
+        where = select.args.get("where")
+        conjuncts = _conjuncts(where.this if where is not None else None)
+        source = select.args.get("from_") or select.args.get("from")
+        if source is None:
+            rel = Relation(pl.LazyFrame({"__one": [1]}), Scope(()))
+        else:
+            rel, conjuncts = self._from(source.this, select.args.get("joins") or [], conjuncts)
+        if rel.rank is not None:
+            rel, conjuncts = self._deduplicate(rel, conjuncts, select)
+        frame = rel.frame
+        if conjuncts:
+            lowering = ExpressionLowering(rel.scope, frame.collect_schema())
+            predicate = pl.all_horizontal([lowering.lower(c) for c in conjuncts])
+            frame = frame.filter(predicate)
+        rel = replace(rel, frame=frame)
+        items = self._expand_stars(select, rel.scope)
+        has_aggregates = any(
+            item.find(*AGGREGATES) is not None for item in items
+        ) or select.args.get("having") is not None
+        ranked = [i for i in items if isinstance(i.unalias(), exp.Window)]
+        if ranked:
+            return self._ranked(rel, items, ranked, select)
+        if group is not None or has_aggregates:
+            out = self._aggregate(rel, items, select)
+        else:
+            out = self._project(rel, items)
+        return self._finish(out, select)
+
+    def _finish(self, rel: Relation, select: exp.Select) -> Relation:
+        frame = rel.frame
+        distinct = select.args.get("distinct")
+        if distinct is not None:
+            if distinct.args.get("on") is not None:
+                raise refuse(distinct, "DISTINCT ON")
+            frame = (
+                frame.unique(keep="first")
+                if isinstance(frame, StreamFrame)
+                else frame.unique(keep="first", maintain_order=True)
+            )
+        order, limit = select.args.get("order"), select.args.get("limit")
+        if isinstance(frame, StreamFrame):
+            if order is not None:
+                raise refuse(order, "ORDER BY")
+            if limit is not None:
+                raise refuse(limit, "LIMIT")
+        else:
+            if order is not None:
+                names, descending = [], []
+                for item in order.expressions:
+                    column = item.this
+                    if not isinstance(column, exp.Column) or column.name not in frame.columns:
+                        raise refuse(item, f"ORDER BY {sql_text(item)}", alternative="order by output columns")
+                    names.append(column.name)
+                    descending.append(bool(item.args.get("desc")))
+                frame = frame.sort(names, descending=descending, nulls_last=True, maintain_order=True)
+            if limit is not None:
+                frame = frame.head(int(limit.expression.name))
+        return replace(rel, frame=frame)
+
+    # -- SELECT list ----------------------------------------------------------------
+
+    def _expand_stars(self, select: exp.Select, scope: Scope) -> list[exp.Expression]:
+        items: list[exp.Expression] = []
+        for item in select.expressions:
+            star_of = None
+            if isinstance(item, exp.Star):
+                star_of = ""
+            elif isinstance(item, exp.Column) and isinstance(item.this, exp.Star):
+                star_of = item.table
+            if star_of is None:
+                items.append(item)
+                continue
+            for f in scope.fields:
+                if star_of and (f.qualifier or "").lower() != star_of.lower():
+                    continue
+                if f.column is None:
+                    raise refuse(
+                        item,
+                        f"SELECT * over a {f.name} that exists only after the window aggregation",
+                        alternative="GROUP BY window_start, window_end",
+                    )
+                column = exp.column(f.name, table=f.qualifier) if f.qualifier else exp.column(f.name)
+                items.append(column)
+        return items
+
+    @staticmethod
+    def _name(item: exp.Expression, index: int) -> str:
+        if isinstance(item, exp.Alias):
+            return item.alias
+        if isinstance(item, exp.Column):
+            return item.name
+        return f"EXPR${index}"
+
+    def _output(self, frame: Frame, items: list[exp.Expression], lowering: ExpressionLowering) -> Relation:
+        exprs, names = [], []
+        for i, item in enumerate(items):
+            name = self._name(item, i)
+            if name in names:
+                raise refuse(item, f"two output columns named {name!r}", alternative="alias one of them")
+            names.append(name)
+            exprs.append(lowering.lower(item.unalias()).alias(name))
+        out = frame.select(exprs)
+        return Relation(out, _fields_of(out, None))
+
+    def _project(self, rel: Relation, items: list[exp.Expression]) -> Relation:
+        lowering = ExpressionLowering(rel.scope, rel.frame.collect_schema())
+        return self._output(rel.frame, items, lowering)
+
+    # -- aggregation ----------------------------------------------------------------
+
+    def _aggregate(self, rel: Relation, items: list[exp.Expression], select: exp.Select) -> Relation:
+        group = select.args.get("group")
+        group_exprs = list(group.expressions) if group is not None else []
+        base = ExpressionLowering(rel.scope, rel.frame.collect_schema())
+        taken = set(rel.frame.collect_schema().names())
+        pre: dict[str, pl.Expr] = {}
+        keys: list[str] = []
+        key_of: dict[str, str] = {}  # SQL text of a group expression -> output column
+        window: Window | None = None
+        window_nodes: list[exp.Expression] = []
+        legacy_call: exp.Anonymous | None = None
+        for g in group_exprs:
+            if (
+                isinstance(g, exp.Anonymous)
+                and g.name.upper() in ("TUMBLE", "HOP", "SESSION", "CUMULATE")
+                and g.expressions
+                and isinstance(g.expressions[0], exp.Column)
+            ):
+                if window is not None:
+                    raise refuse(g, "two group windows in one GROUP BY")
+                window = legacy_window(g, rel.scope.column_of(g.expressions[0]))
+                legacy_call = g
+                continue
+            if isinstance(g, exp.Column) and rel.window is not None:
+                found = rel.scope.resolve(g)
+                if found.name.lower() in WINDOW_COLUMNS and found.qualifier == rel.scope.fields[-1].qualifier:
+                    window_nodes.append(g)
+                    key_of[sql_text(g).lower()] = found.name.lower()
+                    key_of[found.name.lower()] = found.name.lower()
+                    continue
+            if isinstance(g, exp.Column):
+                column = rel.scope.column_of(g)
+            else:
+                column = _fresh("__key", taken)
+                pre[column] = base.lower(g)
+            keys.append(column)
+            key_of[sql_text(g).lower()] = column
+            if isinstance(g, exp.Column):
+                key_of[g.name.lower()] = column
+        if window_nodes:
+            named = {g.name.lower() for g in window_nodes}
+            if not {"window_start", "window_end"} <= named:
+                raise refuse(
+                    window_nodes[0],
+                    "GROUP BY with only some of window_start, window_end",
+                    alternative="GROUP BY window_start, window_end (both), as Flink requires",
+                )
+            window = rel.window
+        # Aggregates: their arguments become columns first.
+        aggs: dict[str, pl.Expr] = {}
+        agg_of: dict[str, pl.Expr] = {}
+        having = select.args.get("having")
+        sources = [*items, *([having.this] if having is not None else [])]
+        for item in sources:
+            for node in item.find_all(*AGGREGATES):
+                if any(isinstance(p, AGGREGATES) for p in _ancestors(node, item)):
+                    raise refuse(node, "an aggregate inside an aggregate")
+                text = sql_text(node).lower()
+                if text in agg_of:
+                    continue
+                name = _fresh("__agg", taken)
+                agg_of[text] = self._agg(node, name, base, pre, taken, aggs)
+        frame = rel.frame.with_columns(**pre) if pre else rel.frame
+        if window is not None:
+            out = window_aggregate(frame, window, keys, aggs)
+        elif isinstance(frame, StreamFrame):
+            out = frame.group_by(*keys).agg(**aggs)
+        elif keys:
+            out = frame.group_by(keys, maintain_order=True).agg(**aggs)
+        else:
+            out = frame.select(**aggs)
+
+        def substitute(node: exp.Expression) -> pl.Expr | None:
+            text = sql_text(node).lower()
+            if isinstance(node, AGGREGATES):
+                return agg_of[text]
+            if text in key_of:
+                return pl.col(key_of[text])
+            if isinstance(node, exp.Anonymous) and node.name.upper() in LEGACY_PARTS:
+                kind, part = LEGACY_PARTS[node.name.upper()]
+                if legacy_call is None or kind != legacy_call.name.upper() or [
+                    sql_text(a) for a in node.expressions
+                ] != [sql_text(a) for a in legacy_call.expressions]:
+                    raise refuse(
+                        node,
+                        f"{node.name.upper()}(...) without the same {kind}(...) in GROUP BY",
+                    )
+                return pl.col({"START": "window_start", "END": "window_end", "ROWTIME": "window_time"}[part])
+            if isinstance(node, exp.Column):
+                found = rel.scope.resolve(node)
+                if window is not None and rel.window is not None and found.name.lower() in WINDOW_COLUMNS:
+                    return pl.col(found.name.lower())
+                for k in (found.column, found.name.lower()):
+                    if k is not None and k in keys:
+                        return pl.col(k)
+                raise refuse(
+                    node,
+                    f"column {sql_text(node)} neither grouped nor aggregated",
+                    alternative="add it to GROUP BY or wrap it in an aggregate",
+                )
+            return None
+
+        after = ExpressionLowering(Scope(()), out.collect_schema(), substitute)
+        if having is not None:
+            out = out.filter(after.lower(having.this))
+        return self._output(out, items, after)
+
+    def _agg(
+        self,
+        node: exp.Expression,
+        name: str,
+        base: ExpressionLowering,
+        pre: dict[str, pl.Expr],
+        taken: set[str],
+        aggs: dict[str, pl.Expr],
+    ) -> pl.Expr:
+        arg = node.this
+        distinct = isinstance(arg, exp.Distinct)
+        if distinct:
+            if not isinstance(node, exp.Count) or len(arg.expressions) != 1:
+                raise refuse(node, f"{sql_text(node)}", alternative="COUNT(DISTINCT x) of one column")
+            arg = arg.expressions[0]
+        if isinstance(node, exp.Count) and (arg is None or isinstance(arg, exp.Star)):
+            aggs[name] = pl.len()
+            return pl.col(name).cast(pl.Int64)
+        if isinstance(arg, exp.Column):
+            column = base.scope.column_of(arg)
+        else:
+            column = _fresh("__arg", taken)
+            pre[column] = base.lower(arg)
+        col = pl.col(column)
+        if isinstance(node, exp.Count):
+            aggs[name] = col.drop_nulls().n_unique() if distinct else col.count()
+            return pl.col(name).cast(pl.Int64)
+        aggs[name] = {exp.Sum: col.sum, exp.Min: col.min, exp.Max: col.max, exp.Avg: col.mean}[
+            type(node)
+        ]()
+        return pl.col(name)
+
+    # -- FROM -----------------------------------------------------------------------
+
+    def _from(
+        self, item: exp.Expression, joins: list[exp.Join], conjuncts: list[exp.Expression]
+    ) -> tuple[Relation, list[exp.Expression]]:
+        rel = self._item(item)
+        for join in joins:
+            inner = (join.side or "").upper() == "" and (join.kind or "INNER").upper() in ("", "INNER")
+            # WHERE conjuncts join the ON conditions of a single inner join (pushdown).
+            movable = conjuncts if inner and len(joins) == 1 else []
+            rel, rest = self._join(rel, self._item(join.this), join, movable)
+            if movable:
+                conjuncts = rest
+        return rel, conjuncts
+
+    def _item(self, item: exp.Expression) -> Relation:
+        if isinstance(item, exp.Subquery):
+            rel = self.query(item.this)
+            return replace(rel, scope=rel.scope.requalified(item.alias or None))
+        if isinstance(item, exp.Table):
+            inner = item.this
+            if isinstance(inner, exp.Anonymous) and inner.name.upper() == "TABLE":
+                return self._tvf(item, inner)
+            if not isinstance(inner, exp.Identifier):
+                raise refuse(item, f"FROM {sql_text(item)}")
+            frame = self.table(item.name, item)
+            return Relation(frame, _fields_of(frame, item.alias or item.name))
+        raise refuse(item, f"FROM {sql_text(item)}")
+
+    def _tvf(self, item: exp.Table, wrapper: exp.Anonymous) -> Relation:
+        if len(wrapper.expressions) != 1 or not isinstance(wrapper.expressions[0], exp.Anonymous):
+            raise refuse(item, f"FROM {sql_text(item)}")
+        call = wrapper.expressions[0]
+        if call.name.upper() not in ("TUMBLE", "HOP", "SESSION", "CUMULATE"):
+            raise refuse(call, f"table function {call.name.upper()}")
+        first = call.expressions[0] if call.expressions else None
+        name = first.this.name if first is not None and isinstance(first.this, exp.Table) else ""
+        frame = self.table(name, call)
+        columns = {c: c for c in frame.collect_schema().names()}
+        _, window = tvf_window(call, columns)
+        qualifier = item.alias or None
+        fields = list(_fields_of(frame, qualifier).fields)
+        if window.kind == "TUMBLE":
+            assert window.size is not None
+            unit = frame.collect_schema()[window.column]
+            one = timedelta(milliseconds=1) if getattr(unit, "time_unit", "us") == "ms" else timedelta(microseconds=1)
+            start = pl.col(window.column).dt.truncate(window.size)
+            frame = frame.with_columns(
+                window_start=start,
+                window_end=start + pl.lit(window.size),
+                window_time=start + pl.lit(window.size - one),
+            )
+            fields += [Field(qualifier, c, c) for c in WINDOW_COLUMNS]
+        else:
+            fields += [Field(qualifier, c, None) for c in WINDOW_COLUMNS]
+        return Relation(frame, Scope(tuple(fields)), window=window)
+
+    # -- joins ----------------------------------------------------------------------
+
+    def _join(
+        self, left: Relation, right: Relation, join: exp.Join, movable: list[exp.Expression]
+    ) -> tuple[Relation, list[exp.Expression]]:
+        side = (join.side or "").upper()
+        kind = (join.kind or "").upper()
+        if join.args.get("using"):
+            raise refuse(join, "JOIN ... USING", alternative="write ON a.k = b.k")
+        how = "cross" if kind == "CROSS" else {"": "inner", "LEFT": "left", "RIGHT": "right", "FULL": "full"}[side]
+        on = _conjuncts(join.args.get("on"))
+        both = Scope(left.scope.fields + right.scope.fields)
+
+        def sides(node: exp.Expression) -> set[str]:
+            found = set()
+            for column in node.find_all(exp.Column):
+                both.resolve(column)  # ambiguity and unknown names first
+                try:
+                    left.scope.resolve(column)
+                    found.add("L")
+                except PlanError:
+                    found.add("R")
+            return found
+
+        pushed_left: list[exp.Expression] = []
+        pushed_right: list[exp.Expression] = []
+        keys: list[tuple[str, str]] = []
+        bounds: list[exp.Expression] = []
+        cross: list[exp.Expression] = []
+        rest: list[exp.Expression] = []
+        for conj in [*on, *movable]:
+            where = sides(conj)
+            from_on = any(conj is c for c in on)
+            if where == {"L"} and how == "inner":
+                pushed_left.append(conj)
+            elif where == {"R"} and how in ("inner", "left"):
+                if how == "left" and not from_on:
+                    rest.append(conj)
+                else:
+                    pushed_right.append(conj)
+            elif where == {"L", "R"} and isinstance(conj, exp.EQ) and all(
+                isinstance(x, exp.Column) for x in (conj.this, conj.expression)
+            ):
+                a, b = conj.this, conj.expression
+                if sides(a) == {"R"}:
+                    a, b = b, a
+                keys.append((left.scope.column_of(a), right.scope.column_of(b)))
+            elif where == {"L", "R"} and left.is_stream and right.is_stream and _is_time_bound(conj):
+                bounds.append(conj)
+            elif not from_on:
+                rest.append(conj)
+            else:
+                cross.append(conj)
+        if how not in ("inner", "cross") and cross:
+            raise refuse(
+                cross[0],
+                f"{how.upper()} JOIN condition {sql_text(cross[0])}",
+                alternative="equalities between the two sides' columns only",
+            )
+        lframe, rframe = left.frame, right.frame
+        if pushed_left:
+            low = ExpressionLowering(left.scope, lframe.collect_schema())
+            lframe = lframe.filter(pl.all_horizontal([low.lower(c) for c in pushed_left]))
+        if pushed_right:
+            low = ExpressionLowering(right.scope, rframe.collect_schema())
+            rframe = rframe.filter(pl.all_horizontal([low.lower(c) for c in pushed_right]))
+        left, right = replace(left, frame=lframe), replace(right, frame=rframe)
+        if left.is_stream and right.is_stream:
+            rel = self._stream_join(left, right, how, keys, bounds, join)
+        elif left.is_stream or right.is_stream:
+            rel = self._static_join(left, right, how, keys, join)
+        else:
+            rel = self._static_join(left, right, how, keys, join)
+        if cross:
+            low = ExpressionLowering(rel.scope, rel.frame.collect_schema())
+            rel = replace(rel, frame=rel.frame.filter(pl.all_horizontal([low.lower(c) for c in cross])))
+        return rel, rest
+
+    def _static_join(
+        self, left: Relation, right: Relation, how: str, keys: list[tuple[str, str]], join: exp.Join
+    ) -> Relation:
+        if right.is_stream and not left.is_stream:
+            if how not in ("inner", "cross", "right"):
+                raise refuse(
+                    join,
+                    f"{how.upper()} JOIN of a static table with a stream",
+                    reason="the stream must drive the join (static rows cannot wait for matches)",
+                    alternative="put the stream on the left, or use an inner join",
+                )
+            swapped_how = {"right": "left"}.get(how, how)
+            rel = self._static_join(right, left, swapped_how, [(r, l) for l, r in keys], join)
+            # The columns in FROM order, as SQL shows them.
+            fields = [f for f in rel.scope.fields if f in _mapped(rel, left)] + [
+                f for f in rel.scope.fields if f not in _mapped(rel, left)
+            ]
+            return replace(rel, scope=Scope(tuple(fields)))
+        if left.is_stream and how in ("right", "full"):
+            raise refuse(
+                join,
+                f"{how.upper()} JOIN of a stream with a static table",
+                reason="it would emit static rows that no stream row has matched yet",
+                alternative="use INNER or LEFT JOIN",
+            )
+        taken = set(left.frame.collect_schema().names())
+        renames = {}
+        for c in right.frame.collect_schema().names():
+            renames[c] = _fresh(c, taken) if c in taken else c
+            taken.add(renames[c])
+        rframe = right.frame.rename(renames) if any(k != v for k, v in renames.items()) else right.frame
+        left_on = [l for l, _ in keys]
+        right_on = [renames[r] for _, r in keys]
+        if how == "cross" or not keys:
+            if how not in ("inner", "cross"):
+                raise refuse(join, f"{how.upper()} JOIN without an equality of the two sides")
+            frame: Frame = left.frame.join(rframe, how="cross")  # type: ignore[arg-type]
+        elif isinstance(left.frame, StreamFrame):
+            frame = left.frame.join(rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False)  # type: ignore[arg-type]
+        else:
+            assert isinstance(rframe, pl.LazyFrame)
+            frame = left.frame.join(
+                rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False,  # type: ignore[arg-type]
+                maintain_order="left_right",
+            )
+        fields = list(left.scope.fields) + [
+            Field(f.qualifier, f.name, renames[f.column] if f.column else None) for f in right.scope.fields
+        ]
+        return Relation(frame, Scope(tuple(fields)))
+
+    def _stream_join(
+        self,
+        left: Relation,
+        right: Relation,
+        how: str,
+        keys: list[tuple[str, str]],
+        bounds: list[exp.Expression],
+        join: exp.Join,
+    ) -> Relation:
+        if how != "inner":
+            raise refuse(join, "outer join of two streams")
+        assert isinstance(left.frame, StreamFrame) and isinstance(right.frame, StreamFrame)
+        if not keys:
+            raise refuse(join, "join of two streams without an equality of the two sides")
+        lower, upper, times = _join_bounds(bounds, left, right)
+        kwargs: dict[str, Any] = {}
+        if times is not None:
+            kwargs = {"within": (lower, upper), "left_time": times[0], "right_time": times[1]}
+        frame = left.frame.join(
+            right.frame, left_on=[l for l, _ in keys], right_on=[r for _, r in keys], how="inner", **kwargs
+        )
+        # Polars' naming: right keys coalesced into the left ones, clashes suffixed.
+        lcols = set(left.frame.collect_schema().names())
+        key_map = {r: l for l, r in keys}
+        fields = list(left.scope.fields)
+        for f in right.scope.fields:
+            if f.column in key_map:
+                fields.append(Field(f.qualifier, f.name, key_map[f.column]))
+            elif f.column is not None:
+                fields.append(Field(f.qualifier, f.name, f"{f.column}_right" if f.column in lcols else f.column))
+        missing = [f.column for f in fields if f.column is not None and f.column not in frame.collect_schema()]
+        if missing:
+            raise refuse(join, "this join's column names", reason=f"cannot place {missing}; rename columns")
+        return Relation(frame, Scope(tuple(fields)))
+
+    # -- deduplication --------------------------------------------------------------
+
+    def _ranked(
+        self, rel: Relation, items: list[exp.Expression], ranked: list[exp.Expression], select: exp.Select
+    ) -> Relation:
+        window = ranked[0].unalias()
+        assert isinstance(window, exp.Window)
+        if len(ranked) > 1 or not isinstance(window.this, exp.RowNumber) or not isinstance(ranked[0], exp.Alias):
+            raise refuse(window, "OVER")
+        if select.args.get("group") is not None:
+            raise refuse(window, "OVER")
+        partition = window.args.get("partition_by") or []
+        order = window.args.get("order")
+        order_items = order.expressions if order is not None else []
+        if len(order_items) != 1 or not isinstance(order_items[0].this, exp.Column):
+            raise refuse(window, "ROW_NUMBER() without ORDER BY one time column")
+        if not all(isinstance(p, exp.Column) for p in partition):
+            raise refuse(window, "ROW_NUMBER() OVER (PARTITION BY an expression)")
+        rest = [i for i in items if i is not ranked[0]]
+        out = self._project(rel, rest)
+        # The partition and order columns, as the projection names them.
+        names = {}
+        for i, item in enumerate(rest):
+            if isinstance(item.unalias(), exp.Column):
+                names[rel.scope.column_of(item.unalias())] = self._name(item, i)
+
+        def output(column: exp.Column) -> str:
+            physical = rel.scope.column_of(column)
+            if physical not in names:
+                raise refuse(column, f"ROW_NUMBER() over {column.name}, which the query does not select")
+            return names[physical]
+
+        wcols = [p.name.lower() for p in partition]
+        if "window_start" in wcols or "window_end" in wcols:
+            raise refuse(window, "window Top-N")
+        rank = Rank(
+            column=ranked[0].alias,
+            partition=tuple(output(p) for p in partition),
+            order=output(order_items[0].this),
+            descending=bool(order_items[0].args.get("desc")),
+            node=window,
+        )
+        scope = Scope((*out.scope.fields, Field(None, rank.column, rank.column)))
+        return Relation(out.frame, scope, rank=rank)
+
+    def _deduplicate(
+        self, rel: Relation, conjuncts: list[exp.Expression], select: exp.Select
+    ) -> tuple[Relation, list[exp.Expression]]:
+        rank = rel.rank
+        assert rank is not None
+        keep, limit = [], None
+        for conj in conjuncts:
+            bound = _rank_bound(conj, rank.column)
+            if bound is None:
+                keep.append(conj)
+            else:
+                limit = bound if limit is None else min(limit, bound)
+        if limit is None:
+            raise refuse(rank.node, "OVER", reason="ROW_NUMBER() is only supported as deduplication, filtered by rn = 1 in the outer query")
+        if limit > 1:
+            raise refuse(rank.node, "Top-N (ROW_NUMBER() <= N)", alternative="rn = 1 deduplication; Top-N is not in this version")
+        if rank.descending:
+            raise refuse(rank.node, "keep-last deduplication")
+        frame = rel.frame
+        subset = list(rank.partition) or None
+        if isinstance(frame, StreamFrame):
+            proctime = [n.name for n in _walk_plan(frame.plan) if isinstance(n, ProcessingTimeNode)]
+            if rank.order not in proctime:
+                raise refuse(rank.node, "keep-first by event time")
+            frame = frame.unique(subset=subset, keep="first")
+        else:
+            frame = frame.sort(rank.order, maintain_order=True, nulls_last=True).unique(
+                subset=subset, keep="first", maintain_order=True
+            )
+        frame = frame.with_columns(pl.lit(1, pl.Int64).alias(rank.column))
+        return replace(rel, frame=frame, rank=None), keep
+
+
+def _mapped(rel: Relation, left: Relation) -> list[Field]:
+    return [f for f in rel.scope.fields if any(f.qualifier == g.qualifier and f.name == g.name for g in left.scope.fields)]
+
+
+def _ancestors(node: exp.Expression, stop: exp.Expression) -> list[exp.Expression]:
+    out, parent = [], node.parent
+    while parent is not None and parent is not stop:
+        out.append(parent)
+        parent = parent.parent
+    if parent is stop:
+        out.append(stop)
+    return out
+
+
+def _rank_bound(conj: exp.Expression, column: str) -> int | None:
+    """N when ``conj`` is ``rn = N``/``rn <= N``/``rn < N+1`` (either way round)."""
+    if not isinstance(conj, (exp.EQ, exp.LTE, exp.LT, exp.GTE, exp.GT)):
+        return None
+    a, b = conj.this, conj.expression
+    flipped = False
+    if isinstance(b, exp.Column) and isinstance(a, exp.Literal):
+        a, b, flipped = b, a, True
+    if not (isinstance(a, exp.Column) and a.name.lower() == column.lower() and isinstance(b, exp.Literal)):
+        return None
+    n = int(b.name)
+    op = type(conj)
+    if flipped:
+        op = {exp.GTE: exp.LTE, exp.GT: exp.LT, exp.LTE: exp.GTE, exp.LT: exp.GT}.get(op, op)
+    if op is exp.EQ:
+        return n if n == 1 else 2  # rn = N > 1 is not a deduplication
+    if op is exp.LTE:
+        return n
+    if op is exp.LT:
+        return n - 1
+    return 2
+
+
+def _linear(node: exp.Expression) -> tuple[exp.Column, timedelta] | None:
+    """``col``, ``col + INTERVAL``, ``col - INTERVAL``: the column and the offset."""
+    if isinstance(node, exp.Paren):
+        return _linear(node.this)
+    if isinstance(node, exp.Column):
+        return node, timedelta(0)
+    if isinstance(node, (exp.Add, exp.Sub)):
+        a, b = node.this, node.expression
+        if isinstance(b, exp.Interval):
+            inner = _linear(a)
+            if inner is not None:
+                d = interval_of(b)
+                return inner[0], inner[1] + (d if isinstance(node, exp.Add) else -d)
+        if isinstance(node, exp.Add) and isinstance(a, exp.Interval):
+            inner = _linear(b)
+            if inner is not None:
+                return inner[0], inner[1] + interval_of(a)
+    return None
+
+
+def _is_time_bound(conj: exp.Expression) -> bool:
+    if isinstance(conj, exp.Between):
+        return all(_linear(x) is not None for x in (conj.this, conj.args["low"], conj.args["high"]))
+    if isinstance(conj, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        return _linear(conj.this) is not None and _linear(conj.expression) is not None
+    return False
+
+
+def _join_bounds(
+    bounds: list[exp.Expression], left: Relation, right: Relation
+) -> tuple[timedelta, timedelta, tuple[str, str] | None]:
+    """``right_time - left_time`` in ``[lower, upper]`` from the join's time conditions."""
+    if not bounds:
+        return timedelta(0), timedelta(0), None
+    comparisons: list[tuple[exp.Expression, exp.Expression, type, exp.Expression]] = []
+    for conj in bounds:
+        if isinstance(conj, exp.Between):
+            comparisons.append((conj.args["low"], conj.this, exp.LTE, conj))
+            comparisons.append((conj.this, conj.args["high"], exp.LTE, conj))
+        else:
+            comparisons.append((conj.this, conj.expression, type(conj), conj))
+    one = timedelta(microseconds=1)
+    lower, upper = timedelta.min, timedelta.max
+    times: list[str | None] = [None, None]
+    for a, b, op, conj in comparisons:
+        la, lb = _linear(a), _linear(b)
+        assert la is not None and lb is not None
+        if op in (exp.GT, exp.GTE):
+            la, lb = lb, la
+            op = exp.LT if op is exp.GT else exp.LTE
+        # now: a + oa  (<|<=)  b + ob
+        (ca, oa), (cb, ob) = la, lb
+        try:
+            a_left = left.scope.column_of(ca)
+            a_is_left = True
+        except PlanError:
+            a_is_left = False
+        if a_is_left:
+            lcol, rcol = a_left, right.scope.column_of(cb)
+            # left + oa <= right + ob  <=>  right - left >= oa - ob
+            bound = oa - ob + (one if op is exp.LT else timedelta(0))
+            lower = max(lower, bound)
+        else:
+            rcol, lcol = right.scope.column_of(ca), left.scope.column_of(cb)
+            # right + oa <= left + ob  <=>  right - left <= ob - oa
+            bound = ob - oa - (one if op is exp.LT else timedelta(0))
+            upper = min(upper, bound)
+        for i, (col, rel, side) in enumerate(((lcol, left, "left"), (rcol, right, "right"))):
+            assert isinstance(rel.frame, StreamFrame)
+            marks = [m.column for m in rel.frame.plan.watermark_nodes()]
+            if col not in marks:
+                raise refuse(
+                    conj,
+                    f"a time bound on {col}, which is not the {side} stream's watermark column",
+                    alternative=f"bound the join by {marks or 'a WATERMARK column'}",
+                )
+            if times[i] not in (None, col):
+                raise refuse(conj, "time bounds on two different columns of one side")
+            times[i] = col
+    if lower == timedelta.min or upper == timedelta.max:
+        raise refuse(
+            bounds[0],
+            "a one-sided time bound in a join of two streams",
+            alternative="bound both ways: a.ts BETWEEN b.ts - INTERVAL ... AND b.ts + INTERVAL ...",
+        )
+    assert times[0] is not None and times[1] is not None
+    return lower, upper, (times[0], times[1])
