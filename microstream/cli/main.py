@@ -98,6 +98,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(handler=_run)
 
+    sql = sub.add_parser(
+        "sql",
+        help="run the statements of a SQL file (CREATE TABLE, views, INSERT INTO), until its "
+        "queries stop",
+        description=(
+            "Run FILE.sql's statements in order, in Flink's SQL dialect: CREATE TABLE declares "
+            "sources and sinks, CREATE TEMPORARY VIEW names queries, INSERT INTO starts a query, "
+            "EXPLAIN and SELECT print. Needs microstream[sql]."
+        ),
+    )
+    sql.add_argument("file", metavar="FILE.sql", help="SQL file of ;-separated statements")
+    sql.add_argument(
+        "--available-now",
+        action="store_true",
+        help="override every query's trigger with Trigger.available_now()",
+    )
+    sql.add_argument(
+        "--runtime",
+        choices=sorted(RUNTIMES),
+        default=None,
+        help="run every query on this runtime (local: this process, the default)",
+    )
+    sql.set_defaults(handler=_sql)
+
     replay = sub.add_parser(
         "replay",
         help="reprocess a query's whole input into a new version of a Delta output, then switch",
@@ -360,6 +384,52 @@ def _run(args: argparse.Namespace) -> int:
         session.runtime_override = None
         if server is not None:
             server.stop()
+    return 1 if failed else 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from microstream.api.frame import StreamFrame
+    from microstream.sql.context import SQLContext
+
+    with open(args.file, encoding="utf-8") as fh:
+        script = fh.read()
+    session = default_session
+    if args.available_now:
+        session.trigger_override = Trigger.available_now()
+    if args.runtime is not None:
+        session.runtime_override = RUNTIMES[args.runtime]()
+    try:
+        started = []
+        for result in SQLContext().execute_script(script):
+            if isinstance(result, StreamFrame):
+                print(
+                    "microstream: a SELECT over a stream needs a sink; write INSERT INTO a table "
+                    "declared WITH ('connector' = 'print') to see its rows",
+                    file=sys.stderr,
+                )
+                return 1
+            if isinstance(result, pl.LazyFrame):
+                table = result.collect()
+                with pl.Config(tbl_rows=-1):
+                    print("\n".join(table["plan"]) if table.columns == ["plan"] else table)
+            elif result is not None:
+                started.append(result)
+        failed = False
+        for query in started:
+            query.await_termination_quietly()
+            exc = query.exception()
+            if exc is not None:
+                failed = True
+                print(f"microstream: query {query.name or query.id} failed: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        for query in session.active:
+            query.stop()
+        return 130
+    finally:
+        session.trigger_override = None
+        session.runtime_override = None
     return 1 if failed else 0
 
 

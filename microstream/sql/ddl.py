@@ -228,7 +228,7 @@ def source_frame(decl: TableDeclaration) -> StreamFrame:
     if decl.computed:
         scope = Scope(tuple(Field(None, c, c) for c in schema.names()))
         lowering = ExpressionLowering(scope, frame.collect_schema())
-        frame = frame.with_columns(lowering.lower(e).alias(n) for n, e in decl.computed)
+        frame = frame.with_columns([lowering.lower(e).alias(n) for n, e in decl.computed])
     if decl.watermark is not None:
         frame = frame.with_watermark(decl.watermark[0], decl.watermark[1])
     if decl.proctime is not None:
@@ -247,10 +247,12 @@ def start_sink(decl: TableDeclaration, frame: StreamFrame, node: exp.Expression)
             reason=f"the table has {len(names)}: {names}",
         )
     frame = frame.select(
-        pl.col(src).cast(decl.schema[dst]).alias(dst)
-        if dst in decl.schema and have[src] != decl.schema[dst]
-        else pl.col(src).alias(dst)
-        for src, dst in zip(have.names(), names)
+        [
+            pl.col(src).cast(decl.schema[dst]).alias(dst)
+            if dst in decl.schema and have[src] != decl.schema[dst]
+            else pl.col(src).alias(dst)
+            for src, dst in zip(have.names(), names)
+        ]
     )
     connector = decl.connector
     if connector == "print":

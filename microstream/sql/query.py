@@ -223,7 +223,7 @@ class QueryLowering:
         frame = rel.frame
         if conjuncts:
             lowering = ExpressionLowering(rel.scope, frame.collect_schema())
-            predicate = pl.all_horizontal([lowering.lower(c) for c in conjuncts])
+            predicate = _all([lowering.lower(c) for c in conjuncts])
             frame = frame.filter(predicate)
         rel = replace(rel, frame=frame)
         items = self._expand_stars(select, rel.scope)
@@ -579,10 +579,10 @@ class QueryLowering:
         lframe, rframe = left.frame, right.frame
         if pushed_left:
             low = ExpressionLowering(left.scope, lframe.collect_schema())
-            lframe = lframe.filter(pl.all_horizontal([low.lower(c) for c in pushed_left]))
+            lframe = lframe.filter(_all([low.lower(c) for c in pushed_left]))
         if pushed_right:
             low = ExpressionLowering(right.scope, rframe.collect_schema())
-            rframe = rframe.filter(pl.all_horizontal([low.lower(c) for c in pushed_right]))
+            rframe = rframe.filter(_all([low.lower(c) for c in pushed_right]))
         left, right = replace(left, frame=lframe), replace(right, frame=rframe)
         if left.is_stream and right.is_stream:
             rel = self._stream_join(left, right, how, keys, bounds, join)
@@ -592,7 +592,7 @@ class QueryLowering:
             rel = self._static_join(left, right, how, keys, join)
         if cross:
             low = ExpressionLowering(rel.scope, rel.frame.collect_schema())
-            rel = replace(rel, frame=rel.frame.filter(pl.all_horizontal([low.lower(c) for c in cross])))
+            rel = replace(rel, frame=rel.frame.filter(_all([low.lower(c) for c in cross])))
         return rel, rest
 
     def _static_join(
@@ -662,7 +662,11 @@ class QueryLowering:
         lower, upper, times = _join_bounds(bounds, left, right)
         kwargs: dict[str, Any] = {}
         if times is not None:
-            kwargs = {"within": (lower, upper), "left_time": times[0], "right_time": times[1]}
+            kwargs = {
+                "within": (_signed(lower), _signed(upper)),
+                "left_time": times[0],
+                "right_time": times[1],
+            }
         frame = left.frame.join(
             right.frame, left_on=[l for l, _ in keys], right_on=[r for _, r in keys], how="inner", **kwargs
         )
@@ -882,3 +886,17 @@ def _join_bounds(
         )
     assert times[0] is not None and times[1] is not None
     return lower, upper, (times[0], times[1])
+
+
+def _all(predicates: list[pl.Expr]) -> pl.Expr:
+    """The conjunction of ``predicates`` (SQL's AND: null where undecided)."""
+    out = predicates[0]
+    for p in predicates[1:]:
+        out = out & p
+    return out
+
+
+def _signed(value: timedelta) -> str:
+    """``within=``'s spelling of a signed duration (``"-600000000us"``)."""
+    us = value // timedelta(microseconds=1)
+    return f"-{-us}us" if us < 0 else f"{us}us"
