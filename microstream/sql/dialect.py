@@ -153,6 +153,17 @@ def parse(text: str) -> list[exp.Expression]:
     try:
         statements = Flink().parse(text)
     except ParseError as exc:
+        # sqlglot's default grammar cannot read MATCH_RECOGNIZE's clauses; refuse it by name.
+        for token in Flink().tokenize(text):
+            if token.text.upper() == "MATCH_RECOGNIZE":
+                from microstream.sql.refusals import REFUSED
+
+                msg = (
+                    "MATCH_RECOGNIZE is not supported on a stream (line "
+                    f"{token.line}, column {token.col - len(token.text) + 1}): "
+                    f"{REFUSED['MATCH_RECOGNIZE']}"
+                )
+                raise PlanError(msg) from exc
         first = exc.errors[0] if exc.errors else {}
         line, col = first.get("line", "?"), first.get("col", "?")
         description = first.get("description", str(exc))

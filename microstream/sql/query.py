@@ -207,8 +207,9 @@ class QueryLowering:
 
     def _select_body(self, select: exp.Select) -> Relation:
         group = select.args.get("group")
-        if group is not None and any(
-            group.args.get(k) for k in ("rollup", "cube", "grouping_sets")
+        if group is not None and (
+            any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets"))
+            or any(isinstance(g, (exp.Rollup, exp.Cube, exp.GroupingSets)) for g in group.expressions)
         ):
             raise refuse(group, "ROLLUP/CUBE/GROUPING SETS")
         where = select.args.get("where")
