@@ -3,6 +3,7 @@ result over random inputs and splits, and a refusal per construct the docs list.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -82,7 +83,12 @@ FORMS = {
         "SELECT k, window_start, window_end, COUNT(*) AS n, SUM(x) AS total "
         "FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) "
         "GROUP BY window_start, window_end, k",
-        [("a", W[2], W[4], 1, 1), ("a", W[4], W[6], 2, 7), ("b", W[2], W[4], 1, 2), ("b", W[6], W[8], 1, 5)],
+        [
+            ("a", W[2], W[4], 1, 1),
+            ("a", W[4], W[6], 2, 7),
+            ("b", W[2], W[4], 1, 2),
+            ("b", W[6], W[8], 1, 5),
+        ],
     ),
     "HOP TVF": (
         "SELECT window_start, COUNT(*) AS n FROM TABLE(HOP(TABLE ev, DESCRIPTOR(ts), "
@@ -188,7 +194,7 @@ def test_dedup_keep_first_by_processing_time(tmp_path: Path) -> None:
 
 
 def test_sql_picks_frames_from_scope() -> None:
-    prices = pl.DataFrame({"item": ["a", "b"], "price": [3, 7]})
+    prices = pl.DataFrame({"item": ["a", "b"], "price": [3, 7]})  # noqa: F841 (found by ms.sql)
     stream = ms.MemoryStream({"item": pl.String})
     clicks = stream.lazy()
 
@@ -263,7 +269,9 @@ def test_every_documented_refusal_is_tested() -> None:
     assert set(REFUSED) == set(REFUSALS)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     rows=st.lists(
         st.tuples(st.integers(0, 60), st.sampled_from(["a", "b", "c"]), st.integers(-5, 5)),
@@ -276,7 +284,7 @@ def test_sql_equals_python_twin_and_batch(rows, cuts, tmp_path: Path) -> None:
     rows = sorted(rows)  # in event-time order: the 0 s watermark makes nothing late
     data = events([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
     bounds = sorted({0, len(rows), *(min(c, len(rows)) for c in cuts)})
-    batches = [data.slice(a, b - a) for a, b in zip(bounds, bounds[1:])]
+    batches = [data.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
     sql = (
         "SELECT k, window_start, SUM(x) AS total, COUNT(*) AS n FROM TABLE(HOP(TABLE ev, "
         "DESCRIPTOR(ts), INTERVAL '5' SECOND, INTERVAL '15' SECOND)) WHERE x <> 0 "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import polars as pl
 from sqlglot import exp
@@ -37,7 +37,7 @@ from microstream.sql.refusals import refuse
 
 __all__ = ["SQLContext", "sql"]
 
-Result = Union[StreamFrame, pl.LazyFrame, StreamingQuery, None]
+Result = StreamFrame | pl.LazyFrame | StreamingQuery | None
 _FRAMES = (StreamFrame, pl.LazyFrame, pl.DataFrame)
 
 
@@ -78,8 +78,12 @@ class SQLContext:
         self._sources: dict[str, StreamFrame] = {}
         if register_globals:
             caller = inspect.currentframe()
-            scope = caller.f_back.f_globals if caller is not None and caller.f_back is not None else {}
-            found = [(k, v) for k, v in scope.items() if isinstance(v, _FRAMES) and not k.startswith("_")]
+            scope = (
+                caller.f_back.f_globals if caller is not None and caller.f_back is not None else {}
+            )
+            found = [
+                (k, v) for k, v in scope.items() if isinstance(v, _FRAMES) and not k.startswith("_")
+            ]
             if not isinstance(register_globals, bool):
                 found = found[-int(register_globals) :]
             for name, frame in found:
@@ -163,7 +167,11 @@ class SQLContext:
                 return None
             if kind == "TABLE":
                 if statement.expression is not None:
-                    raise refuse(statement, "CREATE TABLE ... AS SELECT", alternative="CREATE TABLE, then INSERT INTO")
+                    raise refuse(
+                        statement,
+                        "CREATE TABLE ... AS SELECT",
+                        alternative="CREATE TABLE, then INSERT INTO",
+                    )
                 decl = declare(statement)
                 self._frames.pop(decl.name, None)
                 self._sources.pop(decl.name, None)
@@ -173,7 +181,11 @@ class SQLContext:
         if isinstance(statement, exp.Insert):
             target = statement.this
             if isinstance(target, exp.Schema):
-                raise refuse(target, "INSERT INTO t (columns)", alternative="select the columns in the table's order")
+                raise refuse(
+                    target,
+                    "INSERT INTO t (columns)",
+                    alternative="select the columns in the table's order",
+                )
             name = target.name
             decl = next((d for n, d in self._declared.items() if n.lower() == name.lower()), None)
             if decl is None:

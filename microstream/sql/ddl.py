@@ -41,13 +41,33 @@ from microstream.sql.expressions import (
 )
 from microstream.sql.refusals import refuse
 
-__all__ = ["SOURCE_CONNECTORS", "SINK_CONNECTORS", "TableDeclaration", "declare", "source_frame", "start_sink"]
+__all__ = [
+    "SINK_CONNECTORS",
+    "SOURCE_CONNECTORS",
+    "TableDeclaration",
+    "declare",
+    "source_frame",
+    "start_sink",
+]
 
 SOURCE_CONNECTORS = ("filesystem", "kafka", "delta")
 SINK_CONNECTORS = ("filesystem", "kafka", "delta", "print", "blackhole", "memory")
-_SINK_FORMATS = {"parquet": "sink_parquet", "csv": "sink_csv", "json": "sink_ndjson", "ndjson": "sink_ndjson"}
+_SINK_FORMATS = {
+    "parquet": "sink_parquet",
+    "csv": "sink_csv",
+    "json": "sink_ndjson",
+    "ndjson": "sink_ndjson",
+}
 # Sink-verb options a table cannot set from SQL (objects, not strings).
-_NOT_FROM_SQL = {"self", "trigger", "runtime", "session", "checkpoint_options", "storage_options", "function"}
+_NOT_FROM_SQL = {
+    "self",
+    "trigger",
+    "runtime",
+    "session",
+    "checkpoint_options",
+    "storage_options",
+    "function",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,11 @@ class TableDeclaration:
 
 
 def _key(node: exp.Expression) -> str:
-    return node.name if isinstance(node, (exp.Literal, exp.Identifier, exp.Var, exp.Column)) else sql_text(node)
+    return (
+        node.name
+        if isinstance(node, (exp.Literal, exp.Identifier, exp.Var, exp.Column))
+        else sql_text(node)
+    )
 
 
 def declare(create: exp.Create) -> TableDeclaration:
@@ -109,7 +133,8 @@ def declare(create: exp.Create) -> TableDeclaration:
         elif isinstance(item, exp.ColumnDef):
             constraints = item.args.get("constraints") or []
             computed_kind = next(
-                (c.kind for c in constraints if isinstance(c.kind, exp.ComputedColumnConstraint)), None
+                (c.kind for c in constraints if isinstance(c.kind, exp.ComputedColumnConstraint)),
+                None,
             )
             if computed_kind is not None:
                 expr = computed_kind.this
@@ -128,7 +153,9 @@ def declare(create: exp.Create) -> TableDeclaration:
         if isinstance(prop, exp.Property):
             options[_key(prop.this).lower()] = _key(prop.args["value"])
         elif not isinstance(prop, exp.TemporaryProperty):
-            raise refuse(prop, f"table property {sql_text(prop)}", alternative="WITH ('key' = 'value', ...)")
+            raise refuse(
+                prop, f"table property {sql_text(prop)}", alternative="WITH ('key' = 'value', ...)"
+            )
     connector = options.get("connector")
     if connector not in SOURCE_CONNECTORS + SINK_CONNECTORS:
         raise refuse(
@@ -161,11 +188,16 @@ def _value(text: str) -> Any:
 def _keywords(
     decl: TableDeclaration, verb: Callable[..., Any], skip: set[str], what: str
 ) -> dict[str, Any]:
-    accepted = {
-        p.name
-        for p in inspect.signature(verb).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    } - _NOT_FROM_SQL - skip
+    accepted = (
+        {
+            p.name
+            for p in inspect.signature(verb).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        }
+        - _NOT_FROM_SQL
+        - skip
+    )
     out = {}
     for key, value in decl.options.items():
         if key in ("connector", "path", "format") or key in skip:
@@ -187,7 +219,9 @@ def _keywords(
 
 def _need(decl: TableDeclaration, key: str) -> str:
     if key not in decl.options:
-        msg = f"CREATE TABLE {decl.name} WITH ('connector' = '{decl.connector}') needs '{key}' = ..."
+        msg = (
+            f"CREATE TABLE {decl.name} WITH ('connector' = '{decl.connector}') needs '{key}' = ..."
+        )
         raise PlanError(msg)
     return decl.options[key]
 
@@ -198,10 +232,17 @@ def source_frame(decl: TableDeclaration) -> StreamFrame:
     schema = decl.schema
     if connector == "filesystem":
         kwargs = _keywords(decl, scan_files, {"schema"}, "source")
-        frame = scan_files(_need(decl, "path"), format=decl.options.get("format", "parquet"), schema=schema, **kwargs)
+        frame = scan_files(
+            _need(decl, "path"),
+            format=decl.options.get("format", "parquet"),
+            schema=schema,
+            **kwargs,
+        )
     elif connector == "kafka":
         opts = dict(decl.options)
-        servers = opts.pop("properties.bootstrap.servers", None) or opts.pop("bootstrap-servers", None)
+        servers = opts.pop("properties.bootstrap.servers", None) or opts.pop(
+            "bootstrap-servers", None
+        )
         if servers is None:
             msg = f"CREATE TABLE {decl.name}: a kafka table needs 'properties.bootstrap.servers'"
             raise PlanError(msg)
@@ -271,10 +312,14 @@ def start_sink(decl: TableDeclaration, frame: StreamFrame, node: exp.Expression)
         verb = getattr(frame, _SINK_FORMATS[fmt])
         return verb(_need(decl, "path"), **_keywords(decl, verb, set(), "sink"))  # type: ignore[no-any-return]
     if connector == "delta":
-        return frame.sink_delta(_need(decl, "path"), **_keywords(decl, frame.sink_delta, set(), "sink"))
+        return frame.sink_delta(
+            _need(decl, "path"), **_keywords(decl, frame.sink_delta, set(), "sink")
+        )
     if connector == "kafka":
         opts = dict(decl.options)
-        servers = opts.pop("properties.bootstrap.servers", None) or opts.pop("bootstrap-servers", None)
+        servers = opts.pop("properties.bootstrap.servers", None) or opts.pop(
+            "bootstrap-servers", None
+        )
         topic = opts.pop("topic", None)
         if servers is None or topic is None:
             msg = f"CREATE TABLE {decl.name}: a kafka sink needs 'properties.bootstrap.servers' and 'topic'"

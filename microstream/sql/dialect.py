@@ -106,8 +106,10 @@ class FlinkParser(parser.Parser):
         return call
 
     def _parse_statement(self) -> exp.Expression | None:
-        if self._curr and self._curr.token_type == TokenType.VAR and self._curr.text.upper() == (
-            "EXPLAIN"
+        if (
+            self._curr
+            and self._curr.token_type == TokenType.VAR
+            and self._curr.text.upper() == ("EXPLAIN")
         ):
             self._advance()
             return self.expression(Explain(this=super()._parse_statement()))
@@ -127,11 +129,13 @@ class Flink(Dialect):
         # Error messages quote the statement's constructs back as SQL.
         TRANSFORMS = {
             **generator.Generator.TRANSFORMS,
-            TableArgument: lambda self, e: f"TABLE {self.sql(e, 'this')}"
-            + (
-                f" PARTITION BY ({self.expressions(e, key='partition_by', flat=True)})"
-                if e.args.get("partition_by")
-                else ""
+            TableArgument: lambda self, e: (
+                f"TABLE {self.sql(e, 'this')}"
+                + (
+                    f" PARTITION BY ({self.expressions(e, key='partition_by', flat=True)})"
+                    if e.args.get("partition_by")
+                    else ""
+                )
             ),
             Descriptor: lambda self, e: f"DESCRIPTOR({self.expressions(e, flat=True)})",
             Explain: lambda self, e: f"EXPLAIN {self.sql(e, 'this')}",

@@ -406,7 +406,11 @@ class ExpressionLowering:
             if subject is not None:
                 condition = subject == condition
             value = self.lower(branch.args["true"])
-            chain = pl.when(condition).then(value) if chain is None else chain.when(condition).then(value)
+            chain = (
+                pl.when(condition).then(value)
+                if chain is None
+                else chain.when(condition).then(value)
+            )
         default = node.args.get("default")
         otherwise = self.lower(default) if default is not None else pl.lit(None)
         return chain.otherwise(otherwise) if chain is not None else otherwise
@@ -529,7 +533,11 @@ class ExpressionLowering:
         args = node.expressions
         if name in ("HOUR", "MINUTE", "SECOND") and len(args) == 1:
             value = self.lower(args[0])
-            part = {"HOUR": value.dt.hour(), "MINUTE": value.dt.minute(), "SECOND": value.dt.second()}
+            part = {
+                "HOUR": value.dt.hour(),
+                "MINUTE": value.dt.minute(),
+                "SECOND": value.dt.second(),
+            }
             return part[name].cast(pl.Int64)
         if name == "DATE_FORMAT" and len(args) == 2:
             pattern = args[1]

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Union
+from typing import Any
 
 import polars as pl
 from sqlglot import exp
@@ -58,7 +58,7 @@ from microstream.sql.windows import (
 
 __all__ = ["Frame", "QueryLowering", "Relation"]
 
-Frame = Union[StreamFrame, pl.LazyFrame]
+Frame = StreamFrame | pl.LazyFrame
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,9 @@ class QueryLowering:
         group = select.args.get("group")
         if group is not None and (
             any(group.args.get(k) for k in ("rollup", "cube", "grouping_sets"))
-            or any(isinstance(g, (exp.Rollup, exp.Cube, exp.GroupingSets)) for g in group.expressions)
+            or any(
+                isinstance(g, (exp.Rollup, exp.Cube, exp.GroupingSets)) for g in group.expressions
+            )
         ):
             raise refuse(group, "ROLLUP/CUBE/GROUPING SETS")
         where = select.args.get("where")
@@ -228,9 +230,10 @@ class QueryLowering:
             frame = frame.filter(predicate)
         rel = replace(rel, frame=frame)
         items = self._expand_stars(select, rel.scope)
-        has_aggregates = any(
-            item.find(*AGGREGATES) is not None for item in items
-        ) or select.args.get("having") is not None
+        has_aggregates = (
+            any(item.find(*AGGREGATES) is not None for item in items)
+            or select.args.get("having") is not None
+        )
         ranked = [i for i in items if isinstance(i.unalias(), exp.Window)]
         if ranked:
             return self._ranked(rel, items, ranked, select)
@@ -263,10 +266,16 @@ class QueryLowering:
                 for item in order.expressions:
                     column = item.this
                     if not isinstance(column, exp.Column) or column.name not in frame.columns:
-                        raise refuse(item, f"ORDER BY {sql_text(item)}", alternative="order by output columns")
+                        raise refuse(
+                            item,
+                            f"ORDER BY {sql_text(item)}",
+                            alternative="order by output columns",
+                        )
                     names.append(column.name)
                     descending.append(bool(item.args.get("desc")))
-                frame = frame.sort(names, descending=descending, nulls_last=True, maintain_order=True)
+                frame = frame.sort(
+                    names, descending=descending, nulls_last=True, maintain_order=True
+                )
             if limit is not None:
                 frame = frame.head(int(limit.expression.name))
         return replace(rel, frame=frame)
@@ -293,7 +302,9 @@ class QueryLowering:
                         f"SELECT * over a {f.name} that exists only after the window aggregation",
                         alternative="GROUP BY window_start, window_end",
                     )
-                column = exp.column(f.name, table=f.qualifier) if f.qualifier else exp.column(f.name)
+                column = (
+                    exp.column(f.name, table=f.qualifier) if f.qualifier else exp.column(f.name)
+                )
                 items.append(column)
         return items
 
@@ -305,12 +316,16 @@ class QueryLowering:
             return item.name
         return f"EXPR${index}"
 
-    def _output(self, frame: Frame, items: list[exp.Expression], lowering: ExpressionLowering) -> Relation:
+    def _output(
+        self, frame: Frame, items: list[exp.Expression], lowering: ExpressionLowering
+    ) -> Relation:
         exprs, names = [], []
         for i, item in enumerate(items):
             name = self._name(item, i)
             if name in names:
-                raise refuse(item, f"two output columns named {name!r}", alternative="alias one of them")
+                raise refuse(
+                    item, f"two output columns named {name!r}", alternative="alias one of them"
+                )
             names.append(name)
             exprs.append(lowering.lower(item.unalias()).alias(name))
         out = frame.select(exprs)
@@ -322,7 +337,9 @@ class QueryLowering:
 
     # -- aggregation ----------------------------------------------------------------
 
-    def _aggregate(self, rel: Relation, items: list[exp.Expression], select: exp.Select) -> Relation:
+    def _aggregate(
+        self, rel: Relation, items: list[exp.Expression], select: exp.Select
+    ) -> Relation:
         group = select.args.get("group")
         group_exprs = list(group.expressions) if group is not None else []
         base = ExpressionLowering(rel.scope, rel.frame.collect_schema())
@@ -347,7 +364,10 @@ class QueryLowering:
                 continue
             if isinstance(g, exp.Column) and rel.window is not None:
                 found = rel.scope.resolve(g)
-                if found.name.lower() in WINDOW_COLUMNS and found.qualifier == rel.scope.fields[-1].qualifier:
+                if (
+                    found.name.lower() in WINDOW_COLUMNS
+                    and found.qualifier == rel.scope.fields[-1].qualifier
+                ):
                     window_nodes.append(g)
                     key_of[sql_text(g).lower()] = found.name.lower()
                     key_of[found.name.lower()] = found.name.lower()
@@ -402,17 +422,26 @@ class QueryLowering:
                 return pl.col(key_of[text])
             if isinstance(node, exp.Anonymous) and node.name.upper() in LEGACY_PARTS:
                 kind, part = LEGACY_PARTS[node.name.upper()]
-                if legacy_call is None or kind != legacy_call.name.upper() or [
-                    sql_text(a) for a in node.expressions
-                ] != [sql_text(a) for a in legacy_call.expressions]:
+                if (
+                    legacy_call is None
+                    or kind != legacy_call.name.upper()
+                    or [sql_text(a) for a in node.expressions]
+                    != [sql_text(a) for a in legacy_call.expressions]
+                ):
                     raise refuse(
                         node,
                         f"{node.name.upper()}(...) without the same {kind}(...) in GROUP BY",
                     )
-                return pl.col({"START": "window_start", "END": "window_end", "ROWTIME": "window_time"}[part])
+                return pl.col(
+                    {"START": "window_start", "END": "window_end", "ROWTIME": "window_time"}[part]
+                )
             if isinstance(node, exp.Column):
                 found = rel.scope.resolve(node)
-                if window is not None and rel.window is not None and found.name.lower() in WINDOW_COLUMNS:
+                if (
+                    window is not None
+                    and rel.window is not None
+                    and found.name.lower() in WINDOW_COLUMNS
+                ):
                     return pl.col(found.name.lower())
                 for k in (found.column, found.name.lower()):
                     if k is not None and k in keys:
@@ -442,7 +471,9 @@ class QueryLowering:
         distinct = isinstance(arg, exp.Distinct)
         if distinct:
             if not isinstance(node, exp.Count) or len(arg.expressions) != 1:
-                raise refuse(node, f"{sql_text(node)}", alternative="COUNT(DISTINCT x) of one column")
+                raise refuse(
+                    node, f"{sql_text(node)}", alternative="COUNT(DISTINCT x) of one column"
+                )
             arg = arg.expressions[0]
         if isinstance(node, exp.Count) and (arg is None or isinstance(arg, exp.Star)):
             aggs[name] = pl.len()
@@ -468,7 +499,10 @@ class QueryLowering:
     ) -> tuple[Relation, list[exp.Expression]]:
         rel = self._item(item)
         for join in joins:
-            inner = (join.side or "").upper() == "" and (join.kind or "INNER").upper() in ("", "INNER")
+            inner = (join.side or "").upper() == "" and (join.kind or "INNER").upper() in (
+                "",
+                "INNER",
+            )
             # WHERE conjuncts join the ON conditions of a single inner join (pushdown).
             movable = conjuncts if inner and len(joins) == 1 else []
             rel, rest = self._join(rel, self._item(join.this), join, movable)
@@ -506,7 +540,11 @@ class QueryLowering:
         if window.kind == "TUMBLE":
             assert window.size is not None
             unit = frame.collect_schema()[window.column]
-            one = timedelta(milliseconds=1) if getattr(unit, "time_unit", "us") == "ms" else timedelta(microseconds=1)
+            one = (
+                timedelta(milliseconds=1)
+                if getattr(unit, "time_unit", "us") == "ms"
+                else timedelta(microseconds=1)
+            )
             start = pl.col(window.column).dt.truncate(window.size)
             frame = frame.with_columns(
                 window_start=start,
@@ -527,7 +565,11 @@ class QueryLowering:
         kind = (join.kind or "").upper()
         if join.args.get("using"):
             raise refuse(join, "JOIN ... USING", alternative="write ON a.k = b.k")
-        how = "cross" if kind == "CROSS" else {"": "inner", "LEFT": "left", "RIGHT": "right", "FULL": "full"}[side]
+        how = (
+            "cross"
+            if kind == "CROSS"
+            else {"": "inner", "LEFT": "left", "RIGHT": "right", "FULL": "full"}[side]
+        )
         on = _conjuncts(join.args.get("on"))
         both = Scope(left.scope.fields + right.scope.fields)
 
@@ -558,14 +600,18 @@ class QueryLowering:
                     rest.append(conj)
                 else:
                     pushed_right.append(conj)
-            elif where == {"L", "R"} and isinstance(conj, exp.EQ) and all(
-                isinstance(x, exp.Column) for x in (conj.this, conj.expression)
+            elif (
+                where == {"L", "R"}
+                and isinstance(conj, exp.EQ)
+                and all(isinstance(x, exp.Column) for x in (conj.this, conj.expression))
             ):
                 a, b = conj.this, conj.expression
                 if sides(a) == {"R"}:
                     a, b = b, a
                 keys.append((left.scope.column_of(a), right.scope.column_of(b)))
-            elif where == {"L", "R"} and left.is_stream and right.is_stream and _is_time_bound(conj):
+            elif (
+                where == {"L", "R"} and left.is_stream and right.is_stream and _is_time_bound(conj)
+            ):
                 bounds.append(conj)
             elif not from_on:
                 rest.append(conj)
@@ -608,7 +654,7 @@ class QueryLowering:
                     alternative="put the stream on the left, or use an inner join",
                 )
             swapped_how = {"right": "left"}.get(how, how)
-            rel = self._static_join(right, left, swapped_how, [(r, l) for l, r in keys], join)
+            rel = self._static_join(right, left, swapped_how, [(r, lk) for lk, r in keys], join)
             # The columns in FROM order, as SQL shows them.
             fields = [f for f in rel.scope.fields if f in _mapped(rel, left)] + [
                 f for f in rel.scope.fields if f not in _mapped(rel, left)
@@ -626,23 +672,32 @@ class QueryLowering:
         for c in right.frame.collect_schema().names():
             renames[c] = _fresh(c, taken) if c in taken else c
             taken.add(renames[c])
-        rframe = right.frame.rename(renames) if any(k != v for k, v in renames.items()) else right.frame
-        left_on = [l for l, _ in keys]
+        rframe = (
+            right.frame.rename(renames) if any(k != v for k, v in renames.items()) else right.frame
+        )
+        left_on = [lk for lk, _ in keys]
         right_on = [renames[r] for _, r in keys]
         if how == "cross" or not keys:
             if how not in ("inner", "cross"):
                 raise refuse(join, f"{how.upper()} JOIN without an equality of the two sides")
             frame: Frame = left.frame.join(rframe, how="cross")  # type: ignore[arg-type]
         elif isinstance(left.frame, StreamFrame):
-            frame = left.frame.join(rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False)  # type: ignore[arg-type]
+            frame = left.frame.join(
+                rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False
+            )  # type: ignore[arg-type]
         else:
             assert isinstance(rframe, pl.LazyFrame)
             frame = left.frame.join(
-                rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False,  # type: ignore[arg-type]
+                rframe,
+                left_on=left_on,
+                right_on=right_on,
+                how=how,
+                coalesce=False,  # type: ignore[arg-type]
                 maintain_order="left_right",
             )
         fields = list(left.scope.fields) + [
-            Field(f.qualifier, f.name, renames[f.column] if f.column else None) for f in right.scope.fields
+            Field(f.qualifier, f.name, renames[f.column] if f.column else None)
+            for f in right.scope.fields
         ]
         return Relation(frame, Scope(tuple(fields)))
 
@@ -669,30 +724,52 @@ class QueryLowering:
                 "right_time": times[1],
             }
         frame = left.frame.join(
-            right.frame, left_on=[l for l, _ in keys], right_on=[r for _, r in keys], how="inner", **kwargs
+            right.frame,
+            left_on=[lk for lk, _ in keys],
+            right_on=[r for _, r in keys],
+            how="inner",
+            **kwargs,
         )
         # Polars' naming: right keys coalesced into the left ones, clashes suffixed.
         lcols = set(left.frame.collect_schema().names())
-        key_map = {r: l for l, r in keys}
+        key_map = {r: lk for lk, r in keys}
         fields = list(left.scope.fields)
         for f in right.scope.fields:
             if f.column in key_map:
                 fields.append(Field(f.qualifier, f.name, key_map[f.column]))
             elif f.column is not None:
-                fields.append(Field(f.qualifier, f.name, f"{f.column}_right" if f.column in lcols else f.column))
-        missing = [f.column for f in fields if f.column is not None and f.column not in frame.collect_schema()]
+                fields.append(
+                    Field(
+                        f.qualifier, f.name, f"{f.column}_right" if f.column in lcols else f.column
+                    )
+                )
+        missing = [
+            f.column
+            for f in fields
+            if f.column is not None and f.column not in frame.collect_schema()
+        ]
         if missing:
-            raise refuse(join, "this join's column names", reason=f"cannot place {missing}; rename columns")
+            raise refuse(
+                join, "this join's column names", reason=f"cannot place {missing}; rename columns"
+            )
         return Relation(frame, Scope(tuple(fields)))
 
     # -- deduplication --------------------------------------------------------------
 
     def _ranked(
-        self, rel: Relation, items: list[exp.Expression], ranked: list[exp.Expression], select: exp.Select
+        self,
+        rel: Relation,
+        items: list[exp.Expression],
+        ranked: list[exp.Expression],
+        select: exp.Select,
     ) -> Relation:
         window = ranked[0].unalias()
         assert isinstance(window, exp.Window)
-        if len(ranked) > 1 or not isinstance(window.this, exp.RowNumber) or not isinstance(ranked[0], exp.Alias):
+        if (
+            len(ranked) > 1
+            or not isinstance(window.this, exp.RowNumber)
+            or not isinstance(ranked[0], exp.Alias)
+        ):
             raise refuse(window, "OVER")
         if select.args.get("group") is not None:
             raise refuse(window, "OVER")
@@ -714,7 +791,9 @@ class QueryLowering:
         def output(column: exp.Column) -> str:
             physical = rel.scope.column_of(column)
             if physical not in names:
-                raise refuse(column, f"ROW_NUMBER() over {column.name}, which the query does not select")
+                raise refuse(
+                    column, f"ROW_NUMBER() over {column.name}, which the query does not select"
+                )
             return names[physical]
 
         wcols = [p.name.lower() for p in partition]
@@ -743,9 +822,17 @@ class QueryLowering:
             else:
                 limit = bound if limit is None else min(limit, bound)
         if limit is None:
-            raise refuse(rank.node, "OVER", reason="ROW_NUMBER() is only supported as deduplication, filtered by rn = 1 in the outer query")
+            raise refuse(
+                rank.node,
+                "OVER",
+                reason="ROW_NUMBER() is only supported as deduplication, filtered by rn = 1 in the outer query",
+            )
         if limit > 1:
-            raise refuse(rank.node, "Top-N (ROW_NUMBER() <= N)", alternative="rn = 1 deduplication; Top-N is not in this version")
+            raise refuse(
+                rank.node,
+                "Top-N (ROW_NUMBER() <= N)",
+                alternative="rn = 1 deduplication; Top-N is not in this version",
+            )
         if rank.descending:
             raise refuse(rank.node, "keep-last deduplication")
         frame = rel.frame
@@ -764,7 +851,11 @@ class QueryLowering:
 
 
 def _mapped(rel: Relation, left: Relation) -> list[Field]:
-    return [f for f in rel.scope.fields if any(f.qualifier == g.qualifier and f.name == g.name for g in left.scope.fields)]
+    return [
+        f
+        for f in rel.scope.fields
+        if any(f.qualifier == g.qualifier and f.name == g.name for g in left.scope.fields)
+    ]
 
 
 def _ancestors(node: exp.Expression, stop: exp.Expression) -> list[exp.Expression]:
@@ -785,7 +876,11 @@ def _rank_bound(conj: exp.Expression, column: str) -> int | None:
     flipped = False
     if isinstance(b, exp.Column) and isinstance(a, exp.Literal):
         a, b, flipped = b, a, True
-    if not (isinstance(a, exp.Column) and a.name.lower() == column.lower() and isinstance(b, exp.Literal)):
+    if not (
+        isinstance(a, exp.Column)
+        and a.name.lower() == column.lower()
+        and isinstance(b, exp.Literal)
+    ):
         return None
     n = int(b.name)
     op = type(conj)
@@ -847,9 +942,9 @@ def _join_bounds(
     for a, b, op, conj in comparisons:
         la, lb = _linear(a), _linear(b)
         assert la is not None and lb is not None
+        strict = op in (exp.GT, exp.LT)
         if op in (exp.GT, exp.GTE):
             la, lb = lb, la
-            op = exp.LT if op is exp.GT else exp.LTE
         # now: a + oa  (<|<=)  b + ob
         (ca, oa), (cb, ob) = la, lb
         try:
@@ -860,12 +955,12 @@ def _join_bounds(
         if a_is_left:
             lcol, rcol = a_left, right.scope.column_of(cb)
             # left + oa <= right + ob  <=>  right - left >= oa - ob
-            bound = oa - ob + (one if op is exp.LT else timedelta(0))
+            bound = oa - ob + (one if strict else timedelta(0))
             lower = max(lower, bound)
         else:
             rcol, lcol = right.scope.column_of(ca), left.scope.column_of(cb)
             # right + oa <= left + ob  <=>  right - left <= ob - oa
-            bound = ob - oa - (one if op is exp.LT else timedelta(0))
+            bound = ob - oa - (one if strict else timedelta(0))
             upper = min(upper, bound)
         for i, (col, rel, side) in enumerate(((lcol, left, "left"), (rcol, right, "right"))):
             assert isinstance(rel.frame, StreamFrame)

@@ -89,7 +89,9 @@ def tvf_window(call: exp.Anonymous, column_of: dict[str, str]) -> tuple[str, Win
         column(c.name, c) for c in (table_arg.args.get("partition_by") or []) if c is not None
     )
     if partition and kind != "SESSION":
-        raise refuse(table_arg, f"{kind}(TABLE t PARTITION BY ...)", alternative="GROUP BY the keys")
+        raise refuse(
+            table_arg, f"{kind}(TABLE t PARTITION BY ...)", alternative="GROUP BY the keys"
+        )
     table = table_arg.this.name
     if kind == "TUMBLE" and len(args) == 3:
         size = interval_of(args[2])
@@ -99,7 +101,9 @@ def tvf_window(call: exp.Anonymous, column_of: dict[str, str]) -> tuple[str, Win
         _check_hop(call, slide, size)
         return table, Window("HOP", time_column, size=size, slide=slide)
     if kind == "SESSION" and len(args) == 3:
-        return table, Window("SESSION", time_column, gap=interval_of(args[2]), partition_by=partition)
+        return table, Window(
+            "SESSION", time_column, gap=interval_of(args[2]), partition_by=partition
+        )
     raise refuse(call, f"{sql_text(call)}", reason=f"{kind} takes other arguments")
 
 
@@ -147,9 +151,9 @@ def window_aggregate(
         else:
             out = _batch_sessions(frame, window.column, window.gap, by, aggs)
         start, end = pl.col("session_start"), pl.col("session_end")
-        return out.with_columns(
-            window_start=start, window_end=end, window_time=end - unit
-        ).drop("session_start", "session_end")
+        return out.with_columns(window_start=start, window_end=end, window_time=end - unit).drop(
+            "session_start", "session_end"
+        )
     assert window.size is not None and window.slide is not None
     if isinstance(frame, StreamFrame):
         out = frame.group_by_dynamic(
