@@ -6,7 +6,7 @@ Polars' names and arguments: ``frame.group_by("user").agg(pl.len())``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -110,7 +110,7 @@ def emit_policy(
 def _aggs(aggs: Sequence[Any], named: dict[str, Any], verb: str) -> tuple[pl.Expr, ...]:
     exprs: list[pl.Expr] = []
     for agg in aggs:
-        items = agg if isinstance(agg, (list, tuple)) else [agg]
+        items = agg if isinstance(agg, (list, tuple, Iterator)) else [agg]
         for item in items:
             exprs.append(pl.col(item) if isinstance(item, str) else item)
     exprs += [(pl.col(v) if isinstance(v, str) else v).alias(k) for k, v in named.items()]

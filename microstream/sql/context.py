@@ -120,7 +120,7 @@ class SQLContext:
         """The names of the registered and declared tables and views, sorted."""
         return sorted({*self._frames, *self._declared})
 
-    def _resolved(self, statement: exp.Expression) -> dict[str, Frame]:
+    def _resolved(self, statement: exp.Expr) -> dict[str, Frame]:
         tables: dict[str, Frame] = dict(self._frames)
         wanted = {t.name.lower() for t in statement.find_all(exp.Table)}
         from microstream.sql.dialect import TableArgument
@@ -150,7 +150,7 @@ class SQLContext:
         """Run the ``;``-separated statements of ``script`` in order; their results."""
         return [self._statement(s) for s in parse(script)]
 
-    def _statement(self, statement: exp.Expression) -> Result:
+    def _statement(self, statement: exp.Expr) -> Result:
         if isinstance(statement, Explain):
             frame = self._query(statement.this)
             lines = (
@@ -187,10 +187,12 @@ class SQLContext:
                     alternative="select the columns in the table's order",
                 )
             name = target.name
-            decl = next((d for n, d in self._declared.items() if n.lower() == name.lower()), None)
-            if decl is None:
+            sink_decl = next(
+                (d for n, d in self._declared.items() if n.lower() == name.lower()), None
+            )
+            if sink_decl is None:
                 msg = (
-                    f"INSERT INTO {name}: no sink table {name!r}; declare it with CREATE TABLE "
+                    f"INSERT INTO {name}: no sink table {name!r}; sink_declare it with CREATE TABLE "
                     f"{name} (...) WITH ('connector' = 'print' | 'blackhole' | 'memory' | "
                     "'filesystem' | 'delta' | 'kafka', ...)"
                 )
@@ -202,12 +204,12 @@ class SQLContext:
                     "INSERT INTO from static tables only",
                     alternative="write a static result with Polars' write_* functions",
                 )
-            return start_sink(decl, frame, statement)
+            return start_sink(sink_decl, frame, statement)
         if isinstance(statement, (exp.Select, exp.Union, exp.Subquery, exp.Intersect, exp.Except)):
             return self._query(statement)
         raise refuse(statement, f"statement {type(statement).__name__.upper()}")
 
-    def _query(self, node: exp.Expression) -> Frame:
+    def _query(self, node: exp.Expr) -> Frame:
         return QueryLowering(self._resolved(node)).query(node).frame
 
 

@@ -22,11 +22,12 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_args
 
 import polars as pl
 from sqlglot import exp
 
+from microstream._typing import FileFormat, KafkaFormat
 from microstream.api.frame import StreamFrame
 from microstream.api.query import StreamingQuery
 from microstream.api.scan import scan_delta, scan_files, scan_kafka
@@ -77,10 +78,10 @@ class TableDeclaration:
     name: str
     schema: pl.Schema
     options: dict[str, str]
-    computed: tuple[tuple[str, exp.Expression], ...] = ()
+    computed: tuple[tuple[str, exp.Expr], ...] = ()
     proctime: str | None = None
     watermark: tuple[str, timedelta] | None = None
-    node: exp.Expression = field(default_factory=exp.Null, compare=False)
+    node: exp.Expr = field(default_factory=exp.Null, compare=False)
 
     @property
     def connector(self) -> str:
@@ -93,7 +94,7 @@ class TableDeclaration:
         return [*names, self.proctime] if self.proctime else names
 
 
-def _key(node: exp.Expression) -> str:
+def _key(node: exp.Expr) -> str:
     return (
         node.name
         if isinstance(node, (exp.Literal, exp.Identifier, exp.Var, exp.Column))
@@ -108,7 +109,7 @@ def declare(create: exp.Create) -> TableDeclaration:
         raise refuse(create, "CREATE TABLE without columns", alternative="declare the columns")
     name = schema_node.this.name
     columns: dict[str, pl.DataType] = {}
-    computed: list[tuple[str, exp.Expression]] = []
+    computed: list[tuple[str, exp.Expr]] = []
     proctime = None
     watermark = None
     for item in schema_node.expressions:
@@ -226,6 +227,19 @@ def _need(decl: TableDeclaration, key: str) -> str:
     return decl.options[key]
 
 
+def _choice(
+    decl: TableDeclaration, options: dict[str, str], key: str, default: str, choices: Any
+) -> Any:
+    """Option ``key`` checked against ``choices`` (a ``Literal`` alias): a value of it."""
+    value = options.get(key, default)
+    allowed = get_args(choices)
+    for choice in allowed:
+        if value == choice:
+            return choice
+    msg = f"CREATE TABLE {decl.name}: {key!r} = {value!r}; the {decl.connector} connector reads {list(allowed)}"
+    raise PlanError(msg)
+
+
 def source_frame(decl: TableDeclaration) -> StreamFrame:
     """The stream a query reads from a declared table."""
     connector = decl.connector
@@ -234,7 +248,7 @@ def source_frame(decl: TableDeclaration) -> StreamFrame:
         kwargs = _keywords(decl, scan_files, {"schema"}, "source")
         frame = scan_files(
             _need(decl, "path"),
-            format=decl.options.get("format", "parquet"),
+            format=_choice(decl, decl.options, "format", "parquet", FileFormat),
             schema=schema,
             **kwargs,
         )
@@ -251,7 +265,8 @@ def source_frame(decl: TableDeclaration) -> StreamFrame:
             opts["starting-offsets"] = mode.removesuffix("-offset")
         decl2 = TableDeclaration(decl.name, schema, opts)
         kwargs = _keywords(decl2, scan_kafka, {"schema", "bootstrap_servers"}, "source")
-        frame = scan_kafka(servers, format=opts.get("format", "json"), schema=schema, **kwargs)
+        fmt = _choice(decl, opts, "format", "json", KafkaFormat)
+        frame = scan_kafka(servers, format=fmt, schema=schema, **kwargs)
     elif connector == "delta":
         kwargs = _keywords(decl, scan_delta, set(), "source")
         frame = scan_delta(_need(decl, "path"), **kwargs)
@@ -277,7 +292,7 @@ def source_frame(decl: TableDeclaration) -> StreamFrame:
     return frame
 
 
-def start_sink(decl: TableDeclaration, frame: StreamFrame, node: exp.Expression) -> StreamingQuery:
+def start_sink(decl: TableDeclaration, frame: StreamFrame, node: exp.Expr) -> StreamingQuery:
     """``INSERT INTO decl SELECT ...``: the query's columns, by position, into the table's."""
     names = decl.columns
     have = frame.collect_schema()
@@ -310,7 +325,8 @@ def start_sink(decl: TableDeclaration, frame: StreamFrame, node: exp.Expression)
             msg = f"CREATE TABLE {decl.name}: 'format' = {fmt!r}; a filesystem sink writes {sorted(_SINK_FORMATS)}"
             raise PlanError(msg)
         verb = getattr(frame, _SINK_FORMATS[fmt])
-        return verb(_need(decl, "path"), **_keywords(decl, verb, set(), "sink"))  # type: ignore[no-any-return]
+        started: StreamingQuery = verb(_need(decl, "path"), **_keywords(decl, verb, set(), "sink"))
+        return started
     if connector == "delta":
         return frame.sink_delta(
             _need(decl, "path"), **_keywords(decl, frame.sink_delta, set(), "sink")

@@ -79,11 +79,11 @@ class FlinkParser(parser.Parser):
 
     SCHEMA_UNNAMED_CONSTRAINTS = {*parser.Parser.SCHEMA_UNNAMED_CONSTRAINTS, "WATERMARK"}
 
-    def _parse_tvf_call(self, name: str) -> exp.Expression:
+    def _parse_tvf_call(self, name: str) -> exp.Expr:
         # The same names are the legacy group-window functions (GROUP BY TUMBLE(ts, ...)),
         # whose first argument is a column, not TABLE t.
         token = self._prev
-        args: list[exp.Expression] = []
+        args: list[exp.Expr] = []
         if self._match(TokenType.TABLE):
             table = self._parse_table_parts()
             partition = None
@@ -93,19 +93,20 @@ class FlinkParser(parser.Parser):
                     partition = self._parse_csv(self._parse_column)
                     self._match_r_paren()
                 else:
-                    partition = [self._parse_column()]
+                    key = self._parse_column()
+                    partition = [key] if key is not None else None
             args.append(self.expression(TableArgument(this=table, partition_by=partition)))
             if not self._match(TokenType.COMMA):
                 return self._finish_call(name, args, token)
         args.extend(a for a in self._parse_csv(self._parse_lambda) if a is not None)
         return self._finish_call(name, args, token)
 
-    def _finish_call(self, name: str, args: list[exp.Expression], token: Any) -> exp.Expression:
+    def _finish_call(self, name: str, args: list[exp.Expr], token: Any) -> exp.Expr:
         call = exp.Anonymous(this=name, expressions=args)
         call.update_positions(token)
         return call
 
-    def _parse_statement(self) -> exp.Expression | None:
+    def _parse_statement(self) -> exp.Expr | None:
         if (
             self._curr
             and self._curr.token_type == TokenType.VAR
@@ -142,7 +143,7 @@ class Flink(Dialect):
         }
 
 
-def parse(text: str) -> list[exp.Expression]:
+def parse(text: str) -> list[exp.Expr]:
     """The statements of ``text`` (separated by ``;``), parsed in the Flink dialect.
 
     Examples

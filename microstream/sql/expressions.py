@@ -57,7 +57,7 @@ _JAVA_DATE_LETTERS = {
 }
 
 
-def sql_text(node: exp.Expression) -> str:
+def sql_text(node: exp.Expr) -> str:
     """``node`` written back as Flink SQL (for messages)."""
     from microstream.sql.dialect import Flink
 
@@ -118,7 +118,7 @@ class Scope:
         return found.column
 
 
-def interval_of(node: exp.Expression) -> timedelta:
+def interval_of(node: exp.Expr) -> timedelta:
     """The duration of ``INTERVAL '10' SECOND`` (Flink's single-unit interval literals)."""
     if not isinstance(node, exp.Interval):
         raise refuse(node, f"{sql_text(node)} as a duration", alternative="write INTERVAL 'n' UNIT")
@@ -137,7 +137,7 @@ def interval_of(node: exp.Expression) -> timedelta:
     return int(value.strip()) * _UNITS[unit]
 
 
-def polars_type(datatype: exp.DataType, node: exp.Expression | None = None) -> pl.DataType:
+def polars_type(datatype: exp.DataType, node: exp.Expr | None = None) -> pl.DataType:
     """The Polars type of a Flink SQL type (``BIGINT``, ``TIMESTAMP(3)``, ``DECIMAL(10, 2)``)."""
     kind = datatype.this
     params = [p.this.name for p in datatype.expressions if isinstance(p, exp.DataTypeParam)]
@@ -161,8 +161,9 @@ def polars_type(datatype: exp.DataType, node: exp.Expression | None = None) -> p
         return simple[kind]
     if kind == t.TIMESTAMP:
         precision = int(params[0]) if params else 6  # Flink's default TIMESTAMP is (6)
-        unit = "ms" if precision <= 3 else "us" if precision <= 6 else "ns"
-        return pl.Datetime(unit)
+        if precision <= 3:
+            return pl.Datetime("ms")
+        return pl.Datetime("us" if precision <= 6 else "ns")
     if kind == t.DECIMAL:
         precision = int(params[0]) if params else 10
         scale = int(params[1]) if len(params) > 1 else 0
@@ -182,7 +183,7 @@ def _like_regex(pattern: str) -> str:
     return "(?s)^" + "".join(out) + "$"
 
 
-def _java_to_strftime(pattern: str, node: exp.Expression) -> str:
+def _java_to_strftime(pattern: str, node: exp.Expr) -> str:
     out, i = [], 0
     while i < len(pattern):
         ch = pattern[i]
@@ -209,7 +210,7 @@ def _java_to_strftime(pattern: str, node: exp.Expression) -> str:
     return "".join(out)
 
 
-Substitute = Callable[[exp.Expression], "pl.Expr | None"]
+Substitute = Callable[[exp.Expr], "pl.Expr | None"]
 
 
 class ExpressionLowering:
@@ -238,7 +239,7 @@ class ExpressionLowering:
     def dtype(self, expr: pl.Expr) -> pl.DataType:
         return pl.LazyFrame(schema=self.schema).select(expr.alias("_")).collect_schema()["_"]
 
-    def lower(self, node: exp.Expression) -> pl.Expr:
+    def lower(self, node: exp.Expr) -> pl.Expr:
         if self.substitute is not None:
             found = self.substitute(node)
             if found is not None:
@@ -435,7 +436,7 @@ class ExpressionLowering:
         return pl.coalesce([self.lower(node.this), *(self.lower(e) for e in node.expressions)])
 
     def _nullif(self, node: exp.Nullif) -> pl.Expr:
-        a, b = self._binary(node)
+        a, b = self.lower(node.this), self.lower(node.expression)
         return pl.when(a == b).then(pl.lit(None)).otherwise(a)
 
     def _upper(self, node: exp.Upper) -> pl.Expr:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from sqlglot import exp
@@ -60,6 +60,13 @@ __all__ = ["Frame", "QueryLowering", "Relation"]
 
 Frame = StreamFrame | pl.LazyFrame
 
+_STATIC_HOW: dict[str, Literal["inner", "left", "right", "full"]] = {
+    "inner": "inner",
+    "left": "left",
+    "right": "right",
+    "full": "full",
+}
+
 
 @dataclass(frozen=True)
 class Rank:
@@ -69,7 +76,7 @@ class Rank:
     partition: tuple[str, ...]
     order: str
     descending: bool
-    node: exp.Expression
+    node: exp.Expr
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ class Relation:
         return isinstance(self.frame, StreamFrame)
 
 
-def _conjuncts(node: exp.Expression | None) -> list[exp.Expression]:
+def _conjuncts(node: exp.Expr | None) -> list[exp.Expr]:
     if node is None:
         return []
     if isinstance(node, exp.And):
@@ -136,7 +143,7 @@ class QueryLowering:
 
     # -- tables ---------------------------------------------------------------------
 
-    def table(self, name: str, node: exp.Expression) -> Frame:
+    def table(self, name: str, node: exp.Expr) -> Frame:
         for key, frame in self.tables.items():
             if key.lower() == name.lower():
                 return frame
@@ -151,7 +158,7 @@ class QueryLowering:
 
     # -- queries --------------------------------------------------------------------
 
-    def query(self, node: exp.Expression) -> Relation:
+    def query(self, node: exp.Expr) -> Relation:
         """The relation of a query (SELECT, UNION ALL, a parenthesized query)."""
         for match in node.find_all(exp.MatchRecognize):
             raise refuse(match, "MATCH_RECOGNIZE")
@@ -282,8 +289,8 @@ class QueryLowering:
 
     # -- SELECT list ----------------------------------------------------------------
 
-    def _expand_stars(self, select: exp.Select, scope: Scope) -> list[exp.Expression]:
-        items: list[exp.Expression] = []
+    def _expand_stars(self, select: exp.Select, scope: Scope) -> list[exp.Expr]:
+        items: list[exp.Expr] = []
         for item in select.expressions:
             star_of = None
             if isinstance(item, exp.Star):
@@ -309,7 +316,7 @@ class QueryLowering:
         return items
 
     @staticmethod
-    def _name(item: exp.Expression, index: int) -> str:
+    def _name(item: exp.Expr, index: int) -> str:
         if isinstance(item, exp.Alias):
             return item.alias
         if isinstance(item, exp.Column):
@@ -317,7 +324,7 @@ class QueryLowering:
         return f"EXPR${index}"
 
     def _output(
-        self, frame: Frame, items: list[exp.Expression], lowering: ExpressionLowering
+        self, frame: Frame, items: list[exp.Expr], lowering: ExpressionLowering
     ) -> Relation:
         exprs, names = [], []
         for i, item in enumerate(items):
@@ -331,15 +338,13 @@ class QueryLowering:
         out = frame.select(exprs)
         return Relation(out, _fields_of(out, None))
 
-    def _project(self, rel: Relation, items: list[exp.Expression]) -> Relation:
+    def _project(self, rel: Relation, items: list[exp.Expr]) -> Relation:
         lowering = ExpressionLowering(rel.scope, rel.frame.collect_schema())
         return self._output(rel.frame, items, lowering)
 
     # -- aggregation ----------------------------------------------------------------
 
-    def _aggregate(
-        self, rel: Relation, items: list[exp.Expression], select: exp.Select
-    ) -> Relation:
+    def _aggregate(self, rel: Relation, items: list[exp.Expr], select: exp.Select) -> Relation:
         group = select.args.get("group")
         group_exprs = list(group.expressions) if group is not None else []
         base = ExpressionLowering(rel.scope, rel.frame.collect_schema())
@@ -348,7 +353,7 @@ class QueryLowering:
         keys: list[str] = []
         key_of: dict[str, str] = {}  # SQL text of a group expression -> output column
         window: Window | None = None
-        window_nodes: list[exp.Expression] = []
+        window_nodes: list[exp.Expr] = []
         legacy_call: exp.Anonymous | None = None
         for g in group_exprs:
             if (
@@ -414,7 +419,7 @@ class QueryLowering:
         else:
             out = frame.select(**aggs)
 
-        def substitute(node: exp.Expression) -> pl.Expr | None:
+        def substitute(node: exp.Expr) -> pl.Expr | None:
             text = sql_text(node).lower()
             if isinstance(node, AGGREGATES):
                 return agg_of[text]
@@ -460,7 +465,7 @@ class QueryLowering:
 
     def _agg(
         self,
-        node: exp.Expression,
+        node: exp.Expr,
         name: str,
         base: ExpressionLowering,
         pre: dict[str, pl.Expr],
@@ -487,6 +492,8 @@ class QueryLowering:
         if isinstance(node, exp.Count):
             aggs[name] = col.drop_nulls().n_unique() if distinct else col.count()
             return pl.col(name).cast(pl.Int64)
+        if not isinstance(node, (exp.Sum, exp.Min, exp.Max, exp.Avg)):
+            raise refuse(node, f"aggregate {sql_text(node)}")
         aggs[name] = {exp.Sum: col.sum, exp.Min: col.min, exp.Max: col.max, exp.Avg: col.mean}[
             type(node)
         ]()
@@ -495,8 +502,8 @@ class QueryLowering:
     # -- FROM -----------------------------------------------------------------------
 
     def _from(
-        self, item: exp.Expression, joins: list[exp.Join], conjuncts: list[exp.Expression]
-    ) -> tuple[Relation, list[exp.Expression]]:
+        self, item: exp.Expr, joins: list[exp.Join], conjuncts: list[exp.Expr]
+    ) -> tuple[Relation, list[exp.Expr]]:
         rel = self._item(item)
         for join in joins:
             inner = (join.side or "").upper() == "" and (join.kind or "INNER").upper() in (
@@ -510,7 +517,7 @@ class QueryLowering:
                 conjuncts = rest
         return rel, conjuncts
 
-    def _item(self, item: exp.Expression) -> Relation:
+    def _item(self, item: exp.Expr) -> Relation:
         if isinstance(item, exp.Subquery):
             rel = self.query(item.this)
             return replace(rel, scope=rel.scope.requalified(item.alias or None))
@@ -559,8 +566,8 @@ class QueryLowering:
     # -- joins ----------------------------------------------------------------------
 
     def _join(
-        self, left: Relation, right: Relation, join: exp.Join, movable: list[exp.Expression]
-    ) -> tuple[Relation, list[exp.Expression]]:
+        self, left: Relation, right: Relation, join: exp.Join, movable: list[exp.Expr]
+    ) -> tuple[Relation, list[exp.Expr]]:
         side = (join.side or "").upper()
         kind = (join.kind or "").upper()
         if join.args.get("using"):
@@ -573,7 +580,7 @@ class QueryLowering:
         on = _conjuncts(join.args.get("on"))
         both = Scope(left.scope.fields + right.scope.fields)
 
-        def sides(node: exp.Expression) -> set[str]:
+        def sides(node: exp.Expr) -> set[str]:
             found = set()
             for column in node.find_all(exp.Column):
                 both.resolve(column)  # ambiguity and unknown names first
@@ -584,12 +591,12 @@ class QueryLowering:
                     found.add("R")
             return found
 
-        pushed_left: list[exp.Expression] = []
-        pushed_right: list[exp.Expression] = []
+        pushed_left: list[exp.Expr] = []
+        pushed_right: list[exp.Expr] = []
         keys: list[tuple[str, str]] = []
-        bounds: list[exp.Expression] = []
-        cross: list[exp.Expression] = []
-        rest: list[exp.Expression] = []
+        bounds: list[exp.Expr] = []
+        cross: list[exp.Expr] = []
+        rest: list[exp.Expr] = []
         for conj in [*on, *movable]:
             where = sides(conj)
             from_on = any(conj is c for c in on)
@@ -680,19 +687,25 @@ class QueryLowering:
         if how == "cross" or not keys:
             if how not in ("inner", "cross"):
                 raise refuse(join, f"{how.upper()} JOIN without an equality of the two sides")
-            frame: Frame = left.frame.join(rframe, how="cross")  # type: ignore[arg-type]
+            assert isinstance(rframe, pl.LazyFrame)
+            frame: Frame = left.frame.join(rframe, how="cross")
         elif isinstance(left.frame, StreamFrame):
+            # RIGHT and FULL with a stream on the left were refused above.
             frame = left.frame.join(
-                rframe, left_on=left_on, right_on=right_on, how=how, coalesce=False
-            )  # type: ignore[arg-type]
+                rframe,
+                left_on=left_on,
+                right_on=right_on,
+                how="left" if how == "left" else "inner",
+                coalesce=False,
+            )
         else:
             assert isinstance(rframe, pl.LazyFrame)
             frame = left.frame.join(
                 rframe,
                 left_on=left_on,
                 right_on=right_on,
-                how=how,
-                coalesce=False,  # type: ignore[arg-type]
+                how=_STATIC_HOW[how],
+                coalesce=False,
                 maintain_order="left_right",
             )
         fields = list(left.scope.fields) + [
@@ -707,7 +720,7 @@ class QueryLowering:
         right: Relation,
         how: str,
         keys: list[tuple[str, str]],
-        bounds: list[exp.Expression],
+        bounds: list[exp.Expr],
         join: exp.Join,
     ) -> Relation:
         if how != "inner":
@@ -759,8 +772,8 @@ class QueryLowering:
     def _ranked(
         self,
         rel: Relation,
-        items: list[exp.Expression],
-        ranked: list[exp.Expression],
+        items: list[exp.Expr],
+        ranked: list[exp.Expr],
         select: exp.Select,
     ) -> Relation:
         window = ranked[0].unalias()
@@ -785,8 +798,9 @@ class QueryLowering:
         # The partition and order columns, as the projection names them.
         names = {}
         for i, item in enumerate(rest):
-            if isinstance(item.unalias(), exp.Column):
-                names[rel.scope.column_of(item.unalias())] = self._name(item, i)
+            inner = item.unalias()
+            if isinstance(inner, exp.Column):
+                names[rel.scope.column_of(inner)] = self._name(item, i)
 
         def output(column: exp.Column) -> str:
             physical = rel.scope.column_of(column)
@@ -810,8 +824,8 @@ class QueryLowering:
         return Relation(out.frame, scope, rank=rank)
 
     def _deduplicate(
-        self, rel: Relation, conjuncts: list[exp.Expression], select: exp.Select
-    ) -> tuple[Relation, list[exp.Expression]]:
+        self, rel: Relation, conjuncts: list[exp.Expr], select: exp.Select
+    ) -> tuple[Relation, list[exp.Expr]]:
         rank = rel.rank
         assert rank is not None
         keep, limit = [], None
@@ -858,7 +872,7 @@ def _mapped(rel: Relation, left: Relation) -> list[Field]:
     ]
 
 
-def _ancestors(node: exp.Expression, stop: exp.Expression) -> list[exp.Expression]:
+def _ancestors(node: exp.Expr, stop: exp.Expr) -> list[exp.Expr]:
     out, parent = [], node.parent
     while parent is not None and parent is not stop:
         out.append(parent)
@@ -868,7 +882,7 @@ def _ancestors(node: exp.Expression, stop: exp.Expression) -> list[exp.Expressio
     return out
 
 
-def _rank_bound(conj: exp.Expression, column: str) -> int | None:
+def _rank_bound(conj: exp.Expr, column: str) -> int | None:
     """N when ``conj`` is ``rn = N``/``rn <= N``/``rn < N+1`` (either way round)."""
     if not isinstance(conj, (exp.EQ, exp.LTE, exp.LT, exp.GTE, exp.GT)):
         return None
@@ -883,9 +897,15 @@ def _rank_bound(conj: exp.Expression, column: str) -> int | None:
     ):
         return None
     n = int(b.name)
-    op = type(conj)
+    op: type[exp.Expr] = type(conj)
     if flipped:
-        op = {exp.GTE: exp.LTE, exp.GT: exp.LT, exp.LTE: exp.GTE, exp.LT: exp.GT}.get(op, op)
+        mirror: dict[type[exp.Expr], type[exp.Expr]] = {
+            exp.GTE: exp.LTE,
+            exp.GT: exp.LT,
+            exp.LTE: exp.GTE,
+            exp.LT: exp.GT,
+        }
+        op = mirror.get(op, op)
     if op is exp.EQ:
         return n if n == 1 else 2  # rn = N > 1 is not a deduplication
     if op is exp.LTE:
@@ -895,7 +915,7 @@ def _rank_bound(conj: exp.Expression, column: str) -> int | None:
     return 2
 
 
-def _linear(node: exp.Expression) -> tuple[exp.Column, timedelta] | None:
+def _linear(node: exp.Expr) -> tuple[exp.Column, timedelta] | None:
     """``col``, ``col + INTERVAL``, ``col - INTERVAL``: the column and the offset."""
     if isinstance(node, exp.Paren):
         return _linear(node.this)
@@ -915,7 +935,7 @@ def _linear(node: exp.Expression) -> tuple[exp.Column, timedelta] | None:
     return None
 
 
-def _is_time_bound(conj: exp.Expression) -> bool:
+def _is_time_bound(conj: exp.Expr) -> bool:
     if isinstance(conj, exp.Between):
         return all(_linear(x) is not None for x in (conj.this, conj.args["low"], conj.args["high"]))
     if isinstance(conj, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
@@ -924,12 +944,12 @@ def _is_time_bound(conj: exp.Expression) -> bool:
 
 
 def _join_bounds(
-    bounds: list[exp.Expression], left: Relation, right: Relation
+    bounds: list[exp.Expr], left: Relation, right: Relation
 ) -> tuple[timedelta, timedelta, tuple[str, str] | None]:
     """``right_time - left_time`` in ``[lower, upper]`` from the join's time conditions."""
     if not bounds:
         return timedelta(0), timedelta(0), None
-    comparisons: list[tuple[exp.Expression, exp.Expression, type, exp.Expression]] = []
+    comparisons: list[tuple[exp.Expr, exp.Expr, type, exp.Expr]] = []
     for conj in bounds:
         if isinstance(conj, exp.Between):
             comparisons.append((conj.args["low"], conj.this, exp.LTE, conj))

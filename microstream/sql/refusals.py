@@ -43,7 +43,7 @@ REFUSED: dict[str, str] = {
 """Constructs refused by name, with the reason or the supported alternative."""
 
 
-def position(node: exp.Expression) -> tuple[int, int] | None:
+def position(node: exp.Expr) -> tuple[int, int] | None:
     """Line and (1-based) column where ``node`` starts in its statement, if sqlglot knows."""
     best: tuple[int, int, int] | None = None
     for child in node.walk():
@@ -58,7 +58,7 @@ def position(node: exp.Expression) -> tuple[int, int] | None:
 
 
 def refuse(
-    node: exp.Expression | None,
+    node: exp.Expr | None,
     construct: str,
     *,
     reason: str | None = None,

@@ -56,7 +56,7 @@ class Window:
     partition_by: tuple[str, ...] = ()  # SESSION's PARTITION BY (frame columns)
 
 
-def _check_hop(node: exp.Expression, slide: timedelta, size: timedelta) -> None:
+def _check_hop(node: exp.Expr, slide: timedelta, size: timedelta) -> None:
     if slide <= timedelta(0) or size % slide != timedelta(0):
         raise refuse(
             node,
@@ -78,7 +78,7 @@ def tvf_window(call: exp.Anonymous, column_of: dict[str, str]) -> tuple[str, Win
         raise refuse(call, f"{kind}(...) without DESCRIPTOR(time_column) as its second argument")
     time_name = args[1].expressions[0].name
 
-    def column(name: str, node: exp.Expression) -> str:
+    def column(name: str, node: exp.Expr) -> str:
         for key, value in column_of.items():
             if key.lower() == name.lower():
                 return value
@@ -144,6 +144,7 @@ def window_aggregate(
     unit = pl.lit(_unit(time))
     if window.kind == "SESSION":
         assert window.gap is not None
+        out: StreamFrame | pl.LazyFrame
         if isinstance(frame, StreamFrame):
             out = frame.group_by_session(window.column, gap=window.gap, group_by=by or None).agg(
                 **aggs
