@@ -26,9 +26,8 @@ assigned row by row): the batch result of the same text.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
-from typing import Any, Literal
 
 import polars as pl
 from sqlglot import exp
@@ -43,10 +42,19 @@ from microstream.sql.expressions import (
     ExpressionLowering,
     Field,
     Scope,
-    interval_of,
     sql_text,
 )
+from microstream.sql.joins import join_relations
 from microstream.sql.refusals import position, refuse
+from microstream.sql.relation import (
+    Frame,
+    Rank,
+    Relation,
+    all_of,
+    and_operands,
+    fields_of,
+    fresh,
+)
 from microstream.sql.windows import (
     LEGACY_PARTS,
     WINDOW_COLUMNS,
@@ -57,63 +65,6 @@ from microstream.sql.windows import (
 )
 
 __all__ = ["Frame", "QueryLowering", "Relation"]
-
-Frame = StreamFrame | pl.LazyFrame
-
-_STATIC_HOW: dict[str, Literal["inner", "left", "right", "full"]] = {
-    "inner": "inner",
-    "left": "left",
-    "right": "right",
-    "full": "full",
-}
-
-
-@dataclass(frozen=True)
-class Rank:
-    """``ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn``, waiting for ``rn = 1``."""
-
-    column: str
-    partition: tuple[str, ...]
-    order: str
-    descending: bool
-    node: exp.Expr
-
-
-@dataclass(frozen=True)
-class Relation:
-    """A lowered ``FROM`` item or query: its frame and the columns it shows."""
-
-    frame: Frame
-    scope: Scope
-    window: Window | None = None
-    rank: Rank | None = None
-
-    @property
-    def is_stream(self) -> bool:
-        return isinstance(self.frame, StreamFrame)
-
-
-def _conjuncts(node: exp.Expr | None) -> list[exp.Expr]:
-    if node is None:
-        return []
-    if isinstance(node, exp.And):
-        return [*_conjuncts(node.this), *_conjuncts(node.expression)]
-    if isinstance(node, exp.Paren) and isinstance(node.this, exp.And):
-        return _conjuncts(node.this)
-    return [node]
-
-
-def _fields_of(frame: Frame, qualifier: str | None) -> Scope:
-    return Scope(tuple(Field(qualifier, c, c) for c in frame.collect_schema().names()))
-
-
-def _fresh(name: str, taken: set[str]) -> str:
-    candidate, n = name, 0
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}_{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def _walk_plan(plan: PlanNode) -> list[PlanNode]:
@@ -201,7 +152,7 @@ class QueryLowering:
         else:
             assert isinstance(rframe, pl.LazyFrame)
             frame = pl.concat([left.frame, rframe], how="vertical")
-        return Relation(frame, _fields_of(frame, None))
+        return Relation(frame, fields_of(frame, None))
 
     def _select(self, select: exp.Select) -> Relation:
         saved = dict(self.tables)
@@ -222,7 +173,7 @@ class QueryLowering:
         ):
             raise refuse(group, "ROLLUP/CUBE/GROUPING SETS")
         where = select.args.get("where")
-        conjuncts = _conjuncts(where.this if where is not None else None)
+        conjuncts = and_operands(where.this if where is not None else None)
         source = select.args.get("from_") or select.args.get("from")
         if source is None:
             rel = Relation(pl.LazyFrame({"__one": [1]}), Scope(()))
@@ -233,7 +184,7 @@ class QueryLowering:
         frame = rel.frame
         if conjuncts:
             lowering = ExpressionLowering(rel.scope, frame.collect_schema())
-            predicate = _all([lowering.lower(c) for c in conjuncts])
+            predicate = all_of([lowering.lower(c) for c in conjuncts])
             frame = frame.filter(predicate)
         rel = replace(rel, frame=frame)
         items = self._expand_stars(select, rel.scope)
@@ -336,7 +287,7 @@ class QueryLowering:
             names.append(name)
             exprs.append(lowering.lower(item.unalias()).alias(name))
         out = frame.select(exprs)
-        return Relation(out, _fields_of(out, None))
+        return Relation(out, fields_of(out, None))
 
     def _project(self, rel: Relation, items: list[exp.Expr]) -> Relation:
         lowering = ExpressionLowering(rel.scope, rel.frame.collect_schema())
@@ -380,7 +331,7 @@ class QueryLowering:
             if isinstance(g, exp.Column):
                 column = rel.scope.column_of(g)
             else:
-                column = _fresh("__key", taken)
+                column = fresh("__key", taken)
                 pre[column] = base.lower(g)
             keys.append(column)
             key_of[sql_text(g).lower()] = column
@@ -407,8 +358,11 @@ class QueryLowering:
                 text = sql_text(node).lower()
                 if text in agg_of:
                     continue
-                name = _fresh("__agg", taken)
+                name = fresh("__agg", taken)
                 agg_of[text] = self._agg(node, name, base, pre, taken, aggs)
+        if not aggs:
+            # GROUP BY without aggregates (distinct keys per window): the verbs need one.
+            aggs[fresh("__rows", taken)] = pl.len()
         frame = rel.frame.with_columns(**pre) if pre else rel.frame
         if window is not None:
             out = window_aggregate(frame, window, keys, aggs)
@@ -486,7 +440,7 @@ class QueryLowering:
         if isinstance(arg, exp.Column):
             column = base.scope.column_of(arg)
         else:
-            column = _fresh("__arg", taken)
+            column = fresh("__arg", taken)
             pre[column] = base.lower(arg)
         col = pl.col(column)
         if isinstance(node, exp.Count):
@@ -512,7 +466,7 @@ class QueryLowering:
             )
             # WHERE conjuncts join the ON conditions of a single inner join (pushdown).
             movable = conjuncts if inner and len(joins) == 1 else []
-            rel, rest = self._join(rel, self._item(join.this), join, movable)
+            rel, rest = join_relations(rel, self._item(join.this), join, movable)
             if movable:
                 conjuncts = rest
         return rel, conjuncts
@@ -528,7 +482,7 @@ class QueryLowering:
             if not isinstance(inner, exp.Identifier):
                 raise refuse(item, f"FROM {sql_text(item)}")
             frame = self.table(item.name, item)
-            return Relation(frame, _fields_of(frame, item.alias or item.name))
+            return Relation(frame, fields_of(frame, item.alias or item.name))
         raise refuse(item, f"FROM {sql_text(item)}")
 
     def _tvf(self, item: exp.Table, wrapper: exp.Anonymous) -> Relation:
@@ -543,7 +497,7 @@ class QueryLowering:
         columns = {c: c for c in frame.collect_schema().names()}
         _, window = tvf_window(call, columns)
         qualifier = item.alias or None
-        fields = list(_fields_of(frame, qualifier).fields)
+        fields = list(fields_of(frame, qualifier).fields)
         if window.kind == "TUMBLE":
             assert window.size is not None
             unit = frame.collect_schema()[window.column]
@@ -562,210 +516,6 @@ class QueryLowering:
         else:
             fields += [Field(qualifier, c, None) for c in WINDOW_COLUMNS]
         return Relation(frame, Scope(tuple(fields)), window=window)
-
-    # -- joins ----------------------------------------------------------------------
-
-    def _join(
-        self, left: Relation, right: Relation, join: exp.Join, movable: list[exp.Expr]
-    ) -> tuple[Relation, list[exp.Expr]]:
-        side = (join.side or "").upper()
-        kind = (join.kind or "").upper()
-        if join.args.get("using"):
-            raise refuse(join, "JOIN ... USING", alternative="write ON a.k = b.k")
-        how = (
-            "cross"
-            if kind == "CROSS"
-            else {"": "inner", "LEFT": "left", "RIGHT": "right", "FULL": "full"}[side]
-        )
-        on = _conjuncts(join.args.get("on"))
-        both = Scope(left.scope.fields + right.scope.fields)
-
-        def sides(node: exp.Expr) -> set[str]:
-            found = set()
-            for column in node.find_all(exp.Column):
-                both.resolve(column)  # ambiguity and unknown names first
-                try:
-                    left.scope.resolve(column)
-                    found.add("L")
-                except PlanError:
-                    found.add("R")
-            return found
-
-        pushed_left: list[exp.Expr] = []
-        pushed_right: list[exp.Expr] = []
-        keys: list[tuple[str, str]] = []
-        bounds: list[exp.Expr] = []
-        cross: list[exp.Expr] = []
-        rest: list[exp.Expr] = []
-        for conj in [*on, *movable]:
-            where = sides(conj)
-            from_on = any(conj is c for c in on)
-            if where == {"L"} and how == "inner":
-                pushed_left.append(conj)
-            elif where == {"R"} and how in ("inner", "left"):
-                if how == "left" and not from_on:
-                    rest.append(conj)
-                else:
-                    pushed_right.append(conj)
-            elif (
-                where == {"L", "R"}
-                and isinstance(conj, exp.EQ)
-                and all(isinstance(x, exp.Column) for x in (conj.this, conj.expression))
-            ):
-                a, b = conj.this, conj.expression
-                if sides(a) == {"R"}:
-                    a, b = b, a
-                keys.append((left.scope.column_of(a), right.scope.column_of(b)))
-            elif (
-                where == {"L", "R"} and left.is_stream and right.is_stream and _is_time_bound(conj)
-            ):
-                bounds.append(conj)
-            elif not from_on:
-                rest.append(conj)
-            else:
-                cross.append(conj)
-        if how not in ("inner", "cross") and cross:
-            raise refuse(
-                cross[0],
-                f"{how.upper()} JOIN condition {sql_text(cross[0])}",
-                alternative="equalities between the two sides' columns only",
-            )
-        lframe, rframe = left.frame, right.frame
-        if pushed_left:
-            low = ExpressionLowering(left.scope, lframe.collect_schema())
-            lframe = lframe.filter(_all([low.lower(c) for c in pushed_left]))
-        if pushed_right:
-            low = ExpressionLowering(right.scope, rframe.collect_schema())
-            rframe = rframe.filter(_all([low.lower(c) for c in pushed_right]))
-        left, right = replace(left, frame=lframe), replace(right, frame=rframe)
-        if left.is_stream and right.is_stream:
-            rel = self._stream_join(left, right, how, keys, bounds, join)
-        elif left.is_stream or right.is_stream:
-            rel = self._static_join(left, right, how, keys, join)
-        else:
-            rel = self._static_join(left, right, how, keys, join)
-        if cross:
-            low = ExpressionLowering(rel.scope, rel.frame.collect_schema())
-            rel = replace(rel, frame=rel.frame.filter(_all([low.lower(c) for c in cross])))
-        return rel, rest
-
-    def _static_join(
-        self, left: Relation, right: Relation, how: str, keys: list[tuple[str, str]], join: exp.Join
-    ) -> Relation:
-        if right.is_stream and not left.is_stream:
-            if how not in ("inner", "cross", "right"):
-                raise refuse(
-                    join,
-                    f"{how.upper()} JOIN of a static table with a stream",
-                    reason="the stream must drive the join (static rows cannot wait for matches)",
-                    alternative="put the stream on the left, or use an inner join",
-                )
-            swapped_how = {"right": "left"}.get(how, how)
-            rel = self._static_join(right, left, swapped_how, [(r, lk) for lk, r in keys], join)
-            # The columns in FROM order, as SQL shows them.
-            fields = [f for f in rel.scope.fields if f in _mapped(rel, left)] + [
-                f for f in rel.scope.fields if f not in _mapped(rel, left)
-            ]
-            return replace(rel, scope=Scope(tuple(fields)))
-        if left.is_stream and how in ("right", "full"):
-            raise refuse(
-                join,
-                f"{how.upper()} JOIN of a stream with a static table",
-                reason="it would emit static rows that no stream row has matched yet",
-                alternative="use INNER or LEFT JOIN",
-            )
-        taken = set(left.frame.collect_schema().names())
-        renames = {}
-        for c in right.frame.collect_schema().names():
-            renames[c] = _fresh(c, taken) if c in taken else c
-            taken.add(renames[c])
-        rframe = (
-            right.frame.rename(renames) if any(k != v for k, v in renames.items()) else right.frame
-        )
-        left_on = [lk for lk, _ in keys]
-        right_on = [renames[r] for _, r in keys]
-        if how == "cross" or not keys:
-            if how not in ("inner", "cross"):
-                raise refuse(join, f"{how.upper()} JOIN without an equality of the two sides")
-            assert isinstance(rframe, pl.LazyFrame)
-            frame: Frame = left.frame.join(rframe, how="cross")
-        elif isinstance(left.frame, StreamFrame):
-            # RIGHT and FULL with a stream on the left were refused above.
-            frame = left.frame.join(
-                rframe,
-                left_on=left_on,
-                right_on=right_on,
-                how="left" if how == "left" else "inner",
-                coalesce=False,
-            )
-        else:
-            assert isinstance(rframe, pl.LazyFrame)
-            frame = left.frame.join(
-                rframe,
-                left_on=left_on,
-                right_on=right_on,
-                how=_STATIC_HOW[how],
-                coalesce=False,
-                maintain_order="left_right",
-            )
-        fields = list(left.scope.fields) + [
-            Field(f.qualifier, f.name, renames[f.column] if f.column else None)
-            for f in right.scope.fields
-        ]
-        return Relation(frame, Scope(tuple(fields)))
-
-    def _stream_join(
-        self,
-        left: Relation,
-        right: Relation,
-        how: str,
-        keys: list[tuple[str, str]],
-        bounds: list[exp.Expr],
-        join: exp.Join,
-    ) -> Relation:
-        if how != "inner":
-            raise refuse(join, "outer join of two streams")
-        assert isinstance(left.frame, StreamFrame) and isinstance(right.frame, StreamFrame)
-        if not keys:
-            raise refuse(join, "join of two streams without an equality of the two sides")
-        lower, upper, times = _join_bounds(bounds, left, right)
-        kwargs: dict[str, Any] = {}
-        if times is not None:
-            kwargs = {
-                "within": (_signed(lower), _signed(upper)),
-                "left_time": times[0],
-                "right_time": times[1],
-            }
-        frame = left.frame.join(
-            right.frame,
-            left_on=[lk for lk, _ in keys],
-            right_on=[r for _, r in keys],
-            how="inner",
-            **kwargs,
-        )
-        # Polars' naming: right keys coalesced into the left ones, clashes suffixed.
-        lcols = set(left.frame.collect_schema().names())
-        key_map = {r: lk for lk, r in keys}
-        fields = list(left.scope.fields)
-        for f in right.scope.fields:
-            if f.column in key_map:
-                fields.append(Field(f.qualifier, f.name, key_map[f.column]))
-            elif f.column is not None:
-                fields.append(
-                    Field(
-                        f.qualifier, f.name, f"{f.column}_right" if f.column in lcols else f.column
-                    )
-                )
-        missing = [
-            f.column
-            for f in fields
-            if f.column is not None and f.column not in frame.collect_schema()
-        ]
-        if missing:
-            raise refuse(
-                join, "this join's column names", reason=f"cannot place {missing}; rename columns"
-            )
-        return Relation(frame, Scope(tuple(fields)))
 
     # -- deduplication --------------------------------------------------------------
 
@@ -864,14 +614,6 @@ class QueryLowering:
         return replace(rel, frame=frame, rank=None), keep
 
 
-def _mapped(rel: Relation, left: Relation) -> list[Field]:
-    return [
-        f
-        for f in rel.scope.fields
-        if any(f.qualifier == g.qualifier and f.name == g.name for g in left.scope.fields)
-    ]
-
-
 def _ancestors(node: exp.Expr, stop: exp.Expr) -> list[exp.Expr]:
     out, parent = [], node.parent
     while parent is not None and parent is not stop:
@@ -913,106 +655,3 @@ def _rank_bound(conj: exp.Expr, column: str) -> int | None:
     if op is exp.LT:
         return n - 1
     return 2
-
-
-def _linear(node: exp.Expr) -> tuple[exp.Column, timedelta] | None:
-    """``col``, ``col + INTERVAL``, ``col - INTERVAL``: the column and the offset."""
-    if isinstance(node, exp.Paren):
-        return _linear(node.this)
-    if isinstance(node, exp.Column):
-        return node, timedelta(0)
-    if isinstance(node, (exp.Add, exp.Sub)):
-        a, b = node.this, node.expression
-        if isinstance(b, exp.Interval):
-            inner = _linear(a)
-            if inner is not None:
-                d = interval_of(b)
-                return inner[0], inner[1] + (d if isinstance(node, exp.Add) else -d)
-        if isinstance(node, exp.Add) and isinstance(a, exp.Interval):
-            inner = _linear(b)
-            if inner is not None:
-                return inner[0], inner[1] + interval_of(a)
-    return None
-
-
-def _is_time_bound(conj: exp.Expr) -> bool:
-    if isinstance(conj, exp.Between):
-        return all(_linear(x) is not None for x in (conj.this, conj.args["low"], conj.args["high"]))
-    if isinstance(conj, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
-        return _linear(conj.this) is not None and _linear(conj.expression) is not None
-    return False
-
-
-def _join_bounds(
-    bounds: list[exp.Expr], left: Relation, right: Relation
-) -> tuple[timedelta, timedelta, tuple[str, str] | None]:
-    """``right_time - left_time`` in ``[lower, upper]`` from the join's time conditions."""
-    if not bounds:
-        return timedelta(0), timedelta(0), None
-    comparisons: list[tuple[exp.Expr, exp.Expr, type, exp.Expr]] = []
-    for conj in bounds:
-        if isinstance(conj, exp.Between):
-            comparisons.append((conj.args["low"], conj.this, exp.LTE, conj))
-            comparisons.append((conj.this, conj.args["high"], exp.LTE, conj))
-        else:
-            comparisons.append((conj.this, conj.expression, type(conj), conj))
-    one = timedelta(microseconds=1)
-    lower, upper = timedelta.min, timedelta.max
-    times: list[str | None] = [None, None]
-    for a, b, op, conj in comparisons:
-        la, lb = _linear(a), _linear(b)
-        assert la is not None and lb is not None
-        strict = op in (exp.GT, exp.LT)
-        if op in (exp.GT, exp.GTE):
-            la, lb = lb, la
-        # now: a + oa  (<|<=)  b + ob
-        (ca, oa), (cb, ob) = la, lb
-        try:
-            a_left = left.scope.column_of(ca)
-            a_is_left = True
-        except PlanError:
-            a_is_left = False
-        if a_is_left:
-            lcol, rcol = a_left, right.scope.column_of(cb)
-            # left + oa <= right + ob  <=>  right - left >= oa - ob
-            bound = oa - ob + (one if strict else timedelta(0))
-            lower = max(lower, bound)
-        else:
-            rcol, lcol = right.scope.column_of(ca), left.scope.column_of(cb)
-            # right + oa <= left + ob  <=>  right - left <= ob - oa
-            bound = ob - oa - (one if strict else timedelta(0))
-            upper = min(upper, bound)
-        for i, (col, rel, side) in enumerate(((lcol, left, "left"), (rcol, right, "right"))):
-            assert isinstance(rel.frame, StreamFrame)
-            marks = [m.column for m in rel.frame.plan.watermark_nodes()]
-            if col not in marks:
-                raise refuse(
-                    conj,
-                    f"a time bound on {col}, which is not the {side} stream's watermark column",
-                    alternative=f"bound the join by {marks or 'a WATERMARK column'}",
-                )
-            if times[i] not in (None, col):
-                raise refuse(conj, "time bounds on two different columns of one side")
-            times[i] = col
-    if lower == timedelta.min or upper == timedelta.max:
-        raise refuse(
-            bounds[0],
-            "a one-sided time bound in a join of two streams",
-            alternative="bound both ways: a.ts BETWEEN b.ts - INTERVAL ... AND b.ts + INTERVAL ...",
-        )
-    assert times[0] is not None and times[1] is not None
-    return lower, upper, (times[0], times[1])
-
-
-def _all(predicates: list[pl.Expr]) -> pl.Expr:
-    """The conjunction of ``predicates`` (SQL's AND: null where undecided)."""
-    out = predicates[0]
-    for p in predicates[1:]:
-        out = out & p
-    return out
-
-
-def _signed(value: timedelta) -> str:
-    """``within=``'s spelling of a signed duration (``"-600000000us"``)."""
-    us = value // timedelta(microseconds=1)
-    return f"-{-us}us" if us < 0 else f"{us}us"
