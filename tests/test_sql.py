@@ -111,6 +111,31 @@ FORMS = {
         "HAVING COUNT(*) > 1",
         [("a", W[4], W[6], 2)],
     ),
+    # Flink's window join of two window aggregations (Nexmark q5, q8), with a condition
+    # on both sides' aggregates applied after it.
+    "window join of window aggregates": (
+        "SELECT a.k, a.window_start, a.n, b.m FROM (SELECT k, window_start, window_end, "
+        "COUNT(*) AS n FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) "
+        "GROUP BY window_start, window_end, k) AS a JOIN (SELECT window_start, window_end, "
+        "MAX(x) AS m FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) "
+        "GROUP BY window_start, window_end) AS b ON a.window_start = b.window_start "
+        "AND a.window_end = b.window_end AND a.n >= b.m - 2",
+        [("a", W[2], 1, 2), ("b", W[2], 1, 2), ("a", W[4], 2, 4)],
+    ),
+    # An aggregate of a window aggregate's rows per window (Nexmark q5's MaxBids).
+    "aggregate per window of a window aggregate": (
+        "SELECT starttime, MAX(n) AS most FROM (SELECT k, COUNT(*) AS n, window_start AS "
+        "starttime, window_end AS endtime FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), "
+        "INTERVAL '10' SECOND)) GROUP BY k, window_start, window_end) GROUP BY starttime, endtime",
+        [(W[2], 1), (W[4], 2), (W[6], 1)],
+    ),
+    # The rows at their window's maximum, by an interval on the window end (Nexmark q7).
+    "window aggregate joined back by its window end": (
+        "SELECT e.k, e.x FROM ev AS e JOIN (SELECT MAX(x) AS m, window_end AS we FROM "
+        "TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) GROUP BY window_start, "
+        "window_end) AS w ON e.x = w.m WHERE e.ts >= w.we - INTERVAL '10' SECOND AND e.ts < w.we",
+        [("b", 2), ("a", 4), ("b", 5)],
+    ),
     "stream-static join": (
         "SELECT e.k, e.x, d.label FROM ev AS e JOIN dim AS d ON e.k = d.k WHERE d.label <> 'none'",
         [("a", 1, "alpha"), ("a", 3, "alpha"), ("a", 4, "alpha")],
@@ -180,6 +205,21 @@ def test_stream_stream_interval_join(tmp_path: Path) -> None:
     query.await_termination()
     # b.ts - a.ts in [0, 5] s: (0, 4), (10, 10); (0, 6) is 6 s apart, (20, 30) 10 s.
     assert sorted(pl.concat(out).rows()) == [(1, 10), (2, 30)]
+
+
+def test_join_bound_on_a_truncated_window_start_refused() -> None:
+    # A TVF's window_start is earlier than its row's time: judged by it, a join would
+    # drop rows on time as late.
+    ctx = ms.SQLContext(
+        ev=ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "0s"),
+        ev2=ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "0s"),
+    )
+    with pytest.raises(ms.PlanError, match="a time bound on window_start, which is not the left"):
+        ctx.execute(
+            "SELECT a.k FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) AS a "
+            "JOIN ev2 AS b ON a.k = b.k AND a.window_start BETWEEN b.ts - INTERVAL '1' SECOND "
+            "AND b.ts"
+        )
 
 
 def test_dedup_keep_first_by_processing_time(tmp_path: Path) -> None:

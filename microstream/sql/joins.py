@@ -22,7 +22,9 @@ to that side before the join, as the Python twins do.
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+import json
+import warnings
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import polars as pl
@@ -30,6 +32,7 @@ from sqlglot import exp
 
 from microstream.api.frame import StreamFrame
 from microstream.exceptions import PlanError
+from microstream.plan.event_time import trace_event_time
 from microstream.sql.expressions import ExpressionLowering, Field, Scope, interval_of, sql_text
 from microstream.sql.refusals import refuse
 from microstream.sql.relation import Frame, Relation, all_of, and_operands, fresh
@@ -95,7 +98,12 @@ def join_relations(
             if sides(a) == {"R"}:
                 a, b = b, a
             keys.append((left.scope.column_of(a), right.scope.column_of(b)))
-        elif where == {"L", "R"} and left.is_stream and right.is_stream and _is_time_bound(conj):
+        elif (
+            where == {"L", "R"}
+            and left.is_stream
+            and right.is_stream
+            and _is_time_bound(conj, left, right)
+        ):
             bounds.append(conj)
         elif not from_on:
             rest.append(conj)
@@ -205,6 +213,8 @@ def _stream_join(
     if not keys:
         raise refuse(join, "join of two streams without an equality of the two sides")
     lower, upper, times = _join_bounds(bounds, left, right)
+    if times is None:
+        times = _window_keys(keys, left, right)  # a window join: equal windows, no other bound
     kwargs: dict[str, Any] = {}
     if times is not None:
         kwargs = {
@@ -268,12 +278,27 @@ def _linear(node: exp.Expr) -> tuple[exp.Column, timedelta] | None:
     return None
 
 
-def _is_time_bound(conj: exp.Expr) -> bool:
+def _is_time_bound(conj: exp.Expr, left: Relation, right: Relation) -> bool:
+    """Whether ``conj`` compares time columns of the two sides, shifted by intervals."""
     if isinstance(conj, exp.Between):
-        return all(_linear(x) is not None for x in (conj.this, conj.args["low"], conj.args["high"]))
-    if isinstance(conj, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
-        return _linear(conj.this) is not None and _linear(conj.expression) is not None
-    return False
+        operands = [conj.this, conj.args["low"], conj.args["high"]]
+    elif isinstance(conj, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
+        operands = [conj.this, conj.expression]
+    else:
+        return False
+    for operand in operands:
+        linear = _linear(operand)
+        if linear is None:
+            return False
+        column = linear[0]
+        for rel in (left, right):
+            try:
+                physical = rel.scope.column_of(column)
+            except PlanError:
+                continue
+            if not rel.frame.collect_schema()[physical].is_temporal():
+                return False  # a.num >= b.maxn: an ordinary condition
+    return True
 
 
 def _join_bounds(
@@ -318,10 +343,11 @@ def _join_bounds(
         for i, (col, rel, side) in enumerate(((lcol, left, "left"), (rcol, right, "right"))):
             assert isinstance(rel.frame, StreamFrame)
             marks = [m.column for m in rel.frame.plan.watermark_nodes()]
-            if col not in marks:
+            if col not in marks and not _emitted_time(rel.frame, col):
                 raise refuse(
                     conj,
-                    f"a time bound on {col}, which is not the {side} stream's watermark column",
+                    f"a time bound on {col}, which is not the {side} stream's watermark column "
+                    "(nor a window bound a window aggregation emitted)",
                     alternative=f"bound the join by {marks or 'a WATERMARK column'}",
                 )
             if times[i] not in (None, col):
@@ -341,3 +367,66 @@ def _signed(value: timedelta) -> str:
     """``within=``'s spelling of a signed duration (``"-600000000us"``)."""
     us = value // timedelta(microseconds=1)
     return f"-{-us}us" if us < 0 else f"{us}us"
+
+
+def _emitted_time(frame: StreamFrame, column: str) -> bool:
+    """Whether ``column`` is an event time an operator judges lateness by safely.
+
+    That is the watermark column shifted by a constant ``c >= 0`` (none at all for
+    a window's start as a window aggregation emits it, the size for its end): a row
+    on time has such a value after the watermark. A truncation (``window_start``
+    of a TVF's rows) is earlier than the row's own time, so the join would drop
+    rows on time as late: not accepted.
+    """
+    key = trace_event_time(frame.plan, column)
+    if key is None:
+        return False
+    if not key.steps:
+        return True
+    probe = datetime(2001, 2, 3, 4, 5, 6, 789123)
+    values = pl.DataFrame({key.watermark.column: [probe]}).select(
+        pl.col(key.watermark.column).cast(key.time_dtype)
+    )
+    try:
+        for source, expr in key.steps:
+            if not _shift_only(expr):
+                return False
+            values = values.select(pl.first().alias(source)).select(expr)
+        shifted = values.item()
+    except pl.exceptions.PolarsError:
+        return False
+    start = pl.Series([probe]).cast(key.time_dtype).item()
+    return isinstance(shifted, datetime) and shifted >= start
+
+
+def _shift_only(expr: pl.Expr) -> bool:
+    """Whether ``expr`` is a column plus or minus constants (no function of it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the json format is deprecated, still exact
+        tree = json.loads(expr.meta.serialize(format="json"))
+
+    def shift(node: Any) -> bool:
+        if not isinstance(node, dict) or len(node) != 1:
+            return False
+        ((kind, body),) = node.items()
+        if kind in ("Column", "Literal"):
+            return True
+        if kind == "Alias":
+            return shift(body[0])
+        if kind == "BinaryExpr" and body.get("op") in ("Plus", "Minus"):
+            return shift(body.get("left")) and shift(body.get("right"))
+        return False
+
+    return shift(tree)
+
+
+def _window_keys(
+    keys: list[tuple[str, str]], left: Relation, right: Relation
+) -> tuple[str, str] | None:
+    """The first equality of two window starts (or ends) as window aggregations emitted
+    them: a join on it is a window join, bounded by ``within=(0, 0)`` on those columns."""
+    assert isinstance(left.frame, StreamFrame) and isinstance(right.frame, StreamFrame)
+    for lk, rk in keys:
+        if _emitted_time(left.frame, lk) and _emitted_time(right.frame, rk):
+            return lk, rk
+    return None
