@@ -21,9 +21,9 @@ to that side before the join, as the Python twins do.
 
 from __future__ import annotations
 
-from dataclasses import replace
 import json
 import warnings
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
