@@ -71,6 +71,12 @@ FORMS = {
         "WHERE x BETWEEN 2 AND 4 AND k IN ('a', 'b') AND k LIKE '_'",
         [("00:00:03", 3), ("00:00:12", 12), ("00:00:14", 14)],
     ),
+    "REGEXP_EXTRACT, SPLIT_INDEX": (
+        "SELECT REGEXP_EXTRACT(k || '=' || CAST(x AS STRING), '([a-z])=([0-9]+)', 2) AS n, "
+        "REGEXP_EXTRACT(k, 'z') AS none, SPLIT_INDEX(k || '/' || k || 'x', '/', 1) AS second, "
+        "SPLIT_INDEX(k, '/', 1) AS missing FROM ev WHERE x < 3",
+        [("1", None, "ax", None), ("2", None, "bx", None)],
+    ),
     "subquery and alias": (
         "SELECT s.k AS key, s.y FROM (SELECT k, x * 10 AS y FROM ev) AS s WHERE s.y >= 40",
         [("a", 40), ("b", 50)],

@@ -529,6 +529,18 @@ class ExpressionLowering:
     def _dayofmonth(self, node: exp.DayOfMonth) -> pl.Expr:
         return self.lower(node.this).dt.day().cast(pl.Int64)
 
+    def _regexpextract(self, node: exp.RegexpExtract) -> pl.Expr:
+        # Flink's REGEXP_EXTRACT(s, regex[, group]); sqlglot files a third argument as
+        # "position" (other dialects' meaning), Flink has no position argument.
+        pattern = node.expression
+        if not (isinstance(pattern, exp.Literal) and pattern.is_string):
+            raise refuse(node, "REGEXP_EXTRACT with a pattern that is not a string constant")
+        group = node.args.get("group") or node.args.get("position")
+        if group is not None and not (isinstance(group, exp.Literal) and group.is_int):
+            raise refuse(node, "REGEXP_EXTRACT with a group that is not an integer constant")
+        index = int(group.this) if group is not None else 0
+        return self.lower(node.this).str.extract(pattern.this, group_index=index)
+
     def _anonymous(self, node: exp.Anonymous) -> pl.Expr:
         name = node.name.upper()
         args = node.expressions
@@ -545,6 +557,15 @@ class ExpressionLowering:
             if not (isinstance(pattern, exp.Literal) and pattern.is_string):
                 raise refuse(node, "DATE_FORMAT with a pattern that is not a string constant")
             return self.lower(args[0]).dt.strftime(_java_to_strftime(pattern.this, node))
+        if name == "SPLIT_INDEX" and len(args) == 3:
+            sep, index = args[1], args[2]
+            if not (isinstance(sep, exp.Literal) and sep.is_string and sep.this):
+                raise refuse(node, "SPLIT_INDEX with a separator that is not a string constant")
+            if not (isinstance(index, exp.Literal) and index.is_int):
+                raise refuse(node, "SPLIT_INDEX with an index that is not an integer constant")
+            # Flink: the 0-based index-th field, null when there are fewer fields.
+            parts = self.lower(args[0]).str.split(sep.this)
+            return parts.list.get(int(index.this), null_on_oob=True)
         if name == "CHAR_LENGTH" and len(args) == 1:
             return self.lower(args[0]).str.len_chars().cast(pl.Int32)
         if isinstance(node.parent, exp.Table) or any(

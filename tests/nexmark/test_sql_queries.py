@@ -3,7 +3,7 @@
 q0-q3 (stateless, interval join), q5 (a window aggregate joined with the maximum
 per window, an aggregate of an aggregate), q7 (a window aggregate joined back to
 the bids by an interval on its window end), q8 (Flink's window join of two window
-aggregates) and q11 (session windows) are written as in nexmark/nexmark's
+aggregates) q11 (session windows), q21 (REGEXP_EXTRACT) and q22 (SPLIT_INDEX) are written as in nexmark/nexmark's
 ``queries/*.sql`` (column names in this project's snake case); q7 keeps the
 Python version's half-open window (see its docstring).
 """
@@ -93,6 +93,26 @@ QUERIES = {
                SESSION_END(B.date_time, INTERVAL '10' SECOND) AS endtime
         FROM bid B
         GROUP BY B.bidder, SESSION(B.date_time, INTERVAL '10' SECOND)
+    """,
+    "q21": """
+        SELECT auction, bidder, price, channel,
+          CASE
+            WHEN LOWER(channel) = 'apple' THEN '0'
+            WHEN LOWER(channel) = 'google' THEN '1'
+            WHEN LOWER(channel) = 'facebook' THEN '2'
+            WHEN LOWER(channel) = 'baidu' THEN '3'
+            ELSE REGEXP_EXTRACT(url, '(&|^)channel_id=([^&]*)', 2)
+          END AS channel_id
+        FROM bid
+        WHERE REGEXP_EXTRACT(url, '(&|^)channel_id=([^&]*)', 2) IS NOT NULL
+           OR LOWER(channel) IN ('apple', 'google', 'facebook', 'baidu')
+    """,
+    "q22": """
+        SELECT auction, bidder, price, channel,
+          SPLIT_INDEX(url, '/', 3) AS dir1,
+          SPLIT_INDEX(url, '/', 4) AS dir2,
+          SPLIT_INDEX(url, '/', 5) AS dir3
+        FROM bid
     """,
 }
 
