@@ -4,6 +4,7 @@ result over random inputs and splits, and a refusal per construct the docs list.
 from __future__ import annotations
 
 import itertools
+import re
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -142,6 +143,26 @@ FORMS = {
         "window_end) AS w ON e.x = w.m WHERE e.ts >= w.we - INTERVAL '10' SECOND AND e.ts < w.we",
         [("b", 2), ("a", 4), ("b", 5)],
     ),
+    # Window Top-N over a window TVF's rows, and over a window aggregation.
+    "window Top-N of TVF rows": (
+        "SELECT * FROM (SELECT k, x, window_start, window_end, ROW_NUMBER() OVER (PARTITION BY "
+        "window_start, window_end ORDER BY x DESC) AS rn FROM TABLE(TUMBLE(TABLE ev, "
+        "DESCRIPTOR(ts), INTERVAL '10' SECOND))) WHERE rn <= 2",
+        [
+            ("b", 2, W[2], W[4], 1),
+            ("a", 1, W[2], W[4], 2),
+            ("a", 4, W[4], W[6], 1),
+            ("a", 3, W[4], W[6], 2),
+            ("b", 5, W[6], W[8], 1),
+        ],
+    ),
+    "window Top-N of a window aggregation": (
+        "SELECT window_start, k, n, rn FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY "
+        "window_start, window_end ORDER BY n DESC, k) AS rn FROM (SELECT window_start, "
+        "window_end, k, COUNT(*) AS n FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL "
+        "'10' SECOND)) GROUP BY window_start, window_end, k)) WHERE rn = 1",
+        [(W[2], "a", 1, 1), (W[4], "a", 2, 1), (W[6], "b", 1, 1)],
+    ),
     "stream-static join": (
         "SELECT e.k, e.x, d.label FROM ev AS e JOIN dim AS d ON e.k = d.k WHERE d.label <> 'none'",
         [("a", 1, "alpha"), ("a", 3, "alpha"), ("a", 4, "alpha")],
@@ -213,6 +234,23 @@ def test_stream_stream_interval_join(tmp_path: Path) -> None:
     assert sorted(pl.concat(out).rows()) == [(1, 10), (2, 30)]
 
 
+@pytest.mark.parametrize(
+    ("condition", "message"),
+    [
+        ("rn <= 2", "Top-N (ROW_NUMBER() <= N) that is not per window"),
+        ("rn = 2", "a condition on rn other than rn = 1 or rn <= N"),
+        ("rn > 1", "a condition on rn other than rn = 1 or rn <= N"),
+    ],
+)
+def test_row_number_conditions_refused(condition: str, message: str) -> None:
+    ctx = ms.SQLContext(ev=ms.MemoryStream(SCHEMA).lazy().with_processing_time("pt"))
+    with pytest.raises(ms.PlanError, match=re.escape(message)):
+        ctx.execute(
+            "SELECT * FROM (SELECT k, pt, ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) AS rn "
+            f"FROM ev) WHERE {condition}"
+        )
+
+
 def test_join_bound_on_a_truncated_window_start_refused() -> None:
     # A TVF's window_start is earlier than its row's time: judged by it, a join would
     # drop rows on time as late.
@@ -271,9 +309,6 @@ def test_cli_sql_runs_a_file(tmp_path: Path) -> None:
 REFUSALS = {
     "MATCH_RECOGNIZE": "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
     "MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
-    "window Top-N": "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY window_start, "
-    "window_end ORDER BY x DESC) AS rn FROM TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL "
-    "'10' SECOND))) WHERE rn <= 3",
     "CUMULATE": "SELECT window_start, COUNT(*) FROM TABLE(CUMULATE(TABLE ev, DESCRIPTOR(ts), "
     "INTERVAL '2' SECOND, INTERVAL '10' SECOND)) GROUP BY window_start, window_end",
     "ORDER BY": "SELECT k FROM ev ORDER BY k",

@@ -539,7 +539,11 @@ class QueryLowering:
         partition = window.args.get("partition_by") or []
         order = window.args.get("order")
         order_items = order.expressions if order is not None else []
-        if len(order_items) != 1 or not isinstance(order_items[0].this, exp.Column):
+        wcols = [p.name.lower() for p in partition if isinstance(p, exp.Column)]
+        windowed = "window_start" in wcols or "window_end" in wcols
+        if not order_items or not all(isinstance(o.this, exp.Column) for o in order_items):
+            raise refuse(window, "ROW_NUMBER() without ORDER BY columns")
+        if len(order_items) != 1 and not windowed:
             raise refuse(window, "ROW_NUMBER() without ORDER BY one time column")
         if not all(isinstance(p, exp.Column) for p in partition):
             raise refuse(window, "ROW_NUMBER() OVER (PARTITION BY an expression)")
@@ -560,18 +564,27 @@ class QueryLowering:
                 )
             return names[physical]
 
-        wcols = [p.name.lower() for p in partition]
-        if "window_start" in wcols or "window_end" in wcols:
-            raise refuse(window, "window Top-N")
         rank = Rank(
             column=ranked[0].alias,
             partition=tuple(output(p) for p in partition),
-            order=output(order_items[0].this),
-            descending=bool(order_items[0].args.get("desc")),
+            order=tuple(output(o.this) for o in order_items),
+            descending=tuple(bool(o.args.get("desc")) for o in order_items),
             node=window,
+            windowed=windowed,
         )
         scope = Scope((*out.scope.fields, Field(None, rank.column, rank.column)))
         return Relation(out.frame, scope, rank=rank)
+
+    @staticmethod
+    def _top_n(frame: Frame, rank: Rank, limit: int) -> Frame:
+        """``rn <= limit`` per window: ``group_by(window).top_k`` on a stream."""
+        if isinstance(frame, pl.LazyFrame):
+            return _top_n_static(frame, rank, limit)
+        columns = [*frame.columns, rank.column]
+        top = frame.group_by(*rank.partition).top_k(
+            limit, by=list(rank.order), reverse=[not d for d in rank.descending], rank=rank.column
+        )
+        return top.select(columns)
 
     def _deduplicate(
         self, rel: Relation, conjuncts: list[exp.Expr], select: exp.Select
@@ -591,27 +604,51 @@ class QueryLowering:
                 "OVER",
                 reason="ROW_NUMBER() is only supported as deduplication, filtered by rn = 1 in the outer query",
             )
+        if limit < 1:
+            raise refuse(
+                rank.node,
+                f"a condition on {rank.column} other than {rank.column} = 1 or {rank.column} <= N",
+                alternative=f"keep {rank.column} <= N and filter the rows you want after it",
+            )
+        if rank.windowed:
+            return replace(rel, frame=self._top_n(rel.frame, rank, limit), rank=None), keep
         if limit > 1:
             raise refuse(
                 rank.node,
-                "Top-N (ROW_NUMBER() <= N)",
-                alternative="rn = 1 deduplication; Top-N is not in this version",
+                "Top-N (ROW_NUMBER() <= N) that is not per window",
+                alternative="PARTITION BY window_start, window_end (window Top-N), or rn = 1 "
+                "deduplication",
             )
-        if rank.descending:
+        if rank.descending[0]:
             raise refuse(rank.node, "keep-last deduplication")
         frame = rel.frame
         subset = list(rank.partition) or None
+        order = rank.order[0]
         if isinstance(frame, StreamFrame):
             proctime = [n.name for n in _walk_plan(frame.plan) if isinstance(n, ProcessingTimeNode)]
-            if rank.order not in proctime:
+            if order not in proctime:
                 raise refuse(rank.node, "keep-first by event time")
             frame = frame.unique(subset=subset, keep="first")
         else:
-            frame = frame.sort(rank.order, maintain_order=True, nulls_last=True).unique(
+            frame = frame.sort(order, maintain_order=True, nulls_last=True).unique(
                 subset=subset, keep="first", maintain_order=True
             )
         frame = frame.with_columns(pl.lit(1, pl.Int64).alias(rank.column))
         return replace(rel, frame=frame, rank=None), keep
+
+
+def _top_n_static(frame: pl.LazyFrame, rank: Rank, limit: int) -> pl.LazyFrame:
+    """Window Top-N over static frames: the batch result of the same text."""
+    position = pl.int_range(1, pl.len() + 1, dtype=pl.Int64)
+    if rank.partition:
+        position = position.over(list(rank.partition))
+    return (
+        frame.sort(
+            list(rank.order), descending=list(rank.descending), nulls_last=True, maintain_order=True
+        )
+        .with_columns(position.alias(rank.column))
+        .filter(pl.col(rank.column) <= limit)
+    )
 
 
 def _ancestors(node: exp.Expr, stop: exp.Expr) -> list[exp.Expr]:
@@ -625,7 +662,8 @@ def _ancestors(node: exp.Expr, stop: exp.Expr) -> list[exp.Expr]:
 
 
 def _rank_bound(conj: exp.Expr, column: str) -> int | None:
-    """N when ``conj`` is ``rn = N``/``rn <= N``/``rn < N+1`` (either way round)."""
+    """N when ``conj`` is ``rn = 1``/``rn <= N``/``rn < N+1`` (either way round); 0 for
+    another comparison of ``rn`` with a number, None when ``conj`` is not one."""
     if not isinstance(conj, (exp.EQ, exp.LTE, exp.LT, exp.GTE, exp.GT)):
         return None
     a, b = conj.this, conj.expression
@@ -649,9 +687,9 @@ def _rank_bound(conj: exp.Expr, column: str) -> int | None:
         }
         op = mirror.get(op, op)
     if op is exp.EQ:
-        return n if n == 1 else 2  # rn = N > 1 is not a deduplication
+        return n if n == 1 else 0  # rn = N > 1: the N-th row alone, no Top-N
     if op is exp.LTE:
         return n
     if op is exp.LT:
         return n - 1
-    return 2
+    return 0  # rn > N, rn >= N: no bound from above

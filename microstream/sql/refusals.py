@@ -22,8 +22,6 @@ __all__ = ["REFUSED", "position", "refuse"]
 REFUSED: dict[str, str] = {
     "MATCH_RECOGNIZE": "pattern matching is not in this version; write the pattern as a "
     "stateful function (group_by(...).map_groups_with_state)",
-    "window Top-N": "ROW_NUMBER() ... <= N over windows is not in this version; keep the "
-    "top rows per window in foreach_batch or map_batches after the window aggregation",
     "CUMULATE": "microstream has no cumulating-window operator; use TUMBLE or HOP windows",
     "ORDER BY": "a stream has no end to sort up to; sort the sink's output when you read it",
     "LIMIT": "a stream has no end to count rows up to; read the sink's output with a limit",

@@ -18,13 +18,15 @@ Frame = StreamFrame | pl.LazyFrame
 
 @dataclass(frozen=True)
 class Rank:
-    """``ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn``, waiting for ``rn = 1``."""
+    """``ROW_NUMBER() OVER (PARTITION BY ... ORDER BY ...) AS rn``, waiting for the outer
+    query's ``rn = 1`` (deduplication) or ``rn <= N`` (window Top-N: ``windowed``)."""
 
     column: str
     partition: tuple[str, ...]
-    order: str
-    descending: bool
+    order: tuple[str, ...]
+    descending: tuple[bool, ...]
     node: exp.Expr
+    windowed: bool = False
 
 
 @dataclass(frozen=True)
