@@ -95,17 +95,13 @@ def test_top_k_of_a_window_aggregation(tmp_path: Path) -> None:
         .agg(total=pl.col("price").sum())
     )
     frame = totals.group_by("ts").top_k(2, by="total", rank="rn")
-    data = bids(
-        [(0, 1, "a", 5), (1, 2, "b", 3), (2, 3, "c", 9), (3, 4, "b", 4), (4, 12, "a", 1)]
-        + [(5, 13, "c", 2), (6, 25, "a", 7)]
-    )
+    rows = [(0, 1, "a", 5), (1, 2, "b", 3), (2, 3, "c", 9), (3, 4, "b", 4), (4, 12, "a", 1)]
+    data = bids([*rows, (5, 13, "c", 2), (6, 25, "a", 7)])
     got = run(frame, stream, [data.head(3), data.slice(3, 2), data.tail(2)], tmp_path)
     w = [T0 + timedelta(seconds=s) for s in (0, 10, 20)]
     # [0, 10): c 9, b 7, a 5; [10, 20): c 2, a 1; [20, 30): a 7.
-    assert sorted(got.rows()) == sorted(
-        [(w[0], "c", 9, 1), (w[0], "b", 7, 2), (w[1], "c", 2, 1), (w[1], "a", 1, 2)]
-        + [(w[2], "a", 7, 1)]
-    )
+    expected = [(w[0], "c", 9, 1), (w[0], "b", 7, 2), (w[1], "c", 2, 1), (w[1], "a", 1, 2)]
+    assert sorted(got.rows()) == sorted([*expected, (w[2], "a", 7, 1)])
 
 
 def test_top_k_refuses_update_mode() -> None:
