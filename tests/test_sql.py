@@ -112,6 +112,12 @@ FORMS = {
             ("b", T0 + timedelta(seconds=25), T0 + timedelta(seconds=30), 5),
         ],
     ),
+    "CUMULATE TVF": (
+        "SELECT window_start, window_end, COUNT(*) AS n, SUM(x) AS total FROM TABLE(CUMULATE("
+        "TABLE ev, DESCRIPTOR(ts), INTERVAL '5' SECOND, INTERVAL '15' SECOND)) "
+        "GROUP BY window_start, window_end",
+        [(W[2], W[3], 2, 3), (W[2], W[4], 2, 3), (W[2], W[5], 4, 10), (W[5], W[8], 1, 5)],
+    ),
     "legacy group window": (
         "SELECT k, TUMBLE_START(ts, INTERVAL '10' SECOND) AS ws, TUMBLE_END(ts, INTERVAL '10' "
         "SECOND) AS we, COUNT(*) AS n FROM ev GROUP BY TUMBLE(ts, INTERVAL '10' SECOND), k "
@@ -309,8 +315,6 @@ def test_cli_sql_runs_a_file(tmp_path: Path) -> None:
 REFUSALS = {
     "MATCH_RECOGNIZE": "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
     "MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
-    "CUMULATE": "SELECT window_start, COUNT(*) FROM TABLE(CUMULATE(TABLE ev, DESCRIPTOR(ts), "
-    "INTERVAL '2' SECOND, INTERVAL '10' SECOND)) GROUP BY window_start, window_end",
     "ORDER BY": "SELECT k FROM ev ORDER BY k",
     "LIMIT": "SELECT k FROM ev LIMIT 3",
     "OVER": "SELECT k, SUM(x) OVER (PARTITION BY k ORDER BY ts) FROM ev",
@@ -384,3 +388,35 @@ def test_sql_equals_python_twin_and_batch(rows, cuts, tmp_path: Path) -> None:
     batch = ms.SQLContext(ev=data).execute(sql)
     assert isinstance(batch, pl.LazyFrame)
     assert got == python == sorted(batch.collect().rows())
+
+
+@settings(
+    max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seconds=st.lists(st.integers(0, 50), min_size=1, max_size=25),
+    cuts=st.lists(st.integers(0, 25), max_size=4),
+)
+def test_cumulate_equals_brute_force(seconds, cuts, tmp_path: Path) -> None:
+    seconds = sorted(seconds)
+    data = events(seconds, ["a"] * len(seconds), list(range(len(seconds))))
+    bounds = sorted({0, len(seconds), *(min(c, len(seconds)) for c in cuts)})
+    batches = [data.slice(a, b - a) for a, b in itertools.pairwise(bounds)]
+    sql = (
+        "SELECT window_start, window_end, COUNT(*) AS n, SUM(x) AS total FROM TABLE(CUMULATE("
+        "TABLE ev, DESCRIPTOR(ts), INTERVAL '3' SECOND, INTERVAL '12' SECOND)) "
+        "GROUP BY window_start, window_end"
+    )
+    # Every window [s, s + 3k) with s a multiple of 12 s, k = 1..4, that holds a row.
+    expected: dict[tuple[int, int], list[int]] = {}
+    for x, s in enumerate(seconds):
+        start = s // 12 * 12
+        for k in range(1, 5):
+            if s < start + 3 * k:
+                expected.setdefault((start, start + 3 * k), []).append(x)
+    rows = sorted(
+        (T0 + timedelta(seconds=a), T0 + timedelta(seconds=b), len(xs), sum(xs))
+        for (a, b), xs in expected.items()
+    )
+    assert stream_rows(sql, tmp_path, batches) == rows
+    assert sorted(ms.SQLContext(ev=data).execute(sql).collect().rows()) == rows

@@ -14,8 +14,15 @@ On a stream, tumbling and hopping windows are ``group_by_dynamic(ts, every=slide
 period=size, group_by=k)`` and sessions ``group_by_session(ts, gap=gap, group_by=k)``;
 over static frames (the batch oracle) the same windows are assigned row by row and
 grouped with Polars. ``window_time`` is ``window_end`` minus one unit of the time
-column (Flink's ``TIMESTAMP(3)``: one millisecond). ``CUMULATE`` has no operator and is
-refused.
+column (Flink's ``TIMESTAMP(3)``: one millisecond).
+
+``CUMULATE(TABLE t, DESCRIPTOR(ts), step, size)`` (windows ``[s, s + step)``,
+``[s, s + 2 step)``, ... ``[s, s + size)`` for every ``s`` a multiple of ``size``)
+needs no operator of its own: each row is repeated for the windows that hold it
+(row-wise), then grouped by ``window_start`` (the row's time truncated to ``size``:
+an event-time key, so groups close with the watermark) and ``window_end``. The rows
+are Flink's; they are emitted when the watermark passes the end of the largest
+window of their start (``s + size``), where Flink emits each window at its own end.
 """
 
 from __future__ import annotations
@@ -48,10 +55,10 @@ LEGACY_PARTS = {
 class Window:
     """A window of a query: its kind, event-time column and sizes."""
 
-    kind: Literal["TUMBLE", "HOP", "SESSION"]
+    kind: Literal["TUMBLE", "HOP", "SESSION", "CUMULATE"]
     column: str
-    size: timedelta | None = None  # TUMBLE, HOP
-    slide: timedelta | None = None  # HOP (TUMBLE: = size)
+    size: timedelta | None = None  # TUMBLE, HOP; CUMULATE's max size
+    slide: timedelta | None = None  # HOP (TUMBLE: = size); CUMULATE's step
     gap: timedelta | None = None  # SESSION
     partition_by: tuple[str, ...] = ()  # SESSION's PARTITION BY (frame columns)
 
@@ -69,8 +76,6 @@ def tvf_window(call: exp.Anonymous, column_of: dict[str, str]) -> tuple[str, Win
     """The table a window TVF call reads and its window (``column_of``: name -> frame column)."""
     kind = call.name.upper()
     args = call.expressions
-    if kind == "CUMULATE":
-        raise refuse(call, "CUMULATE")
     if not args or not isinstance(args[0], TableArgument):
         raise refuse(call, f"{kind}(...) without TABLE t as its first argument")
     table_arg = args[0]
@@ -104,6 +109,15 @@ def tvf_window(call: exp.Anonymous, column_of: dict[str, str]) -> tuple[str, Win
         return table, Window(
             "SESSION", time_column, gap=interval_of(args[2]), partition_by=partition
         )
+    if kind == "CUMULATE" and len(args) == 4:
+        step, size = interval_of(args[2]), interval_of(args[3])
+        if step <= timedelta(0) or size % step != timedelta(0):
+            raise refuse(
+                call,
+                f"CUMULATE with step {step} and max size {size}",
+                reason="the max size must be a whole multiple of the step (as Flink requires)",
+            )
+        return table, Window("CUMULATE", time_column, size=size, slide=step)
     raise refuse(call, f"{sql_text(call)}", reason=f"{kind} takes other arguments")
 
 
@@ -121,7 +135,12 @@ def legacy_window(call: exp.Anonymous, time_column: str) -> Window:
     if kind == "SESSION" and len(args) == 2:
         return Window("SESSION", time_column, gap=interval_of(args[1]))
     if kind == "CUMULATE":
-        raise refuse(call, "CUMULATE")
+        raise refuse(
+            call,
+            "GROUP BY CUMULATE(...)",
+            reason="Flink has no CUMULATE group window",
+            alternative="FROM TABLE(CUMULATE(TABLE t, DESCRIPTOR(ts), step, max_size))",
+        )
     raise refuse(call, f"{sql_text(call)}", reason=f"{kind} takes other arguments")
 
 
@@ -156,6 +175,8 @@ def window_aggregate(
             "session_start", "session_end"
         )
     assert window.size is not None and window.slide is not None
+    if window.kind == "CUMULATE":
+        return _cumulate(frame, window, by, aggs, unit)
     if isinstance(frame, StreamFrame):
         out = frame.group_by_dynamic(
             window.column, every=window.slide, period=window.size, group_by=by or None
@@ -196,3 +217,32 @@ def _batch_sessions(
         )
         .drop("__session")
     )
+
+
+def _cumulate(
+    frame: StreamFrame | pl.LazyFrame,
+    window: Window,
+    by: list[str],
+    aggs: dict[str, pl.Expr],
+    unit: pl.Expr,
+) -> StreamFrame | pl.LazyFrame:
+    """CUMULATE windows: each row in every window ``[start, start + k * step)`` of its
+    max-size window that holds it, grouped by start (an event-time key) and end."""
+    assert window.size is not None and window.slide is not None
+    step_us = window.slide // timedelta(microseconds=1)
+    steps = window.size // window.slide
+    start = pl.col(window.column).dt.truncate(window.size)
+    into = (pl.col(window.column) - pl.col("window_start")).dt.total_microseconds()
+    first = into // step_us + 1  # the first window (in steps) whose end is after the row
+    rows = (
+        frame.with_columns(window_start=start)
+        .with_columns(__steps=pl.int_ranges(first, steps + 1))
+        .explode("__steps")
+        .with_columns(window_end=pl.col("window_start") + pl.col("__steps") * pl.lit(window.slide))
+    )
+    keys = [*by, "window_start", "window_end"]
+    if isinstance(rows, StreamFrame):
+        out: StreamFrame | pl.LazyFrame = rows.group_by(*keys).agg(**aggs)
+    else:
+        out = rows.group_by(keys, maintain_order=True).agg(**aggs)
+    return out.with_columns(window_time=pl.col("window_end") - unit)
