@@ -4,14 +4,13 @@ A query is lowered bottom up into a :class:`Relation`: a frame and the
 :class:`~microstream.sql.expressions.Scope` of columns it makes visible.
 
 1. ``FROM``: a registered table or view, a subquery, a window TVF
-   (:mod:`microstream.sql.windows`), and joins: stream with static table
-   (``join`` with the static side), two streams (an inner ``join`` with
-   ``within=`` from the time bounds in ``ON``/``WHERE``), two static frames.
-   For an inner join, conjuncts of ``WHERE`` that name one side only are applied
-   to that side before the join, as the Python twins do.
+   (:mod:`microstream.sql.windows`), and joins (:mod:`microstream.sql.joins`:
+   stream with static table, interval and window joins of two streams, two
+   static frames).
 2. ``WHERE`` -> ``filter``; ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) = 1``
    over a subquery -> ``unique(subset=k)`` (keep first by arrival, so ``pt``
-   must be a ``PROCTIME()`` column).
+   must be a ``PROCTIME()`` column); ``ROW_NUMBER() OVER (PARTITION BY
+   window_start, window_end ORDER BY ...) <= N`` -> ``group_by(window).top_k(N)``.
 3. ``GROUP BY`` -> ``group_by``, ``group_by_dynamic`` or ``group_by_session``;
    aggregate arguments are computed first as columns, so each aggregate is a
    plain ``pl.col(c).sum()``-like expression the engine folds incrementally;
