@@ -272,6 +272,41 @@ def test_join_bound_on_a_truncated_window_start_refused() -> None:
         )
 
 
+def test_window_join_of_tvf_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    left, right = ms.MemoryStream(SCHEMA), ms.MemoryStream(SCHEMA)
+    ctx = ms.SQLContext(
+        a=left.lazy().with_watermark("ts", "0s"), b=right.lazy().with_watermark("ts", "0s")
+    )
+    tvf = "SELECT * FROM TABLE(TUMBLE(TABLE {}, DESCRIPTOR(ts), INTERVAL '10' SECOND))"
+    frame = ctx.execute(
+        f"SELECT L.x, R.x AS rx, L.window_start FROM ({tvf.format('a')}) AS L "
+        f"JOIN ({tvf.format('b')}) AS R ON L.k = R.k AND L.window_start = R.window_start "
+        "AND L.window_end = R.window_end"
+    )
+    frame.explain()
+    # Rows of one window lie less than its size apart: that bounds the state.
+    assert "ts - ts in [-9s999ms999us, 9s999ms999us]" in capsys.readouterr().out
+    batches = [
+        (events([1, 9], ["a", "a"], [1, 2]), events([8], ["a"], [10])),
+        (events([12], ["a"], [3]), events([11, 21], ["a", "b"], [20, 30])),
+        (events([25], ["b"], [4]), events([31], ["b"], [40])),
+    ]
+    out: list[pl.DataFrame] = []
+    query = frame.foreach_batch(lambda df, _b: out.append(df), checkpoint=str(tmp_path / "cp"))
+    for lrows, rrows in batches:
+        left.add_data(lrows)
+        right.add_data(rrows)
+        query.process_all_available()
+    query.stop()
+    w = [T0 + timedelta(seconds=s) for s in (0, 10, 20)]
+    assert sorted(pl.concat(out).rows()) == [
+        (1, 10, w[0]),
+        (2, 10, w[0]),
+        (3, 20, w[1]),
+        (4, 30, w[2]),
+    ]
+
+
 def test_dedup_keep_first_by_processing_time(tmp_path: Path) -> None:
     stream = ms.MemoryStream(SCHEMA)
     ctx = ms.SQLContext(ev=stream.lazy().with_processing_time("pt"))

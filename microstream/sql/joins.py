@@ -12,7 +12,8 @@
   (or end) as a window aggregation emitted it, and there is no other time bound,
   the equality is the bound (``within=(0, 0)`` on those columns): both sides
   emit a window once, when the watermark passes its end, and the join forgets it
-  then.
+  then. Joined on ``TUMBLE`` TVF rows' window starts (their time truncated), the
+  join is bounded on the time columns by the window sizes instead.
 - Two static frames: Polars' join (the batch result of the same text).
 
 For an inner join, the conjuncts of ``WHERE`` that name one side only are applied
@@ -31,11 +32,12 @@ import polars as pl
 from sqlglot import exp
 
 from microstream.api.frame import StreamFrame
-from microstream.exceptions import PlanError
+from microstream.exceptions import MicrostreamError, PlanError
 from microstream.plan.event_time import trace_event_time
 from microstream.sql.expressions import ExpressionLowering, Field, Scope, interval_of, sql_text
 from microstream.sql.refusals import refuse
 from microstream.sql.relation import Frame, Relation, all_of, and_operands, fresh
+from microstream.time.duration import parse_duration
 
 __all__ = ["join_relations"]
 
@@ -215,6 +217,10 @@ def _stream_join(
     lower, upper, times = _join_bounds(bounds, left, right)
     if times is None:
         times = _window_keys(keys, left, right)  # a window join: equal windows, no other bound
+    if times is None:
+        truncated = _truncated_windows(keys, left, right)  # a window join of TVF rows
+        if truncated is not None:
+            lower, upper, times = truncated
     kwargs: dict[str, Any] = {}
     if times is not None:
         kwargs = {
@@ -430,3 +436,47 @@ def _window_keys(
         if _emitted_time(left.frame, lk) and _emitted_time(right.frame, rk):
             return lk, rk
     return None
+
+
+def _truncated_windows(
+    keys: list[tuple[str, str]], left: Relation, right: Relation
+) -> tuple[timedelta, timedelta, tuple[str, str]] | None:
+    """A window join of TVF rows: an equality of two window starts that are each side's
+    event time truncated (``TUMBLE``'s ``window_start``). Rows of equal starts lie less
+    than a window apart, so that bounds the join on the event-time columns themselves
+    (judging lateness by a truncated start would drop rows on time)."""
+    assert isinstance(left.frame, StreamFrame) and isinstance(right.frame, StreamFrame)
+    one = timedelta(microseconds=1)
+    for lk, rk in keys:
+        found = [_truncation(left.frame, lk), _truncation(right.frame, rk)]
+        if found[0] is None or found[1] is None:
+            continue
+        (ltime, lsize), (rtime, rsize) = found[0], found[1]
+        # left in [h, h + lsize), right in [h, h + rsize): right - left in (-lsize, rsize).
+        return -(lsize - one), rsize - one, (ltime, rtime)
+    return None
+
+
+def _truncation(frame: StreamFrame, column: str) -> tuple[str, timedelta] | None:
+    """``(time column, size)`` when ``column`` is ``time.dt.truncate(size)`` of a
+    watermark column the frame still has."""
+    key = trace_event_time(frame.plan, column)
+    if key is None or len(key.steps) != 1:
+        return None
+    time = key.watermark.column
+    if time not in frame.collect_schema() or not _emitted_time(frame, time):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the json format is deprecated, still exact
+        tree = json.loads(key.steps[0][1].meta.undo_aliases().meta.serialize(format="json"))
+    body = tree.get("Function", {}) if isinstance(tree, dict) else {}
+    inputs = body.get("input", [])
+    if body.get("function") != {"TemporalExpr": "Truncate"} or len(inputs) != 2:
+        return None
+    size = inputs[1].get("Literal", {}).get("Scalar", {}).get("String")
+    if inputs[0] != {"Column": key.steps[0][0]} or not isinstance(size, str):
+        return None
+    try:
+        return time, parse_duration(size, name="truncate")
+    except MicrostreamError:
+        return None
