@@ -78,12 +78,14 @@ from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
 from microstream.runtime.ray import RayRuntime
+from microstream.sql import sql  # the function; the subpackage stays importable by its path
 from microstream.state.read import read_state
 from microstream.time.trigger import Trigger
 from microstream.ui import Dashboard, start_ui
 
 if TYPE_CHECKING:
     from microstream.registry import MemoryStream
+    from microstream.sql.context import SQLContext
 
 __version__ = "0.1.0"
 
@@ -118,6 +120,7 @@ __all__ = [
     "ReplayError",
     "ReplayResult",
     "Runtime",
+    "SQLContext",
     "SchemaMismatchError",
     "Session",
     "SinkError",
@@ -142,6 +145,7 @@ __all__ = [
     "scan_files",
     "scan_kafka",
     "scan_rate",
+    "sql",
     "start_metrics_server",
     "start_ui",
     "switch_output",
@@ -156,5 +160,10 @@ def __getattr__(name: str) -> Any:
         from microstream.registry import memory_stream_class
 
         return memory_stream_class()
+    if name == "SQLContext":
+        # SQL needs the optional sqlglot: imported on first use.
+        from microstream.sql.context import SQLContext
+
+        return SQLContext
     msg = f"module 'microstream' has no attribute {name!r}"
     raise AttributeError(msg)

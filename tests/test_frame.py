@@ -43,6 +43,27 @@ def test_filter_with_columns_select(name: str) -> None:
     assert_frame_equal(out, expected)
 
 
+def test_verbs_take_generators_of_expressions(name: str) -> None:
+    # Polars takes an iterable of expressions; the plan applies a verb's arguments
+    # for its schema and again every batch, so a generator must not be spent once.
+    frame = (
+        stream()
+        .filter(pl.col(c).is_not_null() for c in ["amount"])
+        .with_columns((pl.col(c) * 2).alias(f"{c}2") for c in ["id", "amount"])
+        .select(pl.col(c) for c in ["id", "id2", "amount2"])
+    )
+    assert frame.columns == ["id", "id2", "amount2"]
+    out = run_memory(frame, BATCHES, name)
+    expected = pl.DataFrame(
+        {"id": [1, 2, 4, 5], "id2": [2, 4, 8, 10], "amount2": [10.0, -2.0, 5.0, 14.0]}
+    )
+    assert_frame_equal(out, expected)
+    totals = stream().group_by("user").agg(pl.col(c).sum() for c in ["id", "amount"])
+    assert totals.collect_schema() == pl.Schema(
+        {"user": pl.String, "id": pl.Int64, "amount": pl.Float64}
+    )
+
+
 def test_drop_rename_cast(name: str) -> None:
     frame = stream().drop("tags").rename({"user": "who"}).cast({"id": pl.Int32})
     out = run_memory(frame, BATCHES, name)

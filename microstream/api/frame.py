@@ -10,7 +10,7 @@ not in the middle of a running query.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -153,11 +153,13 @@ class StreamFrame(SinkVerbs):
 
     def filter(self, *predicates: Any, **constraints: Any) -> StreamFrame:
         """Keep the rows that match, as :meth:`polars.LazyFrame.filter`."""
+        predicates = _reusable(predicates)
         check_row_wise("filter", [*_flatten(predicates)])
         return self._then("filter", *predicates, **constraints)
 
     def select(self, *exprs: Any, **named_exprs: Any) -> StreamFrame:
         """Select or compute columns, as :meth:`polars.LazyFrame.select` (row-wise only)."""
+        exprs = _reusable(exprs)
         check_row_wise("select", [*_flatten(exprs), *named_exprs.values()])
         return self._then("select", *exprs, **named_exprs)
 
@@ -172,6 +174,7 @@ class StreamFrame(SinkVerbs):
         >>> frame.with_columns(y=pl.col("x") + 1).columns
         ['x', 'y']
         """
+        exprs = _reusable(exprs)
         check_row_wise("with_columns", [*_flatten(exprs), *named_exprs.values()])
         return self._then("with_columns", *exprs, **named_exprs)
 
@@ -963,6 +966,16 @@ def _join_time(frame: StreamFrame, given: str | None, side: str) -> str | None:
         return marks[0].column if len(marks) == 1 else None
     time_dtype_check(frame.collect_schema(), given, f"join({side}_time=)")
     return given
+
+
+def _reusable(items: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``items`` with one-shot iterators (generators) made lists.
+
+    Polars takes an iterable of expressions wherever it takes one; a plan node
+    applies its arguments again for every batch (and once for its schema), so a
+    generator would be empty from the second time on.
+    """
+    return tuple(list(item) if isinstance(item, Iterator) else item for item in items)
 
 
 def _flatten(items: Iterable[Any]) -> Iterable[Any]:

@@ -6,7 +6,8 @@ Polars' names and arguments: ``frame.group_by("user").agg(pl.len())``,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -45,6 +46,14 @@ class GroupedFrame(Protocol):
     def plan(self) -> PlanNode: ...
 
     def _from_plan(self: FrameT, plan: PlanNode) -> FrameT: ...
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    candidate, n = name, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
 
 
 def key_names(plan: PlanNode, by: Iterable[Any], verb: str) -> tuple[PlanNode, tuple[str, ...]]:
@@ -110,7 +119,7 @@ def emit_policy(
 def _aggs(aggs: Sequence[Any], named: dict[str, Any], verb: str) -> tuple[pl.Expr, ...]:
     exprs: list[pl.Expr] = []
     for agg in aggs:
-        items = agg if isinstance(agg, (list, tuple)) else [agg]
+        items = agg if isinstance(agg, (list, tuple, Iterator)) else [agg]
         for item in items:
             exprs.append(pl.col(item) if isinstance(item, str) else item)
     exprs += [(pl.col(v) if isinstance(v, str) else v).alias(k) for k, v in named.items()]
@@ -181,6 +190,90 @@ class StreamGroupBy(Generic[FrameT]):
             event_key=event_key,
             state_ttl_ms=self._state_ttl_ms,
         )
+        return self._frame._from_plan(node)
+
+    def top_k(
+        self,
+        k: int,
+        *,
+        by: str | Sequence[str],
+        reverse: bool | Sequence[bool] = False,
+        rank: str | None = None,
+    ) -> FrameT:
+        """The ``k`` rows of each group with the largest ``by``, once the group closes.
+
+        Window Top-N (Flink's ``ROW_NUMBER() OVER (PARTITION BY window_start,
+        window_end ORDER BY price DESC) <= k``): group by a window column, an
+        event-time key (the window start a window aggregation emitted, or
+        ``pl.col("ts").dt.truncate("10s")``), and each group's top rows are emitted
+        once, in append mode, when the watermark closes it. Like Polars'
+        ``top_k``, ``reverse=True`` keeps the smallest; several ``by`` columns break
+        ties in order (a tie on all of them keeps the rows that came first). The
+        output is the keys, then the other columns of the rows, best first within
+        a group, and ``rank`` (1 for the top row: ``ROW_NUMBER()``) when named.
+        The group's rows are state until it closes.
+
+        Raises
+        ------
+        PlanError
+            When no key is an event-time key (the groups would never close, so no
+            top row would ever be final), or ``k`` is not positive.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> stream = ms.MemoryStream({"ts": pl.Datetime("us"), "item": pl.String, "price": pl.Int64})
+        >>> top = (
+        ...     stream.lazy()
+        ...     .with_watermark("ts", "0s")
+        ...     .with_columns(window=pl.col("ts").dt.truncate("10s"))
+        ...     .group_by("window")
+        ...     .top_k(2, by="price", rank="rn")
+        ...     .select("window", "item", "price", "rn")
+        ... )
+        >>> query = top.sink_memory("doc_top_k")
+        >>> t = [datetime(2024, 1, 1, 0, 0, s) for s in (1, 2, 3, 12)]
+        >>> _ = stream.add_data({"ts": t, "item": ["a", "b", "c", "d"], "price": [5, 9, 7, 1]})
+        >>> query.process_all_available()
+        >>> ms.table("doc_top_k").rows()
+        [(datetime.datetime(2024, 1, 1, 0, 0), 'b', 9, 1), (datetime.datetime(2024, 1, 1, 0, 0), 'c', 7, 2)]
+        >>> query.stop()
+        """
+        if k < 1:
+            msg = f"top_k: k must be a positive number of rows; got {k!r}"
+            raise PlanError(msg)
+        plan, keys = key_names(self._frame.plan, self._by, "group_by")
+        schema = plan.schema()
+        order = [by] if isinstance(by, str) else list(by)
+        _check_columns(schema, order, "top_k(by=)")
+        if not any(trace_event_time(plan, key) is not None for key in keys):
+            msg = (
+                f"group_by({', '.join(keys)}).top_k() needs an event-time key (a window "
+                "column: the watermark column or a non-decreasing function of it, such as "
+                "a window aggregation's window start or pl.col(ts).dt.truncate(...)), so "
+                "that each group closes and its top rows are final"
+            )
+            raise PlanError(msg)
+        rows = [c for c in schema.names() if c not in keys]
+        taken = set(schema.names()) | ({rank} if rank else set())
+        top, position = _unused("__top", taken), _unused("__rank", taken)
+        descending = [not r for r in reverse] if isinstance(reverse, Sequence) else not reverse
+        best = pl.struct(rows).sort_by(order, descending=descending, nulls_last=True).head(k)
+        ranks = (pl.int_range(pl.len(), dtype=pl.Int64) + 1).head(k)
+        grouped = StreamGroupBy(
+            self._frame._from_plan(plan), keys, self._emit, self._state_ttl_ms
+        ).agg(**{top: best, position: ranks})
+        aggregate = grouped.plan
+        assert isinstance(aggregate, AggregateNode)
+        aggregate = replace(aggregate, rows_of="top_k")
+        node: PlanNode = StatelessNode(aggregate, "explode", (top, position))
+        node = StatelessNode(node, "unnest", (top,))
+        if rank is None:
+            node = StatelessNode(node, "drop", (position,))
+        else:
+            node = StatelessNode(node, "rename", ({position: rank},))
         return self._frame._from_plan(node)
 
     def map_groups_with_state(

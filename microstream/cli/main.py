@@ -79,29 +79,7 @@ def _parser() -> argparse.ArgumentParser:
         help="override every query's trigger with Trigger.available_now() (with a progress "
         "bar in a terminal when the file starts one query)",
     )
-    run.add_argument(
-        "--runtime",
-        choices=sorted(RUNTIMES),
-        default=None,
-        help="run every query the file starts on this runtime, whatever its runtime= says "
-        "(local: this process, the default; ray: stateful operators in Ray actors, needs "
-        "microstream[ray])",
-    )
-    run.add_argument(
-        "--address",
-        default=None,
-        metavar="ADDRESS",
-        help="with --runtime ray: the Ray cluster to join ('auto', 'ray://host:port'; "
-        "default: the one RAY_ADDRESS names, or a new local one)",
-    )
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="N",
-        help="with --runtime ray: how many Ray actors share every operator's key groups "
-        "(default 2)",
-    )
+    _add_runtime_options(run, "every query the file starts")
     run.add_argument(
         "--metrics-port",
         type=int,
@@ -117,6 +95,25 @@ def _parser() -> argparse.ArgumentParser:
         "lets other hosts scrape it)",
     )
     run.set_defaults(handler=_run)
+
+    sql = sub.add_parser(
+        "sql",
+        help="run the statements of a SQL file (CREATE TABLE, views, INSERT INTO), until its "
+        "queries stop",
+        description=(
+            "Run FILE.sql's statements in order, in Flink's SQL dialect: CREATE TABLE declares "
+            "sources and sinks, CREATE TEMPORARY VIEW names queries, INSERT INTO starts a query, "
+            "EXPLAIN and SELECT print. Needs microstream[sql]."
+        ),
+    )
+    sql.add_argument("file", metavar="FILE.sql", help="SQL file of ;-separated statements")
+    sql.add_argument(
+        "--available-now",
+        action="store_true",
+        help="override every query's trigger with Trigger.available_now()",
+    )
+    _add_runtime_options(sql, "every INSERT INTO")
+    sql.set_defaults(handler=_sql)
 
     replay = sub.add_parser(
         "replay",
@@ -340,6 +337,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if _runtime_options_misused(args):
+        return 2
     session = default_session
     server = None
     if args.metrics_port is not None:
@@ -349,9 +348,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"microstream: serving metrics on {server.url}", file=sys.stderr, flush=True)
     if args.available_now:
         session.trigger_override = Trigger.available_now()
-    if args.runtime != "ray" and (args.address is not None or args.workers is not None):
-        print("microstream: --address and --workers apply to --runtime ray", file=sys.stderr)
-        return 2
     if args.runtime is not None:
         session.runtime_override = RUNTIMES[args.runtime](args)
     sys.argv = [args.file]
@@ -383,6 +379,89 @@ def _run(args: argparse.Namespace) -> int:
         session.runtime_override = None
         if server is not None:
             server.stop()
+    return 1 if failed else 0
+
+
+def _runtime_options_misused(args: argparse.Namespace) -> bool:
+    """Whether ``--address``/``--workers`` came without ``--runtime ray`` (said on stderr)."""
+    if args.runtime != "ray" and (args.address is not None or args.workers is not None):
+        print("microstream: --address and --workers apply to --runtime ray", file=sys.stderr)
+        return True
+    return False
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--runtime``, and ``--address``/``--workers`` for ``--runtime ray``."""
+    parser.add_argument(
+        "--runtime",
+        choices=sorted(RUNTIMES),
+        default=None,
+        help=f"run {what} on this runtime, whatever its runtime= says "
+        "(local: this process, the default; ray: stateful operators in Ray actors, needs "
+        "microstream[ray])",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --runtime ray: the Ray cluster to join ('auto', 'ray://host:port'; "
+        "default: the one RAY_ADDRESS names, or a new local one)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --runtime ray: how many Ray actors share every operator's key groups "
+        "(default 2)",
+    )
+
+
+def _sql(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from microstream.api.frame import StreamFrame
+    from microstream.sql.context import SQLContext
+
+    if _runtime_options_misused(args):
+        return 2
+    with open(args.file, encoding="utf-8") as fh:
+        script = fh.read()
+    session = default_session
+    if args.available_now:
+        session.trigger_override = Trigger.available_now()
+    if args.runtime is not None:
+        session.runtime_override = RUNTIMES[args.runtime](args)
+    try:
+        started = []
+        for result in SQLContext().execute_script(script):
+            if isinstance(result, StreamFrame):
+                print(
+                    "microstream: a SELECT over a stream needs a sink; write INSERT INTO a table "
+                    "declared WITH ('connector' = 'print') to see its rows",
+                    file=sys.stderr,
+                )
+                return 1
+            if isinstance(result, pl.LazyFrame):
+                table = result.collect()
+                with pl.Config(tbl_rows=-1):
+                    print("\n".join(table["plan"]) if table.columns == ["plan"] else table)
+            elif result is not None:
+                started.append(result)
+        failed = False
+        for query in started:
+            query.await_termination_quietly()
+            exc = query.exception()
+            if exc is not None:
+                failed = True
+                print(f"microstream: query {query.name or query.id} failed: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        for query in session.active:
+            query.stop()
+        return 130
+    finally:
+        session.trigger_override = None
+        session.runtime_override = None
     return 1 if failed else 0
 
 

@@ -99,6 +99,9 @@ class AggregateNode(StatefulNode):
     """The key whose groups the watermark closes (``group_by`` only; see ``eviction``)."""
     state_ttl_ms: int | None = None
     """Remove a key not updated for this long, in batch timestamps (processing time)."""
+    rows_of: str | None = None
+    """The verb (``top_k``) that turns each group's result into rows after this node:
+    a group's rows are final only when it closes, so only append mode is exact."""
 
     @property
     def spec(self) -> AggregateSpec:
@@ -195,6 +198,13 @@ class AggregateNode(StatefulNode):
         }
 
     def check_output_mode(self, output_mode: str) -> None:
+        if self.rows_of is not None and output_mode != "append":
+            msg = (
+                f"{self.rows_of}() emits each group's rows once, when the watermark closes the "
+                "group, so it runs in output_mode='append' (an update would add rows, not "
+                f"replace them); got output_mode={output_mode!r}"
+            )
+            raise PlanError(msg)
         if (self.emit.throttled or self.emit.allowed_lateness_us) and output_mode != "update":
             msg = (
                 f"{self.emit.describe()} shape when changed groups are emitted, which only "

@@ -316,10 +316,11 @@ def test_microstream_run_with_runtime_ray(ray_cluster: Any, tmp_path: Path) -> N
     assert result.select(expected.columns).sort(key).equals(expected.sort(key))
 
 
-def test_address_and_workers_need_runtime_ray(tmp_path: Path) -> None:
-    job = tmp_path / "job.py"
+@pytest.mark.parametrize("command", ["run", "sql"])
+def test_address_and_workers_need_runtime_ray(tmp_path: Path, command: str) -> None:
+    job = tmp_path / ("job.py" if command == "run" else "job.sql")
     job.write_text("")
-    cmd = [sys.executable, "-m", "microstream.cli", "run", str(job), "--workers", "3"]
+    cmd = [sys.executable, "-m", "microstream.cli", command, str(job), "--workers", "3"]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "--address and --workers apply to --runtime ray" in done.stderr
