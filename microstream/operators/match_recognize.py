@@ -62,6 +62,7 @@ from microstream.plan.nodes import (
     PartitionKeys,
     PlanNode,
     StatefulNode,
+    check_row_wise,
 )
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
@@ -150,13 +151,15 @@ class MatchSpec:
             if not isinstance(expr, pl.Expr):
                 msg = f"{where} must be a Polars expression; got {expr!r}"
                 raise PlanError(msg)
-            if _inspectable(expr) and not expr.meta.is_row_separable():
+            try:
+                check_row_wise("match_recognize", [expr])
+            except PlanError:
                 msg = (
                     f"{where} ({expr}) reads other rows of the frame; DEFINE and MEASURES are "
                     "evaluated row by row: use ms.pattern.sum('A.price'), ms.pattern.prev('price'), "
                     "... for aggregates and navigation"
                 )
-                raise PlanError(msg)
+                raise PlanError(msg) from None
             columns, refs = [], []
             for name in expr.meta.root_names():
                 ref = parse_reference(name, names, schema, where)
@@ -238,14 +241,6 @@ class MatchSpec:
             return False
 
         return walk(self.tree)
-
-
-def _inspectable(expr: pl.Expr) -> bool:
-    try:
-        expr.meta.is_row_separable()
-    except Exception:  # a UDF cannot be inspected without a schema
-        return False
-    return True
 
 
 def _after_match(after_match: str, index: Mapping[str, int]) -> tuple[str, int | None]:
