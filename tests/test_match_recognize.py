@@ -388,6 +388,8 @@ def test_unbounded_quantifier_without_within_warns() -> None:
         ({"pattern": "(A? B?)+ C"}, "without end"),
         ({"pattern": "A B{3,2}"}, "lower bound is above"),
         ({"pattern": "PERMUTE(A, B)"}, "PERMUTE"),
+        ({"pattern": "A+* B"}, "after a quantifier"),
+        ({"pattern": "A+?? B"}, "after a quantifier"),
         ({"define": {"Z": is_("a")}}, "does not use"),
         ({"define": {"A": pl.col("v")}}, "must be a boolean"),
         ({"define": {"A": pl.col("v") > pl.col("v").mean()}}, "row by row"),
@@ -454,6 +456,6 @@ def test_explain_and_fingerprint_name_the_pattern() -> None:
 
 
 def test_pattern_text_round_trips() -> None:
-    for text in ["A B+? (C | D){2,3}", "(A B)* C", "A | B C | D", "A{2,} B{,3}? C{4}"]:
+    for text in ["A B+? (C | D){2,3}", "(A B)* C", "A | B C | D", "A{2,} B{,3}? C{4}", "(A+?)+ B"]:
         tree = parse_pattern(text)
         assert parse_pattern(str(tree)) == tree

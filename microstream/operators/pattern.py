@@ -212,19 +212,27 @@ class _Parser:
             if token is None or token[1] != ")":
                 raise self.fail("'(' is not closed", position)
             self.at += 1
+        quantifiers = 0  # applied here: a group's own quantifier may be quantified again
         while (token := self.peek()) is not None and (
             token[0] == "count" or token[1] in ("*", "+", "?")
         ):
-            if isinstance(node, Quantified) and node.greedy and token[1] == "?":
+            if (
+                quantifiers == 1
+                and isinstance(node, Quantified)
+                and node.greedy
+                and token[1] == "?"
+            ):
                 node = Quantified(node.node, node.low, node.high, greedy=False)
                 self.at += 1
+                quantifiers = 2
                 continue
-            if isinstance(node, Quantified):
+            if quantifiers:
                 raise self.fail(
                     f"a quantifier {token[1]!r} after a quantifier; group first: (A+)*", token[2]
                 )
             node = self.quantifier(node, token)
             self.at += 1
+            quantifiers = 1
         return node
 
     def quantifier(self, node: PatternNode, token: tuple[str, str, int]) -> Quantified:
