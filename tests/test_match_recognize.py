@@ -370,6 +370,20 @@ def test_state_is_bounded_by_within(within: str | None, kept: int) -> None:
     assert run.rows() == []
 
 
+def test_prev_keeps_rows_per_key_and_warns() -> None:
+    frame = ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "1s")
+    built = frame.match_recognize(
+        partition_by="k",
+        order_by="ts",
+        pattern="A B",
+        define={"A": is_("a"), "B": pl.col("v") > mp.prev("v", 2)},
+        measures=SPAN,
+        within="1m",
+    )
+    with pytest.warns(ms.UnboundedStateWarning, match="last 2 row"):
+        built.sink_memory(f"warn_{uuid.uuid4().hex[:6]}").stop()
+
+
 def test_unbounded_quantifier_without_within_warns() -> None:
     frame = ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "1s")
     built = frame.match_recognize(

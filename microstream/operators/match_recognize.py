@@ -336,12 +336,20 @@ class MatchRecognizeNode(StatefulNode):
             raise PlanError(msg)
 
     def unbounded_state(self, output_mode: str) -> str | None:
-        if self.within_us is not None or not self.spec.has_unbounded_quantifier():
-            return None
-        return (
-            f"{self.describe()} keeps the rows of a match that can still grow for as long as "
-            "its unbounded quantifier keeps accepting rows; give within='1h' to bound a match"
-        )
+        if self.within_us is None and self.spec.has_unbounded_quantifier():
+            return (
+                f"{self.describe()} keeps the rows of a match that can still grow for as long "
+                "as its unbounded quantifier keeps accepting rows; give within='1h' to bound a "
+                "match"
+            )
+        if self.spec.max_prev and self.partition_by:
+            # PREV reads the partition's previous rows, however old: they stay per key.
+            return (
+                f"{self.describe()} keeps the last {self.spec.max_prev} row(s) of every "
+                "partition key it has seen, for prev(...) to read; partition by keys that "
+                "take a bounded number of values, or compare with first(...) of the match"
+            )
+        return None
 
     def build_operator(self, operator_id: str, storage: Storage) -> MatchRecognizeOperator:
         return MatchRecognizeOperator(self, operator_id, storage)
