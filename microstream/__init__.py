@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from microstream.api import pattern
 from microstream.api.concat import concat
 from microstream.api.frame import StreamFrame
 from microstream.api.outputs import OutputPointer, current_output, read_output, switch_output
@@ -136,6 +137,7 @@ __all__ = [
     "concat",
     "current_output",
     "optimize_delta",
+    "pattern",
     "read_file_sink",
     "read_output",
     "read_state",

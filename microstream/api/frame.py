@@ -22,6 +22,7 @@ from microstream.api.groupby import (
     StreamSessionGroupBy,
     emit_policy,
 )
+from microstream.api.match_recognize import PatternVerbs
 from microstream.api.sinks import SinkVerbs
 from microstream.exceptions import PlanError
 from microstream.operators.dedup import DedupNode
@@ -52,7 +53,7 @@ __all__ = ["StreamFrame"]
 logger = logging.getLogger("microstream")
 
 
-class StreamFrame(SinkVerbs):
+class StreamFrame(SinkVerbs, PatternVerbs):
     """A query over a stream, written with Polars' LazyFrame verbs.
 
     Build one with a source (``ms.scan_files``, ``ms.scan_rate``,

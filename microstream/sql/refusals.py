@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 __all__ = ["REFUSED", "position", "refuse"]
 
 REFUSED: dict[str, str] = {
-    "MATCH_RECOGNIZE": "pattern matching is not in this version; write the pattern as a "
-    "stateful function (group_by(...).map_groups_with_state)",
+    "MATCH_RECOGNIZE": "MATCH_RECOGNIZE is not in the SQL dialect yet; the same pattern "
+    "matching is the Python verb StreamFrame.match_recognize(partition_by=..., order_by=..., "
+    "pattern=..., define=..., measures=...)",
     "ORDER BY": "a stream has no end to sort up to; sort the sink's output when you read it",
     "LIMIT": "a stream has no end to count rows up to; read the sink's output with a limit",
     "OVER": "OVER aggregations are not in this version; use GROUP BY with a window TVF, or "
