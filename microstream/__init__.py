@@ -37,6 +37,7 @@ from microstream.api.scan import (
     scan_delta,
     scan_files,
     scan_kafka,
+    scan_postgres_cdc,
     scan_rate,
     vacuum_delta,
 )
@@ -139,6 +140,7 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_postgres_cdc",
     "scan_rate",
     "start_metrics_server",
     "start_ui",
