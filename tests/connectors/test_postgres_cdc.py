@@ -189,10 +189,14 @@ def test_a_logged_range_is_read_again_exactly_and_the_slot_moves_only_on_commit(
     assert again.read(start, end).equals(first)
     slot_at = "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s"
     assert scalar(postgres_dsn, slot_at, ("replay",)) == start.lsn
+    # The next range, while the slot still stands at the batch's start (a crash between
+    # commits/N and the slot's advance): the committed batch is not read again.
+    later = again.latest_offset(end, rate_limited=False)
+    assert again.read(end, later).select("id", "_op").rows() == [(1, "delete")]
     again.commit(end)
     assert scalar(postgres_dsn, slot_at, ("replay",)) == end.lsn
     again.commit(end)  # idempotent (the engine commits again on restart)
-    later = again.latest_offset(end, rate_limited=False)
+    assert scalar(postgres_dsn, slot_at, ("replay",)) == end.lsn
     assert again.read(end, later).select("id", "_op").rows() == [(1, "delete")]
     assert again.latest_offset(later, rate_limited=False) == later  # nothing new
     assert parse_lsn(format_lsn(parse_lsn(later.lsn))) == PostgresLsn(lsn=later.lsn).value
