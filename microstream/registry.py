@@ -122,9 +122,7 @@ class Connector(Generic[T_co]):
 FILES = Connector("files", FileSourceSpec if TYPE_CHECKING else None)
 RATE = Connector("rate", RateSourceSpec if TYPE_CHECKING else None)
 KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
-POSTGRES_CDC = Connector(
-    "postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None
-)
+POSTGRES_CDC = Connector("postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None)
 DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
 READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)
 OPTIMIZE_DELTA = Connector("optimize_delta", optimize_delta if TYPE_CHECKING else None)

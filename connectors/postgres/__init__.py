@@ -16,7 +16,12 @@ transaction; a batch id at or below the progress row's is skipped. See
 output plugin on the server.
 """
 
-from connectors.postgres.cdc import CDC_COLUMNS, PostgresCdcSource, PostgresCdcSourceSpec, PostgresLsn
+from connectors.postgres.cdc import (
+    CDC_COLUMNS,
+    PostgresCdcSource,
+    PostgresCdcSourceSpec,
+    PostgresLsn,
+)
 from connectors.postgres.sink import PostgresSink, PostgresSinkSpec
 
 __all__ = [

@@ -248,7 +248,9 @@ class PostgresCdcSourceSpec:
             msg = f"create_slot must be a bool; got {create_slot!r}"
             raise ValueError(msg)
         limit = max_changes_per_trigger
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
             msg = f"max_changes_per_trigger must be a positive int or None; got {limit!r}"
             raise ValueError(msg)
         retry = parse_duration(retry_timeout, name="retry_timeout").total_seconds()
@@ -288,14 +290,16 @@ def _describe_tables(
 
     try:
         with connect(dsn) as conn:
-            actions = ("insert", "update", "delete")
+            actions: tuple[str, ...] = ("insert", "update", "delete")
             if publication is not None:
                 row = conn.execute(
                     "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = %s",
                     (publication,),
                 ).fetchone()
                 if row is None:
-                    msg = f"there is no publication {publication!r} in the database at {_where(dsn)}"
+                    msg = (
+                        f"there is no publication {publication!r} in the database at {_where(dsn)}"
+                    )
                     raise PlanError(msg)
                 actions = tuple(a for a, on in zip(actions, row) if on)
                 pairs = conn.execute(
@@ -452,7 +456,9 @@ class PostgresCdcSource:
         self._conn: psycopg.Connection[Any] | None = None
         self._until: int | None = None
         self._planned: _Decoded | None = None
-        self._json_dtype = pl.Struct({name: pl.String for name in spec.schema if name not in CDC_COLUMNS})
+        self._json_dtype = pl.Struct(
+            {name: pl.String for name in spec.schema if name not in CDC_COLUMNS}
+        )
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -484,7 +490,7 @@ class PostgresCdcSource:
                 raise self._error(what, exc) from exc
 
     def _error(self, what: str, exc: Exception) -> SourceError:
-        import psycopg.errors as errors
+        from psycopg import errors
 
         slot = self.spec.slot
         if isinstance(exc, errors.UndefinedObject) and "replication slot" in str(exc):
@@ -529,7 +535,9 @@ class PostgresCdcSource:
             except Exception as exc:  # closing a broken connection: nothing to keep
                 self._logger.debug("%s: closing the connection: %s", self.description, exc)
 
-    def _slot(self, conn: psycopg.Connection[Any]) -> tuple[str, str, int | None, str | None] | None:
+    def _slot(
+        self, conn: psycopg.Connection[Any]
+    ) -> tuple[str, str, int | None, str | None] | None:
         row = conn.execute(
             "SELECT plugin, database, confirmed_flush_lsn::text, wal_status "
             "FROM pg_replication_slots WHERE slot_name = %s AND slot_type = 'logical'",
@@ -614,7 +622,9 @@ class PostgresCdcSource:
         return PostgresLsn(lsn=format_lsn(self._run("open the replication slot", work)))
 
     def _lost_before_start(self) -> DataLossError:
-        msg = f"{self.description}: replication slot {self.spec.slot!r} was invalidated (WAL removed)"
+        msg = (
+            f"{self.description}: replication slot {self.spec.slot!r} was invalidated (WAL removed)"
+        )
         return DataLossError(msg)
 
     def latest_offset(self, start: Offset, *, rate_limited: bool) -> PostgresLsn:
@@ -669,7 +679,9 @@ class PostgresCdcSource:
             changes = decoded.changes
         return self._typed(changes)
 
-    def _decode(self, start: int, end: int | None, *, upto: int | None, limit: int | None) -> _Decoded:
+    def _decode(
+        self, start: int, end: int | None, *, upto: int | None, limit: int | None
+    ) -> _Decoded:
         from psycopg import sql
 
         def work(conn: psycopg.Connection[Any]) -> bytes:
@@ -703,7 +715,11 @@ class PostgresCdcSource:
         values = (
             changes.select(pl.col("row").str.json_decode(self._json_dtype).alias("row"))
             .unnest("row")
-            .select(text_to_dtype(name, dtype) for name, dtype in schema.items() if name not in CDC_COLUMNS)
+            .select(
+                text_to_dtype(name, dtype)
+                for name, dtype in schema.items()
+                if name not in CDC_COLUMNS
+            )
         )
         cdc = changes.select(
             pl.col("table").alias("_table"),

@@ -53,7 +53,9 @@ def connect(dsn: str, *, autocommit: bool = True) -> psycopg.Connection[Any]:
     require_psycopg()
     import psycopg
 
-    options = " ".join(f"-c {key}={value.replace(' ', '')}" for key, value in SESSION_SETTINGS.items())
+    options = " ".join(
+        f"-c {key}={value.replace(' ', '')}" for key, value in SESSION_SETTINGS.items()
+    )
     return psycopg.connect(dsn, autocommit=autocommit, options=options)
 
 

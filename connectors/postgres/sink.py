@@ -188,11 +188,7 @@ class PostgresSink:
             msg = (
                 f"{self.description}: mode='upsert' needs key= (the columns that identify a "
                 "row)"
-                + (
-                    "; this query has no aggregation keys to default to"
-                    if mode == "update"
-                    else ""
-                )
+                + ("; this query has no aggregation keys to default to" if mode == "update" else "")
             )
             raise PlanError(msg)
         if context.schema is not None:
@@ -330,9 +326,13 @@ class PostgresSink:
                 for column, dtype in schema.items()
             ]
             if self.key:
-                unique = "UNIQUE NULLS NOT DISTINCT" if conn.info.server_version >= 150000 else "UNIQUE"
+                unique = (
+                    "UNIQUE NULLS NOT DISTINCT" if conn.info.server_version >= 150000 else "UNIQUE"
+                )
                 definitions.append(
-                    sql.SQL(unique + " ({})").format(sql.SQL(", ").join(map(sql.Identifier, self.key)))
+                    sql.SQL(unique + " ({})").format(
+                        sql.SQL(", ").join(map(sql.Identifier, self.key))
+                    )
                 )
             conn.execute(
                 sql.SQL("CREATE TABLE {} ({})").format(
@@ -412,7 +412,9 @@ class PostgresSink:
             + action
         )
 
-    def _copy(self, conn: psycopg.Connection[Any], target: sql.Composable, data: pl.DataFrame) -> None:
+    def _copy(
+        self, conn: psycopg.Connection[Any], target: sql.Composable, data: pl.DataFrame
+    ) -> None:
         """``COPY`` the rows in as CSV, written by polars in one go."""
         from psycopg import sql
 
@@ -424,7 +426,11 @@ class PostgresSink:
                 for name, dtype in data.schema.items()
                 if dtype == pl.Binary
             ]
-            + [pl.col(name).cast(pl.String) for name, dtype in data.schema.items() if dtype == pl.Categorical]
+            + [
+                pl.col(name).cast(pl.String)
+                for name, dtype in data.schema.items()
+                if dtype == pl.Categorical
+            ]
         )
         payload = as_text.write_csv(include_header=False).encode()
         columns = sql.SQL(", ").join(map(sql.Identifier, data.columns))
@@ -442,4 +448,4 @@ class PostgresSink:
 def _sql(text: str) -> sql.SQL:
     from psycopg import sql
 
-    return sql.SQL(text)  # type: ignore[arg-type]  # literal text, composed with identifiers
+    return sql.SQL(text)

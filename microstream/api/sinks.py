@@ -602,7 +602,7 @@ class SinkVerbs:
         >>> import microstream as ms
         >>> from microstream.testing.postgres import PostgresServer
         >>> clicks = ms.MemoryStream({"user": pl.String})
-        >>> with PostgresServer() as server:  # doctest: +SKIP
+        >>> with PostgresServer() as server:
         ...     query = (
         ...         clicks.lazy().group_by("user").agg(pl.len().alias("n"))
         ...         .sink_postgres(server.dsn, "counts", mode="upsert", output_mode="update",
@@ -614,7 +614,7 @@ class SinkVerbs:
         ...     query.process_all_available()
         ...     query.stop()
         ...     with server.connect() as conn:
-        ...         conn.execute("SELECT * FROM counts ORDER BY user").fetchall()
+        ...         conn.execute('SELECT * FROM counts ORDER BY "user"').fetchall()
         [('a', 2), ('b', 2)]
         """
         spec = load_connector("postgres_sink")(

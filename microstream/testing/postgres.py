@@ -40,9 +40,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from microstream.exceptions import MissingDependencyError
 
@@ -108,23 +109,27 @@ def _server_user() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _as_user(user: tuple[int, int] | None, die_with_parent: bool) -> None:
-    """Run in the child before exec: drop to the server's user, then ask to die with us.
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A function for ``preexec_fn`` that asks Linux to kill the child when we die.
 
-    The parent-death signal is set after ``setuid`` because changing credentials
-    clears it (Linux).
+    libc is loaded here, in the parent: the hook itself imports nothing and takes
+    no lock, as code between fork and exec must. ``subprocess`` changes the
+    child's user before it calls the hook, and the hook must come after that
+    change (changing credentials clears the parent-death signal).
     """
-    if user is not None:
-        os.setgid(user[1])
-        os.setgroups([])
-        os.setuid(user[0])
-    if die_with_parent and sys.platform.startswith("linux"):
-        try:
-            import ctypes
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+    return hook
 
 
 def _require_psycopg() -> None:
@@ -208,13 +213,14 @@ class PostgresServer:
         """Whether the server process is alive."""
         return self._process is not None and self._process.poll() is None
 
+    def _as_server_user(self) -> dict[str, Any]:
+        """``subprocess`` arguments that run a command as the server's user."""
+        if self._user is None:
+            return {}
+        return {"user": self._user[0], "group": self._user[1], "extra_groups": []}
+
     def _run_as_server_user(self, args: list[str]) -> None:
-        result = subprocess.run(
-            args,
-            capture_output=True,
-            check=False,
-            preexec_fn=lambda: _as_user(self._user, die_with_parent=False),
-        )
+        result = subprocess.run(args, capture_output=True, check=False, **self._as_server_user())
         if result.returncode != 0:
             msg = (
                 f"{args[0]} failed (exit {result.returncode}): "
@@ -269,7 +275,8 @@ class PostgresServer:
                 args,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=lambda: _as_user(self._user, die_with_parent=True),
+                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509 (imports nothing, no locks)
+                **self._as_server_user(),
             )
         self._wait_ready()
         return self
@@ -293,8 +300,8 @@ class PostgresServer:
         self.stop()
         raise PostgresError(msg)
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown) and remove its data directory."""
+    def _shutdown(self) -> None:
+        """Stop the server process (fast shutdown: sessions are ended, data kept)."""
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -303,6 +310,20 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop the server, wait ``down_for`` seconds, and start it again with its data.
+
+        Clients see their connections ended and refused meanwhile, as when a
+        database server restarts.
+        """
+        self._shutdown()
+        time.sleep(down_for)
+        self.start()
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and remove its data directory."""
+        self._shutdown()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
@@ -335,7 +356,9 @@ class PostgresServer:
     def has_plugin(self, name: str) -> bool:
         """Whether the server has the logical decoding output plugin ``name`` (``wal2json``)."""
         with self.connect() as conn:
-            row = conn.execute("SELECT setting FROM pg_config() WHERE name = 'PKGLIBDIR'").fetchone()
+            row = conn.execute(
+                "SELECT setting FROM pg_config() WHERE name = 'PKGLIBDIR'"
+            ).fetchone()
         if row is None:
             return False
         return Path(str(row[0]), f"{name}.so").exists()
@@ -343,4 +366,3 @@ class PostgresServer:
     def __repr__(self) -> str:
         state = "running" if self.is_running else "stopped"
         return f"PostgresServer(port={self.port}, {state})"
-

@@ -45,7 +45,9 @@ def create_orders(dsn: str) -> None:
     )
 
 
-def collect(frame: ms.StreamFrame, checkpoint: Path) -> tuple[ms.StreamingQuery, list[tuple[int, pl.DataFrame]]]:
+def collect(
+    frame: ms.StreamFrame, checkpoint: Path
+) -> tuple[ms.StreamingQuery, list[tuple[int, pl.DataFrame]]]:
     batches: list[tuple[int, pl.DataFrame]] = []
     query = frame.foreach_batch(lambda df, i: batches.append((i, df)), checkpoint=checkpoint)
     return query, batches
@@ -86,7 +88,11 @@ def test_changes_arrive_exactly_in_commit_order_in_whole_transactions(
         "INSERT INTO orders VALUES (1, 'a''b \"c\"', 1.50, '2024-01-01 10:00:00.25+02', true, "
         "'\\x00ff'), (2, 'b', 2.00, NULL, false, NULL), (3, 'c', NULL, NULL, NULL, NULL)",
     )
-    execute(postgres_dsn, "UPDATE orders SET name = 'a2' WHERE id = 1", "DELETE FROM orders WHERE id = 2")
+    execute(
+        postgres_dsn,
+        "UPDATE orders SET name = 'a2' WHERE id = 1",
+        "DELETE FROM orders WHERE id = 2",
+    )
     execute(postgres_dsn, "INSERT INTO orders (id, name) VALUES (4, '')")
     execute(postgres_dsn, "UPDATE orders SET name = NULL, amount = 9.99 WHERE id = 3")
     query.process_all_available(timeout=30)
@@ -108,7 +114,9 @@ def test_changes_arrive_exactly_in_commit_order_in_whole_transactions(
     per_txn = out.select("_commit_lsn", "_commit_time").unique(maintain_order=True)
     assert per_txn.height == 4
     assert per_txn["_commit_lsn"].is_sorted() and per_txn["_commit_time"].is_sorted()
-    assert out["_commit_lsn"].to_list() == [per_txn["_commit_lsn"][i] for i in (0, 0, 0, 1, 1, 2, 3)]
+    assert out["_commit_lsn"].to_list() == [
+        per_txn["_commit_lsn"][i] for i in (0, 0, 0, 1, 1, 2, 3)
+    ]
     assert all(before <= t <= after for t in per_txn["_commit_time"])
     # The rate limit splits between transactions, never inside one.
     assert len(batches) >= 3
@@ -235,7 +243,11 @@ def test_restart_continues_and_equals_one_clean_run(
     def rows(batches: list[tuple[int, pl.DataFrame]]) -> pl.DataFrame:
         return pl.concat([df for _, df in batches])
 
-    assert rows(batches_1).select("id", "_op").rows() == [(1, "insert"), (2, "insert"), (1, "update")]
+    assert rows(batches_1).select("id", "_op").rows() == [
+        (1, "insert"),
+        (2, "insert"),
+        (1, "update"),
+    ]
     assert rows(batches_2).select("id", "_op").rows() == [(2, "delete"), (5, "insert")]
     assert min(i for i, _ in batches_2) == max(i for i, _ in batches_1) + 1
     # Byte for byte the same changes, commit LSNs and times included.
@@ -264,7 +276,9 @@ def test_a_dropped_slot_is_a_named_data_loss(postgres_dsn: str, tmp_path: Path) 
     assert scalar(postgres_dsn, "SELECT count(*) FROM pg_replication_slots") == 0
 
 
-def test_a_slot_moved_past_the_query_is_a_named_data_loss(postgres_dsn: str, tmp_path: Path) -> None:
+def test_a_slot_moved_past_the_query_is_a_named_data_loss(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
     create_orders(postgres_dsn)
     frame = ms.scan_postgres_cdc(postgres_dsn, tables=["orders"], slot="moved")
     query, _ = collect(frame, tmp_path / "cp")
@@ -283,7 +297,9 @@ def test_a_slot_moved_past_the_query_is_a_named_data_loss(postgres_dsn: str, tmp
 
 def test_a_slot_invalidated_for_lack_of_wal_is_a_named_data_loss(tmp_path: Path) -> None:
     # Its own server: the retention limit applies to every slot of a server.
-    with PostgresServer(settings={"max_slot_wal_keep_size": "1MB", "max_wal_size": "32MB"}) as server:
+    with PostgresServer(
+        settings={"max_slot_wal_keep_size": "1MB", "max_wal_size": "32MB"}
+    ) as server:
         if not server.has_plugin("wal2json"):
             pytest.skip("the wal2json output plugin is not installed")
         dsn = server.dsn
@@ -307,29 +323,56 @@ def test_a_slot_invalidated_for_lack_of_wal_is_a_named_data_loss(tmp_path: Path)
         again.stop()
 
 
+def test_a_server_restart_is_retried_and_the_stream_continues(tmp_path: Path) -> None:
+    with PostgresServer() as server:
+        if not server.has_plugin("wal2json"):
+            pytest.skip("the wal2json output plugin is not installed")
+        create_orders(server.dsn)
+        frame = ms.scan_postgres_cdc(
+            server.dsn, tables=["orders"], slot="restarts", retry_timeout="30s"
+        )
+        query, batches = collect(frame, tmp_path / "cp")
+        execute(server.dsn, "INSERT INTO orders (id) VALUES (1)")
+        query.process_all_available(timeout=30)
+        server.restart(down_for=1.0)  # the source's connection is ended, then refused
+        execute(server.dsn, "INSERT INTO orders (id) VALUES (2)")
+        query.process_all_available(timeout=60)
+        assert query.exception() is None
+        query.stop()
+        assert pl.concat([df for _, df in batches])["id"].to_list() == [1, 2]
+        # Retried, not lost and not doubled: the batches hold each change once.
+        assert sum(df.height for _, df in batches) == 2
+
+
 def test_plan_errors_name_the_table_and_the_fix(postgres_dsn: str) -> None:
     execute(postgres_dsn, "CREATE TABLE nokey (x int)", "CREATE TABLE k1 (id int PRIMARY KEY)")
     execute(postgres_dsn, "CREATE TABLE k2 (id bigint PRIMARY KEY)")
-    with pytest.raises(ms.PlanError, match=r"public.nokey has no primary key .* REPLICA IDENTITY FULL"):
+    with pytest.raises(
+        ms.PlanError, match=r"public.nokey has no primary key .* REPLICA IDENTITY FULL"
+    ):
         ms.scan_postgres_cdc(postgres_dsn, tables=["nokey"], slot="s")
-    with pytest.raises(ms.PlanError, match="there is no table public.missing"):
+    with pytest.raises(ms.PlanError, match=r"there is no table public.missing"):
         ms.scan_postgres_cdc(postgres_dsn, tables=["missing"], slot="s")
     with pytest.raises(ms.PlanError, match=r"column 'id' is Int32 in table public.k1 and Int64"):
         ms.scan_postgres_cdc(postgres_dsn, tables=["k1", "k2"], slot="s")
     with pytest.raises(ms.PlanError, match="there is no publication 'nope'"):
         ms.scan_postgres_cdc(postgres_dsn, publication="nope", slot="s")
-    with pytest.raises(ValueError, match="exactly one of tables= .* or publication="):
+    with pytest.raises(ValueError, match=r"exactly one of tables= .* or publication="):
         ms.scan_postgres_cdc(postgres_dsn, slot="s")
     # A full-identity table is fine; it also sends whole old rows with deletes.
     execute(postgres_dsn, "ALTER TABLE nokey REPLICA IDENTITY FULL")
     assert ms.scan_postgres_cdc(postgres_dsn, tables=["nokey"], slot="s").columns[0] == "x"
 
 
-def test_a_slot_of_another_plugin_or_a_missing_one_is_refused(postgres_dsn: str, tmp_path: Path) -> None:
+def test_a_slot_of_another_plugin_or_a_missing_one_is_refused(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
     create_orders(postgres_dsn)
     scalar(postgres_dsn, "SELECT pg_create_logical_replication_slot('other', 'test_decoding')")
     frame = ms.scan_postgres_cdc(postgres_dsn, tables=["orders"], slot="other")
-    with pytest.raises(ms.SourceError, match="plugin 'test_decoding'; this source needs a wal2json"):
+    with pytest.raises(
+        ms.SourceError, match="plugin 'test_decoding'; this source needs a wal2json"
+    ):
         collect(frame, tmp_path / "cp")
     frame = ms.scan_postgres_cdc(postgres_dsn, tables=["orders"], slot="absent", create_slot=False)
     with pytest.raises(ms.SourceError, match="there is no logical replication slot 'absent'"):

@@ -58,7 +58,9 @@ def sink_of(dsn: str, tmp_path: Path, query_id: str = "q1", **options: Any) -> A
     )
 
 
-def test_append_creates_a_typed_table_and_writes_exact_rows(postgres_dsn: str, tmp_path: Path) -> None:
+def test_append_creates_a_typed_table_and_writes_exact_rows(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
     schema = {
         "id": pl.Int64,
         "name": pl.String,
@@ -92,9 +94,11 @@ def test_append_creates_a_typed_table_and_writes_exact_rows(postgres_dsn: str, t
         )
     )
     query.process_all_available()
-    stream.add_data(pl.DataFrame({"id": [3]}).with_columns(
-        pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c != "id"
-    ))
+    stream.add_data(
+        pl.DataFrame({"id": [3]}).with_columns(
+            pl.lit(None, dtype).alias(c) for c, dtype in schema.items() if c != "id"
+        )
+    )
     query.process_all_available()
     query.stop()
     assert column_types(postgres_dsn, "out") == {
@@ -144,7 +148,7 @@ def test_a_failed_batch_leaves_nothing_behind(postgres_dsn: str, tmp_path: Path)
     fetch(postgres_dsn, "CREATE TABLE out (id bigint CHECK (id < 10))")
     sink = sink_of(postgres_dsn, tmp_path)
     sink.add_batch(0, pl.DataFrame({"id": [1]}))
-    with pytest.raises(ms.SinkError, match="cannot commit batch 1: .*violates check constraint"):
+    with pytest.raises(ms.SinkError, match=r"cannot commit batch 1: .*violates check constraint"):
         sink.add_batch(1, pl.DataFrame({"id": [2, 99]}))
     assert fetch(postgres_dsn, "SELECT id FROM out") == [(1,)]
     assert sink.committed_batch() == 0
@@ -200,7 +204,9 @@ def test_complete_mode_replaces_the_table(postgres_dsn: str, tmp_path: Path) -> 
     assert fetch(postgres_dsn, "SELECT w, n FROM totals ORDER BY w") == [("x", 2), ("y", 2)]
 
 
-def test_a_mismatched_table_names_the_column_and_both_types(postgres_dsn: str, tmp_path: Path) -> None:
+def test_a_mismatched_table_names_the_column_and_both_types(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
     fetch(postgres_dsn, "CREATE TABLE typed (id integer, name text)")
     stream = ms.MemoryStream({"id": pl.Int64, "name": pl.String})
     query = stream.lazy().sink_postgres(postgres_dsn, "typed", checkpoint=tmp_path / "cp")
@@ -213,11 +219,20 @@ def test_a_mismatched_table_names_the_column_and_both_types(postgres_dsn: str, t
     )
     assert fetch(postgres_dsn, "SELECT count(*) FROM typed") == [(0,)]
     sink = sink_of(postgres_dsn, tmp_path, table="typed")
-    with pytest.raises(ms.SchemaMismatchError, match="has no column 'extra', which the batches have"):
-        sink.add_batch(0, pl.DataFrame({"id": [1], "name": ["a"], "extra": [1.5]}, schema_overrides={"id": pl.Int32}))
+    with pytest.raises(
+        ms.SchemaMismatchError, match="has no column 'extra', which the batches have"
+    ):
+        sink.add_batch(
+            0,
+            pl.DataFrame(
+                {"id": [1], "name": ["a"], "extra": [1.5]}, schema_overrides={"id": pl.Int32}
+            ),
+        )
     fetch(postgres_dsn, "CREATE TABLE strict (id integer, must text NOT NULL)")
     sink = sink_of(postgres_dsn, tmp_path, table="strict")
-    with pytest.raises(ms.SchemaMismatchError, match=r"NOT NULL column\(s\) \['must'\] without a default"):
+    with pytest.raises(
+        ms.SchemaMismatchError, match=r"NOT NULL column\(s\) \['must'\] without a default"
+    ):
         sink.add_batch(0, pl.DataFrame({"id": [1]}, schema={"id": pl.Int32}))
     sink.stop()
 
@@ -227,7 +242,7 @@ def test_modes_that_do_not_fit_are_refused_when_the_query_starts(
 ) -> None:
     clicks = ms.MemoryStream({"user": pl.String})
     counts = clicks.lazy().group_by("user").agg(pl.len().alias("n"))
-    with pytest.raises(ms.PlanError, match="output_mode='update' .* use mode='upsert'"):
+    with pytest.raises(ms.PlanError, match=r"output_mode='update' .* use mode='upsert'"):
         counts.sink_postgres(postgres_dsn, "c", output_mode="update", checkpoint=tmp_path / "a")
     with pytest.raises(ms.PlanError, match="mode='upsert' needs key="):
         clicks.lazy().sink_postgres(postgres_dsn, "c", mode="upsert", checkpoint=tmp_path / "b")
@@ -255,5 +270,7 @@ def test_a_checkpoint_that_lost_its_log_is_refused(postgres_dsn: str, tmp_path: 
     query.stop()
     for log in ("offsets", "commits"):
         shutil.rmtree(tmp_path / "cp" / log)
-    with pytest.raises(ms.CheckpointCorruptError, match=r"PostgresSink\[public.out\] already holds batch 1"):
+    with pytest.raises(
+        ms.CheckpointCorruptError, match=r"PostgresSink\[public.out\] already holds batch 1"
+    ):
         stream.lazy().sink_postgres(postgres_dsn, "out", checkpoint=tmp_path / "cp")

@@ -99,7 +99,9 @@ def oracle_counts(changes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         groups.setdefault(k, [0, 0])
         groups[k][0] += 1
         groups[k][1] += v or 0
-    return sorted(((k, n, s) for k, (n, s) in groups.items()), key=lambda r: (r[0] is not None, r[0] or ""))
+    return sorted(
+        ((k, n, s) for k, (n, s) in groups.items()), key=lambda r: (r[0] is not None, r[0] or "")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +113,9 @@ def env() -> Iterator[Env]:
     settings = {"max_replication_slots": "200", "autovacuum": "off"}
     with PostgresServer(settings=settings) as server:
         if not server.has_plugin("wal2json"):
-            pytest.skip("the wal2json output plugin is not installed (apt-get install postgresql-15-wal2json)")
+            pytest.skip(
+                "the wal2json output plugin is not installed (apt-get install postgresql-15-wal2json)"
+            )
         source_dsn = server.create_database("src")
         sink_dsn = server.create_database("dst")
         with psycopg.connect(source_dsn, autocommit=True) as conn:
@@ -140,15 +144,26 @@ def run_scenario(env: Env, root: Path, label: str, kills: list[dict[str, Any]]) 
     dirs.root.mkdir(parents=True)
     config = dirs.root / "source.json"
     config.write_text(
-        json.dumps({"source_dsn": env.source_dsn, "sink_dsn": env.sink_dsn, "slots": slots, "tables": tables})
+        json.dumps(
+            {
+                "source_dsn": env.source_dsn,
+                "sink_dsn": env.sink_dsn,
+                "slots": slots,
+                "tables": tables,
+            }
+        )
     )
     for n, kill in enumerate(kills):
         run = run_pipeline(dirs, config, log_name=f"kill{n}", script=PIPELINE, **kill)
-        assert run.returncode in (-9, 0), f"{label} kill {n}: exit {run.returncode}\n{run.stderr[-3000:]}"
+        assert run.returncode in (-9, 0), (
+            f"{label} kill {n}: exit {run.returncode}\n{run.stderr[-3000:]}"
+        )
         if "fault" in kill:
             assert run.returncode == -9, f"{label}: fault point {kill['fault']} was not reached"
     final = run_pipeline(dirs, config, log_name="final", script=PIPELINE)
-    assert final.returncode == 0, f"{label} restart: exit {final.returncode}\n{final.stderr[-3000:]}"
+    assert final.returncode == 0, (
+        f"{label} restart: exit {final.returncode}\n{final.stderr[-3000:]}"
+    )
     with psycopg.connect(env.sink_dsn, autocommit=True) as conn:
         appended = conn.execute(
             # In the order the rows were inserted (the table is only ever appended to).
