@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import polars as pl
 from pydantic import field_validator
 
-from connectors.postgres.client import connect, qualified_name, table_columns
+from connectors.postgres.client import connect, qualified_name, require_psycopg, table_columns
 from connectors.postgres.types import dtype_for, text_to_dtype
 from microstream.exceptions import DataLossError, OffsetError, PlanError, SourceError
 from microstream.protocols import Offset, SourceContext
@@ -153,7 +153,8 @@ class PostgresCdcSourceSpec:
         (Debian: ``postgresql-15-wal2json``); the user needs the ``REPLICATION``
         attribute (or to be a superuser) and ``SELECT`` on the catalog.
     tables, publication
-        Exactly one: the tables to capture (``"table"`` or ``"schema.table"``), or
+        Exactly one: the tables to capture (``"table"`` or ``"schema.table"``, the
+        names as stored: case-sensitive, as if quoted), or
         the name of a publication whose tables (and published operations) are
         captured, looked up when the query is defined. Every table needs a
         primary key or a replica identity (``ALTER TABLE ... REPLICA IDENTITY
@@ -286,6 +287,7 @@ def _describe_tables(
     dsn: str, tables: Sequence[str] | None, publication: str | None
 ) -> tuple[tuple[str, ...], tuple[str, ...], dict[str, dict[str, pl.DataType]]]:
     """The tables (``schema.table``), the operations captured and each table's columns."""
+    require_psycopg()
     import psycopg
 
     try:
@@ -447,8 +449,6 @@ class PostgresCdcSource:
     """The runtime side of :class:`PostgresCdcSourceSpec` (see the module docstring)."""
 
     def __init__(self, spec: PostgresCdcSourceSpec, context: SourceContext) -> None:
-        from connectors.postgres.client import require_psycopg
-
         require_psycopg()
         self.spec = spec
         self.description = spec.describe()
@@ -758,10 +758,11 @@ def _lsn(offset: Offset) -> PostgresLsn:
 
 
 def _wal2json_table(name: str) -> str:
-    """``schema.table`` for wal2json's ``add-tables``, which escapes ``,``, ``.`` and ``\\``."""
+    """``schema.table`` for wal2json's ``add-tables``, which escapes space, ``'``, ``,``, ``.``,
+    ``*`` and ``\\`` with a backslash."""
     schema, table = name.split(".", 1) if "." in name else ("public", name)
 
     def escape(part: str) -> str:
-        return re.sub(r"([,.\\ ])", r"\\\1", part)
+        return re.sub(r"([,.\\ '*])", r"\\\1", part)
 
     return f"{escape(schema)}.{escape(table)}"

@@ -132,8 +132,11 @@ def test_several_tables_share_columns_by_name(postgres_dsn: str, tmp_path: Path)
         "CREATE TABLE a (id int PRIMARY KEY, x text)",
         "CREATE TABLE b (id int PRIMARY KEY, y float8)",
         "CREATE TABLE c (id int PRIMARY KEY)",
+        'CREATE TABLE "Odd, Name" (id int PRIMARY KEY)',  # quoted for wal2json's filter
     )
-    frame = ms.scan_postgres_cdc(postgres_dsn, tables=["a", "public.b"], slot="several")
+    frame = ms.scan_postgres_cdc(
+        postgres_dsn, tables=["a", "public.b", "Odd, Name"], slot="several"
+    )
     assert frame.columns == ["id", "x", "y", *CDC]
     query, batches = collect(frame, tmp_path / "cp")
     execute(
@@ -141,6 +144,7 @@ def test_several_tables_share_columns_by_name(postgres_dsn: str, tmp_path: Path)
         "INSERT INTO b VALUES (1, 0.5)",
         "INSERT INTO c VALUES (7)",  # not captured
         "INSERT INTO a VALUES (1, 'one')",
+        'INSERT INTO "Odd, Name" VALUES (3)',
     )
     execute(postgres_dsn, "DELETE FROM b WHERE id = 1")
     query.process_all_available(timeout=30)
@@ -149,6 +153,7 @@ def test_several_tables_share_columns_by_name(postgres_dsn: str, tmp_path: Path)
     assert out.select("id", "x", "y", "_table", "_op").rows() == [
         (1, None, 0.5, "public.b", "insert"),
         (1, "one", None, "public.a", "insert"),
+        (3, None, None, "public.Odd, Name", "insert"),
         (1, None, None, "public.b", "delete"),
     ]
 
