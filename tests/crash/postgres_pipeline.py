@@ -1,12 +1,12 @@
-"""The PostgreSQL CDC -> PostgreSQL crash-recovery test's subprocess: two queries over one slot each.
+"""The PostgreSQL CDC crash-recovery test's subprocess: three queries, each over its own slot.
 
 Run as::
 
     python tests/crash/postgres_pipeline.py --input SOURCE.json --output DIR --checkpoint DIR
 
 ``SOURCE.json`` names the databases, the slots and the output tables:
-``{"source_dsn", "sink_dsn", "slots": {"append": ..., "update": ...}, "tables": {...}}``
-(``--output`` is unused: the outputs are tables). The source table ``events (id, k, v)``
+``{"source_dsn", "sink_dsn", "slots": {"append": ..., "update": ..., "delta": ...},
+"tables": {"append": ..., "update": ...}}``. The source table ``events (id, k, v)``
 holds the changes the test made before any run; each query reads them with
 ``ms.scan_postgres_cdc(max_changes_per_trigger=MAX_CHANGES)`` from its own slot,
 created by the test before the changes, under ``Trigger.available_now()``:
@@ -14,7 +14,8 @@ created by the test before the changes, under ``Trigger.available_now()``:
 - ``append``: every change, as ``(id, k, v, _op, _commit_lsn)``, appended to
   ``tables["append"]`` with ``sink_postgres(mode="append")`` (``COPY``);
 - ``update``: per ``k``, the number of changes and the sum of ``v``, upserted into
-  ``tables["update"]`` with ``sink_postgres(mode="upsert", output_mode="update")``.
+  ``tables["update"]`` with ``sink_postgres(mode="upsert", output_mode="update")``;
+- ``delta``: every change, as in ``append``, into the Delta table ``<output>/delta``.
 
 The queries run one after the other. ``MICROSTREAM_FAULTS`` makes the process SIGKILL
 itself at a named point (see ``microstream/runtime/faults.py``). The first line on
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     counted.await_termination()
+    delta = (
+        changes(config["slots"]["delta"])
+        .select("id", "k", "v", "_op", "_commit_lsn")
+        .sink_delta(Path(args.output) / "delta", checkpoint=checkpoint / "delta", trigger=trigger)
+    )
+    delta.await_termination()
     print("done", flush=True)
     return 0
 

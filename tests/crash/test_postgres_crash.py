@@ -1,4 +1,4 @@
-"""Exactly-once across SIGKILL: PostgreSQL CDC -> PostgreSQL, append (COPY) and update (upsert).
+"""Exactly-once across SIGKILL: PostgreSQL CDC -> PostgreSQL (append, upsert) and -> Delta.
 
 A server of this module's own (``PostgresServer``: many slots, autovacuum off so
 nothing else writes to the source's WAL) holds a source database ``src`` and a
@@ -6,24 +6,27 @@ sink database ``dst`` (slots decode only their own database, so the sink's
 writes never enter the source's stream). Before any run, a *template* slot is
 created, then a fixed, seeded list of transactions of inserts, updates and deletes
 is committed to ``src.events``. Every scenario copies the template slot
-(``pg_copy_logical_replication_slot``: the same position) for each of its two
+(``pg_copy_logical_replication_slot``: the same position) for each of its three
 queries, so every scenario reads exactly the same changes, and writes its own
 output tables.
 
-``tests/crash/postgres_pipeline.py`` runs the two queries (CDC -> ``sink_postgres``
-append; CDC -> ``group_by(k)`` -> ``sink_postgres`` upsert in update mode) under
+``tests/crash/postgres_pipeline.py`` runs the three queries (CDC -> ``sink_postgres``
+append; CDC -> ``group_by(k)`` -> ``sink_postgres`` upsert in update mode; CDC ->
+``sink_delta``) under
 ``Trigger.available_now()`` with ``max_changes_per_trigger``, so each reads its
 changes in several batches. A scenario kills it by SIGKILL (at a fault point
 ``MICROSTREAM_FAULTS="<point>@<visit>"``, or after a seeded random fraction of a
 clean run's time), once or twice, then restarts it without faults; the restart
-must exit 0 and leave both tables exactly as a clean, never-killed run left
-them, and the progress rows at the same batch ids. The clean run itself is
+must exit 0 and leave the three tables exactly as a clean, never-killed run left
+them (the Delta table's rows as a multiset, each of its commits carrying one
+batch's transaction), and the progress rows at the same batch ids. The clean run itself is
 checked against an oracle computed in Python from the transactions made: every
 change once, in commit order, and the per-key counts and sums.
 
-The bounded set (CI) kills at five points and once at random (about 30 s); the
+The bounded set (CI) kills at five points and once at random (about 40 s); the
 full set (``test_postgres_crash_full``, marked ``slow``: ``--run-slow``) kills at
-every point at visits 1, 2 and 5, twice in a row, and eight times at random.
+every point at visits 1, 2 and 5, twice in a row, and eight times at random (40
+scenarios, about 5 minutes).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from microstream.runtime.faults import FAULT_POINTS
@@ -42,6 +46,7 @@ from microstream.runtime.faults import FAULT_POINTS
 from .test_stateful_crash import Dirs, run_pipeline
 
 psycopg = pytest.importorskip("psycopg")
+pytest.importorskip("deltalake")
 
 pytestmark = pytest.mark.integration
 
@@ -129,13 +134,22 @@ def env() -> Iterator[Env]:
 class Outcome:
     appended: list[tuple[Any, ...]]
     counted: list[tuple[Any, ...]]
+    delta: list[tuple[Any, ...]]
+    """The Delta table's rows, sorted (a multiset: Delta keeps no insertion order)."""
+    delta_versions: int
     progress: list[tuple[Any, ...]]
     seconds: float
 
 
+def as_multiset(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``(id, k, v, op, commit lsn)`` rows in one canonical order, the LSN as an int."""
+    canonical = [(i, k, v, op, int(lsn)) for i, k, v, op, lsn in rows]
+    return sorted(canonical, key=lambda r: (r[4], r[0], r[3], -(10**9) if r[2] is None else r[2]))
+
+
 def run_scenario(env: Env, root: Path, label: str, kills: list[dict[str, Any]]) -> Outcome:
     """Copy the template slot, run the pipeline until each kill, then to its end."""
-    slots = {q: f"{label}_{q}" for q in ("append", "update")}
+    slots = {q: f"{label}_{q}" for q in ("append", "update", "delta")}
     tables = {q: f"{label}_{q}" for q in ("append", "update")}
     with psycopg.connect(env.source_dsn, autocommit=True) as conn:
         for slot in slots.values():
@@ -181,7 +195,11 @@ def run_scenario(env: Env, root: Path, label: str, kills: list[dict[str, Any]]) 
         for slot in slots.values():
             conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
     progress = [(name.rsplit("_", 1)[1], batch) for name, batch in progress]
-    return Outcome(appended, counted, progress, final.seconds)
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(dirs.output / "delta"))
+    delta = as_multiset(pl.read_delta(str(dirs.output / "delta")).rows())
+    return Outcome(appended, counted, delta, table.version() + 1, progress, final.seconds)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +211,7 @@ def clean(env: Env, tmp_path_factory: pytest.TempPathFactory) -> Outcome:
     lsns = [r[4] for r in outcome.appended]
     assert lsns == sorted(lsns) and len(set(lsns)) == TRANSACTIONS
     assert outcome.counted == env.counted
+    assert outcome.delta == as_multiset(outcome.appended)
     assert all(batch >= 3 for _, batch in outcome.progress), outcome.progress  # several batches
     return outcome
 
@@ -201,6 +220,9 @@ def check(outcome: Outcome, clean: Outcome, label: str) -> None:
     assert outcome.appended == clean.appended, f"{label}: the appended changes differ"
     assert outcome.counted == clean.counted, f"{label}: the upserted counts differ"
     assert outcome.progress == clean.progress, f"{label}: the progress rows differ"
+    assert outcome.delta == clean.delta, f"{label}: the Delta table's rows differ"
+    # One Delta commit per batch, none doubled: as many versions as the clean run.
+    assert outcome.delta_versions == clean.delta_versions, f"{label}: Delta versions differ"
 
 
 BOUNDED = [
