@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev chromium bench bench-overhead clean
+.PHONY: demo test lint typecheck install install-dev chromium wal2json bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,15 @@ chromium:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	else echo "make: /usr/bin/chromium is missing and this is not root: the browser test will be skipped (apt-get install chromium)"; fi
 
-test: lint typecheck chromium
+# The PostgreSQL CDC tests decode the WAL with the wal2json plugin, packaged by Debian for the
+# PostgreSQL 15 of the machine image; installed here as root, skipped by the tests otherwise.
+wal2json:
+	@if [ ! -x /usr/lib/postgresql/15/bin/postgres ] || [ -e /usr/lib/postgresql/15/lib/wal2json.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-wal2json; \
+	else echo "make: wal2json is missing and this is not root: the PostgreSQL CDC tests will be skipped (apt-get install postgresql-15-wal2json)"; fi
+
+test: lint typecheck chromium wal2json
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)

@@ -38,6 +38,7 @@ from microstream.api.scan import (
     scan_delta,
     scan_files,
     scan_kafka,
+    scan_postgres_cdc,
     scan_rate,
     vacuum_delta,
 )
@@ -146,6 +147,7 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_postgres_cdc",
     "scan_rate",
     "sql",
     "start_metrics_server",

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from connectors.files import FileSourceSpec
     from connectors.kafka import KafkaSourceSpec
     from connectors.memory import MemoryStream
+    from connectors.postgres import PostgresCdcSourceSpec
     from connectors.rate import RateSourceSpec
     from microstream.protocols import StaticTableAdapter
 
@@ -35,6 +36,7 @@ __all__ = [
     "FILES",
     "KAFKA",
     "OPTIMIZE_DELTA",
+    "POSTGRES_CDC",
     "RATE",
     "READ_FILE_SINK",
     "VACUUM_DELTA",
@@ -120,6 +122,7 @@ class Connector(Generic[T_co]):
 FILES = Connector("files", FileSourceSpec if TYPE_CHECKING else None)
 RATE = Connector("rate", RateSourceSpec if TYPE_CHECKING else None)
 KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
+POSTGRES_CDC = Connector("postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None)
 DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
 READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)
 OPTIMIZE_DELTA = Connector("optimize_delta", optimize_delta if TYPE_CHECKING else None)

@@ -9,6 +9,7 @@ import pytest
 import microstream as ms
 
 if TYPE_CHECKING:
+    from microstream.testing.postgres import PostgresServer
     from microstream.testing.tansu import TansuBroker
 
 
@@ -71,3 +72,48 @@ def kafka_topic(kafka_broker: TansuBroker) -> str:
     topic = f"t-{uuid.uuid4().hex[:10]}"
     kafka_broker.create_topic(topic, partitions=1)
     return topic
+
+
+# -- PostgreSQL: a throwaway server started by the tests (see microstream/testing/postgres.py) ----
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session (``wal_level=logical``).
+
+    Each test takes its own database (``postgres_dsn``) and its own slot names.
+    """
+    pytest.importorskip("psycopg")
+    from microstream.testing.postgres import PostgresServer, find_postgres_bin
+
+    if find_postgres_bin() is None:
+        pytest.skip(
+            "PostgreSQL's server binaries (initdb, postgres) are not installed: "
+            "apt-get install postgresql"
+        )
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer, name: str) -> Iterator[str]:
+    """The connection string of a fresh database on the session server, dropped after the test
+    with its replication slots (a slot left behind would hold the server's WAL)."""
+    yield postgres_server.create_database(name)
+    with postgres_server.connect() as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE database = %s AND NOT active",
+            (name,),
+        )
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def wal2json(postgres_server: PostgresServer) -> None:
+    """Skip unless the server has the wal2json plugin the CDC source decodes with."""
+    if not postgres_server.has_plugin("wal2json"):
+        pytest.skip(
+            "the wal2json output plugin is not installed (make test installs it when run as "
+            "root: apt-get install postgresql-15-wal2json)"
+        )

@@ -14,6 +14,7 @@ from microstream.registry import (
     FILES,
     KAFKA,
     OPTIMIZE_DELTA,
+    POSTGRES_CDC,
     RATE,
     READ_FILE_SINK,
     VACUUM_DELTA,
@@ -25,6 +26,7 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_postgres_cdc",
     "scan_rate",
     "vacuum_delta",
 ]
@@ -206,5 +208,38 @@ vacuum_delta = function_facade(
     Traceback (most recent call last):
     ...
     microstream.exceptions.SinkError: there is no Delta table at /no/such/table to vacuum
+    """,
+)
+
+scan_postgres_cdc = source_facade(
+    POSTGRES_CDC,
+    name="scan_postgres_cdc",
+    module=__name__,
+    doc="""Stream the changes (inserts, updates, deletes) of PostgreSQL tables.
+
+    Change data capture through a logical replication slot, decoded by the
+    server's ``wal2json`` plugin. Offsets are LSNs: each batch reads exactly
+    the transactions whose commit lies in the range logged for it, so a batch
+    re-run after a crash reads the same changes, and the slot is advanced
+    only once the batch is committed. Each row is a table's row (typed from
+    the catalog) with ``_table``, ``_op``, ``_commit_lsn`` and
+    ``_commit_time``. A dropped or invalidated slot is a ``DataLossError``.
+    See ``connectors/README.md`` for offsets and guarantees.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> from microstream.testing.postgres import PostgresServer
+    >>> with PostgresServer() as server:  # doctest: +SKIP
+    ...     with server.connect() as conn:
+    ...         conn.execute("CREATE TABLE orders (id int PRIMARY KEY, amount float8)")
+    ...         changes = ms.scan_postgres_cdc(server.dsn, tables=["orders"], slot="doc")
+    ...         query = changes.sink_memory("doc_cdc")  # creates the slot
+    ...         conn.execute("INSERT INTO orders VALUES (1, 2.5)")
+    ...         conn.execute("UPDATE orders SET amount = 3 WHERE id = 1")
+    ...         query.process_all_available()
+    ...         query.stop()
+    >>> ms.table("doc_cdc").select("id", "amount", "_op").rows()  # doctest: +SKIP
+    [(1, 2.5, 'insert'), (1, 3.0, 'update')]
     """,
 )

@@ -29,7 +29,7 @@ from microstream.runtime.driver import ExecutionConfig
 from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 
 if TYPE_CHECKING:
-    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode
+    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, PostgresSinkMode
     from microstream.protocols import SinkSpec
 
 __all__ = ["SinkVerbs"]
@@ -550,6 +550,87 @@ class SinkVerbs:
             trigger=trigger,
             checkpoint=checkpoint,
             name=name,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
+    def sink_postgres(
+        self,
+        dsn: str,
+        table: str,
+        *,
+        mode: PostgresSinkMode = "append",
+        key: Sequence[str] | None = None,
+        progress_table: str = "microstream_progress",
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing a PostgreSQL table, exactly once per batch.
+
+        Each batch's rows and a progress row ``(query id, table, batch id)`` in
+        ``progress_table`` commit in one transaction, so a batch re-run after a
+        crash finds its id there and is skipped. ``mode="append"`` inserts the
+        rows with ``COPY``; ``mode="upsert"`` replaces rows by ``key`` (``INSERT
+        ... ON CONFLICT``), and is what ``output_mode="update"`` needs (``key``
+        defaults to the aggregation's keys); ``output_mode="complete"`` replaces
+        the table's rows every batch. The table is created from the first
+        batch's schema when missing; an existing table whose columns do not fit
+        is a ``SchemaMismatchError``. See :class:`connectors.postgres.PostgresSinkSpec`.
+
+        Parameters
+        ----------
+        dsn
+            A libpq connection string or URL of the database.
+        table
+            ``"table"`` or ``"schema.table"``.
+        mode
+            ``"append"`` or ``"upsert"``.
+        key
+            The columns that identify a row, for ``mode="upsert"``.
+        progress_table
+            Where each query's last committed batch id is kept.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.postgres import PostgresServer
+        >>> clicks = ms.MemoryStream({"user": pl.String})
+        >>> with PostgresServer() as server:
+        ...     query = (
+        ...         clicks.lazy().group_by("user").agg(pl.len().alias("n"))
+        ...         .sink_postgres(server.dsn, "counts", mode="upsert", output_mode="update",
+        ...                        checkpoint=tempfile.mkdtemp())
+        ...     )
+        ...     _ = clicks.add_data({"user": ["a", "b", "a"]})
+        ...     query.process_all_available()
+        ...     _ = clicks.add_data({"user": ["b"]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        ...     with server.connect() as conn:
+        ...         conn.execute('SELECT * FROM counts ORDER BY "user"').fetchall()
+        [('a', 2), ('b', 2)]
+        """
+        spec = load_connector("postgres_sink")(
+            dsn,
+            table,
+            mode=mode,
+            key=None if key is None else list(key),
+            progress_table=progress_table,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
             runtime=runtime,
             key_groups=key_groups,
         )

@@ -12,6 +12,8 @@ Without the variable a fault point costs one dictionary lookup.
 manifest entry; the Delta sink writes data and its ``txn`` in one commit, so
 there the point falls right after that commit (the window between Delta's data
 files and its log entry is covered by the random-time kills of the crash tests).
+The PostgreSQL sink reaches it inside the batch's transaction, rows and progress
+row written but not committed (a kill there rolls both back).
 """
 
 from __future__ import annotations

