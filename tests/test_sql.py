@@ -348,8 +348,6 @@ def test_cli_sql_runs_a_file(tmp_path: Path) -> None:
 
 
 REFUSALS = {
-    "MATCH_RECOGNIZE": "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
-    "MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
     "ORDER BY": "SELECT k FROM ev ORDER BY k",
     "LIMIT": "SELECT k FROM ev LIMIT 3",
     "OVER": "SELECT k, SUM(x) OVER (PARTITION BY k ORDER BY ts) FROM ev",
@@ -364,6 +362,23 @@ REFUSALS = {
     "ORDER BY ts) AS rn FROM ev) WHERE rn = 1",
     "keep-last deduplication": "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY k "
     "ORDER BY pt DESC) AS rn FROM ev) WHERE rn = 1",
+    **{
+        construct: "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts " + clauses
+        for construct, clauses in {
+            "ALL ROWS PER MATCH": "MEASURES A.x AS ax ALL ROWS PER MATCH PATTERN (A) "
+            "DEFINE A AS A.x > 1)",
+            "CLASSIFIER()": "MEASURES CLASSIFIER() AS c PATTERN (A) DEFINE A AS A.x > 1)",
+            "MATCH_NUMBER()": "MEASURES MATCH_NUMBER() AS n PATTERN (A) DEFINE A AS A.x > 1)",
+            "MATCH_ROWTIME()": "MEASURES MATCH_ROWTIME() AS t PATTERN (A B) DEFINE A AS A.x > 1)",
+            "NEXT": "MEASURES A.x AS ax PATTERN (A B) DEFINE A AS A.x < NEXT(A.x))",
+            "logical offset": "MEASURES LAST(A.x, 1) AS ax PATTERN (A+) DEFINE A AS A.x > 1)",
+        }.items()
+    },
+    "MATCH_RECOGNIZE ORDER BY a column without a watermark": "SELECT * FROM ev "
+    "MATCH_RECOGNIZE (PARTITION BY k ORDER BY pt MEASURES A.x AS ax PATTERN (A) "
+    "DEFINE A AS A.x > 1)",
+    "MATCH_RECOGNIZE over a static table": "SELECT * FROM st MATCH_RECOGNIZE (PARTITION BY k "
+    "ORDER BY ts MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
 }
 
 
@@ -375,6 +390,7 @@ def test_refusal_names_construct_and_position(construct: str) -> None:
     ctx = ms.SQLContext(
         ev=base.with_processing_time("pt"),
         ev2=ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "0s"),
+        st=DATA,
     )
     with pytest.raises(ms.PlanError) as info:
         ctx.execute(REFUSALS[construct])

@@ -74,15 +74,20 @@ def prev(column: str, n: int = 1) -> pl.Expr:
 
 
 def count(variable: str | None = None) -> pl.Expr:
-    """``COUNT(A.*)``: how many rows are mapped to ``variable`` (None: rows of the match).
+    """``COUNT(A.*)``: how many rows are mapped to ``variable`` (None: rows of the match);
+    ``"A.col"``: ``COUNT(A.col)``, how many of them hold a non-null ``col``.
 
     Examples
     --------
     >>> from microstream import pattern
     >>> pattern.count("A").meta.output_name(), pattern.count().meta.output_name()
     ('count(A.*)', 'count(*)')
+    >>> pattern.count("A.price").meta.output_name()
+    'count(A.price)'
     """
-    return pl.col(reference_name("count", "*" if variable is None else f"{variable}.*"))
+    if variable is None:
+        return pl.col(reference_name("count", "*"))
+    return pl.col(reference_name("count", variable if "." in variable else f"{variable}.*"))
 
 
 def sum(column: str) -> pl.Expr:

@@ -55,7 +55,8 @@ class Reference:
     function: str
     variable: str | None
     column: str | None
-    """None only for ``count``."""
+    """None only for ``count`` of rows (``count(A.*)``, ``count(*)``); ``count(A.col)``
+    counts the rows of ``A`` whose ``col`` is not null, as SQL's ``COUNT(A.col)``."""
     offset: int = 0
     """``prev``'s offset."""
 
@@ -121,13 +122,7 @@ def parse_reference(
     head, dot, tail = argument.partition(".")
     if dot and head in variables and argument not in schema:
         variable, column = head, tail
-    if function == "count":
-        if column != "*":
-            msg = (
-                f"{where}: {name!r}: count takes a variable or nothing, as in "
-                "ms.pattern.count('A') (COUNT(A.*)) or ms.pattern.count() (COUNT(*))"
-            )
-            raise PlanError(msg)
+    if function == "count" and column == "*":
         return Reference(name, function, variable, None, offset)
     if column not in schema:
         known = f"; pattern variables are {list(variables)}" if dot else ""
@@ -170,7 +165,7 @@ def reference_values(
     -------
     list
         One value per reference. Aggregates over no non-null values are null (as in
-        SQL), ``count`` of no rows is 0; ``prev`` before the partition's first row is null.
+        SQL), ``count`` of no rows (or no non-null values) is 0; ``prev`` before the partition's first row is null.
 
     Examples
     --------
@@ -186,11 +181,14 @@ def reference_values(
         else:
             wanted = variable_index[ref.variable]
             rows = [start + i for i, label in enumerate(labels) if label == wanted]
-        if ref.function == "count":
+        if ref.function == "count" and ref.column is None:
             out.append(len(rows))
             continue
         assert ref.column is not None
         column = data[ref.column]
+        if ref.function == "count":
+            out.append(sum(1 for i in rows if column[i] is not None))
+            continue
         if ref.function == "first":
             out.append(column[rows[0]] if rows else None)
         elif ref.function == "last":

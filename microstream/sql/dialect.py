@@ -9,6 +9,9 @@ this module teaches them to sqlglot's parser (no SQL is parsed by hand):
 - ``WATERMARK FOR ts AS ts - INTERVAL '4' SECOND`` in ``CREATE TABLE``
   (sqlglot's ``WatermarkColumnConstraint``, as its RisingWave dialect parses it);
 - ``EXPLAIN <statement>`` (:class:`Explain`);
+- ``MATCH_RECOGNIZE (...)`` after a table: sqlglot's parser reads it in the dialects
+  that have it (Snowflake, Oracle); Flink adds ``WITHIN INTERVAL ...`` after
+  ``PATTERN (...)`` and ``AFTER MATCH SKIP TO var`` (:class:`MatchRecognize`);
 - ``CREATE TEMPORARY VIEW`` and ``INSERT INTO`` are standard and parse as they are.
 
 :func:`parse` returns the statements of a text; a syntax error is a
@@ -30,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - the extra is in `dev`
     msg = "microstream's SQL needs sqlglot: pip install 'microstream[sql]'"
     raise MissingDependencyError(msg) from exc
 
-__all__ = ["Descriptor", "Explain", "Flink", "TableArgument", "parse"]
+__all__ = ["Descriptor", "Explain", "Flink", "MatchRecognize", "TableArgument", "parse"]
 
 WINDOW_TVFS = ("TUMBLE", "HOP", "CUMULATE", "SESSION")
 
@@ -51,6 +54,17 @@ class Explain(exp.Expression):
     """``EXPLAIN <statement>``."""
 
     arg_types = {"this": True}
+
+
+class MatchRecognize(exp.MatchRecognize):
+    """``MATCH_RECOGNIZE (...)``: sqlglot's, with Flink's ``WITHIN INTERVAL ...``.
+
+    ``pattern`` is the text between ``PATTERN (`` and its ``)`` (the pattern grammar is
+    :mod:`microstream.operators.pattern`'s), positioned at its first token; ``after`` is
+    ``AFTER MATCH SKIP ...`` as text, positioned at ``AFTER``.
+    """
+
+    arg_types = {**exp.MatchRecognize.arg_types, "within": False}
 
 
 class FlinkParser(parser.Parser):
@@ -78,6 +92,86 @@ class FlinkParser(parser.Parser):
     }
 
     SCHEMA_UNNAMED_CONSTRAINTS = {*parser.Parser.SCHEMA_UNNAMED_CONSTRAINTS, "WATERMARK"}
+
+    def _parse_match_recognize(self) -> exp.MatchRecognize | None:
+        # sqlglot's own reads every clause but Flink's WITHIN (between PATTERN and DEFINE)
+        # and SKIP TO var; this is it with those two, and with positions kept for errors.
+        if not self._match(TokenType.MATCH_RECOGNIZE):
+            return None
+        keyword = self._prev
+        self._match_l_paren()
+        partition = self._parse_partition_by()
+        order = self._parse_order()
+        measures = (
+            self._parse_csv(self._parse_match_recognize_measure)
+            if self._match_text_seq("MEASURES")
+            else None
+        )
+        rows = None
+        rows_token = self._curr
+        if self._match_text_seq("ONE", "ROW", "PER", "MATCH"):
+            rows = exp.var("ONE ROW PER MATCH")
+        elif self._match_text_seq("ALL", "ROWS", "PER", "MATCH"):
+            text = "ALL ROWS PER MATCH"
+            for tail in (("SHOW", "EMPTY", "MATCHES"), ("OMIT", "EMPTY", "MATCHES")):
+                if self._match_text_seq(*tail):
+                    text += " " + " ".join(tail)
+            rows = exp.var(text)
+        if rows is not None and rows_token is not None:
+            rows.update_positions(rows_token)
+        after = None
+        after_token = self._curr
+        if self._match_text_seq("AFTER", "MATCH", "SKIP"):
+            if self._match_text_seq("PAST", "LAST", "ROW"):
+                text = "PAST LAST ROW"
+            elif self._match_text_seq("TO", "NEXT", "ROW"):
+                text = "TO NEXT ROW"
+            else:
+                self._match_text_seq("TO")
+                direction = "LAST"  # SKIP TO var is SKIP TO LAST var
+                if self._match_texts(("FIRST", "LAST")):
+                    direction = self._prev.text.upper()
+                variable = self._advance_any()
+                if variable is None:
+                    self.raise_error("Expecting a pattern variable after AFTER MATCH SKIP TO")
+                text = f"TO {direction} {variable.text if variable else ''}"
+            after = exp.var(f"AFTER MATCH SKIP {text}")
+            if after_token is not None:
+                after.update_positions(after_token)
+        pattern = None
+        if self._match_text_seq("PATTERN"):
+            self._match_l_paren()
+            start = self._curr
+            if start is None:
+                self.raise_error("Expecting a pattern after PATTERN (")
+            depth, end = 1, start
+            while self._curr and depth:
+                depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(self._curr.token_type, 0)
+                end = self._prev
+                self._advance()
+            if depth:
+                self.raise_error("Expecting ) after the pattern")
+            if start is not None and end is not None:
+                pattern = exp.var(self._find_sql(start, end)).update_positions(start)
+        within = self._parse_interval() if self._match_text_seq("WITHIN") else None
+        define = (
+            self._parse_csv(self._parse_name_as_expression)
+            if self._match_text_seq("DEFINE")
+            else None
+        )
+        self._match_r_paren()
+        node = MatchRecognize(
+            partition_by=partition,
+            order=order,
+            measures=measures,
+            rows=rows,
+            after=after,
+            pattern=pattern,
+            within=within,
+            define=define,
+            alias=self._parse_table_alias(),
+        )
+        return self.expression(node.update_positions(keyword))
 
     def _parse_tvf_call(self, name: str) -> exp.Expr:
         # The same names are the legacy group-window functions (GROUP BY TUMBLE(ts, ...)),
@@ -122,7 +216,10 @@ class Flink(Dialect):
 
     class Tokenizer(tokens.Tokenizer):
         # sqlglot reads EXPLAIN as an opaque command; Flink's EXPLAIN takes a query.
-        KEYWORDS = {k: v for k, v in tokens.Tokenizer.KEYWORDS.items() if k != "EXPLAIN"}
+        KEYWORDS = {
+            **{k: v for k, v in tokens.Tokenizer.KEYWORDS.items() if k != "EXPLAIN"},
+            "MATCH_RECOGNIZE": TokenType.MATCH_RECOGNIZE,
+        }
 
     Parser = FlinkParser
 
@@ -140,7 +237,16 @@ class Flink(Dialect):
             ),
             Descriptor: lambda self, e: f"DESCRIPTOR({self.expressions(e, flat=True)})",
             Explain: lambda self, e: f"EXPLAIN {self.sql(e, 'this')}",
+            MatchRecognize: lambda self, e: self.matchrecognize_sql(e),
         }
+
+        def matchrecognize_sql(self, expression: exp.MatchRecognize) -> str:
+            text = super().matchrecognize_sql(expression)
+            within = expression.args.get("within")
+            if within is None:
+                return text
+            pattern = f"PATTERN ({self.sql(expression, 'pattern')})"
+            return text.replace(pattern, f"{pattern} WITHIN {self.sql(within)}", 1)
 
 
 def parse(text: str) -> list[exp.Expr]:
@@ -158,17 +264,6 @@ def parse(text: str) -> list[exp.Expr]:
     try:
         statements = Flink().parse(text)
     except ParseError as exc:
-        # sqlglot's default grammar cannot read MATCH_RECOGNIZE's clauses; refuse it by name.
-        for token in Flink().tokenize(text):
-            if token.text.upper() == "MATCH_RECOGNIZE":
-                from microstream.sql.refusals import REFUSED
-
-                msg = (
-                    "MATCH_RECOGNIZE is not supported on a stream (line "
-                    f"{token.line}, column {token.col - len(token.text) + 1}): "
-                    f"{REFUSED['MATCH_RECOGNIZE']}"
-                )
-                raise PlanError(msg) from exc
         first = exc.errors[0] if exc.errors else {}
         line, col = first.get("line", "?"), first.get("col", "?")
         description = first.get("description", str(exc))

@@ -6,7 +6,8 @@ A query is lowered bottom up into a :class:`Relation`: a frame and the
 1. ``FROM``: a registered table or view, a subquery, a window TVF
    (:mod:`microstream.sql.windows`), and joins (:mod:`microstream.sql.joins`:
    stream with static table, interval and window joins of two streams, two
-   static frames).
+   static frames); ``MATCH_RECOGNIZE`` after the table ->
+   ``match_recognize`` (:mod:`microstream.sql.match_recognize`).
 2. ``WHERE`` -> ``filter``; ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) = 1``
    over a subquery -> ``unique(subset=k)`` (keep first by arrival, so ``pt``
    must be a ``PROCTIME()`` column); ``ROW_NUMBER() OVER (PARTITION BY
@@ -36,6 +37,7 @@ from microstream.api.frame import StreamFrame
 from microstream.exceptions import PlanError
 from microstream.plan.nodes import PlanNode
 from microstream.plan.processing_time import ProcessingTimeNode
+from microstream.sql.dialect import MatchRecognize
 from microstream.sql.expressions import (
     AGGREGATES,
     ExpressionLowering,
@@ -44,6 +46,7 @@ from microstream.sql.expressions import (
     sql_text,
 )
 from microstream.sql.joins import join_relations
+from microstream.sql.match_recognize import lower_match_recognize
 from microstream.sql.refusals import position, refuse
 from microstream.sql.relation import (
     Frame,
@@ -110,8 +113,6 @@ class QueryLowering:
 
     def query(self, node: exp.Expr) -> Relation:
         """The relation of a query (SELECT, UNION ALL, a parenthesized query)."""
-        for match in node.find_all(exp.MatchRecognize):
-            raise refuse(match, "MATCH_RECOGNIZE")
         if isinstance(node, exp.Subquery):
             return self.query(node.this)
         if isinstance(node, exp.Union):
@@ -178,6 +179,9 @@ class QueryLowering:
             rel = Relation(pl.LazyFrame({"__one": [1]}), Scope(()))
         else:
             rel, conjuncts = self._from(source.this, select.args.get("joins") or [], conjuncts)
+        match = select.args.get("match")
+        if match is not None:
+            rel = self._match_recognize(rel, match, select)
         if rel.rank is not None:
             rel, conjuncts = self._deduplicate(rel, conjuncts, select)
         frame = rel.frame
@@ -453,6 +457,17 @@ class QueryLowering:
         return pl.col(name)
 
     # -- FROM -----------------------------------------------------------------------
+
+    @staticmethod
+    def _match_recognize(rel: Relation, match: exp.Expr, select: exp.Select) -> Relation:
+        if select.args.get("joins"):
+            raise refuse(
+                match,
+                "MATCH_RECOGNIZE in a FROM with a join",
+                alternative="put the MATCH_RECOGNIZE in a subquery and join that",
+            )
+        assert isinstance(match, MatchRecognize)
+        return lower_match_recognize(rel, match)
 
     def _from(
         self, item: exp.Expr, joins: list[exp.Join], conjuncts: list[exp.Expr]

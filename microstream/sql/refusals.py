@@ -20,9 +20,6 @@ if TYPE_CHECKING:
 __all__ = ["REFUSED", "position", "refuse"]
 
 REFUSED: dict[str, str] = {
-    "MATCH_RECOGNIZE": "MATCH_RECOGNIZE is not in the SQL dialect yet; the same pattern "
-    "matching is the Python verb StreamFrame.match_recognize(partition_by=..., order_by=..., "
-    "pattern=..., define=..., measures=...)",
     "ORDER BY": "a stream has no end to sort up to; sort the sink's output when you read it",
     "LIMIT": "a stream has no end to count rows up to; read the sink's output with a limit",
     "OVER": "OVER aggregations are not in this version; use GROUP BY with a window TVF, or "
@@ -37,6 +34,23 @@ REFUSED: dict[str, str] = {
     "keep-first by event time": "unique() keeps the first row by arrival; order by a "
     "PROCTIME() column for that, as Flink's processing-time deduplication",
     "keep-last deduplication": "ORDER BY ... DESC emits updates; keep the first row (ASC)",
+    "ALL ROWS PER MATCH": "MATCH_RECOGNIZE emits ONE ROW PER MATCH; measure what the rows "
+    "hold with FIRST, LAST, PREV and aggregates of the pattern variables",
+    "CLASSIFIER()": "ONE ROW PER MATCH has no current row to classify; COUNT(A.*) > 0 says "
+    "whether variable A matched a row",
+    "MATCH_NUMBER()": "matches are not numbered; the partition columns and FIRST(A.ts) "
+    "identify a match",
+    "MATCH_ROWTIME()": "the output has no time attribute; measure LAST(ts), the event time of "
+    "the match's last row",
+    "NEXT": "a condition cannot read rows that come after it; PREV reads the rows before, so "
+    "move the condition onto the next variable",
+    "logical offset": "FIRST(A.col, n) and LAST(A.col, n) are not supported; FIRST(A.col), "
+    "LAST(A.col) and the physical offset PREV(A.col, n) are",
+    "MATCH_RECOGNIZE ORDER BY a column without a watermark": "rows are matched in event-time "
+    "order once the watermark passes them; ORDER BY the column the table's watermark is on "
+    "(WATERMARK FOR ts AS ... in CREATE TABLE, or with_watermark)",
+    "MATCH_RECOGNIZE over a static table": "MATCH_RECOGNIZE runs on streams only; register "
+    "the rows as a stream with a watermark (ms.MemoryStream, a scan_* source)",
 }
 """Constructs refused by name, with the reason or the supported alternative."""
 
