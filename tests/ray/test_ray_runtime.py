@@ -43,15 +43,34 @@ def _run(
     checkpoint: Path,
     output_mode: str = "append",
 ) -> dict[int, list[tuple[Any, ...]]]:
-    """Feed ``batches`` (one frame per stream each) and collect every batch's sorted rows."""
+    """Feed ``batches`` (one frame per stream each) and collect every batch's sorted rows.
+
+    With several streams, a running query could start a batch between two ``add_data``
+    calls, so batch boundaries (and with them watermarks and batch ids) would depend on
+    timing: each batch's frames are then added while no query runs, and the query is
+    restarted from its checkpoint with ``available_now`` to take them as one batch.
+    """
     streams = [ms.MemoryStream(schema) for schema in schemas]
     out: dict[int, list[tuple[Any, ...]]] = {}
-    query = build(streams).foreach_batch(
-        lambda df, batch_id: out.__setitem__(batch_id, sorted(df.iter_rows(), key=repr)),
-        checkpoint=checkpoint,
-        output_mode=output_mode,  # type: ignore[arg-type]
-        runtime=runtime,
-    )
+
+    def start(trigger: ms.Trigger | None = None) -> ms.StreamingQuery:
+        return build(streams).foreach_batch(
+            lambda df, batch_id: out.__setitem__(batch_id, sorted(df.iter_rows(), key=repr)),
+            checkpoint=checkpoint,
+            output_mode=output_mode,  # type: ignore[arg-type]
+            runtime=runtime,
+            **({} if trigger is None else {"trigger": trigger}),
+        )
+
+    if len(streams) > 1:
+        for frames in batches:
+            for stream, frame in zip(streams, frames):
+                stream.add_data(frame)
+            query = start(ms.Trigger.available_now())
+            query.await_termination()
+            assert query.exception() is None, query.exception()
+        return out
+    query = start()
     try:
         for frames in batches:
             for stream, frame in zip(streams, frames):
