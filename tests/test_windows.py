@@ -260,3 +260,16 @@ def test_explain_shows_strategies(capsys: pytest.CaptureFixture[str]) -> None:
     assert "v: incremental partials [mean]" in out
     assert "p90: keeps rows, evaluated at emit" in out
     assert "state evicted when window end <= watermark" in out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("closed", "right", "left"), ("label", "right", "left"), ("start_by", "datapoint", "window")],
+)
+def test_batch_only_alignment_options_are_refused(option: str, value: str, expected: str) -> None:
+    frame = ms.MemoryStream(SCHEMA).lazy()
+    with pytest.raises(
+        ms.PlanError, match=rf"group_by_dynamic\({option}='{value}'\) has no meaning on a stream"
+    ) as info:
+        frame.group_by_dynamic("ts", every="1m", **{option: value})
+    assert str(info.value).endswith(f"use {option}='{expected}'")

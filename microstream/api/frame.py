@@ -20,6 +20,7 @@ from microstream.api.groupby import (
     StreamDynamicGroupBy,
     StreamGroupBy,
     StreamSessionGroupBy,
+    check_alignment,
     emit_policy,
 )
 from microstream.api.match_recognize import PatternVerbs
@@ -791,33 +792,37 @@ class StreamFrame(SinkVerbs, PatternVerbs):
         every_n_rows: int | None = None,
         emit_on_change: dict[str, float] | None = None,
         allowed_lateness: str | timedelta | None = None,
+        cumulative: bool = False,
     ) -> StreamDynamicGroupBy[StreamFrame]:
         """Event-time windows, as :meth:`polars.LazyFrame.group_by_dynamic`.
 
-        Every row goes to each window ``[k*every + offset, k*every + offset +
-        period)`` that contains it (``period`` defaults to ``every``: tumbling
-        windows). The output has Polars' columns: the ``group_by`` keys,
-        ``_lower_boundary``/``_upper_boundary`` with ``include_boundaries``, the
-        index column holding the window start, then the aggregates. Only
-        ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a
-        meaning on a stream.
+        Every row goes to each window ``[k*every + offset, k*every + offset + period)`` that
+        contains it (``period`` defaults to ``every``: tumbling windows). The output has Polars'
+        columns: the ``group_by`` keys, ``_lower_boundary``/``_upper_boundary`` with
+        ``include_boundaries``, the index column holding the window start, then the aggregates.
+        Only ``closed="left"``, ``label="left"`` and ``start_by="window"`` have a meaning on a
+        stream.
 
-        Sliding windows differ from Polars by design: a stream has no first
-        row, so every window containing a row gets it, while Polars' batch
-        ``group_by_dynamic`` starts at the first row's window and leaves out the
-        earlier windows that also contain the first rows. To get the stream's
-        result from Polars, pass ``offset=offset - (ceil(period / every) - 1) *
-        every`` (``every="1m", period="3m"``: ``offset="-2m"``). Tumbling windows
-        (``period == every``) agree as they are.
+        Sliding windows differ from Polars by design: a stream has no first row, so every window
+        containing a row gets it, while Polars' batch ``group_by_dynamic`` starts at the first
+        row's window and leaves out the earlier windows that also contain the first rows. To get
+        the stream's result from Polars, pass ``offset=offset - (ceil(period / every) - 1) *
+        every`` (``every="1m", period="3m"``: ``offset="-2m"``). Tumbling windows (``period ==
+        every``) agree as they are.
 
-        Emit triggers (``output_mode="update"``, beyond Spark, after Flink): by
-        default every group a batch changed is emitted. ``early_every="10s"``
-        emits a changed window at most that often (processing time of the
-        batch), ``every_n_rows=1000`` once that many rows arrived since its last
-        emission, ``emit_on_change={"total": 5.0}`` when the aggregate moved by
-        more than the threshold; a window is always emitted when the watermark
-        passes its end. ``allowed_lateness="5m"`` keeps a window's state that
-        long after its end and emits a correction for each late change.
+        ``cumulative=True`` gives Flink's cumulative windows (beyond Polars): windows grow by
+        ``every`` up to ``period`` (a multiple of it), ``[k*period + offset, k*period + offset +
+        j*every)`` for ``j = 1 .. period/every``, each emitted when the watermark passes its own
+        end (a daily running total, hourly: ``every="1h", period="1d"``); they share their start,
+        so the output always has ``_lower_boundary``/``_upper_boundary``.
+
+        Emit triggers (``output_mode="update"``, beyond Spark, after Flink): by default every group
+        a batch changed is emitted. ``early_every="10s"`` emits a changed window at most that often
+        (processing time of the batch), ``every_n_rows=1000`` once that many rows arrived since its
+        last emission, ``emit_on_change={"total": 5.0}`` when the aggregate moved by more than the
+        threshold; a window is always emitted when the watermark passes its end.
+        ``allowed_lateness="5m"`` keeps a window's state that long after its end and emits a
+        correction for each late change.
 
         Examples
         --------
@@ -839,14 +844,7 @@ class StreamFrame(SinkVerbs, PatternVerbs):
         [(datetime.datetime(2024, 1, 1, 0, 0), 1)]
         >>> query.stop()
         """
-        for arg, value in (("closed", closed), ("label", label), ("start_by", start_by)):
-            expected = "window" if arg == "start_by" else "left"
-            if value != expected:
-                msg = (
-                    f"group_by_dynamic({arg}={value!r}) has no meaning on a stream: windows are "
-                    f"aligned to the epoch plus offset and are [start, end); use {arg}={expected!r}"
-                )
-                raise PlanError(msg)
+        check_alignment(closed=closed, label=label, start_by=start_by)
         return StreamDynamicGroupBy(
             self,
             index_column,
@@ -861,6 +859,7 @@ class StreamFrame(SinkVerbs, PatternVerbs):
                 emit_on_change=emit_on_change,
                 allowed_lateness=allowed_lateness,
             ),
+            cumulative=cumulative,
         )
 
     def group_by_session(

@@ -20,8 +20,9 @@ from microstream.operators.session_window import SessionNode
 from microstream.operators.stateful_fn import GroupState, StateContext, stateful_function_node
 from microstream.plan.event_time import trace_event_time
 from microstream.plan.nodes import PlanNode, StatelessNode, WatermarkNode
+from microstream.time.cumulate import CumulativeWindow
 from microstream.time.duration import parse_duration
-from microstream.time.windows import SessionSpec, WindowSpec, time_dtype_check
+from microstream.time.windows import SessionSpec, Window, WindowSpec, time_dtype_check
 
 if TYPE_CHECKING:
     from microstream._typing import GroupStateTimeout
@@ -479,7 +480,7 @@ class StreamGroupBy(Generic[FrameT]):
 
 
 class StreamDynamicGroupBy(Generic[FrameT]):
-    """``frame.group_by_dynamic(...)``: tumbling or sliding event-time windows."""
+    """``frame.group_by_dynamic(...)``: tumbling, sliding or cumulative event-time windows."""
 
     def __init__(
         self,
@@ -492,6 +493,7 @@ class StreamDynamicGroupBy(Generic[FrameT]):
         include_boundaries: bool,
         group_by: Any,
         emit: EmitPolicy | None = None,
+        cumulative: bool = False,
     ):
         self._frame = frame
         self._emit = emit or EmitPolicy()
@@ -499,7 +501,6 @@ class StreamDynamicGroupBy(Generic[FrameT]):
         self._every = parse_duration(every, name="every")
         self._period = parse_duration(period, name="period") if period is not None else None
         self._offset = parse_duration(offset, name="offset") if offset is not None else None
-        self._include_boundaries = include_boundaries
         if group_by is None:
             self._by: list[Any] = []
         elif isinstance(group_by, (str, pl.Expr)):
@@ -515,6 +516,14 @@ class StreamDynamicGroupBy(Generic[FrameT]):
                 "gaps between windows, and rows in the gaps would be lost; use period >= every"
             )
             raise PlanError(msg)
+        every_us = _us(self._every)
+        period_us = _us(self._period) if self._period is not None else every_us
+        offset_us = _us(self._offset) if self._offset is not None else 0
+        self._window: Window = (
+            CumulativeWindow(index_column, every_us, period_us, offset_us)
+            if cumulative
+            else WindowSpec(index_column, every_us, period_us, offset_us, include_boundaries)
+        )
 
     def agg(self, *aggs: Any, **named_aggs: Any) -> FrameT:
 
@@ -522,19 +531,11 @@ class StreamDynamicGroupBy(Generic[FrameT]):
         input_schema = plan.schema()
         time_dtype_check(input_schema, self._index, "group_by_dynamic")
         _check_columns(input_schema, keys, "group_by_dynamic")
-        every = _us(self._every)
-        window = WindowSpec(
-            column=self._index,
-            every_us=every,
-            period_us=_us(self._period) if self._period is not None else every,
-            offset_us=_us(self._offset) if self._offset is not None else 0,
-            include_boundaries=self._include_boundaries,
-        )
         node = AggregateNode(
             input=plan,
             keys=keys,
             aggs=_aggs(aggs, named_aggs, "group_by_dynamic"),
-            window=window,
+            window=self._window,
             watermark=find_watermark(plan, self._index),
             input_schema=input_schema,
             emit=self._emit,
@@ -585,3 +586,26 @@ def _check_columns(schema: pl.Schema, keys: Iterable[str], verb: str) -> None:
     if missing:
         msg = f"{verb}: no column(s) {missing}; columns are {list(schema.names())}"
         raise PlanError(msg)
+
+
+def check_alignment(*, closed: str, label: str, start_by: str) -> None:
+    """Refuse ``group_by_dynamic``'s batch-only options: a stream's windows are fixed.
+
+    Raises
+    ------
+    PlanError
+        ``closed``, ``label`` or ``start_by`` asks for windows other than ``[start, end)``
+        aligned to the epoch plus offset and labelled by their start.
+
+    Examples
+    --------
+    >>> check_alignment(closed="left", label="left", start_by="window")
+    """
+    for arg, value in (("closed", closed), ("label", label), ("start_by", start_by)):
+        expected = "window" if arg == "start_by" else "left"
+        if value != expected:
+            msg = (
+                f"group_by_dynamic({arg}={value!r}) has no meaning on a stream: windows are "
+                f"aligned to the epoch plus offset and are [start, end); use {arg}={expected!r}"
+            )
+            raise PlanError(msg)

@@ -41,7 +41,7 @@ from microstream.plan.nodes import (
 )
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
-from microstream.time.windows import END, START, T, WindowSpec, from_us, to_us
+from microstream.time.windows import END, START, T, Window, to_us
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -91,7 +91,7 @@ class AggregateNode(StatefulNode):
     input: PlanNode
     keys: tuple[str, ...]
     aggs: tuple[pl.Expr, ...]
-    window: WindowSpec | None
+    window: Window | None
     watermark: WatermarkNode | None
     input_schema: pl.Schema
     emit: EmitPolicy = EmitPolicy()
@@ -117,8 +117,8 @@ class AggregateNode(StatefulNode):
         return "key" if self.event_key is not None else None
 
     def result_key(self) -> tuple[str, ...]:
-        # The window start fixes the window (its period is fixed), then the group keys.
-        window = (self.window.column,) if self.window is not None else ()
+        # The columns that fix the window, then the group keys.
+        window = self.window.key_columns() if self.window is not None else ()
         return (*window, *self.keys)
 
     def can_chain(self) -> bool:
@@ -130,8 +130,8 @@ class AggregateNode(StatefulNode):
 
     def output_delay_us(self) -> int:
         # A window emitted in batch N ends in (wm[N-1], wm[N]]; its rows carry the window
-        # start, up to a period older. A time key is emitted in (wm[N-1], wm[N]] itself.
-        return self.window.period_us if self.eviction == "window" and self.window else 0
+        # start, up to its longest span older. A time key is emitted in (wm[N-1], wm[N]].
+        return self.window.max_span_us if self.eviction == "window" and self.window else 0
 
     def aggregate_schema(self) -> pl.Schema:
         frame = pl.LazyFrame(schema=self.input_schema)
@@ -142,11 +142,7 @@ class AggregateNode(StatefulNode):
     def output_schema(self) -> pl.Schema:
         columns: dict[str, pl.DataType] = {k: self.input_schema[k] for k in self.keys}
         if self.window is not None:
-            dtype = self.input_schema[self.window.column]
-            if self.window.include_boundaries:
-                columns["_lower_boundary"] = dtype
-                columns["_upper_boundary"] = dtype
-            columns[self.window.column] = dtype
+            columns.update(self.window.output_columns(self.input_schema[self.window.column]))
         columns.update(self.aggregate_schema())
         return pl.Schema(columns)
 
@@ -190,7 +186,7 @@ class AggregateNode(StatefulNode):
         return {
             "kind": "aggregate",
             "keys": list(self.keys),
-            "window": self.window.describe() if self.window else None,
+            "window": self.window.fingerprint() if self.window else None,
             "aggs": [str(a) for a in self.aggs],
             "emit": self.emit.describe(),
             # (only when set, so that checkpoints of queries without it keep their plan)
@@ -566,10 +562,7 @@ class AggregationOperator(StoreBackedOperator):
         window = self.node.window
         if window is None:
             return out
-        return out.with_columns(
-            to_us(window.column).alias(START),
-            (to_us(window.column) + window.period_us).alias(END),
-        )
+        return out.with_columns(*window.bounds_us())
 
     def _evict(self, wm: int) -> None:
         closed = self._closed_predicate(wm)
@@ -617,14 +610,8 @@ class AggregationOperator(StoreBackedOperator):
         columns: list[pl.Expr] = [pl.col(k) for k in self.node.keys]
         sort_by: list[str] = list(self.node.keys)
         if window is not None:
-            dtype = self.node.input_schema[window.column]
-            if window.include_boundaries:
-                columns += [
-                    from_us(pl.col(START), dtype).alias("_lower_boundary"),
-                    from_us(pl.col(END), dtype).alias("_upper_boundary"),
-                ]
-            columns.append(from_us(pl.col(START), dtype).alias(window.column))
-            sort_by = [window.column, *sort_by]
+            columns += window.output_exprs(self.node.input_schema[window.column])
+            sort_by = [*window.key_columns(), *sort_by]
         columns += [pl.col(item.output_name) for item in self.spec.items]
         out = result.select(columns).cast(self.out_schema, strict=False)
         return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out
