@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from microstream.api.session import default_session
 from microstream.checkpoint.log import Checkpoint, LockRecord, reset_checkpoint
@@ -26,6 +26,10 @@ from microstream.runtime.progress import QueryProgress
 from microstream.runtime.progress_bar import ProgressBar
 from microstream.runtime.ray import RayRuntime
 from microstream.time.trigger import Trigger
+
+if TYPE_CHECKING:
+    from microstream.api.query import StreamingQuery
+    from microstream.api.session import Session
 
 __all__ = ["main"]
 
@@ -346,14 +350,10 @@ def _run(args: argparse.Namespace) -> int:
 
         server = start_metrics_server(args.metrics_port, addr=args.metrics_addr, session=session)
         print(f"microstream: serving metrics on {server.url}", file=sys.stderr, flush=True)
-    if args.available_now:
-        session.trigger_override = Trigger.available_now()
-    if args.runtime is not None:
-        session.runtime_override = RUNTIMES[args.runtime](args)
+    _override(session, args)
     sys.argv = [args.file]
     try:
         runpy.run_path(args.file, run_name="__main__")
-        failed = False
         active = list(session.active)
         # One scheduled query working through a backlog: a progress bar in a terminal.
         bar = (
@@ -365,21 +365,35 @@ def _run(args: argparse.Namespace) -> int:
             query.await_termination_quietly()
         if bar is not None:
             bar.close()
-        for query in session.finished:
-            exc = query.exception()
-            if exc is not None:
-                failed = True
-                print(f"microstream: query {query.name or query.id} failed: {exc}", file=sys.stderr)
+        failed = _report_failures(session.finished)
     except KeyboardInterrupt:
         for query in session.active:
             query.stop()
         return 130
     finally:
-        session.trigger_override = None
-        session.runtime_override = None
+        session.trigger_override = session.runtime_override = None
         if server is not None:
             server.stop()
     return 1 if failed else 0
+
+
+def _override(session: Session, args: argparse.Namespace) -> None:
+    """``--available-now`` and ``--runtime``: what every query the command starts runs with."""
+    if args.available_now:
+        session.trigger_override = Trigger.available_now()
+    if args.runtime is not None:
+        session.runtime_override = RUNTIMES[args.runtime](args)
+
+
+def _report_failures(queries: Iterable[StreamingQuery]) -> bool:
+    """Whether any of the ended ``queries`` failed; each failure is said on stderr."""
+    failed = False
+    for query in queries:
+        exc = query.exception()
+        if exc is not None:
+            failed = True
+            print(f"microstream: query {query.name or query.id} failed: {exc}", file=sys.stderr)
+    return failed
 
 
 def _runtime_options_misused(args: argparse.Namespace) -> bool:
@@ -428,10 +442,7 @@ def _sql(args: argparse.Namespace) -> int:
     with open(args.file, encoding="utf-8") as fh:
         script = fh.read()
     session = default_session
-    if args.available_now:
-        session.trigger_override = Trigger.available_now()
-    if args.runtime is not None:
-        session.runtime_override = RUNTIMES[args.runtime](args)
+    _override(session, args)
     try:
         started = []
         for result in SQLContext().execute_script(script):
@@ -448,20 +459,15 @@ def _sql(args: argparse.Namespace) -> int:
                     print("\n".join(table["plan"]) if table.columns == ["plan"] else table)
             elif result is not None:
                 started.append(result)
-        failed = False
         for query in started:
             query.await_termination_quietly()
-            exc = query.exception()
-            if exc is not None:
-                failed = True
-                print(f"microstream: query {query.name or query.id} failed: {exc}", file=sys.stderr)
+        failed = _report_failures(started)
     except KeyboardInterrupt:
         for query in session.active:
             query.stop()
         return 130
     finally:
-        session.trigger_override = None
-        session.runtime_override = None
+        session.trigger_override = session.runtime_override = None
     return 1 if failed else 0
 
 
