@@ -471,3 +471,78 @@ def test_cumulate_equals_brute_force(seconds, cuts, tmp_path: Path) -> None:
     )
     assert stream_rows(sql, tmp_path, batches) == rows
     assert sorted(ms.SQLContext(ev=data).execute(sql).collect().rows()) == rows
+
+
+def test_cumulate_emits_each_window_at_its_own_end(tmp_path: Path) -> None:
+    # Flink emits [0s, 5s) once the watermark passes 5s, not when [0s, 15s) closes.
+    stream = ms.MemoryStream(SCHEMA)
+    frame = ms.SQLContext(ev=stream.lazy().with_watermark("ts", "0s")).execute(
+        "SELECT k, window_start, window_end, window_time, COUNT(*) AS n, SUM(x) AS total "
+        "FROM TABLE(CUMULATE(TABLE ev, DESCRIPTOR(ts), INTERVAL '5' SECOND, "
+        "INTERVAL '15' SECOND)) GROUP BY window_start, window_end, k"
+    )
+    assert isinstance(frame, ms.StreamFrame)
+    emitted: dict[int, list] = {}
+    query = frame.foreach_batch(
+        lambda df, batch_id: emitted.__setitem__(batch_id, sorted(df.rows())),
+        checkpoint=str(tmp_path / "cp"),
+    )
+    for seconds, keys, xs in [
+        ([1, 3], ["a", "b"], [1, 2]),
+        ([7], ["a"], [4]),
+        ([12], ["a"], [8]),
+        ([16], ["a"], [16]),
+    ]:
+        stream.add_data(events(seconds, keys, xs))
+        query.process_all_available(timeout=30)
+    query.stop()
+    assert query.exception() is None
+
+    def at(s: int) -> datetime:
+        return T0 + timedelta(seconds=s)
+
+    def row(k: str, end: int, n: int, total: int) -> tuple:
+        return (k, at(0), at(end), at(end) - timedelta(microseconds=1), n, total)
+
+    assert emitted == {
+        0: [],  # rows 1s, 3s; no-data batch 1: wm 3s
+        1: [],
+        2: [],  # row 7s; no-data batch 3: wm 7s
+        # [0s, 5s) closed; [0s, 10s) and [0s, 15s) are still open
+        3: [row("a", 5, 1, 1), row("b", 5, 1, 2)],
+        4: [],  # row 12s; no-data batch 5: wm 12s
+        # [0s, 10s) closed, with the 7s row
+        5: [row("a", 10, 2, 5), row("b", 10, 1, 2)],
+        6: [],  # row 16s; no-data batch 7: wm 16s
+        # [0s, 15s) closed, the largest window of 0s: every row before 15s
+        7: [row("a", 15, 3, 13), row("b", 15, 1, 2)],
+    }
+
+
+def test_aggregate_of_cumulate_aggregates_over_batches(tmp_path: Path) -> None:
+    # window_start stays the event-time column, so an outer GROUP BY on it closes too.
+    sql = (
+        "SELECT s, e, MAX(n) AS m FROM (SELECT k, window_start AS s, window_end AS e, "
+        "COUNT(*) AS n FROM TABLE(CUMULATE(TABLE ev, DESCRIPTOR(ts), INTERVAL '5' SECOND, "
+        "INTERVAL '15' SECOND)) GROUP BY k, window_start, window_end) GROUP BY s, e"
+    )
+    batches = [
+        events([1, 3], ["a", "b"], [1, 2]),
+        events([7], ["a"], [4]),
+        events([12], ["a"], [8]),
+        events([16], ["a"], [16]),
+    ]
+
+    def at(s: int) -> datetime:
+        return T0 + timedelta(seconds=s)
+
+    expected = [
+        (at(0), at(5), 1),
+        (at(0), at(10), 2),
+        (at(0), at(15), 3),
+        (at(15), at(20), 1),
+        (at(15), at(25), 1),
+        (at(15), at(30), 1),
+    ]
+    assert stream_rows(sql, tmp_path, batches) == expected
+    assert sorted(ms.SQLContext(ev=pl.concat(batches)).execute(sql).collect().rows()) == expected

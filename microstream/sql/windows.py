@@ -17,12 +17,12 @@ grouped with Polars. ``window_time`` is ``window_end`` minus one unit of the tim
 column (Flink's ``TIMESTAMP(3)``: one millisecond).
 
 ``CUMULATE(TABLE t, DESCRIPTOR(ts), step, size)`` (windows ``[s, s + step)``,
-``[s, s + 2 step)``, ... ``[s, s + size)`` for every ``s`` a multiple of ``size``)
-needs no operator of its own: each row is repeated for the windows that hold it
-(row-wise), then grouped by ``window_start`` (the row's time truncated to ``size``:
-an event-time key, so groups close with the watermark) and ``window_end``. The rows
-are Flink's; they are emitted when the watermark passes the end of the largest
-window of their start (``s + size``), where Flink emits each window at its own end.
+``[s, s + 2 step)``, ... ``[s, s + size)`` for every ``s`` a multiple of ``size``) is
+``group_by_dynamic(ts, every=step, period=size, cumulative=True, group_by=k)`` on a
+stream: each window is emitted when the watermark passes its own end, as in Flink;
+``window_start`` is the time column (the start) and ``window_end`` ``_upper_boundary``. Over
+static frames each row is repeated for the windows that hold it and grouped by
+``window_start`` and ``window_end``.
 """
 
 from __future__ import annotations
@@ -227,22 +227,37 @@ def _cumulate(
     unit: pl.Expr,
 ) -> StreamFrame | pl.LazyFrame:
     """CUMULATE windows: each row in every window ``[start, start + k * step)`` of its
-    max-size window that holds it, grouped by start (an event-time key) and end."""
+    max-size window that holds it; on a stream each window closes at its own end."""
     assert window.size is not None and window.slide is not None
-    step_us = window.slide // timedelta(microseconds=1)
-    steps = window.size // window.slide
-    start = pl.col(window.column).dt.truncate(window.size)
-    into = (pl.col(window.column) - pl.col("window_start")).dt.total_microseconds()
-    first = into // step_us + 1  # the first window (in steps) whose end is after the row
-    rows = (
-        frame.with_columns(window_start=start)
-        .with_columns(__steps=pl.int_ranges(first, steps + 1))
-        .explode("__steps")
-        .with_columns(window_end=pl.col("window_start") + pl.col("__steps") * pl.lit(window.slide))
-    )
-    keys = [*by, "window_start", "window_end"]
-    if isinstance(rows, StreamFrame):
-        out: StreamFrame | pl.LazyFrame = rows.group_by(*keys).agg(**aggs)
+    out: StreamFrame | pl.LazyFrame
+    if isinstance(frame, StreamFrame):
+        out = (
+            frame.group_by_dynamic(
+                window.column,
+                every=window.slide,
+                period=window.size,
+                cumulative=True,
+                group_by=by or None,
+            )
+            .agg(**aggs)
+            # The time column (not _lower_boundary) stays the watermarked event-time
+            # column, so an outer GROUP BY window_start still closes its groups.
+            .with_columns(window_start=pl.col(window.column), window_end=pl.col("_upper_boundary"))
+            .drop("_lower_boundary", "_upper_boundary", window.column)
+        )
     else:
-        out = rows.group_by(keys, maintain_order=True).agg(**aggs)
+        step_us = window.slide // timedelta(microseconds=1)
+        steps = window.size // window.slide
+        start = pl.col(window.column).dt.truncate(window.size)
+        into = (pl.col(window.column) - pl.col("window_start")).dt.total_microseconds()
+        first = into // step_us + 1  # the first window (in steps) whose end is after the row
+        rows = (
+            frame.with_columns(window_start=start)
+            .with_columns(__steps=pl.int_ranges(first, steps + 1))
+            .explode("__steps")
+            .with_columns(
+                window_end=pl.col("window_start") + pl.col("__steps") * pl.lit(window.slide)
+            )
+        )
+        out = rows.group_by([*by, "window_start", "window_end"], maintain_order=True).agg(**aggs)
     return out.with_columns(window_time=pl.col("window_end") - unit)
