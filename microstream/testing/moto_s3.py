@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from microstream.exceptions import MissingDependencyError
+from microstream.testing._process import free_port
 
 __all__ = ["MotoS3Server", "S3Bucket"]
 
@@ -180,7 +180,7 @@ class MotoS3Server:
             raise MissingDependencyError(msg)
         failures = []
         for _ in range(_ATTEMPTS):
-            port = _free_port(self.host)
+            port = free_port(self.host)
             log = tempfile.TemporaryFile()  # noqa: SIM115 (the server writes to it until stop())
             process = subprocess.Popen(
                 [sys.executable, "-c", _SERVER, "-H", self.host, "-p", str(port)],
@@ -256,13 +256,6 @@ class MotoS3Server:
         traceback: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _terminate(process: subprocess.Popen[bytes]) -> None:

@@ -35,17 +35,15 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from microstream.exceptions import MissingDependencyError
+from microstream.testing._process import die_with_parent_hook, free_port
 
 if TYPE_CHECKING:
     import psycopg
@@ -57,13 +55,6 @@ logger = logging.getLogger("microstream.testing.postgres")
 
 class PostgresError(RuntimeError):
     """The server could not be initialised or started, or did not answer."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def find_postgres_bin() -> Path | None:
@@ -107,29 +98,6 @@ def _server_user() -> tuple[int, int] | None:
         )
         raise PostgresError(msg) from None
     return entry.pw_uid, entry.pw_gid
-
-
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A function for ``preexec_fn`` that asks Linux to kill the child when we die.
-
-    libc is loaded here, in the parent: the hook itself imports nothing and takes
-    no lock, as code between fork and exec must. ``subprocess`` changes the
-    child's user before it calls the hook, and the hook must come after that
-    change (changing credentials clears the parent-death signal).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def hook() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-    return hook
 
 
 def _require_psycopg() -> None:
@@ -189,7 +157,7 @@ class PostgresServer:
             )
             raise MissingDependencyError(msg)
         self.bin_dir = found
-        self.port = _free_port() if port is None else port
+        self.port = free_port() if port is None else port
         self.settings = dict(settings or {})
         self.startup_timeout = startup_timeout
         self._user = _server_user()
@@ -275,7 +243,7 @@ class PostgresServer:
                 args,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509 (imports nothing, no locks)
+                preexec_fn=die_with_parent_hook(),  # noqa: PLW1509 (imports nothing, no locks)
                 **self._as_server_user(),
             )
         self._wait_ready()

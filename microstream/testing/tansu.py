@@ -67,10 +67,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -79,6 +76,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from microstream.exceptions import MissingDependencyError
+from microstream.testing._process import die_with_parent_hook, free_port
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, Message, Producer
@@ -94,30 +92,6 @@ _CLIENT_LOGGER = logging.getLogger("microstream.testing.tansu.client")
 
 class TansuError(RuntimeError):
     """The broker could not be started, or did not answer."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _die_with_parent() -> None:
-    """Run in the broker's process before exec: on Linux, be killed when the parent dies.
-
-    A test process killed by SIGKILL, or a restarted notebook kernel, then leaves
-    no broker behind. (Linux sends the signal when the *thread* that started the
-    broker ends; start brokers from the main thread.)
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _require_kafka_client() -> None:
@@ -163,7 +137,7 @@ class TansuBroker:
         startup_timeout: float = 30.0,
     ) -> None:
         _require_kafka_client()
-        self.port = _free_port() if port is None else port
+        self.port = free_port() if port is None else port
         self._binary = None if binary is None else os.fspath(binary)
         self.startup_timeout = startup_timeout
         self.log_path = Path(tempfile.mkdtemp(prefix="tansu-")) / "broker.log"
@@ -224,7 +198,7 @@ class TansuBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 (no locks taken)
+                preexec_fn=die_with_parent_hook(),  # noqa: PLW1509 (imports nothing, no locks)
             )
         self._wait_ready()
         logger.info("Tansu broker up at %s (log %s)", self.bootstrap_servers, self.log_path)
