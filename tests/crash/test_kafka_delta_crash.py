@@ -40,8 +40,9 @@ while the restart re-runs the batch the first one left uncommitted):
 - *fault points*: ``MICROSTREAM_FAULTS="<point>@<visit>"`` with the points of
   ``microstream.faults.FAULT_POINTS`` (the Kafka source keeps no log per
   batch, so ``source.after_log`` is never reached: those runs may finish);
-- *random kills*: SIGKILL from the test after a seeded random fraction of the
-  time a clean run takes.
+- *random kills*: SIGKILL from the test at a seeded random fraction of a clean
+  run's progress (its count of ``commits/`` files, plus a share of the time
+  between two of them), so load on the machine cannot make every kill miss.
 
 After every kill, each table must hold exactly the clean run's batches
 ``0..m`` for some ``m`` (no torn, doubled, lost or re-timed batch),

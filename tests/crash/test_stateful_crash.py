@@ -25,8 +25,9 @@ lands while the run recovers the batch the first one left uncommitted):
 
 - *fault points*: ``MICROSTREAM_FAULTS="<point>@<visit>"`` with the points of
   ``microstream.faults.FAULT_POINTS``;
-- *random kills*: SIGKILL from the test after a seeded random fraction of the
-  time a clean run takes.
+- *random kills*: SIGKILL from the test at a seeded random fraction of a clean
+  run's progress (its count of ``commits/`` files, plus a share of the time
+  between two of them), so load on the machine cannot make every kill miss.
 
 After every kill, what each query's output holds must be exactly the clean
 run's output of batches ``0..m`` for some ``m`` (no torn, lost, doubled or
@@ -92,8 +93,11 @@ SPACING_S = 20
 KEYS = ("a", "b", "c", "d", "e")
 
 RANDOM_KILL_AT = (0.02, 1.1)
-"""Random kills land this long after ``ready``, as a fraction of the time a clean run took
-from ``ready`` to its exit (measured by the ``clean`` fixture: machines differ)."""
+"""Random kills land at this fraction of a clean run's progress: ``u`` times the number of
+``commits/`` files a clean run wrote (all queries together), i.e. once ``floor(u * total)``
+of them exist, plus ``frac(u * total)`` of the average time between two commits of a clean
+run. Progress, not wall time, so a machine slower or faster than during the clean run
+still lands the kills inside the run (``u`` >= 1 lets a run finish)."""
 
 RUN_TIMEOUT_S = 120.0
 """A pipeline run that takes longer than this is hung: killed and reported."""
@@ -204,12 +208,15 @@ def run_pipeline(
     fault: str | None = None,
     kill_after_s: float | None = None,
     kill_when: Path | None = None,
+    kill_after_commits: int | None = None,
+    kill_delay_s: float = 0.0,
     log_name: str = "run",
     script: Path = PIPELINE,
 ) -> Run:
     """Run the pipeline ``script`` once in a subprocess.
 
-    SIGKILL it ``kill_after_s`` after ``ready``, or as soon as ``kill_when`` exists.
+    SIGKILL it ``kill_after_s`` after ``ready``, or as soon as ``kill_when`` exists, or
+    ``kill_delay_s`` after ``kill_after_commits`` ``commits/`` files (all queries) exist.
     ``script`` takes ``--input source --output DIR --checkpoint DIR``, prints
     ``ready`` once its imports are done and exits 0 when every query finished.
     """
@@ -259,6 +266,12 @@ def run_pipeline(
                         time.sleep(0.005)
                     if proc.poll() is None:
                         proc.send_signal(signal.SIGKILL)
+                elif kill_after_commits is not None:
+                    while proc.poll() is None and count_commits(dirs) < kill_after_commits:
+                        time.sleep(0.005)
+                    time.sleep(kill_delay_s)
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGKILL)
             proc.stdout.read()
             returncode = proc.wait()
         finally:
@@ -272,6 +285,11 @@ def run_pipeline(
         msg = f"pipeline run {log_name} hung for {RUN_TIMEOUT_S}s and was killed:\n{text[-3000:]}"
         raise AssertionError(msg)
     return Run(returncode, text, seconds)
+
+
+def count_commits(dirs: Dirs) -> int:
+    """How many ``commits/N.json`` files the queries under ``dirs`` have written so far."""
+    return sum(1 for _ in dirs.checkpoint.glob("*/commits/*.json"))
 
 
 # -- reading what a run left ------------------------------------------------------------------
@@ -575,14 +593,14 @@ class Step:
 
     fault: str | None = None
     kill_at: float | None = None
-    """Kill after this fraction of a clean run's time (see ``RANDOM_KILL_AT``)."""
+    """Kill at this fraction of a clean run's progress (see ``RANDOM_KILL_AT``)."""
     must_kill: bool = False
     """The point is certainly reached, so exiting 0 is a failure."""
 
     def describe(self) -> str:
         if self.fault is not None:
             return f"fault {self.fault}"
-        return f"kill at {self.kill_at:.0%} of a clean run"
+        return f"kill at {self.kill_at:.0%} of a clean run's commits"
 
 
 @dataclass(frozen=True)
@@ -662,11 +680,13 @@ def run_scenario(
     dirs = Dirs(base / scenario.name.replace("@", "-").replace("+", "_"))
     try:
         for i, step in enumerate(scenario.steps):
+            commits, delay_s = (None, 0.0) if step.kill_at is None else clean.progress(step.kill_at)
             run = run_pipeline(
                 dirs,
                 clean.source,
                 fault=step.fault,
-                kill_after_s=None if step.kill_at is None else step.kill_at * clean.seconds,
+                kill_after_commits=commits,
+                kill_delay_s=delay_s,
                 log_name=f"step{i}",
                 script=clean.script,
             )
@@ -743,6 +763,13 @@ class Clean:
     """The pipeline the scenarios run (see :func:`run_pipeline`)."""
     reader: Callable[..., Outputs] = read_outputs
     """Reads what a run of ``script`` left: ``reader(dirs, states_at=...)``."""
+
+    def progress(self, fraction: float) -> tuple[int, float]:
+        """Where a random kill at ``fraction`` of a clean run lands: after how many
+        ``commits/`` files, and how long after the last of them (see ``RANDOM_KILL_AT``)."""
+        total = sum(len(commits) for commits in self.outputs.commits.values())
+        position = fraction * total
+        return int(position), (position - int(position)) * self.seconds / max(total, 1)
 
 
 def make_clean(base: Path, files: int) -> Clean:
