@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev chromium wal2json bench bench-overhead clean
+.PHONY: demo test lint typecheck install install-dev chromium wal2json package extras pythons bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,41 @@ wal2json:
 test: lint typecheck chromium wal2json
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Packaging (CI runs these after `make test`): the sdist and wheel build and pass
+# `twine check`; each extra installs alone from the wheel into a fresh venv and works
+# (.ci/check_extras.py); the core test set passes on the lowest and highest supported
+# Python (pyenv's, as on this machine image), each in a venv made from the `test` extra.
+package: install-dev
+	rm -rf dist
+	$(PY) -m build --outdir dist . >/dev/null
+	$(VENV)/bin/twine check --strict dist/*
+
+extras: package
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) .ci/check_extras.py $(EXTRAS)
+
+# Engine, windows, joins, state and oracle tests; no service, no Spark (the kill
+# matrices run on the main Python only).
+CORE_TESTS := tests/test_oracle.py tests/test_window_oracle.py tests/test_windows.py \
+	tests/test_watermark.py tests/test_stream_join.py tests/test_state.py \
+	tests/test_keyed_rows.py tests/test_key_groups.py tests/test_physical_plan.py \
+	tests/test_execution.py tests/test_frame.py tests/test_projection.py \
+	tests/test_sessions_dedup.py tests/test_stateful_fn.py tests/test_chained_aggregation.py \
+	tests/test_emit_triggers.py tests/test_edges_of_time.py tests/test_event_time_keys.py \
+	tests/test_cumulate.py tests/test_checkpoint_checksums.py tests/test_range_commits.py \
+	tests/test_top_k.py tests/test_match_recognize.py tests/test_match_recognize_oracle.py
+PYTHONS ?= 3.10 3.13
+
+pythons: install-dev
+	@for v in $(PYTHONS); do \
+		interp="$$(pyenv prefix $$v 2>/dev/null)/bin/python"; \
+		if [ ! -x "$$interp" ]; then interp="$$(command -v python$$v || true)"; fi; \
+		if [ -z "$$interp" ]; then echo "make: Python $$v is not installed (pyenv install $$v)"; exit 1; fi; \
+		echo "== core tests on $$($$interp --version)"; \
+		$(VENV)/bin/uv venv -q --allow-existing -p "$$interp" .venv-$$v && \
+		$(VENV)/bin/uv pip install -q -p .venv-$$v/bin/python -e '.[test]' && \
+		.venv-$$v/bin/python -m pytest -q -p no:cacheprovider -k "not sigkill" $(CORE_TESTS) || exit 1; \
+	done
+
 $(VENV)/.installed-bench: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $@ $(VENV)/.installed
@@ -67,4 +102,4 @@ bench-overhead: install
 	$(PY) benchmarks/batch_overhead.py
 
 clean:
-	rm -rf $(VENV) demo_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* dist demo_data .pytest_cache .mypy_cache .ruff_cache
