@@ -29,3 +29,5 @@ MissingColumnsPolicy: TypeAlias = Literal["insert", "raise"]
 KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetime | Mapping[int, int] | Mapping[str, Mapping[int, int]]"
 """``"earliest"``, ``"latest"``, a timestamp (ms since the epoch, or a datetime), or
 explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""
+HttpSinkFormat: TypeAlias = Literal["ndjson", "json"]
+"""The body of a ``sink_http`` request: JSON lines, or one JSON array."""

@@ -29,7 +29,15 @@ from microstream.runtime.driver import ExecutionConfig
 from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 
 if TYPE_CHECKING:
-    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, PostgresSinkMode
+    from datetime import timedelta
+
+    from microstream._typing import (
+        FileFormat,
+        HttpSinkFormat,
+        KafkaSinkFormat,
+        OutputMode,
+        PostgresSinkMode,
+    )
     from microstream.protocols import SinkSpec
 
 __all__ = ["SinkVerbs"]
@@ -623,6 +631,72 @@ class SinkVerbs:
             mode=mode,
             key=None if key is None else list(key),
             progress_table=progress_table,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
+    def sink_http(
+        self,
+        url: str,
+        *,
+        format: HttpSinkFormat = "ndjson",
+        chunk_rows: int = 1000,
+        headers: Mapping[str, str] | None = None,
+        timeout: str | timedelta | float = "10s",
+        retry_timeout: str | timedelta | float = "30s",
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query POSTing each batch's rows to ``url``, in chunks.
+
+        Chunk ``c`` of batch ``N`` is one request carrying
+        ``Idempotency-Key: <query id>-<N>-<c>``; a batch re-run after a crash
+        sends the same chunks under the same keys. Connection errors,
+        timeouts, ``408``, ``429`` and ``5xx`` are retried with backoff for
+        ``retry_timeout``; any other error status fails the query with a
+        ``SinkError`` naming it and quoting the reply. Guarantee:
+        **at-least-once**, exactly-once with an endpoint that deduplicates on
+        the key. The options are :class:`connectors.http.HttpSinkSpec`'s.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.http_server import RecordingHttpServer
+        >>> stream = ms.MemoryStream({"user": pl.Int64})
+        >>> with RecordingHttpServer() as server:
+        ...     query = stream.lazy().sink_http(
+        ...         server.url("/events"), chunk_rows=2, checkpoint=tempfile.mkdtemp()
+        ...     )
+        ...     _ = stream.add_data({"user": [1, 2, 3]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        >>> [request.body for request in server.requests]
+        [b'{"user":1}\\n{"user":2}\\n', b'{"user":3}\\n']
+        >>> [request.headers["Idempotency-Key"][-4:] for request in server.requests]
+        ['-0-0', '-0-1']
+        """
+        spec = load_connector("http_sink")(
+            url,
+            format=format,
+            chunk_rows=chunk_rows,
+            headers=headers,
+            timeout=timeout,
+            retry_timeout=retry_timeout,
         )
         return self.sink(
             spec,
