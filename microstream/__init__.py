@@ -40,6 +40,7 @@ from microstream.api.scan import (
     scan_kafka,
     scan_postgres_cdc,
     scan_rate,
+    scan_socket,
     vacuum_delta,
 )
 from microstream.api.session import (
@@ -149,6 +150,7 @@ __all__ = [
     "scan_kafka",
     "scan_postgres_cdc",
     "scan_rate",
+    "scan_socket",
     "sql",
     "start_metrics_server",
     "start_ui",

@@ -17,6 +17,7 @@ from microstream.registry import (
     POSTGRES_CDC,
     RATE,
     READ_FILE_SINK,
+    SOCKET,
     VACUUM_DELTA,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "scan_kafka",
     "scan_postgres_cdc",
     "scan_rate",
+    "scan_socket",
     "vacuum_delta",
 ]
 
@@ -241,5 +243,34 @@ scan_postgres_cdc = source_facade(
     ...         query.stop()
     >>> ms.table("doc_cdc").select("id", "amount", "_op").rows()  # doctest: +SKIP
     [(1, 2.5, 'insert'), (1, 3.0, 'update')]
+    """,
+)
+
+scan_socket = source_facade(
+    SOCKET,
+    name="scan_socket",
+    module=__name__,
+    doc="""Stream the text lines a TCP server sends, one row per line (for demos).
+
+    The source connects when the query starts and keeps the lines it receives
+    in memory until their batch is committed. It cannot replay: lines in
+    flight at a crash or a stop are lost. A query writing it to a durable
+    sink (files, Delta, Kafka, PostgreSQL, HTTP, ``foreach_batch``) is refused
+    unless ``acknowledge_not_replayable=True``; ``sink_memory`` and
+    ``sink_console`` take it as it is. (Spark's socket source, with the
+    warning of its documentation turned into a check.)
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> from microstream.testing.line_server import LineServer
+    >>> with LineServer() as server:
+    ...     query = ms.scan_socket("127.0.0.1", server.port).sink_memory("doc_socket")
+    ...     server.wait_for_clients(1)
+    ...     server.send("to be", "or not to be")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_socket")["value"].to_list()
+    ['to be', 'or not to be']
     """,
 )

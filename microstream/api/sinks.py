@@ -21,8 +21,10 @@ from microstream.exceptions import PlanError, UnboundedStateWarning, user_stackl
 from microstream.plan.nodes import (
     ConcatNode,
     PlanNode,
+    ScanNode,
     chained_nodes,
 )
+from microstream.protocols import NonReplayableSourceSpec
 from microstream.registry import load_connector
 from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.driver import ExecutionConfig
@@ -740,6 +742,8 @@ class SinkVerbs:
                 f"{sorted(spec.output_modes)}"
             )
             raise PlanError(msg)
+        if spec.durable:
+            _refuse_unreplayable_sources(self._plan, spec)
         stateful = self._plan.stateful_nodes()
         for node in stateful[:-1]:
             if not node.can_chain():
@@ -819,3 +823,17 @@ class SinkVerbs:
             session.unregister_query_run(run.run_id)
             raise
         return query
+
+
+def _refuse_unreplayable_sources(plan: PlanNode, sink: SinkSpec) -> None:
+    """A durable sink's exactly-once needs sources that replay (see NonReplayableSourceSpec)."""
+    for node in plan.walk():
+        source = node.source if isinstance(node, ScanNode) else None
+        if isinstance(source, NonReplayableSourceSpec) and not source.acknowledge_not_replayable:
+            msg = (
+                f"{source.describe()} cannot replay: what it received is lost when the query "
+                f"stops or crashes, so {sink.describe()} would not hold every row exactly once. "
+                "It is meant for demos: write to sink_memory or sink_console, or create the "
+                "source with acknowledge_not_replayable=True to accept the loss"
+            )
+            raise PlanError(msg)
