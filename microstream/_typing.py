@@ -31,3 +31,5 @@ KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetim
 explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""
 HttpSinkFormat: TypeAlias = Literal["ndjson", "json"]
 """The body of a ``sink_http`` request: JSON lines, or one JSON array."""
+KinesisSinkFormat: TypeAlias = Literal["json", "raw"]
+"""The data of a ``sink_kinesis`` record: every column as JSON (with the batch's identity), or ``value``."""

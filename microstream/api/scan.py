@@ -13,6 +13,7 @@ from microstream.registry import (
     DELTA_SOURCE,
     FILES,
     KAFKA,
+    KINESIS,
     OPTIMIZE_DELTA,
     POSTGRES_CDC,
     RATE,
@@ -27,6 +28,7 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_kinesis",
     "scan_postgres_cdc",
     "scan_rate",
     "scan_socket",
@@ -272,5 +274,43 @@ scan_socket = source_facade(
     ...     query.stop()
     >>> ms.table("doc_socket")["value"].to_list()
     ['to be', 'or not to be']
+    """,
+)
+
+scan_kinesis = source_facade(
+    KINESIS,
+    name="scan_kinesis",
+    module=__name__,
+    doc="""Stream the records of an Amazon Kinesis data stream, decoded into columns.
+
+    Offsets are, per shard, the sequence number of the last record read and the
+    number of records read, logged in the write-ahead log: a batch re-run after
+    a crash reads exactly the same records, or fails with a ``DataLossError``
+    when the stream no longer holds them (retention, a re-created stream).
+    Shards created by a split or a merge are read after their parents are
+    read to their end, so the records of a partition key stay in order. See
+    ``connectors/README.md`` for offsets and guarantees.
+
+    Examples
+    --------
+    >>> import boto3
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.testing.moto_s3 import MotoS3Server
+    >>> with MotoS3Server() as server:
+    ...     kinesis = boto3.client("kinesis", **server.aws_options())
+    ...     _ = kinesis.create_stream(StreamName="doc-clicks", ShardCount=1)
+    ...     for user in (1, 2):
+    ...         _ = kinesis.put_record(
+    ...             StreamName="doc-clicks", Data=f'{{"user": {user}}}', PartitionKey="k"
+    ...         )
+    ...     clicks = ms.scan_kinesis(
+    ...         "doc-clicks", schema={"user": pl.Int64}, options=server.aws_options()
+    ...     )
+    ...     query = clicks.sink_memory("doc_kinesis")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_kinesis")["user"].to_list()
+    [1, 2]
     """,
 )

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         FileFormat,
         HttpSinkFormat,
         KafkaSinkFormat,
+        KinesisSinkFormat,
         OutputMode,
         PostgresSinkMode,
     )
@@ -699,6 +700,77 @@ class SinkVerbs:
             headers=headers,
             timeout=timeout,
             retry_timeout=retry_timeout,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
+    def sink_kinesis(
+        self,
+        stream: str,
+        *,
+        partition_key: str | pl.Expr,
+        format: KinesisSinkFormat = "json",
+        retry_timeout: str | timedelta | float = "30s",
+        options: Mapping[str, Any] | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing each batch's rows as records of a Kinesis stream.
+
+        Guarantee: **at-least-once** — a batch re-run after a crash is sent
+        again whole. With ``format="json"`` every record carries
+        ``microstream_query_id``, ``microstream_batch_id`` and
+        ``microstream_row``, on which consumers can deduplicate. Refused records
+        (throttling) are retried for ``retry_timeout``. The options are
+        :class:`connectors.kinesis.KinesisSinkSpec`'s.
+
+        Examples
+        --------
+        >>> import json
+        >>> import tempfile
+        >>> import boto3
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.moto_s3 import MotoS3Server
+        >>> stream = ms.MemoryStream({"user": pl.Int64})
+        >>> with MotoS3Server() as server:
+        ...     kinesis = boto3.client("kinesis", **server.aws_options())
+        ...     _ = kinesis.create_stream(StreamName="doc-out", ShardCount=1)
+        ...     query = stream.lazy().sink_kinesis(
+        ...         "doc-out", partition_key="user", options=server.aws_options(),
+        ...         checkpoint=tempfile.mkdtemp(),
+        ...     )
+        ...     _ = stream.add_data({"user": [7]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        ...     shard = kinesis.list_shards(StreamName="doc-out")["Shards"][0]["ShardId"]
+        ...     iterator = kinesis.get_shard_iterator(
+        ...         StreamName="doc-out", ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+        ...     )["ShardIterator"]
+        ...     [record] = kinesis.get_records(ShardIterator=iterator)["Records"]
+        >>> data = json.loads(record["Data"])
+        >>> record["PartitionKey"], data["user"], data["microstream_batch_id"], data["microstream_row"]
+        ('7', 7, 0, 0)
+        """
+        spec = load_connector("kinesis_sink")(
+            stream,
+            partition_key=partition_key,
+            format=format,
+            retry_timeout=retry_timeout,
+            options=None if options is None else dict(options),
         )
         return self.sink(
             spec,
