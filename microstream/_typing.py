@@ -13,7 +13,7 @@ GroupStateTimeout: TypeAlias = Literal["event_time", "processing_time"]
 """The kind of timers ``map_groups_with_state(timeout=...)`` lets a function set."""
 StaticJoinStrategy: TypeAlias = Literal["inner", "left", "semi", "anti", "cross"]
 QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
-KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]
+KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv", "protobuf"]
 KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
 PostgresSinkMode: TypeAlias = Literal["append", "upsert"]
 """How ``sink_postgres`` writes rows: inserted (``COPY``), or upserted by key (``ON CONFLICT``)."""

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import polars as pl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from connectors._kafka_codecs import PayloadDecoder, make_decoder
+from connectors._kafka_codecs import PayloadDecoder
+from connectors._payload_formats import payload_decoder
 from connectors.kinesis.client import error_code, is_missing, make_client, retrying
 from connectors.kinesis.shards import KinesisOffset, ShardInfo, ShardPosition, readable_shards
 from microstream.exceptions import DataLossError, OffsetError, PlanError, SourceError
@@ -83,12 +84,14 @@ class KinesisSourceSpec:
     stream
         The stream's name.
     format
-        How record data is decoded: ``"json"``, ``"csv"``, ``"avro"`` or
-        ``"raw"`` (a Binary ``value`` column), with the Kafka source's codecs
-        (bulk decoding, bad records found by bisection).
+        How record data is decoded: ``"json"``, ``"csv"``, ``"avro"``,
+        ``"protobuf"`` or ``"raw"`` (a Binary ``value`` column), with the
+        Kafka source's codecs (bulk decoding, bad records found by bisection).
     schema
-        The data's columns (name to polars dtype), or for ``"avro"`` an Avro
-        record schema. Required except for ``"raw"``.
+        The data's columns (name to polars dtype), for ``"avro"`` an Avro
+        record schema, for ``"protobuf"`` a generated message class or
+        ``{"descriptor_set": <file>, "message": <full name>}``. Required
+        except for ``"raw"``.
     starting_position
         Where a new query starts in each shard: ``"trim_horizon"`` (default:
         the oldest record kept), ``"latest"`` (records that arrive after the
@@ -128,7 +131,7 @@ class KinesisSourceSpec:
 
     stream: str
     format: KafkaFormat = "json"
-    schema_: Mapping[str, Any] | str | None = field(default=None, repr=False)
+    schema_: Mapping[str, Any] | str | type | None = field(default=None, repr=False)
     starting_position: str | datetime = "trim_horizon"
     max_records_per_trigger: int | None = None
     include_metadata: bool = False
@@ -142,7 +145,7 @@ class KinesisSourceSpec:
         stream: str,
         *,
         format: KafkaFormat = "json",
-        schema: Mapping[str, Any] | str | None = None,
+        schema: Mapping[str, Any] | str | type | None = None,
         starting_position: str | datetime = "trim_horizon",
         max_records_per_trigger: int | None = None,
         include_metadata: bool = False,
@@ -177,7 +180,7 @@ class KinesisSourceSpec:
             msg = "dead_letter= is needed with on_bad_record='dead_letter', and only with it"
             raise ValueError(msg)
         parse_duration(retry_timeout, name="retry_timeout")
-        decoder = make_decoder(format, schema)
+        decoder = payload_decoder(format, schema)
         if include_metadata:
             clash = sorted(set(decoder.schema) & set(METADATA_SCHEMA))
             if clash:
