@@ -63,6 +63,19 @@ assert type(fsspec.filesystem("s3", anon=True)).__name__ == "S3FileSystem"
 import psycopg
 from connectors.postgres import PostgresCdcSourceSpec, PostgresSinkSpec
 """,
+    "kinesis": """
+import boto3
+from connectors.kinesis import KinesisSinkSpec, KinesisSourceSpec
+import microstream as ms
+assert callable(ms.scan_kinesis)
+""",
+    "protobuf": """
+from google.protobuf import wrappers_pb2
+from connectors._protobuf_codec import ProtobufDecoder
+decoder = ProtobufDecoder(wrappers_pb2.Int64Value)
+out = decoder.decode([wrappers_pb2.Int64Value(value=7).SerializeToString()])
+assert out.frame["value"].to_list() == [7], out.frame
+""",
     "metrics": """
 import urllib.request, microstream as ms
 with ms.start_metrics_server(0) as server:

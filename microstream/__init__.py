@@ -38,8 +38,10 @@ from microstream.api.scan import (
     scan_delta,
     scan_files,
     scan_kafka,
+    scan_kinesis,
     scan_postgres_cdc,
     scan_rate,
+    scan_socket,
     vacuum_delta,
 )
 from microstream.api.session import (
@@ -147,8 +149,10 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_kinesis",
     "scan_postgres_cdc",
     "scan_rate",
+    "scan_socket",
     "sql",
     "start_metrics_server",
     "start_ui",

@@ -13,7 +13,7 @@ GroupStateTimeout: TypeAlias = Literal["event_time", "processing_time"]
 """The kind of timers ``map_groups_with_state(timeout=...)`` lets a function set."""
 StaticJoinStrategy: TypeAlias = Literal["inner", "left", "semi", "anti", "cross"]
 QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
-KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv"]
+KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv", "protobuf"]
 KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
 PostgresSinkMode: TypeAlias = Literal["append", "upsert"]
 """How ``sink_postgres`` writes rows: inserted (``COPY``), or upserted by key (``ON CONFLICT``)."""
@@ -29,3 +29,7 @@ MissingColumnsPolicy: TypeAlias = Literal["insert", "raise"]
 KafkaStartingOffsets: TypeAlias = "Literal['earliest', 'latest'] | int | datetime | Mapping[int, int] | Mapping[str, Mapping[int, int]]"
 """``"earliest"``, ``"latest"``, a timestamp (ms since the epoch, or a datetime), or
 explicit offsets: ``{partition: offset}`` for one topic, ``{topic: {partition: offset}}``."""
+HttpSinkFormat: TypeAlias = Literal["ndjson", "json"]
+"""The body of a ``sink_http`` request: JSON lines, or one JSON array."""
+KinesisSinkFormat: TypeAlias = Literal["json", "raw"]
+"""The data of a ``sink_kinesis`` record: every column as JSON (with the batch's identity), or ``value``."""

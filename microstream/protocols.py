@@ -34,6 +34,7 @@ __all__ = [
     "CommittedBatchSink",
     "LaggingSource",
     "MeteredSource",
+    "NonReplayableSourceSpec",
     "Offset",
     "ProjectingSource",
     "QuerySession",
@@ -262,6 +263,21 @@ class SourceSpec(Protocol):
     def build(self, context: SourceContext) -> Source:
         """The runtime source, restored from its logs in ``context.storage``."""
         ...
+
+
+@runtime_checkable
+class NonReplayableSourceSpec(Protocol):
+    """A source spec whose source cannot re-read a logged range after a restart (optional).
+
+    The socket source keeps what it received in memory only: a batch re-run after a
+    crash finds its rows gone. A durable sink (``SinkSpec.durable``) promises output that
+    survives restarts exactly once, which such a source cannot give, so the engine
+    refuses the pair when the query starts, unless the user set
+    ``acknowledge_not_replayable=True`` on the source (Spark documents its socket
+    source as not fault-tolerant; here it is checked).
+    """
+
+    acknowledge_not_replayable: bool
 
 
 @dataclass(frozen=True)

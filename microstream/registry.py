@@ -26,19 +26,23 @@ if TYPE_CHECKING:
     from connectors.file_sink import read_file_sink
     from connectors.files import FileSourceSpec
     from connectors.kafka import KafkaSourceSpec
+    from connectors.kinesis import KinesisSourceSpec
     from connectors.memory import MemoryStream
     from connectors.postgres import PostgresCdcSourceSpec
     from connectors.rate import RateSourceSpec
+    from connectors.socket_source import SocketSourceSpec
     from microstream.protocols import StaticTableAdapter
 
 __all__ = [
     "DELTA_SOURCE",
     "FILES",
     "KAFKA",
+    "KINESIS",
     "OPTIMIZE_DELTA",
     "POSTGRES_CDC",
     "RATE",
     "READ_FILE_SINK",
+    "SOCKET",
     "VACUUM_DELTA",
     "Connector",
     "load_connector",
@@ -123,6 +127,8 @@ FILES = Connector("files", FileSourceSpec if TYPE_CHECKING else None)
 RATE = Connector("rate", RateSourceSpec if TYPE_CHECKING else None)
 KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
 POSTGRES_CDC = Connector("postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None)
+KINESIS = Connector("kinesis", KinesisSourceSpec if TYPE_CHECKING else None)
+SOCKET = Connector("socket", SocketSourceSpec if TYPE_CHECKING else None)
 DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
 READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)
 OPTIMIZE_DELTA = Connector("optimize_delta", optimize_delta if TYPE_CHECKING else None)

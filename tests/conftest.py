@@ -9,6 +9,7 @@ import pytest
 import microstream as ms
 
 if TYPE_CHECKING:
+    from microstream.testing.moto_s3 import MotoS3Server
     from microstream.testing.postgres import PostgresServer
     from microstream.testing.tansu import TansuBroker
 
@@ -117,3 +118,14 @@ def wal2json(postgres_server: PostgresServer) -> None:
             "the wal2json output plugin is not installed (make test installs it when run as "
             "root: apt-get install postgresql-15-wal2json)"
         )
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoS3Server]:
+    """moto's server (S3, Kinesis, ...) for the whole session, shared by the S3 and
+    Kinesis tests."""
+    pytest.importorskip("moto", reason="needs moto[server]")
+    from microstream.testing.moto_s3 import MotoS3Server
+
+    with MotoS3Server() as server:
+        yield server

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
-from connectors._kafka_codecs import PayloadDecoder, make_decoder
+from connectors._kafka_codecs import PayloadDecoder
+from connectors._payload_formats import payload_decoder
 from connectors.kafka.client import HEADERS_DTYPE, METADATA_SCHEMA
 from microstream.exceptions import (
     PlanError,
@@ -57,12 +58,15 @@ class KafkaSourceSpec:
         parsed with ``schema``; absent fields are null), ``"csv"`` (one line,
         no header, fields by position), ``"avro"`` (plain schemaless Avro of
         the record schema given as ``schema``; the Confluent Schema Registry
-        framing is not supported) or ``"raw"`` (a Binary ``value`` column).
-        A tombstone (null value) gives a row of nulls.
+        framing is not supported), ``"protobuf"`` (serialised messages of the
+        type given as ``schema``; nested messages become structs, repeated
+        fields lists, enums their names) or ``"raw"`` (a Binary ``value``
+        column). A tombstone (null value) gives a row of nulls.
     schema
-        The value's columns: a mapping of name to polars dtype, or for
-        ``"avro"`` an Avro record schema (dict or JSON text). Required
-        except for ``"raw"``.
+        The value's columns: a mapping of name to polars dtype, for
+        ``"avro"`` an Avro record schema (dict or JSON text), for
+        ``"protobuf"`` a generated message class or ``{"descriptor_set":
+        <file>, "message": <full name>}``. Required except for ``"raw"``.
     starting_offsets
         Where a new query starts: ``"earliest"`` (default), ``"latest"``, a
         timestamp (ms since the epoch, or a datetime: the first offset at or
@@ -178,7 +182,7 @@ class KafkaSourceSpec:
         topics: Sequence[str] | None = None,
         pattern: str | None = None,
         format: KafkaFormat = "json",
-        schema: Mapping[str, Any] | pl.Schema | str | None = None,
+        schema: Mapping[str, Any] | pl.Schema | str | type | None = None,
         starting_offsets: KafkaStartingOffsets = "earliest",
         max_offsets_per_trigger: int | None = None,
         include_metadata: bool = False,
@@ -272,7 +276,7 @@ class KafkaSourceSpec:
         if options is not None and not isinstance(options, Mapping):
             msg = f"options must be a dict of librdkafka settings; got {options!r}"
             raise ValueError(msg)
-        decoder = make_decoder(format, schema, missing_columns=missing_columns)
+        decoder = payload_decoder(format, schema, missing_columns=missing_columns)
         columns = dict(decoder.schema)
         extra: dict[str, pl.DataType] = {}
         if include_metadata:

@@ -13,10 +13,12 @@ from microstream.registry import (
     DELTA_SOURCE,
     FILES,
     KAFKA,
+    KINESIS,
     OPTIMIZE_DELTA,
     POSTGRES_CDC,
     RATE,
     READ_FILE_SINK,
+    SOCKET,
     VACUUM_DELTA,
 )
 
@@ -26,8 +28,10 @@ __all__ = [
     "scan_delta",
     "scan_files",
     "scan_kafka",
+    "scan_kinesis",
     "scan_postgres_cdc",
     "scan_rate",
+    "scan_socket",
     "vacuum_delta",
 ]
 
@@ -241,5 +245,72 @@ scan_postgres_cdc = source_facade(
     ...         query.stop()
     >>> ms.table("doc_cdc").select("id", "amount", "_op").rows()  # doctest: +SKIP
     [(1, 2.5, 'insert'), (1, 3.0, 'update')]
+    """,
+)
+
+scan_socket = source_facade(
+    SOCKET,
+    name="scan_socket",
+    module=__name__,
+    doc="""Stream the text lines a TCP server sends, one row per line (for demos).
+
+    The source connects when the query starts and keeps the lines it receives
+    in memory until their batch is committed. It cannot replay: lines in
+    flight at a crash or a stop are lost. A query writing it to a durable
+    sink (files, Delta, Kafka, PostgreSQL, HTTP, ``foreach_batch``) is refused
+    unless ``acknowledge_not_replayable=True``; ``sink_memory`` and
+    ``sink_console`` take it as it is. (Spark's socket source, with the
+    warning of its documentation turned into a check.)
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> from microstream.testing.line_server import LineServer
+    >>> with LineServer() as server:
+    ...     query = ms.scan_socket("127.0.0.1", server.port).sink_memory("doc_socket")
+    ...     server.wait_for_clients(1)
+    ...     server.send("to be", "or not to be")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_socket")["value"].to_list()
+    ['to be', 'or not to be']
+    """,
+)
+
+scan_kinesis = source_facade(
+    KINESIS,
+    name="scan_kinesis",
+    module=__name__,
+    doc="""Stream the records of an Amazon Kinesis data stream, decoded into columns.
+
+    Offsets are, per shard, the sequence number of the last record read and the
+    number of records read, logged in the write-ahead log: a batch re-run after
+    a crash reads exactly the same records, or fails with a ``DataLossError``
+    when the stream no longer holds them (retention, a re-created stream).
+    Shards created by a split or a merge are read after their parents are
+    read to their end, so the records of a partition key stay in order. See
+    ``connectors/README.md`` for offsets and guarantees.
+
+    Examples
+    --------
+    >>> import boto3
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.testing.moto_s3 import MotoS3Server
+    >>> with MotoS3Server() as server:
+    ...     kinesis = boto3.client("kinesis", **server.aws_options())
+    ...     _ = kinesis.create_stream(StreamName="doc-clicks", ShardCount=1)
+    ...     for user in (1, 2):
+    ...         _ = kinesis.put_record(
+    ...             StreamName="doc-clicks", Data=f'{{"user": {user}}}', PartitionKey="k"
+    ...         )
+    ...     clicks = ms.scan_kinesis(
+    ...         "doc-clicks", schema={"user": pl.Int64}, options=server.aws_options()
+    ...     )
+    ...     query = clicks.sink_memory("doc_kinesis")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_kinesis")["user"].to_list()
+    [1, 2]
     """,
 )

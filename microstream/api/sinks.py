@@ -21,15 +21,26 @@ from microstream.exceptions import PlanError, UnboundedStateWarning, user_stackl
 from microstream.plan.nodes import (
     ConcatNode,
     PlanNode,
+    ScanNode,
     chained_nodes,
 )
+from microstream.protocols import NonReplayableSourceSpec
 from microstream.registry import load_connector
 from microstream.runtime.base import LocalRuntime, Runtime
 from microstream.runtime.driver import ExecutionConfig
 from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 
 if TYPE_CHECKING:
-    from microstream._typing import FileFormat, KafkaSinkFormat, OutputMode, PostgresSinkMode
+    from datetime import timedelta
+
+    from microstream._typing import (
+        FileFormat,
+        HttpSinkFormat,
+        KafkaSinkFormat,
+        KinesisSinkFormat,
+        OutputMode,
+        PostgresSinkMode,
+    )
     from microstream.protocols import SinkSpec
 
 __all__ = ["SinkVerbs"]
@@ -635,6 +646,143 @@ class SinkVerbs:
             key_groups=key_groups,
         )
 
+    def sink_http(
+        self,
+        url: str,
+        *,
+        format: HttpSinkFormat = "ndjson",
+        chunk_rows: int = 1000,
+        headers: Mapping[str, str] | None = None,
+        timeout: str | timedelta | float = "10s",
+        retry_timeout: str | timedelta | float = "30s",
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query POSTing each batch's rows to ``url``, in chunks.
+
+        Chunk ``c`` of batch ``N`` is one request carrying
+        ``Idempotency-Key: <query id>-<N>-<c>``; a batch re-run after a crash
+        sends the same chunks under the same keys. Connection errors,
+        timeouts, ``408``, ``429`` and ``5xx`` are retried with backoff for
+        ``retry_timeout``; any other error status fails the query with a
+        ``SinkError`` naming it and quoting the reply. Guarantee:
+        **at-least-once**, exactly-once with an endpoint that deduplicates on
+        the key. The options are :class:`connectors.http.HttpSinkSpec`'s.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.http_server import RecordingHttpServer
+        >>> stream = ms.MemoryStream({"user": pl.Int64})
+        >>> with RecordingHttpServer() as server:
+        ...     query = stream.lazy().sink_http(
+        ...         server.url("/events"), chunk_rows=2, checkpoint=tempfile.mkdtemp()
+        ...     )
+        ...     _ = stream.add_data({"user": [1, 2, 3]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        >>> [request.body for request in server.requests]
+        [b'{"user":1}\\n{"user":2}\\n', b'{"user":3}\\n']
+        >>> [request.headers["Idempotency-Key"][-4:] for request in server.requests]
+        ['-0-0', '-0-1']
+        """
+        spec = load_connector("http_sink")(
+            url,
+            format=format,
+            chunk_rows=chunk_rows,
+            headers=headers,
+            timeout=timeout,
+            retry_timeout=retry_timeout,
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
+    def sink_kinesis(
+        self,
+        stream: str,
+        *,
+        partition_key: str | pl.Expr,
+        format: KinesisSinkFormat = "json",
+        retry_timeout: str | timedelta | float = "30s",
+        options: Mapping[str, Any] | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_options: dict[str, Any] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query writing each batch's rows as records of a Kinesis stream.
+
+        Guarantee: **at-least-once** — a batch re-run after a crash is sent
+        again whole. With ``format="json"`` every record carries
+        ``microstream_query_id``, ``microstream_batch_id`` and
+        ``microstream_row``, on which consumers can deduplicate. Refused records
+        (throttling) are retried for ``retry_timeout``. The options are
+        :class:`connectors.kinesis.KinesisSinkSpec`'s.
+
+        Examples
+        --------
+        >>> import json
+        >>> import tempfile
+        >>> import boto3
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> from microstream.testing.moto_s3 import MotoS3Server
+        >>> stream = ms.MemoryStream({"user": pl.Int64})
+        >>> with MotoS3Server() as server:
+        ...     kinesis = boto3.client("kinesis", **server.aws_options())
+        ...     _ = kinesis.create_stream(StreamName="doc-out", ShardCount=1)
+        ...     query = stream.lazy().sink_kinesis(
+        ...         "doc-out", partition_key="user", options=server.aws_options(),
+        ...         checkpoint=tempfile.mkdtemp(),
+        ...     )
+        ...     _ = stream.add_data({"user": [7]})
+        ...     query.process_all_available()
+        ...     query.stop()
+        ...     shard = kinesis.list_shards(StreamName="doc-out")["Shards"][0]["ShardId"]
+        ...     iterator = kinesis.get_shard_iterator(
+        ...         StreamName="doc-out", ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+        ...     )["ShardIterator"]
+        ...     [record] = kinesis.get_records(ShardIterator=iterator)["Records"]
+        >>> data = json.loads(record["Data"])
+        >>> record["PartitionKey"], data["user"], data["microstream_batch_id"], data["microstream_row"]
+        ('7', 7, 0, 0)
+        """
+        spec = load_connector("kinesis_sink")(
+            stream,
+            partition_key=partition_key,
+            format=format,
+            retry_timeout=retry_timeout,
+            options=None if options is None else dict(options),
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            checkpoint_options=checkpoint_options,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
     def _start(
         self,
         spec: SinkSpec,
@@ -666,6 +814,8 @@ class SinkVerbs:
                 f"{sorted(spec.output_modes)}"
             )
             raise PlanError(msg)
+        if spec.durable:
+            _refuse_unreplayable_sources(self._plan, spec)
         stateful = self._plan.stateful_nodes()
         for node in stateful[:-1]:
             if not node.can_chain():
@@ -745,3 +895,17 @@ class SinkVerbs:
             session.unregister_query_run(run.run_id)
             raise
         return query
+
+
+def _refuse_unreplayable_sources(plan: PlanNode, sink: SinkSpec) -> None:
+    """A durable sink's exactly-once needs sources that replay (see NonReplayableSourceSpec)."""
+    for node in plan.walk():
+        source = node.source if isinstance(node, ScanNode) else None
+        if isinstance(source, NonReplayableSourceSpec) and not source.acknowledge_not_replayable:
+            msg = (
+                f"{source.describe()} cannot replay: what it received is lost when the query "
+                f"stops or crashes, so {sink.describe()} would not hold every row exactly once. "
+                "It is meant for demos: write to sink_memory or sink_console, or create the "
+                "source with acknowledge_not_replayable=True to accept the loss"
+            )
+            raise PlanError(msg)

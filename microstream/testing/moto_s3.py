@@ -225,6 +225,17 @@ class MotoS3Server:
             self._log.close()
             self._log = None
 
+    def aws_options(self, endpoint_url: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of ``boto3.client(service, ...)`` for this server (any service
+        moto serves: Kinesis too), a new dict each time; ``endpoint_url`` replaces the
+        server's (a :class:`~microstream.testing.tcp_proxy.TcpProxy` in front of it)."""
+        return {
+            "endpoint_url": endpoint_url or self.endpoint_url,
+            "region_name": "us-east-1",
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+        }
+
     def create_bucket(self, name: str | None = None) -> S3Bucket:
         """Create a bucket (a fresh ``test-<random>`` one by default).
 

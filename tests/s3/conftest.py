@@ -6,23 +6,13 @@ One server per test session, started by :class:`microstream.testing.moto_s3.Moto
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from microstream.testing.moto_s3 import MotoS3Server, S3Bucket
 
 
-@pytest.fixture(scope="session")
-def moto_server() -> Iterator[MotoS3Server]:
-    """moto's S3 server, for the whole session."""
-    pytest.importorskip("moto", reason="needs moto[server]")
-    pytest.importorskip("s3fs", reason="needs s3fs")
-    with MotoS3Server() as server:
-        yield server
-
-
 @pytest.fixture
 def s3(moto_server: MotoS3Server) -> S3Bucket:
-    """A fresh, empty bucket on the session's server."""
+    """A fresh, empty bucket on the session's server (``moto_server``: tests/conftest.py)."""
+    pytest.importorskip("s3fs", reason="needs s3fs")
     return moto_server.create_bucket()
