@@ -166,7 +166,9 @@ _CALENDAR_UNITS = {
 }
 
 
-def calendar_window(node: exp.Expr, column_of: Callable[[exp.Column], str], frame: Frame) -> Window | None:
+def calendar_window(
+    node: exp.Expr, column_of: Callable[[exp.Column], str], frame: Frame
+) -> Window | None:
     """``GROUP BY DATE_FORMAT(ts, 'yyyy-MM-dd')`` on a stream watermarked on ``ts``: a
     tumbling window of one day (of an hour for ``'yyyy-MM-dd HH'``, down to seconds).
 
