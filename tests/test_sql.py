@@ -263,7 +263,6 @@ def test_stream_stream_interval_join(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("condition", "message"),
     [
-        ("rn <= 2", "Top-N (ROW_NUMBER() <= N) that is not per window"),
         ("rn = 2", "a condition on rn other than rn = 1 or rn <= N"),
         ("rn > 1", "a condition on rn other than rn = 1 or rn <= N"),
     ],
@@ -274,6 +273,41 @@ def test_row_number_conditions_refused(condition: str, message: str) -> None:
         ctx.execute(
             "SELECT * FROM (SELECT k, pt, ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) AS rn "
             f"FROM ev) WHERE {condition}"
+        )
+
+
+def test_top_n_per_key_is_a_running_top_n(tmp_path: Path) -> None:
+    # Nexmark q19's form: ROW_NUMBER() OVER (PARTITION BY k ORDER BY x DESC) <= N with no
+    # window, in update mode keyed by (k, rn); the last row per position is the batch's.
+    sql = (
+        "SELECT * FROM (SELECT k, x, ROW_NUMBER() OVER (PARTITION BY k ORDER BY x DESC) AS rn "
+        "FROM ev) WHERE rn <= 2"
+    )
+    expected = [("a", 4, 1), ("a", 3, 2), ("b", 5, 1), ("b", 2, 2)]
+    stream = ms.MemoryStream(SCHEMA)
+    frame = ms.SQLContext(ev=stream.lazy()).execute(sql)
+    assert isinstance(frame, ms.StreamFrame)
+    batches: list[list[tuple]] = []
+    query = frame.foreach_batch(
+        lambda df, _b: batches.append(sorted(df.rows())),
+        output_mode="update",
+        checkpoint=str(tmp_path / "cp"),
+    )
+    for part in (DATA[:3], DATA[3:]):
+        stream.add_data(part)
+        query.process_all_available()
+    query.stop()
+    assert [b for b in batches if b] == [
+        [("a", 1, 2), ("a", 3, 1), ("b", 2, 1)],
+        [("a", 3, 2), ("a", 4, 1), ("b", 2, 2), ("b", 5, 1)],
+    ]
+    assert static_rows(sql) == sorted(expected)
+    with pytest.raises(
+        ms.PlanError, match=re.escape("Top-N (ROW_NUMBER() <= N) without PARTITION BY")
+    ):
+        ms.SQLContext(ev=stream.lazy()).execute(
+            "SELECT * FROM (SELECT k, x, ROW_NUMBER() OVER (ORDER BY x DESC) AS rn FROM ev) "
+            "WHERE rn <= 2"
         )
 
 

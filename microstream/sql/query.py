@@ -11,7 +11,9 @@ A query is lowered bottom up into a :class:`Relation`: a frame and the
 2. ``WHERE`` -> ``filter``; ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) = 1``
    over a subquery -> ``unique(subset=k)`` (keep first by arrival, so ``pt``
    must be a ``PROCTIME()`` column); ``ROW_NUMBER() OVER (PARTITION BY
-   window_start, window_end ORDER BY ...) <= N`` -> ``group_by(window).top_k(N)``.
+   window_start, window_end ORDER BY ...) <= N`` -> ``group_by(window).top_k(N)``;
+   ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY ...) <= N`` (N > 1) ->
+   ``group_by(k).top_k(N, rank=rn)``, a running Top-N in update mode.
 3. ``GROUP BY`` -> ``group_by``, ``group_by_dynamic`` or ``group_by_session``;
    aggregate arguments are computed first as columns, so each aggregate is a
    plain ``pl.col(c).sum()``-like expression the engine folds incrementally;
@@ -634,7 +636,8 @@ class QueryLowering:
 
     @staticmethod
     def _top_n(frame: Frame, rank: Rank, limit: int) -> Frame:
-        """``rn <= limit`` per window: ``group_by(window).top_k`` on a stream."""
+        """``rn <= limit`` per window or key: ``group_by(...).top_k`` on a stream (a running
+        Top-N in update mode when no partition column is an event time)."""
         if isinstance(frame, pl.LazyFrame):
             return _top_n_static(frame, rank, limit)
         columns = [*frame.columns, rank.column]
@@ -670,12 +673,14 @@ class QueryLowering:
         if rank.windowed:
             return replace(rel, frame=self._top_n(rel.frame, rank, limit), rank=None), keep
         if limit > 1:
-            raise refuse(
-                rank.node,
-                "Top-N (ROW_NUMBER() <= N) that is not per window",
-                alternative="PARTITION BY window_start, window_end (window Top-N), or rn = 1 "
-                "deduplication",
-            )
+            # Nexmark q19: a running Top-N per key, in update mode keyed by (keys, rn)
+            if not rank.partition:
+                raise refuse(
+                    rank.node,
+                    "Top-N (ROW_NUMBER() <= N) without PARTITION BY",
+                    alternative="PARTITION BY a key, or by window_start, window_end",
+                )
+            return replace(rel, frame=self._top_n(rel.frame, rank, limit), rank=None), keep
         if rank.descending[0]:
             raise refuse(rank.node, "keep-last deduplication")
         frame = rel.frame
