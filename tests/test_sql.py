@@ -419,20 +419,20 @@ REFUSALS = {
     **{
         construct: "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts " + clauses
         for construct, clauses in {
-            "ALL ROWS PER MATCH": "MEASURES A.x AS ax ALL ROWS PER MATCH PATTERN (A) "
-            "DEFINE A AS A.x > 1)",
-            "CLASSIFIER()": "MEASURES CLASSIFIER() AS c PATTERN (A) DEFINE A AS A.x > 1)",
-            "MATCH_NUMBER()": "MEASURES MATCH_NUMBER() AS n PATTERN (A) DEFINE A AS A.x > 1)",
+            "CLASSIFIER() in DEFINE": "MEASURES A.x AS ax PATTERN (A) "
+            "DEFINE A AS CLASSIFIER() = 'A')",
+            "MATCH_NUMBER() in DEFINE": "MEASURES A.x AS ax PATTERN (A) "
+            "DEFINE A AS MATCH_NUMBER() > 1)",
             "MATCH_ROWTIME()": "MEASURES MATCH_ROWTIME() AS t PATTERN (A B) DEFINE A AS A.x > 1)",
-            "NEXT": "MEASURES A.x AS ax PATTERN (A B) DEFINE A AS A.x < NEXT(A.x))",
+            "NEXT in MEASURES": "MEASURES NEXT(A.x) AS nx PATTERN (A B) DEFINE A AS A.x > 1)",
+            "NEXT of another pattern variable": "MEASURES A.x AS ax PATTERN (A B) "
+            "DEFINE A AS A.x < NEXT(B.x))",
             "logical offset": "MEASURES LAST(A.x, 1) AS ax PATTERN (A+) DEFINE A AS A.x > 1)",
         }.items()
     },
     "MATCH_RECOGNIZE ORDER BY a column without a watermark": "SELECT * FROM ev "
     "MATCH_RECOGNIZE (PARTITION BY k ORDER BY pt MEASURES A.x AS ax PATTERN (A) "
     "DEFINE A AS A.x > 1)",
-    "MATCH_RECOGNIZE over a static table": "SELECT * FROM st MATCH_RECOGNIZE (PARTITION BY k "
-    "ORDER BY ts MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
 }
 
 
