@@ -424,6 +424,8 @@ REFUSALS = {
             "MATCH_NUMBER() in DEFINE": "MEASURES A.x AS ax PATTERN (A) "
             "DEFINE A AS MATCH_NUMBER() > 1)",
             "MATCH_ROWTIME()": "MEASURES MATCH_ROWTIME() AS t PATTERN (A B) DEFINE A AS A.x > 1)",
+            "FINAL in ALL ROWS PER MATCH": "MEASURES FINAL LAST(A.x) AS lx ALL ROWS PER MATCH "
+            "PATTERN (A+) DEFINE A AS A.x > 1)",
             "NEXT in MEASURES": "MEASURES NEXT(A.x) AS nx PATTERN (A B) DEFINE A AS A.x > 1)",
             "NEXT of another pattern variable": "MEASURES A.x AS ax PATTERN (A B) "
             "DEFINE A AS A.x < NEXT(B.x))",

@@ -127,6 +127,9 @@ def lower_match_recognize(rel: Relation, match: MatchRecognize) -> Relation:
             raise refuse(
                 item, f"MEASURES {sql_text(item)} without a name", alternative="add AS name"
             )
+        if every and (item.args.get("window_frame") or "").upper() == "FINAL":
+            # ALL ROWS PER MATCH measures are running: FINAL would need the match's end
+            raise refuse(item, "FINAL in ALL ROWS PER MATCH")
         measures[named.alias] = lowering.lower(named.this, defining=None)
     if not measures:
         raise refuse(

@@ -40,6 +40,8 @@ REFUSED: dict[str, str] = {
     "for MEASURES",
     "MATCH_ROWTIME()": "the output has no time attribute; measure LAST(ts), the event time of "
     "the match's last row",
+    "FINAL in ALL ROWS PER MATCH": "ALL ROWS PER MATCH measures are RUNNING (the rows up to "
+    "each row); measure the final value with ONE ROW PER MATCH and join it back",
     "NEXT in MEASURES": "a measure reads the match's rows; NEXT is for DEFINE, where it reads "
     "the rows after the row being tried",
     "NEXT of another pattern variable": "the rows after the current one are mapped to no "
