@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from microstream.api import pattern
 from microstream.api.concat import concat
 from microstream.api.frame import StreamFrame
+from microstream.api.match_recognize import match_recognize_static
 from microstream.api.outputs import OutputPointer, current_output, read_output, switch_output
 from microstream.api.query import QueryStatus, StreamingQuery
 from microstream.api.replay import ReplayResult, replay
@@ -139,6 +140,7 @@ __all__ = [
     "add_listener",
     "concat",
     "current_output",
+    "match_recognize_static",
     "optimize_delta",
     "pattern",
     "read_file_sink",

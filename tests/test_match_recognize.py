@@ -302,6 +302,70 @@ def test_a_match_is_emitted_once_decided() -> None:
     assert run.rows() == [m]  # the last a never completes: the flush ends it
 
 
+def test_all_rows_per_match_classifier_and_match_number() -> None:
+    # rows: 0:a 1:b 2:b 3:c 4:a 5:b 6:c; A B+ C, one row per matched row, running measures
+    run = Run(
+        lambda f: f.match_recognize(
+            partition_by="k",
+            order_by="ts",
+            pattern="A B+ C",
+            define=of("A", "B", "C"),
+            measures={
+                "cls": mp.classifier(),
+                "num": mp.match_number(),
+                "n": mp.count(),
+                "nb": mp.count("B"),
+                "total": mp.sum("v"),
+                "first_v": mp.first("v"),
+            },
+            rows_per_match="all",
+        ),
+        [events("a b b"), events("c a", start=3), events("b c", start=5)],
+        restart_after=1,  # the match count survives a restart
+    )
+    frame = run.per_batch[0]
+    assert frame.columns == ["k", "ts", "cls", "num", "n", "nb", "total", "first_v", "e", "v"]
+    assert run.rows() == [
+        ("x", at(0), "A", 1, 1, 0, 0, 0, "a", 0),
+        ("x", at(1), "B", 1, 2, 1, 1, 0, "b", 1),
+        ("x", at(2), "B", 1, 3, 2, 3, 0, "b", 2),
+        ("x", at(3), "C", 1, 4, 2, 6, 0, "c", 3),
+        ("x", at(4), "A", 2, 1, 0, 4, 4, "a", 4),
+        ("x", at(5), "B", 2, 2, 1, 9, 4, "b", 5),
+        ("x", at(6), "C", 2, 3, 1, 15, 4, "c", 6),
+    ]
+    # ONE ROW PER MATCH: the last row's variable, the final values
+    one = match(
+        "A B+ C",
+        of("A", "B", "C"),
+        [events("a b b c a b c")],
+        measures={"cls": mp.classifier(), "num": mp.match_number(), "n": mp.count()},
+    )
+    assert one == [("x", "C", 1, 4), ("x", "C", 2, 3)]
+
+
+def test_next_in_define_waits_for_the_next_row() -> None:
+    # a row whose next row rises: it can be tried only once the next row is final
+    run = Run(
+        lambda f: f.match_recognize(
+            partition_by="k",
+            order_by="ts",
+            pattern="A",
+            define={"A": pl.col("v") < mp.next("v")},
+            measures={"v": pl.col("v"), "after": mp.last("ts")},
+            after_match="skip_to_next_row",
+        ),
+        [
+            events("p p", values=[1, 3]),  # 1 < 3: decided; 3 waits for its next row
+            events("p", start=2, values=[5]),  # 3 < 5: decided; 5 waits
+            events("p", start=3, values=[4]),  # 5 > 4: no match; 4 waits until the flush
+        ],
+    )
+    both = [("x", 1, at(0)), ("x", 3, at(1))]
+    assert run.steps == [[("x", 1, at(0))], both, both]
+    assert run.rows() == [("x", 1, at(0)), ("x", 3, at(1))]  # after the flush: next(4) is null
+
+
 def test_rows_wait_for_the_watermark() -> None:
     # the b arrives before the a it follows in event time; with 10s of delay it is in time
     batches = [events("b", start=1), events("a", start=0), events("c", start=30)]
@@ -415,6 +479,12 @@ def test_unbounded_quantifier_without_within_warns() -> None:
         ({"after_match": "skip"}, "after_match must be"),
         ({"order_by": "v"}, "needs with_watermark('v'"),
         ({"within": "0s"}, "positive"),
+        ({"define": {"A": mp.classifier() == "A"}}, "reads classifier(), which only MEASURES"),
+        ({"define": {"A": mp.match_number() > 1}}, "reads match_number(), which only"),
+        ({"define": {"A": pl.col("v") < mp.next("B.v")}}, "next reads the rows after the"),
+        ({"measures": {"x": mp.next("v")}}, "next(...) is for DEFINE"),
+        ({"rows_per_match": "some"}, "rows_per_match must be 'one' or 'all'; got 'some'"),
+        ({"rows_per_match": "all", "measures": {"v": mp.first("v")}}, "names of input columns"),
     ],
 )
 def test_refusals(kwargs: dict[str, Any], message: str) -> None:

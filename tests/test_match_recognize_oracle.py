@@ -6,7 +6,11 @@ partition it enumerates the ways to map rows to variables with recursive
 generators in SQL:2016's preference order (greedy: one more iteration first;
 reluctant: one fewer; alternation: left first), checking each row's DEFINE with
 running semantics in plain Python; the first mapping that completes is the match,
-then ``after_match`` says where the next starts. MEASURES are computed in Python too.
+then ``after_match`` says where the next starts. MEASURES are computed in Python too:
+with ONE ROW PER MATCH over the whole match (*final*), with ALL ROWS PER MATCH once
+per row over the match's rows up to it (*running*), with ``classifier()`` (the row's
+variable) and ``match_number()`` (counted per partition). DEFINE may read
+``next(v)``, the row after the one tried (null after the partition's last row).
 
 The stream gets the same events in a random arrival order (out of order within
 the watermark delay, sometimes beyond it: those rows are late, and the oracle
@@ -146,6 +150,10 @@ def _prev(m: Mapping) -> Any:
     return m.rows[m.current - 1]["v"] if m.current >= 1 else None
 
 
+def _next(m: Mapping) -> Any:
+    return m.rows[m.current + 1]["v"] if m.current + 1 < len(m.rows) else None
+
+
 def _first_a(m: Mapping) -> Any:
     rows = m.of("A")
     return rows[0]["v"] if rows else None
@@ -165,6 +173,7 @@ CONDITIONS: list[Condition] = [
     ("count(B) <= 2", mp.count("B") <= 2, lambda m: len(m.of("B")) <= 2, {"B"}),
     ("sum(v) <= 6", mp.sum("v") <= 6, lambda m: _lt(_sum([r["v"] for r in m.of(None)]), 7), set()),
     ("e == p", pl.col("e") == "p", lambda m: m.rows[m.current]["e"] == "p", set()),
+    ("v < next(v)", pl.col("v") < mp.next("v"), lambda m: _lt(_v(m), _next(m)), set()),
     ("always", pl.lit(True), lambda m: True, set()),
 ]
 
@@ -230,31 +239,43 @@ def first_match(
 
 
 def measures_of(
-    rows: list[dict[str, Any]], start: int, labels: list[str], present: set[str]
-) -> tuple[Any, ...]:
-    m = Mapping(rows, start, labels)
-    everything = m.of(None)
-    end = m.current
-    values = [r["v"] for r in everything]
-    out: list[Any] = [
-        rows[start]["k"],
-        rows[start]["id"],
-        rows[end]["id"],
-        len(labels),
-        _sum(values),
-        max((x for x in values if x is not None), default=None),
-        rows[end - 1]["v"] if end >= 1 else None,
-        rows[end]["v"],
-    ]
-    for var in VARIABLES:
-        if var in present:
-            out.append(len(m.of(var)))
-    if "A" in present:
-        out.append(_first_a(m))
-    if "B" in present:
-        bs = m.of("B")
-        out.append(bs[-1]["v"] if bs else None)
-    return tuple(out)
+    rows: list[dict[str, Any]],
+    start: int,
+    labels: list[str],
+    present: set[str],
+    number: int,
+    every: bool,
+) -> list[tuple[Any, ...]]:
+    """The output rows of one match: one (final measures), or one per row (running)."""
+    out = []
+    for upto in range(1, len(labels) + 1) if every else [len(labels)]:
+        m = Mapping(rows, start, labels[:upto])
+        end = m.current
+        values = [r["v"] for r in m.of(None)]
+        measured: list[Any] = [
+            rows[start]["id"],
+            rows[end]["id"],
+            upto,
+            _sum(values),
+            max((x for x in values if x is not None), default=None),
+            rows[end - 1]["v"] if end >= 1 else None,
+            rows[end]["v"],
+        ]
+        for var in VARIABLES:
+            if var in present:
+                measured.append(len(m.of(var)))
+        if "A" in present:
+            measured.append(_first_a(m))
+        if "B" in present:
+            bs = m.of("B")
+            measured.append(bs[-1]["v"] if bs else None)
+        measured += [m.labels[-1], number]
+        row = rows[end]
+        if every:  # partition, order, measures, the other input columns
+            out.append((row["k"], row["ts"], *measured, row["id"], row["e"], row["v"]))
+        else:
+            out.append((row["k"], *measured))
+    return out
 
 
 def measures_exprs(present: set[str]) -> dict[str, pl.Expr]:
@@ -265,7 +286,7 @@ def measures_exprs(present: set[str]) -> dict[str, pl.Expr]:
         "sum_v": mp.sum("v"),
         "max_v": mp.max("v"),
         "prev_v": mp.prev("v"),
-        "v": pl.col("v"),
+        "cur_v": pl.col("v"),
     }
     for var in VARIABLES:
         if var in present:
@@ -274,6 +295,8 @@ def measures_exprs(present: set[str]) -> dict[str, pl.Expr]:
         exprs["first_a"] = mp.first("A.v")
     if "B" in present:
         exprs["last_b"] = mp.last("B.v")
+    exprs["cls"] = mp.classifier()
+    exprs["num"] = mp.match_number()
     return exprs
 
 
@@ -283,18 +306,20 @@ def oracle(
     define: dict[str, Callable[[Mapping], bool]],
     after_match: str,
     within_s: int | None,
+    rows_per_match: str = "one",
 ) -> list[tuple[Any, ...]]:
     present = names(tree)
     out = []
     for (_,), part in frame.sort("ts", "id").group_by(["k"], maintain_order=True):
         rows = part.to_dicts()
-        start = 0
+        start, number = 0, 0
         while start < len(rows):
             labels = first_match(tree, rows, start, define, within_s)
             if labels is None:
                 start += 1
                 continue
-            out.append(measures_of(rows, start, labels, present))
+            number += 1
+            out += measures_of(rows, start, labels, present, number, rows_per_match == "all")
             head, _, var = after_match.partition(":")
             at = [i for i, label in enumerate(labels) if label == var]
             if head == "skip_past_last_row":
@@ -347,6 +372,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, Any]:
         "after_match": draw(st.sampled_from(skips)),
         "within": draw(st.sampled_from([None, 3, 8, 20])),
         "delay": draw(st.sampled_from([0, 2, 5])),
+        "rows": draw(st.sampled_from(["one", "all"])),
     }
 
 
@@ -367,6 +393,7 @@ def run_stream(scenario: dict[str, Any]) -> tuple[list[tuple[Any, ...]], pl.Data
             measures=measures_exprs(names(tree)),
             after_match=scenario["after_match"],
             within=None if within is None else f"{within}s",
+            rows_per_match=scenario["rows"],
         )
     )
     checkpoint = f"memory://oracle_{uuid.uuid4().hex[:8]}"
@@ -414,6 +441,7 @@ def test_stream_matches_the_brute_force_oracle(scenario: dict[str, Any]) -> None
         {var: c[2] for var, c in scenario["define"].items()},
         scenario["after_match"],
         scenario["within"],
+        scenario["rows"],
     )
     assert sorted(rows, key=_key) == sorted(expected, key=_key), (
         text(scenario["tree"]),
@@ -436,3 +464,13 @@ def test_the_oracle_follows_sql_preference() -> None:
     assert first_match(("alt", [("var", "B"), ("var", "A")]), rows, 0, p, None) == ["B"]
     assert first_match(greedy, rows, 0, p, 3) == ["A", "A", "B"]
     assert first_match(greedy, rows, 3, p, None) is None
+    # next(v) reads the row after the one tried; after the last row it is null.
+    rising = {"A": lambda m: _lt(_v(m), _next(m))}
+    assert first_match(("rep", ("var", "A"), 1, None, True), rows, 1, rising, None) == ["A", "A"]
+    # ALL ROWS PER MATCH: one row per matched row, running measures; the match's number.
+    labels = ["A", "A", "A", "B"]
+    every = measures_of(rows, 0, labels, {"A", "B"}, 7, every=True)
+    assert [r[4] for r in every] == [1, 2, 3, 4]  # count(*) up to each row
+    assert [r[-5:-3] for r in every] == [("A", 7), ("A", 7), ("A", 7), ("B", 7)]
+    one = measures_of(rows, 0, labels, {"A", "B"}, 7, every=False)
+    assert len(one) == 1 and one[0][-2:] == ("B", 7)

@@ -169,6 +169,26 @@ FORMS = {
         "'10' SECOND)) GROUP BY window_start, window_end, k)) WHERE rn = 1",
         [(W[2], "a", 1, 1), (W[4], "a", 2, 1), (W[6], "b", 1, 1)],
     ),
+    # Aggregates over the rows a FILTER keeps; SUM over none of them is NULL, as in SQL.
+    "aggregate FILTER (WHERE ...)": (
+        "SELECT k, window_start, COUNT(*) FILTER (WHERE x > 1) AS big, SUM(x) FILTER (WHERE "
+        "x < 5) AS small, MAX(x) FILTER (WHERE x > 3) AS top, COUNT(*) AS n FROM TABLE(TUMBLE("
+        "TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) GROUP BY window_start, window_end, k",
+        [
+            ("a", W[2], 0, 1, None, 1),
+            ("a", W[4], 2, 7, 4, 2),
+            ("b", W[2], 1, 2, None, 1),
+            ("b", W[6], 1, None, 5, 1),
+        ],
+    ),
+    "backtick-quoted identifiers": (
+        "SELECT `k` AS `day`, `e`.`x` AS `timestamp` FROM ev AS `e` WHERE `x` > 3",
+        [("a", 4), ("b", 5)],
+    ),
+    "HOUR, MINUTE, SECOND": (
+        "SELECT HOUR(ts) AS h, MINUTE(ts) AS m, SECOND(ts) AS s FROM ev WHERE x = 3",
+        [(0, 0, 12)],
+    ),
     "stream-static join": (
         "SELECT e.k, e.x, d.label FROM ev AS e JOIN dim AS d ON e.k = d.k WHERE d.label <> 'none'",
         [("a", 1, "alpha"), ("a", 3, "alpha"), ("a", 4, "alpha")],
@@ -243,7 +263,6 @@ def test_stream_stream_interval_join(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("condition", "message"),
     [
-        ("rn <= 2", "Top-N (ROW_NUMBER() <= N) that is not per window"),
         ("rn = 2", "a condition on rn other than rn = 1 or rn <= N"),
         ("rn > 1", "a condition on rn other than rn = 1 or rn <= N"),
     ],
@@ -254,6 +273,41 @@ def test_row_number_conditions_refused(condition: str, message: str) -> None:
         ctx.execute(
             "SELECT * FROM (SELECT k, pt, ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) AS rn "
             f"FROM ev) WHERE {condition}"
+        )
+
+
+def test_top_n_per_key_is_a_running_top_n(tmp_path: Path) -> None:
+    # Nexmark q19's form: ROW_NUMBER() OVER (PARTITION BY k ORDER BY x DESC) <= N with no
+    # window, in update mode keyed by (k, rn); the last row per position is the batch's.
+    sql = (
+        "SELECT * FROM (SELECT k, x, ROW_NUMBER() OVER (PARTITION BY k ORDER BY x DESC) AS rn "
+        "FROM ev) WHERE rn <= 2"
+    )
+    expected = [("a", 4, 1), ("a", 3, 2), ("b", 5, 1), ("b", 2, 2)]
+    stream = ms.MemoryStream(SCHEMA)
+    frame = ms.SQLContext(ev=stream.lazy()).execute(sql)
+    assert isinstance(frame, ms.StreamFrame)
+    batches: list[list[tuple]] = []
+    query = frame.foreach_batch(
+        lambda df, _b: batches.append(sorted(df.rows())),
+        output_mode="update",
+        checkpoint=str(tmp_path / "cp"),
+    )
+    for part in (DATA[:3], DATA[3:]):
+        stream.add_data(part)
+        query.process_all_available()
+    query.stop()
+    assert [b for b in batches if b] == [
+        [("a", 1, 2), ("a", 3, 1), ("b", 2, 1)],
+        [("a", 3, 2), ("a", 4, 1), ("b", 2, 2), ("b", 5, 1)],
+    ]
+    assert static_rows(sql) == sorted(expected)
+    with pytest.raises(
+        ms.PlanError, match=re.escape("Top-N (ROW_NUMBER() <= N) without PARTITION BY")
+    ):
+        ms.SQLContext(ev=stream.lazy()).execute(
+            "SELECT * FROM (SELECT k, x, ROW_NUMBER() OVER (ORDER BY x DESC) AS rn FROM ev) "
+            "WHERE rn <= 2"
         )
 
 
@@ -365,20 +419,22 @@ REFUSALS = {
     **{
         construct: "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts " + clauses
         for construct, clauses in {
-            "ALL ROWS PER MATCH": "MEASURES A.x AS ax ALL ROWS PER MATCH PATTERN (A) "
-            "DEFINE A AS A.x > 1)",
-            "CLASSIFIER()": "MEASURES CLASSIFIER() AS c PATTERN (A) DEFINE A AS A.x > 1)",
-            "MATCH_NUMBER()": "MEASURES MATCH_NUMBER() AS n PATTERN (A) DEFINE A AS A.x > 1)",
+            "CLASSIFIER() in DEFINE": "MEASURES A.x AS ax PATTERN (A) "
+            "DEFINE A AS CLASSIFIER() = 'A')",
+            "MATCH_NUMBER() in DEFINE": "MEASURES A.x AS ax PATTERN (A) "
+            "DEFINE A AS MATCH_NUMBER() > 1)",
             "MATCH_ROWTIME()": "MEASURES MATCH_ROWTIME() AS t PATTERN (A B) DEFINE A AS A.x > 1)",
-            "NEXT": "MEASURES A.x AS ax PATTERN (A B) DEFINE A AS A.x < NEXT(A.x))",
+            "FINAL in ALL ROWS PER MATCH": "MEASURES FINAL LAST(A.x) AS lx ALL ROWS PER MATCH "
+            "PATTERN (A+) DEFINE A AS A.x > 1)",
+            "NEXT in MEASURES": "MEASURES NEXT(A.x) AS nx PATTERN (A B) DEFINE A AS A.x > 1)",
+            "NEXT of another pattern variable": "MEASURES A.x AS ax PATTERN (A B) "
+            "DEFINE A AS A.x < NEXT(B.x))",
             "logical offset": "MEASURES LAST(A.x, 1) AS ax PATTERN (A+) DEFINE A AS A.x > 1)",
         }.items()
     },
     "MATCH_RECOGNIZE ORDER BY a column without a watermark": "SELECT * FROM ev "
     "MATCH_RECOGNIZE (PARTITION BY k ORDER BY pt MEASURES A.x AS ax PATTERN (A) "
     "DEFINE A AS A.x > 1)",
-    "MATCH_RECOGNIZE over a static table": "SELECT * FROM st MATCH_RECOGNIZE (PARTITION BY k "
-    "ORDER BY ts MEASURES A.x AS ax PATTERN (A) DEFINE A AS A.x > 1)",
 }
 
 
@@ -546,3 +602,198 @@ def test_aggregate_of_cumulate_aggregates_over_batches(tmp_path: Path) -> None:
     ]
     assert stream_rows(sql, tmp_path, batches) == expected
     assert sorted(ms.SQLContext(ev=pl.concat(batches)).execute(sql).collect().rows()) == expected
+
+
+def test_date_format_group_is_a_day_window(tmp_path: Path) -> None:
+    # Nexmark q17's GROUP BY auction, DATE_FORMAT(ts, 'yyyy-MM-dd'): on a stream a day
+    # window, each (key, day) emitted once, final, when the watermark passes the day's end.
+    day = timedelta(days=1)
+    first = events([3600, 7200, 3600], ["a", "a", "b"], [1, 2, 3])
+    second = events([int(day.total_seconds()) + 60], ["a"], [4])
+    third = events([2 * int(day.total_seconds()) + 60], ["b"], [5])
+    sql = (
+        "SELECT k, DATE_FORMAT(ts, 'yyyy-MM-dd') AS `day`, COUNT(*) AS n, SUM(x) AS total "
+        "FROM ev GROUP BY k, DATE_FORMAT(ts, 'yyyy-MM-dd')"
+    )
+    stream = ms.MemoryStream(SCHEMA)
+    frame = ms.SQLContext(ev=stream.lazy().with_watermark("ts", "0s")).execute(sql)
+    assert isinstance(frame, ms.StreamFrame)
+    batches: list[list[tuple]] = []
+    query = frame.foreach_batch(
+        lambda df, _b: batches.append(sorted(df.rows())), checkpoint=str(tmp_path / "cp")
+    )
+    for batch in (first, second, third):
+        stream.add_data(batch)
+        query.process_all_available()
+    query.stop()
+    emitted = [b for b in batches if b]
+    assert emitted == [
+        [("a", "2024-01-01", 2, 3), ("b", "2024-01-01", 1, 3)],  # when the watermark is in day 2
+        [("a", "2024-01-02", 1, 4)],
+    ]
+    # Over static frames the formatted day is the key, as written: the batch result.
+    static = ms.SQLContext(ev=pl.concat([first, second, third])).execute(sql)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows()) == [
+        ("a", "2024-01-01", 2, 3),
+        ("a", "2024-01-02", 1, 4),
+        ("b", "2024-01-01", 1, 3),
+        ("b", "2024-01-03", 1, 5),
+    ]
+
+
+def test_date_format_to_the_hour_is_an_hour_window(tmp_path: Path) -> None:
+    rows = events([60, 3599, 3600, 7300], ["a", "a", "a", "a"], [1, 2, 3, 4])
+    sql = (
+        "SELECT DATE_FORMAT(ts, 'yyyy-MM-dd HH') AS h, COUNT(*) AS n FROM ev "
+        "GROUP BY DATE_FORMAT(ts, 'yyyy-MM-dd HH')"
+    )
+    expected = [("2024-01-01 00", 2), ("2024-01-01 01", 1), ("2024-01-01 02", 1)]
+    assert stream_rows(sql, tmp_path, [rows]) == expected
+    # A month has no fixed length: 'yyyy-MM' stays a key of an update-mode aggregation.
+    ctx = ms.SQLContext(ev=ms.MemoryStream(SCHEMA).lazy().with_watermark("ts", "0s"))
+    hours = ctx.execute(sql)
+    months = ctx.execute("SELECT COUNT(*) AS n FROM ev GROUP BY DATE_FORMAT(ts, 'yyyy-MM')")
+    assert isinstance(hours, ms.StreamFrame) and isinstance(months, ms.StreamFrame)
+    assert "every=1h" in str(hours.plan.stateful_nodes()[0].describe())
+    assert "dynamic" not in str(months.plan.stateful_nodes()[0].describe())
+
+
+def test_proctime_in_a_select_list(tmp_path: Path) -> None:
+    # Nexmark q12: SELECT *, PROCTIME() AS p_time FROM bid, then a window over p_time.
+    stream = ms.MemoryStream(SCHEMA)
+    ctx = ms.SQLContext(ev=stream.lazy().with_watermark("ts", "0s"))
+    stamped = ctx.execute("SELECT k, x, PROCTIME() AS p_time FROM ev")
+    windowed = ctx.execute(
+        "SELECT B.k, COUNT(*) AS n, TUMBLE_START(B.p_time, INTERVAL '1' DAY) AS ws "
+        "FROM (SELECT *, PROCTIME() AS p_time FROM ev) B "
+        "GROUP BY B.k, TUMBLE(B.p_time, INTERVAL '1' DAY)"
+    )
+    assert isinstance(stamped, ms.StreamFrame) and isinstance(windowed, ms.StreamFrame)
+    assert stamped.collect_schema()["p_time"] == pl.Datetime("ms")
+    rows: list[pl.DataFrame] = []
+    windows: list[pl.DataFrame] = []
+    stream.add_data(DATA)
+    q2 = windowed.foreach_batch(
+        lambda df, _b: windows.append(df),
+        checkpoint=str(tmp_path / "b"),
+        trigger=ms.Trigger.available_now(flush=True),
+    )
+    q2.await_termination()
+    q1 = stamped.foreach_batch(lambda df, _b: rows.append(df), checkpoint=str(tmp_path / "a"))
+    q1.process_all_available()
+    stamp = q1.last_progress.batch_timestamp_ms
+    q1.stop()
+    out = pl.concat(rows)
+    assert out["p_time"].dt.epoch("ms").to_list() == [stamp] * DATA.height
+    assert sorted(out.select("k", "x").rows()) == sorted(DATA.select("k", "x").rows())
+    # One batch read every row: each key's rows in the day window of that batch's time,
+    # emitted at the end (the flush closes it).
+    read = [p for p in q2.recent_progress if p.num_input_rows]
+    assert len(read) == 1
+    day = pl.Series([read[0].batch_timestamp_ms]).cast(pl.Datetime("ms")).dt.truncate("1d").item()
+    assert sorted(pl.concat(windows).rows()) == [("a", 3, day), ("b", 2, day)]
+    # Over static frames: one instant, the time the query was planned.
+    static = ms.SQLContext(ev=DATA).execute("SELECT k, PROCTIME() AS p_time FROM ev").collect()
+    assert static["p_time"].n_unique() == 1 and static.height == DATA.height
+
+
+def _count_char(text: str | None, char: str) -> int:
+    return 0 if text is None else text.count(char)
+
+
+def test_scalar_functions_per_row_and_vectorized(tmp_path: Path) -> None:
+    sql = "SELECT k, count_char(k || 'aa', 'a') AS n, twice(x) + 1 AS y FROM ev WHERE twice(x) > 4"
+
+    def context(**tables: object) -> ms.SQLContext:
+        return (
+            ms.SQLContext(**tables)  # type: ignore[arg-type]
+            .register_function("count_char", _count_char, pl.Int64)
+            .register_function("twice", lambda s: s * 2, pl.Int64(), vectorized=True)
+        )
+
+    expected = [("a", 3, 7), ("a", 3, 9), ("b", 2, 11)]
+    stream = ms.MemoryStream(SCHEMA)
+    frame = context(ev=stream.lazy()).execute(sql)
+    assert isinstance(frame, ms.StreamFrame)
+    assert sorted(run(frame, stream, [DATA[:2], DATA[2:]], tmp_path).rows()) == expected
+    static = context(ev=DATA).execute(sql)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows()) == expected
+    # A SQL NULL reaches a per-row function as None.
+    nulls = context(ev=pl.DataFrame({"k": [None, "a"]}, schema={"k": pl.String}))
+    assert nulls.execute("SELECT count_char(k, 'a') AS n FROM ev").collect().rows() == [(0,), (1,)]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "message"),
+    [
+        ("upper", pl.String, "UPPER is a SQL keyword or built-in function"),
+        ("tumble_start", pl.String, "TUMBLE_START is a SQL keyword or built-in function"),
+        ("count-char", pl.Int64, "the name must be a SQL identifier; got 'count-char'"),
+        ("f", int, "return_dtype must be a Polars dtype"),
+    ],
+)
+def test_register_function_refuses(name: str, dtype: object, message: str) -> None:
+    with pytest.raises(ms.PlanError, match=re.escape(message)):
+        ms.SQLContext().register_function(name, len, dtype)  # type: ignore[arg-type]
+
+
+def test_scalar_function_without_arguments_refused() -> None:
+    ctx = ms.SQLContext(ev=DATA).register_function("one", lambda: 1, pl.Int64)
+    with pytest.raises(ms.PlanError, match=re.escape("one() without arguments is not supported")):
+        ctx.execute("SELECT one() AS o FROM ev")
+
+
+def _deadline_streams() -> tuple[ms.MemoryStream, ms.MemoryStream, ms.SQLContext]:
+    left, right = ms.MemoryStream(SCHEMA), ms.MemoryStream(SCHEMA)
+    ctx = ms.SQLContext(
+        # deadline: a time column that is no watermark column (as Nexmark's expires)
+        a=left.lazy()
+        .with_watermark("ts", "0s")
+        .with_columns(deadline=pl.col("ts") + pl.duration(seconds=pl.col("x"))),
+        b=right.lazy().with_watermark("ts", "0s"),
+    )
+    return left, right, ctx
+
+
+def test_join_condition_on_a_time_column_without_watermark(tmp_path: Path) -> None:
+    # Nexmark q4: B.ts BETWEEN A.ts AND A.deadline, beside a constant bound both ways.
+    left, right, ctx = _deadline_streams()
+    sql = (
+        "SELECT a.k, a.x, b.x AS bx FROM a JOIN b ON a.k = b.k "
+        "WHERE b.ts BETWEEN a.ts AND a.deadline AND b.ts <= a.ts + INTERVAL '10' SECOND"
+    )
+    frame = ctx.execute(sql)
+    assert isinstance(frame, ms.StreamFrame)
+    lefts = events([0, 0], ["a", "b"], [2, 8])  # deadlines at 2 s and 8 s
+    rights = events([1, 3, 5, 9, 12], ["a", "a", "b", "b", "b"], [10, 11, 12, 13, 14])
+    out: list[pl.DataFrame] = []
+    left.add_data(lefts)
+    right.add_data(rights)
+    query = frame.foreach_batch(
+        lambda df, _b: out.append(df),
+        trigger=ms.Trigger.available_now(flush=True),
+        checkpoint=str(tmp_path / "cp"),
+    )
+    query.await_termination()
+    expected = [("a", 2, 10), ("b", 8, 12)]
+    assert sorted(pl.concat(out).rows()) == expected
+    static = ms.SQLContext(
+        a=lefts.with_columns(deadline=pl.col("ts") + pl.duration(seconds=pl.col("x"))),
+        b=rights,
+    ).execute(sql)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows()) == expected
+
+
+def test_join_bounded_only_by_a_column_without_watermark_refused() -> None:
+    _, _, ctx = _deadline_streams()
+    with pytest.raises(ms.PlanError) as info:
+        ctx.execute("SELECT a.k FROM a JOIN b ON a.k = b.k AND b.ts BETWEEN a.ts AND a.deadline")
+    message = str(info.value)
+    assert message.startswith(
+        "a time bound on deadline, which is not the left stream's watermark column"
+    )
+    assert "nothing says when a row has met its last match" in message
+    assert "both ways with constant intervals" in message

@@ -1,6 +1,8 @@
 """``MATCH_RECOGNIZE`` in SQL: exact rows worked by hand, the same rows as the Python verb
 and the brute-force oracle of ``test_match_recognize_oracle.py`` over random events,
-splits, late rows and restarts, the failed-logins rule in SQL, and its refusals.
+splits, late rows and restarts (and over the same rows as a static table: the batch
+result), ALL ROWS PER MATCH, CLASSIFIER(), MATCH_NUMBER() and NEXT, the failed-logins
+rule in SQL, and its refusals.
 
 (The refusals listed in ``REFUSED`` are tested in ``test_sql.py``; the others here.)
 """
@@ -115,7 +117,55 @@ RISE_QUERY = (
     ],
 )
 def test_skip_strategies_and_within_exact_rows(after: str, within: str, expected: list) -> None:
-    assert sql_rows(RISE_QUERY.format(after=after, within=within), RISE) == expected
+    query = RISE_QUERY.format(after=after, within=within)
+    assert sql_rows(query, RISE) == expected
+    # the same text over the rows as a static table: the batch result
+    static = ms.SQLContext(t=pl.concat(RISE)).execute(query)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows()) == expected
+
+
+def test_all_rows_per_match_classifier_match_number_exact_rows() -> None:
+    query = (
+        "SELECT * FROM t MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
+        "MEASURES CLASSIFIER() AS cls, MATCH_NUMBER() AS num, COUNT(B.*) AS nb, B.v AS lb "
+        "ALL ROWS PER MATCH AFTER MATCH SKIP TO NEXT ROW "
+        "PATTERN (A B+) DEFINE B AS B.v > PREV(B.v)) AS m"
+    )
+    at = lambda s: T0 + timedelta(seconds=s)  # noqa: E731
+    # x: 1, 2, 3, 1: matches from row 0 (A B B) and row 1 (A B); y: 5, 6 (A B). Running
+    # measures: each row sees the match's rows up to it.
+    expected = [
+        ("x", at(0), "A", 1, 0, None, 1),
+        ("x", at(1), "B", 1, 1, 2, 2),
+        ("x", at(1), "A", 2, 0, None, 2),
+        ("x", at(2), "B", 1, 2, 3, 3),
+        ("x", at(2), "B", 2, 1, 3, 3),
+        ("y", at(0), "A", 1, 0, None, 5),
+        ("y", at(1), "B", 1, 1, 6, 6),
+    ]
+    assert sql_rows(query, RISE) == sorted(expected)
+    static = ms.SQLContext(t=pl.concat(RISE)).execute(query)
+    assert isinstance(static, pl.LazyFrame)
+    assert static.collect_schema().names() == ["k", "ts", "cls", "num", "nb", "lb", "v"]
+    assert sorted(static.collect().rows()) == sorted(expected)
+    one = sql_rows(query.replace("ALL ROWS PER MATCH", "ONE ROW PER MATCH"), RISE)
+    assert one == [("x", "B", 1, 2, 3), ("x", "B", 2, 1, 3), ("y", "B", 1, 1, 6)]
+
+
+def test_next_in_define_exact_rows() -> None:
+    # a dip: a row below both its neighbours (PREV and NEXT)
+    query = (
+        "SELECT * FROM t MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
+        "MEASURES D.v AS low, D.ts AS at_ts AFTER MATCH SKIP PAST LAST ROW "
+        "PATTERN (D) DEFINE D AS D.v < PREV(D.v) AND D.v < NEXT(D.v)) AS m"
+    )
+    batches = [ticks(("x", 0, 5), ("x", 1, 2), ("x", 2, 4)), ticks(("x", 3, 1), ("x", 4, 3))]
+    at = lambda s: T0 + timedelta(seconds=s)  # noqa: E731
+    assert sql_rows(query, batches) == [("x", 1, at(3)), ("x", 2, at(1))]
+    static = ms.SQLContext(t=pl.concat(batches)).execute(query)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows()) == [("x", 1, at(3)), ("x", 2, at(1))]
 
 
 def test_the_full_clause_exact_rows() -> None:
@@ -161,6 +211,7 @@ SQL_CONDITIONS = {
     "count(B) <= 2": "COUNT(B.*) <= 2",
     "sum(v) <= 6": "SUM(v) <= 6",
     "e == p": "{q}e = 'p'",
+    "v < next(v)": "{q}v < NEXT({q}v)",
     "always": "TRUE",
 }
 
@@ -176,13 +227,15 @@ def sql_of(scenario: dict[str, Any], qualified: bool, last_b_plain: bool) -> str
         "SUM(v) AS sum_v",
         "MAX(v) AS max_v",
         "PREV(v) AS prev_v",
-        "v AS v",
+        "v AS cur_v",
     ]
     measures += [f"COUNT({var}.*) AS n_{var}" for var in VARIABLES if var in present]
     if "A" in present:
         measures.append("FIRST(A.v) AS first_a")
     if "B" in present:
         measures.append(("B.v" if last_b_plain else "LAST(B.v)") + " AS last_b")
+    measures += ["CLASSIFIER() AS cls", "MATCH_NUMBER() AS num"]
+    rows = "ALL ROWS PER MATCH" if scenario["rows"] == "all" else "ONE ROW PER MATCH"
     define = ", ".join(
         f"{var} AS " + SQL_CONDITIONS[c[0]].format(q=f"{var}." if qualified else "")
         for var, c in scenario["define"].items()
@@ -197,7 +250,7 @@ def sql_of(scenario: dict[str, Any], qualified: bool, last_b_plain: bool) -> str
     within = scenario["within"]
     return (
         "SELECT * FROM ev MATCH_RECOGNIZE (PARTITION BY k ORDER BY ts "
-        f"MEASURES {', '.join(measures)} ONE ROW PER MATCH AFTER MATCH {after} "
+        f"MEASURES {', '.join(measures)} {rows} AFTER MATCH {after} "
         f"PATTERN ({text(scenario['tree'])}) "
         + (f"WITHIN INTERVAL '{within}' SECOND " if within is not None else "")
         + (f"DEFINE {define}" if define else "")
@@ -258,9 +311,14 @@ def test_sql_equals_the_python_verb_and_the_oracle(
         {var: c[2] for var, c in scenario["define"].items()},
         scenario["after_match"],
         scenario["within"],
+        scenario["rows"],
     )
     assert sorted(dropped["id"].to_list()) == sorted(python_dropped["id"].to_list())
     assert sorted(got, key=_key) == sorted(python, key=_key) == sorted(expected, key=_key), query
+    # The same text over the kept rows as a static table: the batch result.
+    static = ms.SQLContext(ev=kept.sort("id")).execute(query)
+    assert isinstance(static, pl.LazyFrame)
+    assert sorted(static.collect().rows(), key=_key) == sorted(expected, key=_key), query
 
 
 # -- three failed logins, then a success, in SQL ------------------------------------------------

@@ -18,6 +18,7 @@ from microstream.exceptions import PlanError
 from microstream.operators.aggregation import AggregateNode, EmitPolicy
 from microstream.operators.session_window import SessionNode
 from microstream.operators.stateful_fn import GroupState, StateContext, stateful_function_node
+from microstream.operators.top_n import TopNNode
 from microstream.plan.event_time import trace_event_time
 from microstream.plan.nodes import PlanNode, StatelessNode, WatermarkNode
 from microstream.time.cumulate import CumulativeWindow
@@ -214,11 +215,18 @@ class StreamGroupBy(Generic[FrameT]):
         a group, and ``rank`` (1 for the top row: ``ROW_NUMBER()``) when named.
         The group's rows are state until it closes.
 
+        With no event-time key and ``rank`` named, it is a running Top-N (Flink's
+        Top-N over an unbounded key, Nexmark q19): the groups never close, so it runs
+        in ``output_mode="update"``, keyed by the keys and ``rank``: each batch emits
+        the positions whose row changed, and the last row per position is the top
+        ``k`` over every row so far. Its state is ``k`` rows per key, kept forever.
+
         Raises
         ------
         PlanError
-            When no key is an event-time key (the groups would never close, so no
-            top row would ever be final), or ``k`` is not positive.
+            When no key is an event-time key and ``rank`` is not named (the groups
+            would never close, so no top row would ever be final), or ``k`` is not
+            positive.
 
         Examples
         --------
@@ -250,11 +258,14 @@ class StreamGroupBy(Generic[FrameT]):
         order = [by] if isinstance(by, str) else list(by)
         _check_columns(schema, order, "top_k(by=)")
         if not any(trace_event_time(plan, key) is not None for key in keys):
+            if rank is not None:
+                return self._frame._from_plan(_running_top_n(plan, keys, order, reverse, k, rank))
             msg = (
                 f"group_by({', '.join(keys)}).top_k() needs an event-time key (a window "
                 "column: the watermark column or a non-decreasing function of it, such as "
                 "a window aggregation's window start or pl.col(ts).dt.truncate(...)), so "
-                "that each group closes and its top rows are final"
+                "that each group closes and its top rows are final; or name rank= for a "
+                "running Top-N in output_mode='update', keyed by the group and the rank"
             )
             raise PlanError(msg)
         rows = [c for c in schema.names() if c not in keys]
@@ -609,3 +620,34 @@ def check_alignment(*, closed: str, label: str, start_by: str) -> None:
                 f"aligned to the epoch plus offset and are [start, end); use {arg}={expected!r}"
             )
             raise PlanError(msg)
+
+
+def _running_top_n(
+    plan: PlanNode,
+    keys: Sequence[str],
+    order: list[str],
+    reverse: bool | Sequence[bool],
+    k: int,
+    rank: str,
+) -> TopNNode:
+    """``top_k`` over keys with no event time: a running Top-N in update mode."""
+    schema = plan.schema()
+    if not keys:
+        msg = "top_k() over the whole stream has no key to rank within: group_by a key"
+        raise PlanError(msg)
+    if rank in schema:
+        msg = f"top_k(rank={rank!r}): the frame already has a column {rank!r}; name another"
+        raise PlanError(msg)
+    flags = list(reverse) if isinstance(reverse, Sequence) else [reverse] * len(order)
+    if len(flags) != len(order):
+        msg = f"top_k: reverse= has {len(flags)} flags for {len(order)} by= columns"
+        raise PlanError(msg)
+    return TopNNode(
+        input=plan,
+        keys=tuple(keys),
+        by=tuple(order),
+        descending=tuple(not r for r in flags),
+        n=k,
+        rank=rank,
+        input_schema=schema,
+    )

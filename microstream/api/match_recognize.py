@@ -7,17 +7,20 @@ the helpers DEFINE and MEASURES use are :mod:`microstream.api.pattern`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
 import polars as pl
 
 from microstream.exceptions import PlanError
+from microstream.operators.match_finder import match_static
 from microstream.operators.match_recognize import MatchRecognizeNode
+from microstream.operators.match_spec import MatchSpec
 from microstream.plan.nodes import PlanNode
 from microstream.time.duration import parse_duration
 
-__all__ = ["PatternVerbs"]
+__all__ = ["PatternVerbs", "match_recognize_static"]
 
 Frame = TypeVar("Frame", bound="PatternVerbs")
 
@@ -42,13 +45,15 @@ class PatternVerbs:
         measures: Mapping[str, pl.Expr],
         after_match: str = "skip_past_last_row",
         within: str | timedelta | None = None,
+        rows_per_match: str = "one",
     ) -> Frame:
-        """Find row patterns: SQL's ``MATCH_RECOGNIZE``, ONE ROW PER MATCH.
+        """Find row patterns: SQL's ``MATCH_RECOGNIZE``.
 
         Rows of each ``partition_by`` key are taken in ``order_by`` (event-time) order
         once the watermark passes them; a match is a run of consecutive rows that
         ``pattern`` maps to variables whose ``define`` conditions hold; each match
-        emits one row: the partition columns and the ``measures``.
+        emits one row (the partition columns and the ``measures``), or with
+        ``rows_per_match="all"`` one row per row of the match.
 
         Parameters
         ----------
@@ -64,10 +69,14 @@ class PatternVerbs:
             Per variable, a boolean Polars expression a row must satisfy to be mapped to
             it (null is false); a variable without one accepts any row. Plain columns are
             the current row; ``ms.pattern.first/last/prev/count/sum/avg/min/max`` read
-            the rows mapped so far (``ms.pattern.first("A.price")``).
+            the rows mapped so far (``ms.pattern.first("A.price")``), and
+            ``ms.pattern.next("price", n)`` the row ``n`` after the current one (the
+            row is tried once that row is final; null at the end of the input).
         measures
             Output column name to Polars expression, evaluated once per match: plain
-            columns are the match's last row; the ``ms.pattern`` helpers see all its rows.
+            columns are the match's last row; the ``ms.pattern`` helpers see all its rows;
+            ``ms.pattern.classifier()`` is the variable of the (last) row and
+            ``ms.pattern.match_number()`` the match's number in its partition, from 1.
         after_match
             Where the next match may start: ``"skip_past_last_row"`` (after the match,
             the default), ``"skip_to_next_row"`` (the row after the match's first),
@@ -78,12 +87,17 @@ class PatternVerbs:
             A bound on a match: its last row is less than ``within`` after its first
             (Flink's ``WITHIN``). It also bounds the state: a partial match older than
             the watermark by ``within`` is dropped.
+        rows_per_match
+            ``"one"`` (SQL's ONE ROW PER MATCH, the default) or ``"all"`` (ALL ROWS PER
+            MATCH): one row per row of the match, with the partition columns, the
+            ``order_by`` column, the measures evaluated over the match's rows up to that
+            row (*running*: a plain column is that row), then the other input columns.
 
         Returns
         -------
         StreamFrame
-            The partition columns and the measures, one row per match, emitted once the
-            match is decided (append mode only).
+            The partition columns and the measures, one row per match (or per matched
+            row), emitted once the match is decided (append mode only).
 
         Examples
         --------
@@ -133,12 +147,6 @@ class PatternVerbs:
                 "passes them"
             )
             raise PlanError(msg)
-        within_us = None
-        if within is not None:
-            within_us = parse_duration(within, name="within") // timedelta(microseconds=1)
-            if within_us <= 0:
-                msg = f"match_recognize(within={within!r}) must be a positive duration"
-                raise PlanError(msg)
         node = MatchRecognizeNode(
             input=self._plan,
             partition_by=tuple(columns),
@@ -147,8 +155,95 @@ class PatternVerbs:
             define=tuple((define or {}).items()),
             measures=tuple(measures.items()),
             after_match=after_match,
-            within_us=within_us,
+            within_us=_within_us(within),
             input_schema=self._schema,
+            rows_per_match=rows_per_match,
         )
         _ = node.spec  # checks the call now, not when the query starts
         return self._from_plan(node)
+
+
+def _within_us(within: str | timedelta | None) -> int | None:
+    if within is None:
+        return None
+    within_us = parse_duration(within, name="within") // timedelta(microseconds=1)
+    if within_us <= 0:
+        msg = f"match_recognize(within={within!r}) must be a positive duration"
+        raise PlanError(msg)
+    return within_us
+
+
+@dataclass(frozen=True)
+class _StaticMatch:
+    """A ``match_recognize`` call over static rows (what the matcher reads of a node)."""
+
+    spec: MatchSpec
+    partition_by: tuple[str, ...]
+    order_by: str
+    measures: tuple[tuple[str, pl.Expr], ...]
+    within_us: int | None
+    input_schema: pl.Schema
+
+
+def match_recognize_static(
+    frame: pl.LazyFrame,
+    *,
+    partition_by: str | Sequence[str] | None = None,
+    order_by: str,
+    pattern: str,
+    define: Mapping[str, pl.Expr] | None = None,
+    measures: Mapping[str, pl.Expr],
+    after_match: str = "skip_past_last_row",
+    within: str | timedelta | None = None,
+    rows_per_match: str = "one",
+) -> pl.LazyFrame:
+    """``match_recognize`` over a static frame: every match of all its rows at once.
+
+    The batch result of :meth:`StreamFrame.match_recognize` with the same arguments:
+    the stream's output once every row is final equals this over its rows (minus the
+    rows the stream dropped as late). Rows are ordered by ``order_by`` (ties in the
+    frame's order); rows with a null ``order_by`` are left out, as the stream drops
+    them.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from microstream import pattern as mp
+    >>> rows = pl.LazyFrame({"t": [1, 2, 3, 4], "v": [5, 1, 2, 0]}).with_columns(
+    ...     pl.from_epoch("t")
+    ... )
+    >>> out = match_recognize_static(
+    ...     rows,
+    ...     order_by="t",
+    ...     pattern="A B+",
+    ...     define={"B": pl.col("v") < mp.prev("v")},
+    ...     measures={"top": mp.first("A.v"), "n": mp.count("B")},
+    ... )
+    >>> out.collect().rows()
+    [(5, 1), (2, 1)]
+    """
+    schema = frame.collect_schema()
+    columns = [partition_by] if isinstance(partition_by, str) else list(partition_by or [])
+    missing = [c for c in [*columns, order_by] if c not in schema]
+    if missing:
+        msg = f"match_recognize: no column(s) {missing}; columns are {list(schema)}"
+        raise PlanError(msg)
+    spec = MatchSpec.build(
+        schema=schema,
+        partition_by=columns,
+        order_by=order_by,
+        pattern=pattern,
+        define=dict(define or {}),
+        measures=dict(measures),
+        after_match=after_match,
+        rows_per_match=rows_per_match,
+    )
+    call = _StaticMatch(
+        spec=spec,
+        partition_by=tuple(columns),
+        order_by=order_by,
+        measures=tuple(measures.items()),
+        within_us=_within_us(within),
+        input_schema=schema,
+    )
+    return frame.map_batches(lambda df: match_static(call, df), schema=spec.output_schema)

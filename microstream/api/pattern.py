@@ -25,7 +25,19 @@ import polars as pl
 
 from microstream.operators.pattern_refs import reference_name
 
-__all__ = ["avg", "count", "first", "last", "max", "min", "prev", "sum"]
+__all__ = [
+    "avg",
+    "classifier",
+    "count",
+    "first",
+    "last",
+    "match_number",
+    "max",
+    "min",
+    "next",
+    "prev",
+    "sum",
+]
 
 
 def first(column: str) -> pl.Expr:
@@ -71,6 +83,49 @@ def prev(column: str, n: int = 1) -> pl.Expr:
         msg = f"prev(column, n) needs a positive integer n; got {n!r} instead"
         raise ValueError(msg)
     return pl.col(reference_name("prev", column, n))
+
+
+def next(column: str, n: int = 1) -> pl.Expr:
+    """``NEXT(col, n)``: ``col`` ``n`` rows after the current row in the partition's
+    event-time order (DEFINE only). The condition waits until that row is final (the
+    watermark passed it); at the end of the input (a flush) it is null.
+
+    Examples
+    --------
+    >>> from microstream import pattern
+    >>> pattern.next("price").meta.output_name()
+    'next(price, 1)'
+    """
+    if not isinstance(n, int) or n < 1:
+        msg = f"next(column, n) needs a positive integer n; got {n!r} instead"
+        raise ValueError(msg)
+    return pl.col(reference_name("next", column, n))
+
+
+def classifier() -> pl.Expr:
+    """``CLASSIFIER()``: the pattern variable of the current row (MEASURES only): of the
+    match's last row with ONE ROW PER MATCH, of each row with ALL ROWS PER MATCH.
+
+    Examples
+    --------
+    >>> from microstream import pattern
+    >>> pattern.classifier().meta.output_name()
+    'classifier()'
+    """
+    return pl.col("classifier()")
+
+
+def match_number() -> pl.Expr:
+    """``MATCH_NUMBER()``: the match's number in its partition, 1 for the first (MEASURES
+    only); kept in the state across batches and restarts.
+
+    Examples
+    --------
+    >>> from microstream import pattern
+    >>> pattern.match_number().meta.output_name()
+    'match_number()'
+    """
+    return pl.col("match_number()")
 
 
 def count(variable: str | None = None) -> pl.Expr:

@@ -31,8 +31,14 @@ __all__ = [
     "reference_values",
 ]
 
-FUNCTIONS: Final = ("first", "last", "prev", "count", "sum", "avg", "min", "max")
-_NAME = re.compile(r"^(first|last|prev|count|sum|avg|min|max)\((.+?)(?:, (\d+))?\)$")
+FUNCTIONS: Final = (
+    "first", "last", "prev", "next", "count", "sum", "avg", "min", "max",
+    "classifier", "match_number",
+)  # fmt: skip
+_NAME = re.compile(r"^(first|last|prev|next|count|sum|avg|min|max)\((.+?)(?:, (\d+))?\)$")
+_NULLARY = ("classifier", "match_number")
+"""``classifier()`` (the variable of the current row) and ``match_number()`` (the
+match's number in its partition, from 1) read no column."""
 
 
 def reference_name(function: str, argument: str, offset: int | None = None) -> str:
@@ -58,18 +64,21 @@ class Reference:
     """None only for ``count`` of rows (``count(A.*)``, ``count(*)``); ``count(A.col)``
     counts the rows of ``A`` whose ``col`` is not null, as SQL's ``COUNT(A.col)``."""
     offset: int = 0
-    """``prev``'s offset."""
+    """``prev``'s and ``next``'s offset."""
 
     @property
     def row_local(self) -> bool:
         """Whether its value in DEFINE depends on the current row's position only (not on
-        which rows were mapped to which variable): ``prev(col, n)`` and ``last(col)``."""
-        return self.variable is None and self.function in ("prev", "last")
+        which rows were mapped to which variable): ``prev(col, n)``, ``next(col, n)`` and
+        ``last(col)``."""
+        return self.variable is None and self.function in ("prev", "next", "last")
 
     def dtype(self, schema: pl.Schema) -> pl.DataType:
         """The dtype of its values, as Polars' aggregate of that name gives."""
-        if self.function == "count":
+        if self.function in ("count", "match_number"):
             return pl.Int64()
+        if self.function == "classifier":
+            return pl.String()
         assert self.column is not None
         if self.function in ("sum", "avg"):
             expr = (
@@ -104,6 +113,8 @@ def parse_reference(
     """
     if name in schema:
         return None
+    if name.endswith("()") and name[:-2] in _NULLARY:
+        return Reference(name, name[:-2], None, None)
     found = _NAME.match(name)
     if found is None:
         msg = (
@@ -113,10 +124,11 @@ def parse_reference(
         )
         raise PlanError(msg)
     function, argument, offset_text = found.groups()
-    if offset_text is not None and function != "prev":
-        msg = f"{where}: {name!r} takes no offset; only prev(column, n) does"
+    if offset_text is not None and function not in ("prev", "next"):
+        msg = f"{where}: {name!r} takes no offset; only prev(column, n) and next(column, n) do"
         raise PlanError(msg)
-    offset = int(offset_text) if offset_text is not None else (1 if function == "prev" else 0)
+    navigates = function in ("prev", "next")
+    offset = int(offset_text) if offset_text is not None else (1 if navigates else 0)
     variable: str | None = None
     column = argument
     head, dot, tail = argument.partition(".")
@@ -124,6 +136,12 @@ def parse_reference(
         variable, column = head, tail
     if function == "count" and column == "*":
         return Reference(name, function, variable, None, offset)
+    if function == "next" and variable is not None:
+        msg = (
+            f"{where}: {name!r}: next reads the rows after the current row, of no variable "
+            "(they are not mapped yet); write ms.pattern.next('column', n)"
+        )
+        raise PlanError(msg)
     if column not in schema:
         known = f"; pattern variables are {list(variables)}" if dot else ""
         msg = f"{where}: {name!r} reads column {column!r}, which the input does not have{known}"
@@ -142,6 +160,7 @@ def reference_values(
     start: int,
     labels: Sequence[int],
     variable_index: Mapping[str, int],
+    match_number: int | None = None,
 ) -> list[Any]:
     """The value of each reference for one mapping of rows to variables.
 
@@ -160,6 +179,8 @@ def reference_values(
         last row (MEASURES).
     variable_index
         Variable names to their indexes.
+    match_number
+        The match's number in its partition (``match_number()``; MEASURES only).
 
     Returns
     -------
@@ -183,6 +204,13 @@ def reference_values(
             rows = [start + i for i, label in enumerate(labels) if label == wanted]
         if ref.function == "count" and ref.column is None:
             out.append(len(rows))
+            continue
+        if ref.function == "classifier":
+            names = {i: name for name, i in variable_index.items()}
+            out.append(names[labels[-1]] if labels else None)
+            continue
+        if ref.function == "match_number":
+            out.append(match_number)
             continue
         assert ref.column is not None
         column = data[ref.column]

@@ -20,7 +20,7 @@ statement:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import polars as pl
@@ -32,6 +32,7 @@ from microstream.exceptions import PlanError
 from microstream.plan.physical import explain_lines
 from microstream.sql.ddl import TableDeclaration, declare, source_frame, start_sink
 from microstream.sql.dialect import Explain, parse
+from microstream.sql.functions import ScalarFunction, bind_functions, check_function
 from microstream.sql.query import Frame, QueryLowering
 from microstream.sql.refusals import refuse
 
@@ -76,6 +77,7 @@ class SQLContext:
         self._frames: dict[str, Frame] = {}
         self._declared: dict[str, TableDeclaration] = {}
         self._sources: dict[str, StreamFrame] = {}
+        self._functions: dict[str, ScalarFunction] = {}
         if register_globals:
             caller = inspect.currentframe()
             scope = (
@@ -106,6 +108,38 @@ class SQLContext:
             raise PlanError(msg)
         self._declared.pop(name, None)
         self._frames[name] = frame
+        return self
+
+    def register_function(
+        self,
+        name: str,
+        function: Callable[..., Any],
+        return_dtype: pl.DataType | type[pl.DataType],
+        *,
+        vectorized: bool = False,
+    ) -> SQLContext:
+        """Register a Python function that queries call as ``name(args)`` (a scalar UDF).
+
+        Flink's ``ScalarFunction``: by default ``function`` is called once per row
+        with the arguments' Python values (``None`` for NULL) and returns one value of
+        ``return_dtype`` (``map_elements``); with ``vectorized=True`` it is called once
+        per micro-batch with one ``pl.Series`` per argument and returns a Series of
+        the same length (``pl.map_batches``), each row's value from that row only.
+        A name that is a built-in function or a keyword is refused, as is a call
+        without arguments.
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> ctx = ms.SQLContext(t=pl.DataFrame({"s": ["acc", None]}))
+        >>> _ = ctx.register_function("count_char", lambda s, c: (s or "").count(c), pl.Int64)
+        >>> ctx.execute("SELECT count_char(s, 'c') AS n FROM t").collect().rows()
+        [(2,), (0,)]
+        """
+        self._functions[name.upper()] = check_function(
+            name, function, return_dtype, vectorized=vectorized
+        )
         return self
 
     def unregister(self, names: str | list[str]) -> SQLContext:
@@ -151,6 +185,7 @@ class SQLContext:
         return [self._statement(s) for s in parse(script)]
 
     def _statement(self, statement: exp.Expr) -> Result:
+        statement = bind_functions(statement, self._functions)
         if isinstance(statement, Explain):
             frame = self._query(statement.this)
             lines = (

@@ -215,6 +215,9 @@ class Flink(Dialect):
     """The Flink SQL dialect microstream reads (sqlglot's default, extended)."""
 
     class Tokenizer(tokens.Tokenizer):
+        # Flink quotes identifiers with backticks (`day`, `timestamp`); sqlglot's double
+        # quotes stay identifiers too.
+        IDENTIFIERS = ['"', "`"]
         # sqlglot reads EXPLAIN as an opaque command; Flink's EXPLAIN takes a query.
         KEYWORDS = {
             **{k: v for k, v in tokens.Tokenizer.KEYWORDS.items() if k != "EXPLAIN"},

@@ -23,6 +23,7 @@ from sqlglot import exp
 
 from microstream.exceptions import PlanError
 from microstream.sql.dialect import Descriptor, TableArgument
+from microstream.sql.functions import FunctionCall, call_expr
 from microstream.sql.refusals import position, refuse
 
 __all__ = [
@@ -526,6 +527,15 @@ class ExpressionLowering:
     def _day(self, node: exp.Day) -> pl.Expr:
         return self.lower(node.this).dt.day().cast(pl.Int64)
 
+    def _hour(self, node: exp.Expr) -> pl.Expr:
+        return self.lower(node.this).dt.hour().cast(pl.Int64)
+
+    def _minute(self, node: exp.Expr) -> pl.Expr:
+        return self.lower(node.this).dt.minute().cast(pl.Int64)
+
+    def _second(self, node: exp.Expr) -> pl.Expr:
+        return self.lower(node.this).dt.second().cast(pl.Int64)
+
     def _dayofmonth(self, node: exp.DayOfMonth) -> pl.Expr:
         return self.lower(node.this).dt.day().cast(pl.Int64)
 
@@ -540,6 +550,17 @@ class ExpressionLowering:
             raise refuse(node, "REGEXP_EXTRACT with a group that is not an integer constant")
         index = int(group.this) if group is not None else 0
         return self.lower(node.this).str.extract(pattern.this, group_index=index)
+
+    def _functioncall(self, node: FunctionCall) -> pl.Expr:
+        function = node.args["function"]
+        if not node.expressions:
+            raise refuse(
+                node,
+                f"{node.name}() without arguments",
+                reason="a registered function is called with a row's values",
+                alternative="pass it the columns it depends on",
+            )
+        return call_expr(function, [self.lower(a) for a in node.expressions])
 
     def _anonymous(self, node: exp.Anonymous) -> pl.Expr:
         name = node.name.upper()

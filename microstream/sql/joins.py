@@ -214,7 +214,7 @@ def _stream_join(
     assert isinstance(left.frame, StreamFrame) and isinstance(right.frame, StreamFrame)
     if not keys:
         raise refuse(join, "join of two streams without an equality of the two sides")
-    lower, upper, times = _join_bounds(bounds, left, right)
+    lower, upper, times, filters = _join_bounds(bounds, left, right)
     if times is None:
         times = _window_keys(keys, left, right)  # a window join: equal windows, no other bound
     if times is None:
@@ -253,7 +253,11 @@ def _stream_join(
         raise refuse(
             join, "this join's column names", reason=f"cannot place {missing}; rename columns"
         )
-    return Relation(frame, Scope(tuple(fields)))
+    rel = Relation(frame, Scope(tuple(fields)))
+    if filters:
+        low = ExpressionLowering(rel.scope, frame.collect_schema())
+        rel = replace(rel, frame=frame.filter(all_of([low.lower(c) for c in filters])))
+    return rel
 
 
 def _mapped(rel: Relation, left: Relation) -> list[Field]:
@@ -309,10 +313,20 @@ def _is_time_bound(conj: exp.Expr, left: Relation, right: Relation) -> bool:
 
 def _join_bounds(
     bounds: list[exp.Expr], left: Relation, right: Relation
-) -> tuple[timedelta, timedelta, tuple[str, str] | None]:
-    """``right_time - left_time`` in ``[lower, upper]`` from the join's time conditions."""
+) -> tuple[timedelta, timedelta, tuple[str, str] | None, list[exp.Expr]]:
+    """``right_time - left_time`` in ``[lower, upper]`` from the join's time conditions,
+    and the conditions on other time columns, to filter the joined rows by.
+
+    A comparison with a time column that is neither side's watermark column (nor a
+    window bound a window aggregation emitted), such as Nexmark q4's ``B.date_time <=
+    A.expires``, cannot bound the join's state: nothing says when an auction has seen
+    its last bid. With a constant bound on the watermark columns both ways beside it
+    (``B.date_time <= A.date_time + INTERVAL '10' SECOND``), the join keeps rows for
+    that long and the comparison filters its output: the result is the text's. Alone,
+    it is refused by name.
+    """
     if not bounds:
-        return timedelta(0), timedelta(0), None
+        return timedelta(0), timedelta(0), None, []
     comparisons: list[tuple[exp.Expr, exp.Expr, type, exp.Expr]] = []
     for conj in bounds:
         if isinstance(conj, exp.Between):
@@ -323,6 +337,8 @@ def _join_bounds(
     one = timedelta(microseconds=1)
     lower, upper = timedelta.min, timedelta.max
     times: list[str | None] = [None, None]
+    residual: list[tuple[exp.Expr, str, str, list[str]]] = []
+    filters: list[exp.Expr] = []
     for a, b, op, conj in comparisons:
         la, lb = _linear(a), _linear(b)
         assert la is not None and lb is not None
@@ -338,27 +354,40 @@ def _join_bounds(
             a_is_left = False
         if a_is_left:
             lcol, rcol = a_left, right.scope.column_of(cb)
-            # left + oa <= right + ob  <=>  right - left >= oa - ob
-            bound = oa - ob + (one if strict else timedelta(0))
-            lower = max(lower, bound)
         else:
             rcol, lcol = right.scope.column_of(ca), left.scope.column_of(cb)
-            # right + oa <= left + ob  <=>  right - left <= ob - oa
-            bound = ob - oa - (one if strict else timedelta(0))
-            upper = min(upper, bound)
-        for i, (col, rel, side) in enumerate(((lcol, left, "left"), (rcol, right, "right"))):
+        unusable = None
+        for col, rel, side in ((lcol, left, "left"), (rcol, right, "right")):
             assert isinstance(rel.frame, StreamFrame)
             marks = [m.column for m in rel.frame.plan.watermark_nodes()]
-            if col not in marks and not _emitted_time(rel.frame, col):
-                raise refuse(
-                    conj,
-                    f"a time bound on {col}, which is not the {side} stream's watermark column "
-                    "(nor a window bound a window aggregation emitted)",
-                    alternative=f"bound the join by {marks or 'a WATERMARK column'}",
-                )
+            if col not in marks and not _emitted_time(rel.frame, col) and unusable is None:
+                unusable = (col, side, marks)
+        if unusable is not None:
+            residual.append((conj, *unusable))
+            filters.append(op(this=a.copy(), expression=b.copy()))
+            continue
+        if a_is_left:
+            # left + oa <= right + ob  <=>  right - left >= oa - ob
+            lower = max(lower, oa - ob + (one if strict else timedelta(0)))
+        else:
+            # right + oa <= left + ob  <=>  right - left <= ob - oa
+            upper = min(upper, ob - oa - (one if strict else timedelta(0)))
+        for i, col in enumerate((lcol, rcol)):
             if times[i] not in (None, col):
                 raise refuse(conj, "time bounds on two different columns of one side")
             times[i] = col
+    if residual and (lower == timedelta.min or upper == timedelta.max):
+        conj, col, side, marks = residual[0]
+        raise refuse(
+            conj,
+            f"a time bound on {col}, which is not the {side} stream's watermark column "
+            "(nor a window bound a window aggregation emitted)",
+            reason="nothing says when a row has met its last match, so the join could never "
+            "forget one",
+            alternative=f"bound the join by {marks or 'a WATERMARK column'} both ways with "
+            "constant intervals that hold for every match (a.ts BETWEEN b.ts - INTERVAL ... AND "
+            "b.ts + INTERVAL ...), and keep this condition beside them",
+        )
     if lower == timedelta.min or upper == timedelta.max:
         raise refuse(
             bounds[0],
@@ -366,7 +395,7 @@ def _join_bounds(
             alternative="bound both ways: a.ts BETWEEN b.ts - INTERVAL ... AND b.ts + INTERVAL ...",
         )
     assert times[0] is not None and times[1] is not None
-    return lower, upper, (times[0], times[1])
+    return lower, upper, (times[0], times[1]), filters
 
 
 def _signed(value: timedelta) -> str:

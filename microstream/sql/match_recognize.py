@@ -6,7 +6,10 @@ parsed by the dialect (:class:`~microstream.sql.dialect.MatchRecognize`); here e
 part becomes an argument of the verb:
 
 - ``PARTITION BY k`` -> ``partition_by``; ``ORDER BY ts`` -> ``order_by``, which must
-  be the input's watermarked event-time column (ascending, alone);
+  be the input's watermarked event-time column (ascending, alone); over static
+  frames any column, and the clause runs over all the rows at once
+  (:func:`~microstream.api.match_recognize.match_recognize_static`): the batch result
+  of the same text;
 - ``PATTERN (...)`` -> ``pattern``, its text unchanged (the verb's grammar is SQL's);
 - ``WITHIN INTERVAL '1' MINUTE`` -> ``within``;
 - ``AFTER MATCH SKIP PAST LAST ROW | TO NEXT ROW | TO FIRST v | TO [LAST] v`` ->
@@ -19,39 +22,42 @@ part becomes an argument of the verb:
   ``col`` are ``pattern.first("A.col")`` and its siblings. A plain ``col`` is the
   current row in DEFINE and the match's last row in MEASURES.
 
-What the verb does not do is refused by name and position: ``ALL ROWS PER MATCH``,
-``CLASSIFIER()``, ``MATCH_NUMBER()``, ``MATCH_ROWTIME()``/``MATCH_PROCTIME()``,
-``NEXT``, logical offsets (``FIRST(A.price, 2)``), aggregates of expressions, an
-``ORDER BY`` that is not the watermarked column, and ``MATCH_RECOGNIZE`` over a static
-table (the verb runs on streams).
+``ALL ROWS PER MATCH`` -> ``rows_per_match="all"``; ``CLASSIFIER()`` and
+``MATCH_NUMBER()`` in MEASURES -> ``pattern.classifier()``/``pattern.match_number()``;
+``NEXT(col, n)`` (or ``NEXT(A.col, n)`` in ``A``'s own DEFINE) -> ``pattern.next``.
+
+What the verb does not do is refused by name and position: ``MATCH_ROWTIME()``/
+``MATCH_PROCTIME()``, ``CLASSIFIER()``/``MATCH_NUMBER()`` in DEFINE, ``NEXT`` in
+MEASURES or of another variable, logical offsets (``FIRST(A.price, 2)``), aggregates
+of expressions, and an ``ORDER BY`` that is not the watermarked column.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import polars as pl
 from sqlglot import exp
 
 from microstream.api import pattern as mp
 from microstream.api.frame import StreamFrame
+from microstream.api.match_recognize import match_recognize_static
 from microstream.exceptions import PlanError
 from microstream.operators.pattern import parse_pattern, variables
 from microstream.operators.pattern_refs import reference_name
 from microstream.sql.dialect import MatchRecognize
 from microstream.sql.expressions import ExpressionLowering, interval_of, sql_text
 from microstream.sql.refusals import position, refuse
-from microstream.sql.relation import Relation, fields_of
+from microstream.sql.relation import Frame, Relation, fields_of
 
 __all__ = ["lower_match_recognize"]
 
 _UNSUPPORTED_FUNCTIONS = {
-    "CLASSIFIER": "CLASSIFIER()",
-    "MATCH_NUMBER": "MATCH_NUMBER()",
     "MATCH_ROWTIME": "MATCH_ROWTIME()",
     "MATCH_PROCTIME": "MATCH_PROCTIME()",
-    "NEXT": "NEXT",
 }
+_MEASURES_ONLY = {"CLASSIFIER": mp.classifier, "MATCH_NUMBER": mp.match_number}
 _AGGREGATES: dict[type[exp.Expr], str] = {
     exp.Count: "count",
     exp.Sum: "sum",
@@ -85,11 +91,9 @@ def lower_match_recognize(rel: Relation, match: MatchRecognize) -> Relation:
     ['sym', 'top', 'bottom']
     """
     frame = rel.frame
-    if not isinstance(frame, StreamFrame):
-        raise refuse(match, "MATCH_RECOGNIZE over a static table")
     rows = match.args.get("rows")
-    if rows is not None and rows.name.upper() != "ONE ROW PER MATCH":
-        raise refuse(rows, "ALL ROWS PER MATCH")
+    # SHOW/OMIT EMPTY MATCHES agree: a pattern that can match no rows is refused.
+    every = rows is not None and rows.name.upper().startswith("ALL ROWS PER MATCH")
     pattern_node = match.args.get("pattern")
     if pattern_node is None:
         raise refuse(match, "MATCH_RECOGNIZE without PATTERN", alternative="add PATTERN (...)")
@@ -123,6 +127,9 @@ def lower_match_recognize(rel: Relation, match: MatchRecognize) -> Relation:
             raise refuse(
                 item, f"MEASURES {sql_text(item)} without a name", alternative="add AS name"
             )
+        if every and (item.args.get("window_frame") or "").upper() == "FINAL":
+            # ALL ROWS PER MATCH measures are running: FINAL would need the match's end
+            raise refuse(item, "FINAL in ALL ROWS PER MATCH")
         measures[named.alias] = lowering.lower(named.this, defining=None)
     if not measures:
         raise refuse(
@@ -130,15 +137,22 @@ def lower_match_recognize(rel: Relation, match: MatchRecognize) -> Relation:
         )
     within_node = match.args.get("within")
     within: timedelta | None = interval_of(within_node) if within_node is not None else None
+    arguments: dict[str, Any] = {
+        "partition_by": partition_by,
+        "order_by": order_by,
+        "pattern": pattern,
+        "define": define,
+        "measures": measures,
+        "after_match": _after_match(match),
+        "within": within,
+        "rows_per_match": "all" if every else "one",
+    }
     try:
-        out = frame.match_recognize(
-            partition_by=partition_by,
-            order_by=order_by,
-            pattern=pattern,
-            define=define,
-            measures=measures,
-            after_match=_after_match(match),
-            within=within,
+        out: Frame = (
+            frame.match_recognize(**arguments)
+            if isinstance(frame, StreamFrame)
+            # over static frames: every match of all the rows at once, the batch result
+            else match_recognize_static(frame, **arguments)
         )
     except PlanError as exc:
         msg = f"MATCH_RECOGNIZE{_at(match)}: {exc}"
@@ -215,9 +229,12 @@ class _Lowering:
                 reason="rows are matched in ascending event time",
             )
         frame = self.rel.frame
-        assert isinstance(frame, StreamFrame)  # lower_match_recognize checked
-        watermarked = [n.column for n in frame.plan.watermark_nodes()]
         column = self.column(first.this) if isinstance(first.this, exp.Column) else None
+        if not isinstance(frame, StreamFrame):
+            if column is None:
+                raise refuse(first, "MATCH_RECOGNIZE ORDER BY an expression")
+            return column  # static rows are all there: any column orders them
+        watermarked = [n.column for n in frame.plan.watermark_nodes()]
         if column is None or column not in watermarked:
             raise refuse(first, "MATCH_RECOGNIZE ORDER BY a column without a watermark")
         return column
@@ -243,6 +260,14 @@ class _Lowering:
     def reference(self, node: exp.Expr, defining: str | None) -> pl.Expr | None:
         if isinstance(node, exp.Anonymous) and node.name.upper() in _UNSUPPORTED_FUNCTIONS:
             raise refuse(node, _UNSUPPORTED_FUNCTIONS[node.name.upper()])
+        if isinstance(node, exp.Anonymous) and node.name.upper() in _MEASURES_ONLY:
+            if defining is not None:
+                raise refuse(node, f"{node.name.upper()}() in DEFINE")
+            if node.expressions:
+                raise refuse(node, f"{sql_text(node)}", alternative=f"{node.name.upper()}()")
+            return _MEASURES_ONLY[node.name.upper()]()
+        if isinstance(node, exp.Anonymous) and node.name.upper() == "NEXT":
+            return self.next(node, defining)
         if isinstance(node, exp.Column) and node.table in self.variables:
             if isinstance(node.this, exp.Star):
                 raise refuse(node, f"{sql_text(node)} outside COUNT")
@@ -284,6 +309,27 @@ class _Lowering:
         if n == 0:
             return pl.col(column) if variable is None else mp.last(f"{variable}.{column}")
         return mp.prev(f"{variable}.{column}" if variable else column, n)
+
+    def next(self, node: exp.Anonymous, defining: str | None) -> pl.Expr:
+        if defining is None:
+            raise refuse(node, "NEXT in MEASURES")
+        args = node.expressions
+        n = 1
+        if len(args) == 2:
+            literal = args[1]
+            if not (isinstance(literal, exp.Literal) and literal.is_int):
+                raise refuse(node, f"{sql_text(node)} with an offset that is not a number")
+            n = int(literal.name)
+        elif len(args) != 1:
+            raise refuse(
+                node, f"{sql_text(node)}", alternative="write NEXT(A.col) or NEXT(A.col, n)"
+            )
+        variable, column = self.target(args[0], node)
+        if variable not in (None, defining):
+            raise refuse(node, "NEXT of another pattern variable")
+        if n == 0:
+            return pl.col(column)
+        return mp.next(column, n)
 
     def aggregate(self, node: exp.Expr) -> pl.Expr:
         function = _AGGREGATES[type(node)]

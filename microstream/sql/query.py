@@ -11,7 +11,9 @@ A query is lowered bottom up into a :class:`Relation`: a frame and the
 2. ``WHERE`` -> ``filter``; ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY pt) = 1``
    over a subquery -> ``unique(subset=k)`` (keep first by arrival, so ``pt``
    must be a ``PROCTIME()`` column); ``ROW_NUMBER() OVER (PARTITION BY
-   window_start, window_end ORDER BY ...) <= N`` -> ``group_by(window).top_k(N)``.
+   window_start, window_end ORDER BY ...) <= N`` -> ``group_by(window).top_k(N)``;
+   ``ROW_NUMBER() OVER (PARTITION BY k ORDER BY ...) <= N`` (N > 1) ->
+   ``group_by(k).top_k(N, rank=rn)``, a running Top-N in update mode.
 3. ``GROUP BY`` -> ``group_by``, ``group_by_dynamic`` or ``group_by_session``;
    aggregate arguments are computed first as columns, so each aggregate is a
    plain ``pl.col(c).sum()``-like expression the engine folds incrementally;
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import polars as pl
 from sqlglot import exp
@@ -61,6 +63,7 @@ from microstream.sql.windows import (
     LEGACY_PARTS,
     WINDOW_COLUMNS,
     Window,
+    calendar_window,
     legacy_window,
     tvf_window,
     window_aggregate,
@@ -293,6 +296,7 @@ class QueryLowering:
         return Relation(out, fields_of(out, None))
 
     def _project(self, rel: Relation, items: list[exp.Expr]) -> Relation:
+        rel, items = _processing_time(rel, items)
         lowering = ExpressionLowering(rel.scope, rel.frame.collect_schema())
         return self._output(rel.frame, items, lowering)
 
@@ -309,6 +313,11 @@ class QueryLowering:
         window: Window | None = None
         window_nodes: list[exp.Expr] = []
         legacy_call: exp.Anonymous | None = None
+        calendar: tuple[str, exp.Expr] | None = None  # DATE_FORMAT(ts, ...) as a window
+        windowed = rel.window is not None or any(
+            isinstance(g, exp.Anonymous) and g.name.upper() in ("TUMBLE", "HOP", "SESSION")
+            for g in group_exprs
+        )
         for g in group_exprs:
             if (
                 isinstance(g, exp.Anonymous)
@@ -331,6 +340,15 @@ class QueryLowering:
                     key_of[sql_text(g).lower()] = found.name.lower()
                     key_of[found.name.lower()] = found.name.lower()
                     continue
+            if (
+                not windowed
+                and calendar is None
+                and (found_window := calendar_window(g, rel.scope.column_of, rel.frame))
+            ):
+                window = found_window
+                calendar = (fresh("__key", taken), g)
+                key_of[sql_text(g).lower()] = calendar[0]
+                continue
             if isinstance(g, exp.Column):
                 column = rel.scope.column_of(g)
             else:
@@ -358,17 +376,31 @@ class QueryLowering:
             for node in item.find_all(*AGGREGATES):
                 if any(isinstance(p, AGGREGATES) for p in _ancestors(node, item)):
                     raise refuse(node, "an aggregate inside an aggregate")
-                text = sql_text(node).lower()
+                # COUNT(*) FILTER (WHERE c): the aggregate over the rows where c holds
+                parent = node.parent
+                filtered = isinstance(parent, exp.Filter) and parent.this is node
+                unit = parent if filtered else node
+                assert unit is not None
+                text = sql_text(unit).lower()
                 if text in agg_of:
                     continue
                 name = fresh("__agg", taken)
-                agg_of[text] = self._agg(node, name, base, pre, taken, aggs)
+                condition = unit.expression.this if filtered else None
+                agg_of[text] = self._agg(node, name, base, pre, taken, aggs, condition)
         if not aggs:
             # GROUP BY without aggregates (distinct keys per window): the verbs need one.
             aggs[fresh("__rows", taken)] = pl.len()
         frame = rel.frame.with_columns(**pre) if pre else rel.frame
         if window is not None:
             out = window_aggregate(frame, window, keys, aggs)
+            if calendar is not None:
+                # the formatted window start: the formatted time of each of its rows
+                start = calendar[1].copy()
+                start.set("expressions", [exp.column("window_start"), start.expressions[1]])
+                at_start = ExpressionLowering(
+                    Scope((Field(None, "window_start", "window_start"),)), out.collect_schema()
+                )
+                out = out.with_columns(at_start.lower(start).alias(calendar[0]))
         elif isinstance(frame, StreamFrame):
             out = frame.group_by(*keys).agg(**aggs)
         elif keys:
@@ -378,7 +410,9 @@ class QueryLowering:
 
         def substitute(node: exp.Expr) -> pl.Expr | None:
             text = sql_text(node).lower()
-            if isinstance(node, AGGREGATES):
+            if isinstance(node, AGGREGATES) or (
+                isinstance(node, exp.Filter) and isinstance(node.this, AGGREGATES)
+            ):
                 return agg_of[text]
             if text in key_of:
                 return pl.col(key_of[text])
@@ -428,8 +462,10 @@ class QueryLowering:
         pre: dict[str, pl.Expr],
         taken: set[str],
         aggs: dict[str, pl.Expr],
+        condition: exp.Expr | None = None,
     ) -> pl.Expr:
         arg = node.this
+        when = None if condition is None else base.lower(condition)
         distinct = isinstance(arg, exp.Distinct)
         if distinct:
             if not isinstance(node, exp.Count) or len(arg.expressions) != 1:
@@ -438,13 +474,17 @@ class QueryLowering:
                 )
             arg = arg.expressions[0]
         if isinstance(node, exp.Count) and (arg is None or isinstance(arg, exp.Star)):
-            aggs[name] = pl.len()
-            return pl.col(name).cast(pl.Int64)
-        if isinstance(arg, exp.Column):
+            if when is None:
+                aggs[name] = pl.len()
+                return pl.col(name).cast(pl.Int64)
+            arg = exp.Literal.number(1)  # COUNT(*) FILTER (WHERE c) counts the rows where c
+        if isinstance(arg, exp.Column) and when is None:
             column = base.scope.column_of(arg)
         else:
             column = fresh("__arg", taken)
-            pre[column] = base.lower(arg)
+            value = base.lower(arg)
+            # a row outside the FILTER is a NULL, which every aggregate skips
+            pre[column] = value if when is None else pl.when(when).then(value)
         col = pl.col(column)
         if isinstance(node, exp.Count):
             aggs[name] = col.drop_nulls().n_unique() if distinct else col.count()
@@ -454,6 +494,11 @@ class QueryLowering:
         aggs[name] = {exp.Sum: col.sum, exp.Min: col.min, exp.Max: col.max, exp.Avg: col.mean}[
             type(node)
         ]()
+        if isinstance(node, exp.Sum) and when is not None:
+            # SQL's SUM over no rows (none passes the FILTER) is NULL; Polars' sum is 0
+            counted = fresh("__cnt", taken)
+            aggs[counted] = col.count()
+            return pl.when(pl.col(counted) > 0).then(pl.col(name))
         return pl.col(name)
 
     # -- FROM -----------------------------------------------------------------------
@@ -591,7 +636,8 @@ class QueryLowering:
 
     @staticmethod
     def _top_n(frame: Frame, rank: Rank, limit: int) -> Frame:
-        """``rn <= limit`` per window: ``group_by(window).top_k`` on a stream."""
+        """``rn <= limit`` per window or key: ``group_by(...).top_k`` on a stream (a running
+        Top-N in update mode when no partition column is an event time)."""
         if isinstance(frame, pl.LazyFrame):
             return _top_n_static(frame, rank, limit)
         columns = [*frame.columns, rank.column]
@@ -627,12 +673,14 @@ class QueryLowering:
         if rank.windowed:
             return replace(rel, frame=self._top_n(rel.frame, rank, limit), rank=None), keep
         if limit > 1:
-            raise refuse(
-                rank.node,
-                "Top-N (ROW_NUMBER() <= N) that is not per window",
-                alternative="PARTITION BY window_start, window_end (window Top-N), or rn = 1 "
-                "deduplication",
-            )
+            # Nexmark q19: a running Top-N per key, in update mode keyed by (keys, rn)
+            if not rank.partition:
+                raise refuse(
+                    rank.node,
+                    "Top-N (ROW_NUMBER() <= N) without PARTITION BY",
+                    alternative="PARTITION BY a key, or by window_start, window_end",
+                )
+            return replace(rel, frame=self._top_n(rel.frame, rank, limit), rank=None), keep
         if rank.descending[0]:
             raise refuse(rank.node, "keep-last deduplication")
         frame = rel.frame
@@ -649,6 +697,35 @@ class QueryLowering:
             )
         frame = frame.with_columns(pl.lit(1, pl.Int64).alias(rank.column))
         return replace(rel, frame=frame, rank=None), keep
+
+
+def _processing_time(rel: Relation, items: list[exp.Expr]) -> tuple[Relation, list[exp.Expr]]:
+    """``PROCTIME() AS pt`` in a SELECT list (Flink's q12: ``SELECT *, PROCTIME() AS pt FROM
+    bid``): on a stream ``with_processing_time(pt)``, the batch's logged timestamp; over
+    static frames the time the query is planned, one instant for every row (the batch
+    result processes every row at once)."""
+    frame, fields, out = rel.frame, list(rel.scope.fields), []
+    for i, item in enumerate(items):
+        inner = item.unalias()
+        if not (
+            isinstance(inner, exp.Anonymous)
+            and inner.name.upper() == "PROCTIME"
+            and not inner.expressions
+        ):
+            out.append(item)
+            continue
+        name = QueryLowering._name(item, i)
+        column = fresh(name, set(frame.collect_schema().names()))
+        if isinstance(frame, StreamFrame):
+            frame = frame.with_processing_time(column)
+        else:
+            now = datetime.now(UTC).replace(tzinfo=None)
+            frame = frame.with_columns(pl.lit(now, pl.Datetime("ms")).alias(column))
+        fields.append(Field(None, column, column))
+        out.append(exp.alias_(exp.column(column), name))
+    if len(fields) == len(rel.scope.fields):
+        return rel, items
+    return replace(rel, frame=frame, scope=Scope(tuple(fields))), out
 
 
 def _top_n_static(frame: pl.LazyFrame, rank: Rank, limit: int) -> pl.LazyFrame:

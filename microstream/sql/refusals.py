@@ -34,23 +34,23 @@ REFUSED: dict[str, str] = {
     "keep-first by event time": "unique() keeps the first row by arrival; order by a "
     "PROCTIME() column for that, as Flink's processing-time deduplication",
     "keep-last deduplication": "ORDER BY ... DESC emits updates; keep the first row (ASC)",
-    "ALL ROWS PER MATCH": "MATCH_RECOGNIZE emits ONE ROW PER MATCH; measure what the rows "
-    "hold with FIRST, LAST, PREV and aggregates of the pattern variables",
-    "CLASSIFIER()": "ONE ROW PER MATCH has no current row to classify; COUNT(A.*) > 0 says "
-    "whether variable A matched a row",
-    "MATCH_NUMBER()": "matches are not numbered; the partition columns and FIRST(A.ts) "
-    "identify a match",
+    "CLASSIFIER() in DEFINE": "in DEFINE the row's variable is the one being defined; "
+    "CLASSIFIER() is for MEASURES",
+    "MATCH_NUMBER() in DEFINE": "a match has no number until it is found; MATCH_NUMBER() is "
+    "for MEASURES",
     "MATCH_ROWTIME()": "the output has no time attribute; measure LAST(ts), the event time of "
     "the match's last row",
-    "NEXT": "a condition cannot read rows that come after it; PREV reads the rows before, so "
-    "move the condition onto the next variable",
+    "FINAL in ALL ROWS PER MATCH": "ALL ROWS PER MATCH measures are RUNNING (the rows up to "
+    "each row); measure the final value with ONE ROW PER MATCH and join it back",
+    "NEXT in MEASURES": "a measure reads the match's rows; NEXT is for DEFINE, where it reads "
+    "the rows after the row being tried",
+    "NEXT of another pattern variable": "the rows after the current one are mapped to no "
+    "variable yet; write NEXT(col) or NEXT(A.col) in A's own DEFINE",
     "logical offset": "FIRST(A.col, n) and LAST(A.col, n) are not supported; FIRST(A.col), "
     "LAST(A.col) and the physical offset PREV(A.col, n) are",
     "MATCH_RECOGNIZE ORDER BY a column without a watermark": "rows are matched in event-time "
     "order once the watermark passes them; ORDER BY the column the table's watermark is on "
     "(WATERMARK FOR ts AS ... in CREATE TABLE, or with_watermark)",
-    "MATCH_RECOGNIZE over a static table": "MATCH_RECOGNIZE runs on streams only; register "
-    "the rows as a stream with a watermark (ms.MemoryStream, a scan_* source)",
 }
 """Constructs refused by name, with the reason or the supported alternative."""
 

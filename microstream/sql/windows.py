@@ -27,6 +27,7 @@ static frames each row is repeated for the windows that hold it and grouped by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -35,11 +36,23 @@ import polars as pl
 from sqlglot import exp
 
 from microstream.api.frame import StreamFrame
+from microstream.plan.event_time import trace_event_time
+from microstream.plan.nodes import PlanNode
+from microstream.plan.processing_time import ProcessingTimeNode
 from microstream.sql.dialect import Descriptor, TableArgument
 from microstream.sql.expressions import interval_of, sql_text
 from microstream.sql.refusals import refuse
 
-__all__ = ["LEGACY_PARTS", "Window", "legacy_window", "tvf_window", "window_aggregate"]
+__all__ = [
+    "LEGACY_PARTS",
+    "Window",
+    "calendar_window",
+    "legacy_window",
+    "tvf_window",
+    "window_aggregate",
+]
+
+Frame = StreamFrame | pl.LazyFrame
 
 WINDOW_COLUMNS = ("window_start", "window_end", "window_time")
 
@@ -144,6 +157,60 @@ def legacy_window(call: exp.Anonymous, time_column: str) -> Window:
     raise refuse(call, f"{sql_text(call)}", reason=f"{kind} takes other arguments")
 
 
+_CALENDAR_FIELDS = ("yyyy", "MM", "dd", "HH", "mm", "ss")
+_CALENDAR_UNITS = {
+    3: timedelta(days=1),
+    4: timedelta(hours=1),
+    5: timedelta(minutes=1),
+    6: timedelta(seconds=1),
+}
+
+
+def calendar_window(
+    node: exp.Expr, column_of: Callable[[exp.Column], str], frame: Frame
+) -> Window | None:
+    """``GROUP BY DATE_FORMAT(ts, 'yyyy-MM-dd')`` on a stream watermarked on ``ts``: a
+    tumbling window of one day (of an hour for ``'yyyy-MM-dd HH'``, down to seconds).
+
+    Flink runs Nexmark q17's ``GROUP BY auction, DATE_FORMAT(dateTime, 'yyyy-MM-dd')``
+    as an unbounded aggregation that updates its rows; a pattern that shows the year,
+    month, day (and hour, minute, second, each finer field only with the coarser ones)
+    names exactly one epoch-aligned window of its finest unit, so the group is that
+    window: it closes when the watermark passes its end, is emitted once, final, and its
+    state dropped (append mode, as the Python q17). None for anything else (a month
+    pattern, no watermark on ``ts``), which stays a key of an update-mode aggregation.
+    """
+    if not (
+        isinstance(node, exp.Anonymous)
+        and node.name.upper() == "DATE_FORMAT"
+        and len(node.expressions) == 2
+        and isinstance(node.expressions[0], exp.Column)
+        and isinstance(node.expressions[1], exp.Literal)
+        and node.expressions[1].is_string
+    ):
+        return None
+    if not isinstance(frame, StreamFrame):
+        return None  # over static frames the formatted time is the key, as written
+    column = column_of(node.expressions[0])
+    if trace_event_time(frame.plan, column) is None:
+        return None
+    runs, pattern, i = [], node.expressions[1].this, 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "'":  # quoted literal text
+            end = pattern.find("'", i + 1)
+            i = len(pattern) if end < 0 else end + 1
+            continue
+        run = len(pattern[i:]) - len(pattern[i:].lstrip(ch)) if ch.isalpha() else 1
+        if ch.isalpha():
+            runs.append(pattern[i : i + run])
+        i += run
+    if len(runs) < 3 or runs != list(_CALENDAR_FIELDS[: len(runs)]):
+        return None
+    unit = _CALENDAR_UNITS[len(runs)]
+    return Window("TUMBLE", column, size=unit, slide=unit)
+
+
 def _unit(dtype: pl.DataType) -> timedelta:
     unit = getattr(dtype, "time_unit", None) or "us"
     return {"ms": timedelta(milliseconds=1), "us": timedelta(microseconds=1)}.get(
@@ -159,6 +226,8 @@ def window_aggregate(
 ) -> StreamFrame | pl.LazyFrame:
     """Aggregate ``frame`` per window and keys: columns keys, aggs, window_start/end/time."""
     by = [*window.partition_by, *(k for k in keys if k not in window.partition_by)]
+    if isinstance(frame, StreamFrame):
+        frame = _processing_time_watermark(frame, window.column)
     time = frame.collect_schema()[window.column]
     unit = pl.lit(_unit(time))
     if window.kind == "SESSION":
@@ -195,6 +264,22 @@ def window_aggregate(
     end = start + pl.lit(window.size)
     out = out.with_columns(window_start=start, window_end=end, window_time=end - unit)
     return out.drop(window.column if isinstance(frame, StreamFrame) else "__start")
+
+
+def _processing_time_watermark(frame: StreamFrame, column: str) -> StreamFrame:
+    """A window over a ``PROCTIME()`` column closes under a watermark of 0 s on it (as
+    Python's q12 writes ``with_watermark(pt, "0s")``): a batch's timestamp is at or after
+    the previous batch's, so no row is late and a window is final once a batch runs past
+    its end. Any other column keeps the watermark it has (or the verb's own error)."""
+    if trace_event_time(frame.plan, column) is not None:
+        return frame
+    stack: list[PlanNode] = [frame.plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ProcessingTimeNode) and node.name == column:
+            return frame.with_watermark(column, "0s")
+        stack.extend(node.children())
+    return frame
 
 
 def _batch_sessions(

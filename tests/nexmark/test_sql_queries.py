@@ -1,11 +1,15 @@
 """Nexmark in Flink SQL (DDL with WATERMARK, then the query) equals the Python versions.
 
-q0-q3 (stateless, interval join), q5 (a window aggregate joined with the maximum
+q0-q3 (stateless, interval join), q4 (an interval join also bounded on a column
+that is no watermark, then an aggregate of an aggregate), q5 (a window aggregate joined with the maximum
 per window, an aggregate of an aggregate), q7 (a window aggregate joined back to
 the bids by an interval on its window end), q8 (Flink's window join of two window
-aggregates) q11 (session windows), q21 (REGEXP_EXTRACT) and q22 (SPLIT_INDEX) are written as in nexmark/nexmark's
-``queries/*.sql`` (column names in this project's snake case); q7 keeps the
-Python version's half-open window (see its docstring).
+aggregates) q11 (session windows), q12 (a processing-time window over ``PROCTIME()``),
+q14 (a scalar UDF registered with ``register_function``), q17 (``GROUP BY
+DATE_FORMAT(date_time, 'yyyy-MM-dd')``: a day window), q19 (Top-N per auction: a running Top-N in update mode), q21 (REGEXP_EXTRACT) and q22
+(SPLIT_INDEX) are written as in nexmark/nexmark's ``queries/*.sql`` (column names in
+this project's snake case); q7 keeps the Python version's half-open window (see its
+docstring). Where the text differs from Flink's, the query says why.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from nexmark.query import assert_same_result, load, run_batch
+from nexmark.query import assert_same_result, load, run_batch, run_stream
 
 import microstream as ms
 
@@ -41,6 +45,23 @@ QUERIES = {
          AND P.date_time BETWEEN A.date_time - INTERVAL '600' SECOND
                              AND A.date_time + INTERVAL '600' SECOND
         WHERE A.category = 10 AND P.state IN ('OR', 'ID', 'CA')
+    """,
+    # Flink's q4, plus the bound the Python q4 assumes (MAX_AUCTION_SPAN): B.date_time <=
+    # A.expires is on no watermark column, so alone it could never let the join forget an
+    # auction; beside a constant bound it filters the join's rows. The closing time in the
+    # GROUP BY (determined by the auction, as id is) lets each auction's maximum close
+    # when the watermark passes it, so the average counts final maxima only.
+    "q4": """
+        SELECT Q.category, AVG(Q.final) AS final
+        FROM (
+          SELECT MAX(B.price) AS final, A.category
+          FROM auction A, bid B
+          WHERE A.id = B.auction
+            AND B.date_time BETWEEN A.date_time AND A.expires
+            AND B.date_time <= A.date_time + INTERVAL '10' SECOND
+          GROUP BY A.id, A.category, A.date_time + INTERVAL '10' SECOND
+        ) Q
+        GROUP BY Q.category
     """,
     "q5": """
         SELECT AuctionBids.auction, AuctionBids.num
@@ -94,6 +115,49 @@ QUERIES = {
         FROM bid B
         GROUP BY B.bidder, SESSION(B.date_time, INTERVAL '10' SECOND)
     """,
+    "q12": """
+        SELECT B.bidder, COUNT(*) AS bid_count,
+               TUMBLE_START(B.p_time, INTERVAL '10' SECOND) AS starttime,
+               TUMBLE_END(B.p_time, INTERVAL '10' SECOND) AS endtime
+        FROM (SELECT *, PROCTIME() AS p_time FROM bid) B
+        GROUP BY B.bidder, TUMBLE(B.p_time, INTERVAL '10' SECOND)
+    """,
+    "q14": """
+        SELECT auction, bidder, 0.908 * price AS price,
+          CASE
+            WHEN HOUR(date_time) >= 8 AND HOUR(date_time) <= 18 THEN 'dayTime'
+            WHEN HOUR(date_time) <= 6 OR HOUR(date_time) >= 20 THEN 'nightTime'
+            ELSE 'otherTime'
+          END AS bid_time_type,
+          date_time, extra, count_char(extra, 'c') AS c_counts
+        FROM bid
+        WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000
+    """,
+    # Flink's AVG of a BIGINT is a BIGINT; microstream's AVG is a DOUBLE, so the
+    # truncated mean is written out.
+    "q17": """
+        SELECT
+          auction,
+          DATE_FORMAT(date_time, 'yyyy-MM-dd') AS `day`,
+          COUNT(*) AS total_bids,
+          COUNT(*) FILTER (WHERE price < 10000) AS rank1_bids,
+          COUNT(*) FILTER (WHERE price >= 10000 AND price < 1000000) AS rank2_bids,
+          COUNT(*) FILTER (WHERE price >= 1000000) AS rank3_bids,
+          MIN(price) AS min_price,
+          MAX(price) AS max_price,
+          SUM(price) / COUNT(*) AS avg_price,
+          SUM(price) AS sum_price
+        FROM bid
+        GROUP BY auction, DATE_FORMAT(date_time, 'yyyy-MM-dd')
+    """,
+    # A Top-N per auction, no window: a running Top-N in update mode keyed by
+    # (auction, rank_number), as Flink's Top-N with the row number in its output.
+    "q19": """
+        SELECT * FROM
+        (SELECT *, ROW_NUMBER() OVER (PARTITION BY auction ORDER BY price DESC) AS rank_number
+         FROM bid)
+        WHERE rank_number <= 10
+    """,
     "q21": """
         SELECT auction, bidder, price, channel,
           CASE
@@ -117,6 +181,15 @@ QUERIES = {
 }
 
 
+def count_char(text: str | None, char: str) -> int:
+    """Nexmark's UDF ``count_char``: occurrences of ``char`` in ``text`` (0 for NULL)."""
+    return 0 if text is None else text.count(char)
+
+
+def context(**tables: pl.LazyFrame) -> ms.SQLContext:
+    return ms.SQLContext(**tables).register_function("count_char", count_char, pl.Int64)
+
+
 def ddl(root: Path, name: str, max_files: int) -> str:
     return (
         f"CREATE TABLE {name} ({COLUMNS[name]}, "
@@ -130,7 +203,7 @@ def ddl(root: Path, name: str, max_files: int) -> str:
 @pytest.mark.parametrize("name", sorted(QUERIES))
 def test_sql_equals_python(name: str, max_files: int, nexmark_root: Path, tmp_path: Path) -> None:
     module = load(name)
-    ctx = ms.SQLContext()
+    ctx = context()
     for table in module.INPUTS:
         ctx.execute(ddl(nexmark_root, table, max_files))
     frame = ctx.execute(QUERIES[name])
@@ -140,6 +213,7 @@ def test_sql_equals_python(name: str, max_files: int, nexmark_root: Path, tmp_pa
         lambda df, _batch_id: frames.append(df),
         trigger=ms.Trigger.available_now(flush=True),
         checkpoint=tempfile.mkdtemp(dir=tmp_path),
+        output_mode=getattr(module, "OUTPUT_MODE", "append"),
     )
     query.await_termination()
     progress = query.recent_progress
@@ -148,11 +222,23 @@ def test_sql_equals_python(name: str, max_files: int, nexmark_root: Path, tmp_pa
     result = pl.concat(frames, how="vertical_relaxed")
     _, expected = run_batch(module, nexmark_root)
     assert expected.height > 0
-    assert result.columns == expected.columns
+    if not hasattr(module, "compare"):  # q12's compare checks the stream's own columns
+        assert result.columns == expected.columns
     assert_same_result(module, result, expected)
     # The same text over static frames is the batch result too.
-    static = ms.SQLContext(
+    static = context(
         **{t: pl.scan_parquet(str(nexmark_root / t / "*.parquet")) for t in module.INPUTS}
     ).execute(QUERIES[name])
     assert isinstance(static, pl.LazyFrame)
     assert_same_result(module, static.collect(), expected)
+
+
+def test_q19_python_version_equals_batch(nexmark_root: Path) -> None:
+    # q19 is not in the benchmark's list (every peer runs that list): its Python version
+    # is checked here, with one file per trigger.
+    module = load("q19")
+    run = run_stream(module, nexmark_root, max_files_per_trigger=1)
+    assert run.batches >= 12
+    _, expected = run_batch(module, nexmark_root)
+    assert expected.height > 0
+    assert_same_result(module, run.result, expected)
