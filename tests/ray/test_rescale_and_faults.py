@@ -1,6 +1,7 @@
 """RayRuntime across restarts: a checkpoint moves from LocalRuntime to Ray and between
-numbers of workers (key groups move with their state), and a Ray worker killed with
-SIGKILL fails the batch, which a restart re-runs: the output equals a clean run's."""
+numbers of workers (key groups move with their state), and with ``max_worker_restarts=0``
+a Ray worker killed with SIGKILL fails the batch, which a restart re-runs: the output
+equals a clean run's. (Replacing workers within a run: test_worker_faults.py.)"""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def _restart_until_done(
             root / "in",
             root / "cp",
             out,
-            ms.RayRuntime(num_workers=workers),
+            ms.RayRuntime(num_workers=workers, max_worker_restarts=0),
             flush=True,
             before_operators=before_operators,
             on_batch=on_batch,
