@@ -7,8 +7,8 @@
 
 Both run with ``Trigger.available_now(flush=True)`` and ``max_files_per_trigger=1``,
 so batch boundaries do not depend on timing. :class:`FaultyRayRuntime` is RayRuntime
-whose driver, at the n-th visit of a named fault point, sends a signal to one Ray
-worker process (SIGKILL: dies; SIGSTOP: hangs), found by the executor's actor handles.
+whose driver, at the n-th visit of named fault points, sends a signal to Ray worker
+processes (SIGKILL: dies; SIGSTOP: hangs), found by the executor's actor handles.
 """
 
 from __future__ import annotations
@@ -29,52 +29,44 @@ T0 = datetime(2026, 1, 1)
 CLICKS = pl.Schema({"user": pl.String(), "click_ts": pl.Datetime("us"), "page": pl.Int64()})
 
 
+Fault = tuple[str, int, int]
+"""(fault point, visit, worker): at that visit of the point, signal that worker."""
+
+
 class _WorkerFaults:
-    """Stands for the driver's FaultInjector: at the ``nth`` visit of ``point`` it sends
-    ``sig`` to worker ``victim`` (its pid asked through the executor's actor handle)."""
+    """Stands for the driver's FaultInjector: at each fault's visit of its point it sends
+    ``sig`` to the fault's worker (its pid asked through the executor's actor handles)."""
 
     armed = True
 
-    def __init__(self, executor: Any, point: str, nth: set[int], victim: int, sig: int) -> None:
-        self.executor, self.point, self.nth, self.victim, self.sig = (
-            executor,
-            point,
-            nth,
-            victim,
-            sig,
-        )
-        self.visits = 0
+    def __init__(self, executor: Any, faults: list[Fault], sig: int) -> None:
+        self.executor, self.faults, self.sig = executor, faults, sig
+        self.visits: dict[str, int] = {}
         self.sent: list[int] = []
 
     def reach(self, point: str) -> None:
-        if point != self.point:
+        if not any(point == p for p, _, _ in self.faults):
             return
-        self.visits += 1
-        if self.visits in self.nth:
-            pid = self.executor.worker_pids()[self.victim]
-            os.kill(pid, self.sig)
-            self.sent.append(pid)
+        self.visits[point] = visit = self.visits.get(point, 0) + 1
+        for p, nth, victim in self.faults:
+            if (p, nth) == (point, visit):
+                pid = self.executor.worker_pids()[victim]
+                os.kill(pid, self.sig)
+                self.sent.append(pid)
 
 
 class FaultyRayRuntime(ms.RayRuntime):
-    """RayRuntime that signals worker ``victim`` at the ``nth`` visit(s) of fault ``point``;
+    """RayRuntime whose driver signals Ray workers at fault points (:data:`Fault`);
     ``self.executions`` keeps every run's driver for the assertions."""
 
-    def __init__(
-        self,
-        point: str,
-        nth: int | set[int],
-        victim: int,
-        sig: int = signal.SIGKILL,
-        **options: Any,
-    ) -> None:
+    def __init__(self, *faults: Fault, sig: int = signal.SIGKILL, **options: Any) -> None:
         super().__init__(**options)
-        self.fault = (point, {nth} if isinstance(nth, int) else nth, victim, sig)
+        self.faults, self.sig = list(faults), sig
         self.executions: list[Any] = []
 
     def prepare(self, config: Any) -> Any:
         execution = super().prepare(config)
-        execution.faults = _WorkerFaults(execution.executor, *self.fault)
+        execution.faults = _WorkerFaults(execution.executor, self.faults, self.sig)
         self.executions.append(execution)
         return execution
 

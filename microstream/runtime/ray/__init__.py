@@ -79,7 +79,8 @@ class RayRuntime:
         How long the driver waits for the workers' answer to one call (a batch's
         step of an operator, a state commit, loading state) before the workers that
         did not answer are treated as dead: a duration (``"60s"``), a timedelta or
-        seconds; ``None`` waits for ever.
+        seconds; ``None`` waits for ever. Starting the actors and loading their state
+        may take at least a minute, whatever this is.
     max_worker_restarts
         How many times one batch may lose workers and run again before the query
         stops with :class:`~microstream.exceptions.WorkerRestartsExhaustedError`

@@ -256,24 +256,46 @@ class RemoteOperator:
         )
 
 
+TIMER_CHECK_MS = 100
+"""How often an idle query asks the owners of an operator with timers whether one is due
+while the watermark stands still (the driver polls every 10 ms; a round trip to every
+actor each time would keep them busy): processing-time timers and state TTLs fire within
+this long of their time, event-time timers at the first poll after the watermark moved."""
+
+
 class RemoteTimedOperator(RemoteOperator):
     """A :class:`RemoteOperator` whose operator has timers (``TimedOperator``): a batch
     without rows is due when any owner says so."""
 
+    _quiet: tuple[int | None, int] | None = None
+    """(watermark, time in ms) of the last check that found no timer due, until a batch."""
+
+    def process_routed(
+        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+    ) -> OperatorOutput:
+        self._quiet = None  # a batch changes the owners' timers
+        return super().process_routed(per_owner, ctx)
+
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
-        """Whether any owner has a timer due; a worker lost meanwhile (between batches) is
-        replaced at the last committed version first."""
+        """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
+        the watermark stands still); a worker lost meanwhile (between batches) is replaced
+        at the last committed version first."""
+        quiet = self._quiet
+        if quiet is not None and quiet[0] == watermark_us and now_ms - quiet[1] < TIMER_CHECK_MS:
+            return False
         while True:
             calls = [
                 o.worker.timers_due.remote(self.operator_id, watermark_us, now_ms)
                 for o in self.owners
             ]
             try:
-                due: list[bool] = self._get(calls, "a timer check")
+                answers: list[bool] = self._get(calls, "a timer check")
             except WorkerLostError as exc:
                 self._executor.recover_between_batches(exc)
                 continue
-            return any(due)
+            due = any(answers)
+            self._quiet = None if due else (watermark_us, now_ms)
+            return due
 
 
 def route(
@@ -315,6 +337,12 @@ def _sum_progress(parts: list[StateOperatorProgress]) -> StateOperatorProgress:
         num_rows_dropped_late=sum(p.num_rows_dropped_late for p in parts),
         num_rows_dropped_null_time=sum(p.num_rows_dropped_null_time for p in parts),
     )
+
+
+START_TIMEOUT_S = 60.0
+"""The least time starting actors and loading their state may take (a new actor starts a
+process and imports Polars and microstream, slow on a busy machine), whatever the
+worker timeout; once running, every call has the worker timeout."""
 
 
 class RayStageExecutor:
@@ -365,6 +393,8 @@ class RayStageExecutor:
         """The state version every operator last committed (or loaded at start)."""
         self.restarts = 0
         """How many times the workers were restarted in this run (progress, tests)."""
+        self.replaced: list[int] = []
+        """The index of every worker replaced in this run, in order."""
         self.assignment: Assignment | None = None
         self.workers: list[Any] = []
         self._actor_class: Any = None
@@ -428,14 +458,19 @@ class RayStageExecutor:
 
     def _open_all(self, version: int | None, what: str) -> None:
         calls = [(op, op.reopen(self.workers, version)) for op in self._ops()]
+        timeout = self.worker_timeout_s
+        if timeout is not None:
+            timeout = max(timeout, START_TIMEOUT_S)
         for op, opened in calls:
-            op._get(opened, what)
+            self.gather(opened, [o.index for o in op.owners], f"{what} ({op.operator_id})", timeout)
 
     # -- faults ------------------------------------------------------------------------
 
-    def gather(self, calls: list[Any], workers: Sequence[int], what: str) -> list[Any]:
-        """The results of ``calls`` (one per worker index in ``workers``), each within the
-        worker timeout.
+    def gather(
+        self, calls: list[Any], workers: Sequence[int], what: str, timeout: float | None = -1.0
+    ) -> list[Any]:
+        """The results of ``calls`` (one per worker index in ``workers``), within
+        ``timeout`` seconds (default: the worker timeout).
 
         Raises
         ------
@@ -447,19 +482,23 @@ class RayStageExecutor:
         ray = self._ray
         errors = ray.exceptions
         lost_types = (errors.RayActorError, errors.ObjectLostError, errors.WorkerCrashedError)
+        if timeout is not None and timeout < 0:
+            timeout = self.worker_timeout_s
+        limit = timeout
         try:
-            results: list[Any] = ray.get(calls, timeout=self.worker_timeout_s)
+            results: list[Any] = ray.get(calls, timeout=timeout)
             return results
-        except (*lost_types, errors.GetTimeoutError):
-            pass
+        except errors.GetTimeoutError:
+            timeout = 0  # the time is up: who has not answered now is hung
+        except lost_types:
+            pass  # someone died: give the others their time, then name who is gone
         except errors.RayTaskError as exc:
             raise _cause(exc) from None
-        # Someone is gone: wait for the others (within the timeout), then name who is.
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=self.worker_timeout_s)
-        finished = {id(ref) for ref in ready}
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+        finished = set(ready)
         dead, hung = [], []
         for index, ref in zip(workers, calls):
-            if id(ref) not in finished:
+            if ref not in finished:
                 hung.append(index)
                 continue
             try:
@@ -474,7 +513,9 @@ class RayStageExecutor:
         if hung:
             parts.append(
                 f"Ray worker(s) {sorted(set(hung))} did not answer within "
-                f"worker_timeout ({self.worker_timeout_s:g} s)"
+                f"{limit:g} s ("
+                + ("worker_timeout" if limit == self.worker_timeout_s else "starting actors")
+                + ")"
             )
         msg = f"{' and '.join(parts) or 'a Ray worker was lost'} during {what}"
         raise WorkerLostError(msg, frozenset(dead) | frozenset(hung))
@@ -496,7 +537,8 @@ class RayStageExecutor:
             self._restarts_in = (batch, count)
             if count > self.max_worker_restarts:
                 msg = (
-                    f"{error}; batch {batch} lost Ray workers {count} times and RayRuntime "
+                    f"{error}; batch {batch} lost Ray workers {count} time"
+                    f"{'s' if count > 1 else ''} and RayRuntime "
                     f"restarts them at most max_worker_restarts={self.max_worker_restarts} "
                     "times per batch. Nothing of the batch was committed; restart the query "
                     "and it re-runs the batch from its write-ahead log (the workers' logs, "
@@ -509,6 +551,7 @@ class RayStageExecutor:
                 logger.warning("replacing Ray worker %s: %s", index, error)
                 self._kill(self.workers[index])
                 self.workers[index] = self._actor_class.remote(self._storage)
+                self.replaced.append(index)
             try:
                 self._open_all(version, f"the restart of the workers for batch {batch}")
             except WorkerLostError as again:
