@@ -95,10 +95,18 @@ def _events(root: Path) -> ms.StreamFrame:
     return ms.scan_files(root / "in", format="parquet", schema=SCHEMA, max_files_per_trigger=1)
 
 
-def window_into_delta(root: Path, runtime: ms.Runtime) -> ms.StreamingQuery:
+def window_into_delta(
+    root: Path, runtime: ms.Runtime, late: list[tuple[Any, ...]] | None = None
+) -> ms.StreamingQuery:
+    """``late`` collects the late rows (with their batch id) the driver routes."""
+
+    def on_late(rows: pl.DataFrame, batch_id: int) -> None:
+        if late is not None:
+            late.extend((batch_id, *row) for row in rows.iter_rows())
+
     return (
         _events(root)
-        .with_watermark("ts", delay="5s")
+        .with_watermark("ts", delay="5s", on_late=on_late)
         .unique(subset=["id", "ts"], keep="first")
         .group_by_dynamic("ts", every="10s", group_by="user")
         .agg(pl.col("v").sum().alias("total"), pl.len().alias("n"))
@@ -111,7 +119,9 @@ def window_into_delta(root: Path, runtime: ms.Runtime) -> ms.StreamingQuery:
     )
 
 
-def join_into_files(root: Path, runtime: ms.Runtime) -> ms.StreamingQuery:
+def join_into_files(
+    root: Path, runtime: ms.Runtime, late: list[tuple[Any, ...]] | None = None
+) -> ms.StreamingQuery:
     clicks = ms.scan_files(
         root / "clicks", format="parquet", schema=CLICKS, max_files_per_trigger=1
     ).with_watermark("click_ts", delay="4s")
@@ -148,9 +158,14 @@ def output(root: Path, pipeline: str) -> list[tuple[Any, ...]]:
     return sorted(frame.iter_rows(), key=repr)
 
 
-def run(root: Path, pipeline: str, runtime: ms.Runtime) -> list[tuple[Any, ...]]:
-    """One run over the inputs already written; its output."""
-    query = PIPELINES[pipeline](root, runtime)
+def run(
+    root: Path,
+    pipeline: str,
+    runtime: ms.Runtime,
+    late: list[tuple[Any, ...]] | None = None,
+) -> list[tuple[Any, ...]]:
+    """One run over the inputs already written; its output (late rows into ``late``)."""
+    query = PIPELINES[pipeline](root, runtime, late)
     assert query.await_termination(timeout=120)
     assert query.exception() is None, query.exception()
     return output(root, pipeline)
