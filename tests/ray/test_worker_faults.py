@@ -97,7 +97,7 @@ def test_a_hung_worker_is_treated_as_dead_after_worker_timeout(
     ray_cluster: Any, clean: dict[str, list[tuple[Any, ...]]], tmp_path: Path
 ) -> None:
     runtime = FaultyRayRuntime(
-        ("batch.after_read", 4, 1), sig=signal.SIGSTOP, num_workers=2, worker_timeout="3s"
+        ("batch.after_read", 4, 1), sig=signal.SIGSTOP, num_workers=2, worker_timeout="5s"
     )
     try:
         rows, execution = _faulty_run(tmp_path, "window_delta", runtime)
