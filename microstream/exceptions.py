@@ -113,6 +113,24 @@ class WorkerError(MicrostreamError):
     batch was not committed, and a restart of the query re-runs it from the log."""
 
 
+class WorkerLostError(WorkerError):
+    """Workers of a cluster runtime died or hung past the runtime's timeout during a
+    batch. The runtime replaces them and the driver re-runs the batch from its log entry
+    (same offsets, watermark and timestamp) within the run; only when that is not allowed
+    (:class:`WorkerRestartsExhaustedError`) does the query fail."""
+
+    def __init__(self, message: str, workers: frozenset[int]) -> None:
+        super().__init__(message)
+        self.workers = workers
+        """The indices of the workers that are gone."""
+
+
+class WorkerRestartsExhaustedError(WorkerError):
+    """A batch lost workers more often than the runtime restarts them for one batch
+    (``RayRuntime(max_worker_restarts=...)``); the query stops, nothing of the batch
+    committed, and a restart of the query re-runs it from the log."""
+
+
 class MissingDependencyError(MicrostreamError, ImportError):
     """An optional dependency that a connector needs is not installed."""
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointError
@@ -102,3 +103,31 @@ def test_parts_that_leave_out_or_disagree_are_not_committed(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match=r"disagree on \(version, parent, snapshot\)"):
         commit_parts(storage, [parts[0], other], GROUPS)
     assert not storage.exists(version_file(0))
+
+
+def test_a_stale_owner_writing_late_writes_a_file_no_manifest_names(tmp_path: Path) -> None:
+    """Fencing: the owner of attempt 0 hangs in version 1, its replacement (attempt 1)
+    writes version 1 and the manifest is committed; then the stale owner's write lands.
+    It lands under its own fence, so the manifest and the state it names are unchanged."""
+    storage = Storage(tmp_path / "counts")
+    (first,) = _owners(storage, None, 1)
+    _apply([first], _batch(0))
+    commit_parts(storage, [first.write_part(0, leader=True, fence="run1.0")], GROUPS)
+    stale, replacement = _owners(storage, 0, 1), _owners(storage, 0, 1)
+    _apply(stale, _batch(1))
+    _apply(replacement, _batch(2))  # other rows, so the two writes differ
+    part = replacement[0].write_part(1, leader=True, fence="run1.1")
+    commit_parts(storage, [part], GROUPS)
+    manifest = storage.read_bytes(version_file(1))
+    expected = _owners(storage, 1, 1)[0].frame.sort("k")
+
+    late = stale[0].write_part(1, leader=True, fence="run1.0")
+
+    assert [f.name for f in late.files] == ["deltas/1/0-16.run1.0.arrow"]
+    assert [f.name for f in part.files] == ["deltas/1/0-16.run1.1.arrow"]
+    assert storage.read_bytes(version_file(1)) == manifest
+    assert_frame_equal(_owners(storage, 1, 1)[0].frame.sort("k"), expected)
+    assert sorted(storage.list_names("deltas/1")) == [
+        "0-16.run1.0.arrow",
+        "0-16.run1.1.arrow",
+    ]

@@ -66,11 +66,13 @@ class StoreBackedOperator(ABC):
         for store in self._stores():
             store.load(version, key_groups=key_groups)
 
-    def write_parts(self, version: int, *, leader: bool) -> dict[str, StatePart]:
+    def write_parts(self, version: int, *, leader: bool, fence: str = "") -> dict[str, StatePart]:
         """Each store's part of ``version``, by store name (the owner of a range writes
-        its files; the driver commits the parts, :func:`microstream.state.parts.commit_parts`)."""
+        its files, ``fence`` in their names; the driver commits the parts,
+        :func:`microstream.state.parts.commit_parts`)."""
         return {
-            store.operator: store.write_part(version, leader=leader) for store in self._stores()
+            store.operator: store.write_part(version, leader=leader, fence=fence)
+            for store in self._stores()
         }
 
     def commit(self, version: int) -> None:

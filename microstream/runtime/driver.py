@@ -43,6 +43,7 @@ from microstream.exceptions import (
     OffsetError,
     SinkError,
     SourceError,
+    WorkerLostError,
 )
 from microstream.plan.nodes import (
     OperatorContext,
@@ -78,7 +79,11 @@ from microstream.runtime.progress import (
     SinkProgress,
     SourceProgress,
 )
-from microstream.runtime.stages import LocalStageExecutor, StageExecutor
+from microstream.runtime.stages import (
+    LocalStageExecutor,
+    RecoveringStageExecutor,
+    StageExecutor,
+)
 from microstream.time.watermark import (
     FLUSH_WATERMARK_US,
     NO_WATERMARK_US,
@@ -170,6 +175,7 @@ class StreamExecution:
         )
         self._last_watermark_us = NO_WATERMARK_US
         self._flushed = False
+        self._routed_sides: set[str] = set()  # side outputs the current batch routed
         # Rows sources set aside while reading (the Kafka source's dead letters).
         self._source_side_output = _SourceSideOutput(config.session)
 
@@ -553,6 +559,32 @@ class StreamExecution:
         offsets_ms: float = 0.0,
         wal_ms: float = 0.0,
     ) -> None:
+        """Run the batch ``entry`` logs. When a cluster runtime lost workers in it, the
+        runtime replaces them at the last committed state and the batch runs again from
+        ``entry`` (same ranges, watermark, timestamp; the sink is idempotent per batch id,
+        and side outputs an attempt routed are not routed again): exactly once, in this run."""
+        self._routed_sides = set()
+        while True:
+            try:
+                self._attempt_batch(
+                    entry, recovered=recovered, offsets_ms=offsets_ms, wal_ms=wal_ms
+                )
+                return
+            except WorkerLostError as exc:
+                if not isinstance(self.executor, RecoveringStageExecutor):
+                    raise
+                logger.warning("batch %s lost workers, re-running it: %s", entry.batch_id, exc)
+                self.executor.recover(exc, entry.batch_id)  # raises when out of restarts
+                recovered = True
+
+    def _attempt_batch(
+        self,
+        entry: OffsetEntry,
+        *,
+        recovered: bool,
+        offsets_ms: float = 0.0,
+        wal_ms: float = 0.0,
+    ) -> None:
         batch_id = entry.batch_id
         started = time.perf_counter() - (offsets_ms + wal_ms) / 1000
         self.is_trigger_active = True
@@ -580,7 +612,9 @@ class StreamExecution:
                     raise SourceError(msg) from exc
             rows_in.append(df.height)
             inputs[self._scans[i]] = declared_width(df, self._scan_sources[i].schema)
-        self._source_side_output.route()  # dead letters, once per target and batch
+        if "sources" not in self._routed_sides:
+            self._source_side_output.route()  # dead letters, once per target and batch
+            self._routed_sides.add("sources")
         self.faults.reach("batch.after_read")
 
         t_compute = time.perf_counter()
@@ -593,8 +627,9 @@ class StreamExecution:
         )
         output = self.executor.run(self.physical, inputs, ctx, self._operators)
         result = output.rows
-        if output.late_rows:
+        if output.late_rows and "late" not in self._routed_sides:
             self._route_late_rows(batch_id, pl.concat(output.late_rows, how="diagonal_relaxed"))
+            self._routed_sides.add("late")
         self.faults.reach("batch.after_compute")
 
         t_sink = time.perf_counter()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import polars as pl
 
@@ -35,6 +35,7 @@ from microstream.plan.physical import (
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
+    from microstream.exceptions import WorkerLostError
     from microstream.plan.nodes import (
         OperatorContext,
         ScanNode,
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
         WatermarkNode,
     )
 
-__all__ = ["BatchOutput", "LocalStageExecutor", "StageExecutor"]
+__all__ = ["BatchOutput", "LocalStageExecutor", "RecoveringStageExecutor", "StageExecutor"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,21 @@ class StageExecutor(Protocol):
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
         """Run every stage of ``plan`` over ``inputs`` (each source's batch)."""
+        ...
+
+
+@runtime_checkable
+class RecoveringStageExecutor(Protocol):
+    """A stage executor whose workers can be lost and replaced within a run (a cluster
+    runtime's): the driver re-runs a batch that lost workers (:class:`WorkerLostError`)
+    after :meth:`recover`, from its log entry, with the same offsets, watermark and
+    timestamp."""
+
+    def recover(self, error: WorkerLostError, batch_id: int) -> None:
+        """Make every operator as of the state committed before ``batch_id`` again:
+        replace the workers ``error`` names (and any found gone meanwhile), reload the
+        others. Raises :class:`~microstream.exceptions.WorkerRestartsExhaustedError` when
+        the batch may not be tried again."""
         ...
 
 

@@ -97,7 +97,8 @@ class StateFile(StateRecord):
     """One data file of a version: what it holds and its checksum."""
 
     name: str
-    """Its path in the store's directory (``deltas/5.arrow``, ``snapshots/10/0-32.arrow``)."""
+    """Its path in the store's directory (``deltas/5.arrow``, ``snapshots/10/0-32.arrow``;
+    an owner's ``deltas/5/0-64.r1a2b3c4d.0.arrow``, :func:`fenced`)."""
     kind: Literal["delta", "snapshot"]
     key_groups: tuple[int, int]
     """The key groups ``[lo, hi)`` its rows may belong to."""
@@ -146,13 +147,29 @@ def delta_file(version: int) -> str:
     return f"{DELTAS_DIR}/{version}.arrow"
 
 
-def ranged_delta_file(version: int, lo: int, hi: int) -> str:
-    """The delta of key groups ``[lo, hi)`` of a version written by the owner of that range."""
-    return f"{DELTAS_DIR}/{version}/{lo}-{hi}.arrow"
+def ranged_delta_file(version: int, lo: int, hi: int, fence: str = "") -> str:
+    """The delta of key groups ``[lo, hi)`` of a version written by the owner of that range;
+    ``fence`` (the writer's run and attempt) in the name keeps apart what two writers of
+    one version wrote (:func:`fenced`).
+
+    Examples
+    --------
+    >>> ranged_delta_file(5, 0, 64), ranged_delta_file(5, 0, 64, "r1a2b3c4d.2")
+    ('deltas/5/0-64.arrow', 'deltas/5/0-64.r1a2b3c4d.2.arrow')
+    """
+    return f"{DELTAS_DIR}/{version}/{lo}-{hi}{fenced(fence)}.arrow"
 
 
-def snapshot_file(version: int, lo: int, hi: int) -> str:
-    return f"{SNAPSHOTS_DIR}/{version}/{lo}-{hi}.arrow"
+def snapshot_file(version: int, lo: int, hi: int, fence: str = "") -> str:
+    return f"{SNAPSHOTS_DIR}/{version}/{lo}-{hi}{fenced(fence)}.arrow"
+
+
+def fenced(fence: str) -> str:
+    """The part of a data file's name that says which writer wrote it (empty: a store that
+    owns every key group, written by one process). A cluster runtime's owners put their
+    run id and attempt there, so a stale owner (of a dead run, or one replaced after a
+    timeout) that writes late writes a file no manifest the driver accepted lists."""
+    return f".{fence}" if fence else ""
 
 
 def encode_frame(frame: pl.DataFrame, compression: Compression, *, pyarrow_io: bool) -> bytes:

@@ -606,12 +606,12 @@ class StateStore:
         self._force_snapshot = False
         self._remove_unneeded_files()
 
-    def write_part(self, version: int, *, leader: bool) -> StatePart:
+    def write_part(self, version: int, *, leader: bool, fence: str = "") -> StatePart:
         """Write this store's key-group range of ``version``; the caller commits it.
 
         A store loaded for key groups ``[lo, hi)`` (:meth:`load` with ``key_groups=``)
         is one *owner* of a range-owned state: every owner writes, for each version,
-        the delta of its range (``deltas/<version>/<lo>-<hi>.arrow``, none when nothing
+        the delta of its range (``deltas/<version>/<lo>-<hi>.<fence>.arrow``, none if nothing
         changed) or its pieces of the snapshot, and returns what it wrote; once every
         owner returned, the driver writes the version's one manifest listing all their
         files (:func:`microstream.state.parts.commit_parts`): the commit point, as for a
@@ -659,10 +659,10 @@ class StateStore:
                 if a < hi and lo < b
             ]
             for (a, b), piece in zip(pieces, split_by_key_group(frame, pieces), strict=True):
-                name = snapshot_file(version, a, b)
+                name = snapshot_file(version, a, b, fence)
                 files.append(self._write_file(name, piece, self._snapshot_schema, (a, b)))
         elif self._pending is not None:
-            name = ranged_delta_file(version, lo, hi)
+            name = ranged_delta_file(version, lo, hi, fence)
             pending = self._pending.sort(_KG)
             files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
         self._version = version

@@ -1,6 +1,7 @@
 """RayRuntime across restarts: a checkpoint moves from LocalRuntime to Ray and between
-numbers of workers (key groups move with their state), and a Ray worker killed with
-SIGKILL fails the batch, which a restart re-runs: the output equals a clean run's."""
+numbers of workers (key groups move with their state), and with ``max_worker_restarts=0``
+a Ray worker killed with SIGKILL fails the batch, which a restart re-runs: the output
+equals a clean run's. (Replacing workers within a run: test_worker_faults.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ import pytest
 from files_pipeline import query, rows, write_files
 
 import microstream as ms
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import WorkerError
+from microstream.runtime.ray.assignment import Assignment
+from microstream.state.key_groups import key_group_ranges
 
 PHASES = [(0, 4), (4, 4), (8, 5), (13, 4)]
 """Files added before each run: (first, count); 17 batches cross a snapshot (version 10)."""
@@ -49,6 +53,28 @@ def test_a_local_checkpoint_continues_on_ray_with_1_then_3_then_2_workers(
         ms.RayRuntime(num_workers=2),
     ]
     assert rows(_run_phases(tmp_path, runtimes)) == clean_run
+    assert [a.num_workers for a in _assignments(tmp_path / "cp")] == [1, 3, 2]
+
+
+def _assignments(checkpoint: Path) -> list[Assignment]:
+    """The recorded key-group assignments, checked: each puts every operator's key groups
+    on the workers in contiguous ranges, from a later batch than the one before."""
+    storage = Storage(str(checkpoint))
+    found = [
+        storage.read_model(f"assignments/{n}.json", Assignment)
+        for n in storage.list_numbered("assignments")
+    ]
+    for n, record in enumerate(found):
+        assert record.id == n
+        assert n == 0 or record.since_batch > found[n - 1].since_batch
+        expected = [
+            (lo, hi, w) for w, (lo, hi) in enumerate(key_group_ranges(128, record.num_workers))
+        ]
+        assert sorted(record.operators) == ["op0", "op1"]
+        for ranges in record.operators.values():
+            assert [(r.lo, r.hi, r.worker) for r in ranges] == expected
+    assert len({r.run_id for r in found}) == len(found)
+    return found
 
 
 def test_a_ray_checkpoint_continues_on_local(
@@ -61,6 +87,10 @@ def test_a_ray_checkpoint_continues_on_local(
         ms.RayRuntime(num_workers=1),
     ]
     assert rows(_run_phases(tmp_path, runtimes)) == clean_run
+    # The local run is not recorded: one process owns every key group.
+    records = _assignments(tmp_path / "cp")
+    assert [(a.num_workers, a.since_batch) for a in records][:1] == [(2, 0)]
+    assert [a.num_workers for a in records] == [2, 3, 1]
 
 
 def _kill_run(
@@ -120,7 +150,7 @@ def _restart_until_done(
             root / "in",
             root / "cp",
             out,
-            ms.RayRuntime(num_workers=workers),
+            ms.RayRuntime(num_workers=workers, max_worker_restarts=0),
             flush=True,
             before_operators=before_operators,
             on_batch=on_batch,
@@ -160,6 +190,8 @@ def test_a_killed_worker_fails_the_batch_and_a_restart_gives_the_clean_output(
     out, failures = _kill_run(tmp_path, 2, victim, batch, where)
     assert failures == 1
     assert rows(out) == clean_kill_reference
+    # Restarted with as many workers: the assignment is recorded once.
+    assert [a.num_workers for a in _assignments(tmp_path / "cp")] == [2]
 
 
 @pytest.mark.slow

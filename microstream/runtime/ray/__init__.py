@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from microstream.checkpoint.storage import Storage
@@ -25,6 +26,7 @@ from microstream.operators.stateful_fn import StatefulFunctionNode
 from microstream.plan.nodes import MapBatchesNode, PlanNode, StatefulNode
 from microstream.runtime.driver import ExecutionConfig, StreamExecution
 from microstream.runtime.ray.executor import RayStageExecutor, detached
+from microstream.time.duration import format_duration, parse_duration
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -54,7 +56,12 @@ class RayRuntime:
     and writes its range's state files every batch; the driver then writes the
     version's manifest and ``commits/N``. The same checkpoint runs on either
     runtime and with any ``num_workers`` between restarts: key groups move with
-    their state.
+    their state, and the checkpoint records the move (``assignments/``).
+
+    A worker that dies, or does not answer within ``worker_timeout``, is replaced
+    within the run: the lost actors restart, every owner reloads its range as of the
+    last committed version, and the batch runs again from its write-ahead log entry
+    (same offsets, watermark and timestamp), exactly once.
 
     Parameters
     ----------
@@ -68,6 +75,16 @@ class RayRuntime:
     worker_options
         Passed to the actors' ``.options(...)``: ``num_cpus`` (default 0),
         ``resources``, ``runtime_env``, ``max_concurrency``...
+    worker_timeout
+        How long the driver waits for the workers' answer to one call (a batch's
+        step of an operator, a state commit, loading state) before the workers that
+        did not answer are treated as dead: a duration (``"60s"``), a timedelta or
+        seconds; ``None`` waits for ever. Starting the actors and loading their state
+        may take at least a minute, whatever this is.
+    max_worker_restarts
+        How many times one batch may lose workers and run again before the query
+        stops with :class:`~microstream.exceptions.WorkerRestartsExhaustedError`
+        (0: the first loss stops it; a restart of the query re-runs the batch).
 
     Notes
     -----
@@ -77,8 +94,8 @@ class RayRuntime:
     Examples
     --------
     >>> import microstream as ms
-    >>> ms.RayRuntime(num_workers=3)
-    RayRuntime(address=None, num_workers=3)
+    >>> ms.RayRuntime(num_workers=3, worker_timeout="90s")
+    RayRuntime(address=None, num_workers=3, worker_timeout='1m30s', max_worker_restarts=3)
     >>> ms.RayRuntime(num_workers=0)
     Traceback (most recent call last):
     ...
@@ -90,13 +107,35 @@ class RayRuntime:
         address: str | None = None,
         num_workers: int = 2,
         worker_options: Mapping[str, Any] | None = None,
+        *,
+        worker_timeout: str | timedelta | float | None = "10m",
+        max_worker_restarts: int = 3,
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             msg = f"num_workers must be a positive integer; got {num_workers!r} instead"
             raise ValueError(msg)
+        if (
+            isinstance(max_worker_restarts, bool)
+            or not isinstance(max_worker_restarts, int)
+            or max_worker_restarts < 0
+        ):
+            msg = (
+                "max_worker_restarts must be a non-negative integer; "
+                f"got {max_worker_restarts!r} instead"
+            )
+            raise ValueError(msg)
         self.address = address
         self.num_workers = num_workers
         self.worker_options = dict(worker_options or {})
+        self.worker_timeout = (
+            None
+            if worker_timeout is None
+            else parse_duration(worker_timeout, name="worker_timeout")
+        )
+        if self.worker_timeout is not None and self.worker_timeout <= timedelta(0):
+            msg = f"worker_timeout must be positive or None; got {worker_timeout!r} instead"
+            raise ValueError(msg)
+        self.max_worker_restarts = max_worker_restarts
 
     def prepare(self, config: ExecutionConfig) -> StreamExecution:
         """A run of ``config`` whose operators run in Ray actors (refused at once when the
@@ -104,16 +143,34 @@ class RayRuntime:
         ray = import_ray()
         check_runs_on_ray(config, ray.cloudpickle.dumps)
         executor = RayStageExecutor(
-            ray, lambda: self._connect(ray), self.num_workers, self.worker_options
+            ray,
+            lambda: self._connect(ray),
+            self.num_workers,
+            self.worker_options,
+            worker_timeout_s=(
+                None if self.worker_timeout is None else self.worker_timeout.total_seconds()
+            ),
+            max_worker_restarts=self.max_worker_restarts,
+            checkpoint=Storage(config.checkpoint_url, config.storage_options),
         )
-        return StreamExecution(config, executor=executor)
+        execution = StreamExecution(config, executor=executor)
+        executor.run_id = execution.run_id  # the fence of the owners' state files
+        return execution
 
     def _connect(self, ray: Any) -> None:
         if not ray.is_initialized():
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
 
     def __repr__(self) -> str:
-        return f"RayRuntime(address={self.address!r}, num_workers={self.num_workers})"
+        timeout = (
+            None
+            if self.worker_timeout is None
+            else format_duration(self.worker_timeout // timedelta(microseconds=1))
+        )
+        return (
+            f"RayRuntime(address={self.address!r}, num_workers={self.num_workers}, "
+            f"worker_timeout={timeout!r}, max_worker_restarts={self.max_worker_restarts})"
+        )
 
 
 def check_runs_on_ray(config: ExecutionConfig, dumps: Callable[[Any], bytes]) -> None:

@@ -19,10 +19,23 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    returns what it wrote; the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
 
-A worker that dies (its process killed) fails the batch with a
-:class:`~microstream.exceptions.WorkerError`; nothing of batch N is committed,
-and restarting the query re-runs it from the log with fresh workers, which load
-their ranges as of the last committed version.
+**Faults.** Every call to the workers is gathered by :meth:`RayStageExecutor.gather`,
+which names the workers that are gone: their actor died (its process killed), or they
+did not answer within ``worker_timeout`` (hung; treated as dead). That is a
+:class:`~microstream.exceptions.WorkerLostError`; the driver calls :meth:`recover`,
+which kills and replaces the lost actors and re-opens every owner of every operator
+at the version committed before the batch (the live ones too: they hold the failed
+attempt's changes), then re-runs the batch from its log entry. After
+``max_worker_restarts`` restarts in one batch the query stops with
+:class:`~microstream.exceptions.WorkerRestartsExhaustedError`; a restart of the query
+re-runs the batch, as after any crash.
+
+**Fencing.** Owners write their state files under names that carry the run id and the
+attempt (``deltas/N/<lo>-<hi>.<run>.<attempt>.arrow``,
+:func:`microstream.state.format.fenced`); every restart starts a new attempt, and the
+driver's manifest lists exactly the files of the calls it accepted. A stale owner (a
+replaced actor whose call was still running, an actor of a dead run) that writes late
+writes a file no manifest names, which the retention removes.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from microstream.exceptions import WorkerError
+from microstream.exceptions import WorkerLostError, WorkerRestartsExhaustedError
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
     KeyGroupedOperator,
@@ -59,6 +73,7 @@ from microstream.plan.physical import (
     WatermarkObservation,
 )
 from microstream.runtime.progress import StateOperatorProgress
+from microstream.runtime.ray.assignment import Assignment, record_assignment
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput
 from microstream.state.key_groups import key_group_ranges, key_groups
@@ -146,15 +161,17 @@ class RemoteOperator:
         owners: list[_Owner],
         storage: Storage,
         template: StatefulOperator,
-        ray: Any,
+        executor: RayStageExecutor,
         num_key_groups: int,
     ) -> None:
         self.operator_id = stage.operator_id
         self.stage = stage
         self.owners = owners
+        self.node = detached(stage.node)
+        """What the owners build the operator from (sent again when they are re-opened)."""
         self._storage = storage
         self._template = template
-        self._ray = ray
+        self._executor = executor
         self.num_key_groups = num_key_groups
         self._progress = template.progress()
 
@@ -191,8 +208,11 @@ class RemoteOperator:
 
     def commit(self, version: int) -> None:
         """Every owner writes its range of ``version``; then one manifest per store."""
+        fence = self._executor.fence
         calls = [
-            owner.worker.write_parts.remote(self.operator_id, version, leader=owner.lo == 0)
+            owner.worker.write_parts.remote(
+                self.operator_id, version, leader=owner.lo == 0, fence=fence
+            )
             for owner in self.owners
         ]
         results: list[dict[str, StatePart]] = self._get(calls, f"the commit of batch {version}")
@@ -202,6 +222,7 @@ class RemoteOperator:
                 [parts[store] for parts in results],
                 self.num_key_groups,
             )
+        self._executor.version = version
 
     def progress(self) -> StateOperatorProgress:
         return self._progress
@@ -214,36 +235,67 @@ class RemoteOperator:
         pids: list[int] = self._get([o.worker.pid.remote() for o in self.owners], "pid")
         return pids
 
+    def reopen(self, workers: Sequence[Any], version: int | None) -> list[Any]:
+        """Point the owners at ``workers`` (by index) and have each build the operator and
+        load its range as of ``version``; the calls, to gather."""
+        self.owners = [dataclasses.replace(o, worker=workers[o.index]) for o in self.owners]
+        return [
+            o.worker.open.remote(
+                self.operator_id,
+                self.node,
+                num_key_groups=self.num_key_groups,
+                key_groups=(o.lo, o.hi),
+                version=version,
+            )
+            for o in self.owners
+        ]
+
     def _get(self, calls: list[Any], what: str) -> Any:
-        try:
-            return self._ray.get(calls)
-        except self._ray.exceptions.RayActorError as exc:
-            lost = ", ".join(
-                f"worker {o.index} (key groups {o.lo}-{o.hi - 1})" for o in self.owners
-            )
-            msg = (
-                f"a Ray worker of operator {self.operator_id} died during {what} (its owners: "
-                f"{lost}): {type(exc).__name__}. Nothing of the batch was committed; restart "
-                "the query and it re-runs the batch from its write-ahead log"
-            )
-            raise WorkerError(msg) from exc
-        except self._ray.exceptions.RayTaskError as exc:
-            # The operator raised in the worker: raise its own error, as locally.
-            if isinstance(exc.cause, BaseException):
-                raise exc.cause from None
-            raise
+        return self._executor.gather(
+            calls, [o.index for o in self.owners], f"{what} of operator {self.operator_id}"
+        )
+
+
+TIMER_CHECK_MS = 100
+"""How often an idle query asks the owners of an operator with timers whether one is due
+while the watermark stands still (the driver polls every 10 ms; a round trip to every
+actor each time would keep them busy): processing-time timers and state TTLs fire within
+this long of their time, event-time timers at the first poll after the watermark moved."""
 
 
 class RemoteTimedOperator(RemoteOperator):
     """A :class:`RemoteOperator` whose operator has timers (``TimedOperator``): a batch
     without rows is due when any owner says so."""
 
+    _quiet: tuple[int | None, int] | None = None
+    """(watermark, time in ms) of the last check that found no timer due, until a batch."""
+
+    def process_routed(
+        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+    ) -> OperatorOutput:
+        self._quiet = None  # a batch changes the owners' timers
+        return super().process_routed(per_owner, ctx)
+
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
-        calls = [
-            o.worker.timers_due.remote(self.operator_id, watermark_us, now_ms) for o in self.owners
-        ]
-        due: list[bool] = self._get(calls, "a timer check")
-        return any(due)
+        """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
+        the watermark stands still); a worker lost meanwhile (between batches) is replaced
+        at the last committed version first."""
+        quiet = self._quiet
+        if quiet is not None and quiet[0] == watermark_us and now_ms - quiet[1] < TIMER_CHECK_MS:
+            return False
+        while True:
+            calls = [
+                o.worker.timers_due.remote(self.operator_id, watermark_us, now_ms)
+                for o in self.owners
+            ]
+            try:
+                answers: list[bool] = self._get(calls, "a timer check")
+            except WorkerLostError as exc:
+                self._executor.recover_between_batches(exc)
+                continue
+            due = any(answers)
+            self._quiet = None if due else (watermark_us, now_ms)
+            return due
 
 
 def route(
@@ -287,6 +339,12 @@ def _sum_progress(parts: list[StateOperatorProgress]) -> StateOperatorProgress:
     )
 
 
+START_TIMEOUT_S = 60.0
+"""The least time starting actors and loading their state may take (a new actor starts a
+process and imports Polars and microstream, slow on a busy machine), whatever the
+worker timeout; once running, every call has the worker timeout."""
+
+
 class RayStageExecutor:
     """Runs a batch's stages with its stateful operators in Ray actors (module docstring).
 
@@ -300,6 +358,13 @@ class RayStageExecutor:
         How many actors share the key groups of every operator.
     worker_options
         Passed to the actors' ``.options(...)`` (``num_cpus``, ``resources``, ``runtime_env``...).
+    worker_timeout_s
+        How long one call to the workers may take before the workers that did not answer
+        are treated as dead (None: no limit).
+    max_worker_restarts
+        How many times one batch may lose workers and run again.
+    checkpoint
+        The checkpoint's root, where the key-group assignment is recorded (None: not recorded).
     """
 
     def __init__(
@@ -308,13 +373,40 @@ class RayStageExecutor:
         connect: Any,
         num_workers: int,
         worker_options: Mapping[str, Any] | None = None,
+        *,
+        worker_timeout_s: float | None = None,
+        max_worker_restarts: int = 3,
+        checkpoint: Storage | None = None,
     ) -> None:
         self._ray = ray
         self._connect = connect
         self.num_workers = num_workers
         self.worker_options = dict(worker_options or {})
+        self.worker_timeout_s = worker_timeout_s
+        self.max_worker_restarts = max_worker_restarts
+        self._checkpoint = checkpoint
+        self.run_id = str(uuid.uuid4())
+        """Set to the driver's run id by RayRuntime; the first part of every fence."""
+        self.attempt = 0
+        """Starts of the workers in this run: 0 at start, one more at every recovery."""
+        self.version: int | None = None
+        """The state version every operator last committed (or loaded at start)."""
+        self.restarts = 0
+        """How many times the workers were restarted in this run (progress, tests)."""
+        self.replaced: list[int] = []
+        """The index of every worker replaced in this run, in order."""
+        self.assignment: Assignment | None = None
         self.workers: list[Any] = []
+        self._actor_class: Any = None
+        self._storage: Storage | None = None
         self._operators: dict[StatefulNode, RemoteOperator] = {}
+        self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
+
+    @property
+    def fence(self) -> str:
+        """What this attempt's owners put in their state files' names: the run id's first
+        part and the attempt (:func:`microstream.state.format.fenced`)."""
+        return f"{self.run_id.split('-')[0]}.{self.attempt}"
 
     def start_operators(
         self,
@@ -328,12 +420,13 @@ class RayStageExecutor:
             return {}  # a stateless query needs no actors (nor Ray)
         self._connect()
         ray = self._ray
-        actor_class = ray.remote(OperatorWorker).options(
+        self._actor_class = ray.remote(OperatorWorker).options(
             **{"num_cpus": 0, "max_restarts": 0, **self.worker_options}
         )
-        self.workers = [actor_class.remote(storage) for _ in range(self.num_workers)]
+        self.version = version
+        self._storage = storage
+        self.workers = [self._actor_class.remote(storage) for _ in range(self.num_workers)]
         ranges = key_group_ranges(num_key_groups, self.num_workers)
-        opened = []
         for n, stage in enumerate(stages):
             single = all(k is SINGLE_PARTITION for k in stage.node.partition_keys())
             if single:
@@ -341,39 +434,147 @@ class RayStageExecutor:
                 owners = [_Owner(self.workers[index], index, 0, num_key_groups)]
             else:
                 owners = [_Owner(self.workers[i], i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
-            node = detached(stage.node)
-            opened += [
-                o.worker.open.remote(
-                    stage.operator_id,
-                    node,
-                    num_key_groups=num_key_groups,
-                    key_groups=(o.lo, o.hi),
-                    version=version,
-                )
-                for o in owners
-            ]
             template = stage.node.build_operator(stage.operator_id, storage.sub(stage.operator_id))
             if isinstance(template, KeyGroupedOperator):
                 template.use_key_groups(num_key_groups)
             kind = RemoteTimedOperator if isinstance(template, TimedOperator) else RemoteOperator
             self._operators[stage.node] = kind(
-                stage, owners, storage, template, ray, num_key_groups
+                stage, owners, storage, template, self, num_key_groups
             )
-        if self._operators:
-            next(iter(self._operators.values()))._get(opened, "the start of the query")
+        if self._checkpoint is not None:
+            self.assignment = record_assignment(
+                self._checkpoint,
+                {op.operator_id: [(o.lo, o.hi, o.index) for o in op.owners] for op in self._ops()},
+                num_workers=self.num_workers,
+                num_key_groups=num_key_groups,
+                since_batch=0 if version is None else version + 1,
+                run_id=self.run_id,
+            )
+        self._open_all(version, "the start of the query")
         return dict(self._operators)
+
+    def _ops(self) -> list[RemoteOperator]:
+        return list(self._operators.values())
+
+    def _open_all(self, version: int | None, what: str) -> None:
+        calls = [(op, op.reopen(self.workers, version)) for op in self._ops()]
+        timeout = self.worker_timeout_s
+        if timeout is not None:
+            timeout = max(timeout, START_TIMEOUT_S)
+        for op, opened in calls:
+            self.gather(opened, [o.index for o in op.owners], f"{what} ({op.operator_id})", timeout)
+
+    # -- faults ------------------------------------------------------------------------
+
+    def gather(
+        self, calls: list[Any], workers: Sequence[int], what: str, timeout: float | None = -1.0
+    ) -> list[Any]:
+        """The results of ``calls`` (one per worker index in ``workers``), within
+        ``timeout`` seconds (default: the worker timeout).
+
+        Raises
+        ------
+        WorkerLostError
+            Workers died or did not answer in time; it names them.
+        Exception
+            What an operator raised in a worker (its own error, as locally).
+        """
+        ray = self._ray
+        errors = ray.exceptions
+        lost_types = (errors.RayActorError, errors.ObjectLostError, errors.WorkerCrashedError)
+        if timeout is not None and timeout < 0:
+            timeout = self.worker_timeout_s
+        limit = timeout
+        try:
+            results: list[Any] = ray.get(calls, timeout=timeout)
+            return results
+        except errors.GetTimeoutError:
+            timeout = 0  # the time is up: who has not answered now is hung
+        except lost_types:
+            pass  # someone died: give the others their time, then name who is gone
+        except errors.RayTaskError as exc:
+            raise _cause(exc) from None
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout)
+        finished = set(ready)
+        dead, hung = [], []
+        for index, ref in zip(workers, calls):
+            if ref not in finished:
+                hung.append(index)
+                continue
+            try:
+                ray.get(ref, timeout=0)
+            except lost_types:
+                dead.append(index)
+            except errors.RayTaskError as exc:
+                raise _cause(exc) from None
+        parts = []
+        if dead:
+            parts.append(f"Ray worker(s) {sorted(set(dead))} died")
+        if hung:
+            parts.append(
+                f"Ray worker(s) {sorted(set(hung))} did not answer within "
+                f"{limit:g} s ("
+                + ("worker_timeout" if limit == self.worker_timeout_s else "starting actors")
+                + ")"
+            )
+        msg = f"{' and '.join(parts) or 'a Ray worker was lost'} during {what}"
+        raise WorkerLostError(msg, frozenset(dead) | frozenset(hung))
+
+    def recover(self, error: WorkerLostError, batch_id: int) -> None:
+        """Replace the workers ``error`` names and re-open every owner at the version
+        committed before ``batch_id`` (the driver then re-runs the batch)."""
+        self._restart(error, None if batch_id == 0 else batch_id - 1, batch_id)
+
+    def recover_between_batches(self, error: WorkerLostError) -> None:
+        """Replace the workers ``error`` names and re-open every owner at the last
+        committed version (a loss found while no batch runs)."""
+        self._restart(error, self.version, None if self.version is None else self.version + 1)
+
+    def _restart(self, error: WorkerLostError, version: int | None, batch: int | None) -> None:
+        while True:
+            last_batch, count = self._restarts_in
+            count = count + 1 if last_batch == batch else 1
+            self._restarts_in = (batch, count)
+            if count > self.max_worker_restarts:
+                msg = (
+                    f"{error}; batch {batch} lost Ray workers {count} time"
+                    f"{'s' if count > 1 else ''} and RayRuntime "
+                    f"restarts them at most max_worker_restarts={self.max_worker_restarts} "
+                    "times per batch. Nothing of the batch was committed; restart the query "
+                    "and it re-runs the batch from its write-ahead log (the workers' logs, "
+                    "under Ray's session directory, say why they died)"
+                )
+                raise WorkerRestartsExhaustedError(msg) from error
+            self.attempt += 1
+            self.restarts += 1
+            for index in sorted(error.workers):
+                logger.warning("replacing Ray worker %s: %s", index, error)
+                self._kill(self.workers[index])
+                self.workers[index] = self._actor_class.remote(self._storage)
+                self.replaced.append(index)
+            try:
+                self._open_all(version, f"the restart of the workers for batch {batch}")
+            except WorkerLostError as again:
+                error = again
+                continue
+            self.version = version
+            return
+
+    def _kill(self, worker: Any) -> None:
+        try:
+            self._ray.kill(worker, no_restart=True)
+        except Exception:  # already gone: nothing to release
+            logger.debug("Ray worker already gone", exc_info=True)
 
     def worker_pids(self) -> list[int]:
         """The process id of every worker, by worker index (crash tests kill them)."""
-        pids: list[int] = self._ray.get([w.pid.remote() for w in self.workers])
-        return pids
+        return self.gather(
+            [w.pid.remote() for w in self.workers], range(len(self.workers)), "a pid request"
+        )
 
     def close(self) -> None:
         for worker in self.workers:
-            try:
-                self._ray.kill(worker, no_restart=True)
-            except Exception:  # already gone: nothing to release
-                logger.debug("Ray worker already gone", exc_info=True)
+            self._kill(worker)
         self.workers = []
 
     def run(
@@ -412,6 +613,11 @@ class RayStageExecutor:
                 return BatchOutput(rows=rows, late_rows=tuple(late), watermarks=watermarks)
         msg = "a physical plan ends with its sink stage"
         raise AssertionError(msg)
+
+
+def _cause(exc: Any) -> BaseException:
+    """What an operator raised in a worker (Ray wraps it in a ``RayTaskError``)."""
+    return exc.cause if isinstance(exc.cause, BaseException) else exc
 
 
 def _collected(results: list[pl.LazyFrame | None], index: int) -> pl.DataFrame:

@@ -81,7 +81,8 @@ class OperatorWorker:
         version: int | None,
     ) -> None:
         """Build ``operator_id`` from ``node`` and load its state of ``key_groups``
-        ``[lo, hi)`` as of committed ``version`` (None: empty)."""
+        ``[lo, hi)`` as of committed ``version`` (None: empty), replacing what this worker
+        held of it (the driver re-opens every owner to re-run a batch that lost workers)."""
         operator = node.build_operator(operator_id, self.storage.sub(operator_id))
         if not isinstance(operator, StoreBackedOperator):
             msg = (
@@ -103,9 +104,12 @@ class OperatorWorker:
         output = operator.process(inputs, ctx)
         return output, operator.progress()
 
-    def write_parts(self, operator_id: str, version: int, *, leader: bool) -> dict[str, StatePart]:
-        """Write this worker's range of ``version`` of every store of ``operator_id``."""
-        return self.operators[operator_id].write_parts(version, leader=leader)
+    def write_parts(
+        self, operator_id: str, version: int, *, leader: bool, fence: str = ""
+    ) -> dict[str, StatePart]:
+        """Write this worker's range of ``version`` of every store of ``operator_id``, with
+        ``fence`` (the driver's run id and attempt) in the names of the files."""
+        return self.operators[operator_id].write_parts(version, leader=leader, fence=fence)
 
     def timers_due(self, operator_id: str, watermark_us: int | None, now_ms: int) -> bool:
         """Whether ``operator_id`` needs a batch without rows now, for this worker's keys."""
