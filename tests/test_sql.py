@@ -181,6 +181,13 @@ FORMS = {
             ("b", W[6], 1, None, 5, 1),
         ],
     ),
+    # SUM over a group whose values are all NULL is NULL, as in SQL (Polars' sum gives 0).
+    "SUM of only NULL values": (
+        "SELECT k, window_start, SUM(CASE WHEN x > 3 THEN x END) AS s, SUM(x) AS total FROM "
+        "TABLE(TUMBLE(TABLE ev, DESCRIPTOR(ts), INTERVAL '10' SECOND)) GROUP BY window_start, "
+        "window_end, k",
+        [("a", W[2], None, 1), ("a", W[4], 4, 7), ("b", W[2], None, 2), ("b", W[6], 5, 5)],
+    ),
     "backtick-quoted identifiers": (
         "SELECT `k` AS `day`, `e`.`x` AS `timestamp` FROM ev AS `e` WHERE `x` > 3",
         [("a", 4), ("b", 5)],

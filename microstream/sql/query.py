@@ -494,8 +494,9 @@ class QueryLowering:
         aggs[name] = {exp.Sum: col.sum, exp.Min: col.min, exp.Max: col.max, exp.Avg: col.mean}[
             type(node)
         ]()
-        if isinstance(node, exp.Sum) and when is not None:
-            # SQL's SUM over no rows (none passes the FILTER) is NULL; Polars' sum is 0
+        if isinstance(node, exp.Sum):
+            # SQL's SUM over no non-NULL value (all NULL, or none passes the FILTER) is
+            # NULL; Polars' sum is 0
             counted = fresh("__cnt", taken)
             aggs[counted] = col.count()
             return pl.when(pl.col(counted) > 0).then(pl.col(name))
