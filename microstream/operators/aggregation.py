@@ -442,8 +442,12 @@ class AggregationOperator(StoreBackedOperator):
     def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """Fold the batch into the state; returns the touched keys with their row counts."""
         # One pass over the batch gives its partials, its keys and their row counts.
-        batch_partials = pairs.group_by(self.key_cols).agg(
-            *self.spec.partial_exprs(), pl.len().alias("__n")
+        # (lazily: Polars' eager group_by runs with fewer optimisations, ~1.5x slower here)
+        batch_partials = (
+            pairs.lazy()
+            .group_by(self.key_cols)
+            .agg(*self.spec.partial_exprs(), pl.len().alias("__n"))
+            .collect()
         )
         updated = batch_partials.select(*self.key_cols, "__n")
         keys = updated.select(self.key_cols)
@@ -452,9 +456,12 @@ class AggregationOperator(StoreBackedOperator):
             fresh = batch_partials.drop("__n")
             if old.height:
                 fresh = (
-                    pl.concat([old, fresh], how="vertical_relaxed")
+                    pl.concat([old.lazy(), fresh.lazy()], how="vertical_relaxed")
                     .group_by(self.key_cols)
                     .agg(self.spec.merge_exprs())
+                    .select(self.partials.schema.names())
+                    .cast(self.partials.schema)
+                    .collect()
                 )
             # (no stored partials for these groups: the batch's partials are the state)
             merged = fresh.select(self.partials.schema.names()).cast(self.partials.schema)
@@ -588,9 +595,10 @@ class AggregationOperator(StoreBackedOperator):
 
     def _finalize(self, partials: pl.DataFrame | None, rows: pl.DataFrame | None) -> pl.DataFrame:
         """Results for the groups in ``partials``/``rows``, in the output schema."""
-        parts: list[pl.DataFrame] = []
+        # One lazy plan from the state rows to the sorted output: Polars fuses the selects.
+        parts: list[pl.LazyFrame] = []
         if partials is not None:
-            finalized = partials.select(*self.key_cols, *self.spec.finalize_exprs())
+            finalized = partials.lazy().select(*self.key_cols, *self.spec.finalize_exprs())
             parts.append(
                 finalized.select(
                     *self.key_cols,
@@ -599,7 +607,8 @@ class AggregationOperator(StoreBackedOperator):
             )
         if rows is not None:
             parts.append(
-                rows.sort([ORDER_T, ORDER_S])
+                rows.lazy()
+                .sort([ORDER_T, ORDER_S])
                 .group_by(self.key_cols, maintain_order=True)
                 .agg(item.original for item in self.spec.buffered)
             )
@@ -614,4 +623,6 @@ class AggregationOperator(StoreBackedOperator):
             sort_by = [*window.key_columns(), *sort_by]
         columns += [pl.col(item.output_name) for item in self.spec.items]
         out = result.select(columns).cast(self.out_schema, strict=False)
-        return out.sort(sort_by, nulls_last=True, maintain_order=True) if sort_by else out
+        if sort_by:
+            out = out.sort(sort_by, nulls_last=True, maintain_order=True)
+        return out.collect()

@@ -230,7 +230,8 @@ class KeyedRows:
         self, keys: pl.DataFrame, on: Sequence[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the live rows of ``keys`` in the base and in the tail."""
-        if keys.height == 0:
+        if keys.height == 0 or self.height == 0:
+            # (no live row to find: e.g. the first batch's upserts, no sort of their hashes)
             return _NONE, _NONE
         probe = _Probe(keys, list(on or self.key_columns), self.hash_column)
         base_at, tail_at = self._candidates(probe.wanted)

@@ -323,7 +323,7 @@ class StateStore:
         )
         on = self.hash_columns if by_hash else self.key_columns
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
-        if keys.height == 0:
+        if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
         found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
         return _project(found, list(self.schema))
