@@ -52,6 +52,7 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.state.chain import read_chain
 from microstream.state.format import (
     DELTAS_DIR,
     KEY_GROUP_COLUMN,
@@ -65,11 +66,8 @@ from microstream.state.format import (
     StatePart,
     StateVersion,
     checksum,
-    covers_key_groups,
     delta_file,
-    describe_ranges,
     describe_schema_change,
-    disjoint_in_order,
     encode_frame,
     frame_from_text,
     frame_to_text,
@@ -480,7 +478,7 @@ class StateStore:
         data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
         if version is not None:
-            chain = self._read_chain(version)
+            chain = read_chain(self.storage, self.operator, self.num_key_groups, version)
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
@@ -834,56 +832,6 @@ class StateStore:
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
         return frame.with_columns(self._hash_expr, self._groups_of(frame))
-
-    def _read_chain(self, version: int) -> list[StateVersion]:
-        """Manifests from ``version`` back to its base (a snapshot or the empty state)."""
-        chain = [self._read_version(version, wanted=version)]
-        while not chain[-1].snapshot and chain[-1].parent is not None:
-            chain.append(self._read_version(chain[-1].parent, wanted=version))
-        return chain
-
-    def _read_version(self, version: int, *, wanted: int) -> StateVersion:
-        name = version_file(version)
-        try:
-            entry = self.storage.read_model(name, StateVersion)
-        except FileNotFoundError:
-            committed = self.storage.list_numbered(VERSIONS_DIR)
-            if version != wanted:
-                why = f"it is needed to rebuild version {wanted} but is missing"
-            elif not committed:
-                why = "no state version was ever committed"
-            elif version < committed[0]:
-                why = f"version {version} is no longer retained (oldest on disk: {committed[0]})"
-            elif version > committed[-1]:
-                why = f"version {version} was never committed (newest on disk: {committed[-1]})"
-            else:
-                why = (
-                    f"version {version} is missing (versions on disk: {describe_ranges(committed)})"
-                )
-            msg = f"state of operator {self.operator!r}: {self.storage.display(name)}: {why}"
-            raise CheckpointCorruptError(msg) from None
-        n = self.num_key_groups
-        ranges = [f.key_groups for f in entry.files]
-        kinds = {f.kind for f in entry.files}
-        well_formed = (
-            entry.version == version
-            and len(entry.rows_per_key_group) == n
-            and (entry.parent is None or entry.parent < version)
-            and all(0 <= lo < hi <= n for lo, hi in ranges)
-            and (
-                (kinds <= {"snapshot"} and covers_key_groups(ranges, n))
-                if entry.snapshot
-                else (kinds <= {"delta"} and disjoint_in_order(ranges))
-            )
-        )
-        if not well_formed:
-            msg = (
-                f"checkpoint file {self.storage.display(name)} is corrupt: it describes version "
-                f"{entry.version} (parent {entry.parent}) with {len(entry.rows_per_key_group)} "
-                f"key groups and files {ranges}; expected version {version} with {n} key groups"
-            )
-            raise CheckpointCorruptError(msg)
-        return entry
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
