@@ -242,9 +242,8 @@ class DeltaSink:
             try:
                 # Another writer with this query's id cannot exist (the checkpoint lock), so
                 # after our own commit the transaction version is ours; a retry re-reads.
-                if attempt == 1 and self._wrote is not None and self._wrote < batch_id:
-                    done = self._wrote
-                else:
+                done: int | None = self._wrote
+                if attempt > 1 or done is None or done >= batch_id:
                     done = self.committed_batch()
             except Exception as exc:
                 msg = (
