@@ -300,6 +300,7 @@ class AggregationOperator(StoreBackedOperator):
                 key_columns=self.key_cols,
                 hash_columns=self.hash_cols,
                 schema=partial_schema,
+                one_row_per_key=True,  # (a group's partials are one row)
             )
         if self.spec.needs_rows:
             row_columns = [*self.key_cols, ORDER_T, ORDER_S]
@@ -450,26 +451,27 @@ class AggregationOperator(StoreBackedOperator):
             .collect()
         )
         updated = batch_partials.select(*self.key_cols, "__n")
-        keys = updated.select(self.key_cols)
         if self.partials is not None:
-            old = self.partials.lookup(keys)
-            fresh = batch_partials.drop("__n")
-            if old.height:
-                fresh = (
+            schema = self.partials.schema
+
+            def merge(old: pl.DataFrame, fresh: pl.DataFrame) -> pl.DataFrame:
+                if old.height == 0:
+                    return fresh  # (no stored partials for these groups: the batch's are)
+                return (
                     pl.concat([old.lazy(), fresh.lazy()], how="vertical_relaxed")
                     .group_by(self.key_cols)
                     .agg(self.spec.merge_exprs())
-                    .select(self.partials.schema.names())
-                    .cast(self.partials.schema)
+                    .select(schema.names())
+                    .cast(schema)
                     .collect()
                 )
-            # (no stored partials for these groups: the batch's partials are the state)
-            merged = fresh.select(self.partials.schema.names()).cast(self.partials.schema)
-            self.partials.apply(upserts=merged)
+
+            # The stored partials of the batch's groups, merged and written back: one probe.
+            merged = self.partials.fold(batch_partials.select(schema.names()).cast(schema), merge)
         all_rows = None
         if self.rows is not None:
             columns = self.rows.schema.names()
-            old_rows = self.rows.lookup(keys)
+            old_rows = self.rows.lookup(updated.select(self.key_cols))
             new_rows = pairs.select(columns)
             all_rows = pl.concat([old_rows, new_rows], how="vertical_relaxed").cast(
                 self.rows.schema
@@ -624,5 +626,7 @@ class AggregationOperator(StoreBackedOperator):
         columns += [pl.col(item.output_name) for item in self.spec.items]
         out = result.select(columns).cast(self.out_schema, strict=False)
         if sort_by:
-            out = out.sort(sort_by, nulls_last=True, maintain_order=True)
+            # (one thread: a batch's emitted groups are few, and the pool's hand-offs cost
+            # more than they save on a loaded machine)
+            out = out.sort(sort_by, nulls_last=True, maintain_order=True, multithreaded=False)
         return out.collect()
