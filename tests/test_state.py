@@ -327,11 +327,23 @@ def test_fold_merges_the_rows_of_keys_sharing_a_hash_and_records_them(storage: S
     second = store()
     second.load(1)
     assert_same_rows(second.frame, first.frame)
+    # a merge that keeps the order of the rows keeps their hashes: found, recovered alike
+    kept = second.fold(
+        rows((2, "c", 1, 1), (None, "m", 1, 1)),
+        lambda old, new: new.with_columns(pl.col("v") + old.sort("k1", nulls_last=True)["v"]),
+    )
+    assert_same_rows(kept, rows((2, "c", 1, 8), (None, "m", 1, 7)))
+    second.commit(2)
+    third = store()
+    third.load(2)
+    assert_same_rows(third.frame, second.frame)
+    assert_same_rows(third.lookup(rows((None, None, 1, None))), rows((None, "m", 1, 7)))
+    assert third.rows_per_key_group() == second.rows_per_key_group()
     # a merge that loses or invents a key is refused, and changes nothing
     with pytest.raises(ValueError, match=r"fold of operator 'op': 1 key\(s\) merged into 2 rows"):
-        second.fold(rows((2, "c", 1, 1)), lambda old, new: pl.concat([new, new]))
-    assert_same_rows(second.frame, first.frame)
-    assert not second.has_pending_changes
+        third.fold(rows((2, "c", 1, 1)), lambda old, new: pl.concat([new, new]))
+    assert_same_rows(third.frame, second.frame)
+    assert not third.has_pending_changes
 
 
 def test_lookup_by_a_prefix_hash_with_repeated_keys_is_exact(storage: Storage) -> None:
@@ -521,6 +533,27 @@ def test_delta_files_hold_upserts_and_deletion_markers(storage: Storage) -> None
         schema={**SCHEMA, "__deleted": pl.Boolean, "__key_group": pl.UInt16},
     )
     assert_same_rows(delta, expected)
+
+
+def test_evicting_most_of_the_state_commits_a_snapshot_not_a_delta(storage: Storage) -> None:
+    store = new_store(storage, snapshot_every=100)
+    store.load(None)
+    store.apply(upserts=rows(*[(i, "a", i, i) for i in range(1, 31)]))
+    store.commit(1)
+    store.apply(upserts=rows((1, "a", 0, 9)))
+    store.commit(2)  # one changed row: a delta
+    evicted = store.filter_out(pl.col("t") > 3)  # 27 deletion markers for 3 rows left
+    assert evicted.height == 27
+    store.commit(3)
+    manifests = [json.loads(storage.read_bytes(f"versions/{v}.json")) for v in (1, 2, 3)]
+    assert [m["snapshot"] for m in manifests] == [False, False, True]
+    assert not storage.exists("deltas/3.arrow")
+    assert sum(f["rows"] for f in manifests[2]["files"]) == 3
+    again = new_store(storage, snapshot_every=100)
+    again.load(3)
+    assert_same_rows(again.frame, rows((1, "a", 0, 9), (2, "a", 2, 2), (3, "a", 3, 3)))
+    again.load(2)
+    assert again.rows == 30
 
 
 def test_version_gaps_and_bounded_replay(storage: Storage) -> None:

@@ -355,7 +355,8 @@ class StateStore:
 
         :meth:`lookup` of the keys, then :meth:`apply` of the merged rows as upserts, with
         the keys hashed and found once. For one row per key: ``rows`` and the merged rows
-        hold one row for each of the same keys. Returns the merged rows.
+        hold one row for each of the same keys; merged rows in the order of ``rows`` keep
+        the hashes computed for ``rows`` (otherwise they are hashed again). Returns them.
 
         Raises
         ------
@@ -371,9 +372,14 @@ class StateStore:
         if merged.height != rows.height:
             msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"
             raise ValueError(msg)
-        ups = self._hashed(
-            conform(self.schema, self.operator, merged, "merged", list(self.schema), exact=True)
+        merged = conform(
+            self.schema, self.operator, merged, "merged", list(self.schema), exact=True
         )
+        aligned = merged is rows or all(
+            merged.get_column(c).eq_missing(rows.get_column(c)).all() for c in self.key_columns
+        )
+        hashes = [keys.get_column(_HASH), keys.get_column(_KG)]
+        ups = merged.with_columns(hashes) if aligned else self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
         self._record(
             _project(keys, self._keys_hash), ups.with_columns(pl.lit(False).alias(_DELETED))
@@ -605,7 +611,9 @@ class StateStore:
                 self.storage.delete(version_file(stale))
         self._stale_versions = []
 
-        full = self._snapshot_due(version, snapshot)
+        # (a delta over twice the state's rows, e.g. evicting it all, outweighs a snapshot)
+        grown = self._pending is not None and self._pending.height > 2 * self.rows
+        full = self._snapshot_due(version, snapshot) or grown
         files: list[StateFile] = []
         if full:
             frame = self._data.frame()
