@@ -327,7 +327,7 @@ def test_fold_merges_the_rows_of_keys_sharing_a_hash_and_records_them(storage: S
     second = store()
     second.load(1)
     assert_same_rows(second.frame, first.frame)
-    # a merge that keeps the order of the rows keeps their hashes: found, recovered alike
+    # a merge returning new rows for the keys (hashed again): found, recovered alike
     kept = second.fold(
         rows((2, "c", 1, 1), (None, "m", 1, 1)),
         lambda old, new: new.with_columns(pl.col("v") + old.sort("k1", nulls_last=True)["v"]),

@@ -457,10 +457,9 @@ class AggregationOperator(StoreBackedOperator):
             def merge(old: pl.DataFrame, fresh: pl.DataFrame) -> pl.DataFrame:
                 if old.height == 0:
                     return fresh  # (no stored partials for these groups: the batch's are)
-                # (groups in the order of ``fresh``: the store then keeps their hashes)
                 return (
-                    pl.concat([fresh.lazy(), old.lazy()], how="vertical_relaxed")
-                    .group_by(self.key_cols, maintain_order=True)
+                    pl.concat([old.lazy(), fresh.lazy()], how="vertical_relaxed")
+                    .group_by(self.key_cols)
                     .agg(self.spec.merge_exprs())
                     .select(schema.names())
                     .cast(schema)

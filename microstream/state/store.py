@@ -355,8 +355,7 @@ class StateStore:
 
         :meth:`lookup` of the keys, then :meth:`apply` of the merged rows as upserts, with
         the keys hashed and found once. For one row per key: ``rows`` and the merged rows
-        hold one row for each of the same keys; merged rows in the order of ``rows`` keep
-        the hashes computed for ``rows`` (otherwise they are hashed again). Returns them.
+        hold one row for each of the same keys. Returns the merged rows.
 
         Raises
         ------
@@ -372,14 +371,13 @@ class StateStore:
         if merged.height != rows.height:
             msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"
             raise ValueError(msg)
-        merged = conform(
-            self.schema, self.operator, merged, "merged", list(self.schema), exact=True
-        )
-        aligned = merged is rows or all(
-            merged.get_column(c).eq_missing(rows.get_column(c)).all() for c in self.key_columns
-        )
-        hashes = [keys.get_column(_HASH), keys.get_column(_KG)]
-        ups = merged.with_columns(hashes) if aligned else self._hashed(merged)
+        if merged is rows:  # (e.g. none of their keys was stored: hashed already)
+            ups = keys
+        else:
+            merged = conform(
+                self.schema, self.operator, merged, "merged", list(self.schema), exact=True
+            )
+            ups = self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
         self._record(
             _project(keys, self._keys_hash), ups.with_columns(pl.lit(False).alias(_DELETED))
