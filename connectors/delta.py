@@ -209,6 +209,9 @@ class DeltaSink:
         self._logger = context.logger
         self._faults = context.faults
         self._table: DeltaTable | None = None
+        # The batch this sink committed last in this run: its handle is then at the table's
+        # version (a write updates it), so the next batch's transaction check needs no read.
+        self._wrote: int | None = None
 
     def committed_batch(self) -> int | None:
         """The last batch id this query committed to the table (None: none yet)."""
@@ -237,7 +240,11 @@ class DeltaSink:
 
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
             try:
-                done = self.committed_batch()
+                # Another writer with this query's id cannot exist (the checkpoint lock), so
+                # after our own commit the transaction version is ours; a retry re-reads.
+                done: int | None = self._wrote
+                if attempt > 1 or done is None or done >= batch_id:
+                    done = self.committed_batch()
             except Exception as exc:
                 msg = (
                     f"{self.description}: cannot read the transaction log of {self.spec.path} "
@@ -253,7 +260,12 @@ class DeltaSink:
                 )
                 return
             try:
+                self._wrote = None  # (unknown until this write returns)
                 self._write(batch_id, data)
+                # (a MERGE leaves the handle at its old version, so update mode re-reads; a
+                # write by path, the table's first, has no handle yet)
+                kept = self._mode != "update" and self._table is not None
+                self._wrote = batch_id if kept else None
                 break
             except CommitFailedError as exc:
                 # A concurrent commit won (an OPTIMIZE during a MERGE, another writer):
@@ -371,6 +383,7 @@ class DeltaSink:
     def stop(self) -> None:
         """Drop the cached table handle."""
         self._table = None
+        self._wrote = None
 
 
 def _update_keys(description: str, context: SinkContext) -> tuple[str, ...]:

@@ -282,6 +282,86 @@ def test_rows_keyed_by_a_prefix_are_inserted_found_and_recovered(storage: Storag
         StateStore(storage, operator="op", key_columns=["k1"], hash_columns=["v"], schema=SCHEMA)
 
 
+def test_fold_merges_the_rows_of_keys_sharing_a_hash_and_records_them(storage: Storage) -> None:
+    # An aggregation's partials: one row per (k1, t), hashed on k1 only, so one hash holds
+    # several keys (windows); fold finds their rows once, merges, writes back, records.
+    def store() -> StateStore:
+        return StateStore(
+            storage,
+            operator="op",
+            key_columns=["k1", "t"],
+            hash_columns=["k1"],
+            one_row_per_key=True,
+            schema=SCHEMA,
+            num_key_groups=4,
+        )
+
+    def add(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+        seen.append(old)
+        both = pl.concat([old, new])
+        return (
+            both.group_by("k1", "t")
+            .agg(pl.col("k2").last(), pl.col("v").sum())
+            .select(SCHEMA.names())
+        )
+
+    seen: list[pl.DataFrame] = []
+    first = store()
+    first.load(None)
+    first.fold(rows((1, "a", 1, 10), (1, "a", 2, 20), (None, "n", 1, 5)), add)
+    assert seen[-1].height == 0  # nothing stored yet
+    first.commit(0)
+    merged = first.fold(
+        rows((1, "b", 2, 1), (1, "b", 3, 3), (None, "m", 1, 1), (2, "c", 1, 7)), add
+    )
+    # the stored rows of exactly the keys folded: (1, 2) and (None, 1), not (1, 1)
+    assert_same_rows(seen[-1], rows((1, "a", 2, 20), (None, "n", 1, 5)))
+    expected = rows((1, "b", 2, 21), (1, "b", 3, 3), (None, "m", 1, 6), (2, "c", 1, 7))
+    assert_same_rows(merged, expected)
+    assert_same_rows(first.frame, pl.concat([rows((1, "a", 1, 10)), expected]))
+    first.commit(1)
+    delta = pl.read_ipc(storage.read_bytes("deltas/1.arrow"))
+    assert sorted(delta.select("k1", "t", "__deleted").rows(), key=str) == sorted(
+        [(1, 2, False), (1, 3, False), (None, 1, False), (2, 1, False)], key=str
+    )
+    second = store()
+    second.load(1)
+    assert_same_rows(second.frame, first.frame)
+    # a merge returning new rows for the keys (hashed again): found, recovered alike
+    kept = second.fold(
+        rows((2, "c", 1, 1), (None, "m", 1, 1)),
+        lambda old, new: new.with_columns(pl.col("v") + old.sort("k1", nulls_last=True)["v"]),
+    )
+    assert_same_rows(kept, rows((2, "c", 1, 8), (None, "m", 1, 7)))
+    second.commit(2)
+    third = store()
+    third.load(2)
+    assert_same_rows(third.frame, second.frame)
+    assert_same_rows(third.lookup(rows((None, None, 1, None))), rows((None, "m", 1, 7)))
+    assert third.rows_per_key_group() == second.rows_per_key_group()
+    # a merge that loses or invents a key is refused, and changes nothing
+    with pytest.raises(ValueError, match=r"fold of operator 'op': 1 key\(s\) merged into 2 rows"):
+        third.fold(rows((2, "c", 1, 1)), lambda old, new: pl.concat([new, new]))
+    assert_same_rows(third.frame, second.frame)
+    assert not third.has_pending_changes
+
+
+def test_lookup_by_a_prefix_hash_with_repeated_keys_is_exact(storage: Storage) -> None:
+    # Several keys per hash (hashed on k1): the probe checks candidates against a hash of the
+    # whole key; a lookup naming a key twice falls back to a join, with the same answer.
+    store = StateStore(
+        storage, operator="op", key_columns=["k1", "t"], hash_columns=["k1"], schema=SCHEMA
+    )
+    store.load(None)
+    store.apply(upserts=rows((1, "a", 1, 1), (1, "b", 2, 2), (1, "c", 3, 3), (None, "n", 1, 4)))
+    wanted = rows((1, None, 1, None), (1, None, 3, None), (None, None, 1, None), (1, None, 9, None))
+    expected = rows((1, "a", 1, 1), (1, "c", 3, 3), (None, "n", 1, 4))
+    assert_same_rows(store.lookup(wanted), expected)
+    assert_same_rows(store.lookup(pl.concat([wanted, wanted])), expected)
+    store.apply(deletes=wanted.select("k1", "t"))
+    assert_same_rows(store.frame, rows((1, "b", 2, 2)))
+
+
 def test_hash_collisions_never_remove_other_keys(storage: Storage) -> None:
     # Force every row onto one hash value: only the key columns may decide.
     same_hash = pl.lit(7, dtype=pl.UInt64).alias("__key_hash")
@@ -453,6 +533,27 @@ def test_delta_files_hold_upserts_and_deletion_markers(storage: Storage) -> None
         schema={**SCHEMA, "__deleted": pl.Boolean, "__key_group": pl.UInt16},
     )
     assert_same_rows(delta, expected)
+
+
+def test_evicting_most_of_the_state_commits_a_snapshot_not_a_delta(storage: Storage) -> None:
+    store = new_store(storage, snapshot_every=100)
+    store.load(None)
+    store.apply(upserts=rows(*[(i, "a", i, i) for i in range(1, 31)]))
+    store.commit(1)
+    store.apply(upserts=rows((1, "a", 0, 9)))
+    store.commit(2)  # one changed row: a delta
+    evicted = store.filter_out(pl.col("t") > 3)  # 27 deletion markers for 3 rows left
+    assert evicted.height == 27
+    store.commit(3)
+    manifests = [json.loads(storage.read_bytes(f"versions/{v}.json")) for v in (1, 2, 3)]
+    assert [m["snapshot"] for m in manifests] == [False, False, True]
+    assert not storage.exists("deltas/3.arrow")
+    assert sum(f["rows"] for f in manifests[2]["files"]) == 3
+    again = new_store(storage, snapshot_every=100)
+    again.load(3)
+    assert_same_rows(again.frame, rows((1, "a", 0, 9), (2, "a", 2, 2), (3, "a", 3, 3)))
+    again.load(2)
+    assert again.rows == 30
 
 
 def test_version_gaps_and_bounded_replay(storage: Storage) -> None:

@@ -88,6 +88,10 @@ class KeyedRows:
         self._tail = frame.clear()
         self._changes = 0  # bumped by every change: invalidates the search memo
         self._memo: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
+        # the last _find: (changes, the keys frame itself, on, positions), for rows_of then
+        # replace with the very same keys (a state store's fold) without a second probe
+        self._found: tuple[int, pl.DataFrame, tuple[str, ...], tuple[np.ndarray, np.ndarray]]
+        self._found = (-1, pl.DataFrame(), (), (_NONE, _NONE))
         self._set_base(frame, is_sorted=is_sorted)
 
     # -- reading -----------------------------------------------------------------------------
@@ -230,15 +234,22 @@ class KeyedRows:
         self, keys: pl.DataFrame, on: Sequence[str] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Positions of the live rows of ``keys`` in the base and in the tail."""
-        if keys.height == 0:
+        if keys.height == 0 or self.height == 0:
+            # (no live row to find: e.g. the first batch's upserts, no sort of their hashes)
             return _NONE, _NONE
-        probe = _Probe(keys, list(on or self.key_columns), self.hash_column)
+        columns = tuple(on or self.key_columns)
+        changes, found_keys, found_on, found = self._found
+        if changes == self._changes and found_keys is keys and found_on == columns:
+            return found
+        probe = _Probe(keys, list(columns), self.hash_column)
         base_at, tail_at = self._candidates(probe.wanted)
         tail_hashes = self._tail.get_column(self.hash_column).to_numpy() if tail_at.size else _NONE
-        return (
+        found = (
             probe.confirm(self._base, self._hashes, base_at),
             probe.confirm(self._tail, tail_hashes, tail_at),
         )
+        self._found = (self._changes, keys, columns, found)
+        return found
 
     def _candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of live rows whose hash is in ``wanted`` (sorted, unique): base, tail."""
@@ -325,6 +336,15 @@ class _Probe:
         self.one_row_per_hash = bool(first.all())
         self.keys = keys.select(key_columns)
         self.key_columns = key_columns
+        # Several keys per hash (the hash covers a prefix of the key, e.g. a group key of
+        # several windows): the same check against a hash of the whole key, when that one is
+        # unique among the keys; otherwise a semi join.
+        self.by_key_hash: tuple[np.ndarray, np.ndarray] | None = None
+        if not self.one_row_per_hash:
+            full = _key_hash(self.keys)
+            order = np.argsort(full)
+            if bool((full[order][1:] != full[order][:-1]).all()):
+                self.by_key_hash = (order, full[order])
 
     def confirm(self, frame: pl.DataFrame, hashes: np.ndarray, at: np.ndarray) -> np.ndarray:
         """The positions among ``at`` whose key columns equal one of the keys (nulls equal)."""
@@ -338,9 +358,28 @@ class _Probe:
             for column in self.key_columns:
                 same &= found.get_column(column).eq_missing(expected.get_column(column)).to_numpy()
             return at if same.all() else at[same]
+        if self.by_key_hash is not None:
+            order, sorted_full = self.by_key_hash
+            full = _key_hash(found)
+            slot = np.minimum(np.searchsorted(sorted_full, full), sorted_full.size - 1)
+            hit = np.flatnonzero(sorted_full[slot] == full)
+            found, expected = _gather(found, hit), _gather(self.keys, order[slot[hit]])
+            same = np.ones(hit.size, dtype=bool)
+            for column in self.key_columns:
+                same &= found.get_column(column).eq_missing(expected.get_column(column)).to_numpy()
+            return at[hit[same]]
         found = found.with_columns(pl.Series(_POSITION, at))
         hits = found.join(self.keys, on=self.key_columns, how="semi", nulls_equal=True)
         return at if hits.height == found.height else hits.get_column(_POSITION).to_numpy()
+
+
+def _key_hash(keys: pl.DataFrame) -> np.ndarray:
+    """A 64-bit hash of every row of ``keys`` (Categoricals by their strings)."""
+    fields = [
+        pl.col(c).cast(pl.String) if isinstance(t, pl.Categorical | pl.Enum) else pl.col(c)
+        for c, t in keys.schema.items()
+    ]
+    return keys.select(pl.struct(fields).hash(seed=0x6B72)).to_series().to_numpy()
 
 
 def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:

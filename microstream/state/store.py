@@ -38,7 +38,7 @@ import binascii
 import builtins
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
 
 import numpy as np
@@ -52,6 +52,7 @@ from microstream.exceptions import (
     PlanChangedError,
     SchemaMismatchError,
 )
+from microstream.state.chain import read_chain
 from microstream.state.format import (
     DELTAS_DIR,
     KEY_GROUP_COLUMN,
@@ -65,11 +66,8 @@ from microstream.state.format import (
     StatePart,
     StateVersion,
     checksum,
-    covers_key_groups,
     delta_file,
-    describe_ranges,
     describe_schema_change,
-    disjoint_in_order,
     encode_frame,
     frame_from_text,
     frame_to_text,
@@ -323,7 +321,7 @@ class StateStore:
         )
         on = self.hash_columns if by_hash else self.key_columns
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
-        if keys.height == 0:
+        if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
         found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
         return _project(found, list(self.schema))
@@ -349,6 +347,42 @@ class StateStore:
         self._pending = changes if pending is None else pl.concat([pending, changes])
 
     # -- changing the state --------------------------------------------------------
+
+    def fold(
+        self, rows: pl.DataFrame, merge: Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame]
+    ) -> pl.DataFrame:
+        """Replace the rows of the keys of ``rows`` by ``merge(their current rows, rows)``.
+
+        :meth:`lookup` of the keys, then :meth:`apply` of the merged rows as upserts, with
+        the keys hashed and found once. For one row per key: ``rows`` and the merged rows
+        hold one row for each of the same keys. Returns the merged rows.
+
+        Raises
+        ------
+        ValueError
+            ``merge`` returned another number of rows than ``rows`` has (a key lost or gained).
+        """
+        rows = conform(self.schema, self.operator, rows, "rows", list(self.schema), exact=True)
+        if rows.height == 0:
+            return rows
+        keys = self._hashed(rows)
+        old = _project(self._data.rows_of(keys), list(self.schema))
+        merged = merge(old, rows)
+        if merged.height != rows.height:
+            msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"
+            raise ValueError(msg)
+        if merged is rows:  # (e.g. none of their keys was stored: hashed already)
+            ups = keys
+        else:
+            merged = conform(
+                self.schema, self.operator, merged, "merged", list(self.schema), exact=True
+            )
+            ups = self._hashed(merged)
+        self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
+        self._record(
+            _project(keys, self._keys_hash), ups.with_columns(pl.lit(False).alias(_DELETED))
+        )
+        return merged
 
     def apply(
         self, *, upserts: pl.DataFrame | None = None, deletes: pl.DataFrame | None = None
@@ -434,7 +468,7 @@ class StateStore:
             remaining = pl.DataFrame(schema=self._mem_schema)
         else:
             remaining = self._data.rows_of(evicted)
-        gone = evicted.unique()
+        gone = evicted if self.one_row_per_key else evicted.unique()
         if remaining.height:
             gone = gone.join(
                 _project(remaining, self.key_columns),
@@ -480,7 +514,7 @@ class StateStore:
         data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
         if version is not None:
-            chain = self._read_chain(version)
+            chain = read_chain(self.storage, self.operator, self.num_key_groups, version)
             oldest = chain[-1]
             if oldest.snapshot:
                 parts = [
@@ -575,7 +609,9 @@ class StateStore:
                 self.storage.delete(version_file(stale))
         self._stale_versions = []
 
-        full = self._snapshot_due(version, snapshot)
+        # (a delta over twice the state's rows, e.g. evicting it all, outweighs a snapshot)
+        grown = self._pending is not None and self._pending.height > 2 * self.rows
+        full = self._snapshot_due(version, snapshot) or grown
         files: list[StateFile] = []
         if full:
             frame = self._data.frame()
@@ -587,7 +623,9 @@ class StateStore:
                     )
                 )
         elif self._pending is not None:
-            pending = self._pending.sort(_KG)
+            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
+            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
+            pending = self._pending.sort(_KG, multithreaded=False)
             groups = pending.get_column(_KG)
             span = (int(groups[0]), int(groups[-1]) + 1)
             files.append(self._write_file(delta_file(version), pending, self._delta_schema, span))
@@ -663,7 +701,9 @@ class StateStore:
                 files.append(self._write_file(name, piece, self._snapshot_schema, (a, b)))
         elif self._pending is not None:
             name = ranged_delta_file(version, lo, hi, fence)
-            pending = self._pending.sort(_KG)
+            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
+            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
+            pending = self._pending.sort(_KG, multithreaded=False)
             files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
         self._version = version
         self._chain.append((version, full, full or current is None))
@@ -835,56 +875,6 @@ class StateStore:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
         return frame.with_columns(self._hash_expr, self._groups_of(frame))
 
-    def _read_chain(self, version: int) -> list[StateVersion]:
-        """Manifests from ``version`` back to its base (a snapshot or the empty state)."""
-        chain = [self._read_version(version, wanted=version)]
-        while not chain[-1].snapshot and chain[-1].parent is not None:
-            chain.append(self._read_version(chain[-1].parent, wanted=version))
-        return chain
-
-    def _read_version(self, version: int, *, wanted: int) -> StateVersion:
-        name = version_file(version)
-        try:
-            entry = self.storage.read_model(name, StateVersion)
-        except FileNotFoundError:
-            committed = self.storage.list_numbered(VERSIONS_DIR)
-            if version != wanted:
-                why = f"it is needed to rebuild version {wanted} but is missing"
-            elif not committed:
-                why = "no state version was ever committed"
-            elif version < committed[0]:
-                why = f"version {version} is no longer retained (oldest on disk: {committed[0]})"
-            elif version > committed[-1]:
-                why = f"version {version} was never committed (newest on disk: {committed[-1]})"
-            else:
-                why = (
-                    f"version {version} is missing (versions on disk: {describe_ranges(committed)})"
-                )
-            msg = f"state of operator {self.operator!r}: {self.storage.display(name)}: {why}"
-            raise CheckpointCorruptError(msg) from None
-        n = self.num_key_groups
-        ranges = [f.key_groups for f in entry.files]
-        kinds = {f.kind for f in entry.files}
-        well_formed = (
-            entry.version == version
-            and len(entry.rows_per_key_group) == n
-            and (entry.parent is None or entry.parent < version)
-            and all(0 <= lo < hi <= n for lo, hi in ranges)
-            and (
-                (kinds <= {"snapshot"} and covers_key_groups(ranges, n))
-                if entry.snapshot
-                else (kinds <= {"delta"} and disjoint_in_order(ranges))
-            )
-        )
-        if not well_formed:
-            msg = (
-                f"checkpoint file {self.storage.display(name)} is corrupt: it describes version "
-                f"{entry.version} (parent {entry.parent}) with {len(entry.rows_per_key_group)} "
-                f"key groups and files {ranges}; expected version {version} with {n} key groups"
-            )
-            raise CheckpointCorruptError(msg)
-        return entry
-
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
     ) -> StateFile:
@@ -972,9 +962,18 @@ class StateStore:
         """Make ``changes`` the pending delta of ``keys`` (replacing earlier changes)."""
         pending = self._pending
         if pending is not None and pending.height:
-            pending = pending.join(
-                _project(keys, self.key_columns), on=self.key_columns, how="anti", nulls_equal=True
-            )
+            # Only rows whose hash is among the keys' can be theirs: one hash-set pass, and
+            # the join (over the key columns) only for those, often none (eviction of keys
+            # changed in earlier batches).
+            maybe = pending.get_column(_HASH).is_in(keys.get_column(_HASH).implode())
+            if maybe.any():
+                kept = pending.filter(maybe).join(
+                    _project(keys, self.key_columns),
+                    on=self.key_columns,
+                    how="anti",
+                    nulls_equal=True,
+                )
+                pending = pl.concat([pending.filter(~maybe), kept], how="vertical")
             changes = pl.concat([pending, changes], how="vertical")
         self._pending = changes
         self._frame = None

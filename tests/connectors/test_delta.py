@@ -62,6 +62,28 @@ def test_replayed_batch_is_skipped(tmp_path: Path, sink_ctx: SinkContext) -> Non
     assert DeltaTable(str(table)).transaction_version("q") == 2
 
 
+def test_append_reads_the_log_once_per_run_yet_stays_exactly_once(
+    tmp_path: Path, sink_ctx: SinkContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, sink_ctx)
+    reads: list[int | None] = []
+    read = sink.committed_batch
+    monkeypatch.setattr(sink, "committed_batch", lambda: reads.append(read()) or reads[-1])
+    for i in range(4):
+        sink.add_batch(i, batch(i))
+    # batch 0 finds no table and creates it by path, batch 1 opens the handle; after that
+    # the handle is at the version of the sink's own last commit: no read per batch
+    assert reads == [None, 0]
+    # another writer between batches (an OPTIMIZE): the next append still lands once
+    DeltaTable(str(table)).optimize.compact()
+    sink.add_batch(4, batch(4))
+    sink.add_batch(4, batch(9))  # the same batch again: recognised by the log, skipped
+    assert_frame_equal(read_delta(table).sort("id"), batch(0, 1, 2, 3, 4))
+    assert DeltaTable(str(table)).transaction_version("q") == 4
+    assert reads[2:] == [4]
+
+
 def test_transactions_are_per_query(tmp_path: Path, sink_ctx: SinkContext) -> None:
     table = tmp_path / "t"
     sink_for(table, sink_ctx).add_batch(0, batch(1))
