@@ -39,6 +39,7 @@ from microstream.api.scan import (
     scan_files,
     scan_kafka,
     scan_postgres_cdc,
+    scan_rabbitmq_stream,
     scan_rate,
     vacuum_delta,
 )
@@ -148,6 +149,7 @@ __all__ = [
     "scan_files",
     "scan_kafka",
     "scan_postgres_cdc",
+    "scan_rabbitmq_stream",
     "scan_rate",
     "sql",
     "start_metrics_server",

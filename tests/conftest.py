@@ -10,6 +10,7 @@ import microstream as ms
 
 if TYPE_CHECKING:
     from microstream.testing.postgres import PostgresServer
+    from microstream.testing.rabbitmq import RabbitMQServer
     from microstream.testing.tansu import TansuBroker
 
 
@@ -117,3 +118,30 @@ def wal2json(postgres_server: PostgresServer) -> None:
             "the wal2json output plugin is not installed (make test installs it when run as "
             "root: apt-get install postgresql-15-wal2json)"
         )
+
+
+# -- RabbitMQ: a private broker with the stream plugin (see microstream/testing/rabbitmq.py) -------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ node (own name, ports and data directory) for the whole session.
+
+    Each test uses streams of its own names (``rabbitmq_stream``).
+    """
+    pytest.importorskip("rstream")
+    from microstream.testing.rabbitmq import RabbitMQServer, find_rabbitmq_server
+
+    if find_rabbitmq_server() is None:
+        pytest.skip(
+            "rabbitmq-server is not installed (make test installs it when run as root: "
+            "apt-get install rabbitmq-server)"
+        )
+    with RabbitMQServer() as server:
+        yield server
+
+
+@pytest.fixture
+def rabbitmq_stream(name: str) -> str:
+    """A stream name of this test's own (the sink creates it; tests publishing first do too)."""
+    return f"s-{name}"

@@ -15,6 +15,7 @@ from microstream.registry import (
     KAFKA,
     OPTIMIZE_DELTA,
     POSTGRES_CDC,
+    RABBITMQ_STREAM,
     RATE,
     READ_FILE_SINK,
     VACUUM_DELTA,
@@ -27,6 +28,7 @@ __all__ = [
     "scan_files",
     "scan_kafka",
     "scan_postgres_cdc",
+    "scan_rabbitmq_stream",
     "scan_rate",
     "vacuum_delta",
 ]
@@ -241,5 +243,38 @@ scan_postgres_cdc = source_facade(
     ...         query.stop()
     >>> ms.table("doc_cdc").select("id", "amount", "_op").rows()  # doctest: +SKIP
     [(1, 2.5, 'insert'), (1, 3.0, 'update')]
+    """,
+)
+
+scan_rabbitmq_stream = source_facade(
+    RABBITMQ_STREAM,
+    name="scan_rabbitmq_stream",
+    module=__name__,
+    doc="""Stream the messages of a RabbitMQ stream, replayable by offset.
+
+    Offsets are the stream's message offsets, logged in the write-ahead log:
+    each batch reads exactly the messages of the offset range logged for it,
+    so a batch re-run after a crash reads the same messages. Bodies are
+    decoded in bulk (``format=``). Messages that the stream's retention
+    deleted before the query read them are a ``DataLossError``. See
+    ``connectors/README.md`` for offsets and guarantees.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.testing.rabbitmq import RabbitMQServer
+    >>> with RabbitMQServer() as broker:  # doctest: +SKIP
+    ...     stream = ms.MemoryStream({"id": pl.Int64})
+    ...     out = stream.lazy().sink_rabbitmq_stream(broker.url, "events")
+    ...     _ = stream.add_data({"id": [1, 2]})
+    ...     out.process_all_available()
+    ...     out.stop()
+    ...     events = ms.scan_rabbitmq_stream(broker.url, "events", schema={"id": pl.Int64})
+    ...     query = events.sink_memory("doc_rabbitmq")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_rabbitmq")["id"].to_list()  # doctest: +SKIP
+    [1, 2]
     """,
 )

@@ -635,6 +635,70 @@ class SinkVerbs:
             key_groups=key_groups,
         )
 
+    def sink_rabbitmq_stream(
+        self,
+        url: str,
+        stream: str,
+        *,
+        format: KafkaSinkFormat = "json",
+        producer_name: str | None = None,
+        create_stream: bool = True,
+        stream_arguments: Mapping[str, Any] | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query publishing each row to a RabbitMQ stream, exactly once.
+
+        The query is one named producer (``microstream-<query id>``) whose
+        publishing ids are derived from the batch id and the row's position, so
+        the broker's deduplication stores each row once, also when a batch is
+        re-run after a crash. See :class:`connectors.rabbitmq.RabbitMQStreamSinkSpec`.
+
+        Parameters
+        ----------
+        url
+            ``"rabbitmq-stream://user:password@host:5552/vhost"``.
+        stream
+            The stream written to.
+        format
+            ``"json"``, ``"avro"`` or ``"raw"`` (the ``value`` column).
+        producer_name
+            The producer's name (default ``microstream-<query id>``).
+        create_stream
+            Create the stream if it is missing, with ``stream_arguments``
+            (``{"max-length-bytes": ...}``).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> ms.MemoryStream({"id": pl.Int64}).lazy().sink_rabbitmq_stream("amqp://mq", "out")
+        Traceback (most recent call last):
+        ...
+        ValueError: url must be 'rabbitmq-stream://user:password@host:port/vhost'; got a url of scheme 'amqp'
+        """
+        spec = load_connector("rabbitmq_stream_sink")(
+            url,
+            stream,
+            format=format,
+            producer_name=producer_name,
+            create_stream=create_stream,
+            stream_arguments=None if stream_arguments is None else dict(stream_arguments),
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
     def _start(
         self,
         spec: SinkSpec,
