@@ -163,7 +163,7 @@ def encode_messages(payloads: Sequence[bytes], properties: dict[str, str]) -> li
     >>> [message] = encode_messages([b'{"a":1}'], {"batch": "7"})
     >>> decoded = amqp_decoder(message)
     >>> decoded.body, decoded.application_properties
-    (b'{"a":1}', {b'batch': '7'})
+    (b'{"a":1}', {b'batch': b'7'})
     """
     from rstream.amqp import AMQPMessage
 

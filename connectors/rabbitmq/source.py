@@ -141,8 +141,8 @@ class RabbitMQStreamSourceSpec:
     ... )
     >>> spec.describe(), spec.identity(), list(spec.schema)
     ('RabbitMQStream[events]', {'stream': 'events', 'vhost': '/', 'format': 'json'}, ['id'])
-    >>> RabbitMQStreamSourceSpec("rabbitmq-stream://mq", "events", format="raw").schema
-    Schema({'value': Binary})
+    >>> dict(RabbitMQStreamSourceSpec("rabbitmq-stream://mq", "events", format="raw").schema)
+    {'value': Binary}
     """
 
     kind: ClassVar[str] = "rabbitmq_stream"
