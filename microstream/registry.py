@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from connectors.kafka import KafkaSourceSpec
     from connectors.memory import MemoryStream
     from connectors.postgres import PostgresCdcSourceSpec
+    from connectors.pubsub import PubSubSourceSpec
     from connectors.rabbitmq import RabbitMQStreamSourceSpec
     from connectors.rate import RateSourceSpec
     from microstream.protocols import StaticTableAdapter
@@ -38,6 +39,7 @@ __all__ = [
     "KAFKA",
     "OPTIMIZE_DELTA",
     "POSTGRES_CDC",
+    "PUBSUB",
     "RABBITMQ_STREAM",
     "RATE",
     "READ_FILE_SINK",
@@ -125,6 +127,7 @@ FILES = Connector("files", FileSourceSpec if TYPE_CHECKING else None)
 RATE = Connector("rate", RateSourceSpec if TYPE_CHECKING else None)
 KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
 POSTGRES_CDC = Connector("postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None)
+PUBSUB = Connector("pubsub", PubSubSourceSpec if TYPE_CHECKING else None)
 RABBITMQ_STREAM = Connector("rabbitmq_stream", RabbitMQStreamSourceSpec if TYPE_CHECKING else None)
 DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
 READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)

@@ -10,6 +10,7 @@ import microstream as ms
 
 if TYPE_CHECKING:
     from microstream.testing.postgres import PostgresServer
+    from microstream.testing.pubsub import PubSubEmulator
     from microstream.testing.rabbitmq import RabbitMQServer
     from microstream.testing.tansu import TansuBroker
 
@@ -145,3 +146,23 @@ def rabbitmq_server() -> Iterator[RabbitMQServer]:
 def rabbitmq_stream(name: str) -> str:
     """A stream name of this test's own (the sink creates it; tests publishing first do too)."""
     return f"s-{name}"
+
+
+# -- Google Pub/Sub: the emulator of the Google Cloud CLI (see microstream/testing/pubsub.py) ------
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[PubSubEmulator]:
+    """The Pub/Sub emulator for the whole session; each test makes topics of its own names."""
+    pytest.importorskip("google.cloud.pubsub_v1")
+    import shutil
+
+    from microstream.testing.pubsub import PubSubEmulator, find_pubsub_emulator
+
+    if find_pubsub_emulator() is None or shutil.which("java") is None:
+        pytest.skip(
+            "the Pub/Sub emulator is not installed: it needs the Google Cloud CLI's "
+            "pubsub-emulator component (gcloud components install pubsub-emulator) and Java 17"
+        )
+    with PubSubEmulator() as emulator:
+        yield emulator

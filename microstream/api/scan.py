@@ -15,6 +15,7 @@ from microstream.registry import (
     KAFKA,
     OPTIMIZE_DELTA,
     POSTGRES_CDC,
+    PUBSUB,
     RABBITMQ_STREAM,
     RATE,
     READ_FILE_SINK,
@@ -28,6 +29,7 @@ __all__ = [
     "scan_files",
     "scan_kafka",
     "scan_postgres_cdc",
+    "scan_pubsub",
     "scan_rabbitmq_stream",
     "scan_rate",
     "vacuum_delta",
@@ -276,5 +278,29 @@ scan_rabbitmq_stream = source_facade(
     ...     query.stop()
     >>> ms.table("doc_rabbitmq")["id"].to_list()  # doctest: +SKIP
     [1, 2]
+    """,
+)
+
+scan_pubsub = source_facade(
+    PUBSUB,
+    name="scan_pubsub",
+    module=__name__,
+    doc="""Stream the messages of a Google Cloud Pub/Sub subscription.
+
+    Each batch's pulled messages are logged in the checkpoint before the batch
+    runs and read from there, so a batch re-run after a crash reads the same
+    messages; they are acknowledged only after the batch commits, and
+    redeliveries of logged messages are dropped by message id. Into an
+    exactly-once sink every message reaches the output once (within
+    ``dedup_retention``). See ``connectors/README.md``.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> ms.scan_pubsub("my-subscription", schema={"id": pl.Int64})
+    Traceback (most recent call last):
+    ...
+    ValueError: subscription must be 'projects/<project>/subscriptions/<name>'; got 'my-subscription'
     """,
 )

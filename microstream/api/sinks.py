@@ -699,6 +699,61 @@ class SinkVerbs:
             key_groups=key_groups,
         )
 
+    def sink_pubsub(
+        self,
+        topic: str,
+        *,
+        format: KafkaSinkFormat = "json",
+        ordering_key: str | None = None,
+        endpoint: str | None = None,
+        output_mode: OutputMode = "append",
+        trigger: Trigger | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        runtime: Runtime | None = None,
+        key_groups: int | None = None,
+    ) -> StreamingQuery:
+        """Start the query publishing each row to a Pub/Sub topic, at least once.
+
+        Every message has the attributes ``microstream.query_id``,
+        ``microstream.batch_id`` and ``microstream.row``, so consumers can drop
+        the copies a re-run batch publishes again; with ``ordering_key`` (a String
+        column) messages of a key are delivered in order. See
+        :class:`connectors.pubsub.PubSubSinkSpec`.
+
+        Parameters
+        ----------
+        topic
+            ``"projects/<project>/topics/<name>"``.
+        format
+            ``"json"``, ``"avro"`` or ``"raw"`` (the ``value`` column).
+        ordering_key
+            The String column holding each message's ordering key.
+        endpoint
+            ``"host:port"`` of the emulator (no credentials, no TLS).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> ms.MemoryStream({"id": pl.Int64}).lazy().sink_pubsub("my-topic")
+        Traceback (most recent call last):
+        ...
+        ValueError: topic must be 'projects/<project>/topics/<name>'; got 'my-topic'
+        """
+        spec = load_connector("pubsub_sink")(
+            topic, format=format, ordering_key=ordering_key, endpoint=endpoint
+        )
+        return self.sink(
+            spec,
+            output_mode=output_mode,
+            trigger=trigger,
+            checkpoint=checkpoint,
+            name=name,
+            runtime=runtime,
+            key_groups=key_groups,
+        )
+
     def _start(
         self,
         spec: SinkSpec,
