@@ -7,9 +7,10 @@ stream's first or last offset, read the messages of an offset range, publish
 messages with given publishing ids and wait for every confirm, and ask the
 broker for a producer's last publishing id (its deduplication state).
 
-A connection that cannot be opened, or that breaks, is retried with a
-backoff (50 ms to 1 s) for ``retry_timeout`` seconds: a restarting broker is
-waited for. What the broker answers (no such stream, access refused) is not
+A connection that cannot be opened, or that breaks, and a stream the broker
+says is not available yet (it recovers its streams after a restart), are
+retried with a backoff (50 ms to 1 s) for ``retry_timeout`` seconds: a
+restarting broker is waited for. What the broker answers (no such stream, access refused) is not
 retried.
 
 Message bodies are AMQP 1.0 messages, as every RabbitMQ stream client writes
@@ -209,22 +210,25 @@ class StreamConnection:
 
     def _retrying(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
         """``work(client)``, reconnecting and retrying a lost connection for the retry timeout."""
-        from rstream.exceptions import ServerError, StreamDoesNotExist
+        from rstream.exceptions import ServerError, StreamDoesNotExist, StreamNotAvailable
 
         deadline = time.monotonic() + self.retry_timeout_s
         delay = 0.05
+        failure: Exception
         while True:
             try:
                 client = self._connected()
                 return self._call(lambda client=client: work(client))  # type: ignore[misc]
             except StreamDoesNotExist as exc:
                 raise BrokerAnswerError(str(exc), _STREAM_DOES_NOT_EXIST) from exc
+            except StreamNotAvailable as exc:  # a restarting broker recovers its streams
+                failure = exc
             except ServerError as exc:
                 if "closed" not in str(exc).lower():
                     raise BrokerAnswerError(
                         str(exc) or type(exc).__name__, getattr(exc, "code", None)
                     ) from exc
-                failure: Exception = exc
+                failure = exc
             except (OSError, EOFError, asyncio.TimeoutError, ConnectionError) as exc:
                 failure = exc
             except Exception as exc:
