@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev chromium wal2json package extras pythons bench bench-overhead clean
+.PHONY: demo test lint typecheck install install-dev chromium wal2json rabbitmq package extras pythons bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,15 @@ wal2json:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-wal2json; \
 	else echo "make: wal2json is missing and this is not root: the PostgreSQL CDC tests will be skipped (apt-get install postgresql-15-wal2json)"; fi
 
-test: lint typecheck chromium wal2json
+# The RabbitMQ stream tests start a private node of Debian's rabbitmq-server (its stream plugin
+# is built in; the tests enable it for their node only). Installed here as root, skipped otherwise.
+rabbitmq:
+	@if [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; \
+	else echo "make: rabbitmq-server is missing and this is not root: the RabbitMQ stream tests will be skipped (apt-get install rabbitmq-server)"; fi
+
+test: lint typecheck chromium wal2json rabbitmq
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Packaging (CI runs these after `make test`): the sdist and wheel build and pass

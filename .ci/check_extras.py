@@ -76,6 +76,23 @@ decoder = ProtobufDecoder(wrappers_pb2.Int64Value)
 out = decoder.decode([wrappers_pb2.Int64Value(value=7).SerializeToString()])
 assert out.frame["value"].to_list() == [7], out.frame
 """,
+    "rabbitmq": """
+import rstream
+from connectors.rabbitmq import RabbitMQStreamSinkSpec, RabbitMQStreamSourceSpec
+import microstream as ms
+assert callable(ms.scan_rabbitmq_stream)
+""",
+    "pubsub": """
+from google.cloud import pubsub_v1
+from connectors.pubsub import PubSubSinkSpec, PubSubSourceSpec
+import microstream as ms
+try:
+    ms.scan_pubsub("my-subscription")
+except ValueError as exc:
+    assert "projects/<project>/subscriptions/<name>" in str(exc), exc
+else:
+    raise AssertionError("a malformed subscription name was accepted")
+""",
     "metrics": """
 import urllib.request, microstream as ms
 with ms.start_metrics_server(0) as server:

@@ -15,6 +15,8 @@ StaticJoinStrategy: TypeAlias = Literal["inner", "left", "semi", "anti", "cross"
 QueryState: TypeAlias = Literal["initializing", "active", "stopped", "failed"]
 KafkaFormat: TypeAlias = Literal["json", "avro", "raw", "csv", "protobuf"]
 KafkaSinkFormat: TypeAlias = Literal["json", "avro", "raw"]
+RabbitMQStartingOffset: TypeAlias = "Literal['first', 'next'] | int"
+"""Where ``scan_rabbitmq_stream`` starts: the first retained message, the next one, or an offset."""
 PostgresSinkMode: TypeAlias = Literal["append", "upsert"]
 """How ``sink_postgres`` writes rows: inserted (``COPY``), or upserted by key (``ON CONFLICT``)."""
 BadRecordPolicy: TypeAlias = Literal["fail", "skip", "dead_letter"]

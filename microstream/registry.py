@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from connectors.kinesis import KinesisSourceSpec
     from connectors.memory import MemoryStream
     from connectors.postgres import PostgresCdcSourceSpec
+    from connectors.pubsub import PubSubSourceSpec
+    from connectors.rabbitmq import RabbitMQStreamSourceSpec
     from connectors.rate import RateSourceSpec
     from connectors.socket_source import SocketSourceSpec
     from microstream.protocols import StaticTableAdapter
@@ -40,6 +42,8 @@ __all__ = [
     "KINESIS",
     "OPTIMIZE_DELTA",
     "POSTGRES_CDC",
+    "PUBSUB",
+    "RABBITMQ_STREAM",
     "RATE",
     "READ_FILE_SINK",
     "SOCKET",
@@ -129,6 +133,8 @@ KAFKA = Connector("kafka", KafkaSourceSpec if TYPE_CHECKING else None)
 POSTGRES_CDC = Connector("postgres_cdc", PostgresCdcSourceSpec if TYPE_CHECKING else None)
 KINESIS = Connector("kinesis", KinesisSourceSpec if TYPE_CHECKING else None)
 SOCKET = Connector("socket", SocketSourceSpec if TYPE_CHECKING else None)
+PUBSUB = Connector("pubsub", PubSubSourceSpec if TYPE_CHECKING else None)
+RABBITMQ_STREAM = Connector("rabbitmq_stream", RabbitMQStreamSourceSpec if TYPE_CHECKING else None)
 DELTA_SOURCE = Connector("delta_source", DeltaSourceSpec if TYPE_CHECKING else None)
 READ_FILE_SINK = Connector("read_file_sink", read_file_sink if TYPE_CHECKING else None)
 OPTIMIZE_DELTA = Connector("optimize_delta", optimize_delta if TYPE_CHECKING else None)

@@ -11,6 +11,8 @@ import microstream as ms
 if TYPE_CHECKING:
     from microstream.testing.moto_s3 import MotoS3Server
     from microstream.testing.postgres import PostgresServer
+    from microstream.testing.pubsub import PubSubEmulator
+    from microstream.testing.rabbitmq import RabbitMQServer
     from microstream.testing.tansu import TansuBroker
 
 
@@ -129,3 +131,50 @@ def moto_server() -> Iterator[MotoS3Server]:
 
     with MotoS3Server() as server:
         yield server
+
+
+# -- RabbitMQ: a private broker with the stream plugin (see microstream/testing/rabbitmq.py) -------
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> Iterator[RabbitMQServer]:
+    """A private RabbitMQ node (own name, ports and data directory) for the whole session.
+
+    Each test uses streams of its own names (``rabbitmq_stream``).
+    """
+    pytest.importorskip("rstream")
+    from microstream.testing.rabbitmq import RabbitMQServer, find_rabbitmq_server
+
+    if find_rabbitmq_server() is None:
+        pytest.skip(
+            "rabbitmq-server is not installed (make test installs it when run as root: "
+            "apt-get install rabbitmq-server)"
+        )
+    with RabbitMQServer() as server:
+        yield server
+
+
+@pytest.fixture
+def rabbitmq_stream(name: str) -> str:
+    """A stream name of this test's own (the sink creates it; tests publishing first do too)."""
+    return f"s-{name}"
+
+
+# -- Google Pub/Sub: the emulator of the Google Cloud CLI (see microstream/testing/pubsub.py) ------
+
+
+@pytest.fixture(scope="session")
+def pubsub_emulator() -> Iterator[PubSubEmulator]:
+    """The Pub/Sub emulator for the whole session; each test makes topics of its own names."""
+    pytest.importorskip("google.cloud.pubsub_v1")
+    import shutil
+
+    from microstream.testing.pubsub import PubSubEmulator, find_pubsub_emulator
+
+    if find_pubsub_emulator() is None or shutil.which("java") is None:
+        pytest.skip(
+            "the Pub/Sub emulator is not installed: it needs the Google Cloud CLI's "
+            "pubsub-emulator component (gcloud components install pubsub-emulator) and Java 17"
+        )
+    with PubSubEmulator() as emulator:
+        yield emulator

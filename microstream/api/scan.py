@@ -16,6 +16,8 @@ from microstream.registry import (
     KINESIS,
     OPTIMIZE_DELTA,
     POSTGRES_CDC,
+    PUBSUB,
+    RABBITMQ_STREAM,
     RATE,
     READ_FILE_SINK,
     SOCKET,
@@ -30,6 +32,8 @@ __all__ = [
     "scan_kafka",
     "scan_kinesis",
     "scan_postgres_cdc",
+    "scan_pubsub",
+    "scan_rabbitmq_stream",
     "scan_rate",
     "scan_socket",
     "vacuum_delta",
@@ -312,5 +316,62 @@ scan_kinesis = source_facade(
     ...     query.stop()
     >>> ms.table("doc_kinesis")["user"].to_list()
     [1, 2]
+    """,
+)
+
+scan_rabbitmq_stream = source_facade(
+    RABBITMQ_STREAM,
+    name="scan_rabbitmq_stream",
+    module=__name__,
+    doc="""Stream the messages of a RabbitMQ stream, replayable by offset.
+
+    Offsets are the stream's message offsets, logged in the write-ahead log:
+    each batch reads exactly the messages of the offset range logged for it,
+    so a batch re-run after a crash reads the same messages. Bodies are
+    decoded in bulk (``format=``). Messages that the stream's retention
+    deleted before the query read them are a ``DataLossError``. See
+    ``connectors/README.md`` for offsets and guarantees.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> from microstream.testing.rabbitmq import RabbitMQServer
+    >>> with RabbitMQServer() as broker:  # doctest: +SKIP
+    ...     stream = ms.MemoryStream({"id": pl.Int64})
+    ...     out = stream.lazy().sink_rabbitmq_stream(broker.url, "events")
+    ...     _ = stream.add_data({"id": [1, 2]})
+    ...     out.process_all_available()
+    ...     out.stop()
+    ...     events = ms.scan_rabbitmq_stream(broker.url, "events", schema={"id": pl.Int64})
+    ...     query = events.sink_memory("doc_rabbitmq")
+    ...     query.process_all_available()
+    ...     query.stop()
+    >>> ms.table("doc_rabbitmq")["id"].to_list()  # doctest: +SKIP
+    [1, 2]
+    """,
+)
+
+scan_pubsub = source_facade(
+    PUBSUB,
+    name="scan_pubsub",
+    module=__name__,
+    doc="""Stream the messages of a Google Cloud Pub/Sub subscription.
+
+    Each batch's pulled messages are logged in the checkpoint before the batch
+    runs and read from there, so a batch re-run after a crash reads the same
+    messages; they are acknowledged only after the batch commits, and
+    redeliveries of logged messages are dropped by message id. Into an
+    exactly-once sink every message reaches the output once (within
+    ``dedup_retention``). See ``connectors/README.md``.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> import microstream as ms
+    >>> ms.scan_pubsub("my-subscription", schema={"id": pl.Int64})
+    Traceback (most recent call last):
+    ...
+    ValueError: subscription must be 'projects/<project>/subscriptions/<name>'; got 'my-subscription'
     """,
 )

@@ -1,6 +1,6 @@
 """The sink verbs of a stream: ``sink(spec)`` and the ``sink_*`` wrappers that start a query.
 
-Every ``sink_*`` verb builds its connector's spec (looked up by name in the
+Every ``sink_*`` verb (those of message systems in ``message_sinks.py``) builds its connector's spec (looked up by name in the
 connector registry, never imported) and calls :meth:`SinkVerbs.sink`, which
 checks the query against the sink and its output mode and starts it.
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from microstream.api.message_sinks import MessageSinkVerbs
 from microstream.api.query import StreamingQuery
 from microstream.api.session import Session, default_session
 from microstream.exceptions import PlanError, UnboundedStateWarning, user_stacklevel
@@ -31,13 +32,8 @@ from microstream.runtime.driver import ExecutionConfig
 from microstream.time.trigger import DEFAULT_TRIGGER, Trigger
 
 if TYPE_CHECKING:
-    from datetime import timedelta
-
     from microstream._typing import (
         FileFormat,
-        HttpSinkFormat,
-        KafkaSinkFormat,
-        KinesisSinkFormat,
         OutputMode,
         PostgresSinkMode,
     )
@@ -46,9 +42,10 @@ if TYPE_CHECKING:
 __all__ = ["SinkVerbs"]
 
 
-class SinkVerbs:
+class SinkVerbs(MessageSinkVerbs):
     """The ``sink`` verbs of :class:`~microstream.api.frame.StreamFrame` (a mixin: the
-    frame keeps its plan in ``_plan``)."""
+    frame keeps its plan in ``_plan``); those of message systems and web APIs are in
+    :class:`~microstream.api.message_sinks.MessageSinkVerbs`."""
 
     _plan: PlanNode
 
@@ -467,104 +464,6 @@ class SinkVerbs:
             key_groups=key_groups,
         )
 
-    def sink_kafka(
-        self,
-        bootstrap_servers: str,
-        topic: str,
-        *,
-        key: str | pl.Expr | None = None,
-        format: KafkaSinkFormat = "json",
-        avro_schema: Mapping[str, Any] | str | None = None,
-        headers: Mapping[str, str | bytes] | None = None,
-        transactional: bool = False,
-        options: Mapping[str, Any] | None = None,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        name: str | None = None,
-        runtime: Runtime | None = None,
-        key_groups: int | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing each batch's rows as records of a Kafka topic.
-
-        Every record carries the headers ``microstream.query_id`` and
-        ``microstream.batch_id``. The producer is idempotent and a batch is
-        acknowledged before the next one starts (a failed delivery is a
-        ``SinkError``; the batch is re-run on restart).
-
-        Guarantees: by default **at-least-once** — after a crash a batch may
-        be written again, with the same ``(query id, batch id)`` headers, so
-        consumers can drop duplicates. ``transactional=True`` writes each
-        batch in one Kafka transaction committed together with the batch's
-        record, which is **exactly-once for read_committed consumers** on
-        brokers that honour transactions (real Kafka; not verifiable on the
-        Tansu test broker). See :class:`connectors.kafka.KafkaSinkSpec`.
-
-        Parameters
-        ----------
-        bootstrap_servers
-            ``"host:port[,host:port...]"``.
-        topic
-            The topic written to.
-        key
-            The record key: a column name or an expression (None: no key).
-        format
-            ``"json"`` (all columns as a JSON object), ``"avro"`` (all
-            columns, schemaless Avro) or ``"raw"`` (the ``value`` column).
-        avro_schema
-            The Avro schema of ``format="avro"`` (default: derived from the
-            batch's schema, every field nullable).
-        headers
-            Extra headers on every record.
-        transactional
-            One transaction per batch (exactly-once for read_committed
-            consumers on real Kafka).
-        options
-            librdkafka producer settings (``security.protocol``, ``sasl.*``,
-            ``ssl.*``, ``compression.type``, ``transactional.id``, ...).
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> from microstream.testing.tansu import TansuBroker
-        >>> stream = ms.MemoryStream({"user": pl.Int64, "amount": pl.Float64})
-        >>> with TansuBroker() as broker:
-        ...     broker.create_topic("doc-sink")
-        ...     query = stream.lazy().sink_kafka(
-        ...         broker.bootstrap_servers, "doc-sink", key="user",
-        ...         checkpoint=tempfile.mkdtemp(),
-        ...     )
-        ...     _ = stream.add_data({"user": [1], "amount": [2.5]})
-        ...     query.process_all_available()
-        ...     query.stop()
-        ...     [record] = broker.consume("doc-sink", 1)
-        >>> record.key(), record.value()
-        (b'1', b'{"user":1,"amount":2.5}')
-        >>> [name for name, _ in record.headers()]
-        ['microstream.query_id', 'microstream.batch_id']
-        """
-        spec = load_connector("kafka_sink")(
-            bootstrap_servers,
-            topic,
-            key=key,
-            format=format,
-            avro_schema=avro_schema,
-            headers=None if headers is None else dict(headers),
-            transactional=transactional,
-            options=None if options is None else dict(options),
-        )
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            runtime=runtime,
-            key_groups=key_groups,
-        )
-
     def sink_postgres(
         self,
         dsn: str,
@@ -634,143 +533,6 @@ class SinkVerbs:
             mode=mode,
             key=None if key is None else list(key),
             progress_table=progress_table,
-        )
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-            runtime=runtime,
-            key_groups=key_groups,
-        )
-
-    def sink_http(
-        self,
-        url: str,
-        *,
-        format: HttpSinkFormat = "ndjson",
-        chunk_rows: int = 1000,
-        headers: Mapping[str, str] | None = None,
-        timeout: str | timedelta | float = "10s",
-        retry_timeout: str | timedelta | float = "30s",
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        runtime: Runtime | None = None,
-        key_groups: int | None = None,
-    ) -> StreamingQuery:
-        """Start the query POSTing each batch's rows to ``url``, in chunks.
-
-        Chunk ``c`` of batch ``N`` is one request carrying
-        ``Idempotency-Key: <query id>-<N>-<c>``; a batch re-run after a crash
-        sends the same chunks under the same keys. Connection errors,
-        timeouts, ``408``, ``429`` and ``5xx`` are retried with backoff for
-        ``retry_timeout``; any other error status fails the query with a
-        ``SinkError`` naming it and quoting the reply. Guarantee:
-        **at-least-once**, exactly-once with an endpoint that deduplicates on
-        the key. The options are :class:`connectors.http.HttpSinkSpec`'s.
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> from microstream.testing.http_server import RecordingHttpServer
-        >>> stream = ms.MemoryStream({"user": pl.Int64})
-        >>> with RecordingHttpServer() as server:
-        ...     query = stream.lazy().sink_http(
-        ...         server.url("/events"), chunk_rows=2, checkpoint=tempfile.mkdtemp()
-        ...     )
-        ...     _ = stream.add_data({"user": [1, 2, 3]})
-        ...     query.process_all_available()
-        ...     query.stop()
-        >>> [request.body for request in server.requests]
-        [b'{"user":1}\\n{"user":2}\\n', b'{"user":3}\\n']
-        >>> [request.headers["Idempotency-Key"][-4:] for request in server.requests]
-        ['-0-0', '-0-1']
-        """
-        spec = load_connector("http_sink")(
-            url,
-            format=format,
-            chunk_rows=chunk_rows,
-            headers=headers,
-            timeout=timeout,
-            retry_timeout=retry_timeout,
-        )
-        return self.sink(
-            spec,
-            output_mode=output_mode,
-            trigger=trigger,
-            checkpoint=checkpoint,
-            name=name,
-            checkpoint_options=checkpoint_options,
-            runtime=runtime,
-            key_groups=key_groups,
-        )
-
-    def sink_kinesis(
-        self,
-        stream: str,
-        *,
-        partition_key: str | pl.Expr,
-        format: KinesisSinkFormat = "json",
-        retry_timeout: str | timedelta | float = "30s",
-        options: Mapping[str, Any] | None = None,
-        output_mode: OutputMode = "append",
-        trigger: Trigger | None = None,
-        checkpoint: str | os.PathLike[str] | None = None,
-        checkpoint_options: dict[str, Any] | None = None,
-        name: str | None = None,
-        runtime: Runtime | None = None,
-        key_groups: int | None = None,
-    ) -> StreamingQuery:
-        """Start the query writing each batch's rows as records of a Kinesis stream.
-
-        Guarantee: **at-least-once** — a batch re-run after a crash is sent
-        again whole. With ``format="json"`` every record carries
-        ``microstream_query_id``, ``microstream_batch_id`` and
-        ``microstream_row``, on which consumers can deduplicate. Refused records
-        (throttling) are retried for ``retry_timeout``. The options are
-        :class:`connectors.kinesis.KinesisSinkSpec`'s.
-
-        Examples
-        --------
-        >>> import json
-        >>> import tempfile
-        >>> import boto3
-        >>> import polars as pl
-        >>> import microstream as ms
-        >>> from microstream.testing.moto_s3 import MotoS3Server
-        >>> stream = ms.MemoryStream({"user": pl.Int64})
-        >>> with MotoS3Server() as server:
-        ...     kinesis = boto3.client("kinesis", **server.aws_options())
-        ...     _ = kinesis.create_stream(StreamName="doc-out", ShardCount=1)
-        ...     query = stream.lazy().sink_kinesis(
-        ...         "doc-out", partition_key="user", options=server.aws_options(),
-        ...         checkpoint=tempfile.mkdtemp(),
-        ...     )
-        ...     _ = stream.add_data({"user": [7]})
-        ...     query.process_all_available()
-        ...     query.stop()
-        ...     shard = kinesis.list_shards(StreamName="doc-out")["Shards"][0]["ShardId"]
-        ...     iterator = kinesis.get_shard_iterator(
-        ...         StreamName="doc-out", ShardId=shard, ShardIteratorType="TRIM_HORIZON"
-        ...     )["ShardIterator"]
-        ...     [record] = kinesis.get_records(ShardIterator=iterator)["Records"]
-        >>> data = json.loads(record["Data"])
-        >>> record["PartitionKey"], data["user"], data["microstream_batch_id"], data["microstream_row"]
-        ('7', 7, 0, 0)
-        """
-        spec = load_connector("kinesis_sink")(
-            stream,
-            partition_key=partition_key,
-            format=format,
-            retry_timeout=retry_timeout,
-            options=None if options is None else dict(options),
         )
         return self.sink(
             spec,

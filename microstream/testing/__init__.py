@@ -10,6 +10,11 @@ the same helpers run microstream's own tests, doctests and notebooks.
 - :class:`microstream.testing.postgres.PostgresServer` runs ``initdb`` into a
   temporary directory and starts PostgreSQL (``wal_level=logical``) on a free
   port, for the PostgreSQL connectors (``pip install 'microstream[postgres]'``).
+- :class:`microstream.testing.rabbitmq.RabbitMQServer` starts a private RabbitMQ
+  node (Debian's ``rabbitmq-server``) with the stream plugin, for the RabbitMQ
+  stream connectors (``pip install 'microstream[rabbitmq]'``).
+- :class:`microstream.testing.pubsub.PubSubEmulator` starts the Google Cloud CLI's
+  Pub/Sub emulator, for the Pub/Sub connectors (``pip install 'microstream[pubsub]'``).
 - :class:`microstream.testing.moto_s3.MotoS3Server` starts moto's S3 server
   (``pip install 'moto[server]'``); ``create_bucket()`` gives an
   :class:`~microstream.testing.moto_s3.S3Bucket` that knows both spellings of
