@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
-from connectors._kafka_codecs import PayloadDecoder, make_decoder
+from connectors._kafka_codecs import PayloadDecoder
+from connectors._payload_formats import payload_decoder
 from connectors.pubsub.client import require_pubsub, subscriber_client
 from microstream.exceptions import CheckpointError, OffsetError, PlanError, SourceError
 from microstream.protocols import Offset, SourceContext
@@ -104,10 +105,13 @@ class PubSubSourceSpec:
         ``"projects/<project>/subscriptions/<name>"`` (it must exist). One query per
         subscription: two readers would split its messages.
     format
-        The message data: ``"json"``, ``"csv"``, ``"avro"`` (schemaless) or ``"raw"``
-        (a Binary ``value`` column). Decoded in bulk.
+        The message data: ``"json"``, ``"csv"``, ``"avro"`` (schemaless),
+        ``"protobuf"`` (a serialised message of the type given as ``schema=``) or
+        ``"raw"`` (a Binary ``value`` column). Decoded in bulk.
     schema
-        The columns of ``"json"``/``"csv"``, the Avro schema of ``"avro"``.
+        The columns of ``"json"``/``"csv"``, the Avro schema of ``"avro"``, for
+        ``"protobuf"`` a generated message class or ``{"descriptor_set": <file>,
+        "message": <full name>}``.
     max_messages_per_trigger
         At most this many messages per batch (one pull; 1000 by default, Pub/Sub's
         limit per pull).
@@ -148,7 +152,7 @@ class PubSubSourceSpec:
         subscription: str,
         *,
         format: KafkaFormat = "json",
-        schema: Mapping[str, Any] | pl.Schema | str | None = None,
+        schema: Mapping[str, Any] | pl.Schema | str | type | None = None,
         max_messages_per_trigger: int = 1000,
         include_metadata: bool = False,
         ack_deadline: str | timedelta | float = "60s",
@@ -170,7 +174,7 @@ class PubSubSourceSpec:
         if not 10 <= deadline <= 600:
             msg = f"ack_deadline must be from 10 s to 600 s (Pub/Sub's range); got {ack_deadline!r}"
             raise ValueError(msg)
-        decoder = make_decoder(format, schema)
+        decoder = payload_decoder(format, schema)
         columns = dict(decoder.schema)
         if include_metadata:
             clash = set(columns) & set(METADATA_COLUMNS)

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
-from connectors._kafka_codecs import PayloadDecoder, make_decoder
+from connectors._kafka_codecs import PayloadDecoder
+from connectors._payload_formats import payload_decoder
 from connectors.rabbitmq.client import (
     BrokerAnswerError,
     BrokerUnreachableError,
@@ -112,11 +113,14 @@ class RabbitMQStreamSourceSpec:
     format
         The message bodies: ``"json"`` (one JSON object per message),
         ``"csv"`` (one CSV line), ``"avro"`` (schemaless Avro of the record
-        schema given as ``schema=``) or ``"raw"`` (the body as a Binary
+        schema given as ``schema=``), ``"protobuf"`` (a serialised message of
+        the type given as ``schema=``) or ``"raw"`` (the body as a Binary
         ``value`` column). Decoded in bulk.
     schema
         The columns of ``"json"``/``"csv"`` (a mapping of name to polars
-        dtype), the Avro schema of ``"avro"``; none for ``"raw"``.
+        dtype), the Avro schema of ``"avro"``, for ``"protobuf"`` a generated
+        message class or ``{"descriptor_set": <file>, "message": <full
+        name>}``; none for ``"raw"``.
     starting_offset
         Where a query that first starts begins: ``"first"`` (the first message
         the stream retains), ``"next"`` (messages published from now on) or an
@@ -165,7 +169,7 @@ class RabbitMQStreamSourceSpec:
         stream: str,
         *,
         format: KafkaFormat = "json",
-        schema: Mapping[str, Any] | pl.Schema | str | None = None,
+        schema: Mapping[str, Any] | pl.Schema | str | type | None = None,
         starting_offset: RabbitMQStartingOffset = "first",
         max_messages_per_trigger: int | None = None,
         include_metadata: bool = False,
@@ -191,7 +195,7 @@ class RabbitMQStreamSourceSpec:
         if on_bad_record not in ("fail", "skip"):
             msg = f"on_bad_record must be 'fail' or 'skip'; got {on_bad_record!r}"
             raise ValueError(msg)
-        decoder = make_decoder(format, schema)
+        decoder = payload_decoder(format, schema)
         columns = dict(decoder.schema)
         if include_metadata:
             clash = set(columns) & set(METADATA_COLUMNS)

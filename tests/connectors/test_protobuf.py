@@ -1,4 +1,5 @@
-"""``format="protobuf"``: the decoder, then through Kafka (Tansu) and Kinesis (moto).
+"""``format="protobuf"``: the decoder, then through Kafka (Tansu), Kinesis (moto), RabbitMQ
+streams (a private node) and Pub/Sub (the emulator).
 
 The message types are built from descriptors here (no ``protoc`` on the machine): an
 ``Order`` with a nested message, a repeated message, an enum, a repeated scalar and a
@@ -202,3 +203,65 @@ def test_kinesis_protobuf_records_from_a_descriptor_set(
     query.process_all_available()
     query.stop()
     assert ms.table("protobuf_kinesis").to_dicts() == EXPECTED
+
+
+@pytest.mark.integration
+def test_rabbitmq_stream_protobuf_messages_with_a_bad_one_failing_or_skipped(
+    rabbitmq_server: Any, rabbitmq_stream: str, tmp_path: Path
+) -> None:
+    from connectors.rabbitmq.client import StreamConnection, StreamUrl, encode_messages
+
+    conn = StreamConnection(StreamUrl.parse(rabbitmq_server.url), retry_timeout_s=10, name="t")
+    try:
+        conn.create_stream(rabbitmq_stream, {})
+        bodies = [orders()[0], b"\x08", orders()[1]]
+        assert conn.publish(rabbitmq_stream, "p", [1, 2, 3], encode_messages(bodies, {})) == []
+    finally:
+        conn.close()
+    failing = ms.scan_rabbitmq_stream(
+        rabbitmq_server.url, rabbitmq_stream, format="protobuf", schema=Order
+    )
+    query = failing.foreach_batch(
+        lambda df, i: None, checkpoint=tmp_path / "fail", trigger=ms.Trigger.available_now()
+    )
+    with pytest.raises(ms.SourceError, match=r"bad message at offset 1: .*not a Order message"):
+        query.await_termination(timeout=60)
+
+    skipping = ms.scan_rabbitmq_stream(
+        rabbitmq_server.url,
+        rabbitmq_stream,
+        format="protobuf",
+        schema=Order,
+        on_bad_record="skip",
+        include_metadata=True,
+    )
+    query = skipping.sink_memory("protobuf_rabbitmq")
+    query.process_all_available()
+    query.stop()
+    out = ms.table("protobuf_rabbitmq")
+    assert out.drop("_offset", "_timestamp").to_dicts() == EXPECTED
+    assert out["_offset"].to_list() == [0, 2]
+
+
+@pytest.mark.integration
+def test_pubsub_protobuf_messages_from_a_descriptor_set_and_a_bad_one_failing(
+    pubsub_emulator: Any, name: str, descriptor_set: Path, tmp_path: Path
+) -> None:
+    pubsub_emulator.create_topic(name)
+    subscription = pubsub_emulator.create_subscription(name, name)
+    schema = {"descriptor_set": str(descriptor_set), "message": "shop.Order"}
+    pubsub_emulator.publish(name, orders())
+    frame = ms.scan_pubsub(
+        subscription, format="protobuf", schema=schema, endpoint=pubsub_emulator.endpoint
+    )
+    query = frame.sink_memory(name, checkpoint=tmp_path / "cp")
+    query.process_all_available(timeout=30)
+    query.stop()
+    assert ms.table(name).sort("id").to_dicts() == EXPECTED
+
+    [bad_id] = pubsub_emulator.publish(name, [b"\x08"])
+    # the good messages were acknowledged when their batch committed: only the bad one comes
+    query = frame.foreach_batch(lambda df, i: None, checkpoint=tmp_path / "bad")
+    with pytest.raises(ms.SourceError, match=f"bad message '{bad_id}': .*not a Order message"):
+        query.process_all_available(timeout=30)
+    query.stop()
