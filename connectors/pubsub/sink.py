@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
@@ -27,6 +28,7 @@ from connectors._kafka_codecs import encode_values
 from connectors.pubsub.client import publisher_client, require_pubsub
 from microstream.exceptions import SinkError
 from microstream.protocols import SinkContext
+from microstream.time.duration import parse_duration
 
 if TYPE_CHECKING:
     from microstream._typing import KafkaSinkFormat
@@ -49,6 +51,10 @@ class PubSubSinkSpec:
         A String column whose value is each message's ordering key (None: no key).
     attributes
         Static attributes added to every message.
+    retry_timeout
+        How long a publish is retried (backoff 50 ms doubling to 1 s) while the server
+        is unreachable, overloaded or past its deadline, before the batch fails with a
+        ``SinkError``.
     endpoint
         ``"host:port"`` of a Pub/Sub server without credentials and TLS (the emulator).
 
@@ -67,6 +73,7 @@ class PubSubSinkSpec:
     format: KafkaSinkFormat = "json"
     ordering_key: str | None = None
     attributes: Mapping[str, str] | None = None
+    retry_timeout: str | timedelta | float = "30s"
     endpoint: str | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +84,7 @@ class PubSubSinkSpec:
         if self.format not in ("json", "avro", "raw"):
             msg = f"format must be 'json', 'avro' or 'raw'; got {self.format!r}"
             raise ValueError(msg)
+        parse_duration(self.retry_timeout, name="retry_timeout")
 
     def describe(self) -> str:
         """One line: ``PubSubSink[projects/p/topics/t]``."""
@@ -96,7 +104,10 @@ class PubSubSink:
         self.description = spec.describe()
         self._query_id = context.query_id
         self._order = list(context.key_columns or ())
-        self._client = publisher_client(spec.endpoint, ordering=spec.ordering_key is not None)
+        self._retry_s = parse_duration(spec.retry_timeout).total_seconds()
+        self._client = publisher_client(
+            spec.endpoint, ordering=spec.ordering_key is not None, retry_timeout_s=self._retry_s
+        )
 
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
         """Publish every row of ``batch_id``; return once Pub/Sub accepted all of them.
@@ -140,7 +151,9 @@ class PubSubSink:
         failed: list[BaseException] = []
         for future in futures:
             try:
-                future.result(timeout=60)
+                # The publisher retries for retry_timeout itself; the margin covers
+                # batching and the last attempt.
+                future.result(timeout=self._retry_s + 15)
             except Exception as exc:
                 failed.append(exc)
         if failed:

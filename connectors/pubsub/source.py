@@ -41,7 +41,7 @@ import polars as pl
 
 from connectors._kafka_codecs import PayloadDecoder
 from connectors._payload_formats import payload_decoder
-from connectors.pubsub.client import require_pubsub, subscriber_client
+from connectors.pubsub.client import require_pubsub, retrying, subscriber_client
 from microstream.exceptions import CheckpointError, OffsetError, PlanError, SourceError
 from microstream.protocols import Offset, SourceContext
 from microstream.time.duration import parse_duration
@@ -124,6 +124,10 @@ class PubSubSourceSpec:
     dedup_retention
         How long the ids of logged messages are kept to drop redeliveries
         (``"10m"``); longer costs more checkpoint files.
+    retry_timeout
+        How long a pull, an ack or a deadline extension is retried (backoff 50 ms
+        doubling to 1 s) while the server is unreachable, overloaded or past its
+        deadline, before the query fails with a ``SourceError``.
     endpoint
         ``"host:port"`` of a Pub/Sub server to use without credentials and TLS
         (the emulator); default Google's, with the environment's credentials.
@@ -143,6 +147,7 @@ class PubSubSourceSpec:
     include_metadata: bool
     ack_deadline_s: int
     dedup_retention_s: float
+    retry_timeout_s: float = field(compare=False)
     endpoint: str | None = field(compare=False)
     decoder: PayloadDecoder = field(repr=False, compare=False)
     schema: pl.Schema = field(compare=False)
@@ -157,6 +162,7 @@ class PubSubSourceSpec:
         include_metadata: bool = False,
         ack_deadline: str | timedelta | float = "60s",
         dedup_retention: str | timedelta | float = "10m",
+        retry_timeout: str | timedelta | float = "30s",
         endpoint: str | None = None,
     ) -> None:
         parts = subscription.split("/") if isinstance(subscription, str) else []
@@ -190,6 +196,8 @@ class PubSubSourceSpec:
         put(self, "ack_deadline_s", int(deadline))
         retention = parse_duration(dedup_retention, name="dedup_retention").total_seconds()
         put(self, "dedup_retention_s", retention)
+        retry = parse_duration(retry_timeout, name="retry_timeout").total_seconds()
+        put(self, "retry_timeout_s", retry)
         put(self, "endpoint", endpoint)
         put(self, "decoder", decoder)
         put(self, "schema", pl.Schema(columns))
@@ -247,16 +255,35 @@ class PubSubSource:
         return self._client
 
     def _call(self, what: str, work: Any) -> Any:
+        """``work(client)``, retried on transient errors for ``retry_timeout``.
+
+        ``work`` makes one gRPC call, without the library's retries and with the
+        per-attempt ``timeout`` given by :attr:`_attempt_s`.
+        """
         from google.api_core import exceptions
 
         try:
-            return work(self._subscriber())
+            return retrying(
+                lambda: work(self._subscriber()),
+                retry_timeout_s=self.spec.retry_timeout_s,
+                what=f"{self.description}: {what}",
+                error=SourceError,
+                on_retry=lambda why: self._logger.warning(
+                    "%s: %s: %s; retrying", self.description, what, why
+                ),
+            )
         except exceptions.NotFound as exc:
             msg = f"{self.description}: cannot {what}: the subscription does not exist ({exc.message})"
             raise SourceError(msg) from exc
         except exceptions.GoogleAPIError as exc:
             msg = f"{self.description}: cannot {what}: {exc}"
             raise SourceError(msg) from exc
+
+    @property
+    def _attempt_s(self) -> float:
+        # A cut connection fails a call at once; a server that hangs must not hold one
+        # attempt past the whole retry_timeout.
+        return max(1.0, min(10.0, self.spec.retry_timeout_s))
 
     # -- the Source contract --------------------------------------------------------------------
 
@@ -278,7 +305,8 @@ class PubSubSource:
         Raises
         ------
         SourceError
-            The subscription does not exist, or Pub/Sub refused the pull.
+            The subscription does not exist, Pub/Sub refused the pull, or the server
+            stayed unreachable for ``retry_timeout``.
         """
         begin = _offset(start).entry
         self._committed = max(self._committed, begin)
@@ -298,7 +326,9 @@ class PubSubSource:
                         "subscription": self.spec.subscription,
                         "ack_ids": [m.ack_id for m in received],
                         "ack_deadline_seconds": self.spec.ack_deadline_s,
-                    }
+                    },
+                    retry=None,
+                    timeout=self._attempt_s,
                 ),
             )
         fresh = []
@@ -347,7 +377,8 @@ class PubSubSource:
                     "max_messages": self.spec.max_messages_per_trigger,
                     "return_immediately": True,
                 },
-                timeout=30,
+                retry=None,
+                timeout=self._attempt_s,
             ),
         )
 
@@ -386,7 +417,9 @@ class PubSubSource:
             self._call(
                 "acknowledge messages",
                 lambda c, p=part: c.acknowledge(
-                    request={"subscription": self.spec.subscription, "ack_ids": p}
+                    request={"subscription": self.spec.subscription, "ack_ids": p},
+                    retry=None,
+                    timeout=self._attempt_s,
                 ),
             )
 
