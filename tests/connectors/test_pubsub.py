@@ -276,3 +276,33 @@ def test_the_sink_publishes_every_row_with_its_ordering_key_and_batch_attributes
         ns = [n for k, n, _, _ in got if k == key]
         assert ns == sorted(ns)
     assert {m.attributes["microstream.query_id"] for m in messages} == {query.id}
+
+
+def test_the_sink_waits_for_a_server_down_then_back(
+    pubsub_emulator: PubSubEmulator, proxy: TcpProxy, name: str, tmp_path: Path
+) -> None:
+    from connectors.pubsub import PubSubSinkSpec
+
+    pubsub_emulator.create_topic(name)
+    pubsub_emulator.create_subscription(name, name)
+    events = ms.MemoryStream({"n": pl.Int64})
+    spec = PubSubSinkSpec(
+        f"projects/{pubsub_emulator.project}/topics/{name}",
+        retry_timeout="20s",
+        endpoint=f"127.0.0.1:{proxy.port}",
+    )
+    query = events.lazy().sink(spec, checkpoint=tmp_path / "cp")
+    try:
+        events.add_data({"n": [1, 2]})
+        query.process_all_available(timeout=30)
+        proxy.cut()
+        back = threading.Timer(1.0, proxy.restore)
+        back.start()
+        events.add_data({"n": [3, 4]})
+        query.process_all_available(timeout=30)
+        back.join()
+        assert query.exception() is None
+    finally:
+        query.stop()
+    got = sorted(json.loads(m.data)["n"] for m in pubsub_emulator.pull(name))
+    assert got == [1, 2, 3, 4]
