@@ -2,10 +2,10 @@
 
 The semantics are Spark's symmetric hash join with an event-time range
 condition. Each side buffers its rows in a state store, one key per row (the
-join keys and a row id) hashed on the join keys: a batch finds a join key's rows
-by that hash, inserts its new rows, and rewrites a kept row only when it first
-matches (outer joins, semi and anti remember that), so its cost follows the
-batch, not the rows kept.
+join keys and a row id) hashed on the join keys. A batch finds the buffered rows
+of its keys with one Polars semi join per side, pairs them with one join of
+keys, times and positions, inserts its new rows, and rewrites a kept row only
+when it first matches (outer joins, semi and anti remember that).
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
