@@ -1,4 +1,4 @@
-"""Stream-stream join throughput and state: impressions x clicks, 1-hour bound.
+"""Stream-stream join throughput and state: impressions x clicks, 1-hour bound (default).
 
 Generates N impressions and N clicks (default 1M each) as parquet files, one
 file per side per micro-batch (default 20): impression ``imp_id`` (the join
@@ -20,6 +20,13 @@ without a time bound would keep (all 2N rows). Median of ``--repeat``
 interleaved runs.
 
     python benchmarks/stream_join.py [--rows 1000000] [--files 20] [--repeat 3] [--out FILE]
+        [--bound-minutes 60]
+
+The default is the hot-path issue's (14) join case: 1M impressions x 1M clicks of which
+~0.86M fall in the bound, a 1-minute watermark delay, 20 files a side, one file per side
+per trigger. ``--bound-minutes M`` bounds the join to ``("0s", "Mm")`` and spreads the
+clicks over ``7/6 M`` minutes after their impression (the same one-in-seven outside the
+bound); ``--rows`` smaller for quick runs.
 """
 
 from __future__ import annotations
@@ -44,11 +51,13 @@ from microstream.runtime.progress import QueryProgressEvent
 START = dt.datetime(2024, 1, 1)
 SPAN_US = 10 * 3_600_000_000  # ten hours of impressions
 DISORDER_US = 30_000_000
-BOUND = ("0s", "1h")
+BOUND_MINUTES = 60
 DELAY = "1m"
 
 
-def generate(root: Path, rows: int, files: int, seed: int = 7) -> None:
+def generate(
+    root: Path, rows: int, files: int, bound_minutes: int = BOUND_MINUTES, seed: int = 7
+) -> None:
     """``files`` parquet files per side under ``root/imps`` and ``root/clicks``."""
     rng = np.random.default_rng(seed)
     start_us = (START - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
@@ -62,7 +71,7 @@ def generate(root: Path, rows: int, files: int, seed: int = 7) -> None:
         }
     )
     target = np.sort(rng.integers(0, rows, rows))  # clicks come in impression order
-    click_us = imp_us[target] + rng.integers(0, 70 * 60_000_000, rows)
+    click_us = imp_us[target] + rng.integers(0, bound_minutes * 70_000_000, rows)
     clicks = pl.DataFrame(
         {
             "click_imp_id": target,
@@ -79,13 +88,13 @@ def generate(root: Path, rows: int, files: int, seed: int = 7) -> None:
             chunk.write_parquet(directory / f"part-{f:05d}.parquet")
 
 
-def run_polars(root: Path) -> tuple[float, pl.DataFrame]:
+def run_polars(root: Path, bound_minutes: int) -> tuple[float, pl.DataFrame]:
     t0 = time.perf_counter()
     imps = pl.scan_parquet(str(root / "imps" / "*.parquet"))
     clicks = pl.scan_parquet(str(root / "clicks" / "*.parquet"))
     pairs = imps.join(clicks, left_on="imp_id", right_on="click_imp_id").filter(
         (pl.col("click_time") - pl.col("imp_time")).is_between(
-            dt.timedelta(0), dt.timedelta(hours=1)
+            dt.timedelta(0), dt.timedelta(minutes=bound_minutes)
         )
     )
     lonely = imps.join(pairs.select("imp_id"), on="imp_id", how="anti")
@@ -93,7 +102,9 @@ def run_polars(root: Path) -> tuple[float, pl.DataFrame]:
     return time.perf_counter() - t0, result
 
 
-def run_microstream(root: Path, checkpoint_root: str | None) -> tuple[float, pl.DataFrame, dict]:
+def run_microstream(
+    root: Path, checkpoint_root: str | None, bound_minutes: int
+) -> tuple[float, pl.DataFrame, dict]:
     frames: list[pl.DataFrame] = []
     peak = 0
 
@@ -115,7 +126,11 @@ def run_microstream(root: Path, checkpoint_root: str | None) -> tuple[float, pl.
             "click_time", DELAY
         )
         query = imps.join(
-            clicks, left_on="imp_id", right_on="click_imp_id", how="left", within=BOUND
+            clicks,
+            left_on="imp_id",
+            right_on="click_imp_id",
+            how="left",
+            within=("0s", f"{bound_minutes}m"),
         ).foreach_batch(
             lambda df, _batch_id: frames.append(df),
             trigger=ms.Trigger.available_now(flush=True),
@@ -155,19 +170,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000, help="impressions (= clicks)")
     parser.add_argument("--files", type=int, default=20, help="files per side (= batches)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--bound-minutes", type=int, default=BOUND_MINUTES, help="upper bound of the join"
+    )
     parser.add_argument("--checkpoint-root", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="ms-join-data-"))
-    generate(root, args.rows, args.files)
+    generate(root, args.rows, args.files, args.bound_minutes)
     seconds: dict[str, list[float]] = {"polars": [], "microstream": []}
     details = []
     equal = True
     for _ in range(args.repeat):
-        t, reference = run_polars(root)
+        t, reference = run_polars(root, args.bound_minutes)
         seconds["polars"].append(t)
-        t, streamed, detail = run_microstream(root, args.checkpoint_root)
+        t, streamed, detail = run_microstream(root, args.checkpoint_root, args.bound_minutes)
         seconds["microstream"].append(t)
         details.append(detail)
         equal = equal and same_rows(streamed, reference)
@@ -189,7 +207,7 @@ def main() -> None:
             "impressions": args.rows,
             "clicks": args.rows,
             "files_per_side": args.files,
-            "bound": list(BOUND),
+            "bound": ["0s", f"{args.bound_minutes}m"],
             "watermark_delay": DELAY,
             "how": "left",
             "repeat": args.repeat,

@@ -734,3 +734,36 @@ def test_sigkill_at_fault_points_then_restart_gives_identical_output(tmp_path: P
         assert got.keys() == expected.keys(), fault
         for batch_id, frame in expected.items():
             assert got[batch_id].equals(frame), (fault, batch_id)
+
+
+@pytest.mark.parametrize("nulls_equal", [False, True])
+def test_null_keys_pair_with_buffered_rows_only_when_nulls_equal(nulls_equal: bool) -> None:
+    """A null-key impression buffered in batch 0 meets null-key clicks in later batches
+    (found in the buffer by the join's semi join): paired only with ``nulls_equal``,
+    otherwise emitted unmatched once the watermark passes its bound, as Polars does."""
+    imps, clicks = ms.MemoryStream(IMPS), ms.MemoryStream(CLICKS)
+    left = imps.lazy().with_watermark("imp_time", "1m")
+    right = clicks.lazy().with_watermark("click_time", "1m")
+    name = f"join_nulls_{uuid.uuid4().hex[:8]}"
+    query = left.join(
+        right, on="ad", how="left", within=("0s", "5m"), nulls_equal=nulls_equal
+    ).sink_memory(name)
+    imps.add_data(rows(IMPS, (None, t(0), "i0"), (1, t(0), "i1")))
+    query.process_all_available()
+    clicks.add_data(rows(CLICKS, (None, t(1), "c0"), (1, t(2), "c1")))
+    query.process_all_available()
+    clicks.add_data(rows(CLICKS, (None, t(3), "c0b")))
+    query.process_all_available()
+    # Both sides move on (the query's watermark is the lower of the two): past i0's bound.
+    imps.add_data(rows(IMPS, (2, t(30), "i2")))
+    clicks.add_data(rows(CLICKS, (2, t(30), "c2")))
+    query.process_all_available()
+    query.stop()
+    out = ms.table(name).select("imp", "click")
+    paired = [("i0", "c0"), ("i0", "c0b")] if nulls_equal else [("i0", None)]
+    want = pl.DataFrame(
+        [*paired, ("i1", "c1"), ("i2", "c2")],
+        schema={"imp": pl.String, "click": pl.String},
+        orient="row",
+    )
+    assert_frame_equal(canon(out), canon(want))

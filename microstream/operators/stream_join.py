@@ -2,10 +2,10 @@
 
 The semantics are Spark's symmetric hash join with an event-time range
 condition. Each side buffers its rows in a state store, one key per row (the
-join keys and a row id) hashed on the join keys: a batch finds a join key's rows
-by that hash, inserts its new rows, and rewrites a kept row only when it first
-matches (outer joins, semi and anti remember that), so its cost follows the
-batch, not the rows kept.
+join keys and a row id) hashed on the join keys. A batch finds the buffered rows
+of its keys with one Polars semi join per side, pairs them with one join of
+keys, times and positions, inserts its new rows, and rewrites a kept row only
+when it first matches (outer joins, semi and anti remember that).
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import polars as pl
 
 from microstream.exceptions import PlanError
@@ -71,7 +72,9 @@ logger = logging.getLogger("microstream")
 ROW_ID = "__row_id"
 MATCHED = "__matched"
 _PAIR = "__pair"
-_NEW = "__new"
+_AT = "__at"
+_LEFT_AT = "__left_at"
+_RIGHT_AT = "__right_at"
 _TIME = "__time_us"
 _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
 
@@ -276,17 +279,10 @@ class StreamJoinOperator(_TwoStreamOperator):
         self._dropped_late = late_left + late_right
         self._updated = left.height + right.height
 
-        # The buffered rows a new row of the other side can pair with.
-        old_left = (
-            self.left.lookup(_keys(right, node.right_on, node.left_on))
-            if right.height and self.left.rows
-            else self.left.frame.clear()
-        )
-        old_right = (
-            self.right.lookup(_keys(left, node.left_on, node.right_on))
-            if left.height and self.right.rows
-            else self.right.frame.clear()
-        )
+        # The buffered rows a new row of the other side can pair with: one semi join of the
+        # buffer with the batch's keys per side (cheaper than hashing and probing them).
+        old_left = _buffered(self.left, right, node.right_on, node.left_on, node.nulls_equal)
+        old_right = _buffered(self.right, left, node.left_on, node.right_on, node.nulls_equal)
         all_left = pl.concat([old_left, left], how="vertical")
         all_right = pl.concat([old_right, right], how="vertical")
         pairs = self._pairs(all_left, all_right, old_left.height, old_right.height)
@@ -294,15 +290,19 @@ class StreamJoinOperator(_TwoStreamOperator):
         # Flags: a row matched now or before; semi emits a left row at its first match.
         # New rows go in with their flag; a kept row is rewritten when it first matches.
         newly_matched = all_left.clear()
-        for side, (store, arrived, old, ids) in enumerate(
-            ((self.left, left, old_left, "__left_id"), (self.right, right, old_right, "__right_id"))
+        for side, (store, arrived, old, at) in enumerate(
+            ((self.left, left, old_left, _LEFT_AT), (self.right, right, old_right, _RIGHT_AT))
         ):
             if not self._track[side] or pairs.height == 0:
                 store.insert(arrived)
                 continue
-            hit = pl.col(ROW_ID).is_in(pairs.get_column(ids).unique().implode())
-            first = old.filter(hit & ~pl.col(MATCHED)).with_columns(pl.lit(True).alias(MATCHED))
-            flagged = arrived.with_columns(hit.alias(MATCHED))
+            hit = np.zeros(old.height + arrived.height, dtype=bool)
+            hit[pairs.get_column(at).to_numpy()] = True
+            old_hit = pl.Series(hit[: old.height])
+            first = old.filter(old_hit & ~old.get_column(MATCHED)).with_columns(
+                pl.lit(True).alias(MATCHED)
+            )
+            flagged = arrived.with_columns(pl.Series(MATCHED, hit[old.height :]))
             store.insert(flagged)
             if first.height:
                 store.apply(upserts=first)
@@ -350,7 +350,8 @@ class StreamJoinOperator(_TwoStreamOperator):
     def _pairs(
         self, left: pl.DataFrame, right: pl.DataFrame, old_left: int, old_right: int
     ) -> pl.DataFrame:
-        """Row-id pairs that join now: equal keys, time condition, at least one row new."""
+        """Pairs that join now (positions in ``left`` and ``right``): equal keys, the time
+        condition, at least one row new."""
         node = self.node
         probe_keys = [f"__k{i}" for i in range(len(node.left_on))]
 
@@ -360,8 +361,8 @@ class StreamJoinOperator(_TwoStreamOperator):
             columns = [pl.col(c).alias(k) for c, k in zip(on, probe_keys)]
             if time is not None:
                 columns.append(to_us(time).alias(_TIME))
-            is_new = pl.int_range(pl.len()) >= old
-            return frame.lazy().select(*columns, pl.col(ROW_ID), is_new.alias(_NEW))
+            at = pl.int_range(pl.len(), dtype=pl.Int64).alias(_AT)
+            return frame.lazy().select(*columns, at)
 
         joined = side(left, node.left_on, node.left_time, old_left).join(
             side(right, node.right_on, node.right_time, old_right),
@@ -370,14 +371,15 @@ class StreamJoinOperator(_TwoStreamOperator):
             suffix="_r",
             nulls_equal=node.nulls_equal,
         )
-        condition = pl.col(_NEW) | pl.col(f"{_NEW}_r")
+        # Rows at or after ``old`` in each frame are the batch's new rows.
+        condition = (pl.col(_AT) >= old_left) | (pl.col(f"{_AT}_r") >= old_right)
         if node.bounded:
             assert node.lower_us is not None and node.upper_us is not None
             gap = pl.col(f"{_TIME}_r") - pl.col(_TIME)
             condition = condition & (gap >= node.lower_us) & (gap <= node.upper_us)
         return (
             joined.filter(condition)
-            .select(pl.col(ROW_ID).alias("__left_id"), pl.col(f"{ROW_ID}_r").alias("__right_id"))
+            .select(pl.col(_AT).alias(_LEFT_AT), pl.col(f"{_AT}_r").alias(_RIGHT_AT))
             .collect()
         )
 
@@ -403,15 +405,12 @@ class StreamJoinOperator(_TwoStreamOperator):
         # row gets one of its own; one Polars join then builds the rows as Polars would.
         n = pairs.height
         pair_no = pl.int_range(pl.len(), dtype=pl.Int64)
-        numbered = pairs.with_columns(pair_no.alias(_PAIR))
-        lefts = [
-            numbered.join(all_left, left_on="__left_id", right_on=ROW_ID, how="inner").select(
-                *left_columns, _PAIR
-            )
-        ]
+        # (Gathered by position: no join on row ids.)
+        pair_col = pl.Series(_PAIR, range(n), dtype=pl.Int64)
+        lefts = [all_left.select(left_columns)[pairs.get_column(_LEFT_AT)].with_columns(pair_col)]
         rights = [
-            numbered.join(all_right, left_on="__right_id", right_on=ROW_ID, how="inner").select(
-                *node.right_schema.names(), _PAIR
+            all_right.select(node.right_schema.names())[pairs.get_column(_RIGHT_AT)].with_columns(
+                pair_col
             )
         ]
         if node.how in ("left", "full") and gone_left is not None:
@@ -435,9 +434,25 @@ class StreamJoinOperator(_TwoStreamOperator):
         return out.select(node.output_schema().names())
 
 
-def _keys(frame: pl.DataFrame, on: tuple[str, ...], names: tuple[str, ...]) -> pl.DataFrame:
-    """The distinct join keys of ``frame``, named ``names``."""
-    return frame.select([pl.col(c).alias(n) for c, n in zip(on, names)]).unique()
+def _buffered(
+    store: StateStore,
+    other: pl.DataFrame,
+    other_on: tuple[str, ...],
+    on: tuple[str, ...],
+    nulls_equal: bool,
+) -> pl.DataFrame:
+    """The rows of ``store`` whose join keys ``on`` occur in ``other`` (as ``other_on``)."""
+    if other.height == 0 or store.rows == 0:
+        return store.frame.clear()
+    # Keys with a null never match unless nulls_equal: the semi join drops them as the pair
+    # join would.
+    return store.frame.join(
+        other.select(other_on),
+        left_on=list(on),
+        right_on=list(other_on),
+        how="semi",
+        nulls_equal=nulls_equal,
+    )
 
 
 def _signed(us: int) -> str:
