@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from connectors._retry import retry_transient
 from microstream.exceptions import MicrostreamError, MissingDependencyError
 
 __all__ = ["is_missing", "make_client", "retrying"]
 
 T = TypeVar("T")
 
-_FIRST_BACKOFF_S = 0.05
-_MAX_BACKOFF_S = 1.0
 _RETRIED_CODES = frozenset(
     {
         "ProvisionedThroughputExceededException",
@@ -81,29 +79,13 @@ def retrying(
     error: type[MicrostreamError],
     on_retry: Callable[[str], None] | None = None,
 ) -> T:
-    """``call()``, retried with backoff (50 ms doubling to 1 s) on transient errors.
-
-    Connection errors, timeouts, throttling and 5xx replies are retried until
-    ``retry_timeout_s`` has passed; then, or on any other error, the last error is
-    raised (a non-transient ``ClientError`` as it is, for the caller to name).
-    """
-    deadline = time.monotonic() + retry_timeout_s
-    backoff = _FIRST_BACKOFF_S
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return call()
-        except Exception as exc:
-            if not _transient(exc):
-                raise
-            if time.monotonic() + backoff > deadline:
-                msg = (
-                    f"{what} failed {attempts} times within retry_timeout={retry_timeout_s:g}s; "
-                    f"last error: {type(exc).__name__}: {exc}"
-                )
-                raise error(msg) from None
-            if on_retry is not None and attempts == 1:
-                on_retry(f"{type(exc).__name__}: {exc}")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+    """``call()``, retried on this client's transient errors (:func:`_transient`) for
+    ``retry_timeout_s``: :func:`connectors._retry.retry_transient`."""
+    return retry_transient(
+        call,
+        is_transient=_transient,
+        retry_timeout_s=retry_timeout_s,
+        what=what,
+        error=error,
+        on_retry=on_retry,
+    )

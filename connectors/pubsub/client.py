@@ -14,10 +14,10 @@ grows to two minutes, past any sensible ``retry_timeout``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from connectors._retry import FIRST_BACKOFF_S, MAX_BACKOFF_S, retry_transient
 from microstream.exceptions import MicrostreamError, MissingDependencyError
 
 __all__ = [
@@ -30,8 +30,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-_FIRST_BACKOFF_S = 0.05
-_MAX_BACKOFF_S = 1.0
 _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -74,8 +72,8 @@ def publisher_client(endpoint: str | None, *, ordering: bool, retry_timeout_s: f
 
     retry = Retry(
         predicate=is_transient,
-        initial=_FIRST_BACKOFF_S,
-        maximum=_MAX_BACKOFF_S,
+        initial=FIRST_BACKOFF_S,  # the same backoff as retry_transient
+        maximum=MAX_BACKOFF_S,
         multiplier=2.0,
         timeout=retry_timeout_s,
     )
@@ -121,47 +119,13 @@ def retrying(
     error: type[MicrostreamError],
     on_retry: Callable[[str], None] | None = None,
 ) -> T:
-    """``call()``, retried with backoff (50 ms doubling to 1 s) on transient errors.
-
-    Errors that :func:`is_transient` accepts are retried until ``retry_timeout_s``
-    has passed; then ``error`` is raised naming ``what``, the attempts and the last
-    error. Any other error is raised as it is, for the caller to name.
-
-    Examples
-    --------
-    >>> from microstream.exceptions import SourceError
-    >>> calls = []
-    >>> def flaky() -> str:
-    ...     calls.append(1)
-    ...     if len(calls) < 3:
-    ...         raise ConnectionError("refused")
-    ...     return "ok"
-    >>> retrying(flaky, retry_timeout_s=5, what="pull", error=SourceError), len(calls)
-    ('ok', 3)
-    >>> def down() -> str:
-    ...     raise ConnectionError("refused")
-    >>> retrying(down, retry_timeout_s=0.1, what="pull", error=SourceError)
-    Traceback (most recent call last):
-    ...
-    microstream.exceptions.SourceError: pull failed 2 times within retry_timeout=0.1s; last error: ConnectionError: refused
-    """
-    deadline = time.monotonic() + retry_timeout_s
-    backoff = _FIRST_BACKOFF_S
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            return call()
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            if time.monotonic() + backoff > deadline:
-                msg = (
-                    f"{what} failed {attempts} times within retry_timeout={retry_timeout_s:g}s; "
-                    f"last error: {type(exc).__name__}: {exc}"
-                )
-                raise error(msg) from exc
-            if on_retry is not None and attempts == 1:
-                on_retry(f"{type(exc).__name__}: {exc}")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+    """``call()``, retried on this client's transient errors (:func:`is_transient`) for
+    ``retry_timeout_s``: :func:`connectors._retry.retry_transient`."""
+    return retry_transient(
+        call,
+        is_transient=is_transient,
+        retry_timeout_s=retry_timeout_s,
+        what=what,
+        error=error,
+        on_retry=on_retry,
+    )
