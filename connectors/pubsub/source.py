@@ -117,6 +117,11 @@ class PubSubSourceSpec:
         limit per pull).
     include_metadata
         Add ``_message_id``, ``_publish_time`` and ``_ordering_key``.
+    on_bad_record
+        A message whose data does not decode: ``"fail"`` (a ``SourceError`` naming its
+        message id; the batch and its messages stay unacknowledged, so Pub/Sub
+        redelivers them to the next run) or ``"skip"`` (left out of the batch, counted
+        as ``bad_records_skipped``, and acknowledged with the batch).
     ack_deadline
         How long Pub/Sub holds a pulled message for this query before it
         redelivers it (set on every pulled message; 10 s to 600 s). A batch
@@ -145,6 +150,7 @@ class PubSubSourceSpec:
     format: KafkaFormat
     max_messages_per_trigger: int
     include_metadata: bool
+    on_bad_record: str
     ack_deadline_s: int
     dedup_retention_s: float
     retry_timeout_s: float = field(compare=False)
@@ -160,6 +166,7 @@ class PubSubSourceSpec:
         schema: Mapping[str, Any] | pl.Schema | str | type | None = None,
         max_messages_per_trigger: int = 1000,
         include_metadata: bool = False,
+        on_bad_record: str = "fail",
         ack_deadline: str | timedelta | float = "60s",
         dedup_retention: str | timedelta | float = "10m",
         retry_timeout: str | timedelta | float = "30s",
@@ -175,6 +182,9 @@ class PubSubSourceSpec:
         limit = max_messages_per_trigger
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             msg = f"max_messages_per_trigger must be an int from 1 to 1000; got {limit!r}"
+            raise ValueError(msg)
+        if on_bad_record not in ("fail", "skip"):
+            msg = f"on_bad_record must be 'fail' or 'skip'; got {on_bad_record!r}"
             raise ValueError(msg)
         deadline = parse_duration(ack_deadline, name="ack_deadline").total_seconds()
         if not 10 <= deadline <= 600:
@@ -193,6 +203,7 @@ class PubSubSourceSpec:
         put(self, "format", format)
         put(self, "max_messages_per_trigger", limit)
         put(self, "include_metadata", include_metadata)
+        put(self, "on_bad_record", on_bad_record)
         put(self, "ack_deadline_s", int(deadline))
         retention = parse_duration(dedup_retention, name="dedup_retention").total_seconds()
         put(self, "dedup_retention_s", retention)
@@ -228,6 +239,7 @@ class PubSubSource:
         self._client: Any = None
         self._entries: dict[int, pl.DataFrame] = {}
         self._entry_of: dict[str, int] = {}
+        self._counts: dict[str, int] = {}  # bad_records_skipped since metrics() last ran
         self._acks: dict[int, list[str]] = {}
         self._committed = -1
         for k in self._storage.list_numbered("", suffix=".arrow"):
@@ -388,7 +400,7 @@ class PubSubSource:
         Raises
         ------
         SourceError
-            A message whose data does not decode.
+            A message whose data does not decode (``on_bad_record="fail"``).
         """
         begin, finish = _offset(start).entry, _offset(end).entry
         frames = [self._load(k) for k in range(begin + 1, finish + 1)]
@@ -396,20 +408,39 @@ class PubSubSource:
         decoded = self.spec.decoder.decode(logged["data"].to_list())
         if decoded.bad:
             position, why = decoded.bad[0]
-            msg = (
-                f"{self.description}: bad message {logged['message_id'][position]!r}: {why}; "
-                "it stays unacknowledged (Pub/Sub redelivers it to the next run): fix the "
-                "producer, or route it with the subscription's dead-letter policy"
+            message_id = logged["message_id"][position]
+            if self.spec.on_bad_record == "fail":
+                more = f" (and {len(decoded.bad) - 1} more)" if len(decoded.bad) > 1 else ""
+                msg = (
+                    f"{self.description}: bad message {message_id!r}: {why}{more}; it stays "
+                    "unacknowledged (Pub/Sub redelivers it to the next run): fix the "
+                    "producer, pass on_bad_record='skip', or route it with the "
+                    "subscription's dead-letter policy"
+                )
+                raise SourceError(msg)
+            skipped = self._counts.get("bad_records_skipped", 0) + len(decoded.bad)
+            self._counts["bad_records_skipped"] = skipped
+            self._logger.warning(
+                "%s: skipped %d bad message(s); the first %r: %s",
+                self.description,
+                len(decoded.bad),
+                message_id,
+                why,
             )
-            raise SourceError(msg)
         frame = decoded.frame
         if self.spec.include_metadata:
+            kept = logged if decoded.index is None else logged[list(decoded.index)]
             frame = frame.with_columns(
-                logged["message_id"].alias("_message_id"),
-                logged["publish_time"].alias("_publish_time"),
-                logged["ordering_key"].alias("_ordering_key"),
+                kept["message_id"].alias("_message_id"),
+                kept["publish_time"].alias("_publish_time"),
+                kept["ordering_key"].alias("_ordering_key"),
             )
         return frame.select(list(self.spec.schema))
+
+    def metrics(self) -> dict[str, int]:
+        """``bad_records_skipped`` since the previous call."""
+        counts, self._counts = self._counts, {}
+        return counts
 
     def _ack(self, ack_ids: list[str]) -> None:
         for i in range(0, len(ack_ids), 1000):

@@ -239,6 +239,38 @@ def test_failure_paths_missing_subscription_and_bad_messages(
     query.stop()
 
 
+def test_bad_messages_skipped_are_counted_left_out_and_acknowledged(
+    pubsub_emulator: PubSubEmulator, name: str, tmp_path: Path
+) -> None:
+    topic, subscription = setup(pubsub_emulator, name)
+    ids = pubsub_emulator.publish(topic, [*rows(range(2)), b"{oops", *rows(range(2, 3))])
+    frame = ms.scan_pubsub(
+        subscription,
+        schema=SCHEMA,
+        include_metadata=True,
+        on_bad_record="skip",
+        endpoint=pubsub_emulator.endpoint,
+    )
+    seen: list[pl.DataFrame] = []
+    query = frame.foreach_batch(
+        lambda df, i: seen.append(df),
+        checkpoint=tmp_path / "cp",
+        trigger=ms.Trigger.available_now(),
+    )
+    query.await_termination(timeout=60)
+    out = pl.concat(seen).sort("id")
+    assert out.select("id", "name").rows() == [(0, "n0"), (1, "n1"), (2, "n2")]
+    assert out["_message_id"].to_list() == ids[:2] + ids[3:]  # metadata of the kept rows
+    skipped = sum(p.sources[0].metrics.get("bad_records_skipped", 0) for p in query.recent_progress)
+    assert skipped == 1
+    # The bad message's ack id is kept with its entry's like every pulled message's, so
+    # it is acknowledged when the batch commits (shown for all of an entry's messages by
+    # test_batches_hold_the_pulled_messages_and_are_acked_after_commit).
+
+    with pytest.raises(ValueError, match="on_bad_record must be 'fail' or 'skip'"):
+        ms.scan_pubsub(subscription, schema=SCHEMA, on_bad_record="dead_letter")
+
+
 def test_the_sink_publishes_every_row_with_its_ordering_key_and_batch_attributes(
     pubsub_emulator: PubSubEmulator, name: str, tmp_path: Path
 ) -> None:
