@@ -270,11 +270,14 @@ scan_socket = source_facade(
     --------
     >>> import microstream as ms
     >>> from microstream.testing.line_server import LineServer
+    >>> import time
     >>> with LineServer() as server:
     ...     query = ms.scan_socket("127.0.0.1", server.port).sink_memory("doc_socket")
     ...     server.wait_for_clients(1)
     ...     server.send("to be", "or not to be")
-    ...     query.process_all_available()
+    ...     deadline = time.monotonic() + 10  # the lines travel through a socket
+    ...     while ms.table("doc_socket").height < 2 and time.monotonic() < deadline:
+    ...         query.process_all_available()
     ...     query.stop()
     >>> ms.table("doc_socket")["value"].to_list()
     ['to be', 'or not to be']
