@@ -45,6 +45,7 @@ from connectors._file_reading import (
     read_frame,
 )
 from connectors._paths import DataDir, split_glob
+from connectors._prefetch import ReadAhead
 from microstream.exceptions import OffsetError, SchemaMismatchError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
@@ -561,10 +562,11 @@ class FileSource:
             else -1
         )
         self._snapshot: frozenset[str] | None = None
-        self._unlogged = 0  # new files the last listing found but left for later batches
+        self._unlogged: list[LoggedFile] = []  # the last listing's files left for later batches
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
         self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
+        self._read_ahead = ReadAhead(self._read_file, lambda read: self._threads().submit(read))
 
     def _check_directory(self) -> None:
         try:
@@ -601,6 +603,11 @@ class FileSource:
         out, self._skipped_names = self._skipped_names, []
         return out
 
+    @property
+    def read_ahead(self) -> ReadAhead:
+        """The next batch's files read in the background (its counts: ``used``, ``discarded``)."""
+        return self._read_ahead
+
     def _count(self, name: str, n: int = 1) -> None:
         if n:
             self._metrics[name] = self._metrics.get(name, 0) + n
@@ -609,6 +616,7 @@ class FileSource:
         """Read only ``columns`` of the schema from now on (the query reads no others)."""
         if self.spec.format in ("parquet", "ipc"):
             self._schema = pl.Schema({c: self.spec.schema[c] for c in columns})
+            self._read_ahead.discard()  # read with the columns before
 
     # -- offsets ---------------------------------------------------------------------------
 
@@ -653,7 +661,7 @@ class FileSource:
         new.sort(key=lambda f: (f.mtime, f.name), reverse=self.spec.latest_first)
         limit = self.spec.max_files_per_trigger
         taken = new[:limit] if rate_limited and limit is not None else new
-        self._unlogged = len(new) - len(taken)
+        self._unlogged = new[len(taken) :]
         if not taken:
             return begin
         index = self._last_logged + 1
@@ -681,7 +689,7 @@ class FileSource:
             for k in range(after + 1, self._last_logged + 1)
             if k in self._entries
         )
-        return logged + self._unlogged
+        return logged + len(self._unlogged)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -722,16 +730,18 @@ class FileSource:
             for logged in self._entry(k).files
             if logged.name not in recorded[k]
         ]
-        if len(wanted) <= 1:
-            outcomes = [self._read_file(*item) for item in wanted]
+        ahead = {item[0].name: r for item in wanted if (r := self._read_ahead.take(item[0]))}
+        self._read_ahead.discard()  # guesses that missed: not in the read threads' way
+        rest = [item for item in wanted if item[0].name not in ahead]
+        if len(rest) <= 1:
+            read = {item[0].name: self._read_file(*item) for item in rest}
         else:
-            # Polars reads release the GIL: several files at once use every core. map()
-            # keeps log order; failures come back as values, handled below in log order.
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=_READ_THREADS, thread_name_prefix="microstream-files"
-                )
-            outcomes = list(self._pool.map(lambda item: self._read_file(*item), wanted))
+            # Polars reads release the GIL: several files at once use every core.
+            # Failures come back as values, handled below in log order.
+            outcome = self._threads().map(lambda item: self._read_file(*item), rest)
+            read = {item[0].name: r for item, r in zip(rest, outcome)}
+        outcomes = [ahead.get(item[0].name) or read[item[0].name] for item in wanted]
+        self._read_ahead.start(self._upcoming(last))
         frames = []
         dead: list[pl.DataFrame] = []
         skips: dict[int, list[SkippedFile]] = {}
@@ -755,6 +765,21 @@ class FileSource:
         if not frames:
             return pl.DataFrame(schema=self._schema)
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=_READ_THREADS, thread_name_prefix="microstream-files"
+            )
+        return self._pool
+
+    def _upcoming(self, last: int) -> list[tuple[LoggedFile, int]]:
+        """The files the batch after log entry ``last`` will take, as far as known now:
+        the next logged entry's, else the next trigger's share of the last listing."""
+        if last < self._last_logged:
+            return [(f, last + 1) for f in self._entry(last + 1).files]
+        limit = self.spec.max_files_per_trigger
+        return [(f, last + 1) for f in self._unlogged[:limit]]
 
     def _entry(self, k: int) -> FileLogEntry:
         entry = self._entries.get(k)
@@ -918,6 +943,7 @@ class FileSource:
 
     def stop(self) -> None:
         """Shut down the threads that read files (files themselves are opened per read)."""
+        self._read_ahead.discard()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
