@@ -738,8 +738,8 @@ class FileSource:
         else:
             # Polars reads release the GIL: several files at once use every core.
             # Failures come back as values, handled below in log order.
-            outcome = self._threads().map(lambda item: self._read_file(*item), rest)
-            read = {item[0].name: r for item, r in zip(rest, outcome)}
+            results = self._threads().map(lambda item: self._read_file(*item), rest)
+            read = {item[0].name: r for item, r in zip(rest, results)}
         outcomes = [ahead.get(item[0].name) or read[item[0].name] for item in wanted]
         self._read_ahead.start(self._upcoming(last))
         frames = []

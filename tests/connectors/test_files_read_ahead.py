@@ -1,0 +1,266 @@
+"""The file source's read-ahead (``connectors/_prefetch.py``): the next batch's files are
+read while a batch runs, used only when the log names exactly them, and never change
+what a batch reads or how its failures are reported."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+import microstream as ms
+from connectors._file_listing import LoggedFile
+from connectors._file_reading import FileFailed, FileRead
+from connectors._prefetch import ReadAhead
+from connectors.files import FileSource, FileSourceSpec, SkippedFiles
+from microstream.checkpoint.storage import Storage
+from microstream.exceptions import SourceError
+from microstream.protocols import SourceContext
+
+SCHEMA = pl.Schema({"id": pl.Int64(), "name": pl.String()})
+
+
+def rows(*ids: int) -> pl.DataFrame:
+    return pl.DataFrame({"id": list(ids), "name": [f"n{i}" for i in ids]}, schema=SCHEMA)
+
+
+def put(directory: Path, name: str, df: pl.DataFrame, mtime: float) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    df.write_parquet(path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def corrupt(directory: Path, name: str, mtime: float) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(b"PAR1 not a parquet file")
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def build(ctx: SourceContext, directory: Path, **options: object) -> FileSource:
+    options.setdefault("max_files_per_trigger", 1)
+    return FileSourceSpec(str(directory), schema=SCHEMA, **options).build(ctx)  # type: ignore[arg-type]
+
+
+def batch(source: FileSource, start: int) -> tuple[int, pl.DataFrame]:
+    """One trigger: the next log entry after ``start`` and its rows."""
+    begin = source.parse_offset({"log_index": start})
+    end = source.latest_offset(begin, rate_limited=True)
+    return end.log_index, source.read(begin, end)  # type: ignore[attr-defined]
+
+
+def expect(source: FileSource, start: int, k: int, expected: pl.DataFrame) -> None:
+    end, got = batch(source, start)
+    assert end == k
+    assert_frame_equal(got, expected)
+
+
+def test_the_next_batch_takes_the_files_read_ahead(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    data = tmp_path / "in"
+    for i in range(3):
+        put(data, f"f{i}.parquet", rows(2 * i, 2 * i + 1), mtime=1000 + i)
+    source = build(source_ctx, data)
+    try:
+        expect(source, -1, 0, rows(0, 1))  # not known ahead: read by the batch
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (0, 0)
+        end, got = batch(source, 0)
+        assert end == 1
+        assert_frame_equal(got, rows(2, 3))
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (1, 0)
+        end, got = batch(source, 1)
+        assert end == 2
+        assert_frame_equal(got, rows(4, 5))
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (2, 0)
+    finally:
+        source.stop()
+
+
+def test_a_file_rewritten_after_its_read_ahead_is_read_again(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    data = tmp_path / "in"
+    put(data, "a.parquet", rows(1), mtime=1000)
+    put(data, "b.parquet", rows(2), mtime=1001)
+    source = build(source_ctx, data)
+    try:
+        batch(source, -1)  # reads a, starts reading b ahead
+        put(data, "b.parquet", rows(7, 8, 9), mtime=1002)  # replaced: another size and mtime
+        end, got = batch(source, 0)
+        assert end == 1
+        assert_frame_equal(got, rows(7, 8, 9))  # what the log recorded, not the old b
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (0, 1)
+    finally:
+        source.stop()
+
+
+def test_a_read_ahead_the_next_listing_overtakes_is_discarded(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    data = tmp_path / "in"
+    put(data, "a.parquet", rows(1), mtime=1000)
+    put(data, "c.parquet", rows(3), mtime=1003)
+    source = build(source_ctx, data)
+    try:
+        batch(source, -1)  # reads a, reads c ahead
+        put(data, "b.parquet", rows(2), mtime=1001)  # arrives late, but older: taken before c
+        expect(source, 0, 1, rows(2))
+        expect(source, 1, 2, rows(3))
+        # c, read ahead for batch 1, was dropped (batch 1 took b); read ahead again for batch 2.
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (1, 1)
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_a_bad_file_read_ahead_fails_in_its_batch_as_without_read_ahead(
+    tmp_path: Path, source_ctx: SourceContext, policy: str
+) -> None:
+    data = tmp_path / "in"
+    put(data, "a.parquet", rows(1), mtime=1000)
+    bad = corrupt(data, "b.parquet", mtime=1001)
+    put(data, "c.parquet", rows(3), mtime=1002)
+    source = build(source_ctx, data, on_bad_file=policy)
+    try:
+        batch(source, -1)  # reads b ahead: it fails there, silently
+        assert source.metrics() == {}
+        if policy == "fail":
+            with pytest.raises(SourceError) as raised:
+                batch(source, 0)
+            message = str(raised.value)
+            where = f"cannot read file {bad} (source log entry "
+            assert where in message and "1.json) as parquet" in message
+            assert "restart the query with on_bad_file='skip' or 'dead_letter'" in message
+        else:
+            expect(source, 0, 1, rows().clear())
+            assert source.metrics() == {"files_skipped_bad": 1}
+            record = source_ctx.storage.read_model("skipped/1.json", SkippedFiles)
+            assert [f.name for f in record.files] == ["b.parquet"]
+            assert record.files[0].reason.startswith("cannot read it as parquet")
+        assert (source.read_ahead.used, source.read_ahead.discarded) == (0, 1)
+    finally:
+        source.stop()
+
+
+def test_a_restart_replays_logged_batches_with_the_same_rows(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    data = tmp_path / "in"
+    for i in range(3):
+        put(data, f"f{i}.parquet", rows(i), mtime=1000 + i)
+    first = build(source_ctx, data)
+    end = first.initial_offset()
+    for _ in range(3):  # logs entries 0, 1, 2, then "crashes" before reading any
+        end = first.latest_offset(end, rate_limited=True)
+    first.stop()
+    put(data, "f3.parquet", rows(3), mtime=1003)  # arrived meanwhile: not in the replay
+
+    again = FileSourceSpec(str(data), schema=SCHEMA, max_files_per_trigger=1).build(
+        SourceContext(
+            index=0, storage=Storage(str(tmp_path / "cp" / "sources" / "0")), query_id="q"
+        )
+    )
+    try:
+        got = [batch(again, k) for k in (-1, 0, 1)]
+        assert [k for k, _ in got] == [0, 1, 2]
+        assert_frame_equal(pl.concat([df for _, df in got]), rows(0, 1, 2))
+        # Entries 1 and 2 were logged before the crash: both read ahead from the log.
+        assert (again.read_ahead.used, again.read_ahead.discarded) == (2, 0)
+        expect(again, 2, 3, rows(3))
+    finally:
+        again.stop()
+
+
+def test_stop_drops_what_was_read_ahead(tmp_path: Path, source_ctx: SourceContext) -> None:
+    data = tmp_path / "in"
+    put(data, "a.parquet", rows(1), mtime=1000)
+    put(data, "b.parquet", rows(2), mtime=1001)
+    source = build(source_ctx, data)
+    batch(source, -1)
+    source.stop()
+    assert (source.read_ahead.used, source.read_ahead.discarded) == (0, 1)
+    b = LoggedFile(name="b.parquet", size=(data / "b.parquet").stat().st_size, mtime=1001)
+    assert source.read_ahead.take(b) is None
+
+
+def test_read_ahead_is_bounded_in_bytes_and_waits_for_a_running_read() -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def read(logged: LoggedFile, k: int) -> FileRead | FileFailed:
+        calls.append(logged.name)
+        started.set()
+        release.wait(5)
+        return FileRead(logged, logged.name, rows(k), [], ())
+
+    files = [LoggedFile(name=f"{i}.parquet", size=40, mtime=1.0) for i in range(4)]
+    with ThreadPoolExecutor(2) as pool:
+        ahead = ReadAhead(read, pool.submit, max_bytes=100)
+        ahead.start([(f, 5) for f in files])
+        assert started.wait(5)
+        release.set()
+        got = ahead.take(files[0])  # waits for the running read rather than reading twice
+        assert got is not None
+        assert_frame_equal(got.frame, rows(5))
+        assert ahead.take(files[1]) is not None
+        assert ahead.take(files[2]) is None  # past the 100-byte bound: never read ahead
+    assert sorted(calls) == ["0.parquet", "1.parquet"]
+    assert (ahead.used, ahead.discarded) == (2, 0)
+
+
+def test_a_windowed_query_over_files_read_ahead_gives_the_one_shot_rows(tmp_path: Path) -> None:
+    data = tmp_path / "in"
+    frames = []
+    for i in range(5):
+        df = pl.DataFrame(
+            {
+                "ts": [datetime(2026, 1, 1, 0, i, 10 * j) for j in range(3)],
+                "key": ["a", "b", "a"],
+                "v": [i, 10 * i, 100 * i],
+            }
+        ).select(pl.col("ts"), "key", "v")
+        frames.append(df)
+        path = data / f"f{i}.parquet"
+        data.mkdir(exist_ok=True)
+        df.write_parquet(path)
+        os.utime(path, (1000 + i, 1000 + i))
+    schema = frames[0].schema
+    stream = ms.scan_files(data, schema=schema, max_files_per_trigger=1)
+    result = (
+        stream.with_watermark("ts", "0s")
+        .group_by_dynamic("ts", every="1m", group_by="key")
+        .agg(pl.col("v").sum().alias("total"))
+    )
+    query = result.sink_memory(
+        "read_ahead_windows",
+        checkpoint=tmp_path / "cp",
+        output_mode="append",
+        trigger=ms.Trigger.available_now(flush=True),
+    )
+    assert query.await_termination(timeout=60)
+    assert query.exception() is None
+    source = query._execution._sources[0]  # type: ignore[attr-defined]
+    assert source.read_ahead.used == 4  # every file after the first
+    got = ms.table("read_ahead_windows").sort("ts", "key")
+    assert got.select("key", "total").rows() == [
+        ("a", 0 + 0),
+        ("b", 0),
+        ("a", 1 + 100),
+        ("b", 10),
+        ("a", 2 + 200),
+        ("b", 20),
+        ("a", 3 + 300),
+        ("b", 30),
+        ("a", 4 + 400),
+        ("b", 40),
+    ]
