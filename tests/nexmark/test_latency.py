@@ -138,3 +138,28 @@ def test_profile_summary_buckets_the_query_and_reader_threads(tmp_path: Path) ->
         "read_parquet (decoding)": 90.0,
         "_conform (select/cast even when the schema matches)": 10.0,
     }
+
+
+def test_as_fast_as_possible_trigger_measures_target_4(tmp_path: Path) -> None:
+    settings = latency.Settings(trigger_ms=0, warm_up_s=0.5)
+    result = latency.run(
+        1.0,
+        max_rate=4_000,
+        loads=(0.5,),
+        overhead_seconds=0.5,
+        settings=settings,
+        work_dir=tmp_path,
+        log=False,
+    )
+    [load] = result["loads"]
+    assert result["settings"]["trigger"] == "as fast as possible"
+    assert result["settings"]["pace_ms"] == 100.0  # the bound a sustainable rate keeps to
+    target = result["target"]
+    assert (target["load"], target["p99_ms"]) == (0.5, 50.0)
+    assert target["measured_p99_ms"] == load["latency_ms"]["p99"]
+    assert target["met"] == (load["latency_ms"]["p99"] <= 50.0)
+    assert load["rows_written"] == 2_000  # and run() checked each reached the sink once
+    # No 100 ms interval: a batch starts once a file (one every 20 ms) is there, so the
+    # 0.5 s after the warm-up holds more batches than five intervals could.
+    assert load["batches"] > 5
+    assert "target p99 <= 50 ms at 50% load" in latency.table(result)
