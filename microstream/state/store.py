@@ -34,9 +34,6 @@ unspecified.
 
 from __future__ import annotations
 
-import binascii
-import builtins
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
@@ -48,8 +45,6 @@ from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointFormatError,
-    PlanChangedError,
     SchemaMismatchError,
 )
 from microstream.state.chain import read_chain
@@ -58,7 +53,6 @@ from microstream.state.format import (
     KEY_GROUP_COLUMN,
     METADATA_FILE,
     SNAPSHOTS_DIR,
-    STATE_FORMAT_VERSION,
     VERSIONS_DIR,
     Compression,
     StateFile,
@@ -67,7 +61,6 @@ from microstream.state.format import (
     StateVersion,
     checksum,
     delta_file,
-    describe_schema_change,
     encode_frame,
     frame_from_text,
     frame_to_text,
@@ -87,6 +80,7 @@ from microstream.state.key_groups import (
 )
 from microstream.state.keyed_rows import KeyedRows
 from microstream.state.store_checks import conform, validate_store_arguments
+from microstream.state.store_metadata import check_metadata, refuse_other_format
 
 __all__ = ["StateStore"]
 
@@ -772,64 +766,21 @@ class StateStore:
                 )
                 raise CheckpointCorruptError(msg)
         else:
-            self._refuse_other_format(raw)
+            refuse_other_format(self.storage, raw)
             meta = self.storage.read_model(METADATA_FILE, StateMetadata)
             if self._requested_key_groups is None:
                 self._set_key_groups(meta.num_key_groups)
-            self._check_metadata(meta)
+            check_metadata(
+                self.storage,
+                meta,
+                operator=self.operator,
+                key_columns=self.key_columns,
+                hash_columns=self.hash_columns,
+                schema=self.schema,
+                num_key_groups=self.num_key_groups,
+            )
         self._metadata_current = meta is not None and meta == self._metadata()
         self._opened = True
-
-    def _refuse_other_format(self, raw: builtins.bytes) -> None:
-        try:
-            found = json.loads(raw).get("format_version")
-        except (ValueError, AttributeError):
-            return  # not JSON: read_model names the file as corrupt
-        if isinstance(found, int) and found != STATE_FORMAT_VERSION:
-            newer = found > STATE_FORMAT_VERSION
-            msg = f"{self.storage.display(METADATA_FILE)} has state format version {found}" + (
-                f"; this microstream reads version {STATE_FORMAT_VERSION}: upgrade microstream"
-                if newer
-                else ", written by an older microstream; convert its checkpoint with "
-                "`microstream migrate CHECKPOINT`, or re-run the query from the start of its "
-                "input with a new checkpoint"
-            )
-            raise CheckpointError(msg) if newer else CheckpointFormatError(msg)
-
-    def _check_metadata(self, meta: StateMetadata) -> None:
-        stored_schema = self._decode_metadata_frame(meta.schema_ipc, "schema_ipc").schema
-        problems = []
-        if meta.operator != self.operator:
-            problems.append(f"operator {meta.operator!r} -> {self.operator!r}")
-        if meta.key_columns != self.key_columns:
-            problems.append(f"key_columns {meta.key_columns} -> {self.key_columns}")
-        if (meta.hash_columns or meta.key_columns) != self.hash_columns:
-            problems.append(f"hash_columns {meta.hash_columns} -> {self.hash_columns}")
-        if stored_schema != self.schema:
-            problems.append(f"schema {describe_schema_change(stored_schema, self.schema)}")
-        if meta.num_key_groups != self.num_key_groups:
-            problems.append(f"num_key_groups {meta.num_key_groups} -> {self.num_key_groups}")
-        if meta.hash_algorithm != HASH_ALGORITHM:
-            problems.append(f"hash_algorithm {meta.hash_algorithm!r} -> {HASH_ALGORITHM!r}")
-        if problems:
-            msg = (
-                f"the state in {self.storage.display(METADATA_FILE)} was written with other "
-                "settings than this query uses: "
-                + "; ".join(problems)
-                + ". Use a new checkpoint for the changed query (the number of key groups is "
-                "fixed when the checkpoint is created)"
-            )
-            raise PlanChangedError(msg)
-
-    def _decode_metadata_frame(self, data: str, field: str) -> pl.DataFrame:
-        try:
-            return frame_from_text(data)
-        except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
-            msg = (
-                f"checkpoint file {self.storage.display(METADATA_FILE)} is corrupt: field {field} "
-                f"is not a base64 Arrow IPC file ({exc})"
-            )
-            raise CheckpointCorruptError(msg) from None
 
     def _metadata(self) -> StateMetadata:
         return StateMetadata(
