@@ -92,6 +92,7 @@ class KeyedRows:
         # replace with the very same keys (a state store's fold) without a second probe
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], tuple[np.ndarray, np.ndarray]]
         self._found = (-1, pl.DataFrame(), (), (_NONE, _NONE))
+        self._by_pid: tuple[np.ndarray, np.ndarray] | None = None
         self._set_base(frame, is_sorted=is_sorted)
 
     # -- reading -----------------------------------------------------------------------------
@@ -134,6 +135,27 @@ class KeyedRows:
             by_pid[(p,)].drop(_POSITION) if (p,) in by_pid else empty
             for p in range(self.num_partitions)
         ]
+
+    def rows_in_partitions(self, lo: int, hi: int) -> pl.DataFrame:
+        """The live rows of partitions ``[lo, hi)`` (order unspecified), found through an
+        index of the base by partition (built once per merge), so the cost follows the
+        rows returned, not the whole state."""
+        if self._by_pid is None:
+            # stable argsort of small integers: a radix sort, O(n)
+            order = np.argsort(self._pids, kind="stable")
+            index: np.ndarray = order.astype(np.uint32) if order.size < 2**32 else order
+            counts = np.bincount(self._pids.astype(np.int64), minlength=self.num_partitions)
+            self._by_pid = (index, np.concatenate([[0], np.cumsum(counts)]))
+        index, bounds = self._by_pid
+        at = index[bounds[lo] : bounds[hi]]
+        if self._dead:
+            at = at[self._live[at]]
+        found = _gather(self._base, at)
+        if self._tail.height:
+            pids = self._pids_of(self._tail)
+            mine = self._tail.filter(pl.Series((pids >= lo) & (pids < hi)))
+            found = pl.concat([found, mine], how="vertical") if mine.height else found
+        return found
 
     def rows_of(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> pl.DataFrame:
         """Every live row whose key is in ``keys`` (key columns + hash; duplicates allowed).
@@ -208,6 +230,7 @@ class KeyedRows:
         self._live = np.ones(self._base.height, dtype=bool)
         self._dead = 0
         self._pids = self._pids_of(self._base)
+        self._by_pid = None  # rows_in_partitions' index
         self._counts = np.zeros(self.num_partitions, dtype=np.int64)
         self._count(self._pids, 1)
         if self._tail.height:
