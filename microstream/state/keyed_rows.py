@@ -49,6 +49,10 @@ class KeyedRows:
     group_column
         A column holding each row's partition (``0 <= value < num_partitions``): the
         state store's key group, which is not derived from ``hash_column``.
+    sorted_by_group
+        Sorting by ``hash_column`` sorts the rows by ``group_column`` first (the state
+        store's hash holds the key group in its top bits): the base rows of a range of
+        partitions are then contiguous (:meth:`rows_in_partitions`).
 
     Examples
     --------
@@ -79,9 +83,11 @@ class KeyedRows:
         tail_rows: int = 131_072,
         is_sorted: bool = False,
         group_column: str | None = None,
+        sorted_by_group: bool = False,
     ):
         self.key_columns = list(key_columns)
         self.group_column = group_column
+        self.sorted_by_group = sorted_by_group
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
@@ -92,7 +98,6 @@ class KeyedRows:
         # replace with the very same keys (a state store's fold) without a second probe
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], tuple[np.ndarray, np.ndarray]]
         self._found = (-1, pl.DataFrame(), (), (_NONE, _NONE))
-        self._by_pid: tuple[np.ndarray, np.ndarray] | None = None
         self._set_base(frame, is_sorted=is_sorted)
 
     # -- reading -----------------------------------------------------------------------------
@@ -137,20 +142,19 @@ class KeyedRows:
         ]
 
     def rows_in_partitions(self, lo: int, hi: int) -> pl.DataFrame:
-        """The live rows of partitions ``[lo, hi)`` (order unspecified), found through an
-        index of the base by partition (built once per merge), so the cost follows the
-        rows returned, not the whole state."""
-        if self._by_pid is None:
-            # stable argsort of small integers: a radix sort, O(n)
-            order = np.argsort(self._pids, kind="stable")
-            index: np.ndarray = order.astype(np.uint32) if order.size < 2**32 else order
-            counts = np.bincount(self._pids.astype(np.int64), minlength=self.num_partitions)
-            self._by_pid = (index, np.concatenate([[0], np.cumsum(counts)]))
-        index, bounds = self._by_pid
-        at = index[bounds[lo] : bounds[hi]]
-        if self._dead:
-            at = at[self._live[at]]
-        found = _gather(self._base, at)
+        """The live rows of partitions ``[lo, hi)`` (order unspecified).
+
+        With ``sorted_by_group`` the base rows of a range are one contiguous slice, so
+        the cost follows the rows returned; otherwise every row's partition is tested.
+        """
+        if self.sorted_by_group:
+            start, stop = (int(i) for i in np.searchsorted(self._pids, [lo, hi]))
+            found = self._base.slice(start, stop - start)
+            if self._dead:
+                found = found.filter(pl.Series(self._live[start:stop]))
+        else:
+            mask = (self._pids >= lo) & (self._pids < hi) & self._live
+            found = self._base.filter(pl.Series(mask))
         if self._tail.height:
             pids = self._pids_of(self._tail)
             mine = self._tail.filter(pl.Series((pids >= lo) & (pids < hi)))
@@ -230,7 +234,6 @@ class KeyedRows:
         self._live = np.ones(self._base.height, dtype=bool)
         self._dead = 0
         self._pids = self._pids_of(self._base)
-        self._by_pid = None  # rows_in_partitions' index
         self._counts = np.zeros(self.num_partitions, dtype=np.int64)
         self._count(self._pids, 1)
         if self._tail.height:

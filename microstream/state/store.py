@@ -95,7 +95,7 @@ __all__ = ["StateStore"]
 logger = logging.getLogger("microstream")
 
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-_HASH = "__key_hash"  # in memory only: Polars' (fast, unstable) u64 hash of the hash columns
+_HASH = "__key_hash"  # in memory only: key group, then 48 bits of Polars' (fast, unstable) hash
 _KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 _ORDER = "__order"  # in memory only: position of a delta file in a replay
 _MASK = "__mask"
@@ -229,7 +229,7 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(self.schema, self.hash_columns)
+        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (needs _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -336,7 +336,7 @@ class StateStore:
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
         if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
-        found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
+        found = self._data.rows_of(self._hashed(keys), on if by_hash else None)
         return _project(found, list(self.schema))
 
     def insert(self, rows: pl.DataFrame) -> None:
@@ -853,10 +853,10 @@ class StateStore:
         self._bases = np.full(num_key_groups, EMPTY_BASE, dtype=np.int64)
         rows = self._data.frame()
         if rows.height:
-            rows = rows.with_columns(self._groups_of(rows))
+            rows = self._hashed(rows)
         self._data = self._keyed(rows)
         if self._pending is not None:
-            self._pending = self._pending.with_columns(self._groups_of(self._pending))
+            self._pending = self._hashed(self._pending)
 
     def _range(self, groups: range | None) -> tuple[int, int]:
         if groups is None:
@@ -875,7 +875,9 @@ class StateStore:
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        return frame.with_columns(self._hash_expr, self._groups_of(frame))
+        out = frame.with_columns(self._groups_of(frame)).with_columns(self._hash_expr)
+        kept = [c for c in frame.columns if c != _KG]
+        return out if _HASH in frame.columns else _project(out, [*kept, _HASH, _KG])
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -944,6 +946,7 @@ class StateStore:
             num_partitions=self.num_key_groups,
             is_sorted=is_sorted,
             group_column=_KG,
+            sorted_by_group=True,
         )
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
@@ -983,12 +986,16 @@ class StateStore:
 
 
 def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
+    """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
+    the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
+    range of key groups (a snapshot slice) are one contiguous slice of the state."""
     # A Categorical's hash follows its process-local physical codes: hash the strings.
     fields = [
         pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
         for k in keys
     ]
-    return pl.struct(fields).hash(seed=_HASH_SEED).alias(_HASH)
+    low = pl.struct(fields).hash(seed=_HASH_SEED) // (1 << 16)
+    return (pl.col(_KG).cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
 
 
 def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
