@@ -241,12 +241,30 @@ class KeyedRows:
 
     def compact(self) -> None:
         """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
-        if self._tail.height or self._dead:
-            base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
-            tail = self._tail
-            self._tail = tail.clear()
-            # A parallel sort of both beats Polars' merge_sorted of the two sorted runs here.
-            self._set_base(pl.concat([base, tail], how="vertical") if tail.height else base)
+        if not self._tail.height:
+            if self._dead:
+                self._set_base(self._base.filter(pl.Series(self._live)), is_sorted=True)
+            return
+        tail = self._tail
+        self._tail = tail.clear()
+        # Merge, not sort: the base is sorted, so sorting the (small) tail and finding where
+        # each of its rows goes gives the order of every row; then ONE gather of the live
+        # rows builds the new base (no filtered copy of the base, no sort of the state).
+        tail_hashes = tail.get_column(self.hash_column).to_numpy()
+        tail_order = np.argsort(tail_hashes, kind="stable")
+        n_base, n_tail = self._base.height, tail.height
+        slots = np.searchsorted(self._hashes, tail_hashes[tail_order], side="right")
+        slots += np.arange(n_tail)  # each tail row's position among all rows
+        index = np.ones(n_base + n_tail, dtype=bool)
+        index[slots] = False  # True: a base row
+        keep = np.ones(n_base + n_tail, dtype=bool)  # the tail's rows are all live
+        keep[index] = self._live
+        order = np.empty(n_base + n_tail, dtype=np.uint32 if n_base + n_tail < 2**32 else np.int64)
+        order[index] = np.arange(n_base, dtype=order.dtype)
+        order[slots] = n_base + tail_order
+        del index
+        both = pl.concat([self._base, tail], how="vertical", rechunk=False)
+        self._set_base(both[pl.Series(order[keep])], is_sorted=True)
 
     def _maybe_merge(self) -> None:
         # The tail may grow to a quarter of the base (up to 8x tail_rows): a merge then
