@@ -425,6 +425,15 @@ def run_growth(kind: str, n_keys: int, rows: int, update_share: float, seed: int
             "median": round(statistics.median(computes), 2),
             "max": round(max(computes), 2),
         },
+        "slowest_batches": [
+            {
+                "batch": i,
+                "total_ms": round(totals[i], 1),
+                "compute_ms": round(computes[i], 1),
+                "commit_ms": round(commits[i], 1),
+            }
+            for i in sorted(range(len(totals)), key=totals.__getitem__)[-5:][::-1]
+        ],
         "state_rows": op.num_rows_total,
         "state_arrow_mb": round(state_bytes / 2**20, 1),
         "store_memory_mb": round(op.memory_bytes / 2**20, 1),
