@@ -87,7 +87,7 @@ from microstream.state.rotation import (
     rows_based_at,
     slices_to_write,
 )
-from microstream.state.store_checks import conform, validate_store_arguments
+from microstream.state.store_checks import check_forward, conform, validate_store_arguments
 from microstream.state.store_metadata import check_metadata, refuse_other_format
 
 __all__ = ["StateStore"]
@@ -229,7 +229,7 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (needs _KG)
+        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (of rows with _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -600,7 +600,7 @@ class StateStore:
             uncommitted changes.
         """
         current = self._version
-        if not self._check_forward(version):
+        if not check_forward(self.operator, version, self._version, self._pending is not None):
             return
         if self._key_range != (0, self.num_key_groups):
             msg = (
@@ -680,7 +680,7 @@ class StateStore:
         """
         lo, hi = self._key_range
         current = self._version
-        if not self._check_forward(version):
+        if not check_forward(self.operator, version, self._version, self._pending is not None):
             msg = f"state version {version} of operator {self.operator!r} was already written"
             raise CheckpointError(msg)
         outside = [g for g, n in enumerate(self.rows_per_key_group()) if n and not lo <= g < hi]
@@ -735,25 +735,6 @@ class StateStore:
 
     # -- internals -----------------------------------------------------------------
 
-    def _check_forward(self, version: int) -> bool:
-        """Whether ``version`` is to be written: it is past the current version (False:
-        it is the current one and nothing changed since, a re-run batch); else raise."""
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            msg = f"state version must be a non-negative integer; got {version!r} instead"
-            raise ValueError(msg)
-        current = self._version
-        if current is not None and version <= current:
-            if version == current and self._pending is None:
-                return False
-            msg = (
-                f"cannot commit state version {version} of operator {self.operator!r}: the "
-                f"store is at version {current}"
-                + (" with uncommitted changes" if version == current else "")
-                + "; versions only go forward (load an earlier version to re-run a batch)"
-            )
-            raise CheckpointError(msg)
-        return True
-
     def _slices_due(self, version: int, lo: int, hi: int, *, rotate: bool) -> list[tuple[int, int]]:
         """The key-group slices of ``[lo, hi)`` that ``version`` snapshots: those holding a
         group whose base is ``snapshot_every - 1`` versions old, and with ``rotate`` (a
@@ -766,7 +747,7 @@ class StateStore:
         self, version: int, slices: list[tuple[int, int]], fence: str = ""
     ) -> list[StateFile]:
         """Write the rows of each key-group range of ``slices`` as of ``version``, one range
-        at a time (found through the rows' key-group index: no copy of the whole state)."""
+        at a time (each a contiguous slice of the state: no copy of the whole state)."""
         return [
             self._write_file(
                 snapshot_file(version, a, b, fence),
@@ -875,9 +856,8 @@ class StateStore:
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        out = frame.with_columns(self._groups_of(frame)).with_columns(self._hash_expr)
-        kept = [c for c in frame.columns if c != _KG]
-        return out if _HASH in frame.columns else _project(out, [*kept, _HASH, _KG])
+        groups = self._groups_of(frame)
+        return frame.with_columns(_hash_expr(self.schema, self.hash_columns, groups), groups)
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -985,7 +965,7 @@ class StateStore:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
+def _hash_expr(schema: pl.Schema, keys: list[str], groups: pl.Series | None = None) -> pl.Expr:
     """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
     the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
     range of key groups (a snapshot slice) are one contiguous slice of the state."""
@@ -995,7 +975,8 @@ def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
         for k in keys
     ]
     low = pl.struct(fields).hash(seed=_HASH_SEED) // (1 << 16)
-    return (pl.col(_KG).cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
+    group = pl.col(_KG) if groups is None else pl.lit(groups)  # (the rows' _KG column, or)
+    return (group.cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
 
 
 def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
