@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
@@ -21,6 +22,7 @@ from microstream.exceptions import CheckpointCorruptError
 from microstream.state.chain import read_chain
 from microstream.state.format import StateVersion, version_file
 from microstream.state.key_groups import key_group_ranges, key_groups
+from microstream.state.keyed_rows import KeyedRows
 from microstream.state.parts import commit_parts
 from microstream.state.rotation import snapshot_slices
 from microstream.state.store import StateStore
@@ -299,3 +301,46 @@ def test_a_crash_in_the_middle_of_a_rotation_loses_nothing(tmp_path: Path, crash
                 pl.read_ipc(reference.read_bytes(f.name)).sort("k"),
             )
         assert_frame_equal(loaded(crashed, version), model(list(range(version + 1))))
+
+
+def test_the_rows_of_a_slice_and_the_merge_of_the_tail() -> None:
+    """The store's in-memory rows, sorted by key group first: a range of groups is one
+    slice of the base (plus its tail rows), before and after the tail is merged in."""
+    rng = np.random.default_rng(5)
+
+    def keyed(ks: np.ndarray) -> pl.DataFrame:
+        groups = (ks % 16).astype(np.uint16)
+        return pl.DataFrame(
+            {"k": ks, "v": rng.integers(0, 1000, ks.size), "g": groups}
+        ).with_columns(
+            (pl.col("g").cast(pl.UInt64) * (1 << 48) + pl.col("k").hash() // (1 << 16)).alias("h")
+        )
+
+    rows = KeyedRows(
+        keyed(np.arange(2000)),
+        key_columns=["k"],
+        hash_column="h",
+        num_partitions=16,
+        tail_rows=10_000,
+        group_column="g",
+        sorted_by_group=True,
+    )
+    expected = dict(rows.frame().select("k", "v").iter_rows())
+    for _ in range(5):
+        changed = keyed(np.unique(rng.integers(0, 3000, 300)))
+        rows.replace(changed.select("k", "h", "g"), changed.select("k", "v", "g", "h"))
+        expected.update(changed.select("k", "v").iter_rows())
+        rows.remove_where(pl.col("v") < 50)
+        expected = {k: v for k, v in expected.items() if v >= 50}
+        for merged in (False, True):
+            if merged:
+                rows.compact()
+                assert rows.frame()["h"].is_sorted()
+            every = rows.frame()
+            assert dict(every.select("k", "v").iter_rows()) == expected
+            for lo, hi in ((0, 16), (0, 3), (5, 6), (7, 16)):
+                part = rows.rows_in_partitions(lo, hi)
+                want = every.filter(pl.col("g").is_between(lo, hi - 1))
+                assert sorted(part.select("k", "v").iter_rows()) == sorted(
+                    want.select("k", "v").iter_rows()
+                )
