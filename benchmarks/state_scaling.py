@@ -16,8 +16,9 @@ few warm-up batches follow; then, for every batch size R (default 1k, 10k,
 phases from ``recent_progress``). The sink is a no-op ``foreach_batch``, the
 checkpoint a local temp dir (default durability; ``--checkpoint-root /dev/shm``
 takes the disk out). Reported per cell: median, p90, max and mean of the batches
-(the state store writes a full snapshot every 10th version, which the p90 and
-max show and the median does not).
+(a state store under 100k rows writes a full snapshot every 10th version, which
+the p90 and max show and the median does not; a larger one a tenth of its key
+groups every version).
 
 The target: per-batch time grows with R, not with N. Next to each figure, the
 same process times the Polars work of the batch alone (``group_by(key).agg``
@@ -26,6 +27,18 @@ over the R rows), the reference for what a batch must cost.
     python benchmarks/state_scaling.py [--states 10000,100000,1000000]
         [--batch-rows 1000,10000,100000] [--batches 30] [--query group_by|window]
         [--profile N:R] [--checkpoint-root DIR] [--out FILE]
+
+``--grow N`` instead starts one query on an empty state and feeds it batches of
+``--batch-rows`` rows (one size; default 10k) until it holds N keys: each batch has
+``(1 - --update-share)`` of its rows on keys new to the state, the rest on keys
+already in it (uniform). Reported: the engine's per-batch time in the first and the
+last tenth of the batches (flat in the state size: their ratio near 1), max / median
+(a periodic spike, e.g. a full snapshot, shows here), and the peak RSS over the
+batches (Linux ``VmHWM``, reset when the query starts) above the RSS before it,
+against the state's Arrow size at the end (``query.state()``'s ``estimated_size``;
+the store's in-memory size, with its key hash and key group, is reported too).
+
+    python benchmarks/state_scaling.py --grow 1000000 --batch-rows 10000
 
 ``--profile 1000000:10000`` runs ``py-spy`` on this process during as many
 batches again of that cell, after the timed ones (sampling costs CPU), and puts
@@ -98,7 +111,7 @@ def polars_reference(batch: pl.DataFrame) -> float:
 
 def source_version() -> dict[str, object]:
     """The commit of the engine measured, and which of its files differ from it."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(ms.__file__).resolve().parent.parent  # the engine imported (PYTHONPATH)
 
     def git(*args: str) -> str:
         try:
@@ -338,6 +351,100 @@ def run_state_size(
     return {"fill_seconds": round(fill_s, 2), "by_batch_rows": cells}
 
 
+def _rss_kb(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def run_growth(kind: str, n_keys: int, rows: int, update_share: float, seed: int) -> dict:
+    """One query from the empty state up to ``n_keys`` keys, batch by batch."""
+    rng = np.random.default_rng(seed)
+    schema = {"key": pl.Int64, "v": pl.Float64}
+    if kind == "window":
+        schema["ts"] = pl.Datetime("us")
+    source = ms.MemoryStream(schema)
+    seen: list[int] = []
+    checkpoint = tempfile.mkdtemp(prefix="ms-state-growth-", dir=CHECKPOINT_ROOT)
+    query = build_query(source, kind, checkpoint, seen)
+    order = rng.permutation(n_keys).astype(np.int64)
+    fresh_rows = max(1, int(rows * (1 - update_share)))
+    totals: list[float] = []
+    commits: list[float] = []
+    computes: list[float] = []
+    batch_bytes = make_batch(kind, order[:rows], rng).estimated_size()
+    try:
+        rss_before_kb = _rss_kb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        t0 = time.perf_counter()
+        done = 0
+        while done < n_keys:
+            fresh = order[done : done + fresh_rows]
+            old_pool = done if done else fresh.size
+            old = order[rng.integers(0, old_pool, rows - fresh.size)]
+            done += fresh.size
+            source.add_data(make_batch(kind, np.concatenate([fresh, old]), rng))
+            query.process_all_available(timeout=600)
+            progress = query.last_progress
+            totals.append(progress.durations_ms.total)
+            commits.append(progress.durations_ms.commit)
+            computes.append(progress.durations_ms.compute)
+        run_s = time.perf_counter() - t0
+        peak_kb = _rss_kb("VmHWM")
+        op = query.last_progress.state_operators[0]
+        assert op.num_rows_total == n_keys, (op.num_rows_total, n_keys)
+        state_bytes = query.state().estimated_size()
+    finally:
+        query.stop()
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    tenth = max(1, len(totals) // 10)
+    first, last = totals[:tenth], totals[-tenth:]
+    median = statistics.median(totals)
+    extra = (peak_kb - rss_before_kb) * 1024
+    return {
+        "batches": len(totals),
+        "batch_rows": rows,
+        "new_keys_per_batch": fresh_rows,
+        "seconds": round(run_s, 1),
+        "engine_total_ms": {
+            "median": round(median, 2),
+            "p99": round(pct(totals, 0.99), 2),
+            "max": round(max(totals), 2),
+            "first_tenth_median": round(statistics.median(first), 2),
+            "last_tenth_median": round(statistics.median(last), 2),
+        },
+        "last_over_first_tenth": round(statistics.median(last) / statistics.median(first), 2),
+        "max_over_median": round(max(totals) / median, 1),
+        "commit_ms": {
+            "median": round(statistics.median(commits), 2),
+            "max": round(max(commits), 2),
+        },
+        "compute_ms": {
+            "median": round(statistics.median(computes), 2),
+            "max": round(max(computes), 2),
+        },
+        "slowest_batches": [
+            {
+                "batch": i,
+                "total_ms": round(totals[i], 1),
+                "compute_ms": round(computes[i], 1),
+                "commit_ms": round(commits[i], 1),
+            }
+            for i in sorted(range(len(totals)), key=totals.__getitem__)[-5:][::-1]
+        ],
+        "state_rows": op.num_rows_total,
+        "state_arrow_mb": round(state_bytes / 2**20, 1),
+        "store_memory_mb": round(op.memory_bytes / 2**20, 1),
+        "batch_mb": round(batch_bytes / 2**20, 2),
+        "rss_before_mb": round(rss_before_kb / 1024, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+        "peak_extra_rss_mb": round(extra / 2**20, 1),
+        "peak_extra_over_state_plus_batch": round(extra / (state_bytes + batch_bytes), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--states", default="10000,100000,1000000")
@@ -362,9 +469,44 @@ def main() -> None:
         default=None,
         help="JSON output (default: benchmarks/results/<date>-state-<query>.json)",
     )
+    parser.add_argument(
+        "--grow",
+        type=int,
+        default=None,
+        metavar="N",
+        help="one query from the empty state to N keys (batch size: the first --batch-rows)",
+    )
+    parser.add_argument(
+        "--update-share",
+        type=float,
+        default=0.2,
+        help="--grow: the share of a batch's rows on keys already in the state",
+    )
     args = parser.parse_args()
     global CHECKPOINT_ROOT
     CHECKPOINT_ROOT = args.checkpoint_root
+    if args.grow:
+        rows = int(args.batch_rows.split(",")[0]) if "--batch-rows" in sys.argv else 10_000
+        growth_result = {
+            "date": dt.date.today().isoformat(),
+            "machine": machine_info("shared, noisy: compare within a run"),
+            "versions": {
+                "python": platform.python_version(),
+                "polars": pl.__version__,
+                "microstream": ms.__version__,
+                "source": source_version(),
+            },
+            "settings": {
+                "query": args.query,
+                "grow_to_keys": args.grow,
+                "update_share": args.update_share,
+                "checkpoint_root": args.checkpoint_root or tempfile.gettempdir(),
+            },
+            "result": run_growth(args.query, args.grow, rows, args.update_share, args.seed),
+        }
+        print(json.dumps(growth_result["result"]), file=sys.stderr)
+        write_result(growth_result, f"state-growth-{args.query}-{args.grow}", args.out)
+        return
     states = [int(s) for s in args.states.split(",")]
     batch_rows = [int(r) for r in args.batch_rows.split(",")]
     profile_n = profile_r = None

@@ -1,8 +1,10 @@
 """Reading the chain of state manifests that rebuilds one version of a state store.
 
 A version's manifest (``versions/<version>.json``) names its parent; a load reads
-manifests back from the wanted version to its base (a snapshot, or the empty state)
-and checks each one is well formed before any file it lists is read.
+manifests back from the wanted version until every key group it loads has a base (a
+full snapshot, snapshot files of some key-group ranges in delta versions — spread
+snapshots, :mod:`microstream.state.rotation` —, or the empty state) and checks each
+one is well formed before any file it lists is read.
 """
 
 from __future__ import annotations
@@ -17,16 +19,23 @@ from microstream.state.format import (
     disjoint_in_order,
     version_file,
 )
+from microstream.state.rotation import covered
 
 __all__ = ["read_chain"]
 
 
 def read_chain(
-    storage: Storage, operator: str, num_key_groups: int, version: int
+    storage: Storage,
+    operator: str,
+    num_key_groups: int,
+    version: int,
+    key_groups: tuple[int, int] | None = None,
 ) -> list[StateVersion]:
-    """Manifests from ``version`` back to its base (a snapshot or the empty state)."""
+    """Manifests from ``version`` back until each of ``key_groups`` (default: all) has a
+    base: a full snapshot, snapshot files covering it, or the empty state."""
+    lo, hi = key_groups or (0, num_key_groups)
     chain = [_read_version(storage, operator, num_key_groups, version, wanted=version)]
-    while not chain[-1].snapshot and chain[-1].parent is not None:
+    while not chain[-1].snapshot and chain[-1].parent is not None and not covered(chain, lo, hi):
         chain.append(
             _read_version(storage, operator, num_key_groups, chain[-1].parent, wanted=version)
         )
@@ -41,7 +50,13 @@ def _read_version(
         entry = storage.read_model(name, StateVersion)
     except FileNotFoundError:
         committed = storage.list_numbered(VERSIONS_DIR)
-        if version != wanted:
+        if version != wanted and committed and version < committed[0]:
+            # (its manifests are kept, but what it needs is older than the retention bound)
+            why = (
+                f"version {wanted} is no longer retained: it needs version {version}, older "
+                f"than the oldest on disk ({committed[0]})"
+            )
+        elif version != wanted:
             why = f"it is needed to rebuild version {wanted} but is missing"
         elif not committed:
             why = "no state version was ever committed"
@@ -56,6 +71,8 @@ def _read_version(
     n = num_key_groups
     ranges = [f.key_groups for f in entry.files]
     kinds = {f.kind for f in entry.files}
+    # a delta version may also hold snapshot files of some ranges (a spread snapshot)
+    by_kind = {k: [f.key_groups for f in entry.files if f.kind == k] for k in kinds}
     well_formed = (
         entry.version == version
         and len(entry.rows_per_key_group) == n
@@ -64,7 +81,7 @@ def _read_version(
         and (
             (kinds <= {"snapshot"} and covers_key_groups(ranges, n))
             if entry.snapshot
-            else (kinds <= {"delta"} and disjoint_in_order(ranges))
+            else all(disjoint_in_order(r) for r in by_kind.values())
         )
     )
     if not well_formed:

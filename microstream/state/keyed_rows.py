@@ -49,6 +49,10 @@ class KeyedRows:
     group_column
         A column holding each row's partition (``0 <= value < num_partitions``): the
         state store's key group, which is not derived from ``hash_column``.
+    sorted_by_group
+        Sorting by ``hash_column`` sorts the rows by ``group_column`` first (the state
+        store's hash holds the key group in its top bits): the base rows of a range of
+        partitions are then contiguous (:meth:`rows_in_partitions`).
 
     Examples
     --------
@@ -79,9 +83,11 @@ class KeyedRows:
         tail_rows: int = 131_072,
         is_sorted: bool = False,
         group_column: str | None = None,
+        sorted_by_group: bool = False,
     ):
         self.key_columns = list(key_columns)
         self.group_column = group_column
+        self.sorted_by_group = sorted_by_group
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
@@ -134,6 +140,26 @@ class KeyedRows:
             by_pid[(p,)].drop(_POSITION) if (p,) in by_pid else empty
             for p in range(self.num_partitions)
         ]
+
+    def rows_in_partitions(self, lo: int, hi: int) -> pl.DataFrame:
+        """The live rows of partitions ``[lo, hi)`` (order unspecified).
+
+        With ``sorted_by_group`` the base rows of a range are one contiguous slice, so
+        the cost follows the rows returned; otherwise every row's partition is tested.
+        """
+        if self.sorted_by_group:
+            start, stop = (int(i) for i in np.searchsorted(self._pids, [lo, hi]))
+            found = self._base.slice(start, stop - start)
+            if self._dead:
+                found = found.filter(pl.Series(self._live[start:stop]))
+        else:
+            mask = (self._pids >= lo) & (self._pids < hi) & self._live
+            found = self._base.filter(pl.Series(mask))
+        if self._tail.height:
+            pids = self._pids_of(self._tail)
+            mine = self._tail.filter(pl.Series((pids >= lo) & (pids < hi)))
+            found = pl.concat([found, mine], how="vertical") if mine.height else found
+        return found
 
     def rows_of(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> pl.DataFrame:
         """Every live row whose key is in ``keys`` (key columns + hash; duplicates allowed).
@@ -215,12 +241,30 @@ class KeyedRows:
 
     def compact(self) -> None:
         """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
-        if self._tail.height or self._dead:
-            base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
-            tail = self._tail
-            self._tail = tail.clear()
-            # A parallel sort of both beats Polars' merge_sorted of the two sorted runs here.
-            self._set_base(pl.concat([base, tail], how="vertical") if tail.height else base)
+        if not self._tail.height:
+            if self._dead:
+                self._set_base(self._base.filter(pl.Series(self._live)), is_sorted=True)
+            return
+        tail = self._tail
+        self._tail = tail.clear()
+        # Merge, not sort: the base is sorted, so sorting the (small) tail and finding where
+        # each of its rows goes gives the order of every row; then ONE gather of the live
+        # rows builds the new base (no filtered copy of the base, no sort of the state).
+        tail_hashes = tail.get_column(self.hash_column).to_numpy()
+        tail_order = np.argsort(tail_hashes, kind="stable")
+        n_base, n_tail = self._base.height, tail.height
+        slots = np.searchsorted(self._hashes, tail_hashes[tail_order], side="right")
+        slots += np.arange(n_tail)  # each tail row's position among all rows
+        index = np.ones(n_base + n_tail, dtype=bool)
+        index[slots] = False  # True: a base row
+        keep = np.ones(n_base + n_tail, dtype=bool)  # the tail's rows are all live
+        keep[index] = self._live
+        order = np.empty(n_base + n_tail, dtype=np.uint32 if n_base + n_tail < 2**32 else np.int64)
+        order[index] = np.arange(n_base, dtype=order.dtype)
+        order[slots] = n_base + tail_order
+        del index
+        both = pl.concat([self._base, tail], how="vertical", rechunk=False)
+        self._set_base(both[pl.Series(order[keep])], is_sorted=True)
 
     def _maybe_merge(self) -> None:
         # The tail may grow to a quarter of the base (up to 8x tail_rows): a merge then

@@ -8,10 +8,11 @@ carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
 the key, modulo the checkpoint's number of key groups), computed once when the
 row is written. After every batch the engine calls :meth:`StateStore.commit`
 with the batch id: the changes since the last commit go to ONE delta file, and
-every ``snapshot_every`` versions the whole state goes to a snapshot split into
-contiguous key-group ranges, so recovery replays at most ``snapshot_every - 1``
-deltas and a worker owning a range of key groups reads only its files
-(:meth:`StateStore.load` with ``key_groups=``). No pickle anywhere.
+every key group gets a snapshot at least every ``snapshot_every`` versions (a small
+state whole, split into contiguous key-group ranges; a large one a slice of its key
+groups per version, :mod:`microstream.state.rotation`), so recovery replays at most
+``snapshot_every - 1`` deltas per group and a worker owning a range of key groups
+reads only its files (:meth:`StateStore.load` with ``key_groups=``). No pickle anywhere.
 
 Layout of the store's directory ``state/<operator>/<store>/``::
 
@@ -20,6 +21,7 @@ Layout of the store's directory ``state/<operator>/<store>/``::
     deltas/<version>.arrow           rows of the keys changed in that version (+ ``__deleted``,
                                      ``__key_group``), sorted by key group
     snapshots/<version>/<lo>-<hi>.arrow  the rows of key groups lo..hi-1 as of that version
+                                     (all groups: a full snapshot; some: a spread one)
 
 A version exists when, and only when, ``versions/<version>.json`` exists; it
 names its parent version, whether it is a snapshot, its files with their
@@ -34,9 +36,6 @@ unspecified.
 
 from __future__ import annotations
 
-import binascii
-import builtins
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Literal
@@ -48,17 +47,12 @@ from microstream.checkpoint.storage import Storage
 from microstream.exceptions import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointFormatError,
-    PlanChangedError,
     SchemaMismatchError,
 )
 from microstream.state.chain import read_chain
 from microstream.state.format import (
-    DELTAS_DIR,
     KEY_GROUP_COLUMN,
     METADATA_FILE,
-    SNAPSHOTS_DIR,
-    STATE_FORMAT_VERSION,
     VERSIONS_DIR,
     Compression,
     StateFile,
@@ -67,7 +61,6 @@ from microstream.state.format import (
     StateVersion,
     checksum,
     delta_file,
-    describe_schema_change,
     encode_frame,
     frame_from_text,
     frame_to_text,
@@ -75,7 +68,6 @@ from microstream.state.format import (
     ranged_delta_file,
     read_state_file,
     snapshot_file,
-    split_by_key_group,
     version_file,
 )
 from microstream.state.key_groups import (
@@ -86,14 +78,24 @@ from microstream.state.key_groups import (
     key_groups,
 )
 from microstream.state.keyed_rows import KeyedRows
-from microstream.state.store_checks import conform, validate_store_arguments
+from microstream.state.retention import delete_below
+from microstream.state.rotation import (
+    EMPTY_BASE,
+    due_groups,
+    resolve_bases,
+    rows_after_base,
+    rows_based_at,
+    slices_to_write,
+)
+from microstream.state.store_checks import check_forward, conform, validate_store_arguments
+from microstream.state.store_metadata import check_metadata, refuse_other_format
 
 __all__ = ["StateStore"]
 
 logger = logging.getLogger("microstream")
 
 _DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-_HASH = "__key_hash"  # in memory only: Polars' (fast, unstable) u64 hash of the hash columns
+_HASH = "__key_hash"  # in memory only: key group, then 48 bits of Polars' (fast, unstable) hash
 _KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 _ORDER = "__order"  # in memory only: position of a delta file in a replay
 _MASK = "__mask"
@@ -122,9 +124,12 @@ class StateStore:
         number, or 128 for new state); fixed when the state is first committed,
         a later mismatch is refused.
     snapshot_every
-        A full snapshot is written at every version divisible by this, and at
-        the latest after this many versions, which bounds recovery to that
-        many files per partition.
+        Every key group gets a snapshot at least every this many versions, which
+        bounds recovery to that many files per group: a full snapshot at every
+        version divisible by this while the state is small; above
+        ``spread_snapshots_above`` rows, every version snapshots one of this many
+        key-group slices in turn (:mod:`microstream.state.rotation`), so that no
+        batch pays for a snapshot of the whole state.
     min_versions_to_retain
         Files needed to rebuild any of the last this-many versions (by
         version number) are kept; older ones are removed after a snapshot.
@@ -137,8 +142,10 @@ class StateStore:
         The caller never gives a key more than one row, so :meth:`filter_out`
         need not look for rows its evicted keys keep.
     snapshot_files
-        A snapshot is written as this many files, each a contiguous range of
+        A full snapshot is written as this many files, each a contiguous range of
         key groups.
+    spread_snapshots_above
+        From this many rows on, snapshots are spread over the versions.
 
     Notes
     -----
@@ -201,6 +208,7 @@ class StateStore:
         hash_columns: Sequence[str] | None = None,
         one_row_per_key: bool = False,
         snapshot_files: int = 4,
+        spread_snapshots_above: int = 100_000,
     ):
         self.storage = storage
         self.operator = operator
@@ -213,6 +221,7 @@ class StateStore:
         self.snapshot_files = snapshot_files
         self.snapshot_every = snapshot_every
         self.min_versions_to_retain = min_versions_to_retain
+        self.spread_snapshots_above = spread_snapshots_above
         self._validate_arguments()
 
         check_hashable(self.schema, self.hash_columns, f"operator {operator!r}")
@@ -220,7 +229,7 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(self.schema, self.hash_columns)
+        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (of rows with _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -235,11 +244,14 @@ class StateStore:
         self._pending: pl.DataFrame | None = None
         self._frame: pl.DataFrame | None = None
         self._version: int | None = None
-        # (version, is a snapshot, is a base: nothing older is needed to rebuild it), from
-        # the base of the loaded version up to _version
-        self._chain: list[tuple[int, bool, bool]] = []
+        # (version, the oldest version its files need, None: unknown), from the oldest
+        # base of the loaded version up to _version
+        self._chain: list[tuple[int, int | None]] = []
+        # per key group: the version of its newest snapshot (EMPTY_BASE: none, the empty
+        # state the chain started from, version _origin)
+        self._bases = np.full(self.num_key_groups, EMPTY_BASE, dtype=np.int64)
+        self._origin: int | None = None
         self._key_range = (0, self.num_key_groups)
-        self._force_snapshot = False
         self._opened = False
         self._metadata_current = False
         self._stale_versions: list[int] = []
@@ -254,6 +266,7 @@ class StateStore:
             counts={
                 "num_key_groups": self.num_key_groups,
                 "snapshot_every": self.snapshot_every,
+                "spread_snapshots_above": self.spread_snapshots_above,
                 "min_versions_to_retain": self.min_versions_to_retain,
                 "snapshot_files": self.snapshot_files,
             },
@@ -323,7 +336,7 @@ class StateStore:
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
         if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
-        found = self._data.rows_of(keys.with_columns(self._hash_expr), on if by_hash else None)
+        found = self._data.rows_of(self._hashed(keys), on if by_hash else None)
         return _project(found, list(self.schema))
 
     def insert(self, rows: pl.DataFrame) -> None:
@@ -513,25 +526,23 @@ class StateStore:
         lo, hi = self._range(key_groups)
         data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
+        bases = np.full(self.num_key_groups, EMPTY_BASE, dtype=np.int64)
         if version is not None:
-            chain = read_chain(self.storage, self.operator, self.num_key_groups, version)
-            oldest = chain[-1]
-            if oldest.snapshot:
-                parts = [
-                    self._read_file(f, self._snapshot_schema, lo, hi)
-                    for f in oldest.files
-                    if f.key_groups[0] < hi and lo < f.key_groups[1]
-                ]
-                base = (
-                    pl.concat(parts, how="vertical")
-                    if parts
-                    else pl.DataFrame(schema=self._snapshot_schema)
-                )
+            n = self.num_key_groups
+            chain = read_chain(self.storage, self.operator, n, version, (lo, hi))
+            # each group's base: the newest snapshot of it (a full one, or a spread slice)
+            bases, snapshot_files = resolve_bases(chain, lo, hi, n)
+            parts = [
+                rows_based_at(self._read_file(f, self._snapshot_schema, lo, hi), bases, v)
+                for f, v in snapshot_files
+            ]
+            if parts:
+                base = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
                 data = self._keyed(
                     base.with_columns(self._hash_expr).select(list(self._mem_schema))
                 )
-            replay = reversed(chain[:-1] if oldest.snapshot else chain)
-            self._replay([f for entry in replay for f in entry.files], data, lo, hi)
+            deltas = [(f, m.version) for m in reversed(chain) for f in m.files if f.kind == "delta"]
+            self._replay(deltas, bases, data, lo, hi)
             data.compact()
             counts = data.rows_per_partition()
             target = chain[0].rows_per_key_group
@@ -549,10 +560,15 @@ class StateStore:
         self._frame = None
         self._version = version
         self._key_range = (lo, hi)
+        self._bases = bases
+        origin = chain[-1].version if chain and chain[-1].parent is None else None
+        self._origin = origin
         self._chain = [
-            (m.version, m.snapshot, m.snapshot or m.parent is None) for m in reversed(chain)
+            (m.version, m.version if m.snapshot or m.parent is None else None)
+            for m in reversed(chain)
         ]
-        self._force_snapshot = False
+        if chain and (lo, hi) == (0, self.num_key_groups):
+            self._chain[-1] = (chain[0].version, self._needs_from())
         self._stale_versions = [
             v for v in self.storage.list_numbered(VERSIONS_DIR) if version is None or v > version
         ]
@@ -563,8 +579,9 @@ class StateStore:
         Writes one delta file of the changes since the last commit (none if
         nothing changed) or, every ``snapshot_every`` versions (or when
         ``snapshot`` is true), a snapshot in ``snapshot_files`` key-group ranges;
-        then the version's manifest; then removes files that no retained version
-        needs.
+        above ``spread_snapshots_above`` rows, the delta and a snapshot of one
+        key-group slice instead; then the version's manifest; then removes files
+        that no retained version needs.
 
         Parameters
         ----------
@@ -583,7 +600,7 @@ class StateStore:
             uncommitted changes.
         """
         current = self._version
-        if not self._check_forward(version):
+        if not check_forward(self.operator, version, self._version, self._pending is not None):
             return
         if self._key_range != (0, self.num_key_groups):
             msg = (
@@ -611,17 +628,14 @@ class StateStore:
 
         # (a delta over twice the state's rows, e.g. evicting it all, outweighs a snapshot)
         grown = self._pending is not None and self._pending.height > 2 * self.rows
-        full = self._snapshot_due(version, snapshot) or grown
+        spread = self.rows >= self.spread_snapshots_above
+        n = self.num_key_groups
+        full = snapshot or grown or (version % self.snapshot_every == 0 and not spread)
+        slices = [] if full else self._slices_due(version, 0, n, rotate=spread)
+        full = full or slices == [(0, n)]  # (one key group, or snapshot_every=1)
         files: list[StateFile] = []
         if full:
-            frame = self._data.frame()
-            ranges = key_group_ranges(self.num_key_groups, self.snapshot_files)
-            for (lo, hi), piece in zip(ranges, split_by_key_group(frame, ranges), strict=True):
-                files.append(
-                    self._write_file(
-                        snapshot_file(version, lo, hi), piece, self._snapshot_schema, (lo, hi)
-                    )
-                )
+            slices = key_group_ranges(n, self.snapshot_files)
         elif self._pending is not None:
             # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
             # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
@@ -629,6 +643,7 @@ class StateStore:
             groups = pending.get_column(_KG)
             span = (int(groups[0]), int(groups[-1]) + 1)
             files.append(self._write_file(delta_file(version), pending, self._delta_schema, span))
+        files.extend(self._write_snapshot(version, slices))
         entry = StateVersion(
             version=version,
             parent=current,
@@ -639,9 +654,8 @@ class StateStore:
         self.storage.write_model(version_file(version), entry)
 
         self._version = version
-        self._chain.append((version, full, full or current is None))
+        self._advance(version, current, slices)
         self._pending = None
-        self._force_snapshot = False
         self._remove_unneeded_files()
 
     def write_part(self, version: int, *, leader: bool, fence: str = "") -> StatePart:
@@ -666,7 +680,7 @@ class StateStore:
         """
         lo, hi = self._key_range
         current = self._version
-        if not self._check_forward(version):
+        if not check_forward(self.operator, version, self._version, self._pending is not None):
             msg = f"state version {version} of operator {self.operator!r} was already written"
             raise CheckpointError(msg)
         outside = [g for g, n in enumerate(self.rows_per_key_group()) if n and not lo <= g < hi]
@@ -687,26 +701,28 @@ class StateStore:
             self._stale_versions = []
             if current is not None:
                 self._remove_unneeded_files()
-        full = self._snapshot_due(version, False)
-        files: list[StateFile] = []
-        if full:
-            frame = self._data.frame()
-            pieces = [
+        # Every owner decides the kind alike (from the version); groups whose base is
+        # ``snapshot_every - 1`` versions old get a snapshot of their slice in a delta version.
+        full = version % self.snapshot_every == 0
+        slices = (
+            [
                 (max(a, lo), min(b, hi))
                 for a, b in key_group_ranges(self.num_key_groups, self.snapshot_files)
                 if a < hi and lo < b
             ]
-            for (a, b), piece in zip(pieces, split_by_key_group(frame, pieces), strict=True):
-                name = snapshot_file(version, a, b, fence)
-                files.append(self._write_file(name, piece, self._snapshot_schema, (a, b)))
-        elif self._pending is not None:
+            if full
+            else self._slices_due(version, lo, hi, rotate=False)
+        )
+        files: list[StateFile] = []
+        if not full and self._pending is not None:
             name = ranged_delta_file(version, lo, hi, fence)
             # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
             # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
             pending = self._pending.sort(_KG, multithreaded=False)
             files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
+        files.extend(self._write_snapshot(version, slices, fence))
         self._version = version
-        self._chain.append((version, full, full or current is None))
+        self._advance(version, current, slices, owner=True)
         self._pending = None
         return StatePart(
             version=version,
@@ -719,40 +735,49 @@ class StateStore:
 
     # -- internals -----------------------------------------------------------------
 
-    def _check_forward(self, version: int) -> bool:
-        """Whether ``version`` is to be written: it is past the current version (False:
-        it is the current one and nothing changed since, a re-run batch); else raise."""
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            msg = f"state version must be a non-negative integer; got {version!r} instead"
-            raise ValueError(msg)
-        current = self._version
-        if current is not None and version <= current:
-            if version == current and self._pending is None:
-                return False
-            msg = (
-                f"cannot commit state version {version} of operator {self.operator!r}: the "
-                f"store is at version {current}"
-                + (" with uncommitted changes" if version == current else "")
-                + "; versions only go forward (load an earlier version to re-run a batch)"
-            )
-            raise CheckpointError(msg)
-        return True
+    def _slices_due(self, version: int, lo: int, hi: int, *, rotate: bool) -> list[tuple[int, int]]:
+        """The key-group slices of ``[lo, hi)`` that ``version`` snapshots: those holding a
+        group whose base is ``snapshot_every - 1`` versions old, and with ``rotate`` (a
+        large state) the slice whose turn it is."""
+        versions = [v for v, _ in self._chain]
+        due = due_groups(self._bases, versions, self.snapshot_every, lo, hi)
+        return slices_to_write(version, due, self.snapshot_every, lo, hi, rotate=rotate)
 
-    def _snapshot_due(self, version: int, snapshot: bool) -> bool:
-        """Whether ``version`` is written as a snapshot: asked, every ``snapshot_every``
-        versions, or when the deltas since the last one reach that many (the same answer
-        for every owner of a range: they share the chain of versions)."""
-        deltas_to_replay = 0  # after the newest snapshot (or the empty state)
-        for _, was_snapshot, _ in reversed(self._chain):
-            if was_snapshot:
-                break
-            deltas_to_replay += 1
-        return (
-            snapshot
-            or self._force_snapshot
-            or version % self.snapshot_every == 0
-            or deltas_to_replay + 1 >= self.snapshot_every
-        )
+    def _write_snapshot(
+        self, version: int, slices: list[tuple[int, int]], fence: str = ""
+    ) -> list[StateFile]:
+        """Write the rows of each key-group range of ``slices`` as of ``version``, one range
+        at a time (each a contiguous slice of the state: no copy of the whole state)."""
+        return [
+            self._write_file(
+                snapshot_file(version, a, b, fence),
+                self._data.rows_in_partitions(a, b),
+                self._snapshot_schema,
+                (a, b),
+            )
+            for a, b in slices
+        ]
+
+    def _advance(
+        self, version: int, parent: int | None, slices: list[tuple[int, int]], owner: bool = False
+    ) -> None:
+        """Record committed ``version`` (snapshotting ``slices``) in the chain and bases."""
+        for a, b in slices:
+            self._bases[a:b] = version
+        if parent is None:
+            self._origin = version
+        # An owner knows only its groups' bases (the leader's retention covers every
+        # group): for it, only a full snapshot or the empty state is a known base.
+        if owner:
+            whole = version % self.snapshot_every == 0 or parent is None
+            self._chain.append((version, version if whole else None))
+        else:
+            self._chain.append((version, self._needs_from()))
+
+    def _needs_from(self) -> int | None:
+        """The oldest version whose files rebuilding the current one reads (None: unknown)."""
+        oldest = int(self._bases.min())
+        return self._origin if oldest == EMPTY_BASE else oldest
 
     def _open(self) -> None:
         """Check the stored metadata against this store (once)."""
@@ -772,64 +797,21 @@ class StateStore:
                 )
                 raise CheckpointCorruptError(msg)
         else:
-            self._refuse_other_format(raw)
+            refuse_other_format(self.storage, raw)
             meta = self.storage.read_model(METADATA_FILE, StateMetadata)
             if self._requested_key_groups is None:
                 self._set_key_groups(meta.num_key_groups)
-            self._check_metadata(meta)
+            check_metadata(
+                self.storage,
+                meta,
+                operator=self.operator,
+                key_columns=self.key_columns,
+                hash_columns=self.hash_columns,
+                schema=self.schema,
+                num_key_groups=self.num_key_groups,
+            )
         self._metadata_current = meta is not None and meta == self._metadata()
         self._opened = True
-
-    def _refuse_other_format(self, raw: builtins.bytes) -> None:
-        try:
-            found = json.loads(raw).get("format_version")
-        except (ValueError, AttributeError):
-            return  # not JSON: read_model names the file as corrupt
-        if isinstance(found, int) and found != STATE_FORMAT_VERSION:
-            newer = found > STATE_FORMAT_VERSION
-            msg = f"{self.storage.display(METADATA_FILE)} has state format version {found}" + (
-                f"; this microstream reads version {STATE_FORMAT_VERSION}: upgrade microstream"
-                if newer
-                else ", written by an older microstream; convert its checkpoint with "
-                "`microstream migrate CHECKPOINT`, or re-run the query from the start of its "
-                "input with a new checkpoint"
-            )
-            raise CheckpointError(msg) if newer else CheckpointFormatError(msg)
-
-    def _check_metadata(self, meta: StateMetadata) -> None:
-        stored_schema = self._decode_metadata_frame(meta.schema_ipc, "schema_ipc").schema
-        problems = []
-        if meta.operator != self.operator:
-            problems.append(f"operator {meta.operator!r} -> {self.operator!r}")
-        if meta.key_columns != self.key_columns:
-            problems.append(f"key_columns {meta.key_columns} -> {self.key_columns}")
-        if (meta.hash_columns or meta.key_columns) != self.hash_columns:
-            problems.append(f"hash_columns {meta.hash_columns} -> {self.hash_columns}")
-        if stored_schema != self.schema:
-            problems.append(f"schema {describe_schema_change(stored_schema, self.schema)}")
-        if meta.num_key_groups != self.num_key_groups:
-            problems.append(f"num_key_groups {meta.num_key_groups} -> {self.num_key_groups}")
-        if meta.hash_algorithm != HASH_ALGORITHM:
-            problems.append(f"hash_algorithm {meta.hash_algorithm!r} -> {HASH_ALGORITHM!r}")
-        if problems:
-            msg = (
-                f"the state in {self.storage.display(METADATA_FILE)} was written with other "
-                "settings than this query uses: "
-                + "; ".join(problems)
-                + ". Use a new checkpoint for the changed query (the number of key groups is "
-                "fixed when the checkpoint is created)"
-            )
-            raise PlanChangedError(msg)
-
-    def _decode_metadata_frame(self, data: str, field: str) -> pl.DataFrame:
-        try:
-            return frame_from_text(data)
-        except (binascii.Error, ValueError, pl.exceptions.PolarsError) as exc:
-            msg = (
-                f"checkpoint file {self.storage.display(METADATA_FILE)} is corrupt: field {field} "
-                f"is not a base64 Arrow IPC file ({exc})"
-            )
-            raise CheckpointCorruptError(msg) from None
 
     def _metadata(self) -> StateMetadata:
         return StateMetadata(
@@ -849,12 +831,13 @@ class StateStore:
             return
         self.num_key_groups = num_key_groups
         self._key_range = (0, num_key_groups)
+        self._bases = np.full(num_key_groups, EMPTY_BASE, dtype=np.int64)
         rows = self._data.frame()
         if rows.height:
-            rows = rows.with_columns(self._groups_of(rows))
+            rows = self._hashed(rows)
         self._data = self._keyed(rows)
         if self._pending is not None:
-            self._pending = self._pending.with_columns(self._groups_of(self._pending))
+            self._pending = self._hashed(self._pending)
 
     def _range(self, groups: range | None) -> tuple[int, int]:
         if groups is None:
@@ -873,7 +856,8 @@ class StateStore:
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        return frame.with_columns(self._hash_expr, self._groups_of(frame))
+        groups = self._groups_of(frame)
+        return frame.with_columns(_hash_expr(self.schema, self.hash_columns, groups), groups)
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -892,17 +876,25 @@ class StateStore:
             self.storage, entry, schema, (lo, hi), self.operator, pyarrow_io=self._pyarrow_io
         )
 
-    def _replay(self, deltas: list[StateFile], data: KeyedRows, lo: int, hi: int) -> None:
-        """Apply the delta files, oldest first, to ``data`` (key groups ``[lo, hi)``).
+    def _replay(
+        self,
+        deltas: list[tuple[StateFile, int]],
+        bases: np.ndarray,
+        data: KeyedRows,
+        lo: int,
+        hi: int,
+    ) -> None:
+        """Apply the delta files (with their versions), oldest first, to ``data`` (key
+        groups ``[lo, hi)``), each to the groups whose base is older than it.
 
         All deltas are read into one frame; for each key the rows of its newest
         delta decide (upsert rows, or the deletion marker).
         """
         frames = [
-            self._read_file(entry, self._delta_schema, lo, hi).with_columns(
-                pl.lit(order, pl.UInt32).alias(_ORDER)
-            )
-            for order, entry in enumerate(deltas)
+            rows_after_base(
+                self._read_file(entry, self._delta_schema, lo, hi), bases, v
+            ).with_columns(pl.lit(order, pl.UInt32).alias(_ORDER))
+            for order, (entry, v) in enumerate(deltas)
             if entry.key_groups[0] < hi and lo < entry.key_groups[1]
         ]
         if not frames:
@@ -916,23 +908,13 @@ class StateStore:
         """Delete files older than the base needed by the oldest retained version."""
         assert self._version is not None
         oldest_retained = self._version - self.min_versions_to_retain + 1
-        bases = [v for v, _, is_base in self._chain if is_base and v <= oldest_retained]
-        if not bases or bases[-1] <= self._cleaned_below:
+        # (what a version needs is monotonic in the version: the newest known one decides)
+        needs = [n for v, n in self._chain if n is not None and v <= oldest_retained]
+        if not needs or needs[-1] <= self._cleaned_below:
             return
-        keep_from = bases[-1]
+        keep_from = needs[-1]
         self._chain = [entry for entry in self._chain if entry[0] >= keep_from]
-        for v in self.storage.list_numbered(VERSIONS_DIR):
-            if v < keep_from:
-                self.storage.delete(version_file(v))
-        for v in self.storage.list_numbered(DELTAS_DIR, ".arrow"):
-            if v < keep_from:
-                self.storage.delete(delta_file(v))
-        for name in self.storage.list_names(DELTAS_DIR):  # the owners' deltas/<v>/ directories
-            if name.isdigit() and int(name) < keep_from:
-                self.storage.sub(f"{DELTAS_DIR}/{name}").delete_tree()
-        for name in self.storage.list_names(SNAPSHOTS_DIR):
-            if name.isdigit() and int(name) < keep_from:
-                self.storage.sub(f"{SNAPSHOTS_DIR}/{name}").delete_tree()
+        delete_below(self.storage, keep_from)
         self._cleaned_below = keep_from
 
     def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> KeyedRows:
@@ -944,6 +926,7 @@ class StateStore:
             num_partitions=self.num_key_groups,
             is_sorted=is_sorted,
             group_column=_KG,
+            sorted_by_group=True,
         )
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
@@ -982,13 +965,18 @@ class StateStore:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def _hash_expr(schema: pl.Schema, keys: list[str]) -> pl.Expr:
+def _hash_expr(schema: pl.Schema, keys: list[str], groups: pl.Series | None = None) -> pl.Expr:
+    """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
+    the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
+    range of key groups (a snapshot slice) are one contiguous slice of the state."""
     # A Categorical's hash follows its process-local physical codes: hash the strings.
     fields = [
         pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
         for k in keys
     ]
-    return pl.struct(fields).hash(seed=_HASH_SEED).alias(_HASH)
+    low = pl.struct(fields).hash(seed=_HASH_SEED) // (1 << 16)
+    group = pl.col(_KG) if groups is None else pl.lit(groups)  # (the rows' _KG column, or)
+    return (group.cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
 
 
 def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:

@@ -11,9 +11,39 @@ from collections.abc import Sequence
 
 import polars as pl
 
-from microstream.exceptions import SchemaMismatchError
+from microstream.exceptions import CheckpointError, SchemaMismatchError
 
-__all__ = ["conform", "validate_store_arguments"]
+__all__ = ["check_forward", "conform", "validate_store_arguments"]
+
+
+def check_forward(operator: str, version: int, current: int | None, pending: bool) -> bool:
+    """Whether ``version`` is to be written by a store at version ``current`` (with
+    uncommitted changes: ``pending``): it is past the current version (False: it is the
+    current one and nothing changed since, a re-run batch); else raise.
+
+    Examples
+    --------
+    >>> check_forward("op0", 4, 3, True), check_forward("op0", 3, 3, False)
+    (True, False)
+    >>> check_forward("op0", 2, 3, False)
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.CheckpointError: cannot commit state version 2 of operator 'op0': the store is at version 3; versions only go forward (load an earlier version to re-run a batch)
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        msg = f"state version must be a non-negative integer; got {version!r} instead"
+        raise ValueError(msg)
+    if current is not None and version <= current:
+        if version == current and not pending:
+            return False
+        msg = (
+            f"cannot commit state version {version} of operator {operator!r}: the "
+            f"store is at version {current}"
+            + (" with uncommitted changes" if version == current else "")
+            + "; versions only go forward (load an earlier version to re-run a batch)"
+        )
+        raise CheckpointError(msg)
+    return True
 
 
 def validate_store_arguments(

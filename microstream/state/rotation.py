@@ -1,0 +1,200 @@
+"""Snapshots spread over key-group slices: which groups a version snapshots, and where a
+load of a version finds each group's newest snapshot.
+
+A store whose state is large does not write a full snapshot every ``snapshot_every``
+versions (one batch that pays for the whole state): it splits its key groups into
+``snapshot_every`` contiguous *slices* (:func:`snapshot_slices`) and every version
+snapshots one of them, in turn, next to its delta. Any key group then has a snapshot
+within the last ``snapshot_every`` versions, so a load still replays at most
+``snapshot_every - 1`` deltas for each group, and each version writes about
+``1/snapshot_every`` of the state. A small state keeps the full snapshot.
+
+On disk such a version is an ordinary delta version (``"snapshot": false``) whose
+manifest also lists ``snapshot`` files for some key-group ranges: the rows of those
+groups as of that version. Each key group's *base* is the newest snapshot file
+covering it at or before the loaded version (or the empty state, when the chain of
+versions reaches one built on nothing); a load reads that file's rows of the group
+and replays only the deltas of later versions (:func:`resolve_bases`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from microstream.state.format import KEY_GROUP_COLUMN, StateFile, StateVersion
+from microstream.state.key_groups import key_group_ranges
+
+__all__ = [
+    "EMPTY_BASE",
+    "covered",
+    "due_groups",
+    "resolve_bases",
+    "rows_after_base",
+    "rows_based_at",
+    "slices_to_write",
+    "snapshot_slices",
+]
+
+EMPTY_BASE = -1
+"""A group's base when no snapshot covers it: the empty state the chain started from."""
+_UNSET = -2
+
+
+def snapshot_slices(num_key_groups: int, snapshot_every: int) -> list[tuple[int, int]]:
+    """The contiguous key-group slices a spread snapshot rotates over: one per version.
+
+    Examples
+    --------
+    >>> snapshot_slices(128, 10)[:3]
+    [(0, 12), (12, 25), (25, 38)]
+    >>> snapshot_slices(4, 10)
+    [(0, 1), (1, 2), (2, 3), (3, 4)]
+    """
+    return key_group_ranges(num_key_groups, snapshot_every)
+
+
+def covered(chain: Sequence[StateVersion], lo: int, hi: int) -> bool:
+    """Whether the snapshot files of ``chain`` (newest first) cover key groups ``[lo, hi)``.
+
+    Examples
+    --------
+    >>> f = StateFile(name="snapshots/3/0-2.arrow", kind="snapshot", key_groups=(0, 2),
+    ...               rows=0, crc32=0)
+    >>> v = StateVersion(version=3, parent=2, snapshot=False, files=[f],
+    ...                  rows_per_key_group=[0] * 4)
+    >>> covered([v], 0, 2), covered([v], 0, 4)
+    (True, False)
+    """
+    seen = np.zeros(hi - lo, dtype=bool)
+    for entry in chain:
+        for f in entry.files:
+            if f.kind == "snapshot":
+                a, b = max(f.key_groups[0], lo), min(f.key_groups[1], hi)
+                if a < b:
+                    seen[a - lo : b - lo] = True
+    return bool(seen.all())
+
+
+def resolve_bases(
+    chain: Sequence[StateVersion], lo: int, hi: int, num_key_groups: int
+) -> tuple[np.ndarray, list[tuple[StateFile, int]]]:
+    """Each group's base version and the snapshot files to read, for groups ``[lo, hi)``.
+
+    Parameters
+    ----------
+    chain
+        Manifests from the loaded version back (newest first).
+
+    Returns
+    -------
+    tuple
+        ``bases``: for every key group (``num_key_groups`` of them), the version of the
+        newest snapshot file covering it in ``chain``, :data:`EMPTY_BASE` when none does
+        (groups outside ``[lo, hi)`` too); and the snapshot files that are some group's
+        base, each with its version, oldest first.
+
+    Examples
+    --------
+    >>> def snap(v, lo, hi):
+    ...     return StateFile(name=f"snapshots/{v}/{lo}-{hi}.arrow", kind="snapshot",
+    ...                      key_groups=(lo, hi), rows=0, crc32=0)
+    >>> v5 = StateVersion(version=5, parent=4, snapshot=False, files=[snap(5, 0, 2)],
+    ...                   rows_per_key_group=[0] * 4)
+    >>> v4 = StateVersion(version=4, parent=None, snapshot=True,
+    ...                   files=[snap(4, 0, 2), snap(4, 2, 4)], rows_per_key_group=[0] * 4)
+    >>> bases, files = resolve_bases([v5, v4], 0, 4, 4)
+    >>> bases.tolist(), [(f.name, v) for f, v in files]
+    ([5, 5, 4, 4], [('snapshots/4/2-4.arrow', 4), ('snapshots/5/0-2.arrow', 5)])
+    """
+    bases = np.full(num_key_groups, _UNSET, dtype=np.int64)
+    bases[:lo] = EMPTY_BASE
+    bases[hi:] = EMPTY_BASE
+    files: list[tuple[StateFile, int]] = []
+    for entry in chain:
+        for f in entry.files:
+            if f.kind != "snapshot":
+                continue
+            a, b = max(f.key_groups[0], lo), min(f.key_groups[1], hi)
+            if a < b and (bases[a:b] == _UNSET).any():
+                bases[a:b][bases[a:b] == _UNSET] = entry.version
+                files.append((f, entry.version))
+    bases[bases == _UNSET] = EMPTY_BASE
+    return bases, files[::-1]
+
+
+def due_groups(
+    bases: np.ndarray, chain_versions: Sequence[int], snapshot_every: int, lo: int, hi: int
+) -> np.ndarray:
+    """Which of the groups ``[lo, hi)`` must be snapshotted by the next version: those
+    with ``snapshot_every - 1`` versions after their base already (a boolean mask over
+    every group, false outside ``[lo, hi)``).
+
+    Examples
+    --------
+    >>> due_groups(np.array([3, 1, -1]), [1, 2, 3], 3, 0, 3).tolist()
+    [False, True, True]
+    """
+    versions = np.asarray(chain_versions, dtype=np.int64)
+    after_base = versions.size - np.searchsorted(versions, bases, side="right")
+    due = after_base + 1 >= snapshot_every
+    due[:lo] = False
+    due[hi:] = False
+    return due
+
+
+def slices_to_write(
+    version: int, due: np.ndarray, snapshot_every: int, lo: int, hi: int, *, rotate: bool
+) -> list[tuple[int, int]]:
+    """The key-group ranges (slices cut at ``[lo, hi)``) that ``version`` snapshots: every
+    slice holding a due group, and with ``rotate`` the slice whose turn it is
+    (``version % snapshot_every``).
+
+    Examples
+    --------
+    >>> due = np.zeros(8, dtype=bool)
+    >>> slices_to_write(13, due, 4, 0, 8, rotate=True)
+    [(2, 4)]
+    >>> due[6] = True
+    >>> slices_to_write(13, due, 4, 0, 8, rotate=False)
+    [(6, 8)]
+    >>> slices_to_write(13, due, 4, 3, 8, rotate=True)
+    [(3, 4), (6, 8)]
+    """
+    slices = snapshot_slices(due.size, snapshot_every)
+    turn = version % len(slices)
+    out = []
+    for i, (start, stop) in enumerate(slices):
+        a, b = max(start, lo), min(stop, hi)
+        if a < b and ((rotate and i == turn) or bool(due[a:b].any())):
+            out.append((a, b))
+    return out
+
+
+def rows_based_at(frame: pl.DataFrame, bases: np.ndarray, version: int) -> pl.DataFrame:
+    """The rows of a snapshot file of ``version`` whose key group has it as its base (a
+    newer snapshot of a group, e.g. in a slice cut otherwise, replaces it).
+
+    Examples
+    --------
+    >>> rows = pl.DataFrame({"__key_group": [0, 1, 2]}, schema={"__key_group": pl.UInt16})
+    >>> rows_based_at(rows, np.array([4, 7, 4]), 4)["__key_group"].to_list()
+    [0, 2]
+    """
+    keep = bases[frame.get_column(KEY_GROUP_COLUMN).to_numpy()] == version
+    return frame if keep.all() else frame.filter(pl.Series(keep))
+
+
+def rows_after_base(frame: pl.DataFrame, bases: np.ndarray, version: int) -> pl.DataFrame:
+    """The rows of a delta file of ``version`` whose key group's base is older.
+
+    Examples
+    --------
+    >>> rows = pl.DataFrame({"__key_group": [0, 1, 2]}, schema={"__key_group": pl.UInt16})
+    >>> rows_after_base(rows, np.array([4, 7, -1]), 5)["__key_group"].to_list()
+    [0, 2]
+    """
+    keep = bases[frame.get_column(KEY_GROUP_COLUMN).to_numpy()] < version
+    return frame if keep.all() else frame.filter(pl.Series(keep))
