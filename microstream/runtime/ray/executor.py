@@ -48,7 +48,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import polars as pl
 
 from microstream.exceptions import WorkerLostError, WorkerRestartsExhaustedError
@@ -69,14 +68,24 @@ from microstream.plan.physical import (
     ExchangeStage,
     OperatorStage,
     PhysicalPlan,
+    SinkStage,
     StatelessStage,
     WatermarkObservation,
 )
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.scan_tasks import (
+    SplitReport,
+    Target,
+    consumers,
+    cuttable,
+    read_split,
+    run_split,
+    split_rows,
+)
 from microstream.runtime.ray.worker import OperatorWorker
-from microstream.runtime.stages import BatchOutput
-from microstream.state.key_groups import key_group_ranges, key_groups
+from microstream.runtime.stages import BatchOutput, SplitScan
+from microstream.state.key_groups import key_group_ranges
 from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
@@ -86,6 +95,10 @@ if TYPE_CHECKING:
 __all__ = ["RayStageExecutor", "detached"]
 
 logger = logging.getLogger("microstream")
+
+Routed = pl.DataFrame | list[Any]
+"""One owner's rows of one exchange: a frame (routed by the driver), or the references
+of the pieces Ray tasks cut for it (one per split, in split order)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,11 +198,12 @@ class RemoteOperator:
         return self.process_routed(per_owner, ctx)
 
     def process_routed(
-        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
     ) -> OperatorOutput:
-        """Each owner's rows (in owner order) through its part of the operator."""
+        """Each owner's rows (in owner order) through its part of the operator: per
+        input a frame, or the references of the pieces Ray tasks made for it."""
         calls = [
-            owner.worker.process.remote(self.operator_id, rows, ctx)
+            _process_call(owner.worker, self.operator_id, rows, ctx)
             for owner, rows in zip(self.owners, per_owner)
         ]
         results: list[tuple[OperatorOutput, StateOperatorProgress]] = self._get(
@@ -271,7 +285,7 @@ class RemoteTimedOperator(RemoteOperator):
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
     def process_routed(
-        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
     ) -> OperatorOutput:
         self._quiet = None  # a batch changes the owners' timers
         return super().process_routed(per_owner, ctx)
@@ -311,18 +325,7 @@ def route(
     >>> [p["user"].to_list() for p in parts]
     [['a', 'a'], ['b']]
     """
-    if len(owners) == 1:
-        return [frame]
-    if keys is SINGLE_PARTITION:  # compile places such an operator on one owner
-        msg = "a SINGLE_PARTITION input has one owner"
-        raise AssertionError(msg)
-    assert isinstance(keys, tuple)
-    if frame.height == 0:
-        return [frame] * len(owners)
-    groups = key_groups(frame, keys, num_key_groups)
-    his = np.array([o.hi for o in owners], dtype=np.uint32)
-    owner = np.searchsorted(his, groups, side="right")
-    return [frame.filter(pl.Series(owner == i)) for i in range(len(owners))]
+    return split_rows(frame, keys, [o.hi for o in owners], num_key_groups)
 
 
 def _sum_progress(parts: list[StateOperatorProgress]) -> StateOperatorProgress:
@@ -401,6 +404,16 @@ class RayStageExecutor:
         self._storage: Storage | None = None
         self._operators: dict[StatefulNode, RemoteOperator] = {}
         self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
+        self.reads_splits = True
+        """Sources that can split are read in Ray tasks (SplitReadingStageExecutor)."""
+        self.driver_rows = 0
+        """Rows of sources and stateless stages that passed through the driver on their way
+        to an exchange (a source read on the driver, a stage that runs there); tests."""
+        self.split_tasks = 0
+        """Ray tasks started to read splits, in this run."""
+        self._cut: tuple[PhysicalPlan, set[int]] | None = None
+        self._remotes: dict[Any, Any] = {}
+        self._stage_refs: dict[StatelessStage, Any] = {}
 
     @property
     def fence(self) -> str:
@@ -580,25 +593,43 @@ class RayStageExecutor:
     def run(
         self,
         plan: PhysicalPlan,
-        inputs: Mapping[ScanNode, pl.LazyFrame],
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
-        routed: dict[int, list[pl.DataFrame]] = {}
+        routed: dict[int, list[Routed]] = {}
         late: list[pl.DataFrame] = []
         watermarks: dict[WatermarkNode, WatermarkObservation] = {}
+        reads = _Reads()
         consumer = {i: s for s in plan.operators() for i in s.inputs}
+        cut = self._cuttable(plan)
+        launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
-                frame, observed = stage.lower(inputs, results, ctx)
+                scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
+                if scans and stage.index in cut:
+                    launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
+                    continue
+                frames = {s: self._read(inputs[s], s, reads) for s in stage.sources}
+                frame, observed = stage.lower(frames, results, ctx)
                 watermarks.update(observed)
                 results[stage.index] = frame
             elif isinstance(stage, ExchangeStage):
                 operator = self._operators[consumer[stage.index].node]
+                if stage.input in launched:
+                    # Each owner gets every task's piece for it (in split order) by
+                    # reference: the rows go from the tasks to the actors.
+                    first = reads.offsets[(stage.input, stage.index)]
+                    routed[stage.index] = [
+                        [returns[first + k] for returns in launched[stage.input]]
+                        for k in range(len(operator.owners))
+                    ]
+                    continue
                 rows = _collected(results, stage.input)
-                routed[stage.index] = route(
-                    rows, stage.exchange.keys, operator.owners, operator.num_key_groups
+                self.driver_rows += rows.height
+                routed[stage.index] = list(
+                    route(rows, stage.exchange.keys, operator.owners, operator.num_key_groups)
                 )
             elif isinstance(stage, OperatorStage):
                 operator = self._operators[stage.node]
@@ -609,10 +640,152 @@ class RayStageExecutor:
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
             else:  # the sink stage, last
-                rows = _collected(results, stage.input)
-                return BatchOutput(rows=rows, late_rows=tuple(late), watermarks=watermarks)
+                if stage.input in launched:
+                    first = reads.offsets[(stage.input, stage.index)]
+                    refs = [returns[first] for returns in launched[stage.input]]
+                    pieces = self._gather_tasks(refs, f"the rows of stage {stage.index}")
+                    rows = pl.concat(pieces, how="vertical")
+                else:
+                    rows = _collected(results, stage.input)
+                for index, returns in launched.items():
+                    reads.reports[index] = [r[-1] for r in returns]
+                watermarks.update(self._observations(plan, reads))
+                return BatchOutput(
+                    rows=rows,
+                    late_rows=tuple(late),
+                    watermarks=watermarks,
+                    rows_read=reads.rows,
+                )
         msg = "a physical plan ends with its sink stage"
         raise AssertionError(msg)
+
+    # -- sources read in tasks -----------------------------------------------------------
+
+    def _cuttable(self, plan: PhysicalPlan) -> set[int]:
+        if self._cut is None or self._cut[0] is not plan:
+            self._cut = (plan, cuttable(plan))
+        return self._cut[1]
+
+    def _remote(self, function: Any) -> Any:
+        self._connect()
+        remote = self._remotes.get(function)
+        if remote is None:
+            # Retried when the task's worker dies (not when the source raises: that is
+            # the query's error, as locally).
+            remote = self._ray.remote(function).options(max_retries=3, retry_exceptions=False)
+            self._remotes[function] = remote
+        return remote
+
+    def _launch(
+        self,
+        plan: PhysicalPlan,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        reads: _Reads,
+    ) -> list[list[Any]]:
+        """One task per split of the stage's source; each task's returns."""
+        (scan,) = stage.sources
+        split = inputs[scan]
+        assert isinstance(split, SplitScan)
+        targets: list[Target] = []
+        for target in consumers(plan, stage.index):
+            reads.offsets[(stage.index, target.index)] = sum(t.pieces for t in targets)
+            if isinstance(target, SinkStage):
+                targets.append(Target(None))
+                continue
+            operator = self._operators[
+                next(s for s in plan.operators() if target.index in s.inputs).node
+            ]
+            targets.append(
+                Target(
+                    target.exchange.keys,
+                    tuple(o.hi for o in operator.owners),
+                    operator.num_key_groups,
+                )
+            )
+        task = self._remote(run_split).options(num_returns=sum(t.pieces for t in targets) + 1)
+        stage_ref = self._stage_refs.get(stage)
+        if stage_ref is None:  # sent once per run, not with every task
+            stage_ref = self._stage_refs[stage] = self._ray.put(stage)
+        self.split_tasks += len(split.splits)
+        reads.scans[stage.index] = scan
+        return [task.remote(s, split.schema, stage_ref, ctx, tuple(targets)) for s in split.splits]
+
+    def _read(self, frame: pl.LazyFrame | SplitScan, scan: ScanNode, reads: _Reads) -> pl.LazyFrame:
+        """A source's batch for a stage on the driver: its splits read in tasks, gathered."""
+        if not isinstance(frame, SplitScan):
+            return frame
+        task = self._remote(read_split).options(num_returns=2)
+        calls = [task.remote(s, frame.schema) for s in frame.splits]
+        pieces = self._gather_tasks([c[0] for c in calls], f"the splits of {scan.describe()}")
+        done: list[SplitReport] = self._gather_tasks([c[1] for c in calls], "split reports")
+        self.split_tasks += len(calls)
+        reads.rows[scan] = sum(r.rows_read for r in done)
+        rows = pl.concat(pieces, how="vertical")
+        self.driver_rows += rows.height
+        return rows.lazy()
+
+    def _observations(
+        self, plan: PhysicalPlan, reads: _Reads
+    ) -> dict[WatermarkNode, WatermarkObservation]:
+        """Every task's report gathered: rows read per source, and each watermark node's
+        observation over the whole batch (rows summed, the largest event time)."""
+        seen: dict[WatermarkNode, WatermarkObservation] = {}
+        for index, refs in reads.reports.items():
+            stage = plan.stages[index]
+            assert isinstance(stage, StatelessStage)
+            reports: list[SplitReport] = self._gather_tasks(refs, f"the reads of stage {index}")
+            reads.rows[reads.scans[index]] = sum(r.rows_read for r in reports)
+            for report in reports:
+                for position, observation in report.watermarks:
+                    node = stage.steps[position]
+                    assert isinstance(node, WatermarkNode)
+                    before = seen.get(node)
+                    seen[node] = observation if before is None else _combined(before, observation)
+        return seen
+
+    def _gather_tasks(self, refs: list[Any], what: str) -> list[Any]:
+        """The results of tasks; what a source raised in one, as locally; a task whose
+        worker died past its retries is a :class:`WorkerLostError` (the batch re-runs)."""
+        ray = self._ray
+        errors = ray.exceptions
+        try:
+            results: list[Any] = ray.get(refs, timeout=self.worker_timeout_s)
+        except errors.RayTaskError as exc:
+            raise _cause(exc) from None
+        except (errors.WorkerCrashedError, errors.ObjectLostError, errors.GetTimeoutError) as exc:
+            msg = f"a Ray task reading a source was lost during {what}: {type(exc).__name__}"
+            raise WorkerLostError(msg, frozenset()) from exc
+        return results
+
+
+@dataclass
+class _Reads:
+    """One batch's bookkeeping of the sources read in tasks."""
+
+    offsets: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    """(stage, consumer) -> the first of the consumer's returns of the stage's tasks."""
+    scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
+    reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
+    rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
+
+
+def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
+    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
+    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
+
+
+def _process_call(
+    worker: Any, operator_id: str, inputs: tuple[Routed, ...], ctx: OperatorContext
+) -> Any:
+    """The actor call for one owner: frames by value, task pieces by reference (Ray
+    resolves references given as arguments before the call runs)."""
+    if all(isinstance(x, pl.DataFrame) for x in inputs):
+        return worker.process.remote(operator_id, inputs, ctx)
+    counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
+    pieces = [p for x in inputs for p in ([x] if isinstance(x, pl.DataFrame) else x)]
+    return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
 
 
 def _cause(exc: Any) -> BaseException:

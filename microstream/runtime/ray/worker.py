@@ -20,12 +20,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import polars as pl
+
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from microstream.checkpoint.storage import Storage
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
     from microstream.runtime.progress import StateOperatorProgress
@@ -103,6 +103,19 @@ class OperatorWorker:
         operator = self.operators[operator_id]
         output = operator.process(inputs, ctx)
         return output, operator.progress()
+
+    def process_pieces(
+        self, operator_id: str, ctx: OperatorContext, counts: tuple[int, ...], *pieces: pl.DataFrame
+    ) -> tuple[OperatorOutput, StateOperatorProgress]:
+        """:meth:`process` over inputs given in pieces: ``counts[i]`` pieces (in order) for
+        input ``i`` (Ray tasks cut them per split; Ray hands them over as arguments)."""
+        inputs = []
+        at = 0
+        for count in counts:
+            part = pieces[at : at + count]
+            at += count
+            inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
+        return self.process(operator_id, tuple(inputs), ctx)
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
