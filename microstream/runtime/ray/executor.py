@@ -63,6 +63,7 @@ from microstream.plan.nodes import (
     StatefulOperator,
     TimedOperator,
     WatermarkNode,
+    declared_width,
 )
 from microstream.plan.physical import (
     ExchangeStage,
@@ -79,7 +80,6 @@ from microstream.runtime.ray.scan_tasks import (
     Target,
     consumers,
     cuttable,
-    read_split,
     run_split,
     split_rows,
 )
@@ -407,8 +407,8 @@ class RayStageExecutor:
         self.reads_splits = True
         """Sources that can split are read in Ray tasks (SplitReadingStageExecutor)."""
         self.driver_rows = 0
-        """Rows of sources and stateless stages that passed through the driver on their way
-        to an exchange (a source read on the driver, a stage that runs there); tests."""
+        """Rows the driver routed at exchanges in this run (from a source read on the
+        driver, a stateless stage run there, an operator feeding another); tests."""
         self.split_tasks = 0
         """Ray tasks started to read splits, in this run."""
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
@@ -666,15 +666,14 @@ class RayStageExecutor:
             self._cut = (plan, cuttable(plan))
         return self._cut[1]
 
-    def _remote(self, function: Any) -> Any:
+    def _remote(self, function: Any, num_returns: int) -> Any:
         self._connect()
         remote = self._remotes.get(function)
         if remote is None:
-            # Retried when the task's worker dies (not when the source raises: that is
-            # the query's error, as locally).
-            remote = self._ray.remote(function).options(max_retries=3, retry_exceptions=False)
-            self._remotes[function] = remote
-        return remote
+            remote = self._remotes[function] = self._ray.remote(function)
+        # Retried when the task's worker dies, not when the source raises: that is the
+        # query's error, as locally.
+        return remote.options(num_returns=num_returns, max_retries=3, retry_exceptions=False)
 
     def _launch(
         self,
@@ -704,7 +703,7 @@ class RayStageExecutor:
                     operator.num_key_groups,
                 )
             )
-        task = self._remote(run_split).options(num_returns=sum(t.pieces for t in targets) + 1)
+        task = self._remote(run_split, sum(t.pieces for t in targets) + 1)
         stage_ref = self._stage_refs.get(stage)
         if stage_ref is None:  # sent once per run, not with every task
             stage_ref = self._stage_refs[stage] = self._ray.put(stage)
@@ -713,18 +712,14 @@ class RayStageExecutor:
         return [task.remote(s, split.schema, stage_ref, ctx, tuple(targets)) for s in split.splits]
 
     def _read(self, frame: pl.LazyFrame | SplitScan, scan: ScanNode, reads: _Reads) -> pl.LazyFrame:
-        """A source's batch for a stage on the driver: its splits read in tasks, gathered."""
+        """A source's batch for a stage that runs on the driver: its splits read here, in
+        order (the rows are needed here anyway; a task would only add a round trip)."""
         if not isinstance(frame, SplitScan):
             return frame
-        task = self._remote(read_split).options(num_returns=2)
-        calls = [task.remote(s, frame.schema) for s in frame.splits]
-        pieces = self._gather_tasks([c[0] for c in calls], f"the splits of {scan.describe()}")
-        done: list[SplitReport] = self._gather_tasks([c[1] for c in calls], "split reports")
-        self.split_tasks += len(calls)
-        reads.rows[scan] = sum(r.rows_read for r in done)
-        rows = pl.concat(pieces, how="vertical")
-        self.driver_rows += rows.height
-        return rows.lazy()
+        pieces = [split.read() for split in frame.splits]
+        rows = pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical")
+        reads.rows[scan] = rows.height
+        return declared_width(rows, frame.schema)
 
     def _observations(
         self, plan: PhysicalPlan, reads: _Reads

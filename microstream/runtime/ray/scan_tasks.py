@@ -20,16 +20,14 @@ by the split order, so a batch gives the same rows in the same order every run.
 
 A stage that cannot be cut (it combines two sources, reads an earlier stage, or has a
 step that looks at the whole batch: ``map_batches``, a static join, an aggregation
-or window expression, ``cum_sum``, ``shift``...) runs on the driver, as before; the
-splits of its sources are still read in tasks (:func:`read_split`), and gathered.
+or window expression, ``cum_sum``, ``shift``...) runs on the driver, as before, and
+the driver reads its sources' splits itself (its rows are needed there anyway).
 
 This module never imports Ray: the executor makes the functions remote.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
+from microstream.exceptions import PlanError
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
     PartitionKeys,
     PlanNode,
     StatelessNode,
     WatermarkNode,
+    check_row_wise,
     declared_width,
 )
 from microstream.plan.physical import (
@@ -63,7 +63,6 @@ __all__ = [
     "SplitReport",
     "Target",
     "cuttable",
-    "read_split",
     "run_split",
     "split_rows",
 ]
@@ -85,10 +84,7 @@ ROW_VERBS = frozenset(
     }
 )
 """LazyFrame verbs whose result over a batch is their results over its parts,
-concatenated (when their expressions are row by row, :func:`_row_local`)."""
-
-_WHOLE_BATCH = ('"Agg"', '"Len"', '"Over"', '"Window"', '"Rolling"')
-"""Expression nodes (in Polars' JSON form) that look at more than their own row."""
+concatenated (their expressions are row by row: the stream verbs refuse others)."""
 
 
 @dataclass(frozen=True)
@@ -137,13 +133,6 @@ def split_rows(
     groups = key_groups(frame, keys, num_key_groups)
     owner = np.searchsorted(np.array(his, dtype=np.uint32), groups, side="right")
     return [frame.filter(pl.Series(owner == i)) for i in range(len(his))]
-
-
-def read_split(split: ReadSplit, schema: pl.Schema) -> tuple[pl.DataFrame, SplitReport]:
-    """A split's rows as the plan sees them (every declared column), for a stage that
-    runs on the driver."""
-    df = split.read()
-    return declared_width(df, schema).collect(), SplitReport(df.height, ())
 
 
 def run_split(
@@ -199,12 +188,10 @@ def _row_local_step(node: PlanNode) -> bool:
         return True  # rows pass unchanged; the largest event time is combined by max
     if not isinstance(node, StatelessNode) or node.verb not in ROW_VERBS:
         return False  # map_batches (once per batch), static joins (the side read per batch)
-    if node.verb == "fill_null" and node.kwargs.get("strategy") not in (None,):
-        return False  # forward/backward fills look at other rows
     exprs = [e for e in _values([*node.args, *node.kwargs.values()]) if isinstance(e, pl.Expr)]
     if node.verb == "select" and exprs and all(not e.meta.root_names() for e in exprs):
         return False  # select(pl.lit(1)) gives one row per batch, not per row
-    return all(_row_local(e) for e in exprs)
+    return _row_local(node.verb, exprs)
 
 
 def _values(items: Sequence[Any]) -> list[Any]:
@@ -219,16 +206,11 @@ def _values(items: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _row_local(expr: pl.Expr) -> bool:
-    """Whether ``expr`` over a batch is ``expr`` over its parts, concatenated: Polars says
-    it is row separable and it holds no aggregation or window (``x - x.mean()`` is
-    "row separable" to Polars). Unsure (a Python function in it): no."""
+def _row_local(verb: str, exprs: list[pl.Expr]) -> bool:
+    """Whether ``exprs`` are row by row (the check the stream verbs already make when a
+    query is built, :func:`check_row_wise`, asked again: a node built otherwise)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if not expr.meta.is_row_separable():
-                return False
-            tree = json.dumps(json.loads(expr.meta.serialize(format="json")))
-    except Exception:
+        check_row_wise(verb, list(exprs))
+    except PlanError:
         return False
-    return not any(node in tree for node in _WHOLE_BATCH)
+    return True
