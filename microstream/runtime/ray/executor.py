@@ -3,9 +3,12 @@
 What runs where, per batch (the driver's trigger loop, write-ahead log, watermark
 and sink commit are the local ones, :mod:`microstream.runtime.driver`):
 
-1. **Stateless stages** run on the driver, as locally (reading sources and the
-   fused stateless prefix in Ray tasks is a later step).
-2. **An exchange** collects its input on the driver and routes every row to the
+1. **Sources that split and the stateless prefix after them** run in Ray tasks, one
+   per split (:mod:`microstream.runtime.ray.scan_tasks`): each task cuts its rows by
+   the owners' key-group ranges, and the owners get the pieces by reference, so the
+   rows never pass through the driver; before the sink the pieces come back in split
+   order. Other stateless stages run on the driver, as locally.
+2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
    stores use), owner ``i`` holding the contiguous range ``key_group_ranges(n,
