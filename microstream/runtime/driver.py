@@ -599,16 +599,15 @@ class StreamExecution:
         inputs: dict[ScanNode, pl.LazyFrame] = {}
         splits: dict[ScanNode, SplitScan] = {}  # read by the executor (in Ray tasks)
         splitting = self.executor if isinstance(self.executor, SplitReadingStageExecutor) else None
+        wanted = frozenset() if splitting is None else splitting.split_scans(self.physical)
         rows_in: list[int] = []
         self._source_side_output.begin(batch_id)
         for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
             schema = self._scan_sources[i].schema
             if start == end:
                 df = pl.DataFrame(schema=schema)
-            elif (
-                splitting is not None
-                and splitting.reads_splits
-                and (split := split_scan(src, i, start, end, schema, batch_id))
+            elif self._scans[i] in wanted and (
+                split := split_scan(src, i, start, end, schema, batch_id)
             ):
                 splits[self._scans[i]] = split
                 rows_in.append(0)  # counted where the splits are read

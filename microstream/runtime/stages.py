@@ -33,6 +33,7 @@ from microstream.plan.physical import (
     StatelessStage,
     WatermarkObservation,
 )
+from microstream.protocols import SplittableSource
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -131,8 +132,10 @@ class SplitReadingStageExecutor(Protocol):
     """A stage executor that reads sources' splits itself (a cluster runtime's: tasks
     read them and run the stages after them, so the rows need not pass the driver)."""
 
-    reads_splits: bool
-    """Whether it takes a :class:`SplitScan` for a source that can split."""
+    def split_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources of ``plan`` it takes as a :class:`SplitScan` when they split (the
+        others, and those that do not split, the driver reads as always)."""
+        ...
 
     def run(
         self,
@@ -156,11 +159,10 @@ def split_scan(
     SourceError
         Planning the splits failed (it names the source and the range).
     """
-    plan = getattr(source, "plan_splits", None)
-    if plan is None:
+    if not isinstance(source, SplittableSource):
         return None
     try:
-        splits = plan(start, end)
+        splits = source.plan_splits(start, end)
     except MicrostreamError:
         raise
     except Exception as exc:

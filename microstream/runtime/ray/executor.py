@@ -407,8 +407,6 @@ class RayStageExecutor:
         self._storage: Storage | None = None
         self._operators: dict[StatefulNode, RemoteOperator] = {}
         self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
-        self.reads_splits = True
-        """Sources that can split are read in Ray tasks (SplitReadingStageExecutor)."""
         self.driver_rows = 0
         """Rows the driver routed at exchanges in this run (from a source read on the
         driver, a stateless stage run there, an operator feeding another); tests."""
@@ -663,6 +661,17 @@ class RayStageExecutor:
         raise AssertionError(msg)
 
     # -- sources read in tasks -----------------------------------------------------------
+
+    def split_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources of the stages Ray tasks run per split (``SplitReadingStageExecutor``):
+        the driver hands them over unread when they split."""
+        cut = self._cuttable(plan)
+        return frozenset(
+            scan
+            for stage in plan.stages
+            if isinstance(stage, StatelessStage) and stage.index in cut
+            for scan in stage.sources
+        )
 
     def _cuttable(self, plan: PhysicalPlan) -> set[int]:
         if self._cut is None or self._cut[0] is not plan:
