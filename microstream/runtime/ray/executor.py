@@ -85,7 +85,9 @@ from microstream.runtime.ray.scan_tasks import (
     cuttable,
     run_split,
     split_rows,
+    warm,
 )
+from microstream.runtime.ray.wire import Wire
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput, SplitScan
 from microstream.state.key_groups import key_group_ranges
@@ -209,14 +211,13 @@ class RemoteOperator:
             _process_call(owner.worker, self.operator_id, rows, ctx)
             for owner, rows in zip(self.owners, per_owner)
         ]
-        results: list[tuple[OperatorOutput, StateOperatorProgress]] = self._get(
+        results: list[tuple[Wire, tuple[Wire, ...], StateOperatorProgress]] = self._get(
             calls, f"batch {ctx.batch_id}"
         )
-        outputs = [output for output, _ in results]
-        self._progress = _sum_progress([p for _, p in results])
-        frames = [o.rows for o in outputs]
+        self._progress = _sum_progress([p for _, _, p in results])
+        frames = [rows.frame() for rows, _, _ in results]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
-        late = tuple(frame for o in outputs for frame in o.late_rows)
+        late = tuple(wire.frame() for _, lates, _ in results for wire in lates)
         return OperatorOutput(rows=rows, late_rows=late)
 
     def load(self, version: int | None) -> None:
@@ -429,9 +430,11 @@ class RayStageExecutor:
         num_key_groups: int,
         version: int | None,
     ) -> dict[StatefulNode, StatefulOperator]:
+        if self.split_scans(plan):
+            self._warm_tasks()
         stages = plan.operators()
         if not stages:
-            return {}  # a stateless query needs no actors (nor Ray)
+            return {}  # a stateless query needs no actors
         self._connect()
         ray = self._ray
         self._actor_class = ray.remote(OperatorWorker).options(
@@ -645,7 +648,7 @@ class RayStageExecutor:
                     first = reads.offsets[(stage.input, stage.index)]
                     refs = [returns[first] for returns in launched[stage.input]]
                     pieces = self._gather_tasks(refs, f"the rows of stage {stage.index}")
-                    rows = pl.concat(pieces, how="vertical")
+                    rows = pl.concat([p.frame() for p in pieces], how="vertical")
                 else:
                     rows = _collected(results, stage.input)
                 for index, returns in launched.items():
@@ -672,6 +675,14 @@ class RayStageExecutor:
             if isinstance(stage, StatelessStage) and stage.index in cut
             for scan in stage.sources
         )
+
+    def _warm_tasks(self) -> None:
+        """Start the processes for split tasks now, not in the first batch (a Ray worker
+        process starts and imports Polars and microstream in seconds): one task per CPU."""
+        task = self._remote(warm, 1)
+        cpus = int(self._ray.cluster_resources().get("CPU", 1))
+        calls = [task.remote() for _ in range(max(1, min(cpus, 8)))]
+        self._gather_tasks(calls, "the start of the split tasks", START_TIMEOUT_S)
 
     def _cuttable(self, plan: PhysicalPlan) -> set[int]:
         if self._cut is None or self._cut[0] is not plan:
@@ -752,13 +763,15 @@ class RayStageExecutor:
                     seen[node] = observation if before is None else _combined(before, observation)
         return seen
 
-    def _gather_tasks(self, refs: list[Any], what: str) -> list[Any]:
+    def _gather_tasks(self, refs: list[Any], what: str, timeout: float | None = -1.0) -> list[Any]:
         """The results of tasks; what a source raised in one, as locally; a task whose
         worker died past its retries is a :class:`WorkerLostError` (the batch re-runs)."""
         ray = self._ray
         errors = ray.exceptions
+        if timeout is not None and timeout < 0:
+            timeout = self.worker_timeout_s
         try:
-            results: list[Any] = ray.get(refs, timeout=self.worker_timeout_s)
+            results: list[Any] = ray.get(refs, timeout=timeout)
         except errors.RayTaskError as exc:
             raise _cause(exc) from None
         except (errors.WorkerCrashedError, errors.ObjectLostError, errors.GetTimeoutError) as exc:
@@ -786,12 +799,11 @@ def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObse
 def _process_call(
     worker: Any, operator_id: str, inputs: tuple[Routed, ...], ctx: OperatorContext
 ) -> Any:
-    """The actor call for one owner: frames by value, task pieces by reference (Ray
-    resolves references given as arguments before the call runs)."""
-    if all(isinstance(x, pl.DataFrame) for x in inputs):
-        return worker.process.remote(operator_id, inputs, ctx)
+    """The actor call for one owner: frames the driver routed as Arrow tables
+    (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
+    given as arguments before the call runs)."""
     counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
-    pieces = [p for x in inputs for p in ([x] if isinstance(x, pl.DataFrame) else x)]
+    pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
     return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
 
 

@@ -28,6 +28,7 @@ This module never imports Ray: the executor makes the functions remote.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ from microstream.plan.physical import (
     WatermarkObservation,
 )
 from microstream.plan.processing_time import ProcessingTimeNode
+from microstream.runtime.ray.wire import Wire
 from microstream.state.key_groups import key_groups
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ __all__ = [
     "cuttable",
     "run_split",
     "split_rows",
+    "warm",
 ]
 
 ROW_VERBS = frozenset(
@@ -135,6 +138,12 @@ def split_rows(
     return [frame.filter(pl.Series(owner == i)) for i in range(len(his))]
 
 
+def warm() -> int:
+    """Nothing: run once per task slot at the start of a query, so the processes that
+    run its split tasks are started, with this module imported, before its first batch."""
+    return os.getpid()
+
+
 def run_split(
     split: ReadSplit,
     schema: pl.Schema,
@@ -143,17 +152,19 @@ def run_split(
     targets: tuple[Target, ...],
 ) -> tuple[Any, ...]:
     """Read ``split``, run ``stage`` over it and cut the output for ``targets``: every
-    target's pieces in order, then the :class:`SplitReport` (a Ray task's returns)."""
+    target's pieces in order (as :class:`Wire` s), then the :class:`SplitReport` (a
+    Ray task's returns)."""
     df = split.read()
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(df, schema)}, [], ctx)
     out = lazy.collect()
-    pieces: list[pl.DataFrame] = []
+    pieces: list[Wire] = []
     for target in targets:
         if target.keys is None:
-            pieces.append(out)
+            pieces.append(Wire.of(out))
         else:
-            pieces += split_rows(out, target.keys, target.his, target.num_key_groups)
+            parts = split_rows(out, target.keys, target.his, target.num_key_groups)
+            pieces += [Wire.of(part) for part in parts]
     position = {id(node): n for n, node in enumerate(stage.steps)}
     seen = tuple((position[id(node)], o) for node, o in observed.items())
     return (*pieces, SplitReport(df.height, seen))

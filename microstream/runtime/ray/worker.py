@@ -24,6 +24,7 @@ import polars as pl
 
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.wire import Wire
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -105,17 +106,21 @@ class OperatorWorker:
         return output, operator.progress()
 
     def process_pieces(
-        self, operator_id: str, ctx: OperatorContext, counts: tuple[int, ...], *pieces: pl.DataFrame
-    ) -> tuple[OperatorOutput, StateOperatorProgress]:
-        """:meth:`process` over inputs given in pieces: ``counts[i]`` pieces (in order) for
-        input ``i`` (Ray tasks cut them per split; Ray hands them over as arguments)."""
+        self, operator_id: str, ctx: OperatorContext, counts: tuple[int, ...], *pieces: Wire
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress]:
+        """:meth:`process` over inputs given in pieces, ``counts[i]`` of them (in order) for
+        input ``i``: rows the driver routed, or that Ray tasks cut per split (Ray hands
+        those over as arguments). Frames come and go as Arrow tables (:class:`Wire`):
+        the output rows, the late rows, then the progress."""
         inputs = []
         at = 0
         for count in counts:
-            part = pieces[at : at + count]
+            part = [wire.frame() for wire in pieces[at : at + count]]
             at += count
             inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
-        return self.process(operator_id, tuple(inputs), ctx)
+        output, progress = self.process(operator_id, tuple(inputs), ctx)
+        late = tuple(Wire.of(frame) for frame in output.late_rows)
+        return Wire.of(output.rows), late, progress
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
