@@ -103,7 +103,9 @@ class FileSplit:
     >>> import polars as pl
     >>> from connectors._file_listing import LoggedFile
     >>> from connectors.files import FileSourceSpec
-    >>> pl.DataFrame({"id": [1, 2]}).write_csv("memory://doctest-file-split/a.csv")
+    >>> import fsspec
+    >>> with fsspec.open("memory://doctest-file-split/a.csv", "wb") as fh:
+    ...     pl.DataFrame({"id": [1, 2]}).write_csv(fh)
     >>> spec = FileSourceSpec(
     ...     "memory://doctest-file-split", format="csv", schema={"id": pl.Int64}
     ... )
