@@ -43,8 +43,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from connectors._delta_files import (
+    DataFile,
+    DeltaSplit,
+    conform_to,
+    delta_filesystem,
+    plan_delta_splits,
+    read_data_file,
+)
 from connectors.delta import _open_table, _require_deltalake
-from microstream.exceptions import OffsetError, PlanError, SchemaMismatchError, SourceError
+from microstream.exceptions import OffsetError, PlanError, SourceError
 from microstream.protocols import Offset, SourceContext
 
 if TYPE_CHECKING:
@@ -136,21 +144,6 @@ class _DeltaStart(BaseModel):
 
 
 @dataclass(frozen=True)
-class _DataFile:
-    """A data file to read: its path in the table and its partition values."""
-
-    path: str
-    """Relative to the table root, URL-decoded (the log stores it URL-encoded)."""
-    partition: tuple[tuple[str, Any], ...]
-    typed: bool
-    """Partition values are Python values (snapshot) rather than Delta's strings (commit log)."""
-
-    @property
-    def cost(self) -> int:
-        return 1
-
-
-@dataclass(frozen=True)
 class _Changes:
     """A whole version's change data feed (``read_change_feed=True``)."""
 
@@ -165,7 +158,7 @@ class _Changes:
 
 @dataclass(frozen=True)
 class _Version:
-    units: tuple[_DataFile | _Changes, ...]
+    units: tuple[DataFile | _Changes, ...]
     timestamp_ms: int | None
     problem: str | None = None
     """Why the stream cannot pass this version (raised when the stream reaches it)."""
@@ -420,9 +413,6 @@ class DeltaSource:
 
     def __init__(self, spec: DeltaSourceSpec, context: SourceContext) -> None:
         _require_deltalake()
-        from deltalake.fs import DeltaStorageHandler
-        from pyarrow.fs import PyFileSystem
-
         self.spec = spec
         self.description = spec.describe()
         table = _open_table(spec.path, spec.storage_options)
@@ -430,9 +420,7 @@ class DeltaSource:
             msg = f"{self.description}: the Delta table at {spec.path} is gone"
             raise SourceError(msg)
         self._table: DeltaTable = table
-        self._fs: FileSystem = PyFileSystem(
-            DeltaStorageHandler(spec.path, options=spec.storage_options)
-        )
+        self._fs: FileSystem = delta_filesystem(spec)
         self._versions: dict[int, _Version] = {}
         self._latest = table.version()
         self._end_version: int | None = None
@@ -625,7 +613,7 @@ class DeltaSource:
         """What the stream reads of one commit (see the module docstring)."""
         from urllib.parse import unquote
 
-        adds: list[_DataFile] = []
+        adds: list[DataFile] = []
         removed = with_vectors = cdc = 0
         operation, timestamp_ms = "unknown operation", None
         metadata: dict[str, Any] | None = None
@@ -637,7 +625,7 @@ class DeltaSource:
                         with_vectors += 1
                     values = add.get("partitionValues") or {}
                     adds.append(
-                        _DataFile(unquote(add["path"]), tuple(sorted(values.items())), False)
+                        DataFile(unquote(add["path"]), tuple(sorted(values.items())), False)
                     )
             elif "remove" in action:
                 if action["remove"].get("dataChange", True):
@@ -737,7 +725,7 @@ class DeltaSource:
         else:
             partitions = [()] * len(paths)
         units = tuple(
-            _DataFile(unquote(path), values, True)
+            DataFile(unquote(path), values, True)
             for path, values in zip(paths, partitions, strict=True)
         )
         timestamp_ms = self._timestamp_ms(version) if self.spec.read_change_feed else None
@@ -793,49 +781,30 @@ class DeltaSource:
             return pl.DataFrame(schema=self.spec.schema)
         return pl.concat(frames, how="vertical")
 
-    def _read_file(self, unit: _DataFile, version: int, info: _Version) -> pl.DataFrame:
-        import pyarrow.parquet as pq
+    def plan_splits(self, start: Offset, end: Offset) -> list[DeltaSplit] | None:
+        """The data files of ``(start, end]`` in splits other processes read
+        (:mod:`connectors._delta_files`), or None: read on the driver (a version read
+        through the change data feed, or one the stream cannot pass)."""
+        first = _delta_offset(start, "read from")
+        last = _delta_offset(end, "read to")
+        if not last.follows_or_equals(first):
+            return None  # read() names the error
+        files: list[tuple[DataFile, int, int | None]] = []
+        for version in range(first.version, last.version + 1):
+            if version == last.version and last.index < 0:
+                break
+            info = self._version(version)
+            lo = first.index + 1 if version == first.version else 0
+            hi = last.index if version == last.version else len(info.units) - 1
+            units = info.units[lo : hi + 1]
+            if info.problem is not None or not all(isinstance(u, DataFile) for u in units):
+                return None
+            files += [(u, version, info.timestamp_ms) for u in units]  # type: ignore[misc]
+        return plan_delta_splits(self.spec, self.description, files) if files else None
 
-        where = f"data file {self.spec.path}/{unit.path} (version {version})"
-        schema = self.spec.data_schema
-        try:
-            with self._fs.open_input_file(unit.path) as fh:
-                parquet = pq.ParquetFile(fh)
-                present = set(parquet.schema_arrow.names)
-                table = parquet.read(columns=[c for c in schema if c in present])
-        except FileNotFoundError:
-            msg = (
-                f"{self.description}: {where} is gone, so this range cannot be replayed. "
-                "VACUUM removes files once a later version no longer uses them (after OPTIMIZE "
-                "or a rewrite): keep the retention longer than a stream may lag, or restart the "
-                "query with a new checkpoint"
-            )
-            raise SourceError(msg) from None
-        except Exception as exc:
-            msg = f"{self.description}: cannot read {where}: {exc}"
-            raise SourceError(msg) from exc
-        frame = pl.from_arrow(table)
-        assert isinstance(frame, pl.DataFrame)
-        partition = [
-            (
-                pl.lit(value, schema[name]) if unit.typed else _parse_partition(value, schema[name])
-            ).alias(name)
-            for name, value in unit.partition
-            if name in schema
-        ]
-        if partition:
-            frame = frame.with_columns(partition)
-        frame = _conform(frame, schema, where)
-        if not self.spec.read_change_feed:
-            return frame
-        # The initial snapshot, read with read_change_feed: every row is an insert.
-        timestamp = info.timestamp_ms
-        return frame.with_columns(
-            pl.lit("insert", pl.String).alias("_change_type"),
-            pl.lit(version, pl.Int64).alias("_commit_version"),
-            pl.lit(None if timestamp is None else timestamp * 1000, pl.Int64)
-            .cast(pl.Datetime("us", "UTC"))
-            .alias("_commit_timestamp"),
+    def _read_file(self, unit: DataFile, version: int, info: _Version) -> pl.DataFrame:
+        return read_data_file(
+            self._fs, self.spec, self.description, unit, version, info.timestamp_ms
         )
 
     def _read_changes(self, first: int, last: int) -> pl.DataFrame:
@@ -849,7 +818,7 @@ class DeltaSource:
         stamp = frame.schema.get("_commit_timestamp")
         if isinstance(stamp, pl.Datetime) and stamp.time_zone is None:
             frame = frame.with_columns(pl.col("_commit_timestamp").dt.replace_time_zone("UTC"))
-        frame = _conform(frame, self.spec.schema, where)
+        frame = conform_to(frame, self.spec.schema, where)
         # delta-rs gives no order within a range; versions in order, as they were committed.
         return frame.sort("_commit_version", maintain_order=True)
 
@@ -886,56 +855,3 @@ def _schema_change(before: tuple[tuple[str, str], ...], after: tuple[tuple[str, 
     if retyped:
         parts.append(f"changed the type of {retyped}")
     return ", ".join(parts)
-
-
-def _parse_partition(raw: str | None, dtype: pl.DataType) -> pl.Expr:
-    """A Delta partition value (serialised as a string in the log) as a ``dtype`` literal.
-
-    Examples
-    --------
-    >>> pl.select(_parse_partition("2024-01-02 03:04:05.5", pl.Datetime("us", "UTC"))).item()
-    datetime.datetime(2024, 1, 2, 3, 4, 5, 500000, tzinfo=zoneinfo.ZoneInfo(key='UTC'))
-    >>> pl.select(_parse_partition("7", pl.Int32())).item()
-    7
-    """
-    if raw is None or (raw == "" and dtype != pl.String):
-        return pl.lit(None, dtype)
-    text = pl.lit(raw, pl.String)
-    if dtype == pl.String:
-        return text
-    if dtype == pl.Boolean:
-        return text.str.to_lowercase() == "true"
-    if isinstance(dtype, pl.Date):
-        return text.str.to_date("%Y-%m-%d")
-    if isinstance(dtype, pl.Datetime):
-        # Delta writes "2024-01-02 03:04:05[.ffffff]" (UTC for timestamps with a zone);
-        # ISO 8601 with a trailing Z is allowed too.
-        parsed = (
-            text.str.replace("T", " ", literal=True)
-            .str.strip_suffix("Z")
-            .str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us")
-        )
-        if dtype.time_zone is not None:
-            parsed = parsed.dt.replace_time_zone("UTC").dt.convert_time_zone(dtype.time_zone)
-        return parsed.dt.cast_time_unit(dtype.time_unit or "us")
-    if dtype == pl.Binary:
-        return text.cast(pl.Binary)
-    return text.cast(dtype)
-
-
-def _conform(frame: pl.DataFrame, schema: pl.Schema, where: str) -> pl.DataFrame:
-    """``frame`` with exactly ``schema``'s columns, in order; absent columns are null."""
-    columns = [
-        (pl.col(name) if frame.schema[name] == dtype else pl.col(name).cast(dtype))
-        if name in frame.schema
-        else pl.lit(None, dtype).alias(name)
-        for name, dtype in schema.items()
-    ]
-    try:
-        return frame.select(columns)
-    except pl.exceptions.PolarsError as exc:
-        msg = (
-            f"{where} does not fit the schema the query was planned with "
-            f"({dict(schema)}); found {dict(frame.schema)}: {exc}"
-        )
-        raise SchemaMismatchError(msg) from exc

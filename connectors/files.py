@@ -34,19 +34,11 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from connectors._file_listing import LoggedFile, Selection, list_files
-from connectors._file_reading import (
-    PANIC,
-    FileFailed,
-    FileRead,
-    conform,
-    fail_error,
-    first_line,
-    infer_schema,
-    read_frame,
-)
+from connectors._file_reading import FileFailed, FileRead, fail_error, infer_schema
+from connectors._file_splits import FileSplit, bad_record_error, plan_file_splits, read_logged_file
 from connectors._paths import DataDir, split_glob
 from connectors._prefetch import ReadAhead
-from microstream.exceptions import OffsetError, SchemaMismatchError, SourceError
+from microstream.exceptions import OffsetError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
 if TYPE_CHECKING:
@@ -796,27 +788,25 @@ class FileSource:
 
     def _read_file(self, logged: LoggedFile, k: int) -> FileRead | FileFailed:
         """Read one file; what went wrong comes back as a :class:`FileFailed`."""
-        shown = self._dir.display(logged.name)
-        where = f"file {shown} (source log entry {self._log.display(f'{k}.json')})"
-        try:
-            if self._dir.is_local:
-                parsed = read_frame(self._dir.path(logged.name), self.spec, self._schema, shown)
-            else:
-                with self._dir.fs.open(self._dir.path(logged.name), "rb") as fh:
-                    parsed = read_frame(fh, self.spec, self._schema, shown)
-            frame = conform(parsed.frame, self._schema, shown, self.spec.missing_columns)
-        except SchemaMismatchError as exc:
-            return FileFailed(logged, where, str(exc), missing=False, error=exc)
-        except FileNotFoundError as exc:
-            return FileFailed(logged, where, "the file no longer exists", missing=True, error=exc)
-        except PANIC as exc:
-            if not self._dir.fs.exists(self._dir.path(logged.name)):
-                return FileFailed(
-                    logged, where, "the file no longer exists", missing=True, error=exc
-                )
-            reason = f"cannot read it as {self.spec.format}: {first_line(exc)}"
-            return FileFailed(logged, where, reason, missing=False, error=exc)
-        return FileRead(logged, shown, frame, parsed.bad, parsed.extra_columns)
+        entry = self._log.display(f"{k}.json")
+        return read_logged_file(self._dir, self.spec, self._schema, logged, entry)
+
+    def plan_splits(self, start: Offset, end: Offset) -> list[FileSplit] | None:
+        """The files of ``(start, end]`` in splits other processes read
+        (:mod:`connectors._file_splits`), or None: read on the driver (a policy other
+        than "fail", or a file of the range recorded as left out)."""
+        first = _file_offset(start, "read from").log_index + 1
+        last = _file_offset(end, "read to").log_index
+        if last < first or last > self._last_logged:
+            return None  # nothing to read, or an error that read() reports
+        if any(self._recorded_skips(k) for k in range(first, last + 1)):
+            return None
+        files = [
+            (logged, self._log.display(f"{k}.json"))
+            for k in range(first, last + 1)
+            for logged in self._entry(k).files
+        ]
+        return plan_file_splits(self.spec, self.description, self._schema, files)
 
     def _leave_out(self, failed: FileFailed) -> SkippedFile:
         """The record of a file left out by policy; raise under the "fail" policies."""
@@ -851,13 +841,7 @@ class FileSource:
         """Apply ``on_bad_record`` to a file's bad records; their dead-letter rows."""
         first = read.bad[0]
         if self.spec.on_bad_record == "fail":
-            more = f" (and {len(read.bad) - 1} more in this file)" if len(read.bad) > 1 else ""
-            msg = (
-                f"{self.description}: bad record in file {read.shown} line {first.line}: "
-                f"{first.reason}{more}. Fix the file, or restart the query with "
-                "on_bad_record='skip' or 'dead_letter' to leave such records out"
-            )
-            raise SourceError(msg)
+            raise bad_record_error(read, self.description)
         if self.spec.on_bad_record == "skip":
             self._count("bad_records_skipped", len(read.bad))
             self._logger.warning(

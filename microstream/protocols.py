@@ -38,6 +38,7 @@ __all__ = [
     "Offset",
     "ProjectingSource",
     "QuerySession",
+    "ReadSplit",
     "SideOutput",
     "SideOutputTarget",
     "Sink",
@@ -47,6 +48,7 @@ __all__ = [
     "Source",
     "SourceContext",
     "SourceSpec",
+    "SplittableSource",
     "StaticSide",
     "StaticTableAdapter",
     "TableSinkSpec",
@@ -239,6 +241,36 @@ class SkippingSource(Protocol):
 
     def skipped_files(self) -> list[str]:
         """Files left out (bad or missing) since the last call; [] if none."""
+        ...
+
+
+class ReadSplit(Protocol):
+    """A share of one batch of a source that another process reads on its own.
+
+    A split is small and picklable (a frozen dataclass or pydantic model of names,
+    paths and offsets: no open files, clients or references to the source), and its
+    :meth:`read` needs nothing of the driver: a cluster runtime sends it to a task.
+    """
+
+    def read(self) -> pl.DataFrame:
+        """The split's rows, exactly as the source's ``read(start, end)`` gives them for
+        this share (same columns, dtypes and errors)."""
+        ...
+
+
+@runtime_checkable
+class SplittableSource(Protocol):
+    """A source whose batches can be read in parts by other processes (optional).
+
+    The driver plans a logged range ``(start, end]`` into splits; the concatenation of
+    the splits' reads, in order, equals ``read(start, end)``. A range whose read has
+    effects the driver must see (rows for a dead-letter side output, files recorded as
+    skipped, counts for progress) is not split: :meth:`plan_splits` returns None and
+    the driver reads it with ``read`` as always.
+    """
+
+    def plan_splits(self, start: Offset, end: Offset) -> list[ReadSplit] | None:
+        """The splits of ``(start, end]`` in order, or None: read it on the driver."""
         ...
 
 

@@ -82,7 +82,10 @@ from microstream.runtime.progress import (
 from microstream.runtime.stages import (
     LocalStageExecutor,
     RecoveringStageExecutor,
+    SplitReadingStageExecutor,
+    SplitScan,
     StageExecutor,
+    split_scan,
 )
 from microstream.time.watermark import (
     FLUSH_WATERMARK_US,
@@ -594,11 +597,21 @@ class StreamExecution:
 
         t_read = time.perf_counter()
         inputs: dict[ScanNode, pl.LazyFrame] = {}
+        splits: dict[ScanNode, SplitScan] = {}  # read by the executor (in Ray tasks)
+        splitting = self.executor if isinstance(self.executor, SplitReadingStageExecutor) else None
+        wanted = frozenset() if splitting is None else splitting.split_scans(self.physical)
         rows_in: list[int] = []
         self._source_side_output.begin(batch_id)
         for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
+            schema = self._scan_sources[i].schema
             if start == end:
-                df = pl.DataFrame(schema=self._scan_sources[i].schema)
+                df = pl.DataFrame(schema=schema)
+            elif self._scans[i] in wanted and (
+                split := split_scan(src, i, start, end, schema, batch_id)
+            ):
+                splits[self._scans[i]] = split
+                rows_in.append(0)  # counted where the splits are read
+                continue
             else:
                 try:
                     df = src.read(start, end)
@@ -611,7 +624,7 @@ class StreamExecution:
                     )
                     raise SourceError(msg) from exc
             rows_in.append(df.height)
-            inputs[self._scans[i]] = declared_width(df, self._scan_sources[i].schema)
+            inputs[self._scans[i]] = declared_width(df, schema)
         if "sources" not in self._routed_sides:
             self._source_side_output.route()  # dead letters, once per target and batch
             self._routed_sides.add("sources")
@@ -625,7 +638,11 @@ class StreamExecution:
             output_mode=self.config.output_mode,
             batch_timestamp_ms=entry.batch_timestamp_ms,
         )
-        output = self.executor.run(self.physical, inputs, ctx, self._operators)
+        if splits and splitting is not None:
+            output = splitting.run(self.physical, {**inputs, **splits}, ctx, self._operators)
+            rows_in = [output.rows_read.get(scan, n) for scan, n in zip(self._scans, rows_in)]
+        else:
+            output = self.executor.run(self.physical, inputs, ctx, self._operators)
         result = output.rows
         if output.late_rows and "late" not in self._routed_sides:
             self._route_late_rows(batch_id, pl.concat(output.late_rows, how="diagonal_relaxed"))

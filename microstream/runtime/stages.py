@@ -18,11 +18,12 @@ owners of their keys and moves rows at the exchanges.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import polars as pl
 
+from microstream.exceptions import MicrostreamError, SourceError
 from microstream.plan.nodes import KeyGroupedOperator
 from microstream.plan.physical import (
     Exchange,
@@ -32,6 +33,7 @@ from microstream.plan.physical import (
     StatelessStage,
     WatermarkObservation,
 )
+from microstream.protocols import SplittableSource
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -43,8 +45,17 @@ if TYPE_CHECKING:
         StatefulOperator,
         WatermarkNode,
     )
+    from microstream.protocols import Offset, ReadSplit, Source
 
-__all__ = ["BatchOutput", "LocalStageExecutor", "RecoveringStageExecutor", "StageExecutor"]
+__all__ = [
+    "BatchOutput",
+    "LocalStageExecutor",
+    "RecoveringStageExecutor",
+    "SplitReadingStageExecutor",
+    "SplitScan",
+    "StageExecutor",
+    "split_scan",
+]
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,19 @@ class BatchOutput:
     rows: pl.DataFrame
     late_rows: tuple[pl.DataFrame, ...]
     watermarks: Mapping[WatermarkNode, WatermarkObservation]
+    rows_read: Mapping[ScanNode, int] = field(default_factory=dict)
+    """The rows read of every source handed over as a :class:`SplitScan`."""
+
+
+@dataclass(frozen=True)
+class SplitScan:
+    """A source's batch not read yet: its splits, for an executor that reads them
+    where it runs the stages (:class:`SplitReadingStageExecutor`)."""
+
+    splits: tuple[ReadSplit, ...]
+    """In order: the batch is their rows concatenated."""
+    schema: pl.Schema
+    """The source's declared schema (what ``declared_width`` widens a split's rows to)."""
 
 
 class StageExecutor(Protocol):
@@ -101,6 +125,53 @@ class RecoveringStageExecutor(Protocol):
         others. Raises :class:`~microstream.exceptions.WorkerRestartsExhaustedError` when
         the batch may not be tried again."""
         ...
+
+
+@runtime_checkable
+class SplitReadingStageExecutor(Protocol):
+    """A stage executor that reads sources' splits itself (a cluster runtime's: tasks
+    read them and run the stages after them, so the rows need not pass the driver)."""
+
+    def split_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources of ``plan`` it takes as a :class:`SplitScan` when they split (the
+        others, and those that do not split, the driver reads as always)."""
+        ...
+
+    def run(
+        self,
+        plan: PhysicalPlan,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        operators: Mapping[StatefulNode, StatefulOperator],
+    ) -> BatchOutput:
+        """Run every stage of ``plan``; a source given as a :class:`SplitScan` is read here."""
+        ...
+
+
+def split_scan(
+    source: Source, index: int, start: Offset, end: Offset, schema: pl.Schema, batch_id: int
+) -> SplitScan | None:
+    """Source ``index``'s batch ``(start, end]`` as splits, or None: the source cannot
+    split it (or does not split at all) and the driver reads it.
+
+    Raises
+    ------
+    SourceError
+        Planning the splits failed (it names the source and the range).
+    """
+    if not isinstance(source, SplittableSource):
+        return None
+    try:
+        splits = source.plan_splits(start, end)
+    except MicrostreamError:
+        raise
+    except Exception as exc:
+        msg = (
+            f"source {index} ({getattr(source, 'description', source)}) failed to plan the "
+            f"splits of batch {batch_id} range ({start.model_dump()}, {end.model_dump()}]: {exc}"
+        )
+        raise SourceError(msg) from exc
+    return None if not splits else SplitScan(tuple(splits), schema)
 
 
 class LocalStageExecutor:

@@ -15,6 +15,7 @@ from microstream.checkpoint.storage import Storage
 from microstream.plan.nodes import OperatorContext
 from microstream.plan.physical import compile as compile_plan
 from microstream.runtime.ray.executor import TIMER_CHECK_MS, RemoteTimedOperator, _Owner
+from microstream.runtime.ray.wire import Wire
 
 
 class _Call:
@@ -32,7 +33,7 @@ class _Method:
 
 
 class _Actor:
-    """A stand-in actor: answers ``timers_due`` with ``due``, ``process`` with no rows."""
+    """A stand-in actor: answers ``timers_due`` with ``due``, ``process_pieces`` with no rows."""
 
     def __init__(self) -> None:
         self.asked: list[tuple[str, tuple[Any, ...]]] = []
@@ -51,8 +52,12 @@ class _Executor:
         for call in calls:
             if call.name == "timers_due":
                 answers.append(call.owner.due)
-            else:  # process: the template's empty output and progress
-                answers.append((self.template.process(*call.args[1:]), self.template.progress()))
+            else:  # process_pieces: the template's empty output and progress, as Wires
+                _, ctx, _counts, *pieces = call.args
+                frames = tuple(piece.frame() for piece in pieces)
+                output = self.template.process(frames, ctx)
+                late = tuple(Wire.of(frame) for frame in output.late_rows)
+                answers.append((Wire.of(output.rows), late, self.template.progress()))
         return answers
 
 

@@ -10,7 +10,8 @@
 3. The query runs the local driver (:class:`~microstream.runtime.driver.StreamExecution`:
    trigger loop, write-ahead log, watermark, sink commit, recovery) with a
    :class:`~microstream.runtime.ray.executor.RayStageExecutor`, which places every
-   stateful operator's key groups in Ray actors and routes rows to them.
+   stateful operator's key groups in Ray actors, reads splittable sources in Ray
+   tasks that run the stateless steps after them, and routes rows to the actors.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class RayRuntime:
 
     The driver (this process) keeps the trigger loop, the write-ahead log, the
     watermark and the sink's commit exactly as :class:`~microstream.LocalRuntime`
-    does, and runs the stateless stages. Every stateful operator's key groups are
+    does. Sources that split (files, Delta) are read by Ray tasks, one per split,
+    which also run the stateless steps after them and hand their rows to the actors
+    that own their keys; other sources and stateless stages run on the driver. Every stateful operator's key groups are
     split into ``num_workers`` contiguous ranges, one per Ray actor; each actor
     loads exactly its range from the checkpoint, processes the rows routed to it
     and writes its range's state files every batch; the driver then writes the
@@ -184,8 +187,8 @@ def check_runs_on_ray(config: ExecutionConfig, dumps: Callable[[Any], bytes]) ->
       now but is refused already, so a query that starts today keeps running when
       stateless stages move to Ray tasks.
 
-    Sources are read and sinks written by the driver, so a ``MemoryStream`` fed
-    from this process and ``sink_memory`` work.
+    A ``MemoryStream`` fed from this process is read by the driver (it does not
+    split) and sinks are written by the driver, so it and ``sink_memory`` work.
 
     Raises
     ------

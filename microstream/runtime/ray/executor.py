@@ -3,9 +3,12 @@
 What runs where, per batch (the driver's trigger loop, write-ahead log, watermark
 and sink commit are the local ones, :mod:`microstream.runtime.driver`):
 
-1. **Stateless stages** run on the driver, as locally (reading sources and the
-   fused stateless prefix in Ray tasks is a later step).
-2. **An exchange** collects its input on the driver and routes every row to the
+1. **Sources that split and the stateless prefix after them** run in Ray tasks, one
+   per split (:mod:`microstream.runtime.ray.scan_tasks`): each task cuts its rows by
+   the owners' key-group ranges, and the owners get the pieces by reference, so the
+   rows never pass through the driver; before the sink the pieces come back in split
+   order. Other stateless stages run on the driver, as locally.
+2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
    stores use), owner ``i`` holding the contiguous range ``key_group_ranges(n,
@@ -48,7 +51,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import polars as pl
 
 from microstream.exceptions import WorkerLostError, WorkerRestartsExhaustedError
@@ -64,19 +66,31 @@ from microstream.plan.nodes import (
     StatefulOperator,
     TimedOperator,
     WatermarkNode,
+    declared_width,
 )
 from microstream.plan.physical import (
     ExchangeStage,
     OperatorStage,
     PhysicalPlan,
+    SinkStage,
     StatelessStage,
     WatermarkObservation,
 )
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.scan_tasks import (
+    SplitReport,
+    Target,
+    consumers,
+    cuttable,
+    run_split,
+    split_rows,
+    warm,
+)
+from microstream.runtime.ray.wire import Wire
 from microstream.runtime.ray.worker import OperatorWorker
-from microstream.runtime.stages import BatchOutput
-from microstream.state.key_groups import key_group_ranges, key_groups
+from microstream.runtime.stages import BatchOutput, SplitScan
+from microstream.state.key_groups import key_group_ranges
 from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
@@ -86,6 +100,10 @@ if TYPE_CHECKING:
 __all__ = ["RayStageExecutor", "detached"]
 
 logger = logging.getLogger("microstream")
+
+Routed = pl.DataFrame | list[Any]
+"""One owner's rows of one exchange: a frame (routed by the driver), or the references
+of the pieces Ray tasks cut for it (one per split, in split order)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -185,21 +203,21 @@ class RemoteOperator:
         return self.process_routed(per_owner, ctx)
 
     def process_routed(
-        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
     ) -> OperatorOutput:
-        """Each owner's rows (in owner order) through its part of the operator."""
+        """Each owner's rows (in owner order) through its part of the operator: per
+        input a frame, or the references of the pieces Ray tasks made for it."""
         calls = [
-            owner.worker.process.remote(self.operator_id, rows, ctx)
+            _process_call(owner.worker, self.operator_id, rows, ctx)
             for owner, rows in zip(self.owners, per_owner)
         ]
-        results: list[tuple[OperatorOutput, StateOperatorProgress]] = self._get(
+        results: list[tuple[Wire, tuple[Wire, ...], StateOperatorProgress]] = self._get(
             calls, f"batch {ctx.batch_id}"
         )
-        outputs = [output for output, _ in results]
-        self._progress = _sum_progress([p for _, p in results])
-        frames = [o.rows for o in outputs]
+        self._progress = _sum_progress([p for _, _, p in results])
+        frames = [rows.frame() for rows, _, _ in results]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
-        late = tuple(frame for o in outputs for frame in o.late_rows)
+        late = tuple(wire.frame() for _, lates, _ in results for wire in lates)
         return OperatorOutput(rows=rows, late_rows=late)
 
     def load(self, version: int | None) -> None:
@@ -271,7 +289,7 @@ class RemoteTimedOperator(RemoteOperator):
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
     def process_routed(
-        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
+        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
     ) -> OperatorOutput:
         self._quiet = None  # a batch changes the owners' timers
         return super().process_routed(per_owner, ctx)
@@ -311,18 +329,7 @@ def route(
     >>> [p["user"].to_list() for p in parts]
     [['a', 'a'], ['b']]
     """
-    if len(owners) == 1:
-        return [frame]
-    if keys is SINGLE_PARTITION:  # compile places such an operator on one owner
-        msg = "a SINGLE_PARTITION input has one owner"
-        raise AssertionError(msg)
-    assert isinstance(keys, tuple)
-    if frame.height == 0:
-        return [frame] * len(owners)
-    groups = key_groups(frame, keys, num_key_groups)
-    his = np.array([o.hi for o in owners], dtype=np.uint32)
-    owner = np.searchsorted(his, groups, side="right")
-    return [frame.filter(pl.Series(owner == i)) for i in range(len(owners))]
+    return split_rows(frame, keys, [o.hi for o in owners], num_key_groups)
 
 
 def _sum_progress(parts: list[StateOperatorProgress]) -> StateOperatorProgress:
@@ -401,6 +408,14 @@ class RayStageExecutor:
         self._storage: Storage | None = None
         self._operators: dict[StatefulNode, RemoteOperator] = {}
         self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
+        self.driver_rows = 0
+        """Rows the driver routed at exchanges in this run (from a source read on the
+        driver, a stateless stage run there, an operator feeding another); tests."""
+        self.split_tasks = 0
+        """Ray tasks started to read splits, in this run."""
+        self._cut: tuple[PhysicalPlan, set[int]] | None = None
+        self._remotes: dict[Any, Any] = {}
+        self._stage_refs: dict[StatelessStage, Any] = {}
 
     @property
     def fence(self) -> str:
@@ -415,9 +430,11 @@ class RayStageExecutor:
         num_key_groups: int,
         version: int | None,
     ) -> dict[StatefulNode, StatefulOperator]:
+        if self.split_scans(plan):
+            self._warm_tasks()
         stages = plan.operators()
         if not stages:
-            return {}  # a stateless query needs no actors (nor Ray)
+            return {}  # a stateless query needs no actors
         self._connect()
         ray = self._ray
         self._actor_class = ray.remote(OperatorWorker).options(
@@ -580,25 +597,43 @@ class RayStageExecutor:
     def run(
         self,
         plan: PhysicalPlan,
-        inputs: Mapping[ScanNode, pl.LazyFrame],
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
-        routed: dict[int, list[pl.DataFrame]] = {}
+        routed: dict[int, list[Routed]] = {}
         late: list[pl.DataFrame] = []
         watermarks: dict[WatermarkNode, WatermarkObservation] = {}
+        reads = _Reads()
         consumer = {i: s for s in plan.operators() for i in s.inputs}
+        cut = self._cuttable(plan)
+        launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
-                frame, observed = stage.lower(inputs, results, ctx)
+                scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
+                if scans and stage.index in cut:
+                    launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
+                    continue
+                frames = {s: self._read(inputs[s], s, reads) for s in stage.sources}
+                frame, observed = stage.lower(frames, results, ctx)
                 watermarks.update(observed)
                 results[stage.index] = frame
             elif isinstance(stage, ExchangeStage):
                 operator = self._operators[consumer[stage.index].node]
+                if stage.input in launched:
+                    # Each owner gets every task's piece for it (in split order) by
+                    # reference: the rows go from the tasks to the actors.
+                    first = reads.offsets[(stage.input, stage.index)]
+                    routed[stage.index] = [
+                        [returns[first + k] for returns in launched[stage.input]]
+                        for k in range(len(operator.owners))
+                    ]
+                    continue
                 rows = _collected(results, stage.input)
-                routed[stage.index] = route(
-                    rows, stage.exchange.keys, operator.owners, operator.num_key_groups
+                self.driver_rows += rows.height
+                routed[stage.index] = list(
+                    route(rows, stage.exchange.keys, operator.owners, operator.num_key_groups)
                 )
             elif isinstance(stage, OperatorStage):
                 operator = self._operators[stage.node]
@@ -609,10 +644,167 @@ class RayStageExecutor:
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
             else:  # the sink stage, last
-                rows = _collected(results, stage.input)
-                return BatchOutput(rows=rows, late_rows=tuple(late), watermarks=watermarks)
+                if stage.input in launched:
+                    first = reads.offsets[(stage.input, stage.index)]
+                    refs = [returns[first] for returns in launched[stage.input]]
+                    pieces = self._gather_tasks(refs, f"the rows of stage {stage.index}")
+                    rows = pl.concat([p.frame() for p in pieces], how="vertical")
+                else:
+                    rows = _collected(results, stage.input)
+                for index, returns in launched.items():
+                    reads.reports[index] = [r[-1] for r in returns]
+                watermarks.update(self._observations(plan, reads))
+                return BatchOutput(
+                    rows=rows,
+                    late_rows=tuple(late),
+                    watermarks=watermarks,
+                    rows_read=reads.rows,
+                )
         msg = "a physical plan ends with its sink stage"
         raise AssertionError(msg)
+
+    # -- sources read in tasks -----------------------------------------------------------
+
+    def split_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources of the stages Ray tasks run per split (``SplitReadingStageExecutor``):
+        the driver hands them over unread when they split."""
+        cut = self._cuttable(plan)
+        return frozenset(
+            scan
+            for stage in plan.stages
+            if isinstance(stage, StatelessStage) and stage.index in cut
+            for scan in stage.sources
+        )
+
+    def _warm_tasks(self) -> None:
+        """Start the processes for split tasks now, not in the first batch (a Ray worker
+        process starts and imports Polars and microstream in seconds): one task per CPU."""
+        task = self._remote(warm, 1)
+        cpus = int(self._ray.cluster_resources().get("CPU", 1))
+        calls = [task.remote() for _ in range(max(1, min(cpus, 8)))]
+        self._gather_tasks(calls, "the start of the split tasks", START_TIMEOUT_S)
+
+    def _cuttable(self, plan: PhysicalPlan) -> set[int]:
+        if self._cut is None or self._cut[0] is not plan:
+            self._cut = (plan, cuttable(plan))
+        return self._cut[1]
+
+    def _remote(self, function: Any, num_returns: int) -> Any:
+        self._connect()
+        remote = self._remotes.get(function)
+        if remote is None:
+            remote = self._remotes[function] = self._ray.remote(function)
+        # Retried when the task's worker dies, not when the source raises: that is the
+        # query's error, as locally.
+        return remote.options(num_returns=num_returns, max_retries=3, retry_exceptions=False)
+
+    def _launch(
+        self,
+        plan: PhysicalPlan,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        reads: _Reads,
+    ) -> list[list[Any]]:
+        """One task per split of the stage's source; each task's returns."""
+        (scan,) = stage.sources
+        split = inputs[scan]
+        assert isinstance(split, SplitScan)
+        targets: list[Target] = []
+        for target in consumers(plan, stage.index):
+            reads.offsets[(stage.index, target.index)] = sum(t.pieces for t in targets)
+            if isinstance(target, SinkStage):
+                targets.append(Target(None))
+                continue
+            operator = self._operators[
+                next(s for s in plan.operators() if target.index in s.inputs).node
+            ]
+            targets.append(
+                Target(
+                    target.exchange.keys,
+                    tuple(o.hi for o in operator.owners),
+                    operator.num_key_groups,
+                )
+            )
+        task = self._remote(run_split, sum(t.pieces for t in targets) + 1)
+        stage_ref = self._stage_refs.get(stage)
+        if stage_ref is None:  # sent once per run, not with every task
+            stage_ref = self._stage_refs[stage] = self._ray.put(stage)
+        self.split_tasks += len(split.splits)
+        reads.scans[stage.index] = scan
+        return [task.remote(s, split.schema, stage_ref, ctx, tuple(targets)) for s in split.splits]
+
+    def _read(self, frame: pl.LazyFrame | SplitScan, scan: ScanNode, reads: _Reads) -> pl.LazyFrame:
+        """A source's batch for a stage that runs on the driver: its splits read here, in
+        order (the rows are needed here anyway; a task would only add a round trip)."""
+        if not isinstance(frame, SplitScan):
+            return frame
+        pieces = [split.read() for split in frame.splits]
+        rows = pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical")
+        reads.rows[scan] = rows.height
+        return declared_width(rows, frame.schema)
+
+    def _observations(
+        self, plan: PhysicalPlan, reads: _Reads
+    ) -> dict[WatermarkNode, WatermarkObservation]:
+        """Every task's report gathered: rows read per source, and each watermark node's
+        observation over the whole batch (rows summed, the largest event time)."""
+        seen: dict[WatermarkNode, WatermarkObservation] = {}
+        for index, refs in reads.reports.items():
+            stage = plan.stages[index]
+            assert isinstance(stage, StatelessStage)
+            reports: list[SplitReport] = self._gather_tasks(refs, f"the reads of stage {index}")
+            reads.rows[reads.scans[index]] = sum(r.rows_read for r in reports)
+            for report in reports:
+                for position, observation in report.watermarks:
+                    node = stage.steps[position]
+                    assert isinstance(node, WatermarkNode)
+                    before = seen.get(node)
+                    seen[node] = observation if before is None else _combined(before, observation)
+        return seen
+
+    def _gather_tasks(self, refs: list[Any], what: str, timeout: float | None = -1.0) -> list[Any]:
+        """The results of tasks; what a source raised in one, as locally; a task whose
+        worker died past its retries is a :class:`WorkerLostError` (the batch re-runs)."""
+        ray = self._ray
+        errors = ray.exceptions
+        if timeout is not None and timeout < 0:
+            timeout = self.worker_timeout_s
+        try:
+            results: list[Any] = ray.get(refs, timeout=timeout)
+        except errors.RayTaskError as exc:
+            raise _cause(exc) from None
+        except (errors.WorkerCrashedError, errors.ObjectLostError, errors.GetTimeoutError) as exc:
+            msg = f"a Ray task reading a source was lost during {what}: {type(exc).__name__}"
+            raise WorkerLostError(msg, frozenset()) from exc
+        return results
+
+
+@dataclass
+class _Reads:
+    """One batch's bookkeeping of the sources read in tasks."""
+
+    offsets: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
+    """(stage, consumer) -> the first of the consumer's returns of the stage's tasks."""
+    scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
+    reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
+    rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
+
+
+def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
+    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
+    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
+
+
+def _process_call(
+    worker: Any, operator_id: str, inputs: tuple[Routed, ...], ctx: OperatorContext
+) -> Any:
+    """The actor call for one owner: frames the driver routed as Arrow tables
+    (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
+    given as arguments before the call runs)."""
+    counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
+    pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
+    return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
 
 
 def _cause(exc: Any) -> BaseException:

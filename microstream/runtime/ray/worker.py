@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import polars as pl
+
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.wire import Wire
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from microstream.checkpoint.storage import Storage
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
     from microstream.runtime.progress import StateOperatorProgress
@@ -103,6 +104,23 @@ class OperatorWorker:
         operator = self.operators[operator_id]
         output = operator.process(inputs, ctx)
         return output, operator.progress()
+
+    def process_pieces(
+        self, operator_id: str, ctx: OperatorContext, counts: tuple[int, ...], *pieces: Wire
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress]:
+        """:meth:`process` over inputs given in pieces, ``counts[i]`` of them (in order) for
+        input ``i``: rows the driver routed, or that Ray tasks cut per split (Ray hands
+        those over as arguments). Frames come and go as Arrow tables (:class:`Wire`):
+        the output rows, the late rows, then the progress."""
+        inputs = []
+        at = 0
+        for count in counts:
+            part = [wire.frame() for wire in pieces[at : at + count]]
+            at += count
+            inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
+        output, progress = self.process(operator_id, tuple(inputs), ctx)
+        late = tuple(Wire.of(frame) for frame in output.late_rows)
+        return Wire.of(output.rows), late, progress
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""

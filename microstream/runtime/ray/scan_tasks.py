@@ -1,0 +1,227 @@
+"""Reading sources in Ray tasks: one task per split runs the stateless prefix after it.
+
+A source that can split (:class:`~microstream.protocols.SplittableSource`) comes to
+:class:`~microstream.runtime.ray.executor.RayStageExecutor` as a
+:class:`~microstream.runtime.stages.SplitScan`. For a stateless stage that reads that
+source alone and whose steps give the same rows whether they run over the whole batch
+or over its parts, concatenated (:func:`cuttable`), one Ray task per split
+(:func:`run_split`) reads the split, runs the stage's fused Polars plan over it
+(:meth:`StatelessStage.lower`) and cuts its output for every consumer of the stage:
+
+- for an exchange, one frame per owner of the consuming operator, by the key group of
+  the exchange's keys (the owners' contiguous ranges, :func:`split_rows`): the driver
+  hands the task's object references straight to the owning actors;
+- for the sink, the rows whole: the driver gathers them in split order.
+
+Every task also returns a :class:`SplitReport`: the rows read and what each watermark
+node of the stage saw; the driver sums the rows and takes the largest event time per
+node (the maximum over the parts is the maximum over the batch). Row order is fixed
+by the split order, so a batch gives the same rows in the same order every run.
+
+A stage that cannot be cut (it combines two sources, reads an earlier stage, or has a
+step that looks at the whole batch: ``map_batches``, a static join, an aggregation
+or window expression, ``cum_sum``, ``shift``...) runs on the driver, as before, and
+the driver reads its sources' splits itself (its rows are needed there anyway).
+
+This module never imports Ray: the executor makes the functions remote.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from microstream.exceptions import PlanError
+from microstream.plan.nodes import (
+    SINGLE_PARTITION,
+    PartitionKeys,
+    PlanNode,
+    StatelessNode,
+    WatermarkNode,
+    check_row_wise,
+    declared_width,
+)
+from microstream.plan.physical import (
+    ExchangeStage,
+    PhysicalPlan,
+    SinkStage,
+    StatelessStage,
+    WatermarkObservation,
+)
+from microstream.plan.processing_time import ProcessingTimeNode
+from microstream.runtime.ray.wire import Wire
+from microstream.state.key_groups import key_groups
+
+if TYPE_CHECKING:
+    from microstream.plan.nodes import OperatorContext
+    from microstream.protocols import ReadSplit
+
+__all__ = [
+    "SplitReport",
+    "Target",
+    "cuttable",
+    "run_split",
+    "split_rows",
+    "warm",
+]
+
+ROW_VERBS = frozenset(
+    {
+        "filter",
+        "select",
+        "with_columns",
+        "drop",
+        "rename",
+        "cast",
+        "explode",
+        "unnest",
+        "drop_nulls",
+        "fill_null",
+        "fill_nan",
+        "unpivot",
+    }
+)
+"""LazyFrame verbs whose result over a batch is their results over its parts,
+concatenated (their expressions are row by row: the stream verbs refuse others)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a task's rows go: the owners of an exchange, or the sink (``keys`` None)."""
+
+    keys: PartitionKeys | None
+    his: tuple[int, ...] = ()
+    """Every owner's key-group upper bound, in owner order."""
+    num_key_groups: int = 0
+
+    @property
+    def pieces(self) -> int:
+        return 1 if self.keys is None else len(self.his)
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    """What a task tells the driver besides its rows."""
+
+    rows_read: int
+    watermarks: tuple[tuple[int, WatermarkObservation], ...]
+    """Each watermark node's observation, by the node's position in the stage's steps."""
+
+
+def split_rows(
+    frame: pl.DataFrame, keys: PartitionKeys, his: Sequence[int], num_key_groups: int
+) -> list[pl.DataFrame]:
+    """``frame``'s rows for each owner (in owner order) by the key group of ``keys``, an
+    owner holding the groups below its ``his`` entry; row order is kept within an owner.
+
+    Examples
+    --------
+    >>> parts = split_rows(pl.DataFrame({"user": ["a", "b", "a"]}), ("user",), [40, 128], 128)
+    >>> [p["user"].to_list() for p in parts]  # a: key group 38, b: 49
+    [['a', 'a'], ['b']]
+    """
+    if len(his) == 1:
+        return [frame]
+    if keys is SINGLE_PARTITION:  # compile places such an operator on one owner
+        msg = "a SINGLE_PARTITION input has one owner"
+        raise AssertionError(msg)
+    assert isinstance(keys, tuple)
+    if frame.height == 0:
+        return [frame] * len(his)
+    groups = key_groups(frame, keys, num_key_groups)
+    owner = np.searchsorted(np.array(his, dtype=np.uint32), groups, side="right")
+    return [frame.filter(pl.Series(owner == i)) for i in range(len(his))]
+
+
+def warm() -> int:
+    """Nothing: run once per task slot at the start of a query, so the processes that
+    run its split tasks are started, with this module imported, before its first batch."""
+    return os.getpid()
+
+
+def run_split(
+    split: ReadSplit,
+    schema: pl.Schema,
+    stage: StatelessStage,
+    ctx: OperatorContext,
+    targets: tuple[Target, ...],
+) -> tuple[Any, ...]:
+    """Read ``split``, run ``stage`` over it and cut the output for ``targets``: every
+    target's pieces in order (as :class:`Wire` s), then the :class:`SplitReport` (a
+    Ray task's returns)."""
+    df = split.read()
+    (scan,) = stage.sources
+    lazy, observed = stage.lower({scan: declared_width(df, schema)}, [], ctx)
+    out = lazy.collect()
+    pieces: list[Wire] = []
+    for target in targets:
+        if target.keys is None:
+            pieces.append(Wire.of(out))
+        else:
+            parts = split_rows(out, target.keys, target.his, target.num_key_groups)
+            pieces += [Wire.of(part) for part in parts]
+    position = {id(node): n for n, node in enumerate(stage.steps)}
+    seen = tuple((position[id(node)], o) for node, o in observed.items())
+    return (*pieces, SplitReport(df.height, seen))
+
+
+def cuttable(plan: PhysicalPlan) -> set[int]:
+    """The stateless stages of ``plan`` that tasks can run per split: one source, no
+    earlier stage, only row-by-row steps, read only by exchanges and the sink."""
+    feeds_stateless = {
+        i for s in plan.stages if isinstance(s, StatelessStage) for i in s.upstream.values()
+    }
+    out = set()
+    for stage in plan.stages:
+        if (
+            isinstance(stage, StatelessStage)
+            and len(stage.sources) == 1
+            and not stage.upstream
+            and stage.index not in feeds_stateless
+            and all(_row_local_step(step) for step in stage.steps)
+        ):
+            out.add(stage.index)
+    return out
+
+
+def consumers(plan: PhysicalPlan, index: int) -> list[ExchangeStage | SinkStage]:
+    """The exchanges and the sink that read stage ``index``, in plan order."""
+    return [s for s in plan.stages if isinstance(s, ExchangeStage | SinkStage) and s.input == index]
+
+
+def _row_local_step(node: PlanNode) -> bool:
+    if isinstance(node, WatermarkNode | ProcessingTimeNode):
+        return True  # rows pass unchanged; the largest event time is combined by max
+    if not isinstance(node, StatelessNode) or node.verb not in ROW_VERBS:
+        return False  # map_batches (once per batch), static joins (the side read per batch)
+    exprs = [e for e in _values([*node.args, *node.kwargs.values()]) if isinstance(e, pl.Expr)]
+    if node.verb == "select" and exprs and all(not e.meta.root_names() for e in exprs):
+        return False  # select(pl.lit(1)) gives one row per batch, not per row
+    return _row_local(node.verb, exprs)
+
+
+def _values(items: Sequence[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, list | tuple):
+            out += _values(item)
+        elif isinstance(item, dict):
+            out += _values(list(item.values()))
+        else:
+            out.append(item)
+    return out
+
+
+def _row_local(verb: str, exprs: list[pl.Expr]) -> bool:
+    """Whether ``exprs`` are row by row (the check the stream verbs already make when a
+    query is built, :func:`check_row_wise`, asked again: a node built otherwise)."""
+    try:
+        check_row_wise(verb, list(exprs))
+    except PlanError:
+        return False
+    return True
