@@ -11,7 +11,8 @@ commit and microstream's ``commits/N.json``.
 Output modes: append (add the batch's rows), complete (replace the table
 with the batch) and update (MERGE the batch on the key columns of the query's
 aggregation: matched rows are replaced, new keys inserted). Each is one Delta
-commit per batch, the transaction included.
+commit per batch, the transaction included; in append and update mode a batch
+without rows makes no commit (``connectors/_delta_commit.py``).
 
 Streaming writes many small files; :func:`optimize_delta` compacts them and
 :func:`vacuum_delta` deletes the files no version needs any more.
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
+from connectors._delta_commit import skips_empty_batch
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
 from microstream.protocols import SinkContext, StaticSide
@@ -115,9 +117,11 @@ class DeltaSinkSpec:
     (the window start and the group keys of ``group_by_dynamic``, the group
     keys of ``group_by``): a row whose key is in the table replaces it, a new
     key is inserted. Keys match null-safely (a null key equals a null key),
-    as Polars groups them. Every batch is one table version, an empty batch
-    included (a commit with no files that records the batch's transaction),
-    as Delta's Spark sink does.
+    as Polars groups them. Every batch with rows is one table version; a
+    batch without rows is none in append and update mode (the table's
+    transaction version is then the last batch that had rows; see
+    ``connectors/_delta_commit.py`` for why exactly-once holds), one that
+    empties the table in complete mode.
 
     Examples
     --------
@@ -229,6 +233,8 @@ class DeltaSink:
         A commit that loses to a concurrent one (an OPTIMIZE while a MERGE
         runs, another writer) is retried on the new table version, up to
         three attempts; the transaction check keeps each retry exactly once.
+        A batch without rows is not committed in append and update mode once
+        the table exists with its columns (:func:`skips_empty_batch`).
 
         Raises
         ------
@@ -238,19 +244,17 @@ class DeltaSink:
         """
         from deltalake.exceptions import CommitFailedError
 
+        if data.height == 0 and self._mode != "complete" and self._table is None:
+            self._committed(batch_id)  # (opens the handle: an empty batch compares columns)
+        if skips_empty_batch(self._table, self._mode, data):
+            self._faults.reach("sink.after_data")
+            return
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            try:
-                # Another writer with this query's id cannot exist (the checkpoint lock), so
-                # after our own commit the transaction version is ours; a retry re-reads.
-                done: int | None = self._wrote
-                if attempt > 1 or done is None or done >= batch_id:
-                    done = self.committed_batch()
-            except Exception as exc:
-                msg = (
-                    f"{self.description}: cannot read the transaction log of {self.spec.path} "
-                    f"before batch {batch_id}: {exc}"
-                )
-                raise SinkError(msg) from exc
+            # Another writer with this query's id cannot exist (the checkpoint lock), so
+            # after our own commit the transaction version is ours; a retry re-reads.
+            done: int | None = self._wrote
+            if attempt > 1 or done is None or done >= batch_id:
+                done = self._committed(batch_id)
             if done is not None and done >= batch_id:
                 self._logger.info(
                     "%s: batch %d already committed (transaction version %d); skipped",
@@ -288,6 +292,17 @@ class DeltaSink:
                 )
                 time.sleep(0.05 * attempt)
         self._faults.reach("sink.after_data")
+
+    def _committed(self, batch_id: int) -> int | None:
+        """:meth:`committed_batch` before ``batch_id``; a failure is a :class:`SinkError`."""
+        try:
+            return self.committed_batch()
+        except Exception as exc:
+            msg = (
+                f"{self.description}: cannot read the transaction log of {self.spec.path} "
+                f"before batch {batch_id}: {exc}"
+            )
+            raise SinkError(msg) from exc
 
     def _write(self, batch_id: int, data: pl.DataFrame) -> None:
         """One commit of ``data`` by output mode, carrying the batch's transaction."""

@@ -15,6 +15,7 @@ from polars.testing import assert_frame_equal
 
 import microstream as ms
 from connectors.delta import DeltaSink, DeltaSinkSpec, DeltaStaticTable, read_delta
+from microstream.checkpoint.log import Checkpoint, CommitEntry
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError
 from microstream.plan.nodes import StaticSide
 from microstream.protocols import Sink, SinkContext
@@ -104,17 +105,82 @@ def test_complete_mode_replaces_the_table(tmp_path: Path, sink_ctx: SinkContext)
     assert_frame_equal(read_delta(table, version=0).sort("id"), batch(1, 2))
 
 
-def test_empty_batch_records_its_transaction(tmp_path: Path, sink_ctx: SinkContext) -> None:
+def test_empty_batch_creating_the_table_records_its_transaction(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
     table = tmp_path / "t"
     sink = sink_for(table, sink_ctx)
     sink.add_batch(0, batch())  # creates the table with the schema
     assert DeltaTable(str(table)).transaction_version("q") == 0
     assert_frame_equal(read_delta(table), batch())
     sink.add_batch(1, batch(1))
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table), batch(1))
+
+
+@pytest.mark.parametrize("mode", ["append", "update"])
+def test_empty_batch_makes_no_commit_and_replays_stay_exactly_once(
+    tmp_path: Path, sink_ctx: SinkContext, mode: str
+) -> None:
+    table = tmp_path / "t"
+    ctx = replace(sink_ctx, output_mode=mode, key_columns=("id",))
+    sink = sink_for(table, ctx)
+    sink.add_batch(0, batch(1))
+    sink.add_batch(1, batch())  # (a handle-less sink: batch 0 created the table by path)
     sink.add_batch(2, batch())
     dt = DeltaTable(str(table))
-    assert (dt.version(), dt.transaction_version("q")) == (2, 2)
-    assert_frame_equal(read_delta(table), batch(1))
+    assert (dt.version(), dt.transaction_version("q")) == (0, 0)
+    assert sink.committed_batch() == 0
+    sink.add_batch(3, batch(2))
+    assert DeltaTable(str(table)).transaction_version("q") == 3
+    # A new process re-runs batches 1-3 (crash before their commits/N): the empty ones
+    # again write nothing, batch 3 is recognised by the log; then batch 4 is new.
+    restarted = sink_for(table, ctx)
+    assert restarted.committed_batch() == 3
+    for batch_id, rows in ((1, batch()), (2, batch()), (3, batch(2)), (4, batch())):
+        restarted.add_batch(batch_id, rows)
+    restarted.add_batch(5, batch(3))
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (2, 5)
+    assert_frame_equal(read_delta(table).sort("id"), batch(1, 2, 3))
+    # a re-run of a batch left out writes what it computes, once (the first run wrote none)
+    restarted.add_batch(6, batch())
+    again = sink_for(table, ctx)
+    again.add_batch(6, batch(4))
+    again.add_batch(6, batch(4))
+    assert_frame_equal(read_delta(table).sort("id"), batch(1, 2, 3, 4))
+    assert DeltaTable(str(table)).transaction_version("q") == 6
+
+
+def test_empty_batch_in_complete_mode_empties_the_table(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, replace(sink_ctx, output_mode="complete"))
+    sink.add_batch(0, batch(1, 2))
+    sink.add_batch(1, batch())
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table), batch())
+
+
+def test_empty_batch_with_other_columns_still_commits(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, sink_ctx)
+    sink.add_batch(0, batch(1))
+    wider = batch().with_columns(extra=pl.lit(None, pl.String))
+    with pytest.raises(
+        SinkError, match=rf"cannot commit batch 1 to Delta table {table}: .*merge_schema=True"
+    ):
+        sink.add_batch(1, wider)
+    merging = sink_for(table, sink_ctx, merge_schema=True)
+    merging.add_batch(1, wider)  # no rows, yet the table gains the column
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert [f.name for f in dt.schema().fields] == ["id", "ts", "extra"]
 
 
 def test_schema_mismatch_names_table_and_batch(tmp_path: Path, sink_ctx: SinkContext) -> None:
@@ -214,9 +280,10 @@ def test_update_mode_merges_on_the_keys_null_safely(tmp_path: Path, sink_ctx: Si
     assert DeltaTable(str(table)).version() == 1
     assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
 
-    sink.add_batch(2, keyed())  # an empty batch still records its transaction
+    sink.add_batch(2, keyed())  # an empty batch changes nothing: no commit
     dt = DeltaTable(str(table))
-    assert (dt.version(), dt.transaction_version("q")) == (2, 2)
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
 
 
 def test_update_mode_needs_the_keys_in_the_output(sink_ctx: SinkContext, tmp_path: Path) -> None:
@@ -299,7 +366,9 @@ def events(*items: tuple[int, str | None, int]) -> pl.DataFrame:
     )
 
 
-def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
+def test_windowed_update_mode_end_to_end_and_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table, cp = tmp_path / "t", tmp_path / "cp"
     stream = ms.MemoryStream(EVENTS, name="events")
 
@@ -312,18 +381,31 @@ def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
             .sink_delta(table, output_mode="update", checkpoint=cp)
         )
 
+    # The last batch with rows (4; batch 5 is the no-data batch the watermark asks for,
+    # which in update mode writes nothing) reaches Delta, but its commits/4.json does not
+    # land: the query dies there.
+    write_commit = Checkpoint.write_commit
+
+    def dies_before_commit_4(checkpoint: Checkpoint, entry: CommitEntry) -> None:
+        if entry.batch_id == 4:
+            raise OSError("disk gone before commits/4.json")
+        write_commit(checkpoint, entry)
+
+    monkeypatch.setattr(Checkpoint, "write_commit", dies_before_commit_4)
     query = start()
     for batch in (
         events((5, "a", 1), (30, "a", 2), (70, "b", 5)),  # watermark after: 40s
         # The row of "a" at 50s updates its window [0s, 60s), which is still open
         # (60s > 40s), in the table; the watermark then passes it (65s).
         events((50, "a", 4), (95, None, 1)),
-        events((90, "b", 1), (59, "a", 100), (100, None, 2)),  # (59s, "a") is late: dropped
     ):
         stream.add_data(batch)
         query.process_all_available(timeout=30)
+    stream.add_data(events((90, "b", 1), (59, "a", 100), (100, None, 2)))  # (59s, "a"): late
+    with pytest.raises(OSError, match="disk gone before commits/4.json"):
+        query.process_all_available(timeout=30)
     query.stop()
-    assert query.exception() is None
+    monkeypatch.setattr(Checkpoint, "write_commit", write_commit)
     expected = pl.DataFrame(
         [("a", T0, 3, 7), ("b", T0 + timedelta(minutes=1), 2, 6),
          (None, T0 + timedelta(minutes=1), 2, 3)],
@@ -335,9 +417,9 @@ def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
     # The last batch reached Delta but its commits/N.json did not land: the re-run is
     # recognised by the table's transaction version and skipped (no second commit).
     dt = DeltaTable(str(table))
-    version, last = dt.version(), max(int(f.stem) for f in (cp / "commits").glob("*.json"))
+    version, last = dt.version(), 4
+    assert max(int(f.stem) for f in (cp / "commits").glob("*.json")) == last - 1
     assert dt.transaction_version(json.loads((cp / "metadata.json").read_text())["id"]) == last
-    (cp / "commits" / f"{last}.json").unlink()
     query = start()
     query.process_all_available(timeout=30)
     query.stop()
