@@ -22,14 +22,15 @@ without it the mismatch is the same ``SinkError`` as before).
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import polars as pl
 
 if TYPE_CHECKING:
-    from deltalake import DeltaTable
+    from deltalake import DeltaTable, PostCommitHookProperties
 
-__all__ = ["skips_empty_batch"]
+__all__ = ["log_retention_property", "post_commit_hooks", "skips_empty_batch"]
 
 
 def skips_empty_batch(table: DeltaTable | None, mode: str, data: pl.DataFrame) -> bool:
@@ -55,3 +56,55 @@ def skips_empty_batch(table: DeltaTable | None, mode: str, data: pl.DataFrame) -
     if data.height or mode == "complete" or table is None:
         return False
     return {f.name for f in table.schema().fields} == set(data.columns)
+
+
+_CHECKPOINT_INTERVAL = 100
+"""Delta's default ``delta.checkpointInterval``."""
+
+
+def post_commit_hooks(table: DeltaTable | None) -> PostCommitHookProperties | None:
+    """The post-commit hooks of the sink's next commit on ``table`` (None: delta-rs' defaults).
+
+    delta-rs runs the expired-log cleanup after every commit when the table
+    allows it (``delta.enableExpiredLogCleanup``, on by default), and the
+    cleanup lists the whole ``_delta_log`` directory: one listing of every log
+    file per commit, a cost that grows with the table's versions. Delta's own
+    writers clean up only when they write a checkpoint (every
+    ``delta.checkpointInterval`` versions), and only files before it can go
+    anyway, so the sink asks for the cleanup on those commits alone.
+
+    Parameters
+    ----------
+    table
+        The sink's handle, at the version the commit builds on (None: the
+        commit creates the table).
+
+    Examples
+    --------
+    >>> post_commit_hooks(None) is None  # the table's first commit: the defaults
+    True
+    """
+    if table is None:
+        return None
+    from deltalake import PostCommitHookProperties
+
+    config = table.metadata().configuration
+    interval = int(config.get("delta.checkpointInterval") or _CHECKPOINT_INTERVAL)
+    if (table.version() + 1) % max(interval, 1) == 0:
+        return None  # a checkpoint commit: the cleanup as the table's properties say
+    return PostCommitHookProperties(cleanup_expired_logs=False)
+
+
+def log_retention_property(retention: timedelta) -> dict[str, str]:
+    """The table properties that keep ``retention`` of log history (``delta.logRetentionDuration``).
+
+    Examples
+    --------
+    >>> log_retention_property(timedelta(hours=1))
+    {'delta.logRetentionDuration': 'interval 3600 seconds', 'delta.enableExpiredLogCleanup': 'true'}
+    """
+    seconds = int(retention.total_seconds())
+    return {
+        "delta.logRetentionDuration": f"interval {seconds} seconds",
+        "delta.enableExpiredLogCleanup": "true",
+    }

@@ -29,17 +29,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
-from connectors._delta_commit import skips_empty_batch
+from connectors._delta_commit import log_retention_property, post_commit_hooks, skips_empty_batch
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
 from microstream.protocols import SinkContext, StaticSide
+from microstream.time.duration import parse_duration
 
 if TYPE_CHECKING:
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties
 
 __all__ = [
     "DeltaSink",
@@ -108,6 +110,15 @@ class DeltaSinkSpec:
         ``target_file_size``). When the sink creates the table it is also
         stored as the table property ``delta.targetFileSize``, which MERGE
         (update mode) and :func:`optimize_delta` follow.
+    log_retention
+        How much log history the table keeps (a duration: ``"1h"``, a
+        ``timedelta``); when the sink creates the table it is stored as
+        ``delta.logRetentionDuration`` and log files older than that are
+        deleted when a checkpoint is written (every ``delta.checkpointInterval``
+        versions). Delta's default is 30 days, and a commit's cost grows with
+        the files in ``_delta_log`` (delta-rs lists the directory twice per
+        commit): a short retention keeps it flat, at the price of time travel
+        to versions older than that.
 
     Notes
     -----
@@ -140,6 +151,7 @@ class DeltaSinkSpec:
     partition_by: Sequence[str] | None = None
     merge_schema: bool = False
     target_file_size: int | None = None
+    log_retention: str | timedelta | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))
@@ -159,6 +171,8 @@ class DeltaSinkSpec:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             msg = f"target_file_size must be a positive number of bytes or None; got {size!r}"
             raise ValueError(msg)
+        if self.log_retention is not None:
+            parse_duration(self.log_retention, name="log_retention")
 
     def describe(self) -> str:
         """One line: ``DeltaSink[tables/out]``."""
@@ -314,17 +328,20 @@ class DeltaSink:
         partition_by = list(self.spec.partition_by) if self.spec.partition_by else None
         options = self.spec.storage_options if self._table is None else None
         # Table properties can only be given when the table is created.
-        configuration = (
-            {"delta.targetFileSize": str(self.spec.target_file_size)}
-            if self._table is None and self.spec.target_file_size is not None
-            else None
-        )
+        properties: dict[str, str | None] = {}
+        if self._table is None and self.spec.target_file_size is not None:
+            properties["delta.targetFileSize"] = str(self.spec.target_file_size)
+        if self._table is None and self.spec.log_retention is not None:
+            retention = parse_duration(self.spec.log_retention, name="log_retention")
+            properties.update(log_retention_property(retention))
+        configuration = properties or None
+        hooks = post_commit_hooks(self._table)
         commit = CommitProperties(
             app_transactions=[Transaction(app_id=self.app_id, version=batch_id)]
         )
         try:
             if self._mode == "update" and self._table is not None and data.height > 0:
-                self._merge(self._table, data, batch_id, commit)
+                self._merge(self._table, data, batch_id, commit, hooks)
             elif self._mode in ("append", "update"):
                 # update mode on a new table, or with nothing to merge: the append
                 # creates the table / records the batch's transaction.
@@ -338,6 +355,7 @@ class DeltaSink:
                     configuration=configuration,
                     target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
+                    post_commithook_properties=hooks,
                 )
             else:
                 write_deltalake(
@@ -350,6 +368,7 @@ class DeltaSink:
                     configuration=configuration,
                     target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
+                    post_commithook_properties=hooks,
                 )
         except (SinkError, CommitFailedError):
             raise
@@ -364,7 +383,12 @@ class DeltaSink:
             raise SinkError(msg) from exc
 
     def _merge(
-        self, table: DeltaTable, data: pl.DataFrame, batch_id: int, commit: CommitProperties
+        self,
+        table: DeltaTable,
+        data: pl.DataFrame,
+        batch_id: int,
+        commit: CommitProperties,
+        hooks: PostCommitHookProperties | None,
     ) -> None:
         """MERGE ``data`` on the key columns: one Delta commit, the transaction included."""
         if not self.spec.merge_schema:
@@ -389,6 +413,7 @@ class DeltaSink:
                 target_alias="target",
                 merge_schema=self.spec.merge_schema,
                 commit_properties=commit,
+                post_commithook_properties=hooks,
             )
             .when_matched_update_all()
             .when_not_matched_insert_all()
