@@ -45,6 +45,7 @@ from connectors._file_reading import (
     read_frame,
 )
 from connectors._paths import DataDir, split_glob
+from connectors._small_files import local_source
 from microstream.exceptions import OffsetError, SchemaMismatchError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
@@ -775,7 +776,8 @@ class FileSource:
         where = f"file {shown} (source log entry {self._log.display(f'{k}.json')})"
         try:
             if self._dir.is_local:
-                parsed = read_frame(self._dir.path(logged.name), self.spec, self._schema, shown)
+                local = local_source(self._dir.path(logged.name), logged.size, self.spec.format)
+                parsed = read_frame(local, self.spec, self._schema, shown)
             else:
                 with self._dir.fs.open(self._dir.path(logged.name), "rb") as fh:
                     parsed = read_frame(fh, self.spec, self._schema, shown)

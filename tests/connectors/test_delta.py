@@ -581,9 +581,7 @@ def test_log_retention_keeps_the_log_short_and_exactly_once(
     assert (dt.version(), dt.transaction_version("q"), read_delta(table).height) == (101, 101, 102)
 
 
-def test_expired_log_cleanup_waits_for_a_checkpoint(
-    tmp_path: Path, sink_ctx: SinkContext
-) -> None:
+def test_expired_log_cleanup_waits_for_a_checkpoint(tmp_path: Path, sink_ctx: SinkContext) -> None:
     """delta-rs would list all of ``_delta_log`` for the cleanup after every commit; the
     sink asks for it only with a checkpoint, as Delta's own writers do."""
     table = tmp_path / "t"
