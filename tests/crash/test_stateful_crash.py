@@ -344,6 +344,25 @@ def delta_commits(table: Path, app_id: str, query: str) -> list[tuple[int, list[
     return commits
 
 
+def shown_batches(dirs: Dirs, query: str) -> list[int]:
+    """The batches the Delta table ``<output>/<query>`` has shown, those without rows too.
+
+    The Delta sink commits only the batches with rows (``read_windows`` checks their
+    txn versions rise), so the query has shown every batch up to its last ``commits/N``
+    or its last Delta txn, whichever is later (the txn one past ``commits/``: written,
+    not yet committed).
+    """
+    log = dirs.output / query / "_delta_log"
+    txns = [
+        json.loads(line)["txn"]["version"]
+        for version in numbered(log)
+        for line in (log / f"{version:020d}.json").read_text().split("\n")
+        if '"txn"' in line
+    ]
+    shown = max(txns + numbered(dirs.query_checkpoint(query) / "commits"), default=-1)
+    return list(range(shown + 1))
+
+
 def read_windows(dirs: Dirs, query: str = "windows") -> pl.DataFrame | None:
     """The Delta table's rows with the batch id (``txn`` version) of the commit that added them.
 
@@ -479,21 +498,10 @@ def collect_outputs(
 
 def read_outputs(dirs: Dirs, *, states_at: Sequence[int] | None = ()) -> Outputs:
     """Read what ``dirs`` holds; the state's rows at the versions ``states_at`` (None: all)."""
-    # Every batch shows, those that wrote no row too: a file, a manifest entry each. The
-    # Delta sink commits only the batches with rows (read_windows checks their txn
-    # versions rise), so the windows query has shown every batch up to its last commits/N
-    # or its last Delta txn, whichever is later (the txn one past commits/: written, not
-    # yet committed).
-    delta_log = dirs.output / "windows" / "_delta_log"
-    txns = [
-        json.loads(line)["txn"]["version"]
-        for version in numbered(delta_log)
-        for line in (delta_log / f"{version:020d}.json").read_text().split("\n")
-        if '"txn"' in line
-    ]
-    shown = max(txns + numbered(dirs.query_checkpoint("windows") / "commits"), default=-1)
+    # Every batch shows, those that wrote no row too: a file, a manifest entry each; the
+    # Delta table's as shown_batches says.
     batches = {
-        "windows": list(range(shown + 1)),
+        "windows": shown_batches(dirs, "windows"),
         "sessions": numbered(dirs.output / "sessions", ".parquet"),
         "dedup": numbered(dirs.output / "dedup" / "_microstream_log"),
     }
