@@ -117,7 +117,7 @@ class DeltaSinkSpec:
         deleted when a checkpoint is written (every ``delta.checkpointInterval``
         versions). Delta's default is 30 days, and a commit's cost grows with
         the files in ``_delta_log`` (delta-rs lists the directory twice per
-        commit): a short retention keeps it flat, at the price of time travel
+        commit): a short retention bounds that part, at the price of time travel
         to versions older than that.
 
     Notes
