@@ -34,6 +34,7 @@ from connectors._file_reading import (
     first_line,
     read_frame,
 )
+from connectors._small_files import local_source
 from connectors._paths import DataDir
 from microstream.exceptions import SchemaMismatchError, SourceError
 
@@ -65,7 +66,8 @@ def read_logged_file(
     where = f"file {shown} (source log entry {entry})"
     try:
         if directory.is_local:
-            parsed = read_frame(directory.path(logged.name), spec, schema, shown)
+            local = local_source(directory.path(logged.name), logged.size, spec.format)
+            parsed = read_frame(local, spec, schema, shown)
         else:
             with directory.fs.open(directory.path(logged.name), "rb") as fh:
                 parsed = read_frame(fh, spec, schema, shown)

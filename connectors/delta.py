@@ -11,7 +11,8 @@ commit and microstream's ``commits/N.json``.
 Output modes: append (add the batch's rows), complete (replace the table
 with the batch) and update (MERGE the batch on the key columns of the query's
 aggregation: matched rows are replaced, new keys inserted). Each is one Delta
-commit per batch, the transaction included.
+commit per batch, the transaction included; in append and update mode a batch
+without rows makes no commit (``connectors/_delta_commit.py``).
 
 Streaming writes many small files; :func:`optimize_delta` compacts them and
 :func:`vacuum_delta` deletes the files no version needs any more.
@@ -28,16 +29,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
 
+from connectors._delta_commit import log_retention_property, post_commit_hooks, skips_empty_batch
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
 from microstream.protocols import SinkContext, StaticSide
+from microstream.time.duration import parse_duration
 
 if TYPE_CHECKING:
-    from deltalake import CommitProperties, DeltaTable
+    from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties
 
 __all__ = [
     "DeltaSink",
@@ -106,6 +110,15 @@ class DeltaSinkSpec:
         ``target_file_size``). When the sink creates the table it is also
         stored as the table property ``delta.targetFileSize``, which MERGE
         (update mode) and :func:`optimize_delta` follow.
+    log_retention
+        How much log history the table keeps (a duration: ``"1h"``, a
+        ``timedelta``); when the sink creates the table it is stored as
+        ``delta.logRetentionDuration`` and log files older than that are
+        deleted when a checkpoint is written (every ``delta.checkpointInterval``
+        versions). Delta's default is 30 days, and a commit's cost grows with
+        the files in ``_delta_log`` (delta-rs lists the directory twice per
+        commit): a short retention bounds that part, at the price of time travel
+        to versions older than that.
 
     Notes
     -----
@@ -115,9 +128,11 @@ class DeltaSinkSpec:
     (the window start and the group keys of ``group_by_dynamic``, the group
     keys of ``group_by``): a row whose key is in the table replaces it, a new
     key is inserted. Keys match null-safely (a null key equals a null key),
-    as Polars groups them. Every batch is one table version, an empty batch
-    included (a commit with no files that records the batch's transaction),
-    as Delta's Spark sink does.
+    as Polars groups them. Every batch with rows is one table version; a
+    batch without rows is none in append and update mode (the table's
+    transaction version is then the last batch that had rows; see
+    ``connectors/_delta_commit.py`` for why exactly-once holds), one that
+    empties the table in complete mode.
 
     Examples
     --------
@@ -136,6 +151,7 @@ class DeltaSinkSpec:
     partition_by: Sequence[str] | None = None
     merge_schema: bool = False
     target_file_size: int | None = None
+    log_retention: str | timedelta | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))
@@ -155,6 +171,8 @@ class DeltaSinkSpec:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             msg = f"target_file_size must be a positive number of bytes or None; got {size!r}"
             raise ValueError(msg)
+        if self.log_retention is not None:
+            parse_duration(self.log_retention, name="log_retention")
 
     def describe(self) -> str:
         """One line: ``DeltaSink[tables/out]``."""
@@ -229,6 +247,8 @@ class DeltaSink:
         A commit that loses to a concurrent one (an OPTIMIZE while a MERGE
         runs, another writer) is retried on the new table version, up to
         three attempts; the transaction check keeps each retry exactly once.
+        A batch without rows is not committed in append and update mode once
+        the table exists with its columns (:func:`skips_empty_batch`).
 
         Raises
         ------
@@ -238,19 +258,17 @@ class DeltaSink:
         """
         from deltalake.exceptions import CommitFailedError
 
+        if data.height == 0 and self._mode != "complete" and self._table is None:
+            self._committed(batch_id)  # (opens the handle: an empty batch compares columns)
+        if skips_empty_batch(self._table, self._mode, data):
+            self._faults.reach("sink.after_data")
+            return
         for attempt in range(1, _COMMIT_ATTEMPTS + 1):
-            try:
-                # Another writer with this query's id cannot exist (the checkpoint lock), so
-                # after our own commit the transaction version is ours; a retry re-reads.
-                done: int | None = self._wrote
-                if attempt > 1 or done is None or done >= batch_id:
-                    done = self.committed_batch()
-            except Exception as exc:
-                msg = (
-                    f"{self.description}: cannot read the transaction log of {self.spec.path} "
-                    f"before batch {batch_id}: {exc}"
-                )
-                raise SinkError(msg) from exc
+            # Another writer with this query's id cannot exist (the checkpoint lock), so
+            # after our own commit the transaction version is ours; a retry re-reads.
+            done: int | None = self._wrote
+            if attempt > 1 or done is None or done >= batch_id:
+                done = self._committed(batch_id)
             if done is not None and done >= batch_id:
                 self._logger.info(
                     "%s: batch %d already committed (transaction version %d); skipped",
@@ -289,6 +307,17 @@ class DeltaSink:
                 time.sleep(0.05 * attempt)
         self._faults.reach("sink.after_data")
 
+    def _committed(self, batch_id: int) -> int | None:
+        """:meth:`committed_batch` before ``batch_id``; a failure is a :class:`SinkError`."""
+        try:
+            return self.committed_batch()
+        except Exception as exc:
+            msg = (
+                f"{self.description}: cannot read the transaction log of {self.spec.path} "
+                f"before batch {batch_id}: {exc}"
+            )
+            raise SinkError(msg) from exc
+
     def _write(self, batch_id: int, data: pl.DataFrame) -> None:
         """One commit of ``data`` by output mode, carrying the batch's transaction."""
         from deltalake import CommitProperties, Transaction, write_deltalake
@@ -299,17 +328,20 @@ class DeltaSink:
         partition_by = list(self.spec.partition_by) if self.spec.partition_by else None
         options = self.spec.storage_options if self._table is None else None
         # Table properties can only be given when the table is created.
-        configuration = (
-            {"delta.targetFileSize": str(self.spec.target_file_size)}
-            if self._table is None and self.spec.target_file_size is not None
-            else None
-        )
+        properties: dict[str, str | None] = {}
+        if self._table is None and self.spec.target_file_size is not None:
+            properties["delta.targetFileSize"] = str(self.spec.target_file_size)
+        if self._table is None and self.spec.log_retention is not None:
+            retention = parse_duration(self.spec.log_retention, name="log_retention")
+            properties.update(log_retention_property(retention))
+        configuration = properties or None
+        hooks = post_commit_hooks(self._table)
         commit = CommitProperties(
             app_transactions=[Transaction(app_id=self.app_id, version=batch_id)]
         )
         try:
             if self._mode == "update" and self._table is not None and data.height > 0:
-                self._merge(self._table, data, batch_id, commit)
+                self._merge(self._table, data, batch_id, commit, hooks)
             elif self._mode in ("append", "update"):
                 # update mode on a new table, or with nothing to merge: the append
                 # creates the table / records the batch's transaction.
@@ -323,6 +355,7 @@ class DeltaSink:
                     configuration=configuration,
                     target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
+                    post_commithook_properties=hooks,
                 )
             else:
                 write_deltalake(
@@ -335,6 +368,7 @@ class DeltaSink:
                     configuration=configuration,
                     target_file_size=self.spec.target_file_size,
                     commit_properties=commit,
+                    post_commithook_properties=hooks,
                 )
         except (SinkError, CommitFailedError):
             raise
@@ -349,7 +383,12 @@ class DeltaSink:
             raise SinkError(msg) from exc
 
     def _merge(
-        self, table: DeltaTable, data: pl.DataFrame, batch_id: int, commit: CommitProperties
+        self,
+        table: DeltaTable,
+        data: pl.DataFrame,
+        batch_id: int,
+        commit: CommitProperties,
+        hooks: PostCommitHookProperties | None,
     ) -> None:
         """MERGE ``data`` on the key columns: one Delta commit, the transaction included."""
         if not self.spec.merge_schema:
@@ -374,6 +413,7 @@ class DeltaSink:
                 target_alias="target",
                 merge_schema=self.spec.merge_schema,
                 commit_properties=commit,
+                post_commithook_properties=hooks,
             )
             .when_matched_update_all()
             .when_not_matched_insert_all()

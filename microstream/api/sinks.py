@@ -11,6 +11,7 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -398,6 +399,7 @@ class SinkVerbs(MessageSinkVerbs):
         partition_by: Sequence[str] | None = None,
         merge_schema: bool = False,
         target_file_size: int | None = None,
+        log_retention: str | timedelta | None = None,
     ) -> StreamingQuery:
         """Start the query writing a Delta table, exactly once per batch.
 
@@ -406,8 +408,10 @@ class SinkVerbs(MessageSinkVerbs):
         recognised and skipped. ``output_mode="complete"`` overwrites the table
         every batch (for aggregations); ``output_mode="update"`` MERGEs every
         batch on the aggregation's keys (window start and group keys), the
-        transaction in the same commit. ``target_file_size`` (bytes) sizes the
-        data files. ``merge_schema=True`` lets a batch add
+        transaction in the same commit; a batch without rows makes no commit in
+        append and update mode. ``target_file_size`` (bytes) sizes the
+        data files; ``log_retention`` (``"1h"``) the log history a new table keeps
+        (``delta.logRetentionDuration``). ``merge_schema=True`` lets a batch add
         columns to the table; otherwise a batch whose schema differs is a
         ``SinkError``. ``storage_options`` go to deltalake (``AWS_ENDPOINT_URL``,
         ``AWS_ACCESS_KEY_ID``, ...); ``checkpoint_options`` are fsspec options for
@@ -452,6 +456,7 @@ class SinkVerbs(MessageSinkVerbs):
             partition_by=list(partition_by) if partition_by else None,
             merge_schema=merge_schema,
             target_file_size=target_file_size,
+            log_retention=log_retention,
         )
         return self.sink(
             spec,

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ from polars.testing import assert_frame_equal
 
 import microstream as ms
 from connectors.delta import DeltaSink, DeltaSinkSpec, DeltaStaticTable, read_delta
+from microstream.checkpoint.log import Checkpoint, CommitEntry
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError
 from microstream.plan.nodes import StaticSide
 from microstream.protocols import Sink, SinkContext
@@ -104,17 +106,82 @@ def test_complete_mode_replaces_the_table(tmp_path: Path, sink_ctx: SinkContext)
     assert_frame_equal(read_delta(table, version=0).sort("id"), batch(1, 2))
 
 
-def test_empty_batch_records_its_transaction(tmp_path: Path, sink_ctx: SinkContext) -> None:
+def test_empty_batch_creating_the_table_records_its_transaction(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
     table = tmp_path / "t"
     sink = sink_for(table, sink_ctx)
     sink.add_batch(0, batch())  # creates the table with the schema
     assert DeltaTable(str(table)).transaction_version("q") == 0
     assert_frame_equal(read_delta(table), batch())
     sink.add_batch(1, batch(1))
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table), batch(1))
+
+
+@pytest.mark.parametrize("mode", ["append", "update"])
+def test_empty_batch_makes_no_commit_and_replays_stay_exactly_once(
+    tmp_path: Path, sink_ctx: SinkContext, mode: str
+) -> None:
+    table = tmp_path / "t"
+    ctx = replace(sink_ctx, output_mode=mode, key_columns=("id",))
+    sink = sink_for(table, ctx)
+    sink.add_batch(0, batch(1))
+    sink.add_batch(1, batch())  # (a handle-less sink: batch 0 created the table by path)
     sink.add_batch(2, batch())
     dt = DeltaTable(str(table))
-    assert (dt.version(), dt.transaction_version("q")) == (2, 2)
-    assert_frame_equal(read_delta(table), batch(1))
+    assert (dt.version(), dt.transaction_version("q")) == (0, 0)
+    assert sink.committed_batch() == 0
+    sink.add_batch(3, batch(2))
+    assert DeltaTable(str(table)).transaction_version("q") == 3
+    # A new process re-runs batches 1-3 (crash before their commits/N): the empty ones
+    # again write nothing, batch 3 is recognised by the log; then batch 4 is new.
+    restarted = sink_for(table, ctx)
+    assert restarted.committed_batch() == 3
+    for batch_id, rows in ((1, batch()), (2, batch()), (3, batch(2)), (4, batch())):
+        restarted.add_batch(batch_id, rows)
+    restarted.add_batch(5, batch(3))
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (2, 5)
+    assert_frame_equal(read_delta(table).sort("id"), batch(1, 2, 3))
+    # a re-run of a batch left out writes what it computes, once (the first run wrote none)
+    restarted.add_batch(6, batch())
+    again = sink_for(table, ctx)
+    again.add_batch(6, batch(4))
+    again.add_batch(6, batch(4))
+    assert_frame_equal(read_delta(table).sort("id"), batch(1, 2, 3, 4))
+    assert DeltaTable(str(table)).transaction_version("q") == 6
+
+
+def test_empty_batch_in_complete_mode_empties_the_table(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, replace(sink_ctx, output_mode="complete"))
+    sink.add_batch(0, batch(1, 2))
+    sink.add_batch(1, batch())
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table), batch())
+
+
+def test_empty_batch_with_other_columns_still_commits(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, sink_ctx)
+    sink.add_batch(0, batch(1))
+    wider = batch().with_columns(extra=pl.lit(None, pl.String))
+    with pytest.raises(
+        SinkError, match=rf"cannot commit batch 1 to Delta table {table}: .*merge_schema=True"
+    ):
+        sink.add_batch(1, wider)
+    merging = sink_for(table, sink_ctx, merge_schema=True)
+    merging.add_batch(1, wider)  # no rows, yet the table gains the column
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert [f.name for f in dt.schema().fields] == ["id", "ts", "extra"]
 
 
 def test_schema_mismatch_names_table_and_batch(tmp_path: Path, sink_ctx: SinkContext) -> None:
@@ -214,9 +281,10 @@ def test_update_mode_merges_on_the_keys_null_safely(tmp_path: Path, sink_ctx: Si
     assert DeltaTable(str(table)).version() == 1
     assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
 
-    sink.add_batch(2, keyed())  # an empty batch still records its transaction
+    sink.add_batch(2, keyed())  # an empty batch changes nothing: no commit
     dt = DeltaTable(str(table))
-    assert (dt.version(), dt.transaction_version("q")) == (2, 2)
+    assert (dt.version(), dt.transaction_version("q")) == (1, 1)
+    assert_frame_equal(read_delta(table).sort("k", "w", nulls_last=True), expected)
 
 
 def test_update_mode_needs_the_keys_in_the_output(sink_ctx: SinkContext, tmp_path: Path) -> None:
@@ -299,7 +367,9 @@ def events(*items: tuple[int, str | None, int]) -> pl.DataFrame:
     )
 
 
-def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
+def test_windowed_update_mode_end_to_end_and_replay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     table, cp = tmp_path / "t", tmp_path / "cp"
     stream = ms.MemoryStream(EVENTS, name="events")
 
@@ -312,18 +382,31 @@ def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
             .sink_delta(table, output_mode="update", checkpoint=cp)
         )
 
+    # The last batch with rows (4; batch 5 is the no-data batch the watermark asks for,
+    # which in update mode writes nothing) reaches Delta, but its commits/4.json does not
+    # land: the query dies there.
+    write_commit = Checkpoint.write_commit
+
+    def dies_before_commit_4(checkpoint: Checkpoint, entry: CommitEntry) -> None:
+        if entry.batch_id == 4:
+            raise OSError("disk gone before commits/4.json")
+        write_commit(checkpoint, entry)
+
+    monkeypatch.setattr(Checkpoint, "write_commit", dies_before_commit_4)
     query = start()
     for batch in (
         events((5, "a", 1), (30, "a", 2), (70, "b", 5)),  # watermark after: 40s
         # The row of "a" at 50s updates its window [0s, 60s), which is still open
         # (60s > 40s), in the table; the watermark then passes it (65s).
         events((50, "a", 4), (95, None, 1)),
-        events((90, "b", 1), (59, "a", 100), (100, None, 2)),  # (59s, "a") is late: dropped
     ):
         stream.add_data(batch)
         query.process_all_available(timeout=30)
+    stream.add_data(events((90, "b", 1), (59, "a", 100), (100, None, 2)))  # (59s, "a"): late
+    with pytest.raises(OSError, match=r"disk gone before commits/4\.json"):
+        query.process_all_available(timeout=30)
     query.stop()
-    assert query.exception() is None
+    monkeypatch.setattr(Checkpoint, "write_commit", write_commit)
     expected = pl.DataFrame(
         [("a", T0, 3, 7), ("b", T0 + timedelta(minutes=1), 2, 6),
          (None, T0 + timedelta(minutes=1), 2, 3)],
@@ -335,9 +418,9 @@ def test_windowed_update_mode_end_to_end_and_replay(tmp_path: Path) -> None:
     # The last batch reached Delta but its commits/N.json did not land: the re-run is
     # recognised by the table's transaction version and skipped (no second commit).
     dt = DeltaTable(str(table))
-    version, last = dt.version(), max(int(f.stem) for f in (cp / "commits").glob("*.json"))
+    version, last = dt.version(), 4
+    assert max(int(f.stem) for f in (cp / "commits").glob("*.json")) == last - 1
     assert dt.transaction_version(json.loads((cp / "metadata.json").read_text())["id"]) == last
-    (cp / "commits" / f"{last}.json").unlink()
     query = start()
     query.process_all_available(timeout=30)
     query.stop()
@@ -471,3 +554,54 @@ def test_static_tables_compare_by_location(tmp_path: Path) -> None:
     write_deltalake(table, batch(1).to_arrow())
     assert DeltaStaticTable(table) == DeltaStaticTable(table)
     assert DeltaStaticTable(table) != DeltaStaticTable(table, version=0)
+
+
+def _log_versions(table: Path) -> list[int]:
+    return sorted(int(p.name[:20]) for p in (table / "_delta_log").glob("*.json"))
+
+
+def test_log_retention_keeps_the_log_short_and_exactly_once(
+    tmp_path: Path, sink_ctx: SinkContext
+) -> None:
+    table = tmp_path / "t"
+    sink = sink_for(table, sink_ctx, log_retention="0s")
+    for i in range(101):  # versions 0..100; delta-rs checkpoints version 99
+        sink.add_batch(i, batch(i % 60))
+    config = DeltaTable(str(table)).metadata().configuration
+    assert config["delta.logRetentionDuration"] == "interval 0 seconds"
+    # The checkpoint's commit deleted the log files before it; the table still reads
+    # whole, and still knows its transaction (from the checkpoint and the log after it).
+    assert _log_versions(table) == [99, 100]
+    assert read_delta(table).height == 101
+    restarted = sink_for(table, sink_ctx, log_retention="0s")
+    assert restarted.committed_batch() == 100
+    restarted.add_batch(100, batch(59))  # a replay: skipped
+    restarted.add_batch(101, batch(1))
+    dt = DeltaTable(str(table))
+    assert (dt.version(), dt.transaction_version("q"), read_delta(table).height) == (101, 101, 102)
+
+
+def test_expired_log_cleanup_waits_for_a_checkpoint(tmp_path: Path, sink_ctx: SinkContext) -> None:
+    """delta-rs would list all of ``_delta_log`` for the cleanup after every commit; the
+    sink asks for it only with a checkpoint, as Delta's own writers do."""
+    table = tmp_path / "t"
+    sink_for(table, sink_ctx, log_retention="1s").add_batch(0, batch(0))
+    DeltaTable(str(table)).alter.set_table_properties({"delta.checkpointInterval": "5"})
+    sink = sink_for(table, sink_ctx)
+    for i in range(1, 5):  # versions 2..5: a checkpoint at 5, nothing expired yet
+        sink.add_batch(i, batch(i))
+    assert _log_versions(table) == [0, 1, 2, 3, 4, 5]
+    time.sleep(1.2)
+    sink.add_batch(5, batch(5))  # version 6: versions 0-4 expired, but no checkpoint
+    assert _log_versions(table) == [0, 1, 2, 3, 4, 5, 6]
+    for i in range(6, 10):  # versions 7..10: the checkpoint at 10 cleans up
+        sink.add_batch(i, batch(i))
+    # (delta-rs keeps what the versions still in retention need to be read)
+    assert _log_versions(table)[:2] == [4, 5], _log_versions(table)
+    assert DeltaTable(str(table)).transaction_version("q") == 9
+    assert read_delta(table).height == 10
+
+
+def test_log_retention_must_be_a_duration(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="log_retention"):
+        DeltaSinkSpec(str(tmp_path / "t"), log_retention="soon")

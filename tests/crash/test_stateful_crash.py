@@ -314,8 +314,11 @@ def delta_commits(table: Path, app_id: str, query: str) -> list[tuple[int, list[
     ``txn`` version) and its actions.
 
     Every commit must carry exactly one ``txn``, of the query's app id, and the
-    batch ids must be ``0..n-1`` in commit order: a batch committed twice (a
-    re-run batch that the sink's transaction check did not skip) or lost shows here.
+    batch ids must rise in commit order from 0 (the batch that created the table):
+    a batch committed twice (a re-run batch that the sink's transaction check did
+    not skip) shows here. Every commit after the first adds files: a batch without
+    rows makes no commit (append mode), so the rows, compared per batch id with
+    the clean run, show a lost batch.
     """
     log = table / "_delta_log"
     commits = []
@@ -333,10 +336,31 @@ def delta_commits(table: Path, app_id: str, query: str) -> list[tuple[int, list[
         commits.append((txns[0]["version"], actions))
     batch_ids = [batch_id for batch_id, _ in commits]
     require(
-        batch_ids == list(range(len(batch_ids))),
+        batch_ids == sorted(set(batch_ids)) and batch_ids[:1] in ([], [0]),
         f"{query}: the Delta commits hold batches {batch_ids} in this order",
     )
+    empty = [b for b, actions in commits[1:] if not any("add" in a for a in actions)]
+    require(not empty, f"{query}: Delta commits of batches {empty} add no rows")
     return commits
+
+
+def shown_batches(dirs: Dirs, query: str) -> list[int]:
+    """The batches the Delta table ``<output>/<query>`` has shown, those without rows too.
+
+    The Delta sink commits only the batches with rows (``read_windows`` checks their
+    txn versions rise), so the query has shown every batch up to its last ``commits/N``
+    or its last Delta txn, whichever is later (the txn one past ``commits/``: written,
+    not yet committed).
+    """
+    log = dirs.output / query / "_delta_log"
+    txns = [
+        json.loads(line)["txn"]["version"]
+        for version in numbered(log)
+        for line in (log / f"{version:020d}.json").read_text().split("\n")
+        if '"txn"' in line
+    ]
+    shown = max(txns + numbered(dirs.query_checkpoint(query) / "commits"), default=-1)
+    return list(range(shown + 1))
 
 
 def read_windows(dirs: Dirs, query: str = "windows") -> pl.DataFrame | None:
@@ -474,10 +498,10 @@ def collect_outputs(
 
 def read_outputs(dirs: Dirs, *, states_at: Sequence[int] | None = ()) -> Outputs:
     """Read what ``dirs`` holds; the state's rows at the versions ``states_at`` (None: all)."""
-    # Every batch shows, those that wrote no row too: a Delta commit (whose txn
-    # versions read_windows checked to be 0..n-1), a file, a manifest entry each.
+    # Every batch shows, those that wrote no row too: a file, a manifest entry each; the
+    # Delta table's as shown_batches says.
     batches = {
-        "windows": list(range(len(numbered(dirs.output / "windows" / "_delta_log")))),
+        "windows": shown_batches(dirs, "windows"),
         "sessions": numbered(dirs.output / "sessions", ".parquet"),
         "dedup": numbered(dirs.output / "dedup" / "_microstream_log"),
     }
