@@ -34,8 +34,8 @@ from connectors._file_reading import (
     first_line,
     read_frame,
 )
-from connectors._small_files import local_source
 from connectors._paths import DataDir
+from connectors._small_files import local_source
 from microstream.exceptions import SchemaMismatchError, SourceError
 
 if TYPE_CHECKING:
