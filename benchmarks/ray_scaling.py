@@ -18,8 +18,9 @@ batches) by phase, from the progress records (``latest_offset``, ``wal``, ``read
 driver's waits on the actors (``actor_process``: inside compute, the operators' calls;
 ``actor_commit``: inside commit, the owners writing their state) and the driver's
 routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
-``route`` in this process. ``benchmarks/ray_model.py`` projects 8 and 32 workers from
-them.
+``route`` in this process; ``partitioned`` says whether an exchange split rows over
+several actors (false for a stateless query, and for a keyless window: one actor owns
+it). ``benchmarks/ray_model.py`` projects 8 and 32 workers from them.
 
     PYTHONPATH=$PWD python benchmarks/ray_scaling.py --events 600000 --events-per-file 100000
 """
@@ -59,6 +60,9 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = {"actor_process": 0.0, "actor_commit": 0.0, "route": 0.0}
+        self.partitioned = False
+        """Whether an exchange split rows over more than one owner (a keyless operator
+        lives whole in one actor)."""
 
     @contextmanager
     def installed(self) -> Iterator[StageTimer]:
@@ -87,7 +91,12 @@ class StageTimer:
             return None  # opening the owners at start, pids: not a batch's time
 
         executor.RayStageExecutor.gather = timed(gather_kind, gather)  # type: ignore[method-assign]
-        executor.route = timed(lambda _: "route", route)
+
+        def route_kind(args: tuple[Any, ...]) -> str:
+            self.partitioned = self.partitioned or len(args[2]) > 1
+            return "route"
+
+        executor.route = timed(route_kind, route)
         try:
             yield self
         finally:
@@ -142,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             batches: dict[str, list[float]] = {key: [] for key in runtimes}
             split: dict[str, list[dict[str, float]]] = {key: [] for key in runtimes}
             num_batches = 0
+            partitioned = False
             for _ in range(args.repeats):
                 for key, make in runtimes.items():
                     timer = None if key == "local" else StageTimer()
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     seconds[key].append(time.perf_counter() - t0)
                     batches[key].append(run.phase_totals_ms["total"] / 1000)
                     split[key].append(stages(run.phase_totals_ms, timer))
+                    partitioned = partitioned or (timer is not None and timer.partitioned)
                     num_batches = run.batches
                     assert_same_result(module, run.result, expected)
             wall = {key: statistics.median(values) for key, values in seconds.items()}
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 "batches_s": {k: round(v, 3) for k, v in medians.items()},
                 "events_per_s": {k: round(args.events / v) for k, v in medians.items()},
                 "batches": num_batches,
+                "partitioned": partitioned,
                 # the stages of the run whose batch time is the median (the lower of two)
                 "stages_ms": {
                     k: min(runs, key=lambda r: abs(r["total"] - medians[k] * 1000))
