@@ -15,6 +15,7 @@ from typing import Any
 import polars as pl
 import pytest
 from nexmark.query import QUERIES as NEXMARK_QUERIES
+from nexmark.query import assert_same_result, load, run_batch, run_stream, stream_inputs
 from stateful_fn_pipeline import SCHEMA as LOGIN_SCHEMA
 from stateful_fn_pipeline import login_alerts
 
@@ -211,9 +212,20 @@ deduplication): the ones whose operators run in Ray actors. q7's window is keyle
 one actor owns it whole; the rest are spread over both."""
 
 
-def _nexmark_on_ray(name: str, root: Path, tmp_path: Path, max_files: int) -> Any:
-    from nexmark.query import assert_same_result, load, run_batch, run_stream
+def test_the_stateful_nexmark_queries_are_those_with_stateful_operators(
+    nexmark_root: Path,
+) -> None:
+    stateful = [
+        name
+        for name in NEXMARK_QUERIES
+        if (module := load(name))
+        .stream(stream_inputs(nexmark_root, module.INPUTS, 1))
+        .plan.stateful_nodes()
+    ]
+    assert tuple(stateful) == STATEFUL_NEXMARK
 
+
+def _nexmark_on_ray(name: str, root: Path, tmp_path: Path, max_files: int) -> Any:
     module = load(name)
     _, expected = run_batch(module, root)
     assert expected.height > 0, f"{name}: the data set gives the oracle no rows"
