@@ -2,7 +2,7 @@
 
 Generates a Nexmark data set (``--events`` events, ``--events-per-file`` per
 file; every file is one micro-batch of bids, ~92% of the events), then runs each
-query (``--queries``, default q0 q5 q7) with ``Trigger.available_now(flush=True)``
+query (``--queries``, default q0 q5 q7 q11 q3) with ``Trigger.available_now(flush=True)``
 on LocalRuntime and on RayRuntime with each of ``--workers`` (default 1 and 2),
 ``--repeats`` times each, interleaved, and prints a JSON report: per query and
 runtime the median wall-clock seconds (start of the query, its actors included, to
@@ -11,6 +11,16 @@ steady streaming costs) and events per second of the latter, the ratio of Ray at
 worker to local, and the speed-up from 1 to 2 workers, both over batch time. Ray is started once, on this
 machine, with ``--num-cpus`` CPUs, before the timings (its start-up is not timed;
 each run's actor start is).
+
+``stages_ms`` splits each runtime's batch time (the median run's, summed over its
+batches) by phase, from the progress records (``latest_offset``, ``wal``, ``read``,
+``compute``, ``sink``, ``commit``, ``other``: the rest of ``total``), and for Ray the
+driver's waits on the actors (``actor_process``: inside compute, the operators' calls;
+``actor_commit``: inside commit, the owners writing their state) and the driver's
+routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
+``route`` in this process; ``partitioned`` says whether an exchange split rows over
+several actors (false for a stateless query, and for a keyless window: one actor owns
+it). ``benchmarks/ray_model.py`` projects 8 and 32 workers from them.
 
     PYTHONPATH=$PWD python benchmarks/ray_scaling.py --events 600000 --events-per-file 100000
 """
@@ -23,6 +33,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +47,78 @@ from nexmark.query import assert_same_result, load, run_batch, run_stream  # noq
 
 import microstream as ms  # noqa: E402
 
+PHASES = ("latest_offset", "wal", "read", "compute", "sink", "commit")
+
+
+class StageTimer:
+    """Milliseconds this process spends waiting on Ray actors and routing rows, by kind.
+
+    Installed around ``RayStageExecutor.gather`` (every call to the actors goes through
+    it; ``what`` names a batch's operator call or its state commit) and the executor's
+    ``route``, for the duration of a ``with timer.installed():`` block.
+    """
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {"actor_process": 0.0, "actor_commit": 0.0, "route": 0.0}
+        self.partitioned = False
+        """Whether an exchange split rows over more than one owner (a keyless operator
+        lives whole in one actor)."""
+
+    @contextmanager
+    def installed(self) -> Iterator[StageTimer]:
+        from microstream.runtime.ray import executor
+
+        gather, route = executor.RayStageExecutor.gather, executor.route
+
+        def timed(kind: Callable[[tuple[Any, ...]], str | None], function: Any) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    key = kind(args)
+                    if key is not None:
+                        self.ms[key] += (time.perf_counter() - t0) * 1000
+
+            return call
+
+        def gather_kind(args: tuple[Any, ...]) -> str | None:
+            what = str(args[3])
+            if what.startswith("batch "):
+                return "actor_process"
+            if what.startswith("the commit of batch "):
+                return "actor_commit"
+            return None  # opening the owners at start, pids: not a batch's time
+
+        executor.RayStageExecutor.gather = timed(gather_kind, gather)  # type: ignore[method-assign]
+
+        def route_kind(args: tuple[Any, ...]) -> str:
+            self.partitioned = self.partitioned or len(args[2]) > 1
+            return "route"
+
+        executor.route = timed(route_kind, route)
+        try:
+            yield self
+        finally:
+            executor.RayStageExecutor.gather = gather  # type: ignore[method-assign]
+            executor.route = route
+
+
+def stages(phase_totals_ms: dict[str, float], timer: StageTimer | None) -> dict[str, float]:
+    """One run's batch time by phase (and, for Ray, actor waits and routing), in ms."""
+    out = {phase: phase_totals_ms[phase] for phase in PHASES}
+    out["other"] = phase_totals_ms["total"] - sum(out.values())
+    out["total"] = phase_totals_ms["total"]
+    if timer is not None:
+        out.update(timer.ms)
+    return {key: round(value, 1) for key, value in out.items()}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--events", type=int, default=600_000)
     parser.add_argument("--events-per-file", type=int, default=100_000)
-    parser.add_argument("--queries", nargs="+", default=["q0", "q5", "q7"])
+    parser.add_argument("--queries", nargs="+", default=["q0", "q5", "q7", "q11", "q3"])
     parser.add_argument("--workers", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=2)
@@ -71,14 +149,35 @@ def main(argv: list[str] | None = None) -> int:
             _, expected = run_batch(module, data)
             seconds: dict[str, list[float]] = {key: [] for key in runtimes}
             batches: dict[str, list[float]] = {key: [] for key in runtimes}
+            split: dict[str, list[dict[str, float]]] = {key: [] for key in runtimes}
+            num_batches = 0
+            partitioned = False
             for _ in range(args.repeats):
                 for key, make in runtimes.items():
+                    timer = None if key == "local" else StageTimer()
                     t0 = time.perf_counter()
-                    run = run_stream(
-                        module, data, max_files_per_trigger=1, checkpoint_root=tmp, runtime=make()
-                    )
+                    if timer is None:
+                        run = run_stream(
+                            module,
+                            data,
+                            max_files_per_trigger=1,
+                            checkpoint_root=tmp,
+                            runtime=make(),
+                        )
+                    else:
+                        with timer.installed():
+                            run = run_stream(
+                                module,
+                                data,
+                                max_files_per_trigger=1,
+                                checkpoint_root=tmp,
+                                runtime=make(),
+                            )
                     seconds[key].append(time.perf_counter() - t0)
                     batches[key].append(run.phase_totals_ms["total"] / 1000)
+                    split[key].append(stages(run.phase_totals_ms, timer))
+                    partitioned = partitioned or (timer is not None and timer.partitioned)
+                    num_batches = run.batches
                     assert_same_result(module, run.result, expected)
             wall = {key: statistics.median(values) for key, values in seconds.items()}
             medians = {key: statistics.median(values) for key, values in batches.items()}
@@ -86,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_s": {k: round(v, 3) for k, v in wall.items()},
                 "batches_s": {k: round(v, 3) for k, v in medians.items()},
                 "events_per_s": {k: round(args.events / v) for k, v in medians.items()},
+                "batches": num_batches,
+                "partitioned": partitioned,
+                # the stages of the run whose batch time is the median (the lower of two)
+                "stages_ms": {
+                    k: min(runs, key=lambda r: abs(r["total"] - medians[k] * 1000))
+                    for k, runs in split.items()
+                },
             }
             if "ray1" in medians:
                 entry["ray1_vs_local"] = round(medians["local"] / medians["ray1"], 3)

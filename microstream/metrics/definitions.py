@@ -113,6 +113,11 @@ BATCHES = MetricDef(
     "microstream_batches_total", "counter", "{batch}",
     "Micro-batches run (re-runs of a logged batch after a restart included).",
 )  # fmt: skip
+WORKER_RESTARTS = MetricDef(
+    "microstream_worker_restarts_total", "counter", "{restart}",
+    "Times a cluster runtime replaced lost workers and re-ran a batch (progress "
+    "worker_restarts, summed over batches).",
+)  # fmt: skip
 INPUT_ROWS_PER_SECOND = MetricDef(
     "microstream_input_rows_per_second", "gauge", "{row}/s",
     "Rows per second arriving, as of the last batch (progress input_rows_per_second).",
@@ -183,6 +188,7 @@ METRICS: tuple[MetricDef, ...] = (
     INPUT_ROWS,
     OUTPUT_ROWS,
     BATCHES,
+    WORKER_RESTARTS,
     INPUT_ROWS_PER_SECOND,
     PROCESSED_ROWS_PER_SECOND,
     BATCH_DURATION,
@@ -439,6 +445,7 @@ def _apply(query: _Query, progress: QueryProgress) -> None:
     query.add(INPUT_ROWS, q, progress.num_input_rows)
     query.add(OUTPUT_ROWS, q, progress.num_output_rows)
     query.add(BATCHES, q, 1)
+    query.add(WORKER_RESTARTS, q, progress.worker_restarts)
     query.set(INPUT_ROWS_PER_SECOND, q, progress.input_rows_per_second)
     query.set(PROCESSED_ROWS_PER_SECOND, q, progress.processed_rows_per_second)
     for phase, seconds in phase_durations(progress.durations_ms).items():

@@ -179,6 +179,7 @@ class StreamExecution:
         self._last_watermark_us = NO_WATERMARK_US
         self._flushed = False
         self._routed_sides: set[str] = set()  # side outputs the current batch routed
+        self._restarts: list[list[int]] = []  # per loss in the current batch: workers replaced
         # Rows sources set aside while reading (the Kafka source's dead letters).
         self._source_side_output = _SourceSideOutput(config.session)
 
@@ -567,6 +568,7 @@ class StreamExecution:
         ``entry`` (same ranges, watermark, timestamp; the sink is idempotent per batch id,
         and side outputs an attempt routed are not routed again): exactly once, in this run."""
         self._routed_sides = set()
+        self._restarts = []
         while True:
             try:
                 self._attempt_batch(
@@ -578,6 +580,7 @@ class StreamExecution:
                     raise
                 logger.warning("batch %s lost workers, re-running it: %s", entry.batch_id, exc)
                 self.executor.recover(exc, entry.batch_id)  # raises when out of restarts
+                self._restarts.append(sorted(exc.workers))
                 recovered = True
 
     def _attempt_batch(
@@ -769,6 +772,8 @@ class StreamExecution:
             state_operators=[op.progress() for op in self._operators.values()],
             sources=sources,
             sink=SinkProgress(description=self._sink.description, num_output_rows=rows_out),
+            worker_restarts=len(self._restarts),
+            replaced_workers=[worker for lost in self._restarts for worker in lost],
         )
         self.recent_progress.append(progress)
         try:

@@ -115,6 +115,16 @@ class QueryProgress(_Frozen):
     state_operators: list[StateOperatorProgress] = Field(default_factory=list)
     sources: list[SourceProgress]
     sink: SinkProgress
+    worker_restarts: int = Field(
+        default=0,
+        description="How many times a cluster runtime lost workers in this batch and ran it "
+        "again from its log entry (0 locally and in a batch that lost none).",
+    )
+    replaced_workers: list[int] = Field(
+        default_factory=list,
+        description="The indices of the workers replaced for this batch, one entry per "
+        "replacement, in order (RayRuntime: the actor's index, 0 .. num_workers - 1).",
+    )
 
     def flat(self) -> dict[str, Any]:
         """A flat dict (one row of ``progress_df()``)."""
@@ -128,6 +138,7 @@ class QueryProgress(_Frozen):
             "processed_rows_per_second": self.processed_rows_per_second,
             "watermark": self.watermark,
             "late_watermark": self.late_watermark,
+            "worker_restarts": self.worker_restarts,
         }
         for phase, ms in self.durations_ms.model_dump().items():
             row[f"duration_{phase}_ms"] = ms

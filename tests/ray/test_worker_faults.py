@@ -24,6 +24,8 @@ from fault_pipelines import FaultyRayRuntime, run, write_inputs
 
 import microstream as ms
 from microstream.exceptions import WorkerRestartsExhaustedError
+from microstream.metrics.definitions import WORKER_RESTARTS, ProgressMetrics
+from microstream.runtime.progress import QueryProgressEvent
 
 FILES = 5
 """Input files per stream: 5 batches, then the flush batch."""
@@ -91,6 +93,25 @@ def test_killed_workers_are_replaced_and_their_batches_re_run_in_the_same_run(
     named = _manifest_files(checkpoint)
     assert named and all(f".{run_part}." in f for files in named.values() for f in files)
     assert all(f.endswith(f".{run_part}.3.arrow") for f in named[max(named)])
+    # Progress: each batch that lost a worker says so, in memory, in the progress JSON
+    # and in the metrics counter; every other batch says 0.
+    # (the 5th sink is batch 4's first attempt: batch 3 ran its sink twice)
+    restarted = {2: [1], 3: [0], 4: [0]}
+    progress = execution.recent_progress
+    assert {p.batch_id: p.replaced_workers for p in progress if p.worker_restarts} == restarted
+    assert all(p.worker_restarts == len(p.replaced_workers) for p in progress)
+    assert all(p.recovered for p in progress if p.worker_restarts)
+    lines = (checkpoint / "progress" / f"{execution.run_id}.jsonl").read_text().splitlines()
+    logged = [json.loads(line) for line in lines]
+    assert {p["batch_id"]: (p["worker_restarts"], p["replaced_workers"]) for p in logged} == {
+        p.batch_id: (len(restarted.get(p.batch_id, [])), restarted.get(p.batch_id, []))
+        for p in progress
+    }
+    metrics = ProgressMetrics()
+    for each in progress:
+        metrics.on_query_progress(QueryProgressEvent(progress=each))
+    counted = [s.value for s in metrics.samples() if s.metric is WORKER_RESTARTS]
+    assert counted == [3.0]
 
 
 def test_a_hung_worker_is_treated_as_dead_after_worker_timeout(

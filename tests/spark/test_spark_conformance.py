@@ -608,7 +608,10 @@ def _sorted(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return sorted(rows, key=_sort_key)
 
 
-def run_microstream(query: Query, source: Path, checkpoint: Path) -> Run:
+def run_microstream(
+    query: Query, source: Path, checkpoint: Path, runtime: ms.Runtime | None = None
+) -> Run:
+    """Run ``query`` over ``source`` on ``runtime`` (None: LocalRuntime)."""
     run = Run()
     columns = list(query.columns)
 
@@ -622,6 +625,7 @@ def run_microstream(query: Query, source: Path, checkpoint: Path) -> Run:
         output_mode=query.output_mode,  # type: ignore[arg-type]
         trigger=ms.Trigger.available_now(),
         checkpoint=checkpoint,
+        runtime=runtime,
     )
     try:
         assert handle.await_termination(timeout=TIMEOUT_S), "microstream did not finish"
@@ -802,14 +806,29 @@ def one_file_per_batch(files: Sequence[Batch], run: Run, who: str) -> list[str]:
     return problems
 
 
+SPARK_RUNS: dict[tuple[str, str], Run] = {}
+"""Spark's run of each (query, data set) this test session made: it does not depend on
+the microstream runtime compared with it, so the RayRuntime conformance tests
+(tests/ray/test_spark_conformance_on_ray.py) and these share one Spark run per case."""
+
+
 def compare(
-    spark_session: SparkSession, query: Query, data: Data, tmp_path: Path
+    spark_session: SparkSession,
+    query: Query,
+    data: Data,
+    tmp_path: Path,
+    runtime: ms.Runtime | None = None,
 ) -> tuple[Run, Run, list[Batch]]:
+    """Run ``query`` on ``data`` in Spark and in microstream (on ``runtime``, None:
+    LocalRuntime) and assert the two agree batch by batch."""
     files = data.files()
     source = tmp_path / "input"
     write_files(source, files)
-    mine = run_microstream(query, source, tmp_path / "cp-microstream")
-    spark = run_spark(spark_session, query, source, tmp_path / "cp-spark")
+    mine = run_microstream(query, source, tmp_path / "cp-microstream", runtime)
+    spark = SPARK_RUNS.get((query.name, data.name))
+    if spark is None:
+        spark = run_spark(spark_session, query, source, tmp_path / "cp-spark")
+        SPARK_RUNS[query.name, data.name] = spark
     if os.environ.get("MICROSTREAM_SPARK_DUMP"):
         _dump(query, data, files, spark, mine)
     problems = []
