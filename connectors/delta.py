@@ -34,10 +34,12 @@ import polars as pl
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
-from microstream.protocols import SinkContext, StaticSide
+from microstream.protocols import SinkContext, SinkPart, StaticSide
 
 if TYPE_CHECKING:
     from deltalake import CommitProperties, DeltaTable
+
+    from connectors._delta_parts import DeltaPartWriter
 
 __all__ = [
     "DeltaSink",
@@ -208,6 +210,7 @@ class DeltaSink:
         self._mode = context.output_mode
         self._logger = context.logger
         self._faults = context.faults
+        self._schema = context.schema
         self._table: DeltaTable | None = None
         # The batch this sink committed last in this run: its handle is then at the table's
         # version (a write updates it), so the next batch's transaction check needs no read.
@@ -288,6 +291,61 @@ class DeltaSink:
                 )
                 time.sleep(0.05 * attempt)
         self._faults.reach("sink.after_data")
+
+    def part_writer(self) -> DeltaPartWriter | None:
+        """What workers write their pieces of a batch with (``PartSink``); None in update
+        mode or with ``merge_schema`` (:func:`connectors._delta_parts.writes_parts`)."""
+        from connectors._delta_parts import DeltaPartWriter, writes_parts
+
+        partition_by = self.spec.partition_by
+        if partition_by is None and self.committed_batch() is not None and self._table:
+            partition_by = tuple(self._table.metadata().partition_columns) or None
+        if not writes_parts(
+            self._mode,
+            merge_schema=self.spec.merge_schema,
+            partition_by=partition_by,
+            schema=self._schema,
+        ):
+            return None
+        return DeltaPartWriter(
+            self.spec.path, self.spec.storage_options, tuple(partition_by or ()), self.description
+        )
+
+    def commit_parts(self, batch_id: int, parts: Sequence[SinkPart]) -> None:
+        """Commit the pieces' files with the batch's transaction in one Delta commit
+        (``PartSink``; :func:`connectors._delta_parts.commit_delta_parts`); a committed batch
+        is skipped, as by :meth:`add_batch`, its pieces left out of the log."""
+        from connectors._delta_parts import commit_delta_parts
+
+        try:
+            done = self.committed_batch()
+        except Exception as exc:
+            msg = (
+                f"{self.description}: cannot read the transaction log of {self.spec.path} "
+                f"before batch {batch_id}: {exc}"
+            )
+            raise SinkError(msg) from exc
+        if done is not None and done >= batch_id:
+            self._logger.info("%s: batch %d already committed; skipped", self.description, batch_id)
+            return
+        self._faults.reach("sink.after_data")
+        configuration: dict[str, str | None] | None = (
+            {"delta.targetFileSize": str(self.spec.target_file_size)}
+            if self.spec.target_file_size is not None
+            else None
+        )
+        commit_delta_parts(
+            self._table,
+            parts,
+            path=self.spec.path,
+            storage_options=self.spec.storage_options,
+            mode=self._mode,
+            app_id=self.app_id,
+            batch_id=batch_id,
+            configuration=configuration,
+            description=self.description,
+        )
+        self._wrote = None  # the next batch re-reads the log (the handle is not at it)
 
     def _write(self, batch_id: int, data: pl.DataFrame) -> None:
         """One commit of ``data`` by output mode, carrying the batch's transaction."""
