@@ -42,7 +42,14 @@ from microstream.protocols import SinkPart
 if TYPE_CHECKING:
     from deltalake import DeltaTable
 
-__all__ = ["DeltaFile", "DeltaPart", "DeltaPartWriter", "commit_delta_parts", "writes_parts"]
+__all__ = [
+    "DeltaFile",
+    "DeltaPart",
+    "DeltaPartWriter",
+    "commit_delta_parts",
+    "delta_types",
+    "writes_parts",
+]
 
 _PARTITION_TYPES = (pl.Boolean, pl.String, pl.Date)
 
@@ -69,7 +76,7 @@ class DeltaPart(SinkPart):
     partition_by: list[str]
     """The table's partition columns the piece was split by."""
 
-    def schema(self) -> pl.Schema:
+    def row_schema(self) -> pl.Schema:
         """The schema of the piece's rows."""
         return pl.read_ipc(io.BytesIO(base64.b64decode(self.schema_ipc))).schema
 
@@ -145,6 +152,11 @@ class DeltaPartWriter:
                 f"its columns are {data.columns}"
             )
             raise SinkError(msg)
+        try:
+            data = data.cast(dict(delta_types(data.schema)))
+        except Exception as exc:
+            msg = f"{what}: batch {batch_id} does not fit the Delta types of its columns: {exc}"
+            raise SinkError(msg) from exc
         files: list[DeltaFile] = []
         for values, rows in self._split(data):
             subdir = "".join(f"{c}={_escape(v)}/" for c, v in values.items())
@@ -187,7 +199,7 @@ class DeltaPartWriter:
             .partition_by([f"__key_{c}" for c in cols], as_dict=True, maintain_order=True)
         )
         return [
-            (dict(zip(cols, key, strict=True)), rows.drop([f"__key_{c}" for c in cols]))  # type: ignore[arg-type]
+            (dict(zip(cols, key, strict=True)), rows.drop([f"__key_{c}" for c in cols]))
             for key, rows in groups.items()
         ]
 
@@ -206,6 +218,22 @@ class DeltaPartWriter:
         handler = DeltaStorageHandler(self.path, self.storage_options)
         (info,) = handler.get_file_info([name])
         return int(info.size)
+
+
+def delta_types(schema: pl.Schema) -> pl.Schema:
+    """``schema`` as a Delta table stores it (as ``write_deltalake`` casts a batch: Delta
+    has no unsigned integers, ``pl.len()``'s UInt32 is an ``integer``, Int32).
+
+    Examples
+    --------
+    >>> delta_types(pl.Schema({"n": pl.UInt32, "s": pl.String}))
+    Schema([('n', Int32), ('s', String)])
+    """
+    import pyarrow as pa
+    from deltalake import Schema
+
+    arrow = pa.schema(Schema.from_arrow(pl.DataFrame(schema=schema).to_arrow().schema).to_arrow())
+    return pl.DataFrame(pa.Table.from_batches([], schema=arrow)).schema
 
 
 def _escape(value: str | None) -> str:
@@ -245,7 +273,7 @@ def commit_delta_parts(
     if len(pieces) != len(parts) or not pieces:
         msg = f"{description}: batch {batch_id} got pieces of another sink: {list(parts)!r}"
         raise SinkError(msg)
-    schema = pieces[0].schema()
+    schema = pieces[0].row_schema()
     arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
     now = int(time.time() * 1000)
     partitions = pieces[0].partition_by

@@ -43,8 +43,15 @@ if TYPE_CHECKING:
         StatefulOperator,
         WatermarkNode,
     )
+    from microstream.protocols import Sink, SinkPart
 
-__all__ = ["BatchOutput", "LocalStageExecutor", "RecoveringStageExecutor", "StageExecutor"]
+__all__ = [
+    "BatchOutput",
+    "LocalStageExecutor",
+    "RecoveringStageExecutor",
+    "SinkWritingStageExecutor",
+    "StageExecutor",
+]
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,16 @@ class BatchOutput:
     rows: pl.DataFrame
     late_rows: tuple[pl.DataFrame, ...]
     watermarks: Mapping[WatermarkNode, WatermarkObservation]
+    parts: tuple[SinkPart, ...] | None = None
+    """The batch as pieces workers wrote for a :class:`~microstream.protocols.PartSink`
+    (then ``rows`` is empty): the driver commits them instead of adding ``rows``."""
+
+    @property
+    def num_rows(self) -> int:
+        """The batch's result rows, wherever they are."""
+        if self.parts is None:
+            return self.rows.height
+        return sum(p.rows for p in self.parts)
 
 
 class StageExecutor(Protocol):
@@ -100,6 +117,18 @@ class RecoveringStageExecutor(Protocol):
         replace the workers ``error`` names (and any found gone meanwhile), reload the
         others. Raises :class:`~microstream.exceptions.WorkerRestartsExhaustedError` when
         the batch may not be tried again."""
+        ...
+
+
+@runtime_checkable
+class SinkWritingStageExecutor(Protocol):
+    """A stage executor whose workers may write the sink's data (a cluster runtime's):
+    the driver hands it the sink once, before :meth:`StageExecutor.start_operators`;
+    a batch whose pieces the workers wrote comes back with ``BatchOutput.parts``, which
+    the driver commits with the sink's ``commit_parts``."""
+
+    def use_sink(self, sink: Sink) -> None:
+        """The query's sink (a :class:`~microstream.protocols.PartSink` may give a writer)."""
         ...
 
 

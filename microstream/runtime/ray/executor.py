@@ -72,8 +72,10 @@ from microstream.plan.physical import (
     StatelessStage,
     WatermarkObservation,
 )
+from microstream.protocols import PartSink
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.sink_parts import SinkTail, piece_name, sink_tail
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput
 from microstream.state.key_groups import key_group_ranges, key_groups
@@ -81,6 +83,7 @@ from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
+    from microstream.protocols import PartWriter, Sink, SinkPart
     from microstream.state.format import StatePart
 
 __all__ = ["RayStageExecutor", "detached"]
@@ -188,19 +191,48 @@ class RemoteOperator:
         self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
     ) -> OperatorOutput:
         """Each owner's rows (in owner order) through its part of the operator."""
-        calls = [
-            owner.worker.process.remote(self.operator_id, rows, ctx)
-            for owner, rows in zip(self.owners, per_owner)
-        ]
-        results: list[tuple[OperatorOutput, StateOperatorProgress]] = self._get(
-            calls, f"batch {ctx.batch_id}"
-        )
-        outputs = [output for output, _ in results]
-        self._progress = _sum_progress([p for _, p in results])
+        output, _ = self._run(per_owner, ctx, None)
+        return output
+
+    def process_into_sink(
+        self,
+        per_owner: Sequence[tuple[pl.DataFrame, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext],
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
+        """As :meth:`process_routed`, each owner then writing its output's piece of the
+        batch through ``sink`` (the tail and the batch's context): the output without
+        rows, and the pieces in owner order (:mod:`~microstream.runtime.ray.sink_parts`)."""
+        return self._run(per_owner, ctx, sink)
+
+    def _run(
+        self,
+        per_owner: Sequence[tuple[pl.DataFrame, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext] | None,
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
+        if sink is None:
+            calls = [
+                owner.worker.process.remote(self.operator_id, rows, ctx)
+                for owner, rows in zip(self.owners, per_owner)
+            ]
+        else:
+            fence = self._executor.fence
+            calls = [
+                owner.worker.process_into_sink.remote(
+                    self.operator_id, rows, ctx, *sink, piece_name(fence, owner.index)
+                )
+                for owner, rows in zip(self.owners, per_owner)
+            ]
+        # (output, progress) per owner, and what it wrote when it wrote the sink's piece
+        results: list[tuple[Any, ...]] = self._get(calls, f"batch {ctx.batch_id}")
+        outputs: list[OperatorOutput] = [r[0] for r in results]
+        self._progress = _sum_progress([r[1] for r in results])
         frames = [o.rows for o in outputs]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
         late = tuple(frame for o in outputs for frame in o.late_rows)
-        return OperatorOutput(rows=rows, late_rows=late)
+        parts: list[SinkPart] = [r[2] for r in results if len(r) == 3]
+        return OperatorOutput(rows=rows, late_rows=late), parts
 
     def load(self, version: int | None) -> None:
         msg = "the workers load their key groups when they are placed (RayStageExecutor)"
@@ -270,11 +302,14 @@ class RemoteTimedOperator(RemoteOperator):
     _quiet: tuple[int | None, int] | None = None
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
-    def process_routed(
-        self, per_owner: Sequence[tuple[pl.DataFrame, ...]], ctx: OperatorContext
-    ) -> OperatorOutput:
+    def _run(
+        self,
+        per_owner: Sequence[tuple[pl.DataFrame, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext] | None,
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
         self._quiet = None  # a batch changes the owners' timers
-        return super().process_routed(per_owner, ctx)
+        return super()._run(per_owner, ctx, sink)
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
         """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
@@ -401,12 +436,21 @@ class RayStageExecutor:
         self._storage: Storage | None = None
         self._operators: dict[StatefulNode, RemoteOperator] = {}
         self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
+        self._writer: PartWriter | None = None
+        self.sink_tail: SinkTail | None = None
+        """Set at start when the owners of the last operator write the sink's pieces."""
 
     @property
     def fence(self) -> str:
         """What this attempt's owners put in their state files' names: the run id's first
         part and the attempt (:func:`microstream.state.format.fenced`)."""
         return f"{self.run_id.split('-')[0]}.{self.attempt}"
+
+    def use_sink(self, sink: Sink) -> None:
+        """Called by the driver with the query's sink before :meth:`start_operators`: a
+        :class:`~microstream.protocols.PartSink` that gives a writer has its batches
+        written by the owners where the plan allows (:func:`sink_tail`)."""
+        self._writer = sink.part_writer() if isinstance(sink, PartSink) else None
 
     def start_operators(
         self,
@@ -451,6 +495,10 @@ class RayStageExecutor:
                 run_id=self.run_id,
             )
         self._open_all(version, "the start of the query")
+        if self._writer is not None:
+            self.sink_tail = sink_tail(plan, self._writer, ray.cloudpickle.dumps)
+            if self.sink_tail is not None:
+                self._empty = pl.DataFrame(schema=plan.logical.schema())
         return dict(self._operators)
 
     def _ops(self) -> list[RemoteOperator]:
@@ -605,6 +653,19 @@ class RayStageExecutor:
                 per_owner = [
                     tuple(routed[i][k] for i in stage.inputs) for k in range(len(operator.owners))
                 ]
+                tail = self.sink_tail
+                if tail is not None and tail.operator_index == stage.index:
+                    # The owners write the batch's pieces; the tail's stages ran with them.
+                    output, parts = operator.process_into_sink(
+                        per_owner, stage.context(ctx), (tail, ctx)
+                    )
+                    late.extend(output.late_rows)
+                    return BatchOutput(
+                        rows=self._empty,
+                        late_rows=tuple(late),
+                        watermarks=watermarks,
+                        parts=tuple(parts),
+                    )
                 output = operator.process_routed(per_owner, stage.context(ctx))
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()

@@ -17,18 +17,22 @@ actor with ``ray.remote``, so this module never imports Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.sink_parts import write_piece
 
 if TYPE_CHECKING:
     import polars as pl
 
     from microstream.checkpoint.storage import Storage
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
+    from microstream.protocols import SinkPart
     from microstream.runtime.progress import StateOperatorProgress
+    from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
 __all__ = ["OperatorWorker"]
@@ -103,6 +107,22 @@ class OperatorWorker:
         operator = self.operators[operator_id]
         output = operator.process(inputs, ctx)
         return output, operator.progress()
+
+    def process_into_sink(
+        self,
+        operator_id: str,
+        inputs: tuple[pl.DataFrame, ...],
+        ctx: OperatorContext,
+        tail: SinkTail,
+        batch: OperatorContext,
+        piece: str,
+    ) -> tuple[OperatorOutput, StateOperatorProgress, SinkPart]:
+        """As :meth:`process`, then this worker's output through ``tail`` into ``piece`` of
+        the batch (:func:`~microstream.runtime.ray.sink_parts.write_piece`): the output
+        without its rows, the progress and what was written."""
+        output, progress = self.process(operator_id, inputs, ctx)
+        part = write_piece(output.rows, tail, batch, piece)
+        return dataclasses.replace(output, rows=output.rows.clear()), progress, part
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
