@@ -337,8 +337,8 @@ def _check_table(
         msg = (
             f"{description}: cannot commit batch {batch_id} to Delta table {path}: the "
             f"batch's schema differs from the table's in column(s) {differ} (table: "
-            f"{ {n: str(t) for n, t in have.items() if n in differ} }; batch: "
-            f"{ {n: str(t) for n, t in got.items() if n in differ} }); pass merge_schema=True "
+            f"{ {n: _type_name(t) for n, t in have.items() if n in differ} }; batch: "
+            f"{ {n: _type_name(t) for n, t in got.items() if n in differ} }); pass merge_schema=True "
             "to let batches add columns"
         )
         raise SinkError(msg)
@@ -350,3 +350,9 @@ def _check_table(
             "the table's partition_by"
         )
         raise SinkError(msg)
+
+
+def _type_name(dtype: Any) -> str:
+    """A Delta type as the protocol names it (``long``), a nested one as delta-rs shows it."""
+    name = getattr(dtype, "type", None)
+    return name if isinstance(name, str) else str(dtype)
