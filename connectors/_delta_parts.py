@@ -153,7 +153,7 @@ class DeltaPartWriter:
             )
             raise SinkError(msg)
         try:
-            data = data.cast(dict(delta_types(data.schema)))
+            data = data.cast(delta_types(data.schema))
         except Exception as exc:
             msg = f"{what}: batch {batch_id} does not fit the Delta types of its columns: {exc}"
             raise SinkError(msg) from exc
