@@ -13,6 +13,12 @@ with the batch) and update (MERGE the batch on the key columns of the query's
 aggregation: matched rows are replaced, new keys inserted). Each is one Delta
 commit per batch, the transaction included.
 
+On a cluster runtime (``RayRuntime``) in append and complete mode the workers write
+a batch's Parquet files and the driver commits them, with the same transaction, in
+one commit (:meth:`DeltaSink.part_writer`, :meth:`DeltaSink.commit_parts`,
+:mod:`connectors._delta_parts`); update mode and ``merge_schema`` take the batch on
+the driver.
+
 Streaming writes many small files; :func:`optimize_delta` compacts them and
 :func:`vacuum_delta` deletes the files no version needs any more.
 
