@@ -15,6 +15,10 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    that got no rows: the watermark still evicts and emits there); each returns
    its :class:`OperatorOutput`, and the outputs are concatenated in key-group
    order, so a batch's rows come out in the same order every run.
+   When the sink takes pieces (:class:`~microstream.protocols.PartSink`) and only
+   row-wise stateless stages follow the last operator, its owners run those stages
+   and write their piece of the batch instead of returning rows
+   (:mod:`microstream.runtime.ray.sink_parts`); the driver commits the pieces once.
 4. **Commit**: every owner writes its range's state files for batch N and
    returns what it wrote; the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
@@ -439,6 +443,7 @@ class RayStageExecutor:
         self._writer: PartWriter | None = None
         self.sink_tail: SinkTail | None = None
         """Set at start when the owners of the last operator write the sink's pieces."""
+        self._empty = pl.DataFrame()  # (the batch's rows when its pieces were written)
 
     @property
     def fence(self) -> str:
