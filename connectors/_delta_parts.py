@@ -279,7 +279,7 @@ def commit_delta_parts(
     partitions = pieces[0].partition_by
     actions = [
         AddAction(
-            path=f.path,
+            path=f.path,  # (delta-rs escapes it for the log, as for its own files)
             size=f.size,
             partition_values=f.partition_values,
             modification_time=now,

@@ -335,3 +335,21 @@ def test_delta_commit_parts_is_one_version_with_the_transaction_and_idempotent(
     listed = {a["add"]["path"] for v in _delta_log(path) for a in v if "add" in a}
     assert len(listed) == 4 and all(p.endswith(".parquet") for p in listed)
     assert orphan.files[0].path not in listed and (path / orphan.files[0].path).exists()
+
+
+def test_delta_pieces_partitioned_by_strings_that_need_escaping_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "t"
+    schema = pl.Schema({"k": pl.String, "v": pl.Int64})
+    sink = DeltaSinkSpec(str(path), partition_by=["k"]).build(_context(tmp_path, "append", schema))
+    writer = sink.part_writer()
+    assert writer is not None
+    rows = pl.DataFrame({"k": ["a b", "c/d", "e%f", None], "v": [1, 2, 3, 4]})
+    sink.commit_parts(0, [writer.write_part(0, "r.0-w0", rows)])
+    back = pl.read_delta(str(path)).select("k", "v").sort("v")
+    assert back.rows() == rows.rows()
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith("k=")) == [
+        "k=__HIVE_DEFAULT_PARTITION__",
+        "k=a%20b",
+        "k=c%2Fd",
+        "k=e%25f",
+    ]  # the directories write_deltalake makes
