@@ -15,7 +15,7 @@ tail's stages from the rest of the plan (so what is sent to the workers is small
 and picklable); :func:`write_piece` is what a worker runs per batch, and what a
 Ray task running a stateless query's stages can call with its rows the same way.
 
-A piece's files are named with the piece (``<run>.<attempt>-<worker>``, see
+A piece's files are named with the piece (``<run>.<attempt>-w<worker>``, see
 :func:`piece_name`), so every attempt of a batch writes new files; only the pieces
 of the attempt the driver commits become visible.
 """
