@@ -14,6 +14,12 @@ aggregation: matched rows are replaced, new keys inserted). Each is one Delta
 commit per batch, the transaction included; in append and update mode a batch
 without rows makes no commit (``connectors/_delta_commit.py``).
 
+On a cluster runtime (``RayRuntime``) in append and complete mode the workers write
+a batch's Parquet files and the driver commits them, with the same transaction, in
+one commit (:meth:`DeltaSink.part_writer`, :meth:`DeltaSink.commit_parts`,
+:mod:`connectors._delta_parts`); update mode and ``merge_schema`` take the batch on
+the driver.
+
 Streaming writes many small files; :func:`optimize_delta` compacts them and
 :func:`vacuum_delta` deletes the files no version needs any more.
 
@@ -37,11 +43,13 @@ import polars as pl
 from connectors._delta_commit import log_retention_property, post_commit_hooks, skips_empty_batch
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MissingDependencyError, PlanError, SinkError, SourceError
-from microstream.protocols import SinkContext, StaticSide
+from microstream.protocols import SinkContext, SinkPart, StaticSide
 from microstream.time.duration import parse_duration
 
 if TYPE_CHECKING:
     from deltalake import CommitProperties, DeltaTable, PostCommitHookProperties
+
+    from connectors._delta_parts import DeltaPartWriter
 
 __all__ = [
     "DeltaSink",
@@ -226,6 +234,7 @@ class DeltaSink:
         self._mode = context.output_mode
         self._logger = context.logger
         self._faults = context.faults
+        self._schema = context.schema
         self._table: DeltaTable | None = None
         # The batch this sink committed last in this run: its handle is then at the table's
         # version (a write updates it), so the next batch's transaction check needs no read.
@@ -318,6 +327,64 @@ class DeltaSink:
             )
             raise SinkError(msg) from exc
 
+    def part_writer(self) -> DeltaPartWriter | None:
+        """What workers write their pieces of a batch with (``PartSink``); None in update
+        mode or with ``merge_schema`` (:func:`connectors._delta_parts.writes_parts`)."""
+        from connectors._delta_parts import DeltaPartWriter, writes_parts
+
+        partition_by = self.spec.partition_by
+        if partition_by is None and self.committed_batch() is not None and self._table:
+            partition_by = tuple(self._table.metadata().partition_columns) or None
+        if not writes_parts(
+            self._mode,
+            merge_schema=self.spec.merge_schema,
+            partition_by=partition_by,
+            schema=self._schema,
+        ):
+            return None
+        return DeltaPartWriter(
+            self.spec.path, self.spec.storage_options, tuple(partition_by or ()), self.description
+        )
+
+    def commit_parts(self, batch_id: int, parts: Sequence[SinkPart]) -> None:
+        """Commit the pieces' files with the batch's transaction in one Delta commit
+        (``PartSink``; :func:`connectors._delta_parts.commit_delta_parts`); a committed batch
+        is skipped, as by :meth:`add_batch`, its pieces left out of the log, and so is a
+        batch without rows in append mode once the table exists (:func:`skips_empty_batch`)."""
+        from connectors._delta_parts import commit_delta_parts
+
+        done = self._committed(batch_id)
+        if done is not None and done >= batch_id:
+            self._logger.info("%s: batch %d already committed; skipped", self.description, batch_id)
+            return
+        self._faults.reach("sink.after_data")
+        empty = pl.DataFrame(schema=self._schema)
+        if not sum(p.rows for p in parts) and skips_empty_batch(self._table, self._mode, empty):
+            return
+        configuration = self._table_properties() if self._table is None else None
+        commit_delta_parts(
+            self._table,
+            parts,
+            path=self.spec.path,
+            storage_options=self.spec.storage_options,
+            mode=self._mode,
+            app_id=self.app_id,
+            batch_id=batch_id,
+            configuration=configuration,
+            description=self.description,
+        )
+        self._wrote = None  # the next batch re-reads the log (the handle is not at it)
+
+    def _table_properties(self) -> dict[str, str | None] | None:
+        """The properties the commit that creates the table gives it."""
+        properties: dict[str, str | None] = {}
+        if self.spec.target_file_size is not None:
+            properties["delta.targetFileSize"] = str(self.spec.target_file_size)
+        if self.spec.log_retention is not None:
+            retention = parse_duration(self.spec.log_retention, name="log_retention")
+            properties.update(log_retention_property(retention))
+        return properties or None
+
     def _write(self, batch_id: int, data: pl.DataFrame) -> None:
         """One commit of ``data`` by output mode, carrying the batch's transaction."""
         from deltalake import CommitProperties, Transaction, write_deltalake
@@ -328,13 +395,7 @@ class DeltaSink:
         partition_by = list(self.spec.partition_by) if self.spec.partition_by else None
         options = self.spec.storage_options if self._table is None else None
         # Table properties can only be given when the table is created.
-        properties: dict[str, str | None] = {}
-        if self._table is None and self.spec.target_file_size is not None:
-            properties["delta.targetFileSize"] = str(self.spec.target_file_size)
-        if self._table is None and self.spec.log_retention is not None:
-            retention = parse_duration(self.spec.log_retention, name="log_retention")
-            properties.update(log_retention_property(retention))
-        configuration = properties or None
+        configuration = self._table_properties() if self._table is None else None
         hooks = post_commit_hooks(self._table)
         commit = CommitProperties(
             app_transactions=[Transaction(app_id=self.app_id, version=batch_id)]

@@ -28,9 +28,18 @@ from connectors._paths import DataDir
 from microstream._typing import FileFormat  # pydantic resolves it at runtime
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import MicrostreamError, SinkError
-from microstream.protocols import SinkContext
+from microstream.protocols import SinkContext, SinkPart
 
-__all__ = ["FileSink", "FileSinkManifest", "FileSinkSpec", "SinkFile", "read_file_sink"]
+__all__ = [
+    "FileSink",
+    "FileSinkManifest",
+    "FileSinkPart",
+    "FileSinkPartWriter",
+    "FileSinkSpec",
+    "SinkFile",
+    "read_file_sink",
+    "write_batch_files",
+]
 
 MANIFEST_DIR = "_microstream_log"
 _FORMATS = ("parquet", "csv", "ndjson", "ipc")
@@ -60,6 +69,40 @@ class FileSinkManifest(BaseModel):
     schema_ipc: str
     """The batch's schema as a base64 empty Arrow IPC file (csv/ndjson read back exactly)."""
     files: list[SinkFile]
+
+
+class FileSinkPart(SinkPart):
+    """The files one worker wrote of a batch (:class:`FileSinkPartWriter`), listed by the
+    driver's :meth:`FileSink.commit_parts` in the batch's one manifest entry."""
+
+    files: list[SinkFile]
+    schema_ipc: str
+    """The piece's schema (base64 empty Arrow IPC file), for the manifest entry."""
+
+
+@dataclass(frozen=True)
+class FileSinkPartWriter:
+    """Writes a worker's piece of a batch into a file sink's directory (picklable): the
+    same files and checks as :meth:`FileSink.add_batch`, their names holding the piece;
+    nothing is visible until the driver lists them.
+
+    Examples
+    --------
+    >>> writer = FileSinkPartWriter(FileSinkSpec("memory://doctest-file-parts", format="csv"))
+    >>> part = writer.write_part(3, "run.0-1", pl.DataFrame({"x": [1, 2]}))
+    >>> part.rows, part.files[0].name.startswith("part-00003-run.0-1-")
+    (2, True)
+    """
+
+    spec: FileSinkSpec
+
+    def write_part(self, batch_id: int, piece: str, data: pl.DataFrame) -> FileSinkPart:
+        """Write ``data`` as new files named with ``piece``; nothing is listed yet."""
+        spec = self.spec
+        directory = DataDir.resolve(spec.path, spec.storage_options)
+        fsync = Storage(spec.path, spec.storage_options).sub(MANIFEST_DIR).fsync
+        files = write_batch_files(spec, directory, batch_id, data, fsync=fsync, tag=piece)
+        return FileSinkPart(rows=data.height, files=files, schema_ipc=_schema_to_b64(data.schema))
 
 
 @dataclass(frozen=True)
@@ -191,32 +234,24 @@ class FileSink:
         if self._manifest.exists(entry_name):
             self._logger.info("%s: batch %d already written; skipped", self.description, batch_id)
             return
-        missing = [c for c in self.spec.partition_by or () if c not in data.columns]
-        if missing:
-            msg = (
-                f"{self.description}: batch {batch_id} has no partition column(s) {missing}; "
-                f"its columns are {data.columns}"
-            )
-            raise SinkError(msg)
-        files: list[SinkFile] = []
-        for directory, part in self._split(data):
-            extension = _EXTENSIONS[self.spec.format]
-            name = f"{directory}part-{batch_id:05d}-{uuid.uuid4().hex}.{extension}"
-            try:
-                size = self._write(part, name)
-            except Exception as exc:
-                msg = (
-                    f"{self.description}: cannot write {self._dir.display(name)} for batch "
-                    f"{batch_id}: {exc}"
-                )
-                raise SinkError(msg) from exc
-            files.append(SinkFile(name=name, rows=part.height, bytes=size))
+        files = write_batch_files(self.spec, self._dir, batch_id, data, fsync=self._manifest.fsync)
         self._faults.reach("sink.after_data")
+        self.commit_files(batch_id, data.schema, files)
+
+    def commit_files(self, batch_id: int, schema: pl.Schema, files: list[SinkFile]) -> None:
+        """Write the manifest entry of ``batch_id`` listing ``files`` (already written).
+
+        Raises
+        ------
+        SinkError
+            The entry cannot be written.
+        """
+        entry_name = f"{batch_id}.json"
         entry = FileSinkManifest(
             batch_id=batch_id,
             query_id=self._query_id,
             format=self.spec.format,
-            schema_ipc=_schema_to_b64(data.schema),
+            schema_ipc=_schema_to_b64(schema),
             files=files,
         )
         try:
@@ -228,39 +263,111 @@ class FileSink:
             )
             raise SinkError(msg) from exc
 
-    def _split(self, data: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
-        if data.height == 0:
-            return []  # the manifest entry alone marks an empty batch as done
-        if not self.spec.partition_by:
-            return [("", data)]
-        cols = list(self.spec.partition_by)
-        groups = data.partition_by(cols, as_dict=True, maintain_order=True, include_key=True)
-        return [
-            ("".join(f"{c}={_partition_value(v)}/" for c, v in zip(cols, key, strict=True)), part)
-            for key, part in groups.items()
-        ]
+    def part_writer(self) -> FileSinkPartWriter:
+        """What workers write their pieces of a batch with (``PartSink``)."""
+        return FileSinkPartWriter(self.spec)
 
-    def _write(self, part: pl.DataFrame, name: str) -> int:
-        path = self._dir.path(name)
-        if self._dir.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_frame(part, path, self.spec.format)
-            if self._manifest.fsync:
-                # With MICROSTREAM_FSYNC=1 the data must be durable before its manifest entry.
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            return os.path.getsize(path)
-        buffer = io.BytesIO()
-        _write_frame(part, buffer, self.spec.format)
-        data = buffer.getvalue()
-        self._dir.fs.pipe_file(path, data)
-        return len(data)
+    def commit_parts(self, batch_id: int, parts: Sequence[SinkPart]) -> None:
+        """One manifest entry listing every piece's files, in piece order (``PartSink``);
+        a batch already in the manifest is skipped, its pieces left unlisted.
+
+        Raises
+        ------
+        SinkError
+            A piece is not this sink's, or the entry cannot be written.
+        """
+        if self._manifest.exists(f"{batch_id}.json"):
+            self._logger.info("%s: batch %d already written; skipped", self.description, batch_id)
+            return
+        files: list[SinkFile] = []
+        pieces: list[FileSinkPart] = []
+        for part in parts:
+            if not isinstance(part, FileSinkPart):
+                msg = f"{self.description}: batch {batch_id} got a piece of another sink: {part!r}"
+                raise SinkError(msg)
+            files.extend(part.files)
+            pieces.append(part)
+        self._faults.reach("sink.after_data")
+        self.commit_files(batch_id, _schema_from_b64(pieces[0].schema_ipc), files)
 
     def stop(self) -> None:
         """Nothing to release: every file is closed when written."""
+
+
+def write_batch_files(
+    spec: FileSinkSpec,
+    directory: DataDir,
+    batch_id: int,
+    data: pl.DataFrame,
+    *,
+    fsync: bool,
+    tag: str = "",
+) -> list[SinkFile]:
+    """Write ``data`` (a batch, or one worker's piece of it: ``tag`` in the names) as new
+    files under ``directory``, split by ``spec.partition_by``; what was written.
+
+    Raises
+    ------
+    SinkError
+        A partition column is missing, or a file cannot be written.
+    """
+    description = spec.describe()
+    missing = [c for c in spec.partition_by or () if c not in data.columns]
+    if missing:
+        msg = (
+            f"{description}: batch {batch_id} has no partition column(s) {missing}; "
+            f"its columns are {data.columns}"
+        )
+        raise SinkError(msg)
+    files: list[SinkFile] = []
+    for subdir, part in _split(spec, data):
+        extension = _EXTENSIONS[spec.format]
+        unique = f"{tag}-{uuid.uuid4().hex[:12]}" if tag else uuid.uuid4().hex
+        name = f"{subdir}part-{batch_id:05d}-{unique}.{extension}"
+        try:
+            size = _write(spec, directory, part, name, fsync=fsync)
+        except Exception as exc:
+            msg = (
+                f"{description}: cannot write {directory.display(name)} for batch {batch_id}: {exc}"
+            )
+            raise SinkError(msg) from exc
+        files.append(SinkFile(name=name, rows=part.height, bytes=size))
+    return files
+
+
+def _split(spec: FileSinkSpec, data: pl.DataFrame) -> list[tuple[str, pl.DataFrame]]:
+    if data.height == 0:
+        return []  # the manifest entry alone marks an empty batch as done
+    if not spec.partition_by:
+        return [("", data)]
+    cols = list(spec.partition_by)
+    groups = data.partition_by(cols, as_dict=True, maintain_order=True, include_key=True)
+    return [
+        ("".join(f"{c}={_partition_value(v)}/" for c, v in zip(cols, key, strict=True)), part)
+        for key, part in groups.items()
+    ]
+
+
+def _write(
+    spec: FileSinkSpec, directory: DataDir, part: pl.DataFrame, name: str, *, fsync: bool
+) -> int:
+    path = directory.path(name)
+    if directory.is_local:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _write_frame(part, path, spec.format)
+        if fsync:
+            # With MICROSTREAM_FSYNC=1 the data must be durable before its manifest entry.
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return os.path.getsize(path)
+    buffer = io.BytesIO()
+    _write_frame(part, buffer, spec.format)
+    data = buffer.getvalue()
+    directory.fs.pipe_file(path, data)
+    return len(data)
 
 
 def _write_frame(df: pl.DataFrame, target: str | io.BytesIO, fmt: FileFormat) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "MeteredSource",
     "NonReplayableSourceSpec",
     "Offset",
+    "PartSink",
+    "PartWriter",
     "ProjectingSource",
     "QuerySession",
     "ReadSplit",
@@ -43,6 +45,7 @@ __all__ = [
     "SideOutputTarget",
     "Sink",
     "SinkContext",
+    "SinkPart",
     "SinkSpec",
     "SkippingSource",
     "Source",
@@ -365,6 +368,49 @@ class CommittedBatchSink(Protocol):
 
     def committed_batch(self) -> int | None:
         """The last batch id of this query (``SinkContext.query_id``) it committed; None: none."""
+        ...
+
+
+class SinkPart(BaseModel):
+    """What one worker wrote of a batch for a :class:`PartSink`: a small record sent back
+    to the driver (a connector subclasses it with the files it wrote)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rows: int
+    """How many of the batch's rows the piece holds."""
+
+
+@runtime_checkable
+class PartWriter(Protocol):
+    """Writes one piece of a batch where a :class:`PartSink` keeps its data; picklable, so
+    a cluster runtime's workers write their own rows (nothing is visible until the
+    driver's :meth:`PartSink.commit_parts`)."""
+
+    def write_part(self, batch_id: int, piece: str, data: pl.DataFrame) -> SinkPart:
+        """Write ``data`` (one piece of batch ``batch_id``) as new data files whose names
+        hold ``piece`` (unique per batch, attempt and worker) and say what was written;
+        checks the rows as the sink's ``add_batch`` would (partition columns...)."""
+        ...
+
+
+@runtime_checkable
+class PartSink(Protocol):
+    """A sink whose batches may be written by workers and committed by the driver (optional
+    for sinks; the file and Delta sinks implement it). The runtime asks
+    :meth:`part_writer` once; when it gives one, each batch's pieces are written by the
+    workers and :meth:`commit_parts` replaces ``add_batch`` for that batch."""
+
+    description: str
+
+    def part_writer(self) -> PartWriter | None:
+        """A writer for the workers, or None when this sink (its output mode, its options)
+        needs the whole batch on the driver."""
+        ...
+
+    def commit_parts(self, batch_id: int, parts: Sequence[SinkPart]) -> None:
+        """Make the pieces of ``batch_id`` visible at once (one commit; idempotent as
+        ``add_batch``: a committed batch id changes nothing and its pieces stay orphans)."""
         ...
 
 

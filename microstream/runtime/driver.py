@@ -60,6 +60,7 @@ from microstream.protocols import (
     LaggingSource,
     MeteredSource,
     Offset,
+    PartSink,
     ProjectingSource,
     QuerySession,
     Sink,
@@ -82,6 +83,7 @@ from microstream.runtime.progress import (
 from microstream.runtime.stages import (
     LocalStageExecutor,
     RecoveringStageExecutor,
+    SinkWritingStageExecutor,
     SplitReadingStageExecutor,
     SplitScan,
     StageExecutor,
@@ -241,6 +243,8 @@ class StreamExecution:
             for mark in self._watermark_nodes:
                 if isinstance(mark.on_late, str):  # readable before the first late row
                     self.config.session.register_table(mark.on_late)
+            if isinstance(self.executor, SinkWritingStageExecutor):
+                self.executor.use_sink(self._sink)  # its workers may write the pieces
             self._restore_position()
             state_version = self._next_batch_id - 1 if self._next_batch_id > 0 else None
             self._operators = self.executor.start_operators(
@@ -656,7 +660,10 @@ class StreamExecution:
         assert self._sink is not None
         self.checkpoint.check_lock()
         try:
-            self._sink.add_batch(batch_id, result)
+            if output.parts is not None and isinstance(self._sink, PartSink):
+                self._sink.commit_parts(batch_id, output.parts)  # written by the workers
+            else:
+                self._sink.add_batch(batch_id, result)
         except MicrostreamError:
             raise
         except Exception as exc:
@@ -680,7 +687,7 @@ class StreamExecution:
             CommitEntry(
                 batch_id=batch_id,
                 committed_at=_now(),
-                num_output_rows=result.height,
+                num_output_rows=output.num_rows,
                 watermark_us=entry.watermark_us,
                 max_event_us=maxima,
             )
@@ -710,7 +717,7 @@ class StreamExecution:
             total=(t_end - started) * 1000,
         )
         self._publish_progress(
-            entry, starts, ends, rows_in, result.height, durations, recovered, lags
+            entry, starts, ends, rows_in, output.num_rows, durations, recovered, lags
         )
 
     def _publish_progress(

@@ -45,12 +45,13 @@ if TYPE_CHECKING:
         StatefulOperator,
         WatermarkNode,
     )
-    from microstream.protocols import Offset, ReadSplit, Source
+    from microstream.protocols import Offset, ReadSplit, Sink, SinkPart, Source
 
 __all__ = [
     "BatchOutput",
     "LocalStageExecutor",
     "RecoveringStageExecutor",
+    "SinkWritingStageExecutor",
     "SplitReadingStageExecutor",
     "SplitScan",
     "StageExecutor",
@@ -69,6 +70,16 @@ class BatchOutput:
     watermarks: Mapping[WatermarkNode, WatermarkObservation]
     rows_read: Mapping[ScanNode, int] = field(default_factory=dict)
     """The rows read of every source handed over as a :class:`SplitScan`."""
+    parts: tuple[SinkPart, ...] | None = None
+    """The batch as pieces workers wrote for a :class:`~microstream.protocols.PartSink`
+    (then ``rows`` is empty): the driver commits them instead of adding ``rows``."""
+
+    @property
+    def num_rows(self) -> int:
+        """The batch's result rows, wherever they are."""
+        if self.parts is None:
+            return self.rows.height
+        return sum(p.rows for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,18 @@ def split_scan(
         )
         raise SourceError(msg) from exc
     return None if not splits else SplitScan(tuple(splits), schema)
+
+
+@runtime_checkable
+class SinkWritingStageExecutor(Protocol):
+    """A stage executor whose workers may write the sink's data (a cluster runtime's):
+    the driver hands it the sink once, before :meth:`StageExecutor.start_operators`;
+    a batch whose pieces the workers wrote comes back with ``BatchOutput.parts``, which
+    the driver commits with the sink's ``commit_parts``."""
+
+    def use_sink(self, sink: Sink) -> None:
+        """The query's sink (a :class:`~microstream.protocols.PartSink` may give a writer)."""
+        ...
 
 
 class LocalStageExecutor:

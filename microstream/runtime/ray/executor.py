@@ -18,6 +18,10 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    that got no rows: the watermark still evicts and emits there); each returns
    its :class:`OperatorOutput`, and the outputs are concatenated in key-group
    order, so a batch's rows come out in the same order every run.
+   When the sink takes pieces (:class:`~microstream.protocols.PartSink`) and only
+   row-wise stateless stages follow the last operator, its owners run those stages
+   and write their piece of the batch instead of returning rows
+   (:mod:`microstream.runtime.ray.sink_parts`); the driver commits the pieces once.
 4. **Commit**: every owner writes its range's state files for batch N and
    returns what it wrote; the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
@@ -76,6 +80,7 @@ from microstream.plan.physical import (
     StatelessStage,
     WatermarkObservation,
 )
+from microstream.protocols import PartSink
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.assignment import Assignment, record_assignment
 from microstream.runtime.ray.scan_tasks import (
@@ -87,6 +92,7 @@ from microstream.runtime.ray.scan_tasks import (
     split_rows,
     warm,
 )
+from microstream.runtime.ray.sink_parts import SinkTail, piece_name, sink_tail
 from microstream.runtime.ray.wire import Wire
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput, SplitScan
@@ -95,6 +101,7 @@ from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
+    from microstream.protocols import PartWriter, Sink, SinkPart
     from microstream.state.format import StatePart
 
 __all__ = ["RayStageExecutor", "detached"]
@@ -207,18 +214,46 @@ class RemoteOperator:
     ) -> OperatorOutput:
         """Each owner's rows (in owner order) through its part of the operator: per
         input a frame, or the references of the pieces Ray tasks made for it."""
+        output, _ = self._run(per_owner, ctx, None)
+        return output
+
+    def process_into_sink(
+        self,
+        per_owner: Sequence[tuple[Routed, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext],
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
+        """As :meth:`process_routed`, each owner then writing its output's piece of the
+        batch through ``sink`` (the tail and the batch's context): the output without
+        rows, and the pieces in owner order (:mod:`~microstream.runtime.ray.sink_parts`)."""
+        return self._run(per_owner, ctx, sink)
+
+    def _run(
+        self,
+        per_owner: Sequence[tuple[Routed, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext] | None,
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
+        fence = self._executor.fence
         calls = [
-            _process_call(owner.worker, self.operator_id, rows, ctx)
+            _process_call(
+                owner.worker,
+                self.operator_id,
+                rows,
+                ctx,
+                None if sink is None else (*sink, piece_name(fence, owner.index)),
+            )
             for owner, rows in zip(self.owners, per_owner)
         ]
-        results: list[tuple[Wire, tuple[Wire, ...], StateOperatorProgress]] = self._get(
-            calls, f"batch {ctx.batch_id}"
-        )
-        self._progress = _sum_progress([p for _, _, p in results])
-        frames = [rows.frame() for rows, _, _ in results]
+        # per owner: its output rows, its late rows, its progress (Arrow tables as
+        # :class:`Wire`), and what it wrote when it wrote the sink's piece
+        results: list[tuple[Any, ...]] = self._get(calls, f"batch {ctx.batch_id}")
+        self._progress = _sum_progress([r[2] for r in results])
+        frames = [r[0].frame() for r in results]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
-        late = tuple(wire.frame() for _, lates, _ in results for wire in lates)
-        return OperatorOutput(rows=rows, late_rows=late)
+        late = tuple(wire.frame() for r in results for wire in r[1])
+        parts: list[SinkPart] = [r[3] for r in results if len(r) == 4]
+        return OperatorOutput(rows=rows, late_rows=late), parts
 
     def load(self, version: int | None) -> None:
         msg = "the workers load their key groups when they are placed (RayStageExecutor)"
@@ -288,11 +323,14 @@ class RemoteTimedOperator(RemoteOperator):
     _quiet: tuple[int | None, int] | None = None
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
-    def process_routed(
-        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
-    ) -> OperatorOutput:
+    def _run(
+        self,
+        per_owner: Sequence[tuple[Routed, ...]],
+        ctx: OperatorContext,
+        sink: tuple[SinkTail, OperatorContext] | None,
+    ) -> tuple[OperatorOutput, list[SinkPart]]:
         self._quiet = None  # a batch changes the owners' timers
-        return super().process_routed(per_owner, ctx)
+        return super()._run(per_owner, ctx, sink)
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
         """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
@@ -416,12 +454,22 @@ class RayStageExecutor:
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
         self._remotes: dict[Any, Any] = {}
         self._stage_refs: dict[StatelessStage, Any] = {}
+        self._writer: PartWriter | None = None
+        self.sink_tail: SinkTail | None = None
+        """Set at start when the owners of the last operator write the sink's pieces."""
+        self._empty = pl.DataFrame()  # (the batch's rows when its pieces were written)
 
     @property
     def fence(self) -> str:
         """What this attempt's owners put in their state files' names: the run id's first
         part and the attempt (:func:`microstream.state.format.fenced`)."""
         return f"{self.run_id.split('-')[0]}.{self.attempt}"
+
+    def use_sink(self, sink: Sink) -> None:
+        """Called by the driver with the query's sink before :meth:`start_operators`: a
+        :class:`~microstream.protocols.PartSink` that gives a writer has its batches
+        written by the owners where the plan allows (:func:`sink_tail`)."""
+        self._writer = sink.part_writer() if isinstance(sink, PartSink) else None
 
     def start_operators(
         self,
@@ -468,6 +516,10 @@ class RayStageExecutor:
                 run_id=self.run_id,
             )
         self._open_all(version, "the start of the query")
+        if self._writer is not None:
+            self.sink_tail = sink_tail(plan, self._writer, ray.cloudpickle.dumps)
+            if self.sink_tail is not None:
+                self._empty = pl.DataFrame(schema=plan.logical.schema())
         return dict(self._operators)
 
     def _ops(self) -> list[RemoteOperator]:
@@ -640,6 +692,21 @@ class RayStageExecutor:
                 per_owner = [
                     tuple(routed[i][k] for i in stage.inputs) for k in range(len(operator.owners))
                 ]
+                tail = self.sink_tail
+                if tail is not None and tail.operator_index == stage.index:
+                    # The owners write the batch's pieces; the tail's stages ran with them.
+                    output, parts = operator.process_into_sink(
+                        per_owner, stage.context(ctx), (tail, ctx)
+                    )
+                    late.extend(output.late_rows)
+                    watermarks.update(self._reported(plan, launched, reads))
+                    return BatchOutput(
+                        rows=self._empty,
+                        late_rows=tuple(late),
+                        watermarks=watermarks,
+                        rows_read=reads.rows,
+                        parts=tuple(parts),
+                    )
                 output = operator.process_routed(per_owner, stage.context(ctx))
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
@@ -651,9 +718,7 @@ class RayStageExecutor:
                     rows = pl.concat([p.frame() for p in pieces], how="vertical")
                 else:
                     rows = _collected(results, stage.input)
-                for index, returns in launched.items():
-                    reads.reports[index] = [r[-1] for r in returns]
-                watermarks.update(self._observations(plan, reads))
+                watermarks.update(self._reported(plan, launched, reads))
                 return BatchOutput(
                     rows=rows,
                     late_rows=tuple(late),
@@ -744,6 +809,15 @@ class RayStageExecutor:
         reads.rows[scan] = rows.height
         return declared_width(rows, frame.schema)
 
+    def _reported(
+        self, plan: PhysicalPlan, launched: Mapping[int, list[list[Any]]], reads: _Reads
+    ) -> dict[WatermarkNode, WatermarkObservation]:
+        """:meth:`_observations` of the reports of the tasks ``launched`` (stage -> each
+        split's task returns, the report last)."""
+        for index, returns in launched.items():
+            reads.reports[index] = [r[-1] for r in returns]
+        return self._observations(plan, reads)
+
     def _observations(
         self, plan: PhysicalPlan, reads: _Reads
     ) -> dict[WatermarkNode, WatermarkObservation]:
@@ -797,14 +871,21 @@ def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObse
 
 
 def _process_call(
-    worker: Any, operator_id: str, inputs: tuple[Routed, ...], ctx: OperatorContext
+    worker: Any,
+    operator_id: str,
+    inputs: tuple[Routed, ...],
+    ctx: OperatorContext,
+    sink: tuple[SinkTail, OperatorContext, str] | None = None,
 ) -> Any:
     """The actor call for one owner: frames the driver routed as Arrow tables
     (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
-    given as arguments before the call runs)."""
+    given as arguments before the call runs); with ``sink`` (the tail, the batch's
+    context, the piece's name) the owner writes its output as that piece of the batch."""
     counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
     pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
-    return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
+    if sink is None:
+        return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
+    return worker.process_pieces_into_sink.remote(operator_id, ctx, counts, sink, *pieces)
 
 
 def _cause(exc: Any) -> BaseException:

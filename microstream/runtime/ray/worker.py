@@ -24,12 +24,15 @@ import polars as pl
 
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
+    from microstream.protocols import SinkPart
     from microstream.runtime.progress import StateOperatorProgress
+    from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
 __all__ = ["OperatorWorker"]
@@ -112,15 +115,27 @@ class OperatorWorker:
         input ``i``: rows the driver routed, or that Ray tasks cut per split (Ray hands
         those over as arguments). Frames come and go as Arrow tables (:class:`Wire`):
         the output rows, the late rows, then the progress."""
-        inputs = []
-        at = 0
-        for count in counts:
-            part = [wire.frame() for wire in pieces[at : at + count]]
-            at += count
-            inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
-        output, progress = self.process(operator_id, tuple(inputs), ctx)
+        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
         return Wire.of(output.rows), late, progress
+
+    def process_pieces_into_sink(
+        self,
+        operator_id: str,
+        ctx: OperatorContext,
+        counts: tuple[int, ...],
+        sink: tuple[SinkTail, OperatorContext, str],
+        *pieces: Wire,
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, SinkPart]:
+        """As :meth:`process_pieces`, then this worker's output through the sink's tail into
+        its piece of the batch (``sink``: the tail, the batch's context, the piece's name;
+        :func:`~microstream.runtime.ray.sink_parts.write_piece`): the output without its
+        rows, the late rows, the progress and what was written."""
+        tail, batch, piece = sink
+        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        part = write_piece(output.rows, tail, batch, piece)
+        late = tuple(Wire.of(frame) for frame in output.late_rows)
+        return Wire.of(output.rows.clear()), late, progress, part
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
@@ -133,3 +148,14 @@ class OperatorWorker:
         """Whether ``operator_id`` needs a batch without rows now, for this worker's keys."""
         operator = self.operators[operator_id]
         return isinstance(operator, TimedOperator) and operator.timers_due(watermark_us, now_ms)
+
+
+def _inputs(counts: tuple[int, ...], pieces: tuple[Wire, ...]) -> tuple[pl.DataFrame, ...]:
+    """Per input, its ``counts[i]`` pieces (in order) as one frame."""
+    inputs = []
+    at = 0
+    for count in counts:
+        part = [wire.frame() for wire in pieces[at : at + count]]
+        at += count
+        inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
+    return tuple(inputs)
