@@ -234,7 +234,7 @@ class RemoteOperator:
         ctx: OperatorContext,
         sink: tuple[SinkTail, OperatorContext] | None,
     ) -> tuple[OperatorOutput, list[SinkPart]]:
-        fence = self._executor.fence
+        fence = "" if sink is None else self._executor.fence
         calls = [
             _process_call(
                 owner.worker,
