@@ -7,7 +7,9 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    per split (:mod:`microstream.runtime.ray.scan_tasks`): each task cuts its rows by
    the owners' key-group ranges, and the owners get the pieces by reference, so the
    rows never pass through the driver; before the sink the pieces come back in split
-   order. Other stateless stages run on the driver, as locally.
+   order, or, in a query without operators whose sink takes pieces, each task writes
+   its rows as its piece of the batch and only what it wrote comes back. Other
+   stateless stages run on the driver, as locally.
 2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
@@ -447,16 +449,19 @@ class RayStageExecutor:
         self._operators: dict[StatefulNode, RemoteOperator] = {}
         self._restarts_in: tuple[int | None, int] = (None, 0)  # (batch id, restarts)
         self.driver_rows = 0
-        """Rows the driver routed at exchanges in this run (from a source read on the
-        driver, a stateless stage run there, an operator feeding another); tests."""
+        """Rows that passed through the driver in this run: routed at exchanges (from a
+        source read on the driver, a stateless stage run there, an operator feeding
+        another) or gathered from split tasks for the sink; tests."""
         self.split_tasks = 0
         """Ray tasks started to read splits, in this run."""
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
         self._remotes: dict[Any, Any] = {}
         self._stage_refs: dict[StatelessStage, Any] = {}
+        self._tail_ref: Any = None  # the split tasks' sink tail, sent once per run
         self._writer: PartWriter | None = None
         self.sink_tail: SinkTail | None = None
-        """Set at start when the owners of the last operator write the sink's pieces."""
+        """Set at start when the owners of the last operator write the sink's pieces (in
+        a query without operators: the split tasks of the stage the sink reads)."""
         self._empty = pl.DataFrame()  # (the batch's rows when its pieces were written)
 
     @property
@@ -481,8 +486,9 @@ class RayStageExecutor:
         if self.split_scans(plan):
             self._warm_tasks()
         stages = plan.operators()
-        if not stages:
-            return {}  # a stateless query needs no actors
+        if not stages:  # a stateless query needs no actors; its split tasks may write
+            self._use_tail(plan)
+            return {}
         self._connect()
         ray = self._ray
         self._actor_class = ray.remote(OperatorWorker).options(
@@ -516,11 +522,17 @@ class RayStageExecutor:
                 run_id=self.run_id,
             )
         self._open_all(version, "the start of the query")
-        if self._writer is not None:
-            self.sink_tail = sink_tail(plan, self._writer, ray.cloudpickle.dumps)
-            if self.sink_tail is not None:
-                self._empty = pl.DataFrame(schema=plan.logical.schema())
+        self._use_tail(plan)
         return dict(self._operators)
+
+    def _use_tail(self, plan: PhysicalPlan) -> None:
+        """Whether workers (or split tasks) write the sink's pieces (:func:`sink_tail`)."""
+        if self._writer is None:
+            return
+        dumps = self._ray.cloudpickle.dumps
+        self.sink_tail = sink_tail(plan, self._writer, dumps, self._cuttable(plan))
+        if self.sink_tail is not None:
+            self._empty = pl.DataFrame(schema=plan.logical.schema())
 
     def _ops(self) -> list[RemoteOperator]:
         return list(self._operators.values())
@@ -715,7 +727,17 @@ class RayStageExecutor:
                     first = reads.offsets[(stage.input, stage.index)]
                     refs = [returns[first] for returns in launched[stage.input]]
                     pieces = self._gather_tasks(refs, f"the rows of stage {stage.index}")
+                    if self._writes(stage.input):  # the tasks wrote them: SinkParts
+                        watermarks.update(self._reported(plan, launched, reads))
+                        return BatchOutput(
+                            rows=self._empty,
+                            late_rows=tuple(late),
+                            watermarks=watermarks,
+                            rows_read=reads.rows,
+                            parts=tuple(pieces),
+                        )
                     rows = pl.concat([p.frame() for p in pieces], how="vertical")
+                    self.driver_rows += rows.height
                 else:
                     rows = _collected(results, stage.input)
                 watermarks.update(self._reported(plan, launched, reads))
@@ -797,7 +819,31 @@ class RayStageExecutor:
             stage_ref = self._stage_refs[stage] = self._ray.put(stage)
         self.split_tasks += len(split.splits)
         reads.scans[stage.index] = scan
-        return [task.remote(s, split.schema, stage_ref, ctx, tuple(targets)) for s in split.splits]
+        if not self._writes(stage.index):
+            return [
+                task.remote(s, split.schema, stage_ref, ctx, tuple(targets)) for s in split.splits
+            ]
+        if self._tail_ref is None:
+            self._tail_ref = self._ray.put(self.sink_tail)
+        fence = self.fence  # a new attempt, new pieces: a re-run never reuses a name
+        return [
+            task.remote(
+                s,
+                split.schema,
+                stage_ref,
+                ctx,
+                tuple(targets),
+                self._tail_ref,
+                piece_name(fence, k, split=True),
+            )
+            for k, s in enumerate(split.splits)
+        ]
+
+    def _writes(self, index: int) -> bool:
+        """Whether the split tasks of stage ``index`` write the sink's pieces (a query
+        without operators whose sink reads that stage: :func:`sink_tail`)."""
+        tail = self.sink_tail
+        return tail is not None and not tail.stages and tail.operator_index == index
 
     def _read(self, frame: pl.LazyFrame | SplitScan, scan: ScanNode, reads: _Reads) -> pl.LazyFrame:
         """A source's batch for a stage that runs on the driver: its splits read here, in

@@ -11,7 +11,10 @@ or over its parts, concatenated (:func:`cuttable`), one Ray task per split
 - for an exchange, one frame per owner of the consuming operator, by the key group of
   the exchange's keys (the owners' contiguous ranges, :func:`split_rows`): the driver
   hands the task's object references straight to the owning actors;
-- for the sink, the rows whole: the driver gathers them in split order.
+- for the sink, the rows whole: the driver gathers them in split order; or, when the
+  query has no operator and its sink takes pieces, the task writes its rows as its
+  piece of the batch (:func:`~microstream.runtime.ray.sink_parts.write_piece`) and
+  returns what it wrote, which the driver commits with the other tasks' pieces.
 
 Every task also returns a :class:`SplitReport`: the rows read and what each watermark
 node of the stage saw; the driver sums the rows and takes the largest event time per
@@ -54,12 +57,14 @@ from microstream.plan.physical import (
     WatermarkObservation,
 )
 from microstream.plan.processing_time import ProcessingTimeNode
+from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 from microstream.state.key_groups import key_groups
 
 if TYPE_CHECKING:
     from microstream.plan.nodes import OperatorContext
-    from microstream.protocols import ReadSplit
+    from microstream.protocols import ReadSplit, SinkPart
+    from microstream.runtime.ray.sink_parts import SinkTail
 
 __all__ = [
     "SplitReport",
@@ -150,18 +155,21 @@ def run_split(
     stage: StatelessStage,
     ctx: OperatorContext,
     targets: tuple[Target, ...],
+    tail: SinkTail | None = None,
+    piece: str = "",
 ) -> tuple[Any, ...]:
     """Read ``split``, run ``stage`` over it and cut the output for ``targets``: every
     target's pieces in order (as :class:`Wire` s), then the :class:`SplitReport` (a
-    Ray task's returns)."""
+    Ray task's returns). With ``tail``, the sink's rows are written as ``piece`` of
+    the batch instead, and its target's return is the ``SinkPart``."""
     df = split.read()
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(df, schema)}, [], ctx)
     out = lazy.collect()
-    pieces: list[Wire] = []
+    pieces: list[Wire | SinkPart] = []
     for target in targets:
         if target.keys is None:
-            pieces.append(Wire.of(out))
+            pieces.append(Wire.of(out) if tail is None else write_piece(out, tail, ctx, piece))
         else:
             parts = split_rows(out, target.keys, target.his, target.num_key_groups)
             pieces += [Wire.of(part) for part in parts]

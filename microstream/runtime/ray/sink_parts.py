@@ -8,22 +8,25 @@ stages on its own output and writes its piece of the batch with the sink's
 back only what was written (a :class:`~microstream.protocols.SinkPart` per owner,
 with its row count) and commits every piece at once (``PartSink.commit_parts``: one
 Delta commit with the batch's transaction, one file-sink manifest entry). Rows of
-the batch never travel to the driver.
+the batch never travel to the driver. A query without operators does the same from
+its split tasks (:mod:`~microstream.runtime.ray.scan_tasks`): when the sink reads a
+stage the tasks run per split, each task writes its rows as a piece (a tail without
+stages), the pieces in split order.
 
 :func:`sink_tail` decides, once per query, whether a plan qualifies and cuts the
 tail's stages from the rest of the plan (so what is sent to the workers is small
 and picklable); :func:`write_piece` is what a worker runs per batch, and what a
 Ray task running a stateless query's stages can call with its rows the same way.
 
-A piece's files are named with the piece (``<run>.<attempt>-w<worker>``, see
-:func:`piece_name`), so every attempt of a batch writes new files; only the pieces
+A piece's files are named with the piece (``<run>.<attempt>-w<worker>``, or
+``<run>.<attempt>-s<split>`` from a split task, see :func:`piece_name`), so every attempt of a batch writes new files; only the pieces
 of the attempt the driver commits become visible.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +81,8 @@ class SinkTail:
     """What an owner of the plan's last operator needs to write its piece of a batch."""
 
     operator_index: int
-    """The stage index of the operator whose output the tail reads."""
+    """The stage index of the operator whose output the tail reads (in a query without
+    operators: of the stage split tasks run, whose rows each task writes)."""
     stages: tuple[StatelessStage, ...]
     """The stateless stages between the operator and the sink, cut from the plan above."""
     output: int
@@ -87,12 +91,17 @@ class SinkTail:
 
 
 def sink_tail(
-    plan: PhysicalPlan, writer: PartWriter, dumps: Callable[[Any], bytes]
+    plan: PhysicalPlan,
+    writer: PartWriter,
+    dumps: Callable[[Any], bytes],
+    split_stages: Collection[int] = (),
 ) -> SinkTail | None:
-    """The tail of ``plan`` its last operator's owners can run and write with ``writer``;
-    None when the sink must get the batch on the driver: no operator, a stage after the
-    last operator that is not row-wise stateless (or reads a source), or a tail that
-    ``dumps`` (Ray's pickler) cannot send.
+    """The tail of ``plan`` its last operator's owners can run and write with ``writer``
+    (without operators: the split tasks of the stage the sink reads, when it is one of
+    ``split_stages``, each writing its rows); None when the sink must get the batch on
+    the driver: no operator (and the sink reads no split stage), a stage after the last
+    operator that is not row-wise stateless (or reads a source), or a tail that ``dumps``
+    (Ray's pickler) cannot send.
 
     Examples
     --------
@@ -107,14 +116,21 @@ def sink_tail(
     True
     >>> sink_tail(compile(frame.plan), None, lambda x: b"").stages  # the operator's rows
     ()
+    >>> stateless = compile(ms.MemoryStream({"k": pl.String}).lazy().filter(pl.col("k") > "a").plan)
+    >>> sink_tail(stateless, None, lambda x: b"") is None  # the stage runs on the driver
+    True
+    >>> sink_tail(stateless, None, lambda x: b"", split_stages={0}).operator_index
+    0
     """
     operators = plan.operators()
-    if not operators:
-        return None
-    last = operators[-1]
-    position = plan.stages.index(last)
     sink = plan.stages[-1]
     assert isinstance(sink, SinkStage)
+    if not operators:
+        if sink.input not in split_stages:
+            return None
+        return _sendable(SinkTail(sink.input, (), sink.input, writer), dumps)
+    last = operators[-1]
+    position = plan.stages.index(last)
     known = {last.index}
     tail: list[StatelessStage] = []
     for stage in plan.stages[position + 1 : -1]:
@@ -128,12 +144,15 @@ def sink_tail(
         known.add(stage.index)
     if sink.input not in known:
         return None
-    found = SinkTail(last.index, tuple(tail), sink.input, writer)
+    return _sendable(SinkTail(last.index, tuple(tail), sink.input, writer), dumps)
+
+
+def _sendable(tail: SinkTail, dumps: Callable[[Any], bytes]) -> SinkTail | None:
     try:
-        dumps(found)
+        dumps(tail)
     except Exception:  # the sink's writer (or a value in the tail) stays with the driver
         return None
-    return found
+    return tail
 
 
 def _cut(stage: StatelessStage) -> StatelessStage:
@@ -163,19 +182,23 @@ def _cut(stage: StatelessStage) -> StatelessStage:
     )
 
 
-def piece_name(fence: str, worker: int) -> str:
-    """The piece of a batch one worker writes in one attempt: its files carry it.
+def piece_name(fence: str, worker: int, *, split: bool = False) -> str:
+    """The piece of a batch one worker (or, with ``split``, the task of split ``worker``)
+    writes in one attempt: its files carry it.
 
     Examples
     --------
     >>> piece_name("3f9a2c1e.2", 1)
     '3f9a2c1e.2-w1'
+    >>> piece_name("3f9a2c1e.2", 1, split=True)  # never a worker's name
+    '3f9a2c1e.2-s1'
     """
-    return f"{fence}-w{worker}"
+    return f"{fence}-{'s' if split else 'w'}{worker}"
 
 
 def write_piece(rows: pl.DataFrame, tail: SinkTail, ctx: OperatorContext, piece: str) -> SinkPart:
-    """Run ``tail``'s stages over ``rows`` (this worker's output of the operator) and write
+    """Run ``tail``'s stages over ``rows`` (this worker's output of the operator, or a split
+    task's rows) and write
     the result as ``piece`` of batch ``ctx.batch_id``; what was written (nothing is
     visible until the driver commits it).
 
