@@ -263,8 +263,12 @@ class FileSink:
             )
             raise SinkError(msg) from exc
 
-    def part_writer(self) -> FileSinkPartWriter:
-        """What workers write their pieces of a batch with (``PartSink``)."""
+    def part_writer(self) -> FileSinkPartWriter | None:
+        """What workers write their pieces of a batch with (``PartSink``); None for a
+        directory in this process's memory (``memory://``), which other processes cannot
+        write into (the batch is written here)."""
+        if self._dir.url.startswith("memory://"):
+            return None
         return FileSinkPartWriter(self.spec)
 
     def commit_parts(self, batch_id: int, parts: Sequence[SinkPart]) -> None:

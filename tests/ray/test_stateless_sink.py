@@ -220,3 +220,22 @@ def test_a_task_that_dies_after_writing_its_piece_never_makes_it_visible(
     assert (
         ms.read_file_sink(tmp_path / "ray").rows() == ms.read_file_sink(tmp_path / "local").rows()
     )
+
+
+def test_a_file_sink_in_this_process_memory_is_written_by_the_driver(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    """Tasks run in other processes, whose ``memory://`` is not this one's."""
+    frame = _rows(tmp_path, files=2)
+    _run(frame, "sink_parquet", tmp_path / "local", ms.LocalRuntime())
+    url = f"memory://ray-stateless-sink-{tmp_path.name}"
+    query = frame.sink_parquet(
+        url,
+        checkpoint=f"{url}-cp",
+        trigger=ms.Trigger.available_now(),
+        runtime=ms.RayRuntime(num_workers=2),
+    )
+    assert query.await_termination(timeout=120) and query.exception() is None, query.exception()
+    executor = query._execution.executor  # type: ignore[attr-defined]
+    assert executor.sink_tail is None and executor.split_tasks == 2
+    assert ms.read_file_sink(url).rows() == ms.read_file_sink(tmp_path / "local").rows()
