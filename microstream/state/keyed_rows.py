@@ -249,7 +249,7 @@ class KeyedRows:
         self._tail = tail.clear()
         # Merge, not sort: the base is sorted, so sorting the (small) tail and finding where
         # each of its rows goes gives the order of every row; then ONE gather of the live
-        # rows builds the new base (no filtered copy of the base, no sort of the state).
+        # rows builds the new base (no sort of the state).
         tail_hashes = tail.get_column(self.hash_column).to_numpy()
         tail_order = np.argsort(tail_hashes, kind="stable")
         n_base, n_tail = self._base.height, tail.height
@@ -263,8 +263,15 @@ class KeyedRows:
         order[index] = np.arange(n_base, dtype=order.dtype)
         order[slots] = n_base + tail_order
         del index
-        both = pl.concat([self._base, tail], how="vertical", rechunk=False)
-        self._set_base(both[pl.Series(order[keep])], is_sorted=True)
+        # Column by column, each base + tail made one chunk first: a gather over the tail's
+        # many chunks (one per batch) costs 4-8x more (6M + 1M rows: 1.4 s -> 0.2 s), and
+        # one column at a time adds one column's copy to the peak, not the state's.
+        at = pl.Series(order[keep])
+        columns = [
+            pl.concat([self._base.get_column(c), tail.get_column(c)], rechunk=True).gather(at)
+            for c in self._base.columns
+        ]
+        self._set_base(pl.DataFrame(columns), is_sorted=True)
 
     def _maybe_merge(self) -> None:
         # The tail may grow to a quarter of the base (up to 8x tail_rows): a merge then
