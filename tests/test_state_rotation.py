@@ -1,7 +1,9 @@
-"""Snapshots spread over key-group slices: each version of a large state snapshots one
-slice in turn, every group has a snapshot within ``snapshot_every`` versions, any
-version (and any range of key groups) loads exactly, also after a crash in the middle
-of a rotation and from a checkpoint written with full snapshots by earlier code."""
+"""Snapshots spread over key-group slices: each version of a large state snapshots the
+slices under pressure (their deltas since their last snapshot reach their rows, or they
+went ``AGE_FACTOR * snapshot_every`` versions without one), those bounds hold on disk
+after every version, and any version (and any range of key groups) loads exactly, also
+after a crash in the middle of a version and from a checkpoint written with full
+snapshots by earlier code."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from microstream.state.format import StateVersion, version_file
 from microstream.state.key_groups import key_group_ranges, key_groups
 from microstream.state.keyed_rows import KeyedRows
 from microstream.state.parts import commit_parts
-from microstream.state.rotation import snapshot_slices
+from microstream.state.rotation import AGE_FACTOR, resolve_bases, spread_slices
 from microstream.state.store import StateStore
 
 SCHEMA = pl.Schema({"k": pl.Int64, "v": pl.Int64})
@@ -90,45 +92,110 @@ def in_groups(frame: pl.DataFrame, lo: int, hi: int) -> pl.DataFrame:
     return frame.filter(pl.Series((groups >= lo) & (groups < hi)))
 
 
-def test_a_large_state_snapshots_one_slice_per_version(tmp_path: Path) -> None:
+def pressures(storage: Storage, version: int) -> tuple[list[float], int]:
+    """From the files on disk, after ``version``: per spread slice, the delta rows written
+    since its groups' bases over its rows; and the oldest group's age (versions after
+    its base, ``version`` included). What :func:`slices_by_pressure` bounds."""
+    chain = read_chain(storage, OPERATOR, GROUPS, version)  # newest first
+    bases, _ = resolve_bases(chain, 0, GROUPS, GROUPS)
+    since = np.zeros(GROUPS, dtype=np.int64)
+    for entry in chain:
+        for f in entry.files:
+            if f.kind == "delta":
+                groups = pl.read_ipc(storage.read_bytes(f.name))["__key_group"].to_numpy()
+                since += np.bincount(groups[entry.version > bases[groups]], minlength=GROUPS)
+    rows = np.asarray(chain[0].rows_per_key_group)
+    by_rows = [since[a:b].sum() / max(rows[a:b].sum(), 1) for a, b in spread_slices(GROUPS, EVERY)]
+    ages = [sum(1 for m in chain if m.version > base) for base in bases]
+    return by_rows, max(ages)
+
+
+def assert_bounded(storage: Storage, version: int) -> None:
+    by_rows, age = pressures(storage, version)
+    assert max(by_rows) < 1, (version, by_rows)  # a load replays less than the state's rows
+    assert age < AGE_FACTOR * EVERY, (version, age)
+    assert len(read_chain(storage, OPERATOR, GROUPS, version)) <= AGE_FACTOR * EVERY
+
+
+def test_a_large_state_snapshots_the_slices_under_pressure(tmp_path: Path) -> None:
+    """20 of 50 keys change per version: a slice's deltas reach its rows within a few
+    versions, so most versions snapshot some slices; never the whole state at once after
+    the first, and every load is exact."""
     storage = Storage(tmp_path / "counts")
     store = new_store(storage, spread_snapshots_above=1)
     store.load(None)
-    slices = snapshot_slices(GROUPS, EVERY)
-    assert slices == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    slices = spread_slices(GROUPS, EVERY)
+    assert slices == [(g, g + 1) for g in range(GROUPS)]
     for version in range(13):
         run(store, version)
         entry = manifest(storage, version)
-        # a delta version: its delta, and the snapshot of the slice whose turn it is
-        assert not entry.snapshot
-        assert [f.kind for f in entry.files] == ["delta", "snapshot"]
-        assert snapshot_ranges(storage, version) == [slices[version % EVERY]]
-        lo, hi = slices[version % EVERY]
-        snapshot_rows = sum(f.rows for f in entry.files if f.kind == "snapshot")
-        assert snapshot_rows == sum(entry.rows_per_key_group[lo:hi]) < sum(entry.rows_per_key_group)
-        # the chain a load reads back to every group's base: at most snapshot_every versions
-        assert len(read_chain(storage, OPERATOR, GROUPS, version)) == min(version + 1, EVERY)
-    for version in range(EVERY - 1, 13):  # every group has a snapshot within EVERY versions
-        covered = {g for v in range(version - EVERY + 1, version + 1) for a, b in
-                   snapshot_ranges(storage, v) for g in range(a, b)}  # fmt: skip
-        assert covered == set(range(GROUPS))
+        assert not entry.snapshot and entry.files[0].kind == "delta"
+        written = snapshot_ranges(storage, version)
+        assert set(written) <= set(slices)
+        if version == 0:  # every row came in this version's delta: each slice with rows at 1
+            assert written == [(a, b) for a, b in slices if sum(entry.rows_per_key_group[a:b])]
+        else:
+            assert 0 < len(written) < len(slices)
+        assert_bounded(storage, version)
     for version in range(13):
         assert_frame_equal(loaded(storage, version), model(list(range(version + 1))))
 
 
+def test_a_large_state_with_few_changes_writes_one_slice_per_version(tmp_path: Path) -> None:
+    """2,000 keys, 20 changed per version: the rows since a base stay far below a slice's
+    rows, so the age decides: a slice becomes due at half of ``AGE_FACTOR * EVERY``
+    versions, one per version, and each version writes at most one slice (an eighth of
+    the state, where the old rule wrote a quarter every version)."""
+    storage = Storage(tmp_path / "counts")
+    store = new_store(storage, spread_snapshots_above=1)
+    store.load(None)
+    keys = pl.DataFrame({"k": range(2000), "v": range(2000)}, schema=SCHEMA)
+    store.apply(upserts=keys, deletes=keys.clear().select("k"))
+    store.commit(0)
+    assert snapshot_ranges(storage, 0) == spread_slices(GROUPS, EVERY)
+    written: list[tuple[int, int]] = []
+    for version in range(1, 61):
+        changed = keys.slice((version * 20) % 2000, 20).with_columns(v=pl.col("v") + version)
+        store.apply(upserts=changed, deletes=keys.clear().select("k"))
+        store.commit(version)
+        ranges = snapshot_ranges(storage, version)
+        assert len(ranges) <= 1, (version, ranges)
+        written += ranges
+        assert_bounded(storage, version)
+        keys = keys.update(changed, on="k")
+    # slices due by age from version 20 (half of 40), one per version: each of the 8
+    # twice or three times in 60 versions, never more than 40 versions apart
+    assert 16 <= len(written) <= 24
+    assert {r for r in written} == set(spread_slices(GROUPS, EVERY))
+    snapshot_rows = sum(f.rows for v in range(1, 61) for f in manifest(storage, v).files
+                        if f.kind == "snapshot")  # fmt: skip
+    assert snapshot_rows <= 24 * 2000 // GROUPS * 1.5 < 60 * 2000 // EVERY
+    assert_frame_equal(loaded(storage, 60), keys.sort("k"))
+    assert_frame_equal(loaded(storage, 37), store_at(storage, 37))
+
+
+def store_at(storage: Storage, version: int) -> pl.DataFrame:
+    """The state of :func:`test_a_large_state_with_few_changes_writes_one_slice_per_version`
+    at ``version``, rebuilt without the store."""
+    keys = pl.DataFrame({"k": range(2000), "v": range(2000)}, schema=SCHEMA)
+    for v in range(1, version + 1):
+        changed = keys.slice((v * 20) % 2000, 20).with_columns(v=pl.col("v") + v)
+        keys = keys.update(changed, on="k")
+    return keys.sort("k")
+
+
 def test_spread_snapshots_stay_bounded_when_versions_skip(tmp_path: Path) -> None:
-    """Odd versions only: the slices 0 and 2 never have their turn (version % 4), so they
-    are snapshotted when their base is ``snapshot_every - 1`` versions old."""
+    """Odd versions only: the bounds hold over the versions that exist."""
     storage = Storage(tmp_path / "counts")
     store = new_store(storage, spread_snapshots_above=1)
     store.load(None)
     versions = list(range(1, 30, 2))
     for i, version in enumerate(versions):
         run(store, version)
-        assert len(read_chain(storage, OPERATOR, GROUPS, version)) <= EVERY
+        assert_bounded(storage, version)
         assert_frame_equal(loaded(storage, version), model(versions[: i + 1]))
     assert {r for v in versions for r in snapshot_ranges(storage, v)} == set(
-        snapshot_slices(GROUPS, EVERY)
+        spread_slices(GROUPS, EVERY)
     )
 
 
@@ -194,15 +261,12 @@ def test_a_checkpoint_with_full_snapshots_from_earlier_code_loads_and_continues(
         assert_frame_equal(loaded(storage, version), model(list(range(version + 1))))
     store = new_store(storage, spread_snapshots_above=1)
     store.load(6)
-    slices = snapshot_slices(GROUPS, EVERY)
     for version in range(7, 16):
         run(store, version)
-        # Version 8 is slice 0's turn, and slices 1 and 2 (whose turns, 5 and 6, were
-        # written whole-state) have their base, the full snapshot at 4, 3 versions back:
-        # they catch up once; then one slice per version.
-        expected = slices[:3] if version == 8 else [slices[version % EVERY]]
-        assert snapshot_ranges(storage, version) == expected
-        assert len(read_chain(storage, OPERATOR, GROUPS, version)) <= EVERY
+        # the deltas of 5 and 6 (after the full snapshot at 4) count towards version 7's
+        # pressure: the load rebuilt them, so the bounds hold from the first version on
+        assert snapshot_ranges(storage, version)
+        assert_bounded(storage, version)
         assert_frame_equal(loaded(storage, version), model(list(range(version + 1))))
     # the retention (100 versions) kept everything: the old full snapshots still load
     assert_frame_equal(loaded(storage, 4), model(list(range(5))))
@@ -214,19 +278,22 @@ def test_retention_keeps_what_spread_versions_need(tmp_path: Path) -> None:
     store.load(None)
     for version in range(20):
         run(store, version)
-    # retained: 17..19; 17 needs the slices' snapshots at 14..17 and the deltas after them
-    assert storage.list_numbered("versions") == list(range(14, 20))
-    assert sorted(int(n) for n in storage.list_names("snapshots")) == list(range(14, 20))
-    assert sorted(int(n.split(".")[0]) for n in storage.list_names("deltas")) == list(range(14, 20))
+    # retained: 17..19; 17 reads back to 15 (slices 2-3 and 6-7 were last snapshotted
+    # at 15), so versions, snapshots and deltas from 15 on stay, older ones are removed
+    assert [m.version for m in read_chain(storage, OPERATOR, GROUPS, 17)] == [17, 16, 15]
+    assert {(2, 3), (6, 7)} <= set(snapshot_ranges(storage, 15))
+    assert storage.list_numbered("versions") == list(range(15, 20))
+    assert sorted(int(n) for n in storage.list_names("snapshots")) == list(range(15, 20))
+    assert sorted(int(n.split(".")[0]) for n in storage.list_names("deltas")) == list(range(15, 20))
     for version in range(17, 20):
         assert_frame_equal(loaded(storage, version), model(list(range(version + 1))))
-    # 14 needs the snapshot of slice 3 at 11 (and the manifests 11-13): gone
+    # 16 needs a snapshot older than 15 (and the manifest 14): gone
     with pytest.raises(
         CheckpointCorruptError,
-        match=r"version 14 is no longer retained: it needs version 13, older than the oldest "
-        r"on disk \(14\)",
+        match=r"version 16 is no longer retained: it needs version 14, older than the oldest "
+        r"on disk \(15\)",
     ):
-        loaded(storage, 14)
+        loaded(storage, 16)
 
 
 CRASHING_RUN = textwrap.dedent(

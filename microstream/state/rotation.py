@@ -1,20 +1,28 @@
 """Snapshots spread over key-group slices: which groups a version snapshots, and where a
 load of a version finds each group's newest snapshot.
 
-A store whose state is large does not write a full snapshot every ``snapshot_every``
-versions (one batch that pays for the whole state): it splits its key groups into
-``snapshot_every`` contiguous *slices* (:func:`snapshot_slices`) and every version
-snapshots one of them, in turn, next to its delta. Any key group then has a snapshot
-within the last ``snapshot_every`` versions, so a load still replays at most
-``snapshot_every - 1`` deltas for each group, and each version writes about
-``1/snapshot_every`` of the state. A small state keeps the full snapshot.
+A small store writes a full snapshot every ``snapshot_every`` versions. A large one
+(``spread_snapshots_above`` rows) never snapshots the whole state at once: its key
+groups are cut into contiguous *slices* (:func:`spread_slices`: 32 of 128 groups),
+and a version snapshots, next to its delta, only the slices under *pressure*
+(:func:`slices_by_pressure`): those whose delta rows since their last snapshot reach
+their rows, or whose oldest group has gone ``AGE_FACTOR * snapshot_every`` versions
+without one; and, when none does, the one slice under the most pressure once it is
+past half. So the rows a version writes follow the rows the batch changed, not the
+size of the state, no version snapshots everything, and a load still replays, per
+slice, fewer delta rows than the slice holds and at most ``AGE_FACTOR *
+snapshot_every`` versions. (Every group snapshotted within ``snapshot_every``
+versions, the rule of a small store and of RayRuntime's owners, would make every
+version of a large state write ``1/snapshot_every`` of it: the cost then grows with
+the state.)
 
 On disk such a version is an ordinary delta version (``"snapshot": false``) whose
 manifest also lists ``snapshot`` files for some key-group ranges: the rows of those
 groups as of that version. Each key group's *base* is the newest snapshot file
 covering it at or before the loaded version (or the empty state, when the chain of
 versions reaches one built on nothing); a load reads that file's rows of the group
-and replays only the deltas of later versions (:func:`resolve_bases`).
+and replays only the deltas of later versions (:func:`resolve_bases`), whatever rule
+chose the slices.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ __all__ = [
     "resolve_bases",
     "rows_after_base",
     "rows_based_at",
+    "slices_by_pressure",
     "slices_to_write",
     "snapshot_slices",
+    "spread_slices",
 ]
 
 EMPTY_BASE = -1
@@ -44,7 +54,8 @@ _UNSET = -2
 
 
 def snapshot_slices(num_key_groups: int, snapshot_every: int) -> list[tuple[int, int]]:
-    """The contiguous key-group slices a spread snapshot rotates over: one per version.
+    """The contiguous key-group slices of a small store or an owner: ``snapshot_every`` of
+    them, a slice snapshotted when one of its groups is due (:func:`slices_to_write`).
 
     Examples
     --------
@@ -146,29 +157,24 @@ def due_groups(
 
 
 def slices_to_write(
-    version: int, due: np.ndarray, snapshot_every: int, lo: int, hi: int, *, rotate: bool
+    due: np.ndarray, snapshot_every: int, lo: int, hi: int
 ) -> list[tuple[int, int]]:
-    """The key-group ranges (slices cut at ``[lo, hi)``) that ``version`` snapshots: every
-    slice holding a due group, and with ``rotate`` the slice whose turn it is
-    (``version % snapshot_every``).
+    """The key-group ranges (slices cut at ``[lo, hi)``) holding a due group: what a
+    version of a small store, or of an owner of a range, snapshots.
 
     Examples
     --------
     >>> due = np.zeros(8, dtype=bool)
-    >>> slices_to_write(13, due, 4, 0, 8, rotate=True)
-    [(2, 4)]
+    >>> slices_to_write(due, 4, 0, 8)
+    []
     >>> due[6] = True
-    >>> slices_to_write(13, due, 4, 0, 8, rotate=False)
-    [(6, 8)]
-    >>> slices_to_write(13, due, 4, 3, 8, rotate=True)
-    [(3, 4), (6, 8)]
+    >>> slices_to_write(due, 4, 0, 8), slices_to_write(due, 4, 3, 7)
+    ([(6, 8)], [(6, 7)])
     """
-    slices = snapshot_slices(due.size, snapshot_every)
-    turn = version % len(slices)
     out = []
-    for i, (start, stop) in enumerate(slices):
+    for start, stop in snapshot_slices(due.size, snapshot_every):
         a, b = max(start, lo), min(stop, hi)
-        if a < b and ((rotate and i == turn) or bool(due[a:b].any())):
+        if a < b and bool(due[a:b].any()):
             out.append((a, b))
     return out
 
@@ -198,3 +204,84 @@ def rows_after_base(frame: pl.DataFrame, bases: np.ndarray, version: int) -> pl.
     """
     keep = bases[frame.get_column(KEY_GROUP_COLUMN).to_numpy()] < version
     return frame if keep.all() else frame.filter(pl.Series(keep))
+
+
+SPREAD_SLICES = 32
+"""A large store cuts its key groups into this many slices (or ``snapshot_every``, if
+more; at most one per group): smaller slices, smaller snapshot writes."""
+AGE_FACTOR = 10
+"""A large store snapshots every group within ``AGE_FACTOR * snapshot_every`` versions."""
+
+
+def spread_slices(num_key_groups: int, snapshot_every: int) -> list[tuple[int, int]]:
+    """The key-group slices of a large store (:func:`slices_by_pressure`).
+
+    Examples
+    --------
+    >>> len(spread_slices(128, 10)), spread_slices(128, 10)[:2]
+    (32, [(0, 4), (4, 8)])
+    >>> spread_slices(4, 10)
+    [(0, 1), (1, 2), (2, 3), (3, 4)]
+    """
+    count = min(num_key_groups, max(snapshot_every, SPREAD_SLICES))
+    return key_group_ranges(num_key_groups, count)
+
+
+def slices_by_pressure(
+    since: np.ndarray,
+    rows: np.ndarray,
+    bases: np.ndarray,
+    chain_versions: Sequence[int],
+    snapshot_every: int,
+    lo: int,
+    hi: int,
+) -> list[tuple[int, int]]:
+    """The slices of ``[lo, hi)`` a version of a large store snapshots, by *pressure*:
+    the larger of a slice's delta rows since its groups' bases over its rows, and its
+    oldest group's age (versions after its base, this one included) over
+    ``AGE_FACTOR * snapshot_every``.
+
+    Every slice at pressure 1 or more is snapshotted (a load then replays at most about
+    the state's rows in deltas, and at most that many versions); when none is, the one
+    under the most pressure, if at 1/2 or more: slices that fill at the same rate (keys
+    spread evenly) are so taken one per version before any reaches 1, and write cost
+    follows the rows changed, not the state's size.
+
+    Parameters
+    ----------
+    since
+        Per key group: delta rows written since its base, this version's included.
+    rows
+        Per key group: its rows as of this version.
+    bases, chain_versions
+        Per key group its base version; the versions of the chain (oldest first), as
+        for :func:`due_groups`.
+
+    Examples
+    --------
+    >>> rows = np.array([100, 100, 100, 100])
+    >>> none = np.array([-1, -1, -1, -1])
+    >>> slices_by_pressure(np.array([10, 60, 0, 0]), rows, none, [0], 10, 0, 4)
+    [(1, 2)]
+    >>> slices_by_pressure(np.array([100, 200, 0, 0]), rows, none, [0], 10, 0, 4)
+    [(0, 1), (1, 2)]
+    >>> slices_by_pressure(np.array([1, 1, 1, 1]), rows, none, [0], 10, 0, 4)  # no pressure
+    []
+    >>> slices_by_pressure(np.array([1, 1, 1, 1]), rows, np.array([0, 60, 60, 60]),
+    ...                    list(range(100)), 10, 0, 4)  # group 0's base is 99 versions old
+    [(0, 1)]
+    """
+    versions = np.asarray(chain_versions, dtype=np.int64)
+    age = versions.size - np.searchsorted(versions, bases, side="right") + 1
+    pressures: list[tuple[float, tuple[int, int]]] = []
+    for start, stop in spread_slices(since.size, snapshot_every):
+        a, b = max(start, lo), min(stop, hi)
+        if a < b:
+            by_rows = float(since[a:b].sum()) / max(int(rows[a:b].sum()), 1)
+            by_age = float(age[a:b].max()) / (AGE_FACTOR * snapshot_every)
+            pressures.append((max(by_rows, by_age), (a, b)))
+    due = [cut for pressure, cut in pressures if pressure >= 1]
+    if due or not pressures:
+        return due
+    pressure, cut = max(pressures, key=lambda p: p[0])
+    return [cut] if pressure >= 0.5 else []

@@ -8,11 +8,11 @@ carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
 the key, modulo the checkpoint's number of key groups), computed once when the
 row is written. After every batch the engine calls :meth:`StateStore.commit`
 with the batch id: the changes since the last commit go to ONE delta file, and
-every key group gets a snapshot at least every ``snapshot_every`` versions (a small
-state whole, split into contiguous key-group ranges; a large one a slice of its key
-groups per version, :mod:`microstream.state.rotation`), so recovery replays at most
-``snapshot_every - 1`` deltas per group and a worker owning a range of key groups
-reads only its files (:meth:`StateStore.load` with ``key_groups=``). No pickle anywhere.
+snapshots bound what recovery replays (a small state whole every ``snapshot_every``
+versions, split into contiguous key-group ranges; a large one the key-group slices
+whose deltas have grown, :mod:`microstream.state.rotation`); a worker owning a range
+of key groups reads only its files (:meth:`StateStore.load` with ``key_groups=``).
+No pickle anywhere.
 
 Layout of the store's directory ``state/<operator>/<store>/``::
 
@@ -85,6 +85,7 @@ from microstream.state.rotation import (
     resolve_bases,
     rows_after_base,
     rows_based_at,
+    slices_by_pressure,
     slices_to_write,
 )
 from microstream.state.store_checks import check_forward, conform, validate_store_arguments
@@ -124,12 +125,11 @@ class StateStore:
         number, or 128 for new state); fixed when the state is first committed,
         a later mismatch is refused.
     snapshot_every
-        Every key group gets a snapshot at least every this many versions, which
-        bounds recovery to that many files per group: a full snapshot at every
-        version divisible by this while the state is small; above
-        ``spread_snapshots_above`` rows, every version snapshots one of this many
-        key-group slices in turn (:mod:`microstream.state.rotation`), so that no
-        batch pays for a snapshot of the whole state.
+        While the state is small, a full snapshot at every version divisible by
+        this (recovery replays fewer deltas); above ``spread_snapshots_above`` rows,
+        each version snapshots only the key-group slices whose deltas reached their
+        rows or that went ``10 * snapshot_every`` versions without a snapshot
+        (:mod:`microstream.state.rotation`): no batch pays for the whole state.
     min_versions_to_retain
         Files needed to rebuild any of the last this-many versions (by
         version number) are kept; older ones are removed after a snapshot.
@@ -250,6 +250,7 @@ class StateStore:
         # per key group: the version of its newest snapshot (EMPTY_BASE: none, the empty
         # state the chain started from, version _origin)
         self._bases = np.full(self.num_key_groups, EMPTY_BASE, dtype=np.int64)
+        self._since = np.zeros(self.num_key_groups, dtype=np.int64)  # delta rows since base
         self._origin: int | None = None
         self._key_range = (0, self.num_key_groups)
         self._opened = False
@@ -527,6 +528,7 @@ class StateStore:
         data = self._keyed(pl.DataFrame(schema=self._mem_schema))
         chain: list[StateVersion] = []
         bases = np.full(self.num_key_groups, EMPTY_BASE, dtype=np.int64)
+        since = np.zeros(self.num_key_groups, dtype=np.int64)
         if version is not None:
             n = self.num_key_groups
             chain = read_chain(self.storage, self.operator, n, version, (lo, hi))
@@ -542,7 +544,7 @@ class StateStore:
                     base.with_columns(self._hash_expr).select(list(self._mem_schema))
                 )
             deltas = [(f, m.version) for m in reversed(chain) for f in m.files if f.kind == "delta"]
-            self._replay(deltas, bases, data, lo, hi)
+            since = self._replay(deltas, bases, data, lo, hi)
             data.compact()
             counts = data.rows_per_partition()
             target = chain[0].rows_per_key_group
@@ -560,7 +562,7 @@ class StateStore:
         self._frame = None
         self._version = version
         self._key_range = (lo, hi)
-        self._bases = bases
+        self._bases, self._since = bases, since
         origin = chain[-1].version if chain and chain[-1].parent is None else None
         self._origin = origin
         self._chain = [
@@ -631,7 +633,9 @@ class StateStore:
         spread = self.rows >= self.spread_snapshots_above
         n = self.num_key_groups
         full = snapshot or grown or (version % self.snapshot_every == 0 and not spread)
-        slices = [] if full else self._slices_due(version, 0, n, rotate=spread)
+        if self._pending is not None:
+            self._since += np.bincount(self._pending.get_column(_KG).to_numpy(), minlength=n)
+        slices = [] if full else self._slices_due(version, 0, n, spread=spread)
         full = full or slices == [(0, n)]  # (one key group, or snapshot_every=1)
         files: list[StateFile] = []
         if full:
@@ -711,7 +715,7 @@ class StateStore:
                 if a < hi and lo < b
             ]
             if full
-            else self._slices_due(version, lo, hi, rotate=False)
+            else self._slices_due(version, lo, hi, spread=False)
         )
         files: list[StateFile] = []
         if not full and self._pending is not None:
@@ -735,13 +739,17 @@ class StateStore:
 
     # -- internals -----------------------------------------------------------------
 
-    def _slices_due(self, version: int, lo: int, hi: int, *, rotate: bool) -> list[tuple[int, int]]:
+    def _slices_due(self, version: int, lo: int, hi: int, *, spread: bool) -> list[tuple[int, int]]:
         """The key-group slices of ``[lo, hi)`` that ``version`` snapshots: those holding a
-        group whose base is ``snapshot_every - 1`` versions old, and with ``rotate`` (a
-        large state) the slice whose turn it is."""
+        group whose base is ``snapshot_every - 1`` versions old, or, in a large state,
+        those under pressure (:func:`~microstream.state.rotation.slices_by_pressure`)."""
         versions = [v for v, _ in self._chain]
+        if spread:
+            rows = np.asarray(self.rows_per_key_group(), dtype=np.int64)
+            args = (self._since, rows, self._bases, versions, self.snapshot_every, lo, hi)
+            return slices_by_pressure(*args)
         due = due_groups(self._bases, versions, self.snapshot_every, lo, hi)
-        return slices_to_write(version, due, self.snapshot_every, lo, hi, rotate=rotate)
+        return slices_to_write(due, self.snapshot_every, lo, hi)
 
     def _write_snapshot(
         self, version: int, slices: list[tuple[int, int]], fence: str = ""
@@ -764,6 +772,7 @@ class StateStore:
         """Record committed ``version`` (snapshotting ``slices``) in the chain and bases."""
         for a, b in slices:
             self._bases[a:b] = version
+            self._since[a:b] = 0
         if parent is None:
             self._origin = version
         # An owner knows only its groups' bases (the leader's retention covers every
@@ -832,6 +841,7 @@ class StateStore:
         self.num_key_groups = num_key_groups
         self._key_range = (0, num_key_groups)
         self._bases = np.full(num_key_groups, EMPTY_BASE, dtype=np.int64)
+        self._since = np.zeros(num_key_groups, dtype=np.int64)
         rows = self._data.frame()
         if rows.height:
             rows = self._hashed(rows)
@@ -883,9 +893,10 @@ class StateStore:
         data: KeyedRows,
         lo: int,
         hi: int,
-    ) -> None:
+    ) -> np.ndarray:
         """Apply the delta files (with their versions), oldest first, to ``data`` (key
-        groups ``[lo, hi)``), each to the groups whose base is older than it.
+        groups ``[lo, hi)``), each to the groups whose base is older than it; the delta
+        rows each group replayed.
 
         All deltas are read into one frame; for each key the rows of its newest
         delta decide (upsert rows, or the deletion marker).
@@ -898,11 +909,12 @@ class StateStore:
             if entry.key_groups[0] < hi and lo < entry.key_groups[1]
         ]
         if not frames:
-            return
+            return np.zeros(self.num_key_groups, dtype=np.int64)
         every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
         newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
         live = newest.filter(~pl.col(_DELETED))
         data.replace(_project(newest, self._keys_hash), _project(live, list(self._mem_schema)))
+        return np.bincount(every.get_column(_KG).to_numpy(), minlength=self.num_key_groups)
 
     def _remove_unneeded_files(self) -> None:
         """Delete files older than the base needed by the oldest retained version."""
