@@ -285,7 +285,12 @@ def test_new_topics_and_partitions_are_read_from_their_start(
     kafka_broker.produce(f"{prefix}-b", rows([1, 2]), partition=1)
     kafka_broker.produce(f"{prefix}-b", rows([3]), partition=0)
     kafka_broker.produce(f"{prefix}-a", rows([4]))
-    query.process_all_available(timeout=30)
+    # A new topic shows in the broker's metadata a little later under load: poll until
+    # the rows stop coming (the check is what is read, and from where, not how soon).
+    deadline = time.monotonic() + 30
+    while len(ms.table(name)) < 4 and time.monotonic() < deadline:
+        query.process_all_available(timeout=30)
+        time.sleep(0.2)
     query.stop()
     out = ms.table(name).select("topic", "partition", "offset", "id")
     assert out.rows() == [
