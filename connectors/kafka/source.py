@@ -42,6 +42,7 @@ from connectors.kafka.records import (
     _retryable,
 )
 from connectors.kafka.source_spec import KafkaSourceSpec
+from connectors.kafka.splits import KafkaSplit, plan_kafka_splits
 from microstream.exceptions import (
     DataLossError,
     OffsetError,
@@ -496,6 +497,12 @@ class KafkaSource(RecordDecoding):
                 ranges = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
         records = self._fetch(ranges) if ranges else _Records.empty()
         return self._decode(records)
+
+    def plan_splits(self, start: Offset, end: Offset) -> list[KafkaSplit] | None:
+        """``(start, end]`` as topic-partition offset ranges other processes read
+        (:mod:`connectors.kafka.splits`), or None: read on the driver (a policy that
+        skips or dead-letters bad records, or ``fail_on_data_loss=False``)."""
+        return plan_kafka_splits(self, start, end)
 
     # The consumer stays assigned between batches: librdkafka keeps fetching the next
     # records while the batch is decoded, computed and written, and records consumed past
