@@ -123,7 +123,7 @@ def test_kafka_partitions_into_a_window_into_delta_equal_local_and_skip_the_driv
 
     assert table("ray") == table("local")
     assert len(table("local")) > 25
-    executor = query._execution.executor  # type: ignore[attr-defined]
+    executor = query._execution.executor
     # 3 batches of 30 offsets from each of the 4 partitions (the flush batch reads none).
     assert _splits_planned(query) == 3 * PARTITIONS
     assert executor.split_tasks == 3 * PARTITIONS  # one Ray task per split
@@ -150,7 +150,7 @@ def test_stateless_kafka_into_parquet_the_tasks_write_the_pieces(
     # read's order (topic, partition, offset).
     assert ms.read_file_sink(tmp_path / "ray").rows() == local.rows()
     assert local.height > 200
-    executor = query._execution.executor  # type: ignore[attr-defined]
+    executor = query._execution.executor
     assert executor.workers == [] and executor.split_tasks == 3 * PARTITIONS
     assert executor.sink_tail is not None and executor.sink_tail.stages == ()
     assert executor.driver_rows == 0  # the tasks wrote the rows; the driver only committed
@@ -243,7 +243,7 @@ def test_a_worker_killed_while_reading_a_split_is_re_run_with_the_same_output(
     )
     dying = ms.StreamFrame.from_source(DyingKafkaSpec(inner, str(markers), deaths))
     query = _run(_prefix(dying), "sink_parquet", tmp_path / "ray", ms.RayRuntime(num_workers=2))
-    executor = query._execution.executor  # type: ignore[attr-defined]
+    executor = query._execution.executor
     assert sorted(os.listdir(markers)) == [str(n) for n in range(deaths)]
     assert executor.restarts == restarts
     assert (
