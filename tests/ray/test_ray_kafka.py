@@ -249,3 +249,64 @@ def test_a_worker_killed_while_reading_a_split_is_re_run_with_the_same_output(
     assert (
         ms.read_file_sink(tmp_path / "ray").rows() == ms.read_file_sink(tmp_path / "local").rows()
     )
+
+
+# -- bad records: "fail" in the tasks, "skip" on the driver --------------------------------
+
+
+def _with_a_bad_record(broker: TansuBroker, name: str) -> str:
+    topic = _topic(broker, name)
+    broker.produce(topic, [b"{not json"], partition=2)  # offset 90 of partition 2
+    return topic
+
+
+def _failed(frame: ms.StreamFrame, path: Path, runtime: ms.Runtime) -> tuple[str, Any]:
+    query = frame.sink_parquet(
+        path,
+        checkpoint=path.parent / f"cp-{path.name}",
+        trigger=ms.Trigger.available_now(),
+        runtime=runtime,
+    )
+    with pytest.raises(ms.SourceError) as error:
+        query.await_termination(timeout=180)
+    assert query.exception() is error.value
+    return str(error.value), query
+
+
+def test_a_bad_record_read_in_a_task_fails_the_query_as_locally(
+    ray_cluster: Any, kafka_broker: TansuBroker, name: str, tmp_path: Path
+) -> None:
+    topic = _with_a_bad_record(kafka_broker, name)
+    frame = _prefix(_scan(kafka_broker, topic))
+    local, _ = _failed(frame, tmp_path / "local", ms.LocalRuntime())
+    ray, query = _failed(frame, tmp_path / "ray", ms.RayRuntime(num_workers=2))
+    assert ray == local
+    assert query._execution.executor.split_tasks > 0  # read in tasks, failed in one
+    assert f"bad record at topic {topic!r} partition 2 offset 90" in ray
+
+
+def test_skipped_bad_records_are_read_and_counted_on_the_driver(
+    ray_cluster: Any, kafka_broker: TansuBroker, name: str, tmp_path: Path
+) -> None:
+    topic = _with_a_bad_record(kafka_broker, name)
+    frame = _prefix(
+        ms.scan_kafka(
+            kafka_broker.bootstrap_servers,
+            topic=topic,
+            schema=SCHEMA,
+            max_offsets_per_trigger=PER_TRIGGER,
+            include_metadata=True,
+            on_bad_record="skip",
+        )
+    )
+    local = _run(frame, "sink_parquet", tmp_path / "local", ms.LocalRuntime())
+    ray = _run(frame, "sink_parquet", tmp_path / "ray", ms.RayRuntime(num_workers=2))
+    assert (
+        ms.read_file_sink(tmp_path / "ray").rows() == ms.read_file_sink(tmp_path / "local").rows()
+    )
+
+    def skipped(query: ms.StreamingQuery) -> list[dict[str, int]]:
+        return [p.sources[0].metrics for p in query.recent_progress if p.sources[0].metrics]
+
+    assert skipped(ray) == skipped(local) == [{"bad_records_skipped": 1}]
+    assert ray._execution.executor.split_tasks == 0  # the driver read every batch
