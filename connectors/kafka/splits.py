@@ -165,6 +165,28 @@ def plan_kafka_splits(
     ------
     DataLossError
         A batch replayed from the log whose offsets are no longer all in the partitions.
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> from connectors.kafka.source_spec import KafkaSourceSpec
+    >>> from microstream.testing.tansu import TansuBroker
+    >>> with TansuBroker() as broker:
+    ...     broker.create_topic("doc-plan", partitions=3)
+    ...     _ = broker.produce("doc-plan", [{"id": n} for n in range(5)], partition=0)
+    ...     _ = broker.produce("doc-plan", [{"id": 9}], partition=2)
+    ...     spec = KafkaSourceSpec(
+    ...         broker.bootstrap_servers, topic="doc-plan", schema={"id": pl.Int64}
+    ...     )
+    ...     ctx = SourceContext(index=0, storage=Storage("memory://doc-plan"), query_id="q")
+    ...     source = spec.build(ctx)
+    ...     start = source.initial_offset()
+    ...     end = source.latest_offset(start, rate_limited=False)
+    ...     splits = plan_kafka_splits(source, start, end, split_records=3)
+    ...     rows = [s.read()["id"].to_list() for s in splits]
+    ...     source.stop()
+    >>> [(s.partition, s.first, s.end) for s in splits], rows
+    ([(0, 0, 3), (0, 3, 5), (2, 0, 1)], [[0, 1, 2], [3, 4], [9]])
     """
     spec = source.spec
     if spec.on_bad_record != "fail" or not spec.fail_on_data_loss:
