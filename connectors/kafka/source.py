@@ -21,20 +21,19 @@ from connectors.kafka.client import (
     _REQUEST_TIMEOUT_S,
     _STASH_MAX,
     DEAD_LETTER_SCHEMA,
-    HEADERS_DTYPE,
     T,
     TopicPartitionKey,
     _client_options,
     _is_transient,
     _require_kafka,
 )
+from connectors.kafka.decoding import RecordDecoding
 from connectors.kafka.offsets import KafkaOffset, _kafka_offset, _nest
 from connectors.kafka.records import (
     _apportion,
     _as_exception,
     _Bounds,
     _Cursor,
-    _headers_of,
     _key_of,
     _Loss,
     _offset_of,
@@ -43,10 +42,10 @@ from connectors.kafka.records import (
     _retryable,
 )
 from connectors.kafka.source_spec import KafkaSourceSpec
+from connectors.kafka.splits import KafkaSplit, plan_kafka_splits
 from microstream.exceptions import (
     DataLossError,
     OffsetError,
-    SchemaMismatchError,
     SourceError,
 )
 from microstream.protocols import Offset, SourceContext
@@ -59,7 +58,7 @@ if TYPE_CHECKING:
 # -- the runtime source ----------------------------------------------------------------------------
 
 
-class KafkaSource:
+class KafkaSource(RecordDecoding):
     """The runtime side of :class:`KafkaSourceSpec` (see the module docstring).
 
     Examples
@@ -347,10 +346,6 @@ class KafkaSource:
         )
         return DataLossError(msg)
 
-    def _count(self, name: str, n: int) -> None:
-        if n:
-            self._metrics[name] = self._metrics.get(name, 0) + n
-
     def latest_offset(self, start: Offset, *, rate_limited: bool) -> KafkaOffset:
         """The end of the next batch: every partition's end, within the rate limit.
 
@@ -502,6 +497,12 @@ class KafkaSource:
                 ranges = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
         records = self._fetch(ranges) if ranges else _Records.empty()
         return self._decode(records)
+
+    def plan_splits(self, start: Offset, end: Offset) -> list[KafkaSplit] | None:
+        """``(start, end]`` as topic-partition offset ranges other processes read
+        (:mod:`connectors.kafka.splits`), or None: read on the driver (a policy that
+        skips or dead-letters bad records, or ``fail_on_data_loss=False``)."""
+        return plan_kafka_splits(self, start, end)
 
     # The consumer stays assigned between batches: librdkafka keeps fetching the next
     # records while the batch is decoded, computed and written, and records consumed past
@@ -704,117 +705,6 @@ class KafkaSource:
             f"for {self.spec.retry_timeout_s:g}s while reading {text}"
         )
         return SourceError(msg)
-
-    def _decode(self, records: _Records) -> pl.DataFrame:
-        spec = self.spec
-        messages = records.messages
-        meta = pl.DataFrame(
-            {
-                "topic": records.topics,
-                "partition": records.partitions,
-                "offset": records.offsets,
-            }
-        )
-        if spec.include_metadata:
-            stamps = [m.timestamp() for m in messages]
-            meta = meta.with_columns(
-                key=pl.Series([m.key() for m in messages], dtype=pl.Binary),
-                timestamp=pl.Series([s[1] if s[0] else None for s in stamps], dtype=pl.Int64)
-                .cast(pl.Datetime("ms"))
-                .dt.replace_time_zone("UTC"),
-            )
-        if spec.include_headers:
-            meta = meta.with_columns(
-                headers=pl.Series(
-                    [[{"key": k, "value": v} for k, v in _headers_of(m)] for m in messages],
-                    dtype=HEADERS_DTYPE,
-                )
-            )
-        decoded = spec.decoder.decode([m.value() for m in messages], seen=tuple(self._ignored))
-        if decoded.bad:
-            self._bad_records(decoded.bad, messages)
-        if decoded.missing or decoded.extra:
-            self._schema_drift(decoded.extra, decoded.missing, messages)
-        if decoded.index is not None:
-            meta = meta[decoded.index]
-        frame = pl.concat([decoded.frame, meta], how="horizontal")
-        return frame.select(spec.schema.names())
-
-    def _bad_records(self, bad: list[tuple[int, str]], messages: list[Message]) -> None:
-        spec = self.spec
-        first, why = bad[0]
-        m = messages[first]
-        where = f"topic {m.topic()!r} partition {m.partition()} offset {m.offset()}"
-        if spec.on_bad_record == "fail":
-            more = f" (and {len(bad) - 1} more in this batch)" if len(bad) > 1 else ""
-            msg = (
-                f"{self.description}: bad record at {where}: {why}{more}. Fix or remove it, or "
-                "pass on_bad_record='skip' or 'dead_letter'"
-            )
-            raise SourceError(msg)
-        if spec.on_bad_record == "skip":
-            self._count("bad_records_skipped", len(bad))
-            self._logger.warning(
-                "%s: skipped %d bad record(s); the first at %s: %s",
-                self.description,
-                len(bad),
-                where,
-                why,
-            )
-            return
-        rows = [messages[i] for i, _ in bad]
-        dead = pl.DataFrame(
-            {
-                "topic": [r.topic() for r in rows],
-                "partition": [r.partition() for r in rows],
-                "offset": [r.offset() for r in rows],
-                "key": [r.key() for r in rows],
-                "value": [r.value() for r in rows],
-                "reason": [reason for _, reason in bad],
-            },
-            schema=DEAD_LETTER_SCHEMA,
-        )
-        assert spec.dead_letter is not None
-        self._side_output.emit(spec.dead_letter, dead)
-        self._count("bad_records_dead_lettered", len(bad))
-
-    def _schema_drift(
-        self, extra: Mapping[str, int], missing: Mapping[str, int], messages: list[Message]
-    ) -> None:
-        """Apply ``missing_columns`` and ``extra_columns`` to what the decoder found."""
-        spec = self.spec
-
-        def where(i: int) -> str:
-            m = messages[i]
-            return f"topic {m.topic()!r} partition {m.partition()} offset {m.offset()}"
-
-        if missing:
-            column, first = min(missing.items(), key=lambda item: item[1])
-            msg = (
-                f"{self.description}: the record at {where(first)} lacks column {column!r} of "
-                "the schema (missing_columns='raise'). Pass missing_columns='insert' to read "
-                "it as null, or remove the column from schema="
-            )
-            raise SchemaMismatchError(msg)
-        if spec.extra_columns == "raise":
-            column, first = min(extra.items(), key=lambda item: item[1])
-            msg = (
-                f"{self.description}: the record at {where(first)} has "
-                f"{spec.decoder.describe_extra(column)} (extra_columns='raise'). Add it to "
-                "schema= to read it, or pass extra_columns='ignore' to drop it (reported once)"
-            )
-            raise SchemaMismatchError(msg)
-        new = {c: i for c, i in extra.items() if c not in self._ignored}
-        for column, first in sorted(new.items(), key=lambda item: item[1]):
-            self._logger.warning(
-                "%s: the record at %s has %s; it is not read (extra_columns='ignore', "
-                "reported once per run). Add it to schema= to read it",
-                self.description,
-                where(first),
-                spec.decoder.describe_extra(column),
-            )
-        self._ignored.update(dict.fromkeys(new))
-        self._count("new_columns_ignored", len(new))
 
     # -- after the batch -----------------------------------------------------------------------
 
