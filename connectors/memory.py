@@ -197,7 +197,11 @@ class MemorySinkSpec:
     def build(self, context: SinkContext) -> MemorySink:
         session = self.session or context.session
         return MemorySink(
-            self.name, session, replace=context.output_mode == "complete", schema=context.schema
+            self.name,
+            session,
+            replace=context.output_mode == "complete",
+            schema=context.schema,
+            writer=context.query_id,
         )
 
 
@@ -205,16 +209,25 @@ class MemorySink:
     """Appends (or, in complete mode, replaces) a memory table once per batch id."""
 
     def __init__(
-        self, name: str, session: QuerySession, *, replace: bool, schema: pl.Schema | None = None
+        self,
+        name: str,
+        session: QuerySession,
+        *,
+        replace: bool,
+        schema: pl.Schema | None = None,
+        writer: str = "",
     ):
         self.name = name
         self.session = session
         self.replace = replace
+        self.writer = writer  # the query's id: a replay of its batch is skipped, not another's
         self.description = f"MemorySink[{name}]"
         session.register_table(name, schema)
 
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
-        self.session.write_table(self.name, batch_id, data, replace=self.replace)
+        self.session.write_table(
+            self.name, batch_id, data, replace=self.replace, writer=self.writer
+        )
 
     def stop(self) -> None:
         pass

@@ -123,9 +123,12 @@ class QuerySession(Protocol):
         """Make table ``name`` readable (empty, with ``schema``) before its first batch."""
         ...
 
-    def write_table(self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool) -> bool:
-        """Add (or with ``replace``, set) table ``name``'s rows for ``batch_id``, once per id;
-        whether they were written (a replayed id is not)."""
+    def write_table(
+        self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool, writer: str = ""
+    ) -> bool:
+        """Add (or with ``replace``, set) table ``name``'s rows for ``batch_id`` of query
+        ``writer`` (its id), once per writer and id; whether they were written (a replayed
+        batch is not; another query's batch of the same id is)."""
         ...
 
     def post(self, method: str, event: object) -> None:

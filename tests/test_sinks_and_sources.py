@@ -38,6 +38,29 @@ def test_memory_sink_skips_a_replayed_batch(session: ms.Session) -> None:
     assert session.table("t")["x"].to_list() == [1, 1]
 
 
+def test_two_queries_into_one_memory_table_lose_no_rows(name: str, tmp_path: Path) -> None:
+    """Batch ids are per query: the second query's batch 0 is not a replay of the first's
+    (it was skipped silently before); a restart on the same checkpoint still skips its
+    replayed batch."""
+    first, second = ms.MemoryStream({"x": pl.Int64}), ms.MemoryStream({"x": pl.Int64})
+    one = first.lazy().sink_memory(name, checkpoint=tmp_path / "one")
+    first.add_data({"x": [1]})
+    one.process_all_available(timeout=30)
+    one.stop()
+    two = second.lazy().sink_memory(name, checkpoint=tmp_path / "two")
+    second.add_data({"x": [2]})
+    two.process_all_available(timeout=30)
+    two.stop()
+    assert sorted(ms.table(name)["x"].to_list()) == [1, 2]
+    session = ms.Session()
+    session.register_table("t")
+    batch = pl.DataFrame({"x": [1]})
+    assert session.write_table("t", 0, batch, replace=False, writer="q1")
+    assert session.write_table("t", 0, batch, replace=False, writer="q2")
+    assert not session.write_table("t", 0, batch, replace=False, writer="q1")
+    assert session.table("t")["x"].to_list() == [1, 1]
+
+
 def test_foreach_batch_gets_ids_in_order(tmp_path: Path) -> None:
     source = ms.MemoryStream({"x": pl.Int64})
     calls: list[tuple[int, list[int]]] = []

@@ -71,7 +71,7 @@ class Session:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._tables: dict[str, list[pl.DataFrame]] = {}
-        self._table_batches: dict[str, set[int]] = {}
+        self._table_batches: dict[str, set[tuple[str, int]]] = {}  # (writer, batch id)
         self._listeners: list[object] = []
         self._queries: dict[str, StreamingQuery] = {}
         self._finished: deque[StreamingQuery] = deque(maxlen=100)
@@ -105,18 +105,22 @@ class Session:
                 self._tables[name] = [pl.DataFrame(schema=schema)]
                 self._table_batches[name] = set()
 
-    def write_table(self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool) -> bool:
-        """Apply a batch to a memory table; returns False if the batch was already applied."""
+    def write_table(
+        self, name: str, batch_id: int, data: pl.DataFrame, *, replace: bool, writer: str = ""
+    ) -> bool:
+        """Apply a batch of query ``writer`` to a memory table; False if that query's batch
+        was already applied (a replay). Batch ids are counted per query: two queries into
+        one table each write their batch 0."""
         with self._lock:
             seen = self._table_batches.setdefault(name, set())
-            if batch_id in seen:
+            if (writer, batch_id) in seen:
                 return False
             parts = self._tables.setdefault(name, [])
             if replace or not parts or all(p.width == 0 for p in parts):
                 parts[:] = [data]
             else:
                 parts.append(data)
-            seen.add(batch_id)
+            seen.add((writer, batch_id))
             return True
 
     def drop_table(self, name: str) -> None:

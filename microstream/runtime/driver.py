@@ -209,7 +209,7 @@ class StreamExecution:
             meta = cp.load_or_create(
                 self.config.name, self.plan_record(), key_groups=self.config.key_groups
             )
-            self.query_id = meta.id
+            self.query_id = self._source_side_output.writer = meta.id
             self._sources = [
                 spec.build(
                     SourceContext(
@@ -522,7 +522,8 @@ class StreamExecution:
         if target is None:
             return  # dropped, and counted in progress
         if isinstance(target, str):
-            self.config.session.write_table(target, batch_id, late, replace=False)
+            session = self.config.session
+            session.write_table(target, batch_id, late, replace=False, writer=self.query_id)
         else:
             target(late, batch_id)
 
@@ -841,6 +842,7 @@ class _SourceSideOutput:
 
     def __init__(self, session: QuerySession) -> None:
         self._session = session
+        self.writer = ""  # the query's id, once known
         self._batch_id = -1
         self._pending: list[tuple[SideOutputTarget, pl.DataFrame]] = []
 
@@ -866,7 +868,9 @@ class _SourceSideOutput:
                 [r for t, r in pending if t is target or t == target], how="diagonal_relaxed"
             ).with_columns(batch_id=pl.lit(self._batch_id, pl.Int64))
             if isinstance(target, str):
-                self._session.write_table(target, self._batch_id, rows, replace=False)
+                self._session.write_table(
+                    target, self._batch_id, rows, replace=False, writer=self.writer
+                )
             else:
                 target(rows, self._batch_id)
 
