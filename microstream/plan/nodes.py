@@ -654,8 +654,8 @@ def check_row_wise(verb: str, exprs: list[Any]) -> None:
             msg = (
                 f"{verb}({expr}) cannot run on a stream: {what} makes each row's value depend "
                 "on the other rows of the micro-batch, so the result would change with how the "
-                "stream is split into batches. Aggregates over the whole stream need the "
-                "stateful verbs group_by/group_by_dynamic, which this version does not have yet; "
+                "stream is split into batches. Aggregates over the whole stream are "
+                "group_by(...).agg or group_by_dynamic(...).agg (kept in state across batches); "
                 "if a per-batch answer is what you want, say so with map_batches(fn) or "
                 "foreach_batch(fn)"
             )
