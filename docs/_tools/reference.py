@@ -7,8 +7,9 @@ a name of ``microstream.__all__`` that no page documents fails the build
 (:func:`check_every_public_name`), and ``tests/docs/test_reference.py`` checks the same.
 
 This file also puts on the site what lives outside ``docs/``: the executed notebooks
-(rendered by mkdocs-jupyter, never executed by the build) and the checkpoint format
-(``checkpoints/README.md``, the one copy of it).
+(rendered by mkdocs-jupyter, never executed by the build), the checkpoint format
+(``checkpoints/README.md``, the one copy of it) and the Nexmark table of
+``benchmarks/README.md`` on the benchmarks page.
 """
 
 from __future__ import annotations
@@ -378,6 +379,26 @@ def checkpoint_format_markdown() -> str:
 
 NOTEBOOKS = ROOT / "notebooks"
 
+_NEXMARK = ("<!-- nexmark-table:start -->", "<!-- nexmark-table:end -->")
+_NEXMARK_PLACEHOLDER = re.compile(r"^<!-- nexmark-table:.*-->$", re.MULTILINE)
+
+
+def benchmarks_markdown() -> str:
+    """``docs/benchmarks.md`` with the Nexmark table of ``benchmarks/README.md`` in place.
+
+    ``make bench`` rewrites that table (``benchmarks/nexmark/report.py``); the page takes
+    it from there, so the two never disagree.
+    """
+    readme = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(_NEXMARK[0]) + len(_NEXMARK[0]), readme.index(_NEXMARK[1])
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    table = readme[start:end].strip()
+    out, count = _NEXMARK_PLACEHOLDER.subn(lambda _: table, page)
+    if count != 1:
+        msg = "docs/benchmarks.md: expected one <!-- nexmark-table: ... --> line"
+        raise SystemExit(msg)
+    return out
+
 
 def generate() -> None:
     """Write the generated pages into the build's virtual ``docs/`` (mkdocs-gen-files)."""
@@ -391,6 +412,8 @@ def generate() -> None:
         f.write(index_markdown())
     with mkdocs_gen_files.open("reference/checkpoint-format.md", "w") as f:
         f.write(checkpoint_format_markdown())
+    with mkdocs_gen_files.open("benchmarks.md", "w") as f:
+        f.write(benchmarks_markdown())
     for notebook in sorted(NOTEBOOKS.glob("*.ipynb")):
         with mkdocs_gen_files.open(f"notebooks/{notebook.name}", "wb") as f:
             f.write(notebook.read_bytes())
