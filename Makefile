@@ -68,7 +68,7 @@ rabbitmq:
 # reference that does not resolve or a docstring that does not parse fails the build.
 # The two variables only silence a notice mkdocs' plugins print on every build.
 docs: install-docs
-	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 test: lint typecheck docs chromium wal2json rabbitmq
 	$(PY) -m pytest $(PYTEST_ARGS)

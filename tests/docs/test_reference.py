@@ -126,3 +126,15 @@ def test_scan_facades_are_documented_with_their_specs_signature() -> None:
     sections = [s.kind.value for s in function.docstring.parse("numpy")]
     assert sections[:2] == ["text", "parameters"]
     assert "examples" in sections
+
+
+def test_the_docs_build_is_strict_and_shows_its_warnings() -> None:
+    """`mkdocs build --strict --quiet` exits 0 on warnings (quiet drops them before
+    strict mode counts them), so the Makefile must not pass it."""
+    root = TOOLS.parents[1]
+    recipe = next(
+        line for line in (root / "Makefile").read_text().splitlines() if "mkdocs build" in line
+    )
+    assert "--strict" in recipe
+    assert "--quiet" not in recipe and " -q" not in recipe, recipe
+    assert "\nstrict: true\n" in (root / "mkdocs.yml").read_text()
