@@ -90,16 +90,22 @@ PAGES: tuple[Page, ...] = (
     Page(
         "streamframe",
         "StreamFrame",
-        "A `StreamFrame` is a query over a stream, built with Polars' verbs. The group-by "
-        "objects below are what `group_by`, `group_by_dynamic` and `group_by_session` "
-        "return. The sink verbs that start a query are on [Sinks](sinks.md).",
-        (
-            Entry("microstream.StreamFrame", {"inherited_members": ["match_recognize"]}),
-            *_e(
-                "microstream.api.groupby.StreamGroupBy",
-                "microstream.api.groupby.StreamDynamicGroupBy",
-                "microstream.api.groupby.StreamSessionGroupBy",
-            ),
+        "A `StreamFrame` is a query over a stream, built with Polars' verbs. What "
+        "`group_by`, `group_by_dynamic` and `group_by_session` return is on "
+        "[Grouping and windows](windows.md); the sink verbs that start a query are on "
+        "[Sinks](sinks.md).",
+        (Entry("microstream.StreamFrame", {"inherited_members": ["match_recognize"]}),),
+    ),
+    Page(
+        "windows",
+        "Grouping and windows",
+        "The objects `group_by` (global and event-time-key aggregations, Top-N, stateful "
+        "functions), `group_by_dynamic` (tumbling, sliding and cumulative windows) and "
+        "`group_by_session` (session windows) return; their `agg` gives a `StreamFrame`.",
+        _e(
+            "microstream.api.groupby.StreamGroupBy",
+            "microstream.api.groupby.StreamDynamicGroupBy",
+            "microstream.api.groupby.StreamSessionGroupBy",
         ),
     ),
     Page(
@@ -172,22 +178,28 @@ PAGES: tuple[Page, ...] = (
     ),
     Page(
         "queries",
-        "Queries and progress",
-        "A running query, the session that tracks the queries of this process, the "
-        "listeners it calls, and the progress records every batch produces (pydantic "
-        "models: `query.last_progress`, the checkpoint's `progress/` lines).",
+        "Queries",
+        "A running query, the session that tracks the queries of this process and the "
+        "listeners it calls (with the events of [progress](progress.md)).",
+        _e(
+            "microstream.StreamingQuery",
+            "microstream.QueryStatus",
+            "microstream.active",
+            "microstream.add_listener",
+            "microstream.remove_listener",
+            "microstream.StreamingQueryListener",
+            "microstream.Session",
+            "microstream.ProgressBar",
+        ),
+    ),
+    Page(
+        "progress",
+        "Progress records",
+        "What every batch reports: pydantic models, in `query.last_progress` and "
+        "`recent_progress`, one JSON line per batch in the checkpoint's `progress/`, "
+        "and the events listeners receive.",
         (
-            *_e(
-                "microstream.StreamingQuery",
-                "microstream.QueryStatus",
-                "microstream.active",
-                "microstream.add_listener",
-                "microstream.remove_listener",
-                "microstream.StreamingQueryListener",
-                "microstream.Session",
-                "microstream.ProgressBar",
-                "microstream.QueryProgress",
-            ),
+            *_e("microstream.QueryProgress"),
             *_e(
                 "microstream.runtime.progress.BatchDurations",
                 "microstream.runtime.progress.SourceProgress",
