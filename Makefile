@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck install install-dev chromium wal2json rabbitmq package extras pythons bench bench-overhead clean
+.PHONY: demo test lint typecheck docs install install-dev install-docs chromium wal2json rabbitmq package extras pythons bench bench-overhead clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,11 +18,17 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-docs
 
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $@ $(VENV)/.installed
+
+install-docs: $(VENV)/.installed-docs
 
 demo: install
 	$(PY) -m microstream.demo
@@ -58,7 +64,13 @@ rabbitmq:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rabbitmq-server; \
 	else echo "make: rabbitmq-server is missing and this is not root: the RabbitMQ stream tests will be skipped (apt-get install rabbitmq-server)"; fi
 
-test: lint typecheck chromium wal2json rabbitmq
+# The documentation site (mkdocs.yml) into site/: --strict, so a broken link or anchor, a
+# reference that does not resolve or a docstring that does not parse fails the build.
+# The two variables only silence a notice mkdocs' plugins print on every build.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
+
+test: lint typecheck docs chromium wal2json rabbitmq
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Packaging (CI runs these after `make test`): the sdist and wheel build and pass
@@ -110,4 +122,4 @@ bench-overhead: install
 	$(PY) benchmarks/batch_overhead.py
 
 clean:
-	rm -rf $(VENV) .venv-3.* dist demo_data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* dist site demo_data .pytest_cache .mypy_cache .ruff_cache

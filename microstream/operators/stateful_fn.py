@@ -138,7 +138,7 @@ class GroupState(Generic[S]):
 
     See Also
     --------
-    microstream.groupby.StreamGroupBy.map_groups_with_state : examples.
+    microstream.api.groupby.StreamGroupBy.map_groups_with_state : examples.
     """
 
     def __init__(
