@@ -102,7 +102,7 @@ def test_every_block_runs_or_says_what_it_needs(
         if not block.lang:
             raise AssertionError(f"{block.where()}: a code block without a language")
         if block.lang in RUN:
-            code = compile(block.code, block.where(), "exec")
+            code = compile(block.code, block.where(), "exec", dont_inherit=True)
             if not block.needs:
                 exec(code, namespace)  # the page's own example
         elif block.lang not in DISPLAY and not block.needs:
