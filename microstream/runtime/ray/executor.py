@@ -80,6 +80,11 @@ from microstream.plan.physical import (
 )
 from microstream.protocols import PartSink
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.operator_exchange import (
+    ExchangeTail,
+    exchange_tail,
+    forwarded_stages,
+)
 from microstream.runtime.ray.remote_operator import (
     TIMER_CHECK_MS,
     RemoteOperator,
@@ -187,6 +192,12 @@ class RayStageExecutor:
         """Set at start when the owners of the last operator write the sink's pieces (in
         a query without operators: the split tasks of the stage the sink reads)."""
         self._empty = pl.DataFrame()  # (the batch's rows when its pieces were written)
+        self._exchanges: dict[int, tuple[ExchangeTail, Any]] = {}  # operator stage -> tail, ref
+        self._forwarded: frozenset[int] = frozenset()  # stateless stages the owners run
+        self.exchange_paths: dict[str, str] = {}
+        """Per operator whose output feeds another operator: ``"actors"`` when its owners
+        send the rows to the next owners, else why the driver routes them
+        (:func:`~microstream.runtime.ray.operator_exchange.exchange_tail`)."""
 
     @property
     def fence(self) -> str:
@@ -247,7 +258,33 @@ class RayStageExecutor:
             )
         self._open_all(version, "the start of the query")
         self._use_tail(plan)
+        self._use_exchanges(plan)
         return dict(self._operators)
+
+    def _use_exchanges(self, plan: PhysicalPlan) -> None:
+        """Which operators' owners cut their output for the next operators' owners
+        (:func:`exchange_tail`); each tail is put in Ray's object store once."""
+        consumer = {i: s for s in plan.operators() for i in s.inputs}
+
+        def owners(exchange: ExchangeStage) -> tuple[tuple[int, ...], int]:
+            operator = self._operators[consumer[exchange.index].node]
+            return tuple(o.hi for o in operator.owners), operator.num_key_groups
+
+        dumps = self._ray.cloudpickle.dumps
+        for stage in plan.operators():
+            tail = exchange_tail(plan, stage.index, owners, dumps)
+            if isinstance(tail, ExchangeTail):
+                self._exchanges[stage.index] = (tail, self._ray.put(tail))
+                self.exchange_paths[stage.operator_id] = "actors"
+            elif tail not in ("its output goes to the sink", "no exchange reads its output"):
+                self.exchange_paths[stage.operator_id] = tail
+                logger.info(
+                    "RayRuntime routes the output of operator %s to the next operator on the "
+                    "driver: %s",
+                    stage.operator_id,
+                    tail,
+                )
+        self._forwarded = forwarded_stages([tail for tail, _ in self._exchanges.values()])
 
     def _use_tail(self, plan: PhysicalPlan) -> None:
         """Whether workers (or split tasks) write the sink's pieces (:func:`sink_tail`)."""
@@ -391,6 +428,7 @@ class RayStageExecutor:
     ) -> BatchOutput:
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
         routed: dict[int, list[Routed]] = {}
+        forwarded: dict[int, list[Routed]] = {}  # exchange -> per owner its pieces' references
         late: list[pl.DataFrame] = []
         watermarks: dict[WatermarkNode, WatermarkObservation] = {}
         reads = _Reads()
@@ -399,6 +437,8 @@ class RayStageExecutor:
         launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
+                if stage.index in self._forwarded:
+                    continue  # run by the owners of the operator before it
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
                 if scans and stage.index in cut:
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
@@ -409,6 +449,9 @@ class RayStageExecutor:
                 results[stage.index] = frame
             elif isinstance(stage, ExchangeStage):
                 operator = self._operators[consumer[stage.index].node]
+                if stage.index in forwarded:  # cut by the owners of the operator before
+                    routed[stage.index] = forwarded[stage.index]
+                    continue
                 if stage.input in launched:
                     # Each owner gets every task's piece for it (in split order) by
                     # reference: the rows go from the tasks to the actors.
@@ -443,6 +486,14 @@ class RayStageExecutor:
                         rows_read=reads.rows,
                         parts=tuple(parts),
                     )
+                exchange = self._exchanges.get(stage.index)
+                if exchange is not None:
+                    output, cut_refs = operator.process_into_exchanges(
+                        per_owner, stage.context(ctx), (*exchange, ctx)
+                    )
+                    late.extend(output.late_rows)
+                    forwarded.update(_by_target(exchange[0], cut_refs))
+                    continue
                 output = operator.process_routed(per_owner, stage.context(ctx))
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
@@ -633,6 +684,21 @@ class _Reads:
     scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
     reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
     rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
+
+
+def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Routed]]:
+    """Per exchange of ``tail``, per owner of its consumer, the references of the pieces
+    every owner of the operator cut for it (``pieces``: per owner of the operator, in
+    owner order, its returns): in the operator's owner order, so each next owner's input
+    is in the same order every run."""
+    out: dict[int, list[Routed]] = {}
+    first = 0
+    for target in tail.targets:
+        out[target.exchange] = [
+            [returns[first + k] for returns in pieces] for k in range(len(target.his))
+        ]
+        first += len(target.his)
+    return out
 
 
 def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:

@@ -30,6 +30,7 @@ from microstream.plan.nodes import (
 )
 from microstream.plan.physical import OperatorStage
 from microstream.runtime.progress import StateOperatorProgress
+from microstream.runtime.ray.operator_exchange import ExchangeTail
 from microstream.runtime.ray.scan_tasks import split_rows
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name
 from microstream.runtime.ray.wire import Wire
@@ -186,12 +187,43 @@ class RemoteOperator:
         rows, and the pieces in owner order (:mod:`~microstream.runtime.ray.sink_parts`)."""
         return self._run(per_owner, ctx, sink)
 
+    def process_into_exchanges(
+        self,
+        per_owner: Sequence[tuple[Routed, ...]],
+        ctx: OperatorContext,
+        tail: tuple[ExchangeTail, Any, OperatorContext],
+    ) -> tuple[OperatorOutput, list[list[Any]]]:
+        """As :meth:`process_routed`, each owner then cutting its output for the next
+        operators' owners (``tail``: the :class:`ExchangeTail`, its object reference, the
+        batch's context; :mod:`~microstream.runtime.ray.operator_exchange`): the output
+        without rows (its late rows gathered), and per owner (in owner order) the
+        references of its pieces, target after target, each target's in its owner order."""
+        self._started()
+        exchange, tail_ref, batch = tail
+        returns = []
+        for owner, rows in zip(self.owners, per_owner):
+            counts, pieces = _arguments(rows)
+            method = owner.worker.process_pieces_into_exchanges.options(
+                num_returns=1 + exchange.pieces
+            )
+            returns.append(method.remote(self.operator_id, ctx, counts, tail_ref, batch, *pieces))
+        # Only the first return (late rows, progress) comes to the driver; the pieces stay
+        # in Ray's object store until the next owners read them.
+        results: list[tuple[Any, ...]] = self._get([r[0] for r in returns], f"batch {ctx.batch_id}")
+        self._progress = _sum_progress([r[1] for r in results])
+        late = tuple(wire.frame() for r in results for wire in r[0])
+        return OperatorOutput(rows=_NO_ROWS, late_rows=late), [list(r[1:]) for r in returns]
+
+    def _started(self) -> None:
+        """A batch starts on the owners."""
+
     def _run(
         self,
         per_owner: Sequence[tuple[Routed, ...]],
         ctx: OperatorContext,
         sink: tuple[SinkTail, OperatorContext] | None,
     ) -> tuple[OperatorOutput, list[SinkPart]]:
+        self._started()
         fence = "" if sink is None else self._executor.fence
         calls = [
             _process_call(
@@ -281,14 +313,8 @@ class RemoteTimedOperator(RemoteOperator):
     _quiet: tuple[int | None, int] | None = None
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
-    def _run(
-        self,
-        per_owner: Sequence[tuple[Routed, ...]],
-        ctx: OperatorContext,
-        sink: tuple[SinkTail, OperatorContext] | None,
-    ) -> tuple[OperatorOutput, list[SinkPart]]:
+    def _started(self) -> None:
         self._quiet = None  # a batch changes the owners' timers
-        return super()._run(per_owner, ctx, sink)
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
         """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
@@ -353,8 +379,19 @@ def _process_call(
     (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
     given as arguments before the call runs); with ``sink`` (the tail, the batch's
     context, the piece's name) the owner writes its output as that piece of the batch."""
-    counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
-    pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
+    counts, pieces = _arguments(inputs)
     if sink is None:
         return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
     return worker.process_pieces_into_sink.remote(operator_id, ctx, counts, sink, *pieces)
+
+
+def _arguments(inputs: tuple[Routed, ...]) -> tuple[tuple[int, ...], list[Any]]:
+    """An owner's inputs as call arguments: how many pieces each input has, and the
+    pieces (a frame the driver routed as one :class:`Wire`, references as they are)."""
+    counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
+    pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
+    return counts, pieces
+
+
+_NO_ROWS = pl.DataFrame()
+"""The rows of an operator's output that went to the next owners, not to the driver."""

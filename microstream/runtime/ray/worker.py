@@ -18,12 +18,13 @@ actor with ``ray.remote``, so this module never imports Ray.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.operator_exchange import cut_for_exchanges
 from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
     from microstream.protocols import SinkPart
     from microstream.runtime.progress import StateOperatorProgress
+    from microstream.runtime.ray.operator_exchange import ExchangeTail
     from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
@@ -136,6 +138,25 @@ class OperatorWorker:
         part = write_piece(output.rows, tail, batch, piece)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
         return Wire.of(output.rows.clear()), late, progress, part
+
+    def process_pieces_into_exchanges(
+        self,
+        operator_id: str,
+        ctx: OperatorContext,
+        counts: tuple[int, ...],
+        tail: ExchangeTail,
+        batch: OperatorContext,
+        *pieces: Wire,
+    ) -> tuple[Any, ...]:
+        """As :meth:`process_pieces`, then this worker's output through ``tail``'s stages
+        and cut for the owners of the next operators
+        (:func:`~microstream.runtime.ray.operator_exchange.cut_for_exchanges`; ``batch``:
+        the batch's context). Returned as separate values (the driver asks for
+        ``1 + tail.pieces``): first the late rows and the progress, which the driver
+        gathers, then every piece, which it hands to the next owners by reference."""
+        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        late = tuple(Wire.of(frame) for frame in output.late_rows)
+        return ((late, progress), *cut_for_exchanges(output.rows, tail, batch))
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
