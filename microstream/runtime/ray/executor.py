@@ -24,6 +24,13 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    row-wise stateless stages follow the last operator, its owners run those stages
    and write their piece of the batch instead of returning rows
    (:mod:`microstream.runtime.ray.sink_parts`); the driver commits the pieces once.
+   When the operator's output feeds other operators only through row-wise stateless
+   stages, its owners run those stages and cut their output by the next owners'
+   key-group ranges (:mod:`microstream.runtime.ray.operator_exchange`): the driver
+   gathers only their late rows and progress, and hands the pieces to the next
+   owners by reference, in the upstream owner order; the rows never pass through the
+   driver. Otherwise (``exchange_paths`` says why) the driver concatenates the
+   outputs, runs the stages after them and routes the rows again (item 2).
 4. **Commit**: every owner writes its range's state files for batch N and
    returns what it wrote; the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
@@ -180,7 +187,8 @@ class RayStageExecutor:
         self.driver_rows = 0
         """Rows that passed through the driver in this run: routed at exchanges (from a
         source read on the driver, a stateless stage run there, an operator feeding
-        another) or gathered from split tasks for the sink; tests."""
+        another where its owners cannot cut the rows themselves) or gathered from
+        split tasks for the sink; tests."""
         self.split_tasks = 0
         """Ray tasks started to read splits, in this run."""
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
