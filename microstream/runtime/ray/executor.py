@@ -284,7 +284,7 @@ class RayStageExecutor:
             if isinstance(tail, ExchangeTail):
                 self._exchanges[stage.index] = (tail, self._ray.put(tail))
                 self.exchange_paths[stage.operator_id] = "actors"
-            elif tail not in ("its output goes to the sink", "no exchange reads its output"):
+            elif tail is not None:
                 self.exchange_paths[stage.operator_id] = tail
                 logger.info(
                     "RayRuntime routes the output of operator %s to the next operator on the "

@@ -97,10 +97,11 @@ def exchange_tail(
     operator_index: int,
     owners: Callable[[ExchangeStage], tuple[tuple[int, ...], int]],
     dumps: Callable[[Any], bytes],
-) -> ExchangeTail | str:
+) -> ExchangeTail | str | None:
     """The tail the owners of the operator at stage ``operator_index`` can run and cut for
     the next operators' owners (``owners``: an exchange's consumer's key-group upper
-    bounds and number of key groups), or why the driver routes its rows.
+    bounds and number of key groups), or why the driver routes its rows; None when its
+    rows feed no other operator.
 
     Examples
     --------
@@ -116,13 +117,15 @@ def exchange_tail(
     >>> tail = exchange_tail(plan, 2, lambda exchange: ((64, 128), 128), lambda x: b"")
     >>> [s.describe() for s in tail.stages], tail.pieces
     (['[2] -> with_columns(m=[(col("n")) % (dyn int: 2)])'], 2)
-    >>> exchange_tail(plan, 5, lambda exchange: ((128,), 128), lambda x: b"")
-    'its output goes to the sink'
+    >>> exchange_tail(plan, 5, lambda exchange: ((128,), 128), lambda x: b"") is None
+    True
     >>> batchwise = counts.map_batches(lambda df: df).group_by("n").agg(c=pl.len())
     >>> exchange_tail(compile(batchwise.plan), 2, lambda e: ((128,), 128), lambda x: b"")
     'stage 3 after it is not row-wise stateless (map_batches)'
     """
     stages = plan.stages
+    if not _feeds_operator(stages, operator_index):
+        return None
     known = {operator_index}
     tail: list[StatelessStage] = []
     targets: list[ExchangeTarget] = []
@@ -136,7 +139,7 @@ def exchange_tail(
                 ExchangeTarget(stage.index, stage.input, stage.exchange.keys, his, num_key_groups)
             )
         elif isinstance(stage, SinkStage):
-            return "its output goes to the sink"
+            return "the sink reads its rows too"
         elif isinstance(stage, StatelessStage):
             if stage.sources or not reads <= known:
                 return f"stage {stage.index} after it also reads other rows"
@@ -150,8 +153,6 @@ def exchange_tail(
         else:  # operators read exchanges only
             msg = f"operator stage {stage.index} reads stage {sorted(reads)} directly"
             raise AssertionError(msg)
-    if not targets:
-        return "no exchange reads its output"
     out = ExchangeTail(operator_index, tuple(tail), tuple(targets))
     try:
         dumps(out)
@@ -192,6 +193,17 @@ def cut_for_exchanges(rows: pl.DataFrame, tail: ExchangeTail, ctx: OperatorConte
         parts = split_rows(frame, target.keys, target.his, target.num_key_groups)
         pieces += [Wire.of(part) for part in parts]
     return pieces
+
+
+def _feeds_operator(stages: Sequence[Stage], index: int) -> bool:
+    """Whether the rows of stage ``index`` reach an exchange (through any stages)."""
+    reached = {index}
+    for stage in stages[index + 1 :]:
+        if _reads(stage) & reached:
+            if isinstance(stage, ExchangeStage):
+                return True
+            reached.add(stage.index)
+    return False
 
 
 def _reads(stage: Stage) -> set[int]:
