@@ -6,8 +6,10 @@ operator's node exactly as the driver does locally
 (``node.build_operator(operator_id, storage)``), tells it the checkpoint's number
 of key groups and loads its state for exactly the range it owns
 (``load(version, key_groups=range(lo, hi))``, reading only the files of that range).
-Per batch it runs the operator over the rows the driver routed to it and returns
-the operator's output and progress; per committed batch it writes its range's
+Per batch it runs the operator over the rows the driver routed to it (or that split
+tasks and the previous operator's owners cut for it, by reference) and returns the
+operator's output and progress, or, when a next operator's owners take it, its output
+cut for them (:meth:`OperatorWorker.process_pieces_into_exchanges`); per committed batch it writes its range's
 state files and returns what it wrote (:meth:`StoreBackedOperator.write_parts`):
 the driver writes the one manifest per store and version once every owner did.
 
