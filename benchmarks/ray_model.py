@@ -13,7 +13,13 @@ into:
   the sink, the manifest and ``commits/N`` (``commit`` minus the owners' state
   writes), and the rest of the batch (``other``);
 - ``exchange``: routing the rows to their key groups' owners on the driver, one pass
-  over the batch per owner: ``route(ray2) * W / 2`` (nothing at one worker);
+  over the batch per owner: ``route(ray2) * W / 2`` (nothing at one worker). These are
+  the rows the driver still routes: a source read on the driver, a stage of the whole
+  batch (q5's and q4's combiners). Rows an operator emits for the next operator are
+  not: its owners cut them by the next owners' key groups and the pieces go from
+  actor to actor (``runtime/ray/operator_exchange.py``), so that cut is in ``actors``
+  (it shrinks with ``W`` there, which is optimistic: each owner makes one pass over
+  its rows per next owner) and never in ``route``;
 - ``actors``: the operators' and state writes' time in the actors at one worker
   (``actor_process + actor_commit`` of ``ray1``), split evenly: ``P / W``; when the
   query's exchanges never split rows over several actors (``partitioned`` false in the
@@ -53,12 +59,13 @@ REMEDY = {
     "driver": "read source splits and run the stateless stages in Ray tasks, write sink "
     "files from the workers (the driver keeps offsets, WAL and one commit per batch)",
     "exchange": "split rows by key group where they are read (in the source tasks) instead "
-    "of routing every row through the driver",
+    "of routing every row through the driver: a combiner of the whole batch (map_batches) "
+    "keeps a source's rows on the driver; operator to operator rows already go actor to actor",
     "actors": "more workers (the part that scales)",
     "single_actor": "partition the operator (a key besides the window: a keyless "
     "operator lives whole in one actor, more workers do not help it)",
     "coordination": "fewer round trips per batch (one call per owner for process and "
-    "commit together) and rows sent actor to actor, not through the driver",
+    "commit together)",
 }
 """What would move each bottleneck."""
 

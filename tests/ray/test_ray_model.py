@@ -125,3 +125,14 @@ def test_an_unpartitioned_query_does_not_scale_past_its_one_actor() -> None:
     }  # fmt: skip
     assert out["workers"]["32"]["bottleneck"] == "single_actor"
     assert out["workers_without_coordination"]["32"] == out["workers"]["32"]
+
+
+def test_rows_cut_by_the_actors_cost_the_driver_no_exchange() -> None:
+    # Rows an operator emits for the next operator go from actor to actor: ray_scaling
+    # measures no driver routing for them (route 0 at 2 workers), their cut is in the
+    # actors' time, and the exchange term stays 0 at any number of workers.
+    ray2 = {**RAY2, "route": 0.0, "actor_process": 310.0}
+    costs = fit(REPORT["events"], RAY1, ray2)
+    assert costs.route2 == 0.0 and costs.parallel == 560.0
+    assert [costs.terms(w)["exchange"] for w in (1, 2, 8, 32)] == [0.0] * 4
+    assert costs.without_coordination().bottleneck(32) == "driver"  # 290 ms against 17.5

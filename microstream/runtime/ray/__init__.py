@@ -11,7 +11,8 @@
    trigger loop, write-ahead log, watermark, sink commit, recovery) with a
    :class:`~microstream.runtime.ray.executor.RayStageExecutor`, which places every
    stateful operator's key groups in Ray actors, reads splittable sources in Ray
-   tasks that run the stateless steps after them, and routes rows to the actors.
+   tasks that run the stateless steps after them, and routes rows to the actors
+   (an operator's owners cut the rows for the next operator themselves).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class RayRuntime:
     that own their keys; other sources and stateless stages run on the driver. Every stateful operator's key groups are
     split into ``num_workers`` contiguous ranges, one per Ray actor; each actor
     loads exactly its range from the checkpoint, processes the rows routed to it
-    and writes its range's state files every batch; the driver then writes the
+    (rows for a next operator go to that operator's owners, actor to actor) and writes its range's state files every batch; the driver then writes the
     version's manifest and ``commits/N``. The same checkpoint runs on either
     runtime and with any ``num_workers`` between restarts: key groups move with
     their state, and the checkpoint records the move (``assignments/``).

@@ -24,6 +24,13 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    row-wise stateless stages follow the last operator, its owners run those stages
    and write their piece of the batch instead of returning rows
    (:mod:`microstream.runtime.ray.sink_parts`); the driver commits the pieces once.
+   When the operator's output feeds other operators only through row-wise stateless
+   stages, its owners run those stages and cut their output by the next owners'
+   key-group ranges (:mod:`microstream.runtime.ray.operator_exchange`): the driver
+   gathers only their late rows and progress, and hands the pieces to the next
+   owners by reference, in the upstream owner order; the rows never pass through the
+   driver. Otherwise (``exchange_paths`` says why) the driver concatenates the
+   outputs, runs the stages after them and routes the rows again (item 2).
 4. **Commit**: every owner writes its range's state files for batch N and
    returns what it wrote; the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
@@ -49,7 +56,6 @@ writes a file no manifest names, which the retention removes.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import uuid
@@ -64,9 +70,6 @@ from microstream.plan.nodes import (
     SINGLE_PARTITION,
     KeyGroupedOperator,
     OperatorContext,
-    OperatorOutput,
-    PartitionKeys,
-    PlanNode,
     ScanNode,
     StatefulNode,
     StatefulOperator,
@@ -83,308 +86,41 @@ from microstream.plan.physical import (
     WatermarkObservation,
 )
 from microstream.protocols import PartSink
-from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.operator_exchange import (
+    ExchangeTail,
+    exchange_tail,
+    forwarded_stages,
+)
+from microstream.runtime.ray.remote_operator import (
+    TIMER_CHECK_MS,
+    RemoteOperator,
+    RemoteTimedOperator,
+    Routed,
+    _Owner,
+    detached,
+    route,
+)
 from microstream.runtime.ray.scan_tasks import (
     SplitReport,
     Target,
     consumers,
     cuttable,
     run_split,
-    split_rows,
     warm,
 )
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name, sink_tail
-from microstream.runtime.ray.wire import Wire
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput, SplitScan
 from microstream.state.key_groups import key_group_ranges
-from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
-    from microstream.protocols import PartWriter, Sink, SinkPart
-    from microstream.state.format import StatePart
+    from microstream.protocols import PartWriter, Sink
 
-__all__ = ["RayStageExecutor", "detached"]
+__all__ = ["TIMER_CHECK_MS", "RayStageExecutor", "detached", "route"]
 
 logger = logging.getLogger("microstream")
-
-Routed = pl.DataFrame | list[Any]
-"""One owner's rows of one exchange: a frame (routed by the driver), or the references
-of the pieces Ray tasks cut for it (one per split, in split order)."""
-
-
-@dataclass(frozen=True, eq=False)
-class _DetachedInput(PlanNode):
-    """Stands for an operator's input in the copy of its node sent to a worker: the
-    worker gets rows, never the sources and transforms that made them on the driver."""
-
-    columns: pl.Schema
-
-    def describe(self) -> str:
-        return "input (on the driver)"
-
-    def schema(self) -> pl.Schema:
-        return self.columns
-
-
-def detached(node: StatefulNode) -> StatefulNode:
-    """A copy of ``node`` to send to a worker: its inputs replaced by their schemas, and
-    a node it refers to (its watermark) likewise cut from its own input and side output.
-
-    Examples
-    --------
-    >>> import polars as pl
-    >>> import microstream as ms
-    >>> node = ms.MemoryStream({"k": pl.String}).lazy().unique(subset=["k"]).plan
-    >>> detached(node).input.describe(), detached(node).subset
-    ('input (on the driver)', ('k',))
-    """
-    return _cut(node)  # type: ignore[return-value]
-
-
-def _cut(node: PlanNode) -> PlanNode:
-    clone = copy.copy(node)
-    if dataclasses.is_dataclass(node):
-        for field in dataclasses.fields(node):
-            value = getattr(node, field.name)
-            if isinstance(value, WatermarkNode):
-                # Operators read their watermark's column and delay: keep the node, cut
-                # from its own input (it may also be the operator's input).
-                replacement: PlanNode = _cut(value)
-            elif isinstance(value, PlanNode):
-                replacement = _DetachedInput(value.schema())
-            else:
-                continue
-            object.__setattr__(clone, field.name, replacement)
-    if isinstance(clone, WatermarkNode):
-        object.__setattr__(clone, "on_late", None)  # late rows are routed by the driver
-    return clone
-
-
-@dataclass(frozen=True)
-class _Owner:
-    """One actor owning key groups ``[lo, hi)`` of one operator."""
-
-    worker: Any
-    """The Ray actor handle."""
-    index: int
-    lo: int
-    hi: int
-
-
-class RemoteOperator:
-    """The driver's handle on a stateful operator whose key groups live in Ray actors.
-
-    It is what the trigger loop sees (``StatefulOperator``): progress summed over the
-    owners, commit through the owners and one manifest per store, schemas from a copy
-    of the operator built on the driver (never loaded).
-    """
-
-    def __init__(
-        self,
-        stage: OperatorStage,
-        owners: list[_Owner],
-        storage: Storage,
-        template: StatefulOperator,
-        executor: RayStageExecutor,
-        num_key_groups: int,
-    ) -> None:
-        self.operator_id = stage.operator_id
-        self.stage = stage
-        self.owners = owners
-        self.node = detached(stage.node)
-        """What the owners build the operator from (sent again when they are re-opened)."""
-        self._storage = storage
-        self._template = template
-        self._executor = executor
-        self.num_key_groups = num_key_groups
-        self._progress = template.progress()
-
-    def process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> OperatorOutput:
-        """Every row to the owners of its key group, then the owners' outputs joined."""
-        keys = self.stage.node.partition_keys()
-        routed = [
-            route(frame, key, self.owners, self.num_key_groups) for frame, key in zip(inputs, keys)
-        ]
-        per_owner = [tuple(parts[i] for parts in routed) for i in range(len(self.owners))]
-        return self.process_routed(per_owner, ctx)
-
-    def process_routed(
-        self, per_owner: Sequence[tuple[Routed, ...]], ctx: OperatorContext
-    ) -> OperatorOutput:
-        """Each owner's rows (in owner order) through its part of the operator: per
-        input a frame, or the references of the pieces Ray tasks made for it."""
-        output, _ = self._run(per_owner, ctx, None)
-        return output
-
-    def process_into_sink(
-        self,
-        per_owner: Sequence[tuple[Routed, ...]],
-        ctx: OperatorContext,
-        sink: tuple[SinkTail, OperatorContext],
-    ) -> tuple[OperatorOutput, list[SinkPart]]:
-        """As :meth:`process_routed`, each owner then writing its output's piece of the
-        batch through ``sink`` (the tail and the batch's context): the output without
-        rows, and the pieces in owner order (:mod:`~microstream.runtime.ray.sink_parts`)."""
-        return self._run(per_owner, ctx, sink)
-
-    def _run(
-        self,
-        per_owner: Sequence[tuple[Routed, ...]],
-        ctx: OperatorContext,
-        sink: tuple[SinkTail, OperatorContext] | None,
-    ) -> tuple[OperatorOutput, list[SinkPart]]:
-        fence = "" if sink is None else self._executor.fence
-        calls = [
-            _process_call(
-                owner.worker,
-                self.operator_id,
-                rows,
-                ctx,
-                None if sink is None else (*sink, piece_name(fence, owner.index)),
-            )
-            for owner, rows in zip(self.owners, per_owner)
-        ]
-        # per owner: its output rows, its late rows, its progress (Arrow tables as
-        # :class:`Wire`), and what it wrote when it wrote the sink's piece
-        results: list[tuple[Any, ...]] = self._get(calls, f"batch {ctx.batch_id}")
-        self._progress = _sum_progress([r[2] for r in results])
-        frames = [r[0].frame() for r in results]
-        rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
-        late = tuple(wire.frame() for r in results for wire in r[1])
-        parts: list[SinkPart] = [r[3] for r in results if len(r) == 4]
-        return OperatorOutput(rows=rows, late_rows=late), parts
-
-    def load(self, version: int | None) -> None:
-        msg = "the workers load their key groups when they are placed (RayStageExecutor)"
-        raise AssertionError(msg)
-
-    def commit(self, version: int) -> None:
-        """Every owner writes its range of ``version``; then one manifest per store."""
-        fence = self._executor.fence
-        calls = [
-            owner.worker.write_parts.remote(
-                self.operator_id, version, leader=owner.lo == 0, fence=fence
-            )
-            for owner in self.owners
-        ]
-        results: list[dict[str, StatePart]] = self._get(calls, f"the commit of batch {version}")
-        for store in results[0]:
-            commit_parts(
-                self._storage.sub(store),
-                [parts[store] for parts in results],
-                self.num_key_groups,
-            )
-        self._executor.version = version
-
-    def progress(self) -> StateOperatorProgress:
-        return self._progress
-
-    def store_schemas(self) -> dict[str, pl.Schema]:
-        return self._template.store_schemas()
-
-    def worker_pids(self) -> list[int]:
-        """The process id of every owner, in key-group order."""
-        pids: list[int] = self._get([o.worker.pid.remote() for o in self.owners], "pid")
-        return pids
-
-    def reopen(self, workers: Sequence[Any], version: int | None) -> list[Any]:
-        """Point the owners at ``workers`` (by index) and have each build the operator and
-        load its range as of ``version``; the calls, to gather."""
-        self.owners = [dataclasses.replace(o, worker=workers[o.index]) for o in self.owners]
-        return [
-            o.worker.open.remote(
-                self.operator_id,
-                self.node,
-                num_key_groups=self.num_key_groups,
-                key_groups=(o.lo, o.hi),
-                version=version,
-            )
-            for o in self.owners
-        ]
-
-    def _get(self, calls: list[Any], what: str) -> Any:
-        return self._executor.gather(
-            calls, [o.index for o in self.owners], f"{what} of operator {self.operator_id}"
-        )
-
-
-TIMER_CHECK_MS = 100
-"""How often an idle query asks the owners of an operator with timers whether one is due
-while the watermark stands still (the driver polls every 10 ms; a round trip to every
-actor each time would keep them busy): processing-time timers and state TTLs fire within
-this long of their time, event-time timers at the first poll after the watermark moved."""
-
-
-class RemoteTimedOperator(RemoteOperator):
-    """A :class:`RemoteOperator` whose operator has timers (``TimedOperator``): a batch
-    without rows is due when any owner says so."""
-
-    _quiet: tuple[int | None, int] | None = None
-    """(watermark, time in ms) of the last check that found no timer due, until a batch."""
-
-    def _run(
-        self,
-        per_owner: Sequence[tuple[Routed, ...]],
-        ctx: OperatorContext,
-        sink: tuple[SinkTail, OperatorContext] | None,
-    ) -> tuple[OperatorOutput, list[SinkPart]]:
-        self._quiet = None  # a batch changes the owners' timers
-        return super()._run(per_owner, ctx, sink)
-
-    def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
-        """Whether any owner has a timer due (asked at most every ``TIMER_CHECK_MS`` while
-        the watermark stands still); a worker lost meanwhile (between batches) is replaced
-        at the last committed version first."""
-        quiet = self._quiet
-        if quiet is not None and quiet[0] == watermark_us and now_ms - quiet[1] < TIMER_CHECK_MS:
-            return False
-        while True:
-            calls = [
-                o.worker.timers_due.remote(self.operator_id, watermark_us, now_ms)
-                for o in self.owners
-            ]
-            try:
-                answers: list[bool] = self._get(calls, "a timer check")
-            except WorkerLostError as exc:
-                self._executor.recover_between_batches(exc)
-                continue
-            due = any(answers)
-            self._quiet = None if due else (watermark_us, now_ms)
-            return due
-
-
-def route(
-    frame: pl.DataFrame, keys: PartitionKeys, owners: Sequence[_Owner], num_key_groups: int
-) -> list[pl.DataFrame]:
-    """``frame``'s rows for each owner (in owner order), by the key group of ``keys``;
-    row order is kept within an owner (every row of a key goes to one owner).
-
-    Examples
-    --------
-    >>> owners = [_Owner(None, 0, 0, 40), _Owner(None, 1, 40, 128)]  # a: group 38, b: 49
-    >>> parts = route(pl.DataFrame({"user": ["a", "b", "a"]}), ("user",), owners, 128)
-    >>> [p["user"].to_list() for p in parts]
-    [['a', 'a'], ['b']]
-    """
-    return split_rows(frame, keys, [o.hi for o in owners], num_key_groups)
-
-
-def _sum_progress(parts: list[StateOperatorProgress]) -> StateOperatorProgress:
-    first = parts[0]
-    return StateOperatorProgress(
-        operator_id=first.operator_id,
-        kind=first.kind,
-        num_rows_total=sum(p.num_rows_total for p in parts),
-        memory_bytes=sum(p.memory_bytes for p in parts),
-        num_rows_updated=sum(p.num_rows_updated for p in parts),
-        num_rows_removed=sum(p.num_rows_removed for p in parts),
-        num_rows_dropped_late=sum(p.num_rows_dropped_late for p in parts),
-        num_rows_dropped_null_time=sum(p.num_rows_dropped_null_time for p in parts),
-    )
-
 
 START_TIMEOUT_S = 60.0
 """The least time starting actors and loading their state may take (a new actor starts a
@@ -451,7 +187,8 @@ class RayStageExecutor:
         self.driver_rows = 0
         """Rows that passed through the driver in this run: routed at exchanges (from a
         source read on the driver, a stateless stage run there, an operator feeding
-        another) or gathered from split tasks for the sink; tests."""
+        another where its owners cannot cut the rows themselves) or gathered from
+        split tasks for the sink; tests."""
         self.split_tasks = 0
         """Ray tasks started to read splits, in this run."""
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
@@ -463,6 +200,12 @@ class RayStageExecutor:
         """Set at start when the owners of the last operator write the sink's pieces (in
         a query without operators: the split tasks of the stage the sink reads)."""
         self._empty = pl.DataFrame()  # (the batch's rows when its pieces were written)
+        self._exchanges: dict[int, tuple[ExchangeTail, Any]] = {}  # operator stage -> tail, ref
+        self._forwarded: frozenset[int] = frozenset()  # stateless stages the owners run
+        self.exchange_paths: dict[str, str] = {}
+        """Per operator whose output feeds another operator: ``"actors"`` when its owners
+        send the rows to the next owners, else why the driver routes them
+        (:func:`~microstream.runtime.ray.operator_exchange.exchange_tail`)."""
 
     @property
     def fence(self) -> str:
@@ -523,7 +266,33 @@ class RayStageExecutor:
             )
         self._open_all(version, "the start of the query")
         self._use_tail(plan)
+        self._use_exchanges(plan)
         return dict(self._operators)
+
+    def _use_exchanges(self, plan: PhysicalPlan) -> None:
+        """Which operators' owners cut their output for the next operators' owners
+        (:func:`exchange_tail`); each tail is put in Ray's object store once."""
+        consumer = {i: s for s in plan.operators() for i in s.inputs}
+
+        def owners(exchange: ExchangeStage) -> tuple[tuple[int, ...], int]:
+            operator = self._operators[consumer[exchange.index].node]
+            return tuple(o.hi for o in operator.owners), operator.num_key_groups
+
+        dumps = self._ray.cloudpickle.dumps
+        for stage in plan.operators():
+            tail = exchange_tail(plan, stage.index, owners, dumps)
+            if isinstance(tail, ExchangeTail):
+                self._exchanges[stage.index] = (tail, self._ray.put(tail))
+                self.exchange_paths[stage.operator_id] = "actors"
+            elif tail is not None:
+                self.exchange_paths[stage.operator_id] = tail
+                logger.info(
+                    "RayRuntime routes the output of operator %s to the next operator on the "
+                    "driver: %s",
+                    stage.operator_id,
+                    tail,
+                )
+        self._forwarded = forwarded_stages([tail for tail, _ in self._exchanges.values()])
 
     def _use_tail(self, plan: PhysicalPlan) -> None:
         """Whether workers (or split tasks) write the sink's pieces (:func:`sink_tail`)."""
@@ -667,6 +436,7 @@ class RayStageExecutor:
     ) -> BatchOutput:
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
         routed: dict[int, list[Routed]] = {}
+        forwarded: dict[int, list[Routed]] = {}  # exchange -> per owner its pieces' references
         late: list[pl.DataFrame] = []
         watermarks: dict[WatermarkNode, WatermarkObservation] = {}
         reads = _Reads()
@@ -675,6 +445,8 @@ class RayStageExecutor:
         launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
+                if stage.index in self._forwarded:
+                    continue  # run by the owners of the operator before it
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
                 if scans and stage.index in cut:
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
@@ -685,6 +457,9 @@ class RayStageExecutor:
                 results[stage.index] = frame
             elif isinstance(stage, ExchangeStage):
                 operator = self._operators[consumer[stage.index].node]
+                if stage.index in forwarded:  # cut by the owners of the operator before
+                    routed[stage.index] = forwarded[stage.index]
+                    continue
                 if stage.input in launched:
                     # Each owner gets every task's piece for it (in split order) by
                     # reference: the rows go from the tasks to the actors.
@@ -719,6 +494,14 @@ class RayStageExecutor:
                         rows_read=reads.rows,
                         parts=tuple(parts),
                     )
+                exchange = self._exchanges.get(stage.index)
+                if exchange is not None:
+                    output, cut_refs = operator.process_into_exchanges(
+                        per_owner, stage.context(ctx), (*exchange, ctx)
+                    )
+                    late.extend(output.late_rows)
+                    forwarded.update(_by_target(exchange[0], cut_refs))
+                    continue
                 output = operator.process_routed(per_owner, stage.context(ctx))
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
@@ -911,27 +694,24 @@ class _Reads:
     rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
 
 
+def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Routed]]:
+    """Per exchange of ``tail``, per owner of its consumer, the references of the pieces
+    every owner of the operator cut for it (``pieces``: per owner of the operator, in
+    owner order, its returns): in the operator's owner order, so each next owner's input
+    is in the same order every run."""
+    out: dict[int, list[Routed]] = {}
+    first = 0
+    for target in tail.targets:
+        out[target.exchange] = [
+            [returns[first + k] for returns in pieces] for k in range(len(target.his))
+        ]
+        first += len(target.his)
+    return out
+
+
 def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
     times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
     return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
-
-
-def _process_call(
-    worker: Any,
-    operator_id: str,
-    inputs: tuple[Routed, ...],
-    ctx: OperatorContext,
-    sink: tuple[SinkTail, OperatorContext, str] | None = None,
-) -> Any:
-    """The actor call for one owner: frames the driver routed as Arrow tables
-    (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
-    given as arguments before the call runs); with ``sink`` (the tail, the batch's
-    context, the piece's name) the owner writes its output as that piece of the batch."""
-    counts = tuple(1 if isinstance(x, pl.DataFrame) else len(x) for x in inputs)
-    pieces = [p for x in inputs for p in ([Wire.of(x)] if isinstance(x, pl.DataFrame) else x)]
-    if sink is None:
-        return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
-    return worker.process_pieces_into_sink.remote(operator_id, ctx, counts, sink, *pieces)
 
 
 def _cause(exc: Any) -> BaseException:

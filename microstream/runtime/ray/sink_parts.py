@@ -26,7 +26,7 @@ of the attempt the driver commits become visible.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,15 @@ if TYPE_CHECKING:
     from microstream.plan.nodes import OperatorContext
     from microstream.protocols import PartWriter, SinkPart
 
-__all__ = ["SinkTail", "piece_name", "sink_tail", "write_piece"]
+__all__ = [
+    "SinkTail",
+    "cut_stage",
+    "piece_name",
+    "row_wise",
+    "run_stages",
+    "sink_tail",
+    "write_piece",
+]
 
 ROW_WISE_VERBS = frozenset(
     {
@@ -138,13 +146,30 @@ def sink_tail(
             return None
         if not set(stage.upstream.values()) <= known:
             return None
-        if not all(isinstance(s, StatelessNode) and s.verb in ROW_WISE_VERBS for s in stage.steps):
+        if not row_wise(stage):
             return None
-        tail.append(_cut(stage))
+        tail.append(cut_stage(stage))
         known.add(stage.index)
     if sink.input not in known:
         return None
     return _sendable(SinkTail(last.index, tuple(tail), sink.input, writer), dumps)
+
+
+def row_wise(stage: StatelessStage) -> bool:
+    """Whether every step of ``stage`` is a row-wise stateless verb (:data:`ROW_WISE_VERBS`):
+    running it on each owner's rows gives the rows of running it on the batch.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> from microstream.plan.physical import compile
+    >>> frame = ms.MemoryStream({"k": pl.String}).lazy().unique(subset=["k"])
+    >>> row_wise(compile(frame.filter(pl.col("k") != "a").plan).stages[-2])
+    True
+    >>> row_wise(compile(frame.map_batches(lambda df: df).plan).stages[-2])
+    False
+    """
+    return all(isinstance(s, StatelessNode) and s.verb in ROW_WISE_VERBS for s in stage.steps)
 
 
 def _sendable(tail: SinkTail, dumps: Callable[[Any], bytes]) -> SinkTail | None:
@@ -155,8 +180,9 @@ def _sendable(tail: SinkTail, dumps: Callable[[Any], bytes]) -> SinkTail | None:
     return tail
 
 
-def _cut(stage: StatelessStage) -> StatelessStage:
-    """``stage`` with the nodes it reads from earlier stages replaced by their schemas."""
+def cut_stage(stage: StatelessStage) -> StatelessStage:
+    """``stage`` with the nodes it reads from earlier stages replaced by their schemas
+    (what is sent to a worker that runs it over its own rows, :func:`run_stages`)."""
     memo: dict[int, PlanNode] = {}
 
     def clone(node: PlanNode) -> PlanNode:
@@ -219,11 +245,33 @@ def write_piece(rows: pl.DataFrame, tail: SinkTail, ctx: OperatorContext, piece:
     >>> write_piece(pl.DataFrame({"k": ["a", "b"]}), tail, ctx, "run.0-w0").rows
     1
     """
-    size = max([tail.operator_index, *(s.index for s in tail.stages)]) + 1
-    results: list[pl.LazyFrame | None] = [None] * size
-    results[tail.operator_index] = rows.lazy()
-    for stage in tail.stages:
-        results[stage.index] = stage.lower({}, results, ctx)[0]
-    frame = results[tail.output]
+    frame = run_stages(rows, tail.operator_index, tail.stages, ctx)[tail.output]
     assert frame is not None
     return tail.writer.write_part(ctx.batch_id, piece, frame.collect())
+
+
+def run_stages(
+    rows: pl.DataFrame, index: int, stages: Sequence[StatelessStage], ctx: OperatorContext
+) -> list[pl.LazyFrame | None]:
+    """Every stage's lazy result, by stage index, when stage ``index`` gave ``rows`` and
+    ``stages`` (cut by :func:`cut_stage`, in plan order) read only it and each other.
+
+    Examples
+    --------
+    >>> import microstream as ms
+    >>> from microstream.plan.nodes import OperatorContext
+    >>> from microstream.plan.physical import compile
+    >>> frame = ms.MemoryStream({"k": pl.String}).lazy().unique(subset=["k"])
+    >>> plan = compile(frame.filter(pl.col("k") != "b").plan)
+    >>> ctx = OperatorContext(batch_id=0, late_watermark_us=0, watermark_us=0,
+    ...                       output_mode="append")
+    >>> out = run_stages(pl.DataFrame({"k": ["a", "b"]}), 2, [cut_stage(plan.stages[3])], ctx)
+    >>> out[3].collect()["k"].to_list()
+    ['a']
+    """
+    size = max([index, *(s.index for s in stages)]) + 1
+    results: list[pl.LazyFrame | None] = [None] * size
+    results[index] = rows.lazy()
+    for stage in stages:
+        results[stage.index] = stage.lower({}, results, ctx)[0]
+    return results

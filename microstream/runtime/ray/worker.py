@@ -6,8 +6,10 @@ operator's node exactly as the driver does locally
 (``node.build_operator(operator_id, storage)``), tells it the checkpoint's number
 of key groups and loads its state for exactly the range it owns
 (``load(version, key_groups=range(lo, hi))``, reading only the files of that range).
-Per batch it runs the operator over the rows the driver routed to it and returns
-the operator's output and progress; per committed batch it writes its range's
+Per batch it runs the operator over the rows the driver routed to it (or that split
+tasks and the previous operator's owners cut for it, by reference) and returns the
+operator's output and progress, or, when a next operator's owners take it, its output
+cut for them (:meth:`OperatorWorker.process_pieces_into_exchanges`); per committed batch it writes its range's
 state files and returns what it wrote (:meth:`StoreBackedOperator.write_parts`):
 the driver writes the one manifest per store and version once every owner did.
 
@@ -18,12 +20,13 @@ actor with ``ray.remote``, so this module never imports Ray.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
+from microstream.runtime.ray.operator_exchange import cut_for_exchanges
 from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     from microstream.plan.nodes import OperatorContext, OperatorOutput, StatefulNode
     from microstream.protocols import SinkPart
     from microstream.runtime.progress import StateOperatorProgress
+    from microstream.runtime.ray.operator_exchange import ExchangeTail
     from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
@@ -136,6 +140,25 @@ class OperatorWorker:
         part = write_piece(output.rows, tail, batch, piece)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
         return Wire.of(output.rows.clear()), late, progress, part
+
+    def process_pieces_into_exchanges(
+        self,
+        operator_id: str,
+        ctx: OperatorContext,
+        counts: tuple[int, ...],
+        tail: ExchangeTail,
+        batch: OperatorContext,
+        *pieces: Wire,
+    ) -> tuple[Any, ...]:
+        """As :meth:`process_pieces`, then this worker's output through ``tail``'s stages
+        and cut for the owners of the next operators
+        (:func:`~microstream.runtime.ray.operator_exchange.cut_for_exchanges`; ``batch``:
+        the batch's context). Returned as separate values (the driver asks for
+        ``1 + tail.pieces``): first the late rows and the progress, which the driver
+        gathers, then every piece, which it hands to the next owners by reference."""
+        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        late = tuple(Wire.of(frame) for frame in output.late_rows)
+        return ((late, progress), *cut_for_exchanges(output.rows, tail, batch))
 
     def write_parts(
         self, operator_id: str, version: int, *, leader: bool, fence: str = ""
