@@ -487,13 +487,7 @@ class RayStageExecutor:
                     )
                     late.extend(output.late_rows)
                     watermarks.update(self._reported(plan, launched, reads))
-                    return BatchOutput(
-                        rows=self._empty,
-                        late_rows=tuple(late),
-                        watermarks=watermarks,
-                        rows_read=reads.rows,
-                        parts=tuple(parts),
-                    )
+                    return self._written(late, watermarks, reads, parts)
                 exchange = self._exchanges.get(stage.index)
                 if exchange is not None:
                     output, cut_refs = operator.process_into_exchanges(
@@ -512,13 +506,7 @@ class RayStageExecutor:
                     pieces = self._gather_tasks(refs, f"the rows of stage {stage.index}")
                     if self._writes(stage.input):  # the tasks wrote them: SinkParts
                         watermarks.update(self._reported(plan, launched, reads))
-                        return BatchOutput(
-                            rows=self._empty,
-                            late_rows=tuple(late),
-                            watermarks=watermarks,
-                            rows_read=reads.rows,
-                            parts=tuple(pieces),
-                        )
+                        return self._written(late, watermarks, reads, pieces)
                     rows = pl.concat([p.frame() for p in pieces], how="vertical")
                     self.driver_rows += rows.height
                 else:
@@ -637,6 +625,22 @@ class RayStageExecutor:
         rows = pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical")
         reads.rows[scan] = rows.height
         return declared_width(rows, frame.schema)
+
+    def _written(
+        self,
+        late: list[pl.DataFrame],
+        watermarks: dict[WatermarkNode, WatermarkObservation],
+        reads: _Reads,
+        parts: Sequence[Any],
+    ) -> BatchOutput:
+        """A batch whose rows workers or tasks wrote as the sink's ``parts``."""
+        return BatchOutput(
+            rows=self._empty,
+            late_rows=tuple(late),
+            watermarks=watermarks,
+            rows_read=reads.rows,
+            parts=tuple(parts),
+        )
 
     def _reported(
         self, plan: PhysicalPlan, launched: Mapping[int, list[list[Any]]], reads: _Reads
