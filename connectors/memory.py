@@ -222,7 +222,7 @@ class MemorySink:
         self.replace = replace
         self.writer = writer  # the query's id: a replay of its batch is skipped, not another's
         self.description = f"MemorySink[{name}]"
-        session.register_table(name, schema)
+        session.register_table(name, schema, writer=writer or None)
 
     def add_batch(self, batch_id: int, data: pl.DataFrame) -> None:
         self.session.write_table(

@@ -119,8 +119,12 @@ class QuerySession(Protocol):
     """What the engine and the sinks need of the session a query runs in: its memory
     tables (``sink_memory``, side outputs) and its listeners (progress events)."""
 
-    def register_table(self, name: str, schema: pl.Schema | None = None) -> None:
-        """Make table ``name`` readable (empty, with ``schema``) before its first batch."""
+    def register_table(
+        self, name: str, schema: pl.Schema | None = None, writer: str | None = None
+    ) -> None:
+        """Make table ``name`` readable (empty, with ``schema``) before its first batch;
+        with ``writer`` (a query's id) the table is that query's output: another query
+        starts it anew, or is refused while the writer runs."""
         ...
 
     def write_table(

@@ -38,25 +38,33 @@ def test_memory_sink_skips_a_replayed_batch(session: ms.Session) -> None:
     assert session.table("t")["x"].to_list() == [1, 1]
 
 
-def test_two_queries_into_one_memory_table_lose_no_rows(name: str, tmp_path: Path) -> None:
-    """Batch ids are per query: the second query's batch 0 is not a replay of the first's
-    (it was skipped silently before); a restart on the same checkpoint still skips its
-    replayed batch."""
+def test_a_memory_table_is_the_output_of_the_query_writing_it(name: str, tmp_path: Path) -> None:
+    """As Spark's memory sink: a restart on the checkpoint goes on with the table (its
+    replayed batch skipped), another query starts it anew (before, its batch ids the first
+    query had used were skipped silently: a cell run again showed the old rows), and a
+    second query while the first runs is refused."""
     first, second = ms.MemoryStream({"x": pl.Int64}), ms.MemoryStream({"x": pl.Int64})
     one = first.lazy().sink_memory(name, checkpoint=tmp_path / "one")
     first.add_data({"x": [1]})
     one.process_all_available(timeout=30)
+    with pytest.raises(ms.SinkError, match=rf"memory table '{name}' is the output of query"):
+        second.lazy().sink_memory(name, checkpoint=tmp_path / "two")
     one.stop()
+    again = first.lazy().sink_memory(name, checkpoint=tmp_path / "one")  # the same query
+    first.add_data({"x": [3]})
+    again.process_all_available(timeout=30)
+    again.stop()
+    assert ms.table(name)["x"].to_list() == [1, 3]
     two = second.lazy().sink_memory(name, checkpoint=tmp_path / "two")
     second.add_data({"x": [2]})
     two.process_all_available(timeout=30)
     two.stop()
-    assert sorted(ms.table(name)["x"].to_list()) == [1, 2]
+    assert ms.table(name)["x"].to_list() == [2]
     session = ms.Session()
     session.register_table("t")
     batch = pl.DataFrame({"x": [1]})
     assert session.write_table("t", 0, batch, replace=False, writer="q1")
-    assert session.write_table("t", 0, batch, replace=False, writer="q2")
+    assert session.write_table("t", 0, batch, replace=False, writer="q2")  # a side table
     assert not session.write_table("t", 0, batch, replace=False, writer="q1")
     assert session.table("t")["x"].to_list() == [1, 1]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import polars as pl
 
-from microstream.exceptions import MicrostreamError
+from microstream.exceptions import MicrostreamError, SinkError
 
 if TYPE_CHECKING:
     from microstream.api.query import StreamingQuery
@@ -72,6 +72,7 @@ class Session:
         self._lock = threading.RLock()
         self._tables: dict[str, list[pl.DataFrame]] = {}
         self._table_batches: dict[str, set[tuple[str, int]]] = {}  # (writer, batch id)
+        self._table_writers: dict[str, str] = {}  # sink_memory table -> its query's id
         self._listeners: list[object] = []
         self._queries: dict[str, StreamingQuery] = {}
         self._finished: deque[StreamingQuery] = deque(maxlen=100)
@@ -99,8 +100,28 @@ class Session:
         with self._lock:
             return sorted(self._tables)
 
-    def register_table(self, name: str, schema: pl.Schema | None = None) -> None:
+    def register_table(
+        self, name: str, schema: pl.Schema | None = None, writer: str | None = None
+    ) -> None:
+        """Make table ``name`` readable; with ``writer`` (a query's id), the table is that
+        query's output, as Spark's memory sink: a query restarted on its checkpoint goes
+        on with it, another query starts it empty (a notebook cell run again shows the new
+        run's rows, neither doubled nor stale), and a second query while its writer runs
+        is refused."""
         with self._lock:
+            previous = self._table_writers.get(name)
+            if writer is not None and previous is not None and previous != writer:
+                running = [q for q in self._queries.values() if q.is_active and q.id == previous]
+                if running:
+                    msg = (
+                        f"memory table {name!r} is the output of query {running[0].name or previous} "
+                        "which is still running: stop it first, or give this query's "
+                        "sink_memory another name"
+                    )
+                    raise SinkError(msg)
+                self._tables.pop(name, None)
+            if writer is not None:
+                self._table_writers[name] = writer
             if name not in self._tables:
                 self._tables[name] = [pl.DataFrame(schema=schema)]
                 self._table_batches[name] = set()
