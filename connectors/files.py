@@ -31,9 +31,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from connectors._file_listing import LoggedFile, Selection, list_files
+from connectors._file_log import (
+    Cleaned,
+    FileLogEntry,
+    FileOffset,
+    SkippedFile,
+    SkippedFiles,
+    file_offset,
+)
 from connectors._file_reading import FileFailed, FileRead, fail_error, infer_schema
 from connectors._file_splits import FileSplit, bad_record_error, plan_file_splits, read_logged_file
 from connectors._paths import DataDir, split_glob
@@ -82,87 +90,6 @@ DEAD_LETTER_SCHEMA = pl.Schema(
 null ``line`` and ``value``; a bad record has its line number and its text."""
 _READ_THREADS = max(2, os.cpu_count() or 2)
 _CLEANED_FILE = "cleaned.json"
-
-
-# -- offsets and the source log --------------------------------------------------------------------
-
-
-class FileOffset(Offset):
-    """Position in the file source's log: the last log entry a batch covered.
-
-    Attributes
-    ----------
-    log_index
-        Index ``k`` of the last source log entry ``sources/<n>/<k>.json``
-        included; ``-1`` is before the first entry.
-
-    Examples
-    --------
-    >>> FileOffset(log_index=3).distance(FileOffset(log_index=1))
-    2
-    >>> FileOffset(log_index=1).follows_or_equals(FileOffset(log_index=3))
-    False
-    """
-
-    log_index: int = Field(ge=-1)
-
-    def follows_or_equals(self, other: Offset) -> bool:
-        """Whether this offset is at or after ``other``."""
-        return self.log_index >= _file_offset(other, "compare with").log_index
-
-    def distance(self, other: Offset) -> int | None:
-        """The number of source log entries (batches of files) from ``other`` to here."""
-        return self.log_index - _file_offset(other, "measure from").log_index
-
-
-def _file_offset(offset: Offset, action: str) -> FileOffset:
-    if not isinstance(offset, FileOffset):
-        msg = f"cannot {action} a {type(offset).__name__} ({offset!r}): expected a FileOffset"
-        raise OffsetError(msg)
-    return offset
-
-
-class FileLogEntry(BaseModel):
-    """Source log entry ``<k>.json``: the files one batch takes, in reading order."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    files: list[LoggedFile]
-
-
-class SkippedFile(BaseModel):
-    """A logged file a batch left out, and why (``skipped/<k>.json``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    """Path relative to the source directory."""
-    size: int
-    reason: str
-    missing: bool
-    """Whether the file was gone (``on_missing_file``) rather than unreadable (``on_bad_file``)."""
-    dead_letter: bool
-    """Whether it was sent to ``dead_letter`` rather than skipped."""
-
-
-class SkippedFiles(BaseModel):
-    """``skipped/<k>.json``: the files of log entry ``k`` that were left out.
-
-    Written before the batch's rows reach the sink, and read before the files
-    of entry ``k`` are: a re-run of the batch leaves out the same files, even
-    if one was repaired meanwhile.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    files: list[SkippedFile]
-
-
-class _Cleaned(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    up_to: int
-    """The last log entry whose files were deleted or archived."""
 
 
 # -- the spec --------------------------------------------------------------------------------------
@@ -549,7 +476,7 @@ class FileSource:
             self._seen.update(f.name for f in entry.files)
         self._last_logged = len(ids) - 1
         self._cleaned = (
-            self._log.read_model(_CLEANED_FILE, _Cleaned).up_to
+            self._log.read_model(_CLEANED_FILE, Cleaned).up_to
             if self._log.exists(_CLEANED_FILE)
             else -1
         )
@@ -634,7 +561,7 @@ class FileSource:
         before its batch was committed) is returned again rather than a new
         listing, so that batch is re-formed exactly.
         """
-        begin = _file_offset(start, "start a batch at")
+        begin = file_offset(start, "start a batch at")
         if begin.log_index > self._last_logged:
             msg = (
                 f"{self.description}: offset log_index={begin.log_index} is beyond the last "
@@ -675,7 +602,7 @@ class FileSource:
         Counts the files of log entries after ``end`` and the new files the
         last listing left for later batches (no extra listing is made).
         """
-        after = _file_offset(end, "measure lag from").log_index
+        after = file_offset(end, "measure lag from").log_index
         logged = sum(
             len(self._entries[k].files)
             for k in range(after + 1, self._last_logged + 1)
@@ -707,8 +634,8 @@ class FileSource:
             ``on_bad_file="fail"``: a file is unreadable; with
             ``on_bad_record="fail"``: a csv or ndjson record is bad.
         """
-        first = _file_offset(start, "read from").log_index + 1
-        last = _file_offset(end, "read to").log_index
+        first = file_offset(start, "read from").log_index + 1
+        last = file_offset(end, "read to").log_index
         if last < first - 1 or last > self._last_logged:
             msg = (
                 f"{self.description}: cannot read ({first - 1}, {last}]: the source log "
@@ -795,8 +722,8 @@ class FileSource:
         """The files of ``(start, end]`` in splits other processes read
         (:mod:`connectors._file_splits`), or None: read on the driver (a policy other
         than "fail", or a file of the range recorded as left out)."""
-        first = _file_offset(start, "read from").log_index + 1
-        last = _file_offset(end, "read to").log_index
+        first = file_offset(start, "read from").log_index + 1
+        last = file_offset(end, "read to").log_index
         if last < first or last > self._last_logged:
             return None  # nothing to read, or an error that read() reports
         if any(self._recorded_skips(k) for k in range(first, last + 1)):
@@ -888,7 +815,7 @@ class FileSource:
 
     def commit(self, end: Offset) -> None:
         """Delete or archive the files of log entries up to ``end`` (``clean_source``)."""
-        last = _file_offset(end, "commit").log_index
+        last = file_offset(end, "commit").log_index
         if self.spec.clean_source == "off" or last <= self._cleaned:
             return
         for k in range(self._cleaned + 1, min(last, self._last_logged) + 1):
@@ -899,7 +826,7 @@ class FileSource:
                     self._clean(logged)
         self._cleaned = min(last, self._last_logged)
         try:
-            self._log.write_model(_CLEANED_FILE, _Cleaned(up_to=self._cleaned))
+            self._log.write_model(_CLEANED_FILE, Cleaned(up_to=self._cleaned))
         except Exception as exc:  # a later commit() retries; the files are already handled
             self._logger.warning("%s: cannot record clean-up progress: %s", self.description, exc)
 
