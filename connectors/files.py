@@ -45,7 +45,7 @@ from connectors._file_log import (
 from connectors._file_reading import FileFailed, FileRead, fail_error, infer_schema
 from connectors._file_splits import FileSplit, bad_record_error, plan_file_splits, read_logged_file
 from connectors._paths import DataDir, split_glob
-from connectors._prefetch import ReadAhead
+from connectors._prefetch import READ_AHEAD_BYTES, ReadAhead, file_version
 from microstream.exceptions import OffsetError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
@@ -89,6 +89,7 @@ DEAD_LETTER_SCHEMA = pl.Schema(
 """Columns of a dead-letter row (the engine appends ``batch_id``): a whole file has
 null ``line`` and ``value``; a bad record has its line number and its text."""
 _READ_THREADS = max(2, os.cpu_count() or 2)
+_READ_AHEAD_FILES = 4096  # at most this many files planned ahead (tiny files, long backlogs)
 _CLEANED_FILE = "cleaned.json"
 
 
@@ -184,6 +185,13 @@ class FileSourceSpec:
     storage_options
         Passed to :func:`fsspec.url_to_fs` for ``path`` and
         ``source_archive_dir``.
+    read_ahead_bytes
+        While a batch runs, the files the next batches take (when already
+        known: ``max_files_per_trigger`` left them for later, or a restart
+        replays logged batches) are read on the source's threads, at most this
+        many bytes of them held in memory at once (their decoded frames; one
+        file always, however large). ``0`` turns read-ahead off. Read-ahead
+        never changes what a batch reads (connectors/README.md, "Read-ahead").
 
     Raises
     ------
@@ -223,6 +231,7 @@ class FileSourceSpec:
     missing_columns: MissingColumnsPolicy
     wait_for_path: bool
     storage_options: dict[str, Any] | None = field(repr=False)  # may hold credentials
+    read_ahead_bytes: int
 
     def __init__(
         self,
@@ -244,6 +253,7 @@ class FileSourceSpec:
         missing_columns: MissingColumnsPolicy = "raise",
         wait_for_path: bool = False,
         storage_options: dict[str, Any] | None = None,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> None:
         if format not in _FORMATS:
             msg = f"format must be one of {', '.join(map(repr, _FORMATS))}; got {format!r}"
@@ -279,6 +289,12 @@ class FileSourceSpec:
         )
         if not isinstance(wait_for_path, bool):
             msg = f"wait_for_path must be a bool; got {wait_for_path!r}"
+            raise ValueError(msg)
+        if isinstance(read_ahead_bytes, bool) or not isinstance(read_ahead_bytes, int):
+            msg = f"read_ahead_bytes must be an int (0: no read-ahead); got {read_ahead_bytes!r}"
+            raise ValueError(msg)
+        if read_ahead_bytes < 0:
+            msg = f"read_ahead_bytes must be 0 (no read-ahead) or more; got {read_ahead_bytes}"
             raise ValueError(msg)
         base, pattern = split_glob(os.fspath(path))
         if pattern is not None and recursive:
@@ -342,6 +358,7 @@ class FileSourceSpec:
         object.__setattr__(self, "missing_columns", missing_columns)
         object.__setattr__(self, "wait_for_path", wait_for_path)
         object.__setattr__(self, "storage_options", storage_options)
+        object.__setattr__(self, "read_ahead_bytes", read_ahead_bytes)
 
     @property
     def directory(self) -> str:
@@ -485,7 +502,13 @@ class FileSource:
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
         self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
-        self._read_ahead = ReadAhead(self._read_file, lambda read: self._threads().submit(read))
+        self._read_ahead = ReadAhead(
+            self._read_file,
+            lambda job: self._threads().submit(job),
+            max_bytes=spec.read_ahead_bytes,
+            max_running=_READ_THREADS,
+            version=lambda logged: file_version(self._dir, logged.name),
+        )
 
     def _check_directory(self) -> None:
         try:
@@ -650,7 +673,6 @@ class FileSource:
             if logged.name not in recorded[k]
         ]
         ahead = {item[0].name: r for item in wanted if (r := self._read_ahead.take(item[0]))}
-        self._read_ahead.discard()  # guesses that missed: not in the read threads' way
         rest = [item for item in wanted if item[0].name not in ahead]
         if len(rest) <= 1:
             read = {item[0].name: self._read_file(*item) for item in rest}
@@ -693,12 +715,21 @@ class FileSource:
         return self._pool
 
     def _upcoming(self, last: int) -> list[tuple[LoggedFile, int]]:
-        """The files the batch after log entry ``last`` will take, as far as known now:
-        the next logged entry's, else the next trigger's share of the last listing."""
-        if last < self._last_logged:
-            return [(f, last + 1) for f in self._entry(last + 1).files]
-        limit = self.spec.max_files_per_trigger
-        return [(f, last + 1) for f in self._unlogged[:limit]]
+        """The files the batches after log entry ``last`` will take, as far as known now,
+        in order: the logged entries' after it, then the last listing's files left for
+        later (their log index a guess, for messages only), up to the read-ahead bound
+        in listed sizes (no more can be read ahead)."""
+        files = [
+            (f, k) for k in range(last + 1, self._last_logged + 1) for f in self._entry(k).files
+        ]
+        limit = self.spec.max_files_per_trigger or 1
+        files += [(f, self._last_logged + 1 + n // limit) for n, f in enumerate(self._unlogged)]
+        budget = self.spec.read_ahead_bytes
+        for n, (logged, _) in enumerate(files):
+            budget -= logged.size
+            if budget < 0 or n >= _READ_AHEAD_FILES:
+                return files[: max(n, 1)]
+        return files
 
     def _entry(self, k: int) -> FileLogEntry:
         entry = self._entries.get(k)
@@ -854,7 +885,7 @@ class FileSource:
 
     def stop(self) -> None:
         """Shut down the threads that read files (files themselves are opened per read)."""
-        self._read_ahead.discard()
+        self._read_ahead.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
