@@ -280,7 +280,10 @@ class ReadAhead:
             started.append(ahead)
             running += 1
             held += cost
-            future.add_done_callback(lambda _f, ahead=ahead: self._finished(ahead))  # type: ignore[misc]
+            # By name, not by the entry: the entry holds the future, and a cycle through
+            # it would keep a taken frame alive until the garbage collector runs.
+            name = ahead.logged.name
+            future.add_done_callback(lambda f, name=name: self._finished(name, f))  # type: ignore[misc]
 
     def _job(self, ahead: _Ahead) -> _Read:
         logged = ahead.logged
@@ -289,17 +292,17 @@ class ReadAhead:
         after = None if self._version is None else self._version(logged)
         return outcome, before, after
 
-    def _finished(self, ahead: _Ahead) -> None:
+    def _finished(self, name: str, future: Future[_Read]) -> None:
         """A read ahead ended (on a read thread): count its frame, start the next reads."""
-        future = ahead.future
-        assert future is not None
         size = 0
         if not future.cancelled() and future.exception() is None:
             outcome = future.result()[0]
             if isinstance(outcome, FileRead):
                 size = int(outcome.frame.estimated_size())
         with self._lock:
-            if ahead.logged.size > 0 and size > 0:
-                self._ratio = max(self._ratio, size / ahead.logged.size)
-            ahead.held = max(size, ahead.logged.size)
+            ahead = self._planned.get(name)
+            if ahead is not None and ahead.future is future:  # not taken or dropped yet
+                if ahead.logged.size > 0 and size > 0:
+                    self._ratio = max(self._ratio, size / ahead.logged.size)
+                ahead.held = max(size, ahead.logged.size)
             self._fill()  # a read thread is free
