@@ -241,7 +241,12 @@ class ReadAhead:
         the read, and now."""
         if self._version is None:
             return True
-        return before is not None and before == after and self._version(logged) == after
+        if before is None or before != after:
+            return False
+        try:
+            return self._version(logged) == after
+        except Exception:  # cannot tell (a permission, a store's error): the batch reads it
+            return False
 
     def _drop(self, ahead: _Ahead) -> None:
         if ahead.future is None:

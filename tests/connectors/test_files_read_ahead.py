@@ -400,3 +400,25 @@ def test_a_file_rewritten_after_its_batch_was_logged_is_read_again(
         assert (source.read_ahead.used, source.read_ahead.discarded) == (0, 1)
     finally:
         source.stop()
+
+
+def test_a_file_whose_version_cannot_be_read_is_read_by_its_batch() -> None:
+    calls: list[str] = []
+
+    def read(logged: LoggedFile, k: int) -> FileRead | FileFailed:
+        return FileRead(logged, logged.name, rows(k), [], ())
+
+    def version(logged: LoggedFile) -> tuple[int, int]:
+        calls.append(logged.name)
+        if len(calls) > 2:  # before and after the read answer; the check at take cannot
+            raise PermissionError(f"cannot stat {logged.name}")
+        return (1, 1)
+
+    f = LoggedFile(name="a.parquet", size=10, mtime=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = ReadAhead(read, pool.submit, version=version)
+        ahead.start([(f, 0)])
+        wait_for(lambda: ahead.finished() == ["a.parquet"], "the read")
+        assert ahead.take(f) is None  # not an error here: the batch reads the file itself
+    assert calls == ["a.parquet"] * 3
+    assert (ahead.used, ahead.discarded) == (0, 1)
