@@ -723,7 +723,8 @@ class FileSource:
             (f, k) for k in range(last + 1, self._last_logged + 1) for f in self._entry(k).files
         ]
         limit = self.spec.max_files_per_trigger or 1
-        files += [(f, self._last_logged + 1 + n // limit) for n, f in enumerate(self._unlogged)]
+        later = self._unlogged[:_READ_AHEAD_FILES]  # a long backlog: only what can be planned
+        files += [(f, self._last_logged + 1 + n // limit) for n, f in enumerate(later)]
         budget = self.spec.read_ahead_bytes
         for n, (logged, _) in enumerate(files):
             budget -= logged.size
