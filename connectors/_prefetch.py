@@ -110,6 +110,11 @@ class ReadAhead:
         The current version of a file (:func:`file_version`), or None when
         files are not checked for changes after their read (only where they
         cannot change).
+    recheck_on_take
+        Also compare the version when a batch takes the file (a ``stat``
+        locally). Off for object stores, where it would be one request per
+        file on the batch's path: there a file is checked before and after
+        its read, on the read thread.
 
     Examples
     --------
@@ -136,12 +141,14 @@ class ReadAhead:
         max_bytes: int = READ_AHEAD_BYTES,
         max_running: int = 2,
         version: Version | None = None,
+        recheck_on_take: bool = True,
     ) -> None:
         self._read = read
         self._submit = submit
         self.max_bytes = max_bytes
         self.max_running = max_running
         self._version = version
+        self._recheck_on_take = recheck_on_take
         self.used = 0
         """Files a batch took from the read-ahead (since the source was built)."""
         self.discarded = 0
@@ -243,6 +250,8 @@ class ReadAhead:
             return True
         if before is None or before != after:
             return False
+        if not self._recheck_on_take:
+            return True
         try:
             return self._version(logged) == after
         except Exception:  # cannot tell (a permission, a store's error): the batch reads it

@@ -508,6 +508,7 @@ class FileSource:
             max_bytes=spec.read_ahead_bytes,
             max_running=_READ_THREADS,
             version=lambda logged: file_version(self._dir, logged.name),
+            recheck_on_take=self._dir.is_local,
         )
 
     def _check_directory(self) -> None:

@@ -422,3 +422,48 @@ def test_a_file_whose_version_cannot_be_read_is_read_by_its_batch() -> None:
         assert ahead.take(f) is None  # not an error here: the batch reads the file itself
     assert calls == ["a.parquet"] * 3
     assert (ahead.used, ahead.discarded) == (0, 1)
+
+
+@pytest.mark.parametrize("recheck", [True, False])
+def test_the_check_at_take_is_left_out_for_object_stores(recheck: bool) -> None:
+    """On an object store the version check at take would be one request per file on the
+    batch's path: there only the checks around the read (on the read thread) count."""
+    versions = iter([(1, "etag-a"), (1, "etag-a"), (2, "etag-b")])  # changed after the read
+    calls: list[str] = []
+
+    def read(logged: LoggedFile, k: int) -> FileRead | FileFailed:
+        return FileRead(logged, logged.name, rows(k), [], ())
+
+    def version(logged: LoggedFile) -> tuple[int, str]:
+        calls.append(logged.name)
+        return next(versions)
+
+    f = LoggedFile(name="a.parquet", size=10, mtime=1.0)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = ReadAhead(read, pool.submit, version=version, recheck_on_take=recheck)
+        ahead.start([(f, 4)])
+        wait_for(lambda: ahead.finished() == ["a.parquet"], "the read")
+        taken = ahead.take(f)
+    if recheck:
+        assert taken is None and (ahead.used, ahead.discarded) == (0, 1)
+        assert calls == ["a.parquet"] * 3
+    else:
+        assert taken is not None and taken.frame["id"].to_list() == [4]
+        assert (ahead.used, ahead.discarded) == (1, 0) and calls == ["a.parquet"] * 2
+
+
+def test_an_object_store_source_does_not_recheck_at_take(
+    tmp_path: Path, source_ctx: SourceContext
+) -> None:
+    (tmp_path / "in").mkdir()
+    local = FileSourceSpec(str(tmp_path / "in"), format="parquet", schema=SCHEMA).build(source_ctx)
+    remote = FileSourceSpec(
+        "memory://read-ahead-recheck/in", format="parquet", schema=SCHEMA, wait_for_path=True
+    )
+    try:
+        assert local.read_ahead._recheck_on_take is True
+        built = remote.build(source_ctx)
+        assert built.read_ahead._recheck_on_take is False
+        built.stop()
+    finally:
+        local.stop()
