@@ -182,20 +182,21 @@ class KeyedRows:
 
     # -- changing ----------------------------------------------------------------------------
 
-    def candidates(self, wanted: np.ndarray) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
-        """The live rows whose hash is in ``wanted`` (sorted, unique), not yet confirmed on
-        the key columns: the base's then the tail's, and their positions in each (for
-        :meth:`replace_at`). A caller holding several of these confirms them all at once."""
-        base_at, tail_at = self._candidates(wanted)
-        found = []
-        if base_at.size:
-            found.append(_gather(self._base, base_at))
-        if tail_at.size:
-            found.append(_gather(self._tail, tail_at))
-        if not found:
-            return self._base.clear(), _NONE, _NONE
-        rows = found[0] if len(found) == 1 else pl.concat(found, how="vertical")
-        return rows, base_at, tail_at
+    @property
+    def base(self) -> pl.DataFrame:
+        """The sorted rows, tombstoned ones included (positions for :meth:`replace_at`)."""
+        return self._base
+
+    @property
+    def tail(self) -> pl.DataFrame:
+        """The rows added since the last merge (positions for :meth:`replace_at`)."""
+        return self._tail
+
+    def base_candidates(self, wanted: np.ndarray) -> np.ndarray:
+        """Positions of the live rows of :attr:`base` whose hash is in ``wanted`` (sorted,
+        unique), not yet confirmed on the key columns (a caller holding several stores
+        confirms all their candidates at once)."""
+        return self._candidates_in_base(wanted)
 
     def replace(self, keys: pl.DataFrame, rows: pl.DataFrame) -> None:
         """Remove every row of ``keys`` (key columns + hash), then add ``rows``."""
@@ -203,8 +204,8 @@ class KeyedRows:
         self.replace_at(base_at, tail_at, rows)
 
     def replace_at(self, base_at: np.ndarray, tail_at: np.ndarray, rows: pl.DataFrame) -> None:
-        """Remove the live rows at ``base_at`` in the base and ``tail_at`` in the tail (from
-        :meth:`candidates`, with no change in between), then add ``rows``."""
+        """Remove the live rows at ``base_at`` in :attr:`base` and ``tail_at`` in :attr:`tail`
+        (found with no change in between), then add ``rows``."""
         self._changes += 1
         self._kill_base(base_at)
         if tail_at.size:

@@ -19,6 +19,7 @@ budget, so merges come as often per row added as before, a slice at a time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +28,9 @@ import polars as pl
 from microstream.state.keyed_rows import KeyedRows, KeyProbe
 
 __all__ = ["SlicedRows"]
+
+_Found = tuple[pl.DataFrame, list[tuple[int, np.ndarray, np.ndarray]]]
+"""What a search found: the rows, and per slice holding some their base and tail positions."""
 
 _NONE = np.zeros(0, dtype=np.int64)
 SLICE_ROWS = 524_288
@@ -105,15 +109,7 @@ class SlicedRows:
         self._changes = 0  # bumped by every change: invalidates the search memo
         # the last _find: (changes, the keys frame itself, columns, what it found): a state
         # store's fold looks a batch's keys up, then replaces them, with the very same frame
-        self._found: (
-            tuple[
-                int,
-                pl.DataFrame,
-                tuple[str, ...],
-                tuple[pl.DataFrame, list[tuple[int, np.ndarray, np.ndarray]]],
-            ]
-            | None
-        ) = None
+        self._found: tuple[int, pl.DataFrame, tuple[str, ...], _Found] | None = None
         whole = self._keyed(frame, is_sorted=is_sorted)
         self._starts: list[int] = [0]
         self._slices: list[KeyedRows] = [whole]
@@ -237,28 +233,32 @@ class SlicedRows:
         if (index == first).all():
             return [(first, frame)]
         order = np.argsort(index, kind="stable")
-        bounds = np.flatnonzero(np.diff(index[order])) + 1
-        return [(int(index[at[0]]), frame[pl.Series(at)]) for at in np.split(order, bounds)]
+        index = index[order]
+        ordered = frame[pl.Series(order)]  # (one gather; each slice's rows a zero-copy piece)
+        bounds = [0, *(np.flatnonzero(np.diff(index)) + 1).tolist(), index.size]
+        return [
+            (int(index[lo]), ordered.slice(lo, hi - lo)) for lo, hi in itertools.pairwise(bounds)
+        ]
 
     def _slice_of(self, frame: pl.DataFrame) -> np.ndarray:
         groups = frame.get_column(self.group_column).to_numpy()
         return np.searchsorted(np.asarray(self._starts), groups, side="right") - 1
 
-    def _find(
-        self, keys: pl.DataFrame, on: Sequence[str] | None = None
-    ) -> tuple[pl.DataFrame, list[tuple[int, np.ndarray, np.ndarray]]]:
+    def _find(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> _Found:
         """The live rows of ``keys`` and, per slice holding some, their positions in its
         base and tail.
 
-        Each slice finds its candidates (rows whose hash is one of its keys') by itself,
-        a search in numpy; they are confirmed on the key columns all at once (a few
-        Polars calls for the batch, not for each slice).
+        Per slice only a search in numpy; the tails' hashes are tested in one pass, the
+        candidates gathered at once and confirmed on the key columns at once: a batch
+        costs a few Polars calls, not a few per slice.
         """
         columns = tuple(on or self.key_columns)
         memo = self._found
         if memo is not None and memo[0] == self._changes and memo[1] is keys and memo[2] == columns:
             return memo[3]
-        pieces, where = [], []
+        frames: list[pl.DataFrame] = []
+        at: list[np.ndarray] = []
+        owners: list[tuple[int, bool]] = []  # (slice, in its tail)
         if keys.height:
             # sorted by hash, the keys are sorted by group, so by slice: each slice's
             # distinct hashes are one run
@@ -273,29 +273,60 @@ class SlicedRows:
             cuts = np.flatnonzero(np.diff(index)) + 1
             for run in np.split(np.arange(wanted.size), cuts):
                 i = int(index[run[0]])
-                rows, base_at, tail_at = self._slices[i].candidates(wanted[run[0] : run[-1] + 1])
-                if rows.height:
-                    pieces.append(rows)
-                    where.append((i, base_at, tail_at))
-        if not pieces:
-            found: tuple[pl.DataFrame, list[tuple[int, np.ndarray, np.ndarray]]] = (self._empty, [])
+                found = self._slices[i].base_candidates(wanted[run[0] : run[-1] + 1])
+                if found.size:
+                    frames.append(self._slices[i].base)
+                    at.append(found)
+                    owners.append((i, False))
+            self._tail_candidates(wanted, frames, at, owners)
+        if not frames:
+            result: _Found = (self._empty, [])
         else:
-            every = pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical")
+            starts = np.cumsum([0] + [f.height for f in frames[:-1]])
+            every = pl.concat(frames, how="vertical", rechunk=False)
+            every = every[
+                pl.Series(np.concatenate([a + s for a, s in zip(at, starts, strict=True)]))
+            ]
             probe = KeyProbe(keys, list(columns), self.hash_column)
-            at = np.arange(every.height)
-            hits = np.sort(probe.confirm(every, every.get_column(self.hash_column).to_numpy(), at))
+            every_at = np.arange(every.height)
+            hits = np.sort(
+                probe.confirm(every, every.get_column(self.hash_column).to_numpy(), every_at)
+            )
             rows = every if hits.size == every.height else every[pl.Series(hits)]
-            per_slice, start = [], 0
-            for i, base_at, tail_at in where:
-                mine = hits[(hits >= start) & (hits < start + base_at.size + tail_at.size)] - start
-                in_base = mine < base_at.size
-                per_slice.append(
-                    (i, base_at[mine[in_base]], tail_at[mine[~in_base] - base_at.size])
-                )
-                start += base_at.size + tail_at.size
-            found = (rows, per_slice)
-        self._found = (self._changes, keys, columns, found)
-        return found
+            per_slice: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            edges = np.cumsum([0] + [a.size for a in at])
+            for (i, in_tail), found, lo, hi in zip(owners, at, edges[:-1], edges[1:], strict=True):
+                mine = found[hits[(hits >= lo) & (hits < hi)] - lo]
+                base_at, tail_at = per_slice.get(i, (_NONE, _NONE))
+                per_slice[i] = (base_at, mine) if in_tail else (mine, tail_at)
+            result = (rows, [(i, b, t) for i, (b, t) in sorted(per_slice.items())])
+        self._found = (self._changes, keys, columns, result)
+        return result
+
+    def _tail_candidates(
+        self,
+        wanted: np.ndarray,
+        frames: list[pl.DataFrame],
+        at: list[np.ndarray],
+        owners: list[tuple[int, bool]],
+    ) -> None:
+        """Add the tail rows whose hash is in ``wanted``: one hash-set pass over every
+        slice's tail at once."""
+        tails = [(i, s.tail) for i, s in enumerate(self._slices) if s.tail.height]
+        if not tails:
+            return
+        every = pl.concat([t.get_column(self.hash_column) for _, t in tails], rechunk=False)
+        hit = np.flatnonzero(every.is_in(pl.Series(wanted).implode()).to_numpy())
+        if hit.size == 0:
+            return
+        starts = np.cumsum([0] + [t.height for _, t in tails[:-1]])
+        which = np.searchsorted(starts, hit, side="right") - 1
+        cuts = np.flatnonzero(np.diff(which)) + 1
+        for run in np.split(np.arange(hit.size), cuts):
+            j = int(which[run[0]])
+            frames.append(tails[j][1])
+            at.append(hit[run] - starts[j])
+            owners.append((tails[j][0], True))
 
     def _after_change(self) -> None:
         """Split one slice grown past ``slice_rows``, or merge the tails due.
