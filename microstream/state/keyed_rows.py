@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-__all__ = ["KeyedRows"]
+__all__ = ["KeyProbe", "KeyedRows"]
 
 _POSITION = "__position"
 
@@ -91,6 +91,9 @@ class KeyedRows:
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
+        # (False: the owner decides when to merge, by merge_pressure: SlicedRows spreads the
+        # merges of its slices over batches)
+        self.auto_merge = True
         self._tail = frame.clear()
         self._changes = 0  # bumped by every change: invalidates the search memo
         self._memo: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -179,9 +182,30 @@ class KeyedRows:
 
     # -- changing ----------------------------------------------------------------------------
 
+    @property
+    def base(self) -> pl.DataFrame:
+        """The sorted rows, tombstoned ones included (positions for :meth:`replace_at`)."""
+        return self._base
+
+    @property
+    def tail(self) -> pl.DataFrame:
+        """The rows added since the last merge (positions for :meth:`replace_at`)."""
+        return self._tail
+
+    def base_candidates(self, wanted: np.ndarray) -> np.ndarray:
+        """Positions of the live rows of :attr:`base` whose hash is in ``wanted`` (sorted,
+        unique), not yet confirmed on the key columns (a caller holding several stores
+        confirms all their candidates at once)."""
+        return self._candidates_in_base(wanted)
+
     def replace(self, keys: pl.DataFrame, rows: pl.DataFrame) -> None:
         """Remove every row of ``keys`` (key columns + hash), then add ``rows``."""
         base_at, tail_at = self._find(keys)
+        self.replace_at(base_at, tail_at, rows)
+
+    def replace_at(self, base_at: np.ndarray, tail_at: np.ndarray, rows: pl.DataFrame) -> None:
+        """Remove the live rows at ``base_at`` in :attr:`base` and ``tail_at`` in :attr:`tail`
+        (found with no change in between), then add ``rows``."""
         self._changes += 1
         self._kill_base(base_at)
         if tail_at.size:
@@ -191,7 +215,7 @@ class KeyedRows:
             self._tail = self._tail.filter(pl.Series(keep))
         if rows.height:
             self._count(self._pids_of(rows), 1)
-            self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+            self._add_to_tail(rows)
         self._maybe_merge()
 
     def append(self, rows: pl.DataFrame) -> None:
@@ -200,7 +224,7 @@ class KeyedRows:
             return
         self._changes += 1
         self._count(self._pids_of(rows), 1)
-        self._tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        self._add_to_tail(rows)
         self._maybe_merge()
 
     def remove_where(self, predicate: pl.Expr) -> pl.DataFrame:
@@ -277,12 +301,24 @@ class KeyedRows:
             del both
         self._set_base(pl.DataFrame(columns), is_sorted=True)
 
-    def _maybe_merge(self) -> None:
+    def merge_pressure(self) -> float:
+        """How full the tail (or the tombstones) is against the limit past which a change
+        merges it into the base (:meth:`compact`): above 1, the next change merges."""
+        limit, dead_limit = self._merge_limits()
+        return max(_ratio(self._tail.height, limit), _ratio(self._dead, dead_limit))
+
+    def _merge_limits(self) -> tuple[int, int]:
         # The tail may grow to a quarter of the base (up to 8x tail_rows): a merge then
         # comes only every ``base / 4`` new rows, so its cost per row added stays flat.
         live = self._base.height - self._dead
         limit = max(self.tail_rows, min(live // 4, 8 * self.tail_rows))
-        if self._tail.height > limit or self._dead > max(self.tail_rows, self._base.height // 2):
+        return limit, max(self.tail_rows, self._base.height // 2)
+
+    def _maybe_merge(self) -> None:
+        if not self.auto_merge:
+            return
+        limit, dead_limit = self._merge_limits()
+        if self._tail.height > limit or self._dead > dead_limit:
             self.compact()
 
     def _find(
@@ -296,7 +332,7 @@ class KeyedRows:
         changes, found_keys, found_on, found = self._found
         if changes == self._changes and found_keys is keys and found_on == columns:
             return found
-        probe = _Probe(keys, list(columns), self.hash_column)
+        probe = KeyProbe(keys, list(columns), self.hash_column)
         base_at, tail_at = self._candidates(probe.wanted)
         tail_hashes = self._tail.get_column(self.hash_column).to_numpy() if tail_at.size else _NONE
         found = (
@@ -343,6 +379,13 @@ class KeyedRows:
             at = np.repeat(lo - starts, counts) + np.arange(int(counts.sum()))
         return at[self._live[at]] if self._dead else at
 
+    def _add_to_tail(self, rows: pl.DataFrame) -> None:
+        tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        # A gather over a frame of many chunks (one per batch) costs several times one over
+        # a single chunk (the tail's rows are gathered every batch): rechunked every
+        # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches.
+        self._tail = tail.rechunk() if tail.n_chunks() > _TAIL_CHUNKS else tail
+
     def _kill_base(self, at: np.ndarray) -> None:
         if at.size == 0:
             return
@@ -374,10 +417,29 @@ class KeyedRows:
 
 
 _NONE = np.zeros(0, dtype=np.int64)
+_TAIL_CHUNKS = 8
 
 
-class _Probe:
-    """Keys being looked for: their distinct hashes, and a way to confirm candidate rows."""
+def _ratio(rows: int, limit: int) -> float:
+    """``rows / limit``, infinite for rows over a zero limit."""
+    if limit > 0:
+        return rows / limit
+    return float("inf") if rows else 0.0
+
+
+class KeyProbe:
+    """Keys being looked for: their distinct hashes, and a way to confirm candidate rows.
+
+    Examples
+    --------
+    >>> keys = pl.DataFrame({"k": ["a", "b"], "h": [7, 9]}, schema={"k": pl.String, "h": pl.UInt64})
+    >>> probe = KeyProbe(keys, ["k"], "h")
+    >>> probe.wanted.tolist()
+    [7, 9]
+    >>> rows = pl.DataFrame({"k": ["b", "z"], "h": [9, 9]}, schema=keys.schema)
+    >>> probe.confirm(rows, rows["h"].to_numpy(), np.arange(2)).tolist()  # "z": same hash
+    [0]
+    """
 
     def __init__(self, keys: pl.DataFrame, key_columns: list[str], hash_column: str):
         hashes = keys.get_column(hash_column).to_numpy()

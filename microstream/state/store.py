@@ -2,7 +2,7 @@
 
 A :class:`StateStore` holds the rows of an operator's state (partial
 aggregates, buffered window rows, deduplication keys, ...) in memory as one
-:class:`~microstream.state.keyed_rows.KeyedRows` (sorted by Polars' fast key
+:class:`~microstream.state.sliced_rows.SlicedRows` (sorted by Polars' fast key
 hash, so a batch finds its keys without scanning the state). Every row also
 carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
 the key, modulo the checkpoint's number of key groups), computed once when the
@@ -77,7 +77,6 @@ from microstream.state.key_groups import (
     key_group_ranges,
     key_groups,
 )
-from microstream.state.keyed_rows import KeyedRows
 from microstream.state.retention import delete_below
 from microstream.state.rotation import (
     EMPTY_BASE,
@@ -88,6 +87,7 @@ from microstream.state.rotation import (
     slices_by_pressure,
     slices_to_write,
 )
+from microstream.state.sliced_rows import SlicedRows
 from microstream.state.store_checks import check_forward, conform, validate_store_arguments
 from microstream.state.store_metadata import check_metadata, refuse_other_format
 
@@ -890,7 +890,7 @@ class StateStore:
         self,
         deltas: list[tuple[StateFile, int]],
         bases: np.ndarray,
-        data: KeyedRows,
+        data: SlicedRows,
         lo: int,
         hi: int,
     ) -> np.ndarray:
@@ -929,16 +929,15 @@ class StateStore:
         delete_below(self.storage, keep_from)
         self._cleaned_below = keep_from
 
-    def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> KeyedRows:
+    def _keyed(self, frame: pl.DataFrame, *, is_sorted: bool = False) -> SlicedRows:
         """``frame`` (memory schema) as the store's in-memory rows."""
-        return KeyedRows(
+        return SlicedRows(
             frame,
             key_columns=self.key_columns,
             hash_column=_HASH,
-            num_partitions=self.num_key_groups,
-            is_sorted=is_sorted,
             group_column=_KG,
-            sorted_by_group=True,
+            num_groups=self.num_key_groups,
+            is_sorted=is_sorted,
         )
 
     def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
