@@ -35,6 +35,7 @@ emitted.
 from __future__ import annotations
 
 import logging
+import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
@@ -44,7 +45,7 @@ import numpy as np
 import polars as pl
 
 from microstream.exceptions import PlanError
-from microstream.operators.base import StoreBackedOperator
+from microstream.operators.base import StoreBackedOperator, lowest_us
 from microstream.operators.join_where import parse_join_where
 from microstream.plan.nodes import (
     OperatorContext,
@@ -266,6 +267,22 @@ class StreamJoinOperator(_TwoStreamOperator):
             node.how in ("left", "full", "semi", "anti"),
             node.how in ("right", "full"),
         )
+        # What does not change between batches, built once: most batches of a selective
+        # join have few rows, where building these costs as much as using them.
+        self._out_schema = node.output_schema()
+        self._empty = (
+            pl.DataFrame(schema=self.left.schema),
+            pl.DataFrame(schema=self.right.schema),
+        )
+        self._no_pairs = pl.DataFrame(schema={_LEFT_AT: pl.Int64(), _RIGHT_AT: pl.Int64()})
+        # Per side, a lower bound of the buffered rows' times in microseconds (inf: none;
+        # None: unknown, e.g. after a load or an eviction): a batch whose watermark is below
+        # it plus the bound can evict nothing, and skips the pass over the buffer.
+        self._floors: list[float | None] = [None, None]
+
+    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
+        self._floors = [None, None]
+        super().load(version, key_groups=key_groups)
 
     def _stores(self) -> list[StateStore]:
         return [self.left, self.right]
@@ -282,11 +299,14 @@ class StreamJoinOperator(_TwoStreamOperator):
 
         # The buffered rows a new row of the other side can pair with: one semi join of the
         # buffer with the batch's keys per side (cheaper than hashing and probing them).
-        old_left = _buffered(self.left, right, node.right_on, node.left_on, node.nulls_equal)
-        old_right = _buffered(self.right, left, node.left_on, node.right_on, node.nulls_equal)
-        all_left = pl.concat([old_left, left], how="vertical")
-        all_right = pl.concat([old_right, right], how="vertical")
-        pairs = self._pairs(all_left, all_right, old_left.height, old_right.height)
+        old_left = self._buffered(0, right, node.right_on, node.left_on)
+        old_right = self._buffered(1, left, node.left_on, node.right_on)
+        all_left = _stacked(old_left, left)
+        all_right = _stacked(old_right, right)
+        if all_left.height and all_right.height:
+            pairs = self._pairs(all_left, all_right, old_left.height, old_right.height)
+        else:  # (every pair needs a row of each side)
+            pairs = self._no_pairs
 
         # Flags: a row matched now or before; semi emits a left row at its first match.
         # New rows go in with their flag; a kept row is rewritten when it first matches.
@@ -294,6 +314,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         for side, (store, arrived, old, at) in enumerate(
             ((self.left, left, old_left, _LEFT_AT), (self.right, right, old_right, _RIGHT_AT))
         ):
+            self._lower_floor(side, arrived)
             if not self._track[side] or pairs.height == 0:
                 store.insert(arrived)
                 continue
@@ -316,10 +337,43 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
-            gone_left = self.left.filter_out(to_us(node.left_time) + node.upper_us <= wm)
-            gone_right = self.right.filter_out(to_us(node.right_time) - node.lower_us <= wm)
+            gone_left = self._evict(0, node.left_time, node.upper_us, wm)
+            gone_right = self._evict(1, node.right_time, -node.lower_us, wm)
             self._removed = gone_left.height + gone_right.height
+        if pairs.height == 0 and not self._removed:
+            # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
+            return pl.DataFrame(schema=self._out_schema)
         return self._emit(all_left, all_right, pairs, newly_matched, gone_left, gone_right)
+
+    # -- fast paths --------------------------------------------------------------------------
+
+    def _buffered(
+        self, side: int, other: pl.DataFrame, other_on: tuple[str, ...], on: tuple[str, ...]
+    ) -> pl.DataFrame:
+        store = self.left if side == 0 else self.right
+        if other.height == 0 or store.rows == 0:
+            return self._empty[side]
+        return _buffered(store, other, other_on, on, self.node.nulls_equal)
+
+    def _lower_floor(self, side: int, arrived: pl.DataFrame) -> None:
+        """Before ``arrived`` joins the side's buffer: the floor covers its times too."""
+        time = self.node.left_time if side == 0 else self.node.right_time
+        floor = self._floors[side]
+        if floor is not None and time is not None and arrived.height:
+            self._floors[side] = min(floor, lowest_us(arrived.get_column(time)))
+
+    def _evict(self, side: int, time: str, bound_us: int, wm: int) -> pl.DataFrame:
+        """Evict the side's rows with ``time + bound_us <= wm``; returns them."""
+        store = self.left if side == 0 else self.right
+        floor = self._floors[side]
+        if floor is None:
+            frame = store.frame
+            floor = lowest_us(frame.get_column(time)) if frame.height else math.inf
+        if floor + bound_us > wm:
+            self._floors[side] = floor
+            return self._empty[side]
+        self._floors[side] = None  # (unknown until asked again: some rows leave)
+        return store.filter_out(to_us(time) + bound_us <= wm)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -334,18 +388,22 @@ class StreamJoinOperator(_TwoStreamOperator):
     ) -> tuple[pl.DataFrame, int]:
         """A side's new rows (late ones dropped: how many) with row ids, ``matched = false``."""
         self._dropped_late = 0
-        if time is not None and df.height:
+        if df.height == 0:
+            return self._empty[side], 0
+        if time is not None:
             df = self._drop_null_times(
                 df, time, ctx, list(schema), schema[time], "can never be matched in time"
             )
-            df = self._drop_late(
-                df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
-            )
+            # (the filter only when some row can be late: most batches have none)
+            if lowest_us(df.get_column(time)) <= ctx.late_watermark_us:
+                df = self._drop_late(
+                    df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
+                )
         # Unique per side and batch; a re-run batch gives the same ids.
         row_id = (
             pl.int_range(pl.len(), dtype=pl.Int64) * 2 + side + ctx.batch_id * (1 << 33)
         ).alias(ROW_ID)
-        rows = df.select(*schema.names()).with_columns(row_id, pl.lit(False).alias(MATCHED))
+        rows = df.select(*schema.names(), row_id, pl.lit(False).alias(MATCHED))
         return rows, self._dropped_late
 
     def _pairs(
@@ -432,7 +490,16 @@ class StreamJoinOperator(_TwoStreamOperator):
             nulls_equal=True,  # pairs decided already; null keys of a pair stay paired
             coalesce=node.coalesce,
         )
-        return out.select(node.output_schema().names())
+        return out.select(self._out_schema.names())
+
+
+def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
+    """The buffered rows, then the batch's (no copy when one of them is empty)."""
+    if old.height == 0:
+        return new
+    if new.height == 0:
+        return old
+    return pl.concat([old, new], how="vertical")
 
 
 def _buffered(
