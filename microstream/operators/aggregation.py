@@ -413,8 +413,8 @@ class AggregationOperator(StoreBackedOperator):
             else (node.event_key.column if node.eviction == "key" and node.event_key else None)
         )
         if time_col is not None:
-            df = batch.with_columns(to_us(time_col).alias(T), seq.alias(ORDER_S))
-            df = df.with_columns(pl.col(T).alias(ORDER_T))
+            time_us = to_us(time_col)
+            df = batch.with_columns(time_us.alias(T), seq.alias(ORDER_S), time_us.alias(ORDER_T))
         else:
             df = batch.with_columns(pl.lit(0, pl.Int64).alias(ORDER_T), seq.alias(ORDER_S))
         if node.window is not None:
