@@ -79,6 +79,9 @@ _LEFT_AT = "__left_at"
 _RIGHT_AT = "__right_at"
 _TIME = "__time_us"
 _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
+_EAGER_ROWS = 20_000
+"""Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
+0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
 
 
 def join_output_schema(
@@ -414,33 +417,45 @@ class StreamJoinOperator(_TwoStreamOperator):
         node = self.node
         probe_keys = [f"__k{i}" for i in range(len(node.left_on))]
 
-        def side(
-            frame: pl.DataFrame, on: tuple[str, ...], time: str | None, old: int
-        ) -> pl.LazyFrame:
+        def side(on: tuple[str, ...], time: str | None) -> list[pl.Expr]:
             columns = [pl.col(c).alias(k) for c, k in zip(on, probe_keys)]
             if time is not None:
                 columns.append(to_us(time).alias(_TIME))
-            at = pl.int_range(pl.len(), dtype=pl.Int64).alias(_AT)
-            return frame.lazy().select(*columns, at)
+            return [*columns, pl.int_range(pl.len(), dtype=pl.Int64).alias(_AT)]
 
-        joined = side(left, node.left_on, node.left_time, old_left).join(
-            side(right, node.right_on, node.right_time, old_right),
-            on=probe_keys,
-            how="inner",
-            suffix="_r",
-            nulls_equal=node.nulls_equal,
-        )
         # Rows at or after ``old`` in each frame are the batch's new rows.
         condition = (pl.col(_AT) >= old_left) | (pl.col(f"{_AT}_r") >= old_right)
         if node.bounded:
             assert node.lower_us is not None and node.upper_us is not None
             gap = pl.col(f"{_TIME}_r") - pl.col(_TIME)
             condition = condition & (gap >= node.lower_us) & (gap <= node.upper_us)
-        return (
-            joined.filter(condition)
-            .select(pl.col(_AT).alias(_LEFT_AT), pl.col(f"{_AT}_r").alias(_RIGHT_AT))
-            .collect()
+        positions = [pl.col(_AT).alias(_LEFT_AT), pl.col(f"{_AT}_r").alias(_RIGHT_AT)]
+        left_side, right_side = (
+            side(node.left_on, node.left_time),
+            side(node.right_on, node.right_time),
         )
+        if left.height + right.height < _EAGER_ROWS:
+            # (eager: a lazy plan's fixed cost is most of the work on a few thousand rows)
+            joined = left.select(left_side).join(
+                right.select(right_side),
+                on=probe_keys,
+                how="inner",
+                suffix="_r",
+                nulls_equal=node.nulls_equal,
+            )
+            return joined.filter(condition).select(positions)
+        lazy = (
+            left.lazy()
+            .select(left_side)
+            .join(
+                right.lazy().select(right_side),
+                on=probe_keys,
+                how="inner",
+                suffix="_r",
+                nulls_equal=node.nulls_equal,
+            )
+        )
+        return lazy.filter(condition).select(positions).collect()
 
     def _emit(
         self,
