@@ -31,13 +31,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from connectors._file_listing import LoggedFile, Selection, list_files
+from connectors._file_log import (
+    Cleaned,
+    FileLogEntry,
+    FileOffset,
+    SkippedFile,
+    SkippedFiles,
+    file_offset,
+)
 from connectors._file_reading import FileFailed, FileRead, fail_error, infer_schema
 from connectors._file_splits import FileSplit, bad_record_error, plan_file_splits, read_logged_file
 from connectors._paths import DataDir, split_glob
-from connectors._prefetch import ReadAhead
+from connectors._prefetch import READ_AHEAD_BYTES, ReadAhead, file_version
 from microstream.exceptions import OffsetError, SourceError
 from microstream.protocols import Offset, SideOutputTarget, SourceContext
 
@@ -81,88 +89,8 @@ DEAD_LETTER_SCHEMA = pl.Schema(
 """Columns of a dead-letter row (the engine appends ``batch_id``): a whole file has
 null ``line`` and ``value``; a bad record has its line number and its text."""
 _READ_THREADS = max(2, os.cpu_count() or 2)
+_READ_AHEAD_FILES = 4096  # at most this many files planned ahead (tiny files, long backlogs)
 _CLEANED_FILE = "cleaned.json"
-
-
-# -- offsets and the source log --------------------------------------------------------------------
-
-
-class FileOffset(Offset):
-    """Position in the file source's log: the last log entry a batch covered.
-
-    Attributes
-    ----------
-    log_index
-        Index ``k`` of the last source log entry ``sources/<n>/<k>.json``
-        included; ``-1`` is before the first entry.
-
-    Examples
-    --------
-    >>> FileOffset(log_index=3).distance(FileOffset(log_index=1))
-    2
-    >>> FileOffset(log_index=1).follows_or_equals(FileOffset(log_index=3))
-    False
-    """
-
-    log_index: int = Field(ge=-1)
-
-    def follows_or_equals(self, other: Offset) -> bool:
-        """Whether this offset is at or after ``other``."""
-        return self.log_index >= _file_offset(other, "compare with").log_index
-
-    def distance(self, other: Offset) -> int | None:
-        """The number of source log entries (batches of files) from ``other`` to here."""
-        return self.log_index - _file_offset(other, "measure from").log_index
-
-
-def _file_offset(offset: Offset, action: str) -> FileOffset:
-    if not isinstance(offset, FileOffset):
-        msg = f"cannot {action} a {type(offset).__name__} ({offset!r}): expected a FileOffset"
-        raise OffsetError(msg)
-    return offset
-
-
-class FileLogEntry(BaseModel):
-    """Source log entry ``<k>.json``: the files one batch takes, in reading order."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    files: list[LoggedFile]
-
-
-class SkippedFile(BaseModel):
-    """A logged file a batch left out, and why (``skipped/<k>.json``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str
-    """Path relative to the source directory."""
-    size: int
-    reason: str
-    missing: bool
-    """Whether the file was gone (``on_missing_file``) rather than unreadable (``on_bad_file``)."""
-    dead_letter: bool
-    """Whether it was sent to ``dead_letter`` rather than skipped."""
-
-
-class SkippedFiles(BaseModel):
-    """``skipped/<k>.json``: the files of log entry ``k`` that were left out.
-
-    Written before the batch's rows reach the sink, and read before the files
-    of entry ``k`` are: a re-run of the batch leaves out the same files, even
-    if one was repaired meanwhile.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    files: list[SkippedFile]
-
-
-class _Cleaned(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    up_to: int
-    """The last log entry whose files were deleted or archived."""
 
 
 # -- the spec --------------------------------------------------------------------------------------
@@ -257,6 +185,13 @@ class FileSourceSpec:
     storage_options
         Passed to :func:`fsspec.url_to_fs` for ``path`` and
         ``source_archive_dir``.
+    read_ahead_bytes
+        While a batch runs, the files the next batches take (when already
+        known: ``max_files_per_trigger`` left them for later, or a restart
+        replays logged batches) are read on the source's threads, at most this
+        many bytes of them held in memory at once (their decoded frames; one
+        file always, however large). ``0`` turns read-ahead off. Read-ahead
+        never changes what a batch reads (connectors/README.md, "Read-ahead").
 
     Raises
     ------
@@ -296,6 +231,7 @@ class FileSourceSpec:
     missing_columns: MissingColumnsPolicy
     wait_for_path: bool
     storage_options: dict[str, Any] | None = field(repr=False)  # may hold credentials
+    read_ahead_bytes: int
 
     def __init__(
         self,
@@ -317,6 +253,7 @@ class FileSourceSpec:
         missing_columns: MissingColumnsPolicy = "raise",
         wait_for_path: bool = False,
         storage_options: dict[str, Any] | None = None,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> None:
         if format not in _FORMATS:
             msg = f"format must be one of {', '.join(map(repr, _FORMATS))}; got {format!r}"
@@ -352,6 +289,12 @@ class FileSourceSpec:
         )
         if not isinstance(wait_for_path, bool):
             msg = f"wait_for_path must be a bool; got {wait_for_path!r}"
+            raise ValueError(msg)
+        if isinstance(read_ahead_bytes, bool) or not isinstance(read_ahead_bytes, int):
+            msg = f"read_ahead_bytes must be an int (0: no read-ahead); got {read_ahead_bytes!r}"
+            raise ValueError(msg)
+        if read_ahead_bytes < 0:
+            msg = f"read_ahead_bytes must be 0 (no read-ahead) or more; got {read_ahead_bytes}"
             raise ValueError(msg)
         base, pattern = split_glob(os.fspath(path))
         if pattern is not None and recursive:
@@ -415,6 +358,7 @@ class FileSourceSpec:
         object.__setattr__(self, "missing_columns", missing_columns)
         object.__setattr__(self, "wait_for_path", wait_for_path)
         object.__setattr__(self, "storage_options", storage_options)
+        object.__setattr__(self, "read_ahead_bytes", read_ahead_bytes)
 
     @property
     def directory(self) -> str:
@@ -549,7 +493,7 @@ class FileSource:
             self._seen.update(f.name for f in entry.files)
         self._last_logged = len(ids) - 1
         self._cleaned = (
-            self._log.read_model(_CLEANED_FILE, _Cleaned).up_to
+            self._log.read_model(_CLEANED_FILE, Cleaned).up_to
             if self._log.exists(_CLEANED_FILE)
             else -1
         )
@@ -558,7 +502,14 @@ class FileSource:
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
         self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
-        self._read_ahead = ReadAhead(self._read_file, lambda read: self._threads().submit(read))
+        self._read_ahead = ReadAhead(
+            self._read_file,
+            lambda job: self._threads().submit(job),
+            max_bytes=spec.read_ahead_bytes,
+            max_running=_READ_THREADS,
+            version=lambda logged: file_version(self._dir, logged.name),
+            recheck_on_take=self._dir.is_local,
+        )
 
     def _check_directory(self) -> None:
         try:
@@ -634,7 +585,7 @@ class FileSource:
         before its batch was committed) is returned again rather than a new
         listing, so that batch is re-formed exactly.
         """
-        begin = _file_offset(start, "start a batch at")
+        begin = file_offset(start, "start a batch at")
         if begin.log_index > self._last_logged:
             msg = (
                 f"{self.description}: offset log_index={begin.log_index} is beyond the last "
@@ -675,7 +626,7 @@ class FileSource:
         Counts the files of log entries after ``end`` and the new files the
         last listing left for later batches (no extra listing is made).
         """
-        after = _file_offset(end, "measure lag from").log_index
+        after = file_offset(end, "measure lag from").log_index
         logged = sum(
             len(self._entries[k].files)
             for k in range(after + 1, self._last_logged + 1)
@@ -707,8 +658,8 @@ class FileSource:
             ``on_bad_file="fail"``: a file is unreadable; with
             ``on_bad_record="fail"``: a csv or ndjson record is bad.
         """
-        first = _file_offset(start, "read from").log_index + 1
-        last = _file_offset(end, "read to").log_index
+        first = file_offset(start, "read from").log_index + 1
+        last = file_offset(end, "read to").log_index
         if last < first - 1 or last > self._last_logged:
             msg = (
                 f"{self.description}: cannot read ({first - 1}, {last}]: the source log "
@@ -723,7 +674,6 @@ class FileSource:
             if logged.name not in recorded[k]
         ]
         ahead = {item[0].name: r for item in wanted if (r := self._read_ahead.take(item[0]))}
-        self._read_ahead.discard()  # guesses that missed: not in the read threads' way
         rest = [item for item in wanted if item[0].name not in ahead]
         if len(rest) <= 1:
             read = {item[0].name: self._read_file(*item) for item in rest}
@@ -766,12 +716,22 @@ class FileSource:
         return self._pool
 
     def _upcoming(self, last: int) -> list[tuple[LoggedFile, int]]:
-        """The files the batch after log entry ``last`` will take, as far as known now:
-        the next logged entry's, else the next trigger's share of the last listing."""
-        if last < self._last_logged:
-            return [(f, last + 1) for f in self._entry(last + 1).files]
-        limit = self.spec.max_files_per_trigger
-        return [(f, last + 1) for f in self._unlogged[:limit]]
+        """The files the batches after log entry ``last`` will take, as far as known now,
+        in order: the logged entries' after it, then the last listing's files left for
+        later (their log index a guess, for messages only), up to the read-ahead bound
+        in listed sizes (no more can be read ahead)."""
+        files = [
+            (f, k) for k in range(last + 1, self._last_logged + 1) for f in self._entry(k).files
+        ]
+        limit = self.spec.max_files_per_trigger or 1
+        later = self._unlogged[:_READ_AHEAD_FILES]  # a long backlog: only what can be planned
+        files += [(f, self._last_logged + 1 + n // limit) for n, f in enumerate(later)]
+        budget = self.spec.read_ahead_bytes
+        for n, (logged, _) in enumerate(files):
+            budget -= logged.size
+            if budget < 0 or n >= _READ_AHEAD_FILES:
+                return files[: max(n, 1)]
+        return files
 
     def _entry(self, k: int) -> FileLogEntry:
         entry = self._entries.get(k)
@@ -795,8 +755,8 @@ class FileSource:
         """The files of ``(start, end]`` in splits other processes read
         (:mod:`connectors._file_splits`), or None: read on the driver (a policy other
         than "fail", or a file of the range recorded as left out)."""
-        first = _file_offset(start, "read from").log_index + 1
-        last = _file_offset(end, "read to").log_index
+        first = file_offset(start, "read from").log_index + 1
+        last = file_offset(end, "read to").log_index
         if last < first or last > self._last_logged:
             return None  # nothing to read, or an error that read() reports
         if any(self._recorded_skips(k) for k in range(first, last + 1)):
@@ -888,7 +848,7 @@ class FileSource:
 
     def commit(self, end: Offset) -> None:
         """Delete or archive the files of log entries up to ``end`` (``clean_source``)."""
-        last = _file_offset(end, "commit").log_index
+        last = file_offset(end, "commit").log_index
         if self.spec.clean_source == "off" or last <= self._cleaned:
             return
         for k in range(self._cleaned + 1, min(last, self._last_logged) + 1):
@@ -899,7 +859,7 @@ class FileSource:
                     self._clean(logged)
         self._cleaned = min(last, self._last_logged)
         try:
-            self._log.write_model(_CLEANED_FILE, _Cleaned(up_to=self._cleaned))
+            self._log.write_model(_CLEANED_FILE, Cleaned(up_to=self._cleaned))
         except Exception as exc:  # a later commit() retries; the files are already handled
             self._logger.warning("%s: cannot record clean-up progress: %s", self.description, exc)
 
@@ -927,7 +887,7 @@ class FileSource:
 
     def stop(self) -> None:
         """Shut down the threads that read files (files themselves are opened per read)."""
-        self._read_ahead.discard()
+        self._read_ahead.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)

@@ -167,3 +167,34 @@ def test_a_third_party_sink_runs_exactly_once_through_sink(tmp_path: Path) -> No
     assert spec.out == {0: [(1, 2), (2, 4)], 1: [(3, 6)]}
     with pytest.raises(PlanError, match=r"DictSink does not support output_mode='update'"):
         stream.lazy().sink(spec, output_mode="update")
+
+
+COMMON_SINK_OPTIONS = ("checkpoint", "checkpoint_options", "name", "runtime", "key_groups")
+
+
+@pytest.mark.parametrize(
+    ("verb", "arguments"),
+    [
+        ("sink_kafka", {"bootstrap_servers": "localhost:1", "topic": "t"}),
+        ("sink_kinesis", {"stream": "s", "partition_key": "k"}),
+        ("sink_rabbitmq_stream", {"url": "rabbitmq-stream://localhost:1", "stream": "s"}),
+        ("sink_pubsub", {"topic": "projects/p/topics/t"}),
+        ("sink_http", {"url": "http://localhost:1/in"}),
+    ],
+)
+def test_message_sink_verbs_pass_every_common_option_to_sink(
+    verb: str, arguments: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each message-system verb takes the frame's common options (checkpoint_options was
+    missing from sink_kafka, sink_rabbitmq_stream and sink_pubsub) and hands them on."""
+    seen: dict[str, Any] = {}
+
+    def sink(self: ms.StreamFrame, spec: object, **options: Any) -> str:
+        seen.update(options)
+        return "started"
+
+    monkeypatch.setattr(ms.StreamFrame, "sink", sink)
+    frame = ms.MemoryStream({"k": pl.String}).lazy()
+    given = {option: object() for option in COMMON_SINK_OPTIONS}
+    assert getattr(frame, verb)(**arguments, **given) == "started"
+    assert {option: seen[option] for option in COMMON_SINK_OPTIONS} == given
