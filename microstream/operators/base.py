@@ -8,6 +8,7 @@ one :class:`~microstream.plan.nodes.OperatorOutput`.
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from microstream.state.format import StatePart
     from microstream.state.store import StateStore
 
-__all__ = ["StoreBackedOperator", "late_rows_frame"]
+__all__ = ["StoreBackedOperator", "late_rows_frame", "lowest_us"]
 
 logger = logging.getLogger("microstream")
 
@@ -173,3 +174,35 @@ def late_rows_frame(
             from_us(pl.col(END), time_dtype).alias("window_end"),
         ]
     return dropped.select(*columns, *extra)
+
+
+_US_PER = {"us": 1, "ms": 1000}
+
+
+def lowest_us(times: pl.Series) -> float:
+    """A lower bound of ``times`` in microseconds since the epoch (``inf``: no value).
+
+    ``times`` is a Datetime (any unit or zone), Date or Int64 microseconds column; the
+    bound is exact except for nanoseconds, which round down. It costs one pass over
+    the column's integers, no Polars plan: operators ask it whether any row can be late
+    or evicted before they build the filter that would find them.
+
+    Examples
+    --------
+    >>> from datetime import datetime
+    >>> lowest_us(pl.Series([datetime(1970, 1, 1, 0, 0, 2), None], dtype=pl.Datetime("ms")))
+    2000000
+    >>> lowest_us(pl.Series([], dtype=pl.Date))
+    inf
+    """
+    found = times.cast(pl.Int64).min()
+    if found is None:
+        return math.inf
+    low = int(found)  # type: ignore[arg-type]  # (an Int64 column's min)
+    dtype = times.dtype
+    if isinstance(dtype, pl.Datetime):
+        unit = dtype.time_unit or "us"
+        return low // 1000 if unit == "ns" else low * _US_PER[unit]
+    if isinstance(dtype, pl.Date):
+        return low * 86_400_000_000
+    return low
