@@ -5,8 +5,8 @@
 rows (:func:`route` by key group, or the references of pieces cut elsewhere) in one
 call per owner and batch, which also writes the owner's state files of the batch's
 version; it gathers the owners' outputs in key-group order, sums their progress, and
-at commit writes one manifest per store over the files the owners wrote. :func:`detached` cuts the copy of the operator's
-node the owners build it from.
+at commit writes one manifest per store over the files the owners wrote.
+:func:`detached` cuts the copy of the operator's node the owners build it from.
 """
 
 from __future__ import annotations
