@@ -64,8 +64,9 @@ REMEDY = {
     "actors": "more workers (the part that scales)",
     "single_actor": "partition the operator (a key besides the window: a keyless "
     "operator lives whole in one actor, more workers do not help it)",
-    "coordination": "fewer round trips per batch (one call per owner for process and "
-    "commit together)",
+    "coordination": "fewer round trips per batch (one call per owner and batch, process "
+    "and state write together, is done: what is left is the workers sharing cores with "
+    "the driver, and the rows copied through Ray's object store)",
 }
 """What would move each bottleneck."""
 

@@ -15,8 +15,9 @@ each run's actor start is).
 ``stages_ms`` splits each runtime's batch time (the median run's, summed over its
 batches) by phase, from the progress records (``latest_offset``, ``wal``, ``read``,
 ``compute``, ``sink``, ``commit``, ``other``: the rest of ``total``), and for Ray the
-driver's waits on the actors (``actor_process``: inside compute, the operators' calls;
-``actor_commit``: inside commit, the owners writing their state) and the driver's
+driver's waits on the actors (``actor_process``: inside compute, the operators' calls,
+which also write the owners' state files; ``actor_commit``: inside commit, calls to the
+owners, none since each owner writes its state in its one call of the batch) and the driver's
 routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
 ``route`` in this process; ``partitioned`` says whether an exchange split rows over
 several actors (false for a stateless query, and for a keyless window: one actor owns

@@ -158,7 +158,8 @@ def test_a_stateless_files_query_needs_no_actors(ray_cluster: Any, tmp_path: Pat
         )
 
     local, _ = _run(build, ms.LocalRuntime(), tmp_path / "local")
-    ray, query = _run(build, ms.RayRuntime(num_workers=2), tmp_path / "ray")
+    # (read_splits="auto" would read these one-split batches on the driver)
+    ray, query = _run(build, ms.RayRuntime(num_workers=2, read_splits="tasks"), tmp_path / "ray")
     assert ray == local  # the same rows in the same order: splits in log order
     assert [len(rows) for rows in local.values()] == [len(local[0])] * 2
     executor = _executor(query)

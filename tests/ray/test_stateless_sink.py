@@ -125,7 +125,8 @@ def test_a_sink_without_pieces_gathers_the_tasks_rows_on_the_driver(
         lambda df, batch_id: got.__setitem__(batch_id, df.rows()),
         checkpoint=tmp_path / "cp",
         trigger=ms.Trigger.available_now(),
-        runtime=ms.RayRuntime(num_workers=2),
+        # (a batch of one split is read on the driver by default: test_driver_reads.py)
+        runtime=ms.RayRuntime(num_workers=2, read_splits="tasks"),
     )
     assert query.await_termination(timeout=120) and query.exception() is None
     executor = query._execution.executor  # type: ignore[attr-defined]
@@ -233,7 +234,7 @@ def test_a_file_sink_in_this_process_memory_is_written_by_the_driver(
         url,
         checkpoint=f"{url}-cp",
         trigger=ms.Trigger.available_now(),
-        runtime=ms.RayRuntime(num_workers=2),
+        runtime=ms.RayRuntime(num_workers=2, read_splits="tasks"),  # (else the driver reads)
     )
     assert query.await_termination(timeout=120) and query.exception() is None, query.exception()
     executor = query._execution.executor  # type: ignore[attr-defined]

@@ -44,6 +44,8 @@ class _Actor:
 
 
 class _Executor:
+    fence = "poll.0"  # what the owners would put in their state files' names
+
     def __init__(self, template: Any) -> None:
         self.template = template
 
@@ -52,12 +54,13 @@ class _Executor:
         for call in calls:
             if call.name == "timers_due":
                 answers.append(call.owner.due)
-            else:  # process_pieces: the template's empty output and progress, as Wires
+            else:  # process_pieces: the template's empty output and progress, as Wires, no
+                # state written (the test commits nothing)
                 _, ctx, _counts, *pieces = call.args
                 frames = tuple(piece.frame() for piece in pieces)
                 output = self.template.process(frames, ctx)
                 late = tuple(Wire.of(frame) for frame in output.late_rows)
-                answers.append((Wire.of(output.rows), late, self.template.progress()))
+                answers.append((Wire.of(output.rows), late, self.template.progress(), None))
         return answers
 
 

@@ -5,9 +5,11 @@ and the batch runs again from its log entry; the sink's output equals a clean ru
 nothing lost or doubled. Owners' state files carry the run id and attempt (fencing).
 
 Fault points (the driver's, :mod:`microstream.runtime.faults`): ``batch.after_read``
-(before the operators), ``sink.after_data`` / ``batch.after_sink`` (during the sink,
-before the state commit), ``batch.before_commit`` (after every owner committed its
-state, before ``commits/N``: the loss is found by the next batch).
+(before the operators: the loss is found by the batch's call), ``sink.after_data`` /
+``batch.after_sink`` (during the sink, after the owners' one call of the batch, which
+wrote their state files: the batch commits, the loss is found by the next call) and
+``batch.before_commit`` (after the state's manifests, before ``commits/N``: the loss is
+found by the next batch).
 """
 
 from __future__ import annotations
@@ -73,16 +75,14 @@ def test_killed_workers_are_replaced_and_their_batches_re_run_in_the_same_run(
     ray_cluster: Any, clean: dict[str, list[tuple[Any, ...]]], tmp_path: Path, pipeline: str
 ) -> None:
     # Three kills in one run, one per fault point: after the state commit of batch 1,
-    # before commits/1 (found by batch 2); in batch 3, after its sink and its late rows,
-    # before its state commit (found by write_parts); during a later sink (found at
-    # that batch's commit). Each batch that lost a worker runs again.
-    # Batch 3 of window_delta has no rows, so the Delta sink commits nothing for it and
-    # its re-run reaches the sink's data point again: batch 4's sink is the 6th visit.
-    later_sink = 6 if pipeline == "window_delta" else 5
+    # before commits/1 (found by batch 2); in batch 3, after its sink and its late rows
+    # (the owners wrote batch 3's state in their call: batch 3 commits, the loss is
+    # found by batch 4); during the sink of batch 4's re-run, the 5th visit (batch 4
+    # commits, the loss is found by batch 5). Each batch that lost a worker runs again.
     faults = [
         ("batch.before_commit", 2, 1),
         ("batch.after_sink", 4, 0),
-        ("sink.after_data", later_sink, 0),
+        ("sink.after_data", 5, 0),
     ]
     runtime = FaultyRayRuntime(*faults, num_workers=2)
     late: list[tuple[Any, ...]] = []
@@ -102,8 +102,7 @@ def test_killed_workers_are_replaced_and_their_batches_re_run_in_the_same_run(
     assert all(f.endswith(f".{run_part}.3.arrow") for f in named[max(named)])
     # Progress: each batch that lost a worker says so, in memory, in the progress JSON
     # and in the metrics counter; every other batch says 0.
-    # (the 5th sink is batch 4's first attempt: batch 3 ran its sink twice)
-    restarted = {2: [1], 3: [0], 4: [0]}
+    restarted = {2: [1], 4: [0], 5: [0]}
     progress = execution.recent_progress
     assert {p.batch_id: p.replaced_workers for p in progress if p.worker_restarts} == restarted
     assert all(p.worker_restarts == len(p.replaced_workers) for p in progress)

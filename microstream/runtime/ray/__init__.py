@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointError, MissingDependencyError, PlanError
@@ -52,13 +52,16 @@ class RayRuntime:
 
     The driver (this process) keeps the trigger loop, the write-ahead log, the
     watermark and the sink's commit exactly as :class:`~microstream.LocalRuntime`
-    does. Sources that split (files, Delta) are read by Ray tasks, one per split,
-    which also run the stateless steps after them and hand their rows to the actors
-    that own their keys; other sources and stateless stages run on the driver. Every stateful operator's key groups are
+    does. Sources that split (files, Delta, Kafka) are read by Ray tasks, one per
+    split, which also run the stateless steps after them and hand their rows to the
+    actors that own their keys (or write the sink's pieces); other sources and
+    stateless stages run on the driver, and so does a batch of one split whose rows
+    all come back to the driver anyway (``read_splits``). Every stateful operator's key groups are
     split into ``num_workers`` contiguous ranges, one per Ray actor; each actor
     loads exactly its range from the checkpoint, processes the rows routed to it
-    (rows for a next operator go to that operator's owners, actor to actor) and writes its range's state files every batch; the driver then writes the
-    version's manifest and ``commits/N``. The same checkpoint runs on either
+    (rows for a next operator go to that operator's owners, actor to actor) and writes
+    its range's state files, in one call per batch; once the sink committed the batch,
+    the driver writes the version's manifest and ``commits/N``. The same checkpoint runs on either
     runtime and with any ``num_workers`` between restarts: key groups move with
     their state, and the checkpoint records the move (``assignments/``).
 
@@ -89,6 +92,15 @@ class RayRuntime:
         How many times one batch may lose workers and run again before the query
         stops with :class:`~microstream.exceptions.WorkerRestartsExhaustedError`
         (0: the first loss stops it; a restart of the query re-runs the batch).
+    read_splits
+        Where the splits of a stateless stage whose rows all come back to the driver
+        (into ``foreach_batch``, the console, a memory table, a sink that does not take
+        pieces) are read. ``"auto"``: a batch of one split on the driver (it would wait
+        for the one task's rows anyway: a task only adds its round trip), a batch of
+        several in tasks, in parallel. ``"tasks"``: every split in a task (the decode,
+        and the rows a filter drops, stay off the driver: only the rows kept come back).
+        A stage whose rows go to operators, or whose sink takes pieces, is read in
+        tasks either way.
 
     Notes
     -----
@@ -100,10 +112,16 @@ class RayRuntime:
     >>> import microstream as ms
     >>> ms.RayRuntime(num_workers=3, worker_timeout="90s")
     RayRuntime(address=None, num_workers=3, worker_timeout='1m30s', max_worker_restarts=3)
+    >>> ms.RayRuntime(read_splits="tasks")
+    RayRuntime(address=None, num_workers=2, worker_timeout='10m', max_worker_restarts=3, read_splits='tasks')
     >>> ms.RayRuntime(num_workers=0)
     Traceback (most recent call last):
     ...
     ValueError: num_workers must be a positive integer; got 0 instead
+    >>> ms.RayRuntime(read_splits="driver")
+    Traceback (most recent call last):
+    ...
+    ValueError: read_splits must be 'auto' or 'tasks'; got 'driver' instead
     """
 
     def __init__(
@@ -114,6 +132,7 @@ class RayRuntime:
         *,
         worker_timeout: str | timedelta | float | None = "10m",
         max_worker_restarts: int = 3,
+        read_splits: Literal["auto", "tasks"] = "auto",
     ) -> None:
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             msg = f"num_workers must be a positive integer; got {num_workers!r} instead"
@@ -140,6 +159,10 @@ class RayRuntime:
             msg = f"worker_timeout must be positive or None; got {worker_timeout!r} instead"
             raise ValueError(msg)
         self.max_worker_restarts = max_worker_restarts
+        if read_splits not in ("auto", "tasks"):
+            msg = f"read_splits must be 'auto' or 'tasks'; got {read_splits!r} instead"
+            raise ValueError(msg)
+        self.read_splits = read_splits
 
     def prepare(self, config: ExecutionConfig) -> StreamExecution:
         """A run of ``config`` whose operators run in Ray actors (refused at once when the
@@ -156,6 +179,7 @@ class RayRuntime:
             ),
             max_worker_restarts=self.max_worker_restarts,
             checkpoint=Storage(config.checkpoint_url, config.storage_options),
+            read_splits=self.read_splits,
         )
         execution = StreamExecution(config, executor=executor)
         executor.run_id = execution.run_id  # the fence of the owners' state files
@@ -171,9 +195,10 @@ class RayRuntime:
             if self.worker_timeout is None
             else format_duration(self.worker_timeout // timedelta(microseconds=1))
         )
+        reads = "" if self.read_splits == "auto" else f", read_splits={self.read_splits!r}"
         return (
             f"RayRuntime(address={self.address!r}, num_workers={self.num_workers}, "
-            f"worker_timeout={timeout!r}, max_worker_restarts={self.max_worker_restarts})"
+            f"worker_timeout={timeout!r}, max_worker_restarts={self.max_worker_restarts}{reads})"
         )
 
 

@@ -8,8 +8,11 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    the owners' key-group ranges, and the owners get the pieces by reference, so the
    rows never pass through the driver; before the sink the pieces come back in split
    order, or, in a query without operators whose sink takes pieces, each task writes
-   its rows as its piece of the batch and only what it wrote comes back. Other
-   stateless stages run on the driver, as locally.
+   its rows as its piece of the batch and only what it wrote comes back. A batch of
+   one split whose rows all come back to the driver for the sink is read on the
+   driver (``read_splits="auto"``): the driver would wait for the one task's rows, so
+   a task only adds its round trip. Other stateless stages run on the driver, as
+   locally.
 2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
@@ -31,8 +34,9 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    owners by reference, in the upstream owner order; the rows never pass through the
    driver. Otherwise (``exchange_paths`` says why) the driver concatenates the
    outputs, runs the stages after them and routes the rows again (item 2).
-4. **Commit**: every owner writes its range's state files for batch N and
-   returns what it wrote; the driver writes each store's manifest of version N
+4. **Commit**: every owner writes its range's state files of version N in its call of
+   batch N (item 3: one call per owner and batch) and returns what it wrote; after the
+   sink committed the batch, the driver writes each store's manifest of version N
    (:func:`microstream.state.parts.commit_parts`), then, as locally, ``commits/N``.
 
 **Faults.** Every call to the workers is gathered by :meth:`RayStageExecutor.gather`,
@@ -148,6 +152,9 @@ class RayStageExecutor:
         How many times one batch may lose workers and run again.
     checkpoint
         The checkpoint's root, where the key-group assignment is recorded (None: not recorded).
+    read_splits
+        ``"auto"``: a batch of one split whose rows all go to a sink the driver writes is
+        read on the driver; ``"tasks"``: every split in a task (:class:`RayRuntime`).
     """
 
     def __init__(
@@ -160,8 +167,10 @@ class RayStageExecutor:
         worker_timeout_s: float | None = None,
         max_worker_restarts: int = 3,
         checkpoint: Storage | None = None,
+        read_splits: str = "auto",
     ) -> None:
         self._ray = ray
+        self.read_splits = read_splits
         self._connect = connect
         self.num_workers = num_workers
         self.worker_options = dict(worker_options or {})
@@ -448,7 +457,7 @@ class RayStageExecutor:
                 if stage.index in self._forwarded:
                     continue  # run by the owners of the operator before it
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
-                if scans and stage.index in cut:
+                if scans and stage.index in cut and not self._on_driver(plan, stage, inputs):
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
                     continue
                 frames = {s: self._read(inputs[s], s, reads) for s in stage.sources}
@@ -609,6 +618,25 @@ class RayStageExecutor:
             )
             for k, s in enumerate(split.splits)
         ]
+
+    def _on_driver(
+        self,
+        plan: PhysicalPlan,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+    ) -> bool:
+        """Whether the driver reads the splits of ``stage`` this batch, which tasks could
+        read: one split (a task would read it alone while the driver waits for it) whose
+        rows all come back here for the sink, under ``read_splits="auto"``."""
+        if self.read_splits != "auto" or self._writes(stage.index):
+            return False
+        (scan,) = stage.sources
+        split = inputs[scan]
+        return (
+            isinstance(split, SplitScan)
+            and len(split.splits) == 1
+            and all(isinstance(t, SinkStage) for t in consumers(plan, stage.index))
+        )
 
     def _writes(self, index: int) -> bool:
         """Whether the split tasks of stage ``index`` write the sink's pieces (a query

@@ -2,10 +2,11 @@
 
 :class:`RemoteOperator` is what the trigger loop sees of an operator run by
 :class:`~microstream.runtime.ray.executor.RayStageExecutor`: it sends each owner its
-rows (:func:`route` by key group, or the references of pieces cut elsewhere), gathers
-the owners' outputs in key-group order, sums their progress, and commits through the
-owners with one manifest per store. :func:`detached` cuts the copy of the operator's
-node the owners build it from.
+rows (:func:`route` by key group, or the references of pieces cut elsewhere) in one
+call per owner and batch, which also writes the owner's state files of the batch's
+version; it gathers the owners' outputs in key-group order, sums their progress, and
+at commit writes one manifest per store over the files the owners wrote.
+:func:`detached` cuts the copy of the operator's node the owners build it from.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from microstream.runtime.ray.operator_exchange import ExchangeTail
 from microstream.runtime.ray.scan_tasks import split_rows
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name
 from microstream.runtime.ray.wire import Wire
+from microstream.runtime.ray.worker import StateWrite
 from microstream.state.parts import commit_parts
 
 if TYPE_CHECKING:
@@ -135,8 +137,9 @@ class RemoteOperator:
     """The driver's handle on a stateful operator whose key groups live in Ray actors.
 
     It is what the trigger loop sees (``StatefulOperator``): progress summed over the
-    owners, commit through the owners and one manifest per store, schemas from a copy
-    of the operator built on the driver (never loaded).
+    owners, one manifest per store at commit over the state files the owners wrote in
+    their batch's call, schemas from a copy of the operator built on the driver (never
+    loaded).
     """
 
     def __init__(
@@ -158,6 +161,9 @@ class RemoteOperator:
         self._executor = executor
         self.num_key_groups = num_key_groups
         self._progress = template.progress()
+        self._written: tuple[int, str, list[dict[str, StatePart]]] | None = None
+        """(version, fence, per owner its parts) of the last batch the owners processed and
+        wrote: what :meth:`commit` commits."""
 
     def process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> OperatorOutput:
         """Every row to the owners of its key group, then the owners' outputs joined."""
@@ -200,22 +206,40 @@ class RemoteOperator:
         references of its pieces, target after target, each target's in its owner order."""
         self._started()
         exchange, tail_ref, batch = tail
+        fence = self._executor.fence
         returns = []
         for owner, rows in zip(self.owners, per_owner):
             counts, pieces = _arguments(rows)
             method = owner.worker.process_pieces_into_exchanges.options(
                 num_returns=1 + exchange.pieces
             )
-            returns.append(method.remote(self.operator_id, ctx, counts, tail_ref, batch, *pieces))
-        # Only the first return (late rows, progress) comes to the driver; the pieces stay
-        # in Ray's object store until the next owners read them.
+            returns.append(
+                method.remote(
+                    self.operator_id,
+                    ctx,
+                    counts,
+                    tail_ref,
+                    batch,
+                    *pieces,
+                    write=self._write(owner, ctx, fence),
+                )
+            )
+        # Only the first return (late rows, progress, state written) comes to the driver;
+        # the pieces stay in Ray's object store until the next owners read them.
         results: list[tuple[Any, ...]] = self._get([r[0] for r in returns], f"batch {ctx.batch_id}")
         self._progress = _sum_progress([r[1] for r in results])
+        self._written = (ctx.batch_id, fence, [r[2] for r in results])
         late = tuple(wire.frame() for r in results for wire in r[0])
         return OperatorOutput(rows=_NO_ROWS, late_rows=late), [list(r[1:]) for r in returns]
 
     def _started(self) -> None:
         """A batch starts on the owners."""
+        self._written = None
+
+    @staticmethod
+    def _write(owner: _Owner, ctx: OperatorContext, fence: str) -> StateWrite:
+        """What ``owner`` writes of the batch's state version in the batch's call."""
+        return StateWrite(version=ctx.batch_id, leader=owner.lo == 0, fence=fence)
 
     def _run(
         self,
@@ -224,25 +248,27 @@ class RemoteOperator:
         sink: tuple[SinkTail, OperatorContext] | None,
     ) -> tuple[OperatorOutput, list[SinkPart]]:
         self._started()
-        fence = "" if sink is None else self._executor.fence
+        fence = self._executor.fence
         calls = [
             _process_call(
                 owner.worker,
                 self.operator_id,
                 rows,
                 ctx,
+                self._write(owner, ctx, fence),
                 None if sink is None else (*sink, piece_name(fence, owner.index)),
             )
             for owner, rows in zip(self.owners, per_owner)
         ]
-        # per owner: its output rows, its late rows, its progress (Arrow tables as
-        # :class:`Wire`), and what it wrote when it wrote the sink's piece
+        # per owner: its output rows, its late rows (Arrow tables as :class:`Wire`), its
+        # progress, its state files written, and the sink's piece when it wrote one
         results: list[tuple[Any, ...]] = self._get(calls, f"batch {ctx.batch_id}")
         self._progress = _sum_progress([r[2] for r in results])
+        self._written = (ctx.batch_id, fence, [r[3] for r in results])
         frames = [r[0].frame() for r in results]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
         late = tuple(wire.frame() for r in results for wire in r[1])
-        parts: list[SinkPart] = [r[3] for r in results if len(r) == 4]
+        parts: list[SinkPart] = [r[4] for r in results if len(r) == 5]
         return OperatorOutput(rows=rows, late_rows=late), parts
 
     def load(self, version: int | None) -> None:
@@ -250,15 +276,21 @@ class RemoteOperator:
         raise AssertionError(msg)
 
     def commit(self, version: int) -> None:
-        """Every owner writes its range of ``version``; then one manifest per store."""
+        """One manifest per store over the files every owner wrote of ``version`` in its
+        call of the batch (no call to the owners: the sink has committed the batch, and
+        the manifest makes their fenced files the state's version ``version``)."""
+        written, self._written = self._written, None
         fence = self._executor.fence
-        calls = [
-            owner.worker.write_parts.remote(
-                self.operator_id, version, leader=owner.lo == 0, fence=fence
+        if written is None or written[:2] != (version, fence):
+            # Every batch calls every owner (with or without rows) before its commit, in
+            # the attempt that commits it: anything else is a bug, never a fault.
+            msg = (
+                f"operator {self.operator_id}: commit of state version {version} (attempt "
+                f"{fence}) without its owners' files; they wrote "
+                f"{'nothing' if written is None else f'version {written[0]} ({written[1]})'}"
             )
-            for owner in self.owners
-        ]
-        results: list[dict[str, StatePart]] = self._get(calls, f"the commit of batch {version}")
+            raise AssertionError(msg)
+        results = written[2]
         for store in results[0]:
             commit_parts(
                 self._storage.sub(store),
@@ -314,6 +346,7 @@ class RemoteTimedOperator(RemoteOperator):
     """(watermark, time in ms) of the last check that found no timer due, until a batch."""
 
     def _started(self) -> None:
+        super()._started()
         self._quiet = None  # a batch changes the owners' timers
 
     def timers_due(self, watermark_us: int | None, now_ms: int) -> bool:
@@ -373,16 +406,20 @@ def _process_call(
     operator_id: str,
     inputs: tuple[Routed, ...],
     ctx: OperatorContext,
+    write: StateWrite,
     sink: tuple[SinkTail, OperatorContext, str] | None = None,
 ) -> Any:
     """The actor call for one owner: frames the driver routed as Arrow tables
     (:class:`Wire`), the pieces Ray tasks cut by reference (Ray resolves references
-    given as arguments before the call runs); with ``sink`` (the tail, the batch's
-    context, the piece's name) the owner writes its output as that piece of the batch."""
+    given as arguments before the call runs), what to write of the batch's state
+    version; with ``sink`` (the tail, the batch's context, the piece's name) the owner
+    writes its output as that piece of the batch."""
     counts, pieces = _arguments(inputs)
     if sink is None:
-        return worker.process_pieces.remote(operator_id, ctx, counts, *pieces)
-    return worker.process_pieces_into_sink.remote(operator_id, ctx, counts, sink, *pieces)
+        return worker.process_pieces.remote(operator_id, ctx, counts, *pieces, write=write)
+    return worker.process_pieces_into_sink.remote(
+        operator_id, ctx, counts, sink, *pieces, write=write
+    )
 
 
 def _arguments(inputs: tuple[Routed, ...]) -> tuple[tuple[int, ...], list[Any]]:

@@ -6,12 +6,15 @@ operator's node exactly as the driver does locally
 (``node.build_operator(operator_id, storage)``), tells it the checkpoint's number
 of key groups and loads its state for exactly the range it owns
 (``load(version, key_groups=range(lo, hi))``, reading only the files of that range).
-Per batch it runs the operator over the rows the driver routed to it (or that split
-tasks and the previous operator's owners cut for it, by reference) and returns the
-operator's output and progress, or, when a next operator's owners take it, its output
-cut for them (:meth:`OperatorWorker.process_pieces_into_exchanges`); per committed batch it writes its range's
-state files and returns what it wrote (:meth:`StoreBackedOperator.write_parts`):
-the driver writes the one manifest per store and version once every owner did.
+Per batch, in one call, it runs the operator over the rows the driver routed to it
+(or that split tasks and the previous operator's owners cut for it, by reference),
+writes its range's state files of the batch's version (:class:`StateWrite`,
+:meth:`StoreBackedOperator.write_parts`) and returns the operator's output, its
+progress and what it wrote, or, when a next operator's owners take the output, the
+output cut for them (:meth:`OperatorWorker.process_pieces_into_exchanges`). The files
+are fenced with the run id and attempt and no manifest names them yet: the driver
+writes the one manifest per store and version after the sink committed the batch, so
+writing them before the sink costs the batch no second call and makes nothing visible.
 
 The class is plain Python: :mod:`microstream.runtime.ray.executor` turns it into an
 actor with ``ray.remote``, so this module never imports Ray.
@@ -20,6 +23,7 @@ actor with ``ray.remote``, so this module never imports Ray.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -39,7 +43,24 @@ if TYPE_CHECKING:
     from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
-__all__ = ["OperatorWorker"]
+__all__ = ["OperatorWorker", "StateWrite"]
+
+
+@dataclass(frozen=True)
+class StateWrite:
+    """What an owner needs to write its range of the batch's state version in the call
+    that processes the batch (the driver's manifest commits it later)."""
+
+    version: int
+    """The batch id: the state version the batch makes."""
+    leader: bool
+    """Whether this owner keeps the stores' shared files (the owner of key group 0)."""
+    fence: str
+    """The run id's first part and the attempt, put in the files' names."""
+
+
+Written = dict[str, "StatePart"] | None
+"""Per store, the part an owner wrote of the batch's version (None: asked to write none)."""
 
 
 class OperatorWorker:
@@ -64,11 +85,13 @@ class OperatorWorker:
     >>> worker.open("op0", node, num_key_groups=4, key_groups=(0, 4), version=None)
     >>> ctx = OperatorContext(batch_id=0, late_watermark_us=0, watermark_us=0,
     ...                       output_mode="append")
-    >>> out, _ = worker.process("op0", (pl.DataFrame({"k": ["a", "a", "b"]}),), ctx)
-    >>> out.rows["k"].to_list()
-    ['a', 'b']
-    >>> sorted(worker.write_parts("op0", 0, leader=True))
-    ['op0/keys']
+    >>> piece = Wire.of(pl.DataFrame({"k": ["a", "a", "b"]}))
+    >>> write = StateWrite(version=0, leader=True, fence="doctest.0")
+    >>> rows, late, progress, written = worker.process_pieces("op0", ctx, (1,), piece, write=write)
+    >>> rows.frame()["k"].to_list(), progress.num_rows_total
+    (['a', 'b'], 2)
+    >>> [(store, part.version, part.key_groups) for store, part in written.items()]
+    [('op0/keys', 0, (0, 4))]
     """
 
     def __init__(self, storage: Storage) -> None:
@@ -113,15 +136,21 @@ class OperatorWorker:
         return output, operator.progress()
 
     def process_pieces(
-        self, operator_id: str, ctx: OperatorContext, counts: tuple[int, ...], *pieces: Wire
-    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress]:
+        self,
+        operator_id: str,
+        ctx: OperatorContext,
+        counts: tuple[int, ...],
+        *pieces: Wire,
+        write: StateWrite | None = None,
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, Written]:
         """:meth:`process` over inputs given in pieces, ``counts[i]`` of them (in order) for
         input ``i``: rows the driver routed, or that Ray tasks cut per split (Ray hands
-        those over as arguments). Frames come and go as Arrow tables (:class:`Wire`):
-        the output rows, the late rows, then the progress."""
-        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        those over as arguments); with ``write``, then this worker's range of the batch's
+        state version written. Frames come and go as Arrow tables (:class:`Wire`): the
+        output rows, the late rows, then the progress and what was written."""
+        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return Wire.of(output.rows), late, progress
+        return Wire.of(output.rows), late, progress, written
 
     def process_pieces_into_sink(
         self,
@@ -130,16 +159,17 @@ class OperatorWorker:
         counts: tuple[int, ...],
         sink: tuple[SinkTail, OperatorContext, str],
         *pieces: Wire,
-    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, SinkPart]:
+        write: StateWrite | None = None,
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, Written, SinkPart]:
         """As :meth:`process_pieces`, then this worker's output through the sink's tail into
         its piece of the batch (``sink``: the tail, the batch's context, the piece's name;
         :func:`~microstream.runtime.ray.sink_parts.write_piece`): the output without its
-        rows, the late rows, the progress and what was written."""
+        rows, the late rows, the progress, the state written and the piece written."""
         tail, batch, piece = sink
-        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
         part = write_piece(output.rows, tail, batch, piece)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return Wire.of(output.rows.clear()), late, progress, part
+        return Wire.of(output.rows.clear()), late, progress, written, part
 
     def process_pieces_into_exchanges(
         self,
@@ -149,23 +179,35 @@ class OperatorWorker:
         tail: ExchangeTail,
         batch: OperatorContext,
         *pieces: Wire,
+        write: StateWrite | None = None,
     ) -> tuple[Any, ...]:
         """As :meth:`process_pieces`, then this worker's output through ``tail``'s stages
         and cut for the owners of the next operators
         (:func:`~microstream.runtime.ray.operator_exchange.cut_for_exchanges`; ``batch``:
         the batch's context). Returned as separate values (the driver asks for
-        ``1 + tail.pieces``): first the late rows and the progress, which the driver
-        gathers, then every piece, which it hands to the next owners by reference."""
-        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        ``1 + tail.pieces``): first the late rows, the progress and the state written,
+        which the driver gathers, then every piece, which it hands to the next owners by
+        reference."""
+        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return ((late, progress), *cut_for_exchanges(output.rows, tail, batch))
+        return ((late, progress, written), *cut_for_exchanges(output.rows, tail, batch))
 
-    def write_parts(
-        self, operator_id: str, version: int, *, leader: bool, fence: str = ""
-    ) -> dict[str, StatePart]:
-        """Write this worker's range of ``version`` of every store of ``operator_id``, with
-        ``fence`` (the driver's run id and attempt) in the names of the files."""
-        return self.operators[operator_id].write_parts(version, leader=leader, fence=fence)
+    def _processed(
+        self,
+        operator_id: str,
+        ctx: OperatorContext,
+        counts: tuple[int, ...],
+        pieces: tuple[Wire, ...],
+        write: StateWrite | None,
+    ) -> tuple[OperatorOutput, StateOperatorProgress, Written]:
+        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+        if write is None:
+            return output, progress, None
+        # The batch's state is final here: written now, it needs no second call at commit.
+        written = self.operators[operator_id].write_parts(
+            write.version, leader=write.leader, fence=write.fence
+        )
+        return output, progress, written
 
     def timers_due(self, operator_id: str, watermark_us: int | None, now_ms: int) -> bool:
         """Whether ``operator_id`` needs a batch without rows now, for this worker's keys."""
