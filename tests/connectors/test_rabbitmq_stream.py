@@ -56,6 +56,22 @@ def publish(
         conn.close()
 
 
+def first_offset_after(server: RabbitMQServer, stream: str, offset: int, timeout_s: float) -> int:
+    """Wait until retention has deleted ``offset``: the stream's first offset, once past it."""
+    conn = connection(server)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            chunk = conn.edge(stream, last=False, wait_s=1.0)
+            first = chunk.offsets[0] if chunk is not None else -1
+            if first > offset:
+                return first
+            assert time.monotonic() < deadline, f"retention kept offset {offset} ({first = })"
+            time.sleep(0.2)
+    finally:
+        conn.close()
+
+
 def rows(ids: range) -> list[bytes]:
     return [json.dumps({"id": i, "name": f"n{i}"}).encode() for i in ids]
 
@@ -204,6 +220,8 @@ def test_messages_deleted_by_retention_are_a_data_loss_error(
     # Enough messages that the broker deletes the segments holding offsets 3, 4, ...
     for _ in range(8):
         publish(rabbitmq_server, rabbitmq_stream, [b"x" * 100] * 50)
+    # The broker applies retention in its own time (later on a loaded machine): wait for it.
+    first_offset_after(rabbitmq_server, rabbitmq_stream, 3, timeout_s=60)
     query, _ = collect(frame, checkpoint, trigger=ms.Trigger.available_now())
     with pytest.raises(DataLossError) as info:
         query.await_termination(timeout=60)
