@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,11 +128,14 @@ def test_a_chunk_failing_past_retry_timeout_fails_the_batch(
     sink = sink_of(http_server.url(), tmp_path, retry_timeout="300ms")
     with pytest.raises(
         ms.SinkError,
-        match=r"chunk 0 of batch 0 .* failed \d+ times within retry_timeout='300ms'; last error: "
+        match=r"chunk 0 of batch 0 .* failed (\d+) times within retry_timeout='300ms'; last error: "
         r"HTTP 502 Bad Gateway: b'bad gateway'",
-    ):
+    ) as raised:
         sink.add_batch(0, pl.DataFrame({"x": [1]}))  # type: ignore[attr-defined]
-    assert 3 <= len(http_server.requests) <= 8
+    # How many attempts fit in 300 ms depends on the machine's load; the count reported is the
+    # count made, and the backoff keeps it from being a busy loop.
+    attempts = int(re.search(r"failed (\d+) times", str(raised.value)).group(1))  # type: ignore[union-attr]
+    assert attempts == len(http_server.requests) <= 8
 
 
 def test_a_server_down_then_back_gets_the_batch(tmp_path: Path) -> None:
