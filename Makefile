@@ -71,7 +71,7 @@ docs: install-docs
 	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(VENV)/bin/mkdocs build --strict
 
 test: lint typecheck docs chromium wal2json rabbitmq
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=30 $(PYTEST_ARGS)
 
 # Packaging (CI runs these after `make test`): the sdist and wheel build and pass
 # `twine check`; each extra installs alone from the wheel into a fresh venv and works
