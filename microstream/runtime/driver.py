@@ -400,8 +400,9 @@ class StreamExecution:
                 self._pending = None
             for src, end in zip(self._sources, self._committed):
                 src.commit(end)  # idempotent: finishes clean-up a crash may have cut short
+            ran = False
             while not self._stop.is_set():
-                self._wait_for_trigger()
+                self._wait_for_trigger(after_batch=ran)
                 if self._stop.is_set():
                     break
                 ran = self._trigger_once()
@@ -430,7 +431,11 @@ class StreamExecution:
             )
             session.unregister_query_run(self.run_id)
 
-    def _wait_for_trigger(self) -> None:
+    def _wait_for_trigger(self, *, after_batch: bool) -> None:
+        """Wait until the next check is due. An as-fast-as-possible trigger polls only
+        after a check that ran nothing: a batch, with data or without, may have left more
+        to do (a file that arrived meanwhile, the watermark it moved), and the next check
+        then costs one listing rather than a poll interval."""
         trigger = self.config.trigger
         if trigger.kind != "processing_time":
             return
@@ -439,7 +444,7 @@ class StreamExecution:
             return
         if interval > 0:
             due = self._last_trigger_start + interval
-        elif not self.is_data_available:
+        elif not self.is_data_available and not after_batch:
             due = time.monotonic() + IDLE_POLL_S
         else:
             return

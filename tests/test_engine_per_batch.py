@@ -1,0 +1,68 @@
+"""The driver's own work per batch (issue 14, engine per-batch slice): no poll interval
+after a batch, checkpoint writes with fewer system calls, a listing that stats a file once."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import microstream as ms
+from microstream.runtime import driver
+
+SCHEMA = {"ts": pl.Datetime("us"), "k": pl.Utf8, "v": pl.Int64}
+T0 = dt.datetime(2026, 1, 1)
+
+
+def _rows(*items: tuple[int, str, int]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "ts": [T0 + dt.timedelta(seconds=s) for s, _, _ in items],
+            "k": [k for _, k, _ in items],
+            "v": [v for _, _, v in items],
+        },
+        schema=SCHEMA,
+    )
+
+
+def test_no_poll_interval_after_a_batch_without_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data batch moves the watermark, so a no-data batch follows at once; the check
+    after that one must not wait a poll interval (a long one here) before it finds the
+    input drained and ``process_all_available`` returns."""
+    monkeypatch.setattr(driver, "IDLE_POLL_S", 4.0)
+    source = ms.MemoryStream(SCHEMA)
+    out: dict[int, list[tuple[str, dt.datetime, int]]] = {}
+
+    def collect(df: pl.DataFrame, batch_id: int) -> None:
+        out[batch_id] = sorted(df.select("k", "ts", "v").iter_rows())
+
+    query = (
+        source.lazy()
+        .with_watermark("ts", "0s")
+        .group_by_dynamic("ts", every="1m", group_by="k")
+        .agg(pl.col("v").sum())
+        .foreach_batch(collect, checkpoint=tmp_path / "cp", trigger=ms.Trigger.every(0))
+    )
+    try:
+        source.add_data(_rows((1, "a", 1), (2, "b", 2)))
+        query.process_all_available(timeout=30)  # the first poll may still be running
+        source.add_data(_rows((61, "a", 4), (62, "b", 8)))
+        t0 = time.perf_counter()
+        query.process_all_available(timeout=30)
+        elapsed = time.perf_counter() - t0
+        batches = [p.batch_id for p in query.recent_progress]
+        rows_in = [p.num_input_rows for p in query.recent_progress]
+    finally:
+        query.stop()
+    # Batches: the first rows; the no-data batch their watermark asks for; the second
+    # rows (which close the first minute); and the no-data batch after them.
+    assert batches == [0, 1, 2, 3]
+    assert rows_in == [2, 0, 2, 0]
+    emitted = [row for b in sorted(out) for row in out[b]]
+    assert emitted == [("a", T0, 1), ("b", T0, 2)]
+    assert elapsed < 2.0, f"waited {elapsed:.2f} s: a poll interval after the no-data batch"
