@@ -4,13 +4,18 @@ after a batch, checkpoint writes with fewer system calls, a listing that stats a
 from __future__ import annotations
 
 import datetime as dt
+import os
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
 import microstream as ms
+from microstream.checkpoint.storage import Storage
+from microstream.exceptions import CheckpointConflictError
 from microstream.runtime import driver
 
 SCHEMA = {"ts": pl.Datetime("us"), "k": pl.Utf8, "v": pl.Int64}
@@ -66,3 +71,54 @@ def test_no_poll_interval_after_a_batch_without_data(
     emitted = [row for b in sorted(out) for row in out[b]]
     assert emitted == [("a", T0, 1), ("b", T0, 2)]
     assert elapsed < 2.0, f"waited {elapsed:.2f} s: a poll interval after the no-data batch"
+
+
+class _Calls:
+    """Counts the calls of the ``os`` functions a test wraps."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+        self.counts = dict.fromkeys(names, 0)
+        for name in names:
+            module, attr = (os.path, name[5:]) if name.startswith("path.") else (os, name)
+            original = getattr(module, attr)
+
+            def counted(*args: Any, _name: str = name, _f: Any = original, **kw: Any) -> Any:
+                self.counts[_name] += 1
+                return _f(*args, **kw)
+
+            monkeypatch.setattr(module, attr, counted)
+
+
+def test_a_checkpoint_write_into_an_existing_directory_makes_no_extra_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage(tmp_path / "cp")
+    storage.write_bytes("offsets/0.json", b"zero", overwrite=False)  # creates offsets/
+    storage.append_line("progress/run.jsonl", "a")  # creates progress/
+    calls = _Calls(monkeypatch, "makedirs", "mkdir", "stat", "path.exists", "open")
+    storage.write_bytes("offsets/1.json", b"one", overwrite=False)
+    storage.write_bytes("lock.json", b"lock")
+    storage.append_line("progress/run.jsonl", "b")
+    # One open per file (the temporary, or the appended file), nothing to look up first.
+    assert calls.counts == {"makedirs": 0, "mkdir": 0, "stat": 0, "path.exists": 0, "open": 3}
+    assert (tmp_path / "cp" / "offsets" / "1.json").read_bytes() == b"one"
+    assert (tmp_path / "cp" / "lock.json").read_bytes() == b"lock"
+    assert (tmp_path / "cp" / "progress" / "run.jsonl").read_text() == "a\nb\n"
+    assert sorted(p.name for p in (tmp_path / "cp" / "offsets").iterdir()) == ["0.json", "1.json"]
+
+
+def test_a_write_once_file_still_conflicts_and_a_removed_directory_is_made_again(
+    tmp_path: Path,
+) -> None:
+    storage = Storage(tmp_path / "cp")
+    storage.write_bytes("offsets/0.json", b"first", overwrite=False)
+    with pytest.raises(CheckpointConflictError, match=r"offsets/0\.json"):
+        storage.write_bytes("offsets/0.json", b"second", overwrite=False)
+    assert (tmp_path / "cp" / "offsets" / "0.json").read_bytes() == b"first"
+    assert sorted(p.name for p in (tmp_path / "cp" / "offsets").iterdir()) == ["0.json"]
+    shutil.rmtree(tmp_path / "cp" / "offsets")  # e.g. by `microstream reset`
+    storage.write_bytes("offsets/0.json", b"again", overwrite=False)
+    assert (tmp_path / "cp" / "offsets" / "0.json").read_bytes() == b"again"
+    assert sorted(p.name for p in (tmp_path / "cp" / "offsets").iterdir()) == ["0.json"]
+    storage.append_line("progress/deep/run.jsonl", "x")
+    assert (tmp_path / "cp" / "progress" / "deep" / "run.jsonl").read_text() == "x\n"
