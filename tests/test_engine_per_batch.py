@@ -1,5 +1,5 @@
 """The driver's own work per batch (issue 14, engine per-batch slice): no poll interval
-after a batch, checkpoint writes with fewer system calls, a listing that stats a file once."""
+after a batch, checkpoint writes with fewer system calls, built-in connectors found at once."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import polars as pl
 import pytest
 
 import microstream as ms
+from microstream import registry
 from microstream.checkpoint.storage import Storage
-from microstream.exceptions import CheckpointConflictError
+from microstream.exceptions import CheckpointConflictError, MicrostreamError
 from microstream.runtime import driver
 
 SCHEMA = {"ts": pl.Datetime("us"), "k": pl.Utf8, "v": pl.Int64}
@@ -122,3 +123,33 @@ def test_a_write_once_file_still_conflicts_and_a_removed_directory_is_made_again
     assert sorted(p.name for p in (tmp_path / "cp" / "offsets").iterdir()) == ["0.json"]
     storage.append_line("progress/deep/run.jsonl", "x")
     assert (tmp_path / "cp" / "progress" / "deep" / "run.jsonl").read_text() == "x\n"
+
+
+def test_a_built_in_connector_is_found_without_reading_every_installed_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every ``scan_*`` and ``sink_*`` call looks its connector up; a built-in one is found
+    in microstream's own metadata (the full scan costs 10-20 ms per call), and a name
+    only another package declares is still found by the full scan."""
+    full_scans: list[str] = []
+    targets = registry._targets
+
+    def counted(group: str) -> dict[str, str]:
+        full_scans.append(group)
+        extra = {"toy_rate": "connectors.rate:RateSourceSpec"}
+        return {**targets(group), **(extra if group == registry.CONNECTORS_GROUP else {})}
+
+    monkeypatch.setattr(registry, "_targets", counted)
+    data = tmp_path / "in"
+    data.mkdir()
+    pl.DataFrame({"x": [1, 2]}).write_parquet(data / "a.parquet")
+    query = ms.scan_files(data, format="parquet", schema={"x": pl.Int64}).sink_memory(
+        "built_in_lookup", checkpoint=tmp_path / "cp", trigger=ms.Trigger.available_now()
+    )
+    query.await_termination()
+    assert ms.table("built_in_lookup")["x"].to_list() == [1, 2]
+    assert full_scans == []
+    assert registry.load_connector("toy_rate").kind == "rate"
+    assert full_scans == [registry.CONNECTORS_GROUP]
+    with pytest.raises(MicrostreamError, match=r"no connector named 'nope'; installed connectors"):
+        registry.load_connector("nope")
