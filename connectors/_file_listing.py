@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,17 +88,42 @@ class Listing:
 
 
 def list_files(
-    directory: DataDir, selection: Selection, *, seen: Container[str] = frozenset()
+    directory: DataDir,
+    selection: Selection,
+    *,
+    seen: Container[str] = frozenset(),
+    known: Mapping[str, LoggedFile] | None = None,
 ) -> Listing:
     """The visible files of ``directory`` (no hidden ones, as ``selection`` says) not in ``seen``.
 
     Names in ``seen`` are dropped before anything else is done with them: a
     file already taken is neither stat-ed nor described again, so a trigger
-    costs a listing of names plus work for the new files only.
+    costs a listing of names plus work for the new files only. A local file
+    listed before (``known``: the previous listing's records) keeps that
+    record, not stat-ed again: a backlog that ``max_files_per_trigger`` takes
+    one file at a time costs one ``stat`` per file, not one per file and
+    trigger.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from connectors._paths import DataDir
+    >>> root = tempfile.mkdtemp()
+    >>> for name in ("a.csv", "b.csv"):
+    ...     with open(os.path.join(root, name), "w") as fh:
+    ...         _ = fh.write("x\\n1\\n")
+    >>> selection = Selection.of("csv", None, None, recursive=False)
+    >>> first = list_files(DataDir.resolve(root), selection)
+    >>> sorted((f.name, f.size) for f in first.files)
+    [('a.csv', 4), ('b.csv', 4)]
+    >>> known = {f.name: f for f in first.files}
+    >>> again = list_files(DataDir.resolve(root), selection, seen={"a.csv"}, known=known)
+    >>> again.files == [known["b.csv"]]
+    True
     """
     try:
         if directory.is_local:
-            return _list_local(directory.root, selection, seen)
+            return _list_local(directory.root, selection, seen, known or {})
         return _list_remote(directory, selection, seen)
     except FileNotFoundError:
         return Listing([], missing=True)
@@ -107,7 +132,9 @@ def list_files(
         raise SourceError(msg) from exc
 
 
-def _list_local(root: str, selection: Selection, seen: Container[str]) -> Listing:
+def _list_local(
+    root: str, selection: Selection, seen: Container[str], known: Mapping[str, LoggedFile]
+) -> Listing:
     """:func:`list_files` with ``os.scandir``: names come without a ``stat`` call.
 
     Which entries count as files is fsspec's: without ``recursive`` regular
@@ -138,6 +165,10 @@ def _list_local(root: str, selection: Selection, seen: Container[str]) -> Listin
                 if not recursive and not entry.is_file(follow_symlinks=False):
                     continue
                 if name in seen:
+                    continue
+                record = known.get(name)
+                if record is not None:  # taken by the selection when first listed
+                    files.append(record)
                     continue
                 verdict = selection.verdict(name, entry.name)
                 if verdict != "take":

@@ -499,6 +499,7 @@ class FileSource:
         )
         self._snapshot: frozenset[str] | None = None
         self._unlogged: list[LoggedFile] = []  # the last listing's files left for later batches
+        self._listed: dict[str, LoggedFile] = {}  # the last listing's new files, by name
         # The columns read: the query's projection (parquet and ipc read no others).
         self._schema = spec.schema
         self._pool: ThreadPoolExecutor | None = None  # reads a batch's files; made on first use
@@ -895,7 +896,8 @@ class FileSource:
     # -- listing ---------------------------------------------------------------------------
 
     def _new_files(self) -> list[LoggedFile]:
-        listing = list_files(self._dir, self._selection, seen=self._seen)
+        listing = list_files(self._dir, self._selection, seen=self._seen, known=self._listed)
+        self._listed = {f.name: f for f in listing.files}
         if listing.missing and not self._waiting_reported:
             self._waiting_reported = True
             self._logger.warning(

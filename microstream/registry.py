@@ -12,7 +12,7 @@ is adapted by an entry point in the ``microstream.static_tables`` group.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, distribution, entry_points
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from microstream.exceptions import MicrostreamError
@@ -70,8 +70,22 @@ def _targets(group: str) -> dict[str, str]:
     return {ep.name: ep.value for ep in entry_points(group=group)}
 
 
+def _own_targets(group: str) -> dict[str, str]:
+    """:func:`_targets` of microstream's own distribution only: its metadata alone is read
+    (about 0.3 ms), where :func:`_targets` reads every installed distribution's (10-20 ms
+    with a few hundred installed, paid by every ``scan_*`` and ``sink_*`` call)."""
+    try:
+        own = distribution("microstream").entry_points
+    except PackageNotFoundError:  # run from a source tree without its metadata
+        return {}
+    return {ep.name: ep.value for ep in own if ep.group == group}
+
+
 def load_connector(name: str) -> Any:
     """The object registered under ``name`` in the ``microstream.connectors`` group.
+
+    A built-in connector's name is looked up in microstream's own metadata first (so a
+    built-in name always means the built-in); other names in every installed package's.
 
     Examples
     --------
@@ -82,6 +96,9 @@ def load_connector(name: str) -> Any:
     ...
     microstream.exceptions.MicrostreamError: no connector named 'nope'; installed connectors: console, ...
     """
+    target = _own_targets(CONNECTORS_GROUP).get(name)
+    if target is not None:
+        return _import(target)
     targets = _targets(CONNECTORS_GROUP)
     target = targets.get(name)
     if target is None:

@@ -268,14 +268,18 @@ class Storage:
                 self._put(relative, data, overwrite=overwrite)
             return
         target = self.path(relative)
-        parent = target.rsplit("/", 1)[0]
+        parent, name = target.rsplit("/", 1)
+        # Every batch writes several of these files, so no system call is spent on what
+        # the ones made anyway tell: the directory is created only when the temporary
+        # file cannot be, and an existing target makes link() fail (no exists() first).
         with self._failing("write checkpoint file", relative):
-            if not overwrite and os.path.exists(target):
-                raise CheckpointConflictError(self._conflict(relative))
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileNotFoundError:
+                    os.makedirs(parent, exist_ok=True)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 try:
                     _write_all(fd, data)
                     if self.fsync:
@@ -404,8 +408,12 @@ class Storage:
         data = (line + "\n").encode()
         with self._failing("append to checkpoint file", relative):
             if self.is_local:
-                os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-                fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                try:
+                    fd = os.open(target, flags, 0o666)
+                except FileNotFoundError:  # the first line: its directory may be missing
+                    os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+                    fd = os.open(target, flags, 0o666)
                 try:
                     size = os.fstat(fd).st_size
                     try:

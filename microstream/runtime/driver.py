@@ -80,6 +80,7 @@ from microstream.runtime.progress import (
     SinkProgress,
     SourceProgress,
 )
+from microstream.runtime.side_output import SourceSideOutput
 from microstream.runtime.stages import (
     LocalStageExecutor,
     RecoveringStageExecutor,
@@ -99,7 +100,7 @@ from microstream.time.watermark import (
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
     from microstream.plan.nodes import PlanNode, StatefulNode, StatefulOperator
-    from microstream.protocols import SideOutputTarget, SinkSpec
+    from microstream.protocols import SinkSpec
     from microstream.time.trigger import Trigger
 
 __all__ = ["ExecutionConfig", "StreamExecution"]
@@ -183,7 +184,7 @@ class StreamExecution:
         self._routed_sides: set[str] = set()  # side outputs the current batch routed
         self._restarts: list[list[int]] = []  # per loss in the current batch: workers replaced
         # Rows sources set aside while reading (the Kafka source's dead letters).
-        self._source_side_output = _SourceSideOutput(config.session)
+        self._source_side_output = SourceSideOutput(config.session)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -399,8 +400,9 @@ class StreamExecution:
                 self._pending = None
             for src, end in zip(self._sources, self._committed):
                 src.commit(end)  # idempotent: finishes clean-up a crash may have cut short
+            ran = False
             while not self._stop.is_set():
-                self._wait_for_trigger()
+                self._wait_for_trigger(after_batch=ran)
                 if self._stop.is_set():
                     break
                 ran = self._trigger_once()
@@ -429,7 +431,11 @@ class StreamExecution:
             )
             session.unregister_query_run(self.run_id)
 
-    def _wait_for_trigger(self) -> None:
+    def _wait_for_trigger(self, *, after_batch: bool) -> None:
+        """Wait until the next check is due. An as-fast-as-possible trigger polls only
+        after a check that ran nothing: a batch, with data or without, may have left more
+        to do (a file that arrived meanwhile, the watermark it moved), and the next check
+        then costs one listing rather than a poll interval."""
         trigger = self.config.trigger
         if trigger.kind != "processing_time":
             return
@@ -438,7 +444,7 @@ class StreamExecution:
             return
         if interval > 0:
             due = self._last_trigger_start + interval
-        elif not self.is_data_available:
+        elif not self.is_data_available and not after_batch:
             due = time.monotonic() + IDLE_POLL_S
         else:
             return
@@ -830,49 +836,6 @@ class StreamExecution:
         self.checkpoint.release_lock()
         if self.config.temporary_checkpoint and self.checkpoint.storage.is_local:
             shutil.rmtree(self.checkpoint.storage.root, ignore_errors=True)
-
-
-class _SourceSideOutput:
-    """The engine side of ``SourceContext.side_output``: rows a source set aside.
-
-    Rows emitted while a batch is read are kept per target and routed once per
-    batch (a memory table is written once per batch id), with the batch id
-    appended, like late rows.
-    """
-
-    def __init__(self, session: QuerySession) -> None:
-        self._session = session
-        self.writer = ""  # the query's id, once known
-        self._batch_id = -1
-        self._pending: list[tuple[SideOutputTarget, pl.DataFrame]] = []
-
-    def declare(self, target: SideOutputTarget, schema: pl.Schema) -> None:
-        if isinstance(target, str):
-            self._session.register_table(target, pl.Schema({**schema, "batch_id": pl.Int64()}))
-
-    def emit(self, target: SideOutputTarget, rows: pl.DataFrame) -> None:
-        if rows.height:
-            self._pending.append((target, rows))
-
-    def begin(self, batch_id: int) -> None:
-        self._batch_id, self._pending = batch_id, []
-
-    def route(self) -> None:
-        pending, self._pending = self._pending, []
-        targets: list[SideOutputTarget] = []
-        for target, _ in pending:
-            if not any(target is t or target == t for t in targets):
-                targets.append(target)
-        for target in targets:
-            rows = pl.concat(
-                [r for t, r in pending if t is target or t == target], how="diagonal_relaxed"
-            ).with_columns(batch_id=pl.lit(self._batch_id, pl.Int64))
-            if isinstance(target, str):
-                self._session.write_table(
-                    target, self._batch_id, rows, replace=False, writer=self.writer
-                )
-            else:
-                target(rows, self._batch_id)
 
 
 def _now() -> datetime:
