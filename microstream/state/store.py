@@ -51,7 +51,6 @@ from microstream.exceptions import (
 )
 from microstream.state.chain import read_chain
 from microstream.state.format import (
-    KEY_GROUP_COLUMN,
     METADATA_FILE,
     VERSIONS_DIR,
     Compression,
@@ -90,20 +89,23 @@ from microstream.state.rotation import (
 from microstream.state.sliced_rows import SlicedRows
 from microstream.state.store_checks import check_forward, conform, validate_store_arguments
 from microstream.state.store_metadata import check_metadata, refuse_other_format
+from microstream.state.store_rows import DELETED as _DELETED
+from microstream.state.store_rows import HASH as _HASH
+from microstream.state.store_rows import KG as _KG
+from microstream.state.store_rows import MASK as _MASK
+from microstream.state.store_rows import ORDER as _ORDER
+from microstream.state.store_rows import deletion_markers, record
+from microstream.state.store_rows import hash_expr as _hash_expr
+from microstream.state.store_rows import project as _project
 
 __all__ = ["StateStore"]
 
 logger = logging.getLogger("microstream")
 
-_DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-_HASH = "__key_hash"  # in memory only: key group, then 48 bits of Polars' (fast, unstable) hash
-_KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
-_ORDER = "__order"  # in memory only: position of a delta file in a replay
-_MASK = "__mask"
-_HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _MAX_KEY_GROUPS = 1 << 16  # the key group is kept as a UInt16
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
+_HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _COMPRESSION: Final[Compression] = None
 
 
@@ -229,7 +231,9 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (of rows with _KG)
+        self._hash_expr = _hash_expr(
+            self.schema, self.hash_columns, _HASH_SEED
+        )  # (of rows with _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -442,7 +446,7 @@ class StateStore:
                     how="anti",
                     nulls_equal=True,
                 )
-            changes.append(self._deletion_markers(gone))
+            changes.append(deletion_markers(gone, self.schema, self.key_columns))
         keys = key_frames[0] if len(key_frames) == 1 else pl.concat(key_frames, how="vertical")
         self._data.replace(keys, ups)
         self._frame = None
@@ -491,7 +495,10 @@ class StateStore:
                 nulls_equal=True,
             )
         changes = pl.concat(
-            [remaining.with_columns(pl.lit(False).alias(_DELETED)), self._deletion_markers(gone)],
+            [
+                remaining.with_columns(pl.lit(False).alias(_DELETED)),
+                deletion_markers(gone, self.schema, self.key_columns),
+            ],
             how="vertical",
         )
         self._record(evicted, changes)
@@ -867,7 +874,9 @@ class StateStore:
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
         groups = self._groups_of(frame)
-        return frame.with_columns(_hash_expr(self.schema, self.hash_columns, groups), groups)
+        return frame.with_columns(
+            _hash_expr(self.schema, self.hash_columns, _HASH_SEED, groups), groups
+        )
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -940,56 +949,7 @@ class StateStore:
             is_sorted=is_sorted,
         )
 
-    def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
-        return keys.select(
-            *[
-                pl.col(c) if c in self.key_columns else pl.lit(None, dtype=dtype).alias(c)
-                for c, dtype in self.schema.items()
-            ],
-            pl.col(_HASH),
-            pl.col(_KG),
-            pl.lit(True).alias(_DELETED),
-        )
-
     def _record(self, keys: pl.DataFrame, changes: pl.DataFrame) -> None:
         """Make ``changes`` the pending delta of ``keys`` (replacing earlier changes)."""
-        pending = self._pending
-        if pending is not None and pending.height:
-            # Only rows whose hash is among the keys' can be theirs: one hash-set pass, and
-            # the join (over the key columns) only for those, often none (eviction of keys
-            # changed in earlier batches).
-            maybe = pending.get_column(_HASH).is_in(keys.get_column(_HASH).implode())
-            if maybe.any():
-                kept = pending.filter(maybe).join(
-                    _project(keys, self.key_columns),
-                    on=self.key_columns,
-                    how="anti",
-                    nulls_equal=True,
-                )
-                pending = pl.concat([pending.filter(~maybe), kept], how="vertical")
-            changes = pl.concat([pending, changes], how="vertical")
-        self._pending = changes
+        self._pending = record(self._pending, keys, changes, self.key_columns)
         self._frame = None
-
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-def _hash_expr(schema: pl.Schema, keys: list[str], groups: pl.Series | None = None) -> pl.Expr:
-    """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
-    the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
-    range of key groups (a snapshot slice) are one contiguous slice of the state."""
-    # A Categorical's hash follows its process-local physical codes: hash the strings.
-    fields = [
-        pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
-        for k in keys
-    ]
-    low = pl.struct(fields).hash(seed=_HASH_SEED) // (1 << 16)
-    group = pl.col(_KG) if groups is None else pl.lit(groups)  # (the rows' _KG column, or)
-    return (group.cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
-
-
-def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """``frame.select(columns)`` for plain column names, without a query plan."""
-    return pl.DataFrame([frame.get_column(c) for c in columns])
