@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
+from microstream.state.key_groups import stable_hash
+
 __all__ = ["KeyProbe", "KeyedRows"]
 
 _POSITION = "__position"
@@ -491,12 +493,9 @@ class KeyProbe:
 
 
 def _key_hash(keys: pl.DataFrame) -> np.ndarray:
-    """A 64-bit hash of every row of ``keys`` (Categoricals by their strings)."""
-    fields = [
-        pl.col(c).cast(pl.String) if isinstance(t, pl.Categorical | pl.Enum) else pl.col(c)
-        for c, t in keys.schema.items()
-    ]
-    return keys.select(pl.struct(fields).hash(seed=0x6B72)).to_series().to_numpy()
+    """A 64-bit hash of every row of ``keys`` (Categoricals by their strings): the stable
+    hash, which costs ~20 us on a few keys where a Polars ``struct(...).hash`` costs ~200."""
+    return stable_hash(keys, keys.columns)
 
 
 def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:

@@ -74,7 +74,6 @@ from microstream.state.key_groups import (
     HASH_ALGORITHM,
     check_hashable,
     key_group_ranges,
-    key_groups,
 )
 from microstream.state.retention import delete_below
 from microstream.state.rotation import (
@@ -94,8 +93,7 @@ from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
 from microstream.state.store_rows import MASK as _MASK
 from microstream.state.store_rows import ORDER as _ORDER
-from microstream.state.store_rows import deletion_markers, record
-from microstream.state.store_rows import hash_expr as _hash_expr
+from microstream.state.store_rows import deletion_markers, hashed, record
 from microstream.state.store_rows import project as _project
 
 __all__ = ["StateStore"]
@@ -231,9 +229,6 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(
-            self.schema, self.hash_columns, _HASH_SEED
-        )  # (of rows with _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -547,9 +542,7 @@ class StateStore:
             ]
             if parts:
                 base = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
-                data = self._keyed(
-                    base.with_columns(self._hash_expr).select(list(self._mem_schema))
-                )
+                data = self._keyed(self._hashed(base).select(list(self._mem_schema)))
             deltas = [(f, m.version) for m in reversed(chain) for f in m.files if f.kind == "delta"]
             since = self._replay(deltas, bases, data, lo, hi)
             data.compact()
@@ -867,16 +860,9 @@ class StateStore:
             raise ValueError(msg)
         return groups.start, groups.stop
 
-    def _groups_of(self, frame: pl.DataFrame) -> pl.Series:
-        groups = key_groups(frame, self.hash_columns, self.num_key_groups)
-        return pl.Series(_KG, groups.astype(np.uint16))
-
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        groups = self._groups_of(frame)
-        return frame.with_columns(
-            _hash_expr(self.schema, self.hash_columns, _HASH_SEED, groups), groups
-        )
+        return hashed(frame, self.hash_columns, self.num_key_groups, _HASH_SEED)
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -919,7 +905,7 @@ class StateStore:
         ]
         if not frames:
             return np.zeros(self.num_key_groups, dtype=np.int64)
-        every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
+        every = self._hashed(pl.concat(frames, how="vertical"))
         newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
         live = newest.filter(~pl.col(_DELETED))
         data.replace(_project(newest, self._keys_hash), _project(live, list(self._mem_schema)))

@@ -11,9 +11,11 @@ Column names of the store's frames (:mod:`microstream.state.store`):
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 
 from microstream.state.format import KEY_GROUP_COLUMN
+from microstream.state.key_groups import stable_hash
 
 __all__ = [
     "DELETED",
@@ -22,39 +24,50 @@ __all__ = [
     "MASK",
     "ORDER",
     "deletion_markers",
-    "hash_expr",
+    "hashed",
     "project",
     "record",
 ]
 
 DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-HASH = "__key_hash"  # in memory only: key group, then 48 bits of Polars' (fast, unstable) hash
+HASH = "__key_hash"  # in memory only: key group, then 48 bits of the stable hash
 KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 ORDER = "__order"  # in memory only: position of a delta file in a replay
 MASK = "__mask"
+_LOW_48 = (1 << 48) - 1
 
 
-def hash_expr(
-    schema: pl.Schema, keys: list[str], seed: int, groups: pl.Series | None = None
-) -> pl.Expr:
-    """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
-    the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
-    range of key groups (a snapshot slice) are one contiguous slice of the state.
+def hashed(
+    frame: pl.DataFrame, hash_columns: list[str], num_key_groups: int, seed: int
+) -> pl.DataFrame:
+    """``frame`` with its rows' key group (``KG``) and in-memory hash (``HASH``), both
+    from ONE hash of the key: the stable hash of ``hash_columns``
+    (:func:`~microstream.state.key_groups.stable_hash`, which the key group must use).
+
+    The in-memory hash is the key group in the top 16 bits and the stable hash's top
+    48 bits (xor ``seed``) below, so rows sorted by it are sorted by key group: the rows
+    of a range of key groups (a snapshot slice) are one contiguous slice of the state.
+    It is never written (only ``KG`` is), so it may change between versions.
+    An earlier ``KG`` or ``HASH`` column of ``frame`` is replaced.
 
     Examples
     --------
-    >>> frame = pl.DataFrame({"k": [1, 2], KG: pl.Series([3, 3], dtype=pl.UInt16)})
-    >>> [h >> 48 for h in frame.select(hash_expr(frame.schema, ["k"], 1)).to_series()]
-    [3, 3]
+    >>> out = hashed(pl.DataFrame({"k": [1, 2, 1]}), ["k"], 128, seed=0)
+    >>> out.columns
+    ['k', '__key_hash', '__key_group']
+    >>> [h >> 48 == g for h, g in out.select(HASH, KG).rows()]
+    [True, True, True]
+    >>> out[HASH][0] == out[HASH][2]
+    True
     """
-    # A Categorical's hash follows its process-local physical codes: hash the strings.
-    fields = [
-        pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
-        for k in keys
-    ]
-    low = pl.struct(fields).hash(seed=seed) // (1 << 16)
-    group = pl.col(KG) if groups is None else pl.lit(groups)  # (the rows' KG column, or)
-    return (group.cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(HASH)
+    h = stable_hash(frame, hash_columns)
+    groups = (h % np.uint64(num_key_groups)).astype(np.uint16)
+    low = (h >> np.uint64(16)) ^ np.uint64(seed & _LOW_48)
+    mem = (groups.astype(np.uint64) << np.uint64(48)) | low
+    columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
+    return pl.DataFrame(
+        [*columns, pl.Series(HASH, mem, dtype=pl.UInt64), pl.Series(KG, groups, dtype=pl.UInt16)]
+    )
 
 
 def project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
