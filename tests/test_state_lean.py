@@ -158,3 +158,147 @@ def test_conform_returns_a_conforming_frame_itself() -> None:
         conform(SCHEMA, "op", frame.cast({"k": pl.Int32}), "rows", ["k", "s"], exact=True)
     with pytest.raises(SchemaMismatchError, match=r"unexpected columns \['x'\]"):
         conform(SCHEMA, "op", frame.with_columns(x=1), "rows", ["k", "s"], exact=True)
+
+
+# -- a few keys without query plans ---------------------------------------------------------
+
+
+def count_query_plans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every eager Polars call that builds and runs a query plan."""
+    calls = [0]
+    collect = pl.LazyFrame._collect_eager
+
+    def counting(self: pl.LazyFrame, *args: Any, **kwargs: Any) -> pl.DataFrame:
+        calls[0] += 1
+        return collect(self, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LazyFrame, "_collect_eager", counting)
+    return calls
+
+
+def test_a_batch_of_one_key_runs_no_query_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The windowed pipeline's batch: fold one key (stored), look it up, commit a delta.
+    # Main ran ~24 query plans here (hash, casts, selects, eq_missing, filter, sort), each
+    # ~50-100 us on a loaded 2-core machine.
+    store = fixture.agg_store(Storage("memory://state-lean-plans/a"))
+    store.load(None)
+    start = pl.datetime(2026, 1, 1, time_unit="us")
+    names = [f"n{i}" for i in range(300)]
+    base = pl.select(name=pl.Series(names), w=start, n=pl.lit(1, pl.Int64))
+    store.apply(upserts=base)
+    store.commit(1)
+    one = base.slice(7, 1)
+    plus = one.with_columns(pl.col("n") + 1)
+    calls = count_query_plans(monkeypatch)
+    for version in range(2, 9):  # (no version divisible by snapshot_every: deltas only)
+        merged = store.fold(one, lambda old, new: plus)
+        found = store.lookup(pl.DataFrame([one["name"], one["w"]]))
+        store.commit(version)
+        assert merged is plus
+        assert found.rows() == plus.rows()
+    store.insert(pl.DataFrame({"name": ["new"], "w": one["w"], "n": [5]}))
+    store.commit(9)
+    assert calls[0] == 0
+    monkeypatch.undo()
+    expected = pl.concat(
+        [
+            base.filter(pl.col("name") != "n7"),
+            plus,
+            store.lookup(pl.DataFrame({"name": ["new"], "w": one["w"]})),
+        ]
+    )
+    assert_frame_equal(canon(store.frame), canon(expected))
+    again = fixture.agg_store(Storage("memory://state-lean-plans/a"))
+    again.load(9)
+    assert_frame_equal(canon(again.frame), canon(expected))
+
+
+NS = pl.Datetime("ns")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values"),
+    [
+        (NS, [1, 2, None]),  # Python's datetimes would make 1 ns and 2 ns equal
+        (pl.Float64, [float("nan"), 0.0, -0.0]),  # Python: nan != nan
+        (pl.Time, [1, 2, None]),
+        (pl.String, ["a", "b", None]),
+        (pl.Datetime("ms"), [1, 2, None]),
+        (pl.Int16, [-1, 1, None]),
+    ],
+)
+def test_a_few_keys_sharing_a_hash_are_told_apart_as_polars_does(
+    dtype: pl.DataType, values: list[Any]
+) -> None:
+    from microstream.state.keyed_rows import KeyProbe
+
+    column = (
+        pl.Series("k", values).cast(pl.Int64).cast(dtype)
+        if dtype in (NS, pl.Time, pl.Datetime("ms"))
+        else pl.Series("k", values, dtype=dtype)
+    )
+    rows = pl.DataFrame([column, pl.Series("h", [9, 9, 9], dtype=pl.UInt64)])
+    hashes = rows["h"].to_numpy()
+    for i in range(3):
+        probe = KeyProbe(rows.slice(i, 1), ["k"], "h")
+        found = probe.confirm(rows, hashes, np.arange(3)).tolist()
+        # (Polars: NaN equals NaN, 0.0 equals -0.0, null equals null)
+        expected = [
+            j for j in range(3) if rows["k"].slice(j, 1).eq_missing(rows["k"].slice(i, 1)).item()
+        ]
+        assert found == expected
+        assert i in found
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_without_positions(seed: int) -> None:
+    from microstream.state.keyed_rows import _without
+
+    rng = np.random.default_rng(seed)
+    frame = pl.DataFrame({"a": np.arange(40), "b": [str(i) for i in range(40)]})
+    for removed in (0, 1, 2, 16, 17, 39, 40):
+        at = rng.choice(40, size=removed, replace=False)
+        keep = np.setdiff1d(np.arange(40), at)
+        assert_frame_equal(
+            _without(frame, at), frame[pl.Series(keep)] if keep.size else frame.clear()
+        )
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        pl.Int8,
+        pl.Int16,
+        pl.Int32,
+        pl.Int64,
+        pl.UInt8,
+        pl.UInt16,
+        pl.UInt32,
+        pl.UInt64,
+        pl.Boolean,
+        pl.Date,
+        pl.Datetime("ns"),
+        pl.Datetime("us", "Europe/Paris"),
+        pl.Datetime("ms"),
+        pl.Duration("us"),
+        pl.Duration("ns"),
+        pl.Time,
+    ],
+)
+def test_the_stable_hash_of_values_without_nulls_is_unchanged(dtype: pl.DataType) -> None:
+    # Values without nulls are read straight from numpy; with a null, the general path
+    # (Polars' cast and fill_null). The values' hashes must agree: the key group is on disk.
+    raw = pl.Series("k", [0, 1, 2, 3, 100, 2**31 - 1], dtype=pl.Int64)
+    if dtype == pl.Boolean:
+        values = pl.Series("k", [True, False, True, False, True, True])
+    elif dtype.is_integer():
+        values = raw.cast(dtype, strict=False).fill_null(7)
+        values = (
+            values if not dtype.is_signed_integer() else values * -1 if dtype != pl.Int8 else values
+        )
+    else:
+        values = raw.cast(dtype)
+    with_null = values.extend_constant(None, 1)
+    plain = stable_hash(pl.DataFrame([values]), ["k"])
+    general = stable_hash(pl.DataFrame([with_null]), ["k"])[:-1]
+    assert plain.tolist() == general.tolist()

@@ -93,7 +93,13 @@ from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
 from microstream.state.store_rows import MASK as _MASK
 from microstream.state.store_rows import ORDER as _ORDER
-from microstream.state.store_rows import deletion_markers, hashed, record
+from microstream.state.store_rows import (
+    by_key_group,
+    deletion_markers,
+    hashed,
+    record,
+    upserted,
+)
 from microstream.state.store_rows import project as _project
 
 __all__ = ["StateStore"]
@@ -355,7 +361,7 @@ class StateStore:
         ups = self._hashed(ups)
         self._data.append(ups)
         self._frame = None
-        changes = ups.with_columns(pl.lit(False).alias(_DELETED))
+        changes = upserted(ups)
         pending = self._pending
         self._pending = changes if pending is None else pl.concat([pending, changes])
 
@@ -392,9 +398,7 @@ class StateStore:
             )
             ups = self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
-        self._record(
-            _project(keys, self._keys_hash), ups.with_columns(pl.lit(False).alias(_DELETED))
-        )
+        self._record(_project(keys, self._keys_hash), upserted(ups))
         return merged
 
     def apply(
@@ -429,7 +433,7 @@ class StateStore:
         ups = self._hashed(ups) if ups.height else pl.DataFrame(schema=self._mem_schema)
         if ups.height:
             key_frames.append(_project(ups, self._keys_hash))
-            changes.append(ups.with_columns(pl.lit(False).alias(_DELETED)))
+            changes.append(upserted(ups))
         if dels.height:
             dels = self._hashed(dels)
             key_frames.append(dels)
@@ -491,7 +495,7 @@ class StateStore:
             )
         changes = pl.concat(
             [
-                remaining.with_columns(pl.lit(False).alias(_DELETED)),
+                upserted(remaining),
                 deletion_markers(gone, self.schema, self.key_columns),
             ],
             how="vertical",
@@ -641,9 +645,7 @@ class StateStore:
         if full:
             slices = key_group_ranges(n, self.snapshot_files)
         elif self._pending is not None:
-            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
-            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
-            pending = self._pending.sort(_KG, multithreaded=False)
+            pending = by_key_group(self._pending)
             groups = pending.get_column(_KG)
             span = (int(groups[0]), int(groups[-1]) + 1)
             files.append(self._write_file(delta_file(version), pending, self._delta_schema, span))
@@ -720,9 +722,7 @@ class StateStore:
         files: list[StateFile] = []
         if not full and self._pending is not None:
             name = ranged_delta_file(version, lo, hi, fence)
-            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
-            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
-            pending = self._pending.sort(_KG, multithreaded=False)
+            pending = by_key_group(self._pending)
             files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
         files.extend(self._write_snapshot(version, slices, fence))
         self._version = version
