@@ -2,11 +2,11 @@
 
 A :class:`StateStore` holds the rows of an operator's state (partial
 aggregates, buffered window rows, deduplication keys, ...) in memory as one
-:class:`~microstream.state.sliced_rows.SlicedRows` (sorted by Polars' fast key
-hash, so a batch finds its keys without scanning the state). Every row also
-carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
-the key, modulo the checkpoint's number of key groups), computed once when the
-row is written. After every batch the engine calls :meth:`StateStore.commit`
+:class:`~microstream.state.sliced_rows.SlicedRows` (sorted by a key hash, so a
+batch finds its keys without scanning the state). Every row also carries its *key
+group* (:mod:`microstream.state.key_groups`: a stable hash of the key, modulo the
+checkpoint's number of key groups); both come from ONE hash of the key, computed
+once when the row is written (:func:`~microstream.state.store_rows.hashed`). After every batch the engine calls :meth:`StateStore.commit`
 with the batch id: the changes since the last commit go to ONE delta file, and
 snapshots bound what recovery replays (a small state whole every ``snapshot_every``
 versions, split into contiguous key-group ranges; a large one the key-group slices
