@@ -2,7 +2,7 @@
 
 ``store_join`` and ``store_agg`` were written by main at ``cda1677`` (the in-memory hash
 was Polars' hash then); ``tests/test_state_lean.py`` loads them and continues them.
-Run from the repository root: ``PYTHONPATH=$PWD python tests/data/state_before_lean/make_fixture.py``.
+Run from the repository root: ``PYTHONPATH=$PWD python tests/data/state_before_lean/make_lean_fixture.py``.
 """
 
 from __future__ import annotations
