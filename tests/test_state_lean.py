@@ -26,7 +26,9 @@ FIXTURE = Path(__file__).parent / "data" / "state_before_lean"
 
 
 def _fixture_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("state_before_lean", FIXTURE / "make_lean_fixture.py")
+    spec = importlib.util.spec_from_file_location(
+        "state_before_lean", FIXTURE / "make_lean_fixture.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
