@@ -537,12 +537,12 @@ def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
 
 def _without(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
     """``frame`` without the rows at positions ``at`` (unique): a few removed, the
-    zero-copy slices between them; many, a gather of the others (never a filter's
-    query plan)."""
+    zero-copy slices between them (no query plan); many, a filter (faster than a gather
+    of the others on a large tail: 0.07 vs 0.12 ms at 31k rows)."""
     if at.size > _FEW:
         keep = np.ones(frame.height, dtype=bool)
         keep[at] = False
-        return frame[pl.Series(np.flatnonzero(keep))]
+        return frame.filter(pl.Series(keep))
     bounds = [-1, *np.sort(at).tolist(), frame.height]
     pieces = [frame.slice(a + 1, b - a - 1) for a, b in itertools.pairwise(bounds) if b - a > 1]
     if not pieces:
