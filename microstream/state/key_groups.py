@@ -230,6 +230,19 @@ def _words(s: pl.Series) -> tuple[np.ndarray, np.ndarray | None]:
         return h, valid
     if isinstance(dtype, (pl.List, pl.Array)):
         return _list_words(s), valid
+    if valid is None and (
+        dtype.is_integer()
+        or dtype == pl.Boolean
+        or isinstance(dtype, (pl.Datetime, pl.Date, pl.Duration))
+    ):
+        # (no nulls: the values themselves, read without Polars' cast and fill_null, which
+        # cost ~60 us a call: most of the hash of a small batch's keys; numpy's datetime64
+        # and timedelta64 hold the physical integers)
+        values = s.to_numpy()
+        if values.dtype.kind in "mM":
+            values = values.view(np.int64)
+        wide = np.uint64 if dtype == pl.UInt64 else np.int64
+        return values.astype(wide, copy=False).view(_U64), valid
     physical = s.to_physical()  # temporal -> integer, Boolean stays
     if physical.dtype == pl.UInt64:
         return physical.fill_null(0).to_numpy().astype(_U64, copy=False), valid

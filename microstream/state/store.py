@@ -2,11 +2,11 @@
 
 A :class:`StateStore` holds the rows of an operator's state (partial
 aggregates, buffered window rows, deduplication keys, ...) in memory as one
-:class:`~microstream.state.sliced_rows.SlicedRows` (sorted by Polars' fast key
-hash, so a batch finds its keys without scanning the state). Every row also
-carries its *key group* (:mod:`microstream.state.key_groups`: a stable hash of
-the key, modulo the checkpoint's number of key groups), computed once when the
-row is written. After every batch the engine calls :meth:`StateStore.commit`
+:class:`~microstream.state.sliced_rows.SlicedRows` (sorted by a key hash, so a
+batch finds its keys without scanning the state). Every row also carries its *key
+group* (:mod:`microstream.state.key_groups`: a stable hash of the key, modulo the
+checkpoint's number of key groups); both come from ONE hash of the key, computed
+once when the row is written (:func:`~microstream.state.store_rows.hashed`). After every batch the engine calls :meth:`StateStore.commit`
 with the batch id: the changes since the last commit go to ONE delta file, and
 snapshots bound what recovery replays (a small state whole every ``snapshot_every``
 versions, split into contiguous key-group ranges; a large one the key-group slices
@@ -51,7 +51,6 @@ from microstream.exceptions import (
 )
 from microstream.state.chain import read_chain
 from microstream.state.format import (
-    KEY_GROUP_COLUMN,
     METADATA_FILE,
     VERSIONS_DIR,
     Compression,
@@ -75,7 +74,6 @@ from microstream.state.key_groups import (
     HASH_ALGORITHM,
     check_hashable,
     key_group_ranges,
-    key_groups,
 )
 from microstream.state.retention import delete_below
 from microstream.state.rotation import (
@@ -90,20 +88,28 @@ from microstream.state.rotation import (
 from microstream.state.sliced_rows import SlicedRows
 from microstream.state.store_checks import check_forward, conform, validate_store_arguments
 from microstream.state.store_metadata import check_metadata, refuse_other_format
+from microstream.state.store_rows import DELETED as _DELETED
+from microstream.state.store_rows import HASH as _HASH
+from microstream.state.store_rows import KG as _KG
+from microstream.state.store_rows import MASK as _MASK
+from microstream.state.store_rows import ORDER as _ORDER
+from microstream.state.store_rows import (
+    by_key_group,
+    deletion_markers,
+    hashed,
+    record,
+    upserted,
+)
+from microstream.state.store_rows import project as _project
 
 __all__ = ["StateStore"]
 
 logger = logging.getLogger("microstream")
 
-_DELETED = "__deleted"  # on disk: the deletion marker column of delta files
-_HASH = "__key_hash"  # in memory only: key group, then 48 bits of Polars' (fast, unstable) hash
-_KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
-_ORDER = "__order"  # in memory only: position of a delta file in a replay
-_MASK = "__mask"
-_HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _MAX_KEY_GROUPS = 1 << 16  # the key group is kept as a UInt16
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
+_HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _COMPRESSION: Final[Compression] = None
 
 
@@ -229,7 +235,6 @@ class StateStore:
         self._mem_schema = pl.Schema({**self.schema, _HASH: pl.UInt64(), _KG: pl.UInt16()})
         self._delta_schema = pl.Schema({**self.schema, _DELETED: pl.Boolean(), _KG: pl.UInt16()})
         self._snapshot_schema = pl.Schema({**self.schema, _KG: pl.UInt16()})
-        self._hash_expr = _hash_expr(self.schema, self.hash_columns)  # (of rows with _KG)
         self._schema_ipc = frame_to_text(pl.DataFrame(schema=self.schema))
         if frame_from_text(self._schema_ipc).schema != self.schema:
             msg = (
@@ -356,7 +361,7 @@ class StateStore:
         ups = self._hashed(ups)
         self._data.append(ups)
         self._frame = None
-        changes = ups.with_columns(pl.lit(False).alias(_DELETED))
+        changes = upserted(ups)
         pending = self._pending
         self._pending = changes if pending is None else pl.concat([pending, changes])
 
@@ -393,9 +398,7 @@ class StateStore:
             )
             ups = self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
-        self._record(
-            _project(keys, self._keys_hash), ups.with_columns(pl.lit(False).alias(_DELETED))
-        )
+        self._record(_project(keys, self._keys_hash), upserted(ups))
         return merged
 
     def apply(
@@ -430,7 +433,7 @@ class StateStore:
         ups = self._hashed(ups) if ups.height else pl.DataFrame(schema=self._mem_schema)
         if ups.height:
             key_frames.append(_project(ups, self._keys_hash))
-            changes.append(ups.with_columns(pl.lit(False).alias(_DELETED)))
+            changes.append(upserted(ups))
         if dels.height:
             dels = self._hashed(dels)
             key_frames.append(dels)
@@ -442,7 +445,7 @@ class StateStore:
                     how="anti",
                     nulls_equal=True,
                 )
-            changes.append(self._deletion_markers(gone))
+            changes.append(deletion_markers(gone, self.schema, self.key_columns))
         keys = key_frames[0] if len(key_frames) == 1 else pl.concat(key_frames, how="vertical")
         self._data.replace(keys, ups)
         self._frame = None
@@ -491,7 +494,10 @@ class StateStore:
                 nulls_equal=True,
             )
         changes = pl.concat(
-            [remaining.with_columns(pl.lit(False).alias(_DELETED)), self._deletion_markers(gone)],
+            [
+                upserted(remaining),
+                deletion_markers(gone, self.schema, self.key_columns),
+            ],
             how="vertical",
         )
         self._record(evicted, changes)
@@ -540,9 +546,7 @@ class StateStore:
             ]
             if parts:
                 base = pl.concat(parts, how="vertical") if len(parts) > 1 else parts[0]
-                data = self._keyed(
-                    base.with_columns(self._hash_expr).select(list(self._mem_schema))
-                )
+                data = self._keyed(self._hashed(base).select(list(self._mem_schema)))
             deltas = [(f, m.version) for m in reversed(chain) for f in m.files if f.kind == "delta"]
             since = self._replay(deltas, bases, data, lo, hi)
             data.compact()
@@ -641,9 +645,7 @@ class StateStore:
         if full:
             slices = key_group_ranges(n, self.snapshot_files)
         elif self._pending is not None:
-            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
-            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
-            pending = self._pending.sort(_KG, multithreaded=False)
+            pending = by_key_group(self._pending)
             groups = pending.get_column(_KG)
             span = (int(groups[0]), int(groups[-1]) + 1)
             files.append(self._write_file(delta_file(version), pending, self._delta_schema, span))
@@ -720,9 +722,7 @@ class StateStore:
         files: list[StateFile] = []
         if not full and self._pending is not None:
             name = ranged_delta_file(version, lo, hi, fence)
-            # (one thread: sorting by a UInt16 is memory-bound; the pool's hand-offs cost
-            # more than they save, 2-6x on this 2-core machine at 37k-837k rows)
-            pending = self._pending.sort(_KG, multithreaded=False)
+            pending = by_key_group(self._pending)
             files.append(self._write_file(name, pending, self._delta_schema, (lo, hi)))
         files.extend(self._write_snapshot(version, slices, fence))
         self._version = version
@@ -860,14 +860,9 @@ class StateStore:
             raise ValueError(msg)
         return groups.start, groups.stop
 
-    def _groups_of(self, frame: pl.DataFrame) -> pl.Series:
-        groups = key_groups(frame, self.hash_columns, self.num_key_groups)
-        return pl.Series(_KG, groups.astype(np.uint16))
-
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        groups = self._groups_of(frame)
-        return frame.with_columns(_hash_expr(self.schema, self.hash_columns, groups), groups)
+        return hashed(frame, self.hash_columns, self.num_key_groups, _HASH_SEED)
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]
@@ -910,7 +905,7 @@ class StateStore:
         ]
         if not frames:
             return np.zeros(self.num_key_groups, dtype=np.int64)
-        every = pl.concat(frames, how="vertical").with_columns(self._hash_expr)
+        every = self._hashed(pl.concat(frames, how="vertical"))
         newest = every.filter(pl.col(_ORDER) == pl.col(_ORDER).max().over(self.key_columns))
         live = newest.filter(~pl.col(_DELETED))
         data.replace(_project(newest, self._keys_hash), _project(live, list(self._mem_schema)))
@@ -940,56 +935,7 @@ class StateStore:
             is_sorted=is_sorted,
         )
 
-    def _deletion_markers(self, keys: pl.DataFrame) -> pl.DataFrame:
-        """One row per key: key columns and hash set, values null, ``_DELETED`` true."""
-        return keys.select(
-            *[
-                pl.col(c) if c in self.key_columns else pl.lit(None, dtype=dtype).alias(c)
-                for c, dtype in self.schema.items()
-            ],
-            pl.col(_HASH),
-            pl.col(_KG),
-            pl.lit(True).alias(_DELETED),
-        )
-
     def _record(self, keys: pl.DataFrame, changes: pl.DataFrame) -> None:
         """Make ``changes`` the pending delta of ``keys`` (replacing earlier changes)."""
-        pending = self._pending
-        if pending is not None and pending.height:
-            # Only rows whose hash is among the keys' can be theirs: one hash-set pass, and
-            # the join (over the key columns) only for those, often none (eviction of keys
-            # changed in earlier batches).
-            maybe = pending.get_column(_HASH).is_in(keys.get_column(_HASH).implode())
-            if maybe.any():
-                kept = pending.filter(maybe).join(
-                    _project(keys, self.key_columns),
-                    on=self.key_columns,
-                    how="anti",
-                    nulls_equal=True,
-                )
-                pending = pl.concat([pending.filter(~maybe), kept], how="vertical")
-            changes = pl.concat([pending, changes], how="vertical")
-        self._pending = changes
+        self._pending = record(self._pending, keys, changes, self.key_columns)
         self._frame = None
-
-
-# -- helpers ---------------------------------------------------------------------------
-
-
-def _hash_expr(schema: pl.Schema, keys: list[str], groups: pl.Series | None = None) -> pl.Expr:
-    """The in-memory hash: the key group in the top 16 bits, 48 bits of Polars' hash of
-    the key below, so that the rows, sorted by it, are sorted by key group: the rows of a
-    range of key groups (a snapshot slice) are one contiguous slice of the state."""
-    # A Categorical's hash follows its process-local physical codes: hash the strings.
-    fields = [
-        pl.col(k).cast(pl.String) if isinstance(schema[k], pl.Categorical) else pl.col(k)
-        for k in keys
-    ]
-    low = pl.struct(fields).hash(seed=_HASH_SEED) // (1 << 16)
-    group = pl.col(_KG) if groups is None else pl.lit(groups)  # (the rows' _KG column, or)
-    return (group.cast(pl.UInt64) * pl.lit(1 << 48, pl.UInt64) + low).alias(_HASH)
-
-
-def _project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """``frame.select(columns)`` for plain column names, without a query plan."""
-    return pl.DataFrame([frame.get_column(c) for c in columns])

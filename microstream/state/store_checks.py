@@ -129,6 +129,8 @@ def conform(
     """
     if frame is None:
         return pl.DataFrame(schema={c: schema[c] for c in columns})
+    if frame.columns == columns and frame.dtypes == [schema[c] for c in columns]:
+        return frame  # (already conforming, the common case: no new frame)
     missing = [c for c in columns if c not in frame.schema]
     extra = [c for c in frame.schema if c not in columns] if exact else []
     wrong = [
