@@ -397,6 +397,25 @@ class WatermarkNode(TransformNode):
         value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
         return None if value is None else int(value)
 
+    def observation(self, frame: pl.LazyFrame) -> pl.LazyFrame:
+        """What :meth:`observe` and the row count read, as one row of a lazy plan over
+        ``frame`` (this node's input): ``rows`` and ``max_event_us`` (null: no rows, or
+        all null). Collected with the plan that reads the same input, Polars computes
+        that input once and keeps only the event-time column for this row.
+
+        Examples
+        --------
+        >>> from datetime import datetime
+        >>> node = WatermarkNode(None, "t", 0)  # type: ignore[arg-type]
+        >>> frame = pl.LazyFrame({"t": [datetime(2024, 1, 1), None]})
+        >>> node.observation(frame).collect().row(0)
+        (2, 1704067200000000)
+        """
+        return frame.select(
+            pl.len().cast(pl.Int64).alias("rows"),
+            pl.col(self.column).dt.epoch("us").max().cast(pl.Int64).alias("max_event_us"),
+        )
+
 
 class StatefulNode(PlanNode):
     """A node whose result depends on earlier batches: it owns a runtime operator."""
