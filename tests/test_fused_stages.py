@@ -1,8 +1,8 @@
-"""A stateless stage with a watermark node is one Polars call a batch: its plan and
-each watermark's observation (rows, largest event time) collected together, and the
-operator or sink after it reads those rows without collecting again. The rows and the
-observations are those of the unfused path (``StatelessStage.lower``), which a stage
-falls back to when a watermark's input runs a user function or a static join."""
+"""A stateless stage that ends at its watermark node (``with_watermark`` before an
+operator or the sink) hands on the rows the watermark collected: one Polars call for
+the stage, none for its consumer (before: the watermark's collect, a ``select`` of the
+largest time, the consumer's collect of the same rows). The rows and the observations
+are those of ``StatelessStage.lower``, which a cluster runtime still calls."""
 
 from __future__ import annotations
 
@@ -60,20 +60,15 @@ def _both_ways(
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
-    """How many times Polars was asked to run a plan (``collect``, ``collect_all``)."""
-    calls = {"collect": 0, "collect_all": 0}
-    collect, collect_all = pl.LazyFrame.collect, pl.collect_all
+    """How many times Polars was asked to run a lazy plan (``DataFrame.select`` is one)."""
+    calls = {"collect": 0}
+    collect = pl.LazyFrame.collect
 
     def counting_collect(self: pl.LazyFrame, *args: Any, **kwargs: Any) -> Any:
         calls["collect"] += 1
         return collect(self, *args, **kwargs)
 
-    def counting_collect_all(*args: Any, **kwargs: Any) -> Any:
-        calls["collect_all"] += 1
-        return collect_all(*args, **kwargs)
-
     monkeypatch.setattr(pl.LazyFrame, "collect", counting_collect)
-    monkeypatch.setattr(pl, "collect_all", counting_collect_all)
     yield calls
 
 
@@ -99,9 +94,13 @@ def test_a_watermark_sees_the_rows_of_its_input_not_of_the_stage_output() -> Non
     (node,) = _watermark_nodes(plan)
     expected = WatermarkObservation(rows=3, max_event_us=_us(T0 + timedelta(seconds=9)))
     assert fused_seen == seen == {node: expected}
-    assert isinstance(fused, pl.DataFrame)
-    assert fused.rows() == unfused.rows() == [(T0 + timedelta(seconds=5), "a", 2), (None, "d", 6)]
-    assert fused.columns == ["ts", "k", "w"]
+    assert isinstance(fused, pl.LazyFrame)  # (steps after the watermark: the consumer's)
+    assert (
+        fused.collect().rows()
+        == unfused.rows()
+        == [(T0 + timedelta(seconds=5), "a", 2), (None, "d", 6)]
+    )
+    assert fused.collect_schema().names() == ["ts", "k", "w"]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +119,9 @@ def test_observations_of_empty_and_null_batches(
     plan = compile(frame.plan)
     fused, fused_seen, unfused, seen = _both_ways(plan, _batch(rows))
     assert list(fused_seen.values()) == list(seen.values()) == [expected]
-    assert fused.rows() == unfused.rows()
+    assert isinstance(fused, pl.DataFrame)  # (the stage ends at the watermark: its rows)
+    assert fused.equals(unfused)
+    assert fused.columns == list(SCHEMA)  # (the declared width: the unread column as nulls)
 
 
 def test_two_watermarks_in_one_stage_each_see_their_own_input() -> None:
@@ -140,40 +141,55 @@ def test_two_watermarks_in_one_stage_each_see_their_own_input() -> None:
     assert fused_seen == seen
     assert fused_seen[wm_left] == WatermarkObservation(2, _us(T0 + timedelta(seconds=3)))
     assert fused_seen[wm_right] == WatermarkObservation(1, _us(T0 + timedelta(seconds=4)))
-    assert sorted(fused.rows()) == sorted(unfused.rows())
-    assert sorted(fused.select("k", "v").rows()) == [("a", 1), ("b", 2), ("c", 4)]
+    assert isinstance(fused, pl.LazyFrame)  # (a concat after the watermarks: the consumer's)
+    assert sorted(fused.collect().rows()) == sorted(unfused.rows())
+    assert sorted(fused.collect().select("k", "v").rows()) == [("a", 1), ("b", 2), ("c", 4)]
 
 
-def test_a_stage_with_a_watermark_is_one_polars_call_and_the_operator_does_not_collect(
+def test_a_stage_ending_at_its_watermark_is_one_polars_call_and_its_rows_go_on(
     counted: dict[str, int], tmp_path: Path
 ) -> None:
     frame = (
         ms.MemoryStream(SCHEMA, name="fused_c")
         .lazy()
-        .with_watermark("ts", "0s")
         .filter(pl.col("v") >= 0)
+        .with_watermark("ts", "0s")
         .unique(subset=["k", "ts"])
     )
     plan = compile(frame.plan)
+    assert [type(s).__name__ for s in plan.stages] == [
+        "StatelessStage",
+        "ExchangeStage",
+        "OperatorStage",
+        "SinkStage",
+    ]
     executor = LocalStageExecutor()
     operators = executor.start_operators(plan, Storage(tmp_path), 4, None)
-    batch = _batch([(T0, "a", 1), (T0, "a", 1), (T0 + timedelta(seconds=1), "b", 2)])
-    counted.update(collect=0, collect_all=0)
-    assert sum(isinstance(s, StatelessStage) for s in plan.stages) == 1
-    stage_calls: dict[str, int] = {}
-    original = StatelessStage.evaluate
+    batch = _batch([(T0, "a", 1), (T0, "a", 1), (T0 + timedelta(seconds=1), "b", 2), (T0, "z", -1)])
+    stage_out: list[Any] = []
+    operator_in: list[Any] = []
+    evaluate = StatelessStage.evaluate
+    (operator,) = operators.values()
+    process = operator.process
 
-    def spy(self: StatelessStage, *args: Any, **kwargs: Any) -> Any:
-        before = dict(counted)
-        out = original(self, *args, **kwargs)
-        stage_calls.update({k: counted[k] - before[k] for k in counted})
+    def spy_evaluate(self: StatelessStage, *args: Any, **kwargs: Any) -> Any:
+        before = counted["collect"]
+        out = evaluate(self, *args, **kwargs)
+        stage_out.append((out[0], counted["collect"] - before))
         return out
 
+    def spy_process(batches: Any, ctx: OperatorContext) -> Any:
+        operator_in.append(batches)
+        return process(batches, ctx)
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(StatelessStage, "evaluate", spy)
+        mp.setattr(StatelessStage, "evaluate", spy_evaluate)
+        mp.setattr(operator, "process", spy_process)
         out = executor.run(plan, _inputs(plan, batch), CTX, operators)
-    # the stage: one collect_all (its rows and the watermark's row), no collect of its own
-    assert stage_calls == {"collect": 0, "collect_all": 1}
+    ((rows, collects),) = stage_out
+    assert collects == 1  # the watermark's collect; its largest time without a query
+    assert isinstance(rows, pl.DataFrame)
+    assert operator_in[0][0] is rows  # the operator got those rows, not collected again
     assert sorted(out.rows.select("k", "v").rows()) == [("a", 1), ("b", 2)]
     (node,) = _watermark_nodes(plan)
     assert out.watermarks == {node: WatermarkObservation(3, _us(T0 + timedelta(seconds=1)))}
@@ -212,3 +228,20 @@ def test_a_user_function_before_the_watermark_runs_once_a_batch(tmp_path: Path) 
     assert [n for n in calls if n] == [2, 1]  # once per data batch (empties: planning, no-data)
     table = ms.table("fused_udf")
     assert table.select("k", "v").rows() == [("a", 5)]  # (1 + 1) + (2 + 1), window closed
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [pl.Datetime("us"), pl.Datetime("ns"), pl.Datetime("ms", "Europe/Paris"), pl.Date()],
+    ids=str,
+)
+def test_the_largest_time_is_the_queries_for_every_time_dtype(dtype: pl.DataType) -> None:
+    times = pl.Series(
+        "t", [datetime(2024, 3, 1, 1, 2, 3, 456789), None, datetime(2023, 1, 1)]
+    ).cast(dtype)
+    node = WatermarkNode(None, "t", 0)  # type: ignore[arg-type]
+    df = times.to_frame()
+    expected = df.select(pl.col("t").dt.epoch("us").max()).item()
+    assert node.observe(df) == expected
+    assert node.observe(df.head(0)) is None
+    assert node.observe(df.slice(1, 1)) is None  # (null times only)

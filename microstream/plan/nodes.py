@@ -394,27 +394,9 @@ class WatermarkNode(TransformNode):
         """The largest event time of this batch's rows ``df`` (None: no rows, or all null)."""
         if not df.height:
             return None
-        value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
-        return None if value is None else int(value)
-
-    def observation(self, frame: pl.LazyFrame) -> pl.LazyFrame:
-        """What :meth:`observe` and the row count read, as one row of a lazy plan over
-        ``frame`` (this node's input): ``rows`` and ``max_event_us`` (null: no rows, or
-        all null). Collected with the plan that reads the same input, Polars computes
-        that input once and keeps only the event-time column for this row.
-
-        Examples
-        --------
-        >>> from datetime import datetime
-        >>> node = WatermarkNode(None, "t", 0)  # type: ignore[arg-type]
-        >>> frame = pl.LazyFrame({"t": [datetime(2024, 1, 1), None]})
-        >>> node.observation(frame).collect().row(0)
-        (2, 1704067200000000)
-        """
-        return frame.select(
-            pl.len().cast(pl.Int64).alias("rows"),
-            pl.col(self.column).dt.epoch("us").max().cast(pl.Int64).alias("max_event_us"),
-        )
+        # (a Series kernel, not a query: no plan to optimise for one number)
+        value = df.get_column(self.column).dt.epoch("us").max()
+        return None if value is None else int(value)  # type: ignore[arg-type]
 
 
 class StatefulNode(PlanNode):

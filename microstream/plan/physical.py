@@ -35,13 +35,11 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
-    MapBatchesNode,
     OperatorContext,
     PartitionKeys,
     PlanNode,
     ScanNode,
     StatefulNode,
-    StaticJoinNode,
     TransformNode,
     WatermarkNode,
     chained_nodes,
@@ -110,8 +108,10 @@ class StatelessStage:
         inputs: Mapping[ScanNode, pl.LazyFrame],
         results: Sequence[pl.LazyFrame | None],
         ctx: OperatorContext,
+        collected: dict[PlanNode, pl.DataFrame] | None = None,
     ) -> tuple[pl.LazyFrame, dict[WatermarkNode, WatermarkObservation]]:
-        """The stage's lazy plan for one batch, and what its watermark nodes saw."""
+        """The stage's lazy plan for one batch, and what its watermark nodes saw (the
+        rows each collected go into ``collected``, by node, when given)."""
         observed: dict[WatermarkNode, WatermarkObservation] = {}
 
         def build(node: PlanNode) -> pl.LazyFrame:
@@ -127,6 +127,8 @@ class StatelessStage:
             if isinstance(node, WatermarkNode) and not ctx.planning:
                 df = lf.collect()  # the watermark sees every row of its input, once
                 observed[node] = WatermarkObservation(df.height, node.observe(df))
+                if collected is not None:
+                    collected[node] = df
                 lf = df.lazy()
             return lf
 
@@ -138,67 +140,17 @@ class StatelessStage:
         results: Sequence[pl.LazyFrame | pl.DataFrame | None],
         ctx: OperatorContext,
     ) -> tuple[pl.LazyFrame | pl.DataFrame, dict[WatermarkNode, WatermarkObservation]]:
-        """The stage's result for one batch and what its watermark nodes saw, in as few
-        Polars calls as it can: a stage without a watermark node stays a lazy plan (its
-        consumer collects it); a stage with one is collected here, in **one**
-        :func:`polars.collect_all` of its plan and each watermark's observation row
-        (:meth:`~microstream.plan.nodes.WatermarkNode.observation`), instead of a collect
-        of the watermark's whole input (every declared column, the unread ones as null
-        placeholders) and then another of the rest.
-
-        A watermark whose input, in this stage, runs a user function (``map_batches``),
-        joins a static table or reads an earlier stage's plan that was not collected
-        falls back to :meth:`lower`: Polars could evaluate that input once per plan.
-        ``results`` holds earlier stages' results (a collected one as a DataFrame).
+        """:meth:`lower`, with fewer Polars calls: a stage that ends at its watermark node
+        (``with_watermark`` before an operator) returns the rows that node collected, so
+        its consumer does not collect them again (before: the watermark's collect, a
+        ``select`` of the largest time, then the consumer's collect of the same rows).
+        ``results`` holds earlier stages' results, a collected one as rows.
         """
         lazy_results = [r.lazy() if isinstance(r, pl.DataFrame) else r for r in results]
-        if ctx.planning or not self._fusable(results):
-            frame, observed = self.lower(inputs, lazy_results, ctx)
-            return frame, observed
-        pending: dict[WatermarkNode, pl.LazyFrame] = {}
-
-        def build(node: PlanNode) -> pl.LazyFrame:
-            if isinstance(node, ScanNode):
-                return inputs[node]
-            index = self.upstream.get(node)
-            if index is not None:
-                frame = lazy_results[index]
-                assert frame is not None, f"stage {index} runs before stage {self.index}"
-                return frame
-            assert isinstance(node, TransformNode)
-            lf = node.lower([build(child) for child in node.children()], ctx)
-            if isinstance(node, WatermarkNode):
-                pending[node] = node.observation(lf)
-            return lf
-
-        plan = build(self.output)
-        if not pending:
-            return plan, {}
-        nodes = list(pending)
-        collected = pl.collect_all([plan, *(pending[node] for node in nodes)])
-        observed = {}
-        for node, row in zip(nodes, collected[1:]):
-            rows, max_event_us = row.row(0)
-            observed[node] = WatermarkObservation(
-                int(rows), None if not rows or max_event_us is None else int(max_event_us)
-            )
-        return collected[0], observed
-
-    def _fusable(self, results: Sequence[pl.LazyFrame | pl.DataFrame | None]) -> bool:
-        """Whether the input of every watermark node this stage evaluates is a plan that
-        Polars may run twice without a difference (see :meth:`evaluate`)."""
-
-        def safe(node: PlanNode) -> bool:
-            if isinstance(node, ScanNode):
-                return True  # (the driver's batch: rows in memory)
-            index = self.upstream.get(node)
-            if index is not None:
-                return isinstance(results[index], pl.DataFrame)
-            if isinstance(node, (MapBatchesNode, StaticJoinNode)):
-                return False
-            return all(safe(child) for child in node.children())
-
-        return all(safe(step.input) for step in self.steps if isinstance(step, WatermarkNode))
+        collected: dict[PlanNode, pl.DataFrame] = {}
+        frame, observed = self.lower(inputs, lazy_results, ctx, collected)
+        rows = collected.get(self.output)
+        return (frame if rows is None else rows), observed
 
     def describe(self) -> str:
         reads = [scan.describe() for scan in self.sources]
