@@ -61,11 +61,12 @@ def _both_ways(
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
     """How many times Polars was asked to run a lazy plan (``DataFrame.select`` is one)."""
-    calls = {"collect": 0}
+    calls = {"collect": 0, "in-memory": 0}
     collect = pl.LazyFrame.collect
 
     def counting_collect(self: pl.LazyFrame, *args: Any, **kwargs: Any) -> Any:
         calls["collect"] += 1
+        calls["in-memory"] += kwargs.get("engine") == "in-memory"
         return collect(self, *args, **kwargs)
 
     monkeypatch.setattr(pl.LazyFrame, "collect", counting_collect)
@@ -245,3 +246,23 @@ def test_the_largest_time_is_the_queries_for_every_time_dtype(dtype: pl.DataType
     assert node.observe(df) == expected
     assert node.observe(df.head(0)) is None
     assert node.observe(df.slice(1, 1)) is None  # (null times only)
+
+
+def test_a_stage_and_its_consumers_collect_on_the_in_memory_engine(
+    counted: dict[str, int],
+) -> None:
+    """A batch is rows in memory and a stage a few row-wise steps: the streaming engine's
+    task scheduling would cost more than the plan (both collects here: the watermark's,
+    and the sink's of the filter after it)."""
+    frame = (
+        ms.MemoryStream(SCHEMA, name="fused_e")
+        .lazy()
+        .with_watermark("ts", "0s")
+        .filter(pl.col("v") > 1)
+    )
+    plan = compile(frame.plan)
+    batch = _batch([(T0, "a", 1), (T0, "b", 2)])
+    counted.update({"collect": 0, "in-memory": 0})
+    out = LocalStageExecutor().run(plan, _inputs(plan, batch), CTX, {})
+    assert out.rows.select("k", "v").rows() == [("b", 2)]
+    assert counted == {"collect": 2, "in-memory": 2}

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 import polars as pl
 
@@ -47,6 +48,7 @@ from microstream.plan.nodes import (
 )
 
 __all__ = [
+    "STAGE_ENGINE",
     "Exchange",
     "ExchangeStage",
     "OperatorStage",
@@ -79,6 +81,14 @@ class Exchange:
         if self.keys is SINGLE_PARTITION:
             return "Exchange(single partition)"
         return f"Exchange(hash {list(self.keys)})"  # type: ignore[arg-type]
+
+
+STAGE_ENGINE: Final = "in-memory"
+"""The Polars engine that collects a stateless stage's rows (its watermarks', its
+consumer's). A batch is rows already in memory and a stage a few row-wise steps: the
+in-memory engine runs them without the streaming engine's task scheduling, whose fixed
+cost dominates such plans (Polars 2.1, ``df.lazy().collect()``: 6 us in-memory, 40 us
+streaming; with the declared width's placeholders: 28 vs 74 us)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class StatelessStage:
             assert isinstance(node, TransformNode)
             lf = node.lower([build(child) for child in node.children()], ctx)
             if isinstance(node, WatermarkNode) and not ctx.planning:
-                df = lf.collect()  # the watermark sees every row of its input, once
+                df = lf.collect(engine=STAGE_ENGINE)  # the watermark sees every row, once
                 observed[node] = WatermarkObservation(df.height, node.observe(df))
                 if collected is not None:
                     collected[node] = df

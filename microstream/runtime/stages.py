@@ -26,6 +26,7 @@ import polars as pl
 from microstream.exceptions import MicrostreamError, SourceError
 from microstream.plan.nodes import KeyGroupedOperator
 from microstream.plan.physical import (
+    STAGE_ENGINE,
     Exchange,
     ExchangeStage,
     OperatorStage,
@@ -284,4 +285,4 @@ def _result(
 
 def _rows(frame: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
     """A stage's result as rows (collected once: rows already are)."""
-    return frame if isinstance(frame, pl.DataFrame) else frame.collect()
+    return frame if isinstance(frame, pl.DataFrame) else frame.collect(engine=STAGE_ENGINE)
