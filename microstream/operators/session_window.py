@@ -217,7 +217,8 @@ class SessionOperator(StoreBackedOperator):
         """Merge new events into their keys' open sessions; returns the changed sessions."""
         keys = self.store_keys
         # Every event is a one-event session [t, t + gap); events at one time share one.
-        # (each step below is one lazy plan, one Polars call: not one call per verb)
+        # (each step below is one lazy plan, one Polars call: not one call per verb; on the
+        # in-memory engine, the eager verbs' own, so every sum is the one they gave)
         fresh = (
             df.lazy()
             .group_by(self.session_cols)
@@ -225,7 +226,7 @@ class SessionOperator(StoreBackedOperator):
             .with_columns((pl.col(S_START) + gap).alias(S_END))
             .select(self.sessions.schema.names())
             .cast(self.sessions.schema)
-            .collect()
+            .collect(engine="in-memory")
         )
         touched = fresh.select(keys).unique()
         old = self.sessions.lookup(touched)
@@ -251,7 +252,7 @@ class SessionOperator(StoreBackedOperator):
                 pl.col("__fresh").any(),
                 *self.spec.merge_exprs(),
             )
-            .collect()
+            .collect(engine="in-memory")
         )
         self.sessions.apply(
             upserts=merged.select(self.sessions.schema.names()).cast(self.sessions.schema)
