@@ -21,7 +21,7 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
-from microstream.operators.base import StoreBackedOperator
+from microstream.operators.base import StoreBackedOperator, lowest_us
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
     OperatorContext,
@@ -184,7 +184,11 @@ class SessionOperator(StoreBackedOperator):
             node.input_schema[node.session.column],
             "belongs to no session",
         )
-        if node.watermark is not None:
+        # (no row can be late when the earliest one's session ends after the late watermark)
+        if (
+            node.watermark is not None
+            and lowest_us(df.get_column(T)) + gap <= ctx.late_watermark_us
+        ):
             late = pl.col(T) + gap <= ctx.late_watermark_us
             df = self._drop_late(
                 df, late, ctx, batch.columns, node.input_schema[node.session.column]
@@ -213,19 +217,23 @@ class SessionOperator(StoreBackedOperator):
         """Merge new events into their keys' open sessions; returns the changed sessions."""
         keys = self.store_keys
         # Every event is a one-event session [t, t + gap); events at one time share one.
+        # (each step below is one lazy plan, one Polars call: not one call per verb; on the
+        # in-memory engine, the eager verbs' own, so every sum is the one they gave)
         fresh = (
-            df.group_by(self.session_cols)
+            df.lazy()
+            .group_by(self.session_cols)
             .agg(self.spec.partial_exprs())
             .with_columns((pl.col(S_START) + gap).alias(S_END))
             .select(self.sessions.schema.names())
             .cast(self.sessions.schema)
+            .collect(engine="in-memory")
         )
         touched = fresh.select(keys).unique()
         old = self.sessions.lookup(touched)
         combined = pl.concat(
             [
-                old.with_columns(pl.lit(False).alias("__fresh")),
-                fresh.with_columns(pl.lit(True).alias("__fresh")),
+                old.lazy().with_columns(pl.lit(False).alias("__fresh")),
+                fresh.lazy().with_columns(pl.lit(True).alias("__fresh")),
             ],
             how="vertical_relaxed",
         ).sort([*keys, S_START], nulls_last=True)
@@ -233,14 +241,18 @@ class SessionOperator(StoreBackedOperator):
         # touching sessions (start == previous end) merge.
         prev_end = pl.col(S_END).cum_max().shift(1).over(keys)
         is_new = (prev_end.is_null() | (pl.col(S_START) > prev_end)).cast(pl.Int64)
-        combined = combined.with_columns(is_new.alias(SID)).with_columns(
-            pl.col(SID).cum_sum().over(keys)
-        )
-        merged = combined.group_by([*keys, SID]).agg(
-            pl.col(S_START).min(),
-            pl.col(S_END).max(),
-            pl.col("__fresh").any(),
-            *self.spec.merge_exprs(),
+        # (a running count of session starts over all keys, not per key: the first row of
+        # every key starts one, so (key, count) still names one session, one window pass less)
+        merged = (
+            combined.with_columns(is_new.cum_sum().alias(SID))
+            .group_by([*keys, SID])
+            .agg(
+                pl.col(S_START).min(),
+                pl.col(S_END).max(),
+                pl.col("__fresh").any(),
+                *self.spec.merge_exprs(),
+            )
+            .collect(engine="in-memory")
         )
         self.sessions.apply(
             upserts=merged.select(self.sessions.schema.names()).cast(self.sessions.schema)

@@ -394,8 +394,9 @@ class WatermarkNode(TransformNode):
         """The largest event time of this batch's rows ``df`` (None: no rows, or all null)."""
         if not df.height:
             return None
-        value = df.select(pl.col(self.column).dt.epoch("us").max()).item()
-        return None if value is None else int(value)
+        # (a Series kernel, not a query: no plan to optimise for one number)
+        value = df.get_column(self.column).dt.epoch("us").max()
+        return None if value is None else int(value)  # type: ignore[arg-type]
 
 
 class StatefulNode(PlanNode):

@@ -26,6 +26,7 @@ import polars as pl
 from microstream.exceptions import MicrostreamError, SourceError
 from microstream.plan.nodes import KeyGroupedOperator
 from microstream.plan.physical import (
+    STAGE_ENGINE,
     Exchange,
     ExchangeStage,
     OperatorStage,
@@ -236,7 +237,9 @@ class LocalStageExecutor:
     def close(self) -> None:
         """Nothing to release: the operators live with the driver."""
 
-    def exchange(self, frame: pl.LazyFrame, exchange: Exchange) -> pl.LazyFrame:
+    def exchange(
+        self, frame: pl.LazyFrame | pl.DataFrame, exchange: Exchange
+    ) -> pl.LazyFrame | pl.DataFrame:
         """The rows ``exchange`` routes to this process: all of them (one owner)."""
         return frame
 
@@ -247,29 +250,39 @@ class LocalStageExecutor:
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
-        results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
+        # A stage's result: a lazy plan its consumer collects, or rows (a stage that
+        # collected itself: an operator's output, a stage with a watermark node).
+        results: list[pl.LazyFrame | pl.DataFrame | None] = [None] * len(plan.stages)
         late: list[pl.DataFrame] = []
         watermarks: dict[WatermarkNode, WatermarkObservation] = {}
         for stage in plan.stages:
+            frame: pl.LazyFrame | pl.DataFrame
             if isinstance(stage, StatelessStage):
-                frame, observed = stage.lower(inputs, results, ctx)
+                frame, observed = stage.evaluate(inputs, results, ctx)
                 watermarks.update(observed)
             elif isinstance(stage, ExchangeStage):
                 frame = self.exchange(_result(results, stage.input), stage.exchange)
             elif isinstance(stage, OperatorStage):
-                batches = tuple(_result(results, i).collect() for i in stage.inputs)
+                batches = tuple(_rows(_result(results, i)) for i in stage.inputs)
                 output = operators[stage.node].process(batches, stage.context(ctx))
                 late.extend(output.late_rows)
-                frame = output.rows.lazy()
+                frame = output.rows
             else:  # the sink stage, last
-                rows = _result(results, stage.input).collect()
+                rows = _rows(_result(results, stage.input))
                 return BatchOutput(rows=rows, late_rows=tuple(late), watermarks=watermarks)
             results[stage.index] = frame
         msg = "a physical plan ends with its sink stage"
         raise AssertionError(msg)
 
 
-def _result(results: list[pl.LazyFrame | None], index: int) -> pl.LazyFrame:
+def _result(
+    results: list[pl.LazyFrame | pl.DataFrame | None], index: int
+) -> pl.LazyFrame | pl.DataFrame:
     frame = results[index]
     assert frame is not None, f"stage {index} has not run"
     return frame
+
+
+def _rows(frame: pl.LazyFrame | pl.DataFrame) -> pl.DataFrame:
+    """A stage's result as rows (collected once: rows already are)."""
+    return frame if isinstance(frame, pl.DataFrame) else frame.collect(engine=STAGE_ENGINE)
