@@ -188,6 +188,10 @@ class RayStageExecutor:
         """How many times the workers were restarted in this run (progress, tests)."""
         self.replaced: list[int] = []
         """The index of every worker replaced in this run, in order."""
+        self._between: set[int] = set()
+        """Workers replaced between batches (a timer check found them lost), not yet
+        reported in a batch's progress."""
+        self._reporting: WorkerLostError | None = None
         self.assignment: Assignment | None = None
         self.workers: list[Any] = []
         self._actor_class: Any = None
@@ -440,13 +444,35 @@ class RayStageExecutor:
 
     def recover(self, error: WorkerLostError, batch_id: int) -> None:
         """Replace the workers ``error`` names and re-open every owner at the version
-        committed before ``batch_id`` (the driver then re-runs the batch)."""
+        committed before ``batch_id`` (the driver then re-runs the batch). The error
+        :meth:`run` raised to report workers replaced between batches needs nothing: they
+        were replaced and re-opened then, and nothing of the batch ran."""
+        if error is self._reporting:
+            self._reporting = None
+            return
         self._restart(error, None if batch_id == 0 else batch_id - 1, batch_id)
 
     def recover_between_batches(self, error: WorkerLostError) -> None:
         """Replace the workers ``error`` names and re-open every owner at the last
-        committed version (a loss found while no batch runs)."""
+        committed version (a loss found while no batch runs); the next batch reports
+        them (:meth:`run`)."""
         self._restart(error, self.version, None if self.version is None else self.version + 1)
+        self._between |= error.workers
+
+    def _report_between(self, batch_id: int) -> None:
+        """Workers replaced since the last batch are counted in this batch's progress
+        (``worker_restarts``, ``replaced_workers``, the restarts metric): the driver
+        counts the losses a batch's run raises, so the first attempt raises one for
+        them before anything runs, which :meth:`recover` answers with nothing to do."""
+        if not self._between:
+            return
+        workers, self._between = frozenset(self._between), set()
+        msg = (
+            f"Ray worker(s) {sorted(workers)} were lost between batches (found by a timer "
+            f"check) and replaced then; counted in batch {batch_id}"
+        )
+        self._reporting = WorkerLostError(msg, workers)
+        raise self._reporting
 
     def _restart(self, error: WorkerLostError, version: int | None, batch: int | None) -> None:
         while True:
@@ -504,6 +530,7 @@ class RayStageExecutor:
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
+        self._report_between(ctx.batch_id)
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
         routed: dict[int, list[Routed]] = {}
         forwarded: dict[int, list[Routed]] = {}  # exchange -> per owner its pieces' references
