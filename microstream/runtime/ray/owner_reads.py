@@ -32,6 +32,7 @@ has the offsets, so the splits are planned and read again by the new owner.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -126,10 +127,12 @@ def read_for_owner(read: OwnerRead, stage: StatelessStage) -> tuple[pl.DataFrame
     import time as _t
 
     _t0 = _t.perf_counter()
+    started = time.perf_counter()
     frames: Sequence[pl.DataFrame] = [split.read() for split in read.splits]
     with open("/tmp/rs/timings.log", "a") as _f:
         _f.write(f"  read {(_t.perf_counter() - _t0) * 1e3:.1f}\n")
     rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(rows, read.schema)}, [], read.ctx)
-    return lazy.collect(), report(stage, rows.height, observed)
+    out = lazy.collect()
+    return out, report(stage, rows.height, observed, (time.perf_counter() - started) * 1000)

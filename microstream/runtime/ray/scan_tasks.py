@@ -32,6 +32,7 @@ This module never imports Ray: the executor makes the functions remote.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,8 @@ class SplitReport:
     rows_read: int
     watermarks: tuple[tuple[int, WatermarkObservation], ...]
     """Each watermark node's observation, by the node's position in the stage's steps."""
+    read_ms: float = 0.0
+    """How long reading the rows and running the stage over them took (benchmarks)."""
 
 
 def split_rows(
@@ -179,10 +182,12 @@ def run_split(
     target's pieces in order (as :class:`Wire` s), then the :class:`SplitReport` (a
     Ray task's returns). With ``tail``, the sink's rows are written as ``piece`` of
     the batch instead, and its target's return is the ``SinkPart``."""
+    started = time.perf_counter()
     df = split.read()
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(df, schema)}, [], ctx)
     out = lazy.collect()
+    read_ms = (time.perf_counter() - started) * 1000
     pieces: list[Wire | SinkPart] = []
     for target in targets:
         if target.keys is None:
@@ -190,16 +195,21 @@ def run_split(
         else:
             parts = split_rows(out, target.keys, target.his, target.num_key_groups)
             pieces += [Wire.of(part) for part in parts]
-    return (*pieces, report(stage, df.height, observed))
+    return (*pieces, report(stage, df.height, observed, read_ms))
 
 
 def report(
-    stage: StatelessStage, rows_read: int, observed: Mapping[WatermarkNode, WatermarkObservation]
+    stage: StatelessStage,
+    rows_read: int,
+    observed: Mapping[WatermarkNode, WatermarkObservation],
+    read_ms: float = 0.0,
 ) -> SplitReport:
     """What a reader of ``stage``'s source tells the driver besides its rows: the rows it
-    read, and each watermark node's observation by the node's position in the steps."""
+    read, each watermark node's observation by the node's position in the steps, and how
+    long the read and the stage took."""
     position = {id(node): n for n, node in enumerate(stage.steps)}
-    return SplitReport(rows_read, tuple((position[id(node)], o) for node, o in observed.items()))
+    seen = tuple((position[id(node)], o) for node, o in observed.items())
+    return SplitReport(rows_read, seen, read_ms)
 
 
 def cuttable(plan: PhysicalPlan) -> set[int]:
