@@ -47,6 +47,16 @@ def _wait(condition: Callable[[], bool], what: str, seconds: float = 60.0) -> No
         time.sleep(0.05)
 
 
+def _wait_idle(query: Any, quiet: float = 1.5) -> None:
+    """Until no batch has run for ``quiet`` seconds."""
+    seen, since = len(query.recent_progress), time.monotonic()
+    while time.monotonic() - since < quiet:
+        time.sleep(0.05)
+        now = len(query.recent_progress)
+        if now != seen:
+            seen, since = now, time.monotonic()
+
+
 def test_a_worker_lost_between_batches_is_counted_in_the_next_batch(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
@@ -65,12 +75,15 @@ def test_a_worker_lost_between_batches_is_counted_in_the_next_batch(
         execution = query._execution  # type: ignore[attr-defined]
         executor = execution.executor
         _wait(lambda: len(query.recent_progress) >= 1, "the first batch")
+        _wait_idle(query)  # (a batch without rows may follow the first, for its timers)
+        idle = len(query.recent_progress)
         victim = executor.worker_pids()[1]
         os.kill(victim, signal.SIGKILL)
         # Idle: the timer checks (every TIMER_CHECK_MS) find the loss and replace it.
         _wait(lambda: executor.restarts == 1, "the timer check to replace the worker")
         assert executor.replaced == [1]
         before = len(query.recent_progress)
+        assert before == idle  # no batch ran: a timer check found the loss
         _write(data, 1)
         _wait(lambda: len(query.recent_progress) > before, "the batch of the second file")
         _wait(
@@ -81,9 +94,10 @@ def test_a_worker_lost_between_batches_is_counted_in_the_next_batch(
     assert query.exception() is None, query.exception()
     progress = query.recent_progress
     counted = {p.batch_id: (p.worker_restarts, p.replaced_workers) for p in progress}
-    reading = [p for p in progress if p.num_input_rows][1]  # the second file's batch
-    assert counted[reading.batch_id] == (1, [1])
-    assert all(w == (0, []) for b, w in counted.items() if b != reading.batch_id)
+    after = progress[idle].batch_id  # the first batch after the loss: file 1's
+    assert progress[idle].num_input_rows == len(_logins(1))
+    assert counted[after] == (1, [1]) and progress[idle].recovered
+    assert all(w == (0, []) for b, w in counted.items() if b != after)
     assert executor.restarts == 1  # replaced once, not again by the batch that counts it
     metrics = ProgressMetrics()
     for each in progress:
