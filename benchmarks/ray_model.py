@@ -7,11 +7,16 @@ For each query it reads the ``stages_ms`` of the ``ray1`` and ``ray2`` runs (mil
 summed over the run's batches) and splits a run's batch time ``T(W)`` at ``W`` workers
 into:
 
-- ``driver``: what the driver does alone, the same at any ``W`` (taken from ``ray1``):
-  offsets and the write-ahead log (``latest_offset``, ``wal``), reading the sources
-  (``read``), the stateless stages (``compute`` minus the actor calls and the routing),
-  the sink, the manifest and ``commits/N`` (``commit`` minus the owners' state
-  writes), and the rest of the batch (``other``);
+- ``driver``: what the driver does alone, the same at any ``W >= 2`` (taken from
+  ``ray2``, whose placement every larger count keeps): offsets and the write-ahead log
+  (``latest_offset``, ``wal``), reading the sources (``read``), the stateless stages
+  (``compute`` minus the actor calls and the routing), the sink, the manifest and
+  ``commits/N`` (``commit`` minus the owners' state writes), and the rest of the batch
+  (``other``). At one worker the one owner reads the source and runs the stage before
+  its operator in its call (``runtime/ray/owner_reads.py``: ``owner_read``, inside
+  ``actor_process``), which several owners of a keyed operator cannot: there the read
+  is the driver's or the split tasks', so ``T(1)`` is ``ray1``'s own driver part plus
+  its actors' time, as measured;
 - ``exchange``: routing the rows to their key groups' owners on the driver, one pass
   over the batch per owner: ``route(ray2) * W / 2`` (nothing at one worker). These are
   the rows the driver still routes: a source read on the driver, a stage of the whole
@@ -21,14 +26,16 @@ into:
   (it shrinks with ``W`` there, which is optimistic: each owner makes one pass over
   its rows per next owner) and never in ``route``;
 - ``actors``: the operators' and state writes' time in the actors at one worker
-  (``actor_process + actor_commit`` of ``ray1``), split evenly: ``P / W``; when the
+  (``actor_process + actor_commit - owner_read`` of ``ray1``), split evenly: ``P / W``; when the
   query's exchanges never split rows over several actors (``partitioned`` false in the
-  report: a keyless window lives whole in one actor), ``P`` at any ``W``, and the
-  bottleneck it makes is called ``single_actor``;
+  report: a keyless window lives whole in one actor), ``P`` at any ``W`` (its owner
+  reads the source at any ``W``: ``owner_read`` stays in, and the driver is ``ray1``'s),
+  and the bottleneck it makes is called ``single_actor``;
 - ``coordination``: what two workers cost beyond a perfect halving of ``P``
   (``actor_process + actor_commit`` of ``ray2`` minus ``P / 2``, at least 0), charged
   per extra worker: ``c * (W - 1)`` (a call per owner and operator, waiting for the
-  slowest owner, the driver serialising each owner's rows).
+  slowest owner, the driver serialising each owner's rows, the owners waiting for the
+  split tasks that read for them).
 
 ``T(W) = driver + exchange(W) + P / W + c * (W - 1)`` reproduces both measurements up
 to the serial part's noise; the projected events per second are ``events / T(W)``, and
@@ -81,6 +88,11 @@ class Costs:
     parallel: float
     coordination: float
     partitioned: bool = True
+    driver_one: float | None = None
+    """The driver's part at one worker (None: ``driver``)."""
+    owner_read: float = 0.0
+    """What the one owner spent reading its source at one worker, which several owners
+    of a keyed operator leave to the driver or the split tasks."""
 
     def without_coordination(self) -> Costs:
         """The same costs with ``c = 0``: the upper bound."""
@@ -90,6 +102,13 @@ class Costs:
         """The four parts of the batch time at ``workers`` workers, in ms."""
         if not self.partitioned:  # one actor does all of it; the others idle
             return {"driver": self.driver, "exchange": 0.0, "single_actor": self.parallel}
+        if workers == 1:  # as measured: the one owner read the source in its call
+            return {
+                "driver": self.driver if self.driver_one is None else self.driver_one,
+                "exchange": 0.0,
+                "actors": self.parallel + self.owner_read,
+                "coordination": 0.0,
+            }
         return {
             "driver": self.driver,
             "exchange": 0.0 if workers == 1 else self.route2 * workers / 2,
@@ -115,10 +134,10 @@ def fit(
     --------
     >>> ray1 = {"latest_offset": 5, "wal": 5, "read": 40, "compute": 300, "sink": 10,
     ...         "commit": 60, "other": 0, "actor_process": 250, "actor_commit": 30, "route": 0}
-    >>> ray2 = {**ray1, "actor_process": 150, "actor_commit": 20, "route": 12}
+    >>> ray2 = {**ray1, "compute": 202, "actor_process": 150, "actor_commit": 20, "route": 12}
     >>> costs = fit(600_000, ray1, ray2)
     >>> costs.driver, costs.parallel, costs.coordination
-    (140, 280, 30.0)
+    (140, 280.0, 30.0)
     >>> round(costs.events_per_s(2)), costs.bottleneck(2)
     (1863354, 'driver')
     >>> round(costs.events_per_s(8)), costs.bottleneck(8)
@@ -126,22 +145,31 @@ def fit(
     """
     actors1 = ray1["actor_process"] + ray1["actor_commit"]
     actors2 = ray2["actor_process"] + ray2["actor_commit"]
-    driver = (
-        ray1["latest_offset"]
-        + ray1["wal"]
-        + ray1["read"]
-        + (ray1["compute"] - ray1["actor_process"] - ray1["route"])
-        + ray1["sink"]
-        + (ray1["commit"] - ray1["actor_commit"])
-        + ray1["other"]
-    )
+    if not partitioned:  # one owner at any count: it reads the source at any count too
+        return Costs(events, _serial(ray1), ray2["route"], actors1, 0.0, partitioned=False)
+    owner_read = ray1.get("owner_read", 0.0)
+    parallel = actors1 - owner_read
     return Costs(
         events=events,
-        driver=driver,
+        driver=_serial(ray2),
         route2=ray2["route"],
-        parallel=actors1,
-        coordination=max(0.0, actors2 - actors1 / 2) if partitioned else 0.0,
-        partitioned=partitioned,
+        parallel=parallel,
+        coordination=max(0.0, actors2 - parallel / 2),
+        driver_one=_serial(ray1),
+        owner_read=owner_read,
+    )
+
+
+def _serial(run: dict[str, float]) -> float:
+    """The driver's own part of a run's batch time (module docstring: ``driver``)."""
+    return (
+        run["latest_offset"]
+        + run["wal"]
+        + run["read"]
+        + (run["compute"] - run["actor_process"] - run["route"])
+        + run["sink"]
+        + (run["commit"] - run["actor_commit"])
+        + run["other"]
     )
 
 
@@ -184,6 +212,7 @@ def project(report: dict[str, Any], workers: tuple[int, ...] = WORKERS) -> dict[
             "partitioned": partitioned,
             "costs_ms": {
                 "driver": round(costs.driver, 1),
+                "owner_read_at_1": round(costs.owner_read, 1),
                 "route_at_2": round(costs.route2, 1),
                 "actors_at_1": round(costs.parallel, 1),
                 "coordination_per_worker": round(costs.coordination, 1),

@@ -19,7 +19,9 @@ driver's waits on the actors (``actor_process``: inside compute, the operators' 
 which also write the owners' state files; ``actor_commit``: inside commit, calls to the
 owners, none since each owner writes its state in its one call of the batch) and the driver's
 routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
-``route`` in this process; ``partitioned`` says whether an exchange split rows over
+``route`` in this process, and ``owner_read``: inside ``actor_process``, the time the one
+owner of an operator spent reading its source and running the stage before it
+(``runtime/ray/owner_reads.py``; its reports' ``read_ms``); ``partitioned`` says whether an exchange split rows over
 several actors (false for a stateless query, and for a keyless window: one actor owns
 it). ``benchmarks/ray_model.py`` projects 8 and 32 workers from them.
 
@@ -60,7 +62,12 @@ class StageTimer:
     """
 
     def __init__(self) -> None:
-        self.ms: dict[str, float] = {"actor_process": 0.0, "actor_commit": 0.0, "route": 0.0}
+        self.ms: dict[str, float] = {
+            "actor_process": 0.0,
+            "actor_commit": 0.0,
+            "route": 0.0,
+            "owner_read": 0.0,
+        }
         self.partitioned = False
         """Whether an exchange split rows over more than one owner (a keyless operator
         lives whole in one actor)."""
@@ -98,11 +105,20 @@ class StageTimer:
             return "route"
 
         executor.route = timed(route_kind, route)
+        note_reads = executor._note_reads
+
+        def noted(*args: Any) -> None:
+            note_reads(*args)
+            if args[3]:  # the owner read a source in its call: the reports' read time
+                self.ms["owner_read"] += sum(r.read_ms for r in args[2].reports)
+
+        executor._note_reads = noted
         try:
             yield self
         finally:
             executor.RayStageExecutor.gather = gather  # type: ignore[method-assign]
             executor.route = route
+            executor._note_reads = note_reads
 
 
 def stages(phase_totals_ms: dict[str, float], timer: StageTimer | None) -> dict[str, float]:

@@ -72,6 +72,7 @@ def test_projected_throughput_and_bottleneck_per_worker_count() -> None:
     }
     assert out["q5"]["costs_ms"] == {
         "driver": 290.0,
+        "owner_read_at_1": 0.0,
         "route_at_2": 20.0,
         "actors_at_1": 560.0,
         "coordination_per_worker": 50.0,
@@ -80,8 +81,9 @@ def test_projected_throughput_and_bottleneck_per_worker_count() -> None:
 
 def test_without_coordination_cost_the_exchange_bounds_32_workers() -> None:
     # Two workers exactly halve the actors' time: no coordination cost; at 32 workers
-    # routing every row through the driver (20 ms * 32 / 2) is the largest part.
-    ray2 = {**RAY2, "actor_process": 250.0, "actor_commit": 30.0, "compute": 370.0}
+    # routing every row through the driver (20 ms * 32 / 2) is the largest part. (The
+    # driver's own part of the 2-worker run is 290 ms, as at one worker.)
+    ray2 = {**RAY2, "actor_process": 250.0, "actor_commit": 30.0, "compute": 360.0}
     costs = fit(1_000, RAY1, ray2)
     assert costs.coordination == 0.0
     assert costs.terms(32) == {
@@ -136,3 +138,28 @@ def test_rows_cut_by_the_actors_cost_the_driver_no_exchange() -> None:
     assert costs.route2 == 0.0 and costs.parallel == 560.0
     assert [costs.terms(w)["exchange"] for w in (1, 2, 8, 32)] == [0.0] * 4
     assert costs.without_coordination().bottleneck(32) == "driver"  # 290 ms against 17.5
+
+
+def test_the_one_owner_reading_its_source_is_left_out_of_what_more_workers_divide() -> None:
+    # At one worker the owner read the source and ran the stage before its operator in
+    # its call (150 ms of its 560, owner_read): the driver read nothing (read 10) and
+    # its part is 210 ms. At two workers (keyed: several owners) the driver reads again
+    # (ray2's part, 290 ms, which every larger count keeps); the actors' 410 ms of
+    # operators are what more workers divide.
+    ray1 = {**RAY1, "read": 10.0, "total": 770.0, "owner_read": 150.0}
+    costs = fit(REPORT["events"], ray1, RAY2)
+    assert (costs.driver, costs.driver_one, costs.parallel) == (290.0, 210.0, 410.0)
+    assert (costs.owner_read, costs.coordination) == (150.0, 125.0)  # 330 - 410 / 2
+    assert sum(costs.terms(1).values()) == ray1["total"]
+    assert sum(costs.terms(2).values()) == RAY2["total"]
+    assert costs.terms(1) == {
+        "driver": 210.0, "exchange": 0.0, "actors": 560.0, "coordination": 0.0
+    }  # fmt: skip
+    assert costs.terms(8) == {
+        "driver": 290.0, "exchange": 80.0, "actors": 51.25, "coordination": 875.0
+    }  # fmt: skip
+    # A keyless operator has one owner at any count: it reads at any count, and the
+    # driver's part is ray1's.
+    single = fit(REPORT["events"], ray1, RAY2, partitioned=False)
+    assert (single.driver, single.parallel) == (210.0, 560.0)
+    assert sum(single.terms(32).values()) == ray1["total"]

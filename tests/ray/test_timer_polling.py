@@ -60,7 +60,7 @@ class _Executor:
                 frames = tuple(piece.frame() for piece in pieces)
                 output = self.template.process(frames, ctx)
                 late = tuple(Wire.of(frame) for frame in output.late_rows)
-                answers.append((Wire.of(output.rows), late, self.template.progress(), None))
+                answers.append((Wire.of(output.rows), late, self.template.progress(), None, ()))
         return answers
 
 

@@ -209,9 +209,9 @@ def check_runs_on_ray(config: ExecutionConfig, dumps: Callable[[Any], bytes]) ->
       stateful operators: the workers write their state into it from other processes.
     - A ``map_groups_with_state`` / ``map_batches_with_state`` function, or a
       ``map_batches`` function, that ``dumps`` (Ray's cloudpickle) cannot pickle:
-      the first is sent to the workers; ``map_batches`` runs on the driver for
-      now but is refused already, so a query that starts today keeps running when
-      stateless stages move to Ray tasks.
+      the first is sent to the workers; ``map_batches`` runs in the actor that
+      reads its source when one actor takes all its rows
+      (:mod:`~microstream.runtime.ray.owner_reads`), else on the driver.
 
     A ``MemoryStream`` fed from this process is read by the driver (it does not
     split) and sinks are written by the driver, so it and ``sink_memory`` work.

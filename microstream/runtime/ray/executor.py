@@ -96,6 +96,7 @@ from microstream.runtime.ray.operator_exchange import (
     exchange_tail,
     forwarded_stages,
 )
+from microstream.runtime.ray.owner_reads import OwnerRead, owner_stages
 from microstream.runtime.ray.remote_operator import (
     TIMER_CHECK_MS,
     RemoteOperator,
@@ -187,6 +188,10 @@ class RayStageExecutor:
         """How many times the workers were restarted in this run (progress, tests)."""
         self.replaced: list[int] = []
         """The index of every worker replaced in this run, in order."""
+        self._between: set[int] = set()
+        """Workers replaced between batches (a timer check found them lost), not yet
+        reported in a batch's progress."""
+        self._reporting: WorkerLostError | None = None
         self.assignment: Assignment | None = None
         self.workers: list[Any] = []
         self._actor_class: Any = None
@@ -200,6 +205,11 @@ class RayStageExecutor:
         split tasks for the sink; tests."""
         self.split_tasks = 0
         """Ray tasks started to read splits, in this run."""
+        self.owner_reads = 0
+        """Batches of a stage whose source the one owner of the next operator read itself
+        (:mod:`~microstream.runtime.ray.owner_reads`), in this run."""
+        self._owner_stages: frozenset[int] = frozenset()
+        self._plan: PhysicalPlan | None = None  # (when owners read sources: re-warmed)
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
         self._remotes: dict[Any, Any] = {}
         self._stage_refs: dict[StatelessStage, Any] = {}
@@ -276,7 +286,60 @@ class RayStageExecutor:
         self._open_all(version, "the start of the query")
         self._use_tail(plan)
         self._use_exchanges(plan)
+        self._use_owner_reads(plan)
         return dict(self._operators)
+
+    def _use_owner_reads(self, plan: PhysicalPlan) -> None:
+        """Which stages' sources the one owner of the next operator reads in its call
+        (:func:`owner_stages`; ``read_splits="auto"`` only)."""
+        if self.read_splits != "auto":
+            return
+        consumer = {i: s for s in plan.operators() for i in s.inputs}
+
+        def single_owner(exchange: ExchangeStage) -> bool:
+            return len(self._operators[consumer[exchange.index].node].owners) == 1
+
+        self._owner_stages = owner_stages(plan, single_owner, self._ray.cloudpickle.dumps)
+        self._plan = plan
+        self._warm_owners(plan)
+
+    def _warm_owners(self, plan: PhysicalPlan) -> None:
+        """Send every owner the stages it will read sources for (:meth:`OperatorWorker.warm`),
+        at the start and after a restart, so their code is imported before a batch. A
+        worker that cannot unpickle one (a ``map_batches`` function of a module only the
+        driver can import) leaves every stage where it ran before: the driver or tasks."""
+        if not self._owner_stages:
+            return
+        consumer = {i: s for s in plan.operators() for i in s.inputs}
+        per_worker: dict[int, list[Any]] = {}
+        for stage in plan.stages:
+            if isinstance(stage, StatelessStage) and stage.index in self._owner_stages:
+                exchange = next(c for c in consumers(plan, stage.index))
+                (owner,) = self._operators[consumer[exchange.index].node].owners
+                per_worker.setdefault(owner.index, []).append(self._stage_ref(stage))
+        indexes = sorted(per_worker)
+        calls = [self.workers[i].warm.remote(*per_worker[i]) for i in indexes]
+        timeout = max(self.worker_timeout_s or 0, START_TIMEOUT_S)
+        try:
+            self.gather(calls, indexes, "the start of the owners' reads", timeout)
+        except WorkerLostError:
+            raise
+        except Exception as exc:  # the stage did not unpickle there: read as before
+            logger.warning(
+                "RayRuntime reads the sources on the driver or in tasks, not in the owners: "
+                "a worker cannot load a stage (%s: %s); make the functions it calls "
+                "importable on the workers (Ray's runtime_env) to let the owners read",
+                type(exc).__name__,
+                exc,
+            )
+            self._owner_stages = frozenset()
+
+    def _stage_ref(self, stage: StatelessStage) -> Any:
+        """``stage`` in Ray's object store, put once per run (split tasks and owners read it)."""
+        ref = self._stage_refs.get(stage)
+        if ref is None:
+            ref = self._stage_refs[stage] = self._ray.put(stage)
+        return ref
 
     def _use_exchanges(self, plan: PhysicalPlan) -> None:
         """Which operators' owners cut their output for the next operators' owners
@@ -381,13 +444,35 @@ class RayStageExecutor:
 
     def recover(self, error: WorkerLostError, batch_id: int) -> None:
         """Replace the workers ``error`` names and re-open every owner at the version
-        committed before ``batch_id`` (the driver then re-runs the batch)."""
+        committed before ``batch_id`` (the driver then re-runs the batch). The error
+        :meth:`run` raised to report workers replaced between batches needs nothing: they
+        were replaced and re-opened then, and nothing of the batch ran."""
+        if error is self._reporting:
+            self._reporting = None
+            return
         self._restart(error, None if batch_id == 0 else batch_id - 1, batch_id)
 
     def recover_between_batches(self, error: WorkerLostError) -> None:
         """Replace the workers ``error`` names and re-open every owner at the last
-        committed version (a loss found while no batch runs)."""
+        committed version (a loss found while no batch runs); the next batch reports
+        them (:meth:`run`)."""
         self._restart(error, self.version, None if self.version is None else self.version + 1)
+        self._between |= error.workers
+
+    def _report_between(self, batch_id: int) -> None:
+        """Workers replaced since the last batch are counted in this batch's progress
+        (``worker_restarts``, ``replaced_workers``, the restarts metric): the driver
+        counts the losses a batch's run raises, so the first attempt raises one for
+        them before anything runs, which :meth:`recover` answers with nothing to do."""
+        if not self._between:
+            return
+        workers, self._between = frozenset(self._between), set()
+        msg = (
+            f"Ray worker(s) {sorted(workers)} were lost between batches (found by a timer "
+            f"check) and replaced then; counted in batch {batch_id}"
+        )
+        self._reporting = WorkerLostError(msg, workers)
+        raise self._reporting
 
     def _restart(self, error: WorkerLostError, version: int | None, batch: int | None) -> None:
         while True:
@@ -413,6 +498,8 @@ class RayStageExecutor:
                 self.replaced.append(index)
             try:
                 self._open_all(version, f"the restart of the workers for batch {batch}")
+                if self._plan is not None:
+                    self._warm_owners(self._plan)
             except WorkerLostError as again:
                 error = again
                 continue
@@ -443,6 +530,7 @@ class RayStageExecutor:
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
+        self._report_between(ctx.batch_id)
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
         routed: dict[int, list[Routed]] = {}
         forwarded: dict[int, list[Routed]] = {}  # exchange -> per owner its pieces' references
@@ -452,11 +540,15 @@ class RayStageExecutor:
         consumer = {i: s for s in plan.operators() for i in s.inputs}
         cut = self._cuttable(plan)
         launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
+        owned: dict[int, list[Any]] = {}  # stage -> its owner's pieces: OwnerRead, stage
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
                 if stage.index in self._forwarded:
                     continue  # run by the owners of the operator before it
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
+                if scans and self._owner_reads(stage, inputs, cut):
+                    owned[stage.index] = self._owner_read(stage, inputs, ctx, reads)
+                    continue
                 if scans and stage.index in cut and not self._on_driver(plan, stage, inputs):
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
                     continue
@@ -468,6 +560,9 @@ class RayStageExecutor:
                 operator = self._operators[consumer[stage.index].node]
                 if stage.index in forwarded:  # cut by the owners of the operator before
                     routed[stage.index] = forwarded[stage.index]
+                    continue
+                if stage.input in owned:  # the one owner reads the source in its call
+                    routed[stage.index] = [owned[stage.input]]
                     continue
                 if stage.input in launched:
                     # Each owner gets every task's piece for it (in split order) by
@@ -494,6 +589,7 @@ class RayStageExecutor:
                     output, parts = operator.process_into_sink(
                         per_owner, stage.context(ctx), (tail, ctx)
                     )
+                    _note_reads(plan, stage, operator, owned, reads)
                     late.extend(output.late_rows)
                     watermarks.update(self._reported(plan, launched, reads))
                     return self._written(late, watermarks, reads, parts)
@@ -502,10 +598,12 @@ class RayStageExecutor:
                     output, cut_refs = operator.process_into_exchanges(
                         per_owner, stage.context(ctx), (*exchange, ctx)
                     )
+                    _note_reads(plan, stage, operator, owned, reads)
                     late.extend(output.late_rows)
                     forwarded.update(_by_target(exchange[0], cut_refs))
                     continue
                 output = operator.process_routed(per_owner, stage.context(ctx))
+                _note_reads(plan, stage, operator, owned, reads)
                 late.extend(output.late_rows)
                 results[stage.index] = output.rows.lazy()
             else:  # the sink stage, last
@@ -535,7 +633,7 @@ class RayStageExecutor:
     def split_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
         """The sources of the stages Ray tasks run per split (``SplitReadingStageExecutor``):
         the driver hands them over unread when they split."""
-        cut = self._cuttable(plan)
+        cut = self._cuttable(plan) | self._owner_stages
         return frozenset(
             scan
             for stage in plan.stages
@@ -594,9 +692,7 @@ class RayStageExecutor:
                 )
             )
         task = self._remote(run_split, sum(t.pieces for t in targets) + 1)
-        stage_ref = self._stage_refs.get(stage)
-        if stage_ref is None:  # sent once per run, not with every task
-            stage_ref = self._stage_refs[stage] = self._ray.put(stage)
+        stage_ref = self._stage_ref(stage)  # sent once per run, not with every task
         self.split_tasks += len(split.splits)
         reads.scans[stage.index] = scan
         if not self._writes(stage.index):
@@ -618,6 +714,37 @@ class RayStageExecutor:
             )
             for k, s in enumerate(split.splits)
         ]
+
+    def _owner_reads(
+        self,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        cut: set[int],
+    ) -> bool:
+        """Whether the one owner after ``stage`` reads its source this batch: always when
+        tasks cannot run the stage (``map_batches``), else when the batch has one split
+        (with several, tasks read them in parallel)."""
+        if stage.index not in self._owner_stages:
+            return False
+        (scan,) = stage.sources
+        split = inputs[scan]
+        return isinstance(split, SplitScan) and (stage.index not in cut or len(split.splits) == 1)
+
+    def _owner_read(
+        self,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        reads: _Reads,
+    ) -> list[Any]:
+        """The pieces that make the owner read ``stage``'s source and run it: the
+        :class:`OwnerRead`, then the stage's object reference (put once per run)."""
+        (scan,) = stage.sources
+        split = inputs[scan]
+        assert isinstance(split, SplitScan)
+        reads.scans[stage.index] = scan
+        self.owner_reads += 1
+        return [OwnerRead(split.splits, split.schema, ctx), self._stage_ref(stage)]
 
     def _on_driver(
         self,
@@ -685,10 +812,13 @@ class RayStageExecutor:
         """Every task's report gathered: rows read per source, and each watermark node's
         observation over the whole batch (rows summed, the largest event time)."""
         seen: dict[WatermarkNode, WatermarkObservation] = {}
-        for index, refs in reads.reports.items():
+        gathered = {
+            index: self._gather_tasks(refs, f"the reads of stage {index}")
+            for index, refs in reads.reports.items()
+        }
+        for index, reports in [*gathered.items(), *reads.known.items()]:
             stage = plan.stages[index]
             assert isinstance(stage, StatelessStage)
-            reports: list[SplitReport] = self._gather_tasks(refs, f"the reads of stage {index}")
             reads.rows[reads.scans[index]] = sum(r.rows_read for r in reports)
             for report in reports:
                 for position, observation in report.watermarks:
@@ -723,7 +853,32 @@ class _Reads:
     """(stage, consumer) -> the first of the consumer's returns of the stage's tasks."""
     scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
     reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
+    """Stage -> the references of its split tasks' reports."""
+    known: dict[int, list[SplitReport]] = dataclasses.field(default_factory=dict)
+    """Stage -> the reports of the owner that read its source (already here)."""
     rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
+
+
+def _note_reads(
+    plan: PhysicalPlan,
+    stage: OperatorStage,
+    operator: RemoteOperator,
+    owned: Mapping[int, list[Any]],
+    reads: _Reads,
+) -> None:
+    """The reports of the reads the operator's owner made in its call, by stage: one per
+    input whose stage it read, in input order."""
+    read = [s for i in stage.inputs if (s := _input_of(plan, i)) in owned]
+    if read:
+        assert len(read) == len(operator.reports), (read, operator.reports)
+        for index, report in zip(read, operator.reports):
+            reads.known[index] = [report]
+
+
+def _input_of(plan: PhysicalPlan, index: int) -> int:
+    exchange = plan.stages[index]
+    assert isinstance(exchange, ExchangeStage)
+    return exchange.input
 
 
 def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Routed]]:

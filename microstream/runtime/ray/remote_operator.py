@@ -32,7 +32,7 @@ from microstream.plan.nodes import (
 from microstream.plan.physical import OperatorStage
 from microstream.runtime.progress import StateOperatorProgress
 from microstream.runtime.ray.operator_exchange import ExchangeTail
-from microstream.runtime.ray.scan_tasks import split_rows
+from microstream.runtime.ray.scan_tasks import SplitReport, split_rows
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name
 from microstream.runtime.ray.wire import Wire
 from microstream.runtime.ray.worker import StateWrite
@@ -71,7 +71,8 @@ class Coordinator(Protocol):
 
 Routed = pl.DataFrame | list[Any]
 """One owner's rows of one exchange: a frame (routed by the driver), or the references
-of the pieces Ray tasks cut for it (one per split, in split order)."""
+of the pieces Ray tasks cut for it (one per split, in split order), or an ``OwnerRead``
+and its stage's reference (the owner reads the source itself)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +165,10 @@ class RemoteOperator:
         self._written: tuple[int, str, list[dict[str, StatePart]]] | None = None
         """(version, fence, per owner its parts) of the last batch the owners processed and
         wrote: what :meth:`commit` commits."""
+        self.reports: list[SplitReport] = []
+        """What the owners read themselves in the last batch's call (an ``OwnerRead`` per
+        input they read, :mod:`~microstream.runtime.ray.owner_reads`), in owner then
+        input order."""
 
     def process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> OperatorOutput:
         """Every row to the owners of its key group, then the owners' outputs joined."""
@@ -229,12 +234,14 @@ class RemoteOperator:
         results: list[tuple[Any, ...]] = self._get([r[0] for r in returns], f"batch {ctx.batch_id}")
         self._progress = _sum_progress([r[1] for r in results])
         self._written = (ctx.batch_id, fence, [r[2] for r in results])
+        self.reports = [read for r in results for read in r[3]]
         late = tuple(wire.frame() for r in results for wire in r[0])
         return OperatorOutput(rows=_NO_ROWS, late_rows=late), [list(r[1:]) for r in returns]
 
     def _started(self) -> None:
         """A batch starts on the owners."""
         self._written = None
+        self.reports = []
 
     @staticmethod
     def _write(owner: _Owner, ctx: OperatorContext, fence: str) -> StateWrite:
@@ -261,14 +268,16 @@ class RemoteOperator:
             for owner, rows in zip(self.owners, per_owner)
         ]
         # per owner: its output rows, its late rows (Arrow tables as :class:`Wire`), its
-        # progress, its state files written, and the sink's piece when it wrote one
+        # progress, its state files written, its reads' reports, and the sink's piece
+        # when it wrote one
         results: list[tuple[Any, ...]] = self._get(calls, f"batch {ctx.batch_id}")
         self._progress = _sum_progress([r[2] for r in results])
         self._written = (ctx.batch_id, fence, [r[3] for r in results])
+        self.reports = [read for r in results for read in r[4]]
         frames = [r[0].frame() for r in results]
         rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
         late = tuple(wire.frame() for r in results for wire in r[1])
-        parts: list[SinkPart] = [r[4] for r in results if len(r) == 5]
+        parts: list[SinkPart] = [r[5] for r in results if len(r) == 6]
         return OperatorOutput(rows=rows, late_rows=late), parts
 
     def load(self, version: int | None) -> None:

@@ -32,7 +32,8 @@ This module never imports Ray: the executor makes the functions remote.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +70,10 @@ if TYPE_CHECKING:
 __all__ = [
     "SplitReport",
     "Target",
+    "consumers",
     "cuttable",
+    "report",
+    "row_local_step",
     "run_split",
     "split_rows",
     "warm",
@@ -116,6 +120,8 @@ class SplitReport:
     rows_read: int
     watermarks: tuple[tuple[int, WatermarkObservation], ...]
     """Each watermark node's observation, by the node's position in the stage's steps."""
+    read_ms: float = 0.0
+    """How long reading the rows and running the stage over them took (benchmarks)."""
 
 
 def split_rows(
@@ -176,10 +182,12 @@ def run_split(
     target's pieces in order (as :class:`Wire` s), then the :class:`SplitReport` (a
     Ray task's returns). With ``tail``, the sink's rows are written as ``piece`` of
     the batch instead, and its target's return is the ``SinkPart``."""
+    started = time.perf_counter()
     df = split.read()
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(df, schema)}, [], ctx)
     out = lazy.collect()
+    read_ms = (time.perf_counter() - started) * 1000
     pieces: list[Wire | SinkPart] = []
     for target in targets:
         if target.keys is None:
@@ -187,9 +195,21 @@ def run_split(
         else:
             parts = split_rows(out, target.keys, target.his, target.num_key_groups)
             pieces += [Wire.of(part) for part in parts]
+    return (*pieces, report(stage, df.height, observed, read_ms))
+
+
+def report(
+    stage: StatelessStage,
+    rows_read: int,
+    observed: Mapping[WatermarkNode, WatermarkObservation],
+    read_ms: float = 0.0,
+) -> SplitReport:
+    """What a reader of ``stage``'s source tells the driver besides its rows: the rows it
+    read, each watermark node's observation by the node's position in the steps, and how
+    long the read and the stage took."""
     position = {id(node): n for n, node in enumerate(stage.steps)}
     seen = tuple((position[id(node)], o) for node, o in observed.items())
-    return (*pieces, SplitReport(df.height, seen))
+    return SplitReport(rows_read, seen, read_ms)
 
 
 def cuttable(plan: PhysicalPlan) -> set[int]:
@@ -205,7 +225,7 @@ def cuttable(plan: PhysicalPlan) -> set[int]:
             and len(stage.sources) == 1
             and not stage.upstream
             and stage.index not in feeds_stateless
-            and all(_row_local_step(step) for step in stage.steps)
+            and all(row_local_step(step) for step in stage.steps)
         ):
             out.add(stage.index)
     return out
@@ -216,7 +236,8 @@ def consumers(plan: PhysicalPlan, index: int) -> list[ExchangeStage | SinkStage]
     return [s for s in plan.stages if isinstance(s, ExchangeStage | SinkStage) and s.input == index]
 
 
-def _row_local_step(node: PlanNode) -> bool:
+def row_local_step(node: PlanNode) -> bool:
+    """Whether ``node``'s rows over a batch are its rows over the batch's parts, concatenated."""
     if isinstance(node, WatermarkNode | ProcessingTimeNode):
         return True  # rows pass unchanged; the largest event time is combined by max
     if not isinstance(node, StatelessNode) or node.verb not in ROW_VERBS:

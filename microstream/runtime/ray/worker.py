@@ -31,6 +31,7 @@ import polars as pl
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
 from microstream.runtime.ray.operator_exchange import cut_for_exchanges
+from microstream.runtime.ray.owner_reads import OwnerRead, read_for_owner
 from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from microstream.protocols import SinkPart
     from microstream.runtime.progress import StateOperatorProgress
     from microstream.runtime.ray.operator_exchange import ExchangeTail
+    from microstream.runtime.ray.scan_tasks import SplitReport
     from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
@@ -87,7 +89,9 @@ class OperatorWorker:
     ...                       output_mode="append")
     >>> piece = Wire.of(pl.DataFrame({"k": ["a", "a", "b"]}))
     >>> write = StateWrite(version=0, leader=True, fence="doctest.0")
-    >>> rows, late, progress, written = worker.process_pieces("op0", ctx, (1,), piece, write=write)
+    >>> rows, late, progress, written, _ = worker.process_pieces(
+    ...     "op0", ctx, (1,), piece, write=write
+    ... )
     >>> rows.frame()["k"].to_list(), progress.num_rows_total
     (['a', 'b'], 2)
     >>> [(store, part.version, part.key_groups) for store, part in written.items()]
@@ -140,17 +144,21 @@ class OperatorWorker:
         operator_id: str,
         ctx: OperatorContext,
         counts: tuple[int, ...],
-        *pieces: Wire,
+        *pieces: Any,
         write: StateWrite | None = None,
-    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, Written]:
+    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, Written, tuple[SplitReport, ...]]:
         """:meth:`process` over inputs given in pieces, ``counts[i]`` of them (in order) for
         input ``i``: rows the driver routed, or that Ray tasks cut per split (Ray hands
-        those over as arguments); with ``write``, then this worker's range of the batch's
-        state version written. Frames come and go as Arrow tables (:class:`Wire`): the
-        output rows, the late rows, then the progress and what was written."""
-        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
+        those over as arguments), or a source's splits this worker reads itself (an
+        :class:`OwnerRead` and its stage, :mod:`~microstream.runtime.ray.owner_reads`);
+        with ``write``, then this worker's range of the batch's state version written.
+        Frames come and go as Arrow tables (:class:`Wire`): the output rows, the late
+        rows, then the progress, what was written and the report of every read."""
+        output, progress, written, reports = self._processed(
+            operator_id, ctx, counts, pieces, write
+        )
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return Wire.of(output.rows), late, progress, written
+        return Wire.of(output.rows), late, progress, written, reports
 
     def process_pieces_into_sink(
         self,
@@ -158,18 +166,23 @@ class OperatorWorker:
         ctx: OperatorContext,
         counts: tuple[int, ...],
         sink: tuple[SinkTail, OperatorContext, str],
-        *pieces: Wire,
+        *pieces: Any,
         write: StateWrite | None = None,
-    ) -> tuple[Wire, tuple[Wire, ...], StateOperatorProgress, Written, SinkPart]:
+    ) -> tuple[
+        Wire, tuple[Wire, ...], StateOperatorProgress, Written, tuple[SplitReport, ...], SinkPart
+    ]:
         """As :meth:`process_pieces`, then this worker's output through the sink's tail into
         its piece of the batch (``sink``: the tail, the batch's context, the piece's name;
         :func:`~microstream.runtime.ray.sink_parts.write_piece`): the output without its
-        rows, the late rows, the progress, the state written and the piece written."""
+        rows, the late rows, the progress, the state written, the reads' reports and the
+        piece written."""
         tail, batch, piece = sink
-        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
+        output, progress, written, reports = self._processed(
+            operator_id, ctx, counts, pieces, write
+        )
         part = write_piece(output.rows, tail, batch, piece)
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return Wire.of(output.rows.clear()), late, progress, written, part
+        return Wire.of(output.rows.clear()), late, progress, written, reports, part
 
     def process_pieces_into_exchanges(
         self,
@@ -178,36 +191,46 @@ class OperatorWorker:
         counts: tuple[int, ...],
         tail: ExchangeTail,
         batch: OperatorContext,
-        *pieces: Wire,
+        *pieces: Any,
         write: StateWrite | None = None,
     ) -> tuple[Any, ...]:
         """As :meth:`process_pieces`, then this worker's output through ``tail``'s stages
         and cut for the owners of the next operators
         (:func:`~microstream.runtime.ray.operator_exchange.cut_for_exchanges`; ``batch``:
         the batch's context). Returned as separate values (the driver asks for
-        ``1 + tail.pieces``): first the late rows, the progress and the state written,
-        which the driver gathers, then every piece, which it hands to the next owners by
-        reference."""
-        output, progress, written = self._processed(operator_id, ctx, counts, pieces, write)
+        ``1 + tail.pieces``): first the late rows, the progress, the state written and
+        the reads' reports, which the driver gathers, then every piece, which it hands to
+        the next owners by reference."""
+        output, progress, written, reports = self._processed(
+            operator_id, ctx, counts, pieces, write
+        )
         late = tuple(Wire.of(frame) for frame in output.late_rows)
-        return ((late, progress, written), *cut_for_exchanges(output.rows, tail, batch))
+        return ((late, progress, written, reports), *cut_for_exchanges(output.rows, tail, batch))
 
     def _processed(
         self,
         operator_id: str,
         ctx: OperatorContext,
         counts: tuple[int, ...],
-        pieces: tuple[Wire, ...],
+        pieces: tuple[Any, ...],
         write: StateWrite | None,
-    ) -> tuple[OperatorOutput, StateOperatorProgress, Written]:
-        output, progress = self.process(operator_id, _inputs(counts, pieces), ctx)
+    ) -> tuple[OperatorOutput, StateOperatorProgress, Written, tuple[SplitReport, ...]]:
+        inputs, reports = _inputs(counts, pieces)
+        output, progress = self.process(operator_id, inputs, ctx)
         if write is None:
-            return output, progress, None
+            return output, progress, None, reports
         # The batch's state is final here: written now, it needs no second call at commit.
         written = self.operators[operator_id].write_parts(
             write.version, leader=write.leader, fence=write.fence
         )
-        return output, progress, written
+        return output, progress, written, reports
+
+    def warm(self, *stages: Any) -> int:
+        """Nothing but receive ``stages`` (the stages this worker will read sources for,
+        :mod:`~microstream.runtime.ray.owner_reads`): unpickling them imports the code
+        they run (the source's connector, a ``map_batches`` function's module) at the
+        start of the query, not in its first batch. How many it got."""
+        return len(stages)
 
     def timers_due(self, operator_id: str, watermark_us: int | None, now_ms: int) -> bool:
         """Whether ``operator_id`` needs a batch without rows now, for this worker's keys."""
@@ -215,12 +238,27 @@ class OperatorWorker:
         return isinstance(operator, TimedOperator) and operator.timers_due(watermark_us, now_ms)
 
 
-def _inputs(counts: tuple[int, ...], pieces: tuple[Wire, ...]) -> tuple[pl.DataFrame, ...]:
-    """Per input, its ``counts[i]`` pieces (in order) as one frame."""
+def _inputs(
+    counts: tuple[int, ...], pieces: tuple[Any, ...]
+) -> tuple[tuple[pl.DataFrame, ...], tuple[SplitReport, ...]]:
+    """Per input, its ``counts[i]`` pieces (in order) as one frame: a :class:`Wire`, or an
+    :class:`OwnerRead` followed by its stage, which this worker reads and runs
+    (:func:`read_for_owner`); and the report of every such read, in input order."""
     inputs = []
+    reports = []
     at = 0
     for count in counts:
-        part = [wire.frame() for wire in pieces[at : at + count]]
-        at += count
-        inputs.append(part[0] if count == 1 else pl.concat(part, how="vertical"))
-    return tuple(inputs)
+        part = []
+        end = at + count
+        while at < end:
+            piece = pieces[at]
+            if isinstance(piece, OwnerRead):
+                frame, read = read_for_owner(piece, pieces[at + 1])
+                part.append(frame)
+                reports.append(read)
+                at += 2
+            else:
+                part.append(piece.frame())
+                at += 1
+        inputs.append(part[0] if len(part) == 1 else pl.concat(part, how="vertical"))
+    return tuple(inputs), tuple(reports)
