@@ -124,13 +124,8 @@ def _batch_steps(stage: StatelessStage) -> bool:
 def read_for_owner(read: OwnerRead, stage: StatelessStage) -> tuple[pl.DataFrame, SplitReport]:
     """Read ``read``'s splits, run ``stage`` over their rows: the stage's rows, and what
     the driver gets instead of them (rows read, watermark observations)."""
-    import time as _t
-
-    _t0 = _t.perf_counter()
     started = time.perf_counter()
     frames: Sequence[pl.DataFrame] = [split.read() for split in read.splits]
-    with open("/tmp/rs/timings.log", "a") as _f:
-        _f.write(f"  read {(_t.perf_counter() - _t0) * 1e3:.1f}\n")
     rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(rows, read.schema)}, [], read.ctx)
