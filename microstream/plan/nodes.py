@@ -317,18 +317,32 @@ class StaticJoinNode(TransformNode):
     def lower(self, frames: Sequence[pl.LazyFrame], ctx: OperatorContext) -> pl.LazyFrame:
         if ctx.planning:
             # Never read the table to plan (scan_projections collects plans); one row of
-            # nulls, as an empty side would let Polars skip the stream's side altogether.
+            # placeholder values: an empty side, or one whose join keys are all null (Polars
+            # 2.2 drops null keys first), lets Polars skip the stream's side altogether.
             schema = (
                 self.other.schema
                 if isinstance(self.other, StaticSide)
                 else self.other.collect_schema()
             )
-            other = pl.DataFrame(schema=schema).clear(1).lazy()
+            other = _placeholder_row(schema).lazy()
         elif isinstance(self.other, StaticSide):
             other = self.other.current()
         else:
             other = self.other
         return frames[0].join(other, **self.kwargs)
+
+
+def _placeholder_row(schema: pl.Schema) -> pl.DataFrame:
+    """One row of ``schema``: zero cast to each column's dtype where it casts (0, "0",
+    the epoch, ...), null where it does not."""
+    columns = []
+    for name, dtype in schema.items():
+        try:
+            column = pl.Series(name, [0]).cast(dtype, strict=False)
+        except Exception:  # (a dtype no integer casts to, e.g. an Enum)
+            column = pl.Series(name, [None], dtype=dtype)
+        columns.append(column)
+    return pl.DataFrame(columns, schema=schema)
 
 
 @dataclass(frozen=True, eq=False)
