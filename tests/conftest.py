@@ -22,6 +22,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_report_header() -> str:
+    # Fresh installs resolve different Polars versions per Python; results and
+    # notebook outputs can depend on it, so every log says which one ran.
+    import polars as pl
+
+    return f"microstream {ms.__version__}, polars {pl.__version__}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow"):
         return

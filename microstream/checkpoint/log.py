@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -85,11 +86,30 @@ class PlanRecord(_Record):
         for i, (old_src, new_src) in enumerate(zip(self.sources, new.sources)):
             if old_src != new_src:
                 problems.append(f"source {i} changed from {old_src} to {new_src}")
-        if self.stateful != new.stateful:
+        if _rendering_neutral(self.stateful) != _rendering_neutral(new.stateful):
             problems.append(f"stateful operators changed from {self.stateful} to {new.stateful}")
         if self.output_mode != new.output_mode:
             problems.append(f"output_mode changed from {self.output_mode!r} to {new.output_mode!r}")
         return problems
+
+
+# Polars 2.2 stopped printing a literal's dynamic type inside expressions
+# (``quantile([dyn float: 0.9])`` became ``quantile([0.9])``). Stateful
+# fingerprints hold expression texts, so a Polars upgrade alone must not read as
+# a changed query; the tag says how Polars infers the literal's type, not what
+# the query computes.
+_LITERAL_TYPE_TAG = re.compile(r"dyn (?:int|float|str|bool|uint): ")
+
+
+def _rendering_neutral(value: Any) -> Any:
+    """``value`` with the parts of Polars' expression texts that vary by version removed."""
+    if isinstance(value, str):
+        return _LITERAL_TYPE_TAG.sub("", value)
+    if isinstance(value, list):
+        return [_rendering_neutral(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rendering_neutral(v) for k, v in value.items()}
+    return value
 
 
 class CheckpointMetadata(_Record):
