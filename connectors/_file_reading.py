@@ -20,7 +20,6 @@ import polars as pl
 from connectors._file_listing import LoggedFile, Selection, list_files
 from connectors._kafka_codecs import CsvDecoder, JsonDecoder, PayloadDecoder
 from connectors._paths import DataDir
-from connectors._small_files import read_small_parquet
 from microstream.exceptions import PlanError, SchemaMismatchError, SourceError
 
 if TYPE_CHECKING:
@@ -131,11 +130,7 @@ def read_frame(
     if len(present) < len(schema):
         _check_columns(list(found), schema, shown, spec.missing_columns)
     if fmt == "parquet":
-        small = None
-        if isinstance(source, io.BytesIO):
-            small = read_small_parquet(source, present, pl.Schema({c: found[c] for c in present}))
-            source.seek(0)
-        frame = pl.read_parquet(source, columns=present, glob=False) if small is None else small
+        frame = pl.read_parquet(source, columns=present, glob=False)
     else:
         frame = pl.read_ipc(source, columns=present)
     return _Parsed(frame, extra_columns=extra)
