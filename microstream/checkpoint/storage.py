@@ -217,7 +217,7 @@ class Storage:
         try:
             with self._failing("list checkpoint directory", relative, absent_ok=True):
                 if self.is_local:
-                    # fsspec's local ls stats every entry and builds its info: a state
+                    # fsspec's local ls builds and normalises a path per entry: a state
                     # store's retention lists directories of ~100 files every few batches
                     try:
                         return os.listdir(directory)
