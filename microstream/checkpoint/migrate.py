@@ -42,6 +42,7 @@ from microstream.state.format import (
 )
 from microstream.state.format1 import is_format1_store, read_format1_store
 from microstream.state.key_groups import DEFAULT_KEY_GROUPS
+from microstream.state.rotation import SNAPSHOT_FILES
 from microstream.state.store import StateStore
 from microstream.time.windows import END, START
 
@@ -253,6 +254,8 @@ def _migrate_store(storage: Storage, journal: _Journal) -> None:
             schema=old.schema,
             num_key_groups=journal.key_groups,
             snapshot_every=meta.snapshot_every,
+            # a migrated state keeps the four-file layout, whatever its size
+            snapshot_files=SNAPSHOT_FILES,
         )
         store.load(None)
         store.insert(old.frame)

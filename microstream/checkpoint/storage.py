@@ -208,27 +208,30 @@ class Storage:
 
     def list_names(self, relative: str) -> list[str]:
         """Sorted names of the entries of a directory (missing dir: [])."""
+        return sorted(self._entry_names(relative))
+
+    def _entry_names(self, relative: str) -> list[str]:
+        """The names of the entries of a directory, unordered (missing dir: [])."""
         directory = self.path(relative)
         self._forget_listing(directory)
         try:
             with self._failing("list checkpoint directory", relative, absent_ok=True):
+                if self.is_local:
+                    # fsspec's local ls builds and normalises a path per entry: a state
+                    # store's retention lists directories of ~100 files every few batches
+                    try:
+                        return os.listdir(directory)
+                    except NotADirectoryError:  # a file lists as itself, as in fsspec
+                        return [directory.rsplit("/", 1)[-1]]
                 names = self.fs.ls(directory, detail=False)
         except FileNotFoundError:
             return []
-        return sorted(str(name).rstrip("/").rsplit("/", 1)[-1] for name in names)
+        return [str(name).rstrip("/").rsplit("/", 1)[-1] for name in names]
 
     def list_numbered(self, relative: str, suffix: str = ".json") -> list[int]:
         """Sorted batch ids of ``<n><suffix>`` files in a directory (missing dir: [])."""
-        directory = self.path(relative)
-        self._forget_listing(directory)
-        try:
-            with self._failing("list checkpoint directory", relative, absent_ok=True):
-                names = self.fs.ls(directory, detail=False)
-        except FileNotFoundError:
-            return []
         ids = []
-        for name in names:
-            base = str(name).rstrip("/").rsplit("/", 1)[-1]
+        for base in self._entry_names(relative):
             stem = base[: -len(suffix)] if base.endswith(suffix) else None
             if stem is not None and stem.isdigit():
                 ids.append(int(stem))
@@ -467,7 +470,10 @@ class Storage:
             contextlib.suppress(FileNotFoundError),
             self._failing("delete checkpoint file", relative, absent_ok=True),
         ):
-            self.fs.rm_file(self.path(relative))
+            if self.is_local:
+                os.unlink(self.path(relative))
+            else:
+                self.fs.rm_file(self.path(relative))
 
 
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:

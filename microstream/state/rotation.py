@@ -37,8 +37,11 @@ from microstream.state.key_groups import key_group_ranges
 
 __all__ = [
     "EMPTY_BASE",
+    "ONE_FILE_SNAPSHOT_ROWS",
+    "SNAPSHOT_FILES",
     "covered",
     "due_groups",
+    "full_snapshot_ranges",
     "resolve_bases",
     "rows_after_base",
     "rows_based_at",
@@ -51,6 +54,36 @@ __all__ = [
 EMPTY_BASE = -1
 """A group's base when no snapshot covers it: the empty state the chain started from."""
 _UNSET = -2
+
+SNAPSHOT_FILES = 4
+"""Files of a full snapshot of a store at or above :data:`ONE_FILE_SNAPSHOT_ROWS` rows
+(unless the store names another number): contiguous key-group ranges."""
+
+ONE_FILE_SNAPSHOT_ROWS = 10_000
+"""Below this many rows a full snapshot is one file covering every key group: each file
+costs a create and a rename, and a split saves nothing when reading the whole state is
+cheap (a load of a key-group range reads the file and keeps that range's rows)."""
+
+
+def full_snapshot_ranges(
+    num_key_groups: int, rows: int, snapshot_files: int | None
+) -> list[tuple[int, int]]:
+    """The key-group ranges, one file each, of a full snapshot of a store of ``rows``
+    rows: ``snapshot_files`` of them when the store names a number, else one range below
+    :data:`ONE_FILE_SNAPSHOT_ROWS` rows and :data:`SNAPSHOT_FILES` from there on.
+
+    Examples
+    --------
+    >>> full_snapshot_ranges(128, 3, None)
+    [(0, 128)]
+    >>> full_snapshot_ranges(128, 50_000, None)
+    [(0, 32), (32, 64), (64, 96), (96, 128)]
+    >>> full_snapshot_ranges(4, 3, 2)
+    [(0, 2), (2, 4)]
+    """
+    if snapshot_files is None:
+        snapshot_files = 1 if rows < ONE_FILE_SNAPSHOT_ROWS else SNAPSHOT_FILES
+    return key_group_ranges(num_key_groups, snapshot_files)
 
 
 def snapshot_slices(num_key_groups: int, snapshot_every: int) -> list[tuple[int, int]]:

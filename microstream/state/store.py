@@ -78,7 +78,9 @@ from microstream.state.key_groups import (
 from microstream.state.retention import delete_below
 from microstream.state.rotation import (
     EMPTY_BASE,
+    SNAPSHOT_FILES,
     due_groups,
+    full_snapshot_ranges,
     resolve_bases,
     rows_after_base,
     rows_based_at,
@@ -149,7 +151,8 @@ class StateStore:
         need not look for rows its evicted keys keep.
     snapshot_files
         A full snapshot is written as this many files, each a contiguous range of
-        key groups.
+        key groups (default: one file below
+        :data:`~microstream.state.rotation.ONE_FILE_SNAPSHOT_ROWS` rows, four from there on).
     spread_snapshots_above
         From this many rows on, snapshots are spread over the versions.
 
@@ -213,7 +216,7 @@ class StateStore:
         min_versions_to_retain: int = 100,
         hash_columns: Sequence[str] | None = None,
         one_row_per_key: bool = False,
-        snapshot_files: int = 4,
+        snapshot_files: int | None = None,
         spread_snapshots_above: int = 100_000,
     ):
         self.storage = storage
@@ -274,7 +277,9 @@ class StateStore:
                 "snapshot_every": self.snapshot_every,
                 "spread_snapshots_above": self.spread_snapshots_above,
                 "min_versions_to_retain": self.min_versions_to_retain,
-                "snapshot_files": self.snapshot_files,
+                "snapshot_files": (
+                    SNAPSHOT_FILES if self.snapshot_files is None else self.snapshot_files
+                ),
             },
             reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK),
             max_key_groups=_MAX_KEY_GROUPS,
@@ -643,7 +648,7 @@ class StateStore:
         full = full or slices == [(0, n)]  # (one key group, or snapshot_every=1)
         files: list[StateFile] = []
         if full:
-            slices = key_group_ranges(n, self.snapshot_files)
+            slices = full_snapshot_ranges(n, self.rows, self.snapshot_files)
         elif self._pending is not None:
             pending = by_key_group(self._pending)
             groups = pending.get_column(_KG)
@@ -713,7 +718,9 @@ class StateStore:
         slices = (
             [
                 (max(a, lo), min(b, hi))
-                for a, b in key_group_ranges(self.num_key_groups, self.snapshot_files)
+                for a, b in key_group_ranges(
+                    self.num_key_groups, self.snapshot_files or SNAPSHOT_FILES
+                )
                 if a < hi and lo < b
             ]
             if full
@@ -759,7 +766,10 @@ class StateStore:
         return [
             self._write_file(
                 snapshot_file(version, a, b, fence),
-                self._data.rows_in_partitions(a, b),
+                # (every group: no per-group filter of the rows)
+                self._data.frame()
+                if (a, b) == (0, self.num_key_groups)
+                else self._data.rows_in_partitions(a, b),
                 self._snapshot_schema,
                 (a, b),
             )
