@@ -300,6 +300,7 @@ class AggregationOperator(StoreBackedOperator):
                 operator=f"{operator_id}/partials",
                 key_columns=self.key_cols,
                 hash_columns=self.hash_cols,
+                prefix_lookups=False,  # (looked up by whole keys: one candidate per window)
                 schema=partial_schema,
                 one_row_per_key=True,  # (a group's partials are one row)
             )
@@ -311,6 +312,7 @@ class AggregationOperator(StoreBackedOperator):
                 operator=f"{operator_id}/rows",
                 key_columns=self.key_cols,
                 hash_columns=self.hash_cols,
+                prefix_lookups=False,  # (looked up by whole keys: one candidate per window)
                 schema=pl.Schema({c: prepared[c] for c in row_columns}),
             )
         self.emits: StateStore | None = None
@@ -320,6 +322,7 @@ class AggregationOperator(StoreBackedOperator):
                 operator=f"{operator_id}/emits",
                 key_columns=self.key_cols,
                 hash_columns=self.hash_cols,
+                prefix_lookups=False,  # (looked up by whole keys: one candidate per window)
                 schema=pl.Schema(
                     {
                         **{c: prepared[c] for c in self.key_cols},
@@ -338,6 +341,7 @@ class AggregationOperator(StoreBackedOperator):
                 operator=f"{operator_id}/updated",
                 key_columns=self.key_cols,
                 hash_columns=self.hash_cols,
+                prefix_lookups=False,  # (looked up by whole keys: one candidate per window)
                 schema=pl.Schema({**{c: prepared[c] for c in self.key_cols}, UPDATED: pl.Int64()}),
             )
 

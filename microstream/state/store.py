@@ -144,6 +144,14 @@ class StateStore:
         (default: all). Fewer lets :meth:`lookup` find every row of a key
         prefix: a join keeps one key per row (join keys and a row id), hashed
         on the join keys, so new rows are inserted without rewriting old ones.
+    prefix_lookups
+        With ``hash_columns`` fewer than the key columns: whether :meth:`lookup` is
+        called with the hash columns only (every row of a key prefix). ``False`` (an
+        aggregation's windows of a group key: always looked up by whole key) makes
+        the in-memory hash one of the whole key, the key group still of the hash
+        columns: a lookup, fold or eviction then finds one candidate row per key
+        instead of every window of its group key; a lookup of a key prefix still
+        works, by a scan of the state.
     one_row_per_key
         The caller never gives a key more than one row, so :meth:`filter_out`
         need not look for rows its evicted keys keep.
@@ -215,6 +223,7 @@ class StateStore:
         one_row_per_key: bool = False,
         snapshot_files: int = 4,
         spread_snapshots_above: int = 100_000,
+        prefix_lookups: bool = True,
     ):
         self.storage = storage
         self.operator = operator
@@ -222,6 +231,9 @@ class StateStore:
         self.key_columns = list(key_columns)
         self.hash_columns = list(hash_columns) if hash_columns is not None else self.key_columns
         self.one_row_per_key = one_row_per_key
+        # the columns of the in-memory hash's low bits when not the hash columns (never
+        # written: a checkpoint does not depend on it)
+        self._whole_key = None if prefix_lookups else self.key_columns
         self._requested_key_groups = num_key_groups
         self.num_key_groups = DEFAULT_KEY_GROUPS if num_key_groups is None else num_key_groups
         self.snapshot_files = snapshot_files
@@ -342,6 +354,8 @@ class StateStore:
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
         if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
+        if by_hash and self._whole_key is not None:  # (the hash is of whole keys: a scan)
+            return self.frame.join(keys.unique(), on=on, how="semi", nulls_equal=True)
         found = self._data.rows_of(self._hashed(keys), on if by_hash else None)
         return _project(found, list(self.schema))
 
@@ -862,7 +876,9 @@ class StateStore:
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        return hashed(frame, self.hash_columns, self.num_key_groups, _HASH_SEED)
+        return hashed(
+            frame, self.hash_columns, self.num_key_groups, _HASH_SEED, key_columns=self._whole_key
+        )
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]

@@ -16,6 +16,7 @@ import polars as pl
 
 from microstream.state.format import KEY_GROUP_COLUMN
 from microstream.state.key_groups import stable_hash
+from microstream.state.keyed_rows import KeyProbe
 
 __all__ = [
     "DELETED",
@@ -40,7 +41,11 @@ _LOW_48 = (1 << 48) - 1
 
 
 def hashed(
-    frame: pl.DataFrame, hash_columns: list[str], num_key_groups: int, seed: int
+    frame: pl.DataFrame,
+    hash_columns: list[str],
+    num_key_groups: int,
+    seed: int,
+    key_columns: list[str] | None = None,
 ) -> pl.DataFrame:
     """``frame`` with its rows' key group (``KG``) and in-memory hash (``HASH``), both
     from ONE hash of the key: the stable hash of ``hash_columns``
@@ -52,6 +57,12 @@ def hashed(
     It is never written (only ``KG`` is), so it may change between versions.
     An earlier ``KG`` or ``HASH`` column of ``frame`` is replaced.
 
+    With ``key_columns`` (a superset of ``hash_columns``) the 48 bits below the key
+    group are the stable hash of those columns instead: rows that share the hash
+    columns but not the whole key (the windows of one group key) get different
+    in-memory hashes, so a search by whole keys finds one candidate per key, and a
+    search by the hash columns alone no longer works.
+
     Examples
     --------
     >>> out = hashed(pl.DataFrame({"k": [1, 2, 1]}), ["k"], 128, seed=0)
@@ -61,9 +72,17 @@ def hashed(
     [True, True, True]
     >>> out[HASH][0] == out[HASH][2]
     True
+    >>> two = pl.DataFrame({"k": [1, 1], "w": [0, 60]})
+    >>> whole = hashed(two, ["k"], 128, seed=0, key_columns=["k", "w"])
+    >>> whole[KG][0] == whole[KG][1], whole[HASH][0] == whole[HASH][1]
+    (True, False)
     """
     h = stable_hash(frame, hash_columns)
     groups = (h % np.uint64(num_key_groups)).astype(np.uint16)
+    if key_columns is not None and key_columns != hash_columns:
+        prefix = key_columns[: len(hash_columns)] == hash_columns  # (continue, not re-hash)
+        rest = key_columns[len(hash_columns) :] if prefix else key_columns
+        h = stable_hash(frame, rest, start=h if prefix else None)
     low = (h >> np.uint64(16)) ^ np.uint64(seed & _LOW_48)
     mem = (groups.astype(np.uint64) << np.uint64(48)) | low
     columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
@@ -122,17 +141,17 @@ def record(
     """
     if pending is not None and pending.height:
         # Only rows whose hash is among the keys' can be theirs: one hash-set pass, and
-        # the join (over the key columns) only for those, often none (eviction of keys
-        # changed in earlier batches).
-        maybe = pending.get_column(HASH).is_in(keys.get_column(HASH).implode())
-        if maybe.any():
-            kept = pending.filter(maybe).join(
-                project(keys, key_columns),
-                on=key_columns,
-                how="anti",
-                nulls_equal=True,
-            )
-            pending = pl.concat([pending.filter(~maybe), kept], how="vertical")
+        # the key columns compared only for those, often none (eviction of keys changed
+        # in earlier batches): each candidate against the key of its hash, no join.
+        hashes = pending.get_column(HASH)
+        maybe = np.flatnonzero(hashes.is_in(keys.get_column(HASH).implode()).to_numpy())
+        if maybe.size:
+            probe = KeyProbe(keys, key_columns, HASH)
+            theirs = probe.confirm(pending, hashes.to_numpy(), maybe)
+            if theirs.size:
+                keep = np.ones(pending.height, dtype=bool)
+                keep[theirs] = False
+                pending = pending.filter(pl.Series(keep))
         changes = pl.concat([pending, changes], how="vertical")
     return changes
 
