@@ -93,11 +93,14 @@ from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
 from microstream.state.store_rows import MASK as _MASK
 from microstream.state.store_rows import ORDER as _ORDER
+from microstream.state.store_rows import POSITION as _POSITION
 from microstream.state.store_rows import (
     by_key_group,
     deletion_markers,
     hashed,
+    key_positions,
     record,
+    same_keys,
     upserted,
 )
 from microstream.state.store_rows import project as _project
@@ -288,7 +291,7 @@ class StateStore:
                 "min_versions_to_retain": self.min_versions_to_retain,
                 "snapshot_files": self.snapshot_files,
             },
-            reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK),
+            reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK, _POSITION),
             max_key_groups=_MAX_KEY_GROUPS,
         )
 
@@ -382,13 +385,22 @@ class StateStore:
     # -- changing the state --------------------------------------------------------
 
     def fold(
-        self, rows: pl.DataFrame, merge: Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame]
+        self,
+        rows: pl.DataFrame,
+        merge: Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame],
+        *,
+        positions: bool = False,
     ) -> pl.DataFrame:
         """Replace the rows of the keys of ``rows`` by ``merge(their current rows, rows)``.
 
         :meth:`lookup` of the keys, then :meth:`apply` of the merged rows as upserts, with
         the keys hashed and found once. For one row per key: ``rows`` and the merged rows
         hold one row for each of the same keys. Returns the merged rows.
+
+        With ``positions``, the current rows come with a ``__fold_position`` column
+        (:data:`~microstream.state.store_rows.POSITION`): the row of ``rows`` with the
+        same key, so ``merge`` can group by it instead of the key columns. Merged rows
+        in the order of ``rows`` keep their keys' hashes (no second hash of the keys).
 
         Raises
         ------
@@ -399,7 +411,11 @@ class StateStore:
         if rows.height == 0:
             return rows
         keys = self._hashed(rows)
-        old = _project(self._data.rows_of(keys), list(self.schema))
+        found = self._data.rows_of(keys)
+        old = _project(found, list(self.schema))
+        if positions:
+            at = key_positions(keys, found, self.key_columns)
+            old = old.with_columns(pl.Series(_POSITION, at, dtype=pl.UInt32))
         merged = merge(old, rows)
         if merged.height != rows.height:
             msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"
@@ -410,7 +426,9 @@ class StateStore:
             merged = conform(
                 self.schema, self.operator, merged, "merged", list(self.schema), exact=True
             )
-            ups = self._hashed(merged)
+            # (merged rows in the order of ``rows``: their hashes are the keys')
+            same = same_keys(merged, rows, self.key_columns)
+            ups = merged.hstack(_project(keys, [_HASH, _KG])) if same else self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
         self._record(_project(keys, self._keys_hash), upserted(ups))
         return merged

@@ -16,7 +16,7 @@ import polars as pl
 
 from microstream.state.format import KEY_GROUP_COLUMN
 from microstream.state.key_groups import stable_hash
-from microstream.state.keyed_rows import KeyProbe
+from microstream.state.keyed_rows import KeyProbe, equal_rows
 
 __all__ = [
     "DELETED",
@@ -24,11 +24,14 @@ __all__ = [
     "KG",
     "MASK",
     "ORDER",
+    "POSITION",
     "by_key_group",
     "deletion_markers",
     "hashed",
+    "key_positions",
     "project",
     "record",
+    "same_keys",
     "upserted",
 ]
 
@@ -36,6 +39,7 @@ DELETED = "__deleted"  # on disk: the deletion marker column of delta files
 HASH = "__key_hash"  # in memory only: key group, then 48 bits of the stable hash
 KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 ORDER = "__order"  # in memory only: position of a delta file in a replay
+POSITION = "__fold_position"  # given to a fold's merge: the row of the folded rows
 MASK = "__mask"
 _LOW_48 = (1 << 48) - 1
 
@@ -88,6 +92,44 @@ def hashed(
     columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
     return pl.DataFrame(
         [*columns, pl.Series(HASH, mem, dtype=pl.UInt64), pl.Series(KG, groups, dtype=pl.UInt16)]
+    )
+
+
+def key_positions(keys: pl.DataFrame, found: pl.DataFrame, key_columns: list[str]) -> np.ndarray:
+    """For every row of ``found`` (stored rows of keys of ``keys``), the row of ``keys``
+    holding its key; ``keys`` holds each key once and both have the ``HASH`` column.
+
+    Examples
+    --------
+    >>> def rows(ks):
+    ...     return hashed(pl.DataFrame({"k": ks, "w": [0] * len(ks)}), ["k"], 8, 0, ["k", "w"])
+    >>> key_positions(rows([5, 6, 7]), rows([7, 5]), ["k", "w"]).tolist()
+    [2, 0]
+    """
+    probe = KeyProbe(keys, key_columns, HASH)
+    if probe.one_row_per_hash:  # (whole-key hashes, almost always: a search per row)
+        hashes = found.get_column(HASH).to_numpy()
+        return probe.order[np.searchsorted(probe.sorted_hashes, hashes)]
+    # (keys sharing a hash: matched on the key columns)
+    indexed = project(keys, key_columns).with_row_index(POSITION)
+    matched = project(found, key_columns).join(
+        indexed, on=key_columns, how="left", nulls_equal=True, maintain_order="left"
+    )
+    return matched.get_column(POSITION).to_numpy()
+
+
+def same_keys(a: pl.DataFrame, b: pl.DataFrame, key_columns: list[str]) -> bool:
+    """Whether ``a`` and ``b`` hold the same keys in the same order (nulls equal).
+
+    Examples
+    --------
+    >>> same_keys(pl.DataFrame({"k": [1, None]}), pl.DataFrame({"k": [1, None]}), ["k"])
+    True
+    >>> same_keys(pl.DataFrame({"k": [1, 2]}), pl.DataFrame({"k": [2, 1]}), ["k"])
+    False
+    """
+    return a.height == b.height and bool(
+        equal_rows(project(a, key_columns), project(b, key_columns)).all()
     )
 
 
