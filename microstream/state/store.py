@@ -413,8 +413,8 @@ class StateStore:
         keys = self._hashed(rows)
         found = self._data.rows_of(keys)
         old = _project(found, list(self.schema))
-        if positions:
-            at = key_positions(keys, found, self.key_columns)
+        if positions:  # (none stored: no search)
+            at = key_positions(keys, found, self.key_columns) if found.height else []
             old = old.with_columns(pl.Series(_POSITION, at, dtype=pl.UInt32))
         merged = merge(old, rows)
         if merged.height != rows.height:
