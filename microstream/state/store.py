@@ -112,6 +112,7 @@ logger = logging.getLogger("microstream")
 _MAX_KEY_GROUPS = 1 << 16  # the key group is kept as a UInt16
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
+_NO_ROWS = np.zeros(0, dtype=np.uint32)
 _HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _COMPRESSION: Final[Compression] = None
 
@@ -414,7 +415,7 @@ class StateStore:
         found = self._data.rows_of(keys)
         old = _project(found, list(self.schema))
         if positions:  # (none stored: no search)
-            at = key_positions(keys, found, self.key_columns) if found.height else []
+            at = key_positions(keys, found, self.key_columns) if found.height else _NO_ROWS
             old = old.with_columns(pl.Series(_POSITION, at, dtype=pl.UInt32))
         merged = merge(old, rows)
         if merged.height != rows.height:
