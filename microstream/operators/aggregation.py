@@ -721,8 +721,9 @@ def _merge_by_position(
     grouped = _group_by(both, [POSITION], spec.merge_exprs())
     where = grouped.get_column(POSITION).to_numpy()
     if where.size and not bool((where[1:] > where[:-1]).all()):
-        order = np.empty(where.size, dtype=np.int64)
-        order[where] = np.arange(where.size)
+        # (UInt32: Polars' index type, so the gather takes the positions as they are)
+        order = np.empty(where.size, dtype=np.uint32)
+        order[where] = np.arange(where.size, dtype=np.uint32)
         grouped = grouped[pl.Series(order)]  # (one gather back into ``fresh``'s order)
     return pl.DataFrame(
         [
