@@ -29,7 +29,7 @@ from microstream.state.key_groups import stable_hash
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
 
-__all__ = ["KeyProbe", "KeyedRows"]
+__all__ = ["KeyProbe", "KeyedRows", "equal_rows"]
 
 _POSITION = "__position"
 
@@ -485,14 +485,14 @@ class KeyProbe:
         found = _gather(pl.DataFrame([frame.get_column(c) for c in self.key_columns]), at)
         if self.one_row_per_hash:
             rows = self.order[np.searchsorted(self.sorted_hashes, hashes[at])]
-            same = _equal_rows(found, _gather(self.keys, rows))
+            same = equal_rows(found, _gather(self.keys, rows))
             return at if same.all() else at[same]
         if self.by_key_hash is not None:
             order, sorted_full = self.by_key_hash
             full = _key_hash(found)
             slot = np.minimum(np.searchsorted(sorted_full, full), sorted_full.size - 1)
             hit = np.flatnonzero(sorted_full[slot] == full)
-            same = _equal_rows(_gather(found, hit), _gather(self.keys, order[slot[hit]]))
+            same = equal_rows(_gather(found, hit), _gather(self.keys, order[slot[hit]]))
             return at[hit[same]]
         found = found.with_columns(pl.Series(_POSITION, at))
         hits = found.join(self.keys, on=self.key_columns, how="semi", nulls_equal=True)
@@ -505,9 +505,15 @@ def _key_hash(keys: pl.DataFrame) -> np.ndarray:
     return stable_hash(keys, keys.columns)
 
 
-def _equal_rows(left: pl.DataFrame, right: pl.DataFrame) -> np.ndarray:
+def equal_rows(left: pl.DataFrame, right: pl.DataFrame) -> np.ndarray:
     """Whether each row of ``left`` equals the same row of ``right`` (same columns; nulls
-    equal), column by column; a few rows of dtypes Python compares exactly, in Python."""
+    equal), column by column; a few rows of dtypes Python compares exactly, in Python.
+
+    Examples
+    --------
+    >>> equal_rows(pl.DataFrame({"k": [1, None]}), pl.DataFrame({"k": [2, None]})).tolist()
+    [False, True]
+    """
     same = np.ones(left.height, dtype=bool)
     for a, b in zip(left.get_columns(), right.get_columns(), strict=True):
         if left.height <= _FEW and _python_equal(a.dtype):

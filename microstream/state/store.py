@@ -95,11 +95,14 @@ from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
 from microstream.state.store_rows import MASK as _MASK
 from microstream.state.store_rows import ORDER as _ORDER
+from microstream.state.store_rows import POSITION as _POSITION
 from microstream.state.store_rows import (
     by_key_group,
     deletion_markers,
     hashed,
+    key_positions,
     record,
+    same_keys,
     upserted,
 )
 from microstream.state.store_rows import project as _project
@@ -111,6 +114,7 @@ logger = logging.getLogger("microstream")
 _MAX_KEY_GROUPS = 1 << 16  # the key group is kept as a UInt16
 # Uncompressed: cheapest to write every batch and read back zero-copy on recovery
 # (lz4 makes files ~3x smaller but a snapshot of 1M rows ~4x slower to encode).
+_NO_ROWS = np.zeros(0, dtype=np.uint32)
 _HASH_SEED = 0x6D73  # "ms"; the in-memory hash only, never on disk
 _COMPRESSION: Final[Compression] = None
 
@@ -146,6 +150,14 @@ class StateStore:
         (default: all). Fewer lets :meth:`lookup` find every row of a key
         prefix: a join keeps one key per row (join keys and a row id), hashed
         on the join keys, so new rows are inserted without rewriting old ones.
+    prefix_lookups
+        With ``hash_columns`` fewer than the key columns: whether :meth:`lookup` is
+        called with the hash columns only (every row of a key prefix). ``False`` (an
+        aggregation's windows of a group key: always looked up by whole key) makes
+        the in-memory hash one of the whole key, the key group still of the hash
+        columns: a lookup, fold or eviction then finds one candidate row per key
+        instead of every window of its group key; a lookup of a key prefix still
+        works, by a scan of the state.
     one_row_per_key
         The caller never gives a key more than one row, so :meth:`filter_out`
         need not look for rows its evicted keys keep.
@@ -218,6 +230,7 @@ class StateStore:
         one_row_per_key: bool = False,
         snapshot_files: int | None = None,
         spread_snapshots_above: int = 100_000,
+        prefix_lookups: bool = True,
     ):
         self.storage = storage
         self.operator = operator
@@ -225,6 +238,9 @@ class StateStore:
         self.key_columns = list(key_columns)
         self.hash_columns = list(hash_columns) if hash_columns is not None else self.key_columns
         self.one_row_per_key = one_row_per_key
+        # the columns of the in-memory hash's low bits when not the hash columns (never
+        # written: a checkpoint does not depend on it)
+        self._whole_key = None if prefix_lookups else self.key_columns
         self._requested_key_groups = num_key_groups
         self.num_key_groups = DEFAULT_KEY_GROUPS if num_key_groups is None else num_key_groups
         self.snapshot_files = snapshot_files
@@ -281,7 +297,7 @@ class StateStore:
                     SNAPSHOT_FILES if self.snapshot_files is None else self.snapshot_files
                 ),
             },
-            reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK),
+            reserved=(_DELETED, _HASH, _KG, _ORDER, _MASK, _POSITION),
             max_key_groups=_MAX_KEY_GROUPS,
         )
 
@@ -347,6 +363,8 @@ class StateStore:
         keys = conform(self.schema, self.operator, keys, "keys", on, exact=False)
         if keys.height == 0 or self._data.height == 0:  # (nothing to find: skip the hashing)
             return pl.DataFrame(schema=self.schema)
+        if by_hash and self._whole_key is not None:  # (the hash is of whole keys: a scan)
+            return self.frame.join(keys.unique(), on=on, how="semi", nulls_equal=True)
         found = self._data.rows_of(self._hashed(keys), on if by_hash else None)
         return _project(found, list(self.schema))
 
@@ -373,13 +391,22 @@ class StateStore:
     # -- changing the state --------------------------------------------------------
 
     def fold(
-        self, rows: pl.DataFrame, merge: Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame]
+        self,
+        rows: pl.DataFrame,
+        merge: Callable[[pl.DataFrame, pl.DataFrame], pl.DataFrame],
+        *,
+        positions: bool = False,
     ) -> pl.DataFrame:
         """Replace the rows of the keys of ``rows`` by ``merge(their current rows, rows)``.
 
         :meth:`lookup` of the keys, then :meth:`apply` of the merged rows as upserts, with
         the keys hashed and found once. For one row per key: ``rows`` and the merged rows
         hold one row for each of the same keys. Returns the merged rows.
+
+        With ``positions``, the current rows come with a ``__fold_position`` column
+        (:data:`~microstream.state.store_rows.POSITION`): the row of ``rows`` with the
+        same key, so ``merge`` can group by it instead of the key columns. Merged rows
+        in the order of ``rows`` keep their keys' hashes (no second hash of the keys).
 
         Raises
         ------
@@ -390,7 +417,11 @@ class StateStore:
         if rows.height == 0:
             return rows
         keys = self._hashed(rows)
-        old = _project(self._data.rows_of(keys), list(self.schema))
+        found = self._data.rows_of(keys)
+        old = _project(found, list(self.schema))
+        if positions:  # (none stored: no search)
+            at = key_positions(keys, found, self.key_columns) if found.height else _NO_ROWS
+            old = old.with_columns(pl.Series(_POSITION, at, dtype=pl.UInt32))
         merged = merge(old, rows)
         if merged.height != rows.height:
             msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"
@@ -401,7 +432,9 @@ class StateStore:
             merged = conform(
                 self.schema, self.operator, merged, "merged", list(self.schema), exact=True
             )
-            ups = self._hashed(merged)
+            # (merged rows in the order of ``rows``: their hashes are the keys')
+            same = same_keys(merged, rows, self.key_columns)
+            ups = merged.hstack(_project(keys, [_HASH, _KG])) if same else self._hashed(merged)
         self._data.replace(keys, ups)  # (the same keys frame: found by rows_of above)
         self._record(_project(keys, self._keys_hash), upserted(ups))
         return merged
@@ -872,7 +905,9 @@ class StateStore:
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""
-        return hashed(frame, self.hash_columns, self.num_key_groups, _HASH_SEED)
+        return hashed(
+            frame, self.hash_columns, self.num_key_groups, _HASH_SEED, key_columns=self._whole_key
+        )
 
     def _write_file(
         self, name: str, frame: pl.DataFrame, schema: pl.Schema, span: tuple[int, int]

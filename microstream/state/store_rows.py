@@ -16,6 +16,7 @@ import polars as pl
 
 from microstream.state.format import KEY_GROUP_COLUMN
 from microstream.state.key_groups import stable_hash
+from microstream.state.keyed_rows import KeyProbe, equal_rows
 
 __all__ = [
     "DELETED",
@@ -23,11 +24,14 @@ __all__ = [
     "KG",
     "MASK",
     "ORDER",
+    "POSITION",
     "by_key_group",
     "deletion_markers",
     "hashed",
+    "key_positions",
     "project",
     "record",
+    "same_keys",
     "upserted",
 ]
 
@@ -35,12 +39,17 @@ DELETED = "__deleted"  # on disk: the deletion marker column of delta files
 HASH = "__key_hash"  # in memory only: key group, then 48 bits of the stable hash
 KG = KEY_GROUP_COLUMN  # on disk and in memory: the row's key group (UInt16)
 ORDER = "__order"  # in memory only: position of a delta file in a replay
+POSITION = "__fold_position"  # given to a fold's merge: the row of the folded rows
 MASK = "__mask"
 _LOW_48 = (1 << 48) - 1
 
 
 def hashed(
-    frame: pl.DataFrame, hash_columns: list[str], num_key_groups: int, seed: int
+    frame: pl.DataFrame,
+    hash_columns: list[str],
+    num_key_groups: int,
+    seed: int,
+    key_columns: list[str] | None = None,
 ) -> pl.DataFrame:
     """``frame`` with its rows' key group (``KG``) and in-memory hash (``HASH``), both
     from ONE hash of the key: the stable hash of ``hash_columns``
@@ -52,6 +61,12 @@ def hashed(
     It is never written (only ``KG`` is), so it may change between versions.
     An earlier ``KG`` or ``HASH`` column of ``frame`` is replaced.
 
+    With ``key_columns`` (a superset of ``hash_columns``) the 48 bits below the key
+    group are the stable hash of those columns instead: rows that share the hash
+    columns but not the whole key (the windows of one group key) get different
+    in-memory hashes, so a search by whole keys finds one candidate per key, and a
+    search by the hash columns alone no longer works.
+
     Examples
     --------
     >>> out = hashed(pl.DataFrame({"k": [1, 2, 1]}), ["k"], 128, seed=0)
@@ -61,14 +76,60 @@ def hashed(
     [True, True, True]
     >>> out[HASH][0] == out[HASH][2]
     True
+    >>> two = pl.DataFrame({"k": [1, 1], "w": [0, 60]})
+    >>> whole = hashed(two, ["k"], 128, seed=0, key_columns=["k", "w"])
+    >>> whole[KG][0] == whole[KG][1], whole[HASH][0] == whole[HASH][1]
+    (True, False)
     """
     h = stable_hash(frame, hash_columns)
     groups = (h % np.uint64(num_key_groups)).astype(np.uint16)
+    if key_columns is not None and key_columns != hash_columns:
+        prefix = key_columns[: len(hash_columns)] == hash_columns  # (continue, not re-hash)
+        rest = key_columns[len(hash_columns) :] if prefix else key_columns
+        h = stable_hash(frame, rest, start=h if prefix else None)
     low = (h >> np.uint64(16)) ^ np.uint64(seed & _LOW_48)
     mem = (groups.astype(np.uint64) << np.uint64(48)) | low
     columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
     return pl.DataFrame(
         [*columns, pl.Series(HASH, mem, dtype=pl.UInt64), pl.Series(KG, groups, dtype=pl.UInt16)]
+    )
+
+
+def key_positions(keys: pl.DataFrame, found: pl.DataFrame, key_columns: list[str]) -> np.ndarray:
+    """For every row of ``found`` (stored rows of keys of ``keys``), the row of ``keys``
+    holding its key; ``keys`` holds each key once and both have the ``HASH`` column.
+
+    Examples
+    --------
+    >>> def rows(ks):
+    ...     return hashed(pl.DataFrame({"k": ks, "w": [0] * len(ks)}), ["k"], 8, 0, ["k", "w"])
+    >>> key_positions(rows([5, 6, 7]), rows([7, 5]), ["k", "w"]).tolist()
+    [2, 0]
+    """
+    probe = KeyProbe(keys, key_columns, HASH)
+    if probe.one_row_per_hash:  # (whole-key hashes, almost always: a search per row)
+        hashes = found.get_column(HASH).to_numpy()
+        return probe.order[np.searchsorted(probe.sorted_hashes, hashes)]
+    # (keys sharing a hash: matched on the key columns)
+    indexed = project(keys, key_columns).with_row_index(POSITION)
+    matched = project(found, key_columns).join(
+        indexed, on=key_columns, how="left", nulls_equal=True, maintain_order="left"
+    )
+    return matched.get_column(POSITION).to_numpy()
+
+
+def same_keys(a: pl.DataFrame, b: pl.DataFrame, key_columns: list[str]) -> bool:
+    """Whether ``a`` and ``b`` hold the same keys in the same order (nulls equal).
+
+    Examples
+    --------
+    >>> same_keys(pl.DataFrame({"k": [1, None]}), pl.DataFrame({"k": [1, None]}), ["k"])
+    True
+    >>> same_keys(pl.DataFrame({"k": [1, 2]}), pl.DataFrame({"k": [2, 1]}), ["k"])
+    False
+    """
+    return a.height == b.height and bool(
+        equal_rows(project(a, key_columns), project(b, key_columns)).all()
     )
 
 
@@ -122,17 +183,17 @@ def record(
     """
     if pending is not None and pending.height:
         # Only rows whose hash is among the keys' can be theirs: one hash-set pass, and
-        # the join (over the key columns) only for those, often none (eviction of keys
-        # changed in earlier batches).
-        maybe = pending.get_column(HASH).is_in(keys.get_column(HASH).implode())
-        if maybe.any():
-            kept = pending.filter(maybe).join(
-                project(keys, key_columns),
-                on=key_columns,
-                how="anti",
-                nulls_equal=True,
-            )
-            pending = pl.concat([pending.filter(~maybe), kept], how="vertical")
+        # the key columns compared only for those, often none (eviction of keys changed
+        # in earlier batches): each candidate against the key of its hash, no join.
+        hashes = pending.get_column(HASH)
+        maybe = np.flatnonzero(hashes.is_in(keys.get_column(HASH).implode()).to_numpy())
+        if maybe.size:
+            probe = KeyProbe(keys, key_columns, HASH)
+            theirs = probe.confirm(pending, hashes.to_numpy(), maybe)
+            if theirs.size:
+                keep = np.ones(pending.height, dtype=bool)
+                keep[theirs] = False
+                pending = pending.filter(pl.Series(keep))
         changes = pl.concat([pending, changes], how="vertical")
     return changes
 
