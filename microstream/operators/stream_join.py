@@ -46,6 +46,7 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.join_output import join_output_schema
 from microstream.operators.join_where import parse_join_where
 from microstream.plan.nodes import (
     OperatorContext,
@@ -82,29 +83,6 @@ _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
 _EAGER_ROWS = 20_000
 """Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
 0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
-
-
-def join_output_schema(
-    left: pl.Schema,
-    right: pl.Schema,
-    left_on: tuple[str, ...],
-    right_on: tuple[str, ...],
-    how: str,
-    suffix: str,
-    coalesce: bool | None = None,
-) -> pl.Schema:
-    """The schema Polars gives ``left.join(right, ...)`` (row order and values aside)."""
-    if how in ("semi", "anti"):
-        return left
-    probe = pl.LazyFrame(schema=left).join(
-        pl.LazyFrame(schema=right),
-        left_on=list(left_on),
-        right_on=list(right_on),
-        how=how,  # type: ignore[arg-type]
-        suffix=suffix,
-        coalesce=coalesce,
-    )
-    return probe.collect_schema()
 
 
 class _TwoStreamOperator(StoreBackedOperator):
