@@ -33,3 +33,48 @@ def join_output_schema(
         coalesce=coalesce,
     )
     return probe.collect_schema()
+
+
+def right_columns_after_left(
+    left: pl.Schema,
+    right: pl.Schema,
+    left_on: tuple[str, ...],
+    right_on: tuple[str, ...],
+    how: str,
+    suffix: str,
+    coalesce: bool | None,
+) -> list[tuple[str, str]] | None:
+    """For an inner or left join whose output is the left columns, then some right columns:
+    those right columns as ``(right name, output name)``; None for any other join.
+
+    The join operator then builds its output rows by placing the paired rows side by side
+    (and nulls after a left row without a pair), with no Polars join: this is checked
+    against :func:`join_output_schema`, names and dtypes, so a case Polars names otherwise
+    (another ``how``, a suffix that collides again) keeps the Polars join.
+
+    Examples
+    --------
+    >>> left = pl.Schema({"id": pl.Int64, "t": pl.Datetime("us")})
+    >>> right = pl.Schema({"ref": pl.Int64, "t": pl.Datetime("us"), "x": pl.Float64})
+    >>> right_columns_after_left(left, right, ("id",), ("ref",), "left", "_r", None)
+    [('t', 't_r'), ('x', 'x')]
+    >>> right_columns_after_left(left, right, ("id",), ("ref",), "inner", "_r", False)
+    [('ref', 'ref'), ('t', 't_r'), ('x', 'x')]
+    >>> right_columns_after_left(left, right, ("id",), ("ref",), "full", "_r", None) is None
+    True
+    """
+    if how not in ("inner", "left"):
+        return None
+    # (Polars' default for inner and left joins: the right keys are dropped, coalesced
+    # into the left ones, which a pair shares.)
+    drop_keys = True if coalesce is None else coalesce
+    columns = [
+        (name, f"{name}{suffix}" if name in left else name)
+        for name in right
+        if not (drop_keys and name in right_on)
+    ]
+    expected = pl.Schema({**left, **{out: right[name] for name, out in columns}})
+    actual = join_output_schema(left, right, left_on, right_on, how, suffix, coalesce)
+    if len(expected) != len(left) + len(columns) or list(expected.items()) != list(actual.items()):
+        return None
+    return columns

@@ -46,7 +46,7 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator, lowest_us
-from microstream.operators.join_output import join_output_schema
+from microstream.operators.join_output import join_output_schema, right_columns_after_left
 from microstream.operators.join_where import parse_join_where
 from microstream.plan.nodes import (
     OperatorContext,
@@ -80,6 +80,13 @@ _LEFT_AT = "__left_at"
 _RIGHT_AT = "__right_at"
 _TIME = "__time_us"
 _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
+_NEVER_SPREAD = 2**62
+"""The buffers' ``spread_snapshots_above``: never. Every buffered row leaves within the
+bound, so a buffer's deltas (its inserts and their deletion markers) soon outgrow its
+rows, and the spread rule (a slice is snapshotted once its delta rows reach its rows)
+rewrote most of a large buffer every two or three batches, ~13 snapshot files per
+buffer and batch; a full snapshot every ``snapshot_every`` versions writes a tenth of
+that, and a load replays at most ``snapshot_every - 1`` deltas, as for any small store."""
 _EAGER_ROWS = 20_000
 """Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
 0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
@@ -233,6 +240,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             hash_columns=list(node.left_on),
             one_row_per_key=True,
             schema=pl.Schema({**node.left_schema, **extra}),
+            spread_snapshots_above=_NEVER_SPREAD,
         )
         self.right = StateStore(
             storage.sub("right"),
@@ -241,6 +249,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             hash_columns=list(node.right_on),
             one_row_per_key=True,
             schema=pl.Schema({**node.right_schema, **extra}),
+            spread_snapshots_above=_NEVER_SPREAD,
         )
         # Whether a side's rows must remember that they matched: for the unmatched rows
         # outer joins and anti emit, and for semi's first match.
@@ -251,6 +260,15 @@ class StreamJoinOperator(_TwoStreamOperator):
         # What does not change between batches, built once: most batches of a selective
         # join have few rows, where building these costs as much as using them.
         self._out_schema = node.output_schema()
+        self._right_out = right_columns_after_left(
+            node.left_schema,
+            node.right_schema,
+            node.left_on,
+            node.right_on,
+            node.how,
+            node.suffix,
+            node.coalesce,
+        )
         self._empty = (
             pl.DataFrame(schema=self.left.schema),
             pl.DataFrame(schema=self.right.schema),
@@ -306,9 +324,19 @@ class StreamJoinOperator(_TwoStreamOperator):
                 pl.lit(True).alias(MATCHED)
             )
             flagged = arrived.with_columns(pl.Series(MATCHED, hit[old.height :]))
-            store.insert(flagged)
-            if first.height:
-                store.apply(upserts=first)
+            if side == 0 and node.how in ("semi", "anti"):
+                # A matched left row of a semi or anti join is never emitted again (semi
+                # emits it now, anti never): it leaves the buffer instead of being kept with
+                # its flag, and no later eviction has to remove it.
+                store.insert(flagged.filter(~pl.col(MATCHED)))
+                matched = old.filter(old_hit)
+                if matched.height:
+                    store.apply(deletes=matched.select(self.left.key_columns))
+                    self._removed += matched.height
+            else:
+                store.insert(flagged)
+                if first.height:
+                    store.apply(upserts=first)
             if side == 0:
                 newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
 
@@ -320,7 +348,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             wm = ctx.watermark_us
             gone_left = self._evict(0, node.left_time, node.upper_us, wm)
             gone_right = self._evict(1, node.right_time, -node.lower_us, wm)
-            self._removed = gone_left.height + gone_right.height
+            self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
             # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
             return pl.DataFrame(schema=self._out_schema)
@@ -453,6 +481,9 @@ class StreamJoinOperator(_TwoStreamOperator):
                 return pl.DataFrame(schema=node.left_schema)
             return gone_left.filter(~pl.col(MATCHED)).select(left_columns)
 
+        if self._right_out is not None:
+            return self._side_by_side(all_left, all_right, pairs, gone_left)
+
         # Rows of the output, each with a pair number: a joined pair shares one, an unmatched
         # row gets one of its own; one Polars join then builds the rows as Polars would.
         n = pairs.height
@@ -484,6 +515,28 @@ class StreamJoinOperator(_TwoStreamOperator):
             coalesce=node.coalesce,
         )
         return out.select(self._out_schema.names())
+
+    def _side_by_side(
+        self,
+        all_left: pl.DataFrame,
+        all_right: pl.DataFrame,
+        pairs: pl.DataFrame,
+        gone_left: pl.DataFrame | None,
+    ) -> pl.DataFrame:
+        """An inner or left join's rows: each pair's left row, then its right row's columns
+        (as :func:`right_columns_after_left` names them), then the unmatched left rows with
+        nulls; the rows and values the Polars join of the pairs gives, without its hashing."""
+        assert self._right_out is not None
+        left_columns = self.node.left_schema.names()
+        out = all_left.select(left_columns)[pairs.get_column(_LEFT_AT)]
+        right = all_right.select([pl.col(a).alias(b) for a, b in self._right_out])
+        out = out.hstack(right[pairs.get_column(_RIGHT_AT)].get_columns())
+        if self.node.how == "left" and gone_left is not None and gone_left.height:
+            lonely = gone_left.filter(~pl.col(MATCHED))
+            if lonely.height:
+                nulls = [pl.lit(None, dtype).alias(name) for name, dtype in right.schema.items()]
+                out = pl.concat([out, lonely.select(*left_columns, *nulls)], how="vertical")
+        return out
 
 
 def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
