@@ -20,6 +20,7 @@ import microstream as ms
 from microstream.checkpoint.storage import Storage
 from microstream.operators.stream_join import MATCHED, ROW_ID, StreamJoinNode, StreamJoinOperator
 from microstream.plan.nodes import OperatorContext
+from microstream.state.format import StateVersion, version_file
 
 T0 = datetime(2024, 1, 1)
 MINUTE = 60_000_000
@@ -208,3 +209,40 @@ def test_semi_join_continues_a_buffer_with_matched_rows_kept() -> None:
     out = op.process((imps(), clicks((1, t(1), "k", 0.0), (2, t(1), "k2", 0.0))), ctx(5, 0, 1))
     assert out.rows.get_column("imp").to_list() == ["b"]
     assert op.left.rows == 0
+
+
+def test_a_large_buffer_snapshots_every_snapshot_every_versions_and_restarts() -> None:
+    """A buffer above the store's spread threshold (100k rows) still writes only its delta
+    in a version not divisible by ``snapshot_every`` (the spread rule snapshotted most of
+    it at once), a full snapshot at 10, and loads at every committed version."""
+    node = node_of(lambda left, right: left.join(right, on="ad", how="left", within="10m"))
+    storage = Storage(f"memory://join-buffer-{uuid.uuid4().hex}")
+    op = node.build_operator("join", storage)
+    n = 110_000
+    many = pl.DataFrame(
+        {
+            "ad": pl.int_range(n, eager=True),
+            "imp_time": pl.Series([t(0)] * n),
+            "imp": pl.Series(["i"] * n),
+            "x": pl.Series([1.0] * n),
+        },
+        schema=IMPS,
+    )
+    frames = {}
+    for version in range(1, 11):
+        left = many if version == 1 else imps((n + version, t(version / 10), "j", 2.0))
+        right = clicks((version, t(version / 10), "c", 3.0))
+        op.process((left, right), ctx(version, -1e9, -1e8))  # (the watermark evicts nothing)
+        op.commit(version)
+        frames[version] = op.left.frame.sort(ROW_ID)
+        entry = storage.sub("left").read_model(version_file(version), StateVersion)
+        kinds = sorted({f.kind for f in entry.files})
+        assert (entry.snapshot, kinds) == (
+            (True, ["snapshot"]) if version == 10 else (False, ["delta"])
+        )
+        assert len(entry.files) == (op.left.snapshot_files if version == 10 else 1)
+    assert op.left.rows == n + 9
+    for version in (1, 5, 9, 10):
+        again = node.build_operator("join", storage)
+        again.load(version)
+        assert_frame_equal(again.left.frame.sort(ROW_ID), frames[version])
