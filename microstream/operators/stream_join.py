@@ -5,7 +5,8 @@ condition. Each side buffers its rows in a state store, one key per row (the
 join keys and a row id) hashed on the join keys. A batch finds the buffered rows
 of its keys with one Polars semi join per side, pairs them with one join of
 keys, times and positions, inserts its new rows, and rewrites a kept row only
-when it first matches (outer joins, semi and anti remember that).
+when it first matches (outer joins remember that; a semi or anti join's left row
+leaves the buffer at its first match, as it is never emitted again).
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
@@ -15,7 +16,7 @@ In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
    ``right_time - left_time`` lies in ``[lower, upper]`` (inclusive), and at
    least one of its rows is new, so no pair is emitted twice;
 3. rows are added to their side's buffer with a flag saying whether they ever
-   matched;
+   matched (semi and anti: the left rows that did not match yet);
 4. a left row can match no future right row once ``left_time + upper <=
    wm[N]`` (a future right row is later than ``wm[N]`` or late), a right row
    once ``right_time - lower <= wm[N]``: such rows leave the buffer, and the
@@ -24,7 +25,10 @@ In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
    row the first time it matches.
 
 Rows of the output have the columns :meth:`polars.DataFrame.join` gives for the
-same ``how``, keys and ``suffix``: each output batch is built by one Polars join
+same ``how``, keys and ``suffix``: an inner or left join's output rows are the
+paired rows placed side by side (then the unmatched left rows with nulls), which
+is what Polars' join gives (:func:`~microstream.operators.join_output.right_columns_after_left`
+checks the columns); the other joins build each output batch with one Polars join
 of the rows involved, so naming, coalescing and null filling follow Polars.
 
 A join without a time bound keeps every row forever: allowed (with a warning)
@@ -46,7 +50,11 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator, lowest_us
-from microstream.operators.join_output import join_output_schema, right_columns_after_left
+from microstream.operators.join_output import (
+    join_output_schema,
+    right_columns_after_left,
+    side_by_side,
+)
 from microstream.operators.join_where import parse_join_where
 from microstream.plan.nodes import (
     OperatorContext,
@@ -482,7 +490,17 @@ class StreamJoinOperator(_TwoStreamOperator):
             return gone_left.filter(~pl.col(MATCHED)).select(left_columns)
 
         if self._right_out is not None:
-            return self._side_by_side(all_left, all_right, pairs, gone_left)
+            lonely = None
+            if node.how == "left" and gone_left is not None and gone_left.height:
+                lonely = gone_left.filter(~pl.col(MATCHED))
+            return side_by_side(
+                all_left.select(left_columns)[pairs.get_column(_LEFT_AT)],
+                all_right.select([name for name, _ in self._right_out])[
+                    pairs.get_column(_RIGHT_AT)
+                ],
+                self._right_out,
+                lonely,
+            )
 
         # Rows of the output, each with a pair number: a joined pair shares one, an unmatched
         # row gets one of its own; one Polars join then builds the rows as Polars would.
@@ -515,28 +533,6 @@ class StreamJoinOperator(_TwoStreamOperator):
             coalesce=node.coalesce,
         )
         return out.select(self._out_schema.names())
-
-    def _side_by_side(
-        self,
-        all_left: pl.DataFrame,
-        all_right: pl.DataFrame,
-        pairs: pl.DataFrame,
-        gone_left: pl.DataFrame | None,
-    ) -> pl.DataFrame:
-        """An inner or left join's rows: each pair's left row, then its right row's columns
-        (as :func:`right_columns_after_left` names them), then the unmatched left rows with
-        nulls; the rows and values the Polars join of the pairs gives, without its hashing."""
-        assert self._right_out is not None
-        left_columns = self.node.left_schema.names()
-        out = all_left.select(left_columns)[pairs.get_column(_LEFT_AT)]
-        right = all_right.select([pl.col(a).alias(b) for a, b in self._right_out])
-        out = out.hstack(right[pairs.get_column(_RIGHT_AT)].get_columns())
-        if self.node.how == "left" and gone_left is not None and gone_left.height:
-            lonely = gone_left.filter(~pl.col(MATCHED))
-            if lonely.height:
-                nulls = [pl.lit(None, dtype).alias(name) for name, dtype in right.schema.items()]
-                out = pl.concat([out, lonely.select(*left_columns, *nulls)], how="vertical")
-        return out
 
 
 def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
