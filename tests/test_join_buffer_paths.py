@@ -96,6 +96,20 @@ SIDE_BY_SIDE = {
         pl.col("click_time") >= pl.col("imp_time"),
         pl.col("click_time") <= pl.col("imp_time") + timedelta(minutes=5),
     ),
+    "inner, every right column a key": lambda left, right: left.join(
+        right.select("ad", "click_time"),
+        left_on=["ad", "imp_time"],
+        right_on=["ad", "click_time"],
+        how="inner",
+        within="5m",
+    ),
+    "left, every right column a key": lambda left, right: left.join(
+        right.select("ad", "click_time"),
+        left_on=["ad", "imp_time"],
+        right_on=["ad", "click_time"],
+        how="left",
+        within="5m",
+    ),
 }
 
 

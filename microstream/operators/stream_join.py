@@ -493,11 +493,14 @@ class StreamJoinOperator(_TwoStreamOperator):
             lonely = None
             if node.how == "left" and gone_left is not None and gone_left.height:
                 lonely = gone_left.filter(~pl.col(MATCHED))
+            right_names = [name for name, _ in self._right_out]
             return side_by_side(
                 all_left.select(left_columns)[pairs.get_column(_LEFT_AT)],
-                all_right.select([name for name, _ in self._right_out])[
-                    pairs.get_column(_RIGHT_AT)
-                ],
+                # (no right column in the output, e.g. every one a coalesced key: nothing to
+                # gather, and a frame of no columns has no rows to gather from)
+                all_right.select(right_names)[pairs.get_column(_RIGHT_AT)]
+                if right_names
+                else pl.DataFrame(),
                 self._right_out,
                 lonely,
             )
