@@ -321,3 +321,16 @@ def test_a_buffer_with_spread_snapshots_continues() -> None:
                     getattr(again, side).frame.sort(ROW_ID), getattr(whole, side).frame.sort(ROW_ID)
                 )
         assert again.left.rows == (n + version - 1 if version < 8 else whole.left.rows)
+
+
+def test_anti_join_row_matched_as_it_expires_is_not_emitted() -> None:
+    """A buffered left row whose first match comes in the batch that also evicts it leaves
+    once, as matched: anti does not emit it, the unmatched one beside it is emitted."""
+    node = node_of(lambda left, right: left.join(right, on="ad", how="anti", within="5m"))
+    op = operator(node)
+    first = op.process((imps((1, t(0), "a", 0.0), (2, t(0), "b", 0.0)), clicks()), ctx(0, -1e9, 1))
+    assert first.rows.height == 0 and op.left.rows == 2
+    second = op.process((imps(), clicks((1, t(4), "k", 0.0))), ctx(1, 1, 6))
+    assert second.rows.get_column("imp").to_list() == ["b"]
+    assert op.left.rows == 0
+    assert op.progress().num_rows_removed == 2  # a and b (the click waits till t(9))

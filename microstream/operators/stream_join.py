@@ -318,6 +318,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         # Flags: a row matched now or before; semi emits a left row at its first match.
         # New rows go in with their flag; a kept row is rewritten when it first matches.
         newly_matched = all_left.clear()
+        leaving: pl.Series | None = None  # (buffered left rows that leave now, by row id)
         for side, (store, arrived, old, at) in enumerate(
             ((self.left, left, old_left, _LEFT_AT), (self.right, right, old_right, _RIGHT_AT))
         ):
@@ -335,12 +336,9 @@ class StreamJoinOperator(_TwoStreamOperator):
             if side == 0 and node.how in ("semi", "anti"):
                 # A matched left row of a semi or anti join is never emitted again (semi
                 # emits it now, anti never): it leaves the buffer instead of being kept with
-                # its flag, and no later eviction has to remove it.
+                # its flag (a buffered one with this batch's eviction: one store call).
                 store.insert(flagged.filter(~pl.col(MATCHED)))
-                matched = old.filter(old_hit)
-                if matched.height:
-                    store.apply(deletes=matched.select(self.left.key_columns))
-                    self._removed += matched.height
+                leaving = old.filter(old_hit).get_column(ROW_ID)
             else:
                 store.insert(flagged)
                 if first.height:
@@ -354,7 +352,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
-            gone_left = self._evict(0, node.left_time, node.upper_us, wm)
+            gone_left = self._evict(0, node.left_time, node.upper_us, wm, leaving)
             gone_right = self._evict(1, node.right_time, -node.lower_us, wm)
             self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
@@ -379,9 +377,20 @@ class StreamJoinOperator(_TwoStreamOperator):
         if floor is not None and time is not None and arrived.height:
             self._floors[side] = min(floor, lowest_us(arrived.get_column(time)))
 
-    def _evict(self, side: int, time: str, bound_us: int, wm: int) -> pl.DataFrame:
-        """Evict the side's rows with ``time + bound_us <= wm``; returns them."""
+    def _evict(
+        self, side: int, time: str, bound_us: int, wm: int, leaving: pl.Series | None = None
+    ) -> pl.DataFrame:
+        """Evict the side's rows with ``time + bound_us <= wm``; returns them. The rows whose
+        row id is in ``leaving`` go too, in the same store call, and are not returned."""
         store = self.left if side == 0 else self.right
+        if leaving is not None and len(leaving):
+            self._floors[side] = None
+            removed = store.filter_out(
+                (to_us(time) + bound_us <= wm) | pl.col(ROW_ID).is_in(leaving.implode())
+            )
+            evicted = removed.filter(~pl.col(ROW_ID).is_in(leaving.implode()))
+            self._removed += removed.height - evicted.height
+            return evicted
         floor = self._floors[side]
         if floor is None:
             frame = store.frame
