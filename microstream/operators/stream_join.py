@@ -5,7 +5,8 @@ condition. Each side buffers its rows in a state store, one key per row (the
 join keys and a row id) hashed on the join keys. A batch finds the buffered rows
 of its keys with one Polars semi join per side, pairs them with one join of
 keys, times and positions, inserts its new rows, and rewrites a kept row only
-when it first matches (outer joins, semi and anti remember that).
+when it first matches (outer joins remember that; a semi or anti join's left row
+leaves the buffer at its first match, as it is never emitted again).
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
@@ -15,7 +16,7 @@ In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
    ``right_time - left_time`` lies in ``[lower, upper]`` (inclusive), and at
    least one of its rows is new, so no pair is emitted twice;
 3. rows are added to their side's buffer with a flag saying whether they ever
-   matched;
+   matched (semi and anti: the left rows that did not match yet);
 4. a left row can match no future right row once ``left_time + upper <=
    wm[N]`` (a future right row is later than ``wm[N]`` or late), a right row
    once ``right_time - lower <= wm[N]``: such rows leave the buffer, and the
@@ -24,7 +25,10 @@ In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
    row the first time it matches.
 
 Rows of the output have the columns :meth:`polars.DataFrame.join` gives for the
-same ``how``, keys and ``suffix``: each output batch is built by one Polars join
+same ``how``, keys and ``suffix``: an inner or left join's output rows are the
+paired rows placed side by side (then the unmatched left rows with nulls), which
+is what Polars' join gives (:func:`~microstream.operators.join_output.right_columns_after_left`
+checks the columns); the other joins build each output batch with one Polars join
 of the rows involved, so naming, coalescing and null filling follow Polars.
 
 A join without a time bound keeps every row forever: allowed (with a warning)
@@ -46,6 +50,11 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.join_output import (
+    join_output_schema,
+    right_columns_after_left,
+    side_by_side,
+)
 from microstream.operators.join_where import parse_join_where
 from microstream.plan.nodes import (
     OperatorContext,
@@ -79,32 +88,16 @@ _LEFT_AT = "__left_at"
 _RIGHT_AT = "__right_at"
 _TIME = "__time_us"
 _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
+_NEVER_SPREAD = 2**62
+"""The buffers' ``spread_snapshots_above``: never. Every buffered row leaves within the
+bound, so a buffer's deltas (its inserts and their deletion markers) soon outgrow its
+rows, and the spread rule (a slice is snapshotted once its delta rows reach its rows)
+rewrote most of a large buffer every two or three batches, ~13 snapshot files per
+buffer and batch; a full snapshot every ``snapshot_every`` versions writes a tenth of
+that, and a load replays at most ``snapshot_every - 1`` deltas, as for any small store."""
 _EAGER_ROWS = 20_000
 """Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
 0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
-
-
-def join_output_schema(
-    left: pl.Schema,
-    right: pl.Schema,
-    left_on: tuple[str, ...],
-    right_on: tuple[str, ...],
-    how: str,
-    suffix: str,
-    coalesce: bool | None = None,
-) -> pl.Schema:
-    """The schema Polars gives ``left.join(right, ...)`` (row order and values aside)."""
-    if how in ("semi", "anti"):
-        return left
-    probe = pl.LazyFrame(schema=left).join(
-        pl.LazyFrame(schema=right),
-        left_on=list(left_on),
-        right_on=list(right_on),
-        how=how,  # type: ignore[arg-type]
-        suffix=suffix,
-        coalesce=coalesce,
-    )
-    return probe.collect_schema()
 
 
 class _TwoStreamOperator(StoreBackedOperator):
@@ -255,6 +248,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             hash_columns=list(node.left_on),
             one_row_per_key=True,
             schema=pl.Schema({**node.left_schema, **extra}),
+            spread_snapshots_above=_NEVER_SPREAD,
         )
         self.right = StateStore(
             storage.sub("right"),
@@ -263,6 +257,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             hash_columns=list(node.right_on),
             one_row_per_key=True,
             schema=pl.Schema({**node.right_schema, **extra}),
+            spread_snapshots_above=_NEVER_SPREAD,
         )
         # Whether a side's rows must remember that they matched: for the unmatched rows
         # outer joins and anti emit, and for semi's first match.
@@ -273,6 +268,15 @@ class StreamJoinOperator(_TwoStreamOperator):
         # What does not change between batches, built once: most batches of a selective
         # join have few rows, where building these costs as much as using them.
         self._out_schema = node.output_schema()
+        self._right_out = right_columns_after_left(
+            node.left_schema,
+            node.right_schema,
+            node.left_on,
+            node.right_on,
+            node.how,
+            node.suffix,
+            node.coalesce,
+        )
         self._empty = (
             pl.DataFrame(schema=self.left.schema),
             pl.DataFrame(schema=self.right.schema),
@@ -314,6 +318,7 @@ class StreamJoinOperator(_TwoStreamOperator):
         # Flags: a row matched now or before; semi emits a left row at its first match.
         # New rows go in with their flag; a kept row is rewritten when it first matches.
         newly_matched = all_left.clear()
+        leaving: pl.Series | None = None  # (buffered left rows that leave now, by row id)
         for side, (store, arrived, old, at) in enumerate(
             ((self.left, left, old_left, _LEFT_AT), (self.right, right, old_right, _RIGHT_AT))
         ):
@@ -328,9 +333,16 @@ class StreamJoinOperator(_TwoStreamOperator):
                 pl.lit(True).alias(MATCHED)
             )
             flagged = arrived.with_columns(pl.Series(MATCHED, hit[old.height :]))
-            store.insert(flagged)
-            if first.height:
-                store.apply(upserts=first)
+            if side == 0 and node.how in ("semi", "anti"):
+                # A matched left row of a semi or anti join is never emitted again (semi
+                # emits it now, anti never): it leaves the buffer instead of being kept with
+                # its flag (a buffered one with this batch's eviction: one store call).
+                store.insert(flagged.filter(~pl.col(MATCHED)))
+                leaving = old.filter(old_hit).get_column(ROW_ID)
+            else:
+                store.insert(flagged)
+                if first.height:
+                    store.apply(upserts=first)
             if side == 0:
                 newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
 
@@ -340,9 +352,9 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
-            gone_left = self._evict(0, node.left_time, node.upper_us, wm)
+            gone_left = self._evict(0, node.left_time, node.upper_us, wm, leaving)
             gone_right = self._evict(1, node.right_time, -node.lower_us, wm)
-            self._removed = gone_left.height + gone_right.height
+            self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
             # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
             return pl.DataFrame(schema=self._out_schema)
@@ -365,9 +377,20 @@ class StreamJoinOperator(_TwoStreamOperator):
         if floor is not None and time is not None and arrived.height:
             self._floors[side] = min(floor, lowest_us(arrived.get_column(time)))
 
-    def _evict(self, side: int, time: str, bound_us: int, wm: int) -> pl.DataFrame:
-        """Evict the side's rows with ``time + bound_us <= wm``; returns them."""
+    def _evict(
+        self, side: int, time: str, bound_us: int, wm: int, leaving: pl.Series | None = None
+    ) -> pl.DataFrame:
+        """Evict the side's rows with ``time + bound_us <= wm``; returns them. The rows whose
+        row id is in ``leaving`` go too, in the same store call, and are not returned."""
         store = self.left if side == 0 else self.right
+        if leaving is not None and len(leaving):
+            self._floors[side] = None
+            removed = store.filter_out(
+                (to_us(time) + bound_us <= wm) | pl.col(ROW_ID).is_in(leaving.implode())
+            )
+            evicted = removed.filter(~pl.col(ROW_ID).is_in(leaving.implode()))
+            self._removed += removed.height - evicted.height
+            return evicted
         floor = self._floors[side]
         if floor is None:
             frame = store.frame
@@ -474,6 +497,22 @@ class StreamJoinOperator(_TwoStreamOperator):
             if gone_left is None:
                 return pl.DataFrame(schema=node.left_schema)
             return gone_left.filter(~pl.col(MATCHED)).select(left_columns)
+
+        if self._right_out is not None:
+            lonely = None
+            if node.how == "left" and gone_left is not None and gone_left.height:
+                lonely = gone_left.filter(~pl.col(MATCHED))
+            right_names = [name for name, _ in self._right_out]
+            return side_by_side(
+                all_left.select(left_columns)[pairs.get_column(_LEFT_AT)],
+                # (no right column in the output, e.g. every one a coalesced key: nothing to
+                # gather, and a frame of no columns has no rows to gather from)
+                all_right.select(right_names)[pairs.get_column(_RIGHT_AT)]
+                if right_names
+                else pl.DataFrame(),
+                self._right_out,
+                lonely,
+            )
 
         # Rows of the output, each with a pair number: a joined pair shares one, an unmatched
         # row gets one of its own; one Polars join then builds the rows as Polars would.
