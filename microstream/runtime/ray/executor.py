@@ -207,6 +207,9 @@ class RayStageExecutor:
         self.owner_reads = 0
         """Batches of a stage whose source the one owner of the next operator read itself
         (:mod:`~microstream.runtime.ray.owner_reads`), in this run."""
+        self.owner_read_ahead = 0
+        """Of :attr:`owner_reads`, those the owner took from its read-ahead
+        (:mod:`~microstream.runtime.ray.owner_prefetch`), in this run."""
         self._owner_stages: frozenset[int] = frozenset()
         self._plan: PhysicalPlan | None = None  # (when owners read sources: re-warmed)
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
@@ -810,6 +813,7 @@ class RayStageExecutor:
             stage = plan.stages[index]
             assert isinstance(stage, StatelessStage)
             reads.rows[reads.scans[index]] = sum(r.rows_read for r in reports)
+            self.owner_read_ahead += sum(r.read_ahead for r in reports)
             for report in reports:
                 for position, observation in report.watermarks:
                     node = stage.steps[position]
