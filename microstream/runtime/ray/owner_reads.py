@@ -128,7 +128,7 @@ def read_for_owner(
     """Read ``read``'s splits, run ``stage`` over their rows: the stage's rows, and what
     the driver gets instead of them (rows read, watermark observations). With ``ahead``,
     the splits come from its read-ahead when it read exactly these, and the splits the
-    source expects next are read ahead from here on
+    source expects next are noted for it to read ahead (``defer``: the caller starts them)
     (:mod:`~microstream.runtime.ray.owner_prefetch`)."""
     started = time.perf_counter()
     frames: Sequence[pl.DataFrame]
@@ -138,7 +138,7 @@ def read_for_owner(
     else:
         hits = ahead.hits
         frames = ahead.read(stage.index, read.splits)
-        ahead.start(stage.index, next_splits(read.splits))
+        ahead.defer(stage.index, next_splits(read.splits))  # started after the operator
     rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(rows, read.schema)}, [], read.ctx)

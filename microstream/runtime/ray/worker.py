@@ -220,12 +220,13 @@ class OperatorWorker:
     ) -> tuple[OperatorOutput, StateOperatorProgress, Written, tuple[SplitReport, ...]]:
         inputs, reports = _inputs(counts, pieces, self.read_ahead)
         output, progress = self.process(operator_id, inputs, ctx)
-        if write is None:
-            return output, progress, None, reports
-        # The batch's state is final here: written now, it needs no second call at commit.
-        written = self.operators[operator_id].write_parts(
-            write.version, leader=write.leader, fence=write.fence
-        )
+        written = None
+        if write is not None:
+            # The batch's state is final here: written now, it needs no second call at commit.
+            written = self.operators[operator_id].write_parts(
+                write.version, leader=write.leader, fence=write.fence
+            )
+        self.read_ahead.start_deferred()  # the next batch's splits, now the operator ran
         return output, progress, written, reports
 
     def warm(self, *stages: Any) -> int:
