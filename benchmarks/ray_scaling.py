@@ -21,7 +21,8 @@ owners, none since each owner writes its state in its one call of the batch) and
 routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
 ``route`` in this process, and ``owner_read``: inside ``actor_process``, the time the one
 owner of an operator spent reading its source and running the stage before it
-(``runtime/ray/owner_reads.py``; its reports' ``read_ms``); ``partitioned`` says whether an exchange split rows over
+(``runtime/ray/owner_reads.py``; its reports' ``read_ms``; ``owner_read_ahead`` counts the
+reads whose rows the owner had read ahead, ``runtime/ray/owner_prefetch.py``); ``partitioned`` says whether an exchange split rows over
 several actors (false for a stateless query, and for a keyless window: one actor owns
 it). ``benchmarks/ray_model.py`` projects 8 and 32 workers from them.
 
@@ -68,6 +69,8 @@ class StageTimer:
             "route": 0.0,
             "owner_read": 0.0,
         }
+        self.read_ahead = 0
+        """Owner reads whose rows the owner had read ahead (``runtime/ray/owner_prefetch.py``)."""
         self.partitioned = False
         """Whether an exchange split rows over more than one owner (a keyless operator
         lives whole in one actor)."""
@@ -111,6 +114,7 @@ class StageTimer:
             note_reads(*args)
             if args[3]:  # the owner read a source in its call: the reports' read time
                 self.ms["owner_read"] += sum(r.read_ms for r in args[2].reports)
+                self.read_ahead += sum(r.read_ahead for r in args[2].reports)
 
         executor._note_reads = noted
         try:
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds: dict[str, list[float]] = {key: [] for key in runtimes}
             batches: dict[str, list[float]] = {key: [] for key in runtimes}
             split: dict[str, list[dict[str, float]]] = {key: [] for key in runtimes}
+            read_ahead: dict[str, int] = {}
             num_batches = 0
             partitioned = False
             for _ in range(args.repeats):
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                     batches[key].append(run.phase_totals_ms["total"] / 1000)
                     split[key].append(stages(run.phase_totals_ms, timer))
                     partitioned = partitioned or (timer is not None and timer.partitioned)
+                    if timer is not None:
+                        read_ahead[key] = timer.read_ahead
                     num_batches = run.batches
                     assert_same_result(module, run.result, expected)
             wall = {key: statistics.median(values) for key, values in seconds.items()}
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 "events_per_s": {k: round(args.events / v) for k, v in medians.items()},
                 "batches": num_batches,
                 "partitioned": partitioned,
+                "owner_read_ahead": read_ahead,  # (the last run's, per Ray runtime)
                 # the stages of the run whose batch time is the median (the lower of two)
                 "stages_ms": {
                     k: min(runs, key=lambda r: abs(r["total"] - medians[k] * 1000))

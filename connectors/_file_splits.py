@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -35,6 +36,7 @@ from connectors._file_reading import (
     read_frame,
 )
 from connectors._paths import DataDir
+from connectors._prefetch import file_version
 from connectors._small_files import local_source
 from microstream.exceptions import SchemaMismatchError, SourceError
 
@@ -122,6 +124,16 @@ class FileSplit:
     """The columns read (the query's projection)."""
     files: tuple[tuple[LoggedFile, str], ...]
     """Each file and the source log entry that took it (for messages), in log order."""
+    ahead: tuple[FileSplit, ...] = field(default=(), compare=False)
+    """The splits the next batch will take as far as the source knows now (planned as
+    that batch will plan them), for a reader to read ahead; not part of the split."""
+
+    def version(self) -> Hashable | None:
+        """What identifies the files' content now (:func:`file_version` of each), None
+        when one is gone: a reader ahead uses its read only if this did not change."""
+        directory = DataDir.resolve(self.spec.directory, self.spec.storage_options)
+        versions = tuple(file_version(directory, logged.name) for logged, _ in self.files)
+        return None if None in versions else versions
 
     def read(self) -> pl.DataFrame:
         """The files' rows in order, as ``FileSource.read`` gives them.

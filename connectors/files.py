@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import polars as pl
@@ -767,7 +767,16 @@ class FileSource:
             for k in range(first, last + 1)
             for logged in self._entry(k).files
         ]
-        return plan_file_splits(self.spec, self.description, self._schema, files)
+        splits = plan_file_splits(self.spec, self.description, self._schema, files)
+        # The next batch's files as far as known, for a reader in another process to read
+        # ahead (it uses them only if that batch's splits are these: the log decides).
+        ahead = [
+            (f, self._log.display(f"{k}.json")) for f, k in self._upcoming(last) if k == last + 1
+        ]
+        if splits and ahead and self.spec.read_ahead_bytes:
+            nxt = plan_file_splits(self.spec, self.description, self._schema, ahead) or []
+            splits[-1] = replace(splits[-1], ahead=tuple(nxt))
+        return splits
 
     def _leave_out(self, failed: FileFailed) -> SkippedFile:
         """The record of a file left out by policy; raise under the "fail" policies."""

@@ -657,6 +657,7 @@ class StreamExecution:
             rows_in = [output.rows_read.get(scan, n) for scan, n in zip(self._scans, rows_in)]
         else:
             output = self.executor.run(self.physical, inputs, ctx, self._operators)
+        self._restarts.extend(list(lost) for lost in output.replaced_workers)
         result = output.rows
         if output.late_rows and "late" not in self._routed_sides:
             self._route_late_rows(batch_id, pl.concat(output.late_rows, how="diagonal_relaxed"))

@@ -74,6 +74,10 @@ class BatchOutput:
     parts: tuple[SinkPart, ...] | None = None
     """The batch as pieces workers wrote for a :class:`~microstream.protocols.PartSink`
     (then ``rows`` is empty): the driver commits them instead of adding ``rows``."""
+    replaced_workers: tuple[tuple[int, ...], ...] = ()
+    """Per restart a cluster runtime made since the previous batch, outside any batch (a
+    worker lost while the query idled), the workers it replaced: counted in this batch's
+    progress, which is no re-run."""
 
     @property
     def num_rows(self) -> int:

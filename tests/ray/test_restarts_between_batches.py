@@ -1,9 +1,11 @@
 """A worker lost while the query idles is found by a timer check and replaced then; the
 next batch counts it in its progress (``worker_restarts``, ``replaced_workers``) and so in
-``microstream_worker_restarts_total``, and the output is the clean one."""
+``microstream_worker_restarts_total``; that batch runs once and is no recovery (it re-ran
+nothing), and the output is the clean one."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 from stateful_fn_pipeline import SCHEMA, login_alerts, oracle
 
 import microstream as ms
@@ -58,8 +61,9 @@ def _wait_idle(query: Any, quiet: float = 1.5) -> None:
 
 
 def test_a_worker_lost_between_batches_is_counted_in_the_next_batch(
-    ray_cluster: Any, tmp_path: Path
+    ray_cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="microstream")
     data = tmp_path / "in"
     _write(data, 0)
     out: dict[int, list[tuple[Any, ...]]] = {}
@@ -96,7 +100,11 @@ def test_a_worker_lost_between_batches_is_counted_in_the_next_batch(
     counted = {p.batch_id: (p.worker_restarts, p.replaced_workers) for p in progress}
     after = progress[idle].batch_id  # the first batch after the loss: file 1's
     assert progress[idle].num_input_rows == len(_logins(1))
-    assert counted[after] == (1, [1]) and progress[idle].recovered
+    assert counted[after] == (1, [1])
+    # Reported to the progress directly: the batch ran once, it re-ran nothing.
+    assert not progress[idle].recovered
+    assert not [r for r in caplog.records if "re-running it" in r.getMessage()]
+    assert sum("replacing Ray worker 1" in r.getMessage() for r in caplog.records) == 1
     assert all(w == (0, []) for b, w in counted.items() if b != after)
     assert executor.restarts == 1  # replaced once, not again by the batch that counts it
     metrics = ProgressMetrics()

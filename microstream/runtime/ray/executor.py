@@ -188,10 +188,9 @@ class RayStageExecutor:
         """How many times the workers were restarted in this run (progress, tests)."""
         self.replaced: list[int] = []
         """The index of every worker replaced in this run, in order."""
-        self._between: set[int] = set()
-        """Workers replaced between batches (a timer check found them lost), not yet
-        reported in a batch's progress."""
-        self._reporting: WorkerLostError | None = None
+        self._between: list[tuple[int, ...]] = []
+        """Per restart between batches (a timer check found workers lost), the workers it
+        replaced, not yet reported in a batch's progress (:attr:`BatchOutput.replaced_workers`)."""
         self.assignment: Assignment | None = None
         self.workers: list[Any] = []
         self._actor_class: Any = None
@@ -208,6 +207,9 @@ class RayStageExecutor:
         self.owner_reads = 0
         """Batches of a stage whose source the one owner of the next operator read itself
         (:mod:`~microstream.runtime.ray.owner_reads`), in this run."""
+        self.owner_read_ahead = 0
+        """Of :attr:`owner_reads`, those the owner took from its read-ahead
+        (:mod:`~microstream.runtime.ray.owner_prefetch`), in this run."""
         self._owner_stages: frozenset[int] = frozenset()
         self._plan: PhysicalPlan | None = None  # (when owners read sources: re-warmed)
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
@@ -444,35 +446,15 @@ class RayStageExecutor:
 
     def recover(self, error: WorkerLostError, batch_id: int) -> None:
         """Replace the workers ``error`` names and re-open every owner at the version
-        committed before ``batch_id`` (the driver then re-runs the batch). The error
-        :meth:`run` raised to report workers replaced between batches needs nothing: they
-        were replaced and re-opened then, and nothing of the batch ran."""
-        if error is self._reporting:
-            self._reporting = None
-            return
+        committed before ``batch_id`` (the driver then re-runs the batch)."""
         self._restart(error, None if batch_id == 0 else batch_id - 1, batch_id)
 
     def recover_between_batches(self, error: WorkerLostError) -> None:
         """Replace the workers ``error`` names and re-open every owner at the last
-        committed version (a loss found while no batch runs); the next batch reports
-        them (:meth:`run`)."""
+        committed version (a loss found while no batch runs); the next batch's output
+        reports them to the driver's progress (:meth:`run`): that batch is no re-run."""
         self._restart(error, self.version, None if self.version is None else self.version + 1)
-        self._between |= error.workers
-
-    def _report_between(self, batch_id: int) -> None:
-        """Workers replaced since the last batch are counted in this batch's progress
-        (``worker_restarts``, ``replaced_workers``, the restarts metric): the driver
-        counts the losses a batch's run raises, so the first attempt raises one for
-        them before anything runs, which :meth:`recover` answers with nothing to do."""
-        if not self._between:
-            return
-        workers, self._between = frozenset(self._between), set()
-        msg = (
-            f"Ray worker(s) {sorted(workers)} were lost between batches (found by a timer "
-            f"check) and replaced then; counted in batch {batch_id}"
-        )
-        self._reporting = WorkerLostError(msg, workers)
-        raise self._reporting
+        self._between.append(tuple(sorted(error.workers)))
 
     def _restart(self, error: WorkerLostError, version: int | None, batch: int | None) -> None:
         while True:
@@ -530,7 +512,18 @@ class RayStageExecutor:
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
-        self._report_between(ctx.batch_id)
+        output = self._run(plan, inputs, ctx)
+        if self._between:  # reported once: the driver adds them to this batch's progress
+            output = dataclasses.replace(output, replaced_workers=tuple(self._between))
+            self._between = []
+        return output
+
+    def _run(
+        self,
+        plan: PhysicalPlan,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+    ) -> BatchOutput:
         results: list[pl.LazyFrame | None] = [None] * len(plan.stages)
         routed: dict[int, list[Routed]] = {}
         forwarded: dict[int, list[Routed]] = {}  # exchange -> per owner its pieces' references
@@ -820,6 +813,7 @@ class RayStageExecutor:
             stage = plan.stages[index]
             assert isinstance(stage, StatelessStage)
             reads.rows[reads.scans[index]] = sum(r.rows_read for r in reports)
+            self.owner_read_ahead += sum(r.read_ahead for r in reports)
             for report in reports:
                 for position, observation in report.watermarks:
                     node = stage.steps[position]

@@ -41,6 +41,7 @@ import polars as pl
 
 from microstream.plan.nodes import MapBatchesNode, declared_width
 from microstream.plan.physical import ExchangeStage, PhysicalPlan, StatelessStage
+from microstream.runtime.ray.owner_prefetch import OwnerReadAhead, next_splits
 from microstream.runtime.ray.scan_tasks import (
     SplitReport,
     consumers,
@@ -121,13 +122,28 @@ def _batch_steps(stage: StatelessStage) -> bool:
     return all(isinstance(s, MapBatchesNode) or row_local_step(s) for s in stage.steps)
 
 
-def read_for_owner(read: OwnerRead, stage: StatelessStage) -> tuple[pl.DataFrame, SplitReport]:
+def read_for_owner(
+    read: OwnerRead, stage: StatelessStage, ahead: OwnerReadAhead | None = None
+) -> tuple[pl.DataFrame, SplitReport]:
     """Read ``read``'s splits, run ``stage`` over their rows: the stage's rows, and what
-    the driver gets instead of them (rows read, watermark observations)."""
+    the driver gets instead of them (rows read, watermark observations). With ``ahead``,
+    the splits come from its read-ahead when it read exactly these, and the splits the
+    source expects next are noted for it to read ahead (``defer``: the caller starts them)
+    (:mod:`~microstream.runtime.ray.owner_prefetch`)."""
     started = time.perf_counter()
-    frames: Sequence[pl.DataFrame] = [split.read() for split in read.splits]
+    frames: Sequence[pl.DataFrame]
+    hits = 0
+    if ahead is None:
+        frames = [split.read() for split in read.splits]
+    else:
+        hits = ahead.hits
+        frames = ahead.read(stage.index, read.splits)
+        ahead.defer(stage.index, next_splits(read.splits))  # started after the operator
     rows = frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
     (scan,) = stage.sources
     lazy, observed = stage.lower({scan: declared_width(rows, read.schema)}, [], read.ctx)
     out = lazy.collect()
-    return out, report(stage, rows.height, observed, (time.perf_counter() - started) * 1000)
+    read_ms = (time.perf_counter() - started) * 1000
+    return out, report(
+        stage, rows.height, observed, read_ms, ahead is not None and ahead.hits > hits
+    )

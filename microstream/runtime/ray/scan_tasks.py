@@ -122,6 +122,8 @@ class SplitReport:
     """Each watermark node's observation, by the node's position in the stage's steps."""
     read_ms: float = 0.0
     """How long reading the rows and running the stage over them took (benchmarks)."""
+    read_ahead: bool = False
+    """Whether an owner took the rows from its read-ahead (:mod:`~microstream.runtime.ray.owner_prefetch`)."""
 
 
 def split_rows(
@@ -203,13 +205,14 @@ def report(
     rows_read: int,
     observed: Mapping[WatermarkNode, WatermarkObservation],
     read_ms: float = 0.0,
+    read_ahead: bool = False,
 ) -> SplitReport:
     """What a reader of ``stage``'s source tells the driver besides its rows: the rows it
     read, each watermark node's observation by the node's position in the steps, and how
     long the read and the stage took."""
     position = {id(node): n for n, node in enumerate(stage.steps)}
     seen = tuple((position[id(node)], o) for node, o in observed.items())
-    return SplitReport(rows_read, seen, read_ms)
+    return SplitReport(rows_read, seen, read_ms, read_ahead)
 
 
 def cuttable(plan: PhysicalPlan) -> set[int]:

@@ -31,6 +31,7 @@ import polars as pl
 from microstream.operators.base import StoreBackedOperator
 from microstream.plan.nodes import TimedOperator
 from microstream.runtime.ray.operator_exchange import cut_for_exchanges
+from microstream.runtime.ray.owner_prefetch import OwnerReadAhead
 from microstream.runtime.ray.owner_reads import OwnerRead, read_for_owner
 from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
@@ -101,6 +102,8 @@ class OperatorWorker:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.operators: dict[str, StoreBackedOperator] = {}
+        self.read_ahead = OwnerReadAhead()
+        """The next batch's splits of the sources this worker reads, read ahead."""
 
     def pid(self) -> int:
         """The worker's process id (crash tests kill it)."""
@@ -215,14 +218,15 @@ class OperatorWorker:
         pieces: tuple[Any, ...],
         write: StateWrite | None,
     ) -> tuple[OperatorOutput, StateOperatorProgress, Written, tuple[SplitReport, ...]]:
-        inputs, reports = _inputs(counts, pieces)
+        inputs, reports = _inputs(counts, pieces, self.read_ahead)
         output, progress = self.process(operator_id, inputs, ctx)
-        if write is None:
-            return output, progress, None, reports
-        # The batch's state is final here: written now, it needs no second call at commit.
-        written = self.operators[operator_id].write_parts(
-            write.version, leader=write.leader, fence=write.fence
-        )
+        written = None
+        if write is not None:
+            # The batch's state is final here: written now, it needs no second call at commit.
+            written = self.operators[operator_id].write_parts(
+                write.version, leader=write.leader, fence=write.fence
+            )
+        self.read_ahead.start_deferred()  # the next batch's splits, now the operator ran
         return output, progress, written, reports
 
     def warm(self, *stages: Any) -> int:
@@ -239,11 +243,12 @@ class OperatorWorker:
 
 
 def _inputs(
-    counts: tuple[int, ...], pieces: tuple[Any, ...]
+    counts: tuple[int, ...], pieces: tuple[Any, ...], ahead: OwnerReadAhead
 ) -> tuple[tuple[pl.DataFrame, ...], tuple[SplitReport, ...]]:
     """Per input, its ``counts[i]`` pieces (in order) as one frame: a :class:`Wire`, or an
-    :class:`OwnerRead` followed by its stage, which this worker reads and runs
-    (:func:`read_for_owner`); and the report of every such read, in input order."""
+    :class:`OwnerRead` followed by its stage, which this worker reads (or takes from
+    ``ahead``) and runs (:func:`read_for_owner`); and the report of every such read, in
+    input order."""
     inputs = []
     reports = []
     at = 0
@@ -253,7 +258,7 @@ def _inputs(
         while at < end:
             piece = pieces[at]
             if isinstance(piece, OwnerRead):
-                frame, read = read_for_owner(piece, pieces[at + 1])
+                frame, read = read_for_owner(piece, pieces[at + 1], ahead)
                 part.append(frame)
                 reports.append(read)
                 at += 2
