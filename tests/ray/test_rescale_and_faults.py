@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,20 +100,32 @@ def _kill_run(
     """All files in one run on Ray; worker ``victim`` is SIGKILLed in ``batch`` at ``where``
     (``"before"``: between batches; ``"read"``: after the batch's rows were read, before
     the operators; ``"sink"``: after the operators, before the state commit). Then
-    restarts until done; returns the output and the number of failed runs."""
+    restarts until done; returns the output and the number of failed runs.
+
+    The kill's state is in files under ``root``, not in the closure: the ``map_batches``
+    step runs in the one actor when it reads the source (one worker), where a copy of the
+    closure was sent at start, and a replaced actor gets a fresh copy."""
     write_files(root / "in", 0, 12)
     out: dict[int, pl.DataFrame] = {}
-    target: dict[str, Any] = {"pid": None, "done": False, "calls": 0}
+    pid_file, calls_file, done_file = root / "victim.pid", root / "calls", root / "killed"
+    target: dict[str, Any] = {"pid": None}
 
     def kill() -> None:
-        if not target["done"] and target["pid"] is not None:
-            target["done"] = True
-            os.kill(target["pid"], signal.SIGKILL)
+        for _ in range(400):  # (the driver writes the pid once the query started)
+            if pid_file.exists():
+                break
+            time.sleep(0.025)
+        try:
+            os.close(os.open(done_file, os.O_CREAT | os.O_EXCL))  # (once, in any process)
+        except FileExistsError:
+            return
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
     def before_operators(df: pl.DataFrame) -> pl.DataFrame:
-        if df.height:
-            target["calls"] += 1
-            if where == "read" and target["calls"] == batch + 1:
+        if df.height and where == "read":
+            with calls_file.open("a") as calls:
+                calls.write("x")
+            if calls_file.stat().st_size == batch + 1:
                 kill()
         return df
 
@@ -130,7 +143,9 @@ def _kill_run(
     listener = KillAfterCommit()
     ms.add_listener(listener)
     try:
-        return _restart_until_done(root, workers, victim, target, out, before_operators, on_batch)
+        return _restart_until_done(
+            root, workers, victim, target, pid_file, out, before_operators, on_batch
+        )
     finally:
         ms.remove_listener(listener)
 
@@ -140,6 +155,7 @@ def _restart_until_done(
     workers: int,
     victim: int,
     target: dict[str, Any],
+    pid_file: Path,
     out: dict[int, pl.DataFrame],
     before_operators: Any,
     on_batch: Any,
@@ -157,6 +173,8 @@ def _restart_until_done(
         )
         if target["pid"] is None:
             target["pid"] = q._execution.executor.worker_pids()[victim]  # type: ignore[attr-defined]
+            pid_file.with_suffix(".tmp").write_text(str(target["pid"]))
+            pid_file.with_suffix(".tmp").replace(pid_file)  # (read whole, or not yet)
         try:
             assert q.await_termination(timeout=120)
             return out, failures
