@@ -4,11 +4,9 @@ pending delta's replaced rows matched per key, and the results these give."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -30,20 +28,10 @@ from microstream.state.store_rows import (
     record,
     same_keys,
 )
+from tests.test_state_lean import FIXTURE, _fixture_module
 
 T0 = datetime(2026, 1, 1)
 SCHEMA = pl.Schema({"k": pl.String, "w": pl.Int64, "n": pl.Int64, "x": pl.Float64})
-FIXTURE = Path(__file__).parent / "data" / "state_before_lean"
-
-
-def _fixture_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "state_before_lean_fold", FIXTURE / "make_lean_fixture.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def canon(frame: pl.DataFrame) -> pl.DataFrame:
