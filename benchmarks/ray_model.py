@@ -63,8 +63,11 @@ from typing import Any
 WORKERS = (1, 2, 8, 32)
 
 REMEDY = {
-    "driver": "read source splits and run the stateless stages in Ray tasks, write sink "
-    "files from the workers (the driver keeps offsets, WAL and one commit per batch)",
+    "driver": "less of the driver's own work per event: its fixed work per batch (planning "
+    "splits, offsets and the WAL, the manifest and commits/N) spread over larger batches, "
+    "and no rows through it (splits read in tasks or by the one owner, sink files written "
+    "by the workers: both exist; a whole-batch combiner, map_batches, still keeps a "
+    "source's rows on the driver)",
     "exchange": "split rows by key group where they are read (in the source tasks) instead "
     "of routing every row through the driver: a combiner of the whole batch (map_batches) "
     "keeps a source's rows on the driver; operator to operator rows already go actor to actor",
