@@ -172,20 +172,7 @@ def test_a_join_buffer_written_by_main_loads_with_whole_key_hashes(tmp_path: Pat
     fixture = _fixture_module()
     shutil.copytree(FIXTURE / "store_join", tmp_path / "store_join")
 
-    def whole(storage: Storage) -> StateStore:
-        return StateStore(
-            storage,
-            operator="join",
-            key_columns=["k", "row"],
-            hash_columns=["k"],
-            one_row_per_key=True,
-            schema=fixture.JOIN_SCHEMA,
-            num_key_groups=8,
-            snapshot_every=4,
-            prefix_lookups=False,
-        )
-
-    store = whole(Storage(tmp_path / "store_join"))
+    store = fixture.join_store(Storage(tmp_path / "store_join"), prefix_lookups=False)
     store.load(9)
     reference = fixture.join_store(Storage(tmp_path / "store_join"))
     reference.load(9)

@@ -9,15 +9,14 @@ read, and a killed owner's batch re-runs from its log entry as any other.
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+from event_files import EVENT, write_events
 from fault_pipelines import FaultyRayRuntime, run, write_inputs
 
 import microstream as ms
@@ -26,29 +25,6 @@ from microstream.plan.physical import compile
 from microstream.runtime.ray.owner_reads import owner_stages
 
 pytestmark = pytest.mark.filterwarnings("ignore::microstream.UnboundedStateWarning")
-
-T0 = datetime(2026, 1, 1)
-EVENT = pl.Schema({"id": pl.Int64(), "user": pl.String(), "ts": pl.Datetime("us"), "v": pl.Int64()})
-
-
-def _events(i: int, rows: int = 50) -> pl.DataFrame:
-    """File ``i``: 4 s of event time, disorder within 5 s, a few rows 30 s late."""
-    data = []
-    for j in range(rows):
-        at = T0 + timedelta(seconds=4 * i, milliseconds=(j * 797) % 5000)
-        if j % 17 == 0 and i > 2:
-            at -= timedelta(seconds=30)
-        data.append((i * 1000 + j, f"u{(j * 7 + i) % 9}", at, (j * 13 + i) % 50))
-    return pl.DataFrame(data, schema=EVENT, orient="row")
-
-
-def _write(directory: Path, files: int) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(files):
-        path = directory / f"part-{i:04d}.parquet"
-        _events(i).write_parquet(path)
-        os.utime(path, (1000 + i, 1000 + i))  # the listing orders by (mtime, name)
-    return directory
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +75,7 @@ def _windows(data: Path, per_trigger: int = 1) -> ms.StreamFrame:
 
 
 def test_one_worker_reads_its_source_itself(ray_cluster: Any, tmp_path: Path) -> None:
-    data = _write(tmp_path / "in", 8)
+    data = write_events(tmp_path / "in", 8)
     local, local_query = _run(_windows(data), ms.LocalRuntime(), tmp_path / "local")
     ray, query = _run(_windows(data), ms.RayRuntime(num_workers=1), tmp_path / "ray")
     assert ray == local
@@ -122,7 +98,7 @@ def test_one_worker_reads_its_source_itself(ray_cluster: Any, tmp_path: Path) ->
 def test_a_map_batches_stage_is_read_by_its_one_owner_not_the_driver(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 4)
+    data = write_events(tmp_path / "in", 4)
 
     def build() -> ms.StreamFrame:
         # A function of the whole batch: the owner reads both files of a batch first.
@@ -144,7 +120,7 @@ def test_a_map_batches_stage_is_read_by_its_one_owner_not_the_driver(
 def test_a_keyless_window_is_read_by_its_owner_at_two_workers(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 6)
+    data = write_events(tmp_path / "in", 6)
 
     def build() -> ms.StreamFrame:
         # q7's shape: a per-batch combiner, then a window without a key (one owner).
@@ -168,7 +144,7 @@ def test_a_keyless_window_is_read_by_its_owner_at_two_workers(
 def test_keyed_operators_at_two_workers_and_read_splits_tasks_keep_the_tasks(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 4)
+    data = write_events(tmp_path / "in", 4)
     local, _ = _run(_windows(data), ms.LocalRuntime(), tmp_path / "local")
     two, query2 = _run(_windows(data), ms.RayRuntime(num_workers=2), tmp_path / "two")
     tasks, query1 = _run(
@@ -210,7 +186,7 @@ def test_unpicklable_stage_stays_on_the_driver() -> None:
 def test_a_corrupt_file_fails_the_query_naming_it_as_locally(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 3)
+    data = write_events(tmp_path / "in", 3)
     (data / "part-0001.parquet").write_bytes(b"PAR1 this is not a parquet file")
 
     def start(runtime: ms.Runtime, checkpoint: Path) -> str:
@@ -274,7 +250,7 @@ def test_a_function_the_workers_cannot_import_leaves_the_read_on_the_driver(
     monkeypatch.syspath_prepend(str(helpers))
     import driver_only_udf
 
-    data = _write(tmp_path / "in", 3)
+    data = write_events(tmp_path / "in", 3)
 
     def build() -> ms.StreamFrame:
         return (

@@ -6,40 +6,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+from event_files import EVENT, T0, events, write_events
 
 import microstream as ms
 from microstream.exceptions import SourceError
 
 pytestmark = pytest.mark.filterwarnings("ignore::microstream.UnboundedStateWarning")
-
-T0 = datetime(2026, 1, 1)
-EVENT = pl.Schema({"id": pl.Int64(), "user": pl.String(), "ts": pl.Datetime("us"), "v": pl.Int64()})
-
-
-def _events(i: int, rows: int = 50) -> pl.DataFrame:
-    """File ``i``: 4 s of event time, disorder within 5 s, a few rows 30 s late."""
-    data = []
-    for j in range(rows):
-        at = T0 + timedelta(seconds=4 * i, milliseconds=(j * 797) % 5000)
-        if j % 17 == 0 and i > 2:
-            at -= timedelta(seconds=30)
-        data.append((i * 1000 + j, f"u{(j * 7 + i) % 9}", at, (j * 13 + i) % 50))
-    return pl.DataFrame(data, schema=EVENT, orient="row")
-
-
-def _write(directory: Path, files: int, first: int = 0) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(first, first + files):
-        path = directory / f"part-{i:04d}.parquet"
-        _events(i).write_parquet(path)
-        os.utime(path, (1000 + i, 1000 + i))  # the listing orders by (mtime, name)
-    return directory
 
 
 def minus_batch_mean(df: pl.DataFrame) -> pl.DataFrame:
@@ -77,7 +55,7 @@ def _sorted(out: dict[int, list[tuple[Any, ...]]]) -> dict[int, list[tuple[Any, 
 def test_files_filter_with_columns_window_equals_local_and_skips_the_driver(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 8)
+    data = write_events(tmp_path / "in", 8)
 
     def build() -> ms.StreamFrame:
         return (
@@ -104,7 +82,7 @@ def test_files_filter_with_columns_window_equals_local_and_skips_the_driver(
 def test_a_stage_that_needs_the_whole_batch_runs_on_the_driver(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 4)
+    data = write_events(tmp_path / "in", 4)
 
     def build() -> ms.StreamFrame:
         # A function of the whole batch: per split it would differ, so the stage is not cut.
@@ -128,7 +106,7 @@ def test_delta_source_aggregation_equals_local(ray_cluster: Any, tmp_path: Path)
 
     table = tmp_path / "table"
     for i in range(5):
-        write_deltalake(str(table), _events(i).to_arrow(), mode="append", partition_by=["user"])
+        write_deltalake(str(table), events(i).to_arrow(), mode="append", partition_by=["user"])
 
     def build() -> ms.StreamFrame:
         return (
@@ -148,7 +126,7 @@ def test_delta_source_aggregation_equals_local(ray_cluster: Any, tmp_path: Path)
 
 
 def test_a_stateless_files_query_needs_no_actors(ray_cluster: Any, tmp_path: Path) -> None:
-    data = _write(tmp_path / "in", 6)
+    data = write_events(tmp_path / "in", 6)
 
     def build() -> ms.StreamFrame:
         return (
@@ -170,8 +148,8 @@ def test_a_stateless_files_query_needs_no_actors(ray_cluster: Any, tmp_path: Pat
 def test_union_of_two_file_streams_into_a_join_equals_local(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    a = _write(tmp_path / "a", 4)
-    b = _write(tmp_path / "b", 4, first=10)
+    a = write_events(tmp_path / "a", 4)
+    b = write_events(tmp_path / "b", 4, first=10)
     clicks_schema = pl.Schema({"user": pl.String(), "click_ts": pl.Datetime("us")})
     clicks = tmp_path / "clicks"
     clicks.mkdir()
@@ -211,7 +189,7 @@ def test_union_of_two_file_streams_into_a_join_equals_local(
 def test_a_corrupt_file_fails_the_query_naming_it_as_locally(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
-    data = _write(tmp_path / "in", 3)
+    data = write_events(tmp_path / "in", 3)
     (data / "part-0001.parquet").write_bytes(b"PAR1 this is not a parquet file")
 
     def start(runtime: ms.Runtime, checkpoint: Path) -> str:
@@ -249,7 +227,7 @@ def test_watermarks_combine_over_the_splits_of_a_batch(
 
     table = tmp_path / "table"
     for i in range(6):
-        write_deltalake(str(table), _events(i).to_arrow(), mode="append", partition_by=["user"])
+        write_deltalake(str(table), events(i).to_arrow(), mode="append", partition_by=["user"])
 
     def build() -> ms.StreamFrame:
         return (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -24,7 +25,8 @@ JOIN_SCHEMA = pl.Schema(
 AGG_SCHEMA = pl.Schema({"name": pl.String, "w": pl.Datetime("us"), "n": pl.Int64})
 
 
-def join_store(storage: Storage) -> StateStore:
+def join_store(storage: Storage, **options: Any) -> StateStore:
+    """The join buffer the fixture was written with (``options``: more store options)."""
     return StateStore(
         storage,
         operator="join",
@@ -34,6 +36,7 @@ def join_store(storage: Storage) -> StateStore:
         schema=JOIN_SCHEMA,
         num_key_groups=8,
         snapshot_every=4,
+        **options,
     )
 
 
