@@ -102,3 +102,22 @@ def test_an_unsustainable_rate_misses_the_latency_target(tmp_path: Path) -> None
     )
     [row] = [row for row in table(tmp_path) if row.target.startswith("4.")]
     assert row.met is False
+
+
+def test_the_spark_row_is_judged_by_the_slowest_query(tmp_path: Path) -> None:
+    def spark_row(vs_spark: dict[str, float | None]) -> tuple[str, bool | None]:
+        queries = [
+            {"query": q, "microstream_ratios": {"vs_polars": 0.5, "vs_spark": r}}
+            for q, r in vs_spark.items()
+        ]
+        write(tmp_path, "nexmark", {"queries": queries})
+        [row] = [row for row in table(tmp_path) if "Spark" in row.target]
+        return row.measured, row.met
+
+    # q4 is refused by Spark: no ratio, not counted.
+    assert spark_row({"q0": 60.0, "q3": 51.2, "q4": None}) == (
+        "lowest 51.2x (q3); q0 60x, q3 51x",
+        True,
+    )
+    assert spark_row({"q0": 60.0, "q1": 16.9}) == ("lowest 16.9x (q1); q0 60x, q1 17x", False)
+    assert spark_row({"q0": None}) == ("not run (pass --spark)", None)
