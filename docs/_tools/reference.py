@@ -94,7 +94,12 @@ PAGES: tuple[Page, ...] = (
         "`group_by`, `group_by_dynamic` and `group_by_session` return is on "
         "[Grouping and windows](windows.md); the sink verbs that start a query are on "
         "[Sinks](sinks.md).",
-        (Entry("microstream.StreamFrame", {"inherited_members": ["match_recognize"]}),),
+        (
+            Entry(
+                "microstream.StreamFrame",
+                {"inherited_members": ["join", "join_asof", "join_where", "match_recognize"]},
+            ),
+        ),
     ),
     Page(
         "windows",

@@ -79,7 +79,7 @@ def test_pages_are_directives_only() -> None:
     text = reference.page_markdown(page)
     assert text.startswith("# StreamFrame\n\n")
     assert (
-        "::: microstream.StreamFrame\n    options:\n      inherited_members: [match_recognize]"
+        "::: microstream.StreamFrame\n    options:\n      inherited_members: [join, join_asof, join_where, match_recognize]"
         in text
     )
     windows = reference.page_markdown(next(p for p in reference.PAGES if p.slug == "windows"))
