@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 
 from microstream.state.format import KEY_GROUP_COLUMN
-from microstream.state.key_groups import stable_hash
 from microstream.state.keyed_rows import KeyProbe, equal_rows
+from microstream.state.small_hash import small_stable_hash
 
 __all__ = [
     "DELETED",
@@ -81,12 +81,12 @@ def hashed(
     >>> whole[KG][0] == whole[KG][1], whole[HASH][0] == whole[HASH][1]
     (True, False)
     """
-    h = stable_hash(frame, hash_columns)
+    h = small_stable_hash(frame, hash_columns)
     groups = (h % np.uint64(num_key_groups)).astype(np.uint16)
     if key_columns is not None and key_columns != hash_columns:
         prefix = key_columns[: len(hash_columns)] == hash_columns  # (continue, not re-hash)
         rest = key_columns[len(hash_columns) :] if prefix else key_columns
-        h = stable_hash(frame, rest, start=h if prefix else None)
+        h = small_stable_hash(frame, rest, start=h if prefix else None)
     low = (h >> np.uint64(16)) ^ np.uint64(seed & _LOW_48)
     mem = (groups.astype(np.uint64) << np.uint64(48)) | low
     columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
