@@ -23,13 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import microstream as ms
-from microstream.operators import tiny_fold
+from microstream.operators import aggregation, tiny_fold
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.aggregation import _group_by, _merge_by_position
-from microstream.operators.tiny_fold import TinyFold
+from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.state.key_groups import stable_hash
 from microstream.state.small_hash import small_stable_hash
 from microstream.state.store_rows import POSITION
+from microstream.time.windows import T, WindowSpec, to_us
 
 FLOATS = [0.0, -0.0, 1.5, -2.25, 1e308, -1e308, 5e-324, math.inf, -math.inf, math.nan, 0.1, 3.0]
 INTS = [0, 1, -1, 7, (1 << 63) - 1, -(1 << 63), 1 << 40]
@@ -218,6 +219,62 @@ def test_float_keys_of_several_rows_keep_the_polars_path() -> None:
     assert one is not None and one.get_column(schema.names()[1]).to_list() == [1]
 
 
+# -- the window assignment -------------------------------------------------------------
+
+
+def _polars_pairs(
+    batch: pl.DataFrame, spec: WindowSpec, dtype: pl.DataType, batch_id: int
+) -> pl.DataFrame:
+    """The Polars path of ``AggregationOperator._assign`` for a batch without null times."""
+    seq = pl.int_range(pl.len(), dtype=pl.Int64) + batch_id * (1 << 31)
+    t = to_us(spec.column)
+    return spec.assign(batch.with_columns(t.alias(T), seq.alias(ORDER_S), t.alias(ORDER_T)), dtype)
+
+
+@pytest.mark.parametrize(
+    "dtype", [pl.Datetime("us"), pl.Datetime("ms"), pl.Datetime("us", "Asia/Kolkata"), pl.Date()]
+)
+def test_tumbling_pairs_equal_polars(dtype: pl.DataType) -> None:
+    rng = random.Random(17)
+    base = dt.datetime(2024, 1, 1)
+    for _ in range(60):
+        every = rng.choice([1, 7, 1000, 60_000_000, 86_400_000_000, 7 * 86_400_000_000])
+        spec = WindowSpec(
+            "ts", every_us=every, period_us=every, offset_us=rng.randint(-every, every)
+        )
+        n = rng.randint(1, 16)
+        times = [
+            base + dt.timedelta(microseconds=rng.randint(-(6 * 10**16), 10**12)) for _ in range(n)
+        ]
+        batch = pl.DataFrame(
+            {"ts": pl.Series(times).cast(dtype), "v": [rng.random() for _ in range(n)]}
+        )
+        batch_id = rng.randint(0, 10**6)
+        got = tumbling_pairs(batch, spec, dtype, batch_id)
+        assert got is not None
+        expected = _polars_pairs(batch, spec, dtype, batch_id)
+        assert got.schema == expected.schema
+        assert got.rows() == expected.rows()
+
+
+def test_tumbling_pairs_leave_the_rest_to_polars() -> None:
+    tumbling = WindowSpec("ts", every_us=60_000_000, period_us=60_000_000)
+    rows = pl.DataFrame({"ts": [dt.datetime(2024, 1, 1)]})
+    assert tumbling_pairs(rows, tumbling, pl.Datetime("us"), 0) is not None
+    sliding = WindowSpec("ts", every_us=10, period_us=30)
+    assert tumbling_pairs(rows, sliding, pl.Datetime("us"), 0) is None
+    with_null = pl.DataFrame({"ts": [dt.datetime(2024, 1, 1), None]})
+    assert tumbling_pairs(with_null, tumbling, pl.Datetime("us"), 0) is None
+    ns = rows.with_columns(pl.col("ts").cast(pl.Datetime("ns")))
+    assert tumbling_pairs(ns, tumbling, pl.Datetime("ns"), 0) is None
+    assert tumbling_pairs(pl.concat([rows] * 17), tumbling, pl.Datetime("us"), 0) is None
+    # a window ending past the largest Datetime: Polars' path raises its error
+    far = pl.DataFrame({"ts": pl.Series([(1 << 63) - 10], dtype=pl.Datetime("us"))})
+    assert tumbling_pairs(far, tumbling, pl.Datetime("us"), 0) is None
+    with pytest.raises(ms.EventTimeError):
+        _polars_pairs(far, tumbling, pl.Datetime("us"), 0)
+
+
 # -- the key hash -------------------------------------------------------------------------
 
 
@@ -282,8 +339,9 @@ def test_small_hash_equals_stable_hash() -> None:
 def test_stream_results_equal_with_and_without_the_tiny_path(
     values: list[tuple[int, str | None, float | None, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Batches of 1-3 rows through a windowed aggregation, once with the Python path and
-    once with it refused: the same emitted rows, bit for bit."""
+    """Batches of 1-3 rows through a windowed aggregation, once with the Python paths and
+    once with them refused (Polars' window assignment, partials and merge): the same
+    emitted rows, bit for bit."""
     schema = {"ts": pl.Datetime("us"), "name": pl.String, "v": pl.Float64}
     start = dt.datetime(2024, 1, 1)
     rows = pl.DataFrame(
@@ -294,7 +352,7 @@ def test_stream_results_equal_with_and_without_the_tiny_path(
         },
         schema=schema,
     )
-    sizes = [size for _, _, _, size in values]
+    sizes = [1, *(size for _, _, _, size in values[1:])]  # (a 1-row batch first: tiny)
 
     def run() -> list[tuple[object, ...]]:
         source = ms.MemoryStream(schema)
@@ -338,5 +396,6 @@ def test_stream_results_equal_with_and_without_the_tiny_path(
     assert any(taken)  # (the Python path ran)
     with monkeypatch.context() as patch:
         patch.setattr(tiny_fold.TinyFold, "partials", lambda self, rows: None)
+        patch.setattr(aggregation, "tumbling_pairs", lambda *args: None)
         without = run()
     assert with_tiny == without

@@ -32,7 +32,7 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
-from microstream.operators.tiny_fold import TinyFold
+from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
@@ -45,7 +45,7 @@ from microstream.plan.nodes import (
 from microstream.state.store import StateStore
 from microstream.state.store_rows import POSITION
 from microstream.time.duration import format_duration
-from microstream.time.windows import END, START, T, Window, to_us
+from microstream.time.windows import END, START, T, Window, WindowSpec, to_us
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -417,12 +417,41 @@ class AggregationOperator(StoreBackedOperator):
 
     def _prepare(self, batch: pl.DataFrame, ctx: OperatorContext) -> pl.DataFrame:
         node = self.node
-        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         time_col = (
             node.window.column
             if node.window
             else (node.event_key.column if node.eviction == "key" and node.event_key else None)
         )
+        tiny = None
+        if isinstance(node.window, WindowSpec):  # (a few rows: their windows in Python)
+            time_dtype = node.input_schema[node.window.column]
+            tiny = tumbling_pairs(batch, node.window, time_dtype, ctx.batch_id)
+        df = tiny if tiny is not None else self._assign(batch, ctx, time_col)
+        # Complete mode keeps every group forever, so nothing is late (as in Spark).
+        if (
+            node.eviction is not None
+            and ctx.output_mode != "complete"
+            and not self._none_closed(df, ctx.late_watermark_us)
+        ):
+            # A row is late when its window or group was already closed by wm[N-1].
+            late = self._closed_predicate(ctx.late_watermark_us)
+            assert late is not None
+            df = self._drop_late(
+                df,
+                late.fill_null(False),
+                ctx,
+                batch.columns,
+                node.input_schema[time_col] if time_col else None,
+                has_window=node.window is not None,
+            )
+        return df
+
+    def _assign(
+        self, batch: pl.DataFrame, ctx: OperatorContext, time_col: str | None
+    ) -> pl.DataFrame:
+        """``batch`` with event time, order and windows, rows without a time dropped."""
+        node = self.node
+        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         if time_col is not None:
             time_us = to_us(time_col)
             df = batch.with_columns(time_us.alias(T), seq.alias(ORDER_S), time_us.alias(ORDER_T))
@@ -443,23 +472,6 @@ class AggregationOperator(StoreBackedOperator):
                 batch.columns,
                 node.input_schema[time_col],
                 f"its event-time key {time_col!r} is null, a group that never closes",
-            )
-        # Complete mode keeps every group forever, so nothing is late (as in Spark).
-        if (
-            node.eviction is not None
-            and ctx.output_mode != "complete"
-            and not self._none_closed(df, ctx.late_watermark_us)
-        ):
-            # A row is late when its window or group was already closed by wm[N-1].
-            late = self._closed_predicate(ctx.late_watermark_us)
-            assert late is not None
-            df = self._drop_late(
-                df,
-                late.fill_null(False),
-                ctx,
-                batch.columns,
-                node.input_schema[time_col] if time_col else None,
-                has_window=node.window is not None,
             )
         return df
 

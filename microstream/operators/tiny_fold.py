@@ -28,12 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 
-from microstream.operators.aggregates import AggregateSpec
+from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.state.store_rows import POSITION
+from microstream.time.windows import END, START, T, WindowSpec, max_time_us
 
-__all__ = ["TINY_ROWS", "TinyFold"]
+__all__ = ["TINY_ROWS", "TinyFold", "tumbling_pairs"]
 
 TINY_ROWS = 16
 """Batches of at most this many rows (after window assignment) take the Python path;
@@ -170,6 +172,65 @@ class TinyFold:
         except _NotExactError:
             return None
         return pl.DataFrame([*(fresh.get_column(k) for k in self.key_cols), *merged])
+
+
+def tumbling_pairs(
+    batch: pl.DataFrame, window: WindowSpec, time_dtype: pl.DataType, batch_id: int
+) -> pl.DataFrame | None:
+    """``batch`` with its rows' event time, order and tumbling window, as the Polars path
+    of the aggregation's ``_prepare`` adds them (``__t``, ``__os``, ``__ot``, ``__start``,
+    ``__end``), or None when that path must run: more than :data:`TINY_ROWS` rows, a null
+    or far-out time, a time unit whose conversion rounds, or a sliding window.
+
+    Examples
+    --------
+    >>> import datetime as dt
+    >>> import polars as pl
+    >>> spec = WindowSpec("ts", every_us=60_000_000, period_us=60_000_000)
+    >>> rows = pl.DataFrame({"ts": [dt.datetime(1970, 1, 1, 0, 1, 30)]})
+    >>> tumbling_pairs(rows, spec, pl.Datetime("us"), batch_id=0).row(0)[1:]
+    (90000000, 0, 90000000, 60000000, 120000000)
+    """
+    if batch.height > TINY_ROWS or window.period_us != window.every_us:
+        return None
+    times = batch.get_column(window.column)
+    if times.null_count():
+        return None  # (rows without a window: the Polars path counts and drops them)
+    if isinstance(time_dtype, pl.Datetime) and time_dtype.time_unit in ("us", "ms"):
+        scale = 1 if time_dtype.time_unit == "us" else 1000
+    elif isinstance(time_dtype, pl.Date):
+        scale = 86_400_000_000
+    else:
+        return None  # (nanoseconds: Polars' epoch rounds them its own way)
+    physical = times.to_numpy()
+    if physical.dtype.kind not in "mM":
+        return None
+    every, offset = window.every_us, window.offset_us
+    limit = max_time_us(time_dtype) - window.period_us
+    ts: list[int] = []
+    starts: list[int] = []
+    for value in physical.view(np.int64).tolist():
+        t = value * scale
+        start = (t - offset) // every * every + offset
+        if not -_SAFE < t < _SAFE or start > limit:
+            return None  # (Int64 arithmetic near its ends, a window past the dtype: Polars')
+        ts.append(t)
+        starts.append(start)
+    seq = batch_id * (1 << 31)
+    return pl.DataFrame(
+        [
+            *batch.get_columns(),
+            pl.Series(T, ts, dtype=pl.Int64),
+            pl.Series(ORDER_S, range(seq, seq + batch.height), dtype=pl.Int64),
+            pl.Series(ORDER_T, ts, dtype=pl.Int64),
+            pl.Series(START, starts, dtype=pl.Int64),
+            pl.Series(END, [s + window.period_us for s in starts], dtype=pl.Int64),
+        ]
+    )
+
+
+_SAFE = 1 << 62
+"""Times (microseconds) within this of zero: the window arithmetic cannot overflow Int64."""
 
 
 def _plan(
