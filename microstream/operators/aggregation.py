@@ -43,7 +43,7 @@ from microstream.plan.nodes import (
     WatermarkNode,
 )
 from microstream.state.store import StateStore
-from microstream.state.store_rows import POSITION
+from microstream.state.store_rows import POSITION, project
 from microstream.time.duration import format_duration
 from microstream.time.windows import END, START, T, Window, WindowSpec, to_us
 
@@ -397,7 +397,7 @@ class AggregationOperator(StoreBackedOperator):
         if self.emits is not None and ctx.output_mode == "update":
             out = self._emit_throttled(ctx, updated)
         else:
-            out = self._emit(ctx, None if updated is None else updated.select(self.key_cols))
+            out = self._emit(ctx, None if updated is None else project(updated, self.key_cols))
         self._removed += expired
         self._refresh_oldest()
         return out
