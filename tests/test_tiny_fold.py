@@ -29,7 +29,7 @@ from microstream.operators.aggregation import _group_by, _merge_by_position
 from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.state.key_groups import stable_hash
 from microstream.state.small_hash import small_stable_hash
-from microstream.state.store_rows import POSITION
+from microstream.state.store_rows import HASH, KG, POSITION, hashed, same_keys
 from microstream.time.windows import T, WindowSpec, to_us
 
 FLOATS = [0.0, -0.0, 1.5, -2.25, 1e308, -1e308, 5e-324, math.inf, -math.inf, math.nan, 0.1, 3.0]
@@ -313,6 +313,39 @@ def test_small_hash_equals_stable_hash() -> None:
         head, rest = columns[:1], columns[1:]
         start = small_stable_hash(frame, head)
         assert small_stable_hash(frame, rest, start=start).tolist() == expected.tolist()
+
+
+def test_hashed_of_a_few_rows_equals_the_numpy_path() -> None:
+    """``hashed`` takes Python integers up to 16 rows: the rows of a small frame get the
+    hash and key group they get inside a large frame (numpy's path)."""
+    rng = random.Random(18)
+    for _ in range(60):
+        frame = _hash_frame(rng, 20).select("i64", "s", "d", "b", "with_null")
+        small = frame.head(rng.randint(1, 16))
+        hash_columns = rng.sample(["i64", "s", "d"], rng.randint(1, 2))
+        for key_columns in (None, [*hash_columns, "b"], ["b", *hash_columns], hash_columns):
+            seed = rng.getrandbits(64)
+            big = hashed(frame, hash_columns, 128, seed, key_columns=key_columns)
+            got = hashed(small, hash_columns, 128, seed, key_columns=key_columns)
+            assert got.columns == [*small.columns, HASH, KG]
+            assert got.schema == big.schema
+            assert got.rows() == big.head(small.height).rows()
+    # a null in a numeric key (numpy's path there), and an earlier hash replaced
+    nulls = _hash_frame(rng, 3).select("with_null", "s")
+    again = hashed(hashed(nulls, ["with_null"], 8, 1), ["s"], 8, 1)
+    assert again.columns == ["with_null", "s", HASH, KG]
+    expected = hashed(pl.concat([nulls] * 6), ["s"], 8, 1).head(3)
+    assert again.rows() == expected.rows()
+
+
+def test_same_keys_of_a_few_rows() -> None:
+    a = pl.DataFrame({"k": [1, None, 3], "s": ["x", None, ""], "f": [0.0, 1.0, math.nan]})
+    assert same_keys(a, a.clone(), ["k", "s"])
+    assert not same_keys(a, a.with_columns(pl.lit(None, pl.Int64).alias("k")), ["k", "s"])
+    assert not same_keys(a, a.reverse(), ["k"])
+    assert not same_keys(a, a.head(2), ["k"])
+    # floats go to Polars' comparison: NaN equals NaN there, -0.0 is not 0.0 bitwise
+    assert same_keys(a, a.clone(), ["f"])
 
 
 # -- the whole operator -----------------------------------------------------------------

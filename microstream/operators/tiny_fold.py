@@ -128,7 +128,7 @@ class TinyFold:
         columns = self.columns
         if columns is None or rows.height > TINY_ROWS:
             return None
-        if any(rows.schema[k] != self.schema[k] for k in self.key_cols):
+        if any(rows.get_column(k).dtype != self.schema[k] for k in self.key_cols):
             return None  # (keys the store casts: Polars' path does)
         if rows.height > 1:
             if not self._keys_comparable:

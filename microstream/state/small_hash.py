@@ -26,7 +26,7 @@ from microstream.state.key_groups import (
     stable_hash,
 )
 
-__all__ = ["SMALL_ROWS", "small_stable_hash"]
+__all__ = ["SMALL_ROWS", "small_hash_list", "small_stable_hash"]
 
 SMALL_ROWS = 16
 """Up to this many rows the Python loop beats numpy's per-call cost (~2 us a value
@@ -48,16 +48,34 @@ def small_stable_hash(
     >>> [hex(h) for h in small_stable_hash(frame, ["user", "n"])]
     ['0x559d5c6f89a87e53', '0x6b78fa60c9aaa3fe']
     """
-    if frame.height > SMALL_ROWS:
+    hashes = small_hash_list(frame, columns, None if start is None else start.tolist())
+    if hashes is None:
         return stable_hash(frame, columns, start=start)
+    return np.array(hashes, dtype=np.uint64)
+
+
+def small_hash_list(
+    frame: pl.DataFrame, columns: Sequence[str], start: list[int] | None = None
+) -> list[int] | None:
+    """:func:`small_stable_hash` as Python integers, or None when the frame is not
+    small or a column's dtype is left to numpy (then ``stable_hash`` is the one to ask).
+
+    Examples
+    --------
+    >>> import polars as pl
+    >>> [hex(h) for h in small_hash_list(pl.DataFrame({"user": ["a"]}), ["user"])]
+    ['0xc4bbf1f475c0f826']
+    """
+    if frame.height > SMALL_ROWS:
+        return None
     words = [_value_hashes(frame.get_column(name)) for name in columns]
     if any(w is None for w in words):
-        return stable_hash(frame, columns, start=start)
-    hashes = [SEED] * frame.height if start is None else [int(h) for h in start.tolist()]
+        return None
+    hashes = [SEED] * frame.height if start is None else start
     for column in words:
         assert column is not None
         hashes = [_fmix64((h * P + v) & _MASK) for h, v in zip(hashes, column, strict=True)]
-    return np.array(hashes, dtype=np.uint64)
+    return hashes
 
 
 def _value_hashes(s: pl.Series) -> list[int] | None:
