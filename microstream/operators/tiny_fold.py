@@ -11,9 +11,9 @@ and only where the result is provably the one Polars gives, bit for bit:
 - the merge of a group's stored partial with the batch's is an aggregate of TWO
   values, ``old`` then ``fresh``: integer sums that stay in their dtype's range (Polars
   wraps around, which the Polars path keeps doing), float sums of finite values whose
-  result is not ``-0.0`` (Polars' sum of two values is ``a + b``, except that it
-  starts from ``+0.0``), and ``min``/``max`` of values that are neither NaN nor a zero
-  (NaN and the sign of zero are where Polars' ordering and Python's differ);
+  result is not zero (Polars' sum of two values is ``a + b``, except that its sum
+  of ``-0.0`` and ``-0.0`` is ``+0.0``), and ``min``/``max`` of values that are
+  neither NaN nor a zero (where Polars' ordering and Python's differ);
 - the aggregates are ``len``, ``count``, ``null_count``, ``sum``, ``min``, ``max`` and
   ``mean`` of a plain column of an integer, float or Boolean dtype.
 

@@ -3,9 +3,10 @@
 :func:`~microstream.state.key_groups.stable_hash` runs a dozen numpy operations per
 column, each ~1 us whatever the rows: ~40 us a column for a 1-row batch, which a state
 store hashes two or three times per fold. For a frame of at most :data:`SMALL_ROWS`
-rows whose key columns are integers, Booleans, temporals (without nulls) or strings
-(nulls allowed), :func:`small_stable_hash` computes the same algorithm, step for step,
-over the rows' Python values; any other frame goes to ``stable_hash``. The two agree
+rows whose key columns are integers, Booleans, dates, datetimes, durations (without
+nulls) or strings (nulls allowed), :func:`small_stable_hash` computes the same
+algorithm, step for step, over the rows' Python values; any other frame goes to
+``stable_hash``. The two agree
 on every value (``tests/test_tiny_fold.py`` compares them on random frames), which the
 checkpoint format requires: the hash decides a key's key group on disk.
 """
