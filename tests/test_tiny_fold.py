@@ -290,7 +290,7 @@ def _hash_frame(rng: random.Random, n: int) -> pl.DataFrame:
             "i8": pl.Series(pick([-128, 127, 0, -1]), dtype=pl.Int8),
             "u16": pl.Series(pick([0, 65535, 7]), dtype=pl.UInt16),
             "b": pick([True, False]),
-            "s": pick([None, "", "a", "é", "naïve 🦀", "x" * 40]),
+            "s": pick([None, "", "a", "é", "naïve 🦀", "x" * 40, "é" * 64, "y" * 65]),
             "ts": pl.Series(pick([base, base - dt.timedelta(days=40000)]), dtype=pl.Datetime("us")),
             "ns": pl.Series(pick([base]), dtype=pl.Datetime("ns", "Europe/Paris")),
             "d": pl.Series(pick([dt.date(2024, 1, 1), dt.date(1900, 1, 1)]), dtype=pl.Date),

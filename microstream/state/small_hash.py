@@ -34,6 +34,8 @@ SMALL_ROWS = 16
 against ~40 us a column)."""
 
 _MASK = (1 << 64) - 1
+_LONGEST_STRING = 64
+"""Longer strings (in characters, up to 4 UTF-8 bytes each) are hashed by numpy."""
 
 
 def small_stable_hash(
@@ -83,9 +85,10 @@ def _value_hashes(s: pl.Series) -> list[int] | None:
     """Step 2 of every value of ``s``, or None for a dtype left to numpy."""
     dtype = s.dtype
     if dtype == pl.String:
-        return [
-            NULL_HASH if v is None else _fmix64(_string_word(v) ^ VALUE_SEED) for v in s.to_list()
-        ]
+        strings: list[str | None] = s.to_list()
+        if any(v is not None and len(v) > _LONGEST_STRING for v in strings):
+            return None  # (a loop over every byte in Python: numpy's prefix sums win)
+        return [NULL_HASH if v is None else _fmix64(_string_word(v) ^ VALUE_SEED) for v in strings]
     integral = (
         dtype.is_integer() or dtype == pl.Boolean or isinstance(dtype, (pl.Datetime, pl.Date))
     )
