@@ -32,6 +32,7 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
 from microstream.plan.nodes import (
     SINGLE_PARTITION,
@@ -42,9 +43,9 @@ from microstream.plan.nodes import (
     WatermarkNode,
 )
 from microstream.state.store import StateStore
-from microstream.state.store_rows import POSITION
+from microstream.state.store_rows import POSITION, project
 from microstream.time.duration import format_duration
-from microstream.time.windows import END, START, T, Window, to_us
+from microstream.time.windows import END, START, T, Window, WindowSpec, to_us
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -288,6 +289,7 @@ class AggregationOperator(StoreBackedOperator):
         )
         self.partials: StateStore | None = None
         self.rows: StateStore | None = None
+        self._tiny: TinyFold | None = None
         # the state of the groups the current batch touched (partials, rows)
         self._touched: tuple[pl.DataFrame | None, pl.DataFrame | None] = (None, None)
         if self.spec.primitives:
@@ -306,6 +308,9 @@ class AggregationOperator(StoreBackedOperator):
                 schema=partial_schema,
                 one_row_per_key=True,  # (a group's partials are one row)
             )
+            if not self.spec.needs_rows:  # (buffered rows: the batch's rows go to Polars)
+                tiny = TinyFold(self.spec, self.key_cols, partial_schema, prepared)
+                self._tiny = tiny if tiny.usable else None
         if self.spec.needs_rows:
             row_columns = [*self.key_cols, ORDER_T, ORDER_S]
             row_columns += [c for c in self.spec.buffered_columns() if c not in row_columns]
@@ -392,7 +397,7 @@ class AggregationOperator(StoreBackedOperator):
         if self.emits is not None and ctx.output_mode == "update":
             out = self._emit_throttled(ctx, updated)
         else:
-            out = self._emit(ctx, None if updated is None else updated.select(self.key_cols))
+            out = self._emit(ctx, None if updated is None else project(updated, self.key_cols))
         self._removed += expired
         self._refresh_oldest()
         return out
@@ -412,12 +417,41 @@ class AggregationOperator(StoreBackedOperator):
 
     def _prepare(self, batch: pl.DataFrame, ctx: OperatorContext) -> pl.DataFrame:
         node = self.node
-        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         time_col = (
             node.window.column
             if node.window
             else (node.event_key.column if node.eviction == "key" and node.event_key else None)
         )
+        tiny = None
+        if isinstance(node.window, WindowSpec):  # (a few rows: their windows in Python)
+            time_dtype = node.input_schema[node.window.column]
+            tiny = tumbling_pairs(batch, node.window, time_dtype, ctx.batch_id)
+        df = tiny if tiny is not None else self._assign(batch, ctx, time_col)
+        # Complete mode keeps every group forever, so nothing is late (as in Spark).
+        if (
+            node.eviction is not None
+            and ctx.output_mode != "complete"
+            and not self._none_closed(df, ctx.late_watermark_us)
+        ):
+            # A row is late when its window or group was already closed by wm[N-1].
+            late = self._closed_predicate(ctx.late_watermark_us)
+            assert late is not None
+            df = self._drop_late(
+                df,
+                late.fill_null(False),
+                ctx,
+                batch.columns,
+                node.input_schema[time_col] if time_col else None,
+                has_window=node.window is not None,
+            )
+        return df
+
+    def _assign(
+        self, batch: pl.DataFrame, ctx: OperatorContext, time_col: str | None
+    ) -> pl.DataFrame:
+        """``batch`` with event time, order and windows, rows without a time dropped."""
+        node = self.node
+        seq = pl.int_range(pl.len(), dtype=pl.Int64) + ctx.batch_id * (1 << 31)
         if time_col is not None:
             time_us = to_us(time_col)
             df = batch.with_columns(time_us.alias(T), seq.alias(ORDER_S), time_us.alias(ORDER_T))
@@ -439,32 +473,22 @@ class AggregationOperator(StoreBackedOperator):
                 node.input_schema[time_col],
                 f"its event-time key {time_col!r} is null, a group that never closes",
             )
-        # Complete mode keeps every group forever, so nothing is late (as in Spark).
-        if (
-            node.eviction is not None
-            and ctx.output_mode != "complete"
-            and not self._none_closed(df, ctx.late_watermark_us)
-        ):
-            # A row is late when its window or group was already closed by wm[N-1].
-            late = self._closed_predicate(ctx.late_watermark_us)
-            assert late is not None
-            df = self._drop_late(
-                df,
-                late.fill_null(False),
-                ctx,
-                batch.columns,
-                node.input_schema[time_col] if time_col else None,
-                has_window=node.window is not None,
-            )
         return df
 
     def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
         """Fold the batch into the state; returns the touched keys with their row counts."""
-        # One pass over the batch gives its partials, its keys and their row counts.
-        batch_partials = _group_by(
-            pairs, self.key_cols, [*self.spec.partial_exprs(), pl.len().alias("__n")]
-        )
-        updated = batch_partials.select(*self.key_cols, "__n")
+        # A few rows, one per group: partials and merge in Python, the same values.
+        tiny = self._tiny.partials(pairs) if self._tiny is not None else None
+        if tiny is not None:
+            batch_partials = tiny
+            ones = pl.Series("__n", [1] * tiny.height, dtype=pl.get_index_type())
+            updated = pl.DataFrame([*(tiny.get_column(k) for k in self.key_cols), ones])
+        else:
+            # One pass over the batch gives its partials, its keys and their row counts.
+            batch_partials = _group_by(
+                pairs, self.key_cols, [*self.spec.partial_exprs(), pl.len().alias("__n")]
+            )
+            updated = batch_partials.select(*self.key_cols, "__n")
         if self._end_floor is not None and self.node.eviction == "window":
             self._end_floor = min(self._end_floor, lowest_us(updated.get_column(END)))
         if self.partials is not None:
@@ -475,10 +499,15 @@ class AggregationOperator(StoreBackedOperator):
             def merge(old: pl.DataFrame, fresh: pl.DataFrame) -> pl.DataFrame:
                 if old.height == 0:
                     return fresh  # (no stored partials for these groups: the batch's are)
+                if tiny is not None and self._tiny is not None:
+                    merged = self._tiny.merge(old, fresh)
+                    if merged is not None:
+                        return merged
                 return _merge_by_position(old, fresh, self.key_cols, schema, self.spec)
 
             # The stored partials of the batch's groups, merged and written back: one probe.
-            merged = self.partials.fold(batch_partials.select(as_stored), merge, positions=True)
+            fresh = tiny if tiny is not None else batch_partials.select(as_stored)
+            merged = self.partials.fold(fresh, merge, positions=True)
         all_rows = None
         if self.rows is not None:
             columns = self.rows.schema.names()

@@ -421,7 +421,7 @@ class StateStore:
         old = _project(found, list(self.schema))
         if positions:  # (none stored: no search)
             at = key_positions(keys, found, self.key_columns) if found.height else _NO_ROWS
-            old = old.with_columns(pl.Series(_POSITION, at, dtype=pl.UInt32))
+            old = old.hstack([pl.Series(_POSITION, at, dtype=pl.UInt32)])
         merged = merge(old, rows)
         if merged.height != rows.height:
             msg = f"fold of operator {self.operator!r}: {rows.height} key(s) merged into {merged.height} rows; expected one row per key"

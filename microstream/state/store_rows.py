@@ -17,6 +17,7 @@ import polars as pl
 from microstream.state.format import KEY_GROUP_COLUMN
 from microstream.state.key_groups import stable_hash
 from microstream.state.keyed_rows import KeyProbe, equal_rows
+from microstream.state.small_hash import small_hash_list
 
 __all__ = [
     "DELETED",
@@ -42,6 +43,13 @@ ORDER = "__order"  # in memory only: position of a delta file in a replay
 POSITION = "__fold_position"  # given to a fold's merge: the row of the folded rows
 MASK = "__mask"
 _LOW_48 = (1 << 48) - 1
+_SMALL_ROWS = 16  # (up to this many rows, Python over the values beats a Polars call)
+
+
+def _python_equal(dtype: pl.DataType) -> bool:
+    """Whether Python's ``==`` on this dtype's values (nulls as None) is Polars' equality
+    with nulls equal: not floats (NaN, -0.0), not times finer than Python's microseconds."""
+    return dtype.is_integer() or dtype in (pl.String, pl.Boolean, pl.Date)
 
 
 def hashed(
@@ -81,6 +89,9 @@ def hashed(
     >>> whole[KG][0] == whole[KG][1], whole[HASH][0] == whole[HASH][1]
     (True, False)
     """
+    small = _small_hashed(frame, hash_columns, num_key_groups, seed, key_columns)
+    if small is not None:
+        return small
     h = stable_hash(frame, hash_columns)
     groups = (h % np.uint64(num_key_groups)).astype(np.uint16)
     if key_columns is not None and key_columns != hash_columns:
@@ -92,6 +103,35 @@ def hashed(
     columns = [c for c in frame.get_columns() if c.name not in (HASH, KG)]
     return pl.DataFrame(
         [*columns, pl.Series(HASH, mem, dtype=pl.UInt64), pl.Series(KG, groups, dtype=pl.UInt16)]
+    )
+
+
+def _small_hashed(
+    frame: pl.DataFrame,
+    hash_columns: list[str],
+    num_key_groups: int,
+    seed: int,
+    key_columns: list[str] | None,
+) -> pl.DataFrame | None:
+    """:func:`hashed` of a few rows in Python integers (the same values: ``small_hash_list``
+    is ``stable_hash``), or None when ``frame`` is not such a frame."""
+    names = frame.columns  # (not ``schema``: a Schema built per call)
+    if HASH in names or KG in names:
+        return None
+    h = small_hash_list(frame, hash_columns)
+    if h is None:
+        return None
+    groups = [x % num_key_groups for x in h]
+    if key_columns is not None and key_columns != hash_columns:
+        prefix = key_columns[: len(hash_columns)] == hash_columns
+        rest = key_columns[len(hash_columns) :] if prefix else key_columns
+        h = small_hash_list(frame, rest, h if prefix else None)
+        if h is None:
+            return None
+    low = seed & _LOW_48
+    mem = [(g << 48) | ((x >> 16) ^ low) for g, x in zip(groups, h, strict=True)]
+    return frame.hstack(
+        [pl.Series(HASH, mem, dtype=pl.UInt64), pl.Series(KG, groups, dtype=pl.UInt16)]
     )
 
 
@@ -128,9 +168,14 @@ def same_keys(a: pl.DataFrame, b: pl.DataFrame, key_columns: list[str]) -> bool:
     >>> same_keys(pl.DataFrame({"k": [1, 2]}), pl.DataFrame({"k": [2, 1]}), ["k"])
     False
     """
-    return a.height == b.height and bool(
-        equal_rows(project(a, key_columns), project(b, key_columns)).all()
-    )
+    if a.height != b.height:
+        return False
+    if a.height <= _SMALL_ROWS:
+        pairs = [(a.get_column(k), b.get_column(k)) for k in key_columns]
+        if all(_python_equal(x.dtype) and x.dtype == y.dtype for x, y in pairs):
+            # (a few rows of keys whose Python values compare as Polars' do: no Polars call)
+            return all(x.to_list() == y.to_list() for x, y in pairs)
+    return bool(equal_rows(project(a, key_columns), project(b, key_columns)).all())
 
 
 def project(frame: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
@@ -207,8 +252,8 @@ def upserted(rows: pl.DataFrame) -> pl.DataFrame:
     >>> upserted(pl.DataFrame({"k": [1, 2]})).rows()
     [(1, False), (2, False)]
     """
-    flags = pl.Series(DELETED, np.zeros(rows.height, dtype=bool))
-    return pl.DataFrame([*rows.get_columns(), flags])
+    # (hstack: a new frame of the same columns plus one, without a frame built anew)
+    return rows.hstack([pl.Series(DELETED, np.zeros(rows.height, dtype=bool))])
 
 
 def by_key_group(rows: pl.DataFrame) -> pl.DataFrame:
