@@ -80,12 +80,19 @@ def commit_parts(
             f"0-{num_key_groups - 1} exactly once"
         )
         raise CheckpointError(msg)
-    kinds = {(p.version, p.parent, p.snapshot, p.layout, p.evicted_through_us) for p in ordered}
+    kinds = {(p.version, p.parent, p.snapshot) for p in ordered}
     if len(kinds) != 1:
         msg = (
-            f"cannot commit {where}: its owners disagree on (version, parent, snapshot, "
-            "layout, eviction cut): "
+            f"cannot commit {where}: its owners disagree on (version, parent, snapshot): "
             f"{sorted(kinds, key=str)}; every owner must load the same version before writing"
+        )
+        raise CheckpointError(msg)
+    layouts = {(p.layout, p.evicted_through_us) for p in ordered}
+    if len(layouts) != 1:
+        msg = (
+            f"cannot commit {where}: its owners disagree on (layout, eviction cut): "
+            f"{sorted(layouts, key=str)}; every owner of a segment buffer evicts through the "
+            "same watermark"
         )
         raise CheckpointError(msg)
     first = ordered[0]
