@@ -340,3 +340,48 @@ def test_sigkill_between_a_buffers_files_and_manifests_then_restart(tmp_path: Pa
                 canon(read_store(state.sub(side), version=last)),
             )
     assert any(f.height for f in expected.values())
+
+
+@pytest.mark.parametrize("time_column", ["t", None])
+def test_many_small_segments_are_merged_and_every_version_loads(time_column: str | None) -> None:
+    """40 versions of two rows each and no eviction (a long bound, or none): past 32 live
+    segments a commit merges the oldest into one file (flags as they are then), so a
+    manifest lists at most 33 segments; every version loads as the buffer had it."""
+    storage = memory()
+    schema = {"k": pl.Int64(), "t": pl.Datetime("us"), "id": pl.Int64(), "m": pl.Boolean()}
+
+    def make() -> SegmentBuffer:
+        return SegmentBuffer(
+            storage,
+            operator="b",
+            key_columns=["k", "id"],
+            hash_columns=["k"],
+            schema=schema,
+            time_column=time_column,
+            row_id_column="id",
+            flag_column="m",
+            num_key_groups=8,
+        )
+
+    buffer = make()
+    buffer.load(None)
+    frames = {}
+    for v in range(40):
+        buffer.insert(
+            pl.DataFrame(
+                {"k": [v % 5, v % 3], "t": [1000 - v, 2000 + v], "id": [2 * v, 2 * v + 1]},
+                schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+            ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        )
+        buffer.mark(pl.Series([2 * v - 9]))  # a row four versions old matched
+        buffer.commit(v)
+        frames[v] = canon(buffer.frame)
+        entry = storage.read_model(version_file(v), SegmentVersion)
+        assert sum(f.kind == "segment" for f in entry.files) <= 33
+    assert "segments/32/0-8.older.arrow" in [f.name for f in entry.files]  # (33 live at 32)
+    assert frames[39].height == 80
+    assert sorted(frames[39].filter(pl.col("m")).get_column("id")) == list(range(1, 70, 2))
+    for v in (5, 31, 32, 33, 39):
+        again = make()
+        again.load(v)
+        assert_frame_equal(canon(again.frame), frames[v])

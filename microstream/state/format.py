@@ -216,16 +216,21 @@ def ranged_delta_file(version: int, lo: int, hi: int, fence: str = "") -> str:
     return f"{DELTAS_DIR}/{version}/{lo}-{hi}{fenced(fence)}.arrow"
 
 
-def segment_file(kind: str, version: int, lo: int, hi: int, fence: str = "") -> str:
-    """A segment buffer's ``segment`` or ``marks`` file of a version and key-group range.
+def segment_file(
+    kind: str, version: int, lo: int, hi: int, fence: str = "", *, part: str = ""
+) -> str:
+    """A segment buffer's ``segment`` or ``marks`` file of a version and key-group range;
+    ``part="older"``: the segment of older segments' rows a version merged.
 
     Examples
     --------
     >>> segment_file("segment", 7, 0, 128), segment_file("marks", 7, 0, 64, "r1a.0")
     ('segments/7/0-128.arrow', 'marks/7/0-64.r1a.0.arrow')
+    >>> segment_file("segment", 7, 0, 128, part="older")
+    'segments/7/0-128.older.arrow'
     """
     folder = SEGMENTS_DIR if kind == "segment" else MARKS_DIR
-    return f"{folder}/{version}/{lo}-{hi}{fenced(fence)}.arrow"
+    return f"{folder}/{version}/{lo}-{hi}{fenced(fence)}{fenced(part)}.arrow"
 
 
 def snapshot_file(version: int, lo: int, hi: int, fence: str = "") -> str:
