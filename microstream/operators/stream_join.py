@@ -3,12 +3,13 @@
 The semantics are Spark's symmetric hash join with an event-time range
 condition. Each side buffers its rows in a
 :class:`~microstream.state.segment_buffer.SegmentBuffer`: a segment of rows per
-batch, sorted by time, each row with its key group (hashed on the join keys). A
+batch with its time range, each row with its key group (hashed on the join keys). A
 batch finds the buffered rows of its keys with one Polars semi join per side,
 pairs them with one join of keys, times and positions, appends its new rows, and
 marks a kept row by its row id when it first matches (outer joins remember that;
 a semi or anti join's left row leaves the buffer at its first match, as it is
-never emitted again); the watermark evicts a time-sorted prefix of each segment.
+never emitted again); the watermark drops the segments wholly below its cut and
+filters the few it straddles.
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and

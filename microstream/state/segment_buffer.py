@@ -6,11 +6,12 @@ looks a key up, never replaces a row, and drops rows oldest first. A
 :class:`SegmentBuffer` keeps exactly that, without a keyed store's per-row
 bookkeeping (hashes, sorted merges, a deletion marker per evicted row):
 
-- a *segment* per version (batch) and writer: the rows the version added, sorted by
-  time, each with its key group (one stable hash of the join keys per row,
+- a *segment* per version (batch) and writer: the rows the version added, with their
+  time range, each with its key group (one stable hash of the join keys per row,
   :func:`~microstream.state.key_groups.key_groups`); written once, as one Arrow file;
 - eviction by time: every row at or below a cut (:meth:`SegmentBuffer.evict_through`)
-  leaves, a prefix of each segment (a whole segment: its file is no longer listed);
+  leaves: a segment wholly below the cut is dropped (its file is no longer listed), one
+  wholly above is not read, only the few that straddle it are filtered;
   the cut is one number in the version's manifest, no file per evicted row;
 - *marks*: the ids of rows flagged (``flag_column`` set true: an outer join's row
   that matched) or removed (a semi join's matched row) after their segment was
@@ -20,7 +21,7 @@ On disk (``state/<operator>/<store>/``, beside a keyed store's ``_metadata.json`
 
     _segments.json                   SegmentSpec: the time, row-id and flag columns
     versions/<v>.json                SegmentVersion: every live file, the cut, rows per group
-    segments/<v>/<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1, by time
+    segments/<v>/<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1
     marks/<v>/<lo>-<hi>.arrow        row id, key group, removed: the marks of version v
 
 A version exists when its manifest does (written last); it lists every file it
@@ -87,12 +88,15 @@ _KEEP_SEGMENTS = 16
 
 @dataclass
 class _Segment:
-    """Rows one version added (sorted by time), and the file entries that hold them."""
+    """Rows one version added, their time range, and the file entries that hold them."""
 
     frame: pl.DataFrame
     """The state's columns and the key group."""
     times: np.ndarray | None
-    """The rows' times in microseconds, ascending (None: the buffer has no time column)."""
+    """The rows' times in microseconds (None: the buffer has no time column)."""
+    earliest: int = 0
+    latest: int = 0
+    """The lowest and highest of ``times`` (when there are rows)."""
     files: list[StateFile] = field(default_factory=list)
     """Empty: not written yet (added since the last commit)."""
     version: int | None = None
@@ -282,7 +286,7 @@ class SegmentBuffer:
                 keep = ~hit
                 s.frame = s.frame.filter(keep)
                 if s.times is not None:
-                    s.times = s.times[keep.to_numpy()]
+                    _set_times(s, s.times[keep.to_numpy()])
             else:
                 flag = self.spec.flag_column
                 assert flag is not None, "mark(removed=False) of a buffer without a flag column"
@@ -312,10 +316,15 @@ class SegmentBuffer:
         kept: list[_Segment] = []
         for s in self._segments:
             assert s.times is not None
-            k = int(np.searchsorted(s.times, cut, side="right"))
-            if k:
-                gone.append(s.frame.slice(0, k))
-                s.frame, s.times = s.frame.slice(k), s.times[k:]
+            if s.frame.height and s.latest <= cut:
+                gone.append(s.frame)
+                s.frame, s.times = s.frame.clear(), s.times[:0]
+            elif s.frame.height and s.earliest <= cut:
+                keep = s.times > cut
+                mask = pl.Series(keep)
+                gone.append(s.frame.filter(~mask))
+                s.frame = s.frame.filter(mask)
+                _set_times(s, s.times[keep])
             if s.frame.height or not s.files:
                 kept.append(s)
         self._segments = kept
@@ -446,16 +455,19 @@ class SegmentBuffer:
     # -- internals -----------------------------------------------------------------
 
     def _add(self, rows: pl.DataFrame) -> None:
-        """Add ``rows`` (with key groups) as a segment not written yet, sorted by time."""
-        times = None
+        """Add ``rows`` (with key groups) as a segment not written yet."""
+        self._segments.append(self._segment(rows))
+        self._changed()
+
+    def _segment(self, rows: pl.DataFrame) -> _Segment:
+        """``rows`` (with key groups) as a segment, with their times (not sorted: a batch's
+        rows are roughly in time order, so few segments straddle a cut, and filtering
+        those costs less than sorting every batch's rows)."""
+        segment = _Segment(rows, None)
         time = self.spec.time_column
         if time is not None:
-            times = rows.select(to_us(time)).to_series().to_numpy()
-            if len(times) > 1 and not bool(np.all(times[1:] >= times[:-1])):
-                order = np.argsort(times, kind="stable")
-                rows, times = rows[order], times[order]
-        self._segments.append(_Segment(rows, times))
-        self._changed()
+            _set_times(segment, rows.select(to_us(time)).to_series().to_numpy())
+        return segment
 
     def _changed(self) -> None:
         self._pending = True
@@ -499,13 +511,11 @@ class SegmentBuffer:
         return [f for s in written for f in s.files] + [f for _, f in self._mark_files]
 
     def _merged(self, segments: list[_Segment]) -> _Segment:
-        """One segment (not written) of the rows of ``segments``, sorted by time."""
-        rows = pl.concat([s.frame for s in segments], how="vertical")
-        if self.spec.time_column is None:
-            return _Segment(rows, None)
-        times = np.concatenate([s.times for s in segments if s.times is not None])
-        order = np.argsort(times, kind="stable")
-        return _Segment(rows[order], times[order])
+        """One segment (not written) of the rows of ``segments``."""
+        merged = _Segment(pl.concat([s.frame for s in segments], how="vertical"), None)
+        if self.spec.time_column is not None:
+            _set_times(merged, np.concatenate([s.times for s in segments if s.times is not None]))
+        return merged
 
     def _write_file(
         self, name: str, kind: str, frame: pl.DataFrame, span: tuple[int, int]
@@ -558,10 +568,9 @@ class SegmentBuffer:
                 marks.append(frame)
                 mark_files.append((_version_of(f), used))
             elif f.kind == "segment":
-                times = None
-                if self.spec.time_column is not None:
-                    times = frame.select(to_us(self.spec.time_column)).to_series().to_numpy()
-                segments.append(_Segment(frame, times, [used], _version_of(f)))
+                segment = self._segment(frame)
+                segment.files, segment.version = [used], _version_of(f)
+                segments.append(segment)
             else:
                 msg = (
                     f"checkpoint file {self.storage.display(version_file(entry.version))} "
@@ -724,6 +733,12 @@ class SegmentBuffer:
             )
             raise ValueError(msg)
         return groups.start, groups.stop
+
+
+def _set_times(segment: _Segment, times: np.ndarray) -> None:
+    segment.times = times
+    if len(times):
+        segment.earliest, segment.latest = int(times.min()), int(times.max())
 
 
 def _version_of(entry: StateFile) -> int:
