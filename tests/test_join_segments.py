@@ -385,3 +385,32 @@ def test_many_small_segments_are_merged_and_every_version_loads(time_column: str
         again = make()
         again.load(v)
         assert_frame_equal(canon(again.frame), frames[v])
+
+
+def test_read_state_of_a_query_reads_its_join_buffers(tmp_path: Path) -> None:
+    """``ms.read_state`` (and ``query.state``) of a running join read the segment buffers
+    as of the last committed batch, with the flags the marks set."""
+    import microstream as ms
+
+    imps, clicks = ms.MemoryStream(fixture.IMPS), ms.MemoryStream(fixture.CLICKS)
+    query = (
+        imps.lazy()
+        .with_watermark("imp_time", "1m")
+        .join(clicks.lazy().with_watermark("click_time", "1m"), on="ad", how="left", within="5m")
+        .sink_memory(f"segments_{uuid.uuid4().hex[:8]}", checkpoint=str(tmp_path / "cp"))
+    )
+    left, right, _ = fixture.batch(0)
+    imps.add_data(left)
+    query.process_all_available()
+    clicks.add_data(right)
+    query.process_all_available()
+    buffered = ms.read_state(tmp_path / "cp", operator="op0", store="left")
+    query.stop()
+    assert sorted(buffered.get_column("imp").to_list()) == sorted(left.get_column("imp"))
+    matched = buffered.filter(pl.col("__matched")).get_column("imp").to_list()
+    assert (
+        set(matched) == set(left.join(right, on="ad", how="semi").get_column("imp").to_list())
+        and matched
+    )
+    right_rows = ms.read_state(tmp_path / "cp", operator="op0", store="right")
+    assert sorted(right_rows.get_column("click").to_list()) == sorted(right.get_column("click"))
