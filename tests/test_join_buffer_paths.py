@@ -20,8 +20,8 @@ import microstream as ms
 from microstream.checkpoint.storage import Storage
 from microstream.operators.stream_join import MATCHED, ROW_ID, StreamJoinNode, StreamJoinOperator
 from microstream.plan.nodes import OperatorContext
-from microstream.state.format import StateVersion, version_file
-from microstream.state.rotation import SNAPSHOT_FILES
+from microstream.state.format import SegmentVersion, StateVersion, version_file
+from microstream.state.store import StateStore
 
 T0 = datetime(2024, 1, 1)
 MINUTE = 60_000_000
@@ -226,10 +226,11 @@ def test_semi_join_continues_a_buffer_with_matched_rows_kept() -> None:
     assert op.left.rows == 0
 
 
-def test_a_large_buffer_snapshots_every_snapshot_every_versions_and_restarts() -> None:
-    """A buffer above the store's spread threshold (100k rows) still writes only its delta
-    in a version not divisible by ``snapshot_every`` (the spread rule snapshotted most of
-    it at once), a full snapshot at 10, and loads at every committed version."""
+def test_a_large_buffer_writes_only_its_new_rows_and_restarts() -> None:
+    """A buffer of 110k rows writes in each version only the segment of the rows the
+    batch added (the keyed store's spread rule snapshotted most of it at once; its full
+    snapshots rewrote it every ``snapshot_every`` versions), its manifest lists every
+    live segment, and it loads at every committed version."""
     node = node_of(lambda left, right: left.join(right, on="ad", how="left", within="10m"))
     storage = Storage(f"memory://join-buffer-{uuid.uuid4().hex}")
     op = node.build_operator("join", storage)
@@ -250,13 +251,14 @@ def test_a_large_buffer_snapshots_every_snapshot_every_versions_and_restarts() -
         op.process((left, right), ctx(version, -1e9, -1e8))  # (the watermark evicts nothing)
         op.commit(version)
         frames[version] = op.left.frame.sort(ROW_ID)
-        entry = storage.sub("left").read_model(version_file(version), StateVersion)
-        kinds = sorted({f.kind for f in entry.files})
-        assert (entry.snapshot, kinds) == (
-            (True, ["snapshot"]) if version == 10 else (False, ["delta"])
-        )
-        # (a buffer above ONE_FILE_SNAPSHOT_ROWS: a full snapshot in SNAPSHOT_FILES files)
-        assert len(entry.files) == (SNAPSHOT_FILES if version == 10 else 1)
+        entry = storage.sub("left").read_model(version_file(version), SegmentVersion)
+        segments = [f for f in entry.files if f.kind == "segment"]
+        assert len(segments) == version
+        # (a left row's first match: one row id in a marks file, not the row rewritten)
+        assert all(f.rows <= 1 for f in entry.files if f.kind == "marks")
+        new = [f for f in segments if f.name.startswith(f"segments/{version}/")]
+        assert [f.rows for f in new] == [n if version == 1 else 1]
+        assert [f.rows for f in entry.files][:1] == [n]  # (version 1's, never rewritten)
     assert op.left.rows == n + 9
     for version in (1, 5, 9, 10):
         again = node.build_operator("join", storage)
@@ -265,9 +267,11 @@ def test_a_large_buffer_snapshots_every_snapshot_every_versions_and_restarts() -
 
 
 def test_a_buffer_with_spread_snapshots_continues() -> None:
-    """A checkpoint whose buffers were snapshotted by the spread rule (how buffers above
-    100k rows were written before this slice) loads and continues: same rows emitted
-    and the same state as a run that never stopped, and every version loads."""
+    """A checkpoint whose buffers were keyed stores snapshotted by the spread rule (how
+    buffers above 100k rows were written before the join buffer slice; written here
+    with the keyed store, holding a run's buffers at each version) loads and continues:
+    same rows emitted and the same state as a run that never stopped, and every
+    version loads."""
     node = node_of(lambda left, right: left.join(right, on="ad", how="left", within="10m"))
     n = 110_000
     batches = [
@@ -296,21 +300,36 @@ def test_a_buffer_with_spread_snapshots_continues() -> None:
             lw, w = watermarks[v - 1]
             out.append(op.process(batches[v - 1], ctx(v, lw, w)).rows)
             op.commit(v)
+            held[v] = {side: getattr(op, side).frame for side in ("left", "right")}
         return out
 
+    held: dict[int, dict[str, pl.DataFrame]] = {}
     whole = operator(node)
     want = run(whole, range(1, 9))
 
     storage = Storage(f"memory://join-buffer-{uuid.uuid4().hex}")
-    before = node.build_operator("join", storage)
-    for store in (before.left, before.right):
-        store.spread_snapshots_above = 100_000  # the rule buffers were written with
-    got = run(before, range(1, 4))
+    for side, on in (("left", "ad"), ("right", "ad")):
+        keyed = StateStore(
+            storage.sub(side),
+            operator=f"join/{side}",
+            key_columns=[on, ROW_ID],
+            hash_columns=[on],
+            one_row_per_key=True,
+            schema=getattr(whole, side).schema,
+            spread_snapshots_above=100_000,  # the rule buffers were written with
+        )
+        keyed.load(None)
+        for v in range(1, 4):
+            rows, kept = held[v][side], keyed.frame
+            gone = kept.join(rows, on=ROW_ID, how="anti").select(on, ROW_ID)
+            changed = rows.join(kept, on=rows.columns, how="anti", nulls_equal=True)
+            keyed.apply(upserts=changed, deletes=gone)
+            keyed.commit(v)
     first = storage.sub("left").read_model(version_file(1), StateVersion)
     assert {f.kind for f in first.files} == {"delta", "snapshot"}  # spread slices
     after = node.build_operator("join", storage)
     after.load(3)
-    got += run(after, range(4, 9))
+    got = want[:3] + run(after, range(4, 9))
     for a, b in zip(got, want):
         assert_frame_equal(a.sort(a.columns, nulls_last=True), b.sort(b.columns, nulls_last=True))
     assert sum(f.height for f in got) > n  # the expired impressions, unmatched

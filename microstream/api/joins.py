@@ -191,11 +191,8 @@ class JoinVerbs:
         >>> joined.columns
         ['sym', 't', 'qty', 'qt', 'px']
         """
-        from microstream.operators.stream_join import (
-            StreamAsofJoinNode,
-            _signed_us,
-            stream_join_keys,
-        )
+        from microstream.operators.join_bounds import signed_us, stream_join_keys
+        from microstream.operators.stream_join import StreamAsofJoinNode
 
         if not isinstance(other, JoinVerbs):
             msg = "join_asof needs a stream on both sides; this version has no static join_asof"
@@ -231,7 +228,7 @@ class JoinVerbs:
             right_time=right_time,
             by_left=keys_left,
             by_right=keys_right,
-            tolerance_us=None if tolerance is None else _signed_us(tolerance, "tolerance"),
+            tolerance_us=None if tolerance is None else signed_us(tolerance, "tolerance"),
             suffix=suffix,
             allow_exact_matches=allow_exact_matches,
             left_schema=left_schema,

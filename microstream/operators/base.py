@@ -22,6 +22,7 @@ from microstream.time.windows import END, START, from_us
 
 if TYPE_CHECKING:
     from microstream.state.format import StatePart
+    from microstream.state.segment_buffer import SegmentBuffer
     from microstream.state.store import StateStore
 
 __all__ = ["StoreBackedOperator", "late_rows_frame", "lowest_us"]
@@ -53,7 +54,7 @@ class StoreBackedOperator(ABC):
     def _process(self, inputs: tuple[pl.DataFrame, ...], ctx: OperatorContext) -> pl.DataFrame:
         """Apply the batch's rows (one frame per input) and return what to emit."""
 
-    def _stores(self) -> list[StateStore]:
+    def _stores(self) -> Sequence[StateStore | SegmentBuffer]:
         raise AssertionError("subclasses list their stores")  # pragma: no cover
 
     def use_key_groups(self, num_key_groups: int) -> None:

@@ -1,12 +1,15 @@
 """Stream-stream joins: two watermarked streams joined on keys within a time bound.
 
 The semantics are Spark's symmetric hash join with an event-time range
-condition. Each side buffers its rows in a state store, one key per row (the
-join keys and a row id) hashed on the join keys. A batch finds the buffered rows
-of its keys with one Polars semi join per side, pairs them with one join of
-keys, times and positions, inserts its new rows, and rewrites a kept row only
-when it first matches (outer joins remember that; a semi or anti join's left row
-leaves the buffer at its first match, as it is never emitted again).
+condition. Each side buffers its rows in a
+:class:`~microstream.state.segment_buffer.SegmentBuffer`: a segment of rows per
+batch with its time range, each row with its key group (hashed on the join keys). A
+batch finds the buffered rows of its keys with one Polars semi join per side,
+pairs them with one join of keys, times and positions, appends its new rows, and
+marks a kept row by its row id when it first matches (outer joins remember that;
+a semi or anti join's left row leaves the buffer at its first match, as it is
+never emitted again); the watermark drops the segments wholly below its cut and
+filters the few it straddles.
 In batch ``N`` (late watermark ``wm[N-1]``, watermark ``wm[N]``):
 
 1. rows whose own side's time ``<= wm[N-1]`` are late: dropped, counted, and
@@ -39,7 +42,6 @@ emitted.
 from __future__ import annotations
 
 import logging
-import math
 from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,6 +52,11 @@ import polars as pl
 
 from microstream.exceptions import PlanError
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.join_bounds import (
+    signed_duration,
+    stream_join_keys,
+    stream_join_window,
+)
 from microstream.operators.join_output import (
     join_output_schema,
     right_columns_after_left,
@@ -62,6 +69,7 @@ from microstream.plan.nodes import (
     PlanNode,
     StatefulNode,
 )
+from microstream.state.segment_buffer import SegmentBuffer
 from microstream.state.store import StateStore
 from microstream.time.duration import format_duration
 from microstream.time.windows import to_us
@@ -88,13 +96,6 @@ _LEFT_AT = "__left_at"
 _RIGHT_AT = "__right_at"
 _TIME = "__time_us"
 _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
-_NEVER_SPREAD = 2**62
-"""The buffers' ``spread_snapshots_above``: never. Every buffered row leaves within the
-bound, so a buffer's deltas (its inserts and their deletion markers) soon outgrow its
-rows, and the spread rule (a slice is snapshotted once its delta rows reach its rows)
-rewrote most of a large buffer every two or three batches, ~13 snapshot files per
-buffer and batch; a full snapshot every ``snapshot_every`` versions writes a tenth of
-that, and a load replays at most ``snapshot_every - 1`` deltas, as for any small store."""
 _EAGER_ROWS = 20_000
 """Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
 0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
@@ -185,7 +186,7 @@ class StreamJoinNode(_TwoStreamNode):
             assert self.lower_us is not None and self.upper_us is not None
             bound = (
                 f", {self.right_time} - {self.left_time} in "
-                f"[{_signed(self.lower_us)}, {_signed(self.upper_us)}]"
+                f"[{signed_duration(self.lower_us)}, {signed_duration(self.upper_us)}]"
             )
         else:
             bound = ", no time bound: state grows forever"
@@ -239,25 +240,23 @@ class StreamJoinOperator(_TwoStreamOperator):
         super().__init__(operator_id)
         self.node = node
         extra = {ROW_ID: pl.Int64(), MATCHED: pl.Boolean()}
-        # One state key per row (join keys + row id), hashed on the join keys: a batch
-        # inserts its rows and finds a key's rows without rewriting the rows kept.
-        self.left = StateStore(
-            storage.sub("left"),
-            operator=f"{operator_id}/left",
-            key_columns=[*node.left_on, ROW_ID],
-            hash_columns=list(node.left_on),
-            one_row_per_key=True,
-            schema=pl.Schema({**node.left_schema, **extra}),
-            spread_snapshots_above=_NEVER_SPREAD,
-        )
-        self.right = StateStore(
-            storage.sub("right"),
-            operator=f"{operator_id}/right",
-            key_columns=[*node.right_on, ROW_ID],
-            hash_columns=list(node.right_on),
-            one_row_per_key=True,
-            schema=pl.Schema({**node.right_schema, **extra}),
-            spread_snapshots_above=_NEVER_SPREAD,
+        # Rows appended by batch and evicted by time; key columns recorded as the keyed
+        # store that kept the buffers before (join keys + row id), whose state loads.
+        self.left, self.right = (
+            SegmentBuffer(
+                storage.sub(name),
+                operator=f"{operator_id}/{name}",
+                key_columns=[*on, ROW_ID],
+                hash_columns=list(on),
+                schema=pl.Schema({**schema, **extra}),
+                time_column=time if node.bounded else None,
+                row_id_column=ROW_ID,
+                flag_column=MATCHED,
+            )
+            for name, on, schema, time in (
+                ("left", node.left_on, node.left_schema, node.left_time),
+                ("right", node.right_on, node.right_schema, node.right_time),
+            )
         )
         # Whether a side's rows must remember that they matched: for the unmatched rows
         # outer joins and anti emit, and for semi's first match.
@@ -282,16 +281,8 @@ class StreamJoinOperator(_TwoStreamOperator):
             pl.DataFrame(schema=self.right.schema),
         )
         self._no_pairs = pl.DataFrame(schema={_LEFT_AT: pl.Int64(), _RIGHT_AT: pl.Int64()})
-        # Per side, a lower bound of the buffered rows' times in microseconds (inf: none;
-        # None: unknown, e.g. after a load or an eviction): a batch whose watermark is below
-        # it plus the bound can evict nothing, and skips the pass over the buffer.
-        self._floors: list[float | None] = [None, None]
 
-    def load(self, version: int | None, *, key_groups: range | None = None) -> None:
-        self._floors = [None, None]
-        super().load(version, key_groups=key_groups)
-
-    def _stores(self) -> list[StateStore]:
+    def _stores(self) -> list[SegmentBuffer]:
         return [self.left, self.right]
 
     def process_sides(
@@ -316,13 +307,12 @@ class StreamJoinOperator(_TwoStreamOperator):
             pairs = self._no_pairs
 
         # Flags: a row matched now or before; semi emits a left row at its first match.
-        # New rows go in with their flag; a kept row is rewritten when it first matches.
+        # New rows go in with their flag; a kept row is marked when it first matches.
         newly_matched = all_left.clear()
         leaving: pl.Series | None = None  # (buffered left rows that leave now, by row id)
         for side, (store, arrived, old, at) in enumerate(
             ((self.left, left, old_left, _LEFT_AT), (self.right, right, old_right, _RIGHT_AT))
         ):
-            self._lower_floor(side, arrived)
             if not self._track[side] or pairs.height == 0:
                 store.insert(arrived)
                 continue
@@ -336,13 +326,13 @@ class StreamJoinOperator(_TwoStreamOperator):
             if side == 0 and node.how in ("semi", "anti"):
                 # A matched left row of a semi or anti join is never emitted again (semi
                 # emits it now, anti never): it leaves the buffer instead of being kept with
-                # its flag (a buffered one with this batch's eviction: one store call).
+                # its flag (a buffered one before this batch's eviction).
                 store.insert(flagged.filter(~pl.col(MATCHED)))
                 leaving = old.filter(old_hit).get_column(ROW_ID)
             else:
                 store.insert(flagged)
                 if first.height:
-                    store.apply(upserts=first)
+                    store.mark(first.get_column(ROW_ID))
             if side == 0:
                 newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
 
@@ -352,8 +342,8 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
-            gone_left = self._evict(0, node.left_time, node.upper_us, wm, leaving)
-            gone_right = self._evict(1, node.right_time, -node.lower_us, wm)
+            gone_left = self._evict(0, node.upper_us, wm, leaving)
+            gone_right = self._evict(1, -node.lower_us, wm)
             self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
             # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
@@ -370,36 +360,15 @@ class StreamJoinOperator(_TwoStreamOperator):
             return self._empty[side]
         return _buffered(store, other, other_on, on, self.node.nulls_equal)
 
-    def _lower_floor(self, side: int, arrived: pl.DataFrame) -> None:
-        """Before ``arrived`` joins the side's buffer: the floor covers its times too."""
-        time = self.node.left_time if side == 0 else self.node.right_time
-        floor = self._floors[side]
-        if floor is not None and time is not None and arrived.height:
-            self._floors[side] = min(floor, lowest_us(arrived.get_column(time)))
-
     def _evict(
-        self, side: int, time: str, bound_us: int, wm: int, leaving: pl.Series | None = None
+        self, side: int, bound_us: int, wm: int, leaving: pl.Series | None = None
     ) -> pl.DataFrame:
         """Evict the side's rows with ``time + bound_us <= wm``; returns them. The rows whose
-        row id is in ``leaving`` go too, in the same store call, and are not returned."""
+        row id is in ``leaving`` go first, and are not returned."""
         store = self.left if side == 0 else self.right
         if leaving is not None and len(leaving):
-            self._floors[side] = None
-            removed = store.filter_out(
-                (to_us(time) + bound_us <= wm) | pl.col(ROW_ID).is_in(leaving.implode())
-            )
-            evicted = removed.filter(~pl.col(ROW_ID).is_in(leaving.implode()))
-            self._removed += removed.height - evicted.height
-            return evicted
-        floor = self._floors[side]
-        if floor is None:
-            frame = store.frame
-            floor = lowest_us(frame.get_column(time)) if frame.height else math.inf
-        if floor + bound_us > wm:
-            self._floors[side] = floor
-            return self._empty[side]
-        self._floors[side] = None  # (unknown until asked again: some rows leave)
-        return store.filter_out(to_us(time) + bound_us <= wm)
+            self._removed += store.mark(leaving, removed=True)
+        return store.evict_through(wm - bound_us)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -557,7 +526,7 @@ def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
 
 
 def _buffered(
-    store: StateStore,
+    store: SegmentBuffer,
     other: pl.DataFrame,
     other_on: tuple[str, ...],
     on: tuple[str, ...],
@@ -575,120 +544,6 @@ def _buffered(
         how="semi",
         nulls_equal=nulls_equal,
     )
-
-
-def _signed(us: int) -> str:
-    return ("-" if us < 0 else "") + format_duration(abs(us))
-
-
-def stream_join_keys(
-    left: pl.Schema, right: pl.Schema, on: Any, left_on: Any, right_on: Any
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The join key columns of each side, checked: column names, same count, same dtypes."""
-
-    def names(value: Any, what: str) -> tuple[str, ...]:
-        items = [value] if isinstance(value, (str, pl.Expr)) else list(value or [])
-        out = []
-        for item in items:
-            if isinstance(item, pl.Expr):
-                roots = item.meta.root_names()
-                if not item.meta.is_column() or len(roots) != 1:
-                    msg = (
-                        f"a stream-stream join needs column names as keys ({what}); got the "
-                        f"expression {item}: add it as a column with with_columns first"
-                    )
-                    raise PlanError(msg)
-                out.append(roots[0])
-            else:
-                out.append(str(item))
-        return tuple(out)
-
-    if on is not None:
-        if left_on is not None or right_on is not None:
-            msg = "join: give either on= or left_on= and right_on=, not both"
-            raise PlanError(msg)
-        keys_left = keys_right = names(on, "on")
-    else:
-        keys_left, keys_right = names(left_on, "left_on"), names(right_on, "right_on")
-    if not keys_left or len(keys_left) != len(keys_right):
-        msg = (
-            "a stream-stream join needs equality keys on both sides (a cross join of two "
-            f"streams has unbounded state); got left keys {list(keys_left)} and right keys "
-            f"{list(keys_right)}"
-        )
-        raise PlanError(msg)
-    for side, keys, schema in (("left", keys_left, left), ("right", keys_right, right)):
-        missing = [k for k in keys if k not in schema]
-        if missing:
-            msg = f"join keys {missing} are not columns of the {side} stream {list(schema)}"
-            raise PlanError(msg)
-    wrong = [
-        f"{a} ({left[a]}) vs {b} ({right[b]})"
-        for a, b in zip(keys_left, keys_right)
-        if left[a] != right[b]
-    ]
-    if wrong:
-        msg = f"join keys must have the same dtype on both sides: {', '.join(wrong)}; cast first"
-        raise PlanError(msg)
-    return keys_left, keys_right
-
-
-def stream_join_window(
-    within: Any, how: str, left_time: str | None, right_time: str | None
-) -> tuple[int | None, int | None]:
-    """``within=`` as bounds of ``right_time - left_time`` in microseconds (None: unbounded)."""
-    if within is None:
-        if how != "inner":
-            msg = (
-                f"a {how} join of two streams needs a time bound (within=...): its unmatched "
-                "rows are emitted when the watermark passes that bound, and without one its "
-                "state would grow forever"
-            )
-            raise PlanError(msg)
-        logger.warning(
-            "stream-stream inner join without within=: every row of both sides is kept in "
-            "state forever; add a time bound to let the watermark evict them"
-        )
-        return None, None
-    if left_time is None or right_time is None:
-        side = "left" if left_time is None else "right"
-        msg = (
-            f"within= needs an event-time column on both sides; the {side} stream has no "
-            "with_watermark (or give left_time=/right_time=)"
-        )
-        raise PlanError(msg)
-    if isinstance(within, tuple):
-        if len(within) != 2:
-            msg = f"within= is a duration or a (lower, upper) pair; got {within!r}"
-            raise PlanError(msg)
-        lower, upper = (_signed_us(v, "within") for v in within)
-    else:
-        upper = _signed_us(within, "within")
-        if upper < 0:
-            msg = f"within={within!r} as one duration must not be negative"
-            raise PlanError(msg)
-        lower = -upper
-    if lower > upper:
-        msg = f"within=({within[0]!r}, {within[1]!r}): the lower bound is above the upper bound"
-        raise PlanError(msg)
-    return lower, upper
-
-
-def _signed_us(value: Any, name: str) -> int:
-    from microstream.time.duration import parse_duration
-
-    negative = isinstance(value, str) and value.strip().startswith("-")
-    if negative:
-        value = value.strip()[1:]
-    try:
-        delta = parse_duration(value, name=name)
-    except ValueError as exc:
-        raise PlanError(str(exc)) from None
-    us = delta // _ONE_US
-    return -us if negative else us
-
-
-_ONE_US = timedelta(microseconds=1)
 
 
 # -- join_asof of two streams --------------------------------------------------------------------

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as pa_ipc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from microstream.exceptions import CheckpointCorruptError
 
@@ -25,11 +25,17 @@ if TYPE_CHECKING:
 __all__ = [
     "DELTAS_DIR",
     "KEY_GROUP_COLUMN",
+    "MARKS_DIR",
     "METADATA_FILE",
+    "SEGMENTS_DIR",
+    "SEGMENT_SPEC_FILE",
     "SNAPSHOTS_DIR",
     "STATE_FORMAT_VERSION",
     "VERSIONS_DIR",
+    "AnyStateVersion",
     "Compression",
+    "SegmentSpec",
+    "SegmentVersion",
     "StateFile",
     "StateMetadata",
     "StatePart",
@@ -48,6 +54,7 @@ __all__ = [
     "pyarrow_round_trips",
     "ranged_delta_file",
     "read_state_file",
+    "segment_file",
     "snapshot_file",
     "split_by_key_group",
     "version_file",
@@ -59,6 +66,9 @@ VERSIONS_DIR = "versions"
 DELTAS_DIR = "deltas"
 KEY_GROUP_COLUMN = "__key_group"
 SNAPSHOTS_DIR = "snapshots"
+SEGMENTS_DIR = "segments"
+MARKS_DIR = "marks"
+SEGMENT_SPEC_FILE = "_segments.json"
 Compression: TypeAlias = Literal["lz4", "zstd"] | None
 
 
@@ -99,9 +109,12 @@ class StateFile(StateRecord):
     name: str
     """Its path in the store's directory (``deltas/5.arrow``, ``snapshots/10/0-32.arrow``;
     an owner's ``deltas/5/0-64.r1a2b3c4d.0.arrow``, :func:`fenced`)."""
-    kind: Literal["delta", "snapshot"]
+    kind: Literal["delta", "snapshot", "segment", "marks"]
+    """``delta``/``snapshot``: a keyed store's files; ``segment``/``marks``: a segment
+    buffer's (:class:`SegmentVersion`)."""
     key_groups: tuple[int, int]
-    """The key groups ``[lo, hi)`` its rows may belong to."""
+    """The key groups ``[lo, hi)`` its rows may belong to (a segment buffer's entry: the
+    key groups of the file's rows that the version uses, the others are not its)."""
     rows: int
     crc32: int
 
@@ -137,6 +150,49 @@ class StatePart(StateRecord):
     files: list[StateFile]
     rows_per_key_group: list[int]
     """Live rows of the owner's key groups ``lo .. hi-1``, in order."""
+    layout: Literal["keyed", "segments"] = "keyed"
+    """``segments``: the part of a segment buffer (its ``files`` are every live file of the
+    range, ``snapshot`` is false), committed as a :class:`SegmentVersion`."""
+    evicted_through_us: int | None = None
+    """A segment buffer's eviction cut (:attr:`SegmentVersion.evicted_through_us`)."""
+
+
+class SegmentVersion(StateRecord):
+    """``versions/<version>.json`` of a segment buffer (a stream-stream join's buffered
+    rows, :mod:`microstream.state.segment_buffer`): the whole state as of ``version``.
+
+    The state is the rows of the ``segment`` files (each the rows one version added, in
+    time order), without those whose time is at or below ``evicted_through_us`` and
+    those a ``marks`` file removes, with the flags the ``marks`` files set. Every file a
+    version needs is listed in it: no chain of parents to follow.
+    """
+
+    format_version: int = STATE_FORMAT_VERSION
+    layout: Literal["segments"] = "segments"
+    version: int
+    parent: int | None
+    files: list[StateFile]
+    rows_per_key_group: list[int]
+    evicted_through_us: int | None
+    """Rows whose time (in microseconds) is at or below this are gone (None: none evicted)."""
+
+
+class AnyStateVersion(RootModel[StateVersion | SegmentVersion]):
+    """A version manifest of either layout (a buffer continues a keyed store's state)."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class SegmentSpec(StateRecord):
+    """``state/<operator>/<store>/_segments.json``: which columns a segment buffer's
+    versions are read with (written beside ``_metadata.json`` by the buffer)."""
+
+    time_column: str | None
+    """The rows' event time: what ``evicted_through_us`` cuts (None: no eviction)."""
+    row_id_column: str
+    """A unique Int64 id per row: what ``marks`` files name."""
+    flag_column: str | None
+    """A Boolean column a ``marks`` row with ``removed = false`` sets to true."""
 
 
 def version_file(version: int) -> str:
@@ -158,6 +214,23 @@ def ranged_delta_file(version: int, lo: int, hi: int, fence: str = "") -> str:
     ('deltas/5/0-64.arrow', 'deltas/5/0-64.r1a2b3c4d.2.arrow')
     """
     return f"{DELTAS_DIR}/{version}/{lo}-{hi}{fenced(fence)}.arrow"
+
+
+def segment_file(
+    kind: str, version: int, lo: int, hi: int, fence: str = "", *, part: str = ""
+) -> str:
+    """A segment buffer's ``segment`` or ``marks`` file of a version and key-group range;
+    ``part="older"``: the segment of older segments' rows a version merged.
+
+    Examples
+    --------
+    >>> segment_file("segment", 7, 0, 128), segment_file("marks", 7, 0, 64, "r1a.0")
+    ('segments/7/0-128.arrow', 'marks/7/0-64.r1a.0.arrow')
+    >>> segment_file("segment", 7, 0, 128, part="older")
+    'segments/7/0-128.older.arrow'
+    """
+    folder = SEGMENTS_DIR if kind == "segment" else MARKS_DIR
+    return f"{folder}/{version}/{lo}-{hi}{fenced(fence)}{fenced(part)}.arrow"
 
 
 def snapshot_file(version: int, lo: int, hi: int, fence: str = "") -> str:

@@ -18,12 +18,20 @@ from collections.abc import Sequence
 
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointError
-from microstream.state.format import StatePart, StateVersion, covers_key_groups, version_file
+from microstream.state.format import (
+    SegmentVersion,
+    StatePart,
+    StateVersion,
+    covers_key_groups,
+    version_file,
+)
 
 __all__ = ["commit_parts"]
 
 
-def commit_parts(storage: Storage, parts: Sequence[StatePart], num_key_groups: int) -> StateVersion:
+def commit_parts(
+    storage: Storage, parts: Sequence[StatePart], num_key_groups: int
+) -> StateVersion | SegmentVersion:
     """Write the manifest of the version the owners' ``parts`` hold; return it.
 
     Parameters
@@ -39,7 +47,8 @@ def commit_parts(storage: Storage, parts: Sequence[StatePart], num_key_groups: i
     ------
     CheckpointError
         The parts leave out or overlap key groups, or disagree on the version, its
-        parent or whether it is a snapshot.
+        parent, whether it is a snapshot, the layout or a segment buffer's eviction cut.
+        A segment buffer's parts (``layout="segments"``) make a :class:`SegmentVersion`.
 
     Examples
     --------
@@ -78,13 +87,33 @@ def commit_parts(storage: Storage, parts: Sequence[StatePart], num_key_groups: i
             f"{sorted(kinds, key=str)}; every owner must load the same version before writing"
         )
         raise CheckpointError(msg)
+    layouts = {(p.layout, p.evicted_through_us) for p in ordered}
+    if len(layouts) != 1:
+        msg = (
+            f"cannot commit {where}: its owners disagree on (layout, eviction cut): "
+            f"{sorted(layouts, key=str)}; every owner of a segment buffer evicts through the "
+            "same watermark"
+        )
+        raise CheckpointError(msg)
     first = ordered[0]
+    files = [f for p in ordered for f in sorted(p.files, key=lambda f: f.key_groups)]
+    rows = [n for p in ordered for n in p.rows_per_key_group]
+    if first.layout == "segments":
+        segments = SegmentVersion(
+            version=first.version,
+            parent=first.parent,
+            files=files,
+            rows_per_key_group=rows,
+            evicted_through_us=first.evicted_through_us,
+        )
+        storage.write_model(version_file(first.version), segments)
+        return segments
     entry = StateVersion(
         version=first.version,
         parent=first.parent,
         snapshot=first.snapshot,
-        files=[f for p in ordered for f in sorted(p.files, key=lambda f: f.key_groups)],
-        rows_per_key_group=[n for p in ordered for n in p.rows_per_key_group],
+        files=files,
+        rows_per_key_group=rows,
     )
     storage.write_model(version_file(first.version), entry)
     return entry

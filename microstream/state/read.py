@@ -10,7 +10,18 @@ import polars as pl
 from microstream.checkpoint.log import Checkpoint
 from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointCorruptError, CheckpointError
-from microstream.state.format import METADATA_FILE, VERSIONS_DIR, StateMetadata, frame_from_text
+from microstream.state.format import (
+    METADATA_FILE,
+    SEGMENT_SPEC_FILE,
+    VERSIONS_DIR,
+    AnyStateVersion,
+    SegmentSpec,
+    SegmentVersion,
+    StateMetadata,
+    frame_from_text,
+    version_file,
+)
+from microstream.state.segment_buffer import SegmentBuffer
 from microstream.state.store import StateStore
 
 __all__ = [
@@ -201,6 +212,26 @@ def read_store(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
             f"checkpoint file {storage.display(METADATA_FILE)} is corrupt: field schema_ipc ({exc})"
         )
         raise CheckpointCorruptError(msg) from None
+    if version is None:
+        committed = storage.list_numbered(VERSIONS_DIR)
+        version = committed[-1] if committed else None
+    if version is not None and storage.exists(version_file(version)):
+        entry = storage.read_model(version_file(version), AnyStateVersion).root
+        if isinstance(entry, SegmentVersion):  # (a join's buffer: segments, not keyed)
+            spec = storage.read_model(SEGMENT_SPEC_FILE, SegmentSpec)
+            buffer = SegmentBuffer(
+                storage,
+                operator=meta.operator,
+                key_columns=meta.key_columns,
+                hash_columns=meta.hash_columns or meta.key_columns,
+                schema=schema,
+                num_key_groups=meta.num_key_groups,
+                time_column=spec.time_column,
+                row_id_column=spec.row_id_column,
+                flag_column=spec.flag_column,
+            )
+            buffer.load(version)
+            return buffer.frame
     store = StateStore(
         storage,
         operator=meta.operator,
@@ -210,8 +241,5 @@ def read_store(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
         num_key_groups=meta.num_key_groups,
         snapshot_every=meta.snapshot_every,
     )
-    if version is None:
-        committed = storage.list_numbered(VERSIONS_DIR)
-        version = committed[-1] if committed else None
     store.load(version)
     return store.frame

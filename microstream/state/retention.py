@@ -11,6 +11,8 @@ from __future__ import annotations
 from microstream.checkpoint.storage import Storage
 from microstream.state.format import (
     DELTAS_DIR,
+    MARKS_DIR,
+    SEGMENTS_DIR,
     SNAPSHOTS_DIR,
     VERSIONS_DIR,
     delta_file,
@@ -21,16 +23,20 @@ __all__ = ["delete_below"]
 
 
 def delete_below(storage: Storage, keep_from: int) -> None:
-    """Delete the manifests, deltas and snapshots of every version below ``keep_from``.
+    """Delete the manifests, deltas and snapshots (a segment buffer's segments and marks)
+    of every version below ``keep_from``.
 
     Examples
     --------
     >>> storage = Storage("memory://doctest-retention")
-    >>> for name in ("versions/3.json", "versions/5.json", "deltas/3.arrow", "snapshots/4/0-8.arrow"):
+    >>> for name in ("versions/3.json", "versions/5.json", "deltas/3.arrow", "snapshots/4/0-8.arrow",
+    ...              "segments/4/0-8.arrow", "segments/5/0-8.arrow", "marks/2/0-8.arrow"):
     ...     storage.write_bytes(name, b"x")
     >>> delete_below(storage, 5)
     >>> storage.list_numbered("versions"), storage.list_names("snapshots")
     ([5], [])
+    >>> storage.list_names("segments"), storage.list_names("marks")
+    (['5'], [])
     """
     for v in storage.list_numbered(VERSIONS_DIR):
         if v < keep_from:
@@ -41,6 +47,7 @@ def delete_below(storage: Storage, keep_from: int) -> None:
     for name in storage.list_names(DELTAS_DIR):  # the owners' deltas/<v>/ directories
         if name.isdigit() and int(name) < keep_from:
             storage.sub(f"{DELTAS_DIR}/{name}").delete_tree()
-    for name in storage.list_names(SNAPSHOTS_DIR):
-        if name.isdigit() and int(name) < keep_from:
-            storage.sub(f"{SNAPSHOTS_DIR}/{name}").delete_tree()
+    for folder in (SNAPSHOTS_DIR, SEGMENTS_DIR, MARKS_DIR):
+        for name in storage.list_names(folder):
+            if name.isdigit() and int(name) < keep_from:
+                storage.sub(f"{folder}/{name}").delete_tree()
