@@ -2,10 +2,11 @@
 
 A state store's rows live in one :class:`KeyedRows`: a *base* frame sorted by
 the 64-bit key hash, with a tombstone mask, plus a small unsorted *tail* that
-new rows are appended to. Finding the rows of ``k`` keys is a binary search in
-the base (``O(k log n)``) plus a membership test over the tail (bounded by
-``tail_rows``); removing rows flips their tombstone bits. Neither copies the
-base, so the cost of a batch follows the batch, not the size of the state.
+new rows are appended to, with its own tombstone mask. Finding the rows of ``k``
+keys is a binary search in the base (``O(k log n)``) plus a membership test over
+the tail (bounded by ``tail_rows``); removing rows flips their tombstone bits, in
+the base and in the tail alike. Neither copies the base nor the tail, so the cost
+of a batch follows the batch, not the size of the state.
 When the tail outgrows its limit (a quarter of the base, at least
 ``tail_rows``) or tombstones cover half the base, the two are merged into a
 new sorted base: a sort paid once every ``limit / rows per batch`` batches.
@@ -16,7 +17,6 @@ columns themselves (nulls equal), so a hash collision never mixes two keys.
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -103,6 +103,12 @@ class KeyedRows:
         # merges of its slices over batches)
         self.auto_merge = True
         self._tail = frame.clear()
+        # Tombstones of the tail too: a replace of rows in the tail flips their bits instead
+        # of filtering a copy of the tail (at 10M keys a batch replaced rows in every slice's
+        # tail: a copy of every tail, 16% of the batch). Dead tail rows are dropped when the
+        # tail is rechunked or merged.
+        self._tail_live = np.ones(0, dtype=bool)
+        self._tail_dead = 0
         self._changes = 0  # bumped by every change: invalidates the search memo
         self._memo: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         # the last _find: (changes, the keys frame itself, on, positions), for rows_of then
@@ -116,7 +122,7 @@ class KeyedRows:
     @property
     def height(self) -> int:
         """Number of live rows."""
-        return self._base.height - self._dead + self._tail.height
+        return self._base.height - self._dead + self._tail.height - self._tail_dead
 
     def estimated_size(self) -> int:
         """Bytes held, tombstoned rows included (they are freed at the next merge)."""
@@ -129,9 +135,10 @@ class KeyedRows:
     def frame(self) -> pl.DataFrame:
         """Every live row (order unspecified)."""
         base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
-        if self._tail.height == 0:
+        tail = self._live_tail()
+        if tail.height == 0:
             return base
-        return pl.concat([base, self._tail], how="vertical", rechunk=False)
+        return pl.concat([base, tail], how="vertical", rechunk=False)
 
     def partitions(self) -> list[pl.DataFrame]:
         """The live rows of each partition, in partition order."""
@@ -168,7 +175,10 @@ class KeyedRows:
             found = self._base.filter(pl.Series(mask))
         if self._tail.height:
             pids = self._pids_of(self._tail)
-            mine = self._tail.filter(pl.Series((pids >= lo) & (pids < hi)))
+            mask = (pids >= lo) & (pids < hi)
+            if self._tail_dead:
+                mask &= self._tail_live
+            mine = self._tail.filter(pl.Series(mask))
             found = pl.concat([found, mine], how="vertical") if mine.height else found
         return found
 
@@ -197,8 +207,14 @@ class KeyedRows:
 
     @property
     def tail(self) -> pl.DataFrame:
-        """The rows added since the last merge (positions for :meth:`replace_at`)."""
+        """The rows added since the last merge, tombstoned ones included (positions for
+        :meth:`replace_at`)."""
         return self._tail
+
+    @property
+    def tail_live(self) -> np.ndarray:
+        """Whether each row of :attr:`tail` is live (read only)."""
+        return self._tail_live
 
     def base_candidates(self, wanted: np.ndarray) -> np.ndarray:
         """Positions of the live rows of :attr:`base` whose hash is in ``wanted`` (sorted,
@@ -216,9 +232,7 @@ class KeyedRows:
         (found with no change in between), then add ``rows``."""
         self._changes += 1
         self._kill_base(base_at)
-        if tail_at.size:
-            self._count(self._pids_of(self._tail)[tail_at], -1)
-            self._tail = _without(self._tail, tail_at)
+        self._kill_tail(tail_at)
         if rows.height:
             self._count(self._pids_of(rows), 1)
             self._add_to_tail(rows)
@@ -243,13 +257,12 @@ class KeyedRows:
             if at.size:
                 removed.append(_gather(self._base, at))
                 self._kill_base(at)
-        if self._tail.height:
-            mask = self._mask(self._tail, predicate)
-            if mask.any():
-                series = pl.Series(mask)
-                removed.append(self._tail.filter(series))
-                self._count(self._pids_of(removed[-1]), -1)
-                self._tail = self._tail.filter(~series)
+        if self._tail.height - self._tail_dead:
+            mask = self._mask(self._tail, predicate) & self._tail_live
+            at = np.flatnonzero(mask)
+            if at.size:
+                removed.append(_gather(self._tail, at))
+                self._kill_tail(at)
         self._maybe_merge()
         if not removed:
             return self._base.clear()
@@ -271,12 +284,18 @@ class KeyedRows:
 
     def compact(self) -> None:
         """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
-        if not self._tail.height:
+        if self._tail.height == self._tail_dead:
+            self._tail, self._tail_live, self._tail_dead = (
+                self._tail.clear(),
+                np.ones(0, dtype=bool),
+                0,
+            )
             if self._dead:
                 self._set_base(self._base.filter(pl.Series(self._live)), is_sorted=True)
             return
-        tail = self._tail
+        tail, tail_live = self._tail, self._tail_live
         self._tail = tail.clear()
+        self._tail_live, self._tail_dead = np.ones(0, dtype=bool), 0
         # Merge, not sort: the base is sorted, so sorting the (small) tail and finding where
         # each of its rows goes gives the order of every row; then ONE gather of the live
         # rows builds the new base (no sort of the state).
@@ -287,8 +306,9 @@ class KeyedRows:
         slots += np.arange(n_tail)  # each tail row's position among all rows
         index = np.ones(n_base + n_tail, dtype=bool)
         index[slots] = False  # True: a base row
-        keep = np.ones(n_base + n_tail, dtype=bool)  # the tail's rows are all live
+        keep = np.empty(n_base + n_tail, dtype=bool)
         keep[index] = self._live
+        keep[slots] = tail_live[tail_order]
         order = np.empty(n_base + n_tail, dtype=np.uint32 if n_base + n_tail < 2**32 else np.int64)
         order[index] = np.arange(n_base, dtype=order.dtype)
         order[slots] = n_base + tail_order
@@ -361,6 +381,8 @@ class KeyedRows:
         elif self._tail.height:  # a hash set over ``wanted``, one pass over the tail
             in_tail = self._tail.get_column(self.hash_column).is_in(pl.Series(wanted).implode())
             tail_at = np.flatnonzero(in_tail.to_numpy())
+        if self._tail_dead and tail_at.size:
+            tail_at = tail_at[self._tail_live[tail_at]]
         self._memo = (self._changes, wanted, base_at, tail_at)
         return base_at, tail_at
 
@@ -392,10 +414,32 @@ class KeyedRows:
 
     def _add_to_tail(self, rows: pl.DataFrame) -> None:
         tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        live = np.concatenate([self._tail_live, np.ones(rows.height, dtype=bool)])
         # A gather over a frame of many chunks (one per batch) costs several times one over
         # a single chunk (the tail's rows are gathered every batch): rechunked every
-        # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches.
-        self._tail = tail.rechunk() if tail.n_chunks() > _TAIL_CHUNKS else tail
+        # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches, which
+        # drops the tail's tombstoned rows on the way.
+        if tail.n_chunks() > _TAIL_CHUNKS:
+            if self._tail_dead:
+                tail, live = (
+                    tail.filter(pl.Series(live)),
+                    np.ones(tail.height - self._tail_dead, dtype=bool),
+                )
+                self._tail_dead = 0
+            tail = tail.rechunk()
+        self._tail, self._tail_live = tail, live
+
+    def _live_tail(self) -> pl.DataFrame:
+        if self._tail_dead == 0:
+            return self._tail
+        return self._tail.filter(pl.Series(self._tail_live))
+
+    def _kill_tail(self, at: np.ndarray) -> None:
+        if at.size == 0:
+            return
+        self._tail_live[at] = False
+        self._tail_dead += int(at.size)
+        self._count(self._pids_of(self._tail)[at], -1)
 
     def _kill_base(self, at: np.ndarray) -> None:
         if at.size == 0:
@@ -432,7 +476,6 @@ _TAIL_CHUNKS = 8
 # Up to this many keys or candidate rows, numpy and Python comparisons: each Polars call
 # on a few rows costs ~50-100 us (a query plan), more than comparing the rows one by one.
 _FEW = 16
-_SMALL_TAIL = 8_192
 
 
 def _ratio(rows: int, limit: int) -> float:
@@ -540,19 +583,3 @@ def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
     if at.size == 1:  # (a zero-copy slice: a gather of one row costs ~50-100 us)
         return frame.slice(int(at[0]), 1)
     return frame[pl.Series(at)]
-
-
-def _without(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
-    """``frame`` without the rows at positions ``at`` (unique): a few removed from a
-    small frame, the zero-copy slices between them (no query plan); otherwise a filter
-    (one chunk: a large tail left in pieces would be rechunked, a copy, by the next
-    append; and faster than a gather of the others, 0.07 vs 0.12 ms at 31k rows)."""
-    if at.size > _FEW or frame.height > _SMALL_TAIL:
-        keep = np.ones(frame.height, dtype=bool)
-        keep[at] = False
-        return frame.filter(pl.Series(keep))
-    bounds = [-1, *np.sort(at).tolist(), frame.height]
-    pieces = [frame.slice(a + 1, b - a - 1) for a, b in itertools.pairwise(bounds) if b - a > 1]
-    if not pieces:
-        return frame.clear()
-    return pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical", rechunk=False)

@@ -324,9 +324,12 @@ class SlicedRows:
         cuts = np.flatnonzero(np.diff(which)) + 1
         for run in np.split(np.arange(hit.size), cuts):
             j = int(which[run[0]])
-            frames.append(tails[j][1])
-            at.append(hit[run] - starts[j])
-            owners.append((tails[j][0], True))
+            mine = hit[run] - starts[j]
+            mine = mine[self._slices[tails[j][0]].tail_live[mine]]  # (not the tombstoned)
+            if mine.size:
+                frames.append(tails[j][1])
+                at.append(mine)
+                owners.append((tails[j][0], True))
 
     def _after_change(self) -> None:
         """Split one slice grown past ``slice_rows``, or merge the tails due.
