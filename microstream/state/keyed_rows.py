@@ -17,6 +17,7 @@ columns themselves (nulls equal), so a hash collision never mixes two keys.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -61,6 +62,10 @@ class KeyedRows:
         Sorting by ``hash_column`` sorts the rows by ``group_column`` first (the state
         store's hash holds the key group in its top bits): the base rows of a range of
         partitions are then contiguous (:meth:`rows_in_partitions`).
+    group_shift
+        A row's partition is its hash's top bits, ``hash >> group_shift`` (the state
+        store's key group): no group column is needed, and the rows are sorted by
+        partition (``sorted_by_group``).
 
     Examples
     --------
@@ -92,10 +97,12 @@ class KeyedRows:
         is_sorted: bool = False,
         group_column: str | None = None,
         sorted_by_group: bool = False,
+        group_shift: int | None = None,
     ):
         self.key_columns = list(key_columns)
         self.group_column = group_column
-        self.sorted_by_group = sorted_by_group
+        self.group_shift = None if group_shift is None else np.uint64(group_shift)
+        self.sorted_by_group = sorted_by_group or group_shift is not None
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
@@ -146,12 +153,13 @@ class KeyedRows:
         empty = every.clear()
         if every.height == 0:
             return [empty] * self.num_partitions
-        pids = (
-            pl.col(self.group_column).cast(pl.UInt32)
-            if self.group_column is not None
-            else self._pid_expr(pl.col(self.hash_column))
-        ).alias(_POSITION)
-        by_pid = every.with_columns(pids).partition_by(
+        if self.group_shift is not None:
+            pids = pl.Series(_POSITION, self._pids_of(every).astype(np.uint32))
+        elif self.group_column is not None:
+            pids = pl.Series(_POSITION, every.get_column(self.group_column).cast(pl.UInt32))
+        else:
+            pids = every.select(self._pid_expr(pl.col(self.hash_column))).to_series()
+        by_pid = every.with_columns(pids.alias(_POSITION)).partition_by(
             _POSITION, as_dict=True, maintain_order=False
         )
         return [
@@ -165,7 +173,12 @@ class KeyedRows:
         With ``sorted_by_group`` the base rows of a range are one contiguous slice, so
         the cost follows the rows returned; otherwise every row's partition is tested.
         """
-        if self.sorted_by_group:
+        if self.group_shift is not None:
+            start, stop = (int(i) for i in self._hash_range(lo, hi))
+            found = self._base.slice(start, stop - start)
+            if self._dead:
+                found = found.filter(pl.Series(self._live[start:stop]))
+        elif self.sorted_by_group:
             start, stop = (int(i) for i in np.searchsorted(self._pids, [lo, hi]))
             found = self._base.slice(start, stop - start)
             if self._dead:
@@ -276,9 +289,12 @@ class KeyedRows:
         self._hashes = self._base.get_column(self.hash_column).to_numpy()
         self._live = np.ones(self._base.height, dtype=bool)
         self._dead = 0
-        self._pids = self._pids_of(self._base)
+        # (with group_shift the base's partitions are its hashes' top bits, not held)
+        pids = self._pids_of(self._base)
+        self._pids = _NONE if self.group_shift is not None else pids
         self._counts = np.zeros(self.num_partitions, dtype=np.int64)
-        self._count(self._pids, 1)
+        self._count(pids, 1)
+        del pids
         if self._tail.height:
             self._count(self._pids_of(self._tail), 1)
 
@@ -421,10 +437,8 @@ class KeyedRows:
         # drops the tail's tombstoned rows on the way.
         if tail.n_chunks() > _TAIL_CHUNKS:
             if self._tail_dead:
-                tail, live = (
-                    tail.filter(pl.Series(live)),
-                    np.ones(tail.height - self._tail_dead, dtype=bool),
-                )
+                tail = _without(tail, np.flatnonzero(~live))
+                live = np.ones(tail.height, dtype=bool)
                 self._tail_dead = 0
             tail = tail.rechunk()
         self._tail, self._tail_live = tail, live
@@ -446,10 +460,26 @@ class KeyedRows:
             return
         self._live[at] = False
         self._dead += int(at.size)
-        self._count(self._pids[at], -1)
+        self._count(self._pids[at] if self.group_shift is None else self._pids_at(at), -1)
+
+    def _pids_at(self, at: np.ndarray) -> np.ndarray:
+        """With ``group_shift``: the partitions of the base rows at ``at``."""
+        assert self.group_shift is not None
+        return self._hashes[at] >> self.group_shift
+
+    def _hash_range(self, lo: int, hi: int) -> np.ndarray:
+        """With ``group_shift``: the base positions ``[start, stop)`` of partitions ``[lo, hi)``."""
+        assert self.group_shift is not None
+        bounds = [min(p << int(self.group_shift), 2**64 - 1) for p in (lo, hi)]
+        at = np.searchsorted(self._hashes, np.asarray(bounds, dtype=np.uint64))
+        if hi << int(self.group_shift) >= 2**64:  # (past the last partition: every row)
+            at[1] = self._hashes.size
+        return at
 
     def _pids_of(self, frame: pl.DataFrame) -> np.ndarray:
         """The partition of every row of ``frame``."""
+        if self.group_shift is not None:
+            return frame.get_column(self.hash_column).to_numpy() >> self.group_shift
         if self.group_column is not None:
             return frame.get_column(self.group_column).to_numpy()
         hashes = frame.get_column(self.hash_column).to_numpy()
@@ -476,6 +506,7 @@ _TAIL_CHUNKS = 8
 # Up to this many keys or candidate rows, numpy and Python comparisons: each Polars call
 # on a few rows costs ~50-100 us (a query plan), more than comparing the rows one by one.
 _FEW = 16
+_SMALL_TAIL = 8_192
 
 
 def _ratio(rows: int, limit: int) -> float:
@@ -583,3 +614,17 @@ def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
     if at.size == 1:  # (a zero-copy slice: a gather of one row costs ~50-100 us)
         return frame.slice(int(at[0]), 1)
     return frame[pl.Series(at)]
+
+
+def _without(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
+    """``frame`` without the rows at positions ``at`` (unique): a few removed from a
+    small frame, the zero-copy slices between them (no query plan); otherwise a filter."""
+    if at.size > _FEW or frame.height > _SMALL_TAIL:
+        keep = np.ones(frame.height, dtype=bool)
+        keep[at] = False
+        return frame.filter(pl.Series(keep))
+    bounds = [-1, *np.sort(at).tolist(), frame.height]
+    pieces = [frame.slice(a + 1, b - a - 1) for a, b in itertools.pairwise(bounds) if b - a > 1]
+    if not pieces:
+        return frame.clear()
+    return pieces[0] if len(pieces) == 1 else pl.concat(pieces, how="vertical", rechunk=False)
