@@ -405,8 +405,11 @@ class SlicedRows:
             return False
         _, i = max(over)
         (a, b), whole = ranges[i], self._slices[i]
-        whole.compact()
-        starts, slices = self._cut(whole, a, b)
+        counts = np.asarray(whole.rows_per_partition(), dtype=np.int64)[a:b]
+        pieces = _pieces(counts, self.slice_rows)
+        frames = whole.split([int(counts[lo:hi].sum()) for lo, hi in pieces])
+        starts = [a + lo for lo, _ in pieces]
+        slices = [self._keyed(f, is_sorted=True) for f in frames]
         self._starts[i : i + 1] = starts
         self._slices[i : i + 1] = slices
         self._share_tail()
