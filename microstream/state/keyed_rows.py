@@ -460,7 +460,9 @@ class KeyedRows:
         return at[self._live[at]] if self._dead else at
 
     def _add_to_tail(self, rows: pl.DataFrame) -> None:
-        tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        # (vstack: the rows' chunks appended, no query plan; pl.concat plans one, ~40 us,
+        # paid by every slice a batch adds rows to: 32 slices at 10M keys)
+        tail = self._tail.vstack(rows)
         live = np.concatenate([self._tail_live, np.ones(rows.height, dtype=bool)])
         # A gather over a frame of many chunks (one per batch) costs several times one over
         # a single chunk (the tail's rows are gathered every batch): rechunked every
