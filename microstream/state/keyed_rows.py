@@ -2,10 +2,11 @@
 
 A state store's rows live in one :class:`KeyedRows`: a *base* frame sorted by
 the 64-bit key hash, with a tombstone mask, plus a small unsorted *tail* that
-new rows are appended to. Finding the rows of ``k`` keys is a binary search in
-the base (``O(k log n)``) plus a membership test over the tail (bounded by
-``tail_rows``); removing rows flips their tombstone bits. Neither copies the
-base, so the cost of a batch follows the batch, not the size of the state.
+new rows are appended to, with its own tombstone mask. Finding the rows of ``k``
+keys is a binary search in the base (``O(k log n)``) plus a membership test over
+the tail (bounded by ``tail_rows``); removing rows flips their tombstone bits, in
+the base and in the tail alike. Neither copies the base nor the tail, so the cost
+of a batch follows the batch, not the size of the state.
 When the tail outgrows its limit (a quarter of the base, at least
 ``tail_rows``) or tombstones cover half the base, the two are merged into a
 new sorted base: a sort paid once every ``limit / rows per batch`` batches.
@@ -61,6 +62,10 @@ class KeyedRows:
         Sorting by ``hash_column`` sorts the rows by ``group_column`` first (the state
         store's hash holds the key group in its top bits): the base rows of a range of
         partitions are then contiguous (:meth:`rows_in_partitions`).
+    group_shift
+        A row's partition is its hash's top bits, ``hash >> group_shift`` (the state
+        store's key group): no group column is needed, and the rows are sorted by
+        partition (``sorted_by_group``).
 
     Examples
     --------
@@ -92,10 +97,12 @@ class KeyedRows:
         is_sorted: bool = False,
         group_column: str | None = None,
         sorted_by_group: bool = False,
+        group_shift: int | None = None,
     ):
         self.key_columns = list(key_columns)
         self.group_column = group_column
-        self.sorted_by_group = sorted_by_group
+        self.group_shift = None if group_shift is None else np.uint64(group_shift)
+        self.sorted_by_group = sorted_by_group or group_shift is not None
         self.hash_column = hash_column
         self.num_partitions = num_partitions
         self.tail_rows = tail_rows
@@ -103,6 +110,12 @@ class KeyedRows:
         # merges of its slices over batches)
         self.auto_merge = True
         self._tail = frame.clear()
+        # Tombstones of the tail too: a replace of rows in the tail flips their bits instead
+        # of filtering a copy of the tail (at 10M keys a batch replaced rows in every slice's
+        # tail: a copy of every tail, 16% of the batch). Dead tail rows are dropped when the
+        # tail is rechunked or merged.
+        self._tail_live = np.ones(0, dtype=bool)
+        self._tail_dead = 0
         self._changes = 0  # bumped by every change: invalidates the search memo
         self._memo: tuple[int, np.ndarray, np.ndarray, np.ndarray] | None = None
         # the last _find: (changes, the keys frame itself, on, positions), for rows_of then
@@ -116,7 +129,7 @@ class KeyedRows:
     @property
     def height(self) -> int:
         """Number of live rows."""
-        return self._base.height - self._dead + self._tail.height
+        return self._base.height - self._dead + self._tail.height - self._tail_dead
 
     def estimated_size(self) -> int:
         """Bytes held, tombstoned rows included (they are freed at the next merge)."""
@@ -129,9 +142,10 @@ class KeyedRows:
     def frame(self) -> pl.DataFrame:
         """Every live row (order unspecified)."""
         base = self._base if self._dead == 0 else self._base.filter(pl.Series(self._live))
-        if self._tail.height == 0:
+        tail = self._live_tail()
+        if tail.height == 0:
             return base
-        return pl.concat([base, self._tail], how="vertical", rechunk=False)
+        return pl.concat([base, tail], how="vertical", rechunk=False)
 
     def partitions(self) -> list[pl.DataFrame]:
         """The live rows of each partition, in partition order."""
@@ -139,12 +153,13 @@ class KeyedRows:
         empty = every.clear()
         if every.height == 0:
             return [empty] * self.num_partitions
-        pids = (
-            pl.col(self.group_column).cast(pl.UInt32)
-            if self.group_column is not None
-            else self._pid_expr(pl.col(self.hash_column))
-        ).alias(_POSITION)
-        by_pid = every.with_columns(pids).partition_by(
+        if self.group_shift is not None:
+            pids = pl.Series(_POSITION, self._pids_of(every).astype(np.uint32))
+        elif self.group_column is not None:
+            pids = pl.Series(_POSITION, every.get_column(self.group_column).cast(pl.UInt32))
+        else:
+            pids = every.select(self._pid_expr(pl.col(self.hash_column))).to_series()
+        by_pid = every.with_columns(pids.alias(_POSITION)).partition_by(
             _POSITION, as_dict=True, maintain_order=False
         )
         return [
@@ -158,7 +173,12 @@ class KeyedRows:
         With ``sorted_by_group`` the base rows of a range are one contiguous slice, so
         the cost follows the rows returned; otherwise every row's partition is tested.
         """
-        if self.sorted_by_group:
+        if self.group_shift is not None:
+            start, stop = (int(i) for i in self._hash_range(lo, hi))
+            found = self._base.slice(start, stop - start)
+            if self._dead:
+                found = found.filter(pl.Series(self._live[start:stop]))
+        elif self.sorted_by_group:
             start, stop = (int(i) for i in np.searchsorted(self._pids, [lo, hi]))
             found = self._base.slice(start, stop - start)
             if self._dead:
@@ -168,7 +188,10 @@ class KeyedRows:
             found = self._base.filter(pl.Series(mask))
         if self._tail.height:
             pids = self._pids_of(self._tail)
-            mine = self._tail.filter(pl.Series((pids >= lo) & (pids < hi)))
+            mask = (pids >= lo) & (pids < hi)
+            if self._tail_dead:
+                mask &= self._tail_live
+            mine = self._tail.filter(pl.Series(mask))
             found = pl.concat([found, mine], how="vertical") if mine.height else found
         return found
 
@@ -197,8 +220,14 @@ class KeyedRows:
 
     @property
     def tail(self) -> pl.DataFrame:
-        """The rows added since the last merge (positions for :meth:`replace_at`)."""
+        """The rows added since the last merge, tombstoned ones included (positions for
+        :meth:`replace_at`)."""
         return self._tail
+
+    @property
+    def tail_live(self) -> np.ndarray:
+        """Whether each row of :attr:`tail` is live (read only)."""
+        return self._tail_live
 
     def base_candidates(self, wanted: np.ndarray) -> np.ndarray:
         """Positions of the live rows of :attr:`base` whose hash is in ``wanted`` (sorted,
@@ -216,9 +245,7 @@ class KeyedRows:
         (found with no change in between), then add ``rows``."""
         self._changes += 1
         self._kill_base(base_at)
-        if tail_at.size:
-            self._count(self._pids_of(self._tail)[tail_at], -1)
-            self._tail = _without(self._tail, tail_at)
+        self._kill_tail(tail_at)
         if rows.height:
             self._count(self._pids_of(rows), 1)
             self._add_to_tail(rows)
@@ -243,13 +270,12 @@ class KeyedRows:
             if at.size:
                 removed.append(_gather(self._base, at))
                 self._kill_base(at)
-        if self._tail.height:
-            mask = self._mask(self._tail, predicate)
-            if mask.any():
-                series = pl.Series(mask)
-                removed.append(self._tail.filter(series))
-                self._count(self._pids_of(removed[-1]), -1)
-                self._tail = self._tail.filter(~series)
+        if self._tail.height - self._tail_dead:
+            mask = self._mask(self._tail, predicate) & self._tail_live
+            at = np.flatnonzero(mask)
+            if at.size:
+                removed.append(_gather(self._tail, at))
+                self._kill_tail(at)
         self._maybe_merge()
         if not removed:
             return self._base.clear()
@@ -263,49 +289,90 @@ class KeyedRows:
         self._hashes = self._base.get_column(self.hash_column).to_numpy()
         self._live = np.ones(self._base.height, dtype=bool)
         self._dead = 0
-        self._pids = self._pids_of(self._base)
+        # (with group_shift the base's partitions are its hashes' top bits, not held)
+        pids = self._pids_of(self._base)
+        self._pids = _NONE if self.group_shift is not None else pids
         self._counts = np.zeros(self.num_partitions, dtype=np.int64)
-        self._count(self._pids, 1)
+        self._count(pids, 1)
+        del pids
         if self._tail.height:
             self._count(self._pids_of(self._tail), 1)
 
     def compact(self) -> None:
         """Merge the tail into the base and drop tombstoned rows: :meth:`frame` is then sorted."""
-        if not self._tail.height:
+        if self._tail.height == self._tail_dead:
+            self._tail, self._tail_live, self._tail_dead = (
+                self._tail.clear(),
+                np.ones(0, dtype=bool),
+                0,
+            )
             if self._dead:
                 self._set_base(self._base.filter(pl.Series(self._live)), is_sorted=True)
             return
-        tail = self._tail
+        (base,) = self._merged([self.height])
+        self._set_base(base, is_sorted=True)
+
+    def split(self, sizes: Sequence[int]) -> list[pl.DataFrame]:
+        """Merge, then cut the live rows (sorted by hash) into consecutive pieces of
+        ``sizes`` rows (their sum: :attr:`height`); this store is left empty.
+
+        Each piece is gathered into buffers of its own: a zero-copy piece of one merged
+        base would keep the whole base alive until every other piece is let go too (at
+        10M keys, halving 16 slices of 512k rows kept ~200 MB of old bases alive).
+        """
+        pieces = self._merged(sizes)
+        self._set_base(self._base.clear(), is_sorted=True)
+        return pieces
+
+    def _merged(self, sizes: Sequence[int]) -> list[pl.DataFrame]:
+        """The live rows of the base and the tail in hash order, gathered into pieces of
+        ``sizes`` rows; the tail is emptied and the base let go (the caller sets a new one)."""
+        tail, tail_live = self._tail, self._tail_live
         self._tail = tail.clear()
-        # Merge, not sort: the base is sorted, so sorting the (small) tail and finding where
-        # each of its rows goes gives the order of every row; then ONE gather of the live
-        # rows builds the new base (no sort of the state).
-        tail_hashes = tail.get_column(self.hash_column).to_numpy()
-        tail_order = np.argsort(tail_hashes, kind="stable")
+        self._tail_live, self._tail_dead = np.ones(0, dtype=bool), 0
         n_base, n_tail = self._base.height, tail.height
-        slots = np.searchsorted(self._hashes, tail_hashes[tail_order], side="right")
-        slots += np.arange(n_tail)  # each tail row's position among all rows
-        index = np.ones(n_base + n_tail, dtype=bool)
-        index[slots] = False  # True: a base row
-        keep = np.ones(n_base + n_tail, dtype=bool)  # the tail's rows are all live
-        keep[index] = self._live
-        order = np.empty(n_base + n_tail, dtype=np.uint32 if n_base + n_tail < 2**32 else np.int64)
-        order[index] = np.arange(n_base, dtype=order.dtype)
-        order[slots] = n_base + tail_order
-        del index
+        if n_tail == 0:
+            at = np.flatnonzero(self._live).astype(np.uint32 if n_base < 2**32 else np.int64)
+        else:
+            # Merge, not sort: the base is sorted, so sorting the (small) tail and finding
+            # where each of its rows goes gives the order of every row; then ONE gather of
+            # the live rows builds the new base (no sort of the state).
+            tail_hashes = tail.get_column(self.hash_column).to_numpy()
+            tail_order = np.argsort(tail_hashes, kind="stable")
+            slots = np.searchsorted(self._hashes, tail_hashes[tail_order], side="right")
+            slots += np.arange(n_tail)  # each tail row's position among all rows
+            index = np.ones(n_base + n_tail, dtype=bool)
+            index[slots] = False  # True: a base row
+            keep = np.empty(n_base + n_tail, dtype=bool)
+            keep[index] = self._live
+            keep[slots] = tail_live[tail_order]
+            dtype = np.uint32 if n_base + n_tail < 2**32 else np.int64
+            order = np.empty(n_base + n_tail, dtype=dtype)
+            order[index] = np.arange(n_base, dtype=dtype)
+            order[slots] = n_base + tail_order
+            del index
+            at = order[keep]
+            del order, keep
         # Column by column, each base + tail made one chunk first: a gather over the tail's
         # many chunks (one per batch) costs 4-8x more (6M + 1M rows: 1.4 s -> 0.2 s). Each
         # old column is let go once gathered, so the peak holds about one copy of the
         # state plus a column, not two copies.
-        at = pl.Series(order[keep])
+        bounds = np.cumsum([0, *sizes])
+        assert int(bounds[-1]) == at.size, (list(sizes), at.size)  # (the pieces: every live row)
+        cuts = [pl.Series(at[lo:hi]) for lo, hi in itertools.pairwise(bounds.tolist())]
         old, self._base, self._hashes, self._pids = self._base, self._base.clear(), _NONE, _NONE
-        columns = []
-        for name in old.columns:
-            both = pl.concat([old.get_column(name), tail.get_column(name)], rechunk=True)
-            old, tail = old.drop(name), tail.drop(name)
-            columns.append(both.gather(at))
+        names = old.columns
+        columns: list[list[pl.Series]] = [[] for _ in sizes]
+        for name in names:
+            both = old.get_column(name)
+            if n_tail:
+                both = pl.concat([both, tail.get_column(name)], rechunk=True)
+            old = pl.DataFrame([c for c in old.get_columns() if c.name != name])
+            tail = pl.DataFrame([c for c in tail.get_columns() if c.name != name])
+            for piece, cut in zip(columns, cuts, strict=True):
+                piece.append(both.gather(cut))
             del both
-        self._set_base(pl.DataFrame(columns), is_sorted=True)
+        return [pl.DataFrame(piece) for piece in columns]
 
     def merge_pressure(self) -> float:
         """How full the tail (or the tombstones) is against the limit past which a change
@@ -361,6 +428,8 @@ class KeyedRows:
         elif self._tail.height:  # a hash set over ``wanted``, one pass over the tail
             in_tail = self._tail.get_column(self.hash_column).is_in(pl.Series(wanted).implode())
             tail_at = np.flatnonzero(in_tail.to_numpy())
+        if self._tail_dead and tail_at.size:
+            tail_at = tail_at[self._tail_live[tail_at]]
         self._memo = (self._changes, wanted, base_at, tail_at)
         return base_at, tail_at
 
@@ -391,21 +460,59 @@ class KeyedRows:
         return at[self._live[at]] if self._dead else at
 
     def _add_to_tail(self, rows: pl.DataFrame) -> None:
-        tail = pl.concat([self._tail, rows], how="vertical", rechunk=False)
+        # (vstack: the rows' chunks appended, no query plan; pl.concat plans one, ~40 us,
+        # paid by every slice a batch adds rows to: 32 slices at 10M keys)
+        tail = self._tail.vstack(rows)
+        live = np.concatenate([self._tail_live, np.ones(rows.height, dtype=bool)])
         # A gather over a frame of many chunks (one per batch) costs several times one over
         # a single chunk (the tail's rows are gathered every batch): rechunked every
-        # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches.
-        self._tail = tail.rechunk() if tail.n_chunks() > _TAIL_CHUNKS else tail
+        # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches, which
+        # drops the tail's tombstoned rows on the way.
+        if tail.n_chunks() > _TAIL_CHUNKS:
+            if self._tail_dead:
+                tail = _without(tail, np.flatnonzero(~live))
+                live = np.ones(tail.height, dtype=bool)
+                self._tail_dead = 0
+            tail = tail.rechunk()
+        self._tail, self._tail_live = tail, live
+
+    def _live_tail(self) -> pl.DataFrame:
+        if self._tail_dead == 0:
+            return self._tail
+        return self._tail.filter(pl.Series(self._tail_live))
+
+    def _kill_tail(self, at: np.ndarray) -> None:
+        if at.size == 0:
+            return
+        self._tail_live[at] = False
+        self._tail_dead += int(at.size)
+        self._count(self._pids_of(self._tail)[at], -1)
 
     def _kill_base(self, at: np.ndarray) -> None:
         if at.size == 0:
             return
         self._live[at] = False
         self._dead += int(at.size)
-        self._count(self._pids[at], -1)
+        self._count(self._pids[at] if self.group_shift is None else self._pids_at(at), -1)
+
+    def _pids_at(self, at: np.ndarray) -> np.ndarray:
+        """With ``group_shift``: the partitions of the base rows at ``at``."""
+        assert self.group_shift is not None
+        return self._hashes[at] >> self.group_shift
+
+    def _hash_range(self, lo: int, hi: int) -> np.ndarray:
+        """With ``group_shift``: the base positions ``[start, stop)`` of partitions ``[lo, hi)``."""
+        assert self.group_shift is not None
+        bounds = [min(p << int(self.group_shift), 2**64 - 1) for p in (lo, hi)]
+        at = np.searchsorted(self._hashes, np.asarray(bounds, dtype=np.uint64))
+        if hi << int(self.group_shift) >= 2**64:  # (past the last partition: every row)
+            at[1] = self._hashes.size
+        return at
 
     def _pids_of(self, frame: pl.DataFrame) -> np.ndarray:
         """The partition of every row of ``frame``."""
+        if self.group_shift is not None:
+            return frame.get_column(self.hash_column).to_numpy() >> self.group_shift
         if self.group_column is not None:
             return frame.get_column(self.group_column).to_numpy()
         hashes = frame.get_column(self.hash_column).to_numpy()
@@ -544,9 +651,7 @@ def _gather(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
 
 def _without(frame: pl.DataFrame, at: np.ndarray) -> pl.DataFrame:
     """``frame`` without the rows at positions ``at`` (unique): a few removed from a
-    small frame, the zero-copy slices between them (no query plan); otherwise a filter
-    (one chunk: a large tail left in pieces would be rechunked, a copy, by the next
-    append; and faster than a gather of the others, 0.07 vs 0.12 ms at 31k rows)."""
+    small frame, the zero-copy slices between them (no query plan); otherwise a filter."""
     if at.size > _FEW or frame.height > _SMALL_TAIL:
         keep = np.ones(frame.height, dtype=bool)
         keep[at] = False

@@ -67,6 +67,11 @@ class SlicedRows:
         default :data:`SLICE_ROWS`.
     is_sorted
         ``frame`` is already sorted by ``hash_column``.
+    group_shift
+        The key group is the hash's top bits, ``hash >> group_shift`` (the state
+        store's hash): ``group_column`` is then not held in memory (at 10M keys of
+        23 bytes, 2 bytes a row, and a copy at every merge) but computed from the hash
+        in every frame returned.
 
     Examples
     --------
@@ -76,7 +81,7 @@ class SlicedRows:
     ...     h=pl.col("g").cast(pl.UInt64) * (1 << 48) + pl.col("k").cast(pl.UInt64)
     ... )
     >>> store = SlicedRows(rows, key_columns=["k"], hash_column="h", group_column="g",
-    ...                    num_groups=4, slice_rows=2)
+    ...                    num_groups=4, slice_rows=2, group_shift=48)
     >>> store.slice_ranges()
     [(0, 2), (2, 4)]
     >>> keys = rows.filter(pl.col("k").is_in([1, 2]))
@@ -98,6 +103,7 @@ class SlicedRows:
         tail_rows: int | None = None,
         slice_rows: int | None = None,
         is_sorted: bool = False,
+        group_shift: int | None = None,
     ):
         self.key_columns = list(key_columns)
         self.hash_column = hash_column
@@ -105,12 +111,15 @@ class SlicedRows:
         self.num_groups = num_groups
         self.tail_rows = TAIL_ROWS if tail_rows is None else tail_rows
         self.slice_rows = SLICE_ROWS if slice_rows is None else slice_rows
+        self.group_shift = group_shift
+        self._columns = frame.columns
+        self._group_dtype = frame.schema[group_column]
         self._empty = frame.clear()
         self._changes = 0  # bumped by every change: invalidates the search memo
         # the last _find: (changes, the keys frame itself, columns, what it found): a state
         # store's fold looks a batch's keys up, then replaces them, with the very same frame
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], _Found] | None = None
-        whole = self._keyed(frame, is_sorted=is_sorted)
+        whole = self._keyed(self._held(frame), is_sorted=is_sorted)
         self._starts: list[int] = [0]
         self._slices: list[KeyedRows] = [whole]
         if whole.height > self.slice_rows:
@@ -145,7 +154,9 @@ class SlicedRows:
         frames = [f for f in (s.frame() for s in self._slices) if f.height]
         if not frames:
             return self._empty
-        return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical", rechunk=False)
+        if len(frames) == 1:
+            return self._dressed(frames[0])
+        return self._dressed(pl.concat(frames, how="vertical", rechunk=False))
 
     def rows_in_partitions(self, lo: int, hi: int) -> pl.DataFrame:
         """The live rows of key groups ``[lo, hi)`` (order unspecified): each slice's
@@ -158,7 +169,7 @@ class SlicedRows:
         found = [f for f in found if f.height]
         if not found:
             return self._empty
-        return found[0] if len(found) == 1 else pl.concat(found, how="vertical")
+        return self._dressed(found[0] if len(found) == 1 else pl.concat(found, how="vertical"))
 
     def rows_of(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> pl.DataFrame:
         """Every live row whose key is in ``keys`` (key columns, hash and key group).
@@ -166,13 +177,14 @@ class SlicedRows:
         ``on``: as for :meth:`KeyedRows.rows_of` (match these columns only).
         """
         if len(self._slices) == 1:
-            return self._slices[0].rows_of(keys, on)
-        return self._find(keys, on)[0]
+            return self._dressed(self._slices[0].rows_of(keys, on))
+        return self._dressed(self._find(keys, on)[0])
 
     # -- changing ----------------------------------------------------------------------------
 
     def replace(self, keys: pl.DataFrame, rows: pl.DataFrame) -> None:
         """Remove every row of ``keys`` (key columns, hash and key group), then add ``rows``."""
+        rows = self._held(rows)
         if len(self._slices) == 1:
             self._slices[0].replace(keys, rows)
         else:
@@ -185,7 +197,7 @@ class SlicedRows:
 
     def append(self, rows: pl.DataFrame) -> None:
         """Add ``rows``, whose keys the caller guarantees are not in the state yet."""
-        for i, part in self._route(rows):
+        for i, part in self._route(self._held(rows)):
             self._slices[i].append(part)
         self._changed()
 
@@ -196,7 +208,9 @@ class SlicedRows:
         self._changed()
         if not removed:
             return self._empty
-        return removed[0] if len(removed) == 1 else pl.concat(removed, how="vertical")
+        return self._dressed(
+            removed[0] if len(removed) == 1 else pl.concat(removed, how="vertical")
+        )
 
     def compact(self) -> None:
         """Merge every slice's tail into its base: :meth:`frame` is then sorted."""
@@ -214,9 +228,29 @@ class SlicedRows:
             num_partitions=self.num_groups,
             tail_rows=self.tail_rows,
             is_sorted=is_sorted,
-            group_column=self.group_column,
+            group_column=None if self.group_shift is not None else self.group_column,
             sorted_by_group=True,
+            group_shift=self.group_shift,
         )
+
+    def _held(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """``frame`` as the slices hold it: without the group column if it is derived."""
+        if self.group_shift is None or self.group_column not in frame.columns:
+            return frame
+        # (columns picked, not DataFrame.drop: that builds a query plan, ~50-100 us)
+        return pl.DataFrame([c for c in frame.get_columns() if c.name != self.group_column])
+
+    def _dressed(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Rows the slices hold, with their group column again (in its place)."""
+        if self.group_shift is None:
+            return frame
+        if frame.height == 0:
+            return self._empty
+        groups = _groups(frame.get_column(self.hash_column).to_numpy(), self.group_shift)
+        frame = frame.hstack([pl.Series(self.group_column, groups).cast(self._group_dtype)])
+        if frame.columns == self._columns:
+            return frame
+        return pl.DataFrame([frame.get_column(c) for c in self._columns])
 
     def _changed(self) -> None:
         self._changes += 1
@@ -241,7 +275,10 @@ class SlicedRows:
         ]
 
     def _slice_of(self, frame: pl.DataFrame) -> np.ndarray:
-        groups = frame.get_column(self.group_column).to_numpy()
+        if self.group_shift is not None:
+            groups = _groups(frame.get_column(self.hash_column).to_numpy(), self.group_shift)
+        else:
+            groups = frame.get_column(self.group_column).to_numpy()
         return np.searchsorted(np.asarray(self._starts), groups, side="right") - 1
 
     def _find(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> _Found:
@@ -324,9 +361,12 @@ class SlicedRows:
         cuts = np.flatnonzero(np.diff(which)) + 1
         for run in np.split(np.arange(hit.size), cuts):
             j = int(which[run[0]])
-            frames.append(tails[j][1])
-            at.append(hit[run] - starts[j])
-            owners.append((tails[j][0], True))
+            mine = hit[run] - starts[j]
+            mine = mine[self._slices[tails[j][0]].tail_live[mine]]  # (not the tombstoned)
+            if mine.size:
+                frames.append(tails[j][1])
+                at.append(mine)
+                owners.append((tails[j][0], True))
 
     def _after_change(self) -> None:
         """Split one slice grown past ``slice_rows``, or merge the tails due.
@@ -365,8 +405,11 @@ class SlicedRows:
             return False
         _, i = max(over)
         (a, b), whole = ranges[i], self._slices[i]
-        whole.compact()
-        starts, slices = self._cut(whole, a, b)
+        counts = np.asarray(whole.rows_per_partition(), dtype=np.int64)[a:b]
+        pieces = _pieces(counts, self.slice_rows)
+        frames = whole.split([int(counts[lo:hi].sum()) for lo, hi in pieces])
+        starts = [a + lo for lo, _ in pieces]
+        slices = [self._keyed(f, is_sorted=True) for f in frames]
         self._starts[i : i + 1] = starts
         self._slices[i : i + 1] = slices
         self._share_tail()
@@ -394,6 +437,28 @@ class SlicedRows:
         for s in self._slices:
             s.tail_rows = share if several else self.tail_rows
             s.auto_merge = not several
+
+
+def _groups(hashes: np.ndarray, shift: int) -> np.ndarray:
+    """The key groups of ``hashes``: their top bits, as the smallest unsigned dtype.
+
+    Examples
+    --------
+    >>> _groups(np.array([5, (3 << 48) + 7], dtype=np.uint64), 48).tolist()
+    [0, 3]
+    """
+    groups = hashes >> np.uint64(shift)
+    bits = 64 - shift
+    dtype = (
+        np.uint8
+        if bits <= 8
+        else np.uint16
+        if bits <= 16
+        else np.uint32
+        if bits <= 32
+        else np.uint64
+    )
+    return groups.astype(dtype)
 
 
 def _pieces(counts: np.ndarray, limit: int) -> list[tuple[int, int]]:

@@ -978,6 +978,7 @@ class StateStore:
             group_column=_KG,
             num_groups=self.num_key_groups,
             is_sorted=is_sorted,
+            group_shift=48,  # (hashed(): the key group is the top 16 bits, not held in memory)
         )
 
     def _record(self, keys: pl.DataFrame, changes: pl.DataFrame) -> None:
