@@ -64,7 +64,6 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -91,6 +90,14 @@ from microstream.plan.physical import (
 )
 from microstream.protocols import PartSink
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.batch_reads import (
+    _by_target,
+    _cause,
+    _collected,
+    _combined,
+    _note_reads,
+    _Reads,
+)
 from microstream.runtime.ray.operator_exchange import (
     ExchangeTail,
     exchange_tail,
@@ -107,7 +114,6 @@ from microstream.runtime.ray.remote_operator import (
     route,
 )
 from microstream.runtime.ray.scan_tasks import (
-    SplitReport,
     Target,
     consumers,
     cuttable,
@@ -837,70 +843,3 @@ class RayStageExecutor:
             msg = f"a Ray task reading a source was lost during {what}: {type(exc).__name__}"
             raise WorkerLostError(msg, frozenset()) from exc
         return results
-
-
-@dataclass
-class _Reads:
-    """One batch's bookkeeping of the sources read in tasks."""
-
-    offsets: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
-    """(stage, consumer) -> the first of the consumer's returns of the stage's tasks."""
-    scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
-    reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
-    """Stage -> the references of its split tasks' reports."""
-    known: dict[int, list[SplitReport]] = dataclasses.field(default_factory=dict)
-    """Stage -> the reports of the owner that read its source (already here)."""
-    rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
-
-
-def _note_reads(
-    plan: PhysicalPlan,
-    stage: OperatorStage,
-    operator: RemoteOperator,
-    owned: Mapping[int, list[Any]],
-    reads: _Reads,
-) -> None:
-    """The reports of the reads the operator's owner made in its call, by stage: one per
-    input whose stage it read, in input order."""
-    read = [s for i in stage.inputs if (s := _input_of(plan, i)) in owned]
-    if read:
-        assert len(read) == len(operator.reports), (read, operator.reports)
-        for index, report in zip(read, operator.reports):
-            reads.known[index] = [report]
-
-
-def _input_of(plan: PhysicalPlan, index: int) -> int:
-    exchange = plan.stages[index]
-    assert isinstance(exchange, ExchangeStage)
-    return exchange.input
-
-
-def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Routed]]:
-    """Per exchange of ``tail``, per owner of its consumer, the references of the pieces
-    every owner of the operator cut for it (``pieces``: per owner of the operator, in
-    owner order, its returns): in the operator's owner order, so each next owner's input
-    is in the same order every run."""
-    out: dict[int, list[Routed]] = {}
-    first = 0
-    for target in tail.targets:
-        out[target.exchange] = [
-            [returns[first + k] for returns in pieces] for k in range(len(target.his))
-        ]
-        first += len(target.his)
-    return out
-
-
-def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
-    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
-    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
-
-
-def _cause(exc: Any) -> BaseException:
-    """What an operator raised in a worker (Ray wraps it in a ``RayTaskError``)."""
-    return exc.cause if isinstance(exc.cause, BaseException) else exc
-
-
-def _collected(results: list[pl.LazyFrame | None], index: int) -> pl.DataFrame:
-    frame = results[index]
-    assert frame is not None, f"stage {index} has not run"
-    return frame.collect()
