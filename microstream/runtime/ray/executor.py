@@ -120,6 +120,7 @@ from microstream.runtime.ray.scan_tasks import (
     run_split,
     warm,
 )
+from microstream.runtime.ray.shared_reads import SharedRead, plan_shares, shared_stages
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name, sink_tail
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput, SplitScan
@@ -216,7 +217,11 @@ class RayStageExecutor:
         self.owner_read_ahead = 0
         """Of :attr:`owner_reads`, those the owner took from its read-ahead
         (:mod:`~microstream.runtime.ray.owner_prefetch`), in this run."""
+        self.shared_reads = 0
+        """Batches of a stage whose splits the several owners of the next operator read in
+        shares and cut for each other (:mod:`~microstream.runtime.ray.shared_reads`)."""
         self._owner_stages: frozenset[int] = frozenset()
+        self._shared_stages: frozenset[int] = frozenset()
         self._plan: PhysicalPlan | None = None  # (when owners read sources: re-warmed)
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
         self._remotes: dict[Any, Any] = {}
@@ -307,7 +312,9 @@ class RayStageExecutor:
         def single_owner(exchange: ExchangeStage) -> bool:
             return len(self._operators[consumer[exchange.index].node].owners) == 1
 
-        self._owner_stages = owner_stages(plan, single_owner, self._ray.cloudpickle.dumps)
+        dumps = self._ray.cloudpickle.dumps
+        self._owner_stages = owner_stages(plan, single_owner, dumps)
+        self._shared_stages = shared_stages(plan, self._cuttable(plan), single_owner, dumps)
         self._plan = plan
         self._warm_owners(plan)
 
@@ -316,7 +323,7 @@ class RayStageExecutor:
         at the start and after a restart, so their code is imported before a batch. A
         worker that cannot unpickle one (a ``map_batches`` function of a module only the
         driver can import) leaves every stage where it ran before: the driver or tasks."""
-        if not self._owner_stages:
+        if not self._owner_stages and not self._shared_stages:
             return
         consumer = {i: s for s in plan.operators() for i in s.inputs}
         per_worker: dict[int, list[Any]] = {}
@@ -325,6 +332,10 @@ class RayStageExecutor:
                 exchange = next(c for c in consumers(plan, stage.index))
                 (owner,) = self._operators[consumer[exchange.index].node].owners
                 per_worker.setdefault(owner.index, []).append(self._stage_ref(stage))
+            elif isinstance(stage, StatelessStage) and stage.index in self._shared_stages:
+                exchange = next(c for c in consumers(plan, stage.index))
+                for owner in self._operators[consumer[exchange.index].node].owners:
+                    per_worker.setdefault(owner.index, []).append(self._stage_ref(stage))
         indexes = sorted(per_worker)
         calls = [self.workers[i].warm.remote(*per_worker[i]) for i in indexes]
         timeout = max(self.worker_timeout_s or 0, START_TIMEOUT_S)
@@ -340,7 +351,7 @@ class RayStageExecutor:
                 type(exc).__name__,
                 exc,
             )
-            self._owner_stages = frozenset()
+            self._owner_stages = self._shared_stages = frozenset()
 
     def _stage_ref(self, stage: StatelessStage) -> Any:
         """``stage`` in Ray's object store, put once per run (split tasks and owners read it)."""
@@ -540,6 +551,7 @@ class RayStageExecutor:
         cut = self._cuttable(plan)
         launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         owned: dict[int, list[Any]] = {}  # stage -> its owner's pieces: OwnerRead, stage
+        shared: dict[int, list[Routed]] = {}  # stage -> per owner its pieces from the readers
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
                 if stage.index in self._forwarded:
@@ -547,6 +559,9 @@ class RayStageExecutor:
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
                 if scans and self._owner_reads(stage, inputs, cut):
                     owned[stage.index] = self._owner_read(stage, inputs, ctx, reads)
+                    continue
+                if scans and stage.index in self._shared_stages:
+                    shared[stage.index] = self._share_reads(plan, stage, inputs, ctx, reads)
                     continue
                 if scans and stage.index in cut and not self._on_driver(plan, stage, inputs):
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
@@ -562,6 +577,9 @@ class RayStageExecutor:
                     continue
                 if stage.input in owned:  # the one owner reads the source in its call
                     routed[stage.index] = [owned[stage.input]]
+                    continue
+                if stage.input in shared:  # the owners read it in shares and cut it
+                    routed[stage.index] = shared[stage.input]
                     continue
                 if stage.input in launched:
                     # Each owner gets every task's piece for it (in split order) by
@@ -744,6 +762,51 @@ class RayStageExecutor:
         reads.scans[stage.index] = scan
         self.owner_reads += 1
         return [OwnerRead(split.splits, split.schema, ctx), self._stage_ref(stage)]
+
+    def _share_reads(
+        self,
+        plan: PhysicalPlan,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        reads: _Reads,
+    ) -> list[Routed]:
+        """The owners of the operator after ``stage`` read its source's splits in shares
+        and cut the rows for each other (:mod:`~microstream.runtime.ray.shared_reads`):
+        the reports gathered here (a lost reader is named now), and per owner the
+        references of its pieces, in split order."""
+        (scan,) = stage.sources
+        split = inputs[scan]
+        assert isinstance(split, SplitScan)
+        (exchange,) = consumers(plan, stage.index)
+        assert isinstance(exchange, ExchangeStage), "shared_stages feed one exchange"
+        consumer = next(s for s in plan.operators() if exchange.index in s.inputs)
+        operator = self._operators[consumer.node]
+        owners = operator.owners
+        target = Target(
+            exchange.exchange.keys, tuple(o.hi for o in owners), operator.num_key_groups
+        )
+        stage_ref = self._stage_ref(stage)
+        calls, readers, of = [], [], {}  # of: split position -> (call, its place in it)
+        for owner, (positions, ahead) in zip(owners, plan_shares(split.splits, len(owners))):
+            if not positions:
+                continue
+            share = SharedRead(
+                tuple(split.splits[k] for k in positions), split.schema, ctx, target, ahead
+            )
+            method = owner.worker.read_share.options(num_returns=1 + len(positions) * len(owners))
+            returns = method.remote(share, stage_ref)
+            for place, k in enumerate(positions):
+                of[k] = (returns, 1 + place * len(owners))
+            calls.append(returns)
+            readers.append(owner.index)
+        what = f"the reads of batch {ctx.batch_id}, stage {stage.index}"
+        reads.known[stage.index] = self.gather([c[0] for c in calls], readers, what)
+        reads.scans[stage.index] = scan
+        self.shared_reads += 1
+        return [
+            [of[k][0][of[k][1] + j] for k in range(len(split.splits))] for j in range(len(owners))
+        ]
 
     def _on_driver(
         self,
