@@ -192,3 +192,42 @@ def test_kill_matrix_at_the_shared_reads(
     ray_cluster: Any, data: Path, local: Any, tmp_path: Path, when: str, victim: int
 ) -> None:
     _killed_run(when, victim, ray_cluster, data, local, tmp_path)
+
+
+def test_delta_versions_in_many_splits_are_shared_by_the_owners(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    # A Delta source's batch is a split per data file (here a file per user and version):
+    # each owner reads every second one, and the aggregation equals LocalRuntime's.
+    from deltalake import write_deltalake
+    from event_files import events
+
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    table = tmp_path / "table"
+    for i in range(5):
+        write_deltalake(str(table), events(i).to_arrow(), mode="append", partition_by=["user"])
+
+    def run(runtime: ms.Runtime, checkpoint: Path) -> tuple[Any, Any]:
+        out: dict[int, list[tuple[Any, ...]]] = {}
+        query = (
+            ms.scan_delta(str(table), max_files_per_trigger=20)
+            .filter(pl.col("v") % 3 != 0)
+            .group_by("user")
+            .agg(pl.col("v").sum().alias("total"), pl.len().alias("n"))
+            .foreach_batch(
+                lambda df, batch_id: out.__setitem__(batch_id, sorted(df.rows(), key=repr)),
+                checkpoint=checkpoint,
+                output_mode="update",
+                trigger=ms.Trigger.available_now(flush=True),
+                runtime=runtime,
+            )
+        )
+        assert query.await_termination(timeout=120)
+        assert query.exception() is None, query.exception()
+        return out, query._execution.executor  # type: ignore[attr-defined]
+
+    local, _ = run(ms.LocalRuntime(), tmp_path / "local")
+    ray, executor = run(ms.RayRuntime(num_workers=2), tmp_path / "ray")
+    assert ray == local and sum(len(rows) for rows in local.values()) >= 9
+    assert executor.shared_reads >= 3  # 45 data files, 20 per batch
+    assert (executor.split_tasks, executor.driver_rows) == (0, 0)
