@@ -74,7 +74,7 @@ WORKERS = (1, 2, 8, 32)
 REMEDY = {
     "driver": "less of the driver's own work per event: its fixed work per batch (planning "
     "splits, offsets and the WAL, the manifest and commits/N) spread over larger batches, "
-    "and no rows through it (splits read in tasks or by the one owner, sink files written "
+    "and no rows through it (splits read in tasks or by the owners, sink files written "
     "by the workers: both exist; a whole-batch combiner, map_batches, still keeps a "
     "source's rows on the driver)",
     "exchange": "split rows by key group where they are read (in the source tasks) instead "

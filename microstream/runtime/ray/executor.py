@@ -11,8 +11,11 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    its rows as its piece of the batch and only what it wrote comes back. A batch of
    one split whose rows all come back to the driver for the sink is read on the
    driver (``read_splits="auto"``): the driver would wait for the one task's rows, so
-   a task only adds its round trip. Other stateless stages run on the driver, as
-   locally.
+   a task only adds its round trip. Under ``read_splits="auto"`` the owners of the next
+   operator read instead of tasks: its one owner in its batch call
+   (:mod:`~microstream.runtime.ray.owner_reads`), or its several owners each a share of
+   the splits, cutting the rows for each other (:mod:`~microstream.runtime.ray.shared_reads`).
+   Other stateless stages run on the driver, as locally.
 2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
