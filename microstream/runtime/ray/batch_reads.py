@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from microstream.plan.physical import ExchangeStage, WatermarkObservation
+from microstream.plan.physical import ExchangeStage
 
 if TYPE_CHECKING:
     import polars as pl
@@ -71,11 +71,6 @@ def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Ro
         ]
         first += len(target.his)
     return out
-
-
-def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
-    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
-    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
 
 
 def _cause(exc: Any) -> BaseException:

@@ -97,7 +97,6 @@ from microstream.runtime.ray.batch_reads import (
     _by_target,
     _cause,
     _collected,
-    _combined,
     _note_reads,
     _Reads,
 )
@@ -118,6 +117,7 @@ from microstream.runtime.ray.remote_operator import (
 )
 from microstream.runtime.ray.scan_tasks import (
     Target,
+    combined,
     consumers,
     cuttable,
     run_split,
@@ -891,7 +891,7 @@ class RayStageExecutor:
                     node = stage.steps[position]
                     assert isinstance(node, WatermarkNode)
                     before = seen.get(node)
-                    seen[node] = observation if before is None else _combined(before, observation)
+                    seen[node] = observation if before is None else combined(before, observation)
         return seen
 
     def _gather_tasks(self, refs: list[Any], what: str, timeout: float | None = -1.0) -> list[Any]:

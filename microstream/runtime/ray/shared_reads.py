@@ -41,9 +41,15 @@ from typing import TYPE_CHECKING, Any
 
 from microstream.plan.nodes import declared_width
 from microstream.plan.physical import ExchangeStage, PhysicalPlan, StatelessStage
-from microstream.runtime.ray.batch_reads import _combined
 from microstream.runtime.ray.owner_prefetch import OwnerReadAhead, VersionedSplit, next_splits
-from microstream.runtime.ray.scan_tasks import SplitReport, Target, consumers, report, split_rows
+from microstream.runtime.ray.scan_tasks import (
+    SplitReport,
+    Target,
+    combined,
+    consumers,
+    report,
+    split_rows,
+)
 from microstream.runtime.ray.wire import Wire
 
 if TYPE_CHECKING:
@@ -164,7 +170,7 @@ def read_share(
         lazy, observed = stage.lower({scan: declared_width(rows, read.schema)}, [], read.ctx)
         for node, observation in observed.items():
             before = seen.get(node)
-            seen[node] = observation if before is None else _combined(before, observation)
+            seen[node] = observation if before is None else combined(before, observation)
         parts = split_rows(lazy.collect(), target.keys, target.his, target.num_key_groups)
         pieces += [Wire.of(part) for part in parts]
     read_ms = (time.perf_counter() - started) * 1000
