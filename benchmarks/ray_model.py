@@ -14,9 +14,18 @@ into:
   ``commits/N`` (``commit`` minus the owners' state writes), and the rest of the batch
   (``other``). At one worker the one owner reads the source and runs the stage before
   its operator in its call (``runtime/ray/owner_reads.py``: ``owner_read``, inside
-  ``actor_process``), which several owners of a keyed operator cannot: there the read
-  is the driver's or the split tasks', so ``T(1)`` is ``ray1``'s own driver part plus
+  ``actor_process``), which several owners of a keyed operator do in a call of their
+  own before the operators' (next item), so ``T(1)`` is ``ray1``'s own driver part plus
   its actors' time, as measured;
+- ``share``: at ``W >= 2`` the owners of a keyed operator read the batch's splits in
+  shares, split ``k`` by owner ``k % W``, and cut the rows for each other
+  (``runtime/ray/shared_reads.py``; ``owner_share`` of ``ray2``: the driver's wait for
+  those calls, inside ``compute`` and outside ``actor_process``, so not in ``driver``).
+  The owners read in parallel only as far as the batch has splits:
+  ``share(W) = owner_share(ray2) * ceil(S / W) / ceil(S / 2)`` for ``S`` splits per batch
+  (``--splits-per-batch``, default 1: ray_scaling.py's batches are one file, one split,
+  read by the first owner at any ``W``, a serial part). The cut into ``W`` pieces grows
+  with ``W`` and is not modelled (one filter per owner, ~0.1 ms per 100k rows each);
 - ``exchange``: routing the rows to their key groups' owners on the driver, one pass
   over the batch per owner: ``route(ray2) * W / 2`` (nothing at one worker). These are
   the rows the driver still routes: a source read on the driver, a stage of the whole
@@ -65,13 +74,15 @@ WORKERS = (1, 2, 8, 32)
 REMEDY = {
     "driver": "less of the driver's own work per event: its fixed work per batch (planning "
     "splits, offsets and the WAL, the manifest and commits/N) spread over larger batches, "
-    "and no rows through it (splits read in tasks or by the one owner, sink files written "
+    "and no rows through it (splits read in tasks or by the owners, sink files written "
     "by the workers: both exist; a whole-batch combiner, map_batches, still keeps a "
     "source's rows on the driver)",
     "exchange": "split rows by key group where they are read (in the source tasks) instead "
     "of routing every row through the driver: a combiner of the whole batch (map_batches) "
     "keeps a source's rows on the driver; operator to operator rows already go actor to actor",
     "actors": "more workers (the part that scales)",
+    "share": "more splits per batch (several files per trigger, or smaller splits) so every "
+    "owner reads a share: a batch of one split is read and cut by one owner at any count",
     "single_actor": "partition the operator (a key besides the window: a keyless "
     "operator lives whole in one actor, more workers do not help it)",
     "coordination": "fewer round trips per batch (one call per owner and batch, process "
@@ -94,8 +105,12 @@ class Costs:
     driver_one: float | None = None
     """The driver's part at one worker (None: ``driver``)."""
     owner_read: float = 0.0
-    """What the one owner spent reading its source at one worker, which several owners
-    of a keyed operator leave to the driver or the split tasks."""
+    """What the one owner spent reading its source at one worker (inside its call)."""
+    share: float = 0.0
+    """At two workers, the driver's wait for the owners to read their shares of the
+    batch's splits and cut the rows for each other (``owner_share``)."""
+    splits: int = 1
+    """Splits per batch: how many owners can read a batch's shares at once."""
 
     def without_coordination(self) -> Costs:
         """The same costs with ``c = 0``: the upper bound."""
@@ -112,12 +127,15 @@ class Costs:
                 "actors": self.parallel + self.owner_read,
                 "coordination": 0.0,
             }
-        return {
+        terms = {
             "driver": self.driver,
             "exchange": 0.0 if workers == 1 else self.route2 * workers / 2,
             "actors": self.parallel / workers,
             "coordination": self.coordination * (workers - 1),
         }
+        if self.share:  # the owners' shared reads (a query whose owners read them)
+            terms["share"] = self.share * -(-self.splits // workers) / -(-self.splits // 2)
+        return terms
 
     def events_per_s(self, workers: int) -> float:
         return self.events / (sum(self.terms(workers).values()) / 1000)
@@ -128,10 +146,15 @@ class Costs:
 
 
 def fit(
-    events: int, ray1: dict[str, float], ray2: dict[str, float], partitioned: bool = True
+    events: int,
+    ray1: dict[str, float],
+    ray2: dict[str, float],
+    partitioned: bool = True,
+    splits: int = 1,
 ) -> Costs:
     """The model's costs from the ``stages_ms`` of the 1- and 2-worker runs
-    (``partitioned``: whether the exchanges split rows over several actors).
+    (``partitioned``: whether the exchanges split rows over several actors; ``splits``:
+    per batch, how many owners can read its shares at once).
 
     Examples
     --------
@@ -145,6 +168,9 @@ def fit(
     (1863354, 'driver')
     >>> round(costs.events_per_s(8)), costs.bottleneck(8)
     (1385681, 'coordination')
+    >>> shared = fit(600_000, ray1, {**ray2, "owner_share": 30}, splits=4)
+    >>> shared.driver, shared.terms(2)["share"], shared.terms(8)["share"]
+    (110, 30.0, 15.0)
     """
     actors1 = ray1["actor_process"] + ray1["actor_commit"]
     actors2 = ray2["actor_process"] + ray2["actor_commit"]
@@ -152,14 +178,17 @@ def fit(
         return Costs(events, _serial(ray1), ray2["route"], actors1, 0.0, partitioned=False)
     owner_read = ray1.get("owner_read", 0.0)
     parallel = actors1 - owner_read
+    share = ray2.get("owner_share", 0)
     return Costs(
         events=events,
-        driver=_serial(ray2),
+        driver=_serial(ray2) - share,
         route2=ray2["route"],
         parallel=parallel,
         coordination=max(0.0, actors2 - parallel / 2),
         driver_one=_serial(ray1),
         owner_read=owner_read,
+        share=share,
+        splits=splits,
     )
 
 
@@ -176,7 +205,9 @@ def _serial(run: dict[str, float]) -> float:
     )
 
 
-def project(report: dict[str, Any], workers: tuple[int, ...] = WORKERS) -> dict[str, Any]:
+def project(
+    report: dict[str, Any], workers: tuple[int, ...] = WORKERS, splits: int = 1
+) -> dict[str, Any]:
     """Per query of a ray_scaling.py report: the fitted costs and, per worker count, the
     projected events per second, the four terms and the bottleneck, as fitted
     (``workers``) and with no coordination cost (``workers_without_coordination``).
@@ -199,7 +230,7 @@ def project(report: dict[str, Any], workers: tuple[int, ...] = WORKERS) -> dict[
         if "ray1" not in stages or "ray2" not in stages:
             continue
         partitioned = bool(entry.get("partitioned", True))
-        costs = fit(report["events"], stages["ray1"], stages["ray2"], partitioned)
+        costs = fit(report["events"], stages["ray1"], stages["ray2"], partitioned, splits)
 
         def per_worker(costs: Costs) -> dict[str, Any]:
             return {
@@ -216,6 +247,7 @@ def project(report: dict[str, Any], workers: tuple[int, ...] = WORKERS) -> dict[
             "costs_ms": {
                 "driver": round(costs.driver, 1),
                 "owner_read_at_1": round(costs.owner_read, 1),
+                **({"share_at_2": round(costs.share, 1)} if costs.share else {}),
                 "route_at_2": round(costs.route2, 1),
                 "actors_at_1": round(costs.parallel, 1),
                 "coordination_per_worker": round(costs.coordination, 1),
@@ -248,8 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", type=Path, help="a JSON report of benchmarks/ray_scaling.py")
     parser.add_argument("--workers", nargs="+", type=int, default=list(WORKERS))
     parser.add_argument("--json", action="store_true", help="print the projection as JSON")
+    parser.add_argument(
+        "--splits-per-batch", type=int, default=1, help="splits per batch the owners share"
+    )
     args = parser.parse_args(argv)
-    projection = project(json.loads(args.report.read_text()), tuple(args.workers))
+    report = json.loads(args.report.read_text())
+    projection = project(report, tuple(args.workers), args.splits_per_batch)
     if args.json:
         print(json.dumps(projection, indent=1))
         return 0

@@ -22,7 +22,11 @@ routing at exchanges (``route``), timed around ``RayStageExecutor.gather`` and
 ``route`` in this process, and ``owner_read``: inside ``actor_process``, the time the one
 owner of an operator spent reading its source and running the stage before it
 (``runtime/ray/owner_reads.py``; its reports' ``read_ms``; ``owner_read_ahead`` counts the
-reads whose rows the owner had read ahead, ``runtime/ray/owner_prefetch.py``); ``partitioned`` says whether an exchange split rows over
+reads whose rows the owner had read ahead, ``runtime/ray/owner_prefetch.py``), and
+``owner_share``: inside ``compute``, before ``actor_process``, the driver's wait for the
+several owners of a keyed operator to read their shares of the source's splits, run the
+stage and cut the rows for each other (``runtime/ray/shared_reads.py``; their reads
+ahead count in ``owner_read_ahead`` too); ``partitioned`` says whether an exchange split rows over
 several actors (false for a stateless query, and for a keyless window: one actor owns
 it). ``benchmarks/ray_model.py`` projects 8 and 32 workers from them.
 
@@ -68,6 +72,7 @@ class StageTimer:
             "actor_commit": 0.0,
             "route": 0.0,
             "owner_read": 0.0,
+            "owner_share": 0.0,
         }
         self.read_ahead = 0
         """Owner reads whose rows the owner had read ahead (``runtime/ray/owner_prefetch.py``)."""
@@ -99,9 +104,17 @@ class StageTimer:
                 return "actor_process"
             if what.startswith("the commit of batch "):
                 return "actor_commit"
+            if what.startswith("the reads of batch "):
+                return "owner_share"
             return None  # opening the owners at start, pids: not a batch's time
 
-        executor.RayStageExecutor.gather = timed(gather_kind, gather)  # type: ignore[method-assign]
+        def gathered(*args: Any, **kwargs: Any) -> Any:
+            results = timed(gather_kind, gather)(*args, **kwargs)
+            if gather_kind(args) == "owner_share":  # the shares' reports
+                self.read_ahead += sum(r.read_ahead for r in results)
+            return results
+
+        executor.RayStageExecutor.gather = gathered  # type: ignore[method-assign]
 
         def route_kind(args: tuple[Any, ...]) -> str:
             self.partitioned = self.partitioned or len(args[2]) > 1

@@ -34,6 +34,10 @@ NAMED = re.compile(r"\bbatch (\d+) of operator (\S+)$")
 """What ``RayStageExecutor.gather`` is told about a batch's call of an operator's owners
 (``"batch 3 of operator op0"``; the old commit call was ``"the commit of batch 3 ..."``)."""
 
+SHARED = re.compile(r"\bthe reads of batch (\d+), stage \d+$")
+"""What it is told about the owners' reads of a source in shares, before their batch call
+(``runtime/ray/shared_reads.py``): counted as ``("reads", worker)``."""
+
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, tuple[int, ...]]]]:
@@ -60,6 +64,11 @@ def _per_batch(seen: list[tuple[str, tuple[int, ...]]]) -> dict[int, Counter[tup
     """Per batch id, how many calls each (operator, worker) got."""
     out: dict[int, Counter[tuple[str, int]]] = {}
     for what, workers in seen:
+        shared = SHARED.search(what)
+        if shared is not None:
+            counter = out.setdefault(int(shared[1]), Counter())
+            counter.update(("reads", w) for w in workers)
+            continue
         match = NAMED.search(what)
         if match is None:
             assert not re.search(r"\bbatch \d", what), what  # every batch call is named so
@@ -87,8 +96,13 @@ def test_each_owner_gets_one_call_per_batch_into_foreach_batch(
     every = {(op, w) for op in ("op0", "op1") for w in (0, 1)}
     batches = _per_batch(calls)
     assert sorted(batches) == [p.batch_id for p in q.recent_progress]  # every batch
+    reads = _reads(batches)
     assert all(counted == dict.fromkeys(every, 1) for counted in batches.values()), batches
     assert not [what for what, _ in calls if "commit" in what]
+    # Before it, the first operator's owners read the batch's one split in shares: owner 0
+    # reads it, in one call (batches with rows; the flush batch reads nothing).
+    with_rows = {p.batch_id for p in q.recent_progress if p.num_input_rows}
+    assert reads == {b: {("reads", 0): 1} if b in with_rows else {} for b in batches}
 
 
 def test_each_owner_gets_one_call_per_batch_when_it_writes_the_sink_s_pieces(
@@ -99,9 +113,23 @@ def test_each_owner_gets_one_call_per_batch_when_it_writes_the_sink_s_pieces(
     write_inputs(tmp_path / "ray", FILES)
     assert run(tmp_path / "ray", "window_delta", ms.RayRuntime(num_workers=2)) == clean
     batches = _per_batch(calls)
+    reads = _reads(batches)
     every = {(op, w) for op in ("op0", "op1") for w in (0, 1)}
     assert sorted(batches) == list(range(len(batches))) and len(batches) > FILES
     assert all(counted == dict.fromkeys(every, 1) for counted in batches.values()), batches
+    assert reads == {b: {("reads", 0): 1} if b < FILES else {} for b in batches}  # a file each
+
+
+def _reads(
+    batches: dict[int, Counter[tuple[str, int]]],
+) -> dict[int, dict[tuple[str, int], int]]:
+    """Per batch, its shared reads' calls, taken out of ``batches`` (the operators' left)."""
+    out = {}
+    for batch, counted in batches.items():
+        out[batch] = {k: n for k, n in counted.items() if k[0] == "reads"}
+        for key in out[batch]:
+            del counted[key]
+    return out
 
 
 def test_a_worker_killed_after_its_call_leaves_its_batch_committed(

@@ -141,7 +141,7 @@ def test_a_keyless_window_is_read_by_its_owner_at_two_workers(
     assert (executor.owner_reads, executor.split_tasks, executor.driver_rows) == (6, 0, 0)
 
 
-def test_keyed_operators_at_two_workers_and_read_splits_tasks_keep_the_tasks(
+def test_keyed_operators_at_two_workers_share_the_reads_and_read_splits_tasks_keeps_tasks(
     ray_cluster: Any, tmp_path: Path
 ) -> None:
     data = write_events(tmp_path / "in", 4)
@@ -151,9 +151,17 @@ def test_keyed_operators_at_two_workers_and_read_splits_tasks_keep_the_tasks(
         _windows(data), ms.RayRuntime(num_workers=1, read_splits="tasks"), tmp_path / "tasks"
     )
     assert two == local and tasks == local
-    for query in (query2, query1):
-        executor = _executor(query)
-        assert (executor.owner_reads, executor.split_tasks, executor.driver_rows) == (0, 4, 0)
+    # Several owners read in shares (runtime/ray/shared_reads.py, test_owner_shares.py),
+    # not as the one owner; read_splits="tasks" keeps the split tasks.
+    two_ = _executor(query2)
+    assert (two_.owner_reads, two_.shared_reads, two_.split_tasks, two_.driver_rows) == (
+        0,
+        4,
+        0,
+        0,
+    )
+    one = _executor(query1)
+    assert (one.owner_reads, one.shared_reads, one.split_tasks, one.driver_rows) == (0, 0, 4, 0)
 
 
 def test_which_stages_an_owner_reads() -> None:
@@ -165,7 +173,7 @@ def test_which_stages_an_owner_reads() -> None:
 
     keyed = stream.lazy().filter(pl.col("n") > 0).group_by("k").agg(pl.col("n").sum())
     assert stages(keyed) == [0]
-    assert stages(keyed, single=False) == []  # several owners: tasks cut the rows
+    assert stages(keyed, single=False) == []  # several owners: they read in shares
     batchwise = stream.lazy().map_batches(lambda df: df.head(3)).group_by("k").agg(pl.len())
     assert stages(batchwise) == [0]
     static = pl.DataFrame({"k": ["a"], "w": [1]}).lazy()

@@ -68,7 +68,9 @@ def test_files_filter_with_columns_window_equals_local_and_skips_the_driver(
         )
 
     local, _ = _run(build, ms.LocalRuntime(), tmp_path / "local")
-    ray, query = _run(build, ms.RayRuntime(num_workers=2), tmp_path / "ray")
+    # (read_splits="auto" has the two owners read the splits themselves: test_owner_shares.py)
+    tasks = ms.RayRuntime(num_workers=2, read_splits="tasks")
+    ray, query = _run(build, tasks, tmp_path / "ray")
     assert _sorted(ray) == _sorted(local)
     assert sum(len(rows) for rows in local.values()) > 20
     executor = _executor(query)
@@ -117,7 +119,8 @@ def test_delta_source_aggregation_equals_local(ray_cluster: Any, tmp_path: Path)
         )
 
     local, _ = _run(build, ms.LocalRuntime(), tmp_path / "local", "update")
-    ray, query = _run(build, ms.RayRuntime(num_workers=2), tmp_path / "ray", "update")
+    tasks = ms.RayRuntime(num_workers=2, read_splits="tasks")  # (auto: test_owner_shares.py)
+    ray, query = _run(build, tasks, tmp_path / "ray", "update")
     assert _sorted(ray) == _sorted(local)
     assert len(local) >= 2
     executor = _executor(query)
@@ -177,7 +180,8 @@ def test_union_of_two_file_streams_into_a_join_equals_local(
         )
 
     local, _ = _run(build, ms.LocalRuntime(), tmp_path / "local")
-    ray, query = _run(build, ms.RayRuntime(num_workers=2), tmp_path / "ray")
+    tasks = ms.RayRuntime(num_workers=2, read_splits="tasks")  # (auto: the owners read clicks)
+    ray, query = _run(build, tasks, tmp_path / "ray")
     assert _sorted(ray) == _sorted(local)
     assert sum(len(rows) for rows in local.values()) > 10
     executor = _executor(query)

@@ -11,8 +11,11 @@ and sink commit are the local ones, :mod:`microstream.runtime.driver`):
    its rows as its piece of the batch and only what it wrote comes back. A batch of
    one split whose rows all come back to the driver for the sink is read on the
    driver (``read_splits="auto"``): the driver would wait for the one task's rows, so
-   a task only adds its round trip. Other stateless stages run on the driver, as
-   locally.
+   a task only adds its round trip. Under ``read_splits="auto"`` the owners of the next
+   operator read instead of tasks: its one owner in its batch call
+   (:mod:`~microstream.runtime.ray.owner_reads`), or its several owners each a share of
+   the splits, cutting the rows for each other (:mod:`~microstream.runtime.ray.shared_reads`).
+   Other stateless stages run on the driver, as locally.
 2. **An exchange fed on the driver** routes every row to the
    owner of its key group: ``key_group = stable_hash(partition keys) %
    num_key_groups`` (:mod:`microstream.state.key_groups`, the hash the state
@@ -64,7 +67,6 @@ import dataclasses
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -91,6 +93,13 @@ from microstream.plan.physical import (
 )
 from microstream.protocols import PartSink
 from microstream.runtime.ray.assignment import Assignment, record_assignment
+from microstream.runtime.ray.batch_reads import (
+    _by_target,
+    _cause,
+    _collected,
+    _note_reads,
+    _Reads,
+)
 from microstream.runtime.ray.operator_exchange import (
     ExchangeTail,
     exchange_tail,
@@ -107,13 +116,14 @@ from microstream.runtime.ray.remote_operator import (
     route,
 )
 from microstream.runtime.ray.scan_tasks import (
-    SplitReport,
     Target,
+    combined,
     consumers,
     cuttable,
     run_split,
     warm,
 )
+from microstream.runtime.ray.shared_reads import SharedRead, plan_shares, shared_stages
 from microstream.runtime.ray.sink_parts import SinkTail, piece_name, sink_tail
 from microstream.runtime.ray.worker import OperatorWorker
 from microstream.runtime.stages import BatchOutput, SplitScan
@@ -210,7 +220,11 @@ class RayStageExecutor:
         self.owner_read_ahead = 0
         """Of :attr:`owner_reads`, those the owner took from its read-ahead
         (:mod:`~microstream.runtime.ray.owner_prefetch`), in this run."""
+        self.shared_reads = 0
+        """Batches of a stage whose splits the several owners of the next operator read in
+        shares and cut for each other (:mod:`~microstream.runtime.ray.shared_reads`)."""
         self._owner_stages: frozenset[int] = frozenset()
+        self._shared_stages: frozenset[int] = frozenset()
         self._plan: PhysicalPlan | None = None  # (when owners read sources: re-warmed)
         self._cut: tuple[PhysicalPlan, set[int]] | None = None
         self._remotes: dict[Any, Any] = {}
@@ -301,7 +315,9 @@ class RayStageExecutor:
         def single_owner(exchange: ExchangeStage) -> bool:
             return len(self._operators[consumer[exchange.index].node].owners) == 1
 
-        self._owner_stages = owner_stages(plan, single_owner, self._ray.cloudpickle.dumps)
+        dumps = self._ray.cloudpickle.dumps
+        self._owner_stages = owner_stages(plan, single_owner, dumps)
+        self._shared_stages = shared_stages(plan, self._cuttable(plan), single_owner, dumps)
         self._plan = plan
         self._warm_owners(plan)
 
@@ -310,7 +326,7 @@ class RayStageExecutor:
         at the start and after a restart, so their code is imported before a batch. A
         worker that cannot unpickle one (a ``map_batches`` function of a module only the
         driver can import) leaves every stage where it ran before: the driver or tasks."""
-        if not self._owner_stages:
+        if not self._owner_stages and not self._shared_stages:
             return
         consumer = {i: s for s in plan.operators() for i in s.inputs}
         per_worker: dict[int, list[Any]] = {}
@@ -319,6 +335,10 @@ class RayStageExecutor:
                 exchange = next(c for c in consumers(plan, stage.index))
                 (owner,) = self._operators[consumer[exchange.index].node].owners
                 per_worker.setdefault(owner.index, []).append(self._stage_ref(stage))
+            elif isinstance(stage, StatelessStage) and stage.index in self._shared_stages:
+                exchange = next(c for c in consumers(plan, stage.index))
+                for owner in self._operators[consumer[exchange.index].node].owners:
+                    per_worker.setdefault(owner.index, []).append(self._stage_ref(stage))
         indexes = sorted(per_worker)
         calls = [self.workers[i].warm.remote(*per_worker[i]) for i in indexes]
         timeout = max(self.worker_timeout_s or 0, START_TIMEOUT_S)
@@ -334,7 +354,7 @@ class RayStageExecutor:
                 type(exc).__name__,
                 exc,
             )
-            self._owner_stages = frozenset()
+            self._owner_stages = self._shared_stages = frozenset()
 
     def _stage_ref(self, stage: StatelessStage) -> Any:
         """``stage`` in Ray's object store, put once per run (split tasks and owners read it)."""
@@ -534,6 +554,7 @@ class RayStageExecutor:
         cut = self._cuttable(plan)
         launched: dict[int, list[list[Any]]] = {}  # stage -> each split's task returns
         owned: dict[int, list[Any]] = {}  # stage -> its owner's pieces: OwnerRead, stage
+        shared: dict[int, list[Routed]] = {}  # stage -> per owner its pieces from the readers
         for stage in plan.stages:
             if isinstance(stage, StatelessStage):
                 if stage.index in self._forwarded:
@@ -541,6 +562,9 @@ class RayStageExecutor:
                 scans = [s for s in stage.sources if isinstance(inputs[s], SplitScan)]
                 if scans and self._owner_reads(stage, inputs, cut):
                     owned[stage.index] = self._owner_read(stage, inputs, ctx, reads)
+                    continue
+                if scans and stage.index in self._shared_stages:
+                    shared[stage.index] = self._share_reads(plan, stage, inputs, ctx, reads)
                     continue
                 if scans and stage.index in cut and not self._on_driver(plan, stage, inputs):
                     launched[stage.index] = self._launch(plan, stage, inputs, ctx, reads)
@@ -556,6 +580,9 @@ class RayStageExecutor:
                     continue
                 if stage.input in owned:  # the one owner reads the source in its call
                     routed[stage.index] = [owned[stage.input]]
+                    continue
+                if stage.input in shared:  # the owners read it in shares and cut it
+                    routed[stage.index] = shared[stage.input]
                     continue
                 if stage.input in launched:
                     # Each owner gets every task's piece for it (in split order) by
@@ -739,6 +766,51 @@ class RayStageExecutor:
         self.owner_reads += 1
         return [OwnerRead(split.splits, split.schema, ctx), self._stage_ref(stage)]
 
+    def _share_reads(
+        self,
+        plan: PhysicalPlan,
+        stage: StatelessStage,
+        inputs: Mapping[ScanNode, pl.LazyFrame | SplitScan],
+        ctx: OperatorContext,
+        reads: _Reads,
+    ) -> list[Routed]:
+        """The owners of the operator after ``stage`` read its source's splits in shares
+        and cut the rows for each other (:mod:`~microstream.runtime.ray.shared_reads`):
+        the reports gathered here (a lost reader is named now), and per owner the
+        references of its pieces, in split order."""
+        (scan,) = stage.sources
+        split = inputs[scan]
+        assert isinstance(split, SplitScan)
+        (exchange,) = consumers(plan, stage.index)
+        assert isinstance(exchange, ExchangeStage), "shared_stages feed one exchange"
+        consumer = next(s for s in plan.operators() if exchange.index in s.inputs)
+        operator = self._operators[consumer.node]
+        owners = operator.owners
+        target = Target(
+            exchange.exchange.keys, tuple(o.hi for o in owners), operator.num_key_groups
+        )
+        stage_ref = self._stage_ref(stage)
+        calls, readers, of = [], [], {}  # of: split position -> (call, its place in it)
+        for owner, (positions, ahead) in zip(owners, plan_shares(split.splits, len(owners))):
+            if not positions:
+                continue
+            share = SharedRead(
+                tuple(split.splits[k] for k in positions), split.schema, ctx, target, ahead
+            )
+            method = owner.worker.read_share.options(num_returns=1 + len(positions) * len(owners))
+            returns = method.remote(share, stage_ref)
+            for place, k in enumerate(positions):
+                of[k] = (returns, 1 + place * len(owners))
+            calls.append(returns)
+            readers.append(owner.index)
+        what = f"the reads of batch {ctx.batch_id}, stage {stage.index}"
+        reads.known[stage.index] = self.gather([c[0] for c in calls], readers, what)
+        reads.scans[stage.index] = scan
+        self.shared_reads += 1
+        return [
+            [of[k][0][of[k][1] + j] for k in range(len(split.splits))] for j in range(len(owners))
+        ]
+
     def _on_driver(
         self,
         plan: PhysicalPlan,
@@ -819,7 +891,7 @@ class RayStageExecutor:
                     node = stage.steps[position]
                     assert isinstance(node, WatermarkNode)
                     before = seen.get(node)
-                    seen[node] = observation if before is None else _combined(before, observation)
+                    seen[node] = observation if before is None else combined(before, observation)
         return seen
 
     def _gather_tasks(self, refs: list[Any], what: str, timeout: float | None = -1.0) -> list[Any]:
@@ -837,70 +909,3 @@ class RayStageExecutor:
             msg = f"a Ray task reading a source was lost during {what}: {type(exc).__name__}"
             raise WorkerLostError(msg, frozenset()) from exc
         return results
-
-
-@dataclass
-class _Reads:
-    """One batch's bookkeeping of the sources read in tasks."""
-
-    offsets: dict[tuple[int, int], int] = dataclasses.field(default_factory=dict)
-    """(stage, consumer) -> the first of the consumer's returns of the stage's tasks."""
-    scans: dict[int, ScanNode] = dataclasses.field(default_factory=dict)
-    reports: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
-    """Stage -> the references of its split tasks' reports."""
-    known: dict[int, list[SplitReport]] = dataclasses.field(default_factory=dict)
-    """Stage -> the reports of the owner that read its source (already here)."""
-    rows: dict[ScanNode, int] = dataclasses.field(default_factory=dict)
-
-
-def _note_reads(
-    plan: PhysicalPlan,
-    stage: OperatorStage,
-    operator: RemoteOperator,
-    owned: Mapping[int, list[Any]],
-    reads: _Reads,
-) -> None:
-    """The reports of the reads the operator's owner made in its call, by stage: one per
-    input whose stage it read, in input order."""
-    read = [s for i in stage.inputs if (s := _input_of(plan, i)) in owned]
-    if read:
-        assert len(read) == len(operator.reports), (read, operator.reports)
-        for index, report in zip(read, operator.reports):
-            reads.known[index] = [report]
-
-
-def _input_of(plan: PhysicalPlan, index: int) -> int:
-    exchange = plan.stages[index]
-    assert isinstance(exchange, ExchangeStage)
-    return exchange.input
-
-
-def _by_target(tail: ExchangeTail, pieces: list[list[Any]]) -> dict[int, list[Routed]]:
-    """Per exchange of ``tail``, per owner of its consumer, the references of the pieces
-    every owner of the operator cut for it (``pieces``: per owner of the operator, in
-    owner order, its returns): in the operator's owner order, so each next owner's input
-    is in the same order every run."""
-    out: dict[int, list[Routed]] = {}
-    first = 0
-    for target in tail.targets:
-        out[target.exchange] = [
-            [returns[first + k] for returns in pieces] for k in range(len(target.his))
-        ]
-        first += len(target.his)
-    return out
-
-
-def _combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
-    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
-    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
-
-
-def _cause(exc: Any) -> BaseException:
-    """What an operator raised in a worker (Ray wraps it in a ``RayTaskError``)."""
-    return exc.cause if isinstance(exc.cause, BaseException) else exc
-
-
-def _collected(results: list[pl.LazyFrame | None], index: int) -> pl.DataFrame:
-    frame = results[index]
-    assert frame is not None, f"stage {index} has not run"
-    return frame.collect()

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SplitReport",
     "Target",
+    "combined",
     "consumers",
     "cuttable",
     "report",
@@ -198,6 +199,19 @@ def run_split(
             parts = split_rows(out, target.keys, target.his, target.num_key_groups)
             pieces += [Wire.of(part) for part in parts]
     return (*pieces, report(stage, df.height, observed, read_ms))
+
+
+def combined(a: WatermarkObservation, b: WatermarkObservation) -> WatermarkObservation:
+    """Two parts' observations of one watermark node as the whole's: rows summed, the
+    largest event time (the maximum over the parts is the maximum over the batch).
+
+    Examples
+    --------
+    >>> combined(WatermarkObservation(2, 10), WatermarkObservation(3, None))
+    WatermarkObservation(rows=5, max_event_us=10)
+    """
+    times = [t for t in (a.max_event_us, b.max_event_us) if t is not None]
+    return WatermarkObservation(a.rows + b.rows, max(times) if times else None)
 
 
 def report(

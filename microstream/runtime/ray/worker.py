@@ -33,6 +33,7 @@ from microstream.plan.nodes import TimedOperator
 from microstream.runtime.ray.operator_exchange import cut_for_exchanges
 from microstream.runtime.ray.owner_prefetch import OwnerReadAhead
 from microstream.runtime.ray.owner_reads import OwnerRead, read_for_owner
+from microstream.runtime.ray.shared_reads import read_share
 from microstream.runtime.ray.sink_parts import write_piece
 from microstream.runtime.ray.wire import Wire
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from microstream.runtime.progress import StateOperatorProgress
     from microstream.runtime.ray.operator_exchange import ExchangeTail
     from microstream.runtime.ray.scan_tasks import SplitReport
+    from microstream.runtime.ray.shared_reads import SharedRead
     from microstream.runtime.ray.sink_parts import SinkTail
     from microstream.state.format import StatePart
 
@@ -228,6 +230,15 @@ class OperatorWorker:
             )
         self.read_ahead.start_deferred()  # the next batch's splits, now the operator ran
         return output, progress, written, reports
+
+    def read_share(self, read: SharedRead, stage: Any) -> tuple[Any, ...]:
+        """This worker's share of a batch's splits of ``stage``'s source, read (from its
+        read-ahead where it read them ahead), the stage run and its rows cut for the
+        owners of the next operator (:func:`~microstream.runtime.ray.shared_reads.read_share`):
+        the share's report, then per split one piece per owner, as separate returns. The
+        next batch's share is read ahead once this worker's operator ran in its call of
+        the batch."""
+        return read_share(read, stage, self.read_ahead)
 
     def warm(self, *stages: Any) -> int:
         """Nothing but receive ``stages`` (the stages this worker will read sources for,
