@@ -70,7 +70,7 @@ from microstream.state.key_groups import DEFAULT_KEY_GROUPS, HASH_ALGORITHM, key
 from microstream.state.retention import delete_below
 from microstream.state.store import StateStore
 from microstream.state.store_checks import check_forward, conform
-from microstream.state.store_metadata import check_metadata, refuse_other_format
+from microstream.state.store_metadata import check_metadata, read_metadata
 from microstream.time.windows import to_us
 
 __all__ = ["SegmentBuffer"]
@@ -673,22 +673,8 @@ class SegmentBuffer:
         """Check the stored metadata against this buffer (once)."""
         if self._opened:
             return
-        try:
-            raw = self.storage.read_bytes(METADATA_FILE)
-        except FileNotFoundError:
-            raw = None
-        meta = None
-        if raw is None:
-            if self.storage.list_numbered(VERSIONS_DIR):
-                msg = (
-                    f"state of operator {self.operator!r} has committed versions but no "
-                    f"{self.storage.display(METADATA_FILE)}; restore it from a backup or delete "
-                    "the checkpoint to start over"
-                )
-                raise CheckpointCorruptError(msg)
-        else:
-            refuse_other_format(self.storage, raw)
-            meta = self.storage.read_model(METADATA_FILE, StateMetadata)
+        meta = read_metadata(self.storage, self.operator)
+        if meta is not None:
             if self._requested_key_groups is None:
                 self.use_key_groups(meta.num_key_groups)
                 self._requested_key_groups = None

@@ -89,7 +89,7 @@ from microstream.state.rotation import (
 )
 from microstream.state.sliced_rows import SlicedRows
 from microstream.state.store_checks import check_forward, conform, validate_store_arguments
-from microstream.state.store_metadata import check_metadata, refuse_other_format
+from microstream.state.store_metadata import check_metadata, read_metadata
 from microstream.state.store_rows import DELETED as _DELETED
 from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
@@ -835,22 +835,8 @@ class StateStore:
         """Check the stored metadata against this store (once)."""
         if self._opened:
             return
-        try:
-            raw = self.storage.read_bytes(METADATA_FILE)
-        except FileNotFoundError:
-            raw = None
-        meta = None
-        if raw is None:
-            if self.storage.list_numbered(VERSIONS_DIR):
-                msg = (
-                    f"state of operator {self.operator!r} has committed versions but no "
-                    f"{self.storage.display(METADATA_FILE)}; restore it from a backup or delete "
-                    "the checkpoint to start over"
-                )
-                raise CheckpointCorruptError(msg)
-        else:
-            refuse_other_format(self.storage, raw)
-            meta = self.storage.read_model(METADATA_FILE, StateMetadata)
+        meta = read_metadata(self.storage, self.operator)
+        if meta is not None:
             if self._requested_key_groups is None:
                 self._set_key_groups(meta.num_key_groups)
             check_metadata(

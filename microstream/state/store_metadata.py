@@ -23,13 +23,45 @@ from microstream.exceptions import (
 from microstream.state.format import (
     METADATA_FILE,
     STATE_FORMAT_VERSION,
+    VERSIONS_DIR,
     StateMetadata,
     describe_schema_change,
     frame_from_text,
 )
 from microstream.state.key_groups import HASH_ALGORITHM
 
-__all__ = ["check_metadata", "refuse_other_format"]
+__all__ = ["check_metadata", "read_metadata", "refuse_other_format"]
+
+
+def read_metadata(storage: Storage, operator: str) -> StateMetadata | None:
+    """The store's ``_metadata.json`` (None: the store has none yet), refused when it
+    records another state format version.
+
+    Raises
+    ------
+    CheckpointCorruptError
+        Versions were committed but the metadata is gone.
+    CheckpointError, CheckpointFormatError
+        As :func:`refuse_other_format`.
+
+    Examples
+    --------
+    >>> read_metadata(Storage("memory://doctest-read-meta"), "op0") is None
+    True
+    """
+    try:
+        raw = storage.read_bytes(METADATA_FILE)
+    except FileNotFoundError:
+        if storage.list_numbered(VERSIONS_DIR):
+            msg = (
+                f"state of operator {operator!r} has committed versions but no "
+                f"{storage.display(METADATA_FILE)}; restore it from a backup or delete "
+                "the checkpoint to start over"
+            )
+            raise CheckpointCorruptError(msg) from None
+        return None
+    refuse_other_format(storage, raw)
+    return storage.read_model(METADATA_FILE, StateMetadata)
 
 
 def refuse_other_format(storage: Storage, raw: bytes) -> None:
