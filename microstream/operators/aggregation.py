@@ -32,6 +32,7 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.pair_merge import merge_pairs
 from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
 from microstream.plan.nodes import (
@@ -503,6 +504,9 @@ class AggregationOperator(StoreBackedOperator):
                     merged = self._tiny.merge(old, fresh)
                     if merged is not None:
                         return merged
+                paired = merge_pairs(old, fresh, self.key_cols, schema, self.spec)
+                if paired is not None:
+                    return paired
                 return _merge_by_position(old, fresh, self.key_cols, schema, self.spec)
 
             # The stored partials of the batch's groups, merged and written back: one probe.
