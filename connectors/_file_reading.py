@@ -157,6 +157,7 @@ def read_columns(
     >>> import io, polars as pl
     >>> buf = io.BytesIO()
     >>> pl.DataFrame({"x": [1], "y": ["a"]}).write_parquet(buf)
+    >>> _ = buf.seek(0)
     >>> read_columns(buf, "parquet", ["y"], None).to_dict(as_series=False)
     {'y': ['a']}
     """

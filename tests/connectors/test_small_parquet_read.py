@@ -55,6 +55,7 @@ ARROW_WRITTEN = pa.table(
     {
         "ts_utc": pa.array([dt.datetime(2024, 1, 1), None], pa.timestamp("us", "UTC")),
         "ts_ns": pa.array([dt.datetime(2024, 1, 1, 0, 0, 0, 1), None], pa.timestamp("ns")),
+        "ts_off": pa.array([dt.datetime(2024, 1, 1), None], pa.timestamp("us", "+01:00")),
         "large": pa.array(["a", None], pa.large_string()),
         "dict": pa.array(["a", "b"]).dictionary_encode(),
         "u32": pa.array([1, None], pa.uint32()),
@@ -133,7 +134,7 @@ def test_other_writers_read_as_polars_reads_them_or_fall_back(options: dict[str,
             assert_frame_equal(got, polars_read(data, column), check_exact=True)
     # int96 times are Polars' to read (its unit follows the stored Arrow schema); dates too
     int96 = "use_deprecated_int96_timestamps" in options
-    times = [] if int96 else ["ts_utc", "ts_ns"]
+    times = [] if int96 else ["ts_utc", "ts_ns", "ts_off"]
     # without the Arrow schema a dictionary is a plain string column to both readers
     plain = ["dict"] if options.get("store_schema") is False else []
     assert decoded == [*times, "large", *plain, "u32"]
