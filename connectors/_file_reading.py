@@ -20,6 +20,7 @@ import polars as pl
 from connectors._file_listing import LoggedFile, Selection, list_files
 from connectors._kafka_codecs import CsvDecoder, JsonDecoder, PayloadDecoder
 from connectors._paths import DataDir
+from connectors._small_files import SmallParquet, open_small_parquet
 from microstream.exceptions import PlanError, SchemaMismatchError, SourceError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "fail_error",
     "first_line",
     "infer_schema",
+    "read_columns",
     "read_frame",
 ]
 
@@ -122,18 +124,51 @@ def read_frame(
         if fmt == "csv":
             return _read_csv(data, schema, shown, spec)
         return _read_ndjson(data, schema, shown, spec)
-    found = pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
-    if not isinstance(source, str):
-        source.seek(0)
-    extra = _check_header(list(found), spec, shown)
+    small = (
+        open_small_parquet(source) if isinstance(source, io.BytesIO) and fmt == "parquet" else None
+    )
+    if small is not None:
+        found: list[str] = small.names
+    else:
+        found = list(
+            pl.read_parquet_schema(source) if fmt == "parquet" else pl.read_ipc_schema(source)
+        )
+        if not isinstance(source, str):
+            source.seek(0)
+    extra = _check_header(found, spec, shown)
     present = [c for c in schema if c in found]
     if len(present) < len(schema):
-        _check_columns(list(found), schema, shown, spec.missing_columns)
+        _check_columns(found, schema, shown, spec.missing_columns)
+    return _Parsed(read_columns(source, fmt, present, small), extra_columns=extra)
+
+
+def read_columns(
+    source: str | IO[bytes], fmt: FileFormat, columns: list[str], small: SmallParquet | None
+) -> pl.DataFrame:
+    """The ``columns`` of one parquet or ipc file: where the file source decodes such a file's data.
+
+    ``small``: the file opened by pyarrow (:func:`open_small_parquet`), decoded
+    on this thread; otherwise Polars' reader. Every parquet and ipc read of
+    the source goes through here, which is what tests observe to see the
+    columns a query reads.
+
+    Examples
+    --------
+    >>> import io, polars as pl
+    >>> buf = io.BytesIO()
+    >>> pl.DataFrame({"x": [1], "y": ["a"]}).write_parquet(buf)
+    >>> _ = buf.seek(0)
+    >>> read_columns(buf, "parquet", ["y"], None).to_dict(as_series=False)
+    {'y': ['a']}
+    """
+    if small is not None and columns:
+        try:
+            return small.read(columns)
+        except Exception:
+            pass  # Polars' reader reads it, or fails with its own message as before
     if fmt == "parquet":
-        frame = pl.read_parquet(source, columns=present, glob=False)
-    else:
-        frame = pl.read_ipc(source, columns=present)
-    return _Parsed(frame, extra_columns=extra)
+        return pl.read_parquet(source, columns=columns, glob=False)
+    return pl.read_ipc(source, columns=columns)
 
 
 def _check_header(found: Sequence[str], spec: FileSourceSpec, shown: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
+import connectors._file_reading as file_reading
 import microstream as ms
 from microstream.plan.nodes import scan_projections
 
@@ -81,13 +82,14 @@ def test_a_query_reads_only_its_columns(tmp_path: Path, monkeypatch: pytest.Monk
             schema=SCHEMA,
         ).write_parquet(data / f"part-{i}.parquet")
     asked: list[list[str] | None] = []
-    read_parquet = pl.read_parquet
+    read_columns = file_reading.read_columns
 
-    def spy(source: object, *args: object, **kwargs: object) -> pl.DataFrame:
-        asked.append(kwargs.get("columns"))  # type: ignore[arg-type]
-        return read_parquet(source, *args, **kwargs)  # type: ignore[arg-type]
+    def spy(*args: Any) -> pl.DataFrame:
+        frame = read_columns(*args)
+        asked.append(frame.columns)  # the columns decoded, by whichever reader
+        return frame
 
-    monkeypatch.setattr(pl, "read_parquet", spy)
+    monkeypatch.setattr(file_reading, "read_columns", spy)
     got: list[pl.DataFrame] = []
     query = (
         ms.scan_files(str(data), format="parquet", schema=SCHEMA, max_files_per_trigger=1)
@@ -116,23 +118,24 @@ def _write(df: pl.DataFrame, path: Path, fmt: str) -> None:
 
 
 def _read_spy() -> tuple[list[list[str] | None], Callable[[], AbstractContextManager[None]]]:
-    """Records the ``columns=`` of every parquet/ipc read the file source makes."""
+    """Records the columns of every parquet/ipc file the file source decodes.
+
+    ``read_columns`` is where the source decodes a file's data, through Polars'
+    reader or (a small parquet file) pyarrow's; the spy records the columns of
+    the frame it returns, so a reader that decodes more than it was asked for
+    shows too.
+    """
     asked: list[list[str] | None] = []
-    originals = {"read_parquet": pl.read_parquet, "read_ipc": pl.read_ipc}
+    read_columns = file_reading.read_columns
+
+    def spy(*args: Any) -> pl.DataFrame:
+        frame = read_columns(*args)
+        asked.append(frame.columns)
+        return frame
 
     @contextmanager
     def installed() -> Iterator[None]:
-        def wrap(name: str) -> Callable[..., pl.DataFrame]:
-            def spy(source: object, *args: object, **kwargs: object) -> pl.DataFrame:
-                asked.append(kwargs.get("columns"))  # type: ignore[arg-type]
-                return originals[name](source, *args, **kwargs)  # type: ignore[operator]
-
-            return spy
-
-        with (
-            mock.patch.object(pl, "read_parquet", wrap("read_parquet")),
-            mock.patch.object(pl, "read_ipc", wrap("read_ipc")),
-        ):
+        with mock.patch.object(file_reading, "read_columns", spy):
             yield
 
     return asked, installed
