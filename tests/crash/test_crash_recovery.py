@@ -546,7 +546,9 @@ def test_harness_detects_loss_and_duplicates(inputs: dict[str, Input], tmp_path:
     run = run_pipeline(dirs, source, fault="batch.after_commit@3", log_name="killed")
     assert run.returncode == -signal.SIGKILL, run.stderr
     check_outputs(dirs, source, complete=False)
-    with pytest.raises(AssertionError, match="expected rows are missing"):
+    # (the fault counts both queries' commits in the process: under load the files query
+    # can reach it before the Delta query created its table, which is missing output too)
+    with pytest.raises(AssertionError, match=r"expected rows are missing|no Delta table"):
         check_outputs(dirs, source, complete=True)
     run = run_pipeline(dirs, source, log_name="recovered")
     assert run.returncode == 0, run.stderr
