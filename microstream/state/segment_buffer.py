@@ -69,7 +69,7 @@ from microstream.state.format import (
 from microstream.state.key_groups import DEFAULT_KEY_GROUPS, HASH_ALGORITHM, key_groups
 from microstream.state.retention import delete_below
 from microstream.state.store import StateStore
-from microstream.state.store_checks import check_forward, conform
+from microstream.state.store_checks import check_forward, check_whole_commit, conform
 from microstream.state.store_metadata import check_metadata, read_metadata
 from microstream.time.windows import to_us
 
@@ -380,23 +380,9 @@ class SegmentBuffer:
         if not check_forward(self.operator, version, current, self._pending):
             return
         n = self.num_key_groups
-        if self._key_range != (0, n):
-            lo, hi = self._key_range
-            msg = (
-                f"state of operator {self.operator!r} was loaded for key groups {lo}-{hi - 1} "
-                "only; a store holding part of the key groups cannot commit a version of "
-                "the whole state"
-            )
-            raise CheckpointError(msg)
-        if not self._opened:
-            self._open()
-            if self.storage.list_numbered(VERSIONS_DIR):
-                msg = (
-                    f"state of operator {self.operator!r} in {self.storage.display('')} has "
-                    "committed versions: call load() with the last committed batch id (or None "
-                    "to start over) before committing"
-                )
-                raise CheckpointError(msg)
+        first = not self._opened
+        self._open()
+        check_whole_commit(self.storage, self.operator, self._key_range, n, first=first)
         self._shared_files(version)
         files = self._write(version, 0, n, "")
         entry = SegmentVersion(

@@ -88,7 +88,12 @@ from microstream.state.rotation import (
     slices_to_write,
 )
 from microstream.state.sliced_rows import SlicedRows
-from microstream.state.store_checks import check_forward, conform, validate_store_arguments
+from microstream.state.store_checks import (
+    check_forward,
+    check_whole_commit,
+    conform,
+    validate_store_arguments,
+)
 from microstream.state.store_metadata import check_metadata, read_metadata
 from microstream.state.store_rows import DELETED as _DELETED
 from microstream.state.store_rows import HASH as _HASH
@@ -646,22 +651,11 @@ class StateStore:
         current = self._version
         if not check_forward(self.operator, version, self._version, self._pending is not None):
             return
-        if self._key_range != (0, self.num_key_groups):
-            msg = (
-                f"state of operator {self.operator!r} was loaded for key groups "
-                f"{self._key_range[0]}-{self._key_range[1] - 1} only; a store holding part of "
-                "the key groups cannot commit a version of the whole state"
-            )
-            raise CheckpointError(msg)
-        if not self._opened:
-            self._open()
-            if self.storage.list_numbered(VERSIONS_DIR):
-                msg = (
-                    f"state of operator {self.operator!r} in {self.storage.display('')} has "
-                    "committed versions: call load() with the last committed batch id (or None "
-                    "to start over) before committing"
-                )
-                raise CheckpointError(msg)
+        first = not self._opened
+        self._open()
+        check_whole_commit(
+            self.storage, self.operator, self._key_range, self.num_key_groups, first=first
+        )
         if not self._metadata_current:
             self.storage.write_model(METADATA_FILE, self._metadata())
             self._metadata_current = True

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import polars as pl
 
+from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointError, SchemaMismatchError
+from microstream.state.format import VERSIONS_DIR
 
-__all__ = ["check_forward", "conform", "validate_store_arguments"]
+__all__ = ["check_forward", "check_whole_commit", "conform", "validate_store_arguments"]
 
 
 def check_forward(operator: str, version: int, current: int | None, pending: bool) -> bool:
@@ -44,6 +46,43 @@ def check_forward(operator: str, version: int, current: int | None, pending: boo
         )
         raise CheckpointError(msg)
     return True
+
+
+def check_whole_commit(
+    storage: Storage,
+    operator: str,
+    key_range: tuple[int, int],
+    num_key_groups: int,
+    *,
+    first: bool,
+) -> None:
+    """Raise unless a store may commit a version of the whole state: it holds every key
+    group, and (``first``: its first commit since it was opened) it was loaded wherever
+    versions were committed before.
+
+    Examples
+    --------
+    >>> storage = Storage("memory://doctest-whole-commit")
+    >>> check_whole_commit(storage, "op0", (0, 128), 128, first=True)
+    >>> check_whole_commit(storage, "op0", (0, 64), 128, first=False)
+    Traceback (most recent call last):
+    ...
+    microstream.exceptions.CheckpointError: state of operator 'op0' was loaded for key groups 0-63 only; a store holding part of the key groups cannot commit a version of the whole state
+    """
+    lo, hi = key_range
+    if (lo, hi) != (0, num_key_groups):
+        msg = (
+            f"state of operator {operator!r} was loaded for key groups {lo}-{hi - 1} only; a "
+            "store holding part of the key groups cannot commit a version of the whole state"
+        )
+        raise CheckpointError(msg)
+    if first and storage.list_numbered(VERSIONS_DIR):
+        msg = (
+            f"state of operator {operator!r} in {storage.display('')} has committed versions: "
+            "call load() with the last committed batch id (or None to start over) before "
+            "committing"
+        )
+        raise CheckpointError(msg)
 
 
 def validate_store_arguments(
