@@ -39,15 +39,21 @@ def segments(storage: Storage) -> StateStore | SegmentBuffer:
     )
 
 
-@pytest.mark.parametrize("make", [keyed, segments], ids=["keyed", "segments"])
-def test_a_first_commit_over_committed_versions_needs_a_load(
-    make: Callable[[Storage], StateStore | SegmentBuffer],
-) -> None:
+def committed(make: Callable[[Storage], StateStore | SegmentBuffer]) -> Storage:
+    """A store's directory holding version 0 of ``ROWS``."""
     storage = Storage(f"memory://commit-checks-{uuid.uuid4().hex}")
     first = make(storage)
     first.load(None)
     first.insert(ROWS)
     first.commit(0)
+    return storage
+
+
+@pytest.mark.parametrize("make", [keyed, segments], ids=["keyed", "segments"])
+def test_a_first_commit_over_committed_versions_needs_a_load(
+    make: Callable[[Storage], StateStore | SegmentBuffer],
+) -> None:
+    storage = committed(make)
     again = make(storage)  # (a new process: not loaded)
     again.insert(ROWS)
     with pytest.raises(CheckpointError, match=r"has committed versions: call load\(\)"):
@@ -62,11 +68,7 @@ def test_a_first_commit_over_committed_versions_needs_a_load(
 def test_an_owner_of_some_key_groups_cannot_commit_the_whole_state(
     make: Callable[[Storage], StateStore | SegmentBuffer],
 ) -> None:
-    storage = Storage(f"memory://commit-checks-{uuid.uuid4().hex}")
-    first = make(storage)
-    first.load(None)
-    first.insert(ROWS)
-    first.commit(0)
+    storage = committed(make)
     owner = make(storage)
     owner.load(0, key_groups=range(0, 64))
     owner.insert(ROWS.filter(pl.col("k") == 99))

@@ -66,11 +66,16 @@ from microstream.state.format import (
     segment_file,
     version_file,
 )
-from microstream.state.key_groups import DEFAULT_KEY_GROUPS, HASH_ALGORITHM, key_groups
+from microstream.state.key_groups import DEFAULT_KEY_GROUPS, key_groups
 from microstream.state.retention import delete_below
 from microstream.state.store import StateStore
-from microstream.state.store_checks import check_forward, check_whole_commit, conform
-from microstream.state.store_metadata import check_metadata, read_metadata
+from microstream.state.store_checks import (
+    check_forward,
+    check_whole_commit,
+    conform,
+    key_group_range,
+)
+from microstream.state.store_metadata import check_metadata, read_metadata, state_metadata
 from microstream.time.windows import to_us
 
 __all__ = ["SegmentBuffer"]
@@ -683,28 +688,18 @@ class SegmentBuffer:
         self._opened = True
 
     def _metadata(self) -> StateMetadata:
-        return StateMetadata(
+        return state_metadata(
             operator=self.operator,
             key_columns=self.key_columns,
-            hash_columns=None if self.hash_columns == self.key_columns else self.hash_columns,
-            schema={name: str(dtype) for name, dtype in self.schema.items()},
+            hash_columns=self.hash_columns,
+            schema=self.schema,
             schema_ipc=self._schema_ipc,
             num_key_groups=self.num_key_groups,
-            hash_algorithm=HASH_ALGORITHM,
             snapshot_every=10,
-            polars_version=pl.__version__,
         )
 
     def _range(self, groups: range | None) -> tuple[int, int]:
-        if groups is None:
-            return 0, self.num_key_groups
-        if groups.step != 1 or not 0 <= groups.start < groups.stop <= self.num_key_groups:
-            msg = (
-                f"key_groups must be a non-empty range(lo, hi) within range(0, "
-                f"{self.num_key_groups}) of operator {self.operator!r}; got {groups!r} instead"
-            )
-            raise ValueError(msg)
-        return groups.start, groups.stop
+        return key_group_range(groups, self.num_key_groups, self.operator)
 
 
 def _set_times(segment: _Segment, times: np.ndarray) -> None:

@@ -71,7 +71,6 @@ from microstream.state.format import (
 )
 from microstream.state.key_groups import (
     DEFAULT_KEY_GROUPS,
-    HASH_ALGORITHM,
     check_hashable,
     key_group_ranges,
 )
@@ -92,9 +91,10 @@ from microstream.state.store_checks import (
     check_forward,
     check_whole_commit,
     conform,
+    key_group_range,
     validate_store_arguments,
 )
-from microstream.state.store_metadata import check_metadata, read_metadata
+from microstream.state.store_metadata import check_metadata, read_metadata, state_metadata
 from microstream.state.store_rows import DELETED as _DELETED
 from microstream.state.store_rows import HASH as _HASH
 from microstream.state.store_rows import KG as _KG
@@ -846,16 +846,14 @@ class StateStore:
         self._opened = True
 
     def _metadata(self) -> StateMetadata:
-        return StateMetadata(
+        return state_metadata(
             operator=self.operator,
             key_columns=self.key_columns,
-            hash_columns=None if self.hash_columns == self.key_columns else self.hash_columns,
-            schema={name: str(dtype) for name, dtype in self.schema.items()},
+            hash_columns=self.hash_columns,
+            schema=self.schema,
             schema_ipc=self._schema_ipc,
             num_key_groups=self.num_key_groups,
-            hash_algorithm=HASH_ALGORITHM,
             snapshot_every=self.snapshot_every,
-            polars_version=pl.__version__,
         )
 
     def _set_key_groups(self, num_key_groups: int) -> None:
@@ -873,15 +871,7 @@ class StateStore:
             self._pending = self._hashed(self._pending)
 
     def _range(self, groups: range | None) -> tuple[int, int]:
-        if groups is None:
-            return 0, self.num_key_groups
-        if groups.step != 1 or not 0 <= groups.start < groups.stop <= self.num_key_groups:
-            msg = (
-                f"key_groups must be a non-empty range(lo, hi) within range(0, "
-                f"{self.num_key_groups}) of operator {self.operator!r}; got {groups!r} instead"
-            )
-            raise ValueError(msg)
-        return groups.start, groups.stop
+        return key_group_range(groups, self.num_key_groups, self.operator)
 
     def _hashed(self, frame: pl.DataFrame) -> pl.DataFrame:
         """``frame`` with the in-memory hash and the (stable) key group of every row."""

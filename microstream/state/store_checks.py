@@ -15,7 +15,13 @@ from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointError, SchemaMismatchError
 from microstream.state.format import VERSIONS_DIR
 
-__all__ = ["check_forward", "check_whole_commit", "conform", "validate_store_arguments"]
+__all__ = [
+    "check_forward",
+    "check_whole_commit",
+    "conform",
+    "key_group_range",
+    "validate_store_arguments",
+]
 
 
 def check_forward(operator: str, version: int, current: int | None, pending: bool) -> bool:
@@ -83,6 +89,26 @@ def check_whole_commit(
             "committing"
         )
         raise CheckpointError(msg)
+
+
+def key_group_range(groups: range | None, num_key_groups: int, operator: str) -> tuple[int, int]:
+    """``groups`` as ``(lo, hi)`` (None: every key group), checked to be a non-empty range of
+    ``range(num_key_groups)``.
+
+    Examples
+    --------
+    >>> key_group_range(None, 128, "op0"), key_group_range(range(8, 16), 128, "op0")
+    ((0, 128), (8, 16))
+    """
+    if groups is None:
+        return 0, num_key_groups
+    if groups.step != 1 or not 0 <= groups.start < groups.stop <= num_key_groups:
+        msg = (
+            f"key_groups must be a non-empty range(lo, hi) within range(0, "
+            f"{num_key_groups}) of operator {operator!r}; got {groups!r} instead"
+        )
+        raise ValueError(msg)
+    return groups.start, groups.stop
 
 
 def validate_store_arguments(

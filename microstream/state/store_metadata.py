@@ -30,7 +30,32 @@ from microstream.state.format import (
 )
 from microstream.state.key_groups import HASH_ALGORITHM
 
-__all__ = ["check_metadata", "read_metadata", "refuse_other_format"]
+__all__ = ["check_metadata", "read_metadata", "refuse_other_format", "state_metadata"]
+
+
+def state_metadata(
+    *,
+    operator: str,
+    key_columns: list[str],
+    hash_columns: list[str],
+    schema: pl.Schema,
+    schema_ipc: str,
+    num_key_groups: int,
+    snapshot_every: int,
+) -> StateMetadata:
+    """The ``_metadata.json`` record of a store with these settings (hash columns recorded
+    only where they differ from the key columns)."""
+    return StateMetadata(
+        operator=operator,
+        key_columns=key_columns,
+        hash_columns=None if hash_columns == key_columns else hash_columns,
+        schema={name: str(dtype) for name, dtype in schema.items()},
+        schema_ipc=schema_ipc,
+        num_key_groups=num_key_groups,
+        hash_algorithm=HASH_ALGORITHM,
+        snapshot_every=snapshot_every,
+        polars_version=pl.__version__,
+    )
 
 
 def read_metadata(storage: Storage, operator: str) -> StateMetadata | None:
