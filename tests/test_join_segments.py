@@ -27,6 +27,7 @@ from microstream.checkpoint.storage import Storage
 from microstream.exceptions import CheckpointCorruptError
 from microstream.operators.stream_join import ROW_ID, StreamJoinOperator
 from microstream.state.format import (
+    SEGMENT_SPEC_FILE,
     SegmentVersion,
     StateVersion,
     version_file,
@@ -255,6 +256,15 @@ def test_read_state_reads_a_segment_buffer() -> None:
         assert frame.height
         assert_frame_equal(canon(read_store(storage.sub(side))), frame)
         assert_frame_equal(canon(read_store(storage.sub(side), version=4)), frame)
+
+
+def test_read_state_without_the_segment_spec_is_refused_naming_it() -> None:
+    storage = memory()
+    fixture.run(build(storage), range(3))
+    storage.sub("left").delete(SEGMENT_SPEC_FILE)
+    with pytest.raises(CheckpointCorruptError, match=r"_segments\.json is missing"):
+        read_store(storage.sub("left"))
+    assert read_store(storage.sub("right")).height  # (the other side still reads)
 
 
 def _buffer(storage: Storage, retain: int) -> SegmentBuffer:

@@ -218,7 +218,14 @@ def read_store(storage: Storage, *, version: int | None = None) -> pl.DataFrame:
     if version is not None and storage.exists(version_file(version)):
         entry = storage.read_model(version_file(version), AnyStateVersion).root
         if isinstance(entry, SegmentVersion):  # (a join's buffer: segments, not keyed)
-            spec = storage.read_model(SEGMENT_SPEC_FILE, SegmentSpec)
+            try:
+                spec = storage.read_model(SEGMENT_SPEC_FILE, SegmentSpec)
+            except FileNotFoundError:
+                msg = (
+                    f"checkpoint file {storage.display(SEGMENT_SPEC_FILE)} is missing: version "
+                    f"{version} is a join buffer's segments, whose columns that file names"
+                )
+                raise CheckpointCorruptError(msg) from None
             buffer = SegmentBuffer(
                 storage,
                 operator=meta.operator,
