@@ -26,10 +26,12 @@ process an exchange is the identity, since one owner holds every key.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import polars as pl
 
@@ -192,24 +194,42 @@ class StatelessStage:
 
     def fuses_scan(self) -> bool:
         """Whether the stage may run in one plan with the lazy scan of its sources' files:
-        it reads sources only (no earlier stage's rows) and every step is a row-wise verb
+        it reads sources only (no earlier stage's rows), every step is a row-wise verb
         of :data:`FUSED_SCAN_VERBS` or a watermark (``map_batches``, static joins and
-        unions see the whole batch or need not keep the order: they run as before).
+        unions see the whole batch or need not keep the order: they run as before), and
+        a step calls a function (a string, temporal, struct, ... kernel, or
+        ``when/then``): the work the streaming engine spreads over the cores morsel by
+        morsel, where the in-memory engine runs each such expression on one thread.
+        Column picks, arithmetic, comparisons and casts cost less than the read, and a
+        stage of only those keeps the eager read (with its read-ahead, which overlaps the
+        read with the batch before; measured on the Nexmark queries: q0, q1, q2 are
+        slower fused, q14, q21, q22 faster, ``benchmarks/README.md``).
 
         Examples
         --------
         >>> import polars as pl
         >>> import microstream as ms
         >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
-        >>> compile(frame.filter(pl.col("x") > 1).plan).stages[0].fuses_scan()
+        >>> compile(frame.filter(pl.col("x").abs() > 1).plan).stages[0].fuses_scan()
         True
+        >>> compile(frame.filter(pl.col("x") > 1).plan).stages[0].fuses_scan()  # no function
+        False
         >>> compile(frame.map_batches(lambda df: df).plan).stages[0].fuses_scan()
         False
         """
-        return not self.upstream and all(
+        row_wise = all(
             isinstance(step, WatermarkNode)
             or (isinstance(step, StatelessNode) and step.verb in FUSED_SCAN_VERBS)
             for step in self.steps
+        )
+        return (
+            not self.upstream
+            and row_wise
+            and any(
+                isinstance(step, StatelessNode)
+                and _calls_function([*step.args, *step.kwargs.values()])
+                for step in self.steps
+            )
         )
 
     def describe(self) -> str:
@@ -416,6 +436,37 @@ def _stateless_stage(
         upstream=upstream,
         steps=tuple(steps),
     )
+
+
+def _calls_function(values: Sequence[Any]) -> bool:
+    """Whether an expression among ``values`` (a verb's arguments, nested in lists and
+    dicts) calls a function or ``when/then``; an expression that does not serialise (a
+    Python UDF) counts as not (its stage keeps the in-memory engine)."""
+    for value in values:
+        if isinstance(value, pl.Expr):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the json format is deprecated, still exact
+                    tree = json.loads(value.meta.serialize(format="json"))
+            except Exception:
+                continue
+            if _has_function(tree):
+                return True
+        elif (isinstance(value, (list, tuple)) and _calls_function(value)) or (
+            isinstance(value, Mapping) and _calls_function(list(value.values()))
+        ):
+            return True
+    return False
+
+
+def _has_function(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_function(item) for item in node)
+    if isinstance(node, dict):
+        if "Function" in node or "Ternary" in node:
+            return True
+        return any(_has_function(v) for k, v in node.items() if k != "Literal")
+    return False
 
 
 def explain_lines(plan: PlanNode) -> list[str]:
