@@ -733,14 +733,20 @@ class StreamExecution:
         )
 
     def _fusable(self) -> frozenset[ScanNode]:
-        """The sources the executor takes as lazy scans (:class:`ScanFusingStageExecutor`)."""
+        """The sources the executor takes as lazy scans (:class:`ScanFusingStageExecutor`)
+        and that can hand one (:class:`ScanningSource`); found once, at the first batch."""
         if self._fused_scans is None:
             executor = self.executor
-            self._fused_scans = (
+            wanted = (
                 executor.fused_scans(self.physical)
                 if isinstance(executor, ScanFusingStageExecutor)
                 and not isinstance(executor, SplitReadingStageExecutor)
                 else frozenset()
+            )
+            self._fused_scans = frozenset(
+                scan
+                for scan, src in zip(self._scans, self._sources)
+                if scan in wanted and isinstance(src, ScanningSource)
             )
         return self._fused_scans
 
@@ -748,8 +754,7 @@ class StreamExecution:
         self, i: int, src: Source, start: Offset, end: Offset, batch_id: int
     ) -> ScannedBatch | None:
         """Source ``i``'s batch as a lazy scan, or None: it is read as always."""
-        if not isinstance(src, ScanningSource):
-            return None
+        assert isinstance(src, ScanningSource)  # only sources :meth:`_fusable` kept
         try:
             return src.scan(start, end)
         except MicrostreamError:
