@@ -44,10 +44,11 @@ from connectors._file_log import (
 )
 from connectors._file_reading import FileFailed, FileRead, fail_error, infer_schema
 from connectors._file_splits import FileSplit, bad_record_error, plan_file_splits, read_logged_file
+from connectors._fused_scan import FUSED_SCAN_MIN_BYTES, scan_parquet_files
 from connectors._paths import DataDir, split_glob
 from connectors._prefetch import READ_AHEAD_BYTES, ReadAhead, file_version
 from microstream.exceptions import OffsetError, SourceError
-from microstream.protocols import Offset, SideOutputTarget, SourceContext
+from microstream.protocols import Offset, ScannedBatch, SideOutputTarget, SourceContext
 
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
@@ -708,6 +709,41 @@ class FileSource:
         if not frames:
             return pl.DataFrame(schema=self._schema)
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="vertical")
+
+    def scan(self, start: Offset, end: Offset) -> ScannedBatch | None:
+        """The files of log entries ``start + 1 .. end`` as one lazy parquet scan, for the
+        engine to run with the stage reading the source (:mod:`connectors._fused_scan`),
+        or None: :meth:`read` reads the batch.
+
+        Only a batch whose read has no effect beyond its rows is scanned: parquet on the
+        local disk, every policy ``"fail"`` (nothing recorded as skipped, no dead letters),
+        no file recorded as left out by an earlier run, at least
+        :data:`~connectors._fused_scan.FUSED_SCAN_MIN_BYTES` of files, and every file's
+        footer matching the schema exactly. The read-ahead is dropped (its files would be
+        decoded twice); ``read`` starts it again when a batch is read eagerly.
+        """
+        spec = self.spec
+        if spec.format != "parquet" or not self._dir.is_local:
+            return None
+        if (spec.on_bad_file, spec.on_missing_file, spec.on_bad_record) != ("fail",) * 3:
+            return None
+        first = file_offset(start, "read from").log_index + 1
+        last = file_offset(end, "read to").log_index
+        if last < first or last > self._last_logged:
+            return None  # nothing to read, or an error that read() reports
+        files = [logged for k in range(first, last + 1) for logged in self._entry(k).files]
+        if sum(f.size for f in files) < FUSED_SCAN_MIN_BYTES:
+            return None
+        if any(self._recorded_skips(k) for k in range(first, last + 1)):
+            return None
+        scanned = scan_parquet_files(
+            [self._dir.path(f.name) for f in files], spec.schema, self._schema
+        )
+        if scanned is None:
+            return None
+        self._read_ahead.discard()
+        frame, rows = scanned
+        return ScannedBatch(frame, rows, lambda: self.read(start, end))
 
     def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -41,6 +41,8 @@ __all__ = [
     "ProjectingSource",
     "QuerySession",
     "ReadSplit",
+    "ScannedBatch",
+    "ScanningSource",
     "SideOutput",
     "SideOutputTarget",
     "Sink",
@@ -281,6 +283,38 @@ class SplittableSource(Protocol):
 
     def plan_splits(self, start: Offset, end: Offset) -> list[ReadSplit] | None:
         """The splits of ``(start, end]`` in order, or None: read it on the driver."""
+        ...
+
+
+@dataclass(frozen=True)
+class ScannedBatch:
+    """One batch of a source as a lazy scan not run yet (:class:`ScanningSource`).
+
+    The engine runs ``frame`` as part of the stage that reads the source, in one
+    Polars query (the scan feeds the stage's steps in the same plan); when that
+    query fails it calls ``read``, the source's own read of the batch, which gives
+    the rows or the error the source reports for it (naming the file).
+    """
+
+    frame: pl.LazyFrame
+    """The batch's rows, exactly the columns and order ``read`` gives."""
+    rows: int
+    """How many rows ``frame`` gives (for progress, known without running it)."""
+    read: Callable[[], pl.DataFrame]
+    """The same batch read eagerly: ``read(start, end)`` of the source."""
+
+
+@runtime_checkable
+class ScanningSource(Protocol):
+    """A source that can hand a batch as a lazy scan (optional for sources).
+
+    ``scan`` returns None when the batch must be read eagerly (its read has effects
+    the driver must see, or its files do not all match the schema exactly): the
+    driver then calls ``read`` as always.
+    """
+
+    def scan(self, start: Offset, end: Offset) -> ScannedBatch | None:
+        """The batch ``(start, end]`` as a lazy scan, or None: read it with ``read``."""
         ...
 
 

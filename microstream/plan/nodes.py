@@ -587,11 +587,11 @@ def scan_projections(plan: PlanNode) -> dict[ScanNode, tuple[str, ...] | None]:
     }
 
 
-def declared_width(df: pl.DataFrame, schema: pl.Schema) -> pl.LazyFrame:
+def declared_width(df: pl.DataFrame | pl.LazyFrame, schema: pl.Schema) -> pl.LazyFrame:
     """A source's batch as the plan sees it: every declared column, in order.
 
     A source told to read fewer columns (:func:`scan_projections`) returns
-    only those. The plan still names the others (``rename``, ``drop``, ``cast``
+    only those (as rows, or as a lazy scan of its files). The plan still names the others (``rename``, ``drop``, ``cast``
     of a column the result does not use), so they come back as typed nulls:
     the plan then resolves exactly as it would on a LazyFrame of the full
     schema, and Polars' projection pushdown removes the placeholders again,
@@ -603,9 +603,12 @@ def declared_width(df: pl.DataFrame, schema: pl.Schema) -> pl.LazyFrame:
     >>> declared_width(pl.DataFrame({"a": [1]}), schema).collect_schema()
     Schema([('a', Int64), ('b', String)])
     """
-    if df.width == len(schema):
+    have: pl.DataFrame | pl.Schema = df if isinstance(df, pl.DataFrame) else df.collect_schema()
+    if (have.width if isinstance(have, pl.DataFrame) else len(have)) == len(schema):
         return df.lazy()
-    missing = [pl.lit(None, dtype).alias(name) for name, dtype in schema.items() if name not in df]
+    missing = [
+        pl.lit(None, dtype).alias(name) for name, dtype in schema.items() if name not in have
+    ]
     return df.lazy().with_columns(missing).select(schema.names())
 
 

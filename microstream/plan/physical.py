@@ -26,10 +26,12 @@ process an exchange is the identity, since one owner holds every key.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Literal
 
 import polars as pl
 
@@ -41,6 +43,7 @@ from microstream.plan.nodes import (
     PlanNode,
     ScanNode,
     StatefulNode,
+    StatelessNode,
     TransformNode,
     WatermarkNode,
     chained_nodes,
@@ -48,6 +51,8 @@ from microstream.plan.nodes import (
 )
 
 __all__ = [
+    "FUSED_SCAN_ENGINE",
+    "FUSED_SCAN_VERBS",
     "STAGE_ENGINE",
     "Exchange",
     "ExchangeStage",
@@ -83,12 +88,34 @@ class Exchange:
         return f"Exchange(hash {list(self.keys)})"  # type: ignore[arg-type]
 
 
-STAGE_ENGINE: Final = "in-memory"
+StageEngine = Literal["in-memory", "streaming"]
+"""The Polars engines a stage is collected with."""
+
+STAGE_ENGINE: Final[StageEngine] = "in-memory"
 """The Polars engine that collects a stateless stage's rows (its watermarks', its
 consumer's). A batch is rows already in memory and a stage a few row-wise steps: the
 in-memory engine runs them without the streaming engine's task scheduling, whose fixed
 cost dominates such plans (Polars 2.1, ``df.lazy().collect()``: 6 us in-memory, 40 us
 streaming; with the declared width's placeholders: 28 vs 74 us)."""
+
+
+FUSED_SCAN_ENGINE: Final[StageEngine] = "streaming"
+"""The Polars engine that runs a stateless stage together with the lazy scan of its
+source's files (:meth:`StatelessStage.fuses_scan`): the streaming engine decodes the
+files in morsels on every core and runs the stage's steps on them in the same
+pipeline, where the in-memory engine would run the steps over the decoded batch
+afterwards (one 92k-row Nexmark bid file, q22's ``str.split_exact``: 7.9 ms scan and
+steps in one streaming plan against 13-21 ms for the steps alone over the read
+frame)."""
+
+FUSED_SCAN_VERBS: Final = frozenset(
+    {"cast", "drop", "drop_nulls", "fill_nan", "fill_null", "filter", "rename", "select",
+     "with_columns"}
+)  # fmt: skip
+"""The verbs a stage fused with its source's scan may hold: each row's result depends on
+that row alone (their expressions are checked row-wise when the query is built) and keeps
+its place, so the streaming engine, which runs them morsel by morsel in order, gives the
+rows, values and order of the in-memory engine over the whole batch."""
 
 
 @dataclass(frozen=True)
@@ -119,9 +146,11 @@ class StatelessStage:
         results: Sequence[pl.LazyFrame | None],
         ctx: OperatorContext,
         collected: dict[PlanNode, pl.DataFrame] | None = None,
+        engine: StageEngine = STAGE_ENGINE,
     ) -> tuple[pl.LazyFrame, dict[WatermarkNode, WatermarkObservation]]:
         """The stage's lazy plan for one batch, and what its watermark nodes saw (the
-        rows each collected go into ``collected``, by node, when given)."""
+        rows each collected go into ``collected``, by node, when given; collected
+        with ``engine``)."""
         observed: dict[WatermarkNode, WatermarkObservation] = {}
 
         def build(node: PlanNode) -> pl.LazyFrame:
@@ -135,7 +164,7 @@ class StatelessStage:
             assert isinstance(node, TransformNode)
             lf = node.lower([build(child) for child in node.children()], ctx)
             if isinstance(node, WatermarkNode) and not ctx.planning:
-                df = lf.collect(engine=STAGE_ENGINE)  # the watermark sees every row, once
+                df = lf.collect(engine=engine)  # the watermark sees every row, once
                 observed[node] = WatermarkObservation(df.height, node.observe(df))
                 if collected is not None:
                     collected[node] = df
@@ -149,6 +178,7 @@ class StatelessStage:
         inputs: Mapping[ScanNode, pl.LazyFrame],
         results: Sequence[pl.LazyFrame | pl.DataFrame | None],
         ctx: OperatorContext,
+        engine: StageEngine = STAGE_ENGINE,
     ) -> tuple[pl.LazyFrame | pl.DataFrame, dict[WatermarkNode, WatermarkObservation]]:
         """:meth:`lower`, with fewer Polars calls: a stage that ends at its watermark node
         (``with_watermark`` before an operator) returns the rows that node collected, so
@@ -158,9 +188,49 @@ class StatelessStage:
         """
         lazy_results = [r.lazy() if isinstance(r, pl.DataFrame) else r for r in results]
         collected: dict[PlanNode, pl.DataFrame] = {}
-        frame, observed = self.lower(inputs, lazy_results, ctx, collected)
+        frame, observed = self.lower(inputs, lazy_results, ctx, collected, engine)
         rows = collected.get(self.output)
         return (frame if rows is None else rows), observed
+
+    def fuses_scan(self) -> bool:
+        """Whether the stage may run in one plan with the lazy scan of its sources' files:
+        it reads sources only (no earlier stage's rows), every step is a row-wise verb
+        of :data:`FUSED_SCAN_VERBS` or a watermark (``map_batches``, static joins and
+        unions see the whole batch or need not keep the order: they run as before), and
+        a step calls a function (a string, temporal, struct, ... kernel, or
+        ``when/then``): the work the streaming engine spreads over the cores morsel by
+        morsel, where the in-memory engine runs each such expression on one thread.
+        Column picks, arithmetic, comparisons and casts cost less than the read, and a
+        stage of only those keeps the eager read (with its read-ahead, which overlaps the
+        read with the batch before; measured on the Nexmark queries: q0, q1, q2 are
+        slower fused, q14, q21, q22 faster, ``benchmarks/README.md``).
+
+        Examples
+        --------
+        >>> import polars as pl
+        >>> import microstream as ms
+        >>> frame = ms.MemoryStream({"x": pl.Int64}).lazy()
+        >>> compile(frame.filter(pl.col("x").abs() > 1).plan).stages[0].fuses_scan()
+        True
+        >>> compile(frame.filter(pl.col("x") > 1).plan).stages[0].fuses_scan()  # no function
+        False
+        >>> compile(frame.map_batches(lambda df: df).plan).stages[0].fuses_scan()
+        False
+        """
+        row_wise = all(
+            isinstance(step, WatermarkNode)
+            or (isinstance(step, StatelessNode) and step.verb in FUSED_SCAN_VERBS)
+            for step in self.steps
+        )
+        return (
+            not self.upstream
+            and row_wise
+            and any(
+                isinstance(step, StatelessNode)
+                and _calls_function([*step.args, *step.kwargs.values()])
+                for step in self.steps
+            )
+        )
 
     def describe(self) -> str:
         reads = [scan.describe() for scan in self.sources]
@@ -237,6 +307,19 @@ class PhysicalPlan:
 
     def exchanges(self) -> list[ExchangeStage]:
         return [s for s in self.stages if isinstance(s, ExchangeStage)]
+
+    def fusable_scans(self) -> frozenset[ScanNode]:
+        """The sources whose batch may be handed as a lazy scan run in one plan with the
+        stage reading it: read by one stage only, which :meth:`StatelessStage.fuses_scan`
+        (a source read by two stages would be scanned twice)."""
+        readers: Counter[ScanNode] = Counter()
+        fusing: set[ScanNode] = set()
+        for stage in self.stages:
+            if isinstance(stage, StatelessStage):
+                readers.update(stage.sources)
+                if stage.fuses_scan():
+                    fusing.update(stage.sources)
+        return frozenset(scan for scan in fusing if readers[scan] == 1)
 
     def explain_lines(self) -> list[str]:
         """One line per stage, ``[index]`` first; ``<- [i]`` names a stage's inputs."""
@@ -353,6 +436,37 @@ def _stateless_stage(
         upstream=upstream,
         steps=tuple(steps),
     )
+
+
+def _calls_function(values: Sequence[Any]) -> bool:
+    """Whether an expression among ``values`` (a verb's arguments, nested in lists and
+    dicts) calls a function or ``when/then``; an expression that does not serialise (a
+    Python UDF) counts as not (its stage keeps the in-memory engine)."""
+    for value in values:
+        if isinstance(value, pl.Expr):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the json format is deprecated, still exact
+                    tree = json.loads(value.meta.serialize(format="json"))
+            except Exception:
+                continue
+            if _has_function(tree):
+                return True
+        elif (isinstance(value, (list, tuple)) and _calls_function(value)) or (
+            isinstance(value, Mapping) and _calls_function(list(value.values()))
+        ):
+            return True
+    return False
+
+
+def _has_function(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_function(item) for item in node)
+    if isinstance(node, dict):
+        if "Function" in node or "Ternary" in node:
+            return True
+        return any(_has_function(v) for k, v in node.items() if k != "Literal")
+    return False
 
 
 def explain_lines(plan: PlanNode) -> list[str]:

@@ -18,6 +18,7 @@ of the failed batch stays, so a restart re-runs it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -63,6 +64,7 @@ from microstream.protocols import (
     PartSink,
     ProjectingSource,
     QuerySession,
+    ScanningSource,
     Sink,
     SinkContext,
     SkippingSource,
@@ -84,6 +86,8 @@ from microstream.runtime.side_output import SourceSideOutput
 from microstream.runtime.stages import (
     LocalStageExecutor,
     RecoveringStageExecutor,
+    ScanFusingStageExecutor,
+    ScanInput,
     SinkWritingStageExecutor,
     SplitReadingStageExecutor,
     SplitScan,
@@ -100,7 +104,7 @@ from microstream.time.watermark import (
 if TYPE_CHECKING:
     from microstream._typing import OutputMode, QueryState
     from microstream.plan.nodes import PlanNode, StatefulNode, StatefulOperator
-    from microstream.protocols import SinkSpec
+    from microstream.protocols import ScannedBatch, SinkSpec
     from microstream.time.trigger import Trigger
 
 __all__ = ["ExecutionConfig", "StreamExecution"]
@@ -170,6 +174,7 @@ class StreamExecution:
         self._chained = chained_nodes(plan)
         self._projections = scan_projections(plan)
         self.physical = compile_plan(plan)  # once: every batch runs these stages
+        self._fused_scans: frozenset[ScanNode] | None = None  # asked of the executor once
         self._operators: dict[StatefulNode, StatefulOperator] = {}
         self._timed: list[TimedOperator] = []
         self._lagging: list[LaggingSource | None] = []
@@ -610,10 +615,11 @@ class StreamExecution:
         ends = self._parse_ends(entry)
 
         t_read = time.perf_counter()
-        inputs: dict[ScanNode, pl.LazyFrame] = {}
+        inputs: dict[ScanNode, pl.LazyFrame | ScanInput] = {}
         splits: dict[ScanNode, SplitScan] = {}  # read by the executor (in Ray tasks)
         splitting = self.executor if isinstance(self.executor, SplitReadingStageExecutor) else None
         wanted = frozenset() if splitting is None else splitting.split_scans(self.physical)
+        fused = self._fusable()
         rows_in: list[int] = []
         self._source_side_output.begin(batch_id)
         for i, (src, start, end) in enumerate(zip(self._sources, starts, ends)):
@@ -626,17 +632,15 @@ class StreamExecution:
                 splits[self._scans[i]] = split
                 rows_in.append(0)  # counted where the splits are read
                 continue
+            elif self._scans[i] in fused and (scanned := self._scan(i, src, start, end, batch_id)):
+                rows_in.append(scanned.rows)
+                inputs[self._scans[i]] = ScanInput(
+                    declared_width(scanned.frame, schema),
+                    functools.partial(self._read_declared, i, src, start, end, batch_id),
+                )
+                continue
             else:
-                try:
-                    df = src.read(start, end)
-                except MicrostreamError:
-                    raise  # already names the source, file or offset
-                except Exception as exc:
-                    msg = (
-                        f"source {i} ({src.description}) failed to read batch {batch_id} "
-                        f"range ({start.model_dump()}, {end.model_dump()}]: {exc}"
-                    )
-                    raise SourceError(msg) from exc
+                df = self._read(i, src, start, end, batch_id)
             rows_in.append(df.height)
             inputs[self._scans[i]] = declared_width(df, schema)
         if "sources" not in self._routed_sides:
@@ -653,10 +657,10 @@ class StreamExecution:
             batch_timestamp_ms=entry.batch_timestamp_ms,
         )
         if splits and splitting is not None:
-            output = splitting.run(self.physical, {**inputs, **splits}, ctx, self._operators)
+            output = splitting.run(self.physical, {**inputs, **splits}, ctx, self._operators)  # type: ignore[dict-item]  # no ScanInput: a splitting executor fuses none
             rows_in = [output.rows_read.get(scan, n) for scan, n in zip(self._scans, rows_in)]
         else:
-            output = self.executor.run(self.physical, inputs, ctx, self._operators)
+            output = self.executor.run(self.physical, inputs, ctx, self._operators)  # type: ignore[arg-type]  # a ScanInput only for a fusing executor
         self._restarts.extend(list(lost) for lost in output.replaced_workers)
         result = output.rows
         if output.late_rows and "late" not in self._routed_sides:
@@ -726,6 +730,61 @@ class StreamExecution:
         )
         self._publish_progress(
             entry, starts, ends, rows_in, output.num_rows, durations, recovered, lags
+        )
+
+    def _fusable(self) -> frozenset[ScanNode]:
+        """The sources the executor takes as lazy scans (:class:`ScanFusingStageExecutor`)
+        and that can hand one (:class:`ScanningSource`); found once, at the first batch."""
+        if self._fused_scans is None:
+            executor = self.executor
+            wanted = (
+                executor.fused_scans(self.physical)
+                if isinstance(executor, ScanFusingStageExecutor)
+                and not isinstance(executor, SplitReadingStageExecutor)
+                else frozenset()
+            )
+            self._fused_scans = frozenset(
+                scan
+                for scan, src in zip(self._scans, self._sources)
+                if scan in wanted and isinstance(src, ScanningSource)
+            )
+        return self._fused_scans
+
+    def _scan(
+        self, i: int, src: Source, start: Offset, end: Offset, batch_id: int
+    ) -> ScannedBatch | None:
+        """Source ``i``'s batch as a lazy scan, or None: it is read as always."""
+        assert isinstance(src, ScanningSource)  # only sources :meth:`_fusable` kept
+        try:
+            return src.scan(start, end)
+        except MicrostreamError:
+            raise
+        except Exception as exc:
+            msg = (
+                f"source {i} ({src.description}) failed to plan the scan of batch {batch_id} "
+                f"range ({start.model_dump()}, {end.model_dump()}]: {exc}"
+            )
+            raise SourceError(msg) from exc
+
+    def _read(self, i: int, src: Source, start: Offset, end: Offset, batch_id: int) -> pl.DataFrame:
+        """Source ``i``'s batch ``(start, end]``, read (errors name the source and range)."""
+        try:
+            return src.read(start, end)
+        except MicrostreamError:
+            raise  # already names the source, file or offset
+        except Exception as exc:
+            msg = (
+                f"source {i} ({src.description}) failed to read batch {batch_id} "
+                f"range ({start.model_dump()}, {end.model_dump()}]: {exc}"
+            )
+            raise SourceError(msg) from exc
+
+    def _read_declared(
+        self, i: int, src: Source, start: Offset, end: Offset, batch_id: int
+    ) -> pl.LazyFrame:
+        """:meth:`_read` at the declared width (a scanned batch's eager read)."""
+        return declared_width(
+            self._read(i, src, start, end, batch_id), self._scan_sources[i].schema
         )
 
     def _publish_progress(

@@ -17,7 +17,7 @@ owners of their keys and moves rows at the exchanges.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -26,6 +26,7 @@ import polars as pl
 from microstream.exceptions import MicrostreamError, SourceError
 from microstream.plan.nodes import KeyGroupedOperator
 from microstream.plan.physical import (
+    FUSED_SCAN_ENGINE,
     STAGE_ENGINE,
     Exchange,
     ExchangeStage,
@@ -35,6 +36,9 @@ from microstream.plan.physical import (
     WatermarkObservation,
 )
 from microstream.protocols import SplittableSource
+
+PANIC: tuple[type[BaseException], ...] = (Exception, pl.exceptions.PanicException)
+"""What a Polars query raises on bad input: errors, and panics on some inputs."""
 
 if TYPE_CHECKING:
     from microstream.checkpoint.storage import Storage
@@ -52,6 +56,8 @@ __all__ = [
     "BatchOutput",
     "LocalStageExecutor",
     "RecoveringStageExecutor",
+    "ScanFusingStageExecutor",
+    "ScanInput",
     "SinkWritingStageExecutor",
     "SplitReadingStageExecutor",
     "SplitScan",
@@ -96,6 +102,18 @@ class SplitScan:
     """In order: the batch is their rows concatenated."""
     schema: pl.Schema
     """The source's declared schema (what ``declared_width`` widens a split's rows to)."""
+
+
+@dataclass(frozen=True)
+class ScanInput:
+    """A source's batch as a lazy scan of its files, for an executor that runs it in one
+    Polars plan with the stage reading it (:class:`ScanFusingStageExecutor`)."""
+
+    frame: pl.LazyFrame
+    """The scan, at the declared width (as ``declared_width`` gives a read batch)."""
+    read: Callable[[], pl.LazyFrame]
+    """The batch read eagerly by the source, at the declared width: what the stage runs
+    over when the fused plan fails (the source's read names a bad file as before)."""
 
 
 class StageExecutor(Protocol):
@@ -191,6 +209,28 @@ def split_scan(
 
 
 @runtime_checkable
+class ScanFusingStageExecutor(Protocol):
+    """A stage executor that takes sources' batches as lazy scans (:class:`ScanInput`) and
+    runs each with the stage reading it, in one Polars plan."""
+
+    def fused_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources of ``plan`` it takes as a :class:`ScanInput` when the source can
+        hand one (the others are read as always)."""
+        ...
+
+    def run(
+        self,
+        plan: PhysicalPlan,
+        inputs: Mapping[ScanNode, pl.LazyFrame | ScanInput],
+        ctx: OperatorContext,
+        operators: Mapping[StatefulNode, StatefulOperator],
+    ) -> BatchOutput:
+        """Run every stage of ``plan``; a source given as a :class:`ScanInput` is scanned
+        in the plan of the stage reading it."""
+        ...
+
+
+@runtime_checkable
 class SinkWritingStageExecutor(Protocol):
     """A stage executor whose workers may write the sink's data (a cluster runtime's):
     the driver hands it the sink once, before :meth:`StageExecutor.start_operators`;
@@ -247,10 +287,14 @@ class LocalStageExecutor:
         """The rows ``exchange`` routes to this process: all of them (one owner)."""
         return frame
 
+    def fused_scans(self, plan: PhysicalPlan) -> frozenset[ScanNode]:
+        """The sources whose one reading stage is row-wise (:meth:`PhysicalPlan.fusable_scans`)."""
+        return plan.fusable_scans()
+
     def run(
         self,
         plan: PhysicalPlan,
-        inputs: Mapping[ScanNode, pl.LazyFrame],
+        inputs: Mapping[ScanNode, pl.LazyFrame | ScanInput],
         ctx: OperatorContext,
         operators: Mapping[StatefulNode, StatefulOperator],
     ) -> BatchOutput:
@@ -262,7 +306,7 @@ class LocalStageExecutor:
         for stage in plan.stages:
             frame: pl.LazyFrame | pl.DataFrame
             if isinstance(stage, StatelessStage):
-                frame, observed = stage.evaluate(inputs, results, ctx)
+                frame, observed = _evaluate(stage, inputs, results, ctx)
                 watermarks.update(observed)
             elif isinstance(stage, ExchangeStage):
                 frame = self.exchange(_result(results, stage.input), stage.exchange)
@@ -277,6 +321,33 @@ class LocalStageExecutor:
             results[stage.index] = frame
         msg = "a physical plan ends with its sink stage"
         raise AssertionError(msg)
+
+
+def _evaluate(
+    stage: StatelessStage,
+    inputs: Mapping[ScanNode, pl.LazyFrame | ScanInput],
+    results: list[pl.LazyFrame | pl.DataFrame | None],
+    ctx: OperatorContext,
+) -> tuple[pl.LazyFrame | pl.DataFrame, dict[WatermarkNode, WatermarkObservation]]:
+    """``stage`` over the batch; a stage reading a :class:`ScanInput` collected at once, in
+    one streaming plan with the scan. When that plan fails the stage runs as before over
+    the source's eager read, which raises the source's error for a bad file, or gives
+    the rows over which the stage's own error (an expression's) comes back as before."""
+    if not any(isinstance(inputs[scan], ScanInput) for scan in stage.sources):
+        return stage.evaluate(inputs, results, ctx)  # type: ignore[arg-type]  # no ScanInput
+    sources = {s: inputs[s] for s in stage.sources}
+    scanned = {s: i.frame if isinstance(i, ScanInput) else i for s, i in sources.items()}
+    try:
+        frame, observed = stage.evaluate(scanned, results, ctx, FUSED_SCAN_ENGINE)
+        if isinstance(frame, pl.LazyFrame):
+            frame = frame.collect(engine=FUSED_SCAN_ENGINE)
+        return frame, observed
+    except MicrostreamError:
+        raise
+    except PANIC:
+        pass  # the eager path below reports it as the unfused stage would
+    read = {s: i.read() if isinstance(i, ScanInput) else i for s, i in sources.items()}
+    return stage.evaluate(read, results, ctx)
 
 
 def _result(
