@@ -741,16 +741,18 @@ class AggregationOperator(StoreBackedOperator):
             # (one thread: a batch's emitted groups are few, and the pool's hand-offs cost
             # more than they save on a loaded machine)
             out = out.sort(sort_by, nulls_last=True, maintain_order=True, multithreaded=False)
-        if rows is None and partials is not None:
+        if rows is None and partials is not None and partials.height <= _IN_MEMORY_ROWS:
             # Partials only: every step is row-wise or a stable sort, which give the same
             # bits on either engine, and the in-memory one skips the streaming engine's
-            # scheduling (10k emitted groups: ~1.5 -> ~0.3 ms; a flush of 837k groups
-            # ~230 -> ~140 ms CPU: the streaming engine's sort costs more). Buffered rows
-            # are grouped (sums of many values), so they stay on the engine that always
-            # ran them.
+            # scheduling (10k emitted groups: ~1.5 -> ~0.3 ms). Buffered rows are grouped
+            # (sums of many values), so they stay on the engine that always ran them.
             return out.collect(engine="in-memory")
         return out.collect()
 
+
+_IN_MEMORY_ROWS = 100_000
+"""Up to this many emitted groups a partials-only result is finalized on Polars' in-memory
+engine; a larger one (a flush of every window) keeps the default engine's parallel plan."""
 
 _EAGER_ROWS = 10_000
 """Below this many rows Polars' eager group-by is the cheaper one (a lazy plan's fixed cost,
