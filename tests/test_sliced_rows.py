@@ -211,3 +211,50 @@ def test_slice_rows_default_is_read_when_built(monkeypatch) -> None:
     )
     assert data.slice_rows == 3
     assert len(data.slice_ranges()) == GROUPS
+
+
+def test_a_large_batch_into_an_empty_store_is_sorted_once(monkeypatch) -> None:
+    """An empty store filled by one batch of more rows than its tail budget (the first
+    batch of a reprocessing) is sorted once and cut into slices: no merge of a tail and
+    split after it (two copies of every row), the same rows in the same order as the
+    tail's merge gives (stable by hash: keys sharing a hash keep the batch's order)."""
+    merges: list[int] = []
+    compact = KeyedRows.compact
+
+    def recording(self: KeyedRows) -> None:
+        if self.merge_pressure() > 0:
+            merges.append(self.height)
+        compact(self)
+
+    rng = np.random.default_rng(3)
+    keys = rng.permutation(3_000)
+    rows = frame_of([((int(k), "x"), int(k) * 2) for k in keys], collide=True)
+
+    def store(tail_rows: int) -> SlicedRows:
+        return SlicedRows(
+            rows.clear(),
+            key_columns=KEYS,
+            hash_column="h",
+            group_column="g",
+            num_groups=GROUPS,
+            tail_rows=tail_rows,
+            slice_rows=1_000,
+        )
+
+    through_tail = store(10_000)  # (the batch fits the tail: the old way, merged below)
+    through_tail.replace(rows, rows)
+    through_tail.compact()
+    monkeypatch.setattr(KeyedRows, "compact", recording)
+    filled = store(512)
+    filled.replace(rows, rows)
+    assert merges == []
+    assert_frame_equal(filled.frame(), through_tail.frame())  # (order too)
+    # 375 rows a group: cut into slices of at most 1,000 rows at once, as a load cuts
+    assert filled.slice_ranges() == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert filled.rows_per_partition() == through_tail.rows_per_partition()
+    # and it goes on as any store: a replace of some keys, a removal
+    some = rows.head(700)
+    filled.replace(some, some.with_columns(v=pl.lit(-1, pl.Int64)))
+    removed = filled.remove_where(pl.col("v") < 0)
+    assert_frame_equal(canon(removed), canon(some.with_columns(v=pl.lit(-1, pl.Int64))))
+    assert_frame_equal(canon(filled.frame()), canon(rows.tail(2_300)))

@@ -152,7 +152,12 @@ def test_a_large_state_with_few_changes_writes_one_slice_per_version(tmp_path: P
     keys = pl.DataFrame({"k": range(2000), "v": range(2000)}, schema=SCHEMA)
     store.apply(upserts=keys, deletes=keys.clear().select("k"))
     store.commit(0)
+    # every slice under pressure: a full snapshot in the spread slices, no delta of the
+    # same rows besides it
     assert snapshot_ranges(storage, 0) == spread_slices(GROUPS, EVERY)
+    assert manifest(storage, 0).snapshot
+    assert {f.kind for f in manifest(storage, 0).files} == {"snapshot"}
+    assert_frame_equal(loaded(storage, 0), keys.sort("k"))
     written: list[tuple[int, int]] = []
     for version in range(1, 61):
         changed = keys.slice((version * 20) % 2000, 20).with_columns(v=pl.col("v") + version)

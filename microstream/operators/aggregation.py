@@ -32,6 +32,7 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.big_batch import BIG_BATCH_ROWS, fused_partials
 from microstream.operators.pair_merge import merge_pairs
 from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
@@ -385,9 +386,15 @@ class AggregationOperator(StoreBackedOperator):
         self._dropped_late = self._updated = self._removed = self._dropped_null_time = 0
         self._touched = (None, None)
         expired = self._expire(ctx.batch_timestamp_ms)
-        # (a batch without rows, e.g. the one a moved watermark asks for, has nothing to fold)
-        pairs = self._prepare(batch, ctx) if batch.height else None
-        updated = self._update_state(pairs) if pairs is not None and pairs.height else None
+        # A batch of millions of rows: its partials in one plan, no prepared frame (None:
+        # the prepared path).
+        grouped = self._big_batch(batch, ctx) if batch.height >= BIG_BATCH_ROWS else None
+        if grouped is not None:
+            updated = self._update_state(None, grouped) if grouped.height else None
+        else:
+            # (a batch without rows, e.g. the one a moved watermark asks for, has nothing to fold)
+            pairs = self._prepare(batch, ctx) if batch.height else None
+            updated = self._update_state(pairs) if pairs is not None and pairs.height else None
         self._updated = 0 if updated is None else updated.height
         if self.updated is not None and updated is not None:
             self.updated.apply(
@@ -476,15 +483,40 @@ class AggregationOperator(StoreBackedOperator):
             )
         return df
 
-    def _update_state(self, pairs: pl.DataFrame) -> pl.DataFrame:
-        """Fold the batch into the state; returns the touched keys with their row counts."""
+    def _big_batch(self, batch: pl.DataFrame, ctx: OperatorContext) -> pl.DataFrame | None:
+        """A large batch's partials and row counts by :func:`fused_partials`, or ``None``."""
+        window = self.node.window
+        if not isinstance(window, WindowSpec) or self.rows is not None:
+            return None
+        late = self.node.eviction is not None and ctx.output_mode != "complete"
+        return fused_partials(
+            batch,
+            window,
+            self.node.input_schema[window.column],
+            list(self.node.keys),
+            self.spec,
+            late_watermark_us=ctx.late_watermark_us if late else None,
+            count="__n",
+        )
+
+    def _update_state(
+        self, pairs: pl.DataFrame | None, grouped: pl.DataFrame | None = None
+    ) -> pl.DataFrame:
+        """Fold the batch into the state; returns the touched keys with their row counts.
+
+        ``grouped``: the batch's partials and row counts already (:meth:`_big_batch`).
+        """
         # A few rows, one per group: partials and merge in Python, the same values.
-        tiny = self._tiny.partials(pairs) if self._tiny is not None else None
-        if tiny is not None:
+        tiny = self._tiny.partials(pairs) if self._tiny is not None and pairs is not None else None
+        if grouped is not None:
+            batch_partials = grouped
+            updated = batch_partials.select(*self.key_cols, "__n")
+        elif tiny is not None:
             batch_partials = tiny
             ones = pl.Series("__n", [1] * tiny.height, dtype=pl.get_index_type())
             updated = pl.DataFrame([*(tiny.get_column(k) for k in self.key_cols), ones])
         else:
+            assert pairs is not None
             # One pass over the batch gives its partials, its keys and their row counts.
             batch_partials = _group_by(
                 pairs, self.key_cols, [*self.spec.partial_exprs(), pl.len().alias("__n")]
@@ -514,6 +546,7 @@ class AggregationOperator(StoreBackedOperator):
             merged = self.partials.fold(fresh, merge, positions=True)
         all_rows = None
         if self.rows is not None:
+            assert pairs is not None  # (buffered rows: never a big batch's grouped partials)
             columns = self.rows.schema.names()
             old_rows = self.rows.lookup(updated.select(self.key_cols))
             new_rows = pairs.select(columns)

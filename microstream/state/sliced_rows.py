@@ -185,6 +185,9 @@ class SlicedRows:
     def replace(self, keys: pl.DataFrame, rows: pl.DataFrame) -> None:
         """Remove every row of ``keys`` (key columns, hash and key group), then add ``rows``."""
         rows = self._held(rows)
+        if rows.height > self.tail_rows and self.height == 0:
+            self._fill(rows)
+            return
         if len(self._slices) == 1:
             self._slices[0].replace(keys, rows)
         else:
@@ -428,6 +431,22 @@ class SlicedRows:
             starts.append(lo + a)
             offset += rows
         return starts, slices
+
+    def _fill(self, rows: pl.DataFrame) -> None:
+        """Make ``rows`` (as held) the rows of this empty store: sorted by hash once and
+        cut into slices, as a loaded state is.
+
+        An empty state filled by one large batch (the first of a reprocessing: 837k
+        groups of a 5M-row batch) went through a tail: the merge sorted and gathered
+        every row, then the split gathered every row again into the slices. The order
+        is the merge's (stable by hash), so the rows and slices are the same.
+        """
+        whole = self._keyed(rows.sort(self.hash_column, maintain_order=True), is_sorted=True)
+        self._starts, self._slices = [0], [whole]
+        if whole.height > self.slice_rows:
+            self._starts, self._slices = self._cut(whole, 0, self.num_groups)
+        self._share_tail()
+        self._changed()
 
     def _share_tail(self) -> None:
         """Give each slice its share of the tail budget (a merge per row added as for one

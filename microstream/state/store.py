@@ -59,6 +59,7 @@ from microstream.state.format import (
     StatePart,
     StateVersion,
     checksum,
+    covers_key_groups,
     delta_file,
     encode_frame,
     frame_from_text,
@@ -628,8 +629,9 @@ class StateStore:
         Writes one delta file of the changes since the last commit (none if
         nothing changed) or, every ``snapshot_every`` versions (or when
         ``snapshot`` is true), a snapshot in ``snapshot_files`` key-group ranges;
-        above ``spread_snapshots_above`` rows, the delta and a snapshot of one
-        key-group slice instead; then the version's manifest; then removes files
+        above ``spread_snapshots_above`` rows, the delta and a snapshot of the
+        key-group slices under pressure instead (of every slice: a full snapshot in
+        those slices, no delta); then the version's manifest; then removes files
         that no retained version needs.
 
         Parameters
@@ -672,10 +674,13 @@ class StateStore:
         if self._pending is not None:
             self._since += np.bincount(self._pending.get_column(_KG).to_numpy(), minlength=n)
         slices = [] if full else self._slices_due(version, 0, n, spread=spread)
-        full = full or slices == [(0, n)]  # (one key group, or snapshot_every=1)
         files: list[StateFile] = []
-        if full:
-            slices = full_snapshot_ranges(n, self.rows, self.snapshot_files)
+        if full or slices == [(0, n)]:  # (one key group, or snapshot_every=1)
+            full, slices = True, full_snapshot_ranges(n, self.rows, self.snapshot_files)
+        elif covers_key_groups(slices, n):
+            # Every slice under pressure (the first version of a large batch): the slices
+            # are the whole state, a full snapshot; a delta too would write every row twice.
+            full = True
         elif self._pending is not None:
             pending = by_key_group(self._pending)
             groups = pending.get_column(_KG)
