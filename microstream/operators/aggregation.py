@@ -32,6 +32,7 @@ import polars as pl
 from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
+from microstream.operators.dense_partials import DensePartials
 from microstream.operators.pair_merge import merge_pairs
 from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
@@ -291,6 +292,7 @@ class AggregationOperator(StoreBackedOperator):
         self.partials: StateStore | None = None
         self.rows: StateStore | None = None
         self._tiny: TinyFold | None = None
+        self._dense: DensePartials | None = None
         # the state of the groups the current batch touched (partials, rows)
         self._touched: tuple[pl.DataFrame | None, pl.DataFrame | None] = (None, None)
         if self.spec.primitives:
@@ -312,6 +314,13 @@ class AggregationOperator(StoreBackedOperator):
             if not self.spec.needs_rows:  # (buffered rows: the batch's rows go to Polars)
                 tiny = TinyFold(self.spec, self.key_cols, partial_schema, prepared)
                 self._tiny = tiny if tiny.usable else None
+            # (a window's start is on the ``every`` grid, its end the start plus the period)
+            grid = {START: node.window.every_us} if isinstance(node.window, WindowSpec) else {}
+            follows = {END: START} if node.window is not None else {}
+            dense = DensePartials(
+                self.spec, self.key_cols, partial_schema, prepared, strides=grid, follows=follows
+            )
+            self._dense = dense if dense.usable else None
         if self.spec.needs_rows:
             row_columns = [*self.key_cols, ORDER_T, ORDER_S]
             row_columns += [c for c in self.spec.buffered_columns() if c not in row_columns]
@@ -480,10 +489,19 @@ class AggregationOperator(StoreBackedOperator):
         """Fold the batch into the state; returns the touched keys with their row counts."""
         # A few rows, one per group: partials and merge in Python, the same values.
         tiny = self._tiny.partials(pairs) if self._tiny is not None else None
+        # Many rows of small integer keys: counted into a dense array (no hash table).
+        dense = (
+            self._dense.partials(pairs)
+            if tiny is None and self._dense is not None and pairs.height >= _EAGER_ROWS
+            else None
+        )
         if tiny is not None:
             batch_partials = tiny
             ones = pl.Series("__n", [1] * tiny.height, dtype=pl.get_index_type())
             updated = pl.DataFrame([*(tiny.get_column(k) for k in self.key_cols), ones])
+        elif dense is not None:
+            batch_partials = dense
+            updated = dense.select(*self.key_cols, "__n")
         else:
             # One pass over the batch gives its partials, its keys and their row counts.
             batch_partials = _group_by(
