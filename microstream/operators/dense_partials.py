@@ -156,8 +156,9 @@ class DensePartials:
         for name, code in codes.items():
             digit = values[name].astype(np.int64, copy=False) - code.low
             if code.stride != 1:
-                digit, off_grid = np.divmod(digit, code.stride)
-                if off_grid.any():
+                on_grid = digit
+                digit = digit // code.stride  # (numpy's divmod is ~10x slower than these)
+                if (digit * code.stride != on_grid).any():
                     return None
             index *= code.radix
             index += digit
@@ -171,6 +172,7 @@ class DensePartials:
         present = np.flatnonzero(counts)
         n = counts[present]
         out: dict[str, pl.Series] = {}
+        sums: dict[str, np.ndarray | None] = {}  # (a sum and a mean of one column: one pass)
         for c in columns:
             if c.how == "count":
                 out[c.name] = pl.Series(c.name, n, dtype=c.dtype)
@@ -178,9 +180,13 @@ class DensePartials:
                 out[c.name] = pl.Series(c.name, np.zeros(n.size, np.int64), dtype=c.dtype)
             else:
                 assert c.source is not None
-                total = _sum(rows.get_column(c.source), index, counts, c.dtype)
-                if total is None:
+                if c.source not in sums:
+                    sums[c.source] = _sum(rows.get_column(c.source), index, counts)
+                total = sums[c.source]
+                if total is None or (c.dtype == pl.Int64 and total.dtype != np.int64):
                     return None
+                if c.dtype == pl.Float64:
+                    total = total.astype(np.float64, copy=False)
                 out[c.name] = pl.Series(c.name, total[present], dtype=c.dtype)
         rest = present
         digits: dict[str, np.ndarray] = {}
@@ -205,10 +211,9 @@ def _key_series(name: str, values: np.ndarray, dtype: pl.DataType) -> pl.Series:
     return pl.Series(name, values, dtype=pl.Int64).cast(dtype)
 
 
-def _sum(
-    source: pl.Series, index: np.ndarray, counts: np.ndarray, dtype: pl.DataType
-) -> np.ndarray | None:
-    """Each cell's sum of ``source`` (row order), in ``dtype``, or None if not exact."""
+def _sum(source: pl.Series, index: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """Each cell's sum of ``source`` (row order; Int64 for an Int64 column, exact), or
+    None if not exact."""
     cells = counts.size
     values = source.to_numpy()
     if values.dtype == np.int64:
@@ -216,8 +221,8 @@ def _sum(
         if max(-low, high) * values.size >= _EXACT_INT:
             return None  # (a sum could pass 2**53, where float64 rounds integers)
         total = np.bincount(index, weights=values.astype(np.float64), minlength=cells)
-        return total.astype(np.int64) if dtype == pl.Int64 else total
-    if values.dtype != np.float64 or dtype != pl.Float64:
+        return total.astype(np.int64)  # (exact below 2**53; a mean casts it back exactly)
+    if values.dtype != np.float64:
         return None
     if not (np.isfinite(values).all() and values.all()):
         return None  # (NaN, inf, or a zero whose sign Polars' sum decides its own way)
