@@ -174,14 +174,58 @@ def test_other_aggregates_keep_the_polars_group_by(aggs: list[pl.Expr]) -> None:
     assert refused(rows(100, 1), dense(aggs))
 
 
-def test_keys_other_than_small_integers_keep_the_polars_group_by() -> None:
-    schema = pl.Schema({"k": pl.String, "v": pl.Float64})
+@pytest.mark.parametrize("dtypes", [[pl.String], [pl.UInt64], [pl.Float64], [pl.Int64, pl.Float32]])
+def test_keys_without_an_integer_to_count_by_keep_the_polars_group_by(
+    dtypes: list[pl.DataType],
+) -> None:
+    keys = [f"k{i}" for i in range(len(dtypes))]
+    schema = pl.Schema({**dict(zip(keys, dtypes, strict=True)), "v": pl.Float64})
     spec = AggregateSpec([pl.col("v").sum()])
-    partials = pl.DataFrame(schema=schema).group_by("k").agg(spec.partial_exprs()).schema
-    assert not DensePartials(spec, ["k"], partials, schema).usable
-    big = pl.Schema({"k": pl.UInt64, "v": pl.Float64})
-    partials = pl.DataFrame(schema=big).group_by("k").agg(spec.partial_exprs()).schema
-    assert not DensePartials(spec, ["k"], partials, big).usable
+    partials = pl.DataFrame(schema=schema).group_by(keys).agg(spec.partial_exprs()).schema
+    assert not DensePartials(spec, keys, partials, schema).usable
+
+
+def with_names(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with key columns that are functions of ``k`` (a string with nulls, an
+    int too wide to count by with ``k``, a datetime)."""
+    return frame.with_columns(
+        pl.when(pl.col("k") % 5 == 0)
+        .then(None)
+        .otherwise(pl.format("n{}", pl.col("k")))
+        .alias("name"),
+        (pl.col("k") * 1_000_003).alias("wide"),
+        pl.from_epoch(pl.col("k"), time_unit="s").alias("when"),
+    )
+
+
+def test_key_columns_that_are_functions_of_the_counted_ones_are_carried_along() -> None:
+    keys = ["k", "name", "wide", "b", "when", START, END]
+    frame = with_names(rows(20_000, 9))
+    schema = pl.Schema({**frame.schema})
+    spec = AggregateSpec(AGGS)
+    partials = frame.group_by(keys).agg(spec.partial_exprs()).schema
+    dense = DensePartials(
+        spec, keys, partials, schema, strides={START: EVERY}, follows={END: START}
+    )
+    got = dense.partials(frame)
+    assert got is not None
+    expected = frame.group_by(keys).agg(*spec.partial_exprs(), pl.len().alias("__n"))
+    floats = ["__agg1", "__agg2_sum"]
+    assert_frame_equal(
+        got.drop(floats).sort(keys, nulls_last=True),
+        expected.drop(floats).sort(keys, nulls_last=True),
+        check_exact=True,
+    )
+    # a key column that is not a function of the counted ones: Polars' group-by, then on
+    mixed = frame.with_columns(pl.col("name").shuffle(seed=1))
+    assert dense.partials(mixed) is None
+    assert dense.partials(frame) is None
+    assert (
+        DensePartials(
+            spec, keys, partials, schema, strides={START: EVERY}, follows={END: START}
+        ).partials(frame)
+        is not None
+    )
 
 
 def test_the_dense_array_stays_within_its_bound() -> None:

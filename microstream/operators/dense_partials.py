@@ -1,17 +1,22 @@
 """The aggregation's batch partials over small integer keys, by counting in numpy.
 
 A batch of 100k rows in ~30k groups (10k keys, three 1-minute windows) costs Polars'
-group-by ~6-7 ms: a hash table over the rows of three Int64 columns. When every key
-column is an integer (or Boolean) whose values in the batch span a small range, and
-the window's start is on a grid (``every``), each group is one cell of a dense array:
-its index is the keys' offsets from their minimum, in mixed radix. ``np.bincount`` then
-gives each cell's row count and sums in one pass over the rows (~1 ms), and the
-present cells are the groups.
+group-by ~6-7 ms: a hash table over the rows of three Int64 columns. When the window's
+start is on a grid (``every``) and integer (or Boolean) key columns span a small range
+in the batch, each of their combinations is one cell of a dense array: its index is the
+keys' offsets from their minimum, in mixed radix (the window's start first, then the
+widest columns, while the cells stay within a few times the rows). ``np.bincount`` then
+gives each cell's row count and sums in one pass over the rows (~1 ms), and the present
+cells are the groups. The other key columns (a string, a time, a column with nulls, an
+integer too wide to count by) must hold one value per cell, a function of the counted
+keys (a name of an id, a shard of a key), which is checked against one row per cell
+every batch; once a batch fails that check the operator keeps Polars' group-by.
 
 Taken only where the result is Polars' partial, or as exact as Polars' own:
 
 - aggregates ``len``, ``count``, ``null_count``, ``sum`` and ``mean`` of a plain
-  column of dtype Int64 or Float64, without nulls; key columns without nulls;
+  column of dtype Int64 or Float64, without nulls; counted key columns without nulls,
+  the others of dtypes whose equal values are one Polars group (no floats);
 - integer sums and counts are computed in float64 only while every partial sum stays
   below 2**53, where float64 holds every integer exactly, so they are Polars' values;
 - a Float64 sum is the sum of the group's values in row order. Polars' group-by of a
@@ -28,6 +33,7 @@ reference: ``tests/test_dense_partials.py`` compares the two.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,11 +119,21 @@ class DensePartials:
         self.columns = _plan(spec, key_cols, schema, input_schema)
         self._keys_usable = all(
             input_schema.get(k) is not None
-            and (input_schema[k].is_integer() or input_schema[k] == pl.Boolean)
+            and _comparable(input_schema[k])
             and input_schema[k] != pl.UInt64  # (its values above 2**63 do not fit Int64)
             and input_schema[k] == schema[k]
             for k in key_cols
-        ) and all(v in key_cols and v not in self.follows for v in self.follows.values())
+        ) and all(
+            v in key_cols and v not in self.follows and schema[k] == pl.Int64 == schema[v]
+            for k, v in self.follows.items()
+        )
+        # (at least one column to count cells by: an integer or Boolean key, or a window)
+        self._keys_usable &= any(
+            schema[k].is_integer() or schema[k] == pl.Boolean for k in key_cols
+        )
+        # Key columns found not to be functions of the coded ones once: Polars' group-by
+        # from then on (a check per batch that fails costs ~1-2 ms at 100k rows).
+        self._dependent_failed = False
 
     @property
     def usable(self) -> bool:
@@ -130,28 +146,16 @@ class DensePartials:
         columns = self.columns
         if columns is None or not self._keys_usable or rows.height == 0:
             return None
-        keys = {k: rows.get_column(k) for k in self.key_cols}
-        if any(s.null_count() for s in keys.values()):
-            return None
         if any(c.source is not None and rows.get_column(c.source).null_count() for c in columns):
             return None  # (a null value: counts and sums skip it, the cells would not)
-        values = {k: s.to_numpy() for k, s in keys.items()}
-        codes: dict[str, _Code] = {}
-        cells = 1
-        limit = self.max_cells * rows.height + (1 << 16)
-        for name in self.key_cols:
-            if name in self.follows:
-                continue
-            v = values[name]
-            if v.dtype == np.bool_:
-                v = values[name] = v.view(np.uint8)
-            low, high = int(v.min()), int(v.max())
-            stride = self.strides.get(name, 1)
-            radix = (high - low) // stride + 1
-            cells *= radix
-            if cells > limit:
-                return None
-            codes[name] = _Code(low, stride, radix)
+        keys = {k: rows.get_column(k) for k in self.key_cols}
+        coded = self._codes(keys, self.max_cells * rows.height + (1 << 16))
+        if coded is None:
+            return None
+        codes, values, dependent = coded
+        if dependent and self._dependent_failed:
+            return None
+        cells = math.prod(code.radix for code in codes.values())
         index = np.zeros(rows.height, dtype=np.int64)
         for name, code in codes.items():
             digit = values[name].astype(np.int64, copy=False) - code.low
@@ -164,10 +168,19 @@ class DensePartials:
             index += digit
         offsets: dict[str, int] = {}
         for name, base in self.follows.items():
-            gap = values[name].astype(np.int64) - values[base].astype(np.int64)
+            gap = keys[name].to_numpy().astype(np.int64) - values[base].astype(np.int64)
             if gap.size and not (gap == gap[0]).all():
                 return None
             offsets[name] = int(gap[0])
+        # A key column that is not coded must be one value within each cell (a function of
+        # the coded keys, as a name of an id is): checked against any row of its cell.
+        some_row = np.empty(cells, dtype=np.int64)
+        if dependent:
+            some_row[index] = np.arange(rows.height)  # (which row of a cell wins: any)
+            at = pl.Series(some_row[index])
+            if not all(keys[k].gather(at).eq_missing(keys[k]).all() for k in dependent):
+                self._dependent_failed = True  # (not functions of the coded keys: Polars')
+                return None
         counts = np.bincount(index, minlength=cells)
         present = np.flatnonzero(counts)
         n = counts[present]
@@ -188,21 +201,71 @@ class DensePartials:
                 if c.dtype == pl.Float64:
                     total = total.astype(np.float64, copy=False)
                 out[c.name] = pl.Series(c.name, total[present], dtype=c.dtype)
+        key_out: dict[str, pl.Series] = {}
         rest = present
-        digits: dict[str, np.ndarray] = {}
         for name, code in reversed(codes.items()):
-            rest, digit = np.divmod(rest, code.radix)
-            digits[name] = digit * code.stride + code.low
+            rest, digit = rest // code.radix, rest % code.radix
+            key_out[name] = _key_series(name, digit * code.stride + code.low, self.schema[name])
         for name, base in self.follows.items():
-            digits[name] = digits[base] + offsets[name]
-        frame = pl.DataFrame(
+            key_out[name] = (key_out[base] + offsets[name]).alias(name)
+        if dependent:
+            some = pl.Series(some_row[present])
+            key_out.update({k: keys[k].gather(some) for k in dependent})
+        return pl.DataFrame(
             [
-                *(_key_series(k, digits[k], self.schema[k]) for k in self.key_cols),
+                *(key_out[k] for k in self.key_cols),
                 *(out[c.name] for c in columns),
                 pl.Series(_N, n, dtype=pl.get_index_type()),
             ]
         )
-        return frame
+
+    def _codes(
+        self, keys: dict[str, pl.Series], limit: int
+    ) -> tuple[dict[str, _Code], dict[str, np.ndarray], list[str]] | None:
+        """The key columns coded into a cell's index (window start first, then the widest
+        integer columns while the cells stay within ``limit``), their values, and the key
+        columns left to be functions of them; None if a column can be neither."""
+        ranges: list[tuple[bool, int, str, int, int]] = []
+        values: dict[str, np.ndarray] = {}
+        dependent: list[str] = []
+        for name, series in keys.items():
+            if name in self.follows:
+                continue
+            if series.null_count() or not (series.dtype.is_integer() or series.dtype == pl.Boolean):
+                if name in self.strides or not _comparable(series.dtype):
+                    return None
+                dependent.append(name)  # (a string, a null, a time: one value per cell?)
+                continue
+            v = series.to_numpy()
+            if v.dtype == np.bool_:
+                v = v.view(np.uint8)
+            values[name] = v
+            low, high = int(v.min()), int(v.max())
+            stride = self.strides.get(name, 1)
+            # (the window's start first: never a function of the group keys)
+            ranges.append((name not in self.strides, -(high - low) // stride, name, low, stride))
+        codes: dict[str, _Code] = {}
+        cells = 1
+        for _, minus_span, name, low, stride in sorted(ranges):
+            radix = 1 - minus_span
+            if cells * radix > limit:
+                if name in self.strides:
+                    return None
+                dependent.append(name)
+                continue
+            cells *= radix
+            codes[name] = _Code(low, stride, radix)
+        return codes, values, dependent
+
+
+def _comparable(dtype: pl.DataType) -> bool:
+    """Whether equal values of ``dtype`` (``eq_missing``) are exactly one group of Polars'
+    group-by: not floats (NaN, -0.0), nor nested or categorical dtypes."""
+    return (
+        dtype.is_integer()
+        or dtype in (pl.String, pl.Binary, pl.Boolean, pl.Date, pl.Time)
+        or isinstance(dtype, (pl.Datetime, pl.Duration))
+    )
 
 
 def _key_series(name: str, values: np.ndarray, dtype: pl.DataType) -> pl.Series:
