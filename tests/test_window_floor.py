@@ -10,6 +10,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import microstream as ms
+from microstream.operators import aggregation
 from microstream.state.store import StateStore
 
 T0 = datetime(2026, 1, 1)
@@ -43,6 +44,8 @@ def test_windows_closing_batch_after_batch_build_no_whole_state_frame(
         return whole.fget(self)  # type: ignore[attr-defined]
 
     monkeypatch.setattr(StateStore, "frame", property(spy))
+    # (a state of any size takes the bound: the benchmark's has 30k rows)
+    monkeypatch.setattr(aggregation, "_FLOOR_PASS_ROWS", 0)
     batches = [rows([m * 60 + s for s in range(0, 60, 7)]) for m in range(6)]
     source = ms.MemoryStream(SCHEMA)
     out: list[pl.DataFrame] = []
@@ -81,3 +84,34 @@ def test_windows_closing_batch_after_batch_build_no_whole_state_frame(
         got = got.filter(pl.col("ts") < T0 + timedelta(minutes=5))
     key = ["k", "ts"]
     assert_frame_equal(got.sort(key), expected.select(got.columns).sort(key), check_exact=True)
+
+
+def test_a_small_state_finds_the_exact_floor_after_an_eviction(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Up to _FLOOR_PASS_ROWS stored rows the floor is found exactly after an eviction (a
+    # frame of a few rows), so a watermark moving by a little skips the eviction's pass.
+    passes: list[int] = []
+    remove = StateStore.filter_out
+
+    def spy(self: StateStore, predicate: pl.Expr) -> pl.DataFrame:
+        passes.append(1)
+        return remove(self, predicate)
+
+    monkeypatch.setattr(StateStore, "filter_out", spy)
+    source = ms.MemoryStream(SCHEMA)
+    query = (
+        source.lazy()
+        .with_watermark("ts", "0s")
+        .group_by_dynamic("ts", every="1m", group_by="k")
+        .agg(pl.len().alias("n"))
+        .foreach_batch(lambda df, _: None, output_mode="append", checkpoint=f"memory://{name}/cp")
+    )
+    # a window closes at the 2nd batch; the 6 after it move the watermark within a minute
+    for second in [0, 61, 62, 63, 64, 65, 66, 67]:
+        source.add_data(rows([second]))
+        query.process_all_available(timeout=30)
+    query.stop()
+    if query.exception() is not None:
+        raise query.exception()  # type: ignore[misc]
+    assert len(passes) == 1

@@ -595,11 +595,13 @@ class AggregationOperator(StoreBackedOperator):
             return
         # Every window left ends after ``wm - allowed_lateness``: a lower bound of their
         # ends with no pass over the state (a pass that builds the whole frame, ~1-2 ms at
-        # 30k windows, wasted where the next watermark closes a window again). After an
-        # eviction that removed nothing the bound tells nothing new: then the next batch
-        # finds the exact floor, which spares the batches after it (a watermark moving by
-        # a little each batch, as 1-row batches do) any pass until a window can close.
-        if self._removed:
+        # 30k windows, wasted where the next watermark closes a window again). A small
+        # state, or an eviction that removed nothing (the bound tells nothing new), leaves
+        # it unknown: the next batch finds the exact floor, cheap on a few rows, which
+        # spares the batches after it (a watermark moving by a little each batch, as 1-row
+        # batches do) an eviction's pass until a window can close.
+        large = sum(store.rows for store in self._stores()) > _FLOOR_PASS_ROWS
+        if self._removed and large:
             self._end_floor = wm - self.node.emit.allowed_lateness_us + 1
         else:
             self._end_floor = None
@@ -751,6 +753,11 @@ class AggregationOperator(StoreBackedOperator):
             return out.collect(engine="in-memory")
         return out.collect()
 
+
+_FLOOR_PASS_ROWS = 10_000
+"""Above this many stored rows an eviction leaves the watermark's bound as the floor of the
+windows' ends (a pass over the state to find the exact one costs more than an eviction's
+pass that may find nothing); up to it, the exact floor is found as before."""
 
 _IN_MEMORY_ROWS = 100_000
 """Up to this many emitted groups a partials-only result is finalized on Polars' in-memory
