@@ -33,6 +33,7 @@ from microstream.exceptions import PlanError
 from microstream.operators.aggregates import ORDER_S, ORDER_T, AggregateSpec
 from microstream.operators.base import StoreBackedOperator, lowest_us
 from microstream.operators.big_batch import BIG_BATCH_ROWS, fused_partials
+from microstream.operators.dense_partials import DensePartials
 from microstream.operators.pair_merge import merge_pairs
 from microstream.operators.tiny_fold import TinyFold, tumbling_pairs
 from microstream.plan.event_time import EventTimeKey
@@ -292,6 +293,7 @@ class AggregationOperator(StoreBackedOperator):
         self.partials: StateStore | None = None
         self.rows: StateStore | None = None
         self._tiny: TinyFold | None = None
+        self._dense: DensePartials | None = None
         # the state of the groups the current batch touched (partials, rows)
         self._touched: tuple[pl.DataFrame | None, pl.DataFrame | None] = (None, None)
         if self.spec.primitives:
@@ -313,6 +315,13 @@ class AggregationOperator(StoreBackedOperator):
             if not self.spec.needs_rows:  # (buffered rows: the batch's rows go to Polars)
                 tiny = TinyFold(self.spec, self.key_cols, partial_schema, prepared)
                 self._tiny = tiny if tiny.usable else None
+            # (a window's start is on the ``every`` grid, its end the start plus the period)
+            grid = {START: node.window.every_us} if isinstance(node.window, WindowSpec) else {}
+            follows = {END: START} if node.window is not None else {}
+            dense = DensePartials(
+                self.spec, self.key_cols, partial_schema, prepared, strides=grid, follows=follows
+            )
+            self._dense = dense if dense.usable else None
         if self.spec.needs_rows:
             row_columns = [*self.key_cols, ORDER_T, ORDER_S]
             row_columns += [c for c in self.spec.buffered_columns() if c not in row_columns]
@@ -508,6 +517,15 @@ class AggregationOperator(StoreBackedOperator):
         """
         # A few rows, one per group: partials and merge in Python, the same values.
         tiny = self._tiny.partials(pairs) if self._tiny is not None and pairs is not None else None
+        # Many rows of small integer keys: counted into a dense array (no hash table).
+        dense = (
+            self._dense.partials(pairs)
+            if pairs is not None
+            and tiny is None
+            and self._dense is not None
+            and pairs.height >= _EAGER_ROWS
+            else None
+        )
         if grouped is not None:
             batch_partials = grouped
             updated = batch_partials.select(*self.key_cols, "__n")
@@ -515,6 +533,9 @@ class AggregationOperator(StoreBackedOperator):
             batch_partials = tiny
             ones = pl.Series("__n", [1] * tiny.height, dtype=pl.get_index_type())
             updated = pl.DataFrame([*(tiny.get_column(k) for k in self.key_cols), ones])
+        elif dense is not None:
+            batch_partials = dense
+            updated = dense.select(*self.key_cols, "__n")
         else:
             assert pairs is not None
             # One pass over the batch gives its partials, its keys and their row counts.
@@ -577,6 +598,7 @@ class AggregationOperator(StoreBackedOperator):
         gone_partials = self.partials.filter_out(closed) if self.partials else None
         gone_rows = self.rows.filter_out(closed) if self.rows else None
         self._removed = (gone_partials if gone_partials is not None else gone_rows).height  # type: ignore[union-attr]
+        self._evicted(wm)
         return self._finalize(gone_partials, gone_rows)
 
     # -- fast paths of batches that close nothing --------------------------------------------
@@ -602,6 +624,23 @@ class AggregationOperator(StoreBackedOperator):
             return True
         self._end_floor = None  # (unknown until asked again: windows close)
         return False
+
+    def _evicted(self, wm: int) -> None:
+        """After an eviction by ``wm``: the floor of the stored windows' ends it leaves."""
+        if self.node.eviction != "window":
+            return
+        # Every window left ends after ``wm - allowed_lateness``: a lower bound of their
+        # ends with no pass over the state (a pass that builds the whole frame, ~1-2 ms at
+        # 30k windows, wasted where the next watermark closes a window again). A small
+        # state, or an eviction that removed nothing (the bound tells nothing new), leaves
+        # it unknown: the next batch finds the exact floor, cheap on a few rows, which
+        # spares the batches after it (a watermark moving by a little each batch, as 1-row
+        # batches do) an eviction's pass until a window can close.
+        large = sum(store.rows for store in self._stores()) > _FLOOR_PASS_ROWS
+        if self._removed and large:
+            self._end_floor = wm - self.node.emit.allowed_lateness_us + 1
+        else:
+            self._end_floor = None
 
     def _nothing(self) -> pl.DataFrame:
         """The output of a batch that emits no row (built once, copied)."""
@@ -690,6 +729,7 @@ class AggregationOperator(StoreBackedOperator):
             return
         removed = [s.filter_out(closed) for s in self._stores()]
         self._removed = removed[0].height if removed else 0
+        self._evicted(wm)
 
     def _closed_predicate(self, wm: int) -> pl.Expr | None:
         if self.node.eviction == "window":
@@ -749,6 +789,11 @@ class AggregationOperator(StoreBackedOperator):
             return out.collect(engine="in-memory")
         return out.collect()
 
+
+_FLOOR_PASS_ROWS = 10_000
+"""Above this many stored rows an eviction leaves the watermark's bound as the floor of the
+windows' ends (a pass over the state to find the exact one costs more than an eviction's
+pass that may find nothing); up to it, the exact floor is found as before."""
 
 _IN_MEMORY_ROWS = 100_000
 """Up to this many emitted groups a partials-only result is finalized on Polars' in-memory

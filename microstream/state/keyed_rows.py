@@ -468,7 +468,10 @@ class KeyedRows:
         # a single chunk (the tail's rows are gathered every batch): rechunked every
         # _TAIL_CHUNKS appends, a copy of the tail amortised over as many batches, which
         # drops the tail's tombstoned rows on the way.
-        if tail.n_chunks() > _TAIL_CHUNKS:
+        # Or once most of a large tail is tombstones (a batch replacing the keys the last
+        # one added, in one chunk each): the next gathers and merges would carry them.
+        dead = self._tail_dead
+        if tail.n_chunks() > _TAIL_CHUNKS or (dead > _SMALL_TAIL and 2 * dead >= tail.height):
             if self._tail_dead:
                 tail = _without(tail, np.flatnonzero(~live))
                 live = np.ones(tail.height, dtype=bool)
