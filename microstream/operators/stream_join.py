@@ -4,7 +4,8 @@ The semantics are Spark's symmetric hash join with an event-time range
 condition. Each side buffers its rows in a
 :class:`~microstream.state.segment_buffer.SegmentBuffer`: a segment of rows per
 batch with its time range, each row with its key group (hashed on the join keys). A
-batch finds the buffered rows of its keys with one Polars semi join per side,
+batch takes the buffered rows in the time range its other side's rows can pair with
+(when those are many, only the rows of its keys, a Polars semi join per side),
 pairs them with one join of keys, times and positions, appends its new rows, and
 marks a kept row by its row id when it first matches (outer joins remember that;
 a semi or anti join's left row leaves the buffer at its first match, as it is
@@ -295,10 +296,14 @@ class StreamJoinOperator(_TwoStreamOperator):
         self._dropped_late = late_left + late_right
         self._updated = left.height + right.height
 
-        # The buffered rows a new row of the other side can pair with: one semi join of the
-        # buffer with the batch's keys per side (cheaper than hashing and probing them).
-        old_left = self._buffered(0, right, node.right_on, node.left_on)
-        old_right = self._buffered(1, left, node.left_on, node.right_on)
+        # The buffered rows a new row of the other side can pair with: those in the time
+        # range the other side's new rows reach; when they are many, only those with the
+        # batch's keys (one semi join per side: cheaper than pairing them all).
+        old_left = self._candidates(0, right)
+        old_right = self._candidates(1, left)
+        if old_left.height + old_right.height > left.height + right.height:
+            old_left = _with_keys(old_left, right, node.right_on, node.left_on, node.nulls_equal)
+            old_right = _with_keys(old_right, left, node.left_on, node.right_on, node.nulls_equal)
         all_left = _stacked(old_left, left)
         all_right = _stacked(old_right, right)
         if all_left.height and all_right.height:
@@ -352,13 +357,28 @@ class StreamJoinOperator(_TwoStreamOperator):
 
     # -- fast paths --------------------------------------------------------------------------
 
-    def _buffered(
-        self, side: int, other: pl.DataFrame, other_on: tuple[str, ...], on: tuple[str, ...]
-    ) -> pl.DataFrame:
+    def _candidates(self, side: int, other: pl.DataFrame) -> pl.DataFrame:
+        """The buffered rows of ``side`` a new row of the other side (``other``) can pair
+        with by time (or more: every row when most are): ``right_time - left_time`` in
+        ``[lower, upper]`` puts a buffered left row in ``[min(new right) - upper,
+        max(new right) - lower]``, a buffered right row in ``[min(new left) + lower,
+        max(new left) + upper]``. A bound shorter than a batch's span keeps a sliver."""
+        node = self.node
         store = self.left if side == 0 else self.right
         if other.height == 0 or store.rows == 0:
             return self._empty[side]
-        return _buffered(store, other, other_on, on, self.node.nulls_equal)
+        if not node.bounded:
+            return store.frame
+        assert node.lower_us is not None and node.upper_us is not None
+        time = node.right_time if side == 0 else node.left_time
+        assert time is not None
+        times = to_us(time)
+        low, high = other.select(times.min().alias("low"), times.max().alias("high")).row(0)
+        if low is None:  # (no time: no row of ``other`` pairs)
+            return self._empty[side]
+        if side == 0:
+            return store.rows_between(low - node.upper_us, high - node.lower_us)
+        return store.rows_between(low + node.lower_us, high + node.upper_us)
 
     def _evict(
         self, side: int, bound_us: int, wm: int, leaving: pl.Series | None = None
@@ -525,19 +545,19 @@ def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([old, new], how="vertical")
 
 
-def _buffered(
-    store: SegmentBuffer,
+def _with_keys(
+    rows: pl.DataFrame,
     other: pl.DataFrame,
     other_on: tuple[str, ...],
     on: tuple[str, ...],
     nulls_equal: bool,
 ) -> pl.DataFrame:
-    """The rows of ``store`` whose join keys ``on`` occur in ``other`` (as ``other_on``)."""
-    if other.height == 0 or store.rows == 0:
-        return store.frame.clear()
+    """The ``rows`` whose join keys ``on`` occur in ``other`` (as ``other_on``)."""
+    if other.height == 0 or rows.height == 0:
+        return rows.clear()
     # Keys with a null never match unless nulls_equal: the semi join drops them as the pair
     # join would.
-    return store.frame.join(
+    return rows.join(
         other.select(other_on),
         left_on=list(on),
         right_on=list(other_on),

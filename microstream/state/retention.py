@@ -16,6 +16,7 @@ from microstream.state.format import (
     SNAPSHOTS_DIR,
     VERSIONS_DIR,
     delta_file,
+    segment_file_version,
     version_file,
 )
 
@@ -30,13 +31,14 @@ def delete_below(storage: Storage, keep_from: int) -> None:
     --------
     >>> storage = Storage("memory://doctest-retention")
     >>> for name in ("versions/3.json", "versions/5.json", "deltas/3.arrow", "snapshots/4/0-8.arrow",
-    ...              "segments/4/0-8.arrow", "segments/5/0-8.arrow", "marks/2/0-8.arrow"):
+    ...              "segments/4/0-8.arrow", "segments/5/0-8.arrow", "marks/2/0-8.arrow",
+    ...              "segments/4.0-8.arrow", "segments/5.0-8.arrow", "marks/3.0-8.arrow"):
     ...     storage.write_bytes(name, b"x")
     >>> delete_below(storage, 5)
     >>> storage.list_numbered("versions"), storage.list_names("snapshots")
     ([5], [])
     >>> storage.list_names("segments"), storage.list_names("marks")
-    (['5'], [])
+    (['5', '5.0-8.arrow'], [])
     """
     for v in storage.list_numbered(VERSIONS_DIR):
         if v < keep_from:
@@ -47,7 +49,15 @@ def delete_below(storage: Storage, keep_from: int) -> None:
     for name in storage.list_names(DELTAS_DIR):  # the owners' deltas/<v>/ directories
         if name.isdigit() and int(name) < keep_from:
             storage.sub(f"{DELTAS_DIR}/{name}").delete_tree()
-    for folder in (SNAPSHOTS_DIR, SEGMENTS_DIR, MARKS_DIR):
+    for name in storage.list_names(SNAPSHOTS_DIR):
+        if name.isdigit() and int(name) < keep_from:
+            storage.sub(f"{SNAPSHOTS_DIR}/{name}").delete_tree()
+    for folder in (SEGMENTS_DIR, MARKS_DIR):
         for name in storage.list_names(folder):
-            if name.isdigit() and int(name) < keep_from:
+            written = segment_file_version(name)
+            if written is None or written >= keep_from:
+                continue
+            if name.isdigit():  # (a version's folder, as buffers wrote them before)
                 storage.sub(f"{folder}/{name}").delete_tree()
+            else:
+                storage.delete(f"{folder}/{name}")

@@ -21,8 +21,11 @@ On disk (``state/<operator>/<store>/``, beside a keyed store's ``_metadata.json`
 
     _segments.json                   SegmentSpec: the time, row-id and flag columns
     versions/<v>.json                SegmentVersion: every live file, the cut, rows per group
-    segments/<v>/<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1
-    marks/<v>/<lo>-<hi>.arrow        row id, key group, removed: the marks of version v
+    segments/<v>.<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1
+    marks/<v>.<lo>-<hi>.arrow        row id, key group, removed: the marks of version v
+
+(Buffers written before put each version's files in a folder, ``segments/<v>/<lo>-<hi>.arrow``;
+their manifests name them, and they load and are retained alike.)
 
 A version exists when its manifest does (written last); it lists every file it
 needs, so a load reads one manifest and never a file of a later, uncommitted
@@ -64,6 +67,7 @@ from microstream.state.format import (
     pyarrow_round_trips,
     read_state_file,
     segment_file,
+    segment_file_version,
     version_file,
 )
 from microstream.state.key_groups import DEFAULT_KEY_GROUPS, key_groups
@@ -227,6 +231,42 @@ class SegmentBuffer:
                 pl.DataFrame(schema=self.schema) if whole is None else whole.select(columns)
             )
         return self._frame
+
+    def rows_between(self, earliest_us: int, latest_us: int) -> pl.DataFrame:
+        """The rows whose time in microseconds lies in ``[earliest_us, latest_us]``, or
+        every row (:attr:`frame`) when most are in it (or there is no time column): a
+        superset of them, columns in schema order.
+
+        What a join's batch can pair with: a segment wholly outside the range is not
+        read, one wholly inside is taken as it is, those the range cuts are filtered (a
+        mask over their times, kept as numpy). A short bound against long batches keeps
+        a sliver of the buffer; a long one most of it, where a filter would copy it.
+        """
+        if self.spec.time_column is None:
+            return self.frame
+        picks: list[tuple[_Segment, np.ndarray | None]] = []
+        kept = 0
+        for s in self._segments:
+            if not s.frame.height or s.latest < earliest_us or s.earliest > latest_us:
+                continue
+            if earliest_us <= s.earliest and s.latest <= latest_us:
+                picks.append((s, None))
+                kept += s.frame.height
+            else:
+                assert s.times is not None
+                inside = (s.times >= earliest_us) & (s.times <= latest_us)
+                picks.append((s, inside))
+                kept += int(np.count_nonzero(inside))
+        if 2 * kept > self.rows:
+            return self.frame
+        parts = [s.frame if m is None else s.frame.filter(pl.Series(m)) for s, m in picks]
+        parts = [p for p in parts if p.height]
+        if not parts:
+            return pl.DataFrame(schema=self.schema)
+        columns = list(self.schema)
+        if len(parts) == 1:
+            return parts[0].select(columns)
+        return pl.concat(parts, how="vertical", rechunk=False).select(columns)
 
     @property
     def rows(self) -> int:
@@ -709,8 +749,13 @@ def _set_times(segment: _Segment, times: np.ndarray) -> None:
 
 
 def _version_of(entry: StateFile) -> int:
-    """The version a segment or marks file was written by: its folder, ``segments/<v>/``."""
-    return int(entry.name.split("/")[1])
+    """The version a segment or marks file was written by: ``segments/<v>.<range>.arrow``
+    (or ``segments/<v>/``, as buffers named them before)."""
+    v = segment_file_version(entry.name)
+    if v is None:
+        msg = f"a segment buffer's manifest lists {entry.name!r}: not a segment or marks file"
+        raise CheckpointCorruptError(msg)
+    return v
 
 
 def _oldest(files: list[StateFile], version: int) -> int:
