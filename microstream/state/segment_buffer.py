@@ -244,20 +244,24 @@ class SegmentBuffer:
         """
         if self.spec.time_column is None:
             return self.frame
-        picks: list[tuple[_Segment, np.ndarray | None]] = []
-        kept = 0
+        inside: list[_Segment] = []
+        cut: list[_Segment] = []
         for s in self._segments:
             if not s.frame.height or s.latest < earliest_us or s.earliest > latest_us:
                 continue
-            if earliest_us <= s.earliest and s.latest <= latest_us:
-                picks.append((s, None))
-                kept += s.frame.height
-            else:
-                assert s.times is not None
-                inside = (s.times >= earliest_us) & (s.times <= latest_us)
-                picks.append((s, inside))
-                kept += int(np.count_nonzero(inside))
-        if 2 * kept > self.rows:
+            wholly = earliest_us <= s.earliest and s.latest <= latest_us
+            (inside if wholly else cut).append(s)
+        total = self.rows
+        kept = sum(s.frame.height for s in inside)
+        if 2 * kept > total:  # (no mask needed to know most rows are in)
+            return self.frame
+        picks: list[tuple[_Segment, np.ndarray | None]] = [(s, None) for s in inside]
+        for s in cut:
+            assert s.times is not None
+            mask = (s.times >= earliest_us) & (s.times <= latest_us)
+            picks.append((s, mask))
+            kept += int(np.count_nonzero(mask))
+        if 2 * kept > total:
             return self.frame
         parts = [s.frame if m is None else s.frame.filter(pl.Series(m)) for s, m in picks]
         parts = [p for p in parts if p.height]
@@ -272,6 +276,11 @@ class SegmentBuffer:
     def rows(self) -> int:
         """Number of rows in the buffer."""
         return sum(s.frame.height for s in self._segments)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows added since the last commit (what it writes in its segment file)."""
+        return sum(s.frame.height for s in self._segments if not s.files)
 
     @property
     def bytes(self) -> int:
