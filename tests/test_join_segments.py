@@ -615,3 +615,28 @@ def test_large_buffers_commit_at_once_and_a_failure_of_either_is_raised() -> Non
     with pytest.raises(OSError, match="disk on fire"):
         op.commit(1)
     assert storage.sub("left").read_model(version_file(1), SegmentVersion).version == 1
+
+
+@pytest.mark.parametrize("cut_s", [-1, 1, 5, 7, 20])
+def test_drop_through_removes_what_evict_through_returns(cut_s: int) -> None:
+    """``drop_through`` (the rows a join does not emit when they leave) removes exactly the
+    rows ``evict_through`` returns, counts them, and commits the same version."""
+    a, b = _buffer(memory(), retain=3), _buffer(memory(), retain=3)
+    for buffer in (a, b):
+        buffer.load(None)
+        for v in range(3):
+            times = [v * 4 + i for i in (1, 0, 3, 2)]
+            rows = pl.DataFrame(
+                {"k": times, "t": [t * 1_000_000 for t in times], "id": times},
+                schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+            ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+            buffer.insert(rows)
+            buffer.commit(v)
+    gone = a.evict_through(cut_s * 1_000_000)
+    assert b.drop_through(cut_s * 1_000_000) == gone.height == min(max(cut_s + 1, 0), 12)
+    assert_frame_equal(canon(a.frame), canon(b.frame))
+    a.commit(3)
+    b.commit(3)
+    for buffer in (a, b):
+        buffer.load(3)
+    assert_frame_equal(canon(a.frame), canon(b.frame))

@@ -377,9 +377,9 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
+            # (the rows that leave are built only where they are emitted)
             gone_left = self._evict(0, node.upper_us, wm, leaving)
             gone_right = self._evict(1, -node.lower_us, wm)
-            self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
             # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
             return pl.DataFrame(schema=self._out_schema)
@@ -412,13 +412,20 @@ class StreamJoinOperator(_TwoStreamOperator):
 
     def _evict(
         self, side: int, bound_us: int, wm: int, leaving: pl.Series | None = None
-    ) -> pl.DataFrame:
-        """Evict the side's rows with ``time + bound_us <= wm``; returns them. The rows whose
-        row id is in ``leaving`` go first, and are not returned."""
+    ) -> pl.DataFrame | None:
+        """Evict the side's rows with ``time + bound_us <= wm`` and count them; returns them
+        when the join emits a side's rows that leave (None otherwise). The rows whose row id
+        is in ``leaving`` go first, and are not returned."""
         store = self.left if side == 0 else self.right
         if leaving is not None and len(leaving):
             self._removed += store.mark(leaving, removed=True)
-        return store.evict_through(wm - bound_us)
+        how = self.node.how
+        if how == "full" or how in (("left", "anti") if side == 0 else ("right",)):
+            gone = store.evict_through(wm - bound_us)
+            self._removed += gone.height
+            return gone
+        self._removed += store.drop_through(wm - bound_us)
+        return None
 
     # -- steps -------------------------------------------------------------------------------
 

@@ -357,6 +357,18 @@ class SegmentBuffer:
         below an earlier cut (a bound that keeps rows from before the watermark) leave
         now too: no row at or below the recorded cut is ever kept.
         """
+        gone, _ = self._cut_through(cut_us, returned=True)
+        if not gone:
+            return pl.DataFrame(schema=self.schema)
+        return pl.concat(gone, how="vertical").select(list(self.schema))
+
+    def drop_through(self, cut_us: float) -> int:
+        """As :meth:`evict_through`, for rows no one reads: returns only how many went
+        (a segment the cut straddles keeps its rows above it; those below are not built)."""
+        return self._cut_through(cut_us, returned=False)[1]
+
+    def _cut_through(self, cut_us: float, *, returned: bool) -> tuple[list[pl.DataFrame], int]:
+        """Remove the rows at or below the cut: the removed rows (``returned``), how many."""
         if self.spec.time_column is None:
             msg = f"state of operator {self.operator!r} has no time column to evict by"
             raise CheckpointError(msg)
@@ -367,25 +379,29 @@ class SegmentBuffer:
             self._cut = cut
             self._pending = True
         gone: list[pl.DataFrame] = []
+        removed = 0
         kept: list[_Segment] = []
         for s in self._segments:
             assert s.times is not None
             if s.frame.height and s.latest <= cut:
-                gone.append(s.frame)
+                removed += s.frame.height
+                if returned:
+                    gone.append(s.frame)
                 s.frame, s.times = s.frame.clear(), s.times[:0]
             elif s.frame.height and s.earliest <= cut:
                 keep = s.times > cut
                 mask = pl.Series(keep)
-                gone.append(s.frame.filter(~mask))
+                removed += s.frame.height - int(np.count_nonzero(keep))
+                if returned:
+                    gone.append(s.frame.filter(~mask))
                 s.frame = s.frame.filter(mask)
                 _set_times(s, s.times[keep])
             if s.frame.height or not s.files:
                 kept.append(s)
         self._segments = kept
-        if not gone:
-            return pl.DataFrame(schema=self.schema)
-        self._frame = None
-        return pl.concat(gone, how="vertical").select(list(self.schema))
+        if removed:
+            self._frame = None
+        return gone, removed
 
     # -- persistence ---------------------------------------------------------------
 
