@@ -568,55 +568,6 @@ def test_a_short_bound_pairs_against_a_sliver_of_the_buffer() -> None:
     assert max(seen[2:]) <= 3 and max(seen) > 0
 
 
-def test_large_buffers_commit_at_once_and_a_failure_of_either_is_raised() -> None:
-    """Buffers that each write 10k rows or more commit on two threads: both manifests land
-    before ``commit`` returns, the version loads as the rows committed, and a failure of
-    the right buffer's commit (on the other thread) is raised by ``commit``."""
-    storage = memory()
-    op = build(storage, "inner")
-    op.load(None)
-    n = 12_000
-    imps = pl.DataFrame(
-        {
-            "ad": range(n),
-            "imp_time": [fixture.minutes(i / 1000) for i in range(n)],
-            "imp": [f"i{i}" for i in range(n)],
-            "x": [float(i) for i in range(n)],
-        },
-        schema=fixture.IMPS,
-    )
-    clicks = imps.rename({"imp_time": "click_time", "imp": "click"})
-    early = fixture.us(-60)
-    ctx = OperatorContext(
-        batch_id=0, late_watermark_us=early, watermark_us=early, output_mode="append"
-    )
-    out = op.process((imps, clicks), ctx).rows
-    assert out.height == n  # (each impression with its click, same time)
-    assert op.left.pending_rows == op.right.pending_rows == n
-    op.commit(0)
-    assert op.left.pending_rows == op.right.pending_rows == 0
-    for side in ("left", "right"):
-        assert storage.sub(side).read_model(version_file(0), SegmentVersion).version == 0
-    again = build(storage, "inner")
-    again.load(0)
-    assert_same_buffers(again, op)
-
-    op.process(
-        (imps, clicks),
-        OperatorContext(
-            batch_id=1, late_watermark_us=early, watermark_us=early, output_mode="append"
-        ),
-    )
-
-    def broken(version: int) -> None:
-        raise OSError("disk on fire")
-
-    op.right.commit = broken  # type: ignore[method-assign]
-    with pytest.raises(OSError, match="disk on fire"):
-        op.commit(1)
-    assert storage.sub("left").read_model(version_file(1), SegmentVersion).version == 1
-
-
 @pytest.mark.parametrize("cut_s", [-1, 1, 5, 7, 20])
 def test_drop_through_removes_what_evict_through_returns(cut_s: int) -> None:
     """``drop_through`` (the rows a join does not emit when they leave) removes exactly the

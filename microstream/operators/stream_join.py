@@ -43,7 +43,6 @@ emitted.
 from __future__ import annotations
 
 import logging
-import threading
 from abc import abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
@@ -101,11 +100,6 @@ _STREAM_HOWS = ("inner", "left", "right", "full", "semi", "anti")
 _EAGER_ROWS = 20_000
 """Below this many rows (both sides) the pair join runs eagerly: 0.4-0.6 ms instead of
 0.75-0.8 ms for a lazy plan on ~1,200 x ~1,100 rows (Nexmark q3's batches)."""
-
-
-_PARALLEL_COMMIT_ROWS = 10_000
-"""Rows each buffer writes at least for the two to be written at once: a thread's start
-and join cost ~0.1 ms, writing 10k rows ~0.5 ms."""
 
 
 class _TwoStreamOperator(StoreBackedOperator):
@@ -291,30 +285,6 @@ class StreamJoinOperator(_TwoStreamOperator):
 
     def _stores(self) -> list[SegmentBuffer]:
         return [self.left, self.right]
-
-    def commit(self, version: int) -> None:
-        """Commit both buffers as ``version``; when both write many rows, the right one's
-        files on a thread of its own meanwhile (Arrow encoding, the CRC and the writes
-        release the GIL). Both are done when this returns, before the engine's commit."""
-        if min(self.left.pending_rows, self.right.pending_rows) < _PARALLEL_COMMIT_ROWS:
-            super().commit(version)
-            return
-        failed: list[BaseException] = []
-
-        def commit_right() -> None:
-            try:
-                self.right.commit(version)
-            except BaseException as exc:  # (raised below, on the query's thread)
-                failed.append(exc)
-
-        worker = threading.Thread(target=commit_right, name=f"{self.operator_id}-commit")
-        worker.start()
-        try:
-            self.left.commit(version)
-        finally:
-            worker.join()
-        if failed:
-            raise failed[0]
 
     def process_sides(
         self, left: pl.DataFrame, right: pl.DataFrame, ctx: OperatorContext

@@ -278,11 +278,6 @@ class SegmentBuffer:
         return sum(s.frame.height for s in self._segments)
 
     @property
-    def pending_rows(self) -> int:
-        """Rows added since the last commit (what it writes in its segment file)."""
-        return sum(s.frame.height for s in self._segments if not s.files)
-
-    @property
     def bytes(self) -> int:
         """Estimated in-memory size of the rows (with their key groups)."""
         return int(sum(s.frame.estimated_size() for s in self._segments))
