@@ -1,15 +1,17 @@
 """A buffer of rows that arrive in time order and leave by time: a stream-stream join's side.
 
 A join keeps each side's rows until the watermark passes their time plus the bound,
-and finds them by a semi join of the whole buffer with a batch's keys: it never
-looks a key up, never replaces a row, and drops rows oldest first. A
+and finds a batch's partners among the rows of a time range
+(:meth:`SegmentBuffer.rows_between`): it never looks a key up, never replaces a row,
+and drops rows oldest first. A
 :class:`SegmentBuffer` keeps exactly that, without a keyed store's per-row
 bookkeeping (hashes, sorted merges, a deletion marker per evicted row):
 
 - a *segment* per version (batch) and writer: the rows the version added, with their
   time range, each with its key group (one stable hash of the join keys per row,
   :func:`~microstream.state.key_groups.key_groups`); written once, as one Arrow file;
-- eviction by time: every row at or below a cut (:meth:`SegmentBuffer.evict_through`)
+- eviction by time: every row at or below a cut (:meth:`SegmentBuffer.evict_through`,
+  or :meth:`SegmentBuffer.drop_through` when no one reads them)
   leaves: a segment wholly below the cut is dropped (its file is no longer listed), one
   wholly above is not read, only the few that straddle it are filtered;
   the cut is one number in the version's manifest, no file per evicted row;
