@@ -23,7 +23,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream.checkpoint.storage import Storage
+from microstream.checkpoint.storage import Storage, temporary_name
 from microstream.exceptions import CheckpointCorruptError
 from microstream.operators.stream_join import ROW_ID, StreamJoinOperator
 from microstream.plan.nodes import OperatorContext
@@ -302,6 +302,44 @@ def test_segments_no_retained_version_lists_are_deleted() -> None:
         assert_frame_equal(canon(again.frame), frames[v])
     assert frames[11].get_column("id").to_list() == [20, 21, 22, 23]
     assert frames[9].filter(pl.col("m")).get_column("id").to_list() == [17]  # (from marks/9)
+
+
+def test_temporaries_a_killed_writer_left_of_old_versions_are_deleted(tmp_path: Path) -> None:
+    """A write killed between its temporary and the rename leaves ``.<name>.<hex>.tmp`` in
+    the flat folders; retention deletes those of versions no retained manifest needs, and
+    never one of a version a running commit may still rename."""
+    storage = Storage(tmp_path / "buffer")
+    buffer = _buffer(storage, retain=3)
+    buffer.load(None)
+    old = [
+        f"segments/{temporary_name('1.0-8.arrow')}",
+        f"marks/{temporary_name('2.0-8.arrow')}",
+        f"versions/{temporary_name('0.json')}",
+    ]
+    current = [
+        f"segments/{temporary_name('12.0-8.arrow')}",
+        f"marks/{temporary_name('11.0-8.arrow')}",
+    ]
+    for name in old + current:
+        storage.write_bytes(name, b"half")
+    for v in range(12):
+        rows = pl.DataFrame(
+            {"k": [v], "t": [v * 1_000_000], "id": [v]},
+            schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+        ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        buffer.insert(rows)
+        buffer.mark(pl.Series([v]))
+        buffer.evict_through((v - 2) * 1_000_000)
+        buffer.commit(v)
+    files = set(storage.files())
+    assert not files & set(old)
+    assert set(current) <= files
+    assert storage.read_bytes(current[0]) == b"half"
+    assert "segments/0.0-8.arrow" not in files  # (retention ran)
+    assert {f"segments/{v}.0-8.arrow" for v in (9, 10, 11)} <= files
+    again = _buffer(storage, retain=3)
+    again.load(11)
+    assert_frame_equal(canon(again.frame), canon(buffer.frame))
 
 
 # -- SIGKILL at the buffers' commit points --------------------------------------------------
