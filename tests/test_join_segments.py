@@ -20,6 +20,8 @@ from types import ModuleType
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import microstream as ms
@@ -340,6 +342,38 @@ def test_temporaries_a_killed_writer_left_of_old_versions_are_deleted(tmp_path: 
     again = _buffer(storage, retain=3)
     again.load(11)
     assert_frame_equal(canon(again.frame), canon(buffer.frame))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.booleans()), max_size=12))
+def test_rows_per_key_group_follow_every_change(steps: list[tuple[int, int, bool]]) -> None:
+    """The rows per key group a manifest records (counted once per segment, kept until its
+    rows change) are those of the rows held, after inserts, marks, removals and evictions,
+    and every version loads with them (load checks them against the rows)."""
+    storage = memory()
+    buffer = _buffer(storage, retain=100)
+    buffer.load(None)
+    next_id = 0
+    for v, (rows, marked, removed) in enumerate(steps):
+        ids = list(range(next_id, next_id + rows))
+        next_id += rows
+        frame = pl.DataFrame(
+            {"k": [i % 5 for i in ids], "t": [v * 1_000_000 + i for i in ids], "id": ids},
+            schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+        ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        buffer.insert(frame)
+        held = buffer.frame.get_column("id").to_list()
+        buffer.mark(pl.Series(held[::2][:marked]), removed=removed)
+        if v % 3 == 2:
+            buffer.drop_through((v - 2) * 1_000_000 + 2)
+        buffer.commit(v)
+        expected = [0] * buffer.num_key_groups
+        for g in key_groups(buffer.frame, ["k"], buffer.num_key_groups):
+            expected[g] += 1
+        assert buffer.rows_per_key_group() == expected
+        assert storage.read_model(version_file(v), SegmentVersion).rows_per_key_group == expected
+    for v in range(len(steps)):
+        _buffer(storage, retain=100).load(v)  # (raises on counts that do not match)
 
 
 # -- SIGKILL at the buffers' commit points --------------------------------------------------

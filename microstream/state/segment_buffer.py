@@ -112,6 +112,9 @@ class _Segment:
     """Empty: not written yet (added since the last commit)."""
     version: int | None = None
     """The version whose files hold it (None: not written yet)."""
+    counts: np.ndarray | None = None
+    """Rows per key group (None: not counted since ``frame``'s rows last changed); every
+    commit's manifest lists the buffer's, and most segments are unchanged between two."""
 
 
 class SegmentBuffer:
@@ -201,6 +204,9 @@ class SegmentBuffer:
             )
             raise SchemaMismatchError(msg)
         self._pyarrow_io = pyarrow_round_trips(self._file_schema)
+        # (Polars' write_ipc plans a sink per call: ~1.7 ms for a marks file of 200 rows,
+        # pyarrow ~0.2 ms; either reads the other's files)
+        self._pyarrow_marks = pyarrow_round_trips(self._marks_schema)
         self._segments: list[_Segment] = []
         self._marks: list[pl.DataFrame] = []  # (since the last commit)
         self._mark_files: list[tuple[int, StateFile]] = []  # (version, live marks file)
@@ -294,9 +300,11 @@ class SegmentBuffer:
         counts = np.zeros(self.num_key_groups, dtype=np.int64)
         for s in self._segments:
             if s.frame.height:
-                groups = s.frame.get_column(_KG).to_numpy()
-                counts += np.bincount(groups, minlength=self.num_key_groups)
-        return [int(c) for c in counts]
+                if s.counts is None or len(s.counts) != self.num_key_groups:
+                    groups = s.frame.get_column(_KG).to_numpy()
+                    s.counts = np.bincount(groups, minlength=self.num_key_groups)
+                counts += s.counts
+        return counts.tolist()
 
     def use_key_groups(self, num_key_groups: int) -> None:
         """Split the rows into ``num_key_groups`` key groups (set before :meth:`load`)."""
@@ -305,7 +313,7 @@ class SegmentBuffer:
             self.num_key_groups = num_key_groups
             self._key_range = (0, num_key_groups)
             for s in self._segments:
-                s.frame = self._grouped(s.frame.drop(_KG))
+                s.frame, s.counts = self._grouped(s.frame.drop(_KG)), None
 
     # -- changing ------------------------------------------------------------------
 
@@ -335,7 +343,7 @@ class SegmentBuffer:
                 self._marks.append(marked.with_columns(pl.lit(removed).alias(_REMOVED)))
             if removed:
                 keep = ~hit
-                s.frame = s.frame.filter(keep)
+                s.frame, s.counts = s.frame.filter(keep), None
                 if s.times is not None:
                     _set_times(s, s.times[keep.to_numpy()])
             else:
@@ -384,14 +392,14 @@ class SegmentBuffer:
                 removed += s.frame.height
                 if returned:
                     gone.append(s.frame)
-                s.frame, s.times = s.frame.clear(), s.times[:0]
+                s.frame, s.times, s.counts = s.frame.clear(), s.times[:0], None
             elif s.frame.height and s.earliest <= cut:
                 keep = s.times > cut
                 mask = pl.Series(keep)
                 removed += s.frame.height - int(np.count_nonzero(keep))
                 if returned:
                     gone.append(s.frame.filter(~mask))
-                s.frame = s.frame.filter(mask)
+                s.frame, s.counts = s.frame.filter(mask), None
                 _set_times(s, s.times[keep])
             if s.frame.height or not s.files:
                 kept.append(s)
@@ -575,7 +583,7 @@ class SegmentBuffer:
     ) -> StateFile:
         # Uncompressed, as the keyed store's files: lz4 took ~10 ms per 50k-row segment
         # (~1 ms without) for ~1.5x fewer bytes, and a segment is written every batch.
-        data = encode_frame(frame, None, pyarrow_io=self._pyarrow_io and kind == "segment")
+        data = encode_frame(frame, None, pyarrow_io=self._pyarrow_for(kind))
         self.storage.write_bytes(name, data)
         return StateFile(
             name=name,
@@ -584,6 +592,10 @@ class SegmentBuffer:
             rows=frame.height,
             crc32=checksum(data),
         )
+
+    def _pyarrow_for(self, kind: str) -> bool:
+        """Whether a segment or marks file is encoded and decoded with pyarrow."""
+        return self._pyarrow_io if kind == "segment" else self._pyarrow_marks
 
     def _load_segments(self, entry: SegmentVersion, lo: int, hi: int) -> None:
         """Rebuild the rows of ``[lo, hi)`` from a segment manifest."""
@@ -611,7 +623,7 @@ class SegmentBuffer:
                     schema,
                     (0, n),
                     self.operator,
-                    pyarrow_io=self._pyarrow_io and f.kind == "segment",
+                    pyarrow_io=self._pyarrow_for(f.kind),
                 )
                 cache[f.name] = frame
             if (a, b) != (0, n):
