@@ -500,10 +500,11 @@ class StreamJoinOperator(_TwoStreamOperator):
                 lonely = gone_left.filter(~pl.col(MATCHED))
             right_names = [name for name, _ in self._right_out]
             return side_by_side(
-                all_left.select(left_columns)[pairs.get_column(_LEFT_AT)],
+                # (``frame[names]``: columns picked without a query plan)
+                all_left[left_columns][pairs.get_column(_LEFT_AT)],
                 # (no right column in the output, e.g. every one a coalesced key: nothing to
                 # gather, and a frame of no columns has no rows to gather from)
-                all_right.select(right_names)[pairs.get_column(_RIGHT_AT)]
+                all_right[right_names][pairs.get_column(_RIGHT_AT)]
                 if right_names
                 else pl.DataFrame(),
                 self._right_out,
@@ -516,11 +517,9 @@ class StreamJoinOperator(_TwoStreamOperator):
         pair_no = pl.int_range(pl.len(), dtype=pl.Int64)
         # (Gathered by position: no join on row ids.)
         pair_col = pl.Series(_PAIR, range(n), dtype=pl.Int64)
-        lefts = [all_left.select(left_columns)[pairs.get_column(_LEFT_AT)].with_columns(pair_col)]
+        lefts = [all_left[left_columns][pairs.get_column(_LEFT_AT)].with_columns(pair_col)]
         rights = [
-            all_right.select(node.right_schema.names())[pairs.get_column(_RIGHT_AT)].with_columns(
-                pair_col
-            )
+            all_right[node.right_schema.names()][pairs.get_column(_RIGHT_AT)].with_columns(pair_col)
         ]
         if node.how in ("left", "full") and gone_left is not None:
             lonely = gone_left.filter(~pl.col(MATCHED)).select(left_columns)
@@ -540,7 +539,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             nulls_equal=True,  # pairs decided already; null keys of a pair stay paired
             coalesce=node.coalesce,
         )
-        return out.select(self._out_schema.names())
+        return out[self._out_schema.names()]
 
 
 def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
@@ -766,7 +765,7 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
             df = self._drop_late(
                 df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
             )
-        return df.select(schema.names()), self._dropped_late
+        return df[schema.names()], self._dropped_late
 
     def _append(self, store: StateStore, rows: pl.DataFrame, by: tuple[str, ...]) -> None:
         if rows.height == 0:

@@ -2,7 +2,9 @@
 changed, timed alternately in one process (wall and process CPU µs per call, Polars'
 threads included; median of 7 rounds of 200 calls): a q8-sized marks file (220 rows) encoded by Polars and by pyarrow, and the rows
 per key group of a q3/q8-sized buffer (15 segments of 1,150 rows, 128 key groups) counted
-from every segment and from the per-segment counts.
+from every segment and from the per-segment counts; and a buffer's columns picked from
+its segments' concatenation (20 segments of 1,000 rows, as q3's whole buffer each batch)
+by ``select`` and by ``frame[names]``.
 
     PYTHONPATH=CHECKOUT python commit_pieces.py
 """
@@ -17,6 +19,8 @@ import numpy as np
 import polars as pl
 
 from microstream.state.format import encode_frame
+
+COLUMNS = ["id", "name", "city", "t"]
 
 
 def per_call_us(fn: Callable[[], object], calls: int = 200) -> tuple[float, float]:
@@ -55,11 +59,31 @@ def main() -> None:
         return counts.tolist()
 
     assert recount() == summed()
+    rows = pl.DataFrame(
+        {
+            "id": np.arange(1000),
+            "name": [f"n{i}" for i in range(1000)],
+            "city": ["c"] * 1000,
+            "t": np.arange(1000),
+            "__kg": np.zeros(1000, dtype=np.uint16),
+        }
+    )
+    buffer = [rows] * 20
+
+    def by_select() -> pl.DataFrame:
+        return pl.concat(buffer, how="vertical", rechunk=False).select(COLUMNS)
+
+    def by_names() -> pl.DataFrame:
+        return pl.concat(buffer, how="vertical", rechunk=False)[COLUMNS]
+
+    assert by_select().equals(by_names())
     cases = {
         "marks file, Polars write_ipc": lambda: encode_frame(marks, None, pyarrow_io=False),
         "marks file, pyarrow": lambda: encode_frame(marks, None, pyarrow_io=True),
         "rows per key group, counted": recount,
         "rows per key group, per-segment counts": summed,
+        "a buffer's columns, select": by_select,
+        "a buffer's columns, frame[names]": by_names,
     }
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for _ in range(7):
