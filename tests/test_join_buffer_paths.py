@@ -256,7 +256,7 @@ def test_a_large_buffer_writes_only_its_new_rows_and_restarts() -> None:
         assert len(segments) == version
         # (a left row's first match: one row id in a marks file, not the row rewritten)
         assert all(f.rows <= 1 for f in entry.files if f.kind == "marks")
-        new = [f for f in segments if f.name.startswith(f"segments/{version}/")]
+        new = [f for f in segments if f.name.startswith(f"segments/{version}.")]
         assert [f.rows for f in new] == [n if version == 1 else 1]
         assert [f.rows for f in entry.files][:1] == [n]  # (version 1's, never rewritten)
     assert op.left.rows == n + 9

@@ -20,16 +20,20 @@ from types import ModuleType
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 import microstream as ms
-from microstream.checkpoint.storage import Storage
+from microstream.checkpoint.storage import Storage, temporary_name
 from microstream.exceptions import CheckpointCorruptError
 from microstream.operators.stream_join import ROW_ID, StreamJoinOperator
+from microstream.plan.nodes import OperatorContext
 from microstream.state.format import (
     SEGMENT_SPEC_FILE,
     SegmentVersion,
     StateVersion,
+    segment_file_version,
     version_file,
 )
 from microstream.state.key_groups import key_groups
@@ -172,7 +176,7 @@ def test_every_version_loads_and_a_segment_without_its_manifest_is_never_read(ho
     first_ten = run_thinned(op, range(10, 11))[0]
     after_ten = buffers(op)
     for side in ("left", "right"):  # the manifests of 10 never landed, its files did
-        assert "10" in storage.sub(side).list_names("segments")
+        assert "10.0-128.arrow" in storage.sub(side).list_names("segments")
         storage.sub(side).delete(version_file(10))
     for b in (0, 3, 9):
         again = build(storage, how)
@@ -283,7 +287,7 @@ def _buffer(storage: Storage, retain: int) -> SegmentBuffer:
 
 
 def test_segments_no_retained_version_lists_are_deleted() -> None:
-    """A segment's folder goes once no retained version lists it (its rows evicted);
+    """A segment's file goes once no retained version lists it (its rows evicted);
     the retained versions still load."""
     storage = memory()
     buffer = _buffer(storage, retain=3)
@@ -300,9 +304,9 @@ def test_segments_no_retained_version_lists_are_deleted() -> None:
         buffer.evict_through((v - 2) * 1_000_000 + 1)  # (two versions of rows kept)
         buffer.commit(v)
         frames[v] = canon(buffer.frame)
-    # version 9, the oldest retained, lists the segments of 8 and 9: older folders go
-    assert sorted(map(int, storage.list_names("segments"))) == [8, 9, 10, 11]
-    assert sorted(map(int, storage.list_names("marks"))) == [9]
+    # version 9, the oldest retained, lists the segments of 8 and 9: older files go
+    assert storage.list_names("segments") == [f"{v}.0-8.arrow" for v in (10, 11, 8, 9)]
+    assert storage.list_names("marks") == ["9.0-8.arrow"]
     assert storage.list_numbered("versions") == [8, 9, 10, 11]
     for v in (9, 10, 11):
         again = _buffer(storage, retain=3)
@@ -310,6 +314,76 @@ def test_segments_no_retained_version_lists_are_deleted() -> None:
         assert_frame_equal(canon(again.frame), frames[v])
     assert frames[11].get_column("id").to_list() == [20, 21, 22, 23]
     assert frames[9].filter(pl.col("m")).get_column("id").to_list() == [17]  # (from marks/9)
+
+
+def test_temporaries_a_killed_writer_left_of_old_versions_are_deleted(tmp_path: Path) -> None:
+    """A write killed between its temporary and the rename leaves ``.<name>.<hex>.tmp`` in
+    the flat folders; retention deletes those of versions no retained manifest needs, and
+    never one of a version a running commit may still rename."""
+    storage = Storage(tmp_path / "buffer")
+    buffer = _buffer(storage, retain=3)
+    buffer.load(None)
+    old = [
+        f"segments/{temporary_name('1.0-8.arrow')}",
+        f"marks/{temporary_name('2.0-8.arrow')}",
+        f"versions/{temporary_name('0.json')}",
+    ]
+    current = [
+        f"segments/{temporary_name('12.0-8.arrow')}",
+        f"marks/{temporary_name('11.0-8.arrow')}",
+    ]
+    for name in old + current:
+        storage.write_bytes(name, b"half")
+    for v in range(12):
+        rows = pl.DataFrame(
+            {"k": [v], "t": [v * 1_000_000], "id": [v]},
+            schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+        ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        buffer.insert(rows)
+        buffer.mark(pl.Series([v]))
+        buffer.evict_through((v - 2) * 1_000_000)
+        buffer.commit(v)
+    files = set(storage.files())
+    assert not files & set(old)
+    assert set(current) <= files
+    assert storage.read_bytes(current[0]) == b"half"
+    assert "segments/0.0-8.arrow" not in files  # (retention ran)
+    assert {f"segments/{v}.0-8.arrow" for v in (9, 10, 11)} <= files
+    again = _buffer(storage, retain=3)
+    again.load(11)
+    assert_frame_equal(canon(again.frame), canon(buffer.frame))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3), st.booleans()), max_size=12))
+def test_rows_per_key_group_follow_every_change(steps: list[tuple[int, int, bool]]) -> None:
+    """The rows per key group a manifest records (counted once per segment, kept until its
+    rows change) are those of the rows held, after inserts, marks, removals and evictions,
+    and every version loads with them (load checks them against the rows)."""
+    storage = memory()
+    buffer = _buffer(storage, retain=100)
+    buffer.load(None)
+    next_id = 0
+    for v, (rows, marked, removed) in enumerate(steps):
+        ids = list(range(next_id, next_id + rows))
+        next_id += rows
+        frame = pl.DataFrame(
+            {"k": [i % 5 for i in ids], "t": [v * 1_000_000 + i for i in ids], "id": ids},
+            schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+        ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        buffer.insert(frame)
+        held = buffer.frame.get_column("id").to_list()
+        buffer.mark(pl.Series(held[::2][:marked]), removed=removed)
+        if v % 3 == 2:
+            buffer.drop_through((v - 2) * 1_000_000 + 2)
+        buffer.commit(v)
+        expected = [0] * buffer.num_key_groups
+        for g in key_groups(buffer.frame, ["k"], buffer.num_key_groups):
+            expected[g] += 1
+        assert buffer.rows_per_key_group() == expected
+        assert storage.read_model(version_file(v), SegmentVersion).rows_per_key_group == expected
+    for v in range(len(steps)):
+        _buffer(storage, retain=100).load(v)  # (raises on counts that do not match)
 
 
 # -- SIGKILL at the buffers' commit points --------------------------------------------------
@@ -410,7 +484,7 @@ def test_many_small_segments_are_merged_and_every_version_loads(time_column: str
         frames[v] = canon(buffer.frame)
         entry = storage.read_model(version_file(v), SegmentVersion)
         assert sum(f.kind == "segment" for f in entry.files) <= 33
-    assert "segments/32/0-8.older.arrow" in [f.name for f in entry.files]  # (33 live at 32)
+    assert "segments/32.0-8.older.arrow" in [f.name for f in entry.files]  # (33 live at 32)
     assert frames[39].height == 80
     assert sorted(frames[39].filter(pl.col("m")).get_column("id")) == list(range(1, 70, 2))
     for v in (5, 31, 32, 33, 39):
@@ -446,3 +520,156 @@ def test_read_state_of_a_query_reads_its_join_buffers(tmp_path: Path) -> None:
     )
     right_rows = ms.read_state(tmp_path / "cp", operator="op0", store="right")
     assert sorted(right_rows.get_column("click").to_list()) == sorted(right.get_column("click"))
+
+
+# -- flat file names (a folder per version before) -------------------------------------------
+
+NESTED = Path(__file__).parent / "data" / "join_nested_segments"
+
+
+def test_buffers_with_a_folder_per_version_continue_with_the_same_rows(tmp_path: Path) -> None:
+    """Segment buffers written by main at 2a82adf (fixture: versions 0-12, a folder per
+    version) load and continue: batches 13-18 emit exactly the rows main emitted, the new
+    files are flat (``segments/<v>.<lo>-<hi>.arrow``, no folder), every version loads, and
+    retention deletes the old folders and the new files alike."""
+    shutil.copytree(NESTED / "state", tmp_path / "state")
+    storage = Storage(tmp_path / "state")
+    left = storage.sub("left")
+    assert "3" in left.list_names("segments")  # (the fixture's layout: a folder per version)
+    op = build(storage)
+    op.load(fixture.WRITTEN[-1])
+    got = pl.concat(fixture.run(op, fixture.CONTINUED), how="vertical")
+    expected = pl.read_ipc(NESTED / "expected.arrow")
+    assert expected.height > 300
+    assert_frame_equal(canon(got), canon(expected))
+
+    entry = left.read_model(version_file(18), SegmentVersion)
+    names = [f.name for f in entry.files]
+    assert "segments/18.0-128.arrow" in names
+    assert all("/" not in n.split("/", 1)[1] for n in names if segment_file_version(n) >= 13)
+    for version in (12, 13, 18):
+        again = build(storage)
+        again.load(version)
+        reference = build(memory())
+        fixture.run(reference, range(version + 1))
+        assert_same_buffers(again, reference)
+
+    # Retention: with 2 versions kept, the files version 18 lists stay, older files and
+    # folders go.
+    op.left.min_versions_to_retain = op.right.min_versions_to_retain = 2
+    fixture.run(op, range(19, 20))
+    needs = min(
+        segment_file_version(f.name) or 0
+        for f in left.read_model(version_file(18), SegmentVersion).files
+    )
+    assert needs > 12
+    versions = [segment_file_version(n) for n in left.list_names("segments")]
+    assert sorted(v for v in versions if v is not None) == list(range(needs, 20))
+    assert not [n for n in left.list_names("segments") if n.isdigit()]  # (old folders gone)
+    again = build(storage)
+    again.load(19)
+    reference = build(memory())
+    fixture.run(reference, range(20))
+    assert_same_buffers(again, reference)
+
+
+@pytest.mark.parametrize(
+    ("earliest", "latest", "ids"),
+    [
+        (0, 100_000_000, list(range(12))),  # (everything: the frame itself)
+        (5_000_000, 5_000_000, [5]),  # (one row of a segment the range cuts)
+        (3_000_000, 4_000_000, [3, 4]),  # (two segments cut: 0-3, 4-7)
+        (4_000_000, 7_000_000, [4, 5, 6, 7]),  # (a segment wholly inside, as it is)
+        (12_000_000, 20_000_000, []),  # (past every segment)
+        (-5, -1, []),
+    ],
+)
+def test_rows_between_are_the_rows_in_the_time_range_or_all(
+    earliest: int, latest: int, ids: list[int]
+) -> None:
+    """``rows_between``: the rows whose time lies in the range (segments outside skipped,
+    those inside whole, the rest filtered), or every row when most are in it."""
+    buffer = _buffer(memory(), retain=3)
+    buffer.load(None)
+    for v in range(3):  # (segments of 4 rows, 1 s apart, in time order but for one)
+        times = [v * 4 + i for i in (1, 0, 2, 3)]
+        rows = pl.DataFrame(
+            {"k": times, "t": [t * 1_000_000 for t in times], "id": times},
+            schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+        ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+        buffer.insert(rows)
+        buffer.commit(v)
+    got = buffer.rows_between(earliest, latest)
+    assert got.columns == ["k", "t", "id", "m"]
+    assert sorted(got.get_column("id").to_list()) == ids
+    # A range holding most rows gives them all (a superset: no copy of most of the buffer).
+    assert buffer.rows_between(1_000_000, 11_000_000).height == 12
+
+
+def test_a_short_bound_pairs_against_a_sliver_of_the_buffer() -> None:
+    """With a bound much shorter than a batch's span, a batch's new rows reach only the
+    newest buffered rows: the join takes those (not the whole buffer) and emits exactly
+    the pairs of a join of everything (oracle: Polars over all rows)."""
+    imps = {"ad": pl.Int64, "imp_time": pl.Datetime("us")}
+    clicks = {"ad": pl.Int64, "click_time": pl.Datetime("us")}
+    left = ms.MemoryStream(imps).lazy().with_watermark("imp_time", "0s")
+    right = ms.MemoryStream(clicks).lazy().with_watermark("click_time", "0s")
+    node = left.join(right, on="ad", how="inner", within=("0s", "1m"))._plan
+    op = node.build_operator("op0", memory())
+    assert isinstance(op, StreamJoinOperator)
+    op.load(None)
+    seen: list[int] = []
+    original = op._candidates
+
+    def candidates(side: int, other: pl.DataFrame) -> pl.DataFrame:
+        rows = original(side, other)
+        seen.append(rows.height)
+        return rows
+
+    op._candidates = candidates  # type: ignore[method-assign]
+    all_imps, all_clicks, out = [], [], []
+    for b in range(6):  # (batches of 60 rows a side over an hour, keys repeating)
+        at = [fixture.T0 + fixture.timedelta(minutes=b * 60 + i) for i in range(60)]
+        l_rows = pl.DataFrame({"ad": [i % 7 for i in range(60)], "imp_time": at}, schema=imps)
+        r_rows = pl.DataFrame({"ad": [i % 5 for i in range(60)], "click_time": at}, schema=clicks)
+        wm = fixture.us(b * 60 - 1) if b else fixture.us(-10_000)
+        ctx = OperatorContext(
+            batch_id=b, late_watermark_us=fixture.us(-10_000), watermark_us=wm, output_mode="append"
+        )
+        out.append(op.process((l_rows, r_rows), ctx).rows)
+        op.commit(b)
+        all_imps.append(l_rows)
+        all_clicks.append(r_rows)
+    everything = pl.concat(all_imps).join(pl.concat(all_clicks), on="ad")
+    gap = pl.col("click_time") - pl.col("imp_time")
+    expected = everything.filter(gap.is_between(fixture.timedelta(0), fixture.timedelta(minutes=1)))
+    got = pl.concat(out, how="vertical")
+    assert expected.height > 100
+    assert_frame_equal(canon(got), canon(expected.select(got.columns)))
+    # (a batch's rows reach back 1 minute: at most ~2 buffered rows of 60 are candidates)
+    assert max(seen[2:]) <= 3 and max(seen) > 0
+
+
+@pytest.mark.parametrize("cut_s", [-1, 1, 5, 7, 20])
+def test_drop_through_removes_what_evict_through_returns(cut_s: int) -> None:
+    """``drop_through`` (the rows a join does not emit when they leave) removes exactly the
+    rows ``evict_through`` returns, counts them, and commits the same version."""
+    a, b = _buffer(memory(), retain=3), _buffer(memory(), retain=3)
+    for buffer in (a, b):
+        buffer.load(None)
+        for v in range(3):
+            times = [v * 4 + i for i in (1, 0, 3, 2)]
+            rows = pl.DataFrame(
+                {"k": times, "t": [t * 1_000_000 for t in times], "id": times},
+                schema={"k": pl.Int64, "t": pl.Int64, "id": pl.Int64},
+            ).with_columns(pl.col("t").cast(pl.Datetime("us")), pl.lit(False).alias("m"))
+            buffer.insert(rows)
+            buffer.commit(v)
+    gone = a.evict_through(cut_s * 1_000_000)
+    assert b.drop_through(cut_s * 1_000_000) == gone.height == min(max(cut_s + 1, 0), 12)
+    assert_frame_equal(canon(a.frame), canon(b.frame))
+    a.commit(3)
+    b.commit(3)
+    for buffer in (a, b):
+        buffer.load(3)
+    assert_frame_equal(canon(a.frame), canon(b.frame))

@@ -52,7 +52,7 @@ from microstream.exceptions import (
     MissingDependencyError,
 )
 
-__all__ = ["Storage"]
+__all__ = ["Storage", "temporary_name", "temporary_target"]
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -61,6 +61,33 @@ OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abf
 
 APPEND_SEGMENT_BYTES = 1 << 20
 """Where no append exists, :meth:`Storage.append_line` starts a new object past this size."""
+
+
+def temporary_name(name: str) -> str:
+    """The name a local write of ``name`` goes to before its rename (``.<name>.<hex>.tmp``,
+    unique per write; hidden, so listings of numbered files skip it).
+
+    Examples
+    --------
+    >>> temporary_target(temporary_name("7.0-8.arrow"))
+    '7.0-8.arrow'
+    """
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name a temporary of :func:`temporary_name` was to be renamed to; None: not
+    such a temporary. A writer killed between write and rename leaves one behind.
+
+    Examples
+    --------
+    >>> temporary_target(".5.json.0123456789abcdef0123456789abcdef.tmp"), temporary_target("5.json")
+    ('5.json', None)
+    """
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    target, _, token = name[1:-4].rpartition(".")
+    return target if target and len(token) == 32 else None
 
 
 class Storage:
@@ -276,7 +303,7 @@ class Storage:
         # the ones made anyway tell: the directory is created only when the temporary
         # file cannot be, and an existing target makes link() fail (no exists() first).
         with self._failing("write checkpoint file", relative):
-            tmp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+            tmp = f"{parent}/{temporary_name(name)}"
             try:
                 try:
                     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -4,7 +4,8 @@ The semantics are Spark's symmetric hash join with an event-time range
 condition. Each side buffers its rows in a
 :class:`~microstream.state.segment_buffer.SegmentBuffer`: a segment of rows per
 batch with its time range, each row with its key group (hashed on the join keys). A
-batch finds the buffered rows of its keys with one Polars semi join per side,
+batch takes the buffered rows in the time range its other side's rows can pair with
+(when those are many, only the rows of its keys, a Polars semi join per side),
 pairs them with one join of keys, times and positions, appends its new rows, and
 marks a kept row by its row id when it first matches (outer joins remember that;
 a semi or anti join's left row leaves the buffer at its first match, as it is
@@ -295,10 +296,14 @@ class StreamJoinOperator(_TwoStreamOperator):
         self._dropped_late = late_left + late_right
         self._updated = left.height + right.height
 
-        # The buffered rows a new row of the other side can pair with: one semi join of the
-        # buffer with the batch's keys per side (cheaper than hashing and probing them).
-        old_left = self._buffered(0, right, node.right_on, node.left_on)
-        old_right = self._buffered(1, left, node.left_on, node.right_on)
+        # The buffered rows a new row of the other side can pair with: those in the time
+        # range the other side's new rows reach; when they are many, only those with the
+        # batch's keys (one semi join per side: cheaper than pairing them all).
+        old_left = self._candidates(0, right)
+        old_right = self._candidates(1, left)
+        if old_left.height + old_right.height > left.height + right.height:
+            old_left = _with_keys(old_left, right, node.right_on, node.left_on, node.nulls_equal)
+            old_right = _with_keys(old_right, left, node.left_on, node.right_on, node.nulls_equal)
         all_left = _stacked(old_left, left)
         all_right = _stacked(old_right, right)
         if all_left.height and all_right.height:
@@ -333,7 +338,7 @@ class StreamJoinOperator(_TwoStreamOperator):
                 store.insert(flagged)
                 if first.height:
                     store.mark(first.get_column(ROW_ID))
-            if side == 0:
+            if side == 0 and node.how == "semi":  # (what semi emits)
                 newly_matched = pl.concat([first, flagged.filter(pl.col(MATCHED))], how="vertical")
 
         # Rows no future row of the other side can match leave the buffers.
@@ -342,9 +347,9 @@ class StreamJoinOperator(_TwoStreamOperator):
             assert node.lower_us is not None and node.upper_us is not None
             assert node.left_time is not None and node.right_time is not None
             wm = ctx.watermark_us
+            # (the rows that leave are built only where they are emitted)
             gone_left = self._evict(0, node.upper_us, wm, leaving)
             gone_right = self._evict(1, -node.lower_us, wm)
-            self._removed += gone_left.height + gone_right.height
         if pairs.height == 0 and not self._removed:
             # Nothing paired and nothing left a buffer: no output row, whatever ``how``.
             return pl.DataFrame(schema=self._out_schema)
@@ -352,23 +357,45 @@ class StreamJoinOperator(_TwoStreamOperator):
 
     # -- fast paths --------------------------------------------------------------------------
 
-    def _buffered(
-        self, side: int, other: pl.DataFrame, other_on: tuple[str, ...], on: tuple[str, ...]
-    ) -> pl.DataFrame:
+    def _candidates(self, side: int, other: pl.DataFrame) -> pl.DataFrame:
+        """The buffered rows of ``side`` a new row of the other side (``other``) can pair
+        with by time (or more: every row when most are): ``right_time - left_time`` in
+        ``[lower, upper]`` puts a buffered left row in ``[min(new right) - upper,
+        max(new right) - lower]``, a buffered right row in ``[min(new left) + lower,
+        max(new left) + upper]``. A bound shorter than a batch's span keeps a sliver."""
+        node = self.node
         store = self.left if side == 0 else self.right
         if other.height == 0 or store.rows == 0:
             return self._empty[side]
-        return _buffered(store, other, other_on, on, self.node.nulls_equal)
+        if not node.bounded:
+            return store.frame
+        assert node.lower_us is not None and node.upper_us is not None
+        time = node.right_time if side == 0 else node.left_time
+        assert time is not None
+        span = _span_us(other.get_column(time))
+        if span is None:  # (no time: no row of ``other`` pairs)
+            return self._empty[side]
+        low, high = span
+        if side == 0:
+            return store.rows_between(low - node.upper_us, high - node.lower_us)
+        return store.rows_between(low + node.lower_us, high + node.upper_us)
 
     def _evict(
         self, side: int, bound_us: int, wm: int, leaving: pl.Series | None = None
-    ) -> pl.DataFrame:
-        """Evict the side's rows with ``time + bound_us <= wm``; returns them. The rows whose
-        row id is in ``leaving`` go first, and are not returned."""
+    ) -> pl.DataFrame | None:
+        """Evict the side's rows with ``time + bound_us <= wm`` and count them; returns them
+        when the join emits a side's rows that leave (None otherwise). The rows whose row id
+        is in ``leaving`` go first, and are not returned."""
         store = self.left if side == 0 else self.right
         if leaving is not None and len(leaving):
             self._removed += store.mark(leaving, removed=True)
-        return store.evict_through(wm - bound_us)
+        how = self.node.how
+        if how == "full" or how in (("left", "anti") if side == 0 else ("right",)):
+            gone = store.evict_through(wm - bound_us)
+            self._removed += gone.height
+            return gone
+        self._removed += store.drop_through(wm - bound_us)
+        return None
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -473,10 +500,11 @@ class StreamJoinOperator(_TwoStreamOperator):
                 lonely = gone_left.filter(~pl.col(MATCHED))
             right_names = [name for name, _ in self._right_out]
             return side_by_side(
-                all_left.select(left_columns)[pairs.get_column(_LEFT_AT)],
+                # (``frame[names]``: columns picked without a query plan)
+                all_left[left_columns][pairs.get_column(_LEFT_AT)],
                 # (no right column in the output, e.g. every one a coalesced key: nothing to
                 # gather, and a frame of no columns has no rows to gather from)
-                all_right.select(right_names)[pairs.get_column(_RIGHT_AT)]
+                all_right[right_names][pairs.get_column(_RIGHT_AT)]
                 if right_names
                 else pl.DataFrame(),
                 self._right_out,
@@ -489,11 +517,9 @@ class StreamJoinOperator(_TwoStreamOperator):
         pair_no = pl.int_range(pl.len(), dtype=pl.Int64)
         # (Gathered by position: no join on row ids.)
         pair_col = pl.Series(_PAIR, range(n), dtype=pl.Int64)
-        lefts = [all_left.select(left_columns)[pairs.get_column(_LEFT_AT)].with_columns(pair_col)]
+        lefts = [all_left[left_columns][pairs.get_column(_LEFT_AT)].with_columns(pair_col)]
         rights = [
-            all_right.select(node.right_schema.names())[pairs.get_column(_RIGHT_AT)].with_columns(
-                pair_col
-            )
+            all_right[node.right_schema.names()][pairs.get_column(_RIGHT_AT)].with_columns(pair_col)
         ]
         if node.how in ("left", "full") and gone_left is not None:
             lonely = gone_left.filter(~pl.col(MATCHED)).select(left_columns)
@@ -513,7 +539,7 @@ class StreamJoinOperator(_TwoStreamOperator):
             nulls_equal=True,  # pairs decided already; null keys of a pair stay paired
             coalesce=node.coalesce,
         )
-        return out.select(self._out_schema.names())
+        return out[self._out_schema.names()]
 
 
 def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
@@ -525,19 +551,49 @@ def _stacked(old: pl.DataFrame, new: pl.DataFrame) -> pl.DataFrame:
     return pl.concat([old, new], how="vertical")
 
 
-def _buffered(
-    store: SegmentBuffer,
+def _span_us(times: pl.Series) -> tuple[int, int] | None:
+    """Bounds of ``times`` (Datetime of any unit, Date) in microseconds since the epoch, as
+    :func:`~microstream.time.windows.to_us` gives them or wider (nanoseconds round out);
+    None: no value. Two reductions of the integers, no Polars plan.
+
+    Examples
+    --------
+    >>> from datetime import date
+    >>> _span_us(pl.Series([date(1970, 1, 2), None, date(1970, 1, 1)]))
+    (0, 86400000000)
+    >>> _span_us(pl.Series([-1_500, 2_500], dtype=pl.Datetime("ns")))
+    (-2, 3)
+    """
+    physical = times.to_physical()
+    low, high = physical.min(), physical.max()
+    if low is None or high is None:
+        return None
+    low, high = int(low), int(high)  # type: ignore[arg-type]  # (integers' bounds)
+    dtype = times.dtype
+    if isinstance(dtype, pl.Date):
+        return low * 86_400_000_000, high * 86_400_000_000
+    assert isinstance(dtype, pl.Datetime), dtype
+    unit = dtype.time_unit or "us"
+    if unit == "ns":
+        return low // 1000, -(-high // 1000)
+    if unit == "ms":
+        return low * 1000, high * 1000
+    return low, high
+
+
+def _with_keys(
+    rows: pl.DataFrame,
     other: pl.DataFrame,
     other_on: tuple[str, ...],
     on: tuple[str, ...],
     nulls_equal: bool,
 ) -> pl.DataFrame:
-    """The rows of ``store`` whose join keys ``on`` occur in ``other`` (as ``other_on``)."""
-    if other.height == 0 or store.rows == 0:
-        return store.frame.clear()
+    """The ``rows`` whose join keys ``on`` occur in ``other`` (as ``other_on``)."""
+    if other.height == 0 or rows.height == 0:
+        return rows.clear()
     # Keys with a null never match unless nulls_equal: the semi join drops them as the pair
     # join would.
-    return store.frame.join(
+    return rows.join(
         other.select(other_on),
         left_on=list(on),
         right_on=list(other_on),
@@ -709,7 +765,7 @@ class StreamAsofJoinOperator(_TwoStreamOperator):
             df = self._drop_late(
                 df, to_us(time) <= ctx.late_watermark_us, ctx, list(schema), schema[time]
             )
-        return df.select(schema.names()), self._dropped_late
+        return df[schema.names()], self._dropped_late
 
     def _append(self, store: StateStore, rows: pl.DataFrame, by: tuple[str, ...]) -> None:
         if rows.height == 0:

@@ -222,15 +222,39 @@ def segment_file(
     """A segment buffer's ``segment`` or ``marks`` file of a version and key-group range;
     ``part="older"``: the segment of older segments' rows a version merged.
 
+    The version leads the name, in one folder per kind (no folder per version: creating
+    one cost a directory per side and batch). Buffers written before named them
+    ``segments/<v>/<lo>-<hi>.arrow``; manifests list names, so both load
+    (:func:`segment_file_version` reads the version of either).
+
     Examples
     --------
     >>> segment_file("segment", 7, 0, 128), segment_file("marks", 7, 0, 64, "r1a.0")
-    ('segments/7/0-128.arrow', 'marks/7/0-64.r1a.0.arrow')
+    ('segments/7.0-128.arrow', 'marks/7.0-64.r1a.0.arrow')
     >>> segment_file("segment", 7, 0, 128, part="older")
-    'segments/7/0-128.older.arrow'
+    'segments/7.0-128.older.arrow'
     """
     folder = SEGMENTS_DIR if kind == "segment" else MARKS_DIR
-    return f"{folder}/{version}/{lo}-{hi}{fenced(fence)}{fenced(part)}.arrow"
+    return f"{folder}/{version}.{lo}-{hi}{fenced(fence)}{fenced(part)}.arrow"
+
+
+def segment_file_version(name: str) -> int | None:
+    """The version that wrote a segment buffer's file, from its name relative to the store
+    (``segments/7.0-128.arrow`` or, written before, ``segments/7/0-128.arrow``) or within
+    its folder (``7.0-128.arrow``, ``7``); None: not such a name.
+
+    Examples
+    --------
+    >>> segment_file_version("segments/7.0-128.arrow"), segment_file_version("marks/12/0-8.arrow")
+    (7, 12)
+    >>> segment_file_version("7"), segment_file_version("7.0-8.arrow"), segment_file_version(".x.tmp")
+    (7, 7, None)
+    """
+    folder, _, rest = name.partition("/")
+    if folder in (SEGMENTS_DIR, MARKS_DIR) and rest:
+        name = rest
+    head = name.split("/", 1)[0].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
 
 
 def snapshot_file(version: int, lo: int, hi: int, fence: str = "") -> str:

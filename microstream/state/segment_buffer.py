@@ -1,15 +1,17 @@
 """A buffer of rows that arrive in time order and leave by time: a stream-stream join's side.
 
 A join keeps each side's rows until the watermark passes their time plus the bound,
-and finds them by a semi join of the whole buffer with a batch's keys: it never
-looks a key up, never replaces a row, and drops rows oldest first. A
+and finds a batch's partners among the rows of a time range
+(:meth:`SegmentBuffer.rows_between`): it never looks a key up, never replaces a row,
+and drops rows oldest first. A
 :class:`SegmentBuffer` keeps exactly that, without a keyed store's per-row
 bookkeeping (hashes, sorted merges, a deletion marker per evicted row):
 
 - a *segment* per version (batch) and writer: the rows the version added, with their
   time range, each with its key group (one stable hash of the join keys per row,
   :func:`~microstream.state.key_groups.key_groups`); written once, as one Arrow file;
-- eviction by time: every row at or below a cut (:meth:`SegmentBuffer.evict_through`)
+- eviction by time: every row at or below a cut (:meth:`SegmentBuffer.evict_through`,
+  or :meth:`SegmentBuffer.drop_through` when no one reads them)
   leaves: a segment wholly below the cut is dropped (its file is no longer listed), one
   wholly above is not read, only the few that straddle it are filtered;
   the cut is one number in the version's manifest, no file per evicted row;
@@ -21,8 +23,11 @@ On disk (``state/<operator>/<store>/``, beside a keyed store's ``_metadata.json`
 
     _segments.json                   SegmentSpec: the time, row-id and flag columns
     versions/<v>.json                SegmentVersion: every live file, the cut, rows per group
-    segments/<v>/<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1
-    marks/<v>/<lo>-<hi>.arrow        row id, key group, removed: the marks of version v
+    segments/<v>.<lo>-<hi>.arrow     the rows version v added, key groups lo..hi-1
+    marks/<v>.<lo>-<hi>.arrow        row id, key group, removed: the marks of version v
+
+(Buffers written before put each version's files in a folder, ``segments/<v>/<lo>-<hi>.arrow``;
+their manifests name them, and they load and are retained alike.)
 
 A version exists when its manifest does (written last); it lists every file it
 needs, so a load reads one manifest and never a file of a later, uncommitted
@@ -64,6 +69,7 @@ from microstream.state.format import (
     pyarrow_round_trips,
     read_state_file,
     segment_file,
+    segment_file_version,
     version_file,
 )
 from microstream.state.key_groups import DEFAULT_KEY_GROUPS, key_groups
@@ -106,6 +112,9 @@ class _Segment:
     """Empty: not written yet (added since the last commit)."""
     version: int | None = None
     """The version whose files hold it (None: not written yet)."""
+    counts: np.ndarray | None = None
+    """Rows per key group (None: not counted since ``frame``'s rows last changed); every
+    commit's manifest lists the buffer's, and most segments are unchanged between two."""
 
 
 class SegmentBuffer:
@@ -195,6 +204,9 @@ class SegmentBuffer:
             )
             raise SchemaMismatchError(msg)
         self._pyarrow_io = pyarrow_round_trips(self._file_schema)
+        # (Polars' write_ipc plans a sink per call: ~1.7 ms for a marks file of 200 rows,
+        # pyarrow ~0.2 ms; either reads the other's files)
+        self._pyarrow_marks = pyarrow_round_trips(self._marks_schema)
         self._segments: list[_Segment] = []
         self._marks: list[pl.DataFrame] = []  # (since the last commit)
         self._mark_files: list[tuple[int, StateFile]] = []  # (version, live marks file)
@@ -224,9 +236,51 @@ class SegmentBuffer:
             whole = pl.concat(parts, how="vertical", rechunk=False) if parts else None
             columns = list(self.schema)
             self._frame = (
-                pl.DataFrame(schema=self.schema) if whole is None else whole.select(columns)
+                # (``frame[names]`` picks columns without a query plan: ~0.1 ms less
+                # than ``select`` per call, which a join's small batches make every batch)
+                pl.DataFrame(schema=self.schema) if whole is None else whole[columns]
             )
         return self._frame
+
+    def rows_between(self, earliest_us: int, latest_us: int) -> pl.DataFrame:
+        """The rows whose time in microseconds lies in ``[earliest_us, latest_us]``, or
+        every row (:attr:`frame`) when most are in it (or there is no time column): a
+        superset of them, columns in schema order.
+
+        What a join's batch can pair with: a segment wholly outside the range is not
+        read, one wholly inside is taken as it is, those the range cuts are filtered (a
+        mask over their times, kept as numpy). A short bound against long batches keeps
+        a sliver of the buffer; a long one most of it, where a filter would copy it.
+        """
+        if self.spec.time_column is None:
+            return self.frame
+        inside: list[_Segment] = []
+        cut: list[_Segment] = []
+        for s in self._segments:
+            if not s.frame.height or s.latest < earliest_us or s.earliest > latest_us:
+                continue
+            wholly = earliest_us <= s.earliest and s.latest <= latest_us
+            (inside if wholly else cut).append(s)
+        total = self.rows
+        kept = sum(s.frame.height for s in inside)
+        if 2 * kept > total:  # (no mask needed to know most rows are in)
+            return self.frame
+        picks: list[tuple[_Segment, np.ndarray | None]] = [(s, None) for s in inside]
+        for s in cut:
+            assert s.times is not None
+            mask = (s.times >= earliest_us) & (s.times <= latest_us)
+            picks.append((s, mask))
+            kept += int(np.count_nonzero(mask))
+        if 2 * kept > total:
+            return self.frame
+        parts = [s.frame if m is None else s.frame.filter(pl.Series(m)) for s, m in picks]
+        parts = [p for p in parts if p.height]
+        if not parts:
+            return pl.DataFrame(schema=self.schema)
+        columns = list(self.schema)
+        if len(parts) == 1:
+            return parts[0][columns]
+        return pl.concat(parts, how="vertical", rechunk=False)[columns]
 
     @property
     def rows(self) -> int:
@@ -248,9 +302,11 @@ class SegmentBuffer:
         counts = np.zeros(self.num_key_groups, dtype=np.int64)
         for s in self._segments:
             if s.frame.height:
-                groups = s.frame.get_column(_KG).to_numpy()
-                counts += np.bincount(groups, minlength=self.num_key_groups)
-        return [int(c) for c in counts]
+                if s.counts is None or len(s.counts) != self.num_key_groups:
+                    groups = s.frame.get_column(_KG).to_numpy()
+                    s.counts = np.bincount(groups, minlength=self.num_key_groups)
+                counts += s.counts
+        return counts.tolist()
 
     def use_key_groups(self, num_key_groups: int) -> None:
         """Split the rows into ``num_key_groups`` key groups (set before :meth:`load`)."""
@@ -259,7 +315,7 @@ class SegmentBuffer:
             self.num_key_groups = num_key_groups
             self._key_range = (0, num_key_groups)
             for s in self._segments:
-                s.frame = self._grouped(s.frame.drop(_KG))
+                s.frame, s.counts = self._grouped(s.frame.drop(_KG)), None
 
     # -- changing ------------------------------------------------------------------
 
@@ -289,7 +345,7 @@ class SegmentBuffer:
                 self._marks.append(marked.with_columns(pl.lit(removed).alias(_REMOVED)))
             if removed:
                 keep = ~hit
-                s.frame = s.frame.filter(keep)
+                s.frame, s.counts = s.frame.filter(keep), None
                 if s.times is not None:
                     _set_times(s, s.times[keep.to_numpy()])
             else:
@@ -308,6 +364,18 @@ class SegmentBuffer:
         below an earlier cut (a bound that keeps rows from before the watermark) leave
         now too: no row at or below the recorded cut is ever kept.
         """
+        gone, _ = self._cut_through(cut_us, returned=True)
+        if not gone:
+            return pl.DataFrame(schema=self.schema)
+        return pl.concat(gone, how="vertical")[list(self.schema)]
+
+    def drop_through(self, cut_us: float) -> int:
+        """As :meth:`evict_through`, for rows no one reads: returns only how many went
+        (a segment the cut straddles keeps its rows above it; those below are not built)."""
+        return self._cut_through(cut_us, returned=False)[1]
+
+    def _cut_through(self, cut_us: float, *, returned: bool) -> tuple[list[pl.DataFrame], int]:
+        """Remove the rows at or below the cut: the removed rows (``returned``), how many."""
         if self.spec.time_column is None:
             msg = f"state of operator {self.operator!r} has no time column to evict by"
             raise CheckpointError(msg)
@@ -318,25 +386,29 @@ class SegmentBuffer:
             self._cut = cut
             self._pending = True
         gone: list[pl.DataFrame] = []
+        removed = 0
         kept: list[_Segment] = []
         for s in self._segments:
             assert s.times is not None
             if s.frame.height and s.latest <= cut:
-                gone.append(s.frame)
-                s.frame, s.times = s.frame.clear(), s.times[:0]
+                removed += s.frame.height
+                if returned:
+                    gone.append(s.frame)
+                s.frame, s.times, s.counts = s.frame.clear(), s.times[:0], None
             elif s.frame.height and s.earliest <= cut:
                 keep = s.times > cut
                 mask = pl.Series(keep)
-                gone.append(s.frame.filter(~mask))
-                s.frame = s.frame.filter(mask)
+                removed += s.frame.height - int(np.count_nonzero(keep))
+                if returned:
+                    gone.append(s.frame.filter(~mask))
+                s.frame, s.counts = s.frame.filter(mask), None
                 _set_times(s, s.times[keep])
             if s.frame.height or not s.files:
                 kept.append(s)
         self._segments = kept
-        if not gone:
-            return pl.DataFrame(schema=self.schema)
-        self._frame = None
-        return pl.concat(gone, how="vertical").select(list(self.schema))
+        if removed:
+            self._frame = None
+        return gone, removed
 
     # -- persistence ---------------------------------------------------------------
 
@@ -513,7 +585,7 @@ class SegmentBuffer:
     ) -> StateFile:
         # Uncompressed, as the keyed store's files: lz4 took ~10 ms per 50k-row segment
         # (~1 ms without) for ~1.5x fewer bytes, and a segment is written every batch.
-        data = encode_frame(frame, None, pyarrow_io=self._pyarrow_io and kind == "segment")
+        data = encode_frame(frame, None, pyarrow_io=self._pyarrow_for(kind))
         self.storage.write_bytes(name, data)
         return StateFile(
             name=name,
@@ -522,6 +594,10 @@ class SegmentBuffer:
             rows=frame.height,
             crc32=checksum(data),
         )
+
+    def _pyarrow_for(self, kind: str) -> bool:
+        """Whether a segment or marks file is encoded and decoded with pyarrow."""
+        return self._pyarrow_io if kind == "segment" else self._pyarrow_marks
 
     def _load_segments(self, entry: SegmentVersion, lo: int, hi: int) -> None:
         """Rebuild the rows of ``[lo, hi)`` from a segment manifest."""
@@ -549,7 +625,7 @@ class SegmentBuffer:
                     schema,
                     (0, n),
                     self.operator,
-                    pyarrow_io=self._pyarrow_io and f.kind == "segment",
+                    pyarrow_io=self._pyarrow_for(f.kind),
                 )
                 cache[f.name] = frame
             if (a, b) != (0, n):
@@ -709,8 +785,13 @@ def _set_times(segment: _Segment, times: np.ndarray) -> None:
 
 
 def _version_of(entry: StateFile) -> int:
-    """The version a segment or marks file was written by: its folder, ``segments/<v>/``."""
-    return int(entry.name.split("/")[1])
+    """The version a segment or marks file was written by: ``segments/<v>.<range>.arrow``
+    (or ``segments/<v>/``, as buffers named them before)."""
+    v = segment_file_version(entry.name)
+    if v is None:
+        msg = f"a segment buffer's manifest lists {entry.name!r}: not a segment or marks file"
+        raise CheckpointCorruptError(msg)
+    return v
 
 
 def _oldest(files: list[StateFile], version: int) -> int:
