@@ -59,3 +59,25 @@ def test_a_task_s_wire_comes_out_of_band_and_the_frame_owns_its_rows(ray_cluster
     assert frame.equals(pl.concat([FRAME] * 20_000))
     del wire  # the rows stay readable without the Ray object
     assert frame.slice(20_000 * 3 - 1)["s"].to_list() == [FRAME["s"][2]]
+
+
+def test_a_frame_without_rows_travels_as_its_schema_only() -> None:
+    # Most batches of a windowed query emit no rows: no IPC file is written or read for
+    # them, and every dtype still comes back as it was.
+    for frame in (FRAME.clear(), FRAME.head(0).select("e", "dec", "arr", "st"), pl.DataFrame()):
+        wire = Wire.of(frame)
+        assert memoryview(wire.data).nbytes == 0
+        for protocol in (4, 5):
+            buffers: list[pickle.PickleBuffer] = []
+            callback = buffers.append if protocol >= 5 else None  # out of band, as Ray does
+            stream = pickle.dumps(wire, protocol=protocol, buffer_callback=callback)
+            back = pickle.loads(stream, buffers=buffers).frame()
+            assert back.schema == frame.schema
+            assert back.equals(frame)
+            assert back.height == 0
+
+
+def test_a_frame_with_rows_still_travels_as_its_ipc_file() -> None:
+    wire = Wire.of(FRAME.head(1))
+    assert memoryview(wire.data).nbytes > 0
+    assert wire.frame().equals(FRAME.head(1))

@@ -17,6 +17,11 @@ gets a view of the object store's memory. :meth:`Wire.frame` copies that view on
 reads the copy with Arrow's IPC reader, which refers to the buffers where they are
 (14 MB of bids: about 1 ms, against 5 ms for ``pl.read_ipc``, which decodes every
 buffer into new ones).
+
+A frame without rows travels as its schema only (``data`` empty): most batches of a
+windowed query emit no rows and no late rows, and an empty frame's IPC file costs a
+fixed 0.4-0.6 ms to write (``DataFrame.write_ipc`` runs a lazy ``sink_ipc`` plan) and
+read back, against 0.05 ms for its schema alone.
 """
 
 from __future__ import annotations
@@ -52,19 +57,30 @@ class Wire:
     (1, True, True)
     >>> pickle.loads(stream, buffers=buffers).frame().equals(frame)
     True
+
+    A frame without rows is its schema only:
+
+    >>> empty = Wire.of(frame.clear())
+    >>> empty.data, empty.frame().schema == frame.schema, empty.frame().height
+    (b'', True, 0)
     """
 
     data: bytes | memoryview
-    """The IPC file (on a receiver: a read-only view of Ray's object store, a buffer)."""
+    """The IPC file (on a receiver: a read-only view of Ray's object store, a buffer);
+    empty for a frame without rows."""
     schema: pl.Schema
 
     @classmethod
     def of(cls, frame: pl.DataFrame) -> Wire:
+        if frame.height == 0:
+            return cls(b"", frame.schema)
         buffer = io.BytesIO()
         frame.write_ipc(buffer, compression="uncompressed", compat_level=pl.CompatLevel.newest())
         return cls(buffer.getvalue(), frame.schema)
 
     def frame(self) -> pl.DataFrame:
+        if memoryview(self.data).nbytes == 0:
+            return pl.DataFrame(schema=self.schema)
         data = self.data if isinstance(self.data, bytes) else bytes(self.data)
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
         out = pl.from_arrow(table)
