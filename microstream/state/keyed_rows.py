@@ -122,6 +122,9 @@ class KeyedRows:
         # replace with the very same keys (a state store's fold) without a second probe
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], tuple[np.ndarray, np.ndarray]]
         self._found = (-1, pl.DataFrame(), (), (_NONE, _NONE))
+        # the last probe: (the keys frame itself, on, its probe); a probe depends on the
+        # keys only, so a state store's fold reuses it to place the rows found (one sort)
+        self._probe: tuple[pl.DataFrame, tuple[str, ...], KeyProbe] | None = None
         self._set_base(frame, is_sorted=is_sorted)
 
     # -- reading -----------------------------------------------------------------------------
@@ -405,7 +408,7 @@ class KeyedRows:
         changes, found_keys, found_on, found = self._found
         if changes == self._changes and found_keys is keys and found_on == columns:
             return found
-        probe = KeyProbe(keys, list(columns), self.hash_column)
+        probe = self.probe(keys, columns)
         base_at, tail_at = self._candidates(probe.wanted)
         tail_hashes = self._tail_hashes() if tail_at.size else _NONE
         found = (
@@ -414,6 +417,17 @@ class KeyedRows:
         )
         self._found = (self._changes, keys, columns, found)
         return found
+
+    def probe(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> KeyProbe:
+        """The :class:`KeyProbe` of ``keys`` on ``on`` (default the key columns): the
+        one the last search built when ``keys`` is the same frame (its hashes sorted once)."""
+        columns = tuple(on or self.key_columns)
+        memo = self._probe
+        if memo is not None and memo[0] is keys and memo[1] == columns:
+            return memo[2]
+        probe = KeyProbe(keys, list(columns), self.hash_column)
+        self._probe = (keys, columns, probe)
+        return probe
 
     def _candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of live rows whose hash is in ``wanted`` (sorted, unique): base, tail."""
@@ -573,6 +587,7 @@ class KeyProbe:
         first = np.empty(hashes.size, dtype=bool)
         first[:1] = True
         np.not_equal(self.sorted_hashes[1:], self.sorted_hashes[:-1], out=first[1:])
+        self.first = first  # (in hash order: the first key of each distinct hash)
         self.wanted = self.sorted_hashes[first]
         # One key row per hash: a candidate is checked against that row column by column.
         self.one_row_per_hash = bool(first.all())

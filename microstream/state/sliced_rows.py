@@ -119,6 +119,8 @@ class SlicedRows:
         # the last _find: (changes, the keys frame itself, columns, what it found): a state
         # store's fold looks a batch's keys up, then replaces them, with the very same frame
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], _Found] | None = None
+        # the last probe of several slices (as KeyedRows'): its keys frame, on, the probe
+        self._probe: tuple[pl.DataFrame, tuple[str, ...], KeyProbe] | None = None
         whole = self._keyed(self._held(frame), is_sorted=is_sorted)
         self._starts: list[int] = [0]
         self._slices: list[KeyedRows] = [whole]
@@ -179,6 +181,19 @@ class SlicedRows:
         if len(self._slices) == 1:
             return self._dressed(self._slices[0].rows_of(keys, on))
         return self._dressed(self._find(keys, on)[0])
+
+    def probe(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> KeyProbe:
+        """The :class:`KeyProbe` of ``keys`` on ``on``, as :meth:`KeyedRows.probe`: the one
+        the last search built when ``keys`` is the same frame."""
+        if len(self._slices) == 1:  # (the single slice searches by itself)
+            return self._slices[0].probe(keys, on)
+        columns = tuple(on or self.key_columns)
+        memo = self._probe
+        if memo is not None and memo[0] is keys and memo[1] == columns:
+            return memo[2]
+        probe = KeyProbe(keys, list(columns), self.hash_column)
+        self._probe = (keys, columns, probe)
+        return probe
 
     # -- changing ----------------------------------------------------------------------------
 
@@ -302,14 +317,9 @@ class SlicedRows:
         if keys.height:
             # sorted by hash, the keys are sorted by group, so by slice: each slice's
             # distinct hashes are one run
-            hashes = keys.get_column(self.hash_column).to_numpy()
-            order = np.argsort(hashes)
-            ordered = hashes[order]
-            first = np.empty(ordered.size, dtype=bool)
-            first[:1] = True
-            np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-            wanted = ordered[first]
-            index = self._slice_of(keys)[order][first]
+            probe = self.probe(keys, columns)
+            wanted = probe.wanted
+            index = self._slice_of(keys)[probe.order[probe.first]]
             cuts = np.flatnonzero(np.diff(index)) + 1
             for run in np.split(np.arange(wanted.size), cuts):
                 i = int(index[run[0]])
@@ -327,7 +337,7 @@ class SlicedRows:
             every = every[
                 pl.Series(np.concatenate([a + s for a, s in zip(at, starts, strict=True)]))
             ]
-            probe = KeyProbe(keys, list(columns), self.hash_column)
+            probe = self.probe(keys, columns)
             every_at = np.arange(every.height)
             hits = np.sort(
                 probe.confirm(every, every.get_column(self.hash_column).to_numpy(), every_at)

@@ -426,7 +426,9 @@ class StateStore:
         found = self._data.rows_of(keys)
         old = _project(found, list(self.schema))
         if positions:  # (none stored: no search)
-            at = key_positions(keys, found, self.key_columns) if found.height else _NO_ROWS
+            # (the probe the search built: the keys' hashes sorted once a fold)
+            probe = self._data.probe(keys) if found.height else None
+            at = _NO_ROWS if probe is None else key_positions(keys, found, self.key_columns, probe)
             old = old.hstack([pl.Series(_POSITION, at, dtype=pl.UInt32)])
         merged = merge(old, rows)
         if merged.height != rows.height:

@@ -135,9 +135,16 @@ def _small_hashed(
     )
 
 
-def key_positions(keys: pl.DataFrame, found: pl.DataFrame, key_columns: list[str]) -> np.ndarray:
+def key_positions(
+    keys: pl.DataFrame,
+    found: pl.DataFrame,
+    key_columns: list[str],
+    probe: KeyProbe | None = None,
+) -> np.ndarray:
     """For every row of ``found`` (stored rows of keys of ``keys``), the row of ``keys``
     holding its key; ``keys`` holds each key once and both have the ``HASH`` column.
+    ``probe``: the :class:`KeyProbe` of ``keys`` on ``key_columns`` if one was built
+    (the search that found the rows: no second sort of the hashes).
 
     Examples
     --------
@@ -146,7 +153,8 @@ def key_positions(keys: pl.DataFrame, found: pl.DataFrame, key_columns: list[str
     >>> key_positions(rows([5, 6, 7]), rows([7, 5]), ["k", "w"]).tolist()
     [2, 0]
     """
-    probe = KeyProbe(keys, key_columns, HASH)
+    if probe is None:
+        probe = KeyProbe(keys, key_columns, HASH)
     if probe.one_row_per_hash:  # (whole-key hashes, almost always: a search per row)
         hashes = found.get_column(HASH).to_numpy()
         return probe.order[np.searchsorted(probe.sorted_hashes, hashes)]
