@@ -30,7 +30,7 @@ from microstream.state.key_groups import stable_hash
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
 
-__all__ = ["KeyProbe", "KeyedRows", "equal_rows"]
+__all__ = ["KeyProbe", "KeyedRows", "ProbeMemo", "equal_rows"]
 
 _POSITION = "__position"
 
@@ -122,9 +122,9 @@ class KeyedRows:
         # replace with the very same keys (a state store's fold) without a second probe
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], tuple[np.ndarray, np.ndarray]]
         self._found = (-1, pl.DataFrame(), (), (_NONE, _NONE))
-        # the last probe: (the keys frame itself, on, its probe); a probe depends on the
-        # keys only, so a state store's fold reuses it to place the rows found (one sort)
-        self._probe: tuple[pl.DataFrame, tuple[str, ...], KeyProbe] | None = None
+        # the last probe: it depends on the keys only, so a state store's fold reuses it
+        # to place the rows found (one sort)
+        self._probe = ProbeMemo()
         self._set_base(frame, is_sorted=is_sorted)
 
     # -- reading -----------------------------------------------------------------------------
@@ -421,13 +421,7 @@ class KeyedRows:
     def probe(self, keys: pl.DataFrame, on: Sequence[str] | None = None) -> KeyProbe:
         """The :class:`KeyProbe` of ``keys`` on ``on`` (default the key columns): the
         one the last search built when ``keys`` is the same frame (its hashes sorted once)."""
-        columns = tuple(on or self.key_columns)
-        memo = self._probe
-        if memo is not None and memo[0] is keys and memo[1] == columns:
-            return memo[2]
-        probe = KeyProbe(keys, list(columns), self.hash_column)
-        self._probe = (keys, columns, probe)
-        return probe
+        return self._probe.of(keys, tuple(on or self.key_columns), self.hash_column)
 
     def _candidates(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Positions of live rows whose hash is in ``wanted`` (sorted, unique): base, tail."""
@@ -564,6 +558,23 @@ def _ratio(rows: int, limit: int) -> float:
     if limit > 0:
         return rows / limit
     return float("inf") if rows else 0.0
+
+
+class ProbeMemo:
+    """The last :class:`KeyProbe` built, for the same keys frame and columns: a store's fold
+    searches a batch's keys, then places them, with the very same frame (one sort)."""
+
+    def __init__(self) -> None:
+        self._last: tuple[pl.DataFrame, tuple[str, ...], KeyProbe] | None = None
+
+    def of(self, keys: pl.DataFrame, columns: tuple[str, ...], hash_column: str) -> KeyProbe:
+        """The probe of ``keys`` on ``columns``: the last one when ``keys`` is that frame."""
+        last = self._last
+        if last is not None and last[0] is keys and last[1] == columns:
+            return last[2]
+        probe = KeyProbe(keys, list(columns), hash_column)
+        self._last = (keys, columns, probe)
+        return probe
 
 
 class KeyProbe:

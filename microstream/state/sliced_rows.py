@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 
-from microstream.state.keyed_rows import KeyedRows, KeyProbe
+from microstream.state.keyed_rows import KeyedRows, KeyProbe, ProbeMemo
 
 __all__ = ["SlicedRows"]
 
@@ -119,8 +119,8 @@ class SlicedRows:
         # the last _find: (changes, the keys frame itself, columns, what it found): a state
         # store's fold looks a batch's keys up, then replaces them, with the very same frame
         self._found: tuple[int, pl.DataFrame, tuple[str, ...], _Found] | None = None
-        # the last probe of several slices (as KeyedRows'): its keys frame, on, the probe
-        self._probe: tuple[pl.DataFrame, tuple[str, ...], KeyProbe] | None = None
+        # the last probe of several slices (as KeyedRows')
+        self._probe = ProbeMemo()
         whole = self._keyed(self._held(frame), is_sorted=is_sorted)
         self._starts: list[int] = [0]
         self._slices: list[KeyedRows] = [whole]
@@ -187,13 +187,7 @@ class SlicedRows:
         the last search built when ``keys`` is the same frame."""
         if len(self._slices) == 1:  # (the single slice searches by itself)
             return self._slices[0].probe(keys, on)
-        columns = tuple(on or self.key_columns)
-        memo = self._probe
-        if memo is not None and memo[0] is keys and memo[1] == columns:
-            return memo[2]
-        probe = KeyProbe(keys, list(columns), self.hash_column)
-        self._probe = (keys, columns, probe)
-        return probe
+        return self._probe.of(keys, tuple(on or self.key_columns), self.hash_column)
 
     # -- changing ----------------------------------------------------------------------------
 
